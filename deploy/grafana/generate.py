@@ -1,0 +1,428 @@
+"""Generate the guard's Grafana dashboard from code.
+
+The committed ``guard-dashboard.json`` next to this file is this script's output; a test
+regenerates it and compares. After editing a panel, run::
+
+    .venv/bin/python deploy/grafana/generate.py          # rewrite guard-dashboard.json
+    .venv/bin/python deploy/grafana/generate.py --check  # exit 1 if the file is stale
+
+Every query uses only the metric names of the guard (see README, "Metrics"), the
+dashboard variables ``$datasource``, ``$model``, ``$signature``, ``$output`` and Grafana's
+``$__rate_interval`` / ``$__range``, so the integration test can substitute them and run
+each query against a real Prometheus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from grafana_foundation_sdk.builders import bargauge, heatmap, prometheus, stat, timeseries
+from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as dm
+from grafana_foundation_sdk.models import heatmap as hm
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+OUTPUT = Path(__file__).with_name("guard-dashboard.json")
+UID = "tf-serving-guard"
+
+DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+
+# Label selectors per metric family: each metric only carries some of the variables.
+SEL_OUTPUT = 'model=~"$model", signature=~"$signature", output=~"$output"'
+SEL_SIGNATURE = 'model=~"$model", signature=~"$signature"'
+SEL_MODEL = 'model=~"$model"'
+RATE = "[$__rate_interval]"
+
+
+def _query(expr: str, legend: str, ref: str = "A", *, instant: bool = False) -> Any:
+    q = prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref)
+    q = q.datasource(DATASOURCE)
+    return q.instant() if instant else q.range()
+
+
+def _thresholds(*steps: tuple[float | None, str]) -> db.ThresholdsConfig:
+    return (
+        db.ThresholdsConfig()
+        .mode(dm.ThresholdsMode.ABSOLUTE)
+        .steps([dm.Threshold(value=v, color=c) for v, c in steps])
+    )
+
+
+def _timeseries(title: str, description: str, unit: str, *queries: Any) -> timeseries.Panel:
+    panel = (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .span(12)
+        .height(8)
+        .fill_opacity(10)
+    )
+    for q in queries:
+        panel = panel.with_target(q)
+    return panel
+
+
+def _variables() -> list[Any]:
+    def label_var(name: str, label: str, query: str, description: str) -> db.QueryVariable:
+        return (
+            db.QueryVariable(name)
+            .label(label)
+            .description(description)
+            .datasource(DATASOURCE)
+            .query(query)
+            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(dm.VariableSort.ALPHABETICAL_ASC)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+            .current(dm.VariableOption(selected=True, text="All", value="$__all"))
+        )
+
+    return [
+        db.DatasourceVariable("datasource")
+        .label("Data source")
+        .description("The Prometheus that scrapes the guard sidecars.")
+        .type("prometheus"),
+        label_var(
+            "model",
+            "Model",
+            "label_values(guard_output_values_total, model)",
+            "model_spec.name as configured in the guard; __other__ is any unconfigured name.",
+        ),
+        label_var(
+            "signature",
+            "Signature",
+            'label_values(guard_output_values_total{model=~"$model"}, signature)',
+            "Signature name of the checked Predict responses.",
+        ),
+        label_var(
+            "output",
+            "Output",
+            'label_values(guard_output_values_total{model=~"$model", '
+            'signature=~"$signature"}, output)',
+            "Output alias (tensor name in the response).",
+        ),
+    ]
+
+
+def _quality_panels() -> list[Any]:
+    violations = f"guard_output_violations_total{{{SEL_OUTPUT}}}"
+    values = f"guard_output_values_total{{{SEL_OUTPUT}}}"
+    return [
+        _timeseries(
+            "Violation rate by model / output / kind",
+            "Checked output values per second that broke the rule: below_min / above_max "
+            "(outside valid_range), nan, inf. Anything above zero means the model hands out "
+            "values that are not valid probabilities (for example a WideDeep model adding "
+            "its linear half after the sigmoid). Find the model and output here, check the "
+            "'Responses by action' panel to see whether the guard clamped or rejected them, "
+            "then fix the model's head or set on_violation: clamp for that output.",
+            "ops",
+            _query(
+                f"sum by (model, output, kind) (rate({violations}{RATE}))",
+                "{{model}} / {{output}} / {{kind}}",
+            ),
+        ),
+        _timeseries(
+            "Share of checked values that violate",
+            "Violating values divided by all checked values, per model and output. A share "
+            "that is small but steady is a systematic model bug (values just above 1); a "
+            "sudden jump after a rollout means the new model version is broken: roll it "
+            "back. The GuardOutputOutOfRange alert fires on this ratio.",
+            "percentunit",
+            _query(
+                f"sum by (model, output) (rate({violations}{RATE}))"
+                f" / sum by (model, output) (rate({values}{RATE}))",
+                "{{model}} / {{output}}",
+            ),
+        ),
+        stat.Panel()
+        .title("NaN / Inf values in range")
+        .description(
+            "NaN and ±Inf output values counted in the selected time range. Any value above "
+            "zero is a numerically broken model (overflow, division by zero, corrupt "
+            "weights): a NaN cannot be repaired, so with clamp or reject the guard failed "
+            "those RPCs with INTERNAL. Find the model version from the alert labels and roll "
+            "it back."
+        )
+        .datasource(DATASOURCE)
+        .span(6)
+        .height(8)
+        .unit("short")
+        .thresholds(_thresholds((None, "green"), (1, "red")))
+        .with_target(
+            _query(
+                f'sum by (model, output, kind) (increase(guard_output_violations_total{{'
+                f'{SEL_OUTPUT}, kind=~"nan|inf"}}[$__range]))',
+                "{{model}} / {{output}} / {{kind}}",
+                instant=True,
+            )
+        ),
+        _timeseries(
+            "Bad softmax rows",
+            "Rows per second whose values do not sum to 1 within sum_tolerance (only outputs "
+            "with check_sum: true). Non-zero means the output is not a softmax over the last "
+            "axis: wrong activation in the config, logits exported instead of "
+            "probabilities, or a half-precision overflow. Check the model signature with "
+            "'guard check --upstream' and fix the rule or the model.",
+            "ops",
+            _query(
+                f"sum by (model, output) (rate(guard_output_sum_violations_total"
+                f"{{{SEL_OUTPUT}}}{RATE}))",
+                "{{model}} / {{output}}",
+            ),
+        ).span(18),
+        heatmap.Panel()
+        .title("Output value distribution")
+        .description(
+            "Histogram of output values (single-value outputs) or of each row's top value "
+            "(multi-class outputs). Buckets resolve 1.001, 1.01, 1.1, 2, 10 and +Inf above 1, "
+            "and -0.001 .. -1 below 0: any colour in those rows is a value outside [0, 1]. "
+            "A band just above 1 is the WideDeep/sigmoid-plus-linear bug. Mass piling at "
+            "the top of [0, 1] on a softmax output can mean an over-confident model."
+        )
+        .datasource(DATASOURCE)
+        .span(12)
+        .height(10)
+        .calculate(False)
+        .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.LE))
+        .color(
+            heatmap.HeatmapColorOptions()
+            .mode(hm.HeatmapColorMode.SCHEME)
+            .scheme("Oranges")
+            .scale(hm.HeatmapColorScale.EXPONENTIAL)
+            .exponent(0.5)
+            .steps(64)
+            .fill("dark-orange")
+        )
+        .y_axis(heatmap.YAxisConfig().unit("none").decimals(3))
+        .cell_values(heatmap.CellValues().unit("ops"))
+        .show_tooltip()
+        .with_target(
+            _query(
+                f"sum by (le) (rate(guard_output_value_bucket{{{SEL_OUTPUT}}}{RATE}))",
+                "{{le}}",
+            ).format(PromQueryFormat.HEATMAP)
+        ),
+        bargauge.Panel()
+        .title("Top predicted classes")
+        .description(
+            "The 10 most frequent derived classes (threshold/argmax) in the selected range, "
+            "by label or index. A class distribution that suddenly collapses onto one class "
+            "is a dead model or a broken preprocessing step; compare with the previous day. "
+            "__other__ collects classes beyond max_class_label_values."
+        )
+        .datasource(DATASOURCE)
+        .span(12)
+        .height(10)
+        .unit("short")
+        .display_mode(common.BarGaugeDisplayMode.GRADIENT)
+        .orientation(common.VizOrientation.HORIZONTAL)
+        .with_target(
+            _query(
+                "topk(10, sum by (model, output, class) (increase(guard_predicted_class_total"
+                f"{{{SEL_OUTPUT}}}[$__range])))",
+                "{{model}} / {{output}} / {{class}}",
+                instant=True,
+            )
+        ),
+    ]
+
+
+def _response_panels() -> list[Any]:
+    responses = f"guard_responses_total{{{SEL_SIGNATURE}}}"
+    return [
+        _timeseries(
+            "Responses by action",
+            "Checked Predict responses per second by what the guard did: clean (no "
+            "violation), observed (violation passed through, on_violation: observe), clamped "
+            "(repaired), rejected (failed with INTERNAL). Clients see rejected responses as "
+            "errors: if this grows, roll back the model or switch the output to clamp.",
+            "reqps",
+            _query(f"sum by (model, action) (rate({responses}{RATE}))", "{{model}} {{action}}"),
+        ),
+        _timeseries(
+            "Share of responses by action",
+            "Fraction of each model's checked responses per action. A healthy model is "
+            "~100% clean. A rising clamped/observed share means the model drifted out of "
+            "range; any rejected share is client-visible failures (GuardRejectingResponses).",
+            "percentunit",
+            _query(
+                f"sum by (model, action) (rate({responses}{RATE}))"
+                f" / ignoring (action) group_left sum by (model) (rate({responses}{RATE}))",
+                "{{model}} {{action}}",
+            ),
+        ).max(1),
+    ]
+
+
+def _traffic_panels() -> list[Any]:
+    requests = f"guard_requests_total{{{SEL_MODEL}}}"
+    return [
+        _timeseries(
+            "Request rate by method and code",
+            "RPCs per second through the guard, by gRPC method and status code. A drop to "
+            "zero with clients still running means they bypass or cannot reach the guard "
+            "(Service selector, port 8500).",
+            "reqps",
+            _query(
+                f"sum by (method, code) (rate({requests}{RATE}))", "{{method}} {{code}}"
+            ),
+        ),
+        _timeseries(
+            "Error rate by method and code",
+            "Non-OK RPCs per second. UNAVAILABLE: TF Serving is down or restarting (see "
+            "'Upstream up'). INTERNAL: the guard rejected a response or could not decode it. "
+            "NOT_FOUND / INVALID_ARGUMENT come from TF Serving unchanged (unknown model, "
+            "bad request): fix the client.",
+            "reqps",
+            _query(
+                f'sum by (method, code) (rate(guard_requests_total{{{SEL_MODEL}, code!="OK"}}'
+                f"{RATE}))",
+                "{{method}} {{code}}",
+            ),
+        ),
+        _timeseries(
+            "Upstream latency p50 / p99",
+            "Time TF Serving took to answer, measured by the guard. High values are TF "
+            "Serving's own (model size, batching, GPU contention), not the guard's.",
+            "s",
+            _query(
+                "histogram_quantile(0.5, sum by (le, method) "
+                f"(rate(guard_upstream_duration_seconds_bucket{RATE})))",
+                "p50 {{method}}",
+            ),
+            _query(
+                "histogram_quantile(0.99, sum by (le, method) "
+                f"(rate(guard_upstream_duration_seconds_bucket{RATE})))",
+                "p99 {{method}}",
+                "B",
+            ),
+        ),
+        _timeseries(
+            "Guard overhead p50 / p99",
+            "Time spent inside the guard per RPC (decode, rules, encode), excluding the "
+            "upstream call. Expect well under a millisecond for typical responses; a high "
+            "p99 means very large responses or a CPU-starved sidecar: raise its CPU "
+            "request/limit (GuardHighOverhead).",
+            "s",
+            _query(
+                "histogram_quantile(0.5, sum by (le, method) "
+                f"(rate(guard_overhead_seconds_bucket{RATE})))",
+                "p50 {{method}}",
+            ),
+            _query(
+                "histogram_quantile(0.99, sum by (le, method) "
+                f"(rate(guard_overhead_seconds_bucket{RATE})))",
+                "p99 {{method}}",
+                "B",
+            ),
+        ),
+        stat.Panel()
+        .title("Upstream up")
+        .description(
+            "1 while the guard's health checks reach TF Serving, per guard instance. DOWN "
+            "means clients get UNAVAILABLE: check the tensorflow-serving container (logs, "
+            "OOM kills, GPU) in that pod (GuardUpstreamDown)."
+        )
+        .datasource(DATASOURCE)
+        .span(6)
+        .height(6)
+        .mappings(
+            [
+                dm.ValueMap(
+                    options={
+                        "0": dm.ValueMappingResult(text="DOWN", color="red", index=0),
+                        "1": dm.ValueMappingResult(text="UP", color="green", index=1),
+                    }
+                )
+            ]
+        )
+        .thresholds(_thresholds((None, "red"), (1, "green")))
+        .with_target(
+            _query("min by (instance) (guard_upstream_up)", "{{instance}}", instant=True)
+        ),
+        stat.Panel()
+        .title("In-flight requests")
+        .description(
+            "RPCs currently inside the guard, summed over instances. Near "
+            "max_concurrent_rpcs (default 1024) new RPCs queue: scale out the Deployment."
+        )
+        .datasource(DATASOURCE)
+        .span(6)
+        .height(6)
+        .unit("short")
+        .with_target(_query("sum(guard_inflight_requests)", "in flight", instant=True)),
+        _timeseries(
+            "Undecodable upstream responses",
+            "Predict responses from TF Serving that the guard could not parse; clients got "
+            "INTERNAL. This should never happen with a real TF Serving: check that upstream "
+            "points at TF Serving's gRPC port and not at something else.",
+            "ops",
+            _query(
+                f"sum by (model) (rate(guard_decode_errors_total{{{SEL_MODEL}}}{RATE}))",
+                "{{model}}",
+            ),
+        ),
+    ]
+
+
+def build() -> dict[str, Any]:
+    """Build the dashboard and return it as a JSON-compatible dict."""
+    builder = (
+        db.Dashboard("TF Serving Guard")
+        .uid(UID)
+        .description(
+            "Model output quality and traffic of tf-serving-guard sidecars in front of "
+            "TensorFlow Serving."
+        )
+        .tags(["tf-serving-guard", "tensorflow-serving"])
+        .time("now-1h", "now")
+        .refresh("30s")
+        .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+        .variables(_variables())
+        .with_row(db.Row("Output quality"))
+    )
+    for panel in _quality_panels():
+        builder = builder.with_panel(panel)
+    builder = builder.with_row(db.Row("Responses"))
+    for panel in _response_panels():
+        builder = builder.with_panel(panel)
+    builder = builder.with_row(db.Row("Traffic and upstream"))
+    for panel in _traffic_panels():
+        builder = builder.with_panel(panel)
+    encoded: dict[str, Any] = json.loads(json.dumps(builder.build(), cls=JSONEncoder))
+    return encoded
+
+
+def render() -> str:
+    """Return the dashboard as the exact text committed in guard-dashboard.json."""
+    return json.dumps(build(), indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write (or with --check, verify) guard-dashboard.json."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the file is stale")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if OUTPUT.read_text() != text:
+            print(f"{OUTPUT} is stale: run {Path(__file__).name}", file=sys.stderr)
+            return 1
+        return 0
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
