@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1
+#
+# tf-serving-guard images. Two targets:
+#   runtime        (default) the sidecar: the guard's core install only, no TensorFlow.
+#   local-backend  the same plus the [tensorflow] extra, for `guard backend` / `guard demo`
+#                  in compose or development. Never use it as the sidecar.
+#
+#   docker build -t tf-serving-guard .
+#   docker build --target local-backend -t tf-serving-guard:local-backend .
+#
+# Configuration: mount a file at /etc/guard/guard.yaml (GUARD_CONFIG points there; the
+# image ships a passthrough default) and/or set GUARD_LISTEN, GUARD_UPSTREAM,
+# GUARD_METRICS_LISTEN. Not built in this project's CI (no Docker engine there): see
+# docs/deploy.md.
+
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+# ---------------------------------------------------------------------------- build
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+WORKDIR /src
+RUN python -m venv /opt/guard
+COPY pyproject.toml README.md ./
+COPY guard/ guard/
+# Exactly the sidecar's install: the package with no extras.
+RUN /opt/guard/bin/pip install --no-compile . \
+    && /opt/guard/bin/python -c "import guard.cli, sys; assert 'tensorflow' not in sys.modules"
+
+# --------------------------------------------------------------- build with TensorFlow
+FROM build AS build-tensorflow
+RUN /opt/guard/bin/pip install ".[tensorflow]"
+
+# ---------------------------------------------------------------------- local backend
+FROM ${PYTHON_IMAGE} AS local-backend
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin guard
+COPY --from=build-tensorflow /opt/guard /opt/guard
+ENV PATH=/opt/guard/bin:$PATH \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+EXPOSE 8510
+ENTRYPOINT ["guard", "backend"]
+CMD ["--listen", "0.0.0.0:8510"]
+
+# --------------------------------------------------------------------------- runtime
+FROM ${PYTHON_IMAGE} AS runtime
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin guard
+COPY --from=build /opt/guard /opt/guard
+COPY deploy/docker/guard.yaml /etc/guard/guard.yaml
+ENV PATH=/opt/guard/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    GUARD_CONFIG=/etc/guard/guard.yaml
+USER 10001:10001
+# 8500: gRPC (TF Serving's API + grpc.health.v1); 9102: Prometheus /metrics.
+EXPOSE 8500 9102
+ENTRYPOINT ["guard", "serve"]
