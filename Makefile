@@ -1,0 +1,73 @@
+# The two commands a newcomer needs:
+#   make demo   build the seed models, start backend + guard, show guarded outputs
+#   make test   lint, type-check and run the whole test suite
+# Both create .venv/ and install everything they need, Debian packages included.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+APT_STAMP := $(VENV)/.apt-installed
+APT_PACKAGES := prometheus nginx nghttp2-client
+DURATION ?= 300
+
+.PHONY: venv apt demo test lint typecheck pytest bench bench-check fuzz soak clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+# Debian packages the tests and benchmarks use: promtool/prometheus,
+# nginx (the grpc_pass anchor), h2load (nghttp2-client).
+$(APT_STAMP): | $(PY)
+	@missing=""; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	touch $@
+
+apt: $(APT_STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/guard demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check guard tests bench
+	$(VENV)/bin/ruff format --check guard tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP) $(APT_STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: $(STAMP) $(APT_STAMP)
+	$(PY) -m bench.run
+
+bench-check: $(STAMP)
+	$(PY) -m bench.check
+
+fuzz: $(STAMP)
+	$(PIP) install -q atheris
+	$(PY) -m tests.fuzz.fuzz_wire -max_total_time=60
+
+soak: $(STAMP)
+	$(PY) -m bench.soak --duration $(DURATION)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

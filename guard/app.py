@@ -1,0 +1,170 @@
+"""Running the guard: metrics endpoint, gRPC server, signals, reload, dev mode."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from guard._version import __version__
+from guard.config import Config, load_config
+from guard.errors import ConfigError
+from guard.metrics import GuardMetrics
+from guard.proxy import GuardServer
+
+__all__ = ["run_serve", "split_address"]
+
+logger = logging.getLogger("guard")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _write_port_file(path: Path, ports: dict[str, int]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(ports), encoding="utf-8")
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def _summary(config: Config) -> str:
+    rules = sum(len(m.outputs) for m in config.models)
+    models = ", ".join(f"{m.name}/{m.signature}" for m in config.models) or "none"
+    return (
+        f"guard {__version__}: listen={config.listen} upstream={config.upstream} "
+        f"metrics={config.metrics_listen} timeout={config.default_timeout_s}s "
+        f"max_message_mb={config.max_message_mb} "
+        f"max_concurrent_rpcs={config.max_concurrent_rpcs} "
+        f"tls={'on' if config.tls else 'off'} models=[{models}] output_rules={rules}"
+    )
+
+
+@contextlib.contextmanager
+def _dev_backend(models: Sequence[str], max_message_mb: int) -> Iterator[str]:
+    """Start ``guard backend`` as a child process and yield its address."""
+    with tempfile.TemporaryDirectory(prefix="guard-backend-") as tmp:
+        port_file = Path(tmp) / "port"
+        cmd = [sys.executable, "-m", "guard.backend", "--listen", "127.0.0.1:0"]
+        for spec in models:
+            cmd += ["--model", spec]
+        cmd += ["--port-file", str(port_file), "--max-message-mb", str(max_message_mb)]
+        logger.info("dev mode: starting the local backend: %s", " ".join(cmd[1:]))
+        child = subprocess.Popen(cmd)
+        try:
+            deadline = time.monotonic() + 120
+            while not port_file.exists():
+                if child.poll() is not None:
+                    raise RuntimeError(f"the local backend exited with code {child.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the local backend did not start within 120 s")
+                time.sleep(0.1)
+            yield f"127.0.0.1:{int(port_file.read_text().strip())}"
+        finally:
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+class _Reloader:
+    """Reloads the config file on SIGHUP; a bad file keeps the old rules."""
+
+    def __init__(self, server: GuardServer, path: Path | None) -> None:
+        self._server = server
+        self._path = path
+
+    def reload(self) -> bool:
+        """Load the file again and swap the rules in. Returns whether it worked."""
+        if self._path is None:
+            logger.warning("reload requested but the guard runs without a config file")
+            return False
+        try:
+            new = load_config(self._path)
+        except ConfigError as exc:
+            self._server.metrics.config_reloads.labels("failure").inc()
+            logger.error("config reload failed, keeping the previous rules: %s", exc)
+            return False
+        self._server.swap_rules(new)
+        self._server.metrics.config_reloads.labels("success").inc()
+        logger.info("config reloaded: %s", _summary(new))
+        return True
+
+
+async def _serve(config: Config, config_path: Path | None, port_file: Path | None) -> int:
+    registry = CollectorRegistry()
+    metrics = GuardMetrics(registry, config.model_names(), config.max_class_label_values)
+    for result in ("success", "failure"):
+        metrics.config_reloads.labels(result)
+    host, port = split_address(config.metrics_listen)
+    httpd, _thread = start_http_server(port, host, registry=registry)
+    server = GuardServer(config, metrics)
+    grpc_port = await server.start()
+    metrics_port = httpd.server_port
+    logger.info("%s", _summary(config))
+    logger.info("serving gRPC on port %d, metrics on port %d", grpc_port, metrics_port)
+    if port_file is not None:
+        _write_port_file(port_file, {"grpc": grpc_port, "metrics": metrics_port})
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloader = _Reloader(server, config_path)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    try:
+        await stop.wait()
+        logger.info(
+            "stopping: refusing new calls, draining in-flight calls for up to %.1f s",
+            config.shutdown_grace_s,
+        )
+        await server.stop()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    logger.info("stopped")
+    return 0
+
+
+def run_serve(
+    config: Config,
+    config_path: Path | None = None,
+    port_file: Path | None = None,
+    dev_models: Sequence[str] = (),
+) -> int:
+    """Run the guard until SIGTERM/SIGINT. Returns the process exit code."""
+    stack = contextlib.ExitStack()
+    try:
+        if dev_models:
+            upstream = stack.enter_context(_dev_backend(dev_models, config.max_message_mb))
+            config = replace(config, upstream=upstream)
+        elif config.upstream is None:
+            raise ConfigError(
+                f"{config.source}: field 'upstream' is not set; give the TF Serving address, "
+                "or --model NAME=BASE_PATH to start the local backend"
+            )
+        return asyncio.run(_serve(config, config_path, port_file))
+    finally:
+        stack.close()
+
+
+def configure_logging(level: str) -> None:
+    """One line per event, to stderr."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

@@ -1,0 +1,173 @@
+"""Command line: ``guard serve | check | backend | models | demo``.
+
+This module imports nothing heavy: ``guard backend``, ``guard models`` and
+``guard demo`` import TensorFlow only inside their own ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from guard._version import __version__
+from guard.config import Config, load_config, with_overrides
+from guard.errors import ConfigError
+
+__all__ = ["main"]
+
+# Subcommands that live in their own packages (they import TensorFlow lazily).
+_PLUGINS = {
+    "backend": (
+        "guard.backend.cli",
+        "serve SavedModels over TF Serving's gRPC API (needs [tensorflow])",
+    ),
+    "models": ("guard.models.cli", "build the seed models (needs [tensorflow])"),
+    "demo": ("guard.demo.cli", "build models, start backend + guard, show guarded outputs"),
+}
+
+
+def _load(config_path: str | None) -> Config:
+    return load_config(config_path) if config_path else Config()
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the guard in front of TF Serving",
+        description="Run the guard: a TF-Serving-compatible gRPC proxy that applies output rules.",
+    )
+    p.add_argument(
+        "--config",
+        default=os.environ.get("GUARD_CONFIG"),
+        help="YAML config file (env GUARD_CONFIG); without one the guard only proxies",
+    )
+    p.add_argument(
+        "--listen",
+        default=os.environ.get("GUARD_LISTEN"),
+        help="gRPC listen address, overrides 'listen' (env GUARD_LISTEN)",
+    )
+    p.add_argument(
+        "--upstream",
+        default=os.environ.get("GUARD_UPSTREAM"),
+        help="TF Serving gRPC address, overrides 'upstream' (env GUARD_UPSTREAM)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        default=os.environ.get("GUARD_METRICS_LISTEN"),
+        help="Prometheus /metrics address, overrides 'metrics_listen' (env GUARD_METRICS_LISTEN)",
+    )
+    p.add_argument(
+        "--port-file",
+        type=Path,
+        help='once serving, write {"grpc": PORT, "metrics": PORT} here as JSON',
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=BASE_PATH",
+        help="dev mode: start the local backend with this model and proxy to it "
+        "(repeatable; needs [tensorflow]; ignores 'upstream')",
+    )
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="overrides 'log_level'")  # fmt: skip
+
+
+def _add_check(sub: Any) -> None:
+    p = sub.add_parser(
+        "check",
+        help="validate a config (exit 0 if valid, 2 if not)",
+        description="Validate a config file. With --upstream, also check each configured "
+        "model's outputs against the signatures the upstream reports.",
+    )
+    p.add_argument("--config", default=os.environ.get("GUARD_CONFIG"), required=False)
+    p.add_argument("--upstream", help="TF Serving address to check the rules against")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from guard.app import configure_logging, run_serve
+
+    cfg = _load(args.config)
+    cfg = with_overrides(
+        cfg, listen=args.listen, upstream=args.upstream, metrics_listen=args.metrics_listen
+    )
+    configure_logging(args.log_level or cfg.log_level)
+    for spec in args.model:
+        if "=" not in spec:
+            raise ConfigError(f"--model {spec!r}: give NAME=BASE_PATH")
+    config_path = Path(args.config) if args.config else None
+    return run_serve(cfg, config_path, args.port_file, args.model)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    if not args.config:
+        print("guard check: give --config FILE (or set GUARD_CONFIG)", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config)
+    rules = sum(len(m.outputs) for m in cfg.models)
+    print(f"{args.config}: valid ({len(cfg.models)} model rules, {rules} output rules)")
+    if args.upstream:
+        from guard.check import check_against_upstream
+
+        findings = check_against_upstream(cfg, args.upstream)
+        for finding in findings:
+            print(finding)
+        if findings:
+            print(f"{len(findings)} problems against {args.upstream}", file=sys.stderr)
+            return 2
+        print(f"all configured outputs exist and are floating point on {args.upstream}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``guard`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="guard",
+        description="An output guard for TensorFlow Serving: validates, repairs and labels "
+        "model outputs behind TF Serving's own gRPC API.",
+    )
+    parser.add_argument("--version", action="version", version=f"guard {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_serve(sub)
+    _add_check(sub)
+    for name, (module, help_text) in _PLUGINS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(plugin=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ImportError:
+            p.set_defaults(plugin_missing=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``guard`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _cmd_serve(args)
+        if args.command == "check":
+            return _cmd_check(args)
+        if getattr(args, "plugin", None):
+            if getattr(args, "plugin_missing", False):
+                print(f"guard {args.command}: not available in this install", file=sys.stderr)
+                return 2
+            code: int = importlib.import_module(args.plugin).run(args)
+            return code
+    except ConfigError as exc:
+        print(f"guard: config error:\n{exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Guarding one PredictResponse: match rules, decode, apply, re-encode, record.
+
+This is the data plane. It takes response bytes and returns response bytes;
+it knows the wire views, the rule engine and the metrics, but not gRPC.
+Responses are returned byte-identical unless a rule changed or added a tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from guard import wire
+from guard.config import ANY, SERVING_DEFAULT, Config, ModelRule, OutputRule
+from guard.errors import DecodeError, OutputShapeError, RejectedOutputError
+from guard.metrics import GuardMetrics
+from guard.rules import OutputResult, apply_rule, label_table
+
+__all__ = ["GuardedResponse", "RuleBook", "guard_predict_response"]
+
+_ACTION_RANK = {"clean": 0, "observed": 1, "clamped": 2, "rejected": 3}
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    rule: OutputRule
+    labels: np.ndarray[Any, Any] | None
+
+
+class _SignatureRules:
+    """Rules resolved for one (model, signature): output name -> rule."""
+
+    def __init__(self, candidates: list[ModelRule]) -> None:
+        # ``candidates`` are ordered most specific first (exact model, then exact
+        # signature); the first one with any match for an output wins, and within
+        # it an exact output name beats ``*``.
+        self._levels: list[tuple[dict[str, _Compiled], _Compiled | None]] = []
+        for model_rule in candidates:
+            exact: dict[str, _Compiled] = {}
+            wildcard = None
+            for rule in model_rule.outputs:
+                compiled = _Compiled(rule, label_table(rule.labels))
+                if rule.name == ANY:
+                    wildcard = compiled
+                else:
+                    exact[rule.name] = compiled
+            self._levels.append((exact, wildcard))
+
+    def rule_for(self, output: str) -> _Compiled | None:
+        for exact, wildcard in self._levels:
+            found = exact.get(output)
+            if found is not None:
+                return found
+            if wildcard is not None:
+                return wildcard
+        return None
+
+
+class RuleBook:
+    """The compiled, immutable rule set of one config. Swapped whole on reload,
+    so one request always sees one consistent rule set."""
+
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._models = config.models
+        self._exact_names = config.model_names()
+        self._has_wildcard_model = any(m.name == ANY for m in config.models)
+        self._cache: dict[tuple[str, str], _SignatureRules | None] = {}
+
+    def may_apply(self, model: str | None) -> bool:
+        """Cheap pre-check before the upstream call: could any rule match this model?"""
+        return self._has_wildcard_model or model in self._exact_names
+
+    def for_signature(self, model: str, signature: str) -> _SignatureRules | None:
+        """The rules for one model and signature, or ``None`` if no rule matches."""
+        key = (model, signature)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        candidates = [
+            m for m in self._models if m.name in (model, ANY) and m.signature in (signature, ANY)
+        ]
+        candidates.sort(key=lambda m: (m.name != ANY, m.signature != ANY), reverse=True)
+        resolved = _SignatureRules(candidates) if candidates else None
+        if len(self._cache) >= self._CACHE_LIMIT:
+            self._cache.clear()  # clients choose model names; keep the cache bounded
+        self._cache[key] = resolved
+        return resolved
+
+
+@dataclass
+class GuardedResponse:
+    """The outcome of guarding one response."""
+
+    body: bytes
+    action: str
+    violations: int
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        """The ``x-guard-*`` trailing metadata for this response."""
+        return (("x-guard-action", self.action), ("x-guard-violations", str(self.violations)))
+
+
+def guard_predict_response(
+    body: bytes,
+    request_spec: wire.ModelSpecInfo | None,
+    book: RuleBook,
+    metrics: GuardMetrics,
+) -> GuardedResponse | None:
+    """Apply the matching rules to a serialized PredictResponse.
+
+    Returns ``None`` when no rule matches (the caller returns ``body`` as is).
+    Raises :class:`~guard.errors.GuardError` (already counted) when the response
+    cannot be decoded, a rule rejects it, or a rule does not fit the tensor.
+    """
+    req_model = request_spec.name if request_spec else ""
+    try:
+        view = wire.parse_predict_response(body)
+    except DecodeError:
+        metrics.decode_errors.labels(metrics.model_label(req_model)).inc()
+        raise
+    spec = wire.response_spec(view)
+    model = (spec.name if spec and spec.name else req_model) or ""
+    signature = (
+        (spec.signature_name if spec else "")
+        or (request_spec.signature_name if request_spec else "")
+        or SERVING_DEFAULT
+    )
+    rules = book.for_signature(model, signature)
+    if rules is None:
+        return None
+    version = str(spec.version) if spec and spec.version is not None else ""
+    model_label = metrics.model_label(model)
+    limit = book.config.max_message_bytes
+
+    typed_view: list[Any] = []
+
+    def typed_fallback(name: str) -> Any:
+        if not typed_view:
+            typed_view.append(wire.TypedPredictResponse.FromString(body))
+        return typed_view[0].outputs[name]
+
+    action = "clean"
+    violations = 0
+    rejection: str | None = None
+    changed = False
+    upstream_names = set(view.outputs.keys())
+    results: list[tuple[str, Any, OutputResult, wire.Encoding]] = []
+    for name in sorted(upstream_names):
+        compiled = rules.rule_for(name)
+        if compiled is None:
+            continue
+        tensor = view.outputs[name]
+        try:
+            decoded = wire.decode_tensor(tensor, limit, functools.partial(typed_fallback, name))
+        except DecodeError as exc:
+            metrics.decode_errors.labels(model_label).inc()
+            raise DecodeError(
+                f"guard: cannot decode output '{name}' of model '{model}' from upstream: "
+                f"{exc.details.removeprefix('guard: ')}"
+            ) from None
+        if decoded is None:
+            continue  # not floating point: left untouched
+        values, encoding = decoded
+        result = apply_rule(values, compiled.rule, compiled.labels, model, name)
+        metrics.record_output(model_label, version, signature, name, result, compiled.labels)
+        violations += result.counts.total
+        if _ACTION_RANK[result.action] > _ACTION_RANK[action]:
+            action = result.action
+        if result.rejection and rejection is None:
+            rejection = result.rejection
+        results.append((name, tensor, result, encoding))
+
+    metrics.record_response(model_label, version, signature, action)
+    if rejection is not None:
+        raise RejectedOutputError(rejection)
+
+    for name, tensor, result, encoding in results:
+        if result.changed:
+            wire.set_tensor(tensor, result.values, encoding)
+            changed = True
+        for derived in result.derived:
+            out_name = name + derived.suffix
+            if out_name in upstream_names:
+                raise OutputShapeError(
+                    f"guard: model '{model}' output '{name}': the derived output '{out_name}' "
+                    "would replace an output the model returns; drop the rule's "
+                    "threshold/argmax/top_k or rename the model's output"
+                )
+            wire.set_tensor(view.outputs[out_name], derived.array, encoding)
+            changed = True
+    if not results:
+        return GuardedResponse(body, "clean", 0)
+    out = view.SerializeToString() if changed else body
+    return GuardedResponse(out, action, violations)

@@ -1,0 +1,323 @@
+"""The gRPC proxy: a raw-bytes passthrough for every unary method, with
+Predict responses handed to the pipeline, and a health service that follows
+the upstream.
+
+Requests are forwarded unparsed (only the ModelSpec is peeked at, to route and
+label). Responses come back byte-identical unless a rule changed them. Upstream
+status codes, details and trailing metadata reach the client unchanged; the
+client's metadata and deadline reach the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from guard import wire
+from guard.config import Config
+from guard.errors import GuardError
+from guard.metrics import GuardMetrics
+from guard.pipeline import RuleBook, guard_predict_response
+
+__all__ = ["GuardServer", "PREDICT"]
+
+logger = logging.getLogger("guard.proxy")
+
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+_PROBE = "/tensorflow.serving.ModelService/GetModelStatus"
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+_HEALTH_SERVICES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+
+# Where each method's request keeps its ModelSpec (field-number path).
+_SPEC_PATH: dict[str, tuple[int, ...]] = {
+    "/tensorflow.serving.PredictionService/Predict": (1,),
+    "/tensorflow.serving.PredictionService/Classify": (1,),
+    "/tensorflow.serving.PredictionService/Regress": (1,),
+    "/tensorflow.serving.PredictionService/GetModelMetadata": (1,),
+    "/tensorflow.serving.PredictionService/MultiInference": (1, 1),
+    "/tensorflow.serving.ModelService/GetModelStatus": (1,),
+}
+
+# Metadata that belongs to one HTTP/2 hop and must not be forwarded.
+_HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "host", "grpc-timeout"})
+_UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _forwardable(metadata: Sequence[tuple[str, Any]] | None) -> tuple[tuple[str, Any], ...]:
+    if not metadata:
+        return ()
+    return tuple(
+        (k, v) for k, v in metadata if k not in _HOP_HEADERS and not k.startswith((":", "grpc-"))
+    )
+
+
+def server_options(config: Config) -> list[tuple[str, Any]]:
+    """Options for the listening gRPC server."""
+    size = config.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.so_reuseport", 1),
+    ]
+
+
+def channel_options(config: Config) -> list[tuple[str, Any]]:
+    """Options for the channel to the upstream."""
+    size = config.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        # Reconnect within about a second of the upstream coming back, not
+        # after gRPC's default back-off of up to two minutes.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+@dataclass
+class _MethodInfo:
+    name: str
+    label: str
+    spec_path: tuple[int, ...] | None
+    call: Any  # grpc.aio.UnaryUnaryMultiCallable
+
+
+class GuardServer:
+    """The guard's gRPC server. ``await start()``, then ``await stop(grace)``."""
+
+    _METHOD_CACHE_LIMIT = 256
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: GuardMetrics,
+        channel_factory: Callable[[str, list[tuple[str, Any]]], grpc.aio.Channel] | None = None,
+        server_credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        if config.upstream is None:
+            raise ValueError("config.upstream must be set before the server starts")
+        self.config = config
+        self.metrics = metrics
+        self._book = RuleBook(config)
+        factory = channel_factory or (lambda target, opts: grpc.aio.insecure_channel(target, opts))
+        self._channel = factory(config.upstream, channel_options(config))
+        self._server_credentials = server_credentials
+        self._methods: dict[str, _MethodInfo] = {}
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._upstream_up: bool | None = None
+        self.port = 0
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> int:
+        """Bind, start serving and start probing the upstream. Returns the bound port."""
+        server = grpc.aio.server(
+            options=server_options(self.config),
+            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        server.add_generic_rpc_handlers((_ProxyHandler(self),))
+        if self._server_credentials is not None:
+            self.port = server.add_secure_port(self.config.listen, self._server_credentials)
+        else:
+            self.port = server.add_insecure_port(self.config.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        for service in _HEALTH_SERVICES:
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.metrics.upstream_up.set(0)
+        await server.start()
+        self._server = server
+        await self._probe_once()
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="guard-upstream-probe")
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new calls, let in-flight calls finish within ``grace`` seconds, close."""
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+        for service in _HEALTH_SERVICES:
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._server is not None:
+            await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        await self._channel.close()
+
+    async def wait_for_termination(self) -> None:
+        """Block until the server stops."""
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+    def swap_rules(self, config: Config) -> None:
+        """Install a new rule set. Requests already running keep the one they started with."""
+        self._book = RuleBook(config)
+        self.metrics.set_model_names(config.model_names())
+
+    @property
+    def rules(self) -> RuleBook:
+        """The rule set new requests use."""
+        return self._book
+
+    # ---------------------------------------------------------------- health
+
+    async def _probe_once(self) -> None:
+        timeout = max(self.config.health_check_interval_s, 0.5)
+        try:
+            await self._channel.unary_unary(_PROBE)(b"", timeout=timeout)
+            up = True
+        except grpc.aio.AioRpcError as exc:
+            # Any answer, even an error about the empty request, means it is up.
+            up = exc.code() not in _UNAVAILABLE_CODES
+        self._set_upstream_up(up)
+
+    def _set_upstream_up(self, up: bool) -> None:
+        if up == self._upstream_up:
+            return
+        self._upstream_up = up
+        self.metrics.upstream_up.set(1 if up else 0)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if up
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in _HEALTH_SERVICES:
+            # HealthServicer.set only touches dicts and wakes watchers; it never blocks.
+            asyncio.ensure_future(self._health.set(service, status))
+        logger.info("upstream %s is %s", self.config.upstream, "up" if up else "DOWN")
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_check_interval_s)
+            try:
+                await self._probe_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the probe die silently
+                logger.exception("upstream probe failed")
+
+    # ----------------------------------------------------------------- calls
+
+    def method(self, name: str) -> _MethodInfo:
+        """Per-method state, created on first use (bounded: clients choose names)."""
+        info = self._methods.get(name)
+        if info is None:
+            info = _MethodInfo(
+                name=name,
+                label=GuardMetrics.method_label(name),
+                spec_path=_SPEC_PATH.get(name),
+                call=self._channel.unary_unary(name),
+            )
+            if len(self._methods) < self._METHOD_CACHE_LIMIT:
+                self._methods[name] = info
+        return info
+
+    async def handle(self, info: _MethodInfo, request: bytes, context: Any) -> bytes:
+        """Forward one unary call, guarding Predict responses."""
+        start = time.perf_counter()
+        upstream_s = 0.0
+        code = "OK"
+        metrics = self.metrics
+        book = self._book  # one consistent rule set for the whole request
+        spec = wire.peek_model_spec(request, info.spec_path) if info.spec_path else None
+        model_label = metrics.model_label(spec.name if spec else None)
+        metrics.inflight.inc()
+        try:
+            timeout = context.time_remaining()
+            if timeout is None:
+                timeout = self.config.default_timeout_s
+            call = info.call(
+                request,
+                timeout=timeout,
+                metadata=_forwardable(context.invocation_metadata()),
+            )
+            t_up = time.perf_counter()
+            try:
+                response: bytes = await call
+            except grpc.aio.AioRpcError as exc:
+                upstream_s = time.perf_counter() - t_up
+                code = exc.code().name
+                if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                    self._set_upstream_up(False)
+                await context.abort(
+                    exc.code(),
+                    _upstream_details(exc, self.config),
+                    exc.trailing_metadata() or (),
+                )
+                raise  # abort() raises; this keeps type checkers informed
+            except asyncio.CancelledError:
+                call.cancel()
+                code = "CANCELLED"
+                raise
+            upstream_s = time.perf_counter() - t_up
+            trailers = tuple(await call.trailing_metadata() or ())
+            initial = await call.initial_metadata()
+            if initial:
+                await context.send_initial_metadata(initial)
+
+            if info.name == PREDICT and book.may_apply(spec.name if spec else None):
+                try:
+                    guarded = guard_predict_response(response, spec, book, metrics)
+                except GuardError as exc:
+                    code = exc.code.name
+                    await context.abort(
+                        exc.code, exc.details, trailers + (("x-guard-action", "rejected"),)
+                    )
+                    raise
+                if guarded is not None:
+                    response = guarded.body
+                    trailers += guarded.trailers()
+            if trailers:
+                context.set_trailing_metadata(trailers)
+            return response
+        finally:
+            metrics.inflight.dec()
+            metrics.record_request(model_label, info.label, code)
+            total = time.perf_counter() - start
+            metrics.record_timing(info.label, upstream_s, max(total - upstream_s, 0.0))
+
+
+def _upstream_details(exc: grpc.aio.AioRpcError, config: Config) -> str:
+    details = exc.details() or ""
+    if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return (
+            f"guard: the upstream's response is larger than max_message_mb="
+            f"{config.max_message_mb} ({details}); raise max_message_mb in the guard config"
+        )
+    return details
+
+
+class _ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Routes every method except the health service to :meth:`GuardServer.handle`."""
+
+    def __init__(self, server: GuardServer) -> None:
+        self._server = server
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        if method.startswith(_HEALTH_PREFIX):
+            return None
+        handler = self._handlers.get(method)
+        if handler is None:
+            info = self._server.method(method)
+            # No (de)serializers: the request and response stay bytes. A partial of
+            # a coroutine function is still one, so grpc.aio awaits it on the loop.
+            handler = grpc.unary_unary_rpc_method_handler(
+                functools.partial(self._server.handle, info)
+            )
+            if len(self._handlers) < GuardServer._METHOD_CACHE_LIMIT:
+                self._handlers[method] = handler
+        return handler

@@ -1,0 +1,450 @@
+"""PredictResponse and TensorProto views: bytes <-> numpy, both encodings.
+
+The guard must not import TensorFlow, so it declares its own "view" messages
+with TensorFlow's field numbers (wire-format facts from
+``tensorflow/core/framework/tensor.proto`` and ``tensorflow_serving/apis``).
+The packed numeric fields (``float_val`` = 5, ``double_val`` = 6,
+``int64_val`` = 10, ``half_val`` = 13) are declared as ``repeated bytes``: the
+protobuf runtime hands each packed run over as one ``bytes`` object, which
+``np.frombuffer`` reads without a per-value conversion, and writing
+``array.tobytes()`` back produces exactly the packed encoding. A tensor whose
+values were sent unpacked (legal protobuf) lands in the unknown fields; it is
+detected and decoded through a fully typed view instead.
+
+This module knows nothing of rules or gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import message as pb_message
+from google.protobuf import unknown_fields as pb_unknown
+
+from guard.errors import DecodeError
+
+__all__ = [
+    "DT_DOUBLE",
+    "DT_FLOAT",
+    "DT_HALF",
+    "DT_INT64",
+    "DT_STRING",
+    "Encoding",
+    "ModelSpecInfo",
+    "PredictResponseView",
+    "decode_tensor",
+    "decode_varints",
+    "encode_varints",
+    "parse_predict_response",
+    "peek_model_spec",
+    "set_tensor",
+]
+
+# tensorflow/core/framework/types.proto
+DT_FLOAT = 1
+DT_DOUBLE = 2
+DT_STRING = 7
+DT_INT64 = 9
+DT_HALF = 19
+
+# TensorProto field numbers whose values we read or write.
+_F_FLOAT, _F_DOUBLE, _F_INT64, _F_HALF = 5, 6, 10, 13
+
+
+class Encoding(Enum):
+    """How a TensorProto carries its values."""
+
+    TYPED = "typed"  # float_val, double_val, ... (TF Serving's default)
+    CONTENT = "tensor_content"
+
+
+@dataclass(frozen=True)
+class _DType:
+    numpy: np.dtype[Any]
+    field: str
+    number: int
+    varint: bool  # half_val and int64_val are varints on the wire; float/double are fixed
+
+
+FLOAT_DTYPES: dict[int, _DType] = {
+    DT_FLOAT: _DType(np.dtype("<f4"), "float_val", _F_FLOAT, False),
+    DT_DOUBLE: _DType(np.dtype("<f8"), "double_val", _F_DOUBLE, False),
+    DT_HALF: _DType(np.dtype("<f2"), "half_val", _F_HALF, True),
+}
+_INT64 = _DType(np.dtype("<i8"), "int64_val", _F_INT64, True)
+_DTYPE_OF_NUMPY: dict[np.dtype[Any], int] = {
+    np.dtype("float32"): DT_FLOAT,
+    np.dtype("float64"): DT_DOUBLE,
+    np.dtype("float16"): DT_HALF,
+    np.dtype("int64"): DT_INT64,
+}
+
+
+# ------------------------------------------------------------------ descriptors
+
+_F = descriptor_pb2.FieldDescriptorProto
+
+
+def add_field(
+    msg: descriptor_pb2.DescriptorProto,
+    name: str,
+    number: int,
+    ftype: int,
+    *,
+    repeated: bool = False,
+    type_name: str = "",
+) -> None:
+    """Declare one field on a DescriptorProto (for the view messages)."""
+    f = msg.field.add(name=name, number=number, type=ftype)
+    f.label = _F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL
+    if type_name:
+        f.type_name = type_name
+
+
+def _build_pool(typed: bool) -> descriptor_pool.DescriptorPool:
+    """Declare the view messages in a private pool (never TF's own names)."""
+    pkg = "guard.view.typed" if typed else "guard.view"
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name=f"{pkg.replace('.', '/')}.proto", package=pkg, syntax="proto3"
+    )
+
+    shape = fdp.message_type.add(name="TensorShapeProto")
+    dim = shape.nested_type.add(name="Dim")
+    add_field(dim, "size", 1, _F.TYPE_INT64)
+    add_field(dim, "name", 2, _F.TYPE_STRING)
+    add_field(
+        shape, "dim", 2, _F.TYPE_MESSAGE, repeated=True, type_name=f".{pkg}.TensorShapeProto.Dim"
+    )
+    add_field(shape, "unknown_rank", 3, _F.TYPE_BOOL)
+
+    tensor = fdp.message_type.add(name="TensorProto")
+    add_field(tensor, "dtype", 1, _F.TYPE_INT32)  # an enum in TF; int32 keeps unknown values
+    add_field(tensor, "tensor_shape", 2, _F.TYPE_MESSAGE, type_name=f".{pkg}.TensorShapeProto")
+    add_field(tensor, "version_number", 3, _F.TYPE_INT32)
+    add_field(tensor, "tensor_content", 4, _F.TYPE_BYTES)
+    add_field(tensor, "string_val", 8, _F.TYPE_BYTES, repeated=True)
+    if typed:
+        # Accepts packed and unpacked runs alike; used only as the fallback.
+        add_field(tensor, "float_val", _F_FLOAT, _F.TYPE_FLOAT, repeated=True)
+        add_field(tensor, "double_val", _F_DOUBLE, _F.TYPE_DOUBLE, repeated=True)
+        add_field(tensor, "int64_val", _F_INT64, _F.TYPE_INT64, repeated=True)
+        add_field(tensor, "half_val", _F_HALF, _F.TYPE_INT32, repeated=True)
+    else:
+        for name, number in (
+            ("float_val", _F_FLOAT),
+            ("double_val", _F_DOUBLE),
+            ("int64_val", _F_INT64),
+            ("half_val", _F_HALF),
+        ):
+            add_field(tensor, name, number, _F.TYPE_BYTES, repeated=True)
+
+    i64 = fdp.message_type.add(name="Int64Value")
+    add_field(i64, "value", 1, _F.TYPE_INT64)
+
+    spec = fdp.message_type.add(name="ModelSpec")
+    add_field(spec, "name", 1, _F.TYPE_STRING)
+    add_field(spec, "version", 2, _F.TYPE_MESSAGE, type_name=f".{pkg}.Int64Value")
+    add_field(spec, "signature_name", 3, _F.TYPE_STRING)
+    add_field(spec, "version_label", 4, _F.TYPE_STRING)
+
+    resp = fdp.message_type.add(name="PredictResponse")
+    entry = resp.nested_type.add(name="OutputsEntry")
+    entry.options.map_entry = True
+    add_field(entry, "key", 1, _F.TYPE_STRING)
+    add_field(entry, "value", 2, _F.TYPE_MESSAGE, type_name=f".{pkg}.TensorProto")
+    add_field(
+        resp,
+        "outputs",
+        1,
+        _F.TYPE_MESSAGE,
+        repeated=True,
+        type_name=f".{pkg}.PredictResponse.OutputsEntry",
+    )
+    add_field(resp, "model_spec", 2, _F.TYPE_MESSAGE, type_name=f".{pkg}.ModelSpec")
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return pool
+
+
+def _classes(typed: bool) -> dict[str, Any]:
+    pool = _build_pool(typed)
+    pkg = "guard.view.typed" if typed else "guard.view"
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{pkg}.{name}"))
+        for name in ("TensorProto", "ModelSpec", "PredictResponse")
+    }
+
+
+_VIEW = _classes(typed=False)
+_TYPED = _classes(typed=True)
+PredictResponseView: Any = _VIEW["PredictResponse"]
+TensorView: Any = _VIEW["TensorProto"]
+_ModelSpecView: Any = _VIEW["ModelSpec"]
+_TypedTensor: Any = _TYPED["TensorProto"]
+TypedPredictResponse: Any = _TYPED["PredictResponse"]
+
+
+# ---------------------------------------------------------------------- varints
+
+
+def decode_varints(data: bytes) -> np.ndarray[Any, np.dtype[np.uint64]]:
+    """Decode a packed run of base-128 varints, vectorised."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    if b.size == 0:
+        return np.zeros(0, dtype=np.uint64)
+    ends = np.flatnonzero(b < 0x80)
+    if ends.size == 0 or ends[-1] != b.size - 1:
+        raise DecodeError("truncated varint in a packed field")
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    if lengths.max() > 10:
+        raise DecodeError("varint longer than 10 bytes in a packed field")
+    values = np.zeros(ends.size, dtype=np.uint64)
+    payload = (b & 0x7F).astype(np.uint64)
+    for g in range(int(lengths.max())):
+        sel = lengths > g
+        values[sel] |= payload[starts[sel] + g] << np.uint64(7 * g)
+    return values
+
+
+def encode_varints(values: np.ndarray[Any, Any]) -> bytes:
+    """Encode integers as a packed run of varints (negative int64 as 10 bytes, as protobuf does)."""
+    v = np.ascontiguousarray(values).astype(np.int64, copy=False).view(np.uint64).ravel()
+    if v.size == 0:
+        return b""
+    nbytes = np.ones(v.size, dtype=np.int64)
+    rest = v >> np.uint64(7)
+    while rest.any():
+        nbytes += rest > 0
+        rest >>= np.uint64(7)
+    offsets = np.cumsum(nbytes) - nbytes
+    out = np.empty(int(nbytes.sum()), dtype=np.uint8)
+    for g in range(int(nbytes.max())):
+        sel = nbytes > g
+        group = ((v[sel] >> np.uint64(7 * g)) & np.uint64(0x7F)).astype(np.uint8)
+        more = (nbytes[sel] - 1 > g).astype(np.uint8) << 7
+        out[offsets[sel] + g] = group | more
+    return out.tobytes()
+
+
+# ---------------------------------------------------------------------- tensors
+
+
+def _numel(shape: Sequence[int], itemsize: int, limit_bytes: int) -> int:
+    n = 1
+    for d in shape:
+        if d < 0:
+            raise DecodeError(f"tensor shape {list(shape)} has a negative dimension")
+        n *= d  # Python ints: no int64 overflow, so the check below is exact
+    if n * itemsize > limit_bytes:
+        raise DecodeError(
+            f"tensor shape {list(shape)} needs {n * itemsize} bytes, more than the "
+            f"{limit_bytes}-byte message limit allows"
+        )
+    return n
+
+
+def _has_unpacked(tensor: Any, number: int) -> bool:
+    fields = pb_unknown.UnknownFieldSet(tensor)
+    return any(fields[i].field_number == number for i in range(len(fields)))
+
+
+def _typed_values(typed: Any, dt: _DType) -> np.ndarray[Any, Any]:
+    """Fallback: the values of a fully typed tensor view, in wire order."""
+    values = getattr(typed, dt.field)
+    if dt.numpy == np.dtype("<f2"):
+        return np.asarray(values, dtype=np.uint16).view("<f2")
+    return np.asarray(values, dtype=dt.numpy)
+
+
+def decode_tensor(
+    tensor: Any, limit_bytes: int, typed_fallback: Callable[[], Any] | None = None
+) -> tuple[np.ndarray[Any, Any], Encoding] | None:
+    """Decode a floating-point TensorProto view to an array and its encoding.
+
+    Returns ``None`` for a dtype the guard does not check. Follows TF's fill
+    convention: fewer typed values than elements repeat the last value, none
+    means zeros. The returned array may be read-only (a view of the message).
+
+    ``typed_fallback`` returns the same tensor parsed with the fully typed view,
+    from the original bytes; it is called only when values were sent unpacked.
+    """
+    dt = FLOAT_DTYPES.get(tensor.dtype)
+    if dt is None:
+        return None
+    shape = tuple(d.size for d in tensor.tensor_shape.dim)
+    numel = _numel(shape, dt.numpy.itemsize, limit_bytes)
+    content = tensor.tensor_content
+    if content:
+        if len(content) != numel * dt.numpy.itemsize:
+            raise DecodeError(
+                f"tensor_content has {len(content)} bytes but shape {list(shape)} of "
+                f"{dt.field[:-4]} needs {numel * dt.numpy.itemsize}"
+            )
+        return np.frombuffer(content, dtype=dt.numpy).reshape(shape), Encoding.CONTENT
+
+    runs = getattr(tensor, dt.field)
+    data = runs[0] if len(runs) == 1 else b"".join(runs)
+    if dt.varint:
+        flat: np.ndarray[Any, Any] = decode_varints(data).astype(np.uint16).view("<f2")
+    else:
+        if len(data) % dt.numpy.itemsize:
+            raise DecodeError(f"{dt.field} has {len(data)} bytes, not a whole number of values")
+        flat = np.frombuffer(data, dtype=dt.numpy)
+    if _has_unpacked(tensor, dt.number):
+        typed = (
+            typed_fallback()
+            if typed_fallback is not None
+            else _TypedTensor.FromString(tensor.SerializeToString())
+        )
+        flat = _typed_values(typed, dt)
+    n = flat.size
+    if n == numel:
+        return flat.reshape(shape), Encoding.TYPED
+    if n > numel:
+        raise DecodeError(f"{dt.field} has {n} values but shape {list(shape)} holds {numel}")
+    if n == 0:
+        return np.zeros(shape, dtype=dt.numpy), Encoding.TYPED
+    filled = np.empty(numel, dtype=dt.numpy)
+    filled[:n] = flat
+    filled[n:] = flat[-1]
+    return filled.reshape(shape), Encoding.TYPED
+
+
+def set_tensor(tensor: Any, array: np.ndarray[Any, Any], encoding: Encoding) -> None:
+    """Write ``array`` into a TensorProto view (dtype, shape, values) in ``encoding``.
+
+    Float and int64 arrays keep their dtype; an array of ``bytes`` objects becomes
+    a DT_STRING tensor (always ``string_val``, as TensorFlow writes strings).
+    """
+    if array.dtype == object:
+        dtype_enum = DT_STRING
+    else:
+        dtype_enum = _DTYPE_OF_NUMPY[array.dtype]
+    if tensor.dtype != dtype_enum:
+        tensor.dtype = dtype_enum
+    dims = tensor.tensor_shape.dim
+    if tuple(d.size for d in dims) != array.shape:
+        del dims[:]
+        for size in array.shape:
+            dims.add(size=size)
+    # A value sent unpacked sits in the unknown fields; it must not come back.
+    tensor.DiscardUnknownFields()
+    if dtype_enum == DT_STRING:
+        tensor.ClearField("tensor_content")
+        del tensor.string_val[:]
+        tensor.string_val.extend(array.ravel().tolist())
+        return
+    dt = _INT64 if dtype_enum == DT_INT64 else FLOAT_DTYPES[dtype_enum]
+    values = getattr(tensor, dt.field)
+    del values[:]
+    if encoding is Encoding.CONTENT:
+        tensor.tensor_content = np.ascontiguousarray(array, dtype=dt.numpy).tobytes()
+        return
+    tensor.ClearField("tensor_content")
+    if dt.varint:
+        as_int = array.view(np.uint16) if dt.numpy == np.dtype("<f2") else array
+        values.append(encode_varints(as_int))
+    else:
+        values.append(np.ascontiguousarray(array, dtype=dt.numpy).tobytes())
+
+
+# --------------------------------------------------------------- responses/specs
+
+
+def parse_predict_response(data: bytes) -> Any:
+    """Parse PredictResponse bytes into a view. Raises :class:`DecodeError`."""
+    try:
+        view = PredictResponseView.FromString(data)
+    except pb_message.DecodeError as exc:
+        raise DecodeError(f"guard: cannot decode PredictResponse from upstream: {exc}") from None
+    if not view.outputs:
+        raise DecodeError(
+            f"guard: cannot decode PredictResponse from upstream: {len(data)} bytes hold no outputs"
+        )
+    return view
+
+
+@dataclass(frozen=True)
+class ModelSpecInfo:
+    """The parts of a ModelSpec the guard routes and labels by."""
+
+    name: str
+    signature_name: str
+    version: int | None
+
+
+def _spec_info(spec: Any) -> ModelSpecInfo:
+    version = spec.version.value if spec.HasField("version") else None
+    return ModelSpecInfo(spec.name, spec.signature_name, version)
+
+
+def response_spec(view: Any) -> ModelSpecInfo | None:
+    """The response's ``model_spec``, if the upstream set one."""
+    return _spec_info(view.model_spec) if view.HasField("model_spec") else None
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("bad varint")
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _find_field(data: bytes, number: int) -> bytes | None:
+    """The payload of the first length-delimited field ``number`` at the top level."""
+    pos = 0
+    end = len(data)
+    while pos < end:
+        key, pos = _read_varint(data, pos)
+        wire = key & 7
+        if wire == 2:
+            length, pos = _read_varint(data, pos)
+            if pos + length > end:
+                raise ValueError("truncated")
+            if key >> 3 == number:
+                return data[pos : pos + length]
+            pos += length
+        elif wire == 0:
+            _, pos = _read_varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError("unsupported wire type")
+    return None
+
+
+def peek_model_spec(request: bytes, path: Sequence[int] = (1,)) -> ModelSpecInfo | None:
+    """Read the ModelSpec of a request without parsing (or copying) the rest.
+
+    ``path`` is the chain of field numbers leading to the spec: ``(1,)`` for
+    Predict/Classify/Regress/GetModelMetadata/GetModelStatus requests, ``(1, 1)``
+    for MultiInference (its first task). Returns ``None`` when absent or malformed;
+    the upstream will judge the request.
+    """
+    payload: bytes | None = request
+    try:
+        for number in path:
+            assert payload is not None
+            payload = _find_field(payload, number)
+            if payload is None:
+                return None
+        return _spec_info(_ModelSpecView.FromString(payload))
+    except (ValueError, pb_message.DecodeError):
+        return None
