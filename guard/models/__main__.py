@@ -1,0 +1,7 @@
+"""``python -m guard.models build DIR``."""
+
+import sys
+
+from guard.models.cli import main
+
+sys.exit(main())
