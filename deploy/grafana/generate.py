@@ -160,7 +160,7 @@ def _quality_panels() -> list[Any]:
         .thresholds(_thresholds((None, "green"), (1, "red")))
         .with_target(
             _query(
-                f'sum by (model, output, kind) (increase(guard_output_violations_total{{'
+                f"sum by (model, output, kind) (increase(guard_output_violations_total{{"
                 f'{SEL_OUTPUT}, kind=~"nan|inf"}}[$__range]))',
                 "{{model}} / {{output}} / {{kind}}",
                 instant=True,
@@ -273,9 +273,7 @@ def _traffic_panels() -> list[Any]:
             "zero with clients still running means they bypass or cannot reach the guard "
             "(Service selector, port 8500).",
             "reqps",
-            _query(
-                f"sum by (method, code) (rate({requests}{RATE}))", "{{method}} {{code}}"
-            ),
+            _query(f"sum by (method, code) (rate({requests}{RATE}))", "{{method}} {{code}}"),
         ),
         _timeseries(
             "Error rate by method and code",
@@ -347,9 +345,7 @@ def _traffic_panels() -> list[Any]:
             ]
         )
         .thresholds(_thresholds((None, "red"), (1, "green")))
-        .with_target(
-            _query("min by (instance) (guard_upstream_up)", "{{instance}}", instant=True)
-        ),
+        .with_target(_query("min by (instance) (guard_upstream_up)", "{{instance}}", instant=True)),
         stat.Panel()
         .title("In-flight requests")
         .description(
