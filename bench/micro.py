@@ -1,0 +1,336 @@
+"""Post-processing micro-benchmarks: what one response costs to guard.
+
+For each shape (rows x classes) and encoding (``float_val``, ``tensor_content``),
+the same rule set (check_sum + clamp + argmax + top_k + labels) runs three ways:
+
+- **naive**: the official message classes: ``PredictResponse.FromString`` ->
+  ``np.array(tensor.float_val)`` (or ``np.frombuffer(tensor_content)``, which is
+  what ``tf.make_ndarray`` does) -> the math -> write values and derived outputs
+  back with the official classes -> ``SerializeToString``;
+- **floor**: the pure numpy math on an already-decoded array, no protobuf at all;
+- **guard**: ``guard.pipeline.guard_predict_response`` on the response bytes, the
+  function the proxy calls (it includes recording the metrics).
+
+The responses are valid softmax rows, so the guard's work is: decode, check,
+derive, encode the derived outputs. ``python -m bench.micro [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from bench import payloads
+
+SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (64, 10), (1024, 201), (4096, 1000))
+QUICK_SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (64, 10), (256, 201))
+LO, HI, TOLERANCE, TOP_K = 0.0, 1.0, 1e-3, 5
+OUTPUT = "probabilities"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One shape in one encoding, with its rule parameters."""
+
+    rows: int
+    classes: int
+    encoding: str
+
+    @property
+    def k(self) -> int:
+        """top_k, capped at the number of classes."""
+        return min(TOP_K, self.classes)
+
+    @property
+    def label(self) -> str:
+        """Human-readable name."""
+        return f"{self.rows}x{self.classes} {self.encoding}"
+
+
+def model_for(case: Case) -> payloads.CannedModel:
+    """The canned model a case's response claims to come from."""
+    return payloads.CannedModel(
+        name="micro", batch=case.rows, classes=case.classes, encoding=case.encoding,
+        output_name=OUTPUT,
+    )  # fmt: skip
+
+
+def response_bytes(case: Case) -> bytes:
+    """The case's PredictResponse, built with the official classes."""
+    model = model_for(case)
+    return payloads.predict_response_for(model, values_for(case))
+
+
+def values_for(case: Case) -> np.ndarray:
+    """Valid softmax rows for the case."""
+    return payloads.softmax_rows(case.rows, case.classes, seed=case.rows * 7 + case.classes)
+
+
+def label_table(classes: int) -> np.ndarray:
+    """Labels as an object array of bytes (for fancy indexing)."""
+    return np.array([s.encode() for s in payloads.labels(classes)], dtype=object)
+
+
+# --- (ii) the floor: pure numpy on a decoded array ---------------------------------------
+
+
+def top_k(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best classes per row, best first, ties to the lower index.
+
+    For small k, k rounds of argmax are several times faster than argpartition
+    along the last axis (numpy's per-row introselect), hence this and not that.
+    """
+    work = rows.reshape(-1, rows.shape[-1]).copy()
+    index = np.arange(work.shape[0])
+    classes = np.empty((work.shape[0], k), dtype=np.int64)
+    scores = np.empty((work.shape[0], k), dtype=rows.dtype)
+    for j in range(k):
+        best = work.argmax(axis=-1)
+        classes[:, j] = best
+        scores[:, j] = work[index, best]
+        work[index, best] = -np.inf
+    lead = rows.shape[:-1]
+    return classes.reshape(*lead, k), scores.reshape(*lead, k)
+
+
+def floor_math(values: np.ndarray, k: int, labels: np.ndarray) -> dict[str, Any]:
+    """Check (range, NaN/Inf, row sums), clip, argmax, top-k and label lookup."""
+    nan = int(np.count_nonzero(np.isnan(values)))
+    below = int(np.count_nonzero(values < LO))
+    above = int(np.count_nonzero(values > HI))
+    bad_rows = int(np.count_nonzero(np.abs(values.sum(axis=-1) - 1.0) > TOLERANCE))
+    clipped = np.clip(values, LO, HI)
+    cls = clipped.argmax(axis=-1)
+    score = np.take_along_axis(clipped, cls[..., None], axis=-1)[..., 0]
+    top_cls, top_score = top_k(clipped, k)
+    return {
+        "counts": (nan, below, above, bad_rows),
+        "values": clipped,
+        "class": cls.astype(np.int64),
+        "score": score,
+        "label": labels[cls],
+        "top_k_class": top_cls.astype(np.int64),
+        "top_k_score": top_score,
+        "top_k_label": labels[top_cls],
+    }
+
+
+# --- (i) naive: the official message classes -----------------------------------------------
+
+
+def naive_path(k: int, labels: np.ndarray) -> Callable[[bytes], bytes]:
+    """Decode, compute and re-encode with the official TF Serving classes."""
+    pb = payloads.official_protos()
+    response_cls = pb.predict_pb2.PredictResponse
+    dt_float, dt_int64, dt_string = (pb.types_pb2.DT_FLOAT, pb.types_pb2.DT_INT64,
+                                     pb.types_pb2.DT_STRING)  # fmt: skip
+
+    def put(tensor: Any, array: np.ndarray, content: bool) -> None:
+        tensor.tensor_shape.Clear()
+        for size in array.shape:
+            tensor.tensor_shape.dim.add(size=size)
+        if array.dtype == object:
+            tensor.dtype = dt_string
+            tensor.string_val.extend(array.ravel().tolist())
+        elif array.dtype == np.int64:
+            tensor.dtype = dt_int64
+            if content:
+                tensor.tensor_content = array.tobytes()
+            else:
+                tensor.int64_val.extend(array.ravel().tolist())
+        else:
+            tensor.dtype = dt_float
+            if content:
+                tensor.tensor_content = array.astype(np.float32).tobytes()
+            else:
+                del tensor.float_val[:]
+                tensor.float_val.extend(array.ravel().tolist())
+
+    def run(body: bytes) -> bytes:
+        response = response_cls.FromString(body)
+        tensor = response.outputs[OUTPUT]
+        shape = [d.size for d in tensor.tensor_shape.dim]
+        content = bool(tensor.tensor_content)
+        if content:
+            values = np.frombuffer(tensor.tensor_content, dtype=np.float32).reshape(shape).copy()
+        else:
+            values = np.array(tensor.float_val, dtype=np.float32).reshape(shape)
+        result = floor_math(values, k, labels)
+        put(tensor, result["values"], content)
+        for suffix in ("class", "score", "label", "top_k_class", "top_k_score", "top_k_label"):
+            put(response.outputs[f"{OUTPUT}_{suffix}"], result[suffix], content)
+        return bytes(response.SerializeToString())
+
+    return run
+
+
+# --- (iii) the guard's own path ----------------------------------------------------------------
+
+
+def rule_document(case: Case) -> dict[str, Any]:
+    """The guard config (as parsed YAML) for one case."""
+    return {
+        "models": [
+            {
+                "name": "micro",
+                "outputs": [
+                    {
+                        "name": OUTPUT,
+                        "valid_range": [LO, HI],
+                        "check_sum": True,
+                        "sum_tolerance": TOLERANCE,
+                        "on_violation": "clamp",
+                        "argmax": True,
+                        "top_k": case.k,
+                        "labels": payloads.labels(case.classes),
+                    }
+                ],
+            }
+        ]
+    }
+
+
+def guard_path(case: Case) -> Callable[[bytes], bytes] | None:
+    """The guard's response function with the case's rules, or None if it is missing."""
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from guard.config import parse_config
+        from guard.metrics import GuardMetrics
+        from guard.pipeline import RuleBook, guard_predict_response
+    except ImportError:
+        return None
+    config = parse_config(rule_document(case), "<bench.micro>")
+    book = RuleBook(config)
+    metrics = GuardMetrics(
+        CollectorRegistry(),
+        config.model_names(),
+        getattr(config, "max_class_label_values", 100),
+    )
+
+    def run(body: bytes) -> bytes:
+        guarded = guard_predict_response(body, None, book, metrics)
+        return body if guarded is None else guarded.body
+
+    return run
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Per-call time in microseconds over repeated timing loops."""
+
+    median_us: float
+    min_us: float
+    max_us: float
+    loops: int
+    repeats: int
+
+
+def time_call(fn: Callable[[Any], Any], arg: Any, budget_s: float, repeats: int = 5) -> Timing:
+    """Time ``fn(arg)``: calibrate a loop count to ``budget_s / repeats``, repeat."""
+    fn(arg)  # warm caches and lazy setup
+    start = time.perf_counter()
+    fn(arg)
+    one = max(time.perf_counter() - start, 1e-7)
+    loops = max(1, int(budget_s / repeats / one))
+    per_call: list[float] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(loops):
+            fn(arg)
+        per_call.append((time.perf_counter() - start) / loops * 1e6)
+    return Timing(float(np.median(per_call)), min(per_call), max(per_call), loops, repeats)
+
+
+def check_same_answer(case: Case, guard_out: bytes, naive_out: bytes) -> None:
+    """The guard and the naive path must agree on the derived outputs."""
+    pb = payloads.official_protos()
+    g = pb.predict_pb2.PredictResponse.FromString(guard_out)
+    n = pb.predict_pb2.PredictResponse.FromString(naive_out)
+    for suffix in ("class", "label", "top_k_class", "top_k_label"):
+        name = f"{OUTPUT}_{suffix}"
+        if name not in g.outputs:
+            raise AssertionError(f"{case.label}: the guard did not add {name}")
+        gv = list(g.outputs[name].int64_val or g.outputs[name].string_val)
+        nv = list(n.outputs[name].int64_val or n.outputs[name].string_val)
+        if g.outputs[name].tensor_content:
+            gv = np.frombuffer(g.outputs[name].tensor_content, np.int64).tolist()
+            nv = np.frombuffer(n.outputs[name].tensor_content, np.int64).tolist()
+        if gv != nv:
+            raise AssertionError(f"{case.label}: guard and naive disagree on {name}")
+
+
+def run_case(case: Case, budget_s: float) -> dict[str, Any]:
+    """Time the three paths on one case."""
+    body = response_bytes(case)
+    labels = label_table(case.classes)
+    values = values_for(case)
+    naive = naive_path(case.k, labels)
+    out: dict[str, Any] = {
+        "shape": f"{case.rows}x{case.classes}",
+        "encoding": case.encoding,
+        "response_bytes": len(body),
+        "naive": asdict(time_call(naive, body, budget_s)),
+        "floor": asdict(time_call(lambda v: floor_math(v, case.k, labels), values, budget_s)),
+        "guard": None,
+    }
+    guard = guard_path(case)
+    if guard is not None:
+        check_same_answer(case, guard(body), naive(body))
+        out["guard"] = asdict(time_call(guard, body, budget_s))
+        g = out["guard"]["median_us"]
+        out["guard_vs_floor"] = g / out["floor"]["median_us"]
+        out["naive_vs_guard"] = out["naive"]["median_us"] / g
+    return out
+
+
+def run_all(quick: bool = False, shapes: tuple[tuple[int, int], ...] | None = None,
+            budget_s: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """Every shape x encoding; returns the results as plain data."""
+    chosen = shapes or (QUICK_SHAPES if quick else SHAPES)
+    budget = budget_s if budget_s is not None else (0.1 if quick else 1.0)
+    cases = [Case(r, c, enc) for r, c in chosen for enc in payloads.ENCODINGS]
+    return {
+        "budget_s_per_path": budget,
+        "guard_available": guard_path(cases[0]) is not None,
+        "cases": [run_case(case, budget) for case in cases],
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table of the results."""
+    lines = [f"{'case':28} {'naive us':>10} {'floor us':>10} {'guard us':>10} "
+             f"{'guard/floor':>11} {'naive/guard':>11}"]  # fmt: skip
+    for c in results["cases"]:
+        g = c["guard"]["median_us"] if c["guard"] else float("nan")
+        lines.append(
+            f"{c['shape'] + ' ' + c['encoding']:28} {c['naive']['median_us']:10.1f} "
+            f"{c['floor']['median_us']:10.1f} {g:10.1f} "
+            f"{c.get('guard_vs_floor', float('nan')):11.2f} "
+            f"{c.get('naive_vs_guard', float('nan')):11.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    p = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--budget", type=float, help="seconds of timing per path and case")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    results = run_all(args.quick, budget_s=args.budget)
+    print(json.dumps(results, indent=1) if args.json else format_table(results))
+
+
+if __name__ == "__main__":
+    main()

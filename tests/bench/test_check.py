@@ -1,0 +1,37 @@
+"""bench.check (``make bench-check``) and the micro-benchmark paths it compares."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import check, micro
+
+
+@pytest.mark.parametrize("encoding", ["float_val", "tensor_content"])
+def test_guard_and_naive_paths_agree(encoding: str) -> None:
+    case = micro.Case(16, 12, encoding)
+    guard = micro.guard_path(case)
+    assert guard is not None
+    naive = micro.naive_path(case.k, micro.label_table(case.classes))
+    body = micro.response_bytes(case)
+    micro.check_same_answer(case, guard(body), naive(body))
+
+
+def test_floor_top_k_is_sorted_and_ties_go_low() -> None:
+    rows = np.array([[0.1, 0.3, 0.3, 0.2, 0.1]], dtype=np.float32)
+    classes, scores = micro.top_k(rows, 3)
+    assert classes.tolist() == [[1, 2, 3]]
+    assert scores[0].tolist() == pytest.approx([0.3, 0.3, 0.2])
+
+
+def test_bench_check_passes_on_this_checkout() -> None:
+    assert check.main(["--budget", "0.05"]) == 0
+
+
+def test_bench_check_reports_a_regression(capsys: pytest.CaptureFixture[str]) -> None:
+    impossible = (check.Threshold(64, 10, "float_val", 0.01, 1000.0),)
+    outcomes = check.check(impossible, budget_s=0.02, attempts=2)
+    misses = outcomes[0].misses()
+    assert len(misses) == 2
+    assert "numpy floor" in misses[0] and "official message classes" in misses[1]
