@@ -10,8 +10,7 @@ from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
+from tests.deploy.paths import DEPLOY
 
 
 def _load(name: str, path: Path) -> ModuleType:

@@ -6,7 +6,7 @@ import json
 import re
 from types import ModuleType
 
-from conftest import DEPLOY
+from tests.deploy.paths import DEPLOY
 
 DASHBOARD = DEPLOY / "grafana" / "guard-dashboard.json"
 

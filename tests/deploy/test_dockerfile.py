@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import REPO
+from tests.deploy.paths import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
 

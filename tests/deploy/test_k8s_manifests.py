@@ -16,9 +16,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import DEPLOY, REPO
 
 from guard.config import Config, load_config
+from tests.deploy.paths import DEPLOY, REPO
 
 K8S_VERSION = "1.32"
 KUSTOMIZATIONS = [DEPLOY / "k8s" / "base", DEPLOY / "k8s" / "overlays" / "cpu"]
@@ -247,9 +247,12 @@ def test_sidecar_agrees_with_guard_config(
     ports = {p["name"]: p["containerPort"] for p in guard["ports"]}
     assert ports["grpc"] == _port(cfg.listen) == _port(defaults.listen) == 8500
     assert ports["metrics"] == _port(cfg.metrics_listen) == _port(defaults.metrics_listen)
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # Startup and readiness use the gRPC health service (overall status "": SERVING only
+    # while TF Serving answers); liveness checks the guard's own gRPC port.
+    for probe in ("startupProbe", "readinessProbe"):
         assert guard[probe]["grpc"]["port"] == ports["grpc"], probe
         assert guard[probe]["grpc"].get("service", "") == "", probe
+    assert ports[guard["livenessProbe"]["tcpSocket"]["port"]] == ports["grpc"]
 
     # The upstream is TF Serving in the same pod, on the port it was told to use.
     tfs_port = int(next(a for a in tfs["args"] if a.startswith("--port=")).split("=", 1)[1])

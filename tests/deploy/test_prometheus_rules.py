@@ -6,7 +6,8 @@ import subprocess
 from types import ModuleType
 
 import yaml
-from conftest import DEPLOY
+
+from tests.deploy.paths import DEPLOY
 
 RULES = DEPLOY / "prometheus" / "guard-rules.yaml"
 RULE_TESTS = DEPLOY / "prometheus" / "guard-rules.test.yaml"
