@@ -252,7 +252,7 @@ class GuardServer:
                 await context.abort(
                     exc.code(),
                     _upstream_details(exc, self.config),
-                    exc.trailing_metadata() or (),
+                    tuple(exc.trailing_metadata() or ()),
                 )
                 raise  # abort() raises; this keeps type checkers informed
             except asyncio.CancelledError:
