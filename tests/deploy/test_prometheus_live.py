@@ -1,0 +1,356 @@
+"""The dashboard and alerts against a real Prometheus scraping a real `guard serve`.
+
+A fake TF Serving (official tensorflow_serving stubs) answers with out-of-range values,
+NaN/Inf, bad softmax rows and undecodable bytes; `guard serve` runs as a subprocess in
+front of it; Debian's `prometheus` scrapes the guard every second and evaluates a copy of
+deploy/prometheus/guard-rules.yaml whose `for:` durations are shortened. Then every
+dashboard query (variables substituted) must return data through Prometheus' HTTP API,
+the value alerts must reach `firing`, and `promtool check metrics` must accept /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from tests.conftest import predict_request, predict_response
+from tests.deploy.paths import DEPLOY, REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.tf]
+
+VALUE_ALERTS = {
+    "GuardOutputOutOfRange",
+    "GuardOutputNaN",
+    "GuardRejectingResponses",
+    "GuardSoftmaxBroken",
+}
+# What Grafana would substitute: "All" (allValue .*) and windows that hold >= 2 scrapes.
+SUBSTITUTIONS = {
+    "$__rate_interval": "20s",
+    "$__range": "5m",
+    "$model": ".*",
+    "$signature": ".*",
+    "$output": ".*",
+}
+GUARD_CONFIG = {
+    "models": [
+        # The WideDeep story: sigmoid "probabilities" above 1, observed and thresholded.
+        {
+            "name": "wide_deep",
+            "outputs": [
+                {"name": "*", "on_violation": "observe", "threshold": 0.5, "labels": ["NO", "YES"]}
+            ],
+        },
+        # A numerically broken model: NaN and -Inf cannot be clamped, so it is rejected.
+        {"name": "broken", "outputs": [{"name": "*", "on_violation": "clamp"}]},
+        # A softmax whose rows do not sum to 1.
+        {
+            "name": "softmax",
+            "outputs": [
+                {"name": "probs", "check_sum": True, "on_violation": "clamp", "argmax": True}
+            ],
+        },
+        # A healthy model, for clean responses.
+        {"name": "healthy", "outputs": [{"name": "*", "threshold": 0.5}]},
+        # An upstream answer that is not a PredictResponse at all.
+        {"name": "garbled", "outputs": [{"name": "*"}]},
+    ]
+}
+MODELS = ("wide_deep", "broken", "softmax", "healthy", "garbled")
+
+
+def _free_port() -> int:
+    # Prometheus cannot listen on port 0: take a free port from the kernel and release it.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+GARBLED = b"\xff\xff\xff not a PredictResponse"
+
+
+def _responses() -> dict[str, predict_pb2.PredictResponse]:
+    return {
+        "wide_deep": predict_response(
+            "wide_deep", {"output_1": np.array([[1.00285], [1.001444], [0.000463], [0.3]])}
+        ),
+        "broken": predict_response(
+            "broken", {"y": np.array([0.5, np.nan, -np.inf, 0.2], np.float32)}
+        ),
+        "softmax": predict_response(
+            "softmax",
+            {"probs": np.array([[0.2, 0.3, 0.1], [0.7, 0.2, 0.1]], np.float32)},
+            encoding="content",
+        ),
+        "healthy": predict_response("healthy", {"p": np.array([0.1, 0.9], np.float32)}),
+    }
+
+
+class _Upstream(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """TF Serving stand-in: canned responses per model, with TF Serving's NOT_FOUND."""
+
+    def __init__(self) -> None:
+        self.responses = _responses()
+
+    async def Predict(self, request: Any, context: Any) -> Any:  # noqa: N802 - proto name
+        name = request.model_spec.name
+        if name not in self.responses:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({name})"
+            )
+        return self.responses[name]
+
+
+class _GarbledPredict(grpc.GenericRpcHandler):
+    """Answers Predict for model 'garbled' with bytes that are no PredictResponse.
+
+    Registered before the official servicer; for every other model it serves the
+    servicer's answer, serialized with the official message class.
+    """
+
+    def __init__(self, servicer: _Upstream) -> None:
+        self._servicer = servicer
+
+    def service(self, details: Any) -> Any:
+        if details.method != "/tensorflow.serving.PredictionService/Predict":
+            return None
+
+        async def predict(request: predict_pb2.PredictRequest, context: Any) -> bytes:
+            if request.model_spec.name == "garbled":
+                return GARBLED
+            response = await self._servicer.Predict(request, context)
+            return bytes(response.SerializeToString())
+
+        return grpc.unary_unary_rpc_method_handler(
+            predict, request_deserializer=predict_pb2.PredictRequest.FromString
+        )
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[str]:
+    """Start the fake TF Serving on a free loopback port; yield its address."""
+    server = grpc.aio.server()
+    servicer = _Upstream()
+    server.add_generic_rpc_handlers((_GarbledPredict(servicer),))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+    for _ in range(600):
+        if path.exists():
+            return
+        assert proc.poll() is None, f"{what} exited with {proc.returncode}"
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not start")
+
+
+@pytest.fixture
+def guard_ports(upstream: str, tmp_path: Path) -> Iterator[dict[str, int]]:
+    """Start `guard serve` as a subprocess; yield its {"grpc": port, "metrics": port}."""
+    config = tmp_path / "guard.yaml"
+    config.write_text(yaml.safe_dump(GUARD_CONFIG))
+    port_file = tmp_path / "ports.json"
+    log = (tmp_path / "guard.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "guard",
+            "serve",
+            "--config",
+            str(config),
+            "--upstream",
+            upstream,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--port-file",
+            str(port_file),
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_for_file(port_file, proc, "guard serve")
+        yield json.loads(port_file.read_text())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _test_rules(tmp_path: Path) -> Path:
+    """guard-rules.yaml with every `for:` shortened to 2s."""
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "guard-rules.yaml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = "2s"
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    return path
+
+
+@pytest.fixture
+def prometheus_url(guard_ports: dict[str, int], tmp_path: Path) -> Iterator[str]:
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus not found: install Debian's 'prometheus' package (make apt)"
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(_test_rules(tmp_path))],
+        "scrape_configs": [
+            {
+                "job_name": "guard",
+                "static_configs": [{"targets": [f"127.0.0.1:{guard_ports['metrics']}"]}],
+            }
+        ],
+    }
+    config_path = tmp_path / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = _free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("prometheus did not become ready")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        body = json.loads(resp.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+async def _query(base: str, expr: str) -> list[dict[str, Any]]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    data = await asyncio.to_thread(_get, url)
+    assert data["resultType"] == "vector", data
+    return list(data["result"])
+
+
+async def _firing(base: str) -> set[str]:
+    data = await asyncio.to_thread(_get, f"{base}/api/v1/alerts")
+    return {a["labels"]["alertname"] for a in data["alerts"] if a["state"] == "firing"}
+
+
+async def _send_traffic(stub: prediction_service_pb2_grpc.PredictionServiceStub) -> None:
+    for model in MODELS:
+        try:
+            await stub.Predict(predict_request(model), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            # broken: rejected (NaN under clamp); garbled: undecodable.
+            assert exc.code() == grpc.StatusCode.INTERNAL, (model, exc.details())
+            assert model in ("broken", "garbled"), (model, exc.details())
+
+
+def _dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads((DEPLOY / "grafana" / "guard-dashboard.json").read_text())
+    queries = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for var, value in SUBSTITUTIONS.items():
+                expr = expr.replace(var, value)
+            assert "$" not in expr, expr
+            queries.append((f"{panel['title']} [{target['refId']}]", expr))
+    return queries
+
+
+def _has_finite_value(result: list[dict[str, Any]]) -> bool:
+    return any(math.isfinite(float(sample["value"][1])) for sample in result)
+
+
+async def test_dashboard_queries_and_alerts_on_real_prometheus(
+    guard_ports: dict[str, int], prometheus_url: str
+) -> None:
+    queries = _dashboard_queries()
+    assert len(queries) >= 15
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{guard_ports['grpc']}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        missing: dict[str, str] = dict(queries)
+        firing: set[str] = set()
+        # Bounded: at most 240 rounds of traffic (each >= one scrape apart in practice).
+        for _ in range(240):
+            await _send_traffic(stub)
+            for title, expr in list(missing.items()):
+                if _has_finite_value(await _query(prometheus_url, expr)):
+                    del missing[title]
+            firing = await _firing(prometheus_url)
+            if not missing and VALUE_ALERTS <= firing:
+                break
+            await asyncio.sleep(0.5)
+        assert not missing, f"dashboard queries without data: {missing}"
+        assert VALUE_ALERTS <= firing, f"not firing: {VALUE_ALERTS - firing}"
+        assert "GuardUpstreamDown" not in firing
+
+    # The alerts carry the model that caused them.
+    alerts = await asyncio.to_thread(_get, f"{prometheus_url}/api/v1/alerts")
+    by_name: dict[str, set[str]] = {}
+    for alert in alerts["alerts"]:
+        by_name.setdefault(alert["labels"]["alertname"], set()).add(
+            alert["labels"].get("model", "")
+        )
+    assert "wide_deep" in by_name["GuardOutputOutOfRange"]
+    assert by_name["GuardOutputNaN"] == {"broken"}
+    assert "broken" in by_name["GuardRejectingResponses"]
+    assert by_name["GuardSoftmaxBroken"] == {"softmax"}
+
+
+def test_promtool_check_metrics(guard_ports: dict[str, int], promtool: str) -> None:
+    url = f"http://127.0.0.1:{guard_ports['metrics']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        exposition = resp.read()
+    assert b"guard_upstream_up" in exposition
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == b"" and result.stderr.strip() == b"", result
