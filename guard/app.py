@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -80,18 +81,43 @@ def _dev_backend(models: Sequence[str], max_message_mb: int) -> Iterator[str]:
                 child.kill()
 
 
+def _file_identity(path: Path) -> tuple[str, int, int, int] | None:
+    """What changes when the file does, including a Kubernetes ConfigMap update,
+    which swaps the ``..data`` symlink rather than writing the file."""
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError:
+        return None
+    return real, st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class _Reloader:
-    """Reloads the config file on SIGHUP; a bad file keeps the old rules."""
+    """Reloads the config file on SIGHUP or when the file changes; a bad file
+    keeps the old rules."""
 
     def __init__(self, server: GuardServer, path: Path | None) -> None:
         self._server = server
         self._path = path
+        self._identity = _file_identity(path) if path else None
+
+    async def watch(self, interval_s: float = 1.0) -> None:
+        """Poll the file (through symlinks) and reload when it changes."""
+        if self._path is None:
+            return
+        while True:
+            await asyncio.sleep(interval_s)
+            identity = _file_identity(self._path)
+            if identity is not None and identity != self._identity:
+                logger.info("config file %s changed", self._path)
+                self.reload()
 
     def reload(self) -> bool:
         """Load the file again and swap the rules in. Returns whether it worked."""
         if self._path is None:
             logger.warning("reload requested but the guard runs without a config file")
             return False
+        self._identity = _file_identity(self._path)
         try:
             new = load_config(self._path)
         except ConfigError as exc:
@@ -125,8 +151,10 @@ async def _serve(config: Config, config_path: Path | None, port_file: Path | Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    watcher = asyncio.create_task(reloader.watch(), name="guard-config-watch")
     try:
         await stop.wait()
+        watcher.cancel()
         logger.info(
             "stopping: refusing new calls, draining in-flight calls for up to %.1f s",
             config.shutdown_grace_s,

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from guard import wire
+from guard import tls, wire
 from guard.config import Config
 from guard.errors import GuardError
 from guard.metrics import GuardMetrics
@@ -109,8 +109,18 @@ class GuardServer:
         self.config = config
         self.metrics = metrics
         self._book = RuleBook(config)
-        factory = channel_factory or (lambda target, opts: grpc.aio.insecure_channel(target, opts))
-        self._channel = factory(config.upstream, channel_options(config))
+        options = channel_options(config)
+        if channel_factory is not None:
+            self._channel = channel_factory(config.upstream, options)
+        elif config.upstream_tls is not None:
+            if config.upstream_tls.server_name:
+                options.append(("grpc.ssl_target_name_override", config.upstream_tls.server_name))
+            creds = tls.channel_credentials(config.upstream_tls)
+            self._channel = grpc.aio.secure_channel(config.upstream, creds, options)
+        else:
+            self._channel = grpc.aio.insecure_channel(config.upstream, options)
+        if server_credentials is None and config.tls is not None:
+            server_credentials = tls.server_credentials(config.tls)
         self._server_credentials = server_credentials
         self._methods: dict[str, _MethodInfo] = {}
         self._health = health.aio.HealthServicer()
