@@ -76,6 +76,9 @@ def _add_serve(sub: Any) -> None:
     )
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
                    help="overrides 'log_level'")  # fmt: skip
+    p.add_argument("--workers", type=int, default=int(os.environ.get("GUARD_WORKERS", "1")),
+                   help="run N guard processes on one port (SO_REUSEPORT) with one aggregated "
+                        "/metrics endpoint (env GUARD_WORKERS; default 1)")  # fmt: skip
 
 
 def _add_check(sub: Any) -> None:
@@ -101,6 +104,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if "=" not in spec:
             raise ConfigError(f"--model {spec!r}: give NAME=BASE_PATH")
     config_path = Path(args.config) if args.config else None
+    if args.workers > 1:
+        if args.model:
+            raise ConfigError("--workers cannot be combined with --model (dev mode)")
+        from guard.workers import run_workers
+
+        argv = ["--config", args.config] if args.config else []
+        argv += ["--upstream", str(cfg.upstream), "--log-level", args.log_level or cfg.log_level]
+        return run_workers(cfg, argv, args.workers, args.port_file)
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: give a whole number >= 1")
     return run_serve(cfg, config_path, args.port_file, args.model)
 
 

@@ -1,0 +1,63 @@
+"""``guard serve --workers N``: one port, N processes, metrics that add up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from tests.conftest import FakeUpstream, predict_request, predict_response, scrape
+
+RULES = "models:\n  - name: m\n    outputs:\n      - {name: '*', on_violation: clamp}\n"
+
+
+async def test_two_workers_share_a_port_and_one_metrics_endpoint(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    upstream.reply("m", predict_response("m", {"p": np.array([[1.5], [0.5]], np.float32)}))
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(RULES)
+    port_file = tmp_path / "ports.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "guard", "serve", "--config", str(cfg), "--workers", "2",
+        "--upstream", upstream.address, "--listen", "127.0.0.1:0",
+        "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # bounded: two TF-free processes start well within this
+            if port_file.exists() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        ports = json.loads(port_file.read_text())
+        assert len(ports["workers"]) == 2
+        sent = 0
+        # Fresh connections, so SO_REUSEPORT spreads them over the workers.
+        for _ in range(16):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as ch:
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+                for _ in range(5):
+                    await stub.Predict(predict_request("m"), timeout=10)
+                    sent += 1
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in scrape(f"http://127.0.0.1:{ports['metrics']}/metrics")
+            for s in f.samples
+        }
+        ok = (("code", "OK"), ("method", "Predict"), ("model", "m"))
+        assert samples[("guard_requests_total", ok)] == sent
+        clamped = (("action", "clamped"), ("model", "m"), ("signature", "serving_default"),
+                   ("version", "1"))  # fmt: skip
+        assert samples[("guard_responses_total", clamped)] == sent
+        assert samples[("guard_upstream_up", ())] == 1
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
