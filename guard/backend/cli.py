@@ -34,6 +34,11 @@ def parse_model_args(values: list[str]) -> dict[str, Path]:
                 f"--model {value!r}: base path {base} is not a directory "
                 "(expected BASE_PATH/<version>/saved_model.pb)"
             )
+        if not any(child.is_dir() and child.name.isdigit() for child in base.iterdir()):
+            raise ModelArgumentError(
+                f"--model {value!r}: no version directory under {base} "
+                "(expected BASE_PATH/<version>/saved_model.pb, e.g. BASE_PATH/1/)"
+            )
         models[name] = base
     return models
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -118,10 +119,15 @@ def export(name: str, version_dir: Path) -> None:
     tf.saved_model.save(module, str(version_dir), signatures={"serving_default": signature})
 
 
+@functools.lru_cache(maxsize=32)
+def _load(version_dir: str, mtime_ns: int) -> Any:
+    return tf.saved_model.load(version_dir)
+
+
 def saved_model_predict(version_dir: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Load a SavedModel and run its serving_default signature in this process."""
-    loaded = tf.saved_model.load(str(version_dir))
-    fn = loaded.signatures["serving_default"]
+    """Run a SavedModel's serving_default signature in this process (loads are cached)."""
+    mtime_ns = (version_dir / "saved_model.pb").stat().st_mtime_ns
+    fn = _load(str(version_dir.resolve()), mtime_ns).signatures["serving_default"]
     result = fn(**{k: tf.constant(v) for k, v in inputs.items()})
     return {k: v.numpy() for k, v in result.items()}
 
