@@ -45,8 +45,8 @@ demo: $(STAMP)
 	$(VENV)/bin/guard demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check guard tests bench
-	$(VENV)/bin/ruff format --check guard tests bench
+	$(VENV)/bin/ruff check guard tests bench deploy
+	$(VENV)/bin/ruff format --check guard tests bench deploy
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

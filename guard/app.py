@@ -8,10 +8,7 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -56,29 +53,13 @@ def _summary(config: Config) -> str:
 @contextlib.contextmanager
 def _dev_backend(models: Sequence[str], max_message_mb: int) -> Iterator[str]:
     """Start ``guard backend`` as a child process and yield its address."""
-    with tempfile.TemporaryDirectory(prefix="guard-backend-") as tmp:
-        port_file = Path(tmp) / "port"
-        cmd = [sys.executable, "-m", "guard.backend", "--listen", "127.0.0.1:0"]
-        for spec in models:
-            cmd += ["--model", spec]
-        cmd += ["--port-file", str(port_file), "--max-message-mb", str(max_message_mb)]
-        logger.info("dev mode: starting the local backend: %s", " ".join(cmd[1:]))
-        child = subprocess.Popen(cmd)
-        try:
-            deadline = time.monotonic() + 120
-            while not port_file.exists():
-                if child.poll() is not None:
-                    raise RuntimeError(f"the local backend exited with code {child.returncode}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the local backend did not start within 120 s")
-                time.sleep(0.1)
-            yield f"127.0.0.1:{int(port_file.read_text().strip())}"
-        finally:
-            child.terminate()
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
+    from guard.backend import start_backend
+    from guard.backend.cli import parse_model_args
+
+    logger.info("dev mode: starting the local backend for %s", ", ".join(models))
+    with start_backend(parse_model_args(list(models)), max_message_mb=max_message_mb) as backend:
+        logger.info("dev mode: local backend serving on %s", backend.address)
+        yield backend.address
 
 
 def _file_identity(path: Path) -> tuple[str, int, int, int] | None:

@@ -100,9 +100,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cfg, listen=args.listen, upstream=args.upstream, metrics_listen=args.metrics_listen
     )
     configure_logging(args.log_level or cfg.log_level)
-    for spec in args.model:
-        if "=" not in spec:
-            raise ConfigError(f"--model {spec!r}: give NAME=BASE_PATH")
+    if args.model:
+        from guard.backend.cli import ModelArgumentError, parse_model_args
+
+        try:
+            parse_model_args(args.model)
+        except ModelArgumentError as exc:
+            raise ConfigError(str(exc)) from None
     config_path = Path(args.config) if args.config else None
     if args.workers > 1:
         if args.model:
