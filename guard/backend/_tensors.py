@@ -39,7 +39,8 @@ _PACKED_FIXED: dict[int, int] = {types_pb2.DT_FLOAT: 5, types_pb2.DT_DOUBLE: 6}
 def dtype_name(dtype: int) -> str:
     """TensorFlow's DataTypeString spelling: ``float``, ``int64``, ``string``, ..."""
     try:
-        return types_pb2.DataType.Name(dtype).removeprefix("DT_").lower()
+        name: str = types_pb2.DataType.Name(dtype)
+        return name.removeprefix("DT_").lower()
     except ValueError:
         return f"unknown dtype enum {dtype}"
 
@@ -91,7 +92,7 @@ def to_tensor_proto(
     if dtype in (types_pb2.DT_HALF, types_pb2.DT_BFLOAT16):
         values = flat.view(np.uint16).astype(np.int32)
     elif dtype in (types_pb2.DT_COMPLEX64, types_pb2.DT_COMPLEX128):
-        values = flat.view(as_type)
+        values = flat.view(as_type)  # type: ignore[arg-type]
     else:
         values = flat.astype(as_type, copy=False)
     getattr(proto, field).extend(values.tolist())

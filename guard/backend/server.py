@@ -424,7 +424,7 @@ def _unimplemented(method: str, hint: str) -> str:
     )
 
 
-class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):  # type: ignore[misc]
     """tensorflow.serving.PredictionService."""
 
     def __init__(self, predictor: Predictor, runner: _Runner) -> None:
@@ -460,7 +460,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         )
 
 
-class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):  # type: ignore[misc]
     """tensorflow.serving.ModelService."""
 
     def __init__(self, predictor: Predictor, runner: _Runner) -> None:

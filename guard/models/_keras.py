@@ -90,7 +90,7 @@ def keras_predict(model: tf_keras.Model, name: str, inputs: dict[str, np.ndarray
     return np.asarray(model.predict(arg, verbose=0))
 
 
-class _Export(tf.Module):
+class _Export(tf.Module):  # type: ignore[misc]
     """Holds only the variables and the serving function.
 
     Saving the Keras object itself would also trace every layer's Keras-specific

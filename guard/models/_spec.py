@@ -215,7 +215,8 @@ def _solve_last_layer(features: np.ndarray, logits: np.ndarray) -> tuple[np.ndar
 
 
 def _relu(x: np.ndarray) -> np.ndarray:
-    return np.maximum(x, 0.0)
+    out: np.ndarray = np.maximum(x, 0.0)
+    return out
 
 
 def _conv1d_same(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -224,8 +225,8 @@ def _conv1d_same(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndar
     before = (k - 1) // 2
     padded = np.pad(x, ((0, 0), (before, k - 1 - before), (0, 0)))
     steps = x.shape[1]
-    out = sum(padded[:, i : i + steps, :] @ kernel[i] for i in range(k))
-    return out + bias
+    out: np.ndarray = sum(padded[:, i : i + steps, :] @ kernel[i] for i in range(k)) + bias
+    return out
 
 
 def _conv2d_same(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -234,13 +235,17 @@ def _conv2d_same(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndar
     p = k // 2
     padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
     h, w = x.shape[1], x.shape[2]
-    out = sum(padded[:, i : i + h, j : j + w, :] @ kernel[i, j] for i in range(k) for j in range(k))
-    return out + bias
+    out: np.ndarray = (
+        sum(padded[:, i : i + h, j : j + w, :] @ kernel[i, j] for i in range(k) for j in range(k))
+        + bias
+    )
+    return out
 
 
 def _maxpool2(x: np.ndarray) -> np.ndarray:
     n, h, w, c = x.shape
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    out: np.ndarray = x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return out
 
 
 def wide_deep_weights() -> dict[str, list[np.ndarray]]:
