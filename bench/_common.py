@@ -28,13 +28,15 @@ def write_port_file(path: str | os.PathLike[str], ports: dict[str, int]) -> None
 
 
 def read_port_file(path: str | os.PathLike[str]) -> dict[str, int] | None:
-    """Return the ports in ``path``, or None while it does not exist yet."""
+    """Return the ports in ``path`` (JSON object or bare number), or None until written."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
     except json.JSONDecodeError:
         return None
+    if isinstance(data, int):  # a bare port number (guard.backend's port file)
+        return {"grpc": data}
     return {str(k): int(v) for k, v in data.items()}
 
 

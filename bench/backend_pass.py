@@ -89,7 +89,7 @@ def _guard_config(workdir: Path, output: str, classes: int) -> Path:
     config = workdir / "backend-guard.yaml"
     config.write_text(
         f"models:\n  - name: {MODEL}\n    outputs:\n      - name: {output}\n"
-        "        check_sum: true\n        on_violation: clamp\n        argmax: true\n"
+        "        check_sum: true\n        on_violation: observe\n        argmax: true\n"
         f"        top_k: 5\n        labels_file: {labels.name}\n"
     )
     return config
@@ -149,7 +149,7 @@ def run(workdir: Path, settings: Any, quick: bool = False) -> dict[str, Any]:
         "description": (
             f"`python -m guard.backend` serving the seed model `{MODEL}` (a real SavedModel; "
             f"output `{output}`, {classes} classes), batch 8, one round. The guard applies "
-            "the same rules (check_sum, clamp, argmax, top_k 5, labels)."
+            "the same rules (check_sum, argmax, top_k 5, labels)."
         ),
         "paths": names,
         "rounds": rounds,

@@ -168,6 +168,16 @@ PATHS: dict[str, Starter] = {
     "passthrough-uvloop": _passthrough("--uvloop", name="passthrough-uvloop"),
     "passthrough-sync": _passthrough("--sync", name="passthrough-sync"),
     "passthrough-notrailers": _passthrough("--no-trailers", name="passthrough-notrailers"),
+    "passthrough-nobdp": _passthrough(
+        "--server-option=grpc.http2.bdp_probe=0",
+        "--channel-option=grpc.http2.bdp_probe=0",
+        name="passthrough-nobdp",
+    ),
+    "passthrough-throughput": _passthrough(
+        "--server-option=grpc.optimization_target=throughput",
+        "--channel-option=grpc.optimization_target=throughput",
+        name="passthrough-throughput",
+    ),
 }
 
 DEFAULT_PATHS = ("direct", "nginx", "passthrough", "guard")

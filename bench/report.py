@@ -13,6 +13,8 @@ LABELS = {
     "passthrough-uvloop": "passthrough on uvloop",
     "passthrough-sync": "passthrough, sync server",
     "passthrough-notrailers": "passthrough, no trailer forwarding",
+    "passthrough-nobdp": "passthrough, grpc.http2.bdp_probe=0",
+    "passthrough-throughput": "passthrough, optimization_target=throughput",
 }
 
 
@@ -27,7 +29,19 @@ def fmt(stat: dict[str, float] | None, digits: int = 2, scale: float = 1.0) -> s
 
 
 def _median(stat: dict[str, float] | None) -> float | None:
-    return stat["median"] if stat else None
+    if not stat:
+        return None
+    return stat.get("of_medians", stat["median"])
+
+
+def fmt_ratio(stat: dict[str, float] | None) -> str:
+    """A ratio of medians, with the range of the per-round paired ratios."""
+    if not stat:
+        return "–"
+    value = _median(stat)
+    if stat.get("n", 1) == 1:
+        return f"{value:.2f}×"
+    return f"{value:.2f}× (rounds {stat['min']:.2f}–{stat['max']:.2f})"
 
 
 def _verdict(value: float | None, limit: float, higher_is_better: bool = False) -> str:
@@ -48,7 +62,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("guard_vs_passthrough_cpu_c16", "CPU/request ≤ 1.25× passthrough's (c=16)", 1.25),
         ("guard_vs_passthrough_cpu_c64", "CPU/request ≤ 1.25× passthrough's (c=64)", 1.25),
     ):
-        rows.append((text, fmt(r.get(key)) + "×", _verdict(_median(r.get(key)), limit)))
+        rows.append((text, fmt_ratio(r.get(key)), _verdict(_median(r.get(key)), limit)))
     for key, text, limit, scale, unit in (
         ("rss_idle_mb", "RSS idle ≤ 64 MB", 64, 1.0, " MiB"),
         ("rss_load_mb", "RSS under load ≤ 128 MB", 128, 1.0, " MiB"),
@@ -161,20 +175,24 @@ def render(results: dict[str, Any], json_path: Path | None = None) -> str:
         "sampled for the proxy's CPU and RSS.\n"
         "- nginx runs as one process (`master_process off`, 1 worker) with keepalive limits "
         "raised, so like the Python paths it is one process on one core.\n"
-        "- The guard runs `python -m guard serve` with the config below (check_sum, clamp, "
-        "argmax, top_k 5, labels for all 201 classes), so every response is decoded, "
-        "checked, and re-encoded with 7 derived outputs.\n"
+        "- The guard runs `python -m guard serve` with the config below: the softmax_201 "
+        "rules of `examples/guard.yaml` (check_sum, argmax, top_k 5, labels for all 201 "
+        "classes), so every response is decoded, checked, and re-encoded with 6 derived "
+        "outputs.\n"
         f"- The machine has {m['cores']} cores shared by the load generator, the upstream, the "
         "proxy (and, on the development box, other jobs): throughput is bounded by the "
         "upstream and the client as much as by the proxy, and absolute figures are noisy. "
         "CPU per request of the proxy process and the ratios are the robust figures."
     )
     out.append("\n## Issue 5 targets\n")
-    out.append(_table(["target", "measured (median (min–max))", "verdict"],
+    out.append(_table(["target", "measured", "verdict"],
                       [list(row) for row in targets(results)]))  # fmt: skip
     out.append("\n## Ratios\n")
-    out.append("Paired per round, then median (min–max). Latency ratios compare *added* latency.\n")
-    ratio_rows = [[k.replace("_", " "), fmt(v) + "×"] for k, v in results["ratios"].items()]
+    out.append(
+        "Ratio of the medians across rounds; in brackets the range of the ratio paired "
+        "within each round. Latency ratios compare *added* latency (path minus direct).\n"
+    )
+    ratio_rows = [[k.replace("_", " "), fmt_ratio(v)] for k, v in results["ratios"].items()]
     out.append(_table(["ratio", "value"], ratio_rows))
     out.append("\n## Paths against the canned upstream\n")
     out += _paths_section(results)
@@ -210,6 +228,9 @@ def render(results: dict[str, Any], json_path: Path | None = None) -> str:
         else:
             out.append(backend["description"] + "\n")
             out += _paths_section(backend, " (real backend)")
+    findings = Path(__file__).with_name("findings.md")
+    if findings.exists():
+        out.append("\n" + findings.read_text().rstrip())
     guard_config = results.get("guard_config")
     if guard_config:
         out.append("\n## Guard config used\n")
@@ -234,7 +255,7 @@ def headline(results: dict[str, Any]) -> str:
             f"{fmt(p.get('cpu_ms_per_req_c16'), 3):>24} ms"
         )
     for k, v in results.get("ratios", {}).items():
-        lines.append(f"{k:36} {fmt(v)}")
+        lines.append(f"{k:36} {fmt_ratio(v)}")
     for row in targets(results):
         lines.append(" | ".join(row))
     return "\n".join(lines)
