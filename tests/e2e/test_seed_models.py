@@ -12,6 +12,7 @@ import pytest
 from tensorflow_serving.apis import predict_pb2
 
 from guard.models import BINARY_MLP, MODELS, SOFTMAX_201, WIDE_DEEP
+from tests.conftest import scrape
 
 from ._support import (
     BATCHES,
@@ -55,6 +56,19 @@ def _counters(guard: GuardProcess, model: str, output: str) -> dict[str, float]:
     return counters
 
 
+def _histogram(guard: GuardProcess, model: str, output: str) -> dict[float, float]:
+    """``guard_output_value``'s cumulative bucket counts by upper bound."""
+    series = {"model": model, "signature": "serving_default", "output": output}
+    buckets: dict[float, float] = {}
+    for family in scrape(guard.metrics_url):
+        for s in family.samples:
+            if s.name == "guard_output_value_bucket" and all(
+                s.labels.get(k) == v for k, v in series.items()
+            ):
+                buckets[float(s.labels["le"])] = float(s.value)
+    return buckets
+
+
 def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: after[k] - before[k] for k in before if after[k] != before[k]}
 
@@ -79,8 +93,10 @@ def test_wide_deep_observe_counts_exactly_the_models_values_above_one(
 
     request = predict_request(WIDE_DEEP, inputs)
     before = _counters(g, WIDE_DEEP, "output_1")
+    hist_before = _histogram(g, WIDE_DEEP, "output_1")
     body, trailers = raw_call(g.channel, PREDICT, request)
     after = _counters(g, WIDE_DEEP, "output_1")
+    hist_after = _histogram(g, WIDE_DEEP, "output_1")
     direct, _ = raw_call(backend_channel, PREDICT, request)
 
     assert body == direct, "observe must return the upstream's bytes unchanged"
@@ -89,6 +105,12 @@ def test_wide_deep_observe_counts_exactly_the_models_values_above_one(
     assert trailers["x-guard-action"] == "observed"
     assert trailers["x-guard-violations"] == str(above)
     assert _delta(before, after) == {"above_max": above, "values": served.size, "observed": 1}
+    # The histogram resolves the region above 1: what lies above the 1.0 bucket.
+    observed = {le: hist_after[le] - hist_before.get(le, 0.0) for le in hist_after}
+    assert observed[float("inf")] == served.size
+    assert observed[float("inf")] - observed[1.0] == above
+    for le, count in observed.items():
+        assert count == np.count_nonzero(served.astype(np.float64) <= le), f"bucket le={le}"
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -242,10 +264,12 @@ def test_softmax_201_argmax_top_k_and_labels_match_numpy(
     assert names.size == 201
     assert tuple(names) == MODELS[SOFTMAX_201].labels
     before = _counters(g, SOFTMAX_201, "probabilities")
+    hist_before = _histogram(g, SOFTMAX_201, "probabilities")
 
     response, trailers = predict(g.channel, predict_request(SOFTMAX_201, inputs))
 
     after = _counters(g, SOFTMAX_201, "probabilities")
+    hist_after = _histogram(g, SOFTMAX_201, "probabilities")
     out = arrays(response)
     assert set(out) == {
         "probabilities",
@@ -277,3 +301,8 @@ def test_softmax_201_argmax_top_k_and_labels_match_numpy(
     assert trailers["x-guard-action"] == "clean"
     assert trailers["x-guard-violations"] == "0"
     assert _delta(before, after) == {"values": served.size, "clean": 1}
+    # A multi-class output puts each row's top probability (its confidence) in the histogram.
+    confidence = served.max(axis=-1)
+    for le, count in hist_after.items():
+        observed = count - hist_before.get(le, 0.0)
+        assert observed == np.count_nonzero(confidence.astype(np.float64) <= le), f"bucket le={le}"
