@@ -16,6 +16,7 @@ from .conftest import RPC_TIMEOUT_S
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 GET_MODEL_METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
+GET_MODEL_STATUS = "/tensorflow.serving.ModelService/GetModelStatus"
 
 BATCHES = ("demo", "random64", "random257")
 """Input batches per model: the fixed demo rows, then two random batches."""
