@@ -492,3 +492,21 @@ def test_unknown_model_is_labelled_other() -> None:
         if s.labels.get("model", "__other__") != "__other__"
     ]
     assert samples == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: guard/pipeline.py typed_fallback parses the whole body with "
+    "TypedPredictResponse.FromString; a malformed packed field anywhere in it raises "
+    "google.protobuf.message.DecodeError, not guard.errors.DecodeError",
+)
+def test_unpacked_values_next_to_a_malformed_packed_field_are_a_decode_error() -> None:
+    t = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT)
+    t.tensor_shape.dim.add(size=1)
+    # float_val 0.5 sent unpacked, then int64_val (field 10) holding a truncated varint.
+    bad = t.SerializeToString() + b"\x2d" + np.float32(0.5).tobytes() + b"\x52\x02\x01\x80"
+    entry = b"\x0a\x01p" + b"\x12" + bytes([len(bad)]) + bad
+    body = b"\x0a" + bytes([len(entry)]) + entry
+    guard = Guard(wide_deep({"name": "*"}))
+    with pytest.raises(DecodeError):
+        guard(body, wire.ModelSpecInfo("wide_deep", "", None))
