@@ -189,9 +189,11 @@ def backends(seed_models: dict[str, Path]) -> Iterator[BackendFactory]:
 
     yield get
     pool.shutdown(wait=True)
-    for future in futures.values():
-        if future.exception() is None:
-            future.result().stop()
+    started = [f.result() for f in futures.values() if f.exception() is None]
+    for backend in started:  # signal all first, so they shut down in parallel
+        backend.process.terminate()
+    for backend in started:
+        backend.stop()
 
 
 @pytest.fixture(scope="session")
@@ -221,6 +223,8 @@ def guards(
         return running[(encoding, scenario)]
 
     yield get
+    for guard in running.values():  # signal all first, so they shut down in parallel
+        guard.process.terminate()
     for guard in running.values():
         guard.stop()
 

@@ -9,9 +9,10 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 import pytest
+import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-from guard.models import BINARY_MLP, MODELS, SOFTMAX_201, WIDE_DEEP
+from guard.models import BINARY_MLP, MODELS, SOFTMAX_201, WIDE_DEEP, random_inputs
 from tests.conftest import scrape
 
 from ._support import (
@@ -306,3 +307,22 @@ def test_softmax_201_argmax_top_k_and_labels_match_numpy(
     for le, count in hist_after.items():
         observed = count - hist_before.get(le, 0.0)
         assert observed == np.count_nonzero(confidence.astype(np.float64) <= le), f"bucket le={le}"
+
+
+def test_softmax_201_batch_larger_than_grpcs_default_message_limit(
+    guard: Guard, backend_channel: grpc.Channel
+) -> None:
+    # 5300 rows: a 5.4 MB request and a 4.3 MB response, both over gRPC's 4 MiB default.
+    inputs = random_inputs(SOFTMAX_201, 5300, seed=3)
+    request = predict_request(SOFTMAX_201, inputs)
+    assert request.ByteSize() > 4 * 1024 * 1024
+
+    guarded, trailers = predict(guard("examples").channel, request)
+    direct, _ = predict(backend_channel, request)
+
+    assert direct.ByteSize() > 4 * 1024 * 1024
+    served = tf.make_ndarray(direct.outputs["probabilities"])
+    out = arrays(guarded)
+    np.testing.assert_array_equal(out["probabilities"], served)
+    np.testing.assert_array_equal(out["probabilities_class"], np.argmax(served, axis=-1))
+    assert trailers["x-guard-action"] == "clean"
