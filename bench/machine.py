@@ -48,4 +48,5 @@ def describe() -> dict[str, str | int]:
         "uvloop": _dist("uvloop"),
         "nginx": _version_of(["nginx", "-v"]).replace("nginx version: ", ""),
         "h2load": _version_of(["h2load", "--version"]),
+        "loadavg_1m_at_start": f"{os.getloadavg()[0]:.1f}",
     }

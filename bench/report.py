@@ -152,9 +152,11 @@ def render(results: dict[str, Any], json_path: Path | None = None) -> str:
     )
     out.append("")
     out.append(_table(
-        ["cpu", "cores", "kernel", "python", "grpcio", "protobuf", "numpy", "nginx", "h2load"],
+        ["cpu", "cores", "kernel", "python", "grpcio", "protobuf", "numpy", "nginx", "h2load",
+         "load avg start/end"],
         [[str(m[k]) for k in ("cpu", "cores", "kernel", "python", "grpcio", "protobuf", "numpy",
-                              "nginx", "h2load")]],
+                              "nginx", "h2load")]
+         + [f"{m.get('loadavg_1m_at_start', '?')}/{m.get('loadavg_1m_at_end', '?')}"]],
     ))  # fmt: skip
     out.append("")
     out.append("## Method\n")
@@ -180,7 +182,8 @@ def render(results: dict[str, Any], json_path: Path | None = None) -> str:
         "classes), so every response is decoded, checked, and re-encoded with 6 derived "
         "outputs.\n"
         f"- The machine has {m['cores']} cores shared by the load generator, the upstream, the "
-        "proxy (and, on the development box, other jobs): throughput is bounded by the "
+        "proxy and, on the development box, other jobs (see the load average above): "
+        "throughput is bounded by the "
         "upstream and the client as much as by the proxy, and absolute figures are noisy. "
         "CPU per request of the proxy process and the ratios are the robust figures."
     )

@@ -17,6 +17,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -362,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
             results["backend"] = backend_pass.run(workdir, settings, quick=args.quick)
     results["elapsed_s"] = time.perf_counter() - started
+    results["machine"]["loadavg_1m_at_end"] = f"{os.getloadavg()[0]:.1f}"
 
     out = args.out or RESULTS_DIR / f"{now.strftime('%Y-%m-%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
