@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -216,10 +215,16 @@ def guards(
             upstream = backends(encoding).address
             spawned = {}
             for name, config in configs.items():
-                workdir = Path(tempfile.mkdtemp(prefix=f"guard-e2e-{encoding}-{name}-"))
+                workdir = tmp_path_factory.mktemp(f"guard-{encoding}-{name}")
                 spawned[name] = (*_spawn_guard(config, upstream, workdir), workdir)
-            for name, (process, log_path, workdir) in spawned.items():
-                running[(encoding, name)] = _wait_for_guard(process, workdir, log_path)
+            try:
+                for name, (process, log_path, workdir) in spawned.items():
+                    running[(encoding, name)] = _wait_for_guard(process, workdir, log_path)
+            finally:
+                for name, (process, _, _) in spawned.items():
+                    if (encoding, name) not in running and process.poll() is None:
+                        process.kill()
+                        process.wait()
         return running[(encoding, scenario)]
 
     yield get
