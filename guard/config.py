@@ -425,6 +425,12 @@ def _parse_output(
         else:
             labels = _read_labels_file(errs, where, data["labels_file"], base_dir)
 
+    if check_sum and policy == "clamp" and (valid_range[0] != 0.0 or valid_range[1] < 1.0):
+        errs.add(
+            where,
+            "field 'valid_range': check_sum with on_violation: clamp renormalises rows into "
+            f"[0, 1], which needs valid_range [0, max] with max >= 1, got {list(valid_range)}",
+        )
     if threshold is not None and argmax:
         errs.add(
             where,

@@ -137,7 +137,9 @@ def guard_predict_response(
         return None
     version = str(spec.version) if spec and spec.version is not None else ""
     model_label = metrics.model_label(model)
-    limit = book.config.max_message_bytes
+    # One budget for the whole response: TF's fill convention lets a few bytes
+    # declare a huge tensor, and many outputs must not add up past the limit.
+    budget = book.config.max_message_bytes
 
     typed_view: list[Any] = []
 
@@ -158,7 +160,7 @@ def guard_predict_response(
             continue
         tensor = view.outputs[name]
         try:
-            decoded = wire.decode_tensor(tensor, limit, functools.partial(typed_fallback, name))
+            decoded = wire.decode_tensor(tensor, budget, functools.partial(typed_fallback, name))
         except DecodeError as exc:
             metrics.decode_errors.labels(model_label).inc()
             raise DecodeError(
@@ -168,6 +170,7 @@ def guard_predict_response(
         if decoded is None:
             continue  # not floating point: left untouched
         values, encoding = decoded
+        budget -= values.nbytes
         result = apply_rule(values, compiled.rule, compiled.labels, model, name)
         metrics.record_output(model_label, version, signature, name, result, compiled.labels)
         violations += result.counts.total

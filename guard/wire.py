@@ -220,6 +220,22 @@ def encode_varints(values: np.ndarray[Any, Any]) -> bytes:
     v = np.ascontiguousarray(values).astype(np.int64, copy=False).view(np.uint64).ravel()
     if v.size == 0:
         return b""
+    top = int(v.max())
+    if top < 0x80:
+        # Class indices and 0/1 flags: one byte each, the common case by far.
+        return v.astype(np.uint8).tobytes()
+    if top < 0x4000:
+        small = v < 0x80
+        lo = (v & np.uint64(0x7F)).astype(np.uint8)
+        hi = (v >> np.uint64(7)).astype(np.uint8)
+        if small.all():  # pragma: no cover - covered by the branch above
+            return lo.tobytes()
+        pairs = np.empty((v.size, 2), dtype=np.uint8)
+        pairs[:, 0] = lo | np.where(small, 0, 0x80).astype(np.uint8)
+        pairs[:, 1] = hi
+        keep = np.ones((v.size, 2), dtype=bool)
+        keep[:, 1] = ~small
+        return pairs[keep].tobytes()
     nbytes = np.ones(v.size, dtype=np.int64)
     rest = v >> np.uint64(7)
     while rest.any():
@@ -238,7 +254,12 @@ def encode_varints(values: np.ndarray[Any, Any]) -> bytes:
 # ---------------------------------------------------------------------- tensors
 
 
+_MAX_RANK = 32  # numpy handles 64; no real model output comes near either
+
+
 def _numel(shape: Sequence[int], itemsize: int, limit_bytes: int) -> int:
+    if len(shape) > _MAX_RANK:
+        raise DecodeError(f"tensor has rank {len(shape)}; the guard handles up to {_MAX_RANK}")
     n = 1
     for d in shape:
         if d < 0:
@@ -300,11 +321,16 @@ def decode_tensor(
             raise DecodeError(f"{dt.field} has {len(data)} bytes, not a whole number of values")
         flat = np.frombuffer(data, dtype=dt.numpy)
     if _has_unpacked(tensor, dt.number):
-        typed = (
-            typed_fallback()
-            if typed_fallback is not None
-            else _TypedTensor.FromString(tensor.SerializeToString())
-        )
+        try:
+            typed = (
+                typed_fallback()
+                if typed_fallback is not None
+                else _TypedTensor.FromString(tensor.SerializeToString())
+            )
+        except pb_message.DecodeError as exc:
+            raise DecodeError(
+                f"{dt.field} sent unpacked, and the tensor is malformed: {exc}"
+            ) from None
         flat = _typed_values(typed, dt)
     n = flat.size
     if n == numel:

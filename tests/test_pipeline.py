@@ -494,12 +494,6 @@ def test_unknown_model_is_labelled_other() -> None:
     assert samples == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: guard/pipeline.py typed_fallback parses the whole body with "
-    "TypedPredictResponse.FromString; a malformed packed field anywhere in it raises "
-    "google.protobuf.message.DecodeError, not guard.errors.DecodeError",
-)
 def test_unpacked_values_next_to_a_malformed_packed_field_are_a_decode_error() -> None:
     t = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT)
     t.tensor_shape.dim.add(size=1)

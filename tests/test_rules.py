@@ -293,11 +293,6 @@ def test_one_value_per_row_shapes(shape: tuple[int, ...]) -> None:
     assert np.all(a["_class"] == 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: guard/rules.py _labels_for returns a bare bytes for a rank-0 output "
-    "(labels[0-d index] is a scalar), set_tensor then raises AttributeError",
-)
 @pytest.mark.parametrize("rule", [{"threshold": 0.5}, {"argmax": True, "labels": ("only",)}])
 def test_scalar_output_labels_are_arrays(rule: dict[str, Any]) -> None:
     labels = rule.pop("labels", ("NO", "YES"))
@@ -307,11 +302,6 @@ def test_scalar_output_labels_are_arrays(rule: dict[str, Any]) -> None:
         assert d.array.shape == ()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: guard/rules.py _rows reshape(-1, 0) raises ValueError for a zero-width "
-    "class axis (shape [n, 0]) under softmax, check_sum or argmax",
-)
 @pytest.mark.parametrize("rule", [{"activation": "softmax"}, {"check_sum": True}, {"argmax": True}])
 def test_zero_width_class_axis_is_not_a_crash(rule: dict[str, Any]) -> None:
     try:
@@ -320,22 +310,12 @@ def test_zero_width_class_axis_is_not_a_crash(rule: dict[str, Any]) -> None:
         pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: guard/rules.py _clamp np.clip with bounds outside float16's range: "
-    "the bounds overflow to ±inf, so ±Inf is not clipped (and numpy warns)",
-)
 def test_clamp_float16_with_bounds_beyond_half_range() -> None:
     x = np.array([np.inf, -np.inf, 1.0], dtype=np.float16)
     result = run(x, valid_range=(-1e5, 1e5), on_violation="clamp")
     assert np.isfinite(result.values).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: guard/rules.py _clamp renormalises a row holding +Inf when the range "
-    "is [0, inf]: inf/inf gives NaN in a 'clamped' output",
-)
 def test_clamp_with_open_upper_bound_and_check_sum_gives_no_nan() -> None:
     x = np.array([[np.inf, 0.5]], dtype=np.float32)
     result = run(x, valid_range=(0.0, float("inf")), check_sum=True, on_violation="clamp")
@@ -529,11 +509,6 @@ def test_top_k_matches_stable_argsort_without_ties(values: np.ndarray[Any, Any],
     np.testing.assert_array_equal(d["_class"], np.argmax(values, axis=-1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: guard/rules.py _top_k uses argpartition, which picks an arbitrary member "
-    "of a tie at the k-th place; the comment promises the lower index (np.argmax's choice)",
-)
 def test_ties_go_to_the_lower_index_as_documented() -> None:
     x = np.array([[-1.0, -1.0, 0.0, 0.0]], dtype=np.float32)
     d = derived(run(x, argmax=True, top_k=2, valid_range=(-1.0, 1.0)))
@@ -541,21 +516,11 @@ def test_ties_go_to_the_lower_index_as_documented() -> None:
     np.testing.assert_array_equal(d["_class"], [2])  # np.argmax / tf.argmax give 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: guard/rules.py apply_rule: a per-class threshold list on a rank-0 output "
-    "broadcasts the class tensor to shape [1] instead of []",
-)
 def test_threshold_list_on_scalar_keeps_the_shape() -> None:
     d = derived(run(np.array(0.7, np.float32), threshold=(0.5,)))
     assert d["_class"].shape == ()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: guard/rules.py _clamp: np.clip on a rank-0 array returns a numpy scalar, "
-    "so _rows(out) is a copy and the renormalisation of a bad row is lost",
-)
 def test_clamp_renormalises_a_rank_zero_output() -> None:
     result = run(np.array(0.0, np.float32), check_sum=True, on_violation="clamp")
     assert result.action == "clamped"

@@ -495,21 +495,12 @@ def test_truncated_response_is_a_decode_error() -> None:
                 pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: guard/wire.py decode_tensor reshapes to rank > 64, numpy raises ValueError",
-)
 def test_rank_above_numpy_limit_is_a_decode_error() -> None:
     view = view_of(raw_tensor(types_pb2.DT_FLOAT, [1] * 65, length_delimited(5, b"\x00" * 4)))
     with pytest.raises(DecodeError):
         wire.decode_tensor(view, LIMIT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: guard/wire.py typed fallback re-parse raises google.protobuf DecodeError "
-    "when another packed field of the tensor is malformed",
-)
 def test_unpacked_float_next_to_malformed_int64_val_is_a_decode_error() -> None:
     data = raw_tensor(types_pb2.DT_FLOAT, [1], key(5, 5) + struct.pack("<f", 0.5))
     data += length_delimited(10, b"\x01\x80")  # int64_val with a truncated varint
@@ -681,12 +672,6 @@ def mutated_responses() -> st.SearchStrategy[bytes]:
     return build()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bugs: guard/rules.py _rows raises ValueError for a [n, 0] output; "
-    "guard/rules.py _labels_for gives a bare bytes for a rank-0 output, which "
-    "guard/pipeline.py hands to set_tensor (AttributeError)",
-)
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(st.one_of(st.binary(max_size=300), mutated_responses()))
 def test_fuzz_target_survives_generated_inputs(data: bytes) -> None:
