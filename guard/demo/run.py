@@ -97,9 +97,11 @@ def _fmt(v: float) -> str:
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
-    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join([line, "  ".join("-" * w for w in widths), *body])
+
+    def join(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join([join(header), join(["-" * w for w in widths]), *map(join, rows)])
 
 
 def _input_summary(inputs: dict[str, np.ndarray], row: int) -> str:
@@ -190,12 +192,13 @@ def _counters(metrics_url: str) -> str:
 
 def run_demo(config: Path, models_dir: Path, tensor_content: bool = False) -> int:
     """Run the demo; returns the exit code."""
-    import grpc
-    import tensorflow as tf
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
-
     timer = _Timer()
     print(f"guard demo: config {config}")
+    with timer.phase("client TF import"):
+        import grpc
+        import tensorflow as tf
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
     with timer.phase("model build"):
         paths = build_models(models_dir)
     with tempfile.TemporaryDirectory(prefix="guard-demo-") as tmp:
