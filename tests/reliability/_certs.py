@@ -1,0 +1,120 @@
+"""Test-time PKI: a CA, and server/client certificates it signs (``cryptography``)."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+@dataclass
+class Issued:
+    """A certificate and its key, as PEM, with the serial to recognise it by."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    serial: int
+
+    def write(self, directory: Path, name: str) -> tuple[Path, Path]:
+        """Write ``name.crt`` and ``name.key`` (each replaced atomically)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        out = []
+        for suffix, data in (("crt", self.cert_pem), ("key", self.key_pem)):
+            path = directory / f"{name}.{suffix}"
+            tmp = directory / f".{name}.{suffix}.{os.urandom(4).hex()}"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            out.append(path)
+        return out[0], out[1]
+
+
+class CA:
+    """A self-signed certificate authority."""
+
+    def __init__(self, name: str = "guard test CA") -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )  # fmt: skip
+            .sign(self.key, hashes.SHA256())
+        )
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def write(self, directory: Path, name: str = "ca") -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{name}.crt"
+        path.write_bytes(self.pem)
+        return path
+
+    def issue(self, common_name: str, *, server: bool) -> Issued:
+        """A leaf certificate; server ones name ``localhost`` and ``127.0.0.1``."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        serial = x509.random_serial_number()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        cert = builder.sign(self.key, hashes.SHA256())
+        return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key), serial)
+
+
+def serial_of(der: bytes) -> int:
+    """The serial number of a DER certificate (as ``ssl`` hands it over)."""
+    return int(x509.load_der_x509_certificate(der).serial_number)

@@ -1,0 +1,178 @@
+"""Transport security: TLS/mTLS on both sides, certificate reload, and a
+metrics port bound to loopback (issue 6, section 5)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+from tests.conftest import GuardFactory, predict_request, predict_response
+from tests.reliability._certs import CA, serial_of
+from tests.reliability._support import Upstream, guard_process, start_upstream
+
+VALUES = np.array([[0.2], [1.3]], dtype=np.float32)
+RULES = {"models": [{"name": "m", "outputs": [{"name": "*", "on_violation": "clamp"}]}]}
+
+
+@pytest.fixture
+async def plain_upstream() -> Upstream:
+    up = await start_upstream(Upstream())
+    up.reply("m", predict_response("m", {"y": VALUES}))
+    yield up  # type: ignore[misc]
+    assert up.server is not None
+    await up.server.stop(0)
+
+
+async def _predict(address: str, creds: grpc.ChannelCredentials | None) -> str:
+    """One Predict over a fresh channel; the status code name."""
+    channel = (
+        grpc.aio.secure_channel(address, creds)
+        if creds is not None
+        else grpc.aio.insecure_channel(address)
+    )
+    try:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        resp = await stub.Predict(predict_request("m"), timeout=5)
+        assert list(resp.outputs["y"].float_val) == [pytest.approx(0.2), 1.0]  # guarded
+        return "OK"
+    except grpc.aio.AioRpcError as exc:
+        return str(exc.code().name)
+    finally:
+        await channel.close()
+
+
+async def test_tls_listening_side(
+    make_guard: GuardFactory, plain_upstream: Upstream, tmp_path: Path
+) -> None:
+    ca = CA()
+    cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
+    guard = await make_guard(
+        RULES, upstream=plain_upstream.address, tls={"cert_file": str(cert), "key_file": str(key)}
+    )
+    assert await _predict(guard.address, grpc.ssl_channel_credentials(ca.pem)) == "OK"
+    assert await _predict(guard.address, None) == "UNAVAILABLE"  # plaintext is refused
+    other = CA("someone else")
+    assert await _predict(guard.address, grpc.ssl_channel_credentials(other.pem)) == "UNAVAILABLE"
+
+
+async def test_mtls_listening_side_requires_a_client_certificate(
+    make_guard: GuardFactory, plain_upstream: Upstream, tmp_path: Path
+) -> None:
+    ca = CA()
+    cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
+    tls = {"cert_file": str(cert), "key_file": str(key), "ca_file": str(ca.write(tmp_path))}
+    guard = await make_guard(RULES, upstream=plain_upstream.address, tls=tls)
+    client = ca.issue("client", server=False)
+    stranger = CA("stranger").issue("client", server=False)
+
+    def creds(issued: object | None) -> grpc.ChannelCredentials:
+        if issued is None:
+            return grpc.ssl_channel_credentials(ca.pem)
+        return grpc.ssl_channel_credentials(ca.pem, issued.key_pem, issued.cert_pem)  # type: ignore[attr-defined]
+
+    assert await _predict(guard.address, creds(None)) == "UNAVAILABLE"
+    assert await _predict(guard.address, creds(stranger)) == "UNAVAILABLE"
+    assert await _predict(guard.address, creds(client)) == "OK"
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+async def test_tls_to_the_upstream(make_guard: GuardFactory, tmp_path: Path, mutual: bool) -> None:
+    ca = CA()
+    server = ca.issue("tf-serving", server=True)
+    up = Upstream()
+    up.reply("m", predict_response("m", {"y": VALUES}))
+    creds = grpc.ssl_server_credentials(
+        [(server.key_pem, server.cert_pem)],
+        root_certificates=ca.pem if mutual else None,
+        require_client_auth=mutual,
+    )
+    await start_upstream(up, creds)
+    try:
+        upstream_tls: dict[str, str] = {
+            "ca_file": str(ca.write(tmp_path)),
+            "server_name": "localhost",
+        }
+        if mutual:
+            cert, key = ca.issue("guard", server=False).write(tmp_path, "guard-client")
+            upstream_tls |= {"cert_file": str(cert), "key_file": str(key)}
+        guard = await make_guard(RULES, upstream=up.address, upstream_tls=upstream_tls)
+        assert await _predict(guard.address, None) == "OK"
+        assert up.finished == 1
+        # A guard that does not trust the upstream's CA (or, for mTLS, has no
+        # client certificate) gets nowhere.
+        wrong = CA("wrong").write(tmp_path / "wrong")
+        bad_tls = {"ca_file": str(wrong)} if not mutual else {"ca_file": upstream_tls["ca_file"]}
+        bad = await make_guard(RULES, upstream=up.address, upstream_tls=bad_tls)
+        assert await _predict(bad.address, None) == "UNAVAILABLE"
+        assert up.finished == 1
+    finally:
+        assert up.server is not None
+        await up.server.stop(0)
+
+
+def _server_serial(port: int, ca_pem: bytes) -> int:
+    ctx = ssl.create_default_context(cadata=ca_pem.decode())
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+            der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    return serial_of(der)
+
+
+async def test_server_certificate_reloads_on_change(
+    make_guard: GuardFactory, plain_upstream: Upstream, tmp_path: Path
+) -> None:
+    ca = CA()
+    first = ca.issue("guard", server=True)
+    cert, key = first.write(tmp_path, "server")
+    guard = await make_guard(
+        RULES, upstream=plain_upstream.address, tls={"cert_file": str(cert), "key_file": str(key)}
+    )
+    port = guard.server.port
+    assert await asyncio.to_thread(_server_serial, port, ca.pem) == first.serial
+
+    # Renewed by the same CA: a new connection sees the new serial.
+    second = ca.issue("guard", server=True)
+    second.write(tmp_path, "server")
+    assert await asyncio.to_thread(_server_serial, port, ca.pem) == second.serial
+
+    # Rotated to a new CA: a client trusting only the new CA gets through.
+    new_ca = CA("rotated CA")
+    third = new_ca.issue("guard", server=True)
+    third.write(tmp_path, "server")
+    assert await _predict(guard.address, grpc.ssl_channel_credentials(new_ca.pem)) == "OK"
+    assert await _predict(guard.address, grpc.ssl_channel_credentials(ca.pem)) == "UNAVAILABLE"
+    assert await asyncio.to_thread(_server_serial, port, new_ca.pem) == third.serial
+
+
+def _listen_address(port: int) -> set[str]:
+    """Local addresses of listening TCP sockets on ``port`` (from /proc/net)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            addr, _, hexport = local.rpartition(":")
+            if state == "0A" and int(hexport, 16) == port:
+                found.add(addr)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"), [("127.0.0.1:0", {"0100007F"}), ("0.0.0.0:0", {"00000000"})]
+)
+async def test_metrics_listen_can_bind_to_loopback_only(
+    plain_upstream: Upstream, tmp_path: Path, listen: str, expected: set[str]
+) -> None:
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(f"upstream: {plain_upstream.address}\n")
+    async with guard_process(cfg, tmp_path, "--metrics-listen", listen) as guard:
+        assert _listen_address(guard.metrics_port) == expected
