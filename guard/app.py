@@ -105,6 +105,13 @@ class _Reloader:
             self._server.metrics.config_reloads.labels("failure").inc()
             logger.error("config reload failed, keeping the previous rules: %s", exc)
             return False
+        except Exception as exc:  # e.g. a file that is not UTF-8: never kill the watcher
+            self._server.metrics.config_reloads.labels("failure").inc()
+            logger.error(
+                "config reload failed, keeping the previous rules: %s: cannot load: %s: %s",
+                self._path, type(exc).__name__, exc,
+            )  # fmt: skip
+            return False
         self._server.swap_rules(new)
         self._server.metrics.config_reloads.labels("success").inc()
         logger.info("config reloaded: %s", _summary(new))

@@ -203,3 +203,28 @@ async def test_traffic_through_reloads_sees_exactly_one_rule_set_per_response(
     finally:
         assert up.server is not None
         await up.server.stop(0)
+
+
+async def test_an_unreadable_config_counts_a_failure_and_the_watcher_survives(
+    tmp_path: Path,
+) -> None:
+    up = await start_upstream(Upstream())
+    up.reply("m", predict_response("m", {"y": VALUES}))
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(_config(up.address, RULE_A))
+    try:
+        async with guard_process(cfg, tmp_path) as guard:
+            async with grpc.aio.insecure_channel(guard.address) as channel:
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                assert await _guarded(stub) == "A"
+                tmp = tmp_path / "binary"
+                tmp.write_bytes(b"models: \xff\xfe\x00 not utf-8\n")
+                os.replace(tmp, cfg)
+                await _wait_reloads(guard, "failure", 1)
+                assert await _guarded(stub) == "A"
+                write_atomic(cfg, _config(up.address, RULE_B))  # the watcher still runs
+                await _wait_reloads(guard, "success", 1)
+                assert await _guarded(stub) == "B"
+    finally:
+        assert up.server is not None
+        await up.server.stop(0)

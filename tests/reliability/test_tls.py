@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -14,7 +15,7 @@ import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from tests.conftest import GuardFactory, predict_request, predict_response
-from tests.reliability._certs import CA, serial_of
+from tests.reliability._certs import CA, Issued, serial_of
 from tests.reliability._support import Upstream, guard_process, start_upstream
 
 VALUES = np.array([[0.2], [1.3]], dtype=np.float32)
@@ -22,10 +23,10 @@ RULES = {"models": [{"name": "m", "outputs": [{"name": "*", "on_violation": "cla
 
 
 @pytest.fixture
-async def plain_upstream() -> Upstream:
+async def plain_upstream() -> AsyncIterator[Upstream]:
     up = await start_upstream(Upstream())
     up.reply("m", predict_response("m", {"y": VALUES}))
-    yield up  # type: ignore[misc]
+    yield up
     assert up.server is not None
     await up.server.stop(0)
 
@@ -72,10 +73,10 @@ async def test_mtls_listening_side_requires_a_client_certificate(
     client = ca.issue("client", server=False)
     stranger = CA("stranger").issue("client", server=False)
 
-    def creds(issued: object | None) -> grpc.ChannelCredentials:
+    def creds(issued: Issued | None) -> grpc.ChannelCredentials:
         if issued is None:
             return grpc.ssl_channel_credentials(ca.pem)
-        return grpc.ssl_channel_credentials(ca.pem, issued.key_pem, issued.cert_pem)  # type: ignore[attr-defined]
+        return grpc.ssl_channel_credentials(ca.pem, issued.key_pem, issued.cert_pem)
 
     assert await _predict(guard.address, creds(None)) == "UNAVAILABLE"
     assert await _predict(guard.address, creds(stranger)) == "UNAVAILABLE"
