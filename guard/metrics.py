@@ -13,12 +13,12 @@ collector.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from guard.rules import OutputResult, class_axis_size
@@ -114,6 +114,81 @@ class _OutputValueHistogram(Collector):
         yield family
 
 
+class _ClassCounts:
+    """Per-class counts of one output, accumulated in numpy, with bounded names.
+
+    The first ``cap`` distinct classes get their own ``class`` label value; later
+    ones share ``__other__``. A response costs a bincount, not one counter
+    increment per class.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.names: list[str] = []
+        self.counts = np.zeros(cap + 1, dtype=np.int64)  # the last slot is __other__
+        self.slot_of = np.full(0, -1, dtype=np.int64)  # class index -> slot, -1 = unseen
+
+    def add(self, per_class: np.ndarray[Any, Any], name_of: Callable[[int], str]) -> None:
+        """Add counts indexed by class (``per_class[i]`` = how often class i won)."""
+        if per_class.size > self.slot_of.size:
+            grown = np.full(per_class.size, -1, dtype=np.int64)
+            grown[: self.slot_of.size] = self.slot_of
+            self.slot_of = grown
+        present = np.flatnonzero(per_class)
+        slots = self.slot_of[present]
+        for pos in np.flatnonzero(slots < 0):  # only classes never seen before
+            cls = int(present[pos])
+            if len(self.names) < self.cap:
+                self.slot_of[cls] = len(self.names)
+                self.names.append(name_of(cls))
+            else:
+                self.slot_of[cls] = self.cap
+            slots[pos] = self.slot_of[cls]
+        np.add.at(self.counts, slots, per_class[present])
+
+    def samples(self) -> list[tuple[str, int]]:
+        """(class label value, count) for every class seen."""
+        out = [(n, int(c)) for n, c in zip(self.names, self.counts, strict=False)]
+        if self.counts[self.cap]:
+            out.append((OTHER, int(self.counts[self.cap])))
+        return out
+
+
+class _PredictedClassCounter(Collector):
+    """``guard_predicted_class_total``, fed by numpy."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._data: dict[tuple[str, str, str], _ClassCounts] = {}
+        self._lock = threading.Lock()
+
+    def add(
+        self,
+        labels: tuple[str, str, str],
+        per_class: np.ndarray[Any, Any],
+        name_of: Callable[[int], str],
+    ) -> None:
+        with self._lock:
+            entry = self._data.get(labels)
+            if entry is None:
+                entry = self._data[labels] = _ClassCounts(self._cap)
+            entry.add(per_class, name_of)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "guard_predicted_class",
+            "Predicted classes (the label, else the class index), capped per output; "
+            "later new classes count as __other__.",
+            labels=["model", "signature", "output", "class"],
+        )
+        with self._lock:
+            items = [(k, v.samples()) for k, v in self._data.items()]
+        for labels, samples in items:
+            for name, count in samples:
+                family.add_metric([*labels, name], count)
+        yield family
+
+
 class GuardMetrics:
     """All of the guard's metrics, on one registry."""
 
@@ -129,7 +204,6 @@ class GuardMetrics:
         self._versions = BoundedLabel(256)
         self._signatures = BoundedLabel(256)
         self._outputs = BoundedLabel(1024)
-        self._classes: dict[tuple[str, str, str], BoundedLabel] = {}
         self._children: dict[tuple[Any, ...], Any] = {}
 
         def counter(name: str, doc: str, labels: list[str]) -> Counter:
@@ -159,10 +233,6 @@ class GuardMetrics:
             "(clean, observed, clamped, rejected).",
             ["model", "version", "signature", "action"],
         )
-        self.predicted_class = counter(
-            "guard_predicted_class_total", "Predicted classes (label, else index), capped.",
-            ["model", "signature", "output", "class"],
-        )  # fmt: skip
         self.decode_errors = counter(
             "guard_decode_errors_total", "Upstream responses the guard could not decode.",
             ["model"],
@@ -188,6 +258,8 @@ class GuardMetrics:
         )
         self.output_value = _OutputValueHistogram(OUTPUT_VALUE_BUCKETS)
         registry.register(self.output_value)
+        self.predicted_class = _PredictedClassCounter(max_class_label_values)
+        registry.register(self.predicted_class)
 
     # ----------------------------------------------------------------- labels
 
@@ -250,16 +322,23 @@ class GuardMetrics:
             ("nan", c.nan),
             ("inf", c.inf),
         ):
-            # Touch every kind so the series exist at 0 before the first violation:
-            # rate() and alerts need a starting point.
-            self._child(self.output_violations, model, version, signature, output, kind).inc(n)
-        self._child(self.sum_violations, model, version, signature, output).inc(c.bad_rows)
+            # Creating the child makes every kind's series exist at 0 before the first
+            # violation (rate() and alerts need a starting point); only counts add.
+            child = self._child(self.output_violations, model, version, signature, output, kind)
+            if n:
+                child.inc(n)
+        child = self._child(self.sum_violations, model, version, signature, output)
+        if c.bad_rows:
+            child.inc(c.bad_rows)
 
         checked = result.checked
         per_row = checked if class_axis_size(checked.shape) == 1 else None
         if per_row is None and checked.size:
-            with np.errstate(invalid="ignore"):
-                per_row = checked.reshape(-1, checked.shape[-1]).max(axis=1)
+            if result.confidence is not None and result.action != "clamped":
+                per_row = result.confidence  # the top values of the checked rows
+            else:
+                with np.errstate(invalid="ignore"):
+                    per_row = checked.reshape(-1, checked.shape[-1]).max(axis=1)
         if per_row is not None:
             self.output_value.observe((model, signature, output), per_row)
 
@@ -276,23 +355,16 @@ class GuardMetrics:
     ) -> None:
         assert result.classes is not None
         classes = result.classes
-        key = (model, signature, output)
-        bound = self._classes.get(key)
-        if bound is None:
-            bound = self._classes.setdefault(key, BoundedLabel(self._max_classes))
+
+        def name_of(i: int) -> str:
+            if labels is not None and not result.multi_label and i < labels.size:
+                label: bytes = labels[i]
+                return label.decode("utf-8")
+            return str(i)
+
         if result.multi_label:
             # Threshold on a multi-label output: count each class index that fired.
             per_class = classes.reshape(-1, classes.shape[-1]).sum(axis=0)
-            pairs = [(i, int(n)) for i, n in enumerate(per_class) if n]
-            names = [str(i) for i, _ in pairs]
         else:
-            found, counts = np.unique(classes.ravel(), return_counts=True)
-            pairs = [(int(i), int(n)) for i, n in zip(found, counts, strict=True)]
-            if labels is not None:
-                names = [
-                    labels[i].decode("utf-8") if 0 <= i < labels.size else str(i) for i, _ in pairs
-                ]
-            else:
-                names = [str(i) for i, _ in pairs]
-        for name, (_, n) in zip(names, pairs, strict=True):
-            self._child(self.predicted_class, model, signature, output, bound(name)).inc(n)
+            per_class = np.bincount(classes.ravel())
+        self.predicted_class.add((model, signature, output), per_class, name_of)

@@ -151,7 +151,6 @@ def guard_predict_response(
     action = "clean"
     violations = 0
     rejection: str | None = None
-    changed = False
     upstream_names = set(view.outputs.keys())
     results: list[tuple[str, Any, OutputResult, wire.Encoding]] = []
     for name in sorted(upstream_names):
@@ -184,10 +183,17 @@ def guard_predict_response(
     if rejection is not None:
         raise RejectedOutputError(rejection)
 
+    if not results:
+        return GuardedResponse(body, "clean", 0)
+    modified = any(result.changed for _, _, result, _ in results)
+    # Derived outputs go into a message of their own when no original tensor
+    # changed: protobuf merges concatenated messages (map entries included), so
+    # ``body + extra`` is the guarded response, and the upstream's bytes, often
+    # megabytes of floats, are not serialized again.
+    extra = view if modified else wire.PredictResponseView()
     for name, tensor, result, encoding in results:
         if result.changed:
             wire.set_tensor(tensor, result.values, encoding)
-            changed = True
         for derived in result.derived:
             out_name = name + derived.suffix
             if out_name in upstream_names:
@@ -196,9 +202,9 @@ def guard_predict_response(
                     "would replace an output the model returns; drop the rule's "
                     "threshold/argmax/top_k or rename the model's output"
                 )
-            wire.set_tensor(view.outputs[out_name], derived.array, encoding)
-            changed = True
-    if not results:
-        return GuardedResponse(body, "clean", 0)
-    out = view.SerializeToString() if changed else body
-    return GuardedResponse(out, action, violations)
+            wire.set_tensor(extra.outputs[out_name], derived.array, encoding)
+    if modified:
+        return GuardedResponse(view.SerializeToString(), action, violations)
+    if extra.outputs:
+        return GuardedResponse(body + extra.SerializeToString(), action, violations)
+    return GuardedResponse(body, action, violations)

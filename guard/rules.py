@@ -79,6 +79,8 @@ class OutputResult:
     """The predicted class per row (argmax, top-1, or the thresholded 0/1), for metrics."""
     multi_label: bool = False
     """``classes`` holds a 0/1 per class (a threshold on a multi-class output)."""
+    confidence: Array | None = None
+    """Each row's top value, when argmax/top-k already found it (saves a pass)."""
     derived: list[Derived] = field(default_factory=list)
 
 
@@ -135,9 +137,26 @@ def _bounds(dtype: np.dtype[Any], rule: OutputRule) -> tuple[Any, Any]:
     return dtype.type(max(lo, float(finfo.min))), dtype.type(min(hi, float(finfo.max)))
 
 
+def _row_sums(values: Array) -> Array:
+    # float32 sums of a few hundred probabilities err by ~1e-6, far inside any
+    # sensible tolerance; float16 would not, so it is summed in float32.
+    dtype = np.float32 if values.dtype == np.float16 else None
+    sums: Array = _rows(values).sum(axis=1, dtype=dtype)
+    return sums
+
+
 def _count(values: Array, rule: OutputRule) -> tuple[Counts, Array | None]:
     lo, hi = _bounds(values.dtype, rule)
     counts = Counts(values=int(values.size))
+    bad_rows = None
+    if rule.check_sum:
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad_rows = ~(np.abs(_row_sums(values) - 1.0) <= rule.sum_tolerance)  # NaN: bad
+        counts.bad_rows = int(np.count_nonzero(bad_rows))
+    # Fast path: two reductions without temporaries. NaN propagates through
+    # min/max and ±Inf lies beyond the (finite) bounds, so both fail this test.
+    if values.size == 0 or (lo <= values.min() and values.max() <= hi):
+        return counts, bad_rows
     # Comparisons with NaN are False, so NaN never counts as out of range; an
     # Inf does, and is moved to its own kind below.
     counts.below_min = int(np.count_nonzero(values < lo))
@@ -150,12 +169,6 @@ def _count(values: Array, rule: OutputRule) -> tuple[Counts, Array | None]:
         # The bounds are finite, so every ±Inf was also counted as out of range.
         counts.above_max -= pos_inf
         counts.below_min -= neg_inf
-    bad_rows = None
-    if rule.check_sum:
-        with np.errstate(over="ignore", invalid="ignore"):
-            sums = _rows(values).sum(axis=1, dtype=np.float64)
-            bad_rows = ~(np.abs(sums - 1.0) <= rule.sum_tolerance)  # NaN sums are bad
-        counts.bad_rows = int(np.count_nonzero(bad_rows))
     return counts, bad_rows
 
 
@@ -221,7 +234,7 @@ def _top_k(values: Array, k: int) -> tuple[Array, Array]:
     else:
         key = np.where(np.isnan(rows), -np.inf, -rows)  # NaN first, like argmax
         idx = np.argsort(key, axis=1, kind="stable")[:, :k]
-    scores = np.take_along_axis(rows, idx, axis=1)
+    scores = rows[np.arange(n)[:, None], idx]
     lead = values.shape[:-1] if values.ndim >= 2 else values.shape
     return idx.astype(np.int64).reshape(*lead, k), scores.reshape(*lead, k)
 
@@ -290,23 +303,29 @@ def apply_rule(
             out.derived.append(Derived("_label", _labels_for(cls, label_table)))
     if (rule.argmax or rule.top_k) and c == 0:
         raise OutputShapeError(f"{who}: the output has no classes (last dimension 0)")
-    if rule.argmax:
-        cls, score = _top_k(result, 1)
-        cls, score = cls[..., 0], score[..., 0]
-        out.classes = cls
-        out.derived.append(Derived("_class", cls))
-        out.derived.append(Derived("_score", score))
-        if label_table is not None:
-            _check_label_count(who, label_table, c)
-            out.derived.append(Derived("_label", _labels_for(cls, label_table)))
+    top: tuple[Array, Array] | None = None
     if rule.top_k:
         if rule.top_k > c:
             raise OutputShapeError(
                 f"{who}: top_k is {rule.top_k} but the output has only {c} classes per row"
             )
-        cls, score = _top_k(result, rule.top_k)
+        top = _top_k(result, rule.top_k)
+    if rule.argmax:
+        # The top-k ranking puts the argmax first; no second pass over the rows.
+        cls, score = _top_k(result, 1) if top is None else top
+        cls, score = cls[..., 0], score[..., 0]
+        out.classes = cls
+        out.confidence = score
+        out.derived.append(Derived("_class", cls))
+        out.derived.append(Derived("_score", score))
+        if label_table is not None:
+            _check_label_count(who, label_table, c)
+            out.derived.append(Derived("_label", _labels_for(cls, label_table)))
+    if top is not None:
+        cls, score = top
         if out.classes is None:
             out.classes = cls[..., 0]
+            out.confidence = score[..., 0]
         out.derived.append(Derived("_top_k_class", cls))
         out.derived.append(Derived("_top_k_score", score))
         if label_table is not None:

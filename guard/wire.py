@@ -215,27 +215,36 @@ def decode_varints(data: bytes) -> np.ndarray[Any, np.dtype[np.uint64]]:
     return values
 
 
+_SMALL_VARINT_RUN = 256
+
+
 def encode_varints(values: np.ndarray[Any, Any]) -> bytes:
     """Encode integers as a packed run of varints (negative int64 as 10 bytes, as protobuf does)."""
     v = np.ascontiguousarray(values).astype(np.int64, copy=False).view(np.uint64).ravel()
     if v.size == 0:
         return b""
     top = int(v.max())
+    if top >= 0x80 and v.size <= _SMALL_VARINT_RUN:
+        # A few dozen values: a plain loop beats a dozen numpy calls (measured 4x).
+        run = bytearray()
+        for x in v.tolist():
+            while x >= 0x80:
+                run.append((x & 0x7F) | 0x80)
+                x >>= 7
+            run.append(x)
+        return bytes(run)
     if top < 0x80:
         # Class indices and 0/1 flags: one byte each, the common case by far.
         return v.astype(np.uint8).tobytes()
     if top < 0x4000:
-        small = v < 0x80
-        lo = (v & np.uint64(0x7F)).astype(np.uint8)
-        hi = (v >> np.uint64(7)).astype(np.uint8)
-        if small.all():  # pragma: no cover - covered by the branch above
-            return lo.tobytes()
-        pairs = np.empty((v.size, 2), dtype=np.uint8)
-        pairs[:, 0] = lo | np.where(small, 0, 0x80).astype(np.uint8)
-        pairs[:, 1] = hi
-        keep = np.ones((v.size, 2), dtype=bool)
-        keep[:, 1] = ~small
-        return pairs[keep].tobytes()
+        # One or two bytes each: place each varint's first byte, then the
+        # second bytes of those that need one.
+        two = v >= 0x80
+        start = np.arange(v.size) + np.cumsum(two) - two
+        out2 = np.empty(v.size + int(np.count_nonzero(two)), dtype=np.uint8)
+        out2[start] = (v & np.uint64(0x7F)).astype(np.uint8) | (two.astype(np.uint8) << 7)
+        out2[start[two] + 1] = (v[two] >> np.uint64(7)).astype(np.uint8)
+        return out2.tobytes()
     nbytes = np.ones(v.size, dtype=np.int64)
     rest = v >> np.uint64(7)
     while rest.any():
@@ -355,6 +364,9 @@ def set_tensor(tensor: Any, array: np.ndarray[Any, Any], encoding: Encoding) -> 
         dtype_enum = DT_STRING
     else:
         dtype_enum = _DTYPE_OF_NUMPY[array.dtype]
+    if tensor.dtype == 0:  # a fresh tensor (a derived output): nothing to clear
+        _fill_new(tensor, array, dtype_enum, encoding)
+        return
     if tensor.dtype != dtype_enum:
         tensor.dtype = dtype_enum
     dims = tensor.tensor_shape.dim
@@ -381,6 +393,26 @@ def set_tensor(tensor: Any, array: np.ndarray[Any, Any], encoding: Encoding) -> 
         values.append(encode_varints(as_int))
     else:
         values.append(np.ascontiguousarray(array, dtype=dt.numpy).tobytes())
+
+
+def _fill_new(
+    tensor: Any, array: np.ndarray[Any, Any], dtype_enum: int, encoding: Encoding
+) -> None:
+    tensor.dtype = dtype_enum
+    dims = tensor.tensor_shape.dim
+    for size in array.shape:
+        dims.add(size=size)
+    if dtype_enum == DT_STRING:
+        tensor.string_val.extend(array.ravel().tolist())
+        return
+    dt = _INT64 if dtype_enum == DT_INT64 else FLOAT_DTYPES[dtype_enum]
+    if encoding is Encoding.CONTENT:
+        tensor.tensor_content = np.ascontiguousarray(array, dtype=dt.numpy).tobytes()
+    elif dt.varint:
+        as_int = array.view(np.uint16) if dt.numpy == np.dtype("<f2") else array
+        getattr(tensor, dt.field).append(encode_varints(as_int))
+    else:
+        getattr(tensor, dt.field).append(np.ascontiguousarray(array, dtype=dt.numpy).tobytes())
 
 
 # --------------------------------------------------------------- responses/specs
