@@ -10,8 +10,9 @@ import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -81,6 +82,18 @@ class _Reloader:
         self._server = server
         self._path = path
         self._identity = _file_identity(path) if path else None
+        # Settings the running config took from flags, env vars or dev mode rather
+        # than the file: a reload keeps them, as a restart with the same flags would.
+        self._overridden: dict[str, Any] = {}
+        if path is not None:
+            try:
+                from_file = load_config(path)
+            except ConfigError:
+                from_file = server.config
+            self._overridden = {
+                name: getattr(server.config, name)
+                for name in _restart_only_changes(from_file, server.config)
+            }
 
     async def watch(self, interval_s: float = 1.0) -> None:
         """Poll the file (through symlinks) and reload when it changes."""
@@ -112,10 +125,26 @@ class _Reloader:
                 self._path, type(exc).__name__, exc,
             )  # fmt: skip
             return False
+        new = replace(new, **self._overridden)
+        restart_only = _restart_only_changes(self._server.config, new)
+        if restart_only:
+            logger.warning(
+                "config reload: %s changed; these take effect only after a restart, "
+                "the rules take effect now", ", ".join(restart_only),
+            )  # fmt: skip
         self._server.swap_rules(new)
         self._server.metrics.config_reloads.labels("success").inc()
         logger.info("config reloaded: %s", _summary(new))
         return True
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Top-level settings a reload cannot apply (only ``models`` swaps live)."""
+    return [
+        f.name
+        for f in fields(Config)
+        if f.name not in ("models", "source") and getattr(old, f.name) != getattr(new, f.name)
+    ]
 
 
 async def _serve(config: Config, config_path: Path | None, port_file: Path | None) -> int:

@@ -49,6 +49,7 @@ _SPEC_PATH: dict[str, tuple[int, ...]] = {
 # Metadata that belongs to one HTTP/2 hop and must not be forwarded.
 _HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "host", "grpc-timeout"})
 _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_CAP_BACKSTOP_MARGIN = 64
 
 
 def _forwardable(metadata: Sequence[tuple[str, Any]] | None) -> tuple[tuple[str, Any], ...]:
@@ -127,6 +128,7 @@ class GuardServer:
         self._server: grpc.aio.Server | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._upstream_up: bool | None = None
+        self._inflight = 0
         self.port = 0
 
     # ------------------------------------------------------------- lifecycle
@@ -135,7 +137,9 @@ class GuardServer:
         """Bind, start serving and start probing the upstream. Returns the bound port."""
         server = grpc.aio.server(
             options=server_options(self.config),
-            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
+            # The handler enforces max_concurrent_rpcs itself, so refusals are
+            # counted and explained; gRPC's own limit is only a backstop.
+            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs + _CAP_BACKSTOP_MARGIN,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         server.add_generic_rpc_handlers((_ProxyHandler(self),))
@@ -241,6 +245,14 @@ class GuardServer:
         book = self._book  # one consistent rule set for the whole request
         spec = wire.peek_model_spec(request, info.spec_path) if info.spec_path else None
         model_label = metrics.model_label(spec.name if spec else None)
+        if self._inflight >= self.config.max_concurrent_rpcs:
+            metrics.record_request(model_label, info.label, "RESOURCE_EXHAUSTED")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"guard: {self._inflight} calls already in flight, the max_concurrent_rpcs "
+                "limit; retry with backoff, or raise max_concurrent_rpcs in the guard config",
+            )
+        self._inflight += 1
         metrics.inflight.inc()
         try:
             timeout = context.time_remaining()
@@ -284,6 +296,16 @@ class GuardServer:
                         exc.code, exc.details, trailers + (("x-guard-action", "rejected"),)
                     )
                     raise
+                except Exception:
+                    # A bug of ours: log it here, and tell the client no internals.
+                    logger.exception("guarding a %s response failed", info.label)
+                    code = grpc.StatusCode.INTERNAL.name
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL,
+                        "guard: internal error while guarding the response; see the guard's log",
+                        trailers,
+                    )
+                    raise
                 if guarded is not None:
                     response = guarded.body
                     trailers += guarded.trailers()
@@ -291,6 +313,7 @@ class GuardServer:
                 context.set_trailing_metadata(trailers)
             return response
         finally:
+            self._inflight -= 1
             metrics.inflight.dec()
             metrics.record_request(model_label, info.label, code)
             total = time.perf_counter() - start
