@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from tests.conftest import GuardFactory, predict_request, predict_response
