@@ -11,7 +11,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from guard.config import ANY, SERVING_DEFAULT, Config
-from guard.wire import FLOAT_DTYPES, add_field
+from guard.wire import FLOAT_DTYPES, add_field, add_map_field
 
 __all__ = ["Finding", "check_against_upstream"]
 
@@ -39,40 +39,19 @@ def _metadata_classes() -> dict[str, Any]:
     add_field(anyv, "value", 2, _F.TYPE_BYTES)
 
     resp = fdp.message_type.add(name="GetModelMetadataResponse")
-    entry = resp.nested_type.add(name="MetadataEntry")
-    entry.options.map_entry = True
-    add_field(entry, "key", 1, _F.TYPE_STRING)
-    add_field(entry, "value", 2, _F.TYPE_MESSAGE, type_name=f".{pkg}.Any")
-    add_field(
-        resp, "metadata", 2, _F.TYPE_MESSAGE, repeated=True,
-        type_name=f".{pkg}.GetModelMetadataResponse.MetadataEntry",
-    )  # fmt: skip
+    add_map_field(resp, f".{pkg}.GetModelMetadataResponse", "metadata", 2, f".{pkg}.Any")
 
     info = fdp.message_type.add(name="TensorInfo")
     add_field(info, "name", 1, _F.TYPE_STRING)
     add_field(info, "dtype", 2, _F.TYPE_INT32)
 
     sig = fdp.message_type.add(name="SignatureDef")
-    for number, name in ((1, "inputs"), (2, "outputs")):
-        e = sig.nested_type.add(name=f"{name.title()}Entry")
-        e.options.map_entry = True
-        add_field(e, "key", 1, _F.TYPE_STRING)
-        add_field(e, "value", 2, _F.TYPE_MESSAGE, type_name=f".{pkg}.TensorInfo")
-        add_field(
-            sig, name, number, _F.TYPE_MESSAGE, repeated=True,
-            type_name=f".{pkg}.SignatureDef.{name.title()}Entry",
-        )  # fmt: skip
+    add_map_field(sig, f".{pkg}.SignatureDef", "inputs", 1, f".{pkg}.TensorInfo")
+    add_map_field(sig, f".{pkg}.SignatureDef", "outputs", 2, f".{pkg}.TensorInfo")
     add_field(sig, "method_name", 3, _F.TYPE_STRING)
 
     sigmap = fdp.message_type.add(name="SignatureDefMap")
-    e = sigmap.nested_type.add(name="SignatureDefEntry")
-    e.options.map_entry = True
-    add_field(e, "key", 1, _F.TYPE_STRING)
-    add_field(e, "value", 2, _F.TYPE_MESSAGE, type_name=f".{pkg}.SignatureDef")
-    add_field(
-        sigmap, "signature_def", 1, _F.TYPE_MESSAGE, repeated=True,
-        type_name=f".{pkg}.SignatureDefMap.SignatureDefEntry",
-    )  # fmt: skip
+    add_map_field(sigmap, f".{pkg}.SignatureDefMap", "signature_def", 1, f".{pkg}.SignatureDef")
 
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)

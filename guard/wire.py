@@ -106,6 +106,21 @@ def add_field(
         f.type_name = type_name
 
 
+def add_map_field(
+    msg: descriptor_pb2.DescriptorProto, full_name: str, name: str, number: int, value_type: str
+) -> None:
+    """Declare ``map<string, value_type> name = number`` on ``msg`` (whose fully
+    qualified name is ``full_name``), with its nested entry type, as protoc does."""
+    entry_name = "".join(part.title() for part in name.split("_")) + "Entry"
+    entry = msg.nested_type.add(name=entry_name)
+    entry.options.map_entry = True
+    add_field(entry, "key", 1, _F.TYPE_STRING)
+    add_field(entry, "value", 2, _F.TYPE_MESSAGE, type_name=value_type)
+    add_field(
+        msg, name, number, _F.TYPE_MESSAGE, repeated=True, type_name=f"{full_name}.{entry_name}"
+    )
+
+
 def _build_pool(typed: bool) -> descriptor_pool.DescriptorPool:
     """Declare the view messages in a private pool (never TF's own names)."""
     pkg = "guard.view.typed" if typed else "guard.view"
@@ -153,18 +168,7 @@ def _build_pool(typed: bool) -> descriptor_pool.DescriptorPool:
     add_field(spec, "version_label", 4, _F.TYPE_STRING)
 
     resp = fdp.message_type.add(name="PredictResponse")
-    entry = resp.nested_type.add(name="OutputsEntry")
-    entry.options.map_entry = True
-    add_field(entry, "key", 1, _F.TYPE_STRING)
-    add_field(entry, "value", 2, _F.TYPE_MESSAGE, type_name=f".{pkg}.TensorProto")
-    add_field(
-        resp,
-        "outputs",
-        1,
-        _F.TYPE_MESSAGE,
-        repeated=True,
-        type_name=f".{pkg}.PredictResponse.OutputsEntry",
-    )
+    add_map_field(resp, f".{pkg}.PredictResponse", "outputs", 1, f".{pkg}.TensorProto")
     add_field(resp, "model_spec", 2, _F.TYPE_MESSAGE, type_name=f".{pkg}.ModelSpec")
 
     pool = descriptor_pool.DescriptorPool()
