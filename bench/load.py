@@ -33,13 +33,38 @@ _HEALTH_SERVING = b"\x08\x01"
 # --- /proc accounting -------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads) in seconds, from /proc/<pid>/stat."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (``guard serve --workers N`` is one
+    supervisor and N worker processes; every other path is a single process)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return out
+
+
+def _own_cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     # The command name may contain spaces and parentheses: split after the last ')'.
     fields = stat[stat.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its live descendants (all threads), in seconds."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            total += _own_cpu_seconds(p)
+        except OSError:
+            continue  # exited between listing and reading
+    return total
 
 
 def status_kb(pid: int, key: str) -> int:
@@ -51,8 +76,14 @@ def status_kb(pid: int, key: str) -> int:
 
 
 def rss_mb(pid: int) -> float:
-    """Resident set size of ``pid`` in MiB."""
-    return status_kb(pid, "VmRSS") / 1024
+    """Resident set size of ``pid`` and its live descendants, in MiB."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            total += status_kb(p, "VmRSS")
+        except (OSError, KeyError):
+            continue
+    return total / 1024
 
 
 class RssSampler:

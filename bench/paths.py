@@ -142,21 +142,28 @@ def guard_available() -> bool:
     return importlib.util.find_spec("guard.cli") is not None
 
 
-def start_guard(setup: Setup, tag: str) -> Hop:
-    """``python -m guard serve`` with the harness's rule set."""
-    if setup.guard_config is None:
-        raise RuntimeError("no guard config was generated")
-    if not guard_available():
-        raise RuntimeError("guard.cli does not exist yet in this checkout")
-    argv = [
-        "guard",
-        "serve",
-        "--config", str(setup.guard_config),
-        "--upstream", setup.upstream,
-        "--listen", "127.0.0.1:0",
-        "--metrics-listen", "127.0.0.1:0",
-    ]  # fmt: skip
-    return _spawn_python("guard", setup, f"guard-{tag}", argv)
+def _guard(*extra: str, name: str = "guard") -> Starter:
+    def start(setup: Setup, tag: str) -> Hop:
+        """``python -m guard serve`` with the harness's rule set."""
+        if setup.guard_config is None:
+            raise RuntimeError("no guard config was generated")
+        if not guard_available():
+            raise RuntimeError("guard.cli does not exist yet in this checkout")
+        argv = [
+            "guard",
+            "serve",
+            "--config", str(setup.guard_config),
+            "--upstream", setup.upstream,
+            "--listen", "127.0.0.1:0",
+            "--metrics-listen", "127.0.0.1:0",
+            *extra,
+        ]  # fmt: skip
+        return _spawn_python(name, setup, f"{name}-{tag}", argv)
+
+    return start
+
+
+start_guard = _guard()
 
 
 PATHS: dict[str, Starter] = {
@@ -164,6 +171,9 @@ PATHS: dict[str, Starter] = {
     "nginx": start_nginx,
     "passthrough": _passthrough(),
     "guard": start_guard,
+    # N processes on one port; h2load's c=64 opens 4 connections, which
+    # SO_REUSEPORT spreads over the workers (c=16 is one connection: one worker).
+    "guard-w2": _guard("--workers", "2", name="guard-w2"),
     # Variants of the raw hop, for finding what lowers its cost (--paths).
     "passthrough-uvloop": _passthrough("--uvloop", name="passthrough-uvloop"),
     "passthrough-sync": _passthrough("--sync", name="passthrough-sync"),

@@ -63,6 +63,15 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("guard_vs_passthrough_cpu_c64", "CPU/request ≤ 1.25× passthrough's (c=64)", 1.25),
     ):
         rows.append((text, fmt_ratio(r.get(key)), _verdict(_median(r.get(key)), limit)))
+    if r.get("guard_w2_vs_guard_rps_c64"):
+        key = "guard_w2_vs_guard_rps_c64"
+        rows.append(
+            (
+                "--workers 2 throughput ≥ 1.7× one worker (c=64)",
+                fmt_ratio(r.get(key)),
+                _verdict(_median(r.get(key)), 1.7, higher_is_better=True),
+            )
+        )
     for key, text, limit, scale, unit in (
         ("rss_idle_mb", "RSS idle ≤ 64 MB", 64, 1.0, " MiB"),
         ("rss_load_mb", "RSS under load ≤ 128 MB", 128, 1.0, " MiB"),

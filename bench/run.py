@@ -252,6 +252,8 @@ def ratios(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "guard_vs_nginx_cpu_c16": ("guard", "nginx", ("c16", "cpu_ms_per_req"), False),
         "passthrough_vs_nginx_added_p50": ("passthrough", "nginx", ("latency", "p50_ms"), True),
         "passthrough_vs_nginx_cpu_c16": ("passthrough", "nginx", ("c16", "cpu_ms_per_req"), False),
+        # Multi-core scaling: throughput of two workers over one, at c=64 (4 connections).
+        "guard_w2_vs_guard_rps_c64": ("guard-w2", "guard", ("c64", "rps"), False),
     }
     out: dict[str, Any] = {}
     for key, (a, b, keys, added) in pairs.items():
