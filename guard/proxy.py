@@ -14,7 +14,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from guard import tls, wire
-from guard.config import Config
+from guard.config import Config, TLSConfig
 from guard.errors import GuardError
 from guard.metrics import GuardMetrics
 from guard.pipeline import RuleBook, guard_predict_response
@@ -90,7 +90,24 @@ class _MethodInfo:
     name: str
     label: str
     spec_path: tuple[int, ...] | None
-    call: Any  # grpc.aio.UnaryUnaryMultiCallable
+
+
+class _Upstream:
+    """One channel to the upstream and its per-method callables. Replaced whole
+    when the upstream's TLS files change, so no call mixes two channels."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self._calls: dict[str, Any] = {}
+
+    def call(self, method: str) -> Any:
+        """The raw-bytes callable for ``method`` (bounded cache: clients choose names)."""
+        found = self._calls.get(method)
+        if found is None:
+            found = self.channel.unary_unary(method)
+            if len(self._calls) < GuardServer._METHOD_CACHE_LIMIT:
+                self._calls[method] = found
+        return found
 
 
 class GuardServer:
@@ -102,7 +119,6 @@ class GuardServer:
         self,
         config: Config,
         metrics: GuardMetrics,
-        channel_factory: Callable[[str, list[tuple[str, Any]]], grpc.aio.Channel] | None = None,
         server_credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         if config.upstream is None:
@@ -110,16 +126,8 @@ class GuardServer:
         self.config = config
         self.metrics = metrics
         self._book = RuleBook(config)
-        options = channel_options(config)
-        if channel_factory is not None:
-            self._channel = channel_factory(config.upstream, options)
-        elif config.upstream_tls is not None:
-            if config.upstream_tls.server_name:
-                options.append(("grpc.ssl_target_name_override", config.upstream_tls.server_name))
-            creds = tls.channel_credentials(config.upstream_tls)
-            self._channel = grpc.aio.secure_channel(config.upstream, creds, options)
-        else:
-            self._channel = grpc.aio.insecure_channel(config.upstream, options)
+        self._upstream = _Upstream(self._new_channel())
+        self._tls_task: asyncio.Task[None] | None = None
         if server_credentials is None and config.tls is not None:
             server_credentials = tls.server_credentials(config.tls)
         self._server_credentials = server_credentials
@@ -130,6 +138,17 @@ class GuardServer:
         self._upstream_up: bool | None = None
         self._inflight = 0
         self.port = 0
+
+    def _new_channel(self) -> grpc.aio.Channel:
+        assert self.config.upstream is not None
+        options = channel_options(self.config)
+        upstream_tls = self.config.upstream_tls
+        if upstream_tls is None:
+            return grpc.aio.insecure_channel(self.config.upstream, options)
+        if upstream_tls.server_name:
+            options.append(("grpc.ssl_target_name_override", upstream_tls.server_name))
+        creds = tls.channel_credentials(upstream_tls)
+        return grpc.aio.secure_channel(self.config.upstream, creds, options)
 
     # ------------------------------------------------------------- lifecycle
 
@@ -156,17 +175,22 @@ class GuardServer:
         self._server = server
         await self._probe_once()
         self._probe_task = asyncio.create_task(self._probe_loop(), name="guard-upstream-probe")
+        if self.config.upstream_tls is not None:
+            self._tls_task = asyncio.create_task(
+                self._watch_upstream_tls(self.config.upstream_tls), name="guard-upstream-tls"
+            )
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight calls finish within ``grace`` seconds, close."""
-        if self._probe_task is not None:
-            self._probe_task.cancel()
+        for task in (self._probe_task, self._tls_task):
+            if task is not None:
+                task.cancel()
         for service in _HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._server is not None:
             await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
-        await self._channel.close()
+        await self._upstream.channel.close()
 
     async def wait_for_termination(self) -> None:
         """Block until the server stops."""
@@ -183,12 +207,32 @@ class GuardServer:
         """The rule set new requests use."""
         return self._book
 
+    async def _watch_upstream_tls(self, upstream_tls: TLSConfig, interval_s: float = 1.0) -> None:
+        """Rebuild the upstream channel when its certificate files change."""
+        paths = (upstream_tls.ca_file, upstream_tls.cert_file, upstream_tls.key_file)
+        seen = tls.file_identity(paths)
+        while True:
+            await asyncio.sleep(interval_s)
+            now = tls.file_identity(paths)
+            if now == seen:
+                continue
+            try:
+                channel = self._new_channel()
+            except OSError as exc:  # a file mid-rotation: try again on the next tick
+                logger.warning("upstream TLS files changed but cannot be read yet: %s", exc)
+                continue
+            seen = now
+            old, self._upstream = self._upstream, _Upstream(channel)
+            logger.info("upstream TLS files changed: reconnecting with the new certificates")
+            # Calls already on the old channel finish (their deadline bounds them).
+            asyncio.create_task(old.channel.close(grace=self.config.default_timeout_s))
+
     # ---------------------------------------------------------------- health
 
     async def _probe_once(self) -> None:
         timeout = max(self.config.health_check_interval_s, 0.5)
         try:
-            await self._channel.unary_unary(_PROBE)(b"", timeout=timeout)
+            await self._upstream.call(_PROBE)(b"", timeout=timeout)
             up = True
         except grpc.aio.AioRpcError as exc:
             # Any answer, even an error about the empty request, means it is up.
@@ -230,7 +274,6 @@ class GuardServer:
                 name=name,
                 label=GuardMetrics.method_label(name),
                 spec_path=_SPEC_PATH.get(name),
-                call=self._channel.unary_unary(name),
             )
             if len(self._methods) < self._METHOD_CACHE_LIMIT:
                 self._methods[name] = info
@@ -258,7 +301,7 @@ class GuardServer:
             timeout = context.time_remaining()
             if timeout is None:
                 timeout = self.config.default_timeout_s
-            call = info.call(
+            call = self._upstream.call(info.name)(
                 request,
                 timeout=timeout,
                 metadata=_forwardable(context.invocation_metadata()),

@@ -17,7 +17,7 @@ import grpc
 
 from guard.config import TLSConfig
 
-__all__ = ["channel_credentials", "server_credentials"]
+__all__ = ["channel_credentials", "file_identity", "server_credentials"]
 
 logger = logging.getLogger("guard.tls")
 
@@ -26,7 +26,8 @@ def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
-def _identity(paths: tuple[str | None, ...]) -> tuple[tuple[int, int, int], ...]:
+def file_identity(paths: tuple[str | None, ...]) -> tuple[tuple[int, int, int], ...]:
+    """(inode, mtime, size) of each file, through symlinks: changes when any file does."""
     out = []
     for p in paths:
         if p is None:
@@ -49,10 +50,10 @@ def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
     """TLS on the listening side; with ``ca_file``, clients must present a
     certificate signed by that CA (mTLS)."""
     paths = (tls.cert_file, tls.key_file, tls.ca_file)
-    state = {"identity": _identity(paths)}
+    state = {"identity": file_identity(paths)}
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
-        identity = _identity(paths)
+        identity = file_identity(paths)
         if identity == state["identity"]:
             return None
         try:

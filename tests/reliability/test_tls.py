@@ -177,3 +177,51 @@ async def test_metrics_listen_can_bind_to_loopback_only(
     cfg.write_text(f"upstream: {plain_upstream.address}\n")
     async with guard_process(cfg, tmp_path, "--metrics-listen", listen) as guard:
         assert _listen_address(guard.metrics_port) == expected
+
+
+async def test_upstream_certificates_reload_on_change(
+    make_guard: GuardFactory, tmp_path: Path
+) -> None:
+    """The upstream moves to certificates from a new CA and demands client
+    certificates from that CA too; rotating the guard's files is enough."""
+
+    def mtls_upstream(ca: CA) -> grpc.ServerCredentials:
+        server = ca.issue("tf-serving", server=True)
+        return grpc.ssl_server_credentials(
+            [(server.key_pem, server.cert_pem)], root_certificates=ca.pem, require_client_auth=True
+        )
+
+    def rotate_guard_files(ca: CA) -> dict[str, str]:
+        tmp = ca.write(tmp_path / "staging")
+        ca_file = tmp_path / "upstream-ca.crt"
+        tmp.replace(ca_file)  # atomic, as a Secret update is
+        cert, key = ca.issue("guard", server=False).write(tmp_path, "guard-client")
+        return {"ca_file": str(ca_file), "cert_file": str(cert), "key_file": str(key)}
+
+    old_ca, new_ca = CA("old CA"), CA("new CA")
+    up = Upstream()
+    up.reply("m", predict_response("m", {"y": VALUES}))
+    await start_upstream(up, mtls_upstream(old_ca))
+    files = rotate_guard_files(old_ca)
+    guard = await make_guard(
+        RULES, upstream=up.address, upstream_tls={**files, "server_name": "localhost"}
+    )
+    try:
+        assert await _predict(guard.address, None) == "OK"
+        # The upstream restarts on the same port with the new CA's certificates.
+        assert up.server is not None
+        await up.server.stop(0)
+        await start_upstream(up, mtls_upstream(new_ca), address=up.address)
+        assert await _predict(guard.address, None) == "UNAVAILABLE"  # old trust fails
+        rotate_guard_files(new_ca)
+        codes = []
+        for _ in range(100):  # bounded: 100 x 0.1 s; the watcher polls every second
+            codes.append(await _predict(guard.address, None))
+            if codes[-1] == "OK":
+                break
+            await asyncio.sleep(0.1)
+        assert codes[-1] == "OK", codes
+        assert set(codes) <= {"OK", "UNAVAILABLE"}
+    finally:
+        assert up.server is not None
+        await up.server.stop(0)
