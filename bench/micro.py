@@ -293,6 +293,35 @@ def run_case(case: Case, budget_s: float) -> dict[str, Any]:
     return out
 
 
+def core_target(budget_s: float) -> dict[str, Any] | None:
+    """Issue 2's figure: a 1024x201 float_val response through decode + softmax
+    (sum) check + clamp + argmax + encode. One row in eight leaks above 1, so the
+    clamp really repairs and the tensor is re-encoded, not passed through."""
+    case = Case(1024, 201, "float_val")
+    values = values_for(case).copy()
+    values[::8, 0] += 0.01  # over 1 in the largest entry's row sum, and maybe > 1
+    values[::8, 1] = 1.002850
+    body = payloads.predict_response_for(model_for(case), values)
+    doc = {"models": [{"name": "micro", "outputs": [{
+        "name": OUTPUT, "valid_range": [LO, HI], "check_sum": True,
+        "sum_tolerance": TOLERANCE, "on_violation": "clamp", "argmax": True,
+    }]}]}  # fmt: skip
+    try:
+        from prometheus_client import CollectorRegistry
+
+        from guard.config import parse_config
+        from guard.metrics import GuardMetrics
+        from guard.pipeline import RuleBook, guard_predict_response
+    except ImportError:
+        return None
+    config = parse_config(doc, "<bench.micro core target>")
+    book, metrics = RuleBook(config), GuardMetrics(CollectorRegistry(), config.model_names())
+    first = guard_predict_response(body, None, book, metrics)
+    assert first is not None and first.action == "clamped", "the core target must clamp"
+    timing = time_call(lambda b: guard_predict_response(b, None, book, metrics), body, budget_s)
+    return {"case": "1024x201 float_val, check_sum + clamp + argmax", **asdict(timing)}
+
+
 def run_all(quick: bool = False, shapes: tuple[tuple[int, int], ...] | None = None,
             budget_s: float | None = None) -> dict[str, Any]:  # fmt: skip
     """Every shape x encoding; returns the results as plain data."""
@@ -303,6 +332,7 @@ def run_all(quick: bool = False, shapes: tuple[tuple[int, int], ...] | None = No
         "budget_s_per_path": budget,
         "guard_available": guard_path(cases[0]) is not None,
         "cases": [run_case(case, budget) for case in cases],
+        "core_target": None if quick else core_target(budget),
     }
 
 
