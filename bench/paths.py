@@ -190,4 +190,4 @@ PATHS: dict[str, Starter] = {
     ),
 }
 
-DEFAULT_PATHS = ("direct", "nginx", "passthrough", "guard")
+DEFAULT_PATHS = ("direct", "nginx", "passthrough", "guard", "guard-w2")

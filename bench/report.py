@@ -10,6 +10,7 @@ LABELS = {
     "nginx": "(b) nginx grpc_pass (anchor)",
     "passthrough": "(c) raw Python passthrough",
     "guard": "(d) guard, demo rules",
+    "guard-w2": "(d2) guard, demo rules, --workers 2 (CPU/RSS: all 3 processes)",
     "passthrough-uvloop": "passthrough on uvloop",
     "passthrough-sync": "passthrough, sync server",
     "passthrough-notrailers": "passthrough, no trailer forwarding",

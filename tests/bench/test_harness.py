@@ -166,7 +166,7 @@ def test_bench_run_quick_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     (round_,) = results["rounds"]
-    for name in ("direct", "nginx", "passthrough", "guard"):
+    for name in ("direct", "nginx", "passthrough", "guard", "guard-w2"):
         assert "error" not in round_[name], round_[name]
         assert round_[name]["c16"]["errors"] == 0
         assert round_[name]["grpc_codes"] == {"OK": 16}
