@@ -37,7 +37,8 @@ def read_port_file(path: str | os.PathLike[str]) -> dict[str, int] | None:
         return None
     if isinstance(data, int):  # a bare port number (guard.backend's port file)
         return {"grpc": data}
-    return {str(k): int(v) for k, v in data.items()}
+    # Ports only: a --workers supervisor also lists its workers' pids.
+    return {str(k): int(v) for k, v in data.items() if isinstance(v, int)}
 
 
 async def serve_until_signal(stop: Callable[[], Awaitable[None]]) -> None:
