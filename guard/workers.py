@@ -10,6 +10,7 @@ exactly, so dashboards and alerts see one guard.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import signal
@@ -37,6 +38,7 @@ logger = logging.getLogger("guard.workers")
 # Gauges are summed (in-flight calls add up) except these, where the most
 # pessimistic worker speaks for the pod.
 _GAUGE_MIN = frozenset({"guard_upstream_up"})
+_PR_SET_PDEATHSIG = 1
 
 
 class AggregatingCollector(Collector):
@@ -79,6 +81,16 @@ class AggregatingCollector(Collector):
             yield metric
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the supervisor dies, even by
+    SIGKILL, so workers never outlive it holding the port (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the supervisor's own signal forwarding still applies
+
+
 def _reserve_port(host: str, port: int) -> socket.socket:
     """Bind (not listen) a SO_REUSEPORT socket, to learn a free port for port 0
     and keep it ours while the workers bind it too."""
@@ -116,7 +128,7 @@ def run_workers(
         for i, pf in enumerate(files):
             cmd = [sys.executable, "-m", "guard", "serve", *argv, "--listen", listen,
                    "--metrics-listen", "127.0.0.1:0", "--port-file", str(pf)]  # fmt: skip
-            children.append(subprocess.Popen(cmd))
+            children.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
             logger.info("worker %d started (pid %d)", i, children[-1].pid)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)

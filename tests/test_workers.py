@@ -61,3 +61,39 @@ async def test_two_workers_share_a_port_and_one_metrics_endpoint(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a dead worker waits to be reaped by init)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+async def test_workers_die_with_a_killed_supervisor(upstream: FakeUpstream, tmp_path: Path) -> None:
+    port_file = tmp_path / "ports.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "guard", "serve", "--workers", "2",
+        "--upstream", upstream.address, "--listen", "127.0.0.1:0",
+        "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # bounded
+            if port_file.exists() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        workers = json.loads(port_file.read_text())["workers"]
+        proc.kill()  # SIGKILL: the supervisor gets no chance to forward anything
+        await proc.wait()
+        for _ in range(100):  # bounded: 10 s
+            alive = [pid for pid in workers if _running(pid)]
+            if not alive:
+                break
+            await asyncio.sleep(0.1)
+        assert not alive, f"workers {alive} outlived their supervisor"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
