@@ -104,6 +104,7 @@ def check(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    micro.same_allocator_as_guard()
     p = argparse.ArgumentParser(prog="python -m bench.check", description=__doc__)
     p.add_argument("--budget", type=float, default=0.15, help="seconds per path and case")
     p.add_argument("--attempts", type=int, default=3, help="measurements before a miss counts")
