@@ -152,15 +152,20 @@ def _count(values: Array, rule: OutputRule) -> tuple[Counts, Array | None]:
         with np.errstate(over="ignore", invalid="ignore"):
             bad_rows = ~(np.abs(_row_sums(values) - 1.0) <= rule.sum_tolerance)  # NaN: bad
         counts.bad_rows = int(np.count_nonzero(bad_rows))
-    # Fast path: two reductions without temporaries. NaN propagates through
-    # min/max and ±Inf lies beyond the (finite) bounds, so both fail this test.
-    if values.size == 0 or (lo <= values.min() and values.max() <= hi):
+    if values.size == 0:
+        return counts, bad_rows
+    # Two reductions without temporaries decide what must be counted. NaN
+    # propagates through min/max, and ±Inf lies beyond the (finite) bounds.
+    vmin, vmax = values.min(), values.max()
+    if lo <= vmin and vmax <= hi:
         return counts, bad_rows
     # Comparisons with NaN are False, so NaN never counts as out of range; an
     # Inf does, and is moved to its own kind below.
-    counts.below_min = int(np.count_nonzero(values < lo))
-    counts.above_max = int(np.count_nonzero(values > hi))
-    if not np.isfinite(values).all():
+    if not lo <= vmin:
+        counts.below_min = int(np.count_nonzero(values < lo))
+    if not vmax <= hi:
+        counts.above_max = int(np.count_nonzero(values > hi))
+    if not (np.isfinite(vmin) and np.isfinite(vmax)):
         counts.nan = int(np.count_nonzero(np.isnan(values)))
         pos_inf = int(np.count_nonzero(values == np.inf))
         neg_inf = int(np.count_nonzero(values == -np.inf))
@@ -193,7 +198,11 @@ def _clamp(values: Array, rule: OutputRule, bad_rows: Array | None) -> Array:
     if bad_rows is None or not bad_rows.any() or class_axis_size(out.shape) == 0:
         return out
     rows = _rows(out)  # a view: np.clip's result is contiguous (0-d included)
-    recheck = bad_rows & ~(np.abs(rows.sum(axis=1, dtype=np.float64) - 1.0) <= rule.sum_tolerance)
+    # Clipping may have fixed some bad rows; recheck those rows only.
+    candidates = np.flatnonzero(bad_rows)
+    sums = rows[candidates].sum(axis=1, dtype=np.float64)
+    recheck = np.zeros_like(bad_rows)
+    recheck[candidates] = ~(np.abs(sums - 1.0) <= rule.sum_tolerance)
     if recheck.any():
         fix = rows[recheck].astype(np.float64)
         # Scale by the row maximum first, so rows holding values near the dtype's
