@@ -83,14 +83,19 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                      _verdict(_median(stat), limit)))  # fmt: skip
     core = results.get("micro", {}).get("core_target")
     if core:
-        ms = core["median_us"] / 1000
-        rows.append(
-            (
-                "issue 2: 1024x201 float_val decode + sum check + clamp + argmax + encode ≤ 1 ms",
-                f"{ms:.2f} ms (min {core['min_us'] / 1000:.2f}, max {core['max_us'] / 1000:.2f})",
-                _verdict(ms, 1.0),
+        scopes = [("decode + sum check + clamp + argmax + encode", core)]
+        if core.get("with_metrics"):
+            scopes.append(("the same plus recording the metrics", core["with_metrics"]))
+        for scope, timing in scopes:
+            ms = timing["median_us"] / 1000
+            rows.append(
+                (
+                    f"issue 2: 1024x201 float_val, {scope}, ≤ 1 ms",
+                    f"{ms:.2f} ms (min {timing['min_us'] / 1000:.2f}, "
+                    f"max {timing['max_us'] / 1000:.2f})",
+                    _verdict(ms, 1.0),
+                )
             )
-        )
     for case in results.get("micro", {}).get("cases", []):
         if case["shape"] not in ("1024x201", "4096x1000") or not case.get("guard"):
             continue
