@@ -334,7 +334,7 @@ class GuardMetrics:
         checked = result.checked
         per_row = checked if class_axis_size(checked.shape) == 1 else None
         if per_row is None and checked.size:
-            if result.confidence is not None and result.action != "clamped":
+            if result.confidence is not None:
                 per_row = result.confidence  # the top values of the checked rows
             else:
                 with np.errstate(invalid="ignore"):

@@ -80,7 +80,8 @@ class OutputResult:
     multi_label: bool = False
     """``classes`` holds a 0/1 per class (a threshold on a multi-class output)."""
     confidence: Array | None = None
-    """Each row's top value, when argmax/top-k already found it (saves a pass)."""
+    """Each row's top *checked* value (before repair), when argmax/top-k already
+    found it: the histogram reads it instead of scanning the rows again."""
     derived: list[Derived] = field(default_factory=list)
 
 
@@ -339,7 +340,30 @@ def apply_rule(
         if label_table is not None:
             _check_label_count(who, label_table, c)
             out.derived.append(Derived("_top_k_label", _labels_for(cls, label_table)))
+    if out.confidence is not None and action == "clamped":
+        out.confidence = _checked_row_max(activated, out.confidence, rule, bad_rows)
     return out
+
+
+def _checked_row_max(
+    checked: Array, repaired_max: Array, rule: OutputRule, bad_rows: Array | None
+) -> Array:
+    """Row maxima of the values before repair, from the maxima after it.
+
+    Clipping leaves every value inside (lo, hi) as it was, so a row whose
+    repaired maximum lies strictly inside the bounds, and which was not
+    renormalised, had that same maximum before. Only the other rows are scanned.
+    """
+    lo, hi = _bounds(checked.dtype, rule)
+    flat = repaired_max.ravel()
+    rescan = (flat <= lo) | (flat >= hi)
+    if bad_rows is not None:
+        rescan |= bad_rows
+    if not rescan.any():
+        return repaired_max
+    fixed = flat.copy()
+    fixed[rescan] = _rows(checked)[rescan].max(axis=1)
+    return fixed.reshape(repaired_max.shape)
 
 
 def _check_label_count(who: str, labels: np.ndarray[Any, Any], classes: int) -> None:

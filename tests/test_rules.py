@@ -525,3 +525,27 @@ def test_clamp_renormalises_a_rank_zero_output() -> None:
     result = run(np.array(0.0, np.float32), check_sum=True, on_violation="clamp")
     assert result.action == "clamped"
     assert float(result.values) == 1.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_confidence_is_the_row_max_of_the_checked_values(data: st.DataObject) -> None:
+    """The histogram reads ``confidence``; after a clamp it must still be the
+    top value of each row *before* repair, exactly as a plain scan gives it."""
+    rows = data.draw(st.integers(1, 6))
+    classes = data.draw(st.integers(1, 9))
+    element = st.floats(-3.0, 3.0, width=32)
+    values = np.array(
+        data.draw(st.lists(element, min_size=rows * classes, max_size=rows * classes)),
+        dtype=np.float32,
+    ).reshape(rows, classes)
+    rule = OutputRule(
+        valid_range=(0.0, 1.0),
+        check_sum=data.draw(st.booleans()),
+        on_violation="clamp",
+        argmax=data.draw(st.booleans()),
+        top_k=data.draw(st.integers(0, classes)),
+    )
+    result = apply_rule(values, rule, None, "m", "o")
+    if result.confidence is not None:
+        np.testing.assert_array_equal(result.confidence, values.max(axis=1))
