@@ -182,11 +182,8 @@ async def _serve(config: Config, config_path: Path | None, port_file: Path | Non
     server = GuardServer(config, metrics)
     grpc_port = await server.start()
     metrics_port = httpd.server_port
-    logger.info("%s", _summary(config))
-    logger.info("serving gRPC on port %d, metrics on port %d", grpc_port, metrics_port)
-    if port_file is not None:
-        _write_port_file(port_file, {"grpc": grpc_port, "metrics": metrics_port})
-
+    # Signal handlers before the port file: whoever waits for that file may
+    # send SIGTERM at once, and it must drain, not kill.
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloader = _Reloader(server, config_path)
@@ -194,6 +191,10 @@ async def _serve(config: Config, config_path: Path | None, port_file: Path | Non
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reloader.reload)
     watcher = asyncio.create_task(reloader.watch(), name="guard-config-watch")
+    logger.info("%s", _summary(config))
+    logger.info("serving gRPC on port %d, metrics on port %d", grpc_port, metrics_port)
+    if port_file is not None:
+        _write_port_file(port_file, {"grpc": grpc_port, "metrics": metrics_port})
     try:
         await stop.wait()
         watcher.cancel()
