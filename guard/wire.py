@@ -358,54 +358,29 @@ def decode_tensor(
     return filled.reshape(shape), Encoding.TYPED
 
 
+_VALUE_FIELDS = ("tensor_content", "string_val", "float_val", "double_val", "int64_val", "half_val")
+
+
 def set_tensor(tensor: Any, array: np.ndarray[Any, Any], encoding: Encoding) -> None:
     """Write ``array`` into a TensorProto view (dtype, shape, values) in ``encoding``.
 
     Float and int64 arrays keep their dtype; an array of ``bytes`` objects becomes
     a DT_STRING tensor (always ``string_val``, as TensorFlow writes strings).
     """
-    if array.dtype == object:
-        dtype_enum = DT_STRING
-    else:
-        dtype_enum = _DTYPE_OF_NUMPY[array.dtype]
-    if tensor.dtype == 0:  # a fresh tensor (a derived output): nothing to clear
-        _fill_new(tensor, array, dtype_enum, encoding)
-        return
-    if tensor.dtype != dtype_enum:
-        tensor.dtype = dtype_enum
+    dtype_enum = DT_STRING if array.dtype == object else _DTYPE_OF_NUMPY[array.dtype]
     dims = tensor.tensor_shape.dim
-    if tuple(d.size for d in dims) != array.shape:
-        del dims[:]
+    keep_dims = tensor.dtype != 0 and tuple(d.size for d in dims) == array.shape
+    if tensor.dtype != 0:  # an upstream tensor being rewritten (0: a fresh derived one)
+        # A value sent unpacked sits in the unknown fields; it must not come back.
+        tensor.DiscardUnknownFields()
+        for name in _VALUE_FIELDS:
+            tensor.ClearField(name)
+        if not keep_dims:
+            del dims[:]
+    tensor.dtype = dtype_enum
+    if not keep_dims:
         for size in array.shape:
             dims.add(size=size)
-    # A value sent unpacked sits in the unknown fields; it must not come back.
-    tensor.DiscardUnknownFields()
-    if dtype_enum == DT_STRING:
-        tensor.ClearField("tensor_content")
-        del tensor.string_val[:]
-        tensor.string_val.extend(array.ravel().tolist())
-        return
-    dt = _INT64 if dtype_enum == DT_INT64 else FLOAT_DTYPES[dtype_enum]
-    values = getattr(tensor, dt.field)
-    del values[:]
-    if encoding is Encoding.CONTENT:
-        tensor.tensor_content = np.ascontiguousarray(array, dtype=dt.numpy).tobytes()
-        return
-    tensor.ClearField("tensor_content")
-    if dt.varint:
-        as_int = array.view(np.uint16) if dt.numpy == np.dtype("<f2") else array
-        values.append(encode_varints(as_int))
-    else:
-        values.append(np.ascontiguousarray(array, dtype=dt.numpy).tobytes())
-
-
-def _fill_new(
-    tensor: Any, array: np.ndarray[Any, Any], dtype_enum: int, encoding: Encoding
-) -> None:
-    tensor.dtype = dtype_enum
-    dims = tensor.tensor_shape.dim
-    for size in array.shape:
-        dims.add(size=size)
     if dtype_enum == DT_STRING:
         tensor.string_val.extend(array.ravel().tolist())
         return
