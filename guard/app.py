@@ -7,7 +7,6 @@ import contextlib
 import ctypes
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -17,6 +16,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from guard._files import file_identity
 from guard._version import __version__
 from guard.config import Config, load_config
 from guard.errors import ConfigError
@@ -88,17 +88,6 @@ def _dev_backend(models: Sequence[str], max_message_mb: int) -> Iterator[str]:
         yield backend.address
 
 
-def _file_identity(path: Path) -> tuple[str, int, int, int] | None:
-    """What changes when the file does, including a Kubernetes ConfigMap update,
-    which swaps the ``..data`` symlink rather than writing the file."""
-    try:
-        real = os.path.realpath(path)
-        st = os.stat(real)
-    except OSError:
-        return None
-    return real, st.st_ino, st.st_mtime_ns, st.st_size
-
-
 class _Reloader:
     """Reloads the config file on SIGHUP or when the file changes; a bad file
     keeps the old rules."""
@@ -106,7 +95,7 @@ class _Reloader:
     def __init__(self, server: GuardServer, path: Path | None) -> None:
         self._server = server
         self._path = path
-        self._identity = _file_identity(path) if path else None
+        self._identity = file_identity((path,)) if path else None
         # Settings the running config took from flags, env vars or dev mode rather
         # than the file: a reload keeps them, as a restart with the same flags would.
         self._overridden: dict[str, Any] = {}
@@ -126,7 +115,7 @@ class _Reloader:
             return
         while True:
             await asyncio.sleep(interval_s)
-            identity = _file_identity(self._path)
+            identity = file_identity((self._path,))
             if identity is not None and identity != self._identity:
                 logger.info("config file %s changed", self._path)
                 self.reload()
@@ -136,7 +125,7 @@ class _Reloader:
         if self._path is None:
             logger.warning("reload requested but the guard runs without a config file")
             return False
-        self._identity = _file_identity(self._path)
+        self._identity = file_identity((self._path,))
         try:
             new = load_config(self._path)
         except ConfigError as exc:

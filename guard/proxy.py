@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from guard import tls, wire
+from guard._files import file_identity
 from guard.config import Config, TLSConfig
 from guard.errors import GuardError
 from guard.metrics import GuardMetrics
@@ -210,10 +211,10 @@ class GuardServer:
     async def _watch_upstream_tls(self, upstream_tls: TLSConfig, interval_s: float = 1.0) -> None:
         """Rebuild the upstream channel when its certificate files change."""
         paths = (upstream_tls.ca_file, upstream_tls.cert_file, upstream_tls.key_file)
-        seen = tls.file_identity(paths)
+        seen = file_identity(paths)
         while True:
             await asyncio.sleep(interval_s)
-            now = tls.file_identity(paths)
+            now = file_identity(paths)
             if now == seen:
                 continue
             try:

@@ -10,34 +10,20 @@ Secret, takes effect without a restart.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import grpc
 
+from guard._files import file_identity
 from guard.config import TLSConfig
 
-__all__ = ["channel_credentials", "file_identity", "server_credentials"]
+__all__ = ["channel_credentials", "server_credentials"]
 
 logger = logging.getLogger("guard.tls")
 
 
 def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
-
-
-def file_identity(paths: tuple[str | None, ...]) -> tuple[tuple[int, int, int], ...]:
-    """(inode, mtime, size) of each file, through symlinks: changes when any file does."""
-    out = []
-    for p in paths:
-        if p is None:
-            continue
-        try:
-            st = os.stat(os.path.realpath(p))
-            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        except OSError:
-            out.append((0, 0, 0))
-    return tuple(out)
 
 
 def _server_config(tls: TLSConfig) -> grpc.ServerCertificateConfiguration:
