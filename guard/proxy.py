@@ -132,7 +132,6 @@ class GuardServer:
         if server_credentials is None and config.tls is not None:
             server_credentials = tls.server_credentials(config.tls)
         self._server_credentials = server_credentials
-        self._methods: dict[str, _MethodInfo] = {}
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._probe_task: asyncio.Task[None] | None = None
@@ -267,18 +266,12 @@ class GuardServer:
 
     # ----------------------------------------------------------------- calls
 
-    def method(self, name: str) -> _MethodInfo:
-        """Per-method state, created on first use (bounded: clients choose names)."""
-        info = self._methods.get(name)
-        if info is None:
-            info = _MethodInfo(
-                name=name,
-                label=GuardMetrics.method_label(name),
-                spec_path=_SPEC_PATH.get(name),
-            )
-            if len(self._methods) < self._METHOD_CACHE_LIMIT:
-                self._methods[name] = info
-        return info
+    @staticmethod
+    def method(name: str) -> _MethodInfo:
+        """Per-method state (the handler that holds it is cached per method)."""
+        return _MethodInfo(
+            name=name, label=GuardMetrics.method_label(name), spec_path=_SPEC_PATH.get(name)
+        )
 
     async def handle(self, info: _MethodInfo, request: bytes, context: Any) -> bytes:
         """Forward one unary call, guarding Predict responses."""
