@@ -186,11 +186,11 @@ def guard_predict_response(
     if not results:
         return GuardedResponse(body, "clean", 0)
     modified = any(result.changed for _, _, result, _ in results)
-    # Derived outputs go into a message of their own when no original tensor
-    # changed: protobuf merges concatenated messages (map entries included), so
-    # ``body + extra`` is the guarded response, and the upstream's bytes, often
-    # megabytes of floats, are not serialized again.
-    extra = view if modified else wire.PredictResponseView()
+    # Derived outputs are appended as encoded map entries: protobuf merges
+    # concatenated messages (map entries included), so ``body + entries`` is the
+    # guarded response, and the upstream's bytes, often megabytes of floats, are
+    # serialized again only when a rule changed one of its tensors.
+    entries: list[bytes] = []
     for name, tensor, result, encoding in results:
         if result.changed:
             wire.set_tensor(tensor, result.values, encoding)
@@ -202,9 +202,6 @@ def guard_predict_response(
                     "would replace an output the model returns; drop the rule's "
                     "threshold/argmax/top_k or rename the model's output"
                 )
-            wire.set_tensor(extra.outputs[out_name], derived.array, encoding)
-    if modified:
-        return GuardedResponse(view.SerializeToString(), action, violations)
-    if extra.outputs:
-        return GuardedResponse(body + extra.SerializeToString(), action, violations)
-    return GuardedResponse(body, action, violations)
+            entries.append(wire.encode_output(out_name, derived.array, encoding))
+    base = view.SerializeToString() if modified else body
+    return GuardedResponse(base + b"".join(entries), action, violations)

@@ -347,6 +347,49 @@ def test_set_tensor_strings_always_use_string_val(encoding: wire.Encoding) -> No
     assert read.tolist() == labels.tolist()
 
 
+ENTRY_ARRAYS = [
+    np.arange(6, dtype=np.int64).reshape(2, 3),
+    np.array([[-1, 300], [2**40, 5]], dtype=np.int64),  # 10-, 2- and 6-byte varints
+    np.arange(300, dtype=np.int64),  # past the small-run loop
+    sample((3, 4), np.float32),
+    sample((2,), np.float64),
+    sample((2, 2), np.float16),
+    np.array(3.0, dtype=np.float32),
+    np.zeros((0, 5), dtype=np.float32),
+    np.zeros((2, 0), dtype=np.int64),
+    np.array([b"a", b"x" * 200, b"", "caf\u00e9".encode()], dtype=object).reshape(2, 2),
+]
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("array", ENTRY_ARRAYS, ids=lambda a: f"{a.dtype}{list(a.shape)}")
+def test_encode_output_is_the_map_entry_the_official_classes_read(
+    array: np.ndarray[Any, Any], encoding: wire.Encoding
+) -> None:
+    """encode_output's bytes, appended to a response, add one output: the same
+    tensor set_tensor writes, read back by the official classes and TF."""
+    base = predict_pb2.PredictResponse()
+    base.outputs["kept"].dtype = types_pb2.DT_FLOAT
+    base.model_spec.name = "m"
+    entry = wire.encode_output("derived_out", array, encoding)
+    merged = predict_pb2.PredictResponse.FromString(base.SerializeToString() + entry)
+    assert sorted(merged.outputs) == ["derived_out", "kept"]
+    assert merged.model_spec.name == "m"
+    reference = wire.PredictResponseView()
+    wire.set_tensor(reference.outputs["derived_out"], array, encoding)
+    expected = predict_pb2.PredictResponse.FromString(reference.SerializeToString())
+    assert merged.outputs["derived_out"] == expected.outputs["derived_out"]
+    read = tf.make_ndarray(merged.outputs["derived_out"])
+    assert read.shape == array.shape
+    if array.dtype == object:
+        assert read.tolist() == array.tolist()
+    else:
+        assert read.dtype == array.dtype
+        same_bits(read, array)
+        uses_content = bool(merged.outputs["derived_out"].tensor_content)
+        assert uses_content == (encoding is wire.Encoding.CONTENT and array.size > 0)
+
+
 def test_set_tensor_float16_typed_uses_half_val() -> None:
     array = np.array([0.0, -0.0, 1.0, 65504.0, np.inf, -np.inf, 6e-8], dtype=np.float16)
     back, read = roundtrip(array, wire.Encoding.TYPED)
