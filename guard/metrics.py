@@ -70,30 +70,62 @@ class BoundedLabel:
         return value
 
 
+#: Values and arrays queued by the numpy-fed collectors before they are folded
+#: in: a scrape folds everything queued, and so does a call that goes past
+#: either bound. They bound the memory held between scrapes (about 1 MiB).
+PENDING_VALUES_MAX = 1 << 16
+PENDING_ARRAYS_MAX = 4096
+
+
 class _OutputValueHistogram(Collector):
-    """``guard_output_value``: a histogram whose buckets are numpy arrays."""
+    """``guard_output_value``: a histogram whose buckets are numpy arrays.
+
+    ``observe`` only queues the array; queued arrays are folded into the buckets
+    in one ``searchsorted`` + ``bincount`` per label set, at scrape time or when
+    :data:`PENDING_VALUES_MAX` values wait. Per response that is one list append
+    instead of half a dozen numpy calls, which dominated small responses.
+    """
 
     def __init__(self, edges: tuple[float, ...]) -> None:
         self._edges = np.asarray(edges, dtype=np.float64)
         self._le = [repr(float(e)) for e in edges] + ["+Inf"]
         self._data: dict[tuple[str, str, str], tuple[np.ndarray[Any, Any], list[float]]] = {}
+        self._pending: dict[tuple[str, str, str], list[np.ndarray[Any, Any]]] = {}
+        self._pending_n = self._pending_arrays = 0
         self._lock = threading.Lock()
 
     def observe(self, labels: tuple[str, str, str], values: np.ndarray[Any, Any]) -> None:
-        v = values.ravel()
-        if not np.isfinite(v).all():
-            v = v[np.isfinite(v)]  # NaN/Inf are counted as violations, not as values
-        # side="left" gives i with edges[i-1] < v <= edges[i]: Prometheus' "le".
-        idx = np.searchsorted(self._edges, v, side="left")
-        counts = np.bincount(idx, minlength=self._edges.size + 1)
-        total = float(v.sum(dtype=np.float64))
+        """Count ``values`` (NaN and ±Inf are skipped: they are violations, not values).
+
+        ``values`` must not be modified afterwards; it is read when folded.
+        """
         with self._lock:
+            queue = self._pending.get(labels)
+            if queue is None:
+                queue = self._pending[labels] = []
+            queue.append(values)
+            self._pending_n += values.size
+            self._pending_arrays += 1
+            if self._pending_n > PENDING_VALUES_MAX or self._pending_arrays > PENDING_ARRAYS_MAX:
+                self._fold()
+
+    def _fold(self) -> None:
+        """Fold the queued values into the buckets (the caller holds the lock)."""
+        for labels, queue in self._pending.items():
+            v = np.concatenate([q.ravel() for q in queue]) if len(queue) > 1 else queue[0].ravel()
+            finite = np.isfinite(v)
+            if not finite.all():
+                v = v[finite]
+            # side="left" gives i with edges[i-1] < v <= edges[i]: Prometheus' "le".
+            idx = np.searchsorted(self._edges, v, side="left")
+            counts = np.bincount(idx, minlength=self._edges.size + 1)
             entry = self._data.get(labels)
             if entry is None:
-                entry = (np.zeros(self._edges.size + 1, dtype=np.int64), [0.0])
-                self._data[labels] = entry
+                entry = self._data[labels] = (np.zeros(self._edges.size + 1, np.int64), [0.0])
             entry[0][:] += counts
-            entry[1][0] += total
+            entry[1][0] += float(v.sum(dtype=np.float64))
+        self._pending.clear()
+        self._pending_n = self._pending_arrays = 0
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(
@@ -103,6 +135,7 @@ class _OutputValueHistogram(Collector):
             labels=["model", "signature", "output"],
         )
         with self._lock:
+            self._fold()
             items = [(k, c.copy(), s[0]) for k, (c, s) in self._data.items()]
         for labels, counts, total in items:
             cumulative = np.cumsum(counts)
@@ -114,12 +147,16 @@ class _OutputValueHistogram(Collector):
         yield family
 
 
+NameOf = Callable[[int], str]
+
+
 class _ClassCounts:
     """Per-class counts of one output, accumulated in numpy, with bounded names.
 
-    The first ``cap`` distinct classes get their own ``class`` label value; later
-    ones share ``__other__``. A response costs a bincount, not one counter
-    increment per class.
+    The first ``cap`` distinct classes, in the order they were first predicted,
+    get their own ``class`` label value; later ones share ``__other__``.
+    Predictions are queued and folded in batches: one ``bincount`` per batch,
+    not one counter increment per class, nor a numpy pass per response.
     """
 
     def __init__(self, cap: int) -> None:
@@ -127,27 +164,46 @@ class _ClassCounts:
         self.names: list[str] = []
         self.counts = np.zeros(cap + 1, dtype=np.int64)  # the last slot is __other__
         self.slot_of = np.full(0, -1, dtype=np.int64)  # class index -> slot, -1 = unseen
+        self.pending: list[tuple[np.ndarray[Any, Any], NameOf]] = []
 
-    def add(self, per_class: np.ndarray[Any, Any], name_of: Callable[[int], str]) -> None:
-        """Add counts indexed by class (``per_class[i]`` = how often class i won)."""
+    def fold(self) -> None:
+        """Count the queued predictions, in order, naming new classes as they come."""
+        i = 0
+        while i < len(self.pending):
+            # Consecutive batches share a name_of (one per rule set): fold them together.
+            name_of = self.pending[i][1]
+            j = i + 1
+            while j < len(self.pending) and self.pending[j][1] is name_of:
+                j += 1
+            run = [a for a, _ in self.pending[i:j]]
+            self._add(np.concatenate(run) if len(run) > 1 else run[0], name_of)
+            i = j
+        self.pending.clear()
+
+    def _add(self, classes: np.ndarray[Any, Any], name_of: NameOf) -> None:
+        per_class = np.bincount(classes)
         if per_class.size > self.slot_of.size:
             grown = np.full(per_class.size, -1, dtype=np.int64)
             grown[: self.slot_of.size] = self.slot_of
             self.slot_of = grown
         present = np.flatnonzero(per_class)
         slots = self.slot_of[present]
-        for pos in np.flatnonzero(slots < 0):  # only classes never seen before
-            cls = int(present[pos])
-            if len(self.names) < self.cap:
-                self.slot_of[cls] = len(self.names)
-                self.names.append(name_of(cls))
-            else:
-                self.slot_of[cls] = self.cap
-            slots[pos] = self.slot_of[cls]
+        unseen = slots < 0
+        if unseen.any():
+            # Name new classes in the order they were first predicted.
+            first = np.unique(classes, return_index=True)[1]  # classes are sorted = present
+            for pos in np.flatnonzero(unseen)[np.argsort(first[unseen], kind="stable")]:
+                cls = int(present[pos])
+                if len(self.names) < self.cap:
+                    self.slot_of[cls] = len(self.names)
+                    self.names.append(name_of(cls))
+                else:
+                    self.slot_of[cls] = self.cap
+                slots[pos] = self.slot_of[cls]
         np.add.at(self.counts, slots, per_class[present])
 
     def samples(self) -> list[tuple[str, int]]:
-        """(class label value, count) for every class seen."""
+        """(class label value, count) for every class seen (fold first)."""
         out = [(n, int(c)) for n, c in zip(self.names, self.counts, strict=False)]
         if self.counts[self.cap]:
             out.append((OTHER, int(self.counts[self.cap])))
@@ -155,24 +211,36 @@ class _ClassCounts:
 
 
 class _PredictedClassCounter(Collector):
-    """``guard_predicted_class_total``, fed by numpy."""
+    """``guard_predicted_class_total``, fed by numpy (see :class:`_ClassCounts`)."""
 
     def __init__(self, cap: int) -> None:
         self._cap = cap
         self._data: dict[tuple[str, str, str], _ClassCounts] = {}
+        self._pending_n = self._pending_arrays = 0
         self._lock = threading.Lock()
 
     def add(
         self,
         labels: tuple[str, str, str],
-        per_class: np.ndarray[Any, Any],
-        name_of: Callable[[int], str],
+        classes: np.ndarray[Any, Any],
+        name_of: NameOf,
     ) -> None:
+        """Count predictions: ``classes`` holds class indices (non-negative integers),
+        one per prediction. It must not be modified afterwards."""
         with self._lock:
             entry = self._data.get(labels)
             if entry is None:
                 entry = self._data[labels] = _ClassCounts(self._cap)
-            entry.add(per_class, name_of)
+            entry.pending.append((classes, name_of))
+            self._pending_n += classes.size
+            self._pending_arrays += 1
+            if self._pending_n > PENDING_VALUES_MAX or self._pending_arrays > PENDING_ARRAYS_MAX:
+                self._fold()
+
+    def _fold(self) -> None:
+        for entry in self._data.values():
+            entry.fold()
+        self._pending_n = self._pending_arrays = 0
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
@@ -182,6 +250,7 @@ class _PredictedClassCounter(Collector):
             labels=["model", "signature", "output", "class"],
         )
         with self._lock:
+            self._fold()
             items = [(k, v.samples()) for k, v in self._data.items()]
         for labels, samples in items:
             for name, count in samples:
@@ -205,6 +274,7 @@ class GuardMetrics:
         self._signatures = BoundedLabel(256)
         self._outputs = BoundedLabel(1024)
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._recorders: dict[tuple[str, str, str, str], _OutputRecorder] = {}
 
         def counter(name: str, doc: str, labels: list[str]) -> Counter:
             return Counter(name, doc, labels, registry=registry)
@@ -311,60 +381,92 @@ class GuardMetrics:
         labels: np.ndarray[Any, Any] | None,
     ) -> None:
         """Record the counts, histogram and classes of one checked output."""
-        version = self._versions(version)
-        signature = self._signatures(signature)
-        output = self._outputs(output)
+        key = (model, self._versions(version), self._signatures(signature), self._outputs(output))
+        recorder = self._recorders.get(key)
+        if recorder is None:
+            if len(self._recorders) >= _RECORDERS_MAX:
+                self._recorders.clear()
+            recorder = self._recorders[key] = _OutputRecorder(self, *key)
+        recorder.record(result, labels)
+
+
+_RECORDERS_MAX = 4096
+
+
+class _OutputRecorder:
+    """The metric children of one (model, version, signature, output), looked up once.
+
+    Creating the children makes every violation kind's series exist at 0 before
+    the first violation (rate() and alerts need a starting point).
+    """
+
+    def __init__(
+        self, metrics: GuardMetrics, model: str, version: str, signature: str, output: str
+    ) -> None:
+        labels = (model, version, signature, output)
+        self.values = metrics.output_values.labels(*labels)
+        self.below_min, self.above_max, self.nan, self.inf = (
+            metrics.output_violations.labels(*labels, kind)
+            for kind in ("below_min", "above_max", "nan", "inf")
+        )
+        self.bad_rows = metrics.sum_violations.labels(*labels)
+        self.series = (model, signature, output)
+        self.histogram = metrics.output_value
+        self.classes = metrics.predicted_class
+        self._labels: np.ndarray[Any, Any] | None = None
+        self._name_of: NameOf = str
+        self._index_name: NameOf = str
+
+    def _namer(self, labels: np.ndarray[Any, Any] | None) -> NameOf:
+        # One resolver per label table, so queued predictions fold in one batch.
+        if labels is not self._labels:
+            self._labels = labels
+            if labels is None:
+                self._name_of = str
+            else:
+                table = labels
+
+                def name_of(i: int) -> str:
+                    if i < table.size:
+                        label: bytes = table[i]
+                        return label.decode("utf-8")
+                    return str(i)
+
+                self._name_of = name_of
+        return self._name_of
+
+    def record(self, result: OutputResult, labels: np.ndarray[Any, Any] | None) -> None:
         c = result.counts
-        self._child(self.output_values, model, version, signature, output).inc(c.values)
-        for kind, n in (
-            ("below_min", c.below_min),
-            ("above_max", c.above_max),
-            ("nan", c.nan),
-            ("inf", c.inf),
-        ):
-            # Creating the child makes every kind's series exist at 0 before the first
-            # violation (rate() and alerts need a starting point); only counts add.
-            child = self._child(self.output_violations, model, version, signature, output, kind)
-            if n:
-                child.inc(n)
-        child = self._child(self.sum_violations, model, version, signature, output)
-        if c.bad_rows:
-            child.inc(c.bad_rows)
+        self.values.inc(c.values)
+        if c.total:
+            for child, n in (
+                (self.below_min, c.below_min),
+                (self.above_max, c.above_max),
+                (self.nan, c.nan),
+                (self.inf, c.inf),
+                (self.bad_rows, c.bad_rows),
+            ):
+                if n:
+                    child.inc(n)
 
         checked = result.checked
-        per_row = checked if class_axis_size(checked.shape) == 1 else None
-        if per_row is None and checked.size:
-            if result.confidence is not None:
-                per_row = result.confidence  # the top values of the checked rows
-            else:
-                with np.errstate(invalid="ignore"):
-                    per_row = checked.reshape(-1, checked.shape[-1]).max(axis=1)
-        if per_row is not None:
-            self.output_value.observe((model, signature, output), per_row)
-
-        if result.classes is not None and result.classes.size:
-            self._record_classes(model, signature, output, result, labels)
-
-    def _record_classes(
-        self,
-        model: str,
-        signature: str,
-        output: str,
-        result: OutputResult,
-        labels: np.ndarray[Any, Any] | None,
-    ) -> None:
-        assert result.classes is not None
-        classes = result.classes
-
-        def name_of(i: int) -> str:
-            if labels is not None and not result.multi_label and i < labels.size:
-                label: bytes = labels[i]
-                return label.decode("utf-8")
-            return str(i)
-
-        if result.multi_label:
-            # Threshold on a multi-label output: count each class index that fired.
-            per_class = classes.reshape(-1, classes.shape[-1]).sum(axis=0)
+        if class_axis_size(checked.shape) == 1:
+            per_row: np.ndarray[Any, Any] | None = checked
+        elif result.confidence is not None:
+            per_row = result.confidence  # the top values of the checked rows
+        elif checked.size:
+            with np.errstate(invalid="ignore"):
+                per_row = checked.reshape(-1, checked.shape[-1]).max(axis=1)
         else:
-            per_class = np.bincount(classes.ravel())
-        self.predicted_class.add((model, signature, output), per_class, name_of)
+            per_row = None
+        if per_row is not None and per_row.size:
+            self.histogram.observe(self.series, per_row)
+
+        classes = result.classes
+        if classes is not None and classes.size:
+            if result.multi_label:
+                # Threshold on a multi-label output: count each class index that fired.
+                fired = np.nonzero(classes.reshape(-1, classes.shape[-1]))[1]
+                self.classes.add(self.series, fired, self._index_name)
+            else:
+                self.classes.add(self.series, classes.ravel(), self._namer(labels))

@@ -468,6 +468,54 @@ def test_class_label_values_are_capped() -> None:
     assert count("__other__") == 6.0
 
 
+def test_class_names_go_to_the_first_predicted_classes() -> None:
+    # Cap 2: the names go to the first two classes predicted, in prediction order
+    # (rows, then responses), not to the two lowest class indices.
+    guard = Guard(wide_deep({"name": "p", "argmax": True}), max_class_label_values=2)
+    eye = np.eye(5, dtype=np.float32)
+    guard(response({"p": tensor(eye[[4]])}))
+    guard(response({"p": tensor(eye[[2, 0, 1, 4]])}))
+    labels = {"model": "wide_deep", "signature": "serving_default", "output": "p"}
+
+    def count(cls: str) -> float | None:
+        return guard.sample("guard_predicted_class_total", **{"class": cls}, **labels)
+
+    assert count("4") == 2.0 and count("2") == 1.0
+    assert count("0") is None and count("1") is None
+    assert count("__other__") == 2.0
+
+
+def test_queued_metrics_fold_at_their_bound_and_match_a_plain_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The histogram and the class counter queue arrays and fold them in batches.
+    # With a tiny bound they fold mid-stream; the totals must equal a plain count.
+    from guard import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "PENDING_VALUES_MAX", 7)
+    monkeypatch.setattr(metrics_module, "PENDING_ARRAYS_MAX", 2)
+    guard = Guard(wide_deep({"name": "p", "argmax": True, "labels": ["a", "b", "c"]}))
+    rng = np.random.default_rng(5)
+    rows = [
+        rng.dirichlet(np.ones(3), size=int(n)).astype(np.float32) for n in rng.integers(1, 6, 9)
+    ]
+    for r in rows:
+        guard(response({"p": tensor(r)}))
+    histogram = guard.metrics.output_value
+    assert histogram._pending_arrays <= 2 and histogram._pending_n <= 7 + 5
+    labels = {"model": "wide_deep", "signature": "serving_default", "output": "p"}
+    every = np.concatenate(rows)
+    winners = np.bincount(every.argmax(axis=1), minlength=3)
+    for i, name in enumerate("abc"):
+        got = guard.sample("guard_predicted_class_total", **{"class": name}, **labels)
+        assert (got or 0.0) == winners[i]
+    top = every.max(axis=1)
+    for le in ("0.4", "0.5", "0.8", "+Inf"):
+        bound = np.inf if le == "+Inf" else float(le)
+        expected = np.count_nonzero(top.astype(np.float64) <= bound)
+        assert guard.sample("guard_output_value_bucket", le=le, **labels) == expected
+
+
 def test_unknown_model_is_labelled_other() -> None:
     guard = Guard([{"name": "*", "outputs": [{"name": "*", "argmax": True}]}])
     for i in range(20):
