@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import signal
@@ -182,6 +183,12 @@ async def _serve(config: Config, config_path: Path | None, port_file: Path | Non
     watcher = asyncio.create_task(reloader.watch(), name="guard-config-watch")
     logger.info("%s", _summary(config))
     logger.info("serving gRPC on port %d, metrics on port %d", grpc_port, metrics_port)
+    # Everything allocated so far (modules, descriptors, the server) lives as
+    # long as the process: move it out of the collector's sight, so the full
+    # collections that steady traffic triggers scan only what requests made
+    # (measured: ~23 ms per full collection of a fresh guard otherwise).
+    gc.collect()
+    gc.freeze()
     if port_file is not None:
         _write_port_file(port_file, {"grpc": grpc_port, "metrics": metrics_port})
     try:

@@ -12,12 +12,14 @@ collector.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -143,6 +145,46 @@ class _OutputValueHistogram(Collector):
                 list(labels),
                 buckets=list(zip(self._le, (float(x) for x in cumulative), strict=True)),
                 sum_value=total,
+            )
+        yield family
+
+
+class _LatencyHistogram(Collector):
+    """A histogram with one (bounded) label, for the per-RPC timings.
+
+    ``observe`` is a ``bisect`` and two list updates. prometheus_client's
+    ``Histogram.observe`` walks the buckets in Python and takes a lock per
+    update, which is a measurable share of a proxy hop that costs well under a
+    millisecond. Only the event loop observes; a scrape copies each row.
+    """
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: tuple[float, ...]):
+        self._name = name
+        self._documentation = documentation
+        self._label = label
+        self._bounds = list(buckets)
+        self._le = [repr(float(b)) for b in buckets] + ["+Inf"]
+        # Per label value: one count per bucket (+Inf last), then the sum.
+        self._rows: dict[str, list[float]] = {}
+
+    def observe(self, label_value: str, amount: float) -> None:
+        """Count one observation of ``amount`` seconds."""
+        row = self._rows.get(label_value)
+        if row is None:
+            row = self._rows[label_value] = [0] * (len(self._bounds) + 1) + [0.0]
+        # bisect_left: the first bucket whose upper bound is >= amount ("le").
+        row[bisect.bisect_left(self._bounds, amount)] += 1
+        row[-1] += amount
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
+        for label_value, row in list(self._rows.items()):
+            snapshot = list(row)  # one atomic copy: counts and sum agree
+            cumulative = itertools.accumulate(snapshot[:-1])
+            family.add_metric(
+                [label_value],
+                buckets=list(zip(self._le, (float(c) for c in cumulative), strict=True)),
+                sum_value=snapshot[-1],
             )
         yield family
 
@@ -275,6 +317,8 @@ class GuardMetrics:
         self._outputs = BoundedLabel(1024)
         self._children: dict[tuple[Any, ...], Any] = {}
         self._recorders: dict[tuple[str, str, str, str], _OutputRecorder] = {}
+        self._request_children: dict[tuple[str, str, str], Any] = {}
+        self._response_children: dict[tuple[str, str, str, str], Any] = {}
 
         def counter(name: str, doc: str, labels: list[str]) -> Counter:
             return Counter(name, doc, labels, registry=registry)
@@ -311,21 +355,24 @@ class GuardMetrics:
             "guard_config_reloads_total", "Config reloads by result (success, failure).",
             ["result"],
         )  # fmt: skip
-        self.upstream_duration = Histogram(
+        self.upstream_duration = _LatencyHistogram(
             "guard_upstream_duration_seconds", "Time waiting for the upstream, per RPC.",
-            ["method"], buckets=LATENCY_BUCKETS, registry=registry,
+            "method", LATENCY_BUCKETS,
         )  # fmt: skip
-        self.overhead = Histogram(
+        registry.register(self.upstream_duration)
+        self.overhead = _LatencyHistogram(
             "guard_overhead_seconds",
             "Time spent in the guard itself per RPC (total minus the upstream wait).",
-            ["method"], buckets=LATENCY_BUCKETS, registry=registry,
+            "method", LATENCY_BUCKETS,
         )  # fmt: skip
+        registry.register(self.overhead)
         self.upstream_up = Gauge(
             "guard_upstream_up", "1 while the upstream answers, else 0.", registry=registry
         )
         self.inflight = Gauge(
             "guard_inflight_requests", "RPCs in flight through the guard.", registry=registry
         )
+        """Read at scrape time from the server's own count (see :meth:`track_inflight`)."""
         self.output_value = _OutputValueHistogram(OUTPUT_VALUE_BUCKETS)
         registry.register(self.output_value)
         self.predicted_class = _PredictedClassCounter(max_class_label_values)
@@ -347,6 +394,11 @@ class GuardMetrics:
         short = method.rsplit("/", 1)[-1]
         return short if short in KNOWN_METHODS else OTHER
 
+    def track_inflight(self, read: Callable[[], int]) -> None:
+        """Export ``read()`` as ``guard_inflight_requests``: the server already
+        counts its calls, so no gauge update is paid per RPC."""
+        self.inflight.set_function(read)
+
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
         child = self._children.get(key)
@@ -359,17 +411,28 @@ class GuardMetrics:
 
     def record_request(self, model: str, method: str, code: str) -> None:
         """Count one finished RPC (labels already bounded)."""
-        self._child(self.requests, model, method, code).inc()
+        key = (model, method, code)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(model, method, code)
+        child.inc()
 
     def record_timing(self, method: str, upstream_s: float, overhead_s: float) -> None:
         """Observe the upstream wait and the guard's own time for one RPC."""
-        self._child(self.upstream_duration, method).observe(upstream_s)
-        self._child(self.overhead, method).observe(overhead_s)
+        self.upstream_duration.observe(method, upstream_s)
+        self.overhead.observe(method, overhead_s)
 
     def record_response(self, model: str, version: str, signature: str, action: str) -> None:
         """Count one guarded Predict response by action."""
-        version, signature = self._versions(version), self._signatures(signature)
-        self._child(self.responses, model, version, signature, action).inc()
+        key = (model, version, signature, action)
+        child = self._response_children.get(key)
+        if child is None:
+            if len(self._response_children) >= _RECORDERS_MAX:
+                self._response_children.clear()
+            version, signature = self._versions(version), self._signatures(signature)
+            child = self.responses.labels(model, version, signature, action)
+            self._response_children[key] = child
+        child.inc()
 
     def record_output(
         self,
@@ -381,12 +444,20 @@ class GuardMetrics:
         labels: np.ndarray[Any, Any] | None,
     ) -> None:
         """Record the counts, histogram and classes of one checked output."""
-        key = (model, self._versions(version), self._signatures(signature), self._outputs(output))
+        # Keyed by the raw values: the label values are bounded when the recorder
+        # is made, and the cache itself is bounded.
+        key = (model, version, signature, output)
         recorder = self._recorders.get(key)
         if recorder is None:
             if len(self._recorders) >= _RECORDERS_MAX:
                 self._recorders.clear()
-            recorder = self._recorders[key] = _OutputRecorder(self, *key)
+            recorder = self._recorders[key] = _OutputRecorder(
+                self,
+                model,
+                self._versions(version),
+                self._signatures(signature),
+                self._outputs(output),
+            )
         recorder.record(result, labels)
 
 

@@ -137,6 +137,7 @@ class GuardServer:
         self._probe_task: asyncio.Task[None] | None = None
         self._upstream_up: bool | None = None
         self._inflight = 0
+        self.metrics.track_inflight(lambda: self._inflight)
         self.port = 0
 
     def _new_channel(self) -> grpc.aio.Channel:
@@ -290,7 +291,6 @@ class GuardServer:
                 "limit; retry with backoff, or raise max_concurrent_rpcs in the guard config",
             )
         self._inflight += 1
-        metrics.inflight.inc()
         try:
             timeout = context.time_remaining()
             if timeout is None:
@@ -351,7 +351,6 @@ class GuardServer:
             return response
         finally:
             self._inflight -= 1
-            metrics.inflight.dec()
             metrics.record_request(model_label, info.label, code)
             total = time.perf_counter() - start
             metrics.record_timing(info.label, upstream_s, max(total - upstream_s, 0.0))
