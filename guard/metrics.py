@@ -149,6 +149,50 @@ class _OutputValueHistogram(Collector):
         yield family
 
 
+class LoopValue:
+    """One counter value, incremented without a lock by the event loop only."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount`` (non-negative)."""
+        self.value += amount
+
+
+class _LoopCounter(Collector):
+    """A labelled counter family for the per-RPC and per-output counts.
+
+    prometheus_client's ``Counter.inc`` takes a lock and checks its argument on
+    every call; these are incremented only from the event loop thread, so a
+    plain attribute update suffices, and a scrape (another thread) reads each
+    value once. The rarely-counted metrics stay prometheus_client Counters.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self._children: dict[tuple[str, ...], LoopValue] = {}
+
+    def labels(self, *values: str) -> LoopValue:
+        """The child for ``values`` (created at 0, so the series exists before counts)."""
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self._labelnames):
+                raise ValueError(f"{self._name}: expected labels {self._labelnames}")
+            child = self._children[values] = LoopValue()
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value)
+        yield family
+
+
 class _LatencyHistogram(Collector):
     """A histogram with one (bounded) label, for the per-RPC timings.
 
@@ -315,33 +359,38 @@ class GuardMetrics:
         self._versions = BoundedLabel(256)
         self._signatures = BoundedLabel(256)
         self._outputs = BoundedLabel(1024)
-        self._children: dict[tuple[Any, ...], Any] = {}
         self._recorders: dict[tuple[str, str, str, str], _OutputRecorder] = {}
-        self._request_children: dict[tuple[str, str, str], Any] = {}
-        self._response_children: dict[tuple[str, str, str, str], Any] = {}
+        self._request_children: dict[tuple[str, str, str], LoopValue] = {}
+        self._response_children: dict[tuple[str, str, str, str], LoopValue] = {}
 
         def counter(name: str, doc: str, labels: list[str]) -> Counter:
             return Counter(name, doc, labels, registry=registry)
 
-        self.requests = counter(
+        def loop_counter(name: str, doc: str, labels: list[str]) -> _LoopCounter:
+            family = _LoopCounter(name, doc, labels)
+            registry.register(family)
+            return family
+
+        # Counted on every RPC or output: lock-free children (see _LoopCounter).
+        self.requests = loop_counter(
             "guard_requests_total", "RPCs through the guard, by gRPC status code.",
             ["model", "method", "code"],
         )  # fmt: skip
-        self.output_values = counter(
+        self.output_values = loop_counter(
             "guard_output_values_total", "Output values checked against their valid range.",
             ["model", "version", "signature", "output"],
         )  # fmt: skip
-        self.output_violations = counter(
+        self.output_violations = loop_counter(
             "guard_output_violations_total",
             "Output values outside the valid range (below_min, above_max), NaN or infinite.",
             ["model", "version", "signature", "output", "kind"],
         )
-        self.sum_violations = counter(
+        self.sum_violations = loop_counter(
             "guard_output_sum_violations_total",
             "Rows of a check_sum output whose sum is off 1 by more than the tolerance.",
             ["model", "version", "signature", "output"],
         )
-        self.responses = counter(
+        self.responses = loop_counter(
             "guard_responses_total",
             "Predict responses with rules applied, by what the guard did "
             "(clean, observed, clamped, rejected).",
@@ -398,14 +447,6 @@ class GuardMetrics:
         """Export ``read()`` as ``guard_inflight_requests``: the server already
         counts its calls, so no gauge update is paid per RPC."""
         self.inflight.set_function(read)
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = metric.labels(*labels)
-            self._children[key] = child
-        return child
 
     # -------------------------------------------------------------- recording
 

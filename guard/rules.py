@@ -28,7 +28,7 @@ __all__ = ["Counts", "Derived", "OutputResult", "apply_rule", "class_axis_size"]
 Array = np.ndarray[Any, Any]
 
 
-@dataclass
+@dataclass(slots=True)
 class Counts:
     """Violation counts for one output of one response."""
 
@@ -50,7 +50,7 @@ class Counts:
         return self.violating_values + self.bad_rows
 
 
-@dataclass
+@dataclass(slots=True)
 class Derived:
     """An output the guard adds to the response, next to the original."""
 
@@ -60,7 +60,7 @@ class Derived:
     """int64, the source's float dtype, or an object array of ``bytes`` (labels)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class OutputResult:
     """What the rule did to one output."""
 
@@ -153,14 +153,26 @@ def _row_sums(values: Array) -> Array:
 def _bad_sum_rows(values: Array, tolerance: float) -> Array | None:
     """A mask of the rows whose sum is off 1 by more than ``tolerance`` (NaN is
     off), or ``None`` when every row is within it."""
-    deviation = _row_sums(values)
-    np.subtract(deviation, 1.0, out=deviation)
-    np.abs(deviation, out=deviation)
+    sums = _row_sums(values)
+    if sums.size:
+        # The common case, decided by two reductions: every sum strictly inside
+        # the band, with a margin that covers the rounding of 1 ± tolerance (the
+        # exact test below is |s - 1| <= tolerance). NaN fails both comparisons.
+        low, high = _sum_band(tolerance)
+        if low <= sums.min() and sums.max() <= high:
+            return None
+    deviation = np.abs(sums - 1.0)
     ok = deviation <= tolerance
     if ok.all():
         return None
     bad: Array = ~ok
     return bad
+
+
+@functools.lru_cache(maxsize=64)
+def _sum_band(tolerance: float) -> tuple[float, float]:
+    margin = 4 * float(np.spacing(1.0 + tolerance))
+    return 1.0 - tolerance + margin, 1.0 + tolerance - margin
 
 
 def _count(values: Array, rule: OutputRule) -> tuple[Counts, Array | None]:
@@ -254,11 +266,11 @@ def _top_k(values: Array, k: int) -> tuple[Array, Array]:
     rows = _rows(values)
     at = np.arange(rows.shape[0])
     if k == 1:
-        idx = rows.argmax(axis=1)[:, None]
+        idx = rows.argmax(axis=1).astype(np.int64, copy=False)[:, None]
     elif k <= _ARGMAX_ROUNDS_MAX_K:
         # k passes of argmax beat argpartition + sort by 6-10x for small k (measured).
         # -inf becomes the dtype's minimum, distinct from "already taken"; NaN stays.
-        work = np.maximum(rows, np.finfo(rows.dtype).min)
+        work = np.maximum(rows, _lowest(rows.dtype))
         idx = np.empty((rows.shape[0], k), dtype=np.int64)
         for j in range(k):
             best = work.argmax(axis=1)
@@ -267,10 +279,15 @@ def _top_k(values: Array, k: int) -> tuple[Array, Array]:
                 work[at, best] = -np.inf
     else:
         key = np.where(np.isnan(rows), -np.inf, -rows)  # NaN first, like argmax
-        idx = np.argsort(key, axis=1, kind="stable")[:, :k]
+        idx = np.argsort(key, axis=1, kind="stable")[:, :k].astype(np.int64, copy=False)
     scores = rows[at[:, None], idx]
     lead = values.shape[:-1] if values.ndim >= 2 else values.shape
-    return idx.astype(np.int64, copy=False).reshape(*lead, k), scores.reshape(*lead, k)
+    return idx.reshape(*lead, k), scores.reshape(*lead, k)
+
+
+@functools.lru_cache(maxsize=8)
+def _lowest(dtype: np.dtype[Any]) -> Any:
+    return np.finfo(dtype).min
 
 
 def _labels_for(classes: Array, labels: np.ndarray[Any, Any]) -> Array:
