@@ -1,0 +1,123 @@
+"""A/B of the proxy's CPU per request: guard checkouts against the passthrough.
+
+Each variant is a checkout of this repository (a ``git worktree`` of another
+commit, or this one), started with ``python -m guard serve`` from that
+directory against one canned upstream, then loaded with h2load at c=16 while
+/proc accounts its CPU. Variants and the raw passthrough are interleaved, their
+order rotated per round, and each round's ratio to the passthrough is printed:
+on a shared, noisy machine the paired ratio is the figure to trust.
+
+``python -m bench.ab [--rounds 4] NAME=CHECKOUT[:norules] ...``, e.g.::
+
+    git worktree add /tmp/before HEAD~3
+    python -m bench.ab before=/tmp/before after=. after-norules=.:norules
+
+``:norules`` runs the guard with a config that matches no model (the hop alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import load, payloads
+from bench._common import read_port_file
+from bench.run import start_upstream, write_guard_config
+from bench.upstream import model_from_args
+from bench.upstream import parse_args as upstream_args
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _start(argv: list[str], checkout: Path, port_file: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port_file.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    cmd = [sys.executable, "-m", *argv, "--port-file", str(port_file)]
+    spawned = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=checkout, env=env, stderr=subprocess.DEVNULL)
+
+    def target() -> str | None:
+        ports = read_port_file(port_file)
+        return f"127.0.0.1:{ports['grpc']}" if ports else None
+
+    load.wait_serving(target, proc, spawned)
+    ports = read_port_file(port_file)
+    assert ports is not None
+    return proc, ports["grpc"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("variants", nargs="+", help="NAME=CHECKOUT[:norules]")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--requests", type=int, default=4000)
+    args = p.parse_args(argv)
+    variants: dict[str, tuple[Path, bool] | None] = {"passthrough": None}
+    for spec in args.variants:
+        name, _, where = spec.partition("=")
+        path, _, flag = where.partition(":")
+        variants[name] = (Path(path).resolve(), flag == "norules")
+
+    model = model_from_args(upstream_args([]))
+    request = payloads.predict_request(model)
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory(prefix="guard-ab-") as tmp:
+        workdir = Path(tmp)
+        data = workdir / "predict.grpc"
+        data.write_bytes(payloads.grpc_frame(request))
+        upstream, address = start_upstream(workdir, [])
+        rules = write_guard_config(workdir, model)
+        no_rules = workdir / "no-rules.yaml"
+        no_rules.write_text(rules.read_text().replace(f"name: {model.name}", "name: no-such-model"))
+        try:
+            names = list(variants)
+            for r in range(args.rounds):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    variant = variants[name]
+                    if variant is None:
+                        argv_ = [
+                            "bench.passthrough",
+                            "--upstream",
+                            address,
+                            "--listen",
+                            "127.0.0.1:0",
+                        ]
+                        checkout = REPO
+                    else:
+                        checkout, bare = variant
+                        argv_ = [
+                            "guard", "serve", "--config", str(no_rules if bare else rules),
+                            "--upstream", address, "--listen", "127.0.0.1:0",
+                            "--metrics-listen", "127.0.0.1:0",
+                        ]  # fmt: skip
+                    proc, port = _start(argv_, checkout, workdir / f"{name}.ports.json")
+                    try:
+                        load.latency_c1(f"127.0.0.1:{port}", request, 300, 0)  # warm up
+                        tp = load.throughput(port, data, args.requests, 16, proxy_pid=proc.pid)
+                        if tp.cpu_ms_per_request is not None:
+                            cpu[name].append(tp.cpu_ms_per_request)
+                    finally:
+                        proc.terminate()
+                        proc.wait(10)
+        finally:
+            upstream.terminate()
+            upstream.wait(10)
+    base = cpu["passthrough"]
+    for name, values in cpu.items():
+        line = f"{name:16s} CPU ms/request c=16: median {statistics.median(values):.3f}"
+        if name != "passthrough":
+            paired = [v / b for v, b in zip(values, base, strict=False)]
+            line += f"; vs passthrough {statistics.median(paired):.2f}x"
+            line += f" (rounds {', '.join(f'{x:.2f}' for x in paired)})"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
