@@ -100,6 +100,24 @@ def test_check_sum_counts_rows_off_by_more_than_tolerance() -> None:
     assert loose.counts.bad_rows == 0 and loose.action == "clean"
 
 
+@pytest.mark.parametrize("tolerance", [0.0, 1e-3, 1e-2, 0.3, 1.0])
+def test_check_sum_verdict_is_exact_at_the_tolerance_boundary(tolerance: float) -> None:
+    # A fast path decides "all rows fine" from the min and max of the sums; rows
+    # whose sums sit on either edge of the band, or one float beyond, must get
+    # exactly the verdict of |sum - 1| <= tolerance in float64.
+    edges = [1.0 - tolerance, 1.0 + tolerance, 1.0]
+    sums = sorted(
+        {float(v) for e in edges for v in (np.nextafter(e, -9), e, np.nextafter(e, 9))}
+    )
+    for s in sums:
+        x = np.array([[s, 0.0]])  # a float64 row sums exactly to s
+        expected = int(not abs(s - 1.0) <= tolerance)
+        assert run(x, check_sum=True, sum_tolerance=tolerance).counts.bad_rows == expected, s
+    many = np.array([[s, 0.0] for s in sums])
+    expected = sum(not abs(s - 1.0) <= tolerance for s in sums)
+    assert run(many, check_sum=True, sum_tolerance=tolerance).counts.bad_rows == expected
+
+
 def test_check_sum_on_one_value_per_row() -> None:
     x = np.array([1.0, 0.5, 1.0], dtype=np.float32)
     assert run(x, check_sum=True).counts.bad_rows == 1
