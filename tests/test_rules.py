@@ -106,9 +106,7 @@ def test_check_sum_verdict_is_exact_at_the_tolerance_boundary(tolerance: float) 
     # whose sums sit on either edge of the band, or one float beyond, must get
     # exactly the verdict of |sum - 1| <= tolerance in float64.
     edges = [1.0 - tolerance, 1.0 + tolerance, 1.0]
-    sums = sorted(
-        {float(v) for e in edges for v in (np.nextafter(e, -9), e, np.nextafter(e, 9))}
-    )
+    sums = sorted({float(v) for e in edges for v in (np.nextafter(e, -9), e, np.nextafter(e, 9))})
     for s in sums:
         x = np.array([[s, 0.0]])  # a float64 row sums exactly to s
         expected = int(not abs(s - 1.0) <= tolerance)
