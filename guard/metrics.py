@@ -567,7 +567,9 @@ class _OutputRecorder:
 
         checked = result.checked
         if class_axis_size(checked.shape) == 1:
-            per_row: np.ndarray[Any, Any] | None = checked
+            # A copy: the values may be a view of the response's buffer, which
+            # the histogram's queue must not keep alive.
+            per_row: np.ndarray[Any, Any] | None = checked.copy()
         elif result.confidence is not None:
             per_row = result.confidence  # the top values of the checked rows
         elif checked.size:
