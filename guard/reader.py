@@ -31,7 +31,7 @@ __all__ = ["PredictResponseReader"]
 
 _LEN, _VARINT = 2, 0
 # Field numbers the raw path reads (TensorProto, TensorShapeProto, its Dim); the
-# value fields are FloatDType.number. Any other field means fallback.
+# value fields are TensorDType.number. Any other field means fallback.
 _DTYPE, _SHAPE, _VERSION, _CONTENT = 1, 2, 3, 4
 _DIM, _UNKNOWN_RANK = 2, 3
 _DIM_SIZE, _DIM_NAME = 1, 2

@@ -34,16 +34,22 @@ __all__ = [
     "DT_HALF",
     "DT_INT64",
     "DT_STRING",
+    "FLOAT_DTYPES",
     "Encoding",
     "ModelSpecInfo",
     "PredictResponseView",
+    "TensorDType",
     "decode_tensor",
     "decode_varints",
     "encode_output",
     "encode_varints",
+    "fill",
+    "numel",
     "parse_predict_response",
     "peek_model_spec",
+    "read_varint",
     "set_tensor",
+    "spec_from_bytes",
 ]
 
 # tensorflow/core/framework/types.proto
@@ -65,19 +71,21 @@ class Encoding(Enum):
 
 
 @dataclass(frozen=True)
-class FloatDType:
+class TensorDType:
+    """A TF dtype the guard reads or writes, and the TensorProto field carrying it."""
+
     numpy: np.dtype[Any]
     field: str
     number: int
     varint: bool  # half_val and int64_val are varints on the wire; float/double are fixed
 
 
-FLOAT_DTYPES: dict[int, FloatDType] = {
-    DT_FLOAT: FloatDType(np.dtype("<f4"), "float_val", _F_FLOAT, False),
-    DT_DOUBLE: FloatDType(np.dtype("<f8"), "double_val", _F_DOUBLE, False),
-    DT_HALF: FloatDType(np.dtype("<f2"), "half_val", _F_HALF, True),
+FLOAT_DTYPES: dict[int, TensorDType] = {
+    DT_FLOAT: TensorDType(np.dtype("<f4"), "float_val", _F_FLOAT, False),
+    DT_DOUBLE: TensorDType(np.dtype("<f8"), "double_val", _F_DOUBLE, False),
+    DT_HALF: TensorDType(np.dtype("<f2"), "half_val", _F_HALF, True),
 }
-_INT64 = FloatDType(np.dtype("<i8"), "int64_val", _F_INT64, True)
+_INT64 = TensorDType(np.dtype("<i8"), "int64_val", _F_INT64, True)
 _DTYPE_OF_NUMPY: dict[np.dtype[Any], int] = {
     np.dtype("float32"): DT_FLOAT,
     np.dtype("float64"): DT_DOUBLE,
@@ -302,6 +310,8 @@ _MAX_RANK = 32  # numpy handles 64; no real model output comes near either
 
 
 def numel(shape: Sequence[int], itemsize: int, limit_bytes: int) -> int:
+    """Elements in ``shape``; a DecodeError if it is not a shape a response within
+    ``limit_bytes`` can hold (too deep, negative, or too many bytes)."""
     if len(shape) > _MAX_RANK:
         raise DecodeError(f"tensor has rank {len(shape)}; the guard handles up to {_MAX_RANK}")
     n = 1
@@ -322,7 +332,7 @@ def _has_unpacked(tensor: Any, number: int) -> bool:
     return any(fields[i].field_number == number for i in range(len(fields)))
 
 
-def _typed_values(typed: Any, dt: FloatDType) -> np.ndarray[Any, Any]:
+def _typed_values(typed: Any, dt: TensorDType) -> np.ndarray[Any, Any]:
     """Fallback: the values of a fully typed tensor view, in wire order."""
     values = getattr(typed, dt.field)
     if dt.numpy == np.dtype("<f2"):
@@ -380,7 +390,7 @@ def decode_tensor(
 
 
 def fill(
-    flat: np.ndarray[Any, Any], shape: tuple[int, ...], count: int, dt: FloatDType
+    flat: np.ndarray[Any, Any], shape: tuple[int, ...], count: int, dt: TensorDType
 ) -> np.ndarray[Any, Any]:
     """Typed values to the tensor's shape, by TF's fill convention: fewer values
     than elements repeat the last one, none means zeros, more is an error."""
