@@ -1,17 +1,18 @@
 """Reading a serialized PredictResponse: zero-copy for the layout TF Serving writes.
 
-TF Serving serializes a PredictResponse canonically: ``outputs`` map entries
-(key, then a TensorProto of dtype, shape and one value field), then
-``model_spec``. :class:`PredictResponseReader` walks those bytes itself and
-hands numpy a view of the response's own buffer, so the values are never
-copied and no message object is built per response. That matters more than
-it looks: in a loaded proxy the caches are cold between responses, and every
-protobuf accessor is a cache miss (see ``python -m bench.cold``).
+The upb view in :mod:`guard.wire` validates every response. Then, for the
+canonical layout TF Serving writes (``outputs`` map entries holding a
+TensorProto of dtype, shape and one value field, then ``model_spec``),
+:class:`PredictResponseReader` locates each tensor's values in the response
+bytes itself and hands numpy a view of that buffer: no copy of the values and
+no accessor objects per tensor. That matters more than it looks: in a loaded
+proxy the caches are cold between responses, and every protobuf accessor is a
+cache miss (see ``python -m bench.cold``).
 
 Anything else that is valid protobuf (a field repeated, unpacked values,
-fields TF does not write for float tensors, unknown fields) falls back to the
-upb view in :mod:`guard.wire`, which implements the full merge semantics.
-Both paths return the same arrays; the tests and the fuzz target compare them.
+fields TF does not write for float tensors, unknown fields) is read through
+the view, which implements the full merge semantics. Both paths return the
+same arrays; the tests and the fuzz target compare them.
 
 This module knows nothing of rules or gRPC.
 """
@@ -22,7 +23,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from google.protobuf import message as pb_message
 
 from guard import wire
 from guard.errors import DecodeError
@@ -94,7 +94,10 @@ class PredictResponseReader:
 
     def __init__(self, body: bytes) -> None:
         self.body = body
-        self._view: Any = None
+        # upb validates the whole message first (UTF-8, packed runs, nested
+        # messages, outputs no rule reads), so a response the guard accepts is
+        # exactly one protobuf accepts; the raw walk then only locates values.
+        self._view: Any = wire.parse_predict_response(body)  # raises DecodeError
         self._typed: Any = None
         self._spec_bytes: bytes | None = None
         self._raw: dict[str, tuple[int, int]] | None
@@ -102,11 +105,7 @@ class PredictResponseReader:
             self._raw = self._scan(body)
         except (_Fallback, ValueError, UnicodeDecodeError):
             self._raw = None
-        if self._raw is None:
-            self._view = wire.parse_predict_response(body)  # raises DecodeError
-            self.names: list[str] = sorted(self._view.outputs)
-        else:
-            self.names = sorted(self._raw)
+        self.names: list[str] = sorted(self._raw if self._raw is not None else self._view.outputs)
 
     def _scan(self, body: bytes) -> dict[str, tuple[int, int]] | None:
         outputs: dict[str, tuple[int, int]] = {}
@@ -131,21 +130,16 @@ class PredictResponseReader:
 
     def spec(self) -> wire.ModelSpecInfo | None:
         """The response's ``model_spec``, if the upstream set one."""
-        if self._view is not None:
+        if self._raw is None:
             return wire.response_spec(self._view)
         if self._spec_bytes is None:
             return None
-        try:
-            return wire.spec_from_bytes(self._spec_bytes)
-        except pb_message.DecodeError:  # malformed: the full parse raises ours
-            return wire.response_spec(self.view())
+        return wire.spec_from_bytes(self._spec_bytes)  # valid: upb parsed it
 
     # --------------------------------------------------------------- tensors
 
     def view(self) -> Any:
-        """The upb view of the whole response (parsed on first use)."""
-        if self._view is None:
-            self._view = wire.parse_predict_response(self.body)
+        """The upb view of the whole response."""
         return self._view
 
     def _typed_tensor(self, name: str) -> Any:
