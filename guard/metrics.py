@@ -567,9 +567,7 @@ class _OutputRecorder:
 
         checked = result.checked
         if class_axis_size(checked.shape) == 1:
-            # A copy: the values may be a view of the response's buffer, which
-            # the histogram's queue must not keep alive.
-            per_row: np.ndarray[Any, Any] | None = checked.copy()
+            per_row: np.ndarray[Any, Any] | None = checked
         elif result.confidence is not None:
             per_row = result.confidence  # the top values of the checked rows
         elif checked.size:

@@ -7,6 +7,7 @@ Responses are returned byte-identical unless a rule changed or added a tensor.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,6 @@ from guard import wire
 from guard.config import ANY, SERVING_DEFAULT, Config, ModelRule, OutputRule
 from guard.errors import DecodeError, OutputShapeError, RejectedOutputError
 from guard.metrics import GuardMetrics
-from guard.reader import PredictResponseReader
 from guard.rules import OutputResult, apply_rule, label_table
 
 __all__ = ["GuardedResponse", "RuleBook", "guard_predict_response"]
@@ -121,11 +121,11 @@ def guard_predict_response(
     """
     req_model = request_spec.name if request_spec else ""
     try:
-        reader = PredictResponseReader(body)
-        spec = reader.spec()
+        view = wire.parse_predict_response(body)
     except DecodeError:
         metrics.decode_errors.labels(metrics.model_label(req_model)).inc()
         raise
+    spec = wire.response_spec(view)
     model = (spec.name if spec and spec.name else req_model) or ""
     signature = (
         (spec.signature_name if spec else "")
@@ -141,17 +141,25 @@ def guard_predict_response(
     # declare a huge tensor, and many outputs must not add up past the limit.
     budget = book.config.max_message_bytes
 
+    typed_view: list[Any] = []
+
+    def typed_fallback(name: str) -> Any:
+        if not typed_view:
+            typed_view.append(wire.TypedPredictResponse.FromString(body))
+        return typed_view[0].outputs[name]
+
     action = "clean"
     violations = 0
     rejection: str | None = None
-    upstream_names = set(reader.names)
-    results: list[tuple[str, OutputResult, wire.Encoding]] = []
-    for name in reader.names:
+    upstream_names = set(view.outputs.keys())
+    results: list[tuple[str, Any, OutputResult, wire.Encoding]] = []
+    for name in sorted(upstream_names):
         compiled = rules.rule_for(name)
         if compiled is None:
             continue
+        tensor = view.outputs[name]
         try:
-            decoded = reader.decode(name, budget)
+            decoded = wire.decode_tensor(tensor, budget, functools.partial(typed_fallback, name))
         except DecodeError as exc:
             metrics.decode_errors.labels(model_label).inc()
             raise DecodeError(
@@ -169,7 +177,7 @@ def guard_predict_response(
             action = result.action
         if result.rejection and rejection is None:
             rejection = result.rejection
-        results.append((name, result, encoding))
+        results.append((name, tensor, result, encoding))
 
     metrics.record_response(model_label, version, signature, action)
     if rejection is not None:
@@ -177,15 +185,15 @@ def guard_predict_response(
 
     if not results:
         return GuardedResponse(body, "clean", 0)
-    modified = any(result.changed for _, result, _ in results)
+    modified = any(result.changed for _, _, result, _ in results)
     # Derived outputs are appended as encoded map entries: protobuf merges
     # concatenated messages (map entries included), so ``body + entries`` is the
     # guarded response, and the upstream's bytes, often megabytes of floats, are
     # serialized again only when a rule changed one of its tensors.
     entries: list[bytes] = []
-    for name, result, encoding in results:
+    for name, tensor, result, encoding in results:
         if result.changed:
-            wire.set_tensor(reader.view().outputs[name], result.values, encoding)
+            wire.set_tensor(tensor, result.values, encoding)
         for derived in result.derived:
             out_name = name + derived.suffix
             if out_name in upstream_names:
@@ -195,5 +203,5 @@ def guard_predict_response(
                     "threshold/argmax/top_k or rename the model's output"
                 )
             entries.append(wire.encode_output(out_name, derived.array, encoding))
-    base = reader.view().SerializeToString() if modified else body
+    base = view.SerializeToString() if modified else body
     return GuardedResponse(base + b"".join(entries), action, violations)

@@ -34,22 +34,16 @@ __all__ = [
     "DT_HALF",
     "DT_INT64",
     "DT_STRING",
-    "FLOAT_DTYPES",
     "Encoding",
     "ModelSpecInfo",
     "PredictResponseView",
-    "TensorDType",
     "decode_tensor",
     "decode_varints",
     "encode_output",
     "encode_varints",
-    "fill",
-    "numel",
     "parse_predict_response",
     "peek_model_spec",
-    "read_varint",
     "set_tensor",
-    "spec_from_bytes",
 ]
 
 # tensorflow/core/framework/types.proto
@@ -71,21 +65,19 @@ class Encoding(Enum):
 
 
 @dataclass(frozen=True)
-class TensorDType:
-    """A TF dtype the guard reads or writes, and the TensorProto field carrying it."""
-
+class _DType:
     numpy: np.dtype[Any]
     field: str
     number: int
     varint: bool  # half_val and int64_val are varints on the wire; float/double are fixed
 
 
-FLOAT_DTYPES: dict[int, TensorDType] = {
-    DT_FLOAT: TensorDType(np.dtype("<f4"), "float_val", _F_FLOAT, False),
-    DT_DOUBLE: TensorDType(np.dtype("<f8"), "double_val", _F_DOUBLE, False),
-    DT_HALF: TensorDType(np.dtype("<f2"), "half_val", _F_HALF, True),
+FLOAT_DTYPES: dict[int, _DType] = {
+    DT_FLOAT: _DType(np.dtype("<f4"), "float_val", _F_FLOAT, False),
+    DT_DOUBLE: _DType(np.dtype("<f8"), "double_val", _F_DOUBLE, False),
+    DT_HALF: _DType(np.dtype("<f2"), "half_val", _F_HALF, True),
 }
-_INT64 = TensorDType(np.dtype("<i8"), "int64_val", _F_INT64, True)
+_INT64 = _DType(np.dtype("<i8"), "int64_val", _F_INT64, True)
 _DTYPE_OF_NUMPY: dict[np.dtype[Any], int] = {
     np.dtype("float32"): DT_FLOAT,
     np.dtype("float64"): DT_DOUBLE,
@@ -309,9 +301,7 @@ def encode_varints(values: np.ndarray[Any, Any]) -> bytes:
 _MAX_RANK = 32  # numpy handles 64; no real model output comes near either
 
 
-def numel(shape: Sequence[int], itemsize: int, limit_bytes: int) -> int:
-    """Elements in ``shape``; a DecodeError if it is not a shape a response within
-    ``limit_bytes`` can hold (too deep, negative, or too many bytes)."""
+def _numel(shape: Sequence[int], itemsize: int, limit_bytes: int) -> int:
     if len(shape) > _MAX_RANK:
         raise DecodeError(f"tensor has rank {len(shape)}; the guard handles up to {_MAX_RANK}")
     n = 1
@@ -332,7 +322,7 @@ def _has_unpacked(tensor: Any, number: int) -> bool:
     return any(fields[i].field_number == number for i in range(len(fields)))
 
 
-def _typed_values(typed: Any, dt: TensorDType) -> np.ndarray[Any, Any]:
+def _typed_values(typed: Any, dt: _DType) -> np.ndarray[Any, Any]:
     """Fallback: the values of a fully typed tensor view, in wire order."""
     values = getattr(typed, dt.field)
     if dt.numpy == np.dtype("<f2"):
@@ -356,13 +346,13 @@ def decode_tensor(
     if dt is None:
         return None
     shape = tuple([d.size for d in tensor.tensor_shape.dim])
-    count = numel(shape, dt.numpy.itemsize, limit_bytes)
+    numel = _numel(shape, dt.numpy.itemsize, limit_bytes)
     content = tensor.tensor_content
     if content:
-        if len(content) != count * dt.numpy.itemsize:
+        if len(content) != numel * dt.numpy.itemsize:
             raise DecodeError(
                 f"tensor_content has {len(content)} bytes but shape {list(shape)} of "
-                f"{dt.field[:-4]} needs {count * dt.numpy.itemsize}"
+                f"{dt.field[:-4]} needs {numel * dt.numpy.itemsize}"
             )
         return np.frombuffer(content, dtype=dt.numpy).reshape(shape), Encoding.CONTENT
 
@@ -386,25 +376,17 @@ def decode_tensor(
                 f"{dt.field} sent unpacked, and the tensor is malformed: {exc}"
             ) from None
         flat = _typed_values(typed, dt)
-    return fill(flat, shape, count, dt), Encoding.TYPED
-
-
-def fill(
-    flat: np.ndarray[Any, Any], shape: tuple[int, ...], count: int, dt: TensorDType
-) -> np.ndarray[Any, Any]:
-    """Typed values to the tensor's shape, by TF's fill convention: fewer values
-    than elements repeat the last one, none means zeros, more is an error."""
     n = flat.size
-    if n == count:
-        return flat.reshape(shape)
-    if n > count:
-        raise DecodeError(f"{dt.field} has {n} values but shape {list(shape)} holds {count}")
+    if n == numel:
+        return flat.reshape(shape), Encoding.TYPED
+    if n > numel:
+        raise DecodeError(f"{dt.field} has {n} values but shape {list(shape)} holds {numel}")
     if n == 0:
-        return np.zeros(shape, dtype=dt.numpy)
-    filled = np.empty(count, dtype=dt.numpy)
+        return np.zeros(shape, dtype=dt.numpy), Encoding.TYPED
+    filled = np.empty(numel, dtype=dt.numpy)
     filled[:n] = flat
     filled[n:] = flat[-1]
-    return filled.reshape(shape)
+    return filled.reshape(shape), Encoding.TYPED
 
 
 _VALUE_FIELDS = ("tensor_content", "string_val", "float_val", "double_val", "int64_val", "half_val")
@@ -567,10 +549,7 @@ def response_spec(view: Any) -> ModelSpecInfo | None:
     return _spec_info(view.model_spec) if view.HasField("model_spec") else None
 
 
-def read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """One varint at ``pos``: (value, position after it). Raises ``ValueError``."""
-    if pos < len(data) and data[pos] < 0x80:
-        return data[pos], pos + 1  # keys and short lengths: most varints
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(data) or shift > 63:
@@ -588,17 +567,17 @@ def _find_field(data: bytes, number: int) -> bytes | None:
     pos = 0
     end = len(data)
     while pos < end:
-        key, pos = read_varint(data, pos)
+        key, pos = _read_varint(data, pos)
         wire = key & 7
         if wire == 2:
-            length, pos = read_varint(data, pos)
+            length, pos = _read_varint(data, pos)
             if pos + length > end:
                 raise ValueError("truncated")
             if key >> 3 == number:
                 return data[pos : pos + length]
             pos += length
         elif wire == 0:
-            _, pos = read_varint(data, pos)
+            _, pos = _read_varint(data, pos)
         elif wire == 1:
             pos += 8
         elif wire == 5:
@@ -624,25 +603,18 @@ def peek_model_spec(request: bytes, path: Sequence[int] = (1,)) -> ModelSpecInfo
             if payload is None:
                 return None
         assert payload is not None
-        return spec_from_bytes(payload)
+        # Clients repeat the same few specs: parse each distinct one once. The
+        # bytes are the client's, so entries and their size are both bounded.
+        found = _SPECS.get(payload)
+        if found is None:
+            found = _spec_info(_ModelSpecView.FromString(payload))
+            if len(payload) <= _SPEC_CACHE_BYTES:
+                if len(_SPECS) >= _SPECS_MAX:
+                    _SPECS.clear()
+                _SPECS[payload] = found
+        return found
     except (ValueError, pb_message.DecodeError):
         return None
-
-
-def spec_from_bytes(payload: bytes) -> ModelSpecInfo:
-    """A serialized ModelSpec's parts. Raises protobuf's ``DecodeError``.
-
-    Clients and upstreams repeat the same few specs: each distinct one is parsed
-    once. The bytes may be a client's, so the entries and their size are bounded.
-    """
-    found = _SPECS.get(payload)
-    if found is None:
-        found = _spec_info(_ModelSpecView.FromString(payload))
-        if len(payload) <= _SPEC_CACHE_BYTES:
-            if len(_SPECS) >= _SPECS_MAX:
-                _SPECS.clear()
-            _SPECS[payload] = found
-    return found
 
 
 _SPECS: dict[bytes, ModelSpecInfo] = {}
