@@ -83,6 +83,25 @@ PENDING_VALUES_MAX = 1 << 16
 PENDING_ARRAYS_MAX = 4096
 
 
+class _Queued:
+    """What a numpy-fed collector has queued since its last fold."""
+
+    __slots__ = ("arrays", "values")
+
+    def __init__(self) -> None:
+        self.values = self.arrays = 0
+
+    def add(self, size: int) -> bool:
+        """Count one queued array of ``size`` values; True when it is time to fold."""
+        self.values += size
+        self.arrays += 1
+        return self.values > PENDING_VALUES_MAX or self.arrays > PENDING_ARRAYS_MAX
+
+    def reset(self) -> None:
+        """Everything queued was folded."""
+        self.values = self.arrays = 0
+
+
 class _OutputValueHistogram(Collector):
     """``guard_output_value``: a histogram whose buckets are numpy arrays.
 
@@ -97,7 +116,7 @@ class _OutputValueHistogram(Collector):
         self._le = [repr(float(e)) for e in edges] + ["+Inf"]
         self._data: dict[tuple[str, str, str], tuple[np.ndarray[Any, Any], list[float]]] = {}
         self._pending: dict[tuple[str, str, str], list[np.ndarray[Any, Any]]] = {}
-        self._pending_n = self._pending_arrays = 0
+        self._queued = _Queued()
         self._lock = threading.Lock()
 
     def observe(self, labels: tuple[str, str, str], values: np.ndarray[Any, Any]) -> None:
@@ -110,9 +129,7 @@ class _OutputValueHistogram(Collector):
             if queue is None:
                 queue = self._pending[labels] = []
             queue.append(values)
-            self._pending_n += values.size
-            self._pending_arrays += 1
-            if self._pending_n > PENDING_VALUES_MAX or self._pending_arrays > PENDING_ARRAYS_MAX:
+            if self._queued.add(values.size):
                 self._fold()
 
     def _fold(self) -> None:
@@ -131,7 +148,7 @@ class _OutputValueHistogram(Collector):
             entry[0][:] += counts
             entry[1][0] += float(v.sum(dtype=np.float64))
         self._pending.clear()
-        self._pending_n = self._pending_arrays = 0
+        self._queued.reset()
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(
@@ -306,7 +323,7 @@ class _PredictedClassCounter(Collector):
     def __init__(self, cap: int) -> None:
         self._cap = cap
         self._data: dict[tuple[str, str, str], _ClassCounts] = {}
-        self._pending_n = self._pending_arrays = 0
+        self._queued = _Queued()
         self._lock = threading.Lock()
 
     def add(
@@ -322,15 +339,13 @@ class _PredictedClassCounter(Collector):
             if entry is None:
                 entry = self._data[labels] = _ClassCounts(self._cap)
             entry.pending.append((classes, name_of))
-            self._pending_n += classes.size
-            self._pending_arrays += 1
-            if self._pending_n > PENDING_VALUES_MAX or self._pending_arrays > PENDING_ARRAYS_MAX:
+            if self._queued.add(classes.size):
                 self._fold()
 
     def _fold(self) -> None:
         for entry in self._data.values():
             entry.fold()
-        self._pending_n = self._pending_arrays = 0
+        self._queued.reset()
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
@@ -359,13 +374,10 @@ class GuardMetrics:
     ) -> None:
         self.registry = registry
         self._models = frozenset(model_names)
-        self._max_classes = max_class_label_values
         self._versions = BoundedLabel(256)
         self._signatures = BoundedLabel(256)
         self._outputs = BoundedLabel(1024)
         self._recorders: dict[tuple[str, str, str, str], _OutputRecorder] = {}
-        self._request_children: dict[tuple[str, str, str], LoopValue] = {}
-        self._response_children: dict[tuple[str, str, str, str], LoopValue] = {}
 
         def counter(name: str, doc: str, labels: list[str]) -> Counter:
             return Counter(name, doc, labels, registry=registry)
@@ -456,11 +468,7 @@ class GuardMetrics:
 
     def record_request(self, model: str, method: str, code: str) -> None:
         """Count one finished RPC (labels already bounded)."""
-        key = (model, method, code)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(model, method, code)
-        child.inc()
+        self.requests.labels(model, method, code).inc()
 
     def record_timing(self, method: str, upstream_s: float, overhead_s: float) -> None:
         """Observe the upstream wait and the guard's own time for one RPC."""
@@ -469,15 +477,8 @@ class GuardMetrics:
 
     def record_response(self, model: str, version: str, signature: str, action: str) -> None:
         """Count one guarded Predict response by action."""
-        key = (model, version, signature, action)
-        child = self._response_children.get(key)
-        if child is None:
-            if len(self._response_children) >= _RECORDERS_MAX:
-                self._response_children.clear()
-            version, signature = self._versions(version), self._signatures(signature)
-            child = self.responses.labels(model, version, signature, action)
-            self._response_children[key] = child
-        child.inc()
+        version, signature = self._versions(version), self._signatures(signature)
+        self.responses.labels(model, version, signature, action).inc()
 
     def record_output(
         self,
@@ -531,7 +532,6 @@ class _OutputRecorder:
         self.classes = metrics.predicted_class
         self._labels: np.ndarray[Any, Any] | None = None
         self._name_of: NameOf = str
-        self._index_name: NameOf = str
 
     def _namer(self, labels: np.ndarray[Any, Any] | None) -> NameOf:
         # One resolver per label table, so queued predictions fold in one batch.
@@ -583,6 +583,6 @@ class _OutputRecorder:
             if result.multi_label:
                 # Threshold on a multi-label output: count each class index that fired.
                 fired = np.nonzero(classes.reshape(-1, classes.shape[-1]))[1]
-                self.classes.add(self.series, fired, self._index_name)
+                self.classes.add(self.series, fired, str)  # indices: no labels
             else:
                 self.classes.add(self.series, classes.ravel(), self._namer(labels))

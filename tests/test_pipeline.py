@@ -502,7 +502,7 @@ def test_queued_metrics_fold_at_their_bound_and_match_a_plain_count(
     for r in rows:
         guard(response({"p": tensor(r)}))
     histogram = guard.metrics.output_value
-    assert histogram._pending_arrays <= 2 and histogram._pending_n <= 7 + 5
+    assert histogram._queued.arrays <= 2 and histogram._queued.values <= 7 + 5
     labels = {"model": "wide_deep", "signature": "serving_default", "output": "p"}
     every = np.concatenate(rows)
     winners = np.bincount(every.argmax(axis=1), minlength=3)
