@@ -18,38 +18,17 @@ on a shared, noisy machine the paired ratio is the figure to trust.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench import load, payloads
-from bench._common import read_port_file
+from bench.paths import Setup, spawn_python
 from bench.run import start_upstream, write_guard_config
 from bench.upstream import model_from_args
 from bench.upstream import parse_args as upstream_args
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _start(argv: list[str], checkout: Path, port_file: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port_file.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
-    cmd = [sys.executable, "-m", *argv, "--port-file", str(port_file)]
-    spawned = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=checkout, env=env, stderr=subprocess.DEVNULL)
-
-    def target() -> str | None:
-        ports = read_port_file(port_file)
-        return f"127.0.0.1:{ports['grpc']}" if ports else None
-
-    load.wait_serving(target, proc, spawned)
-    ports = read_port_file(port_file)
-    assert ports is not None
-    return proc, ports["grpc"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         rules = write_guard_config(workdir, model)
         no_rules = workdir / "no-rules.yaml"
         no_rules.write_text(rules.read_text().replace(f"name: {model.name}", "name: no-such-model"))
+        setup = Setup(address, workdir)
         try:
             names = list(variants)
             for r in range(args.rounds):
@@ -97,15 +77,17 @@ def main(argv: list[str] | None = None) -> None:
                             "--upstream", address, "--listen", "127.0.0.1:0",
                             "--metrics-listen", "127.0.0.1:0",
                         ]  # fmt: skip
-                    proc, port = _start(argv_, checkout, workdir / f"{name}.ports.json")
+                    hop = spawn_python(
+                        name, setup, f"{name}-r{r}", argv_,
+                        env={"PYTHONPATH": str(checkout)}, cwd=checkout,
+                    )  # fmt: skip
                     try:
-                        load.latency_c1(f"127.0.0.1:{port}", request, 300, 0)  # warm up
-                        tp = load.throughput(port, data, args.requests, 16, proxy_pid=proc.pid)
+                        load.latency_c1(hop.target, request, 300, 0)  # warm up
+                        tp = load.throughput(hop.port, data, args.requests, 16, proxy_pid=hop.pid)
                         if tp.cpu_ms_per_request is not None:
                             cpu[name].append(tp.cpu_ms_per_request)
                     finally:
-                        proc.terminate()
-                        proc.wait(10)
+                        hop.stop()
         finally:
             upstream.terminate()
             upstream.wait(10)

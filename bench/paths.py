@@ -74,10 +74,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _spawn_python(
-    name: str, setup: Setup, tag: str, argv: list[str], env: dict[str, str] | None = None
+def spawn_python(
+    name: str,
+    setup: Setup,
+    tag: str,
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> Hop:
-    """Start ``python -m ...`` writing a port file; wait until SERVING."""
+    """Start ``python -m ...`` writing a port file; wait until SERVING.
+
+    ``cwd`` runs it from another checkout (``python -m`` imports from there)."""
     port_file = setup.workdir / f"{tag}.ports.json"
     port_file.unlink(missing_ok=True)
     log = setup.workdir / f"{tag}.log"
@@ -85,7 +92,7 @@ def _spawn_python(
     with log.open("wb") as out:
         spawned = time.perf_counter()
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd
         )
 
     def target() -> str | None:
@@ -132,7 +139,7 @@ def start_nginx(setup: Setup, tag: str) -> Hop:
 def _passthrough(*extra: str, name: str = "passthrough") -> Starter:
     def start(setup: Setup, tag: str) -> Hop:
         argv = ["bench.passthrough", "--upstream", setup.upstream, "--listen", "127.0.0.1:0"]
-        return _spawn_python(name, setup, f"{name}-{tag}", [*argv, *extra])
+        return spawn_python(name, setup, f"{name}-{tag}", [*argv, *extra])
 
     return start
 
@@ -158,7 +165,7 @@ def _guard(*extra: str, name: str = "guard") -> Starter:
             "--metrics-listen", "127.0.0.1:0",
             *extra,
         ]  # fmt: skip
-        return _spawn_python(name, setup, f"{name}-{tag}", argv)
+        return spawn_python(name, setup, f"{name}-{tag}", argv)
 
     return start
 
