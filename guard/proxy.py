@@ -51,6 +51,8 @@ _SPEC_PATH: dict[str, tuple[int, ...]] = {
 _HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "host", "grpc-timeout"})
 _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _CAP_BACKSTOP_MARGIN = 64
+_DRAIN_POLL_S = 0.02
+_FINAL_GRACE_S = 0.5
 
 
 def _forwardable(metadata: Sequence[tuple[str, Any]] | None) -> tuple[tuple[str, Any], ...]:
@@ -137,6 +139,7 @@ class GuardServer:
         self._probe_task: asyncio.Task[None] | None = None
         self._upstream_up: bool | None = None
         self._inflight = 0
+        self._draining = False
         self.metrics.track_inflight(lambda: self._inflight)
         self.port = 0
 
@@ -184,13 +187,25 @@ class GuardServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight calls finish within ``grace`` seconds, close."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # The handler refuses new calls itself while in-flight calls drain, so every
+        # refusal is an explained UNAVAILABLE. gRPC's own shutdown comes only once
+        # they are done: a call that reaches grpc.aio just as its server shuts down
+        # can be left unanswered until the end of the grace period (measured: a
+        # client waited out its 5 s deadline in about 1 of 40 SIGTERMs).
+        self._draining = True
         for task in (self._probe_task, self._tls_task):
             if task is not None:
                 task.cancel()
         for service in _HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        while self._inflight and loop.time() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
         if self._server is not None:
-            await self._server.stop(self.config.shutdown_grace_s if grace is None else grace)
+            # Left now: calls past the grace period (cancelled) and refusals being sent.
+            await self._server.stop(min(max(deadline - loop.time(), 0.0), _FINAL_GRACE_S))
         await self._upstream.channel.close()
 
     async def wait_for_termination(self) -> None:
@@ -283,6 +298,13 @@ class GuardServer:
         book = self._book  # one consistent rule set for the whole request
         spec = wire.peek_model_spec(request, info.spec_path) if info.spec_path else None
         model_label = metrics.model_label(spec.name if spec else None)
+        if self._draining:
+            metrics.record_request(model_label, info.label, "UNAVAILABLE")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "guard: shutting down; the call was not forwarded. Retry it: another "
+                "replica, or this one once it restarts, will answer",
+            )
         if self._inflight >= self.config.max_concurrent_rpcs:
             metrics.record_request(model_label, info.label, "RESOURCE_EXHAUSTED")
             await context.abort(
