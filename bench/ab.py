@@ -2,12 +2,13 @@
 
 Each variant is a checkout of this repository (a ``git worktree`` of another
 commit, or this one), started with ``python -m guard serve`` from that
-directory against one canned upstream, then loaded with h2load at c=16 while
+directory against one canned upstream, then loaded with h2load (c=16 unless
+``--concurrency`` says otherwise; c=1 is the latency target's case) while
 /proc accounts its CPU. Variants and the raw passthrough are interleaved, their
 order rotated per round, and each round's ratio to the passthrough is printed:
 on a shared, noisy machine the paired ratio is the figure to trust.
 
-``python -m bench.ab [--rounds 4] NAME=CHECKOUT[:norules] ...``, e.g.::
+``python -m bench.ab [--rounds 4] [--concurrency 16] NAME=CHECKOUT[:norules] ...``, e.g.::
 
     git worktree add /tmp/before HEAD~3
     python -m bench.ab before=/tmp/before after=. after-norules=.:norules
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("variants", nargs="+", help="NAME=CHECKOUT[:norules]")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--requests", type=int, default=4000)
+    p.add_argument("--concurrency", type=int, default=16)
     args = p.parse_args(argv)
     variants: dict[str, tuple[Path, bool] | None] = {"passthrough": None}
     for spec in args.variants:
@@ -83,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
                     )  # fmt: skip
                     try:
                         load.latency_c1(hop.target, request, 300, 0)  # warm up
-                        tp = load.throughput(hop.port, data, args.requests, 16, proxy_pid=hop.pid)
+                        tp = load.throughput(
+                            hop.port, data, args.requests, args.concurrency, proxy_pid=hop.pid
+                        )
                         if tp.cpu_ms_per_request is not None:
                             cpu[name].append(tp.cpu_ms_per_request)
                     finally:
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
             upstream.wait(10)
     base = cpu["passthrough"]
     for name, values in cpu.items():
-        line = f"{name:16s} CPU ms/request c=16: median {statistics.median(values):.3f}"
+        line = f"{name:16s} CPU ms/request c={args.concurrency}: "
+        line += f"median {statistics.median(values):.3f}"
         if name != "passthrough":
             paired = [v / b for v, b in zip(values, base, strict=False)]
             line += f"; vs passthrough {statistics.median(paired):.2f}x"
