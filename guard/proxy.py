@@ -140,6 +140,7 @@ class GuardServer:
         self._upstream_up: bool | None = None
         self._inflight = 0
         self._draining = False
+        self._cut_off: float | None = None  # the grace period, once it ran out
         self.metrics.track_inflight(lambda: self._inflight)
         self.port = 0
 
@@ -203,8 +204,16 @@ class GuardServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         while self._inflight and loop.time() < deadline:
             await asyncio.sleep(_DRAIN_POLL_S)
+        if self._inflight:
+            # The grace period ran out. Ending the upstream calls lets each handler
+            # tell its client why, instead of gRPC's bare "Cancelling all calls".
+            self._cut_off = grace
+            await self._upstream.channel.close()
+            cut_deadline = loop.time() + _FINAL_GRACE_S
+            while self._inflight and loop.time() < cut_deadline:
+                await asyncio.sleep(_DRAIN_POLL_S)
         if self._server is not None:
-            # Left now: calls past the grace period (cancelled) and refusals being sent.
+            # Left now: refusals being sent, and whatever the cut-off did not end.
             await self._server.stop(min(max(deadline - loop.time(), 0.0), _FINAL_GRACE_S))
         await self._upstream.channel.close()
 
@@ -337,6 +346,15 @@ class GuardServer:
                 )
                 raise  # abort() raises; this keeps type checkers informed
             except asyncio.CancelledError:
+                if self._cut_off is not None and call.cancelled():
+                    # stop() closed the upstream channel: the grace period ran out.
+                    code = "UNAVAILABLE"
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "guard: shutting down, and the upstream had not answered when "
+                        f"shutdown_grace_s ({self._cut_off:g} s) ran out; the call was "
+                        "cancelled and may or may not have run. Retry it if it is idempotent",
+                    )
                 call.cancel()
                 code = "CANCELLED"
                 raise

@@ -144,6 +144,39 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path: Pat
         await up.server.stop(0)
 
 
+async def test_a_call_outliving_the_grace_period_is_cut_off(tmp_path: Path) -> None:
+    grace = 1.0
+    up = await start_upstream(Upstream(gate=asyncio.Event(), only="slow"))
+    up.reply("slow", predict_response("slow", {"y": VALUES}))
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(
+        f"upstream: {up.address}\nshutdown_grace_s: {grace}\nmodels:\n"
+        "  - {name: slow, outputs: [{name: '*', on_violation: clamp}]}\n"
+    )
+    try:
+        async with guard_process(cfg, tmp_path) as guard:
+            async with grpc.aio.insecure_channel(guard.address) as channel:
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                stuck = asyncio.ensure_future(
+                    _status(stub.Predict(predict_request("slow"), timeout=60))
+                )
+                await up.wait_for("started", 1)
+                guard.signal(signal.SIGTERM)
+                t_term = time.monotonic()
+                # The upstream never answers: the guard waits out its grace period,
+                # then ends the call, says why, and exits 0.
+                code, details = await asyncio.wait_for(stuck, grace + 10)
+                assert code == "UNAVAILABLE", (code, details)
+                assert "shutdown_grace_s (1 s) ran out" in details, details
+                assert await asyncio.wait_for(guard.proc.wait(), 10) == 0
+                assert time.monotonic() - t_term >= grace
+    finally:
+        assert up.gate is not None
+        up.gate.set()
+        assert up.server is not None
+        await up.server.stop(0)
+
+
 async def test_shed_calls_are_counted(make_guard: GuardFactory) -> None:
     cap = 2
     up = await start_upstream(Upstream(gate=asyncio.Event()))
