@@ -4,9 +4,12 @@ Each variant is a checkout of this repository (a ``git worktree`` of another
 commit, or this one), started with ``python -m guard serve`` from that
 directory against one canned upstream, then loaded with h2load (c=16 unless
 ``--concurrency`` says otherwise; c=1 is the latency target's case) while
-/proc accounts its CPU. Variants and the raw passthrough are interleaved, their
-order rotated per round, and each round's ratio to the passthrough is printed:
-on a shared, noisy machine the paired ratio is the figure to trust.
+/proc accounts its CPU. Before that, ``--latency-calls`` sequential calls (a
+Python client, as in ``make bench``) time each path's added latency at c=1:
+its p50 minus the p50 of calls straight to the upstream in the same round.
+Variants and the raw passthrough are interleaved, their order rotated per
+round, and each round's ratio to the passthrough is printed: on a shared,
+noisy machine the paired ratio is the figure to trust.
 
 ``python -m bench.ab [--rounds 4] [--concurrency 16] NAME=CHECKOUT[:norules] ...``, e.g.::
 
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--requests", type=int, default=4000)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--latency-calls", type=int, default=1000, help="0 skips the latency part")
     args = p.parse_args(argv)
     variants: dict[str, tuple[Path, bool] | None] = {"passthrough": None}
     for spec in args.variants:
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     model = model_from_args(upstream_args([]))
     request = payloads.predict_request(model)
     cpu: dict[str, list[float]] = {name: [] for name in variants}
+    added_p50: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory(prefix="guard-ab-") as tmp:
         workdir = Path(tmp)
         data = workdir / "predict.grpc"
@@ -61,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
         try:
             names = list(variants)
             for r in range(args.rounds):
+                direct_p50 = 0.0
+                if args.latency_calls:
+                    direct = load.latency_c1(address, request, args.latency_calls, 200)
+                    direct_p50 = direct.p50_ms
                 for name in names[r % len(names) :] + names[: r % len(names)]:
                     variant = variants[name]
                     if variant is None:
@@ -84,7 +93,11 @@ def main(argv: list[str] | None = None) -> None:
                         env={"PYTHONPATH": str(checkout)}, cwd=checkout,
                     )  # fmt: skip
                     try:
-                        load.latency_c1(hop.target, request, 300, 0)  # warm up
+                        if args.latency_calls:
+                            lat = load.latency_c1(hop.target, request, args.latency_calls, 300)
+                            added_p50[name].append(lat.p50_ms - direct_p50)
+                        else:
+                            load.latency_c1(hop.target, request, 300, 0)  # warm up
                         tp = load.throughput(
                             hop.port, data, args.requests, args.concurrency, proxy_pid=hop.pid
                         )
@@ -95,10 +108,15 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             upstream.terminate()
             upstream.wait(10)
-    base = cpu["passthrough"]
-    for name, values in cpu.items():
-        line = f"{name:16s} CPU ms/request c={args.concurrency}: "
-        line += f"median {statistics.median(values):.3f}"
+    _report(f"CPU ms/request c={args.concurrency}", cpu)
+    if args.latency_calls:
+        _report("added p50 ms c=1", added_p50)
+
+
+def _report(what: str, figures: dict[str, list[float]]) -> None:
+    base = figures["passthrough"]
+    for name, values in figures.items():
+        line = f"{name:16s} {what}: median {statistics.median(values):.3f}"
         if name != "passthrough":
             paired = [v / b for v, b in zip(values, base, strict=False)]
             line += f"; vs passthrough {statistics.median(paired):.2f}x"
