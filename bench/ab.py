@@ -11,7 +11,8 @@ Variants and the raw passthrough are interleaved, their order rotated per
 round, and each round's ratio to the passthrough is printed: on a shared,
 noisy machine the paired ratio is the figure to trust.
 
-``python -m bench.ab [--rounds 4] [--concurrency 16] NAME=CHECKOUT[:norules] ...``, e.g.::
+``python -m bench.ab [--rounds 4] [--concurrency 16] [--latency-calls 1000]
+NAME=CHECKOUT[:norules] ...``, e.g.::
 
     git worktree add /tmp/before HEAD~3
     python -m bench.ab before=/tmp/before after=. after-norules=.:norules
