@@ -32,6 +32,15 @@ async def _code(call: Any) -> str:
     return (await _status(call))[0]
 
 
+def _clamping_config(tmp_path: Path, up: Upstream, model: str, **settings: float) -> Path:
+    """A guard config file: ``settings``, and a clamp rule for ``model``."""
+    lines = [f"upstream: {up.address}", *(f"{k}: {v}" for k, v in settings.items())]
+    lines += ["models:", f"  - {{name: {model}, outputs: [{{name: '*', on_violation: clamp}}]}}"]
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
 async def test_the_in_flight_cap_is_exact(make_guard: GuardFactory) -> None:
     cap = 4
     up = await start_upstream(Upstream(gate=asyncio.Event()))
@@ -58,11 +67,7 @@ async def test_far_above_capacity_sheds_load_with_bounded_memory(tmp_path: Path)
     cap, burst, waves = 16, 2000, 4
     up = await start_upstream(Upstream(delay_s=0.2))
     up.reply("m", predict_response("m", {"y": VALUES}))
-    cfg = tmp_path / "guard.yaml"
-    cfg.write_text(
-        f"upstream: {up.address}\nmax_concurrent_rpcs: {cap}\nmodels:\n"
-        "  - {name: m, outputs: [{name: '*', on_violation: clamp}]}\n"
-    )
+    cfg = _clamping_config(tmp_path, up, "m", max_concurrent_rpcs=cap)
     try:
         async with guard_process(cfg, tmp_path) as guard:
             async with grpc.aio.insecure_channel(guard.address) as channel:
@@ -95,11 +100,7 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path: Pat
     up = await start_upstream(Upstream(gate=asyncio.Event(), only="slow"))
     up.reply("slow", predict_response("slow", {"y": VALUES}))
     up.reply("m", predict_response("m", {"y": VALUES}))
-    cfg = tmp_path / "guard.yaml"
-    cfg.write_text(
-        f"upstream: {up.address}\nshutdown_grace_s: {grace}\nmodels:\n"
-        "  - {name: slow, outputs: [{name: '*', on_violation: clamp}]}\n"
-    )
+    cfg = _clamping_config(tmp_path, up, "slow", shutdown_grace_s=grace)
     try:
         async with guard_process(cfg, tmp_path) as guard:
             channel = grpc.aio.insecure_channel(guard.address)
@@ -148,11 +149,7 @@ async def test_a_call_outliving_the_grace_period_is_cut_off(tmp_path: Path) -> N
     grace = 1.0
     up = await start_upstream(Upstream(gate=asyncio.Event(), only="slow"))
     up.reply("slow", predict_response("slow", {"y": VALUES}))
-    cfg = tmp_path / "guard.yaml"
-    cfg.write_text(
-        f"upstream: {up.address}\nshutdown_grace_s: {grace}\nmodels:\n"
-        "  - {name: slow, outputs: [{name: '*', on_violation: clamp}]}\n"
-    )
+    cfg = _clamping_config(tmp_path, up, "slow", shutdown_grace_s=grace)
     try:
         async with guard_process(cfg, tmp_path) as guard:
             async with grpc.aio.insecure_channel(guard.address) as channel:
