@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -139,7 +139,6 @@ class GuardServer:
         self._probe_task: asyncio.Task[None] | None = None
         self._upstream_up: bool | None = None
         self._inflight = 0
-        self._draining = False
         self._cut_off: float | None = None  # the grace period, once it ran out
         self.metrics.track_inflight(lambda: self._inflight)
         self.port = 0
@@ -191,30 +190,32 @@ class GuardServer:
         grace = self.config.shutdown_grace_s if grace is None else grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        # The handler refuses new calls itself while in-flight calls drain, so every
-        # refusal is an explained UNAVAILABLE. gRPC's own shutdown comes only once
-        # they are done: a call that reaches grpc.aio just as its server shuts down
-        # can be left unanswered until the end of the grace period (seen: a client
-        # waited out its 5 s deadline in 2 of 80 SIGTERM tests on a busy machine).
-        self._draining = True
         for task in (self._probe_task, self._tls_task):
             if task is not None:
                 task.cancel()
         for service in _HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        stopping = None
+        if self._server is not None:
+            # gRPC's shutdown closes the listener and sends GOAWAY, so clients open
+            # a new connection (to another replica) for new calls; in-flight calls
+            # go on.
+            stopping = asyncio.ensure_future(self._server.stop(grace + _FINAL_GRACE_S))
         while self._inflight and loop.time() < deadline:
             await asyncio.sleep(_DRAIN_POLL_S)
         if self._inflight:
             # The grace period ran out. Ending the upstream calls lets each handler
-            # tell its client why, instead of gRPC's bare "Cancelling all calls".
+            # tell its client why, before gRPC's bare "Cancelling all calls".
             self._cut_off = grace
             await self._upstream.channel.close()
-            cut_deadline = loop.time() + _FINAL_GRACE_S
-            while self._inflight and loop.time() < cut_deadline:
-                await asyncio.sleep(_DRAIN_POLL_S)
-        if self._server is not None:
-            # Left now: refusals being sent, and whatever the cut-off did not end.
-            await self._server.stop(min(max(deadline - loop.time(), 0.0), _FINAL_GRACE_S))
+        if self._server is not None and stopping is not None:
+            # Every call the handler took is done, or ending. A call that raced the
+            # shutdown can sit in grpc.aio, never handed to the handler, until the
+            # shutdown's grace runs out (seen in 3 of 270 SIGTERM tests on a busy
+            # machine). Cut that short: a second stop cancels what is left once
+            # the answers being sent have gone.
+            await self._server.stop(_FINAL_GRACE_S)
+            await stopping
         await self._upstream.channel.close()
 
     async def wait_for_termination(self) -> None:
@@ -302,21 +303,16 @@ class GuardServer:
         """Forward one unary call, guarding Predict responses."""
         start = time.perf_counter()
         upstream_s = 0.0
-        code = "OK"
+        code = "OK"  # counted when the call ends; "" once _fail has counted it
         metrics = self.metrics
         book = self._book  # one consistent rule set for the whole request
         spec = wire.peek_model_spec(request, info.spec_path) if info.spec_path else None
         model_label = metrics.model_label(spec.name if spec else None)
-        if self._draining:
-            metrics.record_request(model_label, info.label, "UNAVAILABLE")
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "guard: shutting down; the call was not forwarded. Retry it: another "
-                "replica, or this one once it restarts, will answer",
-            )
         if self._inflight >= self.config.max_concurrent_rpcs:
-            metrics.record_request(model_label, info.label, "RESOURCE_EXHAUSTED")
-            await context.abort(
+            await self._fail(
+                context,
+                model_label,
+                info.label,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"guard: {self._inflight} calls already in flight, the max_concurrent_rpcs "
                 "limit; retry with backoff, or raise max_concurrent_rpcs in the guard config",
@@ -336,20 +332,25 @@ class GuardServer:
                 response: bytes = await call
             except grpc.aio.AioRpcError as exc:
                 upstream_s = time.perf_counter() - t_up
-                code = exc.code().name
                 if exc.code() is grpc.StatusCode.UNAVAILABLE:
                     self._set_upstream_up(False)
-                await context.abort(
+                code = ""
+                await self._fail(
+                    context,
+                    model_label,
+                    info.label,
                     exc.code(),
                     _upstream_details(exc, self.config),
                     tuple(exc.trailing_metadata() or ()),
                 )
-                raise  # abort() raises; this keeps type checkers informed
             except asyncio.CancelledError:
                 if self._cut_off is not None and call.cancelled():
                     # stop() closed the upstream channel: the grace period ran out.
-                    code = "UNAVAILABLE"
-                    await context.abort(
+                    code = ""
+                    await self._fail(
+                        context,
+                        model_label,
+                        info.label,
                         grpc.StatusCode.UNAVAILABLE,
                         "guard: shutting down, and the upstream had not answered when "
                         f"shutdown_grace_s ({self._cut_off:g} s) ran out; the call was "
@@ -368,21 +369,27 @@ class GuardServer:
                 try:
                     guarded = guard_predict_response(response, spec, book, metrics)
                 except GuardError as exc:
-                    code = exc.code.name
-                    await context.abort(
-                        exc.code, exc.details, trailers + (("x-guard-action", "rejected"),)
+                    code = ""
+                    await self._fail(
+                        context,
+                        model_label,
+                        info.label,
+                        exc.code,
+                        exc.details,
+                        trailers + (("x-guard-action", "rejected"),),
                     )
-                    raise
                 except Exception:
                     # A bug of ours: log it here, and tell the client no internals.
                     logger.exception("guarding a %s response failed", info.label)
-                    code = grpc.StatusCode.INTERNAL.name
-                    await context.abort(
+                    code = ""
+                    await self._fail(
+                        context,
+                        model_label,
+                        info.label,
                         grpc.StatusCode.INTERNAL,
                         "guard: internal error while guarding the response; see the guard's log",
                         trailers,
                     )
-                    raise
                 if guarded is not None:
                     response = guarded.body
                     trailers += guarded.trailers()
@@ -391,9 +398,27 @@ class GuardServer:
             return response
         finally:
             self._inflight -= 1
-            metrics.record_request(model_label, info.label, code)
+            if code:
+                metrics.record_request(model_label, info.label, code)
             total = time.perf_counter() - start
             metrics.record_timing(info.label, upstream_s, max(total - upstream_s, 0.0))
+
+    async def _fail(
+        self,
+        context: Any,
+        model_label: str,
+        method_label: str,
+        status: grpc.StatusCode,
+        details: str,
+        trailers: tuple[tuple[str, Any], ...] = (),
+    ) -> NoReturn:
+        """Count the call, then end it with ``status``.
+
+        Counted first: once the client has its answer, a scrape must see it.
+        """
+        self.metrics.record_request(model_label, method_label, status.name)
+        await context.abort(status, details, trailers)
+        raise AssertionError("context.abort() returned")  # it raises; for type checkers
 
 
 def _upstream_details(exc: grpc.aio.AioRpcError, config: Config) -> str:
