@@ -135,7 +135,11 @@ class _OutputValueHistogram(Collector):
     def _fold(self) -> None:
         """Fold the queued values into the buckets (the caller holds the lock)."""
         for labels, queue in self._pending.items():
-            v = np.concatenate([q.ravel() for q in queue]) if len(queue) > 1 else queue[0].ravel()
+            # Widening a signalling NaN (float32 -> float64) raises "invalid": it
+            # is a NaN like any other here, skipped just below (found by fuzzing).
+            with np.errstate(invalid="ignore"):
+                v = np.concatenate([q.ravel() for q in queue]) if len(queue) > 1 else queue[0]
+            v = v.ravel()
             finite = np.isfinite(v)
             if not finite.all():
                 v = v[finite]

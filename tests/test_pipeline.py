@@ -552,3 +552,17 @@ def test_unpacked_values_next_to_a_malformed_packed_field_are_a_decode_error() -
     guard = Guard(wide_deep({"name": "*"}))
     with pytest.raises(DecodeError):
         guard(body, wire.ModelSpecInfo("wide_deep", "", None))
+
+
+def test_a_signalling_nan_among_mixed_dtypes_is_skipped_without_a_warning() -> None:
+    # One output name, float32 in one response and float64 in the next: the fold
+    # widens the float32 values, and widening a signalling NaN raises "invalid"
+    # (a warning, an error under this suite). Found by the fuzzer.
+    guard = Guard(wide_deep({"name": "p"}))
+    snan = np.array([0x7FA00000, 0x3F000000], dtype=np.uint32).view(np.float32)  # sNaN, 0.5
+    assert np.isnan(snan[0])
+    guard(response({"p": tensor(snan, CONTENT)}))
+    guard(response({"p": tensor([0.25], CONTENT, np.float64)}))
+    labels = {"model": "wide_deep", "signature": "serving_default", "output": "p"}
+    assert guard.sample("guard_output_value_bucket", le="+Inf", **labels) == 2.0
+    assert guard.sample("guard_output_value_bucket", le="0.3", **labels) == 1.0
