@@ -20,12 +20,23 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
+# A C compiler for guard._rank, the native clean path (guard/fastlane.py). It
+# stays in this stage: the runtime image gets the built module, not the
+# toolchain. Unpinned on purpose: the stage is thrown away, and Debian's
+# point releases remove pinned versions from the archive.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/guard
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY guard/ guard/
-# Exactly the sidecar's install: the package with no extras.
+# Exactly the sidecar's install: the package with no extras. The module is
+# optional in setup.py (an install without a compiler still works), so check
+# here that the image has it.
 RUN /opt/guard/bin/pip install --no-compile . \
-    && /opt/guard/bin/python -c "import guard.cli, sys; assert 'tensorflow' not in sys.modules"
+    && /opt/guard/bin/python -c "import guard.cli, sys; assert 'tensorflow' not in sys.modules" \
+    && /opt/guard/bin/python -c "import guard._rank"
 
 # --------------------------------------------------------------- build with TensorFlow
 FROM build AS build-tensorflow

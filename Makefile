@@ -18,7 +18,19 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
+# guard._rank (guard/_rank.c) is compiled by the install: a C compiler and
+# Python's headers first, from Debian when missing. Without them the install
+# would still succeed, on the slower numpy path alone (tests/test_rank.py fails).
+$(STAMP): pyproject.toml setup.py guard/_rank.c | $(PY)
+	@missing=""; \
+	command -v cc >/dev/null || missing="gcc libc6-dev"; \
+	$(PY) -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" 2>/dev/null || missing="$$missing python3-dev"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
@@ -45,8 +57,8 @@ demo: $(STAMP)
 	$(VENV)/bin/guard demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check guard tests bench deploy
-	$(VENV)/bin/ruff format --check guard tests bench deploy
+	$(VENV)/bin/ruff check guard tests bench deploy setup.py
+	$(VENV)/bin/ruff format --check guard tests bench deploy setup.py
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -70,4 +82,4 @@ soak: $(STAMP)
 	$(PY) -m bench.soak --duration $(DURATION)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build guard/_rank*.so

@@ -17,6 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from guard import rules
 from guard._files import file_identity
 from guard._version import __version__
 from guard.config import Config, load_config
@@ -215,6 +216,11 @@ def run_serve(
     """Run the guard until SIGTERM/SIGINT. Returns the process exit code."""
     if not tune_malloc():
         logger.info("allocator tuning unavailable (not glibc); large responses cost page faults")
+    if not rules.NATIVE:
+        logger.info(
+            "native clean path (guard._rank) not built: rules run on numpy alone, at more CPU "
+            "per response; install with a C compiler present to build it"
+        )
     stack = contextlib.ExitStack()
     try:
         if dev_models:

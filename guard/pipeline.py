@@ -16,6 +16,7 @@ import numpy as np
 from guard import wire
 from guard.config import ANY, SERVING_DEFAULT, Config, ModelRule, OutputRule
 from guard.errors import DecodeError, OutputShapeError, RejectedOutputError
+from guard.fastlane import Lane, lane_for
 from guard.metrics import GuardMetrics
 from guard.rules import OutputResult, apply_rule, label_table
 
@@ -48,6 +49,22 @@ class _SignatureRules:
                 else:
                     exact[rule.name] = compiled
             self._levels.append((exact, wildcard))
+        self._lanes: dict[tuple[Any, ...], Lane | None] = {}
+
+    def lane(
+        self, name: str, compiled: _Compiled, values: np.ndarray[Any, Any], encoding: wire.Encoding
+    ) -> Lane | None:
+        """The native fast lane for this output's shape, dtype and encoding, if any."""
+        key = (name, values.shape, values.dtype, encoding)
+        try:
+            return self._lanes[key]
+        except KeyError:
+            pass
+        found = lane_for(name, compiled.rule, compiled.labels, values.shape, values.dtype, encoding)
+        if len(self._lanes) >= _LANES_MAX:
+            self._lanes.clear()  # batch sizes vary; keep the cache bounded
+        self._lanes[key] = found
+        return found
 
     def rule_for(self, output: str) -> _Compiled | None:
         for exact, wildcard in self._levels:
@@ -57,6 +74,9 @@ class _SignatureRules:
             if wildcard is not None:
                 return wildcard
         return None
+
+
+_LANES_MAX = 256
 
 
 class RuleBook:
@@ -151,8 +171,9 @@ def guard_predict_response(
     action = "clean"
     violations = 0
     rejection: str | None = None
-    upstream_names = set(view.outputs.keys())
-    results: list[tuple[str, Any, OutputResult, wire.Encoding]] = []
+    upstream_names = set(view.outputs)
+    # Per output: the rule's result, and the derived outputs if the lane wrote them.
+    results: list[tuple[str, Any, OutputResult, wire.Encoding, Lane | None, bytes]] = []
     for name in sorted(upstream_names):
         compiled = rules.rule_for(name)
         if compiled is None:
@@ -170,14 +191,20 @@ def guard_predict_response(
             continue  # not floating point: left untouched
         values, encoding = decoded
         budget -= values.nbytes
-        result = apply_rule(values, compiled.rule, compiled.labels, model, name)
+        lane = rules.lane(name, compiled, values, encoding)
+        fast = lane.run(values) if lane is not None else None
+        if fast is not None:
+            result, lane_entries = fast
+        else:
+            lane, lane_entries = None, b""
+            result = apply_rule(values, compiled.rule, compiled.labels, model, name)
         metrics.record_output(model_label, version, signature, name, result, compiled.labels)
         violations += result.counts.total
         if _ACTION_RANK[result.action] > _ACTION_RANK[action]:
             action = result.action
         if result.rejection and rejection is None:
             rejection = result.rejection
-        results.append((name, tensor, result, encoding))
+        results.append((name, tensor, result, encoding, lane, lane_entries))
 
     metrics.record_response(model_label, version, signature, action)
     if rejection is not None:
@@ -185,23 +212,26 @@ def guard_predict_response(
 
     if not results:
         return GuardedResponse(body, "clean", 0)
-    modified = any(result.changed for _, _, result, _ in results)
+    modified = any(result.changed for _, _, result, _, _, _ in results)
     # Derived outputs are appended as encoded map entries: protobuf merges
     # concatenated messages (map entries included), so ``body + entries`` is the
     # guarded response, and the upstream's bytes, often megabytes of floats, are
     # serialized again only when a rule changed one of its tensors.
     entries: list[bytes] = []
-    for name, tensor, result, encoding in results:
+    for name, tensor, result, encoding, lane, lane_entries in results:
         if result.changed:
             wire.set_tensor(tensor, result.values, encoding)
-        for derived in result.derived:
-            out_name = name + derived.suffix
+        names = lane.names if lane is not None else [name + d.suffix for d in result.derived]
+        for out_name in names:
             if out_name in upstream_names:
                 raise OutputShapeError(
                     f"guard: model '{model}' output '{name}': the derived output '{out_name}' "
                     "would replace an output the model returns; drop the rule's "
                     "threshold/argmax/top_k or rename the model's output"
                 )
-            entries.append(wire.encode_output(out_name, derived.array, encoding))
+        if lane is not None:
+            entries.append(lane_entries)
+        for derived in result.derived:
+            entries.append(wire.encode_output(name + derived.suffix, derived.array, encoding))
     base = view.SerializeToString() if modified else body
     return GuardedResponse(base + b"".join(entries), action, violations)

@@ -23,7 +23,21 @@ import numpy as np
 from guard.config import OutputRule
 from guard.errors import LabelMismatchError, OutputShapeError
 
-__all__ = ["Counts", "Derived", "OutputResult", "apply_rule", "class_axis_size"]
+try:
+    from guard import _rank
+except ImportError:  # built without a C compiler: the numpy path does everything
+    _rank = None  # type: ignore[assignment]
+
+__all__ = [
+    "NATIVE",
+    "Counts",
+    "Derived",
+    "OutputResult",
+    "apply_rule",
+    "class_axis_size",
+    "native_module",
+    "rule_bounds",
+]
 
 Array = np.ndarray[Any, Any]
 
@@ -128,7 +142,7 @@ def _activate(values: Array, activation: str) -> Array:
     return out.astype(values.dtype, copy=False)
 
 
-def _bounds(dtype: np.dtype[Any], rule: OutputRule) -> tuple[Any, Any]:
+def rule_bounds(dtype: np.dtype[Any], rule: OutputRule) -> tuple[Any, Any]:
     """``valid_range`` in the output's dtype, limited to its finite range.
 
     A bound beyond the dtype's range (float16 tops out at 65504) would overflow to
@@ -176,7 +190,7 @@ def _sum_band(tolerance: float) -> tuple[float, float]:
 
 
 def _count(values: Array, rule: OutputRule) -> tuple[Counts, Array | None]:
-    lo, hi = _bounds(values.dtype, rule)
+    lo, hi = rule_bounds(values.dtype, rule)
     counts = Counts(values=int(values.size))
     bad_rows = None
     # Two reductions without temporaries decide what must be counted. NaN
@@ -232,7 +246,7 @@ def _describe(counts: Counts, rule: OutputRule) -> str:
 
 
 def _clamp(values: Array, rule: OutputRule, bad_rows: Array | None) -> Array:
-    lo, hi = _bounds(values.dtype, rule)  # ±Inf clip to finite bounds
+    lo, hi = rule_bounds(values.dtype, rule)  # ±Inf clip to finite bounds
     out = np.asarray(np.clip(values, lo, hi))
     if bad_rows is None or not bad_rows.any() or class_axis_size(out.shape) == 0:
         return out
@@ -295,6 +309,52 @@ def _lowest(dtype: np.dtype[Any]) -> Any:
     return np.finfo(dtype).min
 
 
+#: Whether the native clean path (``guard._rank``) is built into this install.
+NATIVE = _rank is not None
+
+
+def native_module() -> Any:
+    """``guard._rank``, or ``None`` when it is not built (or switched off by a test)."""
+    return _rank
+
+
+_NATIVE_ITEMSIZE = {np.dtype(np.float32): 4, np.dtype(np.float64): 8}
+_NO_TOP: tuple[Array, Array] = (np.empty(0, np.int64), np.empty(0, np.float64))
+
+
+def _native_clean(values: Array, rule: OutputRule, k: int) -> tuple[Array, Array] | None:
+    """The range check, the row-sum check and the top-``k`` in one native call.
+
+    Returns the top-``k`` classes and scores (as :func:`_top_k` would) when the
+    values certainly need nothing counted, else ``None``: then the numpy path
+    decides, so a violation is always counted by the same code.
+    """
+    itemsize = _NATIVE_ITEMSIZE.get(values.dtype)
+    c = class_axis_size(values.shape)
+    if (
+        _rank is None
+        or itemsize is None
+        or not values.size
+        or c == 0
+        or k > min(c, _rank.MAX_K)
+        or not values.flags.c_contiguous
+    ):
+        return None
+    lo, hi = rule_bounds(values.dtype, rule)
+    tol = rule.sum_tolerance
+    found = _rank.clean_top_k(
+        values, itemsize, values.size // c, c, k, float(lo), float(hi),
+        rule.check_sum, 1.0 - tol, 1.0 + tol,
+    )  # fmt: skip
+    if found is None:
+        return None
+    if not k:
+        return _NO_TOP
+    lead = values.shape[:-1] if values.ndim >= 2 else values.shape
+    idx = np.frombuffer(found[0], dtype=np.int64).reshape(*lead, k)
+    return idx, np.frombuffer(found[1], dtype=values.dtype).reshape(*lead, k)
+
+
 def _labels_for(classes: Array, labels: np.ndarray[Any, Any]) -> Array:
     if classes.ndim:
         out: Array = labels.take(classes)
@@ -323,7 +383,12 @@ def apply_rule(
     who = f"guard: model '{model}' output '{output}'"
     activated = _activate(values, rule.activation)
     changed = activated is not values
-    counts, bad_rows = _count(activated, rule)
+    k = rule.top_k or (1 if rule.argmax else 0)
+    native = _native_clean(activated, rule, k)
+    if native is not None:
+        counts, bad_rows = Counts(values=int(activated.size)), None
+    else:
+        counts, bad_rows = _count(activated, rule)
 
     action = "clean"
     result = activated
@@ -370,10 +435,13 @@ def apply_rule(
             raise OutputShapeError(
                 f"{who}: top_k is {rule.top_k} but the output has only {c} classes per row"
             )
-        top = _top_k(result, rule.top_k, finite)
+        top = native if native is not None else _top_k(result, rule.top_k, finite)
     if rule.argmax:
         # The top-k ranking puts the argmax first; no second pass over the rows.
-        cls, score = _top_k(result, 1) if top is None else top
+        if top is not None:
+            cls, score = top
+        else:
+            cls, score = native if native is not None else _top_k(result, 1)
         cls, score = cls[..., 0], score[..., 0]
         out.classes = cls
         out.confidence = score
@@ -406,7 +474,7 @@ def _checked_row_max(
     repaired maximum lies strictly inside the bounds, and which was not
     renormalised, had that same maximum before. Only the other rows are scanned.
     """
-    lo, hi = _bounds(checked.dtype, rule)
+    lo, hi = rule_bounds(checked.dtype, rule)
     flat = repaired_max.ravel()
     rescan = (flat <= lo) | (flat >= hi)
     if bad_rows is not None:

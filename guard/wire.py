@@ -41,9 +41,12 @@ __all__ = [
     "decode_varints",
     "encode_output",
     "encode_varints",
+    "entry_head",
+    "packed_key",
     "parse_predict_response",
     "peek_model_spec",
     "set_tensor",
+    "string_field",
 ]
 
 # tensorflow/core/framework/types.proto
@@ -319,7 +322,8 @@ def _numel(shape: Sequence[int], itemsize: int, limit_bytes: int) -> int:
 
 def _has_unpacked(tensor: Any, number: int) -> bool:
     fields = pb_unknown.UnknownFieldSet(tensor)
-    return any(fields[i].field_number == number for i in range(len(fields)))
+    n = len(fields)
+    return n > 0 and any(fields[i].field_number == number for i in range(n))
 
 
 def _typed_values(typed: Any, dt: _DType) -> np.ndarray[Any, Any]:
@@ -457,15 +461,25 @@ def _string_values(items: list[bytes]) -> bytes:
         fields.clear()
     for s in items:
         if s not in fields:
-            fields[s] = _K_STRING + _varint(len(s)) + s
+            fields[s] = string_field(s)
     return b"".join(map(fields.__getitem__, items))
+
+
+def string_field(value: bytes) -> bytes:
+    """One ``string_val`` field, as written inside a TensorProto."""
+    return _K_STRING + _varint(len(value)) + value
+
+
+def packed_key(dtype_enum: int) -> bytes:
+    """The one-byte key of the packed field that holds values of a float dtype."""
+    return _K_PACKED[FLOAT_DTYPES[dtype_enum].number]
 
 
 _HEADS: dict[tuple[str, int, tuple[int, ...]], tuple[bytes, bytes]] = {}
 _HEADS_MAX = 4096
 
 
-def _entry_head(name: str, dtype_enum: int, shape: tuple[int, ...]) -> tuple[bytes, bytes]:
+def entry_head(name: str, dtype_enum: int, shape: tuple[int, ...]) -> tuple[bytes, bytes]:
     """The map entry's key field, and the tensor's dtype and shape fields.
 
     Cached: derived outputs repeat the same names, dtypes and batch shapes.
@@ -509,7 +523,7 @@ def encode_output(name: str, array: np.ndarray[Any, Any], encoding: Encoding) ->
             raw = np.ascontiguousarray(array, dtype=dt.numpy).tobytes()
             key = _K_PACKED[dt.number]
         values = _delimited(key, raw) if raw else b""  # proto3 omits empty fields
-    key_field, head = _entry_head(name, dtype_enum, array.shape)
+    key_field, head = entry_head(name, dtype_enum, array.shape)
     entry = b"".join([key_field, _K_ENTRY_VALUE, _varint(len(head) + len(values)), head, values])
     return _delimited(_K_MAP_ENTRY, entry)
 

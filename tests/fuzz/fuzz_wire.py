@@ -12,7 +12,9 @@ Every input goes through the whole data plane (:func:`guard_predict_response`:
 parse, decode with the typed fallback, rules, metrics, set_tensor, serialize)
 and through the bare codec path (decode_tensor, apply_rule, set_tensor,
 SerializeToString). Any exception other than a :class:`GuardError` is a crash,
-and so is a numpy warning (the test suite treats warnings as errors too).
+and so is a numpy warning (the test suite treats warnings as errors too). The
+data plane runs twice, with and without the native clean path
+(``guard._rank``), and the two must give the same bytes or the same error.
 Memory is bounded by the decode limit: ``max_message_mb: 1``.
 
 :func:`one_input` needs no atheris; ``tests/test_wire.py`` runs it over
@@ -46,6 +48,7 @@ with _instrument:
     from guard.metrics import GuardMetrics
     from guard.pipeline import RuleBook, guard_predict_response
     from guard.rules import apply_rule, label_table
+    from tests.native import numpy_only
 
 __all__ = ["main", "one_input", "seeds"]
 
@@ -53,48 +56,53 @@ _CONFIG = {"max_message_mb": 1, "max_class_label_values": 5}
 
 #: Rule sets the first input byte chooses between: between them they reach every
 #: activation, policy, derivation and the label checks.
-_BOOKS = [
-    RuleBook(parse_config({**_CONFIG, "models": models}, source="<fuzz>"))
-    for models in (
-        [
-            {
-                "name": "*",
-                "outputs": [
-                    {"name": "*", "on_violation": "clamp", "check_sum": True, "argmax": True},
-                    {"name": "out1", "valid_range": [-1, 1], "top_k": 2, "labels": ["a", "b"]},
-                ],
-            }
-        ],
-        [
-            {
-                "name": "*",
-                "outputs": [
-                    {"name": "*", "activation": "softmax", "on_violation": "reject", "top_k": 1},
-                ],
-            }
-        ],
-        [
-            {
-                "name": "*",
-                "signature": "",
-                "outputs": [
-                    {
-                        "name": "*",
-                        "activation": "sigmoid",
-                        "threshold": 0.5,
-                        "labels": ["NO", "YES"],
-                    },
-                    {"name": "out1", "on_violation": "clamp", "threshold": [0.2, 0.8]},
-                ],
-            }
-        ],
-    )
-]
+_RULE_SETS = (
+    [
+        {
+            "name": "*",
+            "outputs": [
+                {"name": "*", "on_violation": "clamp", "check_sum": True, "argmax": True},
+                {"name": "out1", "valid_range": [-1, 1], "top_k": 2, "labels": ["a", "b"]},
+            ],
+        }
+    ],
+    [
+        {
+            "name": "*",
+            "outputs": [
+                {"name": "*", "activation": "softmax", "on_violation": "reject", "top_k": 1},
+            ],
+        }
+    ],
+    [
+        {
+            "name": "*",
+            "signature": "",
+            "outputs": [
+                {
+                    "name": "*",
+                    "activation": "sigmoid",
+                    "threshold": 0.5,
+                    "labels": ["NO", "YES"],
+                },
+                {"name": "out1", "on_violation": "clamp", "threshold": [0.2, 0.8]},
+            ],
+        }
+    ],
+)
+_BOOKS = [RuleBook(parse_config({**_CONFIG, "models": m}, source="<fuzz>")) for m in _RULE_SETS]
+with numpy_only():  # the same rules, never on the native path
+    _REFERENCE_BOOKS = [
+        RuleBook(parse_config({**_CONFIG, "models": m}, source="<fuzz>")) for m in _RULE_SETS
+    ]
 _LIMIT = _BOOKS[0].config.max_message_bytes
 _RULE = OutputRule(on_violation="clamp", check_sum=True, top_k=1, labels=("x",))
 _LABELS = label_table(_RULE.labels)
 _registry = CollectorRegistry()
 _metrics = GuardMetrics(_registry, model_names=["fuzz"], max_class_label_values=5)
+_reference_metrics = GuardMetrics(
+    CollectorRegistry(), model_names=["fuzz"], max_class_label_values=5
+)
 _calls = 0
 
 
@@ -142,8 +150,17 @@ def one_input(data: bytes) -> None:
         warnings.simplefilter("error")
         try:
             guarded = guard_predict_response(body, spec, book, _metrics)
-        except GuardError:
-            guarded = None
+            outcome: Any = guarded and (guarded.body, guarded.action, guarded.violations)
+        except GuardError as exc:
+            guarded, outcome = None, (type(exc), exc.details)
+        with numpy_only():
+            reference_book = _REFERENCE_BOOKS[selector % len(_BOOKS)]
+            try:
+                ref = guard_predict_response(body, spec, reference_book, _reference_metrics)
+                expected: Any = ref and (ref.body, ref.action, ref.violations)
+            except GuardError as exc:
+                expected = (type(exc), exc.details)
+        assert outcome == expected, "the native clean path and the numpy path differ"
         if guarded is not None:
             wire.parse_predict_response(guarded.body)
             assert guarded.action in ("clean", "observed", "clamped")
@@ -173,6 +190,14 @@ def seeds() -> list[bytes]:
                 body = view.SerializeToString()
                 out.extend(bytes([selector]) + body for selector in (0, 1, 2, 0x40, 0x42))
                 out.append(b"\x80" + view.outputs["out1"].SerializeToString())
+    # Clean rows (in range, summing to 1): the native clean path's case.
+    for dtype in (np.float32, np.float64):
+        for encoding in wire.Encoding:
+            view = wire.PredictResponseView()
+            rows = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]], dtype=dtype)
+            wire.set_tensor(view.outputs["out0"], rows, encoding)
+            body = view.SerializeToString()
+            out.extend(bytes([selector]) + body for selector in (0, 1, 0x40))
     return out
 
 
