@@ -286,7 +286,8 @@ PyDoc_STRVAR(clean_rank_encode_doc,
 "a tuple of one encoded string_val field per class. Class values are written\n"
 "as tensor_content when `content`, else packed int64_val; scores as\n"
 "tensor_content or the packed field whose one-byte key is `score_key`.\n"
-"Returns (indices, scores, entries) as bytes, or None as clean_top_k does.");
+"Returns (classes, scores, entries) as bytes, the classes and scores of each\n"
+"row's best class only, or None as clean_top_k does.");
 
 static PyObject *
 clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
@@ -296,6 +297,7 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
     int k, check_sum, content, score_key;
     double lo, hi, sum_lo, sum_hi;
     PyObject *spec, *idx = NULL, *scores = NULL, *out = NULL, *result = NULL;
+    PyObject *best_idx = NULL, *best_score = NULL;
     Entry entries[6];
 
     if (!PyArg_ParseTuple(args, "y*nnniddpddpiO!", &view, &itemsize, &rows, &cols, &k, &lo,
@@ -380,10 +382,22 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
         PyErr_SetString(PyExc_SystemError, "clean_rank_encode: size mismatch");
         goto done;
     }
-    result = PyTuple_Pack(3, idx, scores, out);
+    /* The best class and score of each row, for the metrics. */
+    best_idx = PyBytes_FromStringAndSize(NULL, rows * (Py_ssize_t)sizeof(int64_t));
+    best_score = PyBytes_FromStringAndSize(NULL, rows * itemsize);
+    if (best_idx == NULL || best_score == NULL)
+        goto done;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        memcpy(PyBytes_AS_STRING(best_idx) + r * 8, ix + r * k, 8);
+        memcpy(PyBytes_AS_STRING(best_score) + r * itemsize,
+               PyBytes_AS_STRING(scores) + r * k * itemsize, (size_t)itemsize);
+    }
+    result = PyTuple_Pack(3, best_idx, best_score, out);
 done:
     Py_XDECREF(idx);
     Py_XDECREF(scores);
+    Py_XDECREF(best_idx);
+    Py_XDECREF(best_score);
     Py_XDECREF(out);
     PyBuffer_Release(&view);
     return result;

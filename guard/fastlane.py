@@ -55,7 +55,6 @@ class Lane:
     entries: tuple[tuple[Any, ...], ...]
     names: tuple[str, ...]
     """The derived outputs' names, in the order they are written."""
-    lead: tuple[int, ...]
 
     def run(self, values: Array) -> tuple[OutputResult, bytes] | None:
         """Check and rank ``values``, and encode the derived outputs.
@@ -73,11 +72,10 @@ class Lane:
         )  # fmt: skip
         if found is None:
             return None
-        idx = np.frombuffer(found[0], dtype=np.int64).reshape(*self.lead, self.k)
-        scores = np.frombuffer(found[1], dtype=values.dtype).reshape(*self.lead, self.k)
         result = OutputResult(values, False, Counts(values=values.size), "clean", values)
-        result.classes = idx[..., 0]
-        result.confidence = scores[..., 0]
+        # One row after another: the metrics read them flat.
+        result.classes = np.frombuffer(found[0], dtype=np.int64)
+        result.confidence = np.frombuffer(found[1], dtype=values.dtype)
         return result, found[2]
 
 
@@ -143,5 +141,4 @@ def lane_for(
         score_key=wire.packed_key(dtype_enum)[0],
         entries=tuple(entries),
         names=tuple(name + suffix for suffix, *_ in wanted),
-        lead=lead,
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -544,9 +544,12 @@ def parse_predict_response(data: bytes) -> Any:
     return view
 
 
-@dataclass(frozen=True)
-class ModelSpecInfo:
-    """The parts of a ModelSpec the guard routes and labels by."""
+class ModelSpecInfo(NamedTuple):
+    """The parts of a ModelSpec the guard routes and labels by.
+
+    A named tuple: one is made per request and per response, and a tuple is
+    made in C, where a frozen dataclass sets each field in Python.
+    """
 
     name: str
     signature_name: str

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,9 +41,12 @@ def core_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     src = tmp_path_factory.mktemp("src")
     # Build from a copy of what the Dockerfile copies, so a stale build/ or an
     # egg-info in the checkout cannot leak into the install.
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         (src / name).write_bytes((REPO / name).read_bytes())
-    subprocess.run(["cp", "-r", str(REPO / "guard"), str(src / "guard")], check=True, timeout=60)
+    # .dockerignore leaves out compiled files: the install must build guard._rank itself.
+    shutil.copytree(
+        REPO / "guard", src / "guard", ignore=shutil.ignore_patterns("*.so", "__pycache__")
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     result = subprocess.run(
         [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(src)],
@@ -61,6 +65,18 @@ def test_core_install_has_no_tensorflow(core_venv: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_core_install_builds_the_native_clean_path(core_venv: Path) -> None:
+    # The Dockerfile's build stage asserts the same import.
+    out = subprocess.run(
+        [str(core_venv / "bin" / "python"), "-c",
+         "import guard._rank, guard.rules; print(guard.rules.NATIVE, guard._rank.__file__)"],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    native, path = out.stdout.split()
+    assert native == "True" and path.startswith(str(core_venv)) and path.endswith(".so")
 
 
 async def test_core_install_serves_and_guards(
