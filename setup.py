@@ -13,7 +13,7 @@ setup(
             "guard._rank",
             sources=["guard/_rank.c"],
             optional=True,
-            extra_compile_args=["-O2"],
+            extra_compile_args=["-O3"],
         )
     ]
 )

@@ -31,14 +31,17 @@
 
 #define MAX_K 16
 
+/* Values per block in the top-k scan (see DEFINE_SCAN). */
+#define BLOCK 16
+
 /* The largest rows x cols accepted: the byte counts below cannot overflow. */
 #define MAX_VALUES (PY_SSIZE_T_MAX / 16)
 
-/* Row sums are accumulated in order in double. numpy sums pairwise, so the two
- * can differ by the rounding error of a recursive sum, at most
- * (n - 1) * u * sum|x| with u = 2^-53. A row is declared clean only when its sum
- * lies inside the tolerance band by more than twice that bound, so numpy's
- * exact test would call it clean as well; any closer row goes to numpy. */
+/* Row sums are accumulated in double, in four interleaved partial sums. numpy
+ * sums pairwise; any order of summation errs by at most (n - 1) * u * sum|x|,
+ * with u = 2^-53. A row is declared clean only when its sum lies inside the
+ * tolerance band by more than twice that bound, so numpy's exact test would
+ * call it clean as well; any closer row goes to numpy. */
 static int
 row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double sum_hi)
 {
@@ -46,6 +49,9 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
     return sum_lo + slack <= sum && sum <= sum_hi - slack;
 }
 
+/* One row at a time, in up to three passes over it (it sits in L1 after the
+ * first). Each pass is an integer OR or a plain sum, which compilers
+ * vectorise; a max over floats is not, without fast-math's reordering. */
 #define DEFINE_SCAN(NAME, T)                                                              \
     static int NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols, int k, double lo,  \
                     double hi, int check_sum, double sum_lo, double sum_hi,                \
@@ -53,36 +59,68 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
     {                                                                                      \
         T best[MAX_K];                                                                     \
         int64_t where[MAX_K];                                                              \
+        const T tlo = (T)lo, thi = (T)hi; /* exact: the caller gives bounds in T */        \
         for (Py_ssize_t r = 0; r < rows; r++) {                                            \
             const T *row = values + r * cols;                                              \
-            double sum = 0.0, abs_sum = 0.0;                                               \
-            int filled = 0;                                                                \
+            /* The range: NaN is caught by v != v, +-Inf lies beyond the bounds. */        \
+            int bad = 0;                                                                   \
             for (Py_ssize_t c = 0; c < cols; c++) {                                        \
                 T v = row[c];                                                              \
-                /* NaN fails both comparisons; +-Inf lies beyond the finite bounds. */     \
-                if (!((double)v >= lo && (double)v <= hi))                                 \
-                    return 0;                                                              \
-                sum += (double)v;                                                          \
-                abs_sum += fabs((double)v);                                                \
-                if (k == 0)                                                                \
-                    continue;                                                              \
-                /* Keep the k best as (value desc, index asc): a later equal value   */    \
-                /* never displaces an earlier one, as repeated argmax ranks them.    */    \
-                if (filled == k && !(v > best[k - 1]))                                     \
-                    continue;                                                              \
-                int pos = filled < k ? filled : k - 1;                                     \
-                while (pos > 0 && v > best[pos - 1]) {                                     \
-                    best[pos] = best[pos - 1];                                             \
-                    where[pos] = where[pos - 1];                                           \
-                    pos--;                                                                 \
-                }                                                                          \
-                best[pos] = v;                                                             \
-                where[pos] = (int64_t)c;                                                   \
-                if (filled < k)                                                            \
-                    filled++;                                                              \
+                bad |= (v < tlo) | (v > thi) | (v != v);                                   \
             }                                                                              \
-            if (check_sum && !row_sum_certain(sum, abs_sum, cols, sum_lo, sum_hi))         \
+            if (bad)                                                                       \
                 return 0;                                                                  \
+            if (check_sum) {                                                               \
+                /* Four interleaved partial sums in double. With no negative value   */   \
+                /* (tlo >= 0), sum|x| is the sum itself. */                                \
+                double s[4] = {0.0, 0.0, 0.0, 0.0}, abs_sum = 0.0;                         \
+                Py_ssize_t c = 0;                                                          \
+                for (; c + 4 <= cols; c += 4)                                              \
+                    for (int j = 0; j < 4; j++)                                            \
+                        s[j] += (double)row[c + j];                                        \
+                for (; c < cols; c++)                                                      \
+                    s[0] += (double)row[c];                                                \
+                double sum = (s[0] + s[1]) + (s[2] + s[3]);                                \
+                if (tlo >= 0)                                                              \
+                    abs_sum = sum;                                                         \
+                else                                                                       \
+                    for (c = 0; c < cols; c++)                                             \
+                        abs_sum += fabs((double)row[c]);                                   \
+                if (!row_sum_certain(sum, abs_sum, cols, sum_lo, sum_hi))                  \
+                    return 0;                                                              \
+            }                                                                              \
+            if (k == 0)                                                                    \
+                continue;                                                                  \
+            /* Keep the k best as (value desc, index asc): a later equal value never */    \
+            /* displaces an earlier one, as repeated argmax ranks them. Once k are */      \
+            /* kept, a block with no value above the k-th best is skipped whole. */        \
+            int filled = 0;                                                                \
+            for (Py_ssize_t b = 0; b < cols; b += BLOCK) {                                 \
+                Py_ssize_t end = b + BLOCK < cols ? b + BLOCK : cols;                      \
+                if (filled == k) {                                                         \
+                    T floor = best[k - 1];                                                 \
+                    int above = 0;                                                         \
+                    for (Py_ssize_t c = b; c < end; c++)                                   \
+                        above |= row[c] > floor;                                           \
+                    if (!above)                                                            \
+                        continue;                                                          \
+                }                                                                          \
+                for (Py_ssize_t c = b; c < end; c++) {                                     \
+                    T v = row[c];                                                          \
+                    if (filled == k && !(v > best[k - 1]))                                 \
+                        continue;                                                          \
+                    int pos = filled < k ? filled : k - 1;                                 \
+                    while (pos > 0 && v > best[pos - 1]) {                                 \
+                        best[pos] = best[pos - 1];                                         \
+                        where[pos] = where[pos - 1];                                       \
+                        pos--;                                                             \
+                    }                                                                      \
+                    best[pos] = v;                                                         \
+                    where[pos] = (int64_t)c;                                               \
+                    if (filled < k)                                                        \
+                        filled++;                                                          \
+                }                                                                          \
+            }                                                                              \
             memcpy(idx_out + r * k, where, (size_t)k * sizeof(int64_t));                   \
             memcpy(score_out + r * k, best, (size_t)k * sizeof(T));                        \
         }                                                                                  \

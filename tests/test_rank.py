@@ -176,14 +176,19 @@ def near_clean(draw: st.DrawFn) -> tuple[Array, OutputRule]:
     if draw(st.booleans()):
         x = np.round(x * 8) / 8  # ties, exact zeros, and rows off by a lot
     scale = 1.0 + tolerance * draw(st.sampled_from([-1.5, -1.0, -0.999, 0.0, 0.999, 1.0, 1.5]))
-    x = (x * scale).astype(dtype)
+    x = x * scale
+    lo = draw(st.sampled_from([0.0, -1.0]))
+    if lo < 0 and classes >= 2:
+        x[:, 0] -= 0.25  # negative values, the same row sums: the native sum|x| path
+        x[:, 1] += 0.25
+    x = x.astype(dtype)
     rank = draw(st.sampled_from([2, 3]))
     if rank == 3:
         x = x.reshape(rows, 1, classes)
     top_k = draw(st.integers(0, min(classes, 18)))
     labels = tuple(f"c{i}" for i in range(classes)) if draw(st.booleans()) else None
     rule = OutputRule(
-        valid_range=(0.0, draw(st.sampled_from([1.0, 0.5]))),
+        valid_range=(lo, draw(st.sampled_from([1.0, 0.5]))),
         check_sum=draw(st.booleans()),
         sum_tolerance=tolerance,
         on_violation=draw(st.sampled_from(["observe", "clamp", "reject"])),
