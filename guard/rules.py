@@ -10,6 +10,10 @@ For one output array and its :class:`~guard.config.OutputRule`, in order:
 
 Class axis: the last axis for rank >= 2. A tensor of rank 0 or 1 holds one
 value per row, exactly like ``[batch, 1]``.
+
+When ``guard._rank`` is built, a clean output (nothing to count) has steps 2
+and 4's ranking done in one native call, with the same results; anything to
+count is always counted here, in numpy.
 """
 
 from __future__ import annotations
