@@ -130,6 +130,37 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
 DEFINE_SCAN(scan_f32, float)
 DEFINE_SCAN(scan_f64, double)
 
+/* Whether the arguments describe the buffer: a C-contiguous float32 (itemsize
+ * 4) or float64 (8) array of rows x cols values, and 0 <= k <= min(cols, MAX_K). */
+static int
+describes(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols, int k)
+{
+    return (itemsize == 4 || itemsize == 8) && rows >= 0 && cols > 0 && k >= 0 && k <= MAX_K &&
+           k <= cols && rows <= MAX_VALUES / cols && view->len == rows * cols * itemsize;
+}
+
+/* Allocate the k best classes and scores of each row as bytes, and run the
+ * scan into them. Returns 1 when clean, 0 when the caller must take its
+ * general path, -1 with an exception set. */
+static int
+scan(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols, int k,
+     double lo, double hi, int check_sum, double sum_lo, double sum_hi, PyObject **idx,
+     PyObject **scores)
+{
+    *idx = PyBytes_FromStringAndSize(NULL, rows * k * (Py_ssize_t)sizeof(int64_t));
+    *scores = PyBytes_FromStringAndSize(NULL, rows * k * itemsize);
+    if (*idx == NULL || *scores == NULL)
+        return -1;
+    /* The GIL stays held: a response's rows take microseconds, less than
+     * releasing and taking it back. */
+    if (itemsize == 4)
+        return scan_f32((const float *)view->buf, rows, cols, k, lo, hi, check_sum, sum_lo,
+                        sum_hi, (int64_t *)PyBytes_AS_STRING(*idx),
+                        (float *)PyBytes_AS_STRING(*scores));
+    return scan_f64((const double *)view->buf, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi,
+                    (int64_t *)PyBytes_AS_STRING(*idx), (double *)PyBytes_AS_STRING(*scores));
+}
+
 PyDoc_STRVAR(clean_top_k_doc,
 "clean_top_k(values, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi)\n"
 "--\n\n"
@@ -151,26 +182,14 @@ clean_top_k(PyObject *Py_UNUSED(self), PyObject *args)
     if (!PyArg_ParseTuple(args, "y*nnniddpdd", &view, &itemsize, &rows, &cols, &k, &lo,
                           &hi, &check_sum, &sum_lo, &sum_hi))
         return NULL;
-    if ((itemsize != 4 && itemsize != 8) || rows < 0 || cols <= 0 || k < 0 || k > MAX_K ||
-        k > cols || rows > MAX_VALUES / cols || view.len != rows * cols * itemsize) {
+    if (!describes(&view, itemsize, rows, cols, k)) {
         PyErr_SetString(PyExc_ValueError, "clean_top_k: arguments do not describe the buffer");
         goto done;
     }
-    idx = PyBytes_FromStringAndSize(NULL, rows * k * (Py_ssize_t)sizeof(int64_t));
-    scores = PyBytes_FromStringAndSize(NULL, rows * k * itemsize);
-    if (idx == NULL || scores == NULL)
+    int clean = scan(&view, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi, &idx,
+                     &scores);
+    if (clean < 0)
         goto done;
-    /* The GIL stays held: a response's rows take microseconds, less than
-     * releasing and taking it back. */
-    int clean;
-    if (itemsize == 4)
-        clean = scan_f32((const float *)view.buf, rows, cols, k, lo, hi, check_sum, sum_lo,
-                         sum_hi, (int64_t *)PyBytes_AS_STRING(idx),
-                         (float *)PyBytes_AS_STRING(scores));
-    else
-        clean = scan_f64((const double *)view.buf, rows, cols, k, lo, hi, check_sum, sum_lo,
-                         sum_hi, (int64_t *)PyBytes_AS_STRING(idx),
-                         (double *)PyBytes_AS_STRING(scores));
     if (clean)
         result = PyTuple_Pack(2, idx, scores);
     else
@@ -343,9 +362,8 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
                           &PyTuple_Type, &spec))
         return NULL;
     Py_ssize_t n_entries = PyTuple_GET_SIZE(spec);
-    if ((itemsize != 4 && itemsize != 8) || rows < 0 || cols <= 0 || k <= 0 || k > MAX_K ||
-        k > cols || rows > MAX_VALUES / cols || view.len != rows * cols * itemsize ||
-        n_entries > 6 || score_key < 0 || score_key > 0x7F) {
+    if (!describes(&view, itemsize, rows, cols, k) || k == 0 || n_entries > 6 || score_key < 0 ||
+        score_key > 0x7F) {
         PyErr_SetString(PyExc_ValueError,
                         "clean_rank_encode: arguments do not describe the buffer");
         goto done;
@@ -354,6 +372,10 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
         Entry *e = &entries[i];
         PyObject *key_field, *head;
         e->labels = NULL;
+        if (!PyTuple_Check(PyTuple_GET_ITEM(spec, i))) {
+            PyErr_SetString(PyExc_TypeError, "clean_rank_encode: each entry is a tuple");
+            goto done;
+        }
         if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, i), "SSi|O!", &key_field, &head, &e->what,
                               &PyTuple_Type, &e->labels))
             goto done;
@@ -373,19 +395,10 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
         e->head = PyBytes_AS_STRING(head);
         e->head_len = PyBytes_GET_SIZE(head);
     }
-    idx = PyBytes_FromStringAndSize(NULL, rows * k * (Py_ssize_t)sizeof(int64_t));
-    scores = PyBytes_FromStringAndSize(NULL, rows * k * itemsize);
-    if (idx == NULL || scores == NULL)
+    int clean = scan(&view, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi, &idx,
+                     &scores);
+    if (clean < 0)
         goto done;
-    int clean;
-    if (itemsize == 4)
-        clean = scan_f32((const float *)view.buf, rows, cols, k, lo, hi, check_sum, sum_lo,
-                         sum_hi, (int64_t *)PyBytes_AS_STRING(idx),
-                         (float *)PyBytes_AS_STRING(scores));
-    else
-        clean = scan_f64((const double *)view.buf, rows, cols, k, lo, hi, check_sum, sum_lo,
-                         sum_hi, (int64_t *)PyBytes_AS_STRING(idx),
-                         (double *)PyBytes_AS_STRING(scores));
     if (!clean) {
         result = Py_NewRef(Py_None);
         goto done;

@@ -163,6 +163,28 @@ def test_the_kernel_refuses_arguments_that_do_not_describe_the_buffer() -> None:
         kernel(big, 8, 1, 40, rules._rank.MAX_K + 1, 0.0, 1.0, False, 0.999, 1.001)
 
 
+def test_the_encoder_refuses_entry_specs_it_cannot_write() -> None:
+    assert rules._rank is not None
+    x = np.full((2, 3), 1 / 3, dtype=np.float32)
+    encode = rules._rank.clean_rank_encode
+    head = (b"\x0a\x01a", b"\x08\x09")
+    labels = (b"\x42\x01x", b"\x42\x01y", b"\x42\x01z")
+    good = encode(x, 4, 2, 3, 1, 0.0, 1.0, True, 0.999, 1.001, False, 0x2A, ((*head, 2, labels),))
+    assert good is not None
+    for entries, error in [
+        (((*head, 2),), ValueError),  # a label entry without labels
+        (((*head, 0, labels),), ValueError),  # labels on a class entry
+        (((*head, 2, labels[:2]),), ValueError),  # fewer labels than classes
+        (((*head, 2, (b"x", "y", b"z")),), TypeError),  # a label that is not bytes
+        (((*head, 6),), ValueError),  # no such kind
+        ([(*head, 0)], TypeError),  # entries must be a tuple
+        (((*head, 0),) * 7, ValueError),  # more entries than outputs exist
+        ((list((*head, 0)),), TypeError),
+    ]:
+        with pytest.raises(error):
+            encode(x, 4, 2, 3, 1, 0.0, 1.0, True, 0.999, 1.001, False, 0x2A, entries)
+
+
 @st.composite
 def near_clean(draw: st.DrawFn) -> tuple[Array, OutputRule]:
     """Mostly clean softmax-like rows: sums near the tolerance, ties, zeros."""
