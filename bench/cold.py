@@ -8,7 +8,11 @@ function in a loop, hot and with the caches thrashed before each call, and
 prints both medians of thread CPU time. Use it to judge changes to the data
 plane: the cold figure predicts the proxy's CPU per request far better.
 
-``python -m bench.cold [--rows 8] [--classes 201] [--encoding float_val]``
+``python -m bench.cold [--rows 8] [--classes 201] [--encoding float_val] [--numpy-too]``
+
+``--numpy-too`` also times the guard without its native clean path
+(``guard._rank``), alternating the two call by call in one process, as an
+install without a C compiler would run.
 """
 
 from __future__ import annotations
@@ -35,27 +39,58 @@ def _thrasher() -> Callable[[], None]:
     return thrash
 
 
-def measure(case: micro.Case, calls: int) -> dict[str, float]:
-    """Median thread-CPU microseconds per call, hot and cold."""
+def _guard(case: micro.Case, native: bool) -> Callable[[bytes], bytes]:
+    """The guard's response function, with or without guard._rank."""
+    from guard import rules
+
+    saved = rules._rank
+    if not native:
+        rules._rank = None  # type: ignore[assignment]
+    try:
+        run = micro.guard_path(case)
+        if run is None:
+            raise SystemExit("the guard is not importable from this checkout")
+        body = micro.response_bytes(case)
+        for _ in range(200):  # the rule book's caches are filled in this mode
+            run(body)
+    finally:
+        rules._rank = saved
+
+    def call(b: bytes) -> bytes:
+        if native:
+            return run(b)
+        rules._rank = None  # type: ignore[assignment]
+        try:
+            return run(b)
+        finally:
+            rules._rank = saved
+
+    return call
+
+
+def measure(case: micro.Case, calls: int, numpy_too: bool = False) -> dict[str, float]:
+    """Median thread-CPU microseconds per call, hot and cold (and for the numpy
+    path, with ``numpy_too``: keys ``numpy hot`` and ``numpy cold``)."""
     micro.same_allocator_as_guard()
-    run = micro.guard_path(case)
-    if run is None:
-        raise SystemExit("the guard is not importable from this checkout")
+    from guard import rules
+
+    if not rules.NATIVE and numpy_too:
+        raise SystemExit("guard._rank is not built here: nothing to compare against")
+    runs = {"": _guard(case, native=True)}
+    if numpy_too:
+        runs["numpy "] = _guard(case, native=False)
     body = micro.response_bytes(case)
     thrash = _thrasher()
-    for _ in range(200):
-        run(body)
-    out: dict[str, float] = {}
+    times: dict[str, list[int]] = {f"{p}{m}": [] for p in runs for m in ("hot", "cold")}
     for mode in ("hot", "cold"):
-        times = []
         for _ in range(calls):
-            if mode == "cold":
-                thrash()
-            start = time.thread_time_ns()
-            run(body)
-            times.append(time.thread_time_ns() - start)
-        out[mode] = statistics.median(times) / 1000
-    return out
+            for prefix, run in runs.items():  # alternated call by call
+                if mode == "cold":
+                    thrash()
+                start = time.thread_time_ns()
+                run(body)
+                times[f"{prefix}{mode}"].append(time.thread_time_ns() - start)
+    return {key: statistics.median(t) / 1000 for key, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,10 +100,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--classes", type=int, default=201)
     p.add_argument("--encoding", choices=["float_val", "tensor_content"], default="float_val")
     p.add_argument("--calls", type=int, default=1500)
+    p.add_argument("--numpy-too", action="store_true", help="also time the numpy-only path")
     args = p.parse_args(argv)
     case = micro.Case(args.rows, args.classes, args.encoding)
-    figures = measure(case, args.calls)
+    figures = measure(case, args.calls, args.numpy_too)
     print(f"{case.label}: hot {figures['hot']:.1f} us, cold {figures['cold']:.1f} us (median)")
+    if args.numpy_too:
+        print(
+            f"{case.label}, numpy path only: hot {figures['numpy hot']:.1f} us, "
+            f"cold {figures['numpy cold']:.1f} us (median)"
+        )
 
 
 if __name__ == "__main__":
