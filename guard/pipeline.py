@@ -196,8 +196,10 @@ def guard_predict_response(
         if fast is not None:
             result, lane_entries = fast
         else:
+            result = apply_rule(
+                values, compiled.rule, compiled.labels, model, name, known_unclean=lane is not None
+            )
             lane, lane_entries = None, b""
-            result = apply_rule(values, compiled.rule, compiled.labels, model, name)
         metrics.record_output(model_label, version, signature, name, result, compiled.labels)
         violations += result.counts.total
         if _ACTION_RANK[result.action] > _ACTION_RANK[action]:

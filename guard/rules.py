@@ -374,6 +374,8 @@ def apply_rule(
     label_table: np.ndarray[Any, Any] | None,
     model: str,
     output: str,
+    *,
+    known_unclean: bool = False,
 ) -> OutputResult:
     """Apply ``rule`` to one output.
 
@@ -382,13 +384,15 @@ def apply_rule(
     tensor raises a :class:`~guard.errors.GuardError`.
 
     ``label_table`` is ``rule.labels`` encoded once as an object array of
-    ``bytes`` (see :func:`label_table`).
+    ``bytes`` (see :func:`label_table`). ``known_unclean`` says the caller's own
+    native check (the pipeline's fast lane) already found something to count,
+    so the same scan is not run again.
     """
     who = f"guard: model '{model}' output '{output}'"
     activated = _activate(values, rule.activation)
     changed = activated is not values
     k = rule.top_k or (1 if rule.argmax else 0)
-    native = _native_clean(activated, rule, k)
+    native = None if known_unclean and not changed else _native_clean(activated, rule, k)
     if native is not None:
         counts, bad_rows = Counts(values=int(activated.size)), None
     else:
