@@ -20,9 +20,10 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-# A C compiler for guard._rank, the native clean path (guard/fastlane.py). It
-# stays in this stage: the runtime image gets the built module, not the
-# toolchain. Unpinned on purpose: the stage is thrown away, and Debian's
+# A C compiler for the native modules: guard._rank, the clean path of a rule
+# (guard/fastlane.py), and guard._walk, the response layout read in place
+# (guard/wire.py). It stays in this stage: the runtime image gets the built
+# modules, not the toolchain. Unpinned on purpose: the stage is thrown away, and Debian's
 # point releases remove pinned versions from the archive.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -31,12 +32,12 @@ RUN apt-get update \
 RUN python -m venv /opt/guard
 COPY pyproject.toml setup.py README.md ./
 COPY guard/ guard/
-# Exactly the sidecar's install: the package with no extras. The module is
+# Exactly the sidecar's install: the package with no extras. The modules are
 # optional in setup.py (an install without a compiler still works), so check
-# here that the image has it.
+# here that the image has them.
 RUN /opt/guard/bin/pip install --no-compile . \
     && /opt/guard/bin/python -c "import guard.cli, sys; assert 'tensorflow' not in sys.modules" \
-    && /opt/guard/bin/python -c "import guard._rank"
+    && /opt/guard/bin/python -c "import guard._rank, guard._walk"
 
 # --------------------------------------------------------------- build with TensorFlow
 FROM build AS build-tensorflow

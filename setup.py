@@ -1,8 +1,10 @@
-"""Builds the one native module, ``guard._rank`` (everything else is in pyproject.toml).
+"""Builds the native modules (everything else is in pyproject.toml).
 
-The module is the clean path of an output rule in one call (see guard/fastlane.py).
-It is optional: without a C compiler the install still succeeds, and the guard
-runs its numpy path alone; ``guard serve`` logs which one it uses.
+- ``guard._rank``: the clean path of an output rule in one call (guard/fastlane.py);
+- ``guard._walk``: the layout of a PredictResponse read in place (guard/wire.py).
+
+Both are optional: without a C compiler the install still succeeds, and the
+guard runs on protobuf and numpy alone; ``guard serve`` logs which it uses.
 """
 
 from setuptools import Extension, setup
@@ -10,10 +12,11 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "guard._rank",
-            sources=["guard/_rank.c"],
+            f"guard.{name}",
+            sources=[f"guard/{name}.c"],
             optional=True,
             extra_compile_args=["-O3"],
         )
+        for name in ("_rank", "_walk")
     ]
 )

@@ -10,9 +10,9 @@ plane: the cold figure predicts the proxy's CPU per request far better.
 
 ``python -m bench.cold [--rows 8] [--classes 201] [--encoding float_val] [--numpy-too]``
 
-``--numpy-too`` also times the guard without its native clean path
-(``guard._rank``), alternating the two call by call in one process, as an
-install without a C compiler would run.
+``--numpy-too`` also times the guard without its native modules
+(``guard._rank``, ``guard._walk``), alternating the two call by call in one
+process, as an install without a C compiler would run.
 """
 
 from __future__ import annotations
@@ -40,12 +40,15 @@ def _thrasher() -> Callable[[], None]:
 
 
 def _guard(case: micro.Case, native: bool) -> Callable[[bytes], bytes]:
-    """The guard's response function, with or without guard._rank."""
-    from guard import rules
+    """The guard's response function, with or without its native modules."""
+    from guard import rules, wire
 
-    saved = rules._rank
-    if not native:
-        rules._rank = None  # type: ignore[assignment]
+    saved = rules._rank, wire._walk
+
+    def switch(on: bool) -> None:
+        rules._rank, wire._walk = saved if on else (None, None)  # type: ignore[assignment]
+
+    switch(native)
     try:
         run = micro.guard_path(case)
         if run is None:
@@ -54,16 +57,16 @@ def _guard(case: micro.Case, native: bool) -> Callable[[bytes], bytes]:
         for _ in range(200):  # the rule book's caches are filled in this mode
             run(body)
     finally:
-        rules._rank = saved
+        switch(True)
 
     def call(b: bytes) -> bytes:
         if native:
             return run(b)
-        rules._rank = None  # type: ignore[assignment]
+        switch(False)
         try:
             return run(b)
         finally:
-            rules._rank = saved
+            switch(True)
 
     return call
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from guard import rules
+from guard import rules, wire
 from guard._files import file_identity
 from guard._version import __version__
 from guard.config import Config, load_config
@@ -216,10 +216,16 @@ def run_serve(
     """Run the guard until SIGTERM/SIGINT. Returns the process exit code."""
     if not tune_malloc():
         logger.info("allocator tuning unavailable (not glibc); large responses cost page faults")
-    if not rules.NATIVE:
+    missing = [
+        module
+        for module, built in (("guard._rank", rules.NATIVE), ("guard._walk", wire.NATIVE_WALK))
+        if not built
+    ]
+    if missing:
         logger.info(
-            "native clean path (guard._rank) not built: rules run on numpy alone, at more CPU "
-            "per response; install with a C compiler present to build it"
+            "native modules not built (%s): responses are guarded with protobuf and numpy "
+            "alone, at more CPU per response; install with a C compiler present to build them",
+            ", ".join(missing),
         )
     stack = contextlib.ExitStack()
     try:

@@ -7,7 +7,6 @@ Responses are returned byte-identical unless a rule changed or added a tensor.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,11 +140,11 @@ def guard_predict_response(
     """
     req_model = request_spec.name if request_spec else ""
     try:
-        view = wire.parse_predict_response(body)
+        response = wire.read_predict_response(body)
     except DecodeError:
         metrics.decode_errors.labels(metrics.model_label(req_model)).inc()
         raise
-    spec = wire.response_spec(view)
+    spec = response.spec
     model = (spec.name if spec and spec.name else req_model) or ""
     signature = (
         (spec.signature_name if spec else "")
@@ -161,26 +160,18 @@ def guard_predict_response(
     # declare a huge tensor, and many outputs must not add up past the limit.
     budget = book.config.max_message_bytes
 
-    typed_view: list[Any] = []
-
-    def typed_fallback(name: str) -> Any:
-        if not typed_view:
-            typed_view.append(wire.TypedPredictResponse.FromString(body))
-        return typed_view[0].outputs[name]
-
     action = "clean"
     violations = 0
     rejection: str | None = None
-    upstream_names = set(view.outputs)
+    upstream_names = response.names
     # Per output: the rule's result, and the derived outputs if the lane wrote them.
-    results: list[tuple[str, Any, OutputResult, wire.Encoding, Lane | None, bytes]] = []
+    results: list[tuple[str, OutputResult, wire.Encoding, Lane | None, bytes]] = []
     for name in sorted(upstream_names):
         compiled = rules.rule_for(name)
         if compiled is None:
             continue
-        tensor = view.outputs[name]
         try:
-            decoded = wire.decode_tensor(tensor, budget, functools.partial(typed_fallback, name))
+            decoded = response.decode(name, budget)
         except DecodeError as exc:
             metrics.decode_errors.labels(model_label).inc()
             raise DecodeError(
@@ -206,7 +197,7 @@ def guard_predict_response(
             action = result.action
         if result.rejection and rejection is None:
             rejection = result.rejection
-        results.append((name, tensor, result, encoding, lane, lane_entries))
+        results.append((name, result, encoding, lane, lane_entries))
 
     metrics.record_response(model_label, version, signature, action)
     if rejection is not None:
@@ -214,15 +205,15 @@ def guard_predict_response(
 
     if not results:
         return GuardedResponse(body, "clean", 0)
-    modified = any(result.changed for _, _, result, _, _, _ in results)
+    modified = any(result.changed for _, result, _, _, _ in results)
     # Derived outputs are appended as encoded map entries: protobuf merges
     # concatenated messages (map entries included), so ``body + entries`` is the
     # guarded response, and the upstream's bytes, often megabytes of floats, are
     # serialized again only when a rule changed one of its tensors.
     entries: list[bytes] = []
-    for name, tensor, result, encoding, lane, lane_entries in results:
+    for name, result, encoding, lane, lane_entries in results:
         if result.changed:
-            wire.set_tensor(tensor, result.values, encoding)
+            wire.set_tensor(response.view().outputs[name], result.values, encoding)
         names = lane.names if lane is not None else [name + d.suffix for d in result.derived]
         for out_name in names:
             if out_name in upstream_names:
@@ -235,5 +226,5 @@ def guard_predict_response(
             entries.append(lane_entries)
         for derived in result.derived:
             entries.append(wire.encode_output(name + derived.suffix, derived.array, encoding))
-    base = view.SerializeToString() if modified else body
+    base = response.view().SerializeToString() if modified else body
     return GuardedResponse(base + b"".join(entries), action, violations)

@@ -16,7 +16,7 @@ This module knows nothing of rules or gRPC.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, NamedTuple
@@ -28,6 +28,11 @@ from google.protobuf import unknown_fields as pb_unknown
 
 from guard.errors import DecodeError
 
+try:
+    from guard import _walk
+except ImportError:  # built by setup.py when a C compiler is there; optional
+    _walk = None  # type: ignore[assignment]
+
 __all__ = [
     "DT_DOUBLE",
     "DT_FLOAT",
@@ -37,6 +42,7 @@ __all__ = [
     "Encoding",
     "ModelSpecInfo",
     "PredictResponseView",
+    "Response",
     "decode_tensor",
     "decode_varints",
     "encode_output",
@@ -45,9 +51,15 @@ __all__ = [
     "packed_key",
     "parse_predict_response",
     "peek_model_spec",
+    "read_predict_response",
     "set_tensor",
     "string_field",
 ]
+
+Buffer = bytes | memoryview
+
+#: Whether the native walker (``guard._walk``) is built into this install.
+NATIVE_WALK = _walk is not None
 
 # tensorflow/core/framework/types.proto
 DT_FLOAT = 1
@@ -230,7 +242,7 @@ def _varint_table(top: int) -> list[bytes]:
     return table
 
 
-def decode_varints(data: bytes) -> np.ndarray[Any, np.dtype[np.uint64]]:
+def decode_varints(data: Buffer) -> np.ndarray[Any, np.dtype[np.uint64]]:
     """Decode a packed run of base-128 varints, vectorised."""
     b = np.frombuffer(data, dtype=np.uint8)
     if b.size == 0:
@@ -350,36 +362,59 @@ def decode_tensor(
     if dt is None:
         return None
     shape = tuple([d.size for d in tensor.tensor_shape.dim])
+    runs = getattr(tensor, dt.field)
+    unpacked = None
+    if _has_unpacked(tensor, dt.number):
+
+        def unpacked() -> np.ndarray[Any, Any]:
+            try:
+                typed = (
+                    typed_fallback()
+                    if typed_fallback is not None
+                    else _TypedTensor.FromString(tensor.SerializeToString())
+                )
+            except pb_message.DecodeError as exc:
+                raise DecodeError(
+                    f"{dt.field} sent unpacked, and the tensor is malformed: {exc}"
+                ) from None
+            return _typed_values(typed, dt)
+
+    return _tensor_values(
+        dt,
+        shape,
+        tensor.tensor_content,
+        runs[0] if len(runs) == 1 else b"".join(runs),
+        limit_bytes,
+        unpacked,
+    )
+
+
+def _tensor_values(
+    dt: _DType,
+    shape: tuple[int, ...],
+    content: Buffer,
+    data: Buffer,
+    limit_bytes: int,
+    unpacked: Callable[[], np.ndarray[Any, Any]] | None = None,
+) -> tuple[np.ndarray[Any, Any], Encoding]:
+    """A tensor's values from its ``tensor_content`` (used when not empty) or
+    its packed value field, shared by the view and the walked layout."""
     numel = _numel(shape, dt.numpy.itemsize, limit_bytes)
-    content = tensor.tensor_content
-    if content:
+    if len(content):
         if len(content) != numel * dt.numpy.itemsize:
             raise DecodeError(
                 f"tensor_content has {len(content)} bytes but shape {list(shape)} of "
                 f"{dt.field[:-4]} needs {numel * dt.numpy.itemsize}"
             )
-        return np.frombuffer(content, dtype=dt.numpy).reshape(shape), Encoding.CONTENT
-
-    runs = getattr(tensor, dt.field)
-    data = runs[0] if len(runs) == 1 else b"".join(runs)
+        return _aligned(np.frombuffer(content, dtype=dt.numpy)).reshape(shape), Encoding.CONTENT
     if dt.varint:
         flat: np.ndarray[Any, Any] = decode_varints(data).astype(np.uint16).view("<f2")
     else:
         if len(data) % dt.numpy.itemsize:
             raise DecodeError(f"{dt.field} has {len(data)} bytes, not a whole number of values")
-        flat = np.frombuffer(data, dtype=dt.numpy)
-    if _has_unpacked(tensor, dt.number):
-        try:
-            typed = (
-                typed_fallback()
-                if typed_fallback is not None
-                else _TypedTensor.FromString(tensor.SerializeToString())
-            )
-        except pb_message.DecodeError as exc:
-            raise DecodeError(
-                f"{dt.field} sent unpacked, and the tensor is malformed: {exc}"
-            ) from None
-        flat = _typed_values(typed, dt)
+        flat = _aligned(np.frombuffer(data, dtype=dt.numpy))
+    if unpacked is not None:
+        flat = unpacked()
     n = flat.size
     if n == numel:
         return flat.reshape(shape), Encoding.TYPED
@@ -391,6 +426,12 @@ def decode_tensor(
     filled[:n] = flat
     filled[n:] = flat[-1]
     return filled.reshape(shape), Encoding.TYPED
+
+
+def _aligned(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    # Values read in place from the response bytes sit wherever the encoder put
+    # them; the native kernels and numpy's fast loops want them aligned.
+    return array if array.flags.aligned else array.copy()
 
 
 _VALUE_FIELDS = ("tensor_content", "string_val", "float_val", "double_val", "int64_val", "half_val")
@@ -566,6 +607,79 @@ def response_spec(view: Any) -> ModelSpecInfo | None:
     return _spec_info(view.model_spec) if view.HasField("model_spec") else None
 
 
+# The layout of one output as guard._walk reports it.
+_Layout = tuple[int, tuple[int, ...], int, int, int]
+
+
+class Response:
+    """A PredictResponse read for guarding: its spec, its output names, each
+    output's values on demand, and the protobuf view to rewrite it with.
+
+    Made by :func:`read_predict_response`, from the native walker's layout
+    (values read in place from the bytes) or from the protobuf view.
+    """
+
+    __slots__ = ("data", "spec", "names", "_layout", "_view")
+
+    def __init__(
+        self,
+        data: bytes,
+        spec: ModelSpecInfo | None,
+        names: Collection[str],
+        layout: dict[str, _Layout] | None,
+        view: Any,
+    ) -> None:
+        self.data = data
+        self.spec = spec
+        """The response's ``model_spec``, if the upstream set one."""
+        self.names = names
+        """The output names, as a set-like collection."""
+        self._layout = layout
+        self._view = view
+
+    def decode(self, name: str, limit_bytes: int) -> tuple[np.ndarray[Any, Any], Encoding] | None:
+        """Output ``name`` as :func:`decode_tensor` decodes it."""
+        layout = self._layout
+        if layout is None:
+            return decode_tensor(self._view.outputs[name], limit_bytes, self._typed_fallback(name))
+        dtype, shape, from_content, offset, length = layout[name]
+        dt = FLOAT_DTYPES.get(dtype)
+        if dt is None:
+            return None
+        values = memoryview(self.data)[offset : offset + length]
+        if from_content:
+            return _tensor_values(dt, shape, values, b"", limit_bytes)
+        return _tensor_values(dt, shape, b"", values, limit_bytes)
+
+    def view(self) -> Any:
+        """The protobuf view (parsed on first use when the walker read the layout)."""
+        if self._view is None:
+            self._view = PredictResponseView.FromString(self.data)
+        return self._view
+
+    def _typed_fallback(self, name: str) -> Callable[[], Any]:
+        def typed() -> Any:
+            return TypedPredictResponse.FromString(self.data).outputs[name]
+
+        return typed
+
+
+def read_predict_response(data: bytes) -> Response:
+    """Read PredictResponse bytes for guarding. Raises :class:`DecodeError`.
+
+    The native walker (``guard._walk``) reads the common layout in place; what
+    it does not take (an unknown field, a value sent unpacked, a non-ASCII
+    name, ...) is parsed with protobuf, which also judges what is malformed.
+    """
+    walked = _walk.walk_predict_response(data) if _walk is not None else None
+    if walked is None:
+        view = parse_predict_response(data)
+        return Response(data, response_spec(view), view.outputs.keys(), None, view)
+    spec_bytes, layout = walked
+    spec = None if spec_bytes is None else _spec_from_bytes(spec_bytes)
+    return Response(data, spec, layout.keys(), layout, None)
+
+
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
@@ -620,18 +734,22 @@ def peek_model_spec(request: bytes, path: Sequence[int] = (1,)) -> ModelSpecInfo
             if payload is None:
                 return None
         assert payload is not None
-        # Clients repeat the same few specs: parse each distinct one once. The
-        # bytes are the client's, so entries and their size are both bounded.
-        found = _SPECS.get(payload)
-        if found is None:
-            found = _spec_info(_ModelSpecView.FromString(payload))
-            if len(payload) <= _SPEC_CACHE_BYTES:
-                if len(_SPECS) >= _SPECS_MAX:
-                    _SPECS.clear()
-                _SPECS[payload] = found
-        return found
+        return _spec_from_bytes(payload)
     except (ValueError, pb_message.DecodeError):
         return None
+
+
+def _spec_from_bytes(payload: bytes) -> ModelSpecInfo:
+    # Clients and upstreams repeat the same few specs: parse each distinct one
+    # once. Both entries and their size are bounded.
+    found = _SPECS.get(payload)
+    if found is None:
+        found = _spec_info(_ModelSpecView.FromString(payload))
+        if len(payload) <= _SPEC_CACHE_BYTES:
+            if len(_SPECS) >= _SPECS_MAX:
+                _SPECS.clear()
+            _SPECS[payload] = found
+    return found
 
 
 _SPECS: dict[bytes, ModelSpecInfo] = {}

@@ -67,16 +67,20 @@ def test_core_install_has_no_tensorflow(core_venv: Path) -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_core_install_builds_the_native_clean_path(core_venv: Path) -> None:
-    # The Dockerfile's build stage asserts the same import.
+def test_core_install_builds_the_native_modules(core_venv: Path) -> None:
+    # The Dockerfile's build stage asserts the same imports.
     out = subprocess.run(
         [str(core_venv / "bin" / "python"), "-c",
-         "import guard._rank, guard.rules; print(guard.rules.NATIVE, guard._rank.__file__)"],
+         "import guard._rank, guard._walk, guard.rules, guard.wire; "
+         "print(guard.rules.NATIVE, guard.wire.NATIVE_WALK, guard._rank.__file__, "
+         "guard._walk.__file__)"],
         capture_output=True, text=True, timeout=60, cwd="/",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    native, path = out.stdout.split()
-    assert native == "True" and path.startswith(str(core_venv)) and path.endswith(".so")
+    rank, walk, *paths = out.stdout.split()
+    assert rank == walk == "True"
+    for path in paths:
+        assert path.startswith(str(core_venv)) and path.endswith(".so")
 
 
 async def test_core_install_serves_and_guards(

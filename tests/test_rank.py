@@ -22,7 +22,7 @@ from guard import rules, wire
 from guard.config import OutputRule
 from guard.errors import GuardError
 from guard.rules import OutputResult, apply_rule, label_table
-from tests.native import numpy_only
+from tests.native import pure_python
 from tests.test_pipeline import Guard, response, tensor
 from tests.test_rules import arrays
 from tests.test_rules import rules as rule_strategy
@@ -53,7 +53,7 @@ def assert_same_array(a: Array | None, b: Array | None) -> None:
 
 def assert_both_paths_agree(values: Array, rule: OutputRule) -> OutputResult | None:
     native = outcome(values, rule)
-    with numpy_only():
+    with pure_python():
         reference = outcome(values, rule)
     if not isinstance(reference, OutputResult):
         assert native == reference
@@ -276,7 +276,7 @@ def test_fast_lane_writes_the_bytes_and_metrics_of_the_general_path(
 ) -> None:
     output, body = case
     fast, fast_metrics = run_pipeline(output, body)
-    with numpy_only():
+    with pure_python():
         general, general_metrics = run_pipeline(output, body)
     assert fast == general
     assert fast_metrics == general_metrics

@@ -92,9 +92,9 @@ def test_structure() -> None:
     assert not any("build-tensorflow" in c for c in copies)
     build_runs = " ".join(stages["build"].args("RUN"))
     assert "pip install" in build_runs and "[tensorflow]" not in build_runs
-    # The native clean path is built there (a compiler in the build stage only),
+    # The native modules are built there (a compiler in the build stage only),
     # and the build fails rather than ship an image without it.
-    assert "gcc" in build_runs and "import guard._rank" in build_runs
+    assert "gcc" in build_runs and "import guard._rank, guard._walk" in build_runs
     assert "gcc" not in " ".join(runtime.args("RUN"))
     assert "tensorflow" not in " ".join(runtime.args("RUN")).lower()
 

@@ -13,8 +13,9 @@ parse, decode with the typed fallback, rules, metrics, set_tensor, serialize)
 and through the bare codec path (decode_tensor, apply_rule, set_tensor,
 SerializeToString). Any exception other than a :class:`GuardError` is a crash,
 and so is a numpy warning (the test suite treats warnings as errors too). The
-data plane runs twice, with and without the native clean path
-(``guard._rank``), and the two must give the same bytes or the same error.
+data plane runs twice, with and without the native modules (``guard._rank``,
+``guard._walk``), and the two must give the same bytes or the same error; and
+whatever bytes the native walker takes, protobuf must parse and read the same.
 Memory is bounded by the decode limit: ``max_message_mb: 1``.
 
 :func:`one_input` needs no atheris; ``tests/test_wire.py`` runs it over
@@ -48,7 +49,7 @@ with _instrument:
     from guard.metrics import GuardMetrics
     from guard.pipeline import RuleBook, guard_predict_response
     from guard.rules import apply_rule, label_table
-    from tests.native import numpy_only
+    from tests.native import pure_python, walk_agrees_with_protobuf
 
 __all__ = ["main", "one_input", "seeds"]
 
@@ -91,7 +92,7 @@ _RULE_SETS = (
     ],
 )
 _BOOKS = [RuleBook(parse_config({**_CONFIG, "models": m}, source="<fuzz>")) for m in _RULE_SETS]
-with numpy_only():  # the same rules, never on the native path
+with pure_python():  # the same rules, never on the native path
     _REFERENCE_BOOKS = [
         RuleBook(parse_config({**_CONFIG, "models": m}, source="<fuzz>")) for m in _RULE_SETS
     ]
@@ -153,14 +154,15 @@ def one_input(data: bytes) -> None:
             outcome: Any = guarded and (guarded.body, guarded.action, guarded.violations)
         except GuardError as exc:
             guarded, outcome = None, (type(exc), exc.details)
-        with numpy_only():
+        with pure_python():
             reference_book = _REFERENCE_BOOKS[selector % len(_BOOKS)]
             try:
                 ref = guard_predict_response(body, spec, reference_book, _reference_metrics)
                 expected: Any = ref and (ref.body, ref.action, ref.violations)
             except GuardError as exc:
                 expected = (type(exc), exc.details)
-        assert outcome == expected, "the native clean path and the numpy path differ"
+        assert outcome == expected, "the native modules and the pure-Python path differ"
+        walk_agrees_with_protobuf(body)
         if guarded is not None:
             wire.parse_predict_response(guarded.body)
             assert guarded.action in ("clean", "observed", "clamped")
