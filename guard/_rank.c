@@ -141,7 +141,9 @@ describes(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_
 
 /* Allocate the k best classes and scores of each row as bytes, and run the
  * scan into them. Returns 1 when clean, 0 when the caller must take its
- * general path, -1 with an exception set. */
+ * general path, -1 with an exception set. Values read in place from a
+ * response sit wherever its encoder put them: misaligned ones are copied
+ * first, since the scans read them as float or double. */
 static int
 scan(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols, int k,
      double lo, double hi, int check_sum, double sum_lo, double sum_hi, PyObject **idx,
@@ -151,24 +153,40 @@ scan(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t col
     *scores = PyBytes_FromStringAndSize(NULL, rows * k * itemsize);
     if (*idx == NULL || *scores == NULL)
         return -1;
+    const void *values = view->buf;
+    void *copy = NULL;
+    if ((uintptr_t)values % (uintptr_t)itemsize) {
+        copy = PyMem_Malloc(view->len ? (size_t)view->len : 1);
+        if (copy == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(copy, values, (size_t)view->len);
+        values = copy;
+    }
     /* The GIL stays held: a response's rows take microseconds, less than
      * releasing and taking it back. */
+    int clean;
     if (itemsize == 4)
-        return scan_f32((const float *)view->buf, rows, cols, k, lo, hi, check_sum, sum_lo,
-                        sum_hi, (int64_t *)PyBytes_AS_STRING(*idx),
-                        (float *)PyBytes_AS_STRING(*scores));
-    return scan_f64((const double *)view->buf, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi,
-                    (int64_t *)PyBytes_AS_STRING(*idx), (double *)PyBytes_AS_STRING(*scores));
+        clean = scan_f32((const float *)values, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi,
+                         (int64_t *)PyBytes_AS_STRING(*idx), (float *)PyBytes_AS_STRING(*scores));
+    else
+        clean = scan_f64((const double *)values, rows, cols, k, lo, hi, check_sum, sum_lo,
+                         sum_hi, (int64_t *)PyBytes_AS_STRING(*idx),
+                         (double *)PyBytes_AS_STRING(*scores));
+    PyMem_Free(copy);
+    return clean;
 }
 
 PyDoc_STRVAR(clean_top_k_doc,
 "clean_top_k(values, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi)\n"
 "--\n\n"
 "Check and rank a C-contiguous float32 (itemsize 4) or float64 (8) array of\n"
-"rows x cols values. Returns (indices, scores) as bytes, int64 and the values'\n"
-"dtype, k per row, best first, when every value is finite and in [lo, hi] and,\n"
-"with check_sum, every row sum is certainly within [sum_lo, sum_hi]. Returns\n"
-"None otherwise: the caller must then take its general path.");
+"rows x cols values (misaligned values are copied first). Returns (indices,\n"
+"scores) as bytes, int64 and the values' dtype, k per row, best first, when\n"
+"every value is finite and in [lo, hi] and, with check_sum, every row sum is\n"
+"certainly within [sum_lo, sum_hi]. Returns None otherwise: the caller must\n"
+"then take its general path.");
 
 static PyObject *
 clean_top_k(PyObject *Py_UNUSED(self), PyObject *args)

@@ -153,12 +153,12 @@ values_field(int32_t dtype)
     }
 }
 
-/* TensorProto -> (dtype, dims, from_content, offset, length); offset and
+/* One output -> (name, dtype, dims, from_content, offset, length); offset and
  * length locate tensor_content when from_content is 1, else the packed run of
  * the dtype's own value field (length 0 when absent). NULL without an
  * exception: not in the subset. */
 static PyObject *
-walk_tensor(Cur t, const unsigned char *base)
+walk_tensor(PyObject *name, Cur t, const unsigned char *base)
 {
     int64_t dims[MAX_DIMS];
     int rank = 0;
@@ -230,7 +230,7 @@ walk_tensor(Cur t, const unsigned char *base)
         }
         PyTuple_SET_ITEM(shape, i, d);
     }
-    return Py_BuildValue("(iNinn)", (int)dtype, shape, from_content, offset, length);
+    return Py_BuildValue("(OiNinn)", name, (int)dtype, shape, from_content, offset, length);
 }
 
 /* ModelSpec: string name = 1, Int64Value version = 2, string signature_name = 3.
@@ -262,13 +262,14 @@ walk_spec(Cur s)
 }
 
 PyDoc_STRVAR(walk_doc,
-             "walk_predict_response(data, /) -> (model_spec, outputs) | None\n\n"
+             "walk_predict_response(data, /) -> (model_spec, outputs, by_name) | None\n\n"
              "The layout of a serialized PredictResponse, read in place. model_spec is\n"
-             "the ModelSpec's bytes (None when absent); outputs maps each output name to\n"
-             "(dtype, shape, from_content, offset, length), where offset and length\n"
-             "locate tensor_content (from_content 1) or the packed values of the dtype's\n"
-             "own field (float_val, double_val or half_val; length 0 when absent) in\n"
-             "data. None when the bytes fall outside the strict subset read here,\n"
+             "the ModelSpec's bytes (None when absent); outputs holds one tuple\n"
+             "(name, dtype, shape, from_content, offset, length) per output, in wire\n"
+             "order, where offset and length locate tensor_content (from_content 1) or\n"
+             "the packed values of the dtype's own field (float_val, double_val or\n"
+             "half_val; length 0 when absent) in data; by_name maps each name to its\n"
+             "tuple. None when the bytes fall outside the strict subset read here,\n"
              "or hold no output: parse those with protobuf.");
 
 static PyObject *
@@ -279,9 +280,9 @@ walk_predict_response(PyObject *self, PyObject *arg)
         return NULL;
     const unsigned char *base = view.buf;
     Cur c = {base, base + view.len};
-    PyObject *outputs = PyDict_New();
+    PyObject *outputs = PyDict_New(), *order = PyList_New(0);
     PyObject *spec = NULL, *result = NULL;
-    if (outputs == NULL)
+    if (outputs == NULL || order == NULL)
         goto done;
     unsigned field, wt;
     while (c.p < c.end) {
@@ -309,14 +310,14 @@ walk_predict_response(PyObject *self, PyObject *arg)
         if (name == NULL)
             goto done;
         int repeated = PyDict_Contains(outputs, name);
-        PyObject *entry = repeated ? NULL : walk_tensor(tensor, base);
+        PyObject *entry = repeated ? NULL : walk_tensor(name, tensor, base);
         if (entry == NULL) {
             Py_DECREF(name);
             if (repeated < 0 || PyErr_Occurred())
                 goto done;
             goto decline;
         }
-        int failed = PyDict_SetItem(outputs, name, entry);
+        int failed = PyDict_SetItem(outputs, name, entry) || PyList_Append(order, entry);
         Py_DECREF(name);
         Py_DECREF(entry);
         if (failed)
@@ -324,13 +325,16 @@ walk_predict_response(PyObject *self, PyObject *arg)
     }
     if (PyDict_GET_SIZE(outputs) == 0)
         goto decline;
-    result = Py_BuildValue("(OO)", spec != NULL ? spec : Py_None, outputs);
+    PyObject *in_order = PyList_AsTuple(order);
+    if (in_order != NULL)
+        result = Py_BuildValue("(ONO)", spec != NULL ? spec : Py_None, in_order, outputs);
     goto done;
 decline:
     result = Py_NewRef(Py_None);
 done:
     Py_XDECREF(spec);
     Py_XDECREF(outputs);
+    Py_XDECREF(order);
     PyBuffer_Release(&view);
     return result;
 }

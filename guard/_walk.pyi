@@ -2,6 +2,9 @@
 
 from _typeshed import ReadableBuffer
 
+Output = tuple[str, int, tuple[int, ...], int, int, int]
+"""(name, dtype, shape, from_content, offset, length)"""
+
 def walk_predict_response(
     data: ReadableBuffer, /
-) -> tuple[bytes | None, dict[str, tuple[int, tuple[int, ...], int, int, int]]] | None: ...
+) -> tuple[bytes | None, tuple[Output, ...], dict[str, Output]] | None: ...

@@ -30,6 +30,7 @@ from guard.rules import Counts, OutputResult, class_axis_size, native_module, ru
 __all__ = ["Lane", "lane_for"]
 
 Array = np.ndarray[Any, Any]
+Buffer = bytes | memoryview | Array
 
 _DTYPES = {np.dtype(np.float32): wire.DT_FLOAT, np.dtype(np.float64): wire.DT_DOUBLE}
 
@@ -43,18 +44,19 @@ class Lane:
 
     kernel: Callable[..., tuple[bytes, bytes, bytes] | None]
     """``guard._rank.clean_rank_encode``."""
-    k: int
-    rows: int
-    classes: int
-    itemsize: int
-    bounds: tuple[float, float]
-    check_sum: bool
-    sum_band: tuple[float, float]
-    content: bool
-    score_key: int
-    entries: tuple[tuple[Any, ...], ...]
+    args: tuple[Any, ...]
+    """The kernel's arguments after the values: the shape, k, the bounds, the
+    sum band, the encoding and the derived entries' specs."""
+    dtype: np.dtype[Any]
     names: tuple[str, ...]
     """The derived outputs' names, in the order they are written."""
+
+    def encode(self, values: Buffer) -> tuple[bytes, bytes, bytes] | None:
+        """The kernel's verdict on C-contiguous ``values`` (any alignment): each
+        row's best class (int64) and score (the values' dtype), one row after
+        another, and the encoded map entries; ``None`` when the general path
+        must decide."""
+        return self.kernel(values, *self.args)
 
     def run(self, values: Array) -> tuple[OutputResult, bytes] | None:
         """Check and rank ``values``, and encode the derived outputs.
@@ -64,12 +66,7 @@ class Lane:
         """
         if not values.flags.c_contiguous:
             return None
-        lo, hi = self.bounds
-        found = self.kernel(
-            values, self.itemsize, self.rows, self.classes, self.k, lo, hi,
-            self.check_sum, self.sum_band[0], self.sum_band[1],
-            self.content, self.score_key, self.entries,
-        )  # fmt: skip
+        found = self.kernel(values, *self.args)
         if found is None:
             return None
         result = OutputResult(values, False, Counts(values=values.size), "clean", values)
@@ -128,17 +125,14 @@ def lane_for(
         label_fields = () if what not in (_LABEL, _TOP_LABEL) else (fields,)
         entries.append((key_field, head, what, *label_fields))
     lo, hi = rule_bounds(dtype, rule)
+    args = (
+        dtype.itemsize, size // c, c, k, float(lo), float(hi),
+        rule.check_sum, 1.0 - rule.sum_tolerance, 1.0 + rule.sum_tolerance,
+        encoding is wire.Encoding.CONTENT, wire.packed_key(dtype_enum)[0], tuple(entries),
+    )  # fmt: skip
     return Lane(
         kernel=rank.clean_rank_encode,
-        k=k,
-        rows=size // c,
-        classes=c,
-        itemsize=dtype.itemsize,
-        bounds=(float(lo), float(hi)),
-        check_sum=rule.check_sum,
-        sum_band=(1.0 - rule.sum_tolerance, 1.0 + rule.sum_tolerance),
-        content=encoding is wire.Encoding.CONTENT,
-        score_key=wire.packed_key(dtype_enum)[0],
-        entries=tuple(entries),
+        args=args,
+        dtype=dtype,
         names=tuple(name + suffix for suffix, *_ in wanted),
     )

@@ -29,7 +29,14 @@ from prometheus_client.registry import Collector
 
 from guard.rules import OutputResult, class_axis_size
 
-__all__ = ["OTHER", "OUTPUT_VALUE_BUCKETS", "GuardMetrics", "KNOWN_METHODS", "LoopValue"]
+__all__ = [
+    "OTHER",
+    "OUTPUT_VALUE_BUCKETS",
+    "GuardMetrics",
+    "KNOWN_METHODS",
+    "LoopValue",
+    "OutputRecorder",
+]
 
 OTHER = "__other__"
 
@@ -381,7 +388,7 @@ class GuardMetrics:
         self._versions = BoundedLabel(256)
         self._signatures = BoundedLabel(256)
         self._outputs = BoundedLabel(1024)
-        self._recorders: dict[tuple[str, str, str, str], _OutputRecorder] = {}
+        self._recorders: dict[tuple[str, str, str, str], OutputRecorder] = {}
 
         def counter(name: str, doc: str, labels: list[str]) -> Counter:
             return Counter(name, doc, labels, registry=registry)
@@ -481,8 +488,12 @@ class GuardMetrics:
 
     def record_response(self, model: str, version: str, signature: str, action: str) -> None:
         """Count one guarded Predict response by action."""
+        self.response_counter(model, version, signature, action).inc()
+
+    def response_counter(self, model: str, version: str, signature: str, action: str) -> LoopValue:
+        """The ``guard_responses_total`` child :meth:`record_response` counts in."""
         version, signature = self._versions(version), self._signatures(signature)
-        self.responses.labels(model, version, signature, action).inc()
+        return self.responses.labels(model, version, signature, action)
 
     def record_output(
         self,
@@ -494,6 +505,12 @@ class GuardMetrics:
         labels: np.ndarray[Any, Any] | None,
     ) -> None:
         """Record the counts, histogram and classes of one checked output."""
+        self.output_recorder(model, version, signature, output).record(result, labels)
+
+    def output_recorder(
+        self, model: str, version: str, signature: str, output: str
+    ) -> OutputRecorder:
+        """The recorder :meth:`record_output` uses for one output's series."""
         # Keyed by the raw values: the label values are bounded when the recorder
         # is made, and the cache itself is bounded.
         key = (model, version, signature, output)
@@ -501,20 +518,20 @@ class GuardMetrics:
         if recorder is None:
             if len(self._recorders) >= _RECORDERS_MAX:
                 self._recorders.clear()
-            recorder = self._recorders[key] = _OutputRecorder(
+            recorder = self._recorders[key] = OutputRecorder(
                 self,
                 model,
                 self._versions(version),
                 self._signatures(signature),
                 self._outputs(output),
             )
-        recorder.record(result, labels)
+        return recorder
 
 
 _RECORDERS_MAX = 4096
 
 
-class _OutputRecorder:
+class OutputRecorder:
     """The metric children of one (model, version, signature, output), looked up once.
 
     Creating the children makes every violation kind's series exist at 0 before
@@ -554,6 +571,20 @@ class _OutputRecorder:
 
                 self._name_of = name_of
         return self._name_of
+
+    def record_clean(
+        self,
+        size: int,
+        classes: np.ndarray[Any, Any],
+        confidence: np.ndarray[Any, Any],
+        labels: np.ndarray[Any, Any] | None,
+    ) -> None:
+        """Record an output the native lane found clean: ``size`` values checked,
+        and each row's best class and score. The same as :meth:`record` of the
+        lane's result (tests/test_rank.py compares the two)."""
+        self.values.inc(size)
+        self.histogram.observe(self.series, confidence)
+        self.classes.add(self.series, classes, self._namer(labels))
 
     def record(self, result: OutputResult, labels: np.ndarray[Any, Any] | None) -> None:
         c = result.counts

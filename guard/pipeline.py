@@ -16,7 +16,7 @@ from guard import wire
 from guard.config import ANY, SERVING_DEFAULT, Config, ModelRule, OutputRule
 from guard.errors import DecodeError, OutputShapeError, RejectedOutputError
 from guard.fastlane import Lane, lane_for
-from guard.metrics import GuardMetrics
+from guard.metrics import GuardMetrics, LoopValue, OutputRecorder
 from guard.rules import OutputResult, apply_rule, label_table
 
 __all__ = ["GuardedResponse", "RuleBook", "guard_predict_response"]
@@ -90,6 +90,7 @@ class RuleBook:
         self._exact_names = config.model_names()
         self._has_wildcard_model = any(m.name == ANY for m in config.models)
         self._cache: dict[tuple[str, str], _SignatureRules | None] = {}
+        self._plans: dict[tuple[Any, ...], _Plan | None] = {}
 
     def may_apply(self, model: str | None) -> bool:
         """Cheap pre-check before the upstream call: could any rule match this model?"""
@@ -112,6 +113,30 @@ class RuleBook:
         self._cache[key] = resolved
         return resolved
 
+    def plan(
+        self,
+        body: bytes,
+        walked: wire.Walked,
+        request_spec: wire.ModelSpecInfo | None,
+        metrics: GuardMetrics,
+    ) -> _Plan | None:
+        """The plan for responses laid out like ``walked``, if one applies."""
+        spec_bytes, layout, _ = walked
+        if len(layout) > _PLAN_OUTPUTS_MAX:
+            return None
+        # Responses of one model, version and batch size are laid out alike: the
+        # offsets, and so every decision but the values' own checks, repeat.
+        key = (metrics, request_spec, spec_bytes, layout)
+        try:
+            return self._plans[key]
+        except KeyError:
+            pass
+        found = _make_plan(wire.read_predict_response(body, walked), request_spec, self, metrics)
+        if len(self._plans) >= self._CACHE_LIMIT:
+            self._plans.clear()  # batch sizes and specs vary; keep the cache bounded
+        self._plans[key] = found
+        return found
+
 
 @dataclass
 class GuardedResponse:
@@ -126,6 +151,140 @@ class GuardedResponse:
         return (("x-guard-action", self.action), ("x-guard-violations", str(self.violations)))
 
 
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    """Whose response it is, and the rules that apply to it."""
+
+    rules: _SignatureRules
+    model: str
+    signature: str
+    version: str
+    model_label: str
+
+
+def _resolve(
+    spec: wire.ModelSpecInfo | None,
+    request_spec: wire.ModelSpecInfo | None,
+    book: RuleBook,
+    metrics: GuardMetrics,
+) -> _Resolved | None:
+    model = (spec.name if spec and spec.name else request_spec.name if request_spec else "") or ""
+    signature = (
+        (spec.signature_name if spec else "")
+        or (request_spec.signature_name if request_spec else "")
+        or SERVING_DEFAULT
+    )
+    rules = book.for_signature(model, signature)
+    if rules is None:
+        return None
+    version = str(spec.version) if spec and spec.version is not None else ""
+    return _Resolved(rules, model, signature, version, metrics.model_label(model))
+
+
+@dataclass(frozen=True, slots=True)
+class _PlannedOutput:
+    lane: Lane
+    start: int
+    end: int
+    size: int
+    recorder: OutputRecorder
+    labels: np.ndarray[Any, Any] | None
+
+
+class _Plan:
+    """How to guard a response of one layout when every checked output is clean.
+
+    Made once per layout from the general path's own decisions (rules, decoding
+    checks, lanes, metric series), so a clean response costs the native calls
+    and little else. Anything to count sends the response down the general path.
+    """
+
+    __slots__ = ("outputs", "_clean", "_labels", "_metrics")
+
+    def __init__(
+        self,
+        outputs: tuple[_PlannedOutput, ...],
+        metrics: GuardMetrics,
+        labels: tuple[str, str, str],
+    ) -> None:
+        self.outputs = outputs
+        self._metrics = metrics
+        self._labels = labels
+        # Made on the first clean response, as the general path makes it.
+        self._clean: LoopValue | None = None
+
+    def run(self, body: bytes) -> GuardedResponse | None:
+        """The guarded response, or ``None`` when the general path must decide."""
+        view = memoryview(body)
+        done = []
+        for out in self.outputs:
+            found = out.lane.encode(view[out.start : out.end])
+            if found is None:
+                return None
+            done.append(found)
+        # Recorded only once every output was clean: otherwise the general path
+        # records them all.
+        for out, (classes, scores, _) in zip(self.outputs, done, strict=True):
+            out.recorder.record_clean(
+                out.size,
+                np.frombuffer(classes, dtype=np.int64),
+                np.frombuffer(scores, dtype=out.lane.dtype),
+                out.labels,
+            )
+        clean = self._clean
+        if clean is None:
+            clean = self._clean = self._metrics.response_counter(*self._labels, "clean")
+        clean.inc()
+        return GuardedResponse(body + b"".join([entries for *_, entries in done]), "clean", 0)
+
+
+_PLAN_OUTPUTS_MAX = 16
+
+
+def _make_plan(
+    response: wire.Response,
+    request_spec: wire.ModelSpecInfo | None,
+    book: RuleBook,
+    metrics: GuardMetrics,
+) -> _Plan | None:
+    """A plan for ``response``'s layout, when its checked outputs all have a
+    lane and decode cleanly; ``None`` otherwise (the general path then runs,
+    and raises what there is to raise)."""
+    resolved = _resolve(response.spec, request_spec, book, metrics)
+    if resolved is None or response.layout is None:
+        return None
+    budget = book.config.max_message_bytes
+    outputs = []
+    for name, _, _, _, offset, length in sorted(response.layout):
+        compiled = resolved.rules.rule_for(name)
+        if compiled is None:
+            continue
+        try:
+            decoded = response.decode(name, budget)
+        except DecodeError:
+            return None
+        if decoded is None:
+            continue
+        values, encoding = decoded
+        budget -= values.nbytes
+        lane = resolved.rules.lane(name, compiled, values, encoding)
+        if lane is None or any(n in response.names for n in lane.names):
+            return None
+        if length != values.nbytes:
+            return None  # values filled in by TF's convention: the general path fills
+
+        recorder = metrics.output_recorder(
+            resolved.model_label, resolved.version, resolved.signature, name
+        )
+        outputs.append(
+            _PlannedOutput(lane, offset, offset + length, values.size, recorder, compiled.labels)
+        )
+    if not outputs:
+        return None
+    labels = (resolved.model_label, resolved.version, resolved.signature)
+    return _Plan(tuple(outputs), metrics, labels)
+
+
 def guard_predict_response(
     body: bytes,
     request_spec: wire.ModelSpecInfo | None,
@@ -138,24 +297,24 @@ def guard_predict_response(
     Raises :class:`~guard.errors.GuardError` (already counted) when the response
     cannot be decoded, a rule rejects it, or a rule does not fit the tensor.
     """
+    walked = wire.walk_predict_response(body)
+    if walked is not None:
+        plan = book.plan(body, walked, request_spec, metrics)
+        if plan is not None:
+            guarded = plan.run(body)
+            if guarded is not None:
+                return guarded
     req_model = request_spec.name if request_spec else ""
     try:
-        response = wire.read_predict_response(body)
+        response = wire.read_predict_response(body, walked)
     except DecodeError:
         metrics.decode_errors.labels(metrics.model_label(req_model)).inc()
         raise
-    spec = response.spec
-    model = (spec.name if spec and spec.name else req_model) or ""
-    signature = (
-        (spec.signature_name if spec else "")
-        or (request_spec.signature_name if request_spec else "")
-        or SERVING_DEFAULT
-    )
-    rules = book.for_signature(model, signature)
-    if rules is None:
+    resolved = _resolve(response.spec, request_spec, book, metrics)
+    if resolved is None:
         return None
-    version = str(spec.version) if spec and spec.version is not None else ""
-    model_label = metrics.model_label(model)
+    rules, model, signature = resolved.rules, resolved.model, resolved.signature
+    version, model_label = resolved.version, resolved.model_label
     # One budget for the whole response: TF's fill convention lets a few bytes
     # declare a huge tensor, and many outputs must not add up past the limit.
     budget = book.config.max_message_bytes

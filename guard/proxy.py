@@ -225,8 +225,9 @@ class GuardServer:
 
     def swap_rules(self, config: Config) -> None:
         """Install a new rule set. Requests already running keep the one they started with."""
-        self._book = RuleBook(config)
+        # Names first: the new book's plans keep the model label they resolve.
         self.metrics.set_model_names(config.model_names())
+        self._book = RuleBook(config)
 
     @property
     def rules(self) -> RuleBook:

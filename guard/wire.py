@@ -41,8 +41,10 @@ __all__ = [
     "DT_STRING",
     "Encoding",
     "ModelSpecInfo",
+    "OutputLayout",
     "PredictResponseView",
     "Response",
+    "Walked",
     "decode_tensor",
     "decode_varints",
     "encode_output",
@@ -54,6 +56,7 @@ __all__ = [
     "read_predict_response",
     "set_tensor",
     "string_field",
+    "walk_predict_response",
 ]
 
 Buffer = bytes | memoryview
@@ -607,8 +610,9 @@ def response_spec(view: Any) -> ModelSpecInfo | None:
     return _spec_info(view.model_spec) if view.HasField("model_spec") else None
 
 
-# The layout of one output as guard._walk reports it.
-_Layout = tuple[int, tuple[int, ...], int, int, int]
+#: One output as ``guard._walk`` reports it: (name, dtype, shape, from_content,
+#: offset, length); offset and length locate its values in the response bytes.
+OutputLayout = tuple[str, int, tuple[int, ...], int, int, int]
 
 
 class Response:
@@ -619,30 +623,36 @@ class Response:
     (values read in place from the bytes) or from the protobuf view.
     """
 
-    __slots__ = ("data", "spec", "names", "_layout", "_view")
+    __slots__ = ("data", "spec", "spec_bytes", "names", "layout", "_by_name", "_view")
 
     def __init__(
         self,
         data: bytes,
         spec: ModelSpecInfo | None,
         names: Collection[str],
-        layout: dict[str, _Layout] | None,
-        view: Any,
+        view: Any = None,
+        walked: Walked | None = None,
     ) -> None:
         self.data = data
         self.spec = spec
         """The response's ``model_spec``, if the upstream set one."""
         self.names = names
         """The output names, as a set-like collection."""
-        self._layout = layout
+        self.spec_bytes: bytes | None = None
+        """The spec's bytes, as the walker read them."""
+        self.layout: tuple[OutputLayout, ...] | None = None
+        """Each output's layout in wire order (``None`` when protobuf parsed the response)."""
+        self._by_name: dict[str, OutputLayout] | None = None
+        if walked is not None:
+            self.spec_bytes, self.layout, self._by_name = walked
         self._view = view
 
     def decode(self, name: str, limit_bytes: int) -> tuple[np.ndarray[Any, Any], Encoding] | None:
         """Output ``name`` as :func:`decode_tensor` decodes it."""
-        layout = self._layout
-        if layout is None:
+        by_name = self._by_name
+        if by_name is None:
             return decode_tensor(self._view.outputs[name], limit_bytes, self._typed_fallback(name))
-        dtype, shape, from_content, offset, length = layout[name]
+        _, dtype, shape, from_content, offset, length = by_name[name]
         dt = FLOAT_DTYPES.get(dtype)
         if dt is None:
             return None
@@ -664,20 +674,33 @@ class Response:
         return typed
 
 
-def read_predict_response(data: bytes) -> Response:
+#: What the walker reads: the spec's bytes, each output's layout in wire
+#: order, and the same layouts by name.
+Walked = tuple[bytes | None, tuple[OutputLayout, ...], dict[str, OutputLayout]]
+
+
+def walk_predict_response(data: bytes) -> Walked | None:
+    """The response's layout as the native walker reads it, or ``None`` when
+    the walker is not built or leaves these bytes to protobuf."""
+    return _walk.walk_predict_response(data) if _walk is not None else None
+
+
+def read_predict_response(data: bytes, walked: Walked | None = None) -> Response:
     """Read PredictResponse bytes for guarding. Raises :class:`DecodeError`.
 
     The native walker (``guard._walk``) reads the common layout in place; what
     it does not take (an unknown field, a value sent unpacked, a non-ASCII
     name, ...) is parsed with protobuf, which also judges what is malformed.
+    ``walked`` is the walker's result when the caller has it already.
     """
-    walked = _walk.walk_predict_response(data) if _walk is not None else None
+    if walked is None:
+        walked = walk_predict_response(data)
     if walked is None:
         view = parse_predict_response(data)
-        return Response(data, response_spec(view), view.outputs.keys(), None, view)
-    spec_bytes, layout = walked
+        return Response(data, response_spec(view), view.outputs.keys(), view=view)
+    spec_bytes, _, by_name = walked
     spec = None if spec_bytes is None else _spec_from_bytes(spec_bytes)
-    return Response(data, spec, layout.keys(), layout, None)
+    return Response(data, spec, by_name.keys(), walked=walked)
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:

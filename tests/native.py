@@ -57,14 +57,15 @@ def walk_agrees_with_protobuf(body: bytes) -> bool:
         return False
     view = wire.PredictResponseView.FromString(body)  # raises if the walker took bad bytes
     typed = wire.TypedPredictResponse.FromString(body)
-    spec_bytes, layout = walked
+    spec_bytes, in_order, layout = walked
+    assert in_order == tuple(layout.values()) and all(e[0] == n for n, e in layout.items())
     assert (spec_bytes is not None) == view.HasField("model_spec")
     if spec_bytes is not None:
         assert wire.PredictResponseView.FromString(b"\x12" + _len(spec_bytes) + spec_bytes) == (
             wire.PredictResponseView(model_spec=view.model_spec)
         )
     assert set(layout) == set(view.outputs.keys())
-    for name, (dtype, shape, from_content, offset, length) in layout.items():
+    for name, (_, dtype, shape, from_content, offset, length) in layout.items():
         tensor = view.outputs[name]
         assert dtype == tensor.dtype
         assert shape == tuple(d.size for d in tensor.tensor_shape.dim)

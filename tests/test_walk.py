@@ -105,7 +105,7 @@ def agrees_with_tensorflow(body: bytes) -> bool:
     assert wire._walk is not None
     walked = wire._walk.walk_predict_response(body)
     assert walked is not None
-    for name, (dtype, shape, *_) in walked[1].items():
+    for name, dtype, shape, *_ in walked[1]:
         tensor = official.outputs[name]
         assert (dtype, shape) == (tensor.dtype, tuple(d.size for d in tensor.tensor_shape.dim))
     return True
@@ -300,3 +300,33 @@ def test_every_one_byte_change_is_taken_only_if_protobuf_reads_the_same(body: by
             ]
         taken += sum(agrees_with_tensorflow(v) for v in variants)
     assert taken  # changed values (and names) are still read
+
+
+def _softmax_response(values: list[float], shape: tuple[int, ...]) -> bytes:
+    response = predict_pb2.PredictResponse()
+    tensor = response.outputs["probs"]
+    tensor.dtype = DT.DT_FLOAT
+    for size in shape:
+        tensor.tensor_shape.dim.add(size=size)
+    tensor.float_val.extend(values)
+    response.model_spec.name = "m"
+    return response.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("values", "shape"),
+    [
+        ([0.25, 0.75, 0.5, 0.5], (2, 2)),  # clean: the planned path
+        ([0.5], (2, 2)),  # TF's fill convention: one value stands for all four
+        ([], (2, 2)),  # no values: zeros
+        ([0.25, 0.75, 0.5, 0.75], (2, 2)),  # a row summing to 1.25: counted
+        ([0.25, 0.75, float("nan"), 0.5], (2, 2)),
+    ],
+)
+def test_each_layout_guards_as_without_the_walker(values: list[float], shape: tuple[int]) -> None:
+    body = _softmax_response(values, shape)
+    assert wire.walk_predict_response(body) is not None
+    for _ in range(3):  # the plan is made on the first response, then reused
+        walked = _guard(body)
+        with without_walk():
+            assert _guard(body) == walked
