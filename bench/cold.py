@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{case.label}: hot {figures['hot']:.1f} us, cold {figures['cold']:.1f} us (median)")
     if args.numpy_too:
         print(
-            f"{case.label}, numpy path only: hot {figures['numpy hot']:.1f} us, "
+            f"{case.label}, without the native modules: hot {figures['numpy hot']:.1f} us, "
             f"cold {figures['numpy cold']:.1f} us (median)"
         )
 
