@@ -132,9 +132,13 @@ class RuleBook:
         except KeyError:
             pass
         found = _make_plan(wire.read_predict_response(body, walked), request_spec, self, metrics)
-        if len(self._plans) >= self._CACHE_LIMIT:
-            self._plans.clear()  # batch sizes and specs vary; keep the cache bounded
-        self._plans[key] = found
+        # The key holds the upstream's spec bytes and output names: only small
+        # ones are kept, and so many keys at most, so the cache stays bounded.
+        key_bytes = len(spec_bytes or b"") + sum([len(out[0]) for out in layout])
+        if key_bytes <= _PLAN_KEY_BYTES_MAX:
+            if len(self._plans) >= self._CACHE_LIMIT:
+                self._plans.clear()
+            self._plans[key] = found
         return found
 
 
@@ -239,6 +243,7 @@ class _Plan:
 
 
 _PLAN_OUTPUTS_MAX = 16
+_PLAN_KEY_BYTES_MAX = 1024
 
 
 def _make_plan(

@@ -238,10 +238,10 @@ _BOOK = RuleBook(
 )
 
 
-def _guard(body: bytes) -> Any:
+def _guard(body: bytes, book: RuleBook = _BOOK) -> Any:
     metrics = GuardMetrics(CollectorRegistry(), model_names=[], max_class_label_values=5)
     try:
-        guarded = guard_predict_response(body, None, _BOOK, metrics)
+        guarded = guard_predict_response(body, None, book, metrics)
     except GuardError as exc:
         return type(exc), exc.details
     return guarded and (guarded.body, guarded.action, guarded.violations)
@@ -302,9 +302,9 @@ def test_every_one_byte_change_is_taken_only_if_protobuf_reads_the_same(body: by
     assert taken  # changed values (and names) are still read
 
 
-def _softmax_response(values: list[float], shape: tuple[int, ...]) -> bytes:
+def _softmax_response(values: list[float], shape: tuple[int, ...], name: str = "probs") -> bytes:
     response = predict_pb2.PredictResponse()
-    tensor = response.outputs["probs"]
+    tensor = response.outputs[name]
     tensor.dtype = DT.DT_FLOAT
     for size in shape:
         tensor.tensor_shape.dim.add(size=size)
@@ -330,3 +330,15 @@ def test_each_layout_guards_as_without_the_walker(values: list[float], shape: tu
         walked = _guard(body)
         with without_walk():
             assert _guard(body) == walked
+
+
+def test_plans_are_kept_for_small_layouts_only() -> None:
+    book = RuleBook(_BOOK.config)
+    clean = [0.25, 0.75, 0.5, 0.5]
+    for name, kept in (("p" * 2000, 0), ("probs", 1)):
+        body = _softmax_response(clean, (2, 2), name)
+        guarded = _guard(body, book)
+        assert guarded[1] == "clean"
+        with without_walk():
+            assert _guard(body, RuleBook(_BOOK.config)) == guarded
+        assert len(book._plans) == kept  # a long name is guarded, but not kept as a key
