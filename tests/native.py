@@ -4,7 +4,8 @@ native walker against protobuf."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from types import ModuleType
 
 import numpy as np
 
@@ -15,29 +16,27 @@ _VALUE_FIELD = {wire.DT_FLOAT: "float_val", wire.DT_DOUBLE: "double_val", wire.D
 
 
 @contextmanager
-def without_rank() -> Iterator[None]:
+def _switched_off(owner: ModuleType, name: str) -> Iterator[None]:
+    saved = getattr(owner, name)
+    setattr(owner, name, None)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
+def without_rank() -> AbstractContextManager[None]:
     """Run the rule engine without its native clean path (``guard._rank``).
 
     Rule books made inside it never get a fast lane (their lane caches remember
     that there was none), so keep such books apart from the others.
     """
-    saved = rules._rank
-    rules._rank = None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        rules._rank = saved
+    return _switched_off(rules, "_rank")
 
 
-@contextmanager
-def without_walk() -> Iterator[None]:
+def without_walk() -> AbstractContextManager[None]:
     """Read every response with protobuf, not the native walker (``guard._walk``)."""
-    saved = wire._walk
-    wire._walk = None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        wire._walk = saved
+    return _switched_off(wire, "_walk")
 
 
 @contextmanager
