@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bench import check, micro
+from tests.native import pure_python
 
 
 @pytest.mark.parametrize("encoding", ["float_val", "tensor_content"])
@@ -35,3 +36,11 @@ def test_bench_check_reports_a_regression(capsys: pytest.CaptureFixture[str]) ->
     misses = outcomes[0].misses()
     assert len(misses) == 2
     assert "numpy floor" in misses[0] and "official message classes" in misses[1]
+
+
+def test_bench_check_notices_the_native_modules_missing() -> None:
+    # Without guard._rank and guard._walk the guard takes about twice the numpy
+    # floor: the bounds are tight enough to see that.
+    with pure_python():
+        outcomes = check.check(check.THRESHOLDS[:1], budget_s=0.05, attempts=2)
+    assert outcomes[0].misses()
