@@ -273,7 +273,7 @@ PyDoc_STRVAR(walk_doc,
              "or hold no output: parse those with protobuf.");
 
 static PyObject *
-walk_predict_response(PyObject *self, PyObject *arg)
+walk_predict_response(PyObject *Py_UNUSED(self), PyObject *arg)
 {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)

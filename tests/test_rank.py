@@ -144,6 +144,21 @@ def test_non_contiguous_and_other_dtypes_are_left_to_numpy() -> None:
         assert_both_paths_agree(variant, rule)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_misaligned_values_rank_as_aligned_ones(dtype: Any) -> None:
+    # Values read in place from a response sit at any offset of its bytes.
+    assert rules._rank is not None
+    x = np.random.default_rng(3).dirichlet(np.ones(37), size=5).astype(dtype)
+    expected = rules._rank.clean_top_k(x, x.itemsize, 5, 37, 4, 0.0, 1.0, True, 0.999, 1.001)
+    assert expected is not None
+    for shift in range(1, 9):
+        misaligned = memoryview(b"\0" * shift + x.tobytes())[shift:]
+        found = rules._rank.clean_top_k(
+            misaligned, x.itemsize, 5, 37, 4, 0.0, 1.0, True, 0.999, 1.001
+        )
+        assert found == expected
+
+
 def test_the_kernel_refuses_arguments_that_do_not_describe_the_buffer() -> None:
     assert rules._rank is not None
     x = np.zeros((2, 3), dtype=np.float32)
