@@ -23,8 +23,8 @@ WORKDIR /src
 # A C compiler for the native modules: guard._rank, the clean path of a rule
 # (guard/fastlane.py), and guard._walk, the response layout read in place
 # (guard/wire.py). It stays in this stage: the runtime image gets the built
-# modules, not the toolchain. Unpinned on purpose: the stage is thrown away, and Debian's
-# point releases remove pinned versions from the archive.
+# modules, not the toolchain. Unpinned on purpose: the stage is thrown away,
+# and Debian's point releases remove pinned versions from the archive.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
