@@ -66,7 +66,7 @@ class Lane:
         """
         if not values.flags.c_contiguous:
             return None
-        found = self.kernel(values, *self.args)
+        found = self.encode(values)
         if found is None:
             return None
         result = OutputResult(values, False, Counts(values=values.size), "clean", values)

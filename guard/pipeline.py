@@ -187,6 +187,7 @@ def _resolve(
 
 @dataclass(frozen=True, slots=True)
 class _PlannedOutput:
+    name: str
     lane: Lane
     start: int
     end: int
@@ -217,14 +218,15 @@ class _Plan:
         # Made on the first clean response, as the general path makes it.
         self._clean: LoopValue | None = None
 
-    def run(self, body: bytes) -> GuardedResponse | None:
-        """The guarded response, or ``None`` when the general path must decide."""
+    def run(self, body: bytes) -> GuardedResponse | str:
+        """The guarded response, or the name of the first output with something
+        to count: the general path then decides, without asking its lane again."""
         view = memoryview(body)
         done = []
         for out in self.outputs:
             found = out.lane.encode(view[out.start : out.end])
             if found is None:
-                return None
+                return out.name
             done.append(found)
         # Recorded only once every output was clean: otherwise the general path
         # records them all.
@@ -282,7 +284,9 @@ def _make_plan(
             resolved.model_label, resolved.version, resolved.signature, name
         )
         outputs.append(
-            _PlannedOutput(lane, offset, offset + length, values.size, recorder, compiled.labels)
+            _PlannedOutput(
+                name, lane, offset, offset + length, values.size, recorder, compiled.labels
+            )
         )
     if not outputs:
         return None
@@ -303,12 +307,14 @@ def guard_predict_response(
     cannot be decoded, a rule rejects it, or a rule does not fit the tensor.
     """
     walked = wire.walk_predict_response(body)
+    unclean: str | None = None  # the output whose lane a plan found something to count in
     if walked is not None:
         plan = book.plan(body, walked, request_spec, metrics)
         if plan is not None:
             guarded = plan.run(body)
-            if guarded is not None:
+            if isinstance(guarded, GuardedResponse):
                 return guarded
+            unclean = guarded
     req_model = request_spec.name if request_spec else ""
     try:
         response = wire.read_predict_response(body, walked)
@@ -347,7 +353,7 @@ def guard_predict_response(
         values, encoding = decoded
         budget -= values.nbytes
         lane = rules.lane(name, compiled, values, encoding)
-        fast = lane.run(values) if lane is not None else None
+        fast = lane.run(values) if lane is not None and name != unclean else None
         if fast is not None:
             result, lane_entries = fast
         else:

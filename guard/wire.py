@@ -623,7 +623,7 @@ class Response:
     (values read in place from the bytes) or from the protobuf view.
     """
 
-    __slots__ = ("data", "spec", "spec_bytes", "names", "layout", "_by_name", "_view")
+    __slots__ = ("data", "spec", "names", "layout", "_by_name", "_view", "_typed")
 
     def __init__(
         self,
@@ -638,14 +638,13 @@ class Response:
         """The response's ``model_spec``, if the upstream set one."""
         self.names = names
         """The output names, as a set-like collection."""
-        self.spec_bytes: bytes | None = None
-        """The spec's bytes, as the walker read them."""
         self.layout: tuple[OutputLayout, ...] | None = None
         """Each output's layout in wire order (``None`` when protobuf parsed the response)."""
         self._by_name: dict[str, OutputLayout] | None = None
         if walked is not None:
-            self.spec_bytes, self.layout, self._by_name = walked
+            _, self.layout, self._by_name = walked
         self._view = view
+        self._typed: Any = None
 
     def decode(self, name: str, limit_bytes: int) -> tuple[np.ndarray[Any, Any], Encoding] | None:
         """Output ``name`` as :func:`decode_tensor` decodes it."""
@@ -669,7 +668,10 @@ class Response:
 
     def _typed_fallback(self, name: str) -> Callable[[], Any]:
         def typed() -> Any:
-            return TypedPredictResponse.FromString(self.data).outputs[name]
+            # Parsed once per response, however many outputs were sent unpacked.
+            if self._typed is None:
+                self._typed = TypedPredictResponse.FromString(self.data)
+            return self._typed.outputs[name]
 
         return typed
 
