@@ -20,9 +20,9 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-# A C compiler for the native modules: guard._rank, the clean path of a rule
-# (guard/fastlane.py), and guard._walk, the response layout read in place
-# (guard/wire.py). It stays in this stage: the runtime image gets the built
+# A C compiler for the native modules: guard.dataplane._rank, the clean path of a rule
+# (guard/dataplane/lanes.py), and guard.dataplane._walk, the response layout read in place
+# (guard/dataplane/wire.py). It stays in this stage: the runtime image gets the built
 # modules, not the toolchain. Unpinned on purpose: the stage is thrown away,
 # and Debian's point releases remove pinned versions from the archive.
 # hadolint ignore=DL3008
@@ -37,7 +37,7 @@ COPY guard/ guard/
 # here that the image has them.
 RUN /opt/guard/bin/pip install --no-compile . \
     && /opt/guard/bin/python -c "import guard.cli, sys; assert 'tensorflow' not in sys.modules" \
-    && /opt/guard/bin/python -c "import guard._rank, guard._walk"
+    && /opt/guard/bin/python -c "import guard.dataplane._rank, guard.dataplane._walk"
 
 # --------------------------------------------------------------- build with TensorFlow
 FROM build AS build-tensorflow

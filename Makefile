@@ -18,11 +18,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# guard._rank and guard._walk (guard/*.c) are compiled by the install: a C
+# guard.dataplane._rank and guard.dataplane._walk (guard/dataplane/*.c) are compiled by the install: a C
 # compiler and Python's headers first, from Debian when missing. Without them
 # the install would still succeed, on the slower pure-Python path alone
-# (tests/test_rank.py and tests/test_walk.py fail).
-$(STAMP): pyproject.toml setup.py guard/_rank.c guard/_walk.c | $(PY)
+# (tests/dataplane/test_rank.py and tests/dataplane/test_walk.py fail).
+$(STAMP): pyproject.toml setup.py guard/dataplane/_rank.c guard/dataplane/_walk.c | $(PY)
 	@missing=""; \
 	command -v cc >/dev/null || missing="gcc libc6-dev"; \
 	$(PY) -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" 2>/dev/null || missing="$$missing python3-dev"; \
@@ -83,4 +83,4 @@ soak: $(STAMP)
 	$(PY) -m bench.soak --duration $(DURATION)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build guard/_rank*.so guard/_walk*.so
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build guard/dataplane/_rank*.so guard/dataplane/_walk*.so

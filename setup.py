@@ -1,7 +1,7 @@
 """Builds the native modules (everything else is in pyproject.toml).
 
-- ``guard._rank``: the clean path of an output rule in one call (guard/fastlane.py);
-- ``guard._walk``: the layout of a PredictResponse read in place (guard/wire.py).
+- ``guard.dataplane._rank``: the clean path of an output rule in one call;
+- ``guard.dataplane._walk``: the layout of a PredictResponse read in place.
 
 Both are optional: without a C compiler the install still succeeds, and the
 guard runs on protobuf and numpy alone; ``guard serve`` logs which it uses.
@@ -12,8 +12,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            f"guard.{name}",
-            sources=[f"guard/{name}.c"],
+            f"guard.dataplane.{name}",
+            sources=[f"guard/dataplane/{name}.c"],
             optional=True,
             extra_compile_args=["-O3"],
         )

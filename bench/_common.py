@@ -35,7 +35,7 @@ def read_port_file(path: str | os.PathLike[str]) -> dict[str, int] | None:
         return None
     except json.JSONDecodeError:
         return None
-    if isinstance(data, int):  # a bare port number (guard.backend's port file)
+    if isinstance(data, int):  # a bare port number (guard.dev.backend's port file)
         return {"grpc": data}
     # Ports only: a --workers supervisor also lists its workers' pids.
     return {str(k): int(v) for k, v in data.items() if isinstance(v, int)}

@@ -1,7 +1,7 @@
 """One extra pass of the paths in front of the real local backend and a real model.
 
-Builds the seed SavedModels (``python -m guard.models build DIR``), serves
-``softmax_201`` with ``python -m guard.backend``, and measures the same paths
+Builds the seed SavedModels (``python -m guard.dev.models build DIR``), serves
+``softmax_201`` with ``python -m guard.dev.backend``, and measures the same paths
 for one round. Skipped, with the reason in the report, while those modules do
 not exist yet in the checkout.
 """
@@ -30,7 +30,7 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "models-build"
 
 def missing() -> str | None:
     """Why the pass cannot run, or None when it can."""
-    for module in ("guard.backend.__main__", "guard.models.__main__", "guard.cli"):
+    for module in ("guard.dev.backend.__main__", "guard.dev.models.__main__", "guard.cli"):
         try:
             if importlib.util.find_spec(module) is None:
                 return f"`{module}` does not exist yet"
@@ -105,14 +105,14 @@ def run(workdir: Path, settings: Any, quick: bool = False) -> dict[str, Any]:
     from bench.paths import DEFAULT_PATHS, Setup
 
     build = subprocess.run(
-        [sys.executable, "-m", "guard.models", "build", str(MODELS_DIR)],
+        [sys.executable, "-m", "guard.dev.models", "build", str(MODELS_DIR)],
         capture_output=True, text=True, check=False, timeout=600,
     )  # fmt: skip
     if build.returncode != 0:
         return {"status": "failed", "reason": "model build failed: " + build.stderr[-500:]}
     port_file = workdir / "backend.ports.json"
     log = workdir / "backend.log"
-    cmd = [sys.executable, "-m", "guard.backend", "--model", f"{MODEL}={MODELS_DIR / MODEL}",
+    cmd = [sys.executable, "-m", "guard.dev.backend", "--model", f"{MODEL}={MODELS_DIR / MODEL}",
            "--listen", "127.0.0.1:0", "--port-file", str(port_file)]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -147,7 +147,7 @@ def run(workdir: Path, settings: Any, quick: bool = False) -> dict[str, Any]:
     return {
         "status": "ran",
         "description": (
-            f"`python -m guard.backend` serving the seed model `{MODEL}` (a real SavedModel; "
+            f"`python -m guard.dev.backend` serving the seed model `{MODEL}` (a real SavedModel; "
             f"output `{output}`, {classes} classes), batch 8, one round. The guard applies "
             "the same rules (check_sum, argmax, top_k 5, labels)."
         ),

@@ -113,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attempts", type=int, default=3, help="measurements before a miss counts")
     args = p.parse_args(argv)
     if micro.guard_path(THRESHOLDS[0].case) is None:
-        print("bench-check: guard.pipeline is not importable; nothing to check", file=sys.stderr)
+        print(
+            "bench-check: guard.dataplane.pipeline is not importable; nothing to check",
+            file=sys.stderr,
+        )
         return 2
     outcomes = check(budget_s=args.budget, attempts=args.attempts)
     misses = [m for o in outcomes for m in o.misses()]

@@ -11,7 +11,7 @@ plane: the cold figure predicts the proxy's CPU per request far better.
 ``python -m bench.cold [--rows 8] [--classes 201] [--encoding float_val] [--numpy-too]``
 
 ``--numpy-too`` also times the guard without its native modules
-(``guard._rank``, ``guard._walk``), alternating the two call by call in one
+(``guard.dataplane._rank``, ``guard.dataplane._walk``), alternating the two call by call in one
 process, as an install without a C compiler would run.
 """
 
@@ -41,7 +41,7 @@ def _thrasher() -> Callable[[], None]:
 
 def _guard(case: micro.Case, native: bool) -> Callable[[bytes], bytes]:
     """The guard's response function, with or without its native modules."""
-    from guard import rules, wire
+    from guard.dataplane import rules, wire
 
     saved = rules._rank, wire._walk
 
@@ -75,10 +75,10 @@ def measure(case: micro.Case, calls: int, numpy_too: bool = False) -> dict[str, 
     """Median thread-CPU microseconds per call, hot and cold (and for the numpy
     path, with ``numpy_too``: keys ``numpy hot`` and ``numpy cold``)."""
     micro.same_allocator_as_guard()
-    from guard import rules
+    from guard.dataplane import rules
 
     if not rules.NATIVE and numpy_too:
-        raise SystemExit("guard._rank is not built here: nothing to compare against")
+        raise SystemExit("guard.dataplane._rank is not built here: nothing to compare against")
     runs = {"": _guard(case, native=True)}
     if numpy_too:
         runs["numpy "] = _guard(case, native=False)

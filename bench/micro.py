@@ -8,7 +8,7 @@ the same rule set (check_sum + clamp + argmax + top_k + labels) runs three ways:
   what ``tf.make_ndarray`` does) -> the math -> write values and derived outputs
   back with the official classes -> ``SerializeToString``;
 - **floor**: the pure numpy math on an already-decoded array, no protobuf at all;
-- **guard**: ``guard.pipeline.guard_predict_response`` on the response bytes, the
+- **guard**: ``guard.dataplane.pipeline.guard_predict_response`` on the response bytes, the
   function the proxy calls (it includes recording the metrics).
 
 The responses are valid softmax rows, so the guard's work is: decode, check,
@@ -201,9 +201,9 @@ def guard_path(case: Case) -> Callable[[bytes], bytes] | None:
     try:
         from prometheus_client import CollectorRegistry
 
-        from guard.config import parse_config
-        from guard.metrics import GuardMetrics
-        from guard.pipeline import RuleBook, guard_predict_response
+        from guard.control.config import parse_config
+        from guard.dataplane.pipeline import RuleBook, guard_predict_response
+        from guard.metrics.guard_metrics import GuardMetrics
     except ImportError:
         return None
     config = parse_config(rule_document(case), "<bench.micro>")
@@ -294,10 +294,10 @@ def run_case(case: Case, budget_s: float) -> dict[str, Any]:
 
 
 def same_allocator_as_guard() -> None:
-    """``guard serve`` tunes glibc's malloc at start (guard.app.tune_malloc); time
+    """``guard serve`` tunes glibc's malloc at start (guard.control.app.tune_malloc); time
     the naive path, the floor and the guard under that same setting."""
     try:
-        from guard.app import tune_malloc
+        from guard.control.app import tune_malloc
     except ImportError:
         return
     tune_malloc()
@@ -319,12 +319,12 @@ def core_target(budget_s: float) -> dict[str, Any] | None:
     try:
         from prometheus_client import CollectorRegistry
 
-        from guard.config import parse_config
-        from guard.metrics import GuardMetrics
-        from guard.pipeline import RuleBook, guard_predict_response
+        from guard.control.config import parse_config
+        from guard.dataplane.pipeline import RuleBook, guard_predict_response
+        from guard.metrics.guard_metrics import GuardMetrics
     except ImportError:
         return None
-    from guard import rules, wire
+    from guard.dataplane import rules, wire
 
     config = parse_config(doc, "<bench.micro core target>")
     book, metrics = RuleBook(config), GuardMetrics(CollectorRegistry(), config.model_names())

@@ -234,7 +234,7 @@ def render(results: dict[str, Any], json_path: Path | None = None) -> str:
             "Microseconds per response (median (min–max) of 5 timing loops), in one process "
             "(`python -m bench.micro`). naive: official message classes + numpy; floor: the "
             "numpy math alone on an already-decoded array; guard: "
-            "`guard.pipeline.guard_predict_response` (decode, rules, metrics, encode). "
+            "`guard.dataplane.pipeline.guard_predict_response` (decode, rules, metrics, encode). "
             "Same rules as above (top_k capped at the class count). Valid softmax inputs.\n"
         )
         rows = []

@@ -7,8 +7,8 @@ imports TensorFlow.
 """
 
 from guard._version import __version__
-from guard.config import Config, ModelRule, OutputRule, load_config
-from guard.errors import ConfigError, GuardError
+from guard.control.config import Config, ModelRule, OutputRule, load_config
+from guard.dataplane.errors import ConfigError, GuardError
 
 __all__ = [
     "Config",

@@ -15,19 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from guard._version import __version__
-from guard.config import Config, load_config, with_overrides
-from guard.errors import ConfigError
+from guard.control.config import Config, load_config, with_overrides
+from guard.dataplane.errors import ConfigError
 
 __all__ = ["main"]
 
 # Subcommands that live in their own packages (they import TensorFlow lazily).
 _PLUGINS = {
     "backend": (
-        "guard.backend.cli",
+        "guard.dev.backend.cli",
         "serve SavedModels over TF Serving's gRPC API (needs [tensorflow])",
     ),
-    "models": ("guard.models.cli", "build the seed models (needs [tensorflow])"),
-    "demo": ("guard.demo.cli", "build models, start backend + guard, show guarded outputs"),
+    "models": ("guard.dev.models.cli", "build the seed models (needs [tensorflow])"),
+    "demo": ("guard.dev.demo.cli", "build models, start backend + guard, show guarded outputs"),
 }
 
 
@@ -93,7 +93,7 @@ def _add_check(sub: Any) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from guard.app import configure_logging, run_serve
+    from guard.control.app import configure_logging, run_serve
 
     cfg = _load(args.config)
     cfg = with_overrides(
@@ -101,7 +101,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     configure_logging(args.log_level or cfg.log_level)
     if args.model:
-        from guard.backend.cli import ModelArgumentError, parse_model_args
+        from guard.dev.backend.cli import ModelArgumentError, parse_model_args
 
         try:
             parse_model_args(args.model)
@@ -111,7 +111,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         if args.model:
             raise ConfigError("--workers cannot be combined with --model (dev mode)")
-        from guard.workers import run_workers
+        from guard.control.workers import run_workers
 
         argv = ["--config", args.config] if args.config else []
         argv += ["--upstream", str(cfg.upstream), "--log-level", args.log_level or cfg.log_level]
@@ -129,7 +129,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     rules = sum(len(m.outputs) for m in cfg.models)
     print(f"{args.config}: valid ({len(cfg.models)} model rules, {rules} output rules)")
     if args.upstream:
-        from guard.check import check_against_upstream
+        from guard.control.check import check_against_upstream
 
         findings = check_against_upstream(cfg, args.upstream)
         for finding in findings:

@@ -31,9 +31,9 @@ from tensorflow_serving.apis import (  # noqa: E402
     prediction_service_pb2_grpc,
 )
 
-from guard.config import Config, parse_config  # noqa: E402
-from guard.metrics import GuardMetrics  # noqa: E402
-from guard.proxy import GuardServer  # noqa: E402
+from guard.control.config import Config, parse_config  # noqa: E402
+from guard.metrics.guard_metrics import GuardMetrics  # noqa: E402
+from guard.server.proxy import GuardServer  # noqa: E402
 
 ECHO_METHOD = "/custom.EchoService/Echo"
 

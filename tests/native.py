@@ -9,7 +9,7 @@ from types import ModuleType
 
 import numpy as np
 
-from guard import rules, wire
+from guard.dataplane import rules, wire
 
 # The packed field holding each float dtype's values, in the view.
 _VALUE_FIELD = {wire.DT_FLOAT: "float_val", wire.DT_DOUBLE: "double_val", wire.DT_HALF: "half_val"}
@@ -26,7 +26,7 @@ def _switched_off(owner: ModuleType, name: str) -> Iterator[None]:
 
 
 def without_rank() -> AbstractContextManager[None]:
-    """Run the rule engine without its native clean path (``guard._rank``).
+    """Run the rule engine without its native clean path (``guard.dataplane._rank``).
 
     Rule books made inside it never get a fast lane (their lane caches remember
     that there was none), so keep such books apart from the others.
@@ -35,7 +35,7 @@ def without_rank() -> AbstractContextManager[None]:
 
 
 def without_walk() -> AbstractContextManager[None]:
-    """Read every response with protobuf, not the native walker (``guard._walk``)."""
+    """Read every response with protobuf, not the native walker (``guard.dataplane._walk``)."""
     return _switched_off(wire, "_walk")
 
 
@@ -50,7 +50,7 @@ def pure_python() -> Iterator[None]:
 def walk_agrees_with_protobuf(body: bytes) -> bool:
     """Whether the native walker took ``body``; when it did, assert that protobuf
     parses it too (the view and the typed view) and reads the same layout."""
-    assert wire._walk is not None, "guard._walk is not built"
+    assert wire._walk is not None, "guard.dataplane._walk is not built"
     walked = wire._walk.walk_predict_response(body)
     if walked is None:
         return False

@@ -43,7 +43,7 @@ def core_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # egg-info in the checkout cannot leak into the install.
     for name in ("pyproject.toml", "setup.py", "README.md"):
         (src / name).write_bytes((REPO / name).read_bytes())
-    # .dockerignore leaves out compiled files: the install must build guard._rank itself.
+    # .dockerignore leaves out compiled files: the install must build guard.dataplane._rank itself.
     shutil.copytree(
         REPO / "guard", src / "guard", ignore=shutil.ignore_patterns("*.so", "__pycache__")
     )
@@ -71,9 +71,9 @@ def test_core_install_builds_the_native_modules(core_venv: Path) -> None:
     # The Dockerfile's build stage asserts the same imports.
     out = subprocess.run(
         [str(core_venv / "bin" / "python"), "-c",
-         "import guard._rank, guard._walk, guard.rules, guard.wire; "
-         "print(guard.rules.NATIVE, guard.wire.NATIVE_WALK, guard._rank.__file__, "
-         "guard._walk.__file__)"],
+         "import guard.dataplane._rank as r, guard.dataplane._walk as w; "
+         "import guard.dataplane.rules as rules, guard.dataplane.wire as wire; "
+         "print(rules.NATIVE, wire.NATIVE_WALK, r.__file__, w.__file__)"],
         capture_output=True, text=True, timeout=60, cwd="/",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -39,7 +39,7 @@ def test_bench_check_reports_a_regression(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_bench_check_notices_the_native_modules_missing() -> None:
-    # Without guard._rank and guard._walk the guard takes about twice the numpy
+    # Without guard.dataplane._rank and guard.dataplane._walk the guard takes about twice the numpy
     # floor: the bounds are tight enough to see that.
     with pure_python():
         outcomes = check.check(check.THRESHOLDS[:1], budget_s=0.05, attempts=2)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from guard.config import Config, load_config
+from guard.control.config import Config, load_config
 from tests.deploy.paths import DEPLOY, REPO
 
 COMPOSE = DEPLOY / "compose.yaml"

@@ -94,7 +94,9 @@ def test_structure() -> None:
     assert "pip install" in build_runs and "[tensorflow]" not in build_runs
     # The native modules are built there (a compiler in the build stage only),
     # and the build fails rather than ship an image without it.
-    assert "gcc" in build_runs and "import guard._rank, guard._walk" in build_runs
+    assert (
+        "gcc" in build_runs and "import guard.dataplane._rank, guard.dataplane._walk" in build_runs
+    )
     assert "gcc" not in " ".join(runtime.args("RUN"))
     assert "tensorflow" not in " ".join(runtime.args("RUN")).lower()
 
@@ -114,7 +116,7 @@ def test_structure() -> None:
 
 
 def test_image_default_config_is_valid() -> None:
-    from guard.config import Config, load_config
+    from guard.control.config import Config, load_config
 
     cfg = load_config(REPO / "deploy" / "docker" / "guard.yaml")
     defaults = Config()

@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from guard.config import Config, load_config
+from guard.control.config import Config, load_config
 from tests.deploy.paths import DEPLOY, REPO
 
 K8S_VERSION = "1.32"

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from guard.models import demo_inputs, random_inputs
+from guard.dev.models import demo_inputs, random_inputs
 
 from .conftest import RPC_TIMEOUT_S
 

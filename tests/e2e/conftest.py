@@ -35,8 +35,8 @@ import numpy as np
 import pytest
 import yaml
 
-from guard.backend import BackendProcess, start_backend
-from guard.models import VERSION, build_models, keras_model, saved_model_predict
+from guard.dev.backend import BackendProcess, start_backend
+from guard.dev.models import VERSION, build_models, keras_model, saved_model_predict
 from tests.conftest import scrape
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -255,7 +255,7 @@ class Reference:
 
     def keras_predict(self, name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """``model.predict`` of the tf_keras model behind the seed model (built once)."""
-        from guard.models import MODELS
+        from guard.dev.models import MODELS
 
         if name not in self._keras:
             self._keras[name] = keras_model(name)

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
-from guard.models import BINARY_MLP, MODEL_NAMES, SOFTMAX_201, WIDE_DEEP
+from guard.dev.models import BINARY_MLP, MODEL_NAMES, SOFTMAX_201, WIDE_DEEP
 
 from ._support import (
     GET_MODEL_METADATA,

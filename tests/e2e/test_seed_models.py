@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-from guard.models import BINARY_MLP, MODELS, SOFTMAX_201, WIDE_DEEP, random_inputs
+from guard.dev.models import BINARY_MLP, MODELS, SOFTMAX_201, WIDE_DEEP, random_inputs
 from tests.conftest import scrape
 
 from ._support import (

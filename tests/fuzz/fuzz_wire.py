@@ -13,12 +13,12 @@ parse, decode with the typed fallback, rules, metrics, set_tensor, serialize)
 and through the bare codec path (decode_tensor, apply_rule, set_tensor,
 SerializeToString). Any exception other than a :class:`GuardError` is a crash,
 and so is a numpy warning (the test suite treats warnings as errors too). The
-data plane runs twice, with and without the native modules (``guard._rank``,
-``guard._walk``), and the two must give the same bytes or the same error; and
+data plane runs twice, with and without the native modules (``guard.dataplane._rank``,
+``guard.dataplane._walk``), and the two must give the same bytes or the same error; and
 whatever bytes the native walker takes, protobuf must parse and read the same.
 Memory is bounded by the decode limit: ``max_message_mb: 1``.
 
-:func:`one_input` needs no atheris; ``tests/test_wire.py`` runs it over
+:func:`one_input` needs no atheris; ``tests/dataplane/test_wire.py`` runs it over
 hypothesis-generated inputs, so CI exercises the target without libFuzzer.
 """
 
@@ -43,12 +43,12 @@ if __name__ == "__main__":
     _instrument = atheris.instrument_imports(include=["guard"])
 
 with _instrument:
-    from guard import wire
-    from guard.config import OutputRule, parse_config
-    from guard.errors import GuardError
-    from guard.metrics import GuardMetrics
-    from guard.pipeline import RuleBook, guard_predict_response
-    from guard.rules import apply_rule, label_table
+    from guard.control.config import OutputRule, parse_config
+    from guard.dataplane import wire
+    from guard.dataplane.errors import GuardError
+    from guard.dataplane.pipeline import RuleBook, guard_predict_response
+    from guard.dataplane.rules import apply_rule, label_table
+    from guard.metrics.guard_metrics import GuardMetrics
     from tests.native import pure_python, walk_agrees_with_protobuf
 
 __all__ = ["main", "one_input", "seeds"]

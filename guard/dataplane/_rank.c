@@ -1,0 +1,496 @@
+/*
+ * guard.dataplane._rank: the clean path of one output rule in a single native call.
+ *
+ * A loaded proxy guards each response with cold CPU caches, where every
+ * distinct numpy call costs 5-20 us. For the common case (float32/float64,
+ * every value finite and inside the valid range, every row summing to 1) this
+ * does the range check, the row-sum check and the top-k ranking in one pass
+ * per row (clean_top_k, used by guard/rules.py), and can write the derived
+ * outputs as encoded map entries as well (clean_rank_encode, used by
+ * guard/fastlane.py). Whenever anything would have to be counted, or a verdict
+ * is not certain, both return None and the caller takes the numpy path, which
+ * stays the reference: tests/test_rank.py and the fuzzer check that both give
+ * the same results, bytes and metrics.
+ *
+ * No numpy C API: the values come in through the buffer protocol and the
+ * results go out as bytes, so the module builds against any numpy version.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* TensorFlow's wire values are little-endian, and this reads and writes them
+ * in place. A big-endian build fails, and setup.py's optional build then
+ * leaves the guard on its numpy path. */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "guard.dataplane._rank reads little-endian values in place"
+#endif
+
+#define MAX_K 16
+
+/* Values per block in the top-k scan (see DEFINE_SCAN). */
+#define BLOCK 16
+
+/* The largest rows x cols accepted: the byte counts below cannot overflow. */
+#define MAX_VALUES (PY_SSIZE_T_MAX / 16)
+
+/* Row sums are accumulated in double, in four interleaved partial sums. numpy
+ * sums pairwise; any order of summation errs by at most (n - 1) * u * sum|x|,
+ * with u = 2^-53. A row is declared clean only when its sum lies inside the
+ * tolerance band by more than twice that bound, so numpy's exact test would
+ * call it clean as well; any closer row goes to numpy. */
+static int
+row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double sum_hi)
+{
+    double slack = 2.0 * (double)n * (DBL_EPSILON / 2.0) * abs_sum + 8.0 * DBL_EPSILON;
+    return sum_lo + slack <= sum && sum <= sum_hi - slack;
+}
+
+/* One row at a time, in up to three passes over it (it sits in L1 after the
+ * first). Each pass is an integer OR or a plain sum, which compilers
+ * vectorise; a max over floats is not, without fast-math's reordering. */
+#define DEFINE_SCAN(NAME, T)                                                              \
+    static int NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols, int k, double lo,  \
+                    double hi, int check_sum, double sum_lo, double sum_hi,                \
+                    int64_t *idx_out, T *score_out)                                        \
+    {                                                                                      \
+        T best[MAX_K];                                                                     \
+        int64_t where[MAX_K];                                                              \
+        const T tlo = (T)lo, thi = (T)hi; /* exact: the caller gives bounds in T */        \
+        for (Py_ssize_t r = 0; r < rows; r++) {                                            \
+            const T *row = values + r * cols;                                              \
+            /* The range: NaN is caught by v != v, +-Inf lies beyond the bounds. */        \
+            int bad = 0;                                                                   \
+            for (Py_ssize_t c = 0; c < cols; c++) {                                        \
+                T v = row[c];                                                              \
+                bad |= (v < tlo) | (v > thi) | (v != v);                                   \
+            }                                                                              \
+            if (bad)                                                                       \
+                return 0;                                                                  \
+            if (check_sum) {                                                               \
+                /* Four interleaved partial sums in double. With no negative value   */   \
+                /* (tlo >= 0), sum|x| is the sum itself. */                                \
+                double s[4] = {0.0, 0.0, 0.0, 0.0}, abs_sum = 0.0;                         \
+                Py_ssize_t c = 0;                                                          \
+                for (; c + 4 <= cols; c += 4)                                              \
+                    for (int j = 0; j < 4; j++)                                            \
+                        s[j] += (double)row[c + j];                                        \
+                for (; c < cols; c++)                                                      \
+                    s[0] += (double)row[c];                                                \
+                double sum = (s[0] + s[1]) + (s[2] + s[3]);                                \
+                if (tlo >= 0)                                                              \
+                    abs_sum = sum;                                                         \
+                else                                                                       \
+                    for (c = 0; c < cols; c++)                                             \
+                        abs_sum += fabs((double)row[c]);                                   \
+                if (!row_sum_certain(sum, abs_sum, cols, sum_lo, sum_hi))                  \
+                    return 0;                                                              \
+            }                                                                              \
+            if (k == 0)                                                                    \
+                continue;                                                                  \
+            /* Keep the k best as (value desc, index asc): a later equal value never */    \
+            /* displaces an earlier one, as repeated argmax ranks them. Once k are */      \
+            /* kept, a block with no value above the k-th best is skipped whole. */        \
+            int filled = 0;                                                                \
+            for (Py_ssize_t b = 0; b < cols; b += BLOCK) {                                 \
+                Py_ssize_t end = b + BLOCK < cols ? b + BLOCK : cols;                      \
+                if (filled == k) {                                                         \
+                    T floor = best[k - 1];                                                 \
+                    int above = 0;                                                         \
+                    for (Py_ssize_t c = b; c < end; c++)                                   \
+                        above |= row[c] > floor;                                           \
+                    if (!above)                                                            \
+                        continue;                                                          \
+                }                                                                          \
+                for (Py_ssize_t c = b; c < end; c++) {                                     \
+                    T v = row[c];                                                          \
+                    if (filled == k && !(v > best[k - 1]))                                 \
+                        continue;                                                          \
+                    int pos = filled < k ? filled : k - 1;                                 \
+                    while (pos > 0 && v > best[pos - 1]) {                                 \
+                        best[pos] = best[pos - 1];                                         \
+                        where[pos] = where[pos - 1];                                       \
+                        pos--;                                                             \
+                    }                                                                      \
+                    best[pos] = v;                                                         \
+                    where[pos] = (int64_t)c;                                               \
+                    if (filled < k)                                                        \
+                        filled++;                                                          \
+                }                                                                          \
+            }                                                                              \
+            memcpy(idx_out + r * k, where, (size_t)k * sizeof(int64_t));                   \
+            memcpy(score_out + r * k, best, (size_t)k * sizeof(T));                        \
+        }                                                                                  \
+        return 1;                                                                          \
+    }
+
+DEFINE_SCAN(scan_f32, float)
+DEFINE_SCAN(scan_f64, double)
+
+/* Whether the arguments describe the buffer: a C-contiguous float32 (itemsize
+ * 4) or float64 (8) array of rows x cols values, and 0 <= k <= min(cols, MAX_K). */
+static int
+describes(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols, int k)
+{
+    return (itemsize == 4 || itemsize == 8) && rows >= 0 && cols > 0 && k >= 0 && k <= MAX_K &&
+           k <= cols && rows <= MAX_VALUES / cols && view->len == rows * cols * itemsize;
+}
+
+/* Allocate the k best classes and scores of each row as bytes, and run the
+ * scan into them. Returns 1 when clean, 0 when the caller must take its
+ * general path, -1 with an exception set. Values read in place from a
+ * response sit wherever its encoder put them: misaligned ones are copied
+ * first, since the scans read them as float or double. */
+static int
+scan(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols, int k,
+     double lo, double hi, int check_sum, double sum_lo, double sum_hi, PyObject **idx,
+     PyObject **scores)
+{
+    *idx = PyBytes_FromStringAndSize(NULL, rows * k * (Py_ssize_t)sizeof(int64_t));
+    *scores = PyBytes_FromStringAndSize(NULL, rows * k * itemsize);
+    if (*idx == NULL || *scores == NULL)
+        return -1;
+    const void *values = view->buf;
+    void *copy = NULL;
+    if ((uintptr_t)values % (uintptr_t)itemsize) {
+        copy = PyMem_Malloc(view->len ? (size_t)view->len : 1);
+        if (copy == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy(copy, values, (size_t)view->len);
+        values = copy;
+    }
+    /* The GIL stays held: a response's rows take microseconds, less than
+     * releasing and taking it back. */
+    int clean;
+    if (itemsize == 4)
+        clean = scan_f32((const float *)values, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi,
+                         (int64_t *)PyBytes_AS_STRING(*idx), (float *)PyBytes_AS_STRING(*scores));
+    else
+        clean = scan_f64((const double *)values, rows, cols, k, lo, hi, check_sum, sum_lo,
+                         sum_hi, (int64_t *)PyBytes_AS_STRING(*idx),
+                         (double *)PyBytes_AS_STRING(*scores));
+    PyMem_Free(copy);
+    return clean;
+}
+
+PyDoc_STRVAR(clean_top_k_doc,
+"clean_top_k(values, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi)\n"
+"--\n\n"
+"Check and rank a C-contiguous float32 (itemsize 4) or float64 (8) array of\n"
+"rows x cols values (misaligned values are copied first). Returns (indices,\n"
+"scores) as bytes, int64 and the values' dtype, k per row, best first, when\n"
+"every value is finite and in [lo, hi] and, with check_sum, every row sum is\n"
+"certainly within [sum_lo, sum_hi]. Returns None otherwise: the caller must\n"
+"then take its general path.");
+
+static PyObject *
+clean_top_k(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t itemsize, rows, cols;
+    int k, check_sum;
+    double lo, hi, sum_lo, sum_hi;
+    PyObject *idx = NULL, *scores = NULL, *result = NULL;
+
+    if (!PyArg_ParseTuple(args, "y*nnniddpdd", &view, &itemsize, &rows, &cols, &k, &lo,
+                          &hi, &check_sum, &sum_lo, &sum_hi))
+        return NULL;
+    if (!describes(&view, itemsize, rows, cols, k)) {
+        PyErr_SetString(PyExc_ValueError, "clean_top_k: arguments do not describe the buffer");
+        goto done;
+    }
+    int clean = scan(&view, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi, &idx,
+                     &scores);
+    if (clean < 0)
+        goto done;
+    if (clean)
+        result = PyTuple_Pack(2, idx, scores);
+    else
+        result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(idx);
+    Py_XDECREF(scores);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* ------------------------------------------------------------ derived outputs */
+
+/* What one derived output holds: the best class, its score or its label per
+ * row (argmax), or the k best of each (top-k). */
+enum { CLASS = 0, SCORE = 1, LABEL = 2, TOP_CLASS = 3, TOP_SCORE = 4, TOP_LABEL = 5 };
+
+static Py_ssize_t
+varint_len(uint64_t v)
+{
+    Py_ssize_t n = 1;
+    while (v >= 0x80) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+static char *
+put_varint(char *p, uint64_t v)
+{
+    while (v >= 0x80) {
+        *p++ = (char)((v & 0x7F) | 0x80);
+        v >>= 7;
+    }
+    *p++ = (char)v;
+    return p;
+}
+
+typedef struct {
+    const char *key_field, *head;
+    Py_ssize_t key_len, head_len;
+    int what;
+    PyObject *labels; /* a tuple of encoded string_val fields, for LABEL/TOP_LABEL */
+    Py_ssize_t raw_len, tensor_len, entry_len;
+} Entry;
+
+/* The columns an entry reads: the first of each row's k, or all k. */
+static int
+entry_columns(int what, int k)
+{
+    return what >= TOP_CLASS ? k : 1;
+}
+
+/* The payload of one entry's values: packed varints or raw bytes for classes
+ * and scores (tensor_content when `content`), string_val fields for labels. */
+static Py_ssize_t
+raw_len(const Entry *e, const int64_t *idx, Py_ssize_t rows, int k, Py_ssize_t itemsize,
+        int content)
+{
+    int cols = entry_columns(e->what, k);
+    Py_ssize_t n = 0;
+    switch (e->what) {
+    case CLASS:
+    case TOP_CLASS:
+        if (content)
+            return rows * cols * 8;
+        for (Py_ssize_t r = 0; r < rows; r++)
+            for (int j = 0; j < cols; j++)
+                n += varint_len((uint64_t)idx[r * k + j]);
+        return n;
+    case SCORE:
+    case TOP_SCORE:
+        return rows * cols * itemsize;
+    default:
+        for (Py_ssize_t r = 0; r < rows; r++)
+            for (int j = 0; j < cols; j++)
+                n += PyBytes_GET_SIZE(PyTuple_GET_ITEM(e->labels, idx[r * k + j]));
+        return n;
+    }
+}
+
+/* Numbers go in one length-delimited field, omitted when empty (as proto3
+ * writes it); labels are already one field each. */
+static Py_ssize_t
+values_len(const Entry *e)
+{
+    if (e->what == LABEL || e->what == TOP_LABEL)
+        return e->raw_len;
+    return e->raw_len ? 1 + varint_len((uint64_t)e->raw_len) + e->raw_len : 0;
+}
+
+static char *
+put_values(char *p, const Entry *e, const int64_t *idx, const char *scores, Py_ssize_t rows,
+           int k, Py_ssize_t itemsize, int content, char score_key)
+{
+    int cols = entry_columns(e->what, k);
+    if (e->raw_len == 0)
+        return p;
+    switch (e->what) {
+    case CLASS:
+    case TOP_CLASS:
+        *p++ = content ? 0x22 : 0x52; /* tensor_content = 4, int64_val = 10 */
+        p = put_varint(p, (uint64_t)e->raw_len);
+        break;
+    case SCORE:
+    case TOP_SCORE:
+        *p++ = content ? 0x22 : score_key;
+        p = put_varint(p, (uint64_t)e->raw_len);
+        break;
+    default:
+        break;
+    }
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        for (int j = 0; j < cols; j++) {
+            int64_t c = idx[r * k + j];
+            switch (e->what) {
+            case CLASS:
+            case TOP_CLASS:
+                if (content) {
+                    memcpy(p, &c, 8);
+                    p += 8;
+                }
+                else
+                    p = put_varint(p, (uint64_t)c);
+                break;
+            case SCORE:
+            case TOP_SCORE:
+                memcpy(p, scores + (r * k + j) * itemsize, (size_t)itemsize);
+                p += itemsize;
+                break;
+            default: {
+                PyObject *field = PyTuple_GET_ITEM(e->labels, c);
+                memcpy(p, PyBytes_AS_STRING(field), (size_t)PyBytes_GET_SIZE(field));
+                p += PyBytes_GET_SIZE(field);
+            }
+            }
+        }
+    }
+    return p;
+}
+
+PyDoc_STRVAR(clean_rank_encode_doc,
+"clean_rank_encode(values, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi,\n"
+"                  content, score_key, entries)\n"
+"--\n\n"
+"clean_top_k, then the derived outputs as encoded PredictResponse.outputs map\n"
+"entries. `entries` is a tuple of (key_field, head, what, labels): the entry's\n"
+"encoded key field, the TensorProto's encoded dtype and shape fields, what it\n"
+"holds (0 class, 1 score, 2 label, 3-5 the same for the top k) and, for labels,\n"
+"a tuple of one encoded string_val field per class. Class values are written\n"
+"as tensor_content when `content`, else packed int64_val; scores as\n"
+"tensor_content or the packed field whose one-byte key is `score_key`.\n"
+"Returns (classes, scores, entries) as bytes, the classes and scores of each\n"
+"row's best class only, or None as clean_top_k does.");
+
+static PyObject *
+clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t itemsize, rows, cols;
+    int k, check_sum, content, score_key;
+    double lo, hi, sum_lo, sum_hi;
+    PyObject *spec, *idx = NULL, *scores = NULL, *out = NULL, *result = NULL;
+    PyObject *best_idx = NULL, *best_score = NULL;
+    Entry entries[6];
+
+    if (!PyArg_ParseTuple(args, "y*nnniddpddpiO!", &view, &itemsize, &rows, &cols, &k, &lo,
+                          &hi, &check_sum, &sum_lo, &sum_hi, &content, &score_key,
+                          &PyTuple_Type, &spec))
+        return NULL;
+    Py_ssize_t n_entries = PyTuple_GET_SIZE(spec);
+    if (!describes(&view, itemsize, rows, cols, k) || k == 0 || n_entries > 6 || score_key < 0 ||
+        score_key > 0x7F) {
+        PyErr_SetString(PyExc_ValueError,
+                        "clean_rank_encode: arguments do not describe the buffer");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n_entries; i++) {
+        Entry *e = &entries[i];
+        PyObject *key_field, *head;
+        e->labels = NULL;
+        if (!PyTuple_Check(PyTuple_GET_ITEM(spec, i))) {
+            PyErr_SetString(PyExc_TypeError, "clean_rank_encode: each entry is a tuple");
+            goto done;
+        }
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, i), "SSi|O!", &key_field, &head, &e->what,
+                              &PyTuple_Type, &e->labels))
+            goto done;
+        int is_label = e->what == LABEL || e->what == TOP_LABEL;
+        if (e->what < CLASS || e->what > TOP_LABEL || is_label != (e->labels != NULL) ||
+            (is_label && PyTuple_GET_SIZE(e->labels) != cols)) {
+            PyErr_SetString(PyExc_ValueError, "clean_rank_encode: bad entry spec");
+            goto done;
+        }
+        for (Py_ssize_t j = 0; is_label && j < cols; j++)
+            if (!PyBytes_Check(PyTuple_GET_ITEM(e->labels, j))) {
+                PyErr_SetString(PyExc_TypeError, "clean_rank_encode: labels must be bytes");
+                goto done;
+            }
+        e->key_field = PyBytes_AS_STRING(key_field);
+        e->key_len = PyBytes_GET_SIZE(key_field);
+        e->head = PyBytes_AS_STRING(head);
+        e->head_len = PyBytes_GET_SIZE(head);
+    }
+    int clean = scan(&view, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi, &idx,
+                     &scores);
+    if (clean < 0)
+        goto done;
+    if (!clean) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    const int64_t *ix = (const int64_t *)PyBytes_AS_STRING(idx);
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < n_entries; i++) {
+        Entry *e = &entries[i];
+        e->raw_len = raw_len(e, ix, rows, k, itemsize, content);
+        e->tensor_len = e->head_len + values_len(e);
+        e->entry_len = e->key_len + 1 + varint_len((uint64_t)e->tensor_len) + e->tensor_len;
+        total += 1 + varint_len((uint64_t)e->entry_len) + e->entry_len;
+    }
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        goto done;
+    char *p = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n_entries; i++) {
+        const Entry *e = &entries[i];
+        *p++ = 0x0a; /* PredictResponse.outputs = 1 */
+        p = put_varint(p, (uint64_t)e->entry_len);
+        memcpy(p, e->key_field, (size_t)e->key_len);
+        p += e->key_len;
+        *p++ = 0x12; /* the map entry's value = 2 */
+        p = put_varint(p, (uint64_t)e->tensor_len);
+        memcpy(p, e->head, (size_t)e->head_len);
+        p += e->head_len;
+        p = put_values(p, e, ix, PyBytes_AS_STRING(scores), rows, k, itemsize, content,
+                       (char)score_key);
+    }
+    if (p != PyBytes_AS_STRING(out) + total) {
+        PyErr_SetString(PyExc_SystemError, "clean_rank_encode: size mismatch");
+        goto done;
+    }
+    /* The best class and score of each row, for the metrics. */
+    best_idx = PyBytes_FromStringAndSize(NULL, rows * (Py_ssize_t)sizeof(int64_t));
+    best_score = PyBytes_FromStringAndSize(NULL, rows * itemsize);
+    if (best_idx == NULL || best_score == NULL)
+        goto done;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        memcpy(PyBytes_AS_STRING(best_idx) + r * 8, ix + r * k, 8);
+        memcpy(PyBytes_AS_STRING(best_score) + r * itemsize,
+               PyBytes_AS_STRING(scores) + r * k * itemsize, (size_t)itemsize);
+    }
+    result = PyTuple_Pack(3, best_idx, best_score, out);
+done:
+    Py_XDECREF(idx);
+    Py_XDECREF(scores);
+    Py_XDECREF(best_idx);
+    Py_XDECREF(best_score);
+    Py_XDECREF(out);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"clean_top_k", clean_top_k, METH_VARARGS, clean_top_k_doc},
+    {"clean_rank_encode", clean_rank_encode, METH_VARARGS, clean_rank_encode_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "guard.dataplane._rank",
+    .m_doc = "The clean path of an output rule in one native call (see guard.dataplane.rules).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC
+PyInit__rank(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "MAX_K", MAX_K) < 0)
+        Py_CLEAR(m);
+    return m;
+}

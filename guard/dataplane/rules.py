@@ -1,0 +1,511 @@
+"""The rule engine: pure numpy, no gRPC, no protobuf.
+
+For one output array and its :class:`~guard.control.config.OutputRule`, in order:
+
+1. **activation** (sigmoid / softmax over the last axis);
+2. **validate**: count values below/above the valid range, NaN and ±Inf, and,
+   with ``check_sum``, rows whose sum is off by more than the tolerance;
+3. **on_violation**: observe, clamp (clip, renormalise bad rows) or reject;
+4. **derive** classes, scores and labels from the values after step 3.
+
+Class axis: the last axis for rank >= 2. A tensor of rank 0 or 1 holds one
+value per row, exactly like ``[batch, 1]``.
+
+When ``guard.dataplane._rank`` is built, a clean output (nothing to count) has steps 2
+and 4's ranking done in one native call, with the same results; anything to
+count is always counted here, in numpy.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from guard.control.config import OutputRule
+from guard.dataplane.errors import LabelMismatchError, OutputShapeError
+
+try:
+    from guard.dataplane import _rank
+except ImportError:  # built without a C compiler: the numpy path does everything
+    _rank = None  # type: ignore[assignment]
+
+__all__ = [
+    "NATIVE",
+    "Counts",
+    "Derived",
+    "OutputResult",
+    "apply_rule",
+    "class_axis_size",
+    "native_module",
+    "rule_bounds",
+]
+
+Array = np.ndarray[Any, Any]
+
+
+@dataclass(slots=True)
+class Counts:
+    """Violation counts for one output of one response."""
+
+    values: int = 0
+    below_min: int = 0
+    above_max: int = 0
+    nan: int = 0
+    inf: int = 0
+    bad_rows: int = 0
+
+    @property
+    def violating_values(self) -> int:
+        """Values out of range, NaN or Inf."""
+        return self.below_min + self.above_max + self.nan + self.inf
+
+    @property
+    def total(self) -> int:
+        """Violating values plus bad-sum rows (the ``x-guard-violations`` figure)."""
+        return self.violating_values + self.bad_rows
+
+
+@dataclass(slots=True)
+class Derived:
+    """An output the guard adds to the response, next to the original."""
+
+    suffix: str
+    """Appended to the output name: ``_class``, ``_score``, ``_label``, ``_top_k_*``."""
+    array: Array
+    """int64, the source's float dtype, or an object array of ``bytes`` (labels)."""
+
+
+@dataclass(slots=True)
+class OutputResult:
+    """What the rule did to one output."""
+
+    values: Array
+    """The values to return (activated and/or repaired), or the input unchanged."""
+    changed: bool
+    """Whether ``values`` differ from the input (the tensor must be re-encoded)."""
+    counts: Counts
+    action: str
+    """``clean``, ``observed``, ``clamped`` or ``rejected``."""
+    checked: Array
+    """The values that were validated (after activation, before repair): the
+    histogram and the class counter read these."""
+    rejection: str | None = None
+    """Why the output was rejected (the RPC's details), when ``action`` is ``rejected``."""
+    classes: Array | None = None
+    """The predicted class per row (argmax, top-1, or the thresholded 0/1), for metrics."""
+    multi_label: bool = False
+    """``classes`` holds a 0/1 per class (a threshold on a multi-class output)."""
+    confidence: Array | None = None
+    """Each row's top *checked* value (before repair), when argmax/top-k already
+    found it: the histogram reads it instead of scanning the rows again."""
+    derived: list[Derived] = field(default_factory=list)
+
+
+def class_axis_size(shape: tuple[int, ...]) -> int:
+    """Classes per row: the last axis for rank >= 2, else 1."""
+    return shape[-1] if len(shape) >= 2 else 1
+
+
+def _rows(values: Array) -> Array:
+    c = class_axis_size(values.shape)
+    # An explicit row count: reshape(-1, 0) is undefined for an empty class axis.
+    return values.reshape(values.size // c if c else int(np.prod(values.shape[:-1])), c)
+
+
+def _sigmoid(x: Array) -> Array:
+    # Written in two halves so exp never overflows: for x >= 0 use 1/(1+e^-x),
+    # else e^x/(1+e^x).
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+def _softmax(x: Array) -> Array:
+    rows = _rows(x)
+    if rows.shape[1] == 0:
+        return x
+    shifted = rows - rows.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    out: Array = (e / e.sum(axis=1, keepdims=True)).reshape(x.shape)
+    return out
+
+
+def _activate(values: Array, activation: str) -> Array:
+    if activation == "none":
+        return values
+    # float16 loses too much inside exp/sum; compute in float32 and cast back.
+    work = values.astype(np.float32) if values.dtype == np.float16 else values
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = _sigmoid(work) if activation == "sigmoid" else _softmax(work)
+    return out.astype(values.dtype, copy=False)
+
+
+def rule_bounds(dtype: np.dtype[Any], rule: OutputRule) -> tuple[Any, Any]:
+    """``valid_range`` in the output's dtype, limited to its finite range.
+
+    A bound beyond the dtype's range (float16 tops out at 65504) would overflow to
+    ±Inf in a comparison or a clip; no finite value can lie beyond it anyway.
+    """
+    return _dtype_bounds(dtype, *rule.valid_range)
+
+
+@functools.lru_cache(maxsize=256)
+def _dtype_bounds(dtype: np.dtype[Any], lo: float, hi: float) -> tuple[Any, Any]:
+    finfo = np.finfo(dtype)
+    return dtype.type(max(lo, float(finfo.min))), dtype.type(min(hi, float(finfo.max)))
+
+
+def _row_sums(values: Array) -> Array:
+    # Accumulate in float64: a float32 sum flips the verdict of rows right at the
+    # tolerance boundary (found by the property tests); it costs ~45 us at 1024x201.
+    sums: Array = _rows(values).sum(axis=1, dtype=np.float64)
+    return sums
+
+
+def _bad_sum_rows(values: Array, tolerance: float) -> Array | None:
+    """A mask of the rows whose sum is off 1 by more than ``tolerance`` (NaN is
+    off), or ``None`` when every row is within it."""
+    sums = _row_sums(values)
+    if sums.size:
+        # The common case, decided by two reductions: every sum strictly inside
+        # the band, with a margin that covers the rounding of 1 ± tolerance (the
+        # exact test below is |s - 1| <= tolerance). NaN fails both comparisons.
+        low, high = _sum_band(tolerance)
+        if low <= sums.min() and sums.max() <= high:
+            return None
+    deviation = np.abs(sums - 1.0)
+    ok = deviation <= tolerance
+    if ok.all():
+        return None
+    bad: Array = ~ok
+    return bad
+
+
+@functools.lru_cache(maxsize=64)
+def _sum_band(tolerance: float) -> tuple[float, float]:
+    margin = 4 * float(np.spacing(1.0 + tolerance))
+    return 1.0 - tolerance + margin, 1.0 + tolerance - margin
+
+
+def _count(values: Array, rule: OutputRule) -> tuple[Counts, Array | None]:
+    lo, hi = rule_bounds(values.dtype, rule)
+    counts = Counts(values=int(values.size))
+    bad_rows = None
+    # Two reductions without temporaries decide what must be counted. NaN
+    # propagates through min/max, and ±Inf lies beyond the (finite) bounds.
+    if values.size:
+        vmin, vmax = values.min(), values.max()
+        in_range = bool(lo <= vmin and vmax <= hi)
+    else:
+        in_range = True
+    if rule.check_sum:
+        if in_range and values.dtype.itemsize < 8:
+            # Finite float16/32 values summed in float64 cannot overflow: no
+            # errstate (entering one costs more than the sums of a small output).
+            bad_rows = _bad_sum_rows(values, rule.sum_tolerance)
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                bad_rows = _bad_sum_rows(values, rule.sum_tolerance)
+        if bad_rows is not None:
+            counts.bad_rows = int(np.count_nonzero(bad_rows))
+    if in_range:
+        return counts, bad_rows
+    # Comparisons with NaN are False, so NaN never counts as out of range; an
+    # Inf does, and is moved to its own kind below.
+    if not lo <= vmin:
+        counts.below_min = int(np.count_nonzero(values < lo))
+    if not vmax <= hi:
+        counts.above_max = int(np.count_nonzero(values > hi))
+    if not (np.isfinite(vmin) and np.isfinite(vmax)):
+        counts.nan = int(np.count_nonzero(np.isnan(values)))
+        pos_inf = int(np.count_nonzero(values == np.inf))
+        neg_inf = int(np.count_nonzero(values == -np.inf))
+        counts.inf = pos_inf + neg_inf
+        # The bounds are finite, so every ±Inf was also counted as out of range.
+        counts.above_max -= pos_inf
+        counts.below_min -= neg_inf
+    return counts, bad_rows
+
+
+def _describe(counts: Counts, rule: OutputRule) -> str:
+    lo, hi = rule.valid_range
+    parts = []
+    if counts.below_min:
+        parts.append(f"{counts.below_min} values below {lo}")
+    if counts.above_max:
+        parts.append(f"{counts.above_max} values above {hi}")
+    if counts.nan:
+        parts.append(f"{counts.nan} NaN values")
+    if counts.inf:
+        parts.append(f"{counts.inf} infinite values")
+    if counts.bad_rows:
+        parts.append(f"{counts.bad_rows} rows not summing to 1 (tolerance {rule.sum_tolerance})")
+    return ", ".join(parts)
+
+
+def _clamp(values: Array, rule: OutputRule, bad_rows: Array | None) -> Array:
+    lo, hi = rule_bounds(values.dtype, rule)  # ±Inf clip to finite bounds
+    out = np.asarray(np.clip(values, lo, hi))
+    if bad_rows is None or not bad_rows.any() or class_axis_size(out.shape) == 0:
+        return out
+    rows = _rows(out)  # a view: np.clip's result is contiguous (0-d included)
+    # Clipping may have fixed some bad rows; recheck those rows only.
+    candidates = np.flatnonzero(bad_rows)
+    sums = rows[candidates].sum(axis=1, dtype=np.float64)
+    recheck = np.zeros_like(bad_rows)
+    recheck[candidates] = ~(np.abs(sums - 1.0) <= rule.sum_tolerance)
+    if recheck.any():
+        fix = rows[recheck].astype(np.float64)
+        # Scale by the row maximum first, so rows holding values near the dtype's
+        # maximum cannot overflow the sum (inf / inf is NaN).
+        peak = fix.max(axis=1, keepdims=True)
+        fix = np.divide(fix, peak, out=np.zeros_like(fix), where=peak > 0)
+        s = fix.sum(axis=1, keepdims=True)
+        zero = (s == 0).ravel()
+        fix[zero] = 1.0 / fix.shape[1]
+        s[zero] = 1.0
+        rows[recheck] = (fix / s).astype(out.dtype)
+    return rows.reshape(out.shape)
+
+
+_ARGMAX_ROUNDS_MAX_K = 16
+
+
+def _top_k(values: Array, k: int, finite: bool = False) -> tuple[Array, Array]:
+    """The k best classes per row, best first, ranked exactly as repeated
+    ``np.argmax`` ranks them: ties go to the lower class index and NaN counts
+    as the largest value, so ``argmax`` and ``top_k[..., 0]`` always agree.
+
+    ``finite`` says the caller knows there is no NaN or ±Inf (saves a pass)."""
+    rows = _rows(values)
+    at = np.arange(rows.shape[0])
+    if k == 1:
+        idx = rows.argmax(axis=1).astype(np.int64, copy=False)[:, None]
+    elif k <= _ARGMAX_ROUNDS_MAX_K:
+        # k passes of argmax beat argpartition + sort by 6-10x for small k (measured).
+        # -inf becomes the dtype's minimum, distinct from "already taken"; NaN stays.
+        if finite:
+            work = rows.copy()
+        else:
+            work = np.maximum(rows, _lowest(rows.dtype))
+        idx = np.empty((rows.shape[0], k), dtype=np.int64)
+        for j in range(k):
+            best = work.argmax(axis=1)
+            idx[:, j] = best
+            if j + 1 < k:
+                work[at, best] = -np.inf
+    else:
+        key = np.where(np.isnan(rows), -np.inf, -rows)  # NaN first, like argmax
+        idx = np.argsort(key, axis=1, kind="stable")[:, :k].astype(np.int64, copy=False)
+    scores = rows[at[:, None], idx]
+    lead = values.shape[:-1] if values.ndim >= 2 else values.shape
+    return idx.reshape(*lead, k), scores.reshape(*lead, k)
+
+
+@functools.lru_cache(maxsize=8)
+def _lowest(dtype: np.dtype[Any]) -> Any:
+    return np.finfo(dtype).min
+
+
+#: Whether the native clean path (``guard.dataplane._rank``) is built into this install.
+NATIVE = _rank is not None
+
+
+def native_module() -> Any:
+    """``guard.dataplane._rank``, or ``None`` when it is not built (or switched off by a test)."""
+    return _rank
+
+
+_NATIVE_ITEMSIZE = {np.dtype(np.float32): 4, np.dtype(np.float64): 8}
+_NO_TOP: tuple[Array, Array] = (np.empty(0, np.int64), np.empty(0, np.float64))
+
+
+def _native_clean(values: Array, rule: OutputRule, k: int) -> tuple[Array, Array] | None:
+    """The range check, the row-sum check and the top-``k`` in one native call.
+
+    Returns the top-``k`` classes and scores (as :func:`_top_k` would) when the
+    values certainly need nothing counted, else ``None``: then the numpy path
+    decides, so a violation is always counted by the same code.
+    """
+    itemsize = _NATIVE_ITEMSIZE.get(values.dtype)
+    c = class_axis_size(values.shape)
+    if (
+        _rank is None
+        or itemsize is None
+        or not values.size
+        or c == 0
+        or k > min(c, _rank.MAX_K)
+        or not values.flags.c_contiguous
+    ):
+        return None
+    lo, hi = rule_bounds(values.dtype, rule)
+    tol = rule.sum_tolerance
+    found = _rank.clean_top_k(
+        values, itemsize, values.size // c, c, k, float(lo), float(hi),
+        rule.check_sum, 1.0 - tol, 1.0 + tol,
+    )  # fmt: skip
+    if found is None:
+        return None
+    if not k:
+        return _NO_TOP
+    lead = values.shape[:-1] if values.ndim >= 2 else values.shape
+    idx = np.frombuffer(found[0], dtype=np.int64).reshape(*lead, k)
+    return idx, np.frombuffer(found[1], dtype=values.dtype).reshape(*lead, k)
+
+
+def _labels_for(classes: Array, labels: np.ndarray[Any, Any]) -> Array:
+    if classes.ndim:
+        out: Array = labels.take(classes)
+        return out
+    # ravel/reshape keep a rank-0 result an array (take returns a scalar).
+    out = labels[np.ravel(classes)].reshape(())
+    return out
+
+
+def apply_rule(
+    values: Array,
+    rule: OutputRule,
+    label_table: np.ndarray[Any, Any] | None,
+    model: str,
+    output: str,
+    *,
+    known_unclean: bool = False,
+) -> OutputResult:
+    """Apply ``rule`` to one output.
+
+    A rejected output comes back with ``action == "rejected"`` and its counts (so
+    they can be recorded); the caller fails the RPC. A rule that cannot fit the
+    tensor raises a :class:`~guard.dataplane.errors.GuardError`.
+
+    ``label_table`` is ``rule.labels`` encoded once as an object array of
+    ``bytes`` (see :func:`label_table`). ``known_unclean`` says the caller's own
+    native check (the pipeline's fast lane) already found something to count,
+    so the same scan is not run again.
+    """
+    who = f"guard: model '{model}' output '{output}'"
+    activated = _activate(values, rule.activation)
+    changed = activated is not values
+    k = rule.top_k or (1 if rule.argmax else 0)
+    native = None if known_unclean and not changed else _native_clean(activated, rule, k)
+    if native is not None:
+        counts, bad_rows = Counts(values=int(activated.size)), None
+    else:
+        counts, bad_rows = _count(activated, rule)
+
+    action = "clean"
+    result = activated
+    if counts.total:
+        if rule.on_violation == "reject":
+            reason = f"{who}: {_describe(counts, rule)}"
+            return OutputResult(values, False, counts, "rejected", activated, rejection=reason)
+        if rule.on_violation == "clamp":
+            if counts.nan:
+                reason = (
+                    f"{who}: {counts.nan} NaN values cannot be clamped; "
+                    "fix the model or use on_violation: observe"
+                )
+                return OutputResult(values, False, counts, "rejected", activated, rejection=reason)
+            result = _clamp(activated, rule, bad_rows)
+            changed = True
+            action = "clamped"
+        else:
+            action = "observed"
+
+    out = OutputResult(result, changed, counts, action, checked=activated)
+    # _count saw every NaN and ±Inf (none when in range); a clamp leaves none.
+    finite = action == "clamped" or not (counts.nan or counts.inf)
+    c = class_axis_size(result.shape)
+    if rule.threshold is not None:
+        threshold = np.asarray(rule.threshold, dtype=np.float64)
+        if threshold.ndim == 1 and threshold.size == 1 and result.ndim < 2:
+            threshold = threshold[0]  # one class per row: keep the output's shape
+        if threshold.ndim == 1 and threshold.size != c:
+            raise OutputShapeError(
+                f"{who}: {threshold.size} thresholds configured but the output has {c} classes"
+            )
+        cls = np.asarray(result > threshold).astype(np.int64)
+        out.classes = cls
+        out.multi_label = c > 1
+        out.derived.append(Derived("_class", cls))
+        if label_table is not None:
+            out.derived.append(Derived("_label", _labels_for(cls, label_table)))
+    if (rule.argmax or rule.top_k) and c == 0:
+        raise OutputShapeError(f"{who}: the output has no classes (last dimension 0)")
+    top: tuple[Array, Array] | None = None
+    if rule.top_k:
+        if rule.top_k > c:
+            raise OutputShapeError(
+                f"{who}: top_k is {rule.top_k} but the output has only {c} classes per row"
+            )
+        top = native if native is not None else _top_k(result, rule.top_k, finite)
+    if rule.argmax:
+        # The top-k ranking puts the argmax first; no second pass over the rows.
+        if top is not None:
+            cls, score = top
+        else:
+            cls, score = native if native is not None else _top_k(result, 1)
+        cls, score = cls[..., 0], score[..., 0]
+        out.classes = cls
+        out.confidence = score
+        out.derived.append(Derived("_class", cls))
+        out.derived.append(Derived("_score", score))
+        if label_table is not None:
+            _check_label_count(who, label_table, c)
+            out.derived.append(Derived("_label", _labels_for(cls, label_table)))
+    if top is not None:
+        cls, score = top
+        if out.classes is None:
+            out.classes = cls[..., 0]
+            out.confidence = score[..., 0]
+        out.derived.append(Derived("_top_k_class", cls))
+        out.derived.append(Derived("_top_k_score", score))
+        if label_table is not None:
+            _check_label_count(who, label_table, c)
+            out.derived.append(Derived("_top_k_label", _labels_for(cls, label_table)))
+    if out.confidence is not None and action == "clamped":
+        out.confidence = _checked_row_max(activated, out.confidence, rule, bad_rows)
+    return out
+
+
+def _checked_row_max(
+    checked: Array, repaired_max: Array, rule: OutputRule, bad_rows: Array | None
+) -> Array:
+    """Row maxima of the values before repair, from the maxima after it.
+
+    Clipping leaves every value inside (lo, hi) as it was, so a row whose
+    repaired maximum lies strictly inside the bounds, and which was not
+    renormalised, had that same maximum before. Only the other rows are scanned.
+    """
+    lo, hi = rule_bounds(checked.dtype, rule)
+    flat = repaired_max.ravel()
+    rescan = (flat <= lo) | (flat >= hi)
+    if bad_rows is not None:
+        rescan |= bad_rows
+    if not rescan.any():
+        return repaired_max
+    fixed = flat.copy()
+    fixed[rescan] = _rows(checked)[rescan].max(axis=1)
+    return fixed.reshape(repaired_max.shape)
+
+
+def _check_label_count(who: str, labels: np.ndarray[Any, Any], classes: int) -> None:
+    if labels.size != classes:
+        raise LabelMismatchError(
+            f"{who}: {labels.size} labels configured but the output has {classes} classes; "
+            "give one label per class"
+        )
+
+
+def label_table(labels: tuple[str, ...] | None) -> np.ndarray[Any, Any] | None:
+    """Encode labels once, as the object array of ``bytes`` that indexing wants."""
+    if labels is None:
+        return None
+    table = np.empty(len(labels), dtype=object)
+    table[:] = [label.encode("utf-8") for label in labels]
+    return table

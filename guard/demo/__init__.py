@@ -1,4 +1,0 @@
-"""``guard demo``: the seed models behind the local backend and the guard.
-
-Importing this package does not import TensorFlow; :func:`guard.demo.run.run_demo` does.
-"""

@@ -1,0 +1,240 @@
+"""``guard demo``: the seed stories, end to end, on this machine.
+
+Builds (or reuses) the seed models, starts the local backend and the guard as
+child processes on free ports, sends each model a batch through the guard with
+the official ``tensorflow_serving`` client, and prints raw against guarded
+outputs, then the guard's counters. This module imports TensorFlow (for the
+official client protos); the guard process it starts never does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from guard.dev.backend import start_backend
+from guard.dev.models import BINARY_MLP, MODELS, SOFTMAX_201, WIDE_DEEP, build_models, demo_inputs
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_CONFIG = REPO_ROOT / "examples" / "guard.yaml"
+DEFAULT_MODELS_DIR = REPO_ROOT / ".cache" / "models"
+
+
+class _Timer:
+    """Where the time goes, printed at the end."""
+
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases.append((name, time.perf_counter() - start))
+
+    def report(self) -> str:
+        total = sum(s for _, s in self.phases)
+        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.phases)
+        return f"time: {total:.1f} s ({parts})"
+
+
+@contextlib.contextmanager
+def _guard_process(config: Path, upstream: str, log: Path) -> Iterator[dict[str, int]]:
+    with tempfile.TemporaryDirectory(prefix="guard-demo-") as tmp:
+        port_file = Path(tmp) / "ports.json"
+        cmd = [sys.executable, "-m", "guard", "serve", "--config", str(config),
+               "--upstream", upstream, "--listen", "127.0.0.1:0",
+               "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file)]  # fmt: skip
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while not port_file.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the guard did not start (exit {proc.poll()}); its log:\n"
+                        + log.read_text(errors="replace")[-3000:]
+                    )
+                time.sleep(0.05)
+            yield json.loads(port_file.read_text())
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _request(model: str, inputs: dict[str, np.ndarray]) -> Any:
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = model
+    for name, value in inputs.items():
+        req.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    return req
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.6f}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def join(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join([join(header), join(["-" * w for w in widths]), *map(join, rows)])
+
+
+def _input_summary(inputs: dict[str, np.ndarray], row: int) -> str:
+    name, value = next(iter(inputs.items()))
+    flat = value[row].ravel()
+    head = ", ".join(f"{v:.2f}" for v in flat[:3])
+    return f"{name}=[{head}{', ...' if flat.size > 3 else ''}]"
+
+
+def _show_binary(
+    model: str,
+    inputs: dict[str, np.ndarray],
+    raw: np.ndarray,
+    guarded: Any,
+    trailers: dict[str, str],
+) -> str:
+    import tensorflow as tf
+
+    out = MODELS[model].outputs[0].name
+    values = tf.make_ndarray(guarded.outputs[out]).ravel()
+    classes = tf.make_ndarray(guarded.outputs[f"{out}_class"]).ravel()
+    labels = tf.make_ndarray(guarded.outputs[f"{out}_label"]).ravel()
+    rows = []
+    for i, (r, g, c, lab) in enumerate(zip(raw.ravel(), values, classes, labels, strict=True)):
+        mark = "* clamped" if r != g else ("! out of range" if not 0 <= r <= 1 else "")
+        rows.append([str(i), _input_summary(inputs, i), _fmt(r), _fmt(g), str(c), lab.decode(),
+                     mark])  # fmt: skip
+    head = f"{model}: output '{out}', action={trailers.get('x-guard-action')} " \
+           f"violations={trailers.get('x-guard-violations')}"  # fmt: skip
+    return (
+        head + "\n" + _table(rows, ["row", "input", "raw output", "guarded", "class", "label", ""])
+    )
+
+
+def _show_softmax(
+    model: str,
+    inputs: dict[str, np.ndarray],
+    raw: np.ndarray,
+    guarded: Any,
+    trailers: dict[str, str],
+) -> str:
+    import tensorflow as tf
+
+    out = MODELS[model].outputs[0].name
+    cls = tf.make_ndarray(guarded.outputs[f"{out}_class"])
+    score = tf.make_ndarray(guarded.outputs[f"{out}_score"])
+    label = tf.make_ndarray(guarded.outputs[f"{out}_label"])
+    top = tf.make_ndarray(guarded.outputs[f"{out}_top_k_label"])
+    rows = []
+    for i in range(raw.shape[0]):
+        row_sum = float(raw[i].sum(dtype=np.float64))
+        mark = "! sum off 1" if abs(row_sum - 1) > 1e-3 else ""
+        top3 = ", ".join(t.decode() for t in top[i][:3])
+        rows.append([str(i), _input_summary(inputs, i), _fmt(float(raw[i].max())),
+                     f"{row_sum:.4f}", str(cls[i]),
+                     _fmt(float(score[i])), label[i].decode(), top3, mark])  # fmt: skip
+    head = f"{model}: output '{out}' ({raw.shape[1]} classes), " \
+           f"action={trailers.get('x-guard-action')} " \
+           f"violations={trailers.get('x-guard-violations')}"  # fmt: skip
+    return (
+        head
+        + "\n"
+        + _table(
+            rows, ["row", "input", "raw max", "raw sum", "class", "score", "label", "top 3", ""]
+        )
+    )
+
+
+def _counters(metrics_url: str) -> str:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(metrics_url, timeout=5) as r:  # noqa: S310 - loopback
+        text = r.read().decode()
+    lines = []
+    wanted = (
+        "guard_responses_total",
+        "guard_output_violations_total",
+        "guard_output_sum_violations_total",
+        "guard_predicted_class_total",
+    )
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in wanted and s.value:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                lines.append(f"{s.name}{{{labels}}} {s.value:g}")
+    return "\n".join(lines)
+
+
+def run_demo(config: Path, models_dir: Path, tensor_content: bool = False) -> int:
+    """Run the demo; returns the exit code."""
+    timer = _Timer()
+    print(f"guard demo: config {config}")
+    with timer.phase("client TF import"):
+        import grpc
+        import tensorflow as tf
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    with timer.phase("model build"):
+        paths = build_models(models_dir)
+    with tempfile.TemporaryDirectory(prefix="guard-demo-") as tmp:
+        with timer.phase("backend start"):
+            backend = start_backend(paths, tensor_content=tensor_content)
+        with backend:
+            with timer.phase("guard start"):
+                guard_cm = _guard_process(config, backend.address, Path(tmp) / "guard.log")
+                ports = guard_cm.__enter__()
+            try:
+                with timer.phase("requests"):
+                    reports = []
+                    guard_ch = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}")
+                    direct_ch = grpc.insecure_channel(backend.address)
+                    via_guard = prediction_service_pb2_grpc.PredictionServiceStub(guard_ch)
+                    direct = prediction_service_pb2_grpc.PredictionServiceStub(direct_ch)
+                    for model in (WIDE_DEEP, BINARY_MLP, SOFTMAX_201):
+                        inputs = demo_inputs(model)
+                        req = _request(model, inputs)
+                        raw_resp = direct.Predict(req, timeout=60)
+                        raw = tf.make_ndarray(raw_resp.outputs[MODELS[model].outputs[0].name])
+                        guarded, call = via_guard.Predict.with_call(req, timeout=60)
+                        trailers = dict(call.trailing_metadata() or ())
+                        show = _show_softmax if model == SOFTMAX_201 else _show_binary
+                        reports.append(show(model, inputs, raw, guarded, trailers))
+                    guard_ch.close()
+                    direct_ch.close()
+                    counters = _counters(f"http://127.0.0.1:{ports['metrics']}/metrics")
+            finally:
+                guard_cm.__exit__(None, None, None)
+    for report in reports:
+        print()
+        print(report)
+    print()
+    print("guard counters (from /metrics, non-zero):")
+    print(counters)
+    print()
+    print(timer.report())
+    return 0

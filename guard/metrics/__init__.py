@@ -1,0 +1,2 @@
+"""Prometheus metrics: the collectors and the guard's metric set, declared
+once against an injectable registry."""

@@ -1,0 +1,1 @@
+"""The gRPC front-end: the proxy handler, the upstream channel and health."""

@@ -1,0 +1,66 @@
+"""TLS and mTLS credentials from the config's PEM file paths.
+
+The listening side uses gRPC's dynamic server credentials: on each new
+handshake gRPC asks whether the certificate changed, and the files are read
+again only when their identity (inode, mtime, size, through symlinks) did. A
+renewed certificate, such as one rotated by cert-manager into a mounted
+Secret, takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+
+from guard.control.config import TLSConfig
+from guard.control.files import file_identity
+
+__all__ = ["channel_credentials", "server_credentials"]
+
+logger = logging.getLogger("guard.server.tls")
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def _server_config(tls: TLSConfig) -> grpc.ServerCertificateConfiguration:
+    key, cert = _read(tls.key_file), _read(tls.cert_file)
+    assert key is not None and cert is not None  # the config requires both
+    return grpc.ssl_server_certificate_configuration([(key, cert)], _read(tls.ca_file))
+
+
+def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
+    """TLS on the listening side; with ``ca_file``, clients must present a
+    certificate signed by that CA (mTLS)."""
+    paths = (tls.cert_file, tls.key_file, tls.ca_file)
+    state = {"identity": file_identity(paths)}
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        identity = file_identity(paths)
+        if identity == state["identity"]:
+            return None
+        try:
+            config = _server_config(tls)
+        except OSError as exc:
+            logger.error("TLS certificate reload failed, keeping the old one: %s", exc)
+            return None
+        state["identity"] = identity
+        logger.info("TLS certificate reloaded from %s", tls.cert_file)
+        return config
+
+    return grpc.dynamic_ssl_server_credentials(
+        _server_config(tls), fetch, require_client_authentication=tls.ca_file is not None
+    )
+
+
+def channel_credentials(tls: TLSConfig) -> grpc.ChannelCredentials:
+    """TLS towards the upstream; with ``cert_file``/``key_file``, the guard
+    presents a client certificate (mTLS)."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca_file),
+        private_key=_read(tls.key_file),
+        certificate_chain=_read(tls.cert_file),
+    )

@@ -1,0 +1,54 @@
+"""The guard's own metric collectors against prometheus_client's reference types."""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Histogram
+
+from guard.metrics.guard_metrics import LATENCY_BUCKETS, GuardMetrics
+
+
+def test_latency_histogram_matches_prometheus_client() -> None:
+    # The timing histograms are a custom collector (a bisect per observation); the
+    # exposition must be what prometheus_client's Histogram gives for the same data,
+    # including values exactly on a bucket bound (le is inclusive).
+    ours_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
+    ours = GuardMetrics(ours_registry, ["m"])
+    reference = Histogram(
+        "guard_overhead_seconds", "reference", ["method"], buckets=LATENCY_BUCKETS,
+        registry=reference_registry,
+    )  # fmt: skip
+    rng = np.random.default_rng(3)
+    amounts = [*rng.exponential(0.002, 500).tolist(), *LATENCY_BUCKETS, 0.0, 99.0]
+    for i, amount in enumerate(amounts):
+        method = "Predict" if i % 3 else "GetModelStatus"
+        ours.record_timing(method, upstream_s=0.0, overhead_s=amount)
+        reference.labels(method).observe(amount)
+
+    def samples(
+        registry: CollectorRegistry,
+    ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect()
+            if family.name == "guard_overhead_seconds"
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    expected = samples(reference_registry)
+    got = samples(ours_registry)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == value or abs(got[key] - value) < 1e-9, key
+
+
+def test_inflight_gauge_reads_the_servers_count() -> None:
+    registry = CollectorRegistry()
+    metrics = GuardMetrics(registry)
+    count = [0]
+    metrics.track_inflight(lambda: count[0])
+    count[0] = 7
+    assert registry.get_sample_value("guard_inflight_requests") == 7.0
+    count[0] = 0
+    assert registry.get_sample_value("guard_inflight_requests") == 0.0
