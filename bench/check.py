@@ -78,24 +78,30 @@ class Outcome:
         return out
 
 
-def measure(threshold: Threshold, budget_s: float) -> Outcome:
+def measure(threshold: Threshold, budget_s: float, native: bool = True) -> Outcome:
     """Time one case and compute its ratios from the fastest loops."""
-    result = micro.run_case(threshold.case, budget_s)
+    result = micro.run_case(threshold.case, budget_s, native)
     guard = result["guard"]["min_us"]
     return Outcome(threshold, guard / result["floor"]["min_us"], result["naive"]["min_us"] / guard)
 
 
 def check(
-    thresholds: tuple[Threshold, ...] = THRESHOLDS, budget_s: float = 0.15, attempts: int = 3
+    thresholds: tuple[Threshold, ...] = THRESHOLDS,
+    budget_s: float = 0.15,
+    attempts: int = 3,
+    native: bool = True,
 ) -> list[Outcome]:
-    """Measure every case; a missing case is retried and its best ratios kept."""
+    """Measure every case; a missing case is retried and its best ratios kept.
+
+    ``native=False`` measures the guard on its reference kernels.
+    """
     outcomes = []
     for threshold in thresholds:
-        best = measure(threshold, budget_s)
+        best = measure(threshold, budget_s, native)
         for _ in range(attempts - 1):
             if not best.misses():
                 break
-            again = measure(threshold, budget_s)
+            again = measure(threshold, budget_s, native)
             best = Outcome(
                 threshold,
                 min(best.guard_vs_floor, again.guard_vs_floor),

@@ -40,45 +40,24 @@ def _thrasher() -> Callable[[], None]:
 
 
 def _guard(case: micro.Case, native: bool) -> Callable[[bytes], bytes]:
-    """The guard's response function, with or without its native modules."""
-    from guard.dataplane import rules, wire
-
-    saved = rules._rank, wire._walk
-
-    def switch(on: bool) -> None:
-        rules._rank, wire._walk = saved if on else (None, None)  # type: ignore[assignment]
-
-    switch(native)
-    try:
-        run = micro.guard_path(case)
-        if run is None:
-            raise SystemExit("the guard is not importable from this checkout")
-        body = micro.response_bytes(case)
-        for _ in range(200):  # the rule book's caches are filled in this mode
-            run(body)
-    finally:
-        switch(True)
-
-    def call(b: bytes) -> bytes:
-        if native:
-            return run(b)
-        switch(False)
-        try:
-            return run(b)
-        finally:
-            switch(True)
-
-    return call
+    """The guard's response function, on the native or the reference kernels."""
+    run = micro.guard_path(case, native=native)
+    if run is None:
+        raise SystemExit("the guard is not importable from this checkout")
+    body = micro.response_bytes(case)
+    for _ in range(200):  # the rule book's caches are filled
+        run(body)
+    return run
 
 
 def measure(case: micro.Case, calls: int, numpy_too: bool = False) -> dict[str, float]:
     """Median thread-CPU microseconds per call, hot and cold (and for the numpy
     path, with ``numpy_too``: keys ``numpy hot`` and ``numpy cold``)."""
     micro.same_allocator_as_guard()
-    from guard.dataplane import rules
+    from guard.dataplane import kernels
 
-    if not rules.NATIVE and numpy_too:
-        raise SystemExit("guard.dataplane._rank is not built here: nothing to compare against")
+    if kernels.NATIVE is None and numpy_too:
+        raise SystemExit(f"{kernels.MISSING} not built here: nothing to compare against")
     runs = {"": _guard(case, native=True)}
     if numpy_too:
         runs["numpy "] = _guard(case, native=False)

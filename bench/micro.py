@@ -196,18 +196,23 @@ def rule_document(case: Case) -> dict[str, Any]:
     }
 
 
-def guard_path(case: Case) -> Callable[[bytes], bytes] | None:
-    """The guard's response function with the case's rules, or None if it is missing."""
+def guard_path(case: Case, native: bool = True) -> Callable[[bytes], bytes] | None:
+    """The guard's response function with the case's rules, or None if it is
+    missing; ``native=False`` runs it on the reference kernels (numpy and
+    protobuf alone)."""
     try:
         from prometheus_client import CollectorRegistry
 
         from guard.control.config import parse_config
-        from guard.dataplane.pipeline import RuleBook, guard_predict_response
+        from guard.dataplane import kernels
+        from guard.dataplane.book import RuleBook
+        from guard.dataplane.pipeline import guard_predict_response
         from guard.metrics.guard_metrics import GuardMetrics
     except ImportError:
         return None
     config = parse_config(rule_document(case), "<bench.micro>")
-    book = RuleBook(config)
+    chosen = kernels.default() if native else kernels.REFERENCE
+    book = RuleBook(config.models, config.max_message_bytes, chosen)
     metrics = GuardMetrics(
         CollectorRegistry(),
         config.model_names(),
@@ -269,8 +274,9 @@ def check_same_answer(case: Case, guard_out: bytes, naive_out: bytes) -> None:
             raise AssertionError(f"{case.label}: guard and naive disagree on {name}")
 
 
-def run_case(case: Case, budget_s: float) -> dict[str, Any]:
-    """Time the three paths on one case."""
+def run_case(case: Case, budget_s: float, native: bool = True) -> dict[str, Any]:
+    """Time the three paths on one case (the guard's on the native or the
+    reference kernels)."""
     body = response_bytes(case)
     labels = label_table(case.classes)
     values = values_for(case)
@@ -283,7 +289,7 @@ def run_case(case: Case, budget_s: float) -> dict[str, Any]:
         "floor": asdict(time_call(lambda v: floor_math(v, case.k, labels), values, budget_s)),
         "guard": None,
     }
-    guard = guard_path(case)
+    guard = guard_path(case, native=native)
     if guard is not None:
         check_same_answer(case, guard(body), naive(body))
         out["guard"] = asdict(time_call(guard, body, budget_s))
@@ -320,16 +326,21 @@ def core_target(budget_s: float) -> dict[str, Any] | None:
         from prometheus_client import CollectorRegistry
 
         from guard.control.config import parse_config
-        from guard.dataplane.pipeline import RuleBook, guard_predict_response
+        from guard.dataplane import rules
+        from guard.dataplane.book import RuleBook
+        from guard.dataplane.codec.response import parse_predict_response
+        from guard.dataplane.codec.tensor import decode_tensor, set_tensor
+        from guard.dataplane.pipeline import guard_predict_response
+        from guard.dataplane.results import Action
         from guard.metrics.guard_metrics import GuardMetrics
     except ImportError:
         return None
-    from guard.dataplane import rules, wire
 
     config = parse_config(doc, "<bench.micro core target>")
-    book, metrics = RuleBook(config), GuardMetrics(CollectorRegistry(), config.model_names())
+    book = RuleBook(config.models, config.max_message_bytes)
+    metrics = GuardMetrics(CollectorRegistry(), config.model_names())
     first = guard_predict_response(body, None, book, metrics)
-    assert first is not None and first.action == "clamped", "the core target must clamp"
+    assert first is not None and first.action == Action.CLAMPED, "the core target must clamp"
     compiled = book.for_signature("micro", "serving_default")
     assert compiled is not None
     rule = compiled.rule_for(OUTPUT)
@@ -337,15 +348,15 @@ def core_target(budget_s: float) -> dict[str, Any] | None:
 
     def engine(b: bytes) -> bytes:
         """Exactly the issue's scope: decode, check, clamp, argmax, encode."""
-        view = wire.parse_predict_response(b)
+        view = parse_predict_response(b)
         tensor = view.outputs[OUTPUT]
-        decoded = wire.decode_tensor(tensor, config.max_message_bytes)
+        decoded = decode_tensor(tensor, config.max_message_bytes)
         assert decoded is not None
         values, encoding = decoded
         result = rules.apply_rule(values, rule.rule, rule.labels, "micro", OUTPUT)
-        wire.set_tensor(tensor, result.values, encoding)
+        set_tensor(tensor, result.values, encoding)
         for derived in result.derived:
-            wire.set_tensor(view.outputs[OUTPUT + derived.suffix], derived.array, encoding)
+            set_tensor(view.outputs[OUTPUT + derived.suffix], derived.array, encoding)
         out: bytes = view.SerializeToString()
         return out
 

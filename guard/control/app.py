@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from guard._version import __version__
 from guard.control.config import Config, load_config
 from guard.control.files import file_identity
-from guard.dataplane import rules, wire
+from guard.dataplane import kernels
 from guard.dataplane.errors import ConfigError
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.proxy import GuardServer
@@ -216,14 +216,7 @@ def run_serve(
     """Run the guard until SIGTERM/SIGINT. Returns the process exit code."""
     if not tune_malloc():
         logger.info("allocator tuning unavailable (not glibc); large responses cost page faults")
-    missing = [
-        module
-        for module, built in (
-            ("guard.dataplane._rank", rules.NATIVE),
-            ("guard.dataplane._walk", wire.NATIVE_WALK),
-        )
-        if not built
-    ]
+    missing = kernels.MISSING
     if missing:
         logger.info(
             "native modules not built (%s): responses are guarded with protobuf and numpy "

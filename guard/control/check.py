@@ -3,62 +3,19 @@ signatures a live upstream reports through GetModelMetadata."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from guard.control.config import ANY, SERVING_DEFAULT, Config
-from guard.dataplane.wire import FLOAT_DTYPES, add_field, add_map_field
+from guard.dataplane.codec.tensor import FLOAT_DTYPES
+from guard.dataplane.codec.views import metadata_classes
 
 __all__ = ["Finding", "check_against_upstream"]
 
-_F = descriptor_pb2.FieldDescriptorProto
 _METHOD = "/tensorflow.serving.PredictionService/GetModelMetadata"
 _SIGNATURE_DEF_MAP_URL = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
-
-
-@functools.cache
-def _metadata_classes() -> dict[str, Any]:
-    pkg = "guard.view.metadata"
-    fdp = descriptor_pb2.FileDescriptorProto(name="guard/view/metadata.proto", package=pkg)
-    fdp.syntax = "proto3"
-
-    spec = fdp.message_type.add(name="ModelSpec")
-    add_field(spec, "name", 1, _F.TYPE_STRING)
-    add_field(spec, "signature_name", 3, _F.TYPE_STRING)
-
-    req = fdp.message_type.add(name="GetModelMetadataRequest")
-    add_field(req, "model_spec", 1, _F.TYPE_MESSAGE, type_name=f".{pkg}.ModelSpec")
-    add_field(req, "metadata_field", 2, _F.TYPE_STRING, repeated=True)
-
-    anyv = fdp.message_type.add(name="Any")
-    add_field(anyv, "type_url", 1, _F.TYPE_STRING)
-    add_field(anyv, "value", 2, _F.TYPE_BYTES)
-
-    resp = fdp.message_type.add(name="GetModelMetadataResponse")
-    add_map_field(resp, f".{pkg}.GetModelMetadataResponse", "metadata", 2, f".{pkg}.Any")
-
-    info = fdp.message_type.add(name="TensorInfo")
-    add_field(info, "name", 1, _F.TYPE_STRING)
-    add_field(info, "dtype", 2, _F.TYPE_INT32)
-
-    sig = fdp.message_type.add(name="SignatureDef")
-    add_map_field(sig, f".{pkg}.SignatureDef", "inputs", 1, f".{pkg}.TensorInfo")
-    add_map_field(sig, f".{pkg}.SignatureDef", "outputs", 2, f".{pkg}.TensorInfo")
-    add_field(sig, "method_name", 3, _F.TYPE_STRING)
-
-    sigmap = fdp.message_type.add(name="SignatureDefMap")
-    add_map_field(sigmap, f".{pkg}.SignatureDefMap", "signature_def", 1, f".{pkg}.SignatureDef")
-
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return {
-        n: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{pkg}.{n}"))
-        for n in ("GetModelMetadataRequest", "GetModelMetadataResponse", "SignatureDefMap")
-    }
 
 
 @dataclass(frozen=True)
@@ -73,7 +30,7 @@ class Finding:
 
 
 def _signatures(channel: grpc.Channel, model: str, timeout: float) -> Any:
-    classes = _metadata_classes()
+    classes = metadata_classes()
     req = classes["GetModelMetadataRequest"]()
     req.model_spec.name = model
     req.metadata_field.append("signature_def")

@@ -13,11 +13,21 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import yaml
 
 from guard.dataplane.errors import ConfigError
+from guard.dataplane.rulespec import (
+    ACTIVATIONS,
+    ANY,
+    POLICIES,
+    SERVING_DEFAULT,
+    Activation,
+    ModelRule,
+    OutputRule,
+    Policy,
+)
 
 __all__ = [
     "ANY",
@@ -29,56 +39,6 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
-
-ANY = "*"
-SERVING_DEFAULT = "serving_default"
-ACTIVATIONS = ("none", "sigmoid", "softmax")
-POLICIES = ("observe", "clamp", "reject")
-
-Activation = Literal["none", "sigmoid", "softmax"]
-Policy = Literal["observe", "clamp", "reject"]
-
-
-@dataclass(frozen=True)
-class OutputRule:
-    """What to do with one output tensor of one model/signature."""
-
-    name: str = ANY
-    """Output alias in the signature; ``*`` matches every floating-point output."""
-    activation: Activation = "none"
-    """Applied first, for logits: ``sigmoid``, or ``softmax`` over the last axis."""
-    valid_range: tuple[float, float] = (0.0, 1.0)
-    """Values outside ``[lo, hi]`` are violations (``below_min`` / ``above_max``)."""
-    check_sum: bool = False
-    """Rows of the last axis must sum to 1 within ``sum_tolerance``."""
-    sum_tolerance: float = 1e-3
-    on_violation: Policy = "observe"
-    """``observe`` leaves the response as is, ``clamp`` repairs it, ``reject`` fails the RPC."""
-    threshold: float | tuple[float, ...] | None = None
-    """Adds ``<name>_class`` = 1 where value > threshold; a list gives one per class."""
-    argmax: bool = False
-    """Adds ``<name>_class`` and ``<name>_score`` (last axis reduced)."""
-    top_k: int = 0
-    """Adds ``<name>_top_k_class`` and ``<name>_top_k_score``, best first."""
-    labels: tuple[str, ...] | None = None
-    """Names for classes; adds ``<name>_label`` / ``<name>_top_k_label``."""
-    where: str = field(default="", compare=False)
-    """Human-readable origin (file and rule), for messages."""
-
-    @property
-    def derives(self) -> bool:
-        """Whether this rule adds outputs to the response."""
-        return self.threshold is not None or self.argmax or self.top_k > 0
-
-
-@dataclass(frozen=True)
-class ModelRule:
-    """The rules for one model name (or ``*``) and signature (or ``*``)."""
-
-    name: str
-    signature: str = ANY
-    """``*`` matches any signature; an empty string means ``serving_default``."""
-    outputs: tuple[OutputRule, ...] = ()
 
 
 @dataclass(frozen=True)

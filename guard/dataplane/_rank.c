@@ -5,12 +5,12 @@
  * distinct numpy call costs 5-20 us. For the common case (float32/float64,
  * every value finite and inside the valid range, every row summing to 1) this
  * does the range check, the row-sum check and the top-k ranking in one pass
- * per row (clean_top_k, used by guard/rules.py), and can write the derived
- * outputs as encoded map entries as well (clean_rank_encode, used by
- * guard/fastlane.py). Whenever anything would have to be counted, or a verdict
- * is not certain, both return None and the caller takes the numpy path, which
- * stays the reference: tests/test_rank.py and the fuzzer check that both give
- * the same results, bytes and metrics.
+ * per row, and writes the derived outputs as encoded map entries
+ * (clean_rank_encode, the one entry point; guard/dataplane/lanes.py packs its
+ * arguments). Whenever anything would have to be counted, or a verdict is not
+ * certain, it returns None and the caller takes the numpy reference:
+ * tests/dataplane/test_rank.py and the fuzzer check that both give the same
+ * results, bytes and metrics.
  *
  * No numpy C API: the values come in through the buffer protocol and the
  * results go out as bytes, so the module builds against any numpy version.
@@ -178,47 +178,6 @@ scan(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t col
     return clean;
 }
 
-PyDoc_STRVAR(clean_top_k_doc,
-"clean_top_k(values, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi)\n"
-"--\n\n"
-"Check and rank a C-contiguous float32 (itemsize 4) or float64 (8) array of\n"
-"rows x cols values (misaligned values are copied first). Returns (indices,\n"
-"scores) as bytes, int64 and the values' dtype, k per row, best first, when\n"
-"every value is finite and in [lo, hi] and, with check_sum, every row sum is\n"
-"certainly within [sum_lo, sum_hi]. Returns None otherwise: the caller must\n"
-"then take its general path.");
-
-static PyObject *
-clean_top_k(PyObject *Py_UNUSED(self), PyObject *args)
-{
-    Py_buffer view;
-    Py_ssize_t itemsize, rows, cols;
-    int k, check_sum;
-    double lo, hi, sum_lo, sum_hi;
-    PyObject *idx = NULL, *scores = NULL, *result = NULL;
-
-    if (!PyArg_ParseTuple(args, "y*nnniddpdd", &view, &itemsize, &rows, &cols, &k, &lo,
-                          &hi, &check_sum, &sum_lo, &sum_hi))
-        return NULL;
-    if (!describes(&view, itemsize, rows, cols, k)) {
-        PyErr_SetString(PyExc_ValueError, "clean_top_k: arguments do not describe the buffer");
-        goto done;
-    }
-    int clean = scan(&view, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi, &idx,
-                     &scores);
-    if (clean < 0)
-        goto done;
-    if (clean)
-        result = PyTuple_Pack(2, idx, scores);
-    else
-        result = Py_NewRef(Py_None);
-done:
-    Py_XDECREF(idx);
-    Py_XDECREF(scores);
-    PyBuffer_Release(&view);
-    return result;
-}
-
 /* ------------------------------------------------------------ derived outputs */
 
 /* What one derived output holds: the best class, its score or its label per
@@ -354,7 +313,11 @@ PyDoc_STRVAR(clean_rank_encode_doc,
 "clean_rank_encode(values, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi,\n"
 "                  content, score_key, entries)\n"
 "--\n\n"
-"clean_top_k, then the derived outputs as encoded PredictResponse.outputs map\n"
+"Check and rank a C-contiguous float32 (itemsize 4) or float64 (8) array of\n"
+"rows x cols values (misaligned values are copied first), then write the\n"
+"derived outputs as encoded PredictResponse.outputs map entries, when every\n"
+"value is finite and in [lo, hi] and, with check_sum, every row sum is\n"
+"certainly within [sum_lo, sum_hi]; 1 <= k <= min(cols, MAX_K).\n"
 "entries. `entries` is a tuple of (key_field, head, what, labels): the entry's\n"
 "encoded key field, the TensorProto's encoded dtype and shape fields, what it\n"
 "holds (0 class, 1 score, 2 label, 3-5 the same for the top k) and, for labels,\n"
@@ -362,7 +325,8 @@ PyDoc_STRVAR(clean_rank_encode_doc,
 "as tensor_content when `content`, else packed int64_val; scores as\n"
 "tensor_content or the packed field whose one-byte key is `score_key`.\n"
 "Returns (classes, scores, entries) as bytes, the classes and scores of each\n"
-"row's best class only, or None as clean_top_k does.");
+"row's best class only; None when anything would have to be counted: the\n"
+"caller then takes the numpy reference.");
 
 static PyObject *
 clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
@@ -473,7 +437,6 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"clean_top_k", clean_top_k, METH_VARARGS, clean_top_k_doc},
     {"clean_rank_encode", clean_rank_encode, METH_VARARGS, clean_rank_encode_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -481,7 +444,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     .m_base = PyModuleDef_HEAD_INIT,
     .m_name = "guard.dataplane._rank",
-    .m_doc = "The clean path of an output rule in one native call (see guard.dataplane.rules).",
+    .m_doc = "The clean path of an output rule in one native call (see guard.dataplane.lanes).",
     .m_size = -1,
     .m_methods = methods,
 };

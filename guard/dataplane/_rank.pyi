@@ -1,4 +1,4 @@
-"""Types of the native module built from guard/_rank.c."""
+"""Types of the native module built from guard/dataplane/_rank.c."""
 
 from typing import Any
 
@@ -8,21 +8,8 @@ from numpy import ndarray
 Buffer = ReadableBuffer | ndarray[Any, Any]
 
 MAX_K: int
-"""The largest k the native top-k ranks (larger k take the numpy path)."""
+"""The largest k the native top-k ranks (larger k take the numpy reference)."""
 
-def clean_top_k(
-    values: Buffer,
-    itemsize: int,
-    rows: int,
-    cols: int,
-    k: int,
-    lo: float,
-    hi: float,
-    check_sum: bool,
-    sum_lo: float,
-    sum_hi: float,
-    /,
-) -> tuple[bytes, bytes] | None: ...
 def clean_rank_encode(
     values: Buffer,
     itemsize: int,

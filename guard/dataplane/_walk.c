@@ -1,8 +1,9 @@
 /*
  * guard.dataplane._walk: where a PredictResponse keeps its parts, read in place.
  *
- * The upb parse behind guard.dataplane.wire's view copies every tensor's values twice
- * (into its arena, then into a Python bytes object) and builds a Python object
+ * The upb parse behind the protobuf view (guard/dataplane/codec/views.py) copies
+ * every tensor's values twice (into its arena, then into a Python bytes object)
+ * and builds a Python object
  * per field touched; in a loaded proxy, with cold caches, that is a large part
  * of what guarding a small response costs. walk_predict_response() reads the
  * same layout in one pass and returns offsets into the caller's bytes.
@@ -10,10 +11,10 @@
  * It accepts a strict subset of the wire format: only the fields TensorFlow
  * Serving writes, each where protobuf encoders put it, with canonical varints
  * and tags, ASCII strings, no duplicates, and no unknown fields. Everything it
- * accepts, protobuf accepts too and reads the same way (tests/test_walk.py and
- * the fuzzer check both against upb). For anything else it returns None and
- * guard.dataplane.wire parses the response with protobuf, which stays the judge of what
- * is malformed.
+ * accepts, protobuf accepts too and reads the same way (tests/dataplane/test_walk.py
+ * and the fuzzer check both against upb). For anything else it returns None and
+ * guard/dataplane/codec/response.py parses the response with protobuf, which
+ * stays the judge of what is malformed.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -153,6 +154,26 @@ values_field(int32_t dtype)
     }
 }
 
+/* An output's layout: a named tuple (a struct sequence), made in C. */
+static PyStructSequence_Field layout_fields[] = {
+    {"name", "the output's name (its map key)"},
+    {"dtype", "the TensorProto's dtype enum"},
+    {"shape", "the dimensions, a tuple of ints"},
+    {"from_content", "1 when the values are tensor_content, else 0"},
+    {"offset", "where the values start in the response bytes"},
+    {"length", "how many bytes they take (0 when absent)"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc layout_desc = {
+    "guard.dataplane._walk.OutputLayout",
+    "Where one output of a PredictResponse keeps its parts.",
+    layout_fields,
+    6,
+};
+
+static PyTypeObject *LayoutType;
+
 /* One output -> (name, dtype, dims, from_content, offset, length); offset and
  * length locate tensor_content when from_content is 1, else the packed run of
  * the dtype's own value field (length 0 when absent). NULL without an
@@ -230,7 +251,24 @@ walk_tensor(PyObject *name, Cur t, const unsigned char *base)
         }
         PyTuple_SET_ITEM(shape, i, d);
     }
-    return Py_BuildValue("(OiNinn)", name, (int)dtype, shape, from_content, offset, length);
+    PyObject *layout = PyStructSequence_New(LayoutType);
+    if (layout == NULL) {
+        Py_DECREF(shape);
+        return NULL;
+    }
+    PyObject *items[6] = {Py_NewRef(name), PyLong_FromLong(dtype), shape,
+                          PyLong_FromLong(from_content), PyLong_FromSsize_t(offset),
+                          PyLong_FromSsize_t(length)};
+    for (int i = 0; i < 6; i++) {
+        if (items[i] == NULL) {
+            for (int j = i; j < 6; j++)
+                Py_XDECREF(items[j]);
+            Py_DECREF(layout);
+            return NULL;
+        }
+        PyStructSequence_SET_ITEM(layout, i, items[i]);
+    }
+    return layout;
 }
 
 /* ModelSpec: string name = 1, Int64Value version = 2, string signature_name = 3.
@@ -264,7 +302,7 @@ walk_spec(Cur s)
 PyDoc_STRVAR(walk_doc,
              "walk_predict_response(data, /) -> (model_spec, outputs, by_name) | None\n\n"
              "The layout of a serialized PredictResponse, read in place. model_spec is\n"
-             "the ModelSpec's bytes (None when absent); outputs holds one tuple\n"
+             "the ModelSpec's bytes (None when absent); outputs holds one OutputLayout\n"
              "(name, dtype, shape, from_content, offset, length) per output, in wire\n"
              "order, where offset and length locate tensor_content (from_content 1) or\n"
              "the packed values of the dtype's own field (float_val, double_val or\n"
@@ -347,7 +385,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     .m_base = PyModuleDef_HEAD_INIT,
     .m_name = "guard.dataplane._walk",
-    .m_doc = "The layout of a PredictResponse, read in place (see guard.dataplane.wire).",
+    .m_doc = "The layout of a PredictResponse, read in place (see guard.dataplane.kernels).",
     .m_size = -1,
     .m_methods = methods,
 };
@@ -355,5 +393,11 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__walk(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    LayoutType = PyStructSequence_NewType(&layout_desc);
+    if (LayoutType == NULL || PyModule_AddObjectRef(m, "OutputLayout", (PyObject *)LayoutType) < 0)
+        Py_CLEAR(m);
+    return m;
 }

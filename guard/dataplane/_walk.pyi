@@ -1,10 +1,23 @@
-"""Types of the native module built from guard/_walk.c."""
+"""Types of the native module built from guard/dataplane/_walk.c."""
 
 from _typeshed import ReadableBuffer
 
-Output = tuple[str, int, tuple[int, ...], int, int, int]
-"""(name, dtype, shape, from_content, offset, length)"""
+class OutputLayout(tuple[str, int, tuple[int, ...], int, int, int]):
+    """Where one output of a PredictResponse keeps its parts (a struct sequence)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> int: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def from_content(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def length(self) -> int: ...
 
 def walk_predict_response(
     data: ReadableBuffer, /
-) -> tuple[bytes | None, tuple[Output, ...], dict[str, Output]] | None: ...
+) -> tuple[bytes | None, tuple[OutputLayout, ...], dict[str, OutputLayout]] | None: ...

@@ -1,13 +1,14 @@
-"""One error hierarchy for the guard.
+"""One error hierarchy for the guard, with no transport in it.
 
-Every error a client can see carries its gRPC status code here, and only here;
-the proxy maps a :class:`GuardError` to ``context.abort(code, details)`` in one
-place. Configuration errors never reach a client: the CLI prints them and exits 2.
+Every error a client can see carries a :class:`Status` here, and only here;
+each front-end maps it to its own wire status in one table (the gRPC server
+in :mod:`guard.server.status`). Configuration errors never reach a client:
+the CLI prints them and exits 2.
 """
 
 from __future__ import annotations
 
-import grpc
+from enum import Enum
 
 __all__ = [
     "ConfigError",
@@ -16,17 +17,30 @@ __all__ = [
     "LabelMismatchError",
     "OutputShapeError",
     "RejectedOutputError",
+    "ResponseTooLargeError",
+    "Status",
 ]
 
 
+class Status(Enum):
+    """What kind of failure a client sees, independent of the transport.
+
+    The values are gRPC's status code names, which TF Serving's REST API maps
+    to HTTP statuses too.
+    """
+
+    INTERNAL = "INTERNAL"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+
+
 class GuardError(Exception):
-    """An error that ends an RPC with ``code`` and ``details``.
+    """An error that ends a call with ``status`` and ``details``.
 
     ``details`` always starts with ``guard:`` so a client can tell the guard's
     errors from the upstream's.
     """
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    status = Status.INTERNAL
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -36,27 +50,25 @@ class GuardError(Exception):
 class DecodeError(GuardError):
     """The upstream's response bytes are not a well-formed PredictResponse."""
 
-    code = grpc.StatusCode.INTERNAL
-
 
 class RejectedOutputError(GuardError):
     """An output violated its rule and the rule's policy is ``reject``
     (or ``clamp`` met a value that cannot be repaired, such as NaN)."""
 
-    code = grpc.StatusCode.INTERNAL
-
 
 class LabelMismatchError(GuardError):
     """The configured labels do not fit the tensor the model returned."""
-
-    code = grpc.StatusCode.INTERNAL
 
 
 class OutputShapeError(GuardError):
     """A rule cannot apply to the tensor the model returned (for example
     ``top_k`` larger than the number of classes)."""
 
-    code = grpc.StatusCode.INTERNAL
+
+class ResponseTooLargeError(GuardError):
+    """A guarded response would exceed the configured message limit."""
+
+    status = Status.RESOURCE_EXHAUSTED
 
 
 class ConfigError(Exception):

@@ -1,145 +1,38 @@
-"""Guarding one PredictResponse: match rules, decode, apply, re-encode, record.
+"""Guarding one serialized PredictResponse: bytes in, bytes out.
 
-This is the data plane. It takes response bytes and returns response bytes;
-it knows the wire views, the rule engine and the metrics, but not gRPC.
-Responses are returned byte-identical unless a rule changed or added a tensor.
+Two routes. The native one: the kernels' walker reads the layout, a plan made
+once per layout hands each output to its lane, and a clean response costs a
+native call per output. The reference one, for everything else: read the
+response (walked or protobuf), decode the outputs, :func:`evaluate` them,
+count, and re-encode only what a rule changed; derived outputs are appended
+as encoded map entries. Responses are returned byte-identical unless a rule
+changed or added a tensor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from guard.control.config import ANY, SERVING_DEFAULT, Config, ModelRule, OutputRule
-from guard.dataplane import wire
-from guard.dataplane.errors import DecodeError, OutputShapeError, RejectedOutputError
-from guard.dataplane.lanes import Lane, lane_for
-from guard.dataplane.rules import OutputResult, apply_rule, label_table
-from guard.metrics.guard_metrics import GuardMetrics, LoopValue, OutputRecorder
+from guard.dataplane.book import RuleBook
+from guard.dataplane.codec import tensor
+from guard.dataplane.codec.response import (
+    ModelSpecInfo,
+    OutputLayout,
+    Response,
+    Walked,
+    read_predict_response,
+)
+from guard.dataplane.codec.tensor import Encoding
+from guard.dataplane.errors import DecodeError, RejectedOutputError
+from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
+from guard.dataplane.lanes import Lane
+from guard.dataplane.results import Action, Array
+from guard.dataplane.sink import Counter, LabelTable, MetricsSink, OutputSink
 
-__all__ = ["GuardedResponse", "RuleBook", "guard_predict_response"]
-
-_ACTION_RANK = {"clean": 0, "observed": 1, "clamped": 2, "rejected": 3}
-
-
-@dataclass(frozen=True)
-class _Compiled:
-    rule: OutputRule
-    labels: np.ndarray[Any, Any] | None
-
-
-class _SignatureRules:
-    """Rules resolved for one (model, signature): output name -> rule."""
-
-    def __init__(self, candidates: list[ModelRule]) -> None:
-        # ``candidates`` are ordered most specific first (exact model, then exact
-        # signature); the first one with any match for an output wins, and within
-        # it an exact output name beats ``*``.
-        self._levels: list[tuple[dict[str, _Compiled], _Compiled | None]] = []
-        for model_rule in candidates:
-            exact: dict[str, _Compiled] = {}
-            wildcard = None
-            for rule in model_rule.outputs:
-                compiled = _Compiled(rule, label_table(rule.labels))
-                if rule.name == ANY:
-                    wildcard = compiled
-                else:
-                    exact[rule.name] = compiled
-            self._levels.append((exact, wildcard))
-        self._lanes: dict[tuple[Any, ...], Lane | None] = {}
-
-    def lane(
-        self, name: str, compiled: _Compiled, values: np.ndarray[Any, Any], encoding: wire.Encoding
-    ) -> Lane | None:
-        """The native fast lane for this output's shape, dtype and encoding, if any."""
-        key = (name, values.shape, values.dtype, encoding)
-        try:
-            return self._lanes[key]
-        except KeyError:
-            pass
-        found = lane_for(name, compiled.rule, compiled.labels, values.shape, values.dtype, encoding)
-        if len(self._lanes) >= _LANES_MAX:
-            self._lanes.clear()  # batch sizes vary; keep the cache bounded
-        self._lanes[key] = found
-        return found
-
-    def rule_for(self, output: str) -> _Compiled | None:
-        for exact, wildcard in self._levels:
-            found = exact.get(output)
-            if found is not None:
-                return found
-            if wildcard is not None:
-                return wildcard
-        return None
-
-
-_LANES_MAX = 256
-
-
-class RuleBook:
-    """The compiled, immutable rule set of one config. Swapped whole on reload,
-    so one request always sees one consistent rule set."""
-
-    _CACHE_LIMIT = 4096
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self._models = config.models
-        self._exact_names = config.model_names()
-        self._has_wildcard_model = any(m.name == ANY for m in config.models)
-        self._cache: dict[tuple[str, str], _SignatureRules | None] = {}
-        self._plans: dict[tuple[Any, ...], _Plan | None] = {}
-
-    def may_apply(self, model: str | None) -> bool:
-        """Cheap pre-check before the upstream call: could any rule match this model?"""
-        return self._has_wildcard_model or model in self._exact_names
-
-    def for_signature(self, model: str, signature: str) -> _SignatureRules | None:
-        """The rules for one model and signature, or ``None`` if no rule matches."""
-        key = (model, signature)
-        try:
-            return self._cache[key]
-        except KeyError:
-            pass
-        candidates = [
-            m for m in self._models if m.name in (model, ANY) and m.signature in (signature, ANY)
-        ]
-        candidates.sort(key=lambda m: (m.name != ANY, m.signature != ANY), reverse=True)
-        resolved = _SignatureRules(candidates) if candidates else None
-        if len(self._cache) >= self._CACHE_LIMIT:
-            self._cache.clear()  # clients choose model names; keep the cache bounded
-        self._cache[key] = resolved
-        return resolved
-
-    def plan(
-        self,
-        body: bytes,
-        walked: wire.Walked,
-        request_spec: wire.ModelSpecInfo | None,
-        metrics: GuardMetrics,
-    ) -> _Plan | None:
-        """The plan for responses laid out like ``walked``, if one applies."""
-        spec_bytes, layout, _ = walked
-        if len(layout) > _PLAN_OUTPUTS_MAX:
-            return None
-        # Responses of one model, version and batch size are laid out alike: the
-        # offsets, and so every decision but the values' own checks, repeat.
-        key = (metrics, request_spec, spec_bytes, layout)
-        try:
-            return self._plans[key]
-        except KeyError:
-            pass
-        found = _make_plan(wire.read_predict_response(body, walked), request_spec, self, metrics)
-        # The key holds the upstream's spec bytes and output names: only small
-        # ones are kept, and so many keys at most, so the cache stays bounded.
-        key_bytes = len(spec_bytes or b"") + sum([len(out[0]) for out in layout])
-        if key_bytes <= _PLAN_KEY_BYTES_MAX:
-            if len(self._plans) >= self._CACHE_LIMIT:
-                self._plans.clear()
-            self._plans[key] = found
-        return found
+__all__ = ["GuardedResponse", "guard_predict_response"]
 
 
 @dataclass
@@ -147,42 +40,135 @@ class GuardedResponse:
     """The outcome of guarding one response."""
 
     body: bytes
-    action: str
+    action: Action
     violations: int
 
     def trailers(self) -> tuple[tuple[str, str], ...]:
         """The ``x-guard-*`` trailing metadata for this response."""
-        return (("x-guard-action", self.action), ("x-guard-violations", str(self.violations)))
+        return (("x-guard-action", self.action.label), ("x-guard-violations", str(self.violations)))
 
 
-@dataclass(frozen=True, slots=True)
-class _Resolved:
-    """Whose response it is, and the rules that apply to it."""
-
-    rules: _SignatureRules
-    model: str
-    signature: str
-    version: str
-    model_label: str
-
-
-def _resolve(
-    spec: wire.ModelSpecInfo | None,
-    request_spec: wire.ModelSpecInfo | None,
+def guard_predict_response(
+    body: bytes,
+    request_spec: ModelSpecInfo | None,
     book: RuleBook,
-    metrics: GuardMetrics,
-) -> _Resolved | None:
+    metrics: MetricsSink,
+) -> GuardedResponse | None:
+    """Apply the matching rules to a serialized PredictResponse.
+
+    Returns ``None`` when no rule matches (the caller returns ``body`` as is).
+    Raises :class:`~guard.dataplane.errors.GuardError` (already counted) when the
+    response cannot be decoded, a rule rejects it, or a rule does not fit the tensor.
+    """
+    walked = book.kernels.walk(body)
+    if walked is not None:
+        plan = _plan(body, walked, request_spec, book, metrics)
+        if plan is not None:
+            guarded = plan.run(body)
+            if guarded is not None:
+                return guarded
+    return _reference(body, walked, request_spec, book, metrics)
+
+
+# ------------------------------------------------------------ the reference route
+
+
+def _target(
+    response: Response, request_spec: ModelSpecInfo | None, book: RuleBook, metrics: MetricsSink
+) -> Target | None:
+    """The upstream's spec decides; the request's fills in what it lacks."""
+    spec = response.spec
     model = (spec.name if spec and spec.name else request_spec.name if request_spec else "") or ""
-    signature = (
-        (spec.signature_name if spec else "")
-        or (request_spec.signature_name if request_spec else "")
-        or SERVING_DEFAULT
+    signature = (spec.signature_name if spec else "") or (
+        request_spec.signature_name if request_spec else ""
     )
-    rules = book.for_signature(model, signature)
-    if rules is None:
+    version = spec.version if spec else None
+    return resolve(book, model, signature, version, metrics)
+
+
+def _read(
+    body: bytes, walked: Walked | None, request_spec: ModelSpecInfo | None, metrics: MetricsSink
+) -> Response:
+    try:
+        return read_predict_response(body, walked)
+    except DecodeError:
+        metrics.count_decode_error(metrics.model_label(request_spec.name if request_spec else ""))
+        raise
+
+
+_Decoded = list[tuple[str, Array, Encoding]]
+
+
+def _decode_outputs(
+    response: Response, target: Target, budget: int, metrics: MetricsSink
+) -> _Decoded:
+    """The floating-point outputs that have a rule, decoded within one budget.
+
+    One budget for the whole response: TF's fill convention lets a few bytes
+    declare a huge tensor, and many outputs must not add up past the limit.
+    """
+    decoded: _Decoded = []
+    for name in sorted(response.names):
+        if target.rules.rule_for(name) is None:
+            continue
+        try:
+            found = response.decode(name, budget)
+        except DecodeError as exc:
+            metrics.count_decode_error(target.model_label)
+            raise DecodeError(
+                f"guard: cannot decode output '{name}' of model '{target.model}' from upstream: "
+                f"{exc.details.removeprefix('guard: ')}"
+            ) from None
+        if found is None:
+            continue  # not floating point: left untouched
+        values, encoding = found
+        budget -= values.nbytes
+        decoded.append((name, values, encoding))
+    return decoded
+
+
+def _reference(
+    body: bytes,
+    walked: Walked | None,
+    request_spec: ModelSpecInfo | None,
+    book: RuleBook,
+    metrics: MetricsSink,
+) -> GuardedResponse | None:
+    response = _read(body, walked, request_spec, metrics)
+    target = _target(response, request_spec, book, metrics)
+    if target is None:
         return None
-    version = str(spec.version) if spec and spec.version is not None else ""
-    return _Resolved(rules, model, signature, version, metrics.model_label(model))
+    decoded = _decode_outputs(response, target, book.max_message_bytes, metrics)
+    verdict = evaluate(target, [(name, values) for name, values, _ in decoded])
+    record(verdict, target, metrics)
+    if verdict.rejection is not None:
+        raise RejectedOutputError(verdict.rejection)
+    if not verdict.outputs:
+        return GuardedResponse(body, Action.CLEAN, 0)
+    check_derived_names(verdict, response.names, target.model)
+    encodings = {name: encoding for name, _, encoding in decoded}
+    return GuardedResponse(
+        _encode(response, verdict, encodings), verdict.action, verdict.violations
+    )
+
+
+def _encode(response: Response, verdict: Verdict, encodings: dict[str, Encoding]) -> bytes:
+    """Derived outputs are appended as encoded map entries: protobuf merges
+    concatenated messages (map entries included), so ``body + entries`` is the
+    guarded response, and the upstream's bytes, often megabytes of floats, are
+    serialized again only when a rule changed one of its tensors."""
+    entries: list[bytes] = []
+    for out in verdict.outputs:
+        encoding = encodings[out.name]
+        if out.result.changed:
+            tensor.set_tensor(response.view().outputs[out.name], out.result.values, encoding)
+        for derived in out.result.derived:
+            entries.append(tensor.encode_output(out.name + derived.suffix, derived.array, encoding))
+    base = response.view().SerializeToString() if verdict.changed else response.data
+    return base + b"".join(entries)
+
+
+# --------------------------------------------------------------- the native route
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,46 +178,40 @@ class _PlannedOutput:
     start: int
     end: int
     size: int
-    recorder: OutputRecorder
-    labels: np.ndarray[Any, Any] | None
+    sink: OutputSink
+    labels: LabelTable | None
 
 
 class _Plan:
     """How to guard a response of one layout when every checked output is clean.
 
-    Made once per layout from the general path's own decisions (rules, decoding
-    checks, lanes, metric series), so a clean response costs the native calls
-    and little else. Anything to count sends the response down the general path.
+    Made once per layout from the reference route's own decisions (rules,
+    decoding checks, lanes, metric series), so a clean response costs the
+    native calls and little else. Anything to count sends the response down
+    the reference route.
     """
 
-    __slots__ = ("outputs", "_clean", "_labels", "_metrics")
+    __slots__ = ("outputs", "_clean", "_make_counter")
 
-    def __init__(
-        self,
-        outputs: tuple[_PlannedOutput, ...],
-        metrics: GuardMetrics,
-        labels: tuple[str, str, str],
-    ) -> None:
+    def __init__(self, outputs: tuple[_PlannedOutput, ...], make_counter: Callable[[], Counter]):
         self.outputs = outputs
-        self._metrics = metrics
-        self._labels = labels
-        # Made on the first clean response, as the general path makes it.
-        self._clean: LoopValue | None = None
+        self._make_counter = make_counter
+        # Made on the first clean response, as the reference route makes it.
+        self._clean: Counter | None = None
 
-    def run(self, body: bytes) -> GuardedResponse | str:
-        """The guarded response, or the name of the first output with something
-        to count: the general path then decides, without asking its lane again."""
+    def run(self, body: bytes) -> GuardedResponse | None:
+        """The guarded response, or ``None`` when an output has something to count."""
         view = memoryview(body)
         done = []
         for out in self.outputs:
             found = out.lane.encode(view[out.start : out.end])
             if found is None:
-                return out.name
+                return None
             done.append(found)
-        # Recorded only once every output was clean: otherwise the general path
-        # records them all.
+        # Recorded only once every output was clean: otherwise the reference
+        # route records them all.
         for out, (classes, scores, _) in zip(self.outputs, done, strict=True):
-            out.recorder.record_clean(
+            out.sink.record_clean(
                 out.size,
                 np.frombuffer(classes, dtype=np.int64),
                 np.frombuffer(scores, dtype=out.lane.dtype),
@@ -239,162 +219,99 @@ class _Plan:
             )
         clean = self._clean
         if clean is None:
-            clean = self._clean = self._metrics.response_counter(*self._labels, "clean")
+            clean = self._clean = self._make_counter()
         clean.inc()
-        return GuardedResponse(body + b"".join([entries for *_, entries in done]), "clean", 0)
+        return GuardedResponse(body + b"".join([entries for *_, entries in done]), Action.CLEAN, 0)
 
 
 _PLAN_OUTPUTS_MAX = 16
 _PLAN_KEY_BYTES_MAX = 1024
 
 
-def _make_plan(
-    response: wire.Response,
-    request_spec: wire.ModelSpecInfo | None,
+def _plan(
+    body: bytes,
+    walked: Walked,
+    request_spec: ModelSpecInfo | None,
     book: RuleBook,
-    metrics: GuardMetrics,
+    metrics: MetricsSink,
+) -> _Plan | None:
+    """The plan for responses laid out like ``walked``, if one applies.
+
+    Responses of one model, version and batch size are laid out alike: the
+    offsets, and so every decision but the values' own checks, repeat. The key
+    holds the upstream's spec bytes and output names: only small ones are
+    kept, so the cache stays bounded.
+    """
+    spec_bytes, layout, _ = walked
+    if len(layout) > _PLAN_OUTPUTS_MAX:
+        return None
+
+    def make() -> _Plan | None:
+        return _make_plan(read_predict_response(body, walked), request_spec, book, metrics)
+
+    if _key_bytes(spec_bytes, layout) > _PLAN_KEY_BYTES_MAX:
+        return make()
+    found: _Plan | None = book.plans.get_or_make((metrics, request_spec, spec_bytes, layout), make)
+    return found
+
+
+def _key_bytes(spec_bytes: bytes | None, layout: tuple[OutputLayout, ...]) -> int:
+    return len(spec_bytes or b"") + sum([len(out.name) for out in layout])
+
+
+class _NoPlan(Exception):
+    """This layout cannot have a plan: the reference route decides every time."""
+
+
+def _make_plan(
+    response: Response,
+    request_spec: ModelSpecInfo | None,
+    book: RuleBook,
+    metrics: MetricsSink,
 ) -> _Plan | None:
     """A plan for ``response``'s layout, when its checked outputs all have a
-    lane and decode cleanly; ``None`` otherwise (the general path then runs,
-    and raises what there is to raise)."""
-    resolved = _resolve(response.spec, request_spec, book, metrics)
-    if resolved is None or response.layout is None:
+    lane and decode cleanly; ``None`` otherwise (the reference route then
+    runs, and raises what there is to raise)."""
+    target = _target(response, request_spec, book, metrics)
+    if target is None or response.layout is None:
         return None
-    budget = book.config.max_message_bytes
+    budget = book.max_message_bytes
     outputs = []
-    for name, _, _, _, offset, length in sorted(response.layout):
-        compiled = resolved.rules.rule_for(name)
-        if compiled is None:
-            continue
-        try:
-            decoded = response.decode(name, budget)
-        except DecodeError:
-            return None
-        if decoded is None:
-            continue
-        values, encoding = decoded
-        budget -= values.nbytes
-        lane = resolved.rules.lane(name, compiled, values, encoding)
-        if lane is None or any(n in response.names for n in lane.names):
-            return None
-        if length != values.nbytes:
-            return None  # values filled in by TF's convention: the general path fills
-
-        recorder = metrics.output_recorder(
-            resolved.model_label, resolved.version, resolved.signature, name
-        )
-        outputs.append(
-            _PlannedOutput(
-                name, lane, offset, offset + length, values.size, recorder, compiled.labels
-            )
-        )
+    try:
+        for out in sorted(response.layout):
+            planned = _plan_output(response, target, out, budget, metrics)
+            if planned is not None:
+                budget -= planned.end - planned.start
+                outputs.append(planned)
+    except _NoPlan:
+        return None
     if not outputs:
         return None
-    labels = (resolved.model_label, resolved.version, resolved.signature)
-    return _Plan(tuple(outputs), metrics, labels)
+    labels = (target.model_label, target.version, target.signature)
+    return _Plan(tuple(outputs), lambda: metrics.response_counter(*labels, Action.CLEAN))
 
 
-def guard_predict_response(
-    body: bytes,
-    request_spec: wire.ModelSpecInfo | None,
-    book: RuleBook,
-    metrics: GuardMetrics,
-) -> GuardedResponse | None:
-    """Apply the matching rules to a serialized PredictResponse.
-
-    Returns ``None`` when no rule matches (the caller returns ``body`` as is).
-    Raises :class:`~guard.dataplane.errors.GuardError` (already counted) when the response
-    cannot be decoded, a rule rejects it, or a rule does not fit the tensor.
-    """
-    walked = wire.walk_predict_response(body)
-    unclean: str | None = None  # the output whose lane a plan found something to count in
-    if walked is not None:
-        plan = book.plan(body, walked, request_spec, metrics)
-        if plan is not None:
-            guarded = plan.run(body)
-            if isinstance(guarded, GuardedResponse):
-                return guarded
-            unclean = guarded
-    req_model = request_spec.name if request_spec else ""
-    try:
-        response = wire.read_predict_response(body, walked)
-    except DecodeError:
-        metrics.decode_errors.labels(metrics.model_label(req_model)).inc()
-        raise
-    resolved = _resolve(response.spec, request_spec, book, metrics)
-    if resolved is None:
+def _plan_output(
+    response: Response, target: Target, out: OutputLayout, budget: int, metrics: MetricsSink
+) -> _PlannedOutput | None:
+    """One output's part of a plan; ``None`` when it has no rule or is not
+    floating point. Raises :class:`_NoPlan` when the layout cannot have one."""
+    compiled = target.rules.rule_for(out.name)
+    if compiled is None:
         return None
-    rules, model, signature = resolved.rules, resolved.model, resolved.signature
-    version, model_label = resolved.version, resolved.model_label
-    # One budget for the whole response: TF's fill convention lets a few bytes
-    # declare a huge tensor, and many outputs must not add up past the limit.
-    budget = book.config.max_message_bytes
-
-    action = "clean"
-    violations = 0
-    rejection: str | None = None
-    upstream_names = response.names
-    # Per output: the rule's result, and the derived outputs if the lane wrote them.
-    results: list[tuple[str, OutputResult, wire.Encoding, Lane | None, bytes]] = []
-    for name in sorted(upstream_names):
-        compiled = rules.rule_for(name)
-        if compiled is None:
-            continue
-        try:
-            decoded = response.decode(name, budget)
-        except DecodeError as exc:
-            metrics.decode_errors.labels(model_label).inc()
-            raise DecodeError(
-                f"guard: cannot decode output '{name}' of model '{model}' from upstream: "
-                f"{exc.details.removeprefix('guard: ')}"
-            ) from None
-        if decoded is None:
-            continue  # not floating point: left untouched
-        values, encoding = decoded
-        budget -= values.nbytes
-        lane = rules.lane(name, compiled, values, encoding)
-        fast = lane.run(values) if lane is not None and name != unclean else None
-        if fast is not None:
-            result, lane_entries = fast
-        else:
-            result = apply_rule(
-                values, compiled.rule, compiled.labels, model, name, known_unclean=lane is not None
-            )
-            lane, lane_entries = None, b""
-        metrics.record_output(model_label, version, signature, name, result, compiled.labels)
-        violations += result.counts.total
-        if _ACTION_RANK[result.action] > _ACTION_RANK[action]:
-            action = result.action
-        if result.rejection and rejection is None:
-            rejection = result.rejection
-        results.append((name, result, encoding, lane, lane_entries))
-
-    metrics.record_response(model_label, version, signature, action)
-    if rejection is not None:
-        raise RejectedOutputError(rejection)
-
-    if not results:
-        return GuardedResponse(body, "clean", 0)
-    modified = any(result.changed for _, result, _, _, _ in results)
-    # Derived outputs are appended as encoded map entries: protobuf merges
-    # concatenated messages (map entries included), so ``body + entries`` is the
-    # guarded response, and the upstream's bytes, often megabytes of floats, are
-    # serialized again only when a rule changed one of its tensors.
-    entries: list[bytes] = []
-    for name, result, encoding, lane, lane_entries in results:
-        if result.changed:
-            wire.set_tensor(response.view().outputs[name], result.values, encoding)
-        names = lane.names if lane is not None else [name + d.suffix for d in result.derived]
-        for out_name in names:
-            if out_name in upstream_names:
-                raise OutputShapeError(
-                    f"guard: model '{model}' output '{name}': the derived output '{out_name}' "
-                    "would replace an output the model returns; drop the rule's "
-                    "threshold/argmax/top_k or rename the model's output"
-                )
-        if lane is not None:
-            entries.append(lane_entries)
-        for derived in result.derived:
-            entries.append(wire.encode_output(name + derived.suffix, derived.array, encoding))
-    base = response.view().SerializeToString() if modified else body
-    return GuardedResponse(base + b"".join(entries), action, violations)
+    try:
+        decoded = response.decode(out.name, budget)
+    except DecodeError:
+        raise _NoPlan from None
+    if decoded is None:
+        return None
+    values, encoding = decoded
+    lane = target.rules.lane(out.name, compiled, values, encoding)
+    if lane is None or any(n in response.names for n in lane.names):
+        raise _NoPlan
+    if out.length != values.nbytes:
+        raise _NoPlan  # values filled in by TF's convention: the reference route fills
+    sink = metrics.output_recorder(target.model_label, target.version, target.signature, out.name)
+    return _PlannedOutput(
+        out.name, lane, out.offset, out.offset + out.length, values.size, sink, compiled.labels
+    )

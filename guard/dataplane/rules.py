@@ -1,107 +1,43 @@
-"""The rule engine: pure numpy, no gRPC, no protobuf.
+"""The rule engine: the numpy reference. No gRPC, no protobuf, no native code.
 
-For one output array and its :class:`~guard.control.config.OutputRule`, in order:
+For one output array and its :class:`~guard.dataplane.rulespec.OutputRule`,
+in four steps:
 
-1. **activation** (sigmoid / softmax over the last axis);
-2. **validate**: count values below/above the valid range, NaN and ±Inf, and,
-   with ``check_sum``, rows whose sum is off by more than the tolerance;
-3. **on_violation**: observe, clamp (clip, renormalise bad rows) or reject;
-4. **derive** classes, scores and labels from the values after step 3.
+1. :func:`activate`: sigmoid / softmax over the last axis;
+2. :func:`validate`: count values below/above the valid range, NaN and ±Inf,
+   and, with ``check_sum``, rows whose sum is off by more than the tolerance;
+3. :func:`repair`: the ``on_violation`` policy: observe, clamp (clip,
+   renormalise bad rows) or reject;
+4. :func:`derive`: classes, scores and labels from the values after step 3.
 
 Class axis: the last axis for rank >= 2. A tensor of rank 0 or 1 holds one
 value per row, exactly like ``[batch, 1]``.
 
-When ``guard.dataplane._rank`` is built, a clean output (nothing to count) has steps 2
-and 4's ranking done in one native call, with the same results; anything to
-count is always counted here, in numpy.
+The native kernels (:mod:`guard.dataplane.kernels`) shortcut the clean case;
+this module stays the reference they are tested against.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from guard.control.config import OutputRule
 from guard.dataplane.errors import LabelMismatchError, OutputShapeError
-
-try:
-    from guard.dataplane import _rank
-except ImportError:  # built without a C compiler: the numpy path does everything
-    _rank = None  # type: ignore[assignment]
+from guard.dataplane.results import Action, Array, Counts, Derived, OutputResult
+from guard.dataplane.rulespec import OutputRule
 
 __all__ = [
-    "NATIVE",
-    "Counts",
-    "Derived",
-    "OutputResult",
+    "activate",
     "apply_rule",
     "class_axis_size",
-    "native_module",
+    "derive",
+    "label_table",
+    "repair",
     "rule_bounds",
+    "validate",
 ]
-
-Array = np.ndarray[Any, Any]
-
-
-@dataclass(slots=True)
-class Counts:
-    """Violation counts for one output of one response."""
-
-    values: int = 0
-    below_min: int = 0
-    above_max: int = 0
-    nan: int = 0
-    inf: int = 0
-    bad_rows: int = 0
-
-    @property
-    def violating_values(self) -> int:
-        """Values out of range, NaN or Inf."""
-        return self.below_min + self.above_max + self.nan + self.inf
-
-    @property
-    def total(self) -> int:
-        """Violating values plus bad-sum rows (the ``x-guard-violations`` figure)."""
-        return self.violating_values + self.bad_rows
-
-
-@dataclass(slots=True)
-class Derived:
-    """An output the guard adds to the response, next to the original."""
-
-    suffix: str
-    """Appended to the output name: ``_class``, ``_score``, ``_label``, ``_top_k_*``."""
-    array: Array
-    """int64, the source's float dtype, or an object array of ``bytes`` (labels)."""
-
-
-@dataclass(slots=True)
-class OutputResult:
-    """What the rule did to one output."""
-
-    values: Array
-    """The values to return (activated and/or repaired), or the input unchanged."""
-    changed: bool
-    """Whether ``values`` differ from the input (the tensor must be re-encoded)."""
-    counts: Counts
-    action: str
-    """``clean``, ``observed``, ``clamped`` or ``rejected``."""
-    checked: Array
-    """The values that were validated (after activation, before repair): the
-    histogram and the class counter read these."""
-    rejection: str | None = None
-    """Why the output was rejected (the RPC's details), when ``action`` is ``rejected``."""
-    classes: Array | None = None
-    """The predicted class per row (argmax, top-1, or the thresholded 0/1), for metrics."""
-    multi_label: bool = False
-    """``classes`` holds a 0/1 per class (a threshold on a multi-class output)."""
-    confidence: Array | None = None
-    """Each row's top *checked* value (before repair), when argmax/top-k already
-    found it: the histogram reads it instead of scanning the rows again."""
-    derived: list[Derived] = field(default_factory=list)
 
 
 def class_axis_size(shape: tuple[int, ...]) -> int:
@@ -313,52 +249,6 @@ def _lowest(dtype: np.dtype[Any]) -> Any:
     return np.finfo(dtype).min
 
 
-#: Whether the native clean path (``guard.dataplane._rank``) is built into this install.
-NATIVE = _rank is not None
-
-
-def native_module() -> Any:
-    """``guard.dataplane._rank``, or ``None`` when it is not built (or switched off by a test)."""
-    return _rank
-
-
-_NATIVE_ITEMSIZE = {np.dtype(np.float32): 4, np.dtype(np.float64): 8}
-_NO_TOP: tuple[Array, Array] = (np.empty(0, np.int64), np.empty(0, np.float64))
-
-
-def _native_clean(values: Array, rule: OutputRule, k: int) -> tuple[Array, Array] | None:
-    """The range check, the row-sum check and the top-``k`` in one native call.
-
-    Returns the top-``k`` classes and scores (as :func:`_top_k` would) when the
-    values certainly need nothing counted, else ``None``: then the numpy path
-    decides, so a violation is always counted by the same code.
-    """
-    itemsize = _NATIVE_ITEMSIZE.get(values.dtype)
-    c = class_axis_size(values.shape)
-    if (
-        _rank is None
-        or itemsize is None
-        or not values.size
-        or c == 0
-        or k > min(c, _rank.MAX_K)
-        or not values.flags.c_contiguous
-    ):
-        return None
-    lo, hi = rule_bounds(values.dtype, rule)
-    tol = rule.sum_tolerance
-    found = _rank.clean_top_k(
-        values, itemsize, values.size // c, c, k, float(lo), float(hi),
-        rule.check_sum, 1.0 - tol, 1.0 + tol,
-    )  # fmt: skip
-    if found is None:
-        return None
-    if not k:
-        return _NO_TOP
-    lead = values.shape[:-1] if values.ndim >= 2 else values.shape
-    idx = np.frombuffer(found[0], dtype=np.int64).reshape(*lead, k)
-    return idx, np.frombuffer(found[1], dtype=values.dtype).reshape(*lead, k)
-
-
 def _labels_for(classes: Array, labels: np.ndarray[Any, Any]) -> Array:
     if classes.ndim:
         out: Array = labels.take(classes)
@@ -368,108 +258,135 @@ def _labels_for(classes: Array, labels: np.ndarray[Any, Any]) -> Array:
     return out
 
 
+def activate(values: Array, rule: OutputRule) -> Array:
+    """Step 1: the rule's activation (``values`` itself when there is none)."""
+    return _activate(values, rule.activation)
+
+
+def validate(checked: Array, rule: OutputRule) -> tuple[Counts, Array | None]:
+    """Step 2: the violation counts, and the mask of rows off their sum (if any)."""
+    return _count(checked, rule)
+
+
+def repair(
+    values: Array,
+    checked: Array,
+    counts: Counts,
+    bad_rows: Array | None,
+    rule: OutputRule,
+    who: str,
+) -> OutputResult:
+    """Step 3: apply ``on_violation`` to the checked values.
+
+    A rejected output comes back with ``Action.REJECTED`` and the reason.
+    """
+    changed = checked is not values
+    if not counts.total:
+        return OutputResult(checked, changed, counts, Action.CLEAN, checked)
+    if rule.on_violation == "observe":
+        return OutputResult(checked, changed, counts, Action.OBSERVED, checked)
+    if rule.on_violation == "reject":
+        reason = f"{who}: {_describe(counts, rule)}"
+    elif counts.nan:
+        reason = (
+            f"{who}: {counts.nan} NaN values cannot be clamped; "
+            "fix the model or use on_violation: observe"
+        )
+    else:
+        repaired = _clamp(checked, rule, bad_rows)
+        return OutputResult(repaired, True, counts, Action.CLAMPED, checked)
+    return OutputResult(values, False, counts, Action.REJECTED, checked, rejection=reason)
+
+
+def derive(
+    out: OutputResult,
+    rule: OutputRule,
+    label_table: np.ndarray[Any, Any] | None,
+    who: str,
+    bad_rows: Array | None = None,
+) -> None:
+    """Step 4: add the derived outputs (and the classes the metrics read) to ``out``."""
+    if rule.threshold is not None:
+        _derive_threshold(out, rule, label_table, who)
+    if not rule.k:
+        return
+    c = class_axis_size(out.values.shape)
+    if c == 0:
+        raise OutputShapeError(f"{who}: the output has no classes (last dimension 0)")
+    if rule.top_k > c:
+        raise OutputShapeError(
+            f"{who}: top_k is {rule.top_k} but the output has only {c} classes per row"
+        )
+    if label_table is not None:
+        _check_label_count(who, label_table, c)
+    # _count saw every NaN and ±Inf (none when in range); a clamp leaves none.
+    finite = out.action == Action.CLAMPED or not (out.counts.nan or out.counts.inf)
+    # The top-k ranking puts the argmax first: one ranking serves both.
+    cls, score = _top_k(out.values, rule.k, finite if rule.top_k else False)
+    if out.classes is None:  # a threshold's 0/1 classes stay what the metrics count
+        out.classes, out.confidence = cls[..., 0], score[..., 0]
+    if rule.argmax:
+        _add_ranked(out, "", cls[..., 0], score[..., 0], label_table)
+    if rule.top_k:
+        _add_ranked(out, "_top_k", cls, score, label_table)
+    if out.confidence is not None and out.action == Action.CLAMPED:
+        out.confidence = _checked_row_max(out.checked, out.confidence, rule, bad_rows)
+
+
+def _derive_threshold(
+    out: OutputResult, rule: OutputRule, label_table: np.ndarray[Any, Any] | None, who: str
+) -> None:
+    c = class_axis_size(out.values.shape)
+    threshold = np.asarray(rule.threshold, dtype=np.float64)
+    if threshold.ndim == 1 and threshold.size == 1 and out.values.ndim < 2:
+        threshold = threshold[0]  # one class per row: keep the output's shape
+    if threshold.ndim == 1 and threshold.size != c:
+        raise OutputShapeError(
+            f"{who}: {threshold.size} thresholds configured but the output has {c} classes"
+        )
+    cls = np.asarray(out.values > threshold).astype(np.int64)
+    out.classes = cls
+    out.multi_label = c > 1
+    out.derived.append(Derived("_class", cls))
+    if label_table is not None:
+        out.derived.append(Derived("_label", _labels_for(cls, label_table)))
+
+
+def _add_ranked(
+    out: OutputResult,
+    prefix: str,
+    classes: Array,
+    scores: Array,
+    label_table: np.ndarray[Any, Any] | None,
+) -> None:
+    out.derived.append(Derived(f"{prefix}_class", classes))
+    out.derived.append(Derived(f"{prefix}_score", scores))
+    if label_table is not None:
+        out.derived.append(Derived(f"{prefix}_label", _labels_for(classes, label_table)))
+
+
 def apply_rule(
     values: Array,
     rule: OutputRule,
     label_table: np.ndarray[Any, Any] | None,
     model: str,
     output: str,
-    *,
-    known_unclean: bool = False,
 ) -> OutputResult:
-    """Apply ``rule`` to one output.
+    """Apply ``rule`` to one output: activate, validate, repair, derive.
 
-    A rejected output comes back with ``action == "rejected"`` and its counts (so
-    they can be recorded); the caller fails the RPC. A rule that cannot fit the
-    tensor raises a :class:`~guard.dataplane.errors.GuardError`.
+    A rejected output comes back with ``Action.REJECTED`` and its counts (so
+    they can be recorded); the caller fails the call. A rule that cannot fit
+    the tensor raises a :class:`~guard.dataplane.errors.GuardError`.
 
     ``label_table`` is ``rule.labels`` encoded once as an object array of
-    ``bytes`` (see :func:`label_table`). ``known_unclean`` says the caller's own
-    native check (the pipeline's fast lane) already found something to count,
-    so the same scan is not run again.
+    ``bytes`` (see :func:`label_table`).
     """
     who = f"guard: model '{model}' output '{output}'"
-    activated = _activate(values, rule.activation)
-    changed = activated is not values
-    k = rule.top_k or (1 if rule.argmax else 0)
-    native = None if known_unclean and not changed else _native_clean(activated, rule, k)
-    if native is not None:
-        counts, bad_rows = Counts(values=int(activated.size)), None
-    else:
-        counts, bad_rows = _count(activated, rule)
-
-    action = "clean"
-    result = activated
-    if counts.total:
-        if rule.on_violation == "reject":
-            reason = f"{who}: {_describe(counts, rule)}"
-            return OutputResult(values, False, counts, "rejected", activated, rejection=reason)
-        if rule.on_violation == "clamp":
-            if counts.nan:
-                reason = (
-                    f"{who}: {counts.nan} NaN values cannot be clamped; "
-                    "fix the model or use on_violation: observe"
-                )
-                return OutputResult(values, False, counts, "rejected", activated, rejection=reason)
-            result = _clamp(activated, rule, bad_rows)
-            changed = True
-            action = "clamped"
-        else:
-            action = "observed"
-
-    out = OutputResult(result, changed, counts, action, checked=activated)
-    # _count saw every NaN and ±Inf (none when in range); a clamp leaves none.
-    finite = action == "clamped" or not (counts.nan or counts.inf)
-    c = class_axis_size(result.shape)
-    if rule.threshold is not None:
-        threshold = np.asarray(rule.threshold, dtype=np.float64)
-        if threshold.ndim == 1 and threshold.size == 1 and result.ndim < 2:
-            threshold = threshold[0]  # one class per row: keep the output's shape
-        if threshold.ndim == 1 and threshold.size != c:
-            raise OutputShapeError(
-                f"{who}: {threshold.size} thresholds configured but the output has {c} classes"
-            )
-        cls = np.asarray(result > threshold).astype(np.int64)
-        out.classes = cls
-        out.multi_label = c > 1
-        out.derived.append(Derived("_class", cls))
-        if label_table is not None:
-            out.derived.append(Derived("_label", _labels_for(cls, label_table)))
-    if (rule.argmax or rule.top_k) and c == 0:
-        raise OutputShapeError(f"{who}: the output has no classes (last dimension 0)")
-    top: tuple[Array, Array] | None = None
-    if rule.top_k:
-        if rule.top_k > c:
-            raise OutputShapeError(
-                f"{who}: top_k is {rule.top_k} but the output has only {c} classes per row"
-            )
-        top = native if native is not None else _top_k(result, rule.top_k, finite)
-    if rule.argmax:
-        # The top-k ranking puts the argmax first; no second pass over the rows.
-        if top is not None:
-            cls, score = top
-        else:
-            cls, score = native if native is not None else _top_k(result, 1)
-        cls, score = cls[..., 0], score[..., 0]
-        out.classes = cls
-        out.confidence = score
-        out.derived.append(Derived("_class", cls))
-        out.derived.append(Derived("_score", score))
-        if label_table is not None:
-            _check_label_count(who, label_table, c)
-            out.derived.append(Derived("_label", _labels_for(cls, label_table)))
-    if top is not None:
-        cls, score = top
-        if out.classes is None:
-            out.classes = cls[..., 0]
-            out.confidence = score[..., 0]
-        out.derived.append(Derived("_top_k_class", cls))
-        out.derived.append(Derived("_top_k_score", score))
-        if label_table is not None:
-            _check_label_count(who, label_table, c)
-            out.derived.append(Derived("_top_k_label", _labels_for(cls, label_table)))
-    if out.confidence is not None and action == "clamped":
-        out.confidence = _checked_row_max(activated, out.confidence, rule, bad_rows)
+    checked = activate(values, rule)
+    counts, bad_rows = validate(checked, rule)
+    out = repair(values, checked, counts, bad_rows, rule, who)
+    if out.action != Action.REJECTED:
+        derive(out, rule, label_table, who, bad_rows)
     return out
 
 

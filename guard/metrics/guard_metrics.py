@@ -1,44 +1,42 @@
-"""Prometheus metrics, declared once against an injectable registry.
+"""The guard's metric set, declared once against an injectable registry.
 
 Label values are bounded: a client can send any model name, method or
 signature, and a model can emit any number of classes, but none of that may
 create unbounded time series. Unknown model names become ``__other__``; every
 other free-form label has a cap after which new values become ``__other__``.
-
-Every metric recorded per RPC or per output is kept cheap, because a proxy
-hop costs well under a millisecond: the counters are lock-free children
-(:class:`LoopValue`, written by the event loop only), the timing histograms a
-``bisect`` per observation, and ``guard_output_value`` and
-``guard_predicted_class_total`` queue numpy arrays that a scrape folds in with
-one ``searchsorted``/``bincount`` per batch. Rarely counted metrics stay
-prometheus_client types.
+It implements the data plane's :class:`~guard.dataplane.sink.MetricsSink`.
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 
-from guard.dataplane.rules import OutputResult, class_axis_size
+from guard.dataplane.cache import BoundedCache
+from guard.dataplane.results import Action, OutputResult
+from guard.dataplane.rules import class_axis_size
+from guard.metrics.collectors import (
+    OTHER,
+    BoundedLabel,
+    LatencyHistogram,
+    LoopCounter,
+    LoopValue,
+    NameOf,
+    OutputValueHistogram,
+    PredictedClassCounter,
+)
 
 __all__ = [
+    "KNOWN_METHODS",
+    "LATENCY_BUCKETS",
     "OTHER",
     "OUTPUT_VALUE_BUCKETS",
     "GuardMetrics",
-    "KNOWN_METHODS",
-    "LoopValue",
     "OutputRecorder",
 ]
-
-OTHER = "__other__"
 
 #: Resolves the region above 1 and below 0 as well as [0, 1]: a sigmoid that
 #: leaks to 1.0028 lands in (1.001, 1.01].
@@ -65,315 +63,6 @@ KNOWN_METHODS = frozenset(
 )
 
 
-class BoundedLabel:
-    """Admits the first ``cap`` distinct values of a label; later ones read ``__other__``."""
-
-    def __init__(self, cap: int) -> None:
-        self._cap = cap
-        self._seen: set[str] = set()
-        self._lock = threading.Lock()
-
-    def __call__(self, value: str) -> str:
-        if value in self._seen:
-            return value
-        with self._lock:
-            if len(self._seen) >= self._cap:
-                return OTHER
-            self._seen.add(value)
-        return value
-
-
-#: Values and arrays queued by the numpy-fed collectors before they are folded
-#: in: a scrape folds everything queued, and so does a call that goes past
-#: either bound. They bound the memory held between scrapes (about 1 MiB).
-PENDING_VALUES_MAX = 1 << 16
-PENDING_ARRAYS_MAX = 4096
-
-
-class _Queued:
-    """What a numpy-fed collector has queued since its last fold."""
-
-    __slots__ = ("arrays", "values")
-
-    def __init__(self) -> None:
-        self.values = self.arrays = 0
-
-    def add(self, size: int) -> bool:
-        """Count one queued array of ``size`` values; True when it is time to fold."""
-        self.values += size
-        self.arrays += 1
-        return self.values > PENDING_VALUES_MAX or self.arrays > PENDING_ARRAYS_MAX
-
-    def reset(self) -> None:
-        """Everything queued was folded."""
-        self.values = self.arrays = 0
-
-
-class _OutputValueHistogram(Collector):
-    """``guard_output_value``: a histogram whose buckets are numpy arrays.
-
-    ``observe`` only queues the array; queued arrays are folded into the buckets
-    in one ``searchsorted`` + ``bincount`` per label set, at scrape time or when
-    :data:`PENDING_VALUES_MAX` values wait. Per response that is one list append
-    instead of half a dozen numpy calls, which dominated small responses.
-    """
-
-    def __init__(self, edges: tuple[float, ...]) -> None:
-        self._edges = np.asarray(edges, dtype=np.float64)
-        self._le = [repr(float(e)) for e in edges] + ["+Inf"]
-        self._data: dict[tuple[str, str, str], tuple[np.ndarray[Any, Any], list[float]]] = {}
-        self._pending: dict[tuple[str, str, str], list[np.ndarray[Any, Any]]] = {}
-        self._queued = _Queued()
-        self._lock = threading.Lock()
-
-    def observe(self, labels: tuple[str, str, str], values: np.ndarray[Any, Any]) -> None:
-        """Count ``values`` (NaN and ±Inf are skipped: they are violations, not values).
-
-        ``values`` must not be modified afterwards; it is read when folded.
-        """
-        with self._lock:
-            queue = self._pending.get(labels)
-            if queue is None:
-                queue = self._pending[labels] = []
-            queue.append(values)
-            if self._queued.add(values.size):
-                self._fold()
-
-    def _fold(self) -> None:
-        """Fold the queued values into the buckets (the caller holds the lock)."""
-        for labels, queue in self._pending.items():
-            # Widening a signalling NaN (float32 -> float64) raises "invalid": it
-            # is a NaN like any other here, skipped just below (found by fuzzing).
-            with np.errstate(invalid="ignore"):
-                v = np.concatenate([q.ravel() for q in queue]) if len(queue) > 1 else queue[0]
-            v = v.ravel()
-            finite = np.isfinite(v)
-            if not finite.all():
-                v = v[finite]
-            # side="left" gives i with edges[i-1] < v <= edges[i]: Prometheus' "le".
-            idx = np.searchsorted(self._edges, v, side="left")
-            counts = np.bincount(idx, minlength=self._edges.size + 1)
-            entry = self._data.get(labels)
-            if entry is None:
-                entry = self._data[labels] = (np.zeros(self._edges.size + 1, np.int64), [0.0])
-            entry[0][:] += counts
-            entry[1][0] += float(v.sum(dtype=np.float64))
-        self._pending.clear()
-        self._queued.reset()
-
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(
-            "guard_output_value",
-            "Output values seen by the guard, after activation and before repair: each value "
-            "for one-value-per-row outputs, each row's top value for multi-class outputs.",
-            labels=["model", "signature", "output"],
-        )
-        with self._lock:
-            self._fold()
-            items = [(k, c.copy(), s[0]) for k, (c, s) in self._data.items()]
-        for labels, counts, total in items:
-            cumulative = np.cumsum(counts)
-            family.add_metric(
-                list(labels),
-                buckets=list(zip(self._le, (float(x) for x in cumulative), strict=True)),
-                sum_value=total,
-            )
-        yield family
-
-
-class LoopValue:
-    """One counter value, incremented without a lock by the event loop only."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        """Add ``amount`` (non-negative)."""
-        self.value += amount
-
-
-class _LoopCounter(Collector):
-    """A labelled counter family for the per-RPC and per-output counts.
-
-    prometheus_client's ``Counter.inc`` takes a lock and checks its argument on
-    every call; these are incremented only from the event loop thread, so a
-    plain attribute update suffices, and a scrape (another thread) reads each
-    value once. The rarely-counted metrics stay prometheus_client Counters.
-    """
-
-    def __init__(self, name: str, documentation: str, labelnames: list[str]) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = labelnames
-        self._children: dict[tuple[str, ...], LoopValue] = {}
-
-    def labels(self, *values: str) -> LoopValue:
-        """The child for ``values`` (created at 0, so the series exists before counts)."""
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self._labelnames):
-                raise ValueError(f"{self._name}: expected labels {self._labelnames}")
-            child = self._children[values] = LoopValue()
-        return child
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
-        for values, child in list(self._children.items()):
-            family.add_metric(list(values), child.value)
-        yield family
-
-
-class _LatencyHistogram(Collector):
-    """A histogram with one (bounded) label, for the per-RPC timings.
-
-    ``observe`` is a ``bisect`` and two list updates. prometheus_client's
-    ``Histogram.observe`` walks the buckets in Python and takes a lock per
-    update, which is a measurable share of a proxy hop that costs well under a
-    millisecond. Only the event loop observes; a scrape copies each row.
-    """
-
-    def __init__(self, name: str, documentation: str, label: str, buckets: tuple[float, ...]):
-        self._name = name
-        self._documentation = documentation
-        self._label = label
-        self._bounds = list(buckets)
-        self._le = [repr(float(b)) for b in buckets] + ["+Inf"]
-        # Per label value: one count per bucket (+Inf last), then the sum.
-        self._rows: dict[str, list[float]] = {}
-
-    def observe(self, label_value: str, amount: float) -> None:
-        """Count one observation of ``amount`` seconds."""
-        row = self._rows.get(label_value)
-        if row is None:
-            row = self._rows[label_value] = [0] * (len(self._bounds) + 1) + [0.0]
-        # bisect_left: the first bucket whose upper bound is >= amount ("le").
-        row[bisect.bisect_left(self._bounds, amount)] += 1
-        row[-1] += amount
-
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
-        for label_value, row in list(self._rows.items()):
-            snapshot = list(row)  # one atomic copy: counts and sum agree
-            cumulative = itertools.accumulate(snapshot[:-1])
-            family.add_metric(
-                [label_value],
-                buckets=list(zip(self._le, (float(c) for c in cumulative), strict=True)),
-                sum_value=snapshot[-1],
-            )
-        yield family
-
-
-NameOf = Callable[[int], str]
-
-
-class _ClassCounts:
-    """Per-class counts of one output, accumulated in numpy, with bounded names.
-
-    The first ``cap`` distinct classes, in the order they were first predicted,
-    get their own ``class`` label value; later ones share ``__other__``.
-    Predictions are queued and folded in batches: one ``bincount`` per batch,
-    not one counter increment per class, nor a numpy pass per response.
-    """
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.names: list[str] = []
-        self.counts = np.zeros(cap + 1, dtype=np.int64)  # the last slot is __other__
-        self.slot_of = np.full(0, -1, dtype=np.int64)  # class index -> slot, -1 = unseen
-        self.pending: list[tuple[np.ndarray[Any, Any], NameOf]] = []
-
-    def fold(self) -> None:
-        """Count the queued predictions, in order, naming new classes as they come."""
-        i = 0
-        while i < len(self.pending):
-            # Consecutive batches share a name_of (one per rule set): fold them together.
-            name_of = self.pending[i][1]
-            j = i + 1
-            while j < len(self.pending) and self.pending[j][1] is name_of:
-                j += 1
-            run = [a for a, _ in self.pending[i:j]]
-            self._add(np.concatenate(run) if len(run) > 1 else run[0], name_of)
-            i = j
-        self.pending.clear()
-
-    def _add(self, classes: np.ndarray[Any, Any], name_of: NameOf) -> None:
-        per_class = np.bincount(classes)
-        if per_class.size > self.slot_of.size:
-            grown = np.full(per_class.size, -1, dtype=np.int64)
-            grown[: self.slot_of.size] = self.slot_of
-            self.slot_of = grown
-        present = np.flatnonzero(per_class)
-        slots = self.slot_of[present]
-        unseen = slots < 0
-        if unseen.any():
-            # Name new classes in the order they were first predicted.
-            first = np.unique(classes, return_index=True)[1]  # classes are sorted = present
-            for pos in np.flatnonzero(unseen)[np.argsort(first[unseen], kind="stable")]:
-                cls = int(present[pos])
-                if len(self.names) < self.cap:
-                    self.slot_of[cls] = len(self.names)
-                    self.names.append(name_of(cls))
-                else:
-                    self.slot_of[cls] = self.cap
-                slots[pos] = self.slot_of[cls]
-        np.add.at(self.counts, slots, per_class[present])
-
-    def samples(self) -> list[tuple[str, int]]:
-        """(class label value, count) for every class seen (fold first)."""
-        out = [(n, int(c)) for n, c in zip(self.names, self.counts, strict=False)]
-        if self.counts[self.cap]:
-            out.append((OTHER, int(self.counts[self.cap])))
-        return out
-
-
-class _PredictedClassCounter(Collector):
-    """``guard_predicted_class_total``, fed by numpy (see :class:`_ClassCounts`)."""
-
-    def __init__(self, cap: int) -> None:
-        self._cap = cap
-        self._data: dict[tuple[str, str, str], _ClassCounts] = {}
-        self._queued = _Queued()
-        self._lock = threading.Lock()
-
-    def add(
-        self,
-        labels: tuple[str, str, str],
-        classes: np.ndarray[Any, Any],
-        name_of: NameOf,
-    ) -> None:
-        """Count predictions: ``classes`` holds class indices (non-negative integers),
-        one per prediction. It must not be modified afterwards."""
-        with self._lock:
-            entry = self._data.get(labels)
-            if entry is None:
-                entry = self._data[labels] = _ClassCounts(self._cap)
-            entry.pending.append((classes, name_of))
-            if self._queued.add(classes.size):
-                self._fold()
-
-    def _fold(self) -> None:
-        for entry in self._data.values():
-            entry.fold()
-        self._queued.reset()
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            "guard_predicted_class",
-            "Predicted classes (the label, else the class index), capped per output; "
-            "later new classes count as __other__.",
-            labels=["model", "signature", "output", "class"],
-        )
-        with self._lock:
-            self._fold()
-            items = [(k, v.samples()) for k, v in self._data.items()]
-        for labels, samples in items:
-            for name, count in samples:
-                family.add_metric([*labels, name], count)
-        yield family
-
-
 class GuardMetrics:
     """All of the guard's metrics, on one registry."""
 
@@ -388,60 +77,76 @@ class GuardMetrics:
         self._versions = BoundedLabel(256)
         self._signatures = BoundedLabel(256)
         self._outputs = BoundedLabel(1024)
-        self._recorders: dict[tuple[str, str, str, str], OutputRecorder] = {}
+        # Keyed by the raw values: the label values are bounded when a recorder
+        # is made, and the cache itself is bounded in entries and key bytes.
+        self._recorders: BoundedCache[tuple[str, str, str, str], OutputRecorder] = BoundedCache(
+            _RECORDERS_MAX, max_key_bytes=_RECORDER_KEY_BYTES, weigh=lambda k: sum(map(len, k))
+        )
+        self._declare_call_metrics()
+        self._declare_output_metrics(max_class_label_values)
+        self._declare_process_metrics()
 
-        def counter(name: str, doc: str, labels: list[str]) -> Counter:
-            return Counter(name, doc, labels, registry=registry)
+    def _loop_counter(self, name: str, doc: str, labels: list[str]) -> LoopCounter:
+        family = LoopCounter(name, doc, labels)
+        self.registry.register(family)
+        return family
 
-        def loop_counter(name: str, doc: str, labels: list[str]) -> _LoopCounter:
-            family = _LoopCounter(name, doc, labels)
-            registry.register(family)
-            return family
-
-        # Counted on every RPC or output: lock-free children (see _LoopCounter).
-        self.requests = loop_counter(
+    def _declare_call_metrics(self) -> None:
+        """Counted on every call: lock-free children (see LoopCounter)."""
+        self.requests = self._loop_counter(
             "guard_requests_total", "RPCs through the guard, by gRPC status code.",
             ["model", "method", "code"],
         )  # fmt: skip
-        self.output_values = loop_counter(
-            "guard_output_values_total", "Output values checked against their valid range.",
-            ["model", "version", "signature", "output"],
+        self.upstream_duration = LatencyHistogram(
+            "guard_upstream_duration_seconds", "Time waiting for the upstream, per RPC.",
+            "method", LATENCY_BUCKETS,
         )  # fmt: skip
-        self.output_violations = loop_counter(
+        self.registry.register(self.upstream_duration)
+        self.overhead = LatencyHistogram(
+            "guard_overhead_seconds",
+            "Time spent in the guard itself per RPC (total minus the upstream wait).",
+            "method", LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.registry.register(self.overhead)
+
+    def _declare_output_metrics(self, max_class_label_values: int) -> None:
+        labels = ["model", "version", "signature", "output"]
+        self.output_values = self._loop_counter(
+            "guard_output_values_total", "Output values checked against their valid range.",
+            labels,
+        )  # fmt: skip
+        self.output_violations = self._loop_counter(
             "guard_output_violations_total",
             "Output values outside the valid range (below_min, above_max), NaN or infinite.",
-            ["model", "version", "signature", "output", "kind"],
+            [*labels, "kind"],
         )
-        self.sum_violations = loop_counter(
+        self.sum_violations = self._loop_counter(
             "guard_output_sum_violations_total",
             "Rows of a check_sum output whose sum is off 1 by more than the tolerance.",
-            ["model", "version", "signature", "output"],
+            labels,
         )
-        self.responses = loop_counter(
+        self.responses = self._loop_counter(
             "guard_responses_total",
             "Predict responses with rules applied, by what the guard did "
             "(clean, observed, clamped, rejected).",
             ["model", "version", "signature", "action"],
         )
-        self.decode_errors = counter(
+        self.output_value = OutputValueHistogram(OUTPUT_VALUE_BUCKETS)
+        self.registry.register(self.output_value)
+        self.predicted_class = PredictedClassCounter(max_class_label_values)
+        self.registry.register(self.predicted_class)
+
+    def _declare_process_metrics(self) -> None:
+        """Rarely counted: plain prometheus_client types."""
+        registry = self.registry
+        self.decode_errors = Counter(
             "guard_decode_errors_total", "Upstream responses the guard could not decode.",
-            ["model"],
+            ["model"], registry=registry,
         )  # fmt: skip
-        self.config_reloads = counter(
+        self.config_reloads = Counter(
             "guard_config_reloads_total", "Config reloads by result (success, failure).",
-            ["result"],
+            ["result"], registry=registry,
         )  # fmt: skip
-        self.upstream_duration = _LatencyHistogram(
-            "guard_upstream_duration_seconds", "Time waiting for the upstream, per RPC.",
-            "method", LATENCY_BUCKETS,
-        )  # fmt: skip
-        registry.register(self.upstream_duration)
-        self.overhead = _LatencyHistogram(
-            "guard_overhead_seconds",
-            "Time spent in the guard itself per RPC (total minus the upstream wait).",
-            "method", LATENCY_BUCKETS,
-        )  # fmt: skip
-        registry.register(self.overhead)
         self.upstream_up = Gauge(
             "guard_upstream_up", "1 while the upstream answers, else 0.", registry=registry
         )
@@ -449,10 +154,6 @@ class GuardMetrics:
             "guard_inflight_requests", "RPCs in flight through the guard.", registry=registry
         )
         """Read at scrape time from the server's own count (see :meth:`track_inflight`)."""
-        self.output_value = _OutputValueHistogram(OUTPUT_VALUE_BUCKETS)
-        registry.register(self.output_value)
-        self.predicted_class = _PredictedClassCounter(max_class_label_values)
-        registry.register(self.predicted_class)
 
     # ----------------------------------------------------------------- labels
 
@@ -486,49 +187,35 @@ class GuardMetrics:
         self.upstream_duration.observe(method, upstream_s)
         self.overhead.observe(method, overhead_s)
 
-    def record_response(self, model: str, version: str, signature: str, action: str) -> None:
-        """Count one guarded Predict response by action."""
-        self.response_counter(model, version, signature, action).inc()
-
-    def response_counter(self, model: str, version: str, signature: str, action: str) -> LoopValue:
-        """The ``guard_responses_total`` child :meth:`record_response` counts in."""
+    def response_counter(
+        self, model: str, version: str, signature: str, action: Action
+    ) -> LoopValue:
+        """The ``guard_responses_total`` child of one action."""
         version, signature = self._versions(version), self._signatures(signature)
-        return self.responses.labels(model, version, signature, action)
+        return self.responses.labels(model, version, signature, action.label)
 
-    def record_output(
-        self,
-        model: str,
-        version: str,
-        signature: str,
-        output: str,
-        result: OutputResult,
-        labels: np.ndarray[Any, Any] | None,
-    ) -> None:
-        """Record the counts, histogram and classes of one checked output."""
-        self.output_recorder(model, version, signature, output).record(result, labels)
+    def count_decode_error(self, model: str) -> None:
+        """Count one response that could not be decoded (``model`` already bounded)."""
+        self.decode_errors.labels(model).inc()
 
     def output_recorder(
         self, model: str, version: str, signature: str, output: str
     ) -> OutputRecorder:
-        """The recorder :meth:`record_output` uses for one output's series."""
-        # Keyed by the raw values: the label values are bounded when the recorder
-        # is made, and the cache itself is bounded.
-        key = (model, version, signature, output)
-        recorder = self._recorders.get(key)
-        if recorder is None:
-            if len(self._recorders) >= _RECORDERS_MAX:
-                self._recorders.clear()
-            recorder = self._recorders[key] = OutputRecorder(
+        """The recorder of one output's series."""
+        return self._recorders.get_or_make(
+            (model, version, signature, output),
+            lambda: OutputRecorder(
                 self,
                 model,
                 self._versions(version),
                 self._signatures(signature),
                 self._outputs(output),
-            )
-        return recorder
+            ),
+        )
 
 
 _RECORDERS_MAX = 4096
+_RECORDER_KEY_BYTES = 2048
 
 
 class OutputRecorder:

@@ -23,11 +23,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from guard.control.config import Config, TLSConfig
 from guard.control.files import file_identity
-from guard.dataplane import wire
+from guard.dataplane.book import RuleBook
+from guard.dataplane.codec.request import peek_model_spec
 from guard.dataplane.errors import GuardError
-from guard.dataplane.pipeline import RuleBook, guard_predict_response
+from guard.dataplane.pipeline import guard_predict_response
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server import tls
+from guard.server.status import grpc_code
 
 __all__ = ["GuardServer", "PREDICT"]
 
@@ -129,7 +131,7 @@ class GuardServer:
             raise ValueError("config.upstream must be set before the server starts")
         self.config = config
         self.metrics = metrics
-        self._book = RuleBook(config)
+        self._book = RuleBook(config.models, config.max_message_bytes)
         self._upstream = _Upstream(self._new_channel())
         self._tls_task: asyncio.Task[None] | None = None
         if server_credentials is None and config.tls is not None:
@@ -228,7 +230,7 @@ class GuardServer:
         """Install a new rule set. Requests already running keep the one they started with."""
         # Names first: the new book's plans keep the model label they resolve.
         self.metrics.set_model_names(config.model_names())
-        self._book = RuleBook(config)
+        self._book = RuleBook(config.models, config.max_message_bytes)
 
     @property
     def rules(self) -> RuleBook:
@@ -308,7 +310,7 @@ class GuardServer:
         code = "OK"  # counted when the call ends; "" once _fail has counted it
         metrics = self.metrics
         book = self._book  # one consistent rule set for the whole request
-        spec = wire.peek_model_spec(request, info.spec_path) if info.spec_path else None
+        spec = peek_model_spec(request, info.spec_path) if info.spec_path else None
         model_label = metrics.model_label(spec.name if spec else None)
         if self._inflight >= self.config.max_concurrent_rpcs:
             await self._fail(
@@ -376,7 +378,7 @@ class GuardServer:
                         context,
                         model_label,
                         info.label,
-                        exc.code,
+                        grpc_code(exc),
                         exc.details,
                         trailers + (("x-guard-action", "rejected"),),
                     )

@@ -18,18 +18,22 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from guard.control.config import parse_config
-from guard.dataplane import wire
+from guard.dataplane.book import RuleBook
+from guard.dataplane.codec.response import ModelSpecInfo
+from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.errors import DecodeError, OutputShapeError, RejectedOutputError
-from guard.dataplane.pipeline import GuardedResponse, RuleBook, guard_predict_response
+from guard.dataplane.kernels import Kernels
+from guard.dataplane.pipeline import GuardedResponse, guard_predict_response
+from guard.dataplane.results import Action
 from guard.metrics.guard_metrics import GuardMetrics
 
-TYPED, CONTENT = wire.Encoding.TYPED, wire.Encoding.CONTENT
+TYPED, CONTENT = Encoding.TYPED, Encoding.CONTENT
 VALUE_FIELD = {np.float16: "half_val", np.float32: "float_val", np.float64: "double_val"}
 DTYPE_ENUM = {np.float16: types_pb2.DT_HALF, np.float32: types_pb2.DT_FLOAT}
 DTYPE_ENUM[np.float64] = types_pb2.DT_DOUBLE
 
 
-def tensor(values: Any, encoding: wire.Encoding = TYPED, dtype: Any = np.float32) -> Any:
+def tensor(values: Any, encoding: Encoding = TYPED, dtype: Any = np.float32) -> Any:
     """An official TensorProto in the given encoding."""
     array = np.asarray(values, dtype=dtype)
     t = tensor_pb2.TensorProto(
@@ -67,17 +71,17 @@ def response(
 class Guard:
     """A RuleBook and GuardMetrics on a fresh registry, from a config dict."""
 
-    def __init__(self, models: list[dict[str, Any]], **top: Any) -> None:
+    def __init__(
+        self, models: list[dict[str, Any]], kernels: Kernels | None = None, **top: Any
+    ) -> None:
         self.config = parse_config({"models": models, **top})
-        self.book = RuleBook(self.config)
+        self.book = RuleBook(self.config.models, self.config.max_message_bytes, kernels)
         self.registry = CollectorRegistry()
         self.metrics = GuardMetrics(
             self.registry, self.config.model_names(), self.config.max_class_label_values
         )
 
-    def __call__(
-        self, body: bytes, request: wire.ModelSpecInfo | None = None
-    ) -> GuardedResponse | None:
+    def __call__(self, body: bytes, request: ModelSpecInfo | None = None) -> GuardedResponse | None:
         return guard_predict_response(body, request, self.book, self.metrics)
 
     def sample(self, name: str, **labels: str) -> float | None:
@@ -122,7 +126,7 @@ def test_observe_without_derivation_is_byte_identical(values: Any) -> None:
     result = guard(body)
     assert result is not None
     assert result.body is body
-    assert result.action == ("observed" if values is LEAKY else "clean")
+    assert result.action == (Action.OBSERVED if values is LEAKY else Action.CLEAN)
 
 
 def test_non_float_outputs_are_untouched() -> None:
@@ -142,7 +146,7 @@ def test_output_filtered_away_is_skipped_silently() -> None:
     guard = Guard(wide_deep({"name": "missing", "on_violation": "reject", "argmax": True}))
     body = response({"present": tensor(LEAKY)})
     result = guard(body)
-    assert result is not None and result.body is body and result.action == "clean"
+    assert result is not None and result.body is body and result.action == Action.CLEAN
     assert (
         guard.sample(
             "guard_output_values_total",
@@ -245,7 +249,7 @@ def test_exact_model_beats_wildcard_model() -> None:
         ]
     )
     result = guard(response({"p": tensor(LEAKY)}))
-    assert result is not None and result.action == "clamped"
+    assert result is not None and result.action == Action.CLAMPED
     with pytest.raises(RejectedOutputError):
         guard(response({"p": tensor(LEAKY)}, model="other"))
 
@@ -265,7 +269,7 @@ def test_exact_signature_beats_wildcard_signature() -> None:
             },
         ]
     )
-    assert guard(response({"p": tensor(LEAKY)})).action == "clamped"  # type: ignore[union-attr]
+    assert guard(response({"p": tensor(LEAKY)})).action == Action.CLAMPED  # type: ignore[union-attr]
     with pytest.raises(RejectedOutputError):
         guard(response({"p": tensor(LEAKY)}, signature="predict_raw"))
 
@@ -274,7 +278,7 @@ def test_exact_output_beats_wildcard_output() -> None:
     guard = Guard(
         wide_deep({"name": "*", "on_violation": "reject"}, {"name": "p", "on_violation": "clamp"})
     )
-    assert guard(response({"p": tensor(LEAKY)})).action == "clamped"  # type: ignore[union-attr]
+    assert guard(response({"p": tensor(LEAKY)})).action == Action.CLAMPED  # type: ignore[union-attr]
     with pytest.raises(RejectedOutputError):
         guard(response({"q": tensor(LEAKY)}))
 
@@ -286,14 +290,14 @@ def test_less_specific_level_applies_when_specific_one_has_no_rule_for_output() 
             {"name": "wide_deep", "outputs": [{"name": "other", "on_violation": "reject"}]},
         ]
     )
-    assert guard(response({"p": tensor(LEAKY)})).action == "clamped"  # type: ignore[union-attr]
+    assert guard(response({"p": tensor(LEAKY)})).action == Action.CLAMPED  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("sent", ["", "serving_default"])
 def test_empty_signature_means_serving_default(sent: str) -> None:
     guard = Guard(wide_deep({"name": "*", "on_violation": "clamp"}, signature=""))
     result = guard(response({"p": tensor(LEAKY)}, signature=sent))
-    assert result is not None and result.action == "clamped"
+    assert result is not None and result.action == Action.CLAMPED
     assert guard(response({"p": tensor(LEAKY)}, signature="other")) is None
     assert (
         guard.sample(
@@ -310,8 +314,8 @@ def test_empty_signature_means_serving_default(sent: str) -> None:
 def test_request_spec_names_the_model_when_the_response_does_not() -> None:
     guard = Guard(wide_deep({"name": "*", "on_violation": "clamp"}, signature="sig"))
     body = response({"p": tensor(LEAKY)}, model="", version=None, signature="")
-    result = guard(body, wire.ModelSpecInfo("wide_deep", "sig", None))
-    assert result is not None and result.action == "clamped"
+    result = guard(body, ModelSpecInfo("wide_deep", "sig", None))
+    assert result is not None and result.action == Action.CLAMPED
     assert (
         guard.sample(
             "guard_responses_total",
@@ -344,7 +348,7 @@ def test_reject_raises_with_details_and_is_counted() -> None:
 def test_undecodable_response_is_counted() -> None:
     guard = Guard(wide_deep({"name": "*"}))
     with pytest.raises(DecodeError, match="cannot decode PredictResponse from upstream"):
-        guard(b"\x0a\x05ab", wire.ModelSpecInfo("wide_deep", "", None))
+        guard(b"\x0a\x05ab", ModelSpecInfo("wide_deep", "", None))
     assert guard.sample("guard_decode_errors_total", model="wide_deep") == 1.0
 
     bad = tensor([[0.5, 0.5]], CONTENT)
@@ -383,7 +387,7 @@ def test_worst_action_wins_across_outputs() -> None:
         wide_deep({"name": "a", "on_violation": "observe"}, {"name": "b", "on_violation": "clamp"})
     )
     result = guard(response({"a": tensor([2.0]), "b": tensor([3.0, 4.0])}))
-    assert result is not None and result.action == "clamped" and result.violations == 3
+    assert result is not None and result.action == Action.CLAMPED and result.violations == 3
     back = parsed(result)
     assert list(back.outputs["a"].float_val) == [2.0]  # observe leaves its own output alone
     assert list(back.outputs["b"].float_val) == [1.0, 1.0]
@@ -490,7 +494,7 @@ def test_queued_metrics_fold_at_their_bound_and_match_a_plain_count(
 ) -> None:
     # The histogram and the class counter queue arrays and fold them in batches.
     # With a tiny bound they fold mid-stream; the totals must equal a plain count.
-    from guard.metrics import guard_metrics as metrics_module
+    from guard.metrics import collectors as metrics_module
 
     monkeypatch.setattr(metrics_module, "PENDING_VALUES_MAX", 7)
     monkeypatch.setattr(metrics_module, "PENDING_ARRAYS_MAX", 2)
@@ -551,7 +555,7 @@ def test_unpacked_values_next_to_a_malformed_packed_field_are_a_decode_error() -
     body = b"\x0a" + bytes([len(entry)]) + entry
     guard = Guard(wide_deep({"name": "*"}))
     with pytest.raises(DecodeError):
-        guard(body, wire.ModelSpecInfo("wide_deep", "", None))
+        guard(body, ModelSpecInfo("wide_deep", "", None))
 
 
 def test_a_signalling_nan_among_mixed_dtypes_is_skipped_without_a_warning() -> None:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from guard.control.config import OutputRule, parse_config
 from guard.dataplane.errors import ConfigError, GuardError, LabelMismatchError, OutputShapeError
+from guard.dataplane.results import Action
 from guard.dataplane.rules import Counts, OutputResult, apply_rule, label_table
 
 FLOATS = [np.float16, np.float32, np.float64]
@@ -42,7 +43,7 @@ def test_sigmoid_matches_tensorflow(dtype: Any) -> None:
     expected = tf.math.sigmoid(x).numpy()
     np.testing.assert_allclose(result.values, expected, rtol=1e-6, atol=0)
     assert result.values.dtype == dtype
-    assert result.changed and result.action == "clean"
+    assert result.changed and result.action == Action.CLEAN
     np.testing.assert_array_equal(result.checked, result.values)
 
 
@@ -54,7 +55,7 @@ def test_softmax_over_last_axis_matches_tensorflow(dtype: Any, shape: tuple[int,
     expected = tf.nn.softmax(x, axis=-1).numpy()
     # TF flushes subnormals to zero; numpy keeps them.
     np.testing.assert_allclose(result.values, expected, rtol=1e-5, atol=1e-30)
-    assert result.counts.bad_rows == 0 and result.action == "clean"
+    assert result.counts.bad_rows == 0 and result.action == Action.CLEAN
 
 
 def test_sigmoid_float16_is_computed_wide_and_kept_half() -> None:
@@ -68,7 +69,7 @@ def test_sigmoid_float16_is_computed_wide_and_kept_half() -> None:
 def test_no_activation_returns_the_input_unchanged() -> None:
     x = np.array([0.1, 0.9], dtype=np.float32)
     result = run(x)
-    assert result.values is x and not result.changed and result.action == "clean"
+    assert result.values is x and not result.changed and result.action == Action.CLEAN
 
 
 # ---------------------------------------------------------------- validation
@@ -79,7 +80,7 @@ def test_each_violation_kind_is_counted_once() -> None:
     result = run(x)
     assert result.counts == Counts(values=9, below_min=1, above_max=2, nan=1, inf=2)
     assert result.counts.violating_values == 6 and result.counts.total == 6
-    assert result.action == "observed"
+    assert result.action == Action.OBSERVED
     assert result.values is x and not result.changed  # observe leaves it alone
 
 
@@ -97,7 +98,7 @@ def test_check_sum_counts_rows_off_by_more_than_tolerance() -> None:
     assert result.counts.nan == 1
     assert result.counts.total == 4
     loose = run(x[:3], check_sum=True, sum_tolerance=0.01)
-    assert loose.counts.bad_rows == 0 and loose.action == "clean"
+    assert loose.counts.bad_rows == 0 and loose.action == Action.CLEAN
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 1e-3, 1e-2, 0.3, 1.0])
@@ -127,7 +128,7 @@ def test_check_sum_on_one_value_per_row() -> None:
 def test_observe_keeps_values_and_still_derives() -> None:
     x = np.array([[0.2, 1.3], [0.9, 0.1]], dtype=np.float32)
     result = run(x, argmax=True)
-    assert result.action == "observed" and result.values is x
+    assert result.action == Action.OBSERVED and result.values is x
     np.testing.assert_array_equal(derived(result)["_class"], [1, 0])
     np.testing.assert_array_equal(derived(result)["_score"], np.array([1.3, 0.9], np.float32))
 
@@ -135,7 +136,7 @@ def test_observe_keeps_values_and_still_derives() -> None:
 def test_clamp_clips_and_sends_inf_to_bounds() -> None:
     x = np.array([-0.5, 0.25, 1.0028, np.inf, -np.inf], dtype=np.float32)
     result = run(x, on_violation="clamp")
-    assert result.action == "clamped" and result.changed
+    assert result.action == Action.CLAMPED and result.changed
     np.testing.assert_array_equal(result.values, np.array([0, 0.25, 1, 1, 0], np.float32))
     np.testing.assert_array_equal(x[2], np.float32(1.0028))  # the input is not modified
     np.testing.assert_array_equal(result.checked[2], np.float32(1.0028))  # metrics see the raw
@@ -144,7 +145,7 @@ def test_clamp_clips_and_sends_inf_to_bounds() -> None:
 def test_clamp_renormalises_only_bad_rows() -> None:
     x = np.array([[0.5, 0.5], [0.6, 0.6], [0.0, 0.0], [1.2, -0.1], [0.5, 0.5004]])
     result = run(x, on_violation="clamp", check_sum=True)
-    assert result.action == "clamped"
+    assert result.action == Action.CLAMPED
     np.testing.assert_allclose(
         result.values, [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [1.0, 0.0], [0.5, 0.5004]]
     )
@@ -157,7 +158,7 @@ def test_clamp_renormalises_only_bad_rows() -> None:
 def test_clamp_cannot_repair_nan() -> None:
     x = np.array([0.5, np.nan, 1.5], dtype=np.float32)
     result = run(x, on_violation="clamp")
-    assert result.action == "rejected"
+    assert result.action == Action.REJECTED
     assert result.rejection is not None
     assert result.rejection.startswith("guard: model 'wide_deep' output 'output_1': 1 NaN")
     assert result.values is x and not result.changed
@@ -167,7 +168,7 @@ def test_clamp_cannot_repair_nan() -> None:
 def test_reject_message_names_model_output_and_counts() -> None:
     x = np.array([1.1, 1.2, 1.3, 1.4, 1.5, 0.5], dtype=np.float32)
     result = run(x, on_violation="reject", argmax=True)
-    assert result.action == "rejected"
+    assert result.action == Action.REJECTED
     assert result.rejection == "guard: model 'wide_deep' output 'output_1': 5 values above 1.0"
     assert result.derived == [] and not result.changed
 
@@ -183,7 +184,7 @@ def test_reject_message_lists_every_kind() -> None:
 
 def test_reject_with_clean_values_is_clean() -> None:
     result = run(np.array([0.0, 1.0, 0.5], np.float32), on_violation="reject")
-    assert result.action == "clean" and result.rejection is None
+    assert result.action == Action.CLEAN and result.rejection is None
 
 
 # ------------------------------------------------------------------- derive
@@ -335,8 +336,8 @@ def test_clamp_float16_with_bounds_beyond_half_range() -> None:
 def test_clamp_with_open_upper_bound_and_check_sum_gives_no_nan() -> None:
     x = np.array([[np.inf, 0.5]], dtype=np.float32)
     result = run(x, valid_range=(0.0, float("inf")), check_sum=True, on_violation="clamp")
-    assert result.action in ("clamped", "rejected")
-    if result.action == "clamped":
+    assert result.action in (Action.CLAMPED, Action.REJECTED)
+    if result.action == Action.CLAMPED:
         assert not np.isnan(result.values).any()
 
 
@@ -455,16 +456,16 @@ def test_rule_engine_properties(data: st.DataObject) -> None:
     # The action follows from the counts and the policy.
     assert result.values.shape == values.shape and result.values.dtype == values.dtype
     if c.total == 0:
-        assert result.action == "clean"
+        assert result.action == Action.CLEAN
     elif rule.on_violation == "observe":
-        assert result.action == "observed"
+        assert result.action == Action.OBSERVED
     elif rule.on_violation == "reject" or c.nan:
-        assert result.action == "rejected"
+        assert result.action == Action.REJECTED
         assert result.rejection and result.rejection.startswith("guard: model 'm' output 'o': ")
         assert result.derived == []
         return
     else:
-        assert result.action == "clamped"
+        assert result.action == Action.CLAMPED
         lo, hi = rule.valid_range
         out = result.values.astype(np.float64)
         assert not np.isnan(out).any()
@@ -473,7 +474,7 @@ def test_rule_engine_properties(data: st.DataObject) -> None:
         if rule.check_sum and values.dtype != np.float16 and values.ndim:
             sums = out.reshape(-1, classes).sum(axis=1)
             assert (np.abs(sums - 1) <= rule.sum_tolerance + 1e-6).all()
-    if rule.activation == "none" and result.action != "clamped":
+    if rule.activation == "none" and result.action != Action.CLAMPED:
         assert result.values is values and not result.changed
 
     # Derived outputs have the right shapes and dtypes.
@@ -539,7 +540,7 @@ def test_threshold_list_on_scalar_keeps_the_shape() -> None:
 
 def test_clamp_renormalises_a_rank_zero_output() -> None:
     result = run(np.array(0.0, np.float32), check_sum=True, on_violation="clamp")
-    assert result.action == "clamped"
+    assert result.action == Action.CLAMPED
     assert float(result.values) == 1.0
 
 

@@ -21,11 +21,15 @@ from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from guard.control.config import parse_config
-from guard.dataplane import wire
+from guard.dataplane.book import RuleBook
+from guard.dataplane.codec.response import read_predict_response
+from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.errors import GuardError
-from guard.dataplane.pipeline import RuleBook, guard_predict_response
+from guard.dataplane.kernels import REFERENCE
+from guard.dataplane.pipeline import guard_predict_response
+from guard.dataplane.results import Action
 from guard.metrics.guard_metrics import GuardMetrics
-from tests.native import walk_agrees_with_protobuf, without_walk
+from tests.native import native, walk_agrees_with_protobuf
 
 DT = types_pb2.DataType
 DTYPES = (DT.DT_FLOAT, DT.DT_DOUBLE, DT.DT_HALF, DT.DT_INT64, DT.DT_STRING, DT.DT_INT32, DT.DT_BOOL)
@@ -102,8 +106,7 @@ def agrees_with_tensorflow(body: bytes) -> bool:
     if not walk_agrees_with_protobuf(body):
         return False
     official = predict_pb2.PredictResponse.FromString(body)
-    assert wire._walk is not None
-    walked = wire._walk.walk_predict_response(body)
+    walked = native().walk(body)
     assert walked is not None
     for name, dtype, shape, *_ in walked[1]:
         tensor = official.outputs[name]
@@ -172,7 +175,7 @@ FLOATS = b"\x08\x01" + b"\x12\x04\x12\x02\x08\x02" + b"\x2a\x08" + np.ones(2, "<
 def test_the_walker_is_built_by_the_install() -> None:
     # As for guard.dataplane._rank: an install without a compiler works, but this suite
     # must exercise both paths.
-    assert wire.NATIVE_WALK
+    assert native().name == "native"
 
 
 def test_a_tensor_like_tf_serving_writes_is_taken() -> None:
@@ -207,8 +210,7 @@ def test_a_tensor_like_tf_serving_writes_is_taken() -> None:
     ],
 )
 def test_the_walker_declines_what_it_does_not_read(what: str, body: bytes) -> None:
-    assert wire._walk is not None
-    assert wire._walk.walk_predict_response(body) is None, what
+    assert native().walk(body) is None, what
 
 
 def test_values_at_an_odd_offset_come_back_aligned_and_equal() -> None:
@@ -219,29 +221,30 @@ def test_values_at_an_odd_offset_come_back_aligned_and_equal() -> None:
     for name in ("o", "ou", "out", "outp"):  # moves the values one byte at a time
         response = predict_pb2.PredictResponse()
         response.outputs[name].CopyFrom(tensor)
-        read = wire.read_predict_response(response.SerializeToString())
+        data = response.SerializeToString()
+        read = read_predict_response(data, native().walk(data))
         decoded = read.decode(name, 1 << 20)
         assert decoded is not None
         array, encoding = decoded
-        assert array.flags.aligned and encoding is wire.Encoding.TYPED
+        assert array.flags.aligned and encoding is Encoding.TYPED
         np.testing.assert_array_equal(array, values)
 
 
-_BOOK = RuleBook(
-    parse_config(
-        {
-            "models": [
-                {
-                    "name": "*",
-                    "outputs": [
-                        {"name": "*", "on_violation": "clamp", "check_sum": True, "top_k": 2},
-                    ],
-                }
-            ]
-        },
-        source="<test_walk>",
-    )
+_CONFIG = parse_config(
+    {
+        "models": [
+            {
+                "name": "*",
+                "outputs": [
+                    {"name": "*", "on_violation": "clamp", "check_sum": True, "top_k": 2},
+                ],
+            }
+        ]
+    },
+    source="<test_walk>",
 )
+_BOOK = RuleBook(_CONFIG.models, _CONFIG.max_message_bytes, native())
+_REFERENCE_BOOK = RuleBook(_CONFIG.models, _CONFIG.max_message_bytes, REFERENCE)
 
 
 def _guard(body: bytes, book: RuleBook = _BOOK) -> Any:
@@ -260,9 +263,7 @@ def test_guarded_responses_do_not_depend_on_the_walker(
 ) -> None:
     body = case[0].SerializeToString()
     for data in (body, mutate(body, changes)):
-        walked = _guard(data)
-        with without_walk():
-            assert _guard(data) == walked
+        assert _guard(data, _REFERENCE_BOOK) == _guard(data)
 
 
 def _small_responses() -> list[bytes]:
@@ -331,20 +332,19 @@ def _softmax_response(values: list[float], shape: tuple[int, ...], name: str = "
 )
 def test_each_layout_guards_as_without_the_walker(values: list[float], shape: tuple[int]) -> None:
     body = _softmax_response(values, shape)
-    assert wire.walk_predict_response(body) is not None
+    assert native().walk(body) is not None
     for _ in range(3):  # the plan is made on the first response, then reused
         walked = _guard(body)
-        with without_walk():
-            assert _guard(body) == walked
+        assert _guard(body, _REFERENCE_BOOK) == walked
 
 
 def test_plans_are_kept_for_small_layouts_only() -> None:
-    book = RuleBook(_BOOK.config)
+    book = RuleBook(_CONFIG.models, _CONFIG.max_message_bytes, native())
     clean = [0.25, 0.75, 0.5, 0.5]
     for name, kept in (("p" * 2000, 0), ("probs", 1)):
         body = _softmax_response(clean, (2, 2), name)
         guarded = _guard(body, book)
-        assert guarded[1] == "clean"
-        with without_walk():
-            assert _guard(body, RuleBook(_BOOK.config)) == guarded
-        assert len(book._plans) == kept  # a long name is guarded, but not kept as a key
+        assert guarded[1] == Action.CLEAN
+        reference = RuleBook(_CONFIG.models, _CONFIG.max_message_bytes, REFERENCE)
+        assert _guard(body, reference) == guarded
+        assert len(book.plans) == kept  # a long name is guarded, but not kept as a key

@@ -2,7 +2,7 @@
 
 Every tensor here is built with the official classes (or, for encodings the
 official serializer never writes, by hand and checked to parse identically with
-the official classes), passed through :mod:`guard.dataplane.wire`, and read back with the
+the official classes), passed through :mod:`guard.dataplane.codec`, and read back with the
 official classes and ``tf.make_ndarray``.
 """
 
@@ -25,7 +25,15 @@ from tensorflow_serving.apis import (
     predict_pb2,
 )
 
-from guard.dataplane import wire
+from guard.dataplane.codec import varint
+from guard.dataplane.codec.request import peek_model_spec
+from guard.dataplane.codec.response import (
+    ModelSpecInfo,
+    parse_predict_response,
+    read_predict_response,
+)
+from guard.dataplane.codec.tensor import Encoding, decode_tensor, encode_output, set_tensor
+from guard.dataplane.codec.views import PredictResponseView, TensorView
 from guard.dataplane.errors import DecodeError, GuardError
 from tests.fuzz.fuzz_wire import one_input, seeds
 
@@ -49,7 +57,7 @@ def shape_proto(shape: tuple[int, ...]) -> tensor_shape_pb2.TensorShapeProto:
 
 def official(
     array: np.ndarray[Any, Any],
-    encoding: wire.Encoding,
+    encoding: Encoding,
     values: np.ndarray[Any, Any] | None = None,
 ) -> tensor_pb2.TensorProto:
     """A float TensorProto built with TF's classes.
@@ -59,7 +67,7 @@ def official(
     t = tensor_pb2.TensorProto(
         dtype=types_pb2.DataType.Value(DT_OF[array.dtype]), tensor_shape=shape_proto(array.shape)
     )
-    if encoding is wire.Encoding.CONTENT:
+    if encoding is Encoding.CONTENT:
         t.tensor_content = array.tobytes()
         return t
     flat = (array if values is None else values).ravel()
@@ -74,12 +82,12 @@ def official(
 
 def key(number: int, wire_type: int) -> bytes:
     """A protobuf field key (as a varint)."""
-    return wire.encode_varints(np.array([(number << 3) | wire_type]))
+    return varint.encode_packed(np.array([(number << 3) | wire_type]))
 
 
 def length_delimited(number: int, payload: bytes) -> bytes:
     """One length-delimited field."""
-    return key(number, 2) + wire.encode_varints(np.array([len(payload)])) + payload
+    return key(number, 2) + varint.encode_packed(np.array([len(payload)])) + payload
 
 
 def unpacked_tensor_bytes(array: np.ndarray[Any, Any]) -> bytes:
@@ -95,7 +103,7 @@ def unpacked_tensor_bytes(array: np.ndarray[Any, Any]) -> bytes:
     flat = array.ravel()
     if array.dtype == np.float16:
         body = b"".join(
-            key(number, 0) + wire.encode_varints(np.array([v])) for v in flat.view(np.uint16)
+            key(number, 0) + varint.encode_packed(np.array([v])) for v in flat.view(np.uint16)
         )
     elif array.dtype == np.float32:
         body = b"".join(key(number, 5) + struct.pack("<f", v) for v in flat)
@@ -106,7 +114,7 @@ def unpacked_tensor_bytes(array: np.ndarray[Any, Any]) -> bytes:
 
 def view_of(data: bytes) -> Any:
     """The guard's TensorProto view of serialized tensor bytes."""
-    return wire.TensorView.FromString(data)
+    return TensorView.FromString(data)
 
 
 def truth(data: bytes) -> np.ndarray[Any, Any]:
@@ -122,24 +130,24 @@ def same_bits(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> None:
     np.testing.assert_array_equal(a.view(u), b.view(u))
 
 
-def decode_bytes(data: bytes) -> tuple[np.ndarray[Any, Any], wire.Encoding]:
-    decoded = wire.decode_tensor(view_of(data), LIMIT)
+def decode_bytes(data: bytes) -> tuple[np.ndarray[Any, Any], Encoding]:
+    decoded = decode_tensor(view_of(data), LIMIT)
     assert decoded is not None
     return decoded
 
 
 def roundtrip(
-    array: np.ndarray[Any, Any], encoding: wire.Encoding
+    array: np.ndarray[Any, Any], encoding: Encoding
 ) -> tuple[tensor_pb2.TensorProto, np.ndarray[Any, Any]]:
     """set_tensor on a fresh view, read back by TF."""
-    view = wire.TensorView()
-    wire.set_tensor(view, array, encoding)
+    view = TensorView()
+    set_tensor(view, array, encoding)
     back = tensor_pb2.TensorProto.FromString(view.SerializeToString())
     return back, tf.make_ndarray(back)
 
 
 FLOATS = [np.float16, np.float32, np.float64]
-ENCODINGS = [wire.Encoding.TYPED, wire.Encoding.CONTENT]
+ENCODINGS = [Encoding.TYPED, Encoding.CONTENT]
 SHAPES = [(), (3,), (3, 1), (2, 4), (2, 3, 4)]
 
 
@@ -155,7 +163,7 @@ def sample(shape: tuple[int, ...], dtype: Any, seed: int = 0) -> np.ndarray[Any,
 @pytest.mark.parametrize("encoding", ENCODINGS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_decode_matches_make_ndarray(
-    dtype: Any, encoding: wire.Encoding, shape: tuple[int, ...]
+    dtype: Any, encoding: Encoding, shape: tuple[int, ...]
 ) -> None:
     array = sample(shape, dtype)
     data = official(array, encoding).SerializeToString()
@@ -167,7 +175,7 @@ def test_decode_matches_make_ndarray(
 
 def test_typed_fields_are_packed_runs_read_zero_copy() -> None:
     array = np.linspace(0, 1, 201, dtype=np.float32).reshape(1, 201)
-    data = official(array, wire.Encoding.TYPED).SerializeToString()
+    data = official(array, Encoding.TYPED).SerializeToString()
     view = view_of(data)
     assert len(view.float_val) == 1  # one packed run, handed over as bytes
     decoded, _ = decode_bytes(data)
@@ -183,10 +191,10 @@ def test_fill_convention(dtype: Any, shape: tuple[int, ...], given: int) -> None
     """Fewer typed values than elements: the last repeats; none: zeros (as TF reads it)."""
     full = sample(shape, dtype, seed=given)
     values = full.ravel()[:given]
-    data = official(full, wire.Encoding.TYPED, values=values).SerializeToString()
+    data = official(full, Encoding.TYPED, values=values).SerializeToString()
     expected = truth(data)
     decoded, encoding = decode_bytes(data)
-    assert encoding is wire.Encoding.TYPED
+    assert encoding is Encoding.TYPED
     same_bits(decoded, expected)
     if given:
         assert np.all(decoded.ravel()[given - 1 :] == values[-1])
@@ -201,7 +209,7 @@ def test_unpacked_values_decode_like_tf(dtype: Any, shape: tuple[int, ...]) -> N
     data = unpacked_tensor_bytes(array)
     same_bits(truth(data), array)  # the hand-built bytes are what we think they are
     decoded, encoding = decode_bytes(data)
-    assert encoding is wire.Encoding.TYPED
+    assert encoding is Encoding.TYPED
     same_bits(decoded, array)
 
 
@@ -209,10 +217,10 @@ def test_unpacked_values_decode_like_tf(dtype: Any, shape: tuple[int, ...]) -> N
 def test_set_tensor_after_unpacked_writes_each_value_once(dtype: Any) -> None:
     array = sample((2, 3), dtype, seed=4)
     view = view_of(unpacked_tensor_bytes(array))
-    decoded, encoding = wire.decode_tensor(view, LIMIT) or (None, None)
+    decoded, encoding = decode_tensor(view, LIMIT) or (None, None)
     assert decoded is not None and encoding is not None
     repaired = np.clip(decoded, -1, 1).astype(dtype)
-    wire.set_tensor(view, repaired, encoding)
+    set_tensor(view, repaired, encoding)
     back = tensor_pb2.TensorProto.FromString(view.SerializeToString())
     field = {np.float16: "half_val", np.float32: "float_val", np.float64: "double_val"}[dtype]
     assert len(getattr(back, field)) == repaired.size  # no stale unpacked copies
@@ -221,7 +229,7 @@ def test_set_tensor_after_unpacked_writes_each_value_once(dtype: Any) -> None:
 
 def test_packed_and_unpacked_mixed_in_one_tensor() -> None:
     first = np.array([0.25, 0.5], dtype=np.float32)
-    data = official(np.zeros(4, np.float32), wire.Encoding.TYPED, values=first).SerializeToString()
+    data = official(np.zeros(4, np.float32), Encoding.TYPED, values=first).SerializeToString()
     data += key(5, 5) + struct.pack("<f", 0.75) + key(5, 5) + struct.pack("<f", 1.0)
     expected = truth(data)
     np.testing.assert_array_equal(expected, [0.25, 0.5, 0.75, 1.0])
@@ -232,7 +240,7 @@ def test_packed_and_unpacked_mixed_in_one_tensor() -> None:
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_multiple_packed_chunks_concatenate(dtype: Any) -> None:
     array = sample((2, 4), dtype, seed=5)
-    head = official(array, wire.Encoding.TYPED, values=array.ravel()[:3]).SerializeToString()
+    head = official(array, Encoding.TYPED, values=array.ravel()[:3]).SerializeToString()
     rest = tensor_pb2.TensorProto()
     flat = array.ravel()[3:]
     if dtype == np.float16:
@@ -244,10 +252,10 @@ def test_multiple_packed_chunks_concatenate(dtype: Any) -> None:
     data = head + rest.SerializeToString()  # two packed runs of one field
     same_bits(truth(data), array)
     view = view_of(data)
-    decoded, _ = wire.decode_tensor(view, LIMIT) or (None, None)
+    decoded, _ = decode_tensor(view, LIMIT) or (None, None)
     assert decoded is not None
     same_bits(decoded, array)
-    wire.set_tensor(view, decoded * 2, wire.Encoding.TYPED)
+    set_tensor(view, decoded * 2, Encoding.TYPED)
     same_bits(truth(view.SerializeToString()), decoded * 2)
 
 
@@ -268,7 +276,7 @@ def test_non_float_dtypes_are_not_decoded(dtype: int) -> None:
         t.string_val.extend([b"a", b"b"])
     else:
         t.tensor_content = b"\x01" * 16
-    assert wire.decode_tensor(view_of(t.SerializeToString()), LIMIT) is None
+    assert decode_tensor(view_of(t.SerializeToString()), LIMIT) is None
 
 
 # ------------------------------------------------------------------ encoding
@@ -277,15 +285,13 @@ def test_non_float_dtypes_are_not_decoded(dtype: int) -> None:
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("encoding", ENCODINGS)
 @pytest.mark.parametrize("shape", SHAPES + [(0,), (0, 3)])
-def test_set_tensor_float_roundtrip(
-    dtype: Any, encoding: wire.Encoding, shape: tuple[int, ...]
-) -> None:
+def test_set_tensor_float_roundtrip(dtype: Any, encoding: Encoding, shape: tuple[int, ...]) -> None:
     array = sample(shape, dtype, seed=6)
     back, read = roundtrip(array, encoding)
     assert back.dtype == types_pb2.DataType.Value(DT_OF[np.dtype(dtype)])
     same_bits(read, array)
     field = {np.float16: "half_val", np.float32: "float_val", np.float64: "double_val"}[dtype]
-    if encoding is wire.Encoding.CONTENT:
+    if encoding is Encoding.CONTENT:
         assert len(getattr(back, field)) == 0
         assert len(back.tensor_content) == array.nbytes
     else:
@@ -295,20 +301,20 @@ def test_set_tensor_float_roundtrip(
 
 def test_set_tensor_switching_encoding_clears_the_other() -> None:
     array = sample((2, 3), np.float32)
-    view = view_of(official(array, wire.Encoding.CONTENT).SerializeToString())
-    wire.set_tensor(view, array + 1, wire.Encoding.TYPED)
+    view = view_of(official(array, Encoding.CONTENT).SerializeToString())
+    set_tensor(view, array + 1, Encoding.TYPED)
     back = tensor_pb2.TensorProto.FromString(view.SerializeToString())
     assert back.tensor_content == b"" and len(back.float_val) == 6
-    wire.set_tensor(view, array + 2, wire.Encoding.CONTENT)
+    set_tensor(view, array + 2, Encoding.CONTENT)
     back = tensor_pb2.TensorProto.FromString(view.SerializeToString())
     assert len(back.float_val) == 0
     same_bits(tf.make_ndarray(back), array + 2)
 
 
 def test_set_tensor_changes_shape() -> None:
-    view = view_of(official(sample((2, 3), np.float32), wire.Encoding.TYPED).SerializeToString())
+    view = view_of(official(sample((2, 3), np.float32), Encoding.TYPED).SerializeToString())
     smaller = np.array([1.5, 2.5], dtype=np.float32)
-    wire.set_tensor(view, smaller, wire.Encoding.TYPED)
+    set_tensor(view, smaller, Encoding.TYPED)
     back = tensor_pb2.TensorProto.FromString(view.SerializeToString())
     assert [d.size for d in back.tensor_shape.dim] == [2]
     same_bits(tf.make_ndarray(back), smaller)
@@ -318,7 +324,7 @@ def test_set_tensor_changes_shape() -> None:
 def test_set_tensor_int64_typed_uses_int64_val(shape: tuple[int, ...]) -> None:
     edge = [0, 1, -1, 2**63 - 1, -(2**63), 127, 128, 300, -300]
     array = np.resize(np.array(edge, dtype=np.int64), shape)
-    back, read = roundtrip(array, wire.Encoding.TYPED)
+    back, read = roundtrip(array, Encoding.TYPED)
     assert back.dtype == types_pb2.DT_INT64
     assert back.tensor_content == b""
     assert list(back.int64_val) == array.ravel().tolist()
@@ -328,7 +334,7 @@ def test_set_tensor_int64_typed_uses_int64_val(shape: tuple[int, ...]) -> None:
 
 def test_set_tensor_int64_content_uses_tensor_content() -> None:
     array = np.array([[0, 1, 2], [-1, 2**63 - 1, -(2**63)]], dtype=np.int64)
-    back, read = roundtrip(array, wire.Encoding.CONTENT)
+    back, read = roundtrip(array, Encoding.CONTENT)
     assert back.dtype == types_pb2.DT_INT64
     assert len(back.int64_val) == 0
     assert back.tensor_content == array.tobytes()
@@ -336,7 +342,7 @@ def test_set_tensor_int64_content_uses_tensor_content() -> None:
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_set_tensor_strings_always_use_string_val(encoding: wire.Encoding) -> None:
+def test_set_tensor_strings_always_use_string_val(encoding: Encoding) -> None:
     labels = np.empty((2, 2), dtype=object)
     labels[:] = [[b"NO", b"YES"], ["caf\u00e9".encode(), b""]]
     back, read = roundtrip(labels, encoding)
@@ -364,19 +370,19 @@ ENTRY_ARRAYS = [
 @pytest.mark.parametrize("encoding", ENCODINGS)
 @pytest.mark.parametrize("array", ENTRY_ARRAYS, ids=lambda a: f"{a.dtype}{list(a.shape)}")
 def test_encode_output_is_the_map_entry_the_official_classes_read(
-    array: np.ndarray[Any, Any], encoding: wire.Encoding
+    array: np.ndarray[Any, Any], encoding: Encoding
 ) -> None:
     """encode_output's bytes, appended to a response, add one output: the same
     tensor set_tensor writes, read back by the official classes and TF."""
     base = predict_pb2.PredictResponse()
     base.outputs["kept"].dtype = types_pb2.DT_FLOAT
     base.model_spec.name = "m"
-    entry = wire.encode_output("derived_out", array, encoding)
+    entry = encode_output("derived_out", array, encoding)
     merged = predict_pb2.PredictResponse.FromString(base.SerializeToString() + entry)
     assert sorted(merged.outputs) == ["derived_out", "kept"]
     assert merged.model_spec.name == "m"
-    reference = wire.PredictResponseView()
-    wire.set_tensor(reference.outputs["derived_out"], array, encoding)
+    reference = PredictResponseView()
+    set_tensor(reference.outputs["derived_out"], array, encoding)
     expected = predict_pb2.PredictResponse.FromString(reference.SerializeToString())
     assert merged.outputs["derived_out"] == expected.outputs["derived_out"]
     read = tf.make_ndarray(merged.outputs["derived_out"])
@@ -387,12 +393,12 @@ def test_encode_output_is_the_map_entry_the_official_classes_read(
         assert read.dtype == array.dtype
         same_bits(read, array)
         uses_content = bool(merged.outputs["derived_out"].tensor_content)
-        assert uses_content == (encoding is wire.Encoding.CONTENT and array.size > 0)
+        assert uses_content == (encoding is Encoding.CONTENT and array.size > 0)
 
 
 def test_set_tensor_float16_typed_uses_half_val() -> None:
     array = np.array([0.0, -0.0, 1.0, 65504.0, np.inf, -np.inf, 6e-8], dtype=np.float16)
-    back, read = roundtrip(array, wire.Encoding.TYPED)
+    back, read = roundtrip(array, Encoding.TYPED)
     assert back.dtype == types_pb2.DT_HALF
     assert list(back.half_val) == array.view(np.uint16).tolist()
     same_bits(read, array)
@@ -402,10 +408,10 @@ def test_set_tensor_float16_typed_uses_half_val() -> None:
 
 
 def test_untouched_tensor_keeps_unknown_fields_byte_identical() -> None:
-    other = official(sample((2, 2), np.float32), wire.Encoding.TYPED)
+    other = official(sample((2, 2), np.float32), Encoding.TYPED)
     other.int_val.extend([7, 8])  # a TensorProto field the view does not declare
     other_bytes = other.SerializeToString() + key(99, 0) + b"\x2a"  # a field nobody declares
-    probs = official(sample((2, 2), np.float32), wire.Encoding.TYPED)
+    probs = official(sample((2, 2), np.float32), Encoding.TYPED)
     body = (
         length_delimited(1, length_delimited(1, b"other") + length_delimited(2, other_bytes))
         + length_delimited(
@@ -416,11 +422,11 @@ def test_untouched_tensor_keeps_unknown_fields_byte_identical() -> None:
     official_resp = predict_pb2.PredictResponse.FromString(body)
     assert list(official_resp.outputs["other"].int_val) == [7, 8]
 
-    view = wire.parse_predict_response(body)
+    view = parse_predict_response(body)
     tensor = view.outputs["probs"]
-    values, encoding = wire.decode_tensor(tensor, LIMIT) or (None, None)
+    values, encoding = decode_tensor(tensor, LIMIT) or (None, None)
     assert values is not None and encoding is not None
-    wire.set_tensor(tensor, np.clip(values, 0, 1), encoding)
+    set_tensor(tensor, np.clip(values, 0, 1), encoding)
     out = view.SerializeToString()
     assert other_bytes in out
     back = predict_pb2.PredictResponse.FromString(out)
@@ -431,16 +437,16 @@ def test_untouched_tensor_keeps_unknown_fields_byte_identical() -> None:
 
 def test_response_with_nothing_changed_reserializes_to_same_message() -> None:
     resp = predict_pb2.PredictResponse()
-    resp.outputs["a"].CopyFrom(official(sample((3,), np.float32), wire.Encoding.TYPED))
-    resp.outputs["b"].CopyFrom(official(sample((2, 2), np.float64), wire.Encoding.CONTENT))
+    resp.outputs["a"].CopyFrom(official(sample((3,), np.float32), Encoding.TYPED))
+    resp.outputs["b"].CopyFrom(official(sample((2, 2), np.float64), Encoding.CONTENT))
     resp.model_spec.name = "m"
     resp.model_spec.version.value = 7
     resp.model_spec.signature_name = "serving_default"
     body = resp.SerializeToString(deterministic=True)
-    view = wire.parse_predict_response(body)
+    view = parse_predict_response(body)
     assert predict_pb2.PredictResponse.FromString(view.SerializeToString()) == resp
-    spec = wire.response_spec(view)
-    assert spec == wire.ModelSpecInfo("m", "serving_default", 7)
+    spec = read_predict_response(body, None).spec
+    assert spec == ModelSpecInfo("m", "serving_default", 7)
 
 
 # ------------------------------------------------------------ adversarial
@@ -449,7 +455,7 @@ def test_response_with_nothing_changed_reserializes_to_same_message() -> None:
 def raw_tensor(dtype: int, shape: list[int], payload: bytes = b"") -> bytes:
     """A TensorProto with an arbitrary shape (dims written as raw int64 varints)."""
     dims = b"".join(
-        length_delimited(2, key(1, 0) + wire.encode_varints(np.array([d], dtype=np.int64)))
+        length_delimited(2, key(1, 0) + varint.encode_packed(np.array([d], dtype=np.int64)))
         for d in shape
     )
     return key(1, 0) + bytes([dtype]) + length_delimited(2, dims) + payload
@@ -473,7 +479,7 @@ def test_adversarial_shapes_are_decode_errors(shape: list[int], message: str) ->
     tracemalloc.start()
     try:
         with pytest.raises(DecodeError, match=message) as info:
-            wire.decode_tensor(view, LIMIT)
+            decode_tensor(view, LIMIT)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -483,13 +489,13 @@ def test_adversarial_shapes_are_decode_errors(shape: list[int], message: str) ->
 
 
 def test_shape_within_limit_but_data_disagrees() -> None:
-    t = official(np.zeros((2, 2), np.float32), wire.Encoding.CONTENT)
+    t = official(np.zeros((2, 2), np.float32), Encoding.CONTENT)
     t.tensor_content = b"\x00" * 12
     with pytest.raises(DecodeError, match=r"tensor_content has 12 bytes but shape \[2, 2\]"):
         decode_bytes(t.SerializeToString())
 
     too_many = official(
-        np.zeros((2, 2), np.float32), wire.Encoding.TYPED, values=np.zeros(5, np.float32)
+        np.zeros((2, 2), np.float32), Encoding.TYPED, values=np.zeros(5, np.float32)
     )
     with pytest.raises(ValueError):  # TF refuses it too
         truth(too_many.SerializeToString())
@@ -508,13 +514,13 @@ def test_shape_within_limit_but_data_disagrees() -> None:
 def test_truncated_half_val_varint_is_a_decode_error() -> None:
     view = view_of(raw_tensor(types_pb2.DT_HALF, [2], length_delimited(13, b"\x01\x80")))
     with pytest.raises(DecodeError, match="truncated varint"):
-        wire.decode_tensor(view, LIMIT)
+        decode_tensor(view, LIMIT)
 
 
 def a_response() -> bytes:
     resp = predict_pb2.PredictResponse()
-    resp.outputs["probs"].CopyFrom(official(sample((4, 3), np.float32), wire.Encoding.TYPED))
-    resp.outputs["score"].CopyFrom(official(sample((4,), np.float64), wire.Encoding.CONTENT))
+    resp.outputs["probs"].CopyFrom(official(sample((4, 3), np.float32), Encoding.TYPED))
+    resp.outputs["score"].CopyFrom(official(sample((4,), np.float64), Encoding.CONTENT))
     resp.model_spec.name = "wide_deep"
     resp.model_spec.version.value = 3
     return resp.SerializeToString()
@@ -523,17 +529,17 @@ def a_response() -> bytes:
 def test_truncated_response_is_a_decode_error() -> None:
     body = a_response()
     with pytest.raises(DecodeError, match="cannot decode PredictResponse from upstream"):
-        wire.parse_predict_response(body[:-1])
+        parse_predict_response(body[:-1])
     with pytest.raises(DecodeError, match="hold no outputs"):
-        wire.parse_predict_response(b"")
+        parse_predict_response(b"")
     for cut in range(len(body)):
         try:
-            view = wire.parse_predict_response(body[:cut])
+            view = parse_predict_response(body[:cut])
         except DecodeError:
             continue
         for name in view.outputs:
             try:
-                wire.decode_tensor(view.outputs[name], LIMIT)
+                decode_tensor(view.outputs[name], LIMIT)
             except DecodeError:
                 pass
 
@@ -541,14 +547,14 @@ def test_truncated_response_is_a_decode_error() -> None:
 def test_rank_above_numpy_limit_is_a_decode_error() -> None:
     view = view_of(raw_tensor(types_pb2.DT_FLOAT, [1] * 65, length_delimited(5, b"\x00" * 4)))
     with pytest.raises(DecodeError):
-        wire.decode_tensor(view, LIMIT)
+        decode_tensor(view, LIMIT)
 
 
 def test_unpacked_float_next_to_malformed_int64_val_is_a_decode_error() -> None:
     data = raw_tensor(types_pb2.DT_FLOAT, [1], key(5, 5) + struct.pack("<f", 0.5))
     data += length_delimited(10, b"\x01\x80")  # int64_val with a truncated varint
     with pytest.raises(GuardError):
-        wire.decode_tensor(view_of(data), LIMIT)
+        decode_tensor(view_of(data), LIMIT)
 
 
 # ----------------------------------------------------------- model specs
@@ -561,14 +567,14 @@ def test_peek_model_spec_on_official_requests() -> None:
     req.model_spec.signature_name = "serving_default"
     req.inputs["x"].CopyFrom(tf.make_tensor_proto(np.ones((2, 3), np.float32)))
     req.output_filter.append("probs")
-    assert wire.peek_model_spec(req.SerializeToString()) == wire.ModelSpecInfo(
+    assert peek_model_spec(req.SerializeToString()) == ModelSpecInfo(
         "wide_deep", "serving_default", 12
     )
 
     meta = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     meta.model_spec.name = "resnet"
     meta.model_spec.version_label = "stable"
-    assert wire.peek_model_spec(meta.SerializeToString()) == wire.ModelSpecInfo("resnet", "", None)
+    assert peek_model_spec(meta.SerializeToString()) == ModelSpecInfo("resnet", "", None)
 
     multi = inference_pb2.MultiInferenceRequest()
     task = multi.tasks.add()
@@ -576,14 +582,14 @@ def test_peek_model_spec_on_official_requests() -> None:
     task.model_spec.signature_name = "classify_x"
     task.method_name = "tensorflow/serving/classify"
     multi.input.example_list.examples.add()
-    assert wire.peek_model_spec(multi.SerializeToString(), path=(1, 1)) == wire.ModelSpecInfo(
+    assert peek_model_spec(multi.SerializeToString(), path=(1, 1)) == ModelSpecInfo(
         "census", "classify_x", None
     )
 
     no_spec = predict_pb2.PredictRequest()
     no_spec.inputs["x"].CopyFrom(tf.make_tensor_proto(1.0))
-    assert wire.peek_model_spec(no_spec.SerializeToString()) is None
-    assert wire.peek_model_spec(b"") is None
+    assert peek_model_spec(no_spec.SerializeToString()) is None
+    assert peek_model_spec(b"") is None
 
 
 @pytest.mark.parametrize(
@@ -599,15 +605,15 @@ def test_peek_model_spec_on_official_requests() -> None:
     ],
 )
 def test_peek_model_spec_on_garbage_returns_none(garbage: bytes) -> None:
-    assert wire.peek_model_spec(garbage) is None
-    assert wire.peek_model_spec(garbage, path=(1, 1)) is None
+    assert peek_model_spec(garbage) is None
+    assert peek_model_spec(garbage, path=(1, 1)) is None
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=64), st.sampled_from([(1,), (1, 1)]))
 def test_peek_model_spec_never_raises(data: bytes, path: tuple[int, ...]) -> None:
-    got = wire.peek_model_spec(data, path)
-    assert got is None or isinstance(got, wire.ModelSpecInfo)
+    got = peek_model_spec(data, path)
+    assert got is None or isinstance(got, ModelSpecInfo)
 
 
 # ----------------------------------------------------------------- varints
@@ -621,20 +627,20 @@ INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 )
 def test_varints_roundtrip_and_match_protobuf(values: list[int]) -> None:
     array = np.array(values, dtype=np.int64)
-    encoded = wire.encode_varints(array)
+    encoded = varint.encode_packed(array)
     official_bytes = tensor_pb2.TensorProto(int64_val=values).SerializeToString()
     expected = length_delimited(10, encoded) if values else b""
     assert official_bytes == expected
-    np.testing.assert_array_equal(wire.decode_varints(encoded).view(np.int64), array)
+    np.testing.assert_array_equal(varint.decode_packed(encoded).view(np.int64), array)
 
 
 def test_varint_errors() -> None:
     with pytest.raises(DecodeError, match="truncated"):
-        wire.decode_varints(b"\x01\x80")
+        varint.decode_packed(b"\x01\x80")
     with pytest.raises(DecodeError, match="longer than 10"):
-        wire.decode_varints(b"\xff" * 11 + b"\x01")
-    assert wire.decode_varints(b"").size == 0
-    assert wire.encode_varints(np.zeros(0, np.int64)) == b""
+        varint.decode_packed(b"\xff" * 11 + b"\x01")
+    assert varint.decode_packed(b"").size == 0
+    assert varint.encode_packed(np.zeros(0, np.int64)) == b""
 
 
 # ------------------------------------------------------- differential (random)
@@ -656,19 +662,19 @@ def official_tensors(draw: st.DrawFn) -> tuple[bytes, np.ndarray[Any, Any], str]
     array = np.array(flat, dtype=dtype).reshape(shape)
     style = draw(st.sampled_from(["content", "typed", "fill", "unpacked", "chunks"]))
     if style == "content":
-        data = official(array, wire.Encoding.CONTENT).SerializeToString()
+        data = official(array, Encoding.CONTENT).SerializeToString()
     elif style == "typed":
-        data = official(array, wire.Encoding.TYPED).SerializeToString()
+        data = official(array, Encoding.TYPED).SerializeToString()
     elif style == "fill":
         given = draw(st.integers(0, numel))
-        data = official(array, wire.Encoding.TYPED, values=array.ravel()[:given])
+        data = official(array, Encoding.TYPED, values=array.ravel()[:given])
         data = data.SerializeToString()
     elif style == "unpacked":
         data = unpacked_tensor_bytes(array)
     else:
         cut = draw(st.integers(0, numel))
-        head = official(array, wire.Encoding.TYPED, values=array.ravel()[:cut])
-        tail = official(array, wire.Encoding.TYPED, values=array.ravel()[cut:])
+        head = official(array, Encoding.TYPED, values=array.ravel()[:cut])
+        tail = official(array, Encoding.TYPED, values=array.ravel()[cut:])
         tail.ClearField("tensor_shape")
         tail.ClearField("dtype")
         data = head.SerializeToString() + tail.SerializeToString()
@@ -683,14 +689,14 @@ def test_differential_decode_and_reencode(case: tuple[bytes, np.ndarray[Any, Any
     if style != "fill":
         same_bits(expected, array)
     view = view_of(data)
-    decoded = wire.decode_tensor(view, LIMIT)
+    decoded = decode_tensor(view, LIMIT)
     assert decoded is not None
     values, encoding = decoded
     same_bits(values, expected)
     if array.size:  # an empty tensor_content is indistinguishable from no values
-        assert encoding is (wire.Encoding.CONTENT if style == "content" else wire.Encoding.TYPED)
+        assert encoding is (Encoding.CONTENT if style == "content" else Encoding.TYPED)
     # Write it back (as a repair would) and read it with TF.
-    wire.set_tensor(view, values.copy(), encoding)
+    set_tensor(view, values.copy(), encoding)
     same_bits(truth(view.SerializeToString()), expected)
 
 

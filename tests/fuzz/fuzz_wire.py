@@ -44,12 +44,18 @@ if __name__ == "__main__":
 
 with _instrument:
     from guard.control.config import OutputRule, parse_config
-    from guard.dataplane import wire
+    from guard.dataplane.book import RuleBook
+    from guard.dataplane.codec import varint
+    from guard.dataplane.codec.response import ModelSpecInfo, parse_predict_response
+    from guard.dataplane.codec.tensor import Encoding, decode_tensor, set_tensor
+    from guard.dataplane.codec.views import PredictResponseView
     from guard.dataplane.errors import GuardError
-    from guard.dataplane.pipeline import RuleBook, guard_predict_response
+    from guard.dataplane.kernels import REFERENCE, default
+    from guard.dataplane.pipeline import guard_predict_response
+    from guard.dataplane.results import Action
     from guard.dataplane.rules import apply_rule, label_table
     from guard.metrics.guard_metrics import GuardMetrics
-    from tests.native import pure_python, walk_agrees_with_protobuf
+    from tests.native import walk_agrees_with_protobuf
 
 __all__ = ["main", "one_input", "seeds"]
 
@@ -91,12 +97,11 @@ _RULE_SETS = (
         }
     ],
 )
-_BOOKS = [RuleBook(parse_config({**_CONFIG, "models": m}, source="<fuzz>")) for m in _RULE_SETS]
-with pure_python():  # the same rules, never on the native path
-    _REFERENCE_BOOKS = [
-        RuleBook(parse_config({**_CONFIG, "models": m}, source="<fuzz>")) for m in _RULE_SETS
-    ]
-_LIMIT = _BOOKS[0].config.max_message_bytes
+_CONFIGS = [parse_config({**_CONFIG, "models": m}, source="<fuzz>") for m in _RULE_SETS]
+_LIMIT = _CONFIGS[0].max_message_bytes
+_BOOKS = [RuleBook(c.models, _LIMIT, default()) for c in _CONFIGS]
+# The same rules, never on the native route.
+_REFERENCE_BOOKS = [RuleBook(c.models, _LIMIT, REFERENCE) for c in _CONFIGS]
 _RULE = OutputRule(on_violation="clamp", check_sum=True, top_k=1, labels=("x",))
 _LABELS = label_table(_RULE.labels)
 _registry = CollectorRegistry()
@@ -109,20 +114,20 @@ _calls = 0
 
 def _wrap(tensor: bytes) -> bytes:
     """``tensor`` as the value of output ``out1`` in a PredictResponse."""
-    entry = b"\x0a\x04out1" + b"\x12" + wire.encode_varints(np.array([len(tensor)])) + tensor
-    return b"\x0a" + wire.encode_varints(np.array([len(entry)])) + entry
+    entry = b"\x0a\x04out1" + b"\x12" + varint.encode_packed(np.array([len(tensor)])) + tensor
+    return b"\x0a" + varint.encode_packed(np.array([len(entry)])) + entry
 
 
 def _codec_path(body: bytes) -> None:
     """parse -> decode -> apply_rule -> set_tensor -> serialize, without the pipeline."""
     try:
-        view = wire.parse_predict_response(body)
+        view = parse_predict_response(body)
     except GuardError:
         return
     for name in sorted(view.outputs.keys()):
         tensor = view.outputs[name]
         try:
-            decoded = wire.decode_tensor(tensor, _LIMIT)
+            decoded = decode_tensor(tensor, _LIMIT)
             if decoded is None:
                 continue
             values, encoding = decoded
@@ -130,11 +135,11 @@ def _codec_path(body: bytes) -> None:
         except GuardError:
             continue
         if result.changed:
-            wire.set_tensor(tensor, result.values, encoding)
+            set_tensor(tensor, result.values, encoding)
         for derived in result.derived:
-            wire.set_tensor(view.outputs[name + derived.suffix], derived.array, encoding)
+            set_tensor(view.outputs[name + derived.suffix], derived.array, encoding)
     # What we wrote must parse again.
-    wire.parse_predict_response(view.SerializeToString())
+    parse_predict_response(view.SerializeToString())
 
 
 def one_input(data: bytes) -> None:
@@ -146,7 +151,7 @@ def one_input(data: bytes) -> None:
     if selector & 0x80:
         body = _wrap(body)
     book = _BOOKS[selector % len(_BOOKS)]
-    spec = wire.ModelSpecInfo("fuzz", "", None) if selector & 0x40 else None
+    spec = ModelSpecInfo("fuzz", "", None) if selector & 0x40 else None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         try:
@@ -154,18 +159,17 @@ def one_input(data: bytes) -> None:
             outcome: Any = guarded and (guarded.body, guarded.action, guarded.violations)
         except GuardError as exc:
             guarded, outcome = None, (type(exc), exc.details)
-        with pure_python():
-            reference_book = _REFERENCE_BOOKS[selector % len(_BOOKS)]
-            try:
-                ref = guard_predict_response(body, spec, reference_book, _reference_metrics)
-                expected: Any = ref and (ref.body, ref.action, ref.violations)
-            except GuardError as exc:
-                expected = (type(exc), exc.details)
-        assert outcome == expected, "the native modules and the pure-Python path differ"
+        reference_book = _REFERENCE_BOOKS[selector % len(_BOOKS)]
+        try:
+            ref = guard_predict_response(body, spec, reference_book, _reference_metrics)
+            expected: Any = ref and (ref.body, ref.action, ref.violations)
+        except GuardError as exc:
+            expected = (type(exc), exc.details)
+        assert outcome == expected, "the native and the reference kernels differ"
         walk_agrees_with_protobuf(body)
         if guarded is not None:
-            wire.parse_predict_response(guarded.body)
-            assert guarded.action in ("clean", "observed", "clamped")
+            parse_predict_response(guarded.body)
+            assert guarded.action in (Action.CLEAN, Action.OBSERVED, Action.CLAMPED)
             assert guarded.violations >= 0
         _codec_path(body)
         _calls += 1
@@ -181,12 +185,12 @@ def seeds() -> list[bytes]:
     """
     out = []
     for dtype in (np.float16, np.float32, np.float64):
-        for encoding in wire.Encoding:
+        for encoding in Encoding:
             for shape in ((), (3,), (2, 1), (2, 3), (1, 2, 2)):
                 values = np.linspace(-0.5, 1.5, int(np.prod(shape))).astype(dtype)
-                view = wire.PredictResponseView()
-                wire.set_tensor(view.outputs["out1"], values.reshape(shape), encoding)
-                wire.set_tensor(view.outputs["out0"], values[::-1].reshape(shape), encoding)
+                view = PredictResponseView()
+                set_tensor(view.outputs["out1"], values.reshape(shape), encoding)
+                set_tensor(view.outputs["out0"], values[::-1].reshape(shape), encoding)
                 view.model_spec.name = "fuzz"
                 view.model_spec.version.value = 1
                 body = view.SerializeToString()
@@ -194,10 +198,10 @@ def seeds() -> list[bytes]:
                 out.append(b"\x80" + view.outputs["out1"].SerializeToString())
     # Clean rows (in range, summing to 1): the native clean path's case.
     for dtype in (np.float32, np.float64):
-        for encoding in wire.Encoding:
-            view = wire.PredictResponseView()
+        for encoding in Encoding:
+            view = PredictResponseView()
             rows = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]], dtype=dtype)
-            wire.set_tensor(view.outputs["out0"], rows, encoding)
+            set_tensor(view.outputs["out0"], rows, encoding)
             body = view.SerializeToString()
             out.extend(bytes([selector]) + body for selector in (0, 1, 0x40))
     return out

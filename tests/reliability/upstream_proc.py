@@ -22,7 +22,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from guard.dataplane.wire import peek_model_spec  # noqa: E402 - after the path fix above
+from guard.dataplane.codec.request import peek_model_spec  # noqa: E402 - after the path fix above
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 STATUS = "/tensorflow.serving.ModelService/GetModelStatus"

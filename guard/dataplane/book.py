@@ -1,0 +1,126 @@
+"""The rule book: one config's rules, compiled once and matched per response.
+
+Immutable and swapped whole on reload, so one request always sees one
+consistent rule set (Envoy's shared filter config, in spirit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from guard.dataplane import kernels as kernels_module
+from guard.dataplane.cache import BoundedCache
+from guard.dataplane.codec.tensor import Encoding
+from guard.dataplane.kernels import Kernels
+from guard.dataplane.lanes import Lane
+from guard.dataplane.rules import label_table
+from guard.dataplane.rulespec import ANY, ModelRule, OutputRule
+from guard.dataplane.sink import LabelTable
+
+__all__ = ["CompiledRule", "RuleBook", "SignatureRules"]
+
+# Clients and upstreams choose model, signature and output names: every cache
+# keyed by them is bounded in entries and in key bytes.
+_NAMES_MAX_BYTES = 1024
+_SIGNATURES_MAX = 4096
+_LANES_MAX = 256
+_PLANS_MAX = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """An output rule with its labels encoded once."""
+
+    rule: OutputRule
+    labels: LabelTable | None
+
+
+class SignatureRules:
+    """Rules resolved for one (model, signature): output name -> rule."""
+
+    def __init__(self, candidates: Sequence[ModelRule], kernels: Kernels) -> None:
+        # ``candidates`` are ordered most specific first (exact model, then exact
+        # signature); the first one with any match for an output wins, and within
+        # it an exact output name beats ``*``.
+        self._levels: list[tuple[dict[str, CompiledRule], CompiledRule | None]] = []
+        for model_rule in candidates:
+            exact: dict[str, CompiledRule] = {}
+            wildcard = None
+            for rule in model_rule.outputs:
+                compiled = CompiledRule(rule, label_table(rule.labels))
+                if rule.name == ANY:
+                    wildcard = compiled
+                else:
+                    exact[rule.name] = compiled
+            self._levels.append((exact, wildcard))
+        self._kernels = kernels
+        self._lanes: BoundedCache[tuple[Any, ...], Lane | None] = BoundedCache(
+            _LANES_MAX, max_key_bytes=_NAMES_MAX_BYTES, weigh=lambda key: len(key[0])
+        )
+
+    def rule_for(self, output: str) -> CompiledRule | None:
+        """The rule for ``output``, or ``None``."""
+        for exact, wildcard in self._levels:
+            found = exact.get(output)
+            if found is not None:
+                return found
+            if wildcard is not None:
+                return wildcard
+        return None
+
+    def lane(
+        self, name: str, compiled: CompiledRule, values: np.ndarray[Any, Any], encoding: Encoding
+    ) -> Lane | None:
+        """The native route for this output's shape, dtype and encoding, if any."""
+        key = (name, values.shape, values.dtype, encoding)
+        return self._lanes.get_or_make(
+            key,
+            lambda: self._kernels.lane(
+                name, compiled.rule, compiled.labels, values.shape, values.dtype, encoding
+            ),
+        )
+
+
+class RuleBook:
+    """The compiled, immutable rule set of one config."""
+
+    def __init__(
+        self,
+        models: Sequence[ModelRule],
+        max_message_bytes: int,
+        kernels: Kernels | None = None,
+    ) -> None:
+        self.models = tuple(models)
+        self.max_message_bytes = max_message_bytes
+        """The decode budget of one response: its tensors together may not need more."""
+        self.kernels = kernels if kernels is not None else kernels_module.default()
+        self._exact_names = frozenset(m.name for m in self.models if m.name != ANY)
+        self._has_wildcard_model = any(m.name == ANY for m in self.models)
+        self._signatures: BoundedCache[tuple[str, str], SignatureRules | None] = BoundedCache(
+            _SIGNATURES_MAX,
+            max_key_bytes=_NAMES_MAX_BYTES,
+            weigh=lambda key: len(key[0]) + len(key[1]),
+        )
+        self.plans: BoundedCache[tuple[Any, ...], Any] = BoundedCache(_PLANS_MAX)
+        """The protobuf pipeline's plans per response layout (see guard.dataplane.pipeline)."""
+
+    def may_apply(self, model: str | None) -> bool:
+        """Cheap pre-check before the upstream call: could any rule match this model?"""
+        return self._has_wildcard_model or model in self._exact_names
+
+    def for_signature(self, model: str, signature: str) -> SignatureRules | None:
+        """The rules for one model and signature, or ``None`` if no rule matches."""
+        return self._signatures.get_or_make(
+            (model, signature), lambda: self._resolve(model, signature)
+        )
+
+    def _resolve(self, model: str, signature: str) -> SignatureRules | None:
+        candidates = [
+            m for m in self.models if m.name in (model, ANY) and m.signature in (signature, ANY)
+        ]
+        candidates.sort(key=lambda m: (m.name != ANY, m.signature != ANY), reverse=True)
+        return SignatureRules(candidates, self.kernels) if candidates else None

@@ -1,0 +1,4 @@
+"""Codecs: the wire views, varints, tensors, the response and request readers.
+
+They know nothing of rules or transports.
+"""

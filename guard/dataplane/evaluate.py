@@ -1,0 +1,122 @@
+"""Protocol-neutral evaluation: decoded outputs in, a typed verdict out.
+
+Each front-end decodes its own wire format (protobuf for gRPC), asks
+:func:`resolve` whose response it is, hands the decoded arrays to
+:func:`evaluate`, counts the verdict with :func:`record` and encodes what the
+verdict says to change and to add.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from guard.dataplane.book import CompiledRule, RuleBook, SignatureRules
+from guard.dataplane.errors import OutputShapeError
+from guard.dataplane.results import Action, Array, OutputResult
+from guard.dataplane.rules import apply_rule
+from guard.dataplane.rulespec import SERVING_DEFAULT
+from guard.dataplane.sink import MetricsSink
+
+__all__ = ["OutputVerdict", "Target", "Verdict", "evaluate", "record", "resolve"]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Whose response it is, and the rules that apply to it."""
+
+    rules: SignatureRules
+    model: str
+    signature: str
+    version: str
+    model_label: str
+
+
+def resolve(
+    book: RuleBook,
+    model: str,
+    signature: str,
+    version: int | None,
+    metrics: MetricsSink,
+) -> Target | None:
+    """The target of a response, or ``None`` when no rule matches it.
+
+    ``signature`` may be empty (TF Serving's default signature).
+    """
+    signature = signature or SERVING_DEFAULT
+    rules = book.for_signature(model, signature)
+    if rules is None:
+        return None
+    version_label = "" if version is None else str(version)
+    return Target(rules, model, signature, version_label, metrics.model_label(model))
+
+
+@dataclass(frozen=True, slots=True)
+class OutputVerdict:
+    """One checked output: its name, what its rule did, and the rule."""
+
+    name: str
+    result: OutputResult
+    compiled: CompiledRule
+
+    def derived_names(self) -> list[str]:
+        """The names of the outputs the rule adds."""
+        return [self.name + d.suffix for d in self.result.derived]
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What guarding one response decided."""
+
+    outputs: list[OutputVerdict] = field(default_factory=list)
+    action: Action = Action.CLEAN
+    violations: int = 0
+    rejection: str | None = None
+    """The first rejected output's reason, when ``action`` is ``REJECTED``."""
+
+    @property
+    def changed(self) -> bool:
+        """Whether any original tensor must be written again."""
+        return any(o.result.changed for o in self.outputs)
+
+
+def evaluate(target: Target, decoded: Iterable[tuple[str, Array]]) -> Verdict:
+    """Apply each output's rule to its decoded values.
+
+    ``decoded`` holds the outputs that have a rule, by name. A rule that
+    cannot fit its tensor raises a :class:`~guard.dataplane.errors.GuardError`.
+    """
+    verdict = Verdict()
+    for name, values in decoded:
+        compiled = target.rules.rule_for(name)
+        assert compiled is not None, "decoded outputs are the ones with a rule"
+        result = apply_rule(values, compiled.rule, compiled.labels, target.model, name)
+        verdict.outputs.append(OutputVerdict(name, result, compiled))
+        verdict.violations += result.counts.total
+        verdict.action = max(verdict.action, result.action)
+        if result.rejection and verdict.rejection is None:
+            verdict.rejection = result.rejection
+    return verdict
+
+
+def record(verdict: Verdict, target: Target, metrics: MetricsSink) -> None:
+    """Count what ``verdict`` decided: each output's series, then the response."""
+    for out in verdict.outputs:
+        sink = metrics.output_recorder(
+            target.model_label, target.version, target.signature, out.name
+        )
+        sink.record(out.result, out.compiled.labels)
+    labels = (target.model_label, target.version, target.signature)
+    metrics.response_counter(*labels, verdict.action).inc()
+
+
+def check_derived_names(verdict: Verdict, upstream_names: Collection[str], model: str) -> None:
+    """Refuse a derived output that would replace one the model returns."""
+    for out in verdict.outputs:
+        for derived in out.derived_names():
+            if derived in upstream_names:
+                raise OutputShapeError(
+                    f"guard: model '{model}' output '{out.name}': the derived output "
+                    f"'{derived}' would replace an output the model returns; drop the rule's "
+                    "threshold/argmax/top_k or rename the model's output"
+                )

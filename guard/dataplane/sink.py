@@ -1,0 +1,55 @@
+"""What the data plane counts into: the metric set's interface, as protocols.
+
+:class:`guard.metrics.guard_metrics.GuardMetrics` implements these; the data
+plane never imports Prometheus.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from guard.dataplane.results import Action, Array, OutputResult
+
+__all__ = ["Counter", "LabelTable", "MetricsSink", "OutputSink"]
+
+#: Class labels encoded once, as an object array of ``bytes``.
+LabelTable = np.ndarray[Any, Any]
+
+
+class Counter(Protocol):
+    """One counter series."""
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount``."""
+
+
+class OutputSink(Protocol):
+    """The metric series of one (model, version, signature, output)."""
+
+    def record(self, result: OutputResult, labels: LabelTable | None) -> None:
+        """Record the counts, histogram and classes of one checked output."""
+
+    def record_clean(
+        self, size: int, classes: Array, confidence: Array, labels: LabelTable | None
+    ) -> None:
+        """Record an output the native route found clean: ``size`` values, and
+        each row's best class and score (the same as :meth:`record` of the
+        reference's result)."""
+
+
+class MetricsSink(Protocol):
+    """Where guarded responses are counted."""
+
+    def model_label(self, name: str | None) -> str:
+        """The bounded ``model`` label value for a model name."""
+
+    def output_recorder(self, model: str, version: str, signature: str, output: str) -> OutputSink:
+        """The series of one output."""
+
+    def response_counter(self, model: str, version: str, signature: str, action: Action) -> Counter:
+        """The ``guard_responses_total`` series of one action."""
+
+    def count_decode_error(self, model: str) -> None:
+        """Count one response that could not be decoded (``model`` already bounded)."""
