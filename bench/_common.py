@@ -20,7 +20,11 @@ MESSAGE_OPTIONS: list[tuple[str, int]] = [
 
 
 def write_port_file(path: str | os.PathLike[str], ports: dict[str, int]) -> None:
-    """Write ``ports`` as JSON atomically, so a poller never reads half a file."""
+    """Write ``ports`` as JSON atomically, so a poller never reads half a file.
+
+    The same format as guard.control.process.write_port_file; the bench's
+    servers (the passthrough anchor among them) must not import the guard.
+    """
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(json.dumps(ports))
@@ -28,15 +32,13 @@ def write_port_file(path: str | os.PathLike[str], ports: dict[str, int]) -> None
 
 
 def read_port_file(path: str | os.PathLike[str]) -> dict[str, int] | None:
-    """Return the ports in ``path`` (JSON object or bare number), or None until written."""
+    """Return the ports in ``path`` (a JSON object), or None until written."""
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
     except json.JSONDecodeError:
         return None
-    if isinstance(data, int):  # a bare port number (guard.dev.backend's port file)
-        return {"grpc": data}
     # Ports only: a --workers supervisor also lists its workers' pids.
     return {str(k): int(v) for k, v in data.items() if isinstance(v, int)}
 

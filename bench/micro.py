@@ -300,10 +300,10 @@ def run_case(case: Case, budget_s: float, native: bool = True) -> dict[str, Any]
 
 
 def same_allocator_as_guard() -> None:
-    """``guard serve`` tunes glibc's malloc at start (guard.control.app.tune_malloc); time
+    """``guard serve`` tunes glibc's malloc at start (guard.control.memory.tune_malloc); time
     the naive path, the floor and the guard under that same setting."""
     try:
-        from guard.control.app import tune_malloc
+        from guard.control.memory import tune_malloc
     except ImportError:
         return
     tune_malloc()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from guard._version import __version__
-from guard.control.config import Config, load_config, with_overrides
+from guard.control.config import load_config, overrides_from, resolve, settings
 from guard.dataplane.errors import ConfigError
 
 __all__ = ["main"]
@@ -31,36 +31,22 @@ _PLUGINS = {
 }
 
 
-def _load(config_path: str | None) -> Config:
-    return load_config(config_path) if config_path else Config()
-
-
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
         help="run the guard in front of TF Serving",
-        description="Run the guard: a TF-Serving-compatible gRPC proxy that applies output rules.",
+        description="Run the guard: a TF-Serving-compatible gRPC proxy that applies output rules. "
+        "Flags override environment variables, which override the config file.",
     )
     p.add_argument(
         "--config",
         default=os.environ.get("GUARD_CONFIG"),
         help="YAML config file (env GUARD_CONFIG); without one the guard only proxies",
     )
-    p.add_argument(
-        "--listen",
-        default=os.environ.get("GUARD_LISTEN"),
-        help="gRPC listen address, overrides 'listen' (env GUARD_LISTEN)",
-    )
-    p.add_argument(
-        "--upstream",
-        default=os.environ.get("GUARD_UPSTREAM"),
-        help="TF Serving gRPC address, overrides 'upstream' (env GUARD_UPSTREAM)",
-    )
-    p.add_argument(
-        "--metrics-listen",
-        default=os.environ.get("GUARD_METRICS_LISTEN"),
-        help="Prometheus /metrics address, overrides 'metrics_listen' (env GUARD_METRICS_LISTEN)",
-    )
+    for name, setting in settings():
+        if setting.flag is not None:
+            env = f"; env {setting.env}" if setting.env else ""
+            p.add_argument(setting.flag, dest=name, help=f"{setting.help} Overrides '{name}'{env}.")
     p.add_argument(
         "--port-file",
         type=Path,
@@ -74,8 +60,6 @@ def _add_serve(sub: Any) -> None:
         help="dev mode: start the local backend with this model and proxy to it "
         "(repeatable; needs [tensorflow]; ignores 'upstream')",
     )
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   help="overrides 'log_level'")  # fmt: skip
     p.add_argument("--workers", type=int, default=int(os.environ.get("GUARD_WORKERS", "1")),
                    help="run N guard processes on one port (SO_REUSEPORT) with one aggregated "
                         "/metrics endpoint (env GUARD_WORKERS; default 1)")  # fmt: skip
@@ -95,11 +79,9 @@ def _add_check(sub: Any) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from guard.control.app import configure_logging, run_serve
 
-    cfg = _load(args.config)
-    cfg = with_overrides(
-        cfg, listen=args.listen, upstream=args.upstream, metrics_listen=args.metrics_listen
-    )
-    configure_logging(args.log_level or cfg.log_level)
+    overrides = overrides_from(os.environ, vars(args))
+    cfg = resolve(args.config, overrides)
+    configure_logging(cfg.log_level)
     if args.model:
         from guard.dev.backend.cli import ModelArgumentError, parse_model_args
 
@@ -108,17 +90,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except ModelArgumentError as exc:
             raise ConfigError(str(exc)) from None
     config_path = Path(args.config) if args.config else None
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: give a whole number >= 1")
     if args.workers > 1:
         if args.model:
             raise ConfigError("--workers cannot be combined with --model (dev mode)")
         from guard.control.workers import run_workers
 
-        argv = ["--config", args.config] if args.config else []
-        argv += ["--upstream", str(cfg.upstream), "--log-level", args.log_level or cfg.log_level]
-        return run_workers(cfg, argv, args.workers, args.port_file)
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: give a whole number >= 1")
-    return run_serve(cfg, config_path, args.port_file, args.model)
+        return run_workers(cfg, args.config, overrides, args.workers, args.port_file)
+    return run_serve(cfg, config_path, overrides, args.port_file, args.model)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

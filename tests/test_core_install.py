@@ -24,7 +24,8 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
 
-from tests.conftest import FakeUpstream, predict_request, predict_response
+from tests.support.protos import predict_request, predict_response
+from tests.support.upstream import FakeUpstream
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = (

@@ -1,11 +1,15 @@
-"""Noticing that watched files changed (config file, certificates)."""
+"""Noticing that watched files changed (config file, certificates): one poller."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
-__all__ = ["FileIdentity", "file_identity"]
+__all__ = ["FileIdentity", "FileWatcher", "file_identity"]
+
+logger = logging.getLogger("guard.files")
 
 FileIdentity = tuple[tuple[str, int, int, int], ...]
 
@@ -29,3 +33,45 @@ def file_identity(paths: Iterable[str | os.PathLike[str] | None]) -> FileIdentit
             return None
         out.append((real, st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(out)
+
+
+class FileWatcher:
+    """Polls a set of files and calls ``on_change`` when any of them changed.
+
+    ``on_change`` returns whether it took the change; if not (a file caught
+    mid-rotation), it is offered the same change again on the next poll.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike[str] | None],
+        on_change: Callable[[], bool],
+        interval_s: float = 1.0,
+    ) -> None:
+        self._paths = tuple(paths)
+        self._on_change = on_change
+        self._interval_s = interval_s
+        self._seen = file_identity(self._paths)
+
+    def mark_seen(self) -> None:
+        """The files as they are now count as handled (after a reload by signal)."""
+        self._seen = file_identity(self._paths)
+
+    async def run(self) -> None:
+        """Poll until cancelled."""
+        while True:
+            await asyncio.sleep(self._interval_s)
+            self.poll()
+
+    def poll(self) -> None:
+        """Check the files once."""
+        now = file_identity(self._paths)
+        if now is None or now == self._seen:
+            return
+        try:
+            taken = self._on_change()
+        except Exception:  # never let the watcher die
+            logger.exception("handling a change of %s failed", ", ".join(map(str, self._paths)))
+            taken = True
+        if taken:
+            self._seen = now

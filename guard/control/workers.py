@@ -11,74 +11,31 @@ exactly, so dashboards and alerts see one guard.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
-from guard.control.app import split_address
-from guard.control.config import Config
+from guard.control.config import Config, settings
+from guard.control.net import join_address, split_address
+from guard.control.process import Child, ChildStartError, guard_argv, start, write_port_file
+from guard.metrics.aggregate import AggregatingCollector
 
-__all__ = ["AggregatingCollector", "run_workers"]
+__all__ = ["run_workers", "worker_argv"]
 
-logger = logging.getLogger("guard.control.workers")
+logger = logging.getLogger("guard.workers")
 
-# Gauges are summed (in-flight calls add up) except these, where the most
-# pessimistic worker speaks for the pod.
-_GAUGE_MIN = frozenset({"guard_upstream_up"})
 _PR_SET_PDEATHSIG = 1
-
-
-class AggregatingCollector(Collector):
-    """Scrapes each worker's /metrics and yields the sums."""
-
-    def __init__(self, urls: Sequence[str], timeout_s: float = 2.0) -> None:
-        self._urls = list(urls)
-        self._timeout = timeout_s
-
-    def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
-        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-        for url in self._urls:
-            try:
-                with urllib.request.urlopen(url, timeout=self._timeout) as resp:  # noqa: S310
-                    text = resp.read().decode("utf-8")
-            except OSError as exc:
-                logger.warning("worker metrics at %s unreachable: %s", url, exc)
-                continue
-            for family in text_string_to_metric_families(text):
-                merged = families.get(family.name)
-                if merged is None:
-                    merged = Metric(family.name, family.documentation, family.type)
-                    families[family.name] = merged
-                    values[family.name] = {}
-                bucket = values[family.name]
-                for s in family.samples:
-                    if s.name.endswith("_created"):
-                        continue  # a timestamp per worker; a sum means nothing
-                    key = (s.name, tuple(sorted(s.labels.items())))
-                    if key not in bucket:
-                        bucket[key] = s.value
-                    elif family.type == "gauge" and family.name in _GAUGE_MIN:
-                        bucket[key] = min(bucket[key], s.value)
-                    else:
-                        bucket[key] += s.value
-        for name, metric in families.items():
-            for (sample_name, labels), value in values[name].items():
-                metric.add_sample(sample_name, dict(labels), value)
-            yield metric
+_STARTUP_S = 60.0
+_POLL_S = 0.2
+# Each worker's own addresses, set by the supervisor.
+_SUPERVISED = ("listen", "metrics_listen")
 
 
 def _die_with_parent() -> None:
@@ -101,90 +58,106 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+def worker_argv(config_path: str | None, overrides: Mapping[str, Any], listen: str) -> list[str]:
+    """The ``guard serve`` arguments of one worker: the same file and overrides
+    (as their own flags), on the shared port, with private metrics."""
+    argv = guard_argv("serve")
+    if config_path:
+        argv += ["--config", config_path]
+    for name, setting in settings():
+        value = overrides.get(name)
+        if value is not None and setting.flag and name not in _SUPERVISED:
+            argv += [setting.flag, str(value)]
+    return [*argv, "--listen", listen, "--metrics-listen", "127.0.0.1:0"]
+
+
+def _start_worker(argv: list[str]) -> Child:
+    return start(argv, timeout_s=_STARTUP_S, capture=False, preexec_fn=_die_with_parent)
+
+
 def run_workers(
     config: Config,
-    argv: Sequence[str],
+    config_path: str | None,
+    overrides: Mapping[str, Any],
     workers: int,
     port_file: Path | None,
 ) -> int:
-    """Supervise ``workers`` copies of ``guard serve`` (``argv`` holds the serve
-    arguments without ``--workers``/``--listen``/``--metrics-listen``/``--port-file``)."""
+    """Supervise ``workers`` copies of ``guard serve`` until SIGTERM/SIGINT."""
     host, port = split_address(config.listen)
     reserved = _reserve_port(host, port)
-    port = reserved.getsockname()[1]
-    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    stop = False
+    listen = join_address(host, reserved.getsockname()[1])
+    children: list[Child] = []
+    stopping = False
 
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
         for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM if signum != signal.SIGHUP else signal.SIGHUP)
+            if child.process.poll() is None:
+                child.process.send_signal(signum)
 
-    children: list[subprocess.Popen[bytes]] = []
-    with tempfile.TemporaryDirectory(prefix="guard-workers-") as tmp:
-        files = [Path(tmp) / f"worker-{i}.json" for i in range(workers)]
-        for i, pf in enumerate(files):
-            cmd = [sys.executable, "-m", "guard", "serve", *argv, "--listen", listen,
-                   "--metrics-listen", "127.0.0.1:0", "--port-file", str(pf)]  # fmt: skip
-            children.append(subprocess.Popen(cmd, preexec_fn=_die_with_parent))
-            logger.info("worker %d started (pid %d)", i, children[-1].pid)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
-        signal.signal(signal.SIGHUP, lambda s, f: on_signal(signal.SIGHUP, f))
-        deadline = time.monotonic() + 60
-        while not all(pf.exists() for pf in files):
-            if any(c.poll() is not None for c in children) or time.monotonic() > deadline:
-                logger.error("a worker failed to start; stopping")
-                on_signal(signal.SIGTERM, None)
-                return _wait(children) or 1
-            time.sleep(0.05)
-        urls = [f"http://127.0.0.1:{json.loads(pf.read_text())['metrics']}/metrics" for pf in files]
-        registry = CollectorRegistry()
-        registry.register(AggregatingCollector(urls))
-        m_host, m_port = split_address(config.metrics_listen)
-        httpd, _ = start_http_server(m_port, m_host, registry=registry)
-        logger.info(
-            "%d workers serving gRPC on port %d; aggregated metrics on port %d",
-            workers, port, httpd.server_port,
-        )  # fmt: skip
-        if port_file is not None:
-            tmp_pf = port_file.with_name(port_file.name + ".tmp")
-            tmp_pf.write_text(
-                json.dumps(
-                    {
-                        "grpc": port,
-                        "metrics": httpd.server_port,
-                        "workers": [c.pid for c in children],
-                    }  # fmt: skip
-                )
-            )
-            tmp_pf.replace(port_file)
-        unexpected = False
-        try:
-            while not stop:
-                if any(c.poll() is not None for c in children):
-                    logger.error("a worker exited unexpectedly; stopping the others")
-                    unexpected = True
-                    on_signal(signal.SIGTERM, None)
-                    break
-                time.sleep(0.2)
-            code = _wait(children)
-        finally:
-            httpd.shutdown()
-            httpd.server_close()
-            reserved.close()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        argv = worker_argv(config_path, overrides, listen)
+        for i in range(workers):
+            children.append(_start_worker(argv))
+            logger.info("worker %d started (pid %d)", i, children[-1].process.pid)
+    except ChildStartError as exc:
+        logger.error("a worker failed to start; stopping: %s", exc)
+        forward(signal.SIGTERM, None)
+        return _wait(children) or 1
+    try:
+        return _supervise(config, children, reserved, port_file, lambda: stopping, forward)
+    finally:
+        reserved.close()
+
+
+def _supervise(
+    config: Config,
+    children: list[Child],
+    reserved: socket.socket,
+    port_file: Path | None,
+    stopping: Any,
+    forward: Any,
+) -> int:
+    urls = [f"http://127.0.0.1:{c.ports['metrics']}/metrics" for c in children]
+    registry = CollectorRegistry()
+    registry.register(AggregatingCollector(urls))
+    m_host, m_port = split_address(config.metrics_listen)
+    httpd, _ = start_http_server(m_port, m_host, registry=registry)
+    port = reserved.getsockname()[1]
+    logger.info(
+        "%d workers serving gRPC on port %d; aggregated metrics on port %d",
+        len(children), port, httpd.server_port,
+    )  # fmt: skip
+    if port_file is not None:
+        pids = [c.process.pid for c in children]
+        write_port_file(port_file, {"grpc": port, "metrics": httpd.server_port, "workers": pids})
+    unexpected = False
+    try:
+        while not stopping():
+            if any(c.process.poll() is not None for c in children):
+                logger.error("a worker exited unexpectedly; stopping the others")
+                unexpected = True
+                forward(signal.SIGTERM, None)
+                break
+            time.sleep(_POLL_S)
+        code = _wait(children)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
     return code or (1 if unexpected else 0)
 
 
-def _wait(children: Sequence[subprocess.Popen[bytes]]) -> int:
+def _wait(children: Sequence[Child], timeout_s: float = 120.0) -> int:
+    """Wait for children already told to stop; kill one that outlives ``timeout_s``."""
     worst = 0
     for child in children:
         try:
-            rc = child.wait(timeout=120)
+            code = child.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            child.kill()
-            rc = child.wait()
-        worst = worst or rc
+            child.process.kill()
+            code = child.process.wait()
+        worst = worst or code
     return worst

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import FakeUpstream, predict_request, predict_response, scrape
+from tests.support.guard import scrape
+from tests.support.protos import predict_request, predict_response
+from tests.support.upstream import FakeUpstream
 
 GUARD = [sys.executable, "-m", "guard"]
 RULES = """

@@ -12,7 +12,9 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from tests.conftest import FakeUpstream, predict_request, predict_response, scrape
+from tests.support.guard import scrape
+from tests.support.protos import predict_request, predict_response
+from tests.support.upstream import FakeUpstream
 
 RULES = "models:\n  - name: m\n    outputs:\n      - {name: '*', on_violation: clamp}\n"
 

@@ -16,7 +16,6 @@ import math
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -30,8 +29,9 @@ import pytest
 import yaml
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from tests.conftest import predict_request, predict_response
-from tests.deploy.paths import DEPLOY, REPO
+from tests.deploy.paths import DEPLOY
+from tests.support.guard import start_guard
+from tests.support.protos import predict_request, predict_response
 
 pytestmark = [pytest.mark.slow, pytest.mark.tf]
 
@@ -156,50 +156,13 @@ async def upstream() -> AsyncIterator[str]:
     await server.stop(None)
 
 
-def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
-    for _ in range(600):
-        if path.exists():
-            return
-        assert proc.poll() is None, f"{what} exited with {proc.returncode}"
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not start")
-
-
 @pytest.fixture
 def guard_ports(upstream: str, tmp_path: Path) -> Iterator[dict[str, int]]:
     """Start `guard serve` as a subprocess; yield its {"grpc": port, "metrics": port}."""
     config = tmp_path / "guard.yaml"
     config.write_text(yaml.safe_dump(GUARD_CONFIG))
-    port_file = tmp_path / "ports.json"
-    log = (tmp_path / "guard.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "guard",
-            "serve",
-            "--config",
-            str(config),
-            "--upstream",
-            upstream,
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--port-file",
-            str(port_file),
-        ],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_for_file(port_file, proc, "guard serve")
-        yield json.loads(port_file.read_text())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
+    with start_guard(config, upstream=upstream, log_path=tmp_path / "guard.log") as guard:
+        yield guard.ports
 
 
 def _test_rules(tmp_path: Path) -> Path:

@@ -20,13 +20,8 @@ seconds on a small machine (the backend imports TensorFlow):
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +32,7 @@ import yaml
 
 from guard.dev.backend import BackendProcess, start_backend
 from guard.dev.models import VERSION, build_models, keras_model, saved_model_predict
-from tests.conftest import scrape
+from tests.support.guard import GuardProcess, start_guard, stop_all
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_CONFIG = REPO_ROOT / "examples" / "guard.yaml"
@@ -47,7 +42,6 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
 ]
 RPC_TIMEOUT_S = 60.0
-_GUARD_START_TIMEOUT_S = 60.0
 
 
 def _wide_deep_only(on_violation: str) -> dict[str, Any]:
@@ -73,91 +67,6 @@ SCENARIOS: dict[str, dict[str, Any] | Path] = {
     "examples": EXAMPLE_CONFIG,
 }
 """Guard configs by scenario name: a dict is written to a file, a Path is used as is."""
-
-
-@dataclass
-class GuardProcess:
-    """One ``guard serve`` child process and how to reach it."""
-
-    process: subprocess.Popen[bytes]
-    grpc_port: int
-    metrics_port: int
-    log_path: Path
-    _channel: grpc.Channel | None = field(default=None, repr=False)
-
-    @property
-    def address(self) -> str:
-        """``127.0.0.1:PORT`` of the guard's gRPC listener."""
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        """The guard's Prometheus endpoint."""
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-    @property
-    def channel(self) -> grpc.Channel:
-        """A channel to the guard, shared by the tests (opened on first use)."""
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        return self._channel
-
-    def sample(self, name: str, **labels: str) -> float:
-        """The value of one sample on /metrics whose labels include ``labels`` (0 if absent)."""
-        total = 0.0
-        for family in scrape(self.metrics_url):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    total += float(s.value)
-        return total
-
-    def log_text(self) -> str:
-        """Everything the guard has logged so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited in 15 s."""
-        if self._channel is not None:
-            self._channel.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _spawn_guard(
-    config: Path, upstream: str, workdir: Path
-) -> tuple[subprocess.Popen[bytes], Path]:
-    port_file = workdir / "ports.json"
-    log_path = workdir / "guard.log"
-    argv = [sys.executable, "-m", "guard", "serve", "--config", str(config),
-            "--upstream", upstream, "--listen", "127.0.0.1:0",
-            "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file)]  # fmt: skip
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return process, log_path
-
-
-def _wait_for_guard(
-    process: subprocess.Popen[bytes], workdir: Path, log_path: Path
-) -> GuardProcess:
-    port_file = workdir / "ports.json"
-    deadline = time.monotonic() + _GUARD_START_TIMEOUT_S
-    while not port_file.is_file():
-        if process.poll() is not None or time.monotonic() > deadline:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            log = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"guard did not start (exit {process.returncode}):\n{log}")
-        time.sleep(0.05)
-    ports = json.loads(port_file.read_text())
-    return GuardProcess(process, int(ports["grpc"]), int(ports["metrics"]), log_path)
 
 
 @pytest.fixture(scope="session")
@@ -213,25 +122,12 @@ def guards(
     def get(encoding: str, scenario: str) -> GuardProcess:
         if (encoding, scenario) not in running:
             upstream = backends(encoding).address
-            spawned = {}
             for name, config in configs.items():
-                workdir = tmp_path_factory.mktemp(f"guard-{encoding}-{name}")
-                spawned[name] = (*_spawn_guard(config, upstream, workdir), workdir)
-            try:
-                for name, (process, log_path, workdir) in spawned.items():
-                    running[(encoding, name)] = _wait_for_guard(process, workdir, log_path)
-            finally:
-                for name, (process, _, _) in spawned.items():
-                    if (encoding, name) not in running and process.poll() is None:
-                        process.kill()
-                        process.wait()
+                running[(encoding, name)] = start_guard(config, upstream=upstream)
         return running[(encoding, scenario)]
 
     yield get
-    for guard in running.values():  # signal all first, so they shut down in parallel
-        guard.process.terminate()
-    for guard in running.values():
-        guard.stop()
+    stop_all(list(running.values()))
 
 
 @pytest.fixture(scope="session", params=ENCODINGS)

@@ -13,7 +13,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
 from guard.dev.models import BINARY_MLP, MODELS, SOFTMAX_201, WIDE_DEEP, random_inputs
-from tests.conftest import scrape
+from tests.support.guard import scrape
 
 from ._support import (
     BATCHES,

@@ -17,14 +17,10 @@ import pytest
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
-from tests.conftest import GuardFactory, predict_request, predict_response, scrape
-from tests.reliability._support import (
-    PREDICT,
-    Upstream,
-    guard_process,
-    rss_kb,
-    start_upstream,
-)
+from tests.conftest import GuardFactory
+from tests.support.guard import guard_process, rss_kb, scrape
+from tests.support.protos import predict_request, predict_response
+from tests.support.upstream import PREDICT, FakeUpstream, start_upstream
 
 UPSTREAM_PROC = Path(__file__).with_name("upstream_proc.py")
 
@@ -95,7 +91,7 @@ def _onehot_rows(rows: int, classes: int, first: int) -> np.ndarray[Any, Any]:
 
 async def test_100k_classes_create_at_most_cap_plus_one_series(make_guard: GuardFactory) -> None:
     classes, cap = 100_000, 100
-    up = await start_upstream(Upstream())
+    up = await start_upstream(FakeUpstream())
     # Multi-label: every one of 100,000 classes fires in a single response.
     up.reply(
         "multi",
@@ -141,7 +137,7 @@ async def test_100k_classes_create_at_most_cap_plus_one_series(make_guard: Guard
 
 async def test_logs_never_contain_tensor_values(tmp_path: Path) -> None:
     marker_out, marker_in = 1234.5678, 8765.4321
-    up = await start_upstream(Upstream())
+    up = await start_upstream(FakeUpstream())
     values = np.array([[marker_out], [0.25]], dtype=np.float32)
     for model in ("clamped", "rejected", "observed", "unruled"):
         up.reply(model, predict_response(model, {"y": values}))
@@ -171,7 +167,7 @@ async def test_logs_never_contain_tensor_values(tmp_path: Path) -> None:
             guard.signal(signal.SIGHUP)  # a reload logs the config summary again
             await asyncio.sleep(0.3)
             guard.signal(signal.SIGTERM)
-            assert await asyncio.wait_for(guard.proc.wait(), 30) == 0
+            assert await guard.wait(30) == 0
             log = guard.log()
     finally:
         assert up.server is not None
@@ -215,7 +211,7 @@ ADVERSARIAL = {
 
 
 async def test_adversarial_shapes_give_clean_internal(make_guard: GuardFactory) -> None:
-    up = await start_upstream(Upstream())
+    up = await start_upstream(FakeUpstream())
     for model, tensor in ADVERSARIAL.items():
         resp = predict_pb2.PredictResponse()
         resp.model_spec.name = model
@@ -245,7 +241,7 @@ async def test_adversarial_shapes_give_clean_internal(make_guard: GuardFactory) 
 
 @pytest.mark.parametrize("shape", [[2, 0], [0, 3], [0]], ids=str)
 async def test_empty_tensors_do_not_crash(make_guard: GuardFactory, shape: list[int]) -> None:
-    up = await start_upstream(Upstream())
+    up = await start_upstream(FakeUpstream())
     up.reply("e", predict_response("e", {"p": np.zeros(shape, np.float32)}, encoding="content"))
     up.reply("fine", predict_response("fine", {"p": np.array([[0.1, 0.9]], np.float32)}))
     rule = [{"name": "p", "argmax": True, "top_k": 1}]

@@ -13,8 +13,10 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from tests.conftest import GuardFactory, predict_request, predict_response
-from tests.reliability._support import Upstream, guard_process, start_upstream
+from tests.conftest import GuardFactory
+from tests.support.guard import guard_process
+from tests.support.protos import predict_request, predict_response
+from tests.support.upstream import FakeUpstream, start_upstream
 
 VALUES = np.array([[0.2], [1.3]], dtype=np.float32)
 RULES = {"models": [{"name": "m", "outputs": [{"name": "*", "on_violation": "clamp"}]}]}
@@ -32,7 +34,7 @@ async def _code(call: Any) -> str:
     return (await _status(call))[0]
 
 
-def _clamping_config(tmp_path: Path, up: Upstream, model: str, **settings: float) -> Path:
+def _clamping_config(tmp_path: Path, up: FakeUpstream, model: str, **settings: float) -> Path:
     """A guard config file: ``settings``, and a clamp rule for ``model``."""
     lines = [f"upstream: {up.address}", *(f"{k}: {v}" for k, v in settings.items())]
     lines += ["models:", f"  - {{name: {model}, outputs: [{{name: '*', on_violation: clamp}}]}}"]
@@ -43,7 +45,7 @@ def _clamping_config(tmp_path: Path, up: Upstream, model: str, **settings: float
 
 async def test_the_in_flight_cap_is_exact(make_guard: GuardFactory) -> None:
     cap = 4
-    up = await start_upstream(Upstream(gate=asyncio.Event()))
+    up = await start_upstream(FakeUpstream(gate=asyncio.Event()))
     up.reply("m", predict_response("m", {"y": VALUES}))
     try:
         guard = await make_guard(RULES, upstream=up.address, max_concurrent_rpcs=cap)
@@ -65,7 +67,7 @@ async def test_the_in_flight_cap_is_exact(make_guard: GuardFactory) -> None:
 
 async def test_far_above_capacity_sheds_load_with_bounded_memory(tmp_path: Path) -> None:
     cap, burst, waves = 16, 2000, 4
-    up = await start_upstream(Upstream(delay_s=0.2))
+    up = await start_upstream(FakeUpstream(delay_s=0.2))
     up.reply("m", predict_response("m", {"y": VALUES}))
     cfg = _clamping_config(tmp_path, up, "m", max_concurrent_rpcs=cap)
     try:
@@ -97,7 +99,7 @@ async def test_far_above_capacity_sheds_load_with_bounded_memory(tmp_path: Path)
 
 async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path: Path) -> None:
     grace = 10.0
-    up = await start_upstream(Upstream(gate=asyncio.Event(), only="slow"))
+    up = await start_upstream(FakeUpstream(gate=asyncio.Event(), only="slow"))
     up.reply("slow", predict_response("slow", {"y": VALUES}))
     up.reply("m", predict_response("m", {"y": VALUES}))
     cfg = _clamping_config(tmp_path, up, "slow", shutdown_grace_s=grace)
@@ -133,7 +135,7 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path: Pat
             )
             assert again == "UNAVAILABLE"  # the listener is closed
             await fresh.close()
-            assert guard.proc.returncode is None  # still draining
+            assert guard.process.poll() is None  # still draining
             assert up.gate is not None
             up.gate.set()
             codes = await asyncio.wait_for(asyncio.gather(*(_code(c) for c in in_flight)), 30)
@@ -145,7 +147,7 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path: Pat
             refused, forwarded_before = await asyncio.wait_for(probe, 5)
             assert refused in ("UNAVAILABLE", "CANCELLED"), refused
             assert up.started == forwarded_before
-            assert await asyncio.wait_for(guard.proc.wait(), grace + 2) == 0
+            assert await guard.wait(grace + 2) == 0
             assert time.monotonic() - t_term < grace + 2
             await channel.close()
             log = guard.log()
@@ -157,7 +159,7 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(tmp_path: Pat
 
 async def test_a_call_outliving_the_grace_period_is_cut_off(tmp_path: Path) -> None:
     grace = 1.0
-    up = await start_upstream(Upstream(gate=asyncio.Event(), only="slow"))
+    up = await start_upstream(FakeUpstream(gate=asyncio.Event(), only="slow"))
     up.reply("slow", predict_response("slow", {"y": VALUES}))
     cfg = _clamping_config(tmp_path, up, "slow", shutdown_grace_s=grace)
     try:
@@ -175,7 +177,7 @@ async def test_a_call_outliving_the_grace_period_is_cut_off(tmp_path: Path) -> N
                 code, details = await asyncio.wait_for(stuck, grace + 10)
                 assert code == "UNAVAILABLE", (code, details)
                 assert "shutdown_grace_s (1 s) ran out" in details, details
-                assert await asyncio.wait_for(guard.proc.wait(), 10) == 0
+                assert await guard.wait(10) == 0
                 assert time.monotonic() - t_term >= grace
     finally:
         assert up.gate is not None
@@ -186,7 +188,7 @@ async def test_a_call_outliving_the_grace_period_is_cut_off(tmp_path: Path) -> N
 
 async def test_shed_calls_are_counted(make_guard: GuardFactory) -> None:
     cap = 2
-    up = await start_upstream(Upstream(gate=asyncio.Event()))
+    up = await start_upstream(FakeUpstream(gate=asyncio.Event()))
     up.reply("m", predict_response("m", {"y": VALUES}))
     try:
         guard = await make_guard(RULES, upstream=up.address, max_concurrent_rpcs=cap)

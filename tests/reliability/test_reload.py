@@ -14,14 +14,9 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from tests.conftest import predict_request, predict_response, scrape
-from tests.reliability._support import (
-    GuardProcess,
-    Upstream,
-    guard_process,
-    start_upstream,
-    write_atomic,
-)
+from tests.support.guard import GuardProcess, guard_process, scrape, write_atomic
+from tests.support.protos import predict_request, predict_response
+from tests.support.upstream import FakeUpstream, start_upstream
 
 VALUES = np.array([[0.7], [1.2]], dtype=np.float32)
 RULE_A = "{name: y, on_violation: clamp, threshold: 0.5, labels: [NO, YES]}"
@@ -105,7 +100,7 @@ class ConfigMapDir:
 
 
 async def test_sighup_reloads_and_a_bad_config_keeps_the_old_rules(tmp_path: Path) -> None:
-    up = await start_upstream(Upstream())
+    up = await start_upstream(FakeUpstream())
     up.reply("m", predict_response("m", {"y": VALUES}))
     cfg = tmp_path / "guard.yaml"
     cfg.write_text(_config(up.address, RULE_A))
@@ -133,7 +128,7 @@ async def test_sighup_reloads_and_a_bad_config_keeps_the_old_rules(tmp_path: Pat
 
 
 async def test_configmap_symlink_swap_is_picked_up_by_the_watcher(tmp_path: Path) -> None:
-    up = await start_upstream(Upstream())
+    up = await start_upstream(FakeUpstream())
     up.reply("m", predict_response("m", {"y": VALUES}))
     cm = ConfigMapDir(tmp_path / "configmap")
     cm.publish(_config(up.address, RULE_A))
@@ -159,7 +154,7 @@ async def test_configmap_symlink_swap_is_picked_up_by_the_watcher(tmp_path: Path
 async def test_traffic_through_reloads_sees_exactly_one_rule_set_per_response(
     tmp_path: Path,
 ) -> None:
-    up = await start_upstream(Upstream())
+    up = await start_upstream(FakeUpstream())
     up.reply("m", predict_response("m", {"y": VALUES}))
     cm = ConfigMapDir(tmp_path / "configmap")
     cm.publish(_config(up.address, RULE_A))
@@ -208,7 +203,7 @@ async def test_traffic_through_reloads_sees_exactly_one_rule_set_per_response(
 async def test_an_unreadable_config_counts_a_failure_and_the_watcher_survives(
     tmp_path: Path,
 ) -> None:
-    up = await start_upstream(Upstream())
+    up = await start_upstream(FakeUpstream())
     up.reply("m", predict_response("m", {"y": VALUES}))
     cfg = tmp_path / "guard.yaml"
     cfg.write_text(_config(up.address, RULE_A))

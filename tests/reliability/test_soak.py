@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.reliability._support import REPO
+from tests.support.guard import REPO
 
 
 def test_30_second_soak_accounts_for_every_request(tmp_path: Path) -> None:

@@ -14,17 +14,19 @@ import numpy as np
 import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from tests.conftest import GuardFactory, predict_request, predict_response
+from tests.conftest import GuardFactory
 from tests.reliability._certs import CA, Issued, serial_of
-from tests.reliability._support import Upstream, guard_process, start_upstream
+from tests.support.guard import guard_process
+from tests.support.protos import predict_request, predict_response
+from tests.support.upstream import FakeUpstream, start_upstream
 
 VALUES = np.array([[0.2], [1.3]], dtype=np.float32)
 RULES = {"models": [{"name": "m", "outputs": [{"name": "*", "on_violation": "clamp"}]}]}
 
 
 @pytest.fixture
-async def plain_upstream() -> AsyncIterator[Upstream]:
-    up = await start_upstream(Upstream())
+async def plain_upstream() -> AsyncIterator[FakeUpstream]:
+    up = await start_upstream(FakeUpstream())
     up.reply("m", predict_response("m", {"y": VALUES}))
     yield up
     assert up.server is not None
@@ -50,7 +52,7 @@ async def _predict(address: str, creds: grpc.ChannelCredentials | None) -> str:
 
 
 async def test_tls_listening_side(
-    make_guard: GuardFactory, plain_upstream: Upstream, tmp_path: Path
+    make_guard: GuardFactory, plain_upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     ca = CA()
     cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
@@ -64,7 +66,7 @@ async def test_tls_listening_side(
 
 
 async def test_mtls_listening_side_requires_a_client_certificate(
-    make_guard: GuardFactory, plain_upstream: Upstream, tmp_path: Path
+    make_guard: GuardFactory, plain_upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     ca = CA()
     cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
@@ -87,7 +89,7 @@ async def test_mtls_listening_side_requires_a_client_certificate(
 async def test_tls_to_the_upstream(make_guard: GuardFactory, tmp_path: Path, mutual: bool) -> None:
     ca = CA()
     server = ca.issue("tf-serving", server=True)
-    up = Upstream()
+    up = FakeUpstream()
     up.reply("m", predict_response("m", {"y": VALUES}))
     creds = grpc.ssl_server_credentials(
         [(server.key_pem, server.cert_pem)],
@@ -129,7 +131,7 @@ def _server_serial(port: int, ca_pem: bytes) -> int:
 
 
 async def test_server_certificate_reloads_on_change(
-    make_guard: GuardFactory, plain_upstream: Upstream, tmp_path: Path
+    make_guard: GuardFactory, plain_upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     ca = CA()
     first = ca.issue("guard", server=True)
@@ -171,7 +173,7 @@ def _listen_address(port: int) -> set[str]:
     ("listen", "expected"), [("127.0.0.1:0", {"0100007F"}), ("0.0.0.0:0", {"00000000"})]
 )
 async def test_metrics_listen_can_bind_to_loopback_only(
-    plain_upstream: Upstream, tmp_path: Path, listen: str, expected: set[str]
+    plain_upstream: FakeUpstream, tmp_path: Path, listen: str, expected: set[str]
 ) -> None:
     cfg = tmp_path / "guard.yaml"
     cfg.write_text(f"upstream: {plain_upstream.address}\n")
@@ -199,7 +201,7 @@ async def test_upstream_certificates_reload_on_change(
         return {"ca_file": str(ca_file), "cert_file": str(cert), "key_file": str(key)}
 
     old_ca, new_ca = CA("old CA"), CA("new CA")
-    up = Upstream()
+    up = FakeUpstream()
     up.reply("m", predict_response("m", {"y": VALUES}))
     await start_upstream(up, mtls_upstream(old_ca))
     files = rotate_guard_files(old_ca)

@@ -1,10 +1,9 @@
-"""Upstream faults: killed, slow, cancelled, garbage, oversized (issue 6, section 1)."""
+"""FakeUpstream faults: killed, slow, cancelled, garbage, oversized (issue 6, section 1)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import os
 import signal
 import sys
@@ -18,15 +17,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import GuardFactory, predict_request, predict_response, scrape
-from tests.reliability._support import (
-    PREDICT,
-    Upstream,
-    rss_kb,
-    start_upstream,
-    stop_process,
-    wait_for_file,
-)
+from guard.control.process import Child, start
+from tests.conftest import GuardFactory
+from tests.support.guard import rss_kb, scrape
+from tests.support.protos import predict_request, predict_response
+from tests.support.upstream import PREDICT, FakeUpstream, start_upstream
 
 RULES = {
     "models": [
@@ -53,18 +48,14 @@ async def _code(call: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-async def _start_upstream_proc(tmp: Path, port: int = 0) -> tuple[asyncio.subprocess.Process, int]:
+async def _start_upstream_proc(tmp: Path, port: int = 0) -> tuple[Child, int]:
     response = tmp / "response.bin"
     if not response.exists():
         response.write_bytes(predict_response("m", {"y": VALUES}).SerializeToString())
-    port_file = tmp / f"upstream-{port}-{time.monotonic_ns()}.json"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(UPSTREAM_PROC), "--port", str(port), "--port-file", str(port_file),
-        "--response-file", str(response), "--slow-model", "slow", "--slow-s", "60",
-    )  # fmt: skip
-    await wait_for_file(port_file, proc, bound_s=30)
-
-    return proc, int(json.loads(port_file.read_text())["grpc"])
+    argv = [sys.executable, str(UPSTREAM_PROC), "--port", str(port),
+            "--response-file", str(response), "--slow-model", "slow", "--slow-s", "60"]  # fmt: skip
+    child = await asyncio.to_thread(start, argv, timeout_s=30)
+    return child, int(child.ports["grpc"])
 
 
 async def test_upstream_killed_mid_traffic_then_back_on_the_same_port(
@@ -94,8 +85,8 @@ async def test_upstream_killed_mid_traffic_then_back_on_the_same_port(
                 break
             await asyncio.sleep(0.01)
         assert (guard.sample("guard_inflight_requests") or 0) >= 8
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
+        proc.process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(proc.process.wait)
 
         # In-flight calls fail with UNAVAILABLE, not at their 10 s deadline.
         stuck_codes = await asyncio.wait_for(
@@ -131,13 +122,14 @@ async def test_upstream_killed_mid_traffic_then_back_on_the_same_port(
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
         assert codes[grpc.StatusCode.OK] > 0
     finally:
-        await stop_process(proc)
+        proc.process.kill()
+        await asyncio.to_thread(proc.process.wait)
 
 
 async def test_client_deadline_reaches_the_upstream_which_sees_the_cancellation(
     make_guard: GuardFactory,
 ) -> None:
-    up = await start_upstream(Upstream(gate=asyncio.Event()))
+    up = await start_upstream(FakeUpstream(gate=asyncio.Event()))
     try:
         guard = await make_guard(RULES, upstream=up.address, default_timeout_s=30)
         t0 = time.monotonic()
@@ -155,7 +147,7 @@ async def test_client_deadline_reaches_the_upstream_which_sees_the_cancellation(
 
 
 async def test_without_client_deadline_default_timeout_applies(make_guard: GuardFactory) -> None:
-    up = await start_upstream(Upstream(gate=asyncio.Event()))
+    up = await start_upstream(FakeUpstream(gate=asyncio.Event()))
     try:
         guard = await make_guard(RULES, upstream=up.address, default_timeout_s=1.0)
         t0 = time.monotonic()
@@ -177,7 +169,7 @@ def _python_tasks() -> int:
 
 
 async def test_client_cancel_cancels_upstream_and_leaks_nothing(make_guard: GuardFactory) -> None:
-    up = await start_upstream(Upstream(gate=asyncio.Event()))
+    up = await start_upstream(FakeUpstream(gate=asyncio.Event()))
     try:
         guard = await make_guard(RULES, upstream=up.address)
         stub = guard.stub
@@ -249,7 +241,7 @@ BAD_BODIES = {
 async def test_garbage_and_truncated_responses_are_internal_and_counted(
     make_guard: GuardFactory,
 ) -> None:
-    up = await start_upstream(Upstream())
+    up = await start_upstream(FakeUpstream())
     try:
         guard = await make_guard(RULES, upstream=up.address)
         for i, (case, body) in enumerate(BAD_BODIES.items(), 1):
@@ -271,7 +263,7 @@ async def test_garbage_and_truncated_responses_are_internal_and_counted(
 async def test_size_limits_name_the_config_key_and_stop_big_requests_early(
     make_guard: GuardFactory,
 ) -> None:
-    up = await start_upstream(Upstream())
+    up = await start_upstream(FakeUpstream())
     big = np.zeros((2 * 1024 * 1024,), dtype=np.float32)  # 8 MiB
     up.reply("m", predict_response("m", {"y": big}, encoding="content"))
     try:
@@ -297,7 +289,7 @@ async def test_a_200mb_response_passes_intact_within_a_raised_limit(
     values = np.random.default_rng(0).random(50 * 1024 * 1024, dtype=np.float32)  # 200 MiB
     body = predict_response("m", {"y": values}, encoding="content").SerializeToString()
     del values
-    up = await start_upstream(Upstream())
+    up = await start_upstream(FakeUpstream())
     up.reply("m", body)
     rules = {"models": [{"name": "m", "outputs": [{"name": "y", "on_violation": "observe"}]}]}
     try:

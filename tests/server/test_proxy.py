@@ -17,14 +17,9 @@ from tensorflow_serving.apis import (
     predict_pb2,
 )
 
-from tests.conftest import (
-    ECHO_METHOD,
-    FakeUpstream,
-    GuardFactory,
-    predict_request,
-    predict_response,
-    start_upstream,
-)
+from tests.conftest import GuardFactory
+from tests.support.protos import predict_request, predict_response
+from tests.support.upstream import ECHO_METHOD, FakeUpstream, start_upstream
 
 WIDE_DEEP = {
     "models": [
@@ -138,13 +133,14 @@ async def test_client_metadata_and_deadline_reach_upstream(
     await guard.stub.Predict(
         predict_request("wide_deep"), metadata=(("x-request-id", "abc"),), timeout=3.0
     )
-    seen = upstream.received[-1]
+    # The health probe (every 0.2 s here) may land in between: look at Predicts only.
+    seen = [r for r in upstream.received if r.method == "Predict"][-1]
     assert seen.metadata.get("x-request-id") == "abc"
     assert seen.time_remaining is not None and 1.0 < seen.time_remaining <= 3.1
     # Without a client deadline, default_timeout_s applies (gRPC rounds the
     # timeout it sends up, hence the small slack).
     await guard.stub.Predict(predict_request("wide_deep"))
-    seen = upstream.received[-1]
+    seen = [r for r in upstream.received if r.method == "Predict"][-1]
     assert seen.time_remaining is not None and 3.1 < seen.time_remaining <= 7.1
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from guard.control.process import write_port_file
 from guard.dev.backend._tensors import dtype_name, to_tensor_proto
 
 logger = logging.getLogger(__name__)
@@ -497,12 +497,6 @@ def log_device() -> str:
     return "CPU"
 
 
-def _write_port_file(path: Path, port: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{port}\n")
-    os.replace(tmp, path)
-
-
 @dataclass
 class ServeOptions:
     """Everything ``guard backend`` needs to run."""
@@ -547,7 +541,7 @@ async def serve(options: ServeOptions) -> None:
             "serving %s on %s:%d (responses as %s)", ", ".join(models), host, port, encoding
         )
         if options.port_file is not None:
-            _write_port_file(options.port_file, port)
+            write_port_file(options.port_file, {"grpc": port})
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -10,10 +10,6 @@ official client protos); the guard process it starts never does.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -23,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from guard.control.process import ChildStartError, guard_argv, start
 from guard.dev.backend import start_backend
 from guard.dev.models import BINARY_MLP, MODELS, SOFTMAX_201, WIDE_DEEP, build_models, demo_inputs
 
@@ -53,31 +50,16 @@ class _Timer:
 
 @contextlib.contextmanager
 def _guard_process(config: Path, upstream: str, log: Path) -> Iterator[dict[str, int]]:
-    with tempfile.TemporaryDirectory(prefix="guard-demo-") as tmp:
-        port_file = Path(tmp) / "ports.json"
-        cmd = [sys.executable, "-m", "guard", "serve", "--config", str(config),
-               "--upstream", upstream, "--listen", "127.0.0.1:0",
-               "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file)]  # fmt: skip
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + 60
-            while not port_file.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"the guard did not start (exit {proc.poll()}); its log:\n"
-                        + log.read_text(errors="replace")[-3000:]
-                    )
-                time.sleep(0.05)
-            yield json.loads(port_file.read_text())
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    argv = guard_argv(
+        "serve", "--config", str(config), "--upstream", upstream,
+        "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+    )  # fmt: skip
+    try:
+        child = start(argv, log_path=log)
+    except ChildStartError as exc:
+        raise RuntimeError(f"the guard did not start: {exc}") from None
+    with child:
+        yield child.ports
 
 
 def _request(model: str, inputs: dict[str, np.ndarray]) -> Any:

@@ -1,0 +1,207 @@
+"""The ``models:`` section: model and output rules read from YAML and checked.
+
+Every error names the file, the rule (model/signature/output) and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+from guard.control.validate import (
+    Problems,
+    as_bool,
+    as_float,
+    as_int,
+    as_labels,
+    as_range,
+    as_str,
+    as_threshold,
+    check_keys,
+    get,
+)
+from guard.dataplane.rulespec import (
+    ACTIVATIONS,
+    ANY,
+    POLICIES,
+    SERVING_DEFAULT,
+    Activation,
+    ModelRule,
+    OutputRule,
+    Policy,
+)
+
+__all__ = ["parse_models"]
+
+_MODEL_KEYS = ("name", "signature", "outputs")
+
+
+def _as_choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError("")
+        return value
+
+    return convert
+
+
+_D = OutputRule()
+#: Each output field: its default, how it is read, and what is allowed.
+_OUTPUT_FIELDS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
+    "activation": ("none", _as_choice(ACTIVATIONS), f"use one of {', '.join(ACTIVATIONS)}"),
+    "valid_range": (_D.valid_range, as_range, "give [min, max] with min < max"),
+    "check_sum": (_D.check_sum, as_bool, "use true or false"),
+    "sum_tolerance": (
+        _D.sum_tolerance,
+        as_float(0.0, 1.0, lo_open=True),
+        "give a number in (0, 1]",
+    ),
+    "on_violation": ("observe", _as_choice(POLICIES), f"use one of {', '.join(POLICIES)}"),
+    "threshold": (None, as_threshold, "give a number or a list of numbers"),
+    "argmax": (False, as_bool, "use true or false"),
+    "top_k": (0, as_int(0, 1_000_000), "give a whole number >= 0"),
+    "labels": (None, as_labels, "give a list of strings"),
+}
+_OUTPUT_KEYS = ("name", *_OUTPUT_FIELDS, "labels_file")
+
+
+def _read_labels_file(
+    problems: Problems, where: str, raw: Any, base_dir: Path
+) -> tuple[str, ...] | None:
+    if not isinstance(raw, str):
+        problems.add(where, f"field 'labels_file': {raw!r} is not allowed; give a file path")
+        return None
+    path = base_dir / raw
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        problems.add(where, f"field 'labels_file': cannot read '{path}': {exc.strerror}")
+        return None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            problems.add(
+                where, f"field 'labels_file': '{path}' line {i} is empty; one label per line"
+            )
+            return None
+    if not lines:
+        problems.add(where, f"field 'labels_file': '{path}' has no labels")
+        return None
+    return tuple(line.strip() for line in lines)
+
+
+def _check_combinations(problems: Problems, where: str, v: dict[str, Any]) -> None:
+    """The rules between fields."""
+    lo, hi = v["valid_range"]
+    if v["check_sum"] and v["on_violation"] == "clamp" and (lo != 0.0 or hi < 1.0):
+        problems.add(
+            where,
+            "field 'valid_range': check_sum with on_violation: clamp renormalises rows into "
+            f"[0, 1], which needs valid_range [0, max] with max >= 1, got {[lo, hi]}",
+        )
+    if v["threshold"] is not None and v["argmax"]:
+        problems.add(
+            where,
+            "fields 'threshold' and 'argmax' exclude each other; a threshold is for "
+            "binary/multi-label outputs, argmax for single-label multi-class outputs",
+        )
+    labels = v["labels"]
+    if labels is None:
+        return
+    if v["threshold"] is None and not v["argmax"] and v["top_k"] == 0:
+        problems.add(where, "field 'labels' needs 'threshold', 'argmax' or 'top_k' to label")
+    elif v["threshold"] is not None and len(labels) != 2:
+        problems.add(
+            where,
+            f"field 'labels': a threshold needs exactly 2 labels (for 0 and 1), got {len(labels)}",
+        )
+
+
+def _parse_output(
+    problems: Problems, where: str, data: Any, base_dir: Path, source: str
+) -> OutputRule | None:
+    if not isinstance(data, dict):
+        problems.add(where, "must be a mapping (name, activation, valid_range, ...)")
+        return None
+    name = get(problems, where, data, "name", ANY, as_str, "give the output alias or '*'")
+    where = f"{where} (output '{name}')"
+    check_keys(problems, where, data, _OUTPUT_KEYS)
+    v = {
+        key: get(problems, where, data, key, default, convert, allowed)
+        for key, (default, convert, allowed) in _OUTPUT_FIELDS.items()
+    }
+    if "labels_file" in data:
+        if "labels" in data:
+            problems.add(where, "fields 'labels' and 'labels_file' exclude each other; give one")
+        else:
+            v["labels"] = _read_labels_file(problems, where, data["labels_file"], base_dir)
+    _check_combinations(problems, where, v)
+    v["activation"] = cast(Activation, v["activation"])
+    v["on_violation"] = cast(Policy, v["on_violation"])
+    return OutputRule(name=name, where=f"{source}: {where}", **v)
+
+
+def _parse_outputs(
+    problems: Problems, where: str, raw_outputs: Any, base_dir: Path, source: str
+) -> tuple[OutputRule, ...]:
+    if not isinstance(raw_outputs, list) or not raw_outputs:
+        problems.add(where, "field 'outputs': give a non-empty list of output rules")
+        return ()
+    outputs: list[OutputRule] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_outputs):
+        rule = _parse_output(problems, f"{where} outputs[{i}]", raw, base_dir, source)
+        if rule is None:
+            continue
+        if rule.name in seen:
+            problems.add(
+                f"{where} outputs[{i}]", f"output '{rule.name}' has a rule already in this model"
+            )
+        seen.add(rule.name)
+        outputs.append(rule)
+    return tuple(outputs)
+
+
+def _parse_model(
+    problems: Problems, where: str, data: Any, base_dir: Path, source: str
+) -> ModelRule | None:
+    if not isinstance(data, dict):
+        problems.add(where, "must be a mapping with name, signature, outputs")
+        return None
+    name = get(problems, where, data, "name", "", as_str, "give the model name or '*'")
+    if not name:
+        problems.add(
+            where, "field 'name' is required; give the model name (model_spec.name) or '*'"
+        )
+    where = f"{where} (model '{name}')"
+    check_keys(problems, where, data, _MODEL_KEYS)
+    signature = get(problems, where, data, "signature", ANY, as_str, "give a signature name or '*'")
+    outputs = _parse_outputs(problems, where, data.get("outputs", []), base_dir, source)
+    return ModelRule(name=name, signature=signature or SERVING_DEFAULT, outputs=outputs)
+
+
+def parse_models(
+    problems: Problems, raw_models: Any, base_dir: Path, source: str
+) -> tuple[ModelRule, ...]:
+    """The ``models:`` list; problems are recorded, not raised."""
+    if not isinstance(raw_models, list):
+        problems.add("", "field 'models': give a list of model rules")
+        return ()
+    models: list[ModelRule] = []
+    seen: set[tuple[str, str]] = set()
+    for i, raw in enumerate(raw_models):
+        model = _parse_model(problems, f"models[{i}]", raw, base_dir, source)
+        if model is None:
+            continue
+        key = (model.name, model.signature)
+        if key in seen:
+            problems.add(
+                f"models[{i}] (model '{model.name}')",
+                f"model '{model.name}' signature '{model.signature}' has a rule already; "
+                "merge the two entries",
+            )
+        seen.add(key)
+        models.append(model)
+    return tuple(models)

@@ -1,0 +1,59 @@
+"""Summing the samples of several guard processes into one /metrics."""
+
+from __future__ import annotations
+
+import logging
+import urllib.request
+from collections.abc import Iterator, Sequence
+
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+__all__ = ["AggregatingCollector"]
+
+logger = logging.getLogger("guard.workers")
+
+# Gauges are summed (in-flight calls add up) except these, where the most
+# pessimistic worker speaks for the pod.
+_GAUGE_MIN = frozenset({"guard_upstream_up"})
+
+
+class AggregatingCollector(Collector):
+    """Scrapes each worker's /metrics and yields the sums."""
+
+    def __init__(self, urls: Sequence[str], timeout_s: float = 2.0) -> None:
+        self._urls = list(urls)
+        self._timeout = timeout_s
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for url in self._urls:
+            try:
+                with urllib.request.urlopen(url, timeout=self._timeout) as resp:  # noqa: S310
+                    text = resp.read().decode("utf-8")
+            except OSError as exc:
+                logger.warning("worker metrics at %s unreachable: %s", url, exc)
+                continue
+            for family in text_string_to_metric_families(text):
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = Metric(family.name, family.documentation, family.type)
+                    families[family.name] = merged
+                    values[family.name] = {}
+                bucket = values[family.name]
+                for s in family.samples:
+                    if s.name.endswith("_created"):
+                        continue  # a timestamp per worker; a sum means nothing
+                    key = (s.name, tuple(sorted(s.labels.items())))
+                    if key not in bucket:
+                        bucket[key] = s.value
+                    elif family.type == "gauge" and family.name in _GAUGE_MIN:
+                        bucket[key] = min(bucket[key], s.value)
+                    else:
+                        bucket[key] += s.value
+        for name, metric in families.items():
+            for (sample_name, labels), value in values[name].items():
+                metric.add_sample(sample_name, dict(labels), value)
+            yield metric

@@ -1,0 +1,152 @@
+"""The upstream: one channel to TF Serving, rebuilt when its TLS files
+change, and a probe that follows whether it answers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from guard.control.config import Config
+from guard.control.files import FileWatcher
+from guard.dataplane.cache import BoundedCache
+from guard.server import tls
+
+__all__ = ["Upstream", "channel_options"]
+
+logger = logging.getLogger("guard.upstream")
+
+_PROBE = "/tensorflow.serving.ModelService/GetModelStatus"
+_UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# Clients choose method names: the per-method callables are a bounded cache.
+_METHODS_MAX = 256
+_METHOD_NAME_MAX_BYTES = 1024
+
+
+def channel_options(config: Config) -> list[tuple[str, Any]]:
+    """Options for the channel to the upstream."""
+    size = config.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        # Reconnect within about a second of the upstream coming back, not
+        # after gRPC's default back-off of up to two minutes.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+class _Channel:
+    """One channel and its per-method callables. Replaced whole when the TLS
+    files change, so no call mixes two channels."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self._calls: BoundedCache[str, Any] = BoundedCache(
+            _METHODS_MAX, max_key_bytes=_METHOD_NAME_MAX_BYTES, weigh=len
+        )
+
+    def unary(self, method: str) -> Any:
+        """The raw-bytes unary callable for ``method``."""
+        return self._calls.get_or_make(method, lambda: self.channel.unary_unary(method))
+
+
+class Upstream:
+    """TF Serving, as the guard reaches it."""
+
+    def __init__(self, config: Config, on_state: Callable[[bool], None]) -> None:
+        if config.upstream is None:
+            raise ValueError("config.upstream must be set before the server starts")
+        self.config = config
+        self._on_state = on_state
+        self.up: bool | None = None
+        self._current = _Channel(self._new_channel())
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel new calls go on."""
+        return self._current.channel
+
+    def unary(self, method: str) -> Any:
+        """The raw-bytes unary callable for ``method`` on the current channel."""
+        return self._current.unary(method)
+
+    def _new_channel(self) -> grpc.aio.Channel:
+        assert self.config.upstream is not None
+        options = channel_options(self.config)
+        upstream_tls = self.config.upstream_tls
+        if upstream_tls is None:
+            return grpc.aio.insecure_channel(self.config.upstream, options)
+        if upstream_tls.server_name:
+            options.append(("grpc.ssl_target_name_override", upstream_tls.server_name))
+        creds = tls.channel_credentials(upstream_tls)
+        return grpc.aio.secure_channel(self.config.upstream, creds, options)
+
+    async def start(self) -> None:
+        """Probe once, then keep probing (and watching the TLS files)."""
+        await self.probe()
+        self._tasks.append(asyncio.create_task(self._probe_loop(), name="guard-upstream-probe"))
+        upstream_tls = self.config.upstream_tls
+        if upstream_tls is not None:
+            paths = (upstream_tls.ca_file, upstream_tls.cert_file, upstream_tls.key_file)
+            watcher = FileWatcher(paths, self._rotate)
+            self._tasks.append(asyncio.create_task(watcher.run(), name="guard-upstream-tls"))
+
+    def stop_watching(self) -> None:
+        """Stop the probe and the TLS watcher."""
+        for task in self._tasks:
+            task.cancel()
+
+    async def close(self) -> None:
+        """Close the channel: calls still on it end."""
+        await self._current.channel.close()
+
+    def _rotate(self) -> bool:
+        """Rebuild the channel with the new certificates."""
+        try:
+            channel = self._new_channel()
+        except OSError as exc:  # a file mid-rotation: try again on the next tick
+            logger.warning("upstream TLS files changed but cannot be read yet: %s", exc)
+            return False
+        old, self._current = self._current, _Channel(channel)
+        logger.info("upstream TLS files changed: reconnecting with the new certificates")
+        # Calls already on the old channel finish (their deadline bounds them).
+        asyncio.create_task(old.channel.close(grace=self.config.default_timeout_s))
+        return True
+
+    # ---------------------------------------------------------------- health
+
+    async def probe(self) -> None:
+        """Ask the upstream once whether it answers."""
+        timeout = max(self.config.health_check_interval_s, 0.5)
+        try:
+            await self.unary(_PROBE)(b"", timeout=timeout)
+            up = True
+        except grpc.aio.AioRpcError as exc:
+            # Any answer, even an error about the empty request, means it is up.
+            up = exc.code() not in _UNAVAILABLE_CODES
+        self.set_up(up)
+
+    def set_up(self, up: bool) -> None:
+        """Record whether the upstream answers (a failed call says it does not)."""
+        if up == self.up:
+            return
+        self.up = up
+        self._on_state(up)
+        logger.info("upstream %s is %s", self.config.upstream, "up" if up else "DOWN")
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_check_interval_s)
+            try:
+                await self.probe()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the probe die silently
+                logger.exception("upstream probe failed")
