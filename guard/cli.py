@@ -147,23 +147,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "serve":
-            return _cmd_serve(args)
-        if args.command == "check":
-            return _cmd_check(args)
-        if getattr(args, "plugin", None):
-            if getattr(args, "plugin_missing", False):
-                print(f"guard {args.command}: not available in this install", file=sys.stderr)
-                return 2
-            code: int = importlib.import_module(args.plugin).run(args)
-            return code
+        return _dispatch(parser, args)
     except ConfigError as exc:
         print(f"guard: config error:\n{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    parser.print_help()
-    return 2
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        return _cmd_serve(args)
+    if args.command == "check":
+        return _cmd_check(args)
+    if not getattr(args, "plugin", None):
+        parser.print_help()
+        return 2
+    if getattr(args, "plugin_missing", False):
+        print(f"guard {args.command}: not available in this install", file=sys.stderr)
+        return 2
+    code: int = importlib.import_module(args.plugin).run(args)
+    return code
 
 
 if __name__ == "__main__":

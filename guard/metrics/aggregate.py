@@ -28,32 +28,42 @@ class AggregatingCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
-        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        values: dict[str, dict[_Key, float]] = {}
         for url in self._urls:
-            try:
-                with urllib.request.urlopen(url, timeout=self._timeout) as resp:  # noqa: S310
-                    text = resp.read().decode("utf-8")
-            except OSError as exc:
-                logger.warning("worker metrics at %s unreachable: %s", url, exc)
-                continue
-            for family in text_string_to_metric_families(text):
-                merged = families.get(family.name)
-                if merged is None:
-                    merged = Metric(family.name, family.documentation, family.type)
-                    families[family.name] = merged
+            text = self._scrape(url)
+            for family in text_string_to_metric_families(text) if text else ():
+                if family.name not in families:
+                    families[family.name] = Metric(family.name, family.documentation, family.type)
                     values[family.name] = {}
-                bucket = values[family.name]
-                for s in family.samples:
-                    if s.name.endswith("_created"):
-                        continue  # a timestamp per worker; a sum means nothing
-                    key = (s.name, tuple(sorted(s.labels.items())))
-                    if key not in bucket:
-                        bucket[key] = s.value
-                    elif family.type == "gauge" and family.name in _GAUGE_MIN:
-                        bucket[key] = min(bucket[key], s.value)
-                    else:
-                        bucket[key] += s.value
+                _add(values[family.name], family)
         for name, metric in families.items():
             for (sample_name, labels), value in values[name].items():
                 metric.add_sample(sample_name, dict(labels), value)
             yield metric
+
+    def _scrape(self, url: str) -> str | None:
+        try:
+            with urllib.request.urlopen(url, timeout=self._timeout) as resp:  # noqa: S310
+                text: str = resp.read().decode("utf-8")
+                return text
+        except OSError as exc:
+            logger.warning("worker metrics at %s unreachable: %s", url, exc)
+            return None
+
+
+_Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _add(bucket: dict[_Key, float], family: Metric) -> None:
+    """Add one worker's samples of ``family`` into ``bucket``."""
+    pessimistic = family.type == "gauge" and family.name in _GAUGE_MIN
+    for s in family.samples:
+        if s.name.endswith("_created"):
+            continue  # a timestamp per worker; a sum means nothing
+        key = (s.name, tuple(sorted(s.labels.items())))
+        if key not in bucket:
+            bucket[key] = s.value
+        elif pessimistic:
+            bucket[key] = min(bucket[key], s.value)
+        else:
+            bucket[key] += s.value

@@ -15,7 +15,7 @@ from guard.control.files import FileWatcher
 from guard.dataplane.cache import BoundedCache
 from guard.server import tls
 
-__all__ = ["Upstream", "channel_options"]
+__all__ = ["Upstream", "channel_options", "upstream_channel_args"]
 
 logger = logging.getLogger("guard.upstream")
 
@@ -39,6 +39,20 @@ def channel_options(config: Config) -> list[tuple[str, Any]]:
         ("grpc.max_reconnect_backoff_ms", 1000),
         ("grpc.enable_retries", 0),
     ]
+
+
+def upstream_channel_args(
+    config: Config,
+) -> tuple[list[tuple[str, Any]], grpc.ChannelCredentials | None]:
+    """The options and (with ``upstream_tls``) credentials of a channel to the
+    upstream; the files are read now (raises OSError while one is missing)."""
+    options = channel_options(config)
+    upstream_tls = config.upstream_tls
+    if upstream_tls is None:
+        return options, None
+    if upstream_tls.server_name:
+        options.append(("grpc.ssl_target_name_override", upstream_tls.server_name))
+    return options, tls.channel_credentials(upstream_tls)
 
 
 class _Channel:
@@ -79,14 +93,10 @@ class Upstream:
 
     def _new_channel(self) -> grpc.aio.Channel:
         assert self.config.upstream is not None
-        options = channel_options(self.config)
-        upstream_tls = self.config.upstream_tls
-        if upstream_tls is None:
+        options, credentials = upstream_channel_args(self.config)
+        if credentials is None:
             return grpc.aio.insecure_channel(self.config.upstream, options)
-        if upstream_tls.server_name:
-            options.append(("grpc.ssl_target_name_override", upstream_tls.server_name))
-        creds = tls.channel_credentials(upstream_tls)
-        return grpc.aio.secure_channel(self.config.upstream, creds, options)
+        return grpc.aio.secure_channel(self.config.upstream, credentials, options)
 
     async def start(self) -> None:
         """Probe once, then keep probing (and watching the TLS files)."""

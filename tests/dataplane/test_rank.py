@@ -280,6 +280,7 @@ def guarded_cases(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
 
 def run_pipeline(output: dict[str, Any], body: bytes, kernels: Any = None) -> tuple[Any, bytes]:
     guard = Guard([{"name": "wide_deep", "outputs": [output]}], kernels)
+    guarded: Any
     try:
         guarded = guard(body)
     except GuardError as exc:

@@ -7,7 +7,7 @@ top-k with a stable argsort; hypothesis drives random shapes and values
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from guard.control.config import OutputRule, parse_config
 from guard.dataplane.errors import ConfigError, GuardError, LabelMismatchError, OutputShapeError
-from guard.dataplane.results import Action
-from guard.dataplane.rules import Counts, OutputResult, apply_rule, label_table
+from guard.dataplane.results import Action, Counts, OutputResult
+from guard.dataplane.rules import apply_rule, label_table
 
 FLOATS = [np.float16, np.float32, np.float64]
 
@@ -295,7 +295,7 @@ def test_threshold_needs_exactly_two_labels_in_config() -> None:
 def test_dtype_is_kept_through_activation_and_clamp(dtype: Any) -> None:
     x = np.array([[3.0, -1.0], [0.5, 0.25]], dtype=dtype)
     for rule in ({"activation": "softmax"}, {"on_violation": "clamp"}, {"activation": "sigmoid"}):
-        result = run(x, argmax=True, **rule)
+        result = run(x, argmax=True, **rule)  # type: ignore[arg-type]
         assert result.values.dtype == dtype
         assert derived(result)["_score"].dtype == dtype
 
@@ -359,7 +359,7 @@ def arrays(draw: st.DrawFn) -> np.ndarray[Any, Any]:
     # The class axis is never zero-wide here (a known bug has its own test above).
     shape = tuple(lead + [draw(st.integers(1, 6))]) if rank else ()
     n = int(np.prod(shape, dtype=np.int64))
-    width = {np.float16: 16, np.float32: 32, np.float64: 64}[dtype]
+    width: Literal[16, 32, 64] = {np.float16: 16, np.float32: 32, np.float64: 64}[dtype]  # type: ignore[assignment]
     element = st.one_of(
         st.floats(width=width),
         st.sampled_from(SPECIAL + EXTREMES[dtype]),

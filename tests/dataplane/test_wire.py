@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import tracemalloc
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -651,7 +651,7 @@ def official_tensors(draw: st.DrawFn) -> tuple[bytes, np.ndarray[Any, Any], str]
     dtype = draw(st.sampled_from(FLOATS))
     shape = tuple(draw(st.lists(st.integers(0, 4), max_size=3)))
     numel = int(np.prod(shape, dtype=np.int64))
-    width = {np.float16: 16, np.float32: 32, np.float64: 64}[dtype]
+    width: Literal[16, 32, 64] = {np.float16: 16, np.float32: 32, np.float64: 64}[dtype]  # type: ignore[assignment]
     flat = draw(
         st.lists(
             st.floats(width=width, allow_nan=True, allow_infinity=True),

@@ -183,7 +183,7 @@ def seeds() -> list[bytes]:
     Built with the guard's own encoder (no TensorFlow needed to fuzz); the
     differential tests prove that encoder equal to TensorFlow's.
     """
-    out = []
+    out: list[bytes] = []
     for dtype in (np.float16, np.float32, np.float64):
         for encoding in Encoding:
             for shape in ((), (3,), (2, 1), (2, 3), (1, 2, 2)):

@@ -18,6 +18,7 @@ from tensorflow_serving.apis import (
 )
 
 from tests.conftest import GuardFactory
+from tests.support.guard import scrape
 from tests.support.protos import predict_request, predict_response
 from tests.support.upstream import ECHO_METHOD, FakeUpstream, start_upstream
 
@@ -378,8 +379,10 @@ async def test_label_count_mismatch_is_internal(
 async def test_undecodable_upstream_response_is_internal_and_counted(
     make_guard: GuardFactory, payload: bytes
 ) -> None:
-    fake = FakeUpstream(raw_predict={"wide_deep": payload})
-    server = await start_upstream(fake)
+    fake = await start_upstream(FakeUpstream())
+    fake.reply("wide_deep", payload)
+    server = fake.server
+    assert server is not None
     try:
         guard = await make_guard(WIDE_DEEP, upstream=fake.address)
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -405,7 +408,7 @@ async def test_unknown_model_names_do_not_create_series(
     for i in range(50):
         with pytest.raises(grpc.aio.AioRpcError):
             await guard.stub.Predict(predict_request(f"made-up-{i}"))
-    text = [f for f in __import__("tests.conftest").conftest.scrape(guard.metrics_url)]
+    text = scrape(guard.metrics_url)
     models = {s.labels.get("model") for f in text for s in f.samples if "model" in s.labels}
     assert models <= {"wide_deep", "__other__"}
     assert (
@@ -426,8 +429,9 @@ async def _health(channel: grpc.aio.Channel, service: str = "") -> int:
 
 
 async def test_health_follows_upstream(make_guard: GuardFactory) -> None:
-    fake = FakeUpstream()
-    server = await start_upstream(fake)
+    fake = await start_upstream(FakeUpstream())
+    server = fake.server
+    assert server is not None
     guard = await make_guard(WIDE_DEEP, upstream=fake.address)
     assert await _health(guard.channel) == health_pb2.HealthCheckResponse.SERVING
     assert guard.sample("guard_upstream_up") == 1
@@ -442,7 +446,10 @@ async def test_health_follows_upstream(make_guard: GuardFactory) -> None:
         await guard.stub.Predict(predict_request("wide_deep"), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     # The upstream comes back on the same port: the guard recovers by itself.
-    server = await start_upstream(fake)
+    fake.address = f"127.0.0.1:{fake.address.rsplit(':', 1)[1]}"
+    await start_upstream(fake)
+    server = fake.server
+    assert server is not None
     try:
         fake.reply("wide_deep", predict_response("wide_deep", {"y": SEED_VALUES}))
         for _ in range(100):

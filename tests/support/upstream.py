@@ -122,6 +122,7 @@ class FakeUpstream:
                 grpc.StatusCode.NOT_FOUND,
                 f"Servable not found for request: Latest({request.model_spec.name})",
             )
+            raise AssertionError("abort() returned")  # it raises; for type checkers
         self.finished += 1
         result = answer(request)
         if isinstance(result, tuple):
