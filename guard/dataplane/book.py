@@ -16,7 +16,7 @@ from guard.dataplane import kernels as kernels_module
 from guard.dataplane.cache import BoundedCache
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.kernels import Kernels
-from guard.dataplane.lanes import Lane
+from guard.dataplane.lanes import Lane, OutputSpec
 from guard.dataplane.rules import label_table
 from guard.dataplane.rulespec import ANY, ModelRule, OutputRule
 from guard.dataplane.sink import LabelTable
@@ -77,12 +77,10 @@ class SignatureRules:
     ) -> Lane | None:
         """The native route for this output's shape, dtype and encoding, if any."""
         key = (name, values.shape, values.dtype, encoding)
-        return self._lanes.get_or_make(
-            key,
-            lambda: self._kernels.lane(
-                name, compiled.rule, compiled.labels, values.shape, values.dtype, encoding
-            ),
+        spec = OutputSpec(
+            name, compiled.rule, compiled.labels, values.shape, values.dtype, encoding
         )
+        return self._lanes.get_or_make(key, lambda: self._kernels.lane(spec))
 
 
 class RuleBook:

@@ -2,7 +2,8 @@
 
 Two implementations of :class:`Kernels` exist. :class:`Native` reads a
 response's layout in place (``_walk``) and checks, ranks and encodes a clean
-output in one call (``_rank``). :data:`REFERENCE` does neither, so every
+output in one call (``_rank``). :data:`REFERENCE` (the base class) does
+neither, so every
 response takes the numpy and protobuf path, which stays the reference the
 native one is tested against. The rule book is given one of them, so tests
 switch routes by injection.
@@ -11,59 +12,29 @@ switch routes by injection.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Protocol
-
-import numpy as np
 
 from guard.dataplane.codec.response import Walked
-from guard.dataplane.codec.tensor import Encoding
-from guard.dataplane.lanes import Lane, make_lane
-from guard.dataplane.rulespec import OutputRule
+from guard.dataplane.lanes import Lane, OutputSpec, make_lane
 
-__all__ = ["MISSING", "NATIVE", "REFERENCE", "Kernels", "Native", "Reference", "default"]
+__all__ = ["MISSING", "NATIVE", "REFERENCE", "Kernels", "Native", "default"]
 
 
-class Kernels(Protocol):
-    """What the data plane asks of its native modules."""
-
-    name: str
-
-    def walk(self, data: bytes) -> Walked | None:
-        """The response's layout read in place, or ``None`` (protobuf decides)."""
-
-    def lane(
-        self,
-        name: str,
-        rule: OutputRule,
-        labels: np.ndarray[Any, Any] | None,
-        shape: tuple[int, ...],
-        dtype: np.dtype[Any],
-        encoding: Encoding,
-    ) -> Lane | None:
-        """The native route for one output, or ``None`` (numpy decides)."""
-
-
-class Reference:
-    """No native code: protobuf reads every response, numpy guards every output."""
+class Kernels:
+    """What the data plane asks of its native modules; this base is the
+    reference: protobuf reads every response, numpy guards every output."""
 
     name = "reference"
 
     def walk(self, data: bytes) -> Walked | None:
+        """The response's layout read in place, or ``None`` (protobuf decides)."""
         return None
 
-    def lane(
-        self,
-        name: str,
-        rule: OutputRule,
-        labels: np.ndarray[Any, Any] | None,
-        shape: tuple[int, ...],
-        dtype: np.dtype[Any],
-        encoding: Encoding,
-    ) -> Lane | None:
+    def lane(self, spec: OutputSpec) -> Lane | None:
+        """The native route for one output, or ``None`` (numpy decides)."""
         return None
 
 
-class Native:
+class Native(Kernels):
     """The walker and the check-rank-encode kernel, from the built C modules."""
 
     name = "native"
@@ -79,16 +50,8 @@ class Native:
         found: Walked | None = self._walk(data)
         return found
 
-    def lane(
-        self,
-        name: str,
-        rule: OutputRule,
-        labels: np.ndarray[Any, Any] | None,
-        shape: tuple[int, ...],
-        dtype: np.dtype[Any],
-        encoding: Encoding,
-    ) -> Lane | None:
-        return make_lane(self._kernel, self.max_k, name, rule, labels, shape, dtype, encoding)
+    def lane(self, spec: OutputSpec) -> Lane | None:
+        return make_lane(self._kernel, self.max_k, spec)
 
 
 def _load() -> tuple[Native | None, tuple[str, ...]]:
@@ -112,7 +75,7 @@ def _load() -> tuple[Native | None, tuple[str, ...]]:
     return Native(walk, rank), missing
 
 
-REFERENCE = Reference()
+REFERENCE = Kernels()
 NATIVE, MISSING = _load()
 """The native kernels (``None`` unless both C modules are built), and the
 names of the modules that are not built."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from guard.dataplane.results import Array
 from guard.dataplane.rules import class_axis_size, rule_bounds
 from guard.dataplane.rulespec import OutputRule
 
-__all__ = ["Lane", "LaneResult", "make_lane"]
+__all__ = ["Lane", "LaneResult", "OutputSpec", "make_lane"]
 
 Buffer = bytes | memoryview | Array
 #: Each row's best class (int64) and score (the values' dtype), one row after
@@ -39,6 +39,17 @@ _DTYPES = {np.dtype(np.float32): tensor.DT_FLOAT, np.dtype(np.float64): tensor.D
 
 # What each derived entry holds, as guard/dataplane/_rank.c numbers them.
 _CLASS, _SCORE, _LABEL, _TOP_CLASS, _TOP_SCORE, _TOP_LABEL = range(6)
+
+
+class OutputSpec(NamedTuple):
+    """What a lane is prepared for: one output's rule, shape, dtype and encoding."""
+
+    name: str
+    rule: OutputRule
+    labels: np.ndarray[Any, Any] | None
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    encoding: Encoding
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,18 +70,12 @@ class Lane:
 
 
 def make_lane(
-    kernel: Callable[..., LaneResult | None],
-    max_k: int,
-    name: str,
-    rule: OutputRule,
-    labels: np.ndarray[Any, Any] | None,
-    shape: tuple[int, ...],
-    dtype: np.dtype[Any],
-    encoding: Encoding,
+    kernel: Callable[..., LaneResult | None], max_k: int, spec: OutputSpec
 ) -> Lane | None:
     """The lane for one output, or ``None`` where only the reference applies:
     an activation or threshold, float16, no classes, k beyond ``max_k``, or
     labels that do not fit (the reference raises the error for those)."""
+    name, rule, labels, shape, dtype, encoding = spec
     c = class_axis_size(shape)
     size = int(np.prod(shape, dtype=np.int64))
     dtype_enum = _DTYPES.get(dtype)
@@ -88,7 +93,7 @@ def make_lane(
     wanted = _wanted(rule, labels is not None, shape, dtype_enum)
     return Lane(
         kernel=kernel,
-        args=_kernel_args(name, rule, labels, size // c, c, dtype, dtype_enum, encoding, wanted),
+        args=_kernel_args(spec, size // c, c, dtype_enum, wanted),
         dtype=dtype,
         names=tuple(name + suffix for suffix, *_ in wanted),
     )
@@ -117,17 +122,10 @@ def _wanted(rule: OutputRule, labelled: bool, shape: tuple[int, ...], dtype_enum
 
 
 def _kernel_args(
-    name: str,
-    rule: OutputRule,
-    labels: np.ndarray[Any, Any] | None,
-    rows: int,
-    cols: int,
-    dtype: np.dtype[Any],
-    dtype_enum: int,
-    encoding: Encoding,
-    wanted: _Wanted,
+    spec: OutputSpec, rows: int, cols: int, dtype_enum: int, wanted: _Wanted
 ) -> tuple[Any, ...]:
     """The one place the kernel's arguments are packed (guard/dataplane/_rank.pyi)."""
+    name, rule, labels, _, dtype, encoding = spec
     fields = None if labels is None else tuple(tensor.string_field(s) for s in labels.tolist())
     entries = []
     for suffix, what, entry_dtype, entry_shape in wanted:

@@ -24,6 +24,7 @@ from tensorflow_serving.apis import predict_pb2
 from guard.dataplane.codec.tensor import Encoding, encode_output
 from guard.dataplane.errors import GuardError
 from guard.dataplane.kernels import REFERENCE
+from guard.dataplane.lanes import OutputSpec
 from guard.dataplane.results import Action, OutputResult
 from guard.dataplane.rules import apply_rule, label_table
 from guard.dataplane.rulespec import OutputRule
@@ -45,9 +46,8 @@ def reference(values: Array, rule: OutputRule) -> OutputResult | None:
 
 def kernel(values: Array, rule: OutputRule, encoding: Encoding = Encoding.TYPED) -> Any:
     """The lane's answer: ``"no lane"``, ``None`` (declined) or (classes, scores, entries)."""
-    lane = native().lane(
-        "probs", rule, label_table(rule.labels), values.shape, values.dtype, encoding
-    )
+    spec = OutputSpec("probs", rule, label_table(rule.labels), values.shape, values.dtype, encoding)
+    lane = native().lane(spec)
     if lane is None or not values.flags.c_contiguous:
         return "no lane"
     return lane.encode(values)
