@@ -80,7 +80,7 @@ class SignatureRules:
         spec = OutputSpec(
             name, compiled.rule, compiled.labels, values.shape, values.dtype, encoding
         )
-        return self._lanes.get_or_make(key, lambda: self._kernels.lane(spec))
+        return self._lanes.get_or_make(key, self._kernels.lane, spec)
 
 
 class RuleBook:
@@ -112,9 +112,7 @@ class RuleBook:
 
     def for_signature(self, model: str, signature: str) -> SignatureRules | None:
         """The rules for one model and signature, or ``None`` if no rule matches."""
-        return self._signatures.get_or_make(
-            (model, signature), lambda: self._resolve(model, signature)
-        )
+        return self._signatures.get_or_make((model, signature), self._resolve, model, signature)
 
     def _resolve(self, model: str, signature: str) -> SignatureRules | None:
         candidates = [

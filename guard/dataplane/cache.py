@@ -9,7 +9,7 @@ at most ``max_key_bytes``.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["BoundedCache"]
 
@@ -43,9 +43,9 @@ class BoundedCache(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._data)
 
-    def get(self, key: K) -> V | None:
-        """The cached value, or ``None``."""
-        return self._data.get(key)
+    def get(self, key: K, default: Any = None) -> V | Any:
+        """The cached value, or ``default``."""
+        return self._data.get(key, default)
 
     @property
     def lookup(self) -> Callable[[K], V]:
@@ -62,13 +62,13 @@ class BoundedCache(Generic[K, V]):
             data.clear()
         data[key] = value
 
-    def get_or_make(self, key: K, make: Callable[[], V]) -> V:
-        """The cached value, made (and stored, if it may be) on a miss."""
+    def get_or_make(self, key: K, make: Callable[..., V], *args: Any) -> V:
+        """The cached value, or ``make(*args)``, stored if it may be, on a miss."""
         try:
             return self._data[key]
         except KeyError:
             pass
-        value = make()
+        value = make(*args)
         self.put(key, value)
         return value
 

@@ -243,16 +243,19 @@ def _plan(
     kept, so the cache stays bounded.
     """
     spec_bytes, layout, _ = walked
+    key = (metrics, request_spec, spec_bytes, layout)
+    found: _Plan | None | object = book.plans.get(key, _MISSING)
+    if found is not _MISSING:
+        return found  # type: ignore[return-value]
     if len(layout) > _PLAN_OUTPUTS_MAX:
         return None
+    plan = _make_plan(read_predict_response(body, walked), request_spec, book, metrics)
+    if _key_bytes(spec_bytes, layout) <= _PLAN_KEY_BYTES_MAX:
+        book.plans.put(key, plan)
+    return plan
 
-    def make() -> _Plan | None:
-        return _make_plan(read_predict_response(body, walked), request_spec, book, metrics)
 
-    if _key_bytes(spec_bytes, layout) > _PLAN_KEY_BYTES_MAX:
-        return make()
-    found: _Plan | None = book.plans.get_or_make((metrics, request_spec, spec_bytes, layout), make)
-    return found
+_MISSING = object()
 
 
 def _key_bytes(spec_bytes: bytes | None, layout: tuple[OutputLayout, ...]) -> int:

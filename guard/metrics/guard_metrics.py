@@ -202,16 +202,15 @@ class GuardMetrics:
         self, model: str, version: str, signature: str, output: str
     ) -> OutputRecorder:
         """The recorder of one output's series."""
-        return self._recorders.get_or_make(
-            (model, version, signature, output),
-            lambda: OutputRecorder(
-                self,
-                model,
-                self._versions(version),
-                self._signatures(signature),
+        key = (model, version, signature, output)
+        recorder: OutputRecorder | None = self._recorders.get(key)
+        if recorder is None:
+            recorder = OutputRecorder(
+                self, model, self._versions(version), self._signatures(signature),
                 self._outputs(output),
-            ),
-        )
+            )  # fmt: skip
+            self._recorders.put(key, recorder)
+        return recorder
 
 
 _RECORDERS_MAX = 4096

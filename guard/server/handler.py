@@ -259,7 +259,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         method: str = handler_call_details.method
         if method.startswith(_HEALTH_PREFIX):
             return None
-        return self._handlers.get_or_make(method, lambda: self._make(method))
+        return self._handlers.get_or_make(method, self._make, method)
 
     def _make(self, method: str) -> grpc.RpcMethodHandler:
         info = MethodInfo(method, self._method_label(method), _SPEC_PATH.get(method))

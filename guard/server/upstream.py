@@ -67,7 +67,7 @@ class _Channel:
 
     def unary(self, method: str) -> Any:
         """The raw-bytes unary callable for ``method``."""
-        return self._calls.get_or_make(method, lambda: self.channel.unary_unary(method))
+        return self._calls.get_or_make(method, self.channel.unary_unary, method)
 
 
 class Upstream:

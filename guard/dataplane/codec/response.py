@@ -60,7 +60,11 @@ _SPECS: BoundedCache[bytes, ModelSpecInfo] = BoundedCache(1024, max_key_bytes=51
 
 def spec_from_bytes(payload: bytes) -> ModelSpecInfo:
     """A serialized ModelSpec, parsed (raises protobuf's DecodeError)."""
-    return _SPECS.get_or_make(payload, lambda: _spec_info(ModelSpecView.FromString(payload)))
+    found = _SPECS.get(payload)
+    if found is None:
+        found = _spec_info(ModelSpecView.FromString(payload))
+        _SPECS.put(payload, found)
+    return found
 
 
 def parse_predict_response(data: bytes) -> Any:

@@ -307,7 +307,7 @@ def entry_head(name: str, dtype_enum: int, shape: tuple[int, ...]) -> tuple[byte
 
     Cached: derived outputs repeat the same names, dtypes and batch shapes.
     """
-    return _HEADS.get_or_make((name, dtype_enum, shape), lambda: _head(name, dtype_enum, shape))
+    return _HEADS.get_or_make((name, dtype_enum, shape), _head, name, dtype_enum, shape)
 
 
 def _head(name: str, dtype_enum: int, shape: tuple[int, ...]) -> tuple[bytes, bytes]:
