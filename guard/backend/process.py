@@ -6,6 +6,7 @@ TensorFlow import happens in the child.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,21 +28,40 @@ class BackendProcess:
     """A running backend child process; stop it with :meth:`stop` or ``with``."""
 
     def __init__(
-        self, process: subprocess.Popen[bytes], host: str, port: int, log_path: Path
+        self,
+        process: subprocess.Popen[bytes],
+        host: str,
+        port: int,
+        log_path: Path,
+        *,
+        rest_host: str | None = None,
+        rest_port: int | None = None,
     ) -> None:
         self.process = process
         self.host = host
         self.port = port
         self.log_path = log_path
         """The child's stdout and stderr."""
+        self.rest_host = rest_host
+        self.rest_port = rest_port
+        """The REST API's port; None unless started with ``rest_listen``."""
 
     @property
     def address(self) -> str:
         """``host:port`` for ``grpc.insecure_channel``."""
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
-        if host == "[::]":
-            host = "[::1]"
-        return f"{host}:{self.port}"
+        return f"{_connect_host(self.host)}:{self.port}"
+
+    @property
+    def rest_address(self) -> str | None:
+        """``host:port`` of the REST API, or None when it is not served."""
+        if self.rest_port is None:
+            return None
+        return f"{_connect_host(self.rest_host or '')}:{self.rest_port}"
+
+    @property
+    def rest_url(self) -> str | None:
+        """``http://host:port`` of the REST API, or None when it is not served."""
+        return None if self.rest_address is None else f"http://{self.rest_address}"
 
     def log_text(self) -> str:
         """Everything the child has logged so far."""
@@ -70,6 +90,22 @@ class BackendProcess:
         self.stop()
 
 
+def _connect_host(host: str) -> str:
+    """A host to connect to for a listen host (a wildcard becomes loopback)."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    return "[::1]" if host == "[::]" else host
+
+
+def read_port_file(text: str) -> tuple[int, int | None]:
+    """The gRPC port and the REST port (None without REST) from a backend port file."""
+    text = text.strip()
+    if text.startswith("{"):
+        ports = json.loads(text)
+        return int(ports["grpc"]), int(ports["rest"])
+    return int(text), None
+
+
 def backend_command(
     models: Mapping[str, Path],
     *,
@@ -78,9 +114,12 @@ def backend_command(
     port_file: Path | None = None,
     max_message_mb: int | None = None,
     python: str = sys.executable,
+    rest_listen: str | None = None,
 ) -> list[str]:
     """The argv that runs the backend with these settings."""
     argv = [python, "-m", "guard.backend", "--listen", listen]
+    if rest_listen is not None:
+        argv += ["--rest-listen", rest_listen]
     for name, path in models.items():
         argv += ["--model", f"{name}={path}"]
     if tensor_content:
@@ -102,12 +141,15 @@ def start_backend(
     env: Mapping[str, str] | None = None,
     extra_args: Sequence[str] = (),
     startup_timeout_s: float = 180.0,
+    rest_listen: str | None = None,
 ) -> BackendProcess:
     """Start the backend serving ``models`` (name -> base path) and wait until it serves.
 
-    The child writes its bound port to a port file once every model is loaded, so
-    ``listen`` may use port 0. Raises :class:`BackendStartError` with the tail of
-    the child's log if it exits or is not serving within ``startup_timeout_s``.
+    The child writes its bound port(s) to a port file once every model is loaded,
+    so ``listen`` and ``rest_listen`` may use port 0. With ``rest_listen`` the
+    backend also serves TF Serving's REST API: ``rest_address``/``rest_url`` on the
+    result. Raises :class:`BackendStartError` with the tail of the child's log if
+    it exits or is not serving within ``startup_timeout_s``.
     """
     workdir = Path(tempfile.mkdtemp(prefix="guard-backend-"))
     port_file = workdir / "port"
@@ -119,6 +161,7 @@ def start_backend(
         tensor_content=tensor_content,
         port_file=port_file,
         max_message_mb=max_message_mb,
+        rest_listen=rest_listen,
     )
     argv += list(extra_args)
     child_env = dict(os.environ if env is None else env)
@@ -132,8 +175,16 @@ def start_backend(
     deadline = time.monotonic() + startup_timeout_s
     while True:
         if port_file.is_file():
-            port = int(port_file.read_text().strip())
-            return BackendProcess(process, listen.rsplit(":", 1)[0], port, log_path)
+            port, rest_port = read_port_file(port_file.read_text())
+            rest_host = rest_listen.rsplit(":", 1)[0] if rest_listen else None
+            return BackendProcess(
+                process,
+                listen.rsplit(":", 1)[0],
+                port,
+                log_path,
+                rest_host=rest_host,
+                rest_port=rest_port,
+            )
         if process.poll() is not None:
             raise BackendStartError(
                 f"backend exited with code {process.returncode}:\n{_tail(log_path)}"
