@@ -206,6 +206,11 @@ def _member_text(name: str, array: Array, level: int, single_line: bool) -> str:
     return json_string(name) + ": " + nest_text(texts, array.shape, level, single_line)
 
 
+def _instance(array: Array, i: int) -> Array:
+    """Row ``i`` as an array of the same dtype (indexing would give a scalar)."""
+    return array[i : i + 1].reshape(array.shape[1:])
+
+
 def _is_bytes_name(name: str, array: Array) -> bool:
     return array.dtype.kind in "OSU" and name.endswith("_bytes")
 
@@ -810,7 +815,9 @@ class RestPredictResponse:
         arrays = [(name, self._batched(name, array, len(where.after))) for name, array in items]
         edits = []
         for i, position in enumerate(where.after):
-            text = "".join(",\n" + INDENT * 3 + _member_text(n, a[i], 3, True) for n, a in arrays)
+            text = "".join(
+                ",\n" + INDENT * 3 + _member_text(n, _instance(a, i), 3, True) for n, a in arrays
+            )
             edits.append((position, position, text))
         return edits
 
@@ -831,7 +838,9 @@ class RestPredictResponse:
         arrays = [(name, self._batched(name, array, batch)) for name, array in items]
         objects = []
         for i in range(batch):
-            members = ["\n" + INDENT * 3 + _member_text(n, a[i], 3, True) for n, a in arrays]
+            members = [
+                "\n" + INDENT * 3 + _member_text(n, _instance(a, i), 3, True) for n, a in arrays
+            ]
             objects.append("{" + ",".join(members) + "\n" + INDENT * 2 + "}")
         if not objects:
             return "[]"
