@@ -38,11 +38,12 @@ in columnar format). Inserted text follows TF Serving's layout at that depth.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
@@ -83,6 +84,8 @@ class RestJsonError(ValueError):
 
 _F32 = struct.Struct("<f")
 _INF = math.inf
+_REUSE_LIMIT = 1 << 22  # derived values x source values per instance, compared at once
+_LOW29, _HALF29 = np.uint64((1 << 29) - 1), np.uint64(1 << 28)  # a float32 midpoint's tail
 
 
 def _float32_of(text: str) -> float:
@@ -107,27 +110,52 @@ def _float32_of(text: str) -> float:
     return max(f, other) if exact > Fraction(d) else min(f, other)
 
 
-def _decimal(x: float, digits: int, single: bool) -> str:
-    if x != x:
-        return "NaN"
-    if x == _INF or x == -_INF:
-        return "Infinity" if x > 0 else "-Infinity"
-    text = format(x, ".6g")  # absl::StrCat(float) is SixDigitsToBuffer: %.6g
-    back = _float32_of(text) if single else float(text)
-    if back != x:
-        text = format(x, f".{digits}g")  # max_digits10: 9 for float, 17 for double
+def _six_reads_back(flat: Array, six: list[str]) -> Array:
+    """Whether each ``%.6g`` text reads back as the value (absl::SimpleAtof/SimpleAtod)."""
+    back = np.array(six, dtype=np.float64)
+    if flat.dtype == np.float64:
+        same: Array = back == flat
+        return same
+    with np.errstate(over="ignore", invalid="ignore"):
+        same = back.astype(np.float32) == flat
+    # text -> double -> float32 can round differently from text -> float32 only
+    # where the double is exactly halfway between two float32s: decide those exactly.
+    halfway = (back.view(np.uint64) & _LOW29) == _HALF29
+    for i in np.flatnonzero(halfway).tolist():
+        same[i] = _float32_of(six[i]) == float(flat[i])
+    return same
+
+
+def _finite_text(x: float, six: str, six_reads_back: bool, digits: int) -> str:
+    text = six if six_reads_back else format(x, f".{digits}g")  # max_digits10
     if "." not in text and "e" not in text:
-        text += ".0"
+        text += ".0"  # WriteDecimal marks whole numbers as decimals
     return text
 
 
 def decimal_texts(values: Array) -> list[str]:
-    """Each float as TF Serving writes it (float32 or float64, any shape, flattened)."""
-    if values.dtype == np.float32:
-        return [_decimal(x, 9, True) for x in values.ravel().tolist()]
-    if values.dtype == np.float64:
-        return [_decimal(x, 17, False) for x in values.ravel().tolist()]
-    raise TypeError(f"not a float32/float64 array: {values.dtype}")
+    """Each float as TF Serving writes it (float32 or float64, any shape, flattened).
+
+    json_tensor.cc's WriteDecimal: ``absl::StrCat`` (``%.6g``) when that reads back
+    as the same value, else ``%.9g`` (float) / ``%.17g`` (double); ``.0`` appended
+    when the text has neither ``.`` nor ``e``; ``NaN``, ``Infinity``, ``-Infinity``.
+    """
+    if values.dtype not in (np.float32, np.float64):
+        raise TypeError(f"not a float32/float64 array: {values.dtype}")
+    digits = 9 if values.dtype == np.float32 else 17
+    flat = values.ravel()
+    xs = flat.tolist()
+    six = [format(x, ".6g") for x in xs]  # absl's SixDigitsToBuffer is %.6g
+    reads_back = _six_reads_back(flat, six).tolist()
+    out = []
+    for x, text, ok in zip(xs, six, reads_back, strict=True):
+        if x != x:
+            out.append("NaN")
+        elif x == _INF or x == -_INF:
+            out.append("Infinity" if x > 0 else "-Infinity")
+        else:
+            out.append(_finite_text(x, text, ok, digits))
+    return out
 
 
 _ESCAPE = {c: f"\\u{c:04X}" for c in range(0x20)}
@@ -167,9 +195,19 @@ def value_texts(values: Array, *, leaf_level: int = 0, as_b64: bool = False) -> 
         return ["true" if v else "false" for v in flat]
     if kind in "iu":
         return [str(v) for v in flat]
-    if as_b64:
-        return [_b64_object(_as_bytes(v), leaf_level) for v in flat]
-    return [json_string(_as_bytes(v)) for v in flat]
+    write: Callable[[Any], str] = (
+        functools.partial(_b64_value, level=leaf_level) if as_b64 else _string_value
+    )
+    texts: dict[Any, str] = {}  # labels repeat: write each distinct one once
+    return [texts[v] if v in texts else texts.setdefault(v, write(v)) for v in flat]
+
+
+def _string_value(value: Any) -> str:
+    return json_string(_as_bytes(value))
+
+
+def _b64_value(value: Any, level: int) -> str:
+    return _b64_object(_as_bytes(value), level)
 
 
 def _wrap(children: Sequence[str], level: int, single_line: bool) -> str:
@@ -200,15 +238,42 @@ def nest_text(items: Sequence[str], shape: tuple[int, ...], level: int, single_l
     return _wrap(children, level, single_line)
 
 
-def _member_text(name: str, array: Array, level: int, single_line: bool) -> str:
+Texts = Callable[[str, Array, int], list[str]]
+"""``(name, array, leaf_level) -> each element's JSON text``."""
+
+
+def _plain_texts(name: str, array: Array, leaf_level: int) -> list[str]:
+    return value_texts(array, leaf_level=leaf_level, as_b64=_is_bytes_name(name, array))
+
+
+def _member_text(
+    name: str, array: Array, level: int, single_line: bool, texts: Texts = _plain_texts
+) -> str:
     """``"name": value`` as a member of an object whose own members sit at ``level``."""
-    texts = value_texts(array, leaf_level=level + array.ndim, as_b64=_is_bytes_name(name, array))
-    return json_string(name) + ": " + nest_text(texts, array.shape, level, single_line)
+    items = texts(name, array, level + array.ndim)
+    return json_string(name) + ": " + nest_text(items, array.shape, level, single_line)
 
 
-def _instance(array: Array, i: int) -> Array:
-    """Row ``i`` as an array of the same dtype (indexing would give a scalar)."""
-    return array[i : i + 1].reshape(array.shape[1:])
+def _row_members(
+    items: Sequence[tuple[str, Array]], batch: int, texts: Texts = _plain_texts
+) -> list[list[str]]:
+    """Per instance, ``"name": value`` of each item, as members of an instance
+    object in row format (3 open containers: root, list, object)."""
+    columns: list[list[str]] = []
+    for name, array in items:
+        array = np.asarray(array)
+        if array.ndim == 0 or array.shape[0] != batch:
+            raise RestJsonError(
+                f"derived output '{name}' has shape {array.shape}; row format needs "
+                f"{batch} instances on its first axis"
+            )
+        shape = array.shape[1:]
+        flat = texts(name, array, 3 + len(shape))
+        step, key = math.prod(shape), json_string(name) + ": "
+        columns.append(
+            [key + nest_text(flat[i * step : (i + 1) * step], shape, 3, True) for i in range(batch)]
+        )
+    return [list(row) for row in zip(*columns, strict=True)] if columns else [[]] * batch
 
 
 def _is_bytes_name(name: str, array: Array) -> bool:
@@ -223,17 +288,22 @@ _SEP = 15
 _U = np.uint64
 _ONES, _HIGHS = _U(0x0101010101010101), _U(0x8080808080808080)
 _TEN_PLUS = _U(0x7676767676767676)  # + per byte sets bit 7 exactly where the byte >= 10
+_ELEVEN_PLUS = _U(0x7575757575757575)  # ... where the byte >= 11
 _P10U = np.array([10**k for k in range(20)], dtype=np.uint64)
 _P10U_DOT = np.array([2**63] + [10 ** (k + 1) for k in range(1, 17)], dtype=np.uint64)
 _NINE_P10U = np.array([9 * 10**k for k in range(17)], dtype=np.uint64)
 _MASK64 = (1 << 64) - 1
 # Keep the bytes of a mantissa right-aligned in a 16-byte window, by bytes dropped.
-_KEEP0 = np.array([_MASK64 ^ ((1 << 8 * min(d, 8)) - 1) for d in range(17)], dtype=np.uint64)
-_KEEP1 = np.array([_MASK64 ^ ((1 << 8 * max(d - 8, 0)) - 1) for d in range(17)], dtype=np.uint64)
+_KEEP = np.array(
+    [
+        [_MASK64 ^ ((1 << 8 * min(d, 8)) - 1), _MASK64 ^ ((1 << 8 * max(d - 8, 0)) - 1)]
+        for d in range(17)
+    ],
+    dtype=np.uint64,
+)
 _P10F = np.array([10.0**k for k in range(23)])
 _NUMBER_CHARS = b"0123456789.-+eENaInfity"
 _NUMBER_TOKEN = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|NaN|-?Infinity")
-_LOW29, _HALF29 = _U((1 << 29) - 1), _U(1 << 28)
 _FLOAT32_TOKEN_MAX = 15
 
 
@@ -308,23 +378,25 @@ def _mantissas(codes: Array, starts: Array, mant_end: Array, neg: Array) -> _Man
     """
     n = starts.size
     length = mant_end - starts - neg
-    drop = np.clip(_W - length, 0, _W)
     windows = np.ndarray((codes.size - _W + 1,), dtype="V16", buffer=codes, strides=(1,))
     words = windows[mant_end - _W].view(_U).reshape(n, 2)
-    w0, w1 = words[:, 0] & _KEEP0[drop], words[:, 1] & _KEEP1[drop]
-    f0, f1 = (w0 + _TEN_PLUS) & _HIGHS, (w1 + _TEN_PLUS) & _HIGHS  # bytes >= 10
-    in1 = f1 != 0
-    flags = np.where(in1, f1, f0)
-    has_dot = flags != 0
-    dot_col = _top_flag_byte(flags) + 8 * in1
+    words &= _KEEP[np.clip(_W - length, 0, _W)]
+    flags = (words + _TEN_PLUS) & _HIGHS  # bit 7 of every byte >= 10: '.', or a sign
+    in1 = flags[:, 1] != 0
+    dot_flag = np.where(in1, flags[:, 1], flags[:, 0])
+    has_dot = dot_flag != 0
+    dot_col = _top_flag_byte(dot_flag) + (in1 << 3)
     frac = np.where(has_dot, 15 - dot_col, 0)
-    w0 &= ~((f0 >> _U(7)) * _U(0xFF))
-    w1 &= ~((f1 >> _U(7)) * _U(0xFF))
-    raw = _swar8(w0) * _U(10**8) + _swar8(w1)
+    signs = (words + _ELEVEN_PLUS) & _HIGHS  # a byte >= 11 ('-', '+'): not JSON here
+    signed = (signs[:, 0] | signs[:, 1]) != 0
+    words &= ~((flags >> _U(7)) * _U(0xFF))
+    digits = _swar8(words)
+    raw = digits[:, 0] * _U(10**8) + digits[:, 1]
     lead = raw // _P10U_DOT[frac]  # the digits before the dot, one place too high
     value = raw - lead * _NINE_P10U[frac]
-    one_flag = ((f0 == 0) | ~in1) & ((flags & (flags - _U(1))) == 0)
-    ok = (length >= 1) & (length <= _W) & (length - has_dot <= 15) & one_flag
+    count = np.bitwise_count(flags)
+    ok = (count[:, 0] + count[:, 1] <= 1) & ~signed
+    ok &= (length - 1).astype(_U) < _U(15) + has_dot  # 1..15 digits (+ the dot)
     ok &= ~has_dot | ((frac >= 1) & (dot_col > _W - length))  # a digit on both sides
     return _Mantissa(value, frac, ok)
 
@@ -391,8 +463,6 @@ def _scan_numbers(region: bytes) -> _Numbers:
     m = _mantissas(codes, starts, mant_end, neg)
     scale = exponent - m.frac
     fast = m.ok & ~slow & (np.abs(scale) <= 22)
-    if not _signs_agree(region, int(neg.sum()), has_e):
-        fast[:] = False  # a sign inside some mantissa: let the slow path judge each token
     values = _scaled(m.value, scale, neg.astype(bool))
     integral = not has_e and not letters and not bool(m.frac.any())
     return _finish(region, values, starts - _W, ends - _W, fast, integral, m, neg)
@@ -407,15 +477,6 @@ def _scaled(mantissa: Array, scale: Array, neg: Array) -> Array:
         values[up] *= _P10F[np.clip(scale[up], 0, 22)]
     np.negative(values, out=values, where=neg)
     return values
-
-
-def _signs_agree(region: bytes, leading: int, has_e: bool) -> bool:
-    """Every '-' leads a token or follows an 'e', every '+' follows an 'e'."""
-    minus, plus = region.count(b"-"), region.count(b"+")
-    if has_e:
-        minus -= region.count(b"e-") + region.count(b"E-")
-        plus -= region.count(b"e+") + region.count(b"E+")
-    return minus == leading and plus == 0
 
 
 def _finish(
@@ -809,24 +870,25 @@ class RestPredictResponse:
         where = self._where[key]
         if self.format == "columnar":
             self._check_free([{k for k in self.outputs if k is not None}], items)
-            text = "".join(",\n" + INDENT * 2 + _member_text(n, a, 2, False) for n, a in items)
+            texts = self._texts_from(key)
+            text = "".join(
+                ",\n" + INDENT * 2 + _member_text(n, a, 2, False, texts) for n, a in items
+            )
             return [(where.after[0], where.after[0], text)]
         self._check_free(self._names_per_instance, items)
-        arrays = [(name, self._batched(name, array, len(where.after))) for name, array in items]
-        edits = []
-        for i, position in enumerate(where.after):
-            text = "".join(
-                ",\n" + INDENT * 3 + _member_text(n, _instance(a, i), 3, True) for n, a in arrays
-            )
-            edits.append((position, position, text))
-        return edits
+        members = _row_members(items, len(where.after), self._texts_from(key))
+        return [
+            (position, position, "".join(",\n" + INDENT * 3 + m for m in row))
+            for position, row in zip(where.after, members, strict=True)
+        ]
 
     def _guard_outputs_edit(self, items: Sequence[tuple[str, Array]]) -> tuple[int, int, str]:
         if GUARD_OUTPUTS_KEY in self._root_keys:
             raise RestJsonError(f"the response already has a '{GUARD_OUTPUTS_KEY}' key")
         _check_unique(items)
         if self.format == "columnar":
-            members = ["\n" + INDENT * 2 + _member_text(n, a, 2, False) for n, a in items]
+            texts = self._texts_from(None)
+            members = ["\n" + INDENT * 2 + _member_text(n, a, 2, False, texts) for n, a in items]
             value = "{" + ",".join(members) + "\n" + INDENT + "}"
         else:
             value = self._instance_objects(items)
@@ -834,28 +896,58 @@ class RestPredictResponse:
         return (self._root_after, self._root_after, text)
 
     def _instance_objects(self, items: Sequence[tuple[str, Array]]) -> str:
-        batch = self._output(None).values.shape[0] if self._output(None).values.ndim else 0
-        arrays = [(name, self._batched(name, array, batch)) for name, array in items]
-        objects = []
-        for i in range(batch):
-            members = [
-                "\n" + INDENT * 3 + _member_text(n, _instance(a, i), 3, True) for n, a in arrays
-            ]
-            objects.append("{" + ",".join(members) + "\n" + INDENT * 2 + "}")
+        values = self._output(None).values
+        batch = values.shape[0] if values.ndim else 0
+        objects = [
+            "{" + ",".join("\n" + INDENT * 3 + m for m in row) + "\n" + INDENT * 2 + "}"
+            for row in _row_members(items, batch, self._texts_from(None))
+        ]
         if not objects:
             return "[]"
         inner = "\n" + INDENT * 2
         return "[" + inner + ("," + inner).join(objects) + "\n" + INDENT + "]"
 
-    @staticmethod
-    def _batched(name: str, array: Array, batch: int) -> Array:
-        array = np.asarray(array)
-        if array.ndim == 0 or array.shape[0] != batch:
-            raise RestJsonError(
-                f"derived output '{name}' has shape {array.shape}; row format needs "
-                f"{batch} instances on its first axis"
-            )
-        return array
+    def _texts_from(self, source: OutputKey) -> Texts:
+        """Element texts for outputs derived from ``source``: a float equal (bit for
+        bit) to a value in the same instance of the source reuses that value's text,
+        which is how TF Serving wrote that float; anything else is formatted."""
+
+        def texts(name: str, array: Array, leaf_level: int) -> list[str]:
+            reused = self._reused_texts(source, np.asarray(array))
+            return reused if reused is not None else _plain_texts(name, array, leaf_level)
+
+        return texts
+
+    def _reused_texts(self, source: OutputKey, array: Array) -> list[str] | None:
+        out, where = self.outputs[source], self._where[source]
+        values = out.values
+        if (
+            where.starts is None
+            or where.ends is None
+            or array.dtype != values.dtype
+            or array.dtype.kind != "f"
+            or array.ndim == 0
+            or values.ndim == 0
+            or array.shape[0] != values.shape[0]
+        ):
+            return None
+        batch = values.shape[0]
+        derived, pool = array.reshape(batch, -1), values.reshape(batch, -1)
+        if derived.size * pool.shape[1] > _REUSE_LIMIT:
+            return None
+        bits = np.dtype(f"u{values.dtype.itemsize}")
+        equal = derived.view(bits)[:, :, None] == pool.view(bits)[:, None, :]
+        found = equal.any(axis=2).ravel()
+        column = equal.argmax(axis=2)
+        token = (np.arange(batch)[:, None] * pool.shape[1] + column).ravel()
+        texts = [""] * derived.size
+        body, starts, ends = self.body, where.starts[token], where.ends[token]
+        for i in np.flatnonzero(found).tolist():
+            texts[i] = body[starts[i] : ends[i]].decode("latin-1")
+        missing = np.flatnonzero(~found)
+        for i, text in zip(missing.tolist(), decimal_texts(derived.ravel()[missing]), strict=True):
+            texts[i] = text
+        return texts
 
     @staticmethod
     def _check_free(taken: list[set[str]], items: Sequence[tuple[str, Array]]) -> None:
