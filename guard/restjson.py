@@ -336,24 +336,39 @@ class _Numbers:
 
 
 def _swar8(v: Array) -> Array:
-    """Eight digit bytes (most significant first, little-endian word) -> their value."""
-    v = (v * _U(10) + (v >> _U(8))) & _U(0x00FF00FF00FF00FF)
-    v = (v * _U(100) + (v >> _U(16))) & _U(0x0000FFFF0000FFFF)
-    out: Array = (v * _U(10000) + (v >> _U(32))) & _U(0xFFFFFFFF)
-    return out
+    """Eight digit bytes per word (most significant first, little-endian) -> their
+    value, in place: large temporaries are what costs here (fresh pages)."""
+    t = v >> _U(8)
+    v *= _U(10)
+    v += t
+    v &= _U(0x00FF00FF00FF00FF)
+    np.right_shift(v, _U(16), out=t)
+    v *= _U(100)
+    v += t
+    v &= _U(0x0000FFFF0000FFFF)
+    np.right_shift(v, _U(32), out=t)
+    v *= _U(10000)
+    v += t
+    v &= _U(0xFFFFFFFF)
+    return v
 
 
 def _top_flag_byte(flags: Array) -> Array:
-    """Index (0..7) of the highest byte whose bit 7 is set in each non-zero word."""
-    with np.errstate(invalid="ignore"):
-        exponent = (flags.astype(np.float64).view(_U) >> _U(52)).astype(np.int64) - 1023
-    out: Array = (exponent - 7) >> 3
+    """Index (0..7) of the byte whose bit 7 is the one bit set in each word.
+
+    ``flags >> 7`` is ``256**j``; times 0x0706050403020100 it moves byte ``7 - j`` of
+    that constant to the top. (Words with several bits set give garbage; callers
+    reject those tokens.)
+    """
+    top = ((flags >> _U(7)) * _U(0x0706050403020100)) >> _U(56)
+    out: Array = 7 - top.astype(np.int64)
     return out
 
 
 def _token_bounds(codes: Array) -> tuple[Array, Array]:
     is_token = codes < _SEP
-    edges = np.flatnonzero(is_token[1:] != is_token[:-1]) + 1
+    edges = np.flatnonzero(is_token[1:] != is_token[:-1])
+    edges += 1
     return edges[0::2], edges[1::2]
 
 
@@ -375,30 +390,38 @@ def _mantissas(codes: Array, starts: Array, mant_end: Array, neg: Array) -> _Man
     The window is two little-endian words; the bytes before the mantissa are
     masked off, the dot is found and zeroed in-word, and eight digits at a time
     become an integer (SWAR). ``ok`` is false where the token needs the slow path.
+    Large arrays are updated in place where possible.
     """
     n = starts.size
-    length = mant_end - starts - neg
+    length = mant_end - starts
+    length -= neg
     windows = np.ndarray((codes.size - _W + 1,), dtype="V16", buffer=codes, strides=(1,))
     words = windows[mant_end - _W].view(_U).reshape(n, 2)
-    words &= _KEEP[np.clip(_W - length, 0, _W)]
-    flags = (words + _TEN_PLUS) & _HIGHS  # bit 7 of every byte >= 10: '.', or a sign
+    words &= np.take(_KEEP, np.clip(_W - length, 0, _W), axis=0)
+    flags = words + _TEN_PLUS
+    flags &= _HIGHS  # bit 7 of every byte >= 10: '.', or a sign
+    signs = words + _ELEVEN_PLUS
+    signs &= _HIGHS  # a byte >= 11 ('-', '+') is not JSON inside a mantissa
+    signed = (signs[:, 0] | signs[:, 1]) != 0
+    del signs
     in1 = flags[:, 1] != 0
     dot_flag = np.where(in1, flags[:, 1], flags[:, 0])
     has_dot = dot_flag != 0
     dot_col = _top_flag_byte(dot_flag) + (in1 << 3)
-    frac = np.where(has_dot, 15 - dot_col, 0)
-    signs = (words + _ELEVEN_PLUS) & _HIGHS  # a byte >= 11 ('-', '+'): not JSON here
-    signed = (signs[:, 0] | signs[:, 1]) != 0
-    words &= ~((flags >> _U(7)) * _U(0xFF))
-    digits = _swar8(words)
-    raw = digits[:, 0] * _U(10**8) + digits[:, 1]
-    lead = raw // _P10U_DOT[frac]  # the digits before the dot, one place too high
-    value = raw - lead * _NINE_P10U[frac]
+    frac = np.where(has_dot, np.clip(15 - dot_col, 0, 16), 0)
     count = np.bitwise_count(flags)
+    flags >>= _U(7)
+    flags *= _U(0xFF)
+    words &= ~flags
+    digits = _swar8(words)
+    raw = digits[:, 0] * _U(10**8)
+    raw += digits[:, 1]
+    lead = raw // _P10U_DOT[frac]  # the digits before the dot, one place too high
+    raw -= lead * _NINE_P10U[frac]
     ok = (count[:, 0] + count[:, 1] <= 1) & ~signed
     ok &= (length - 1).astype(_U) < _U(15) + has_dot  # 1..15 digits (+ the dot)
     ok &= ~has_dot | ((frac >= 1) & (dot_col > _W - length))  # a digit on both sides
-    return _Mantissa(value, frac, ok)
+    return _Mantissa(raw, frac, ok)
 
 
 def _exponents(codes: Array, e_pos: Array, ends: Array) -> tuple[Array, Array]:
@@ -433,14 +456,48 @@ def _slow_token(text: str) -> float | int:
     return int(text)
 
 
-def _padded_codes(region: bytes) -> Array:
-    pad = np.full(_W, _SEP, np.uint8)
-    return np.concatenate((pad, np.frombuffer(region.translate(_CODES), np.uint8), pad))
+_PAD = b" " * _W  # a numeric region is padded so every token has a full window around it
+
+
+_CHUNK = 1 << 18  # bytes scanned at once: keeps numpy's temporaries small
+_SEPARATORS = frozenset(b" \t\n\r,[]")
 
 
 def _scan_numbers(region: bytes) -> _Numbers:
-    """Every number token of ``region`` (numbers, brackets, commas, whitespace only)."""
-    codes = _padded_codes(region)
+    """Every number token of ``region`` (numbers, brackets, commas, whitespace only,
+    with :data:`_PAD` on both sides); offsets are relative to the unpadded text.
+
+    Long regions go in chunks of about 256 KiB, cut between tokens: with glibc's
+    default malloc, megabyte-sized temporaries are handed back to the kernel after
+    each operation and fault in again, which costs more than the scan itself.
+    """
+    end = len(region) - _W
+    if end - _W <= _CHUNK:
+        return _scan_chunk(region)
+    parts: list[tuple[int, _Numbers]] = []
+    start = _W
+    while start < end:
+        stop = min(start + _CHUNK, end)
+        while stop < end and region[stop] not in _SEPARATORS:
+            stop += 1
+        parts.append((start - _W, _scan_chunk(b"".join((_PAD, region[start:stop], _PAD)))))
+        start = stop
+    return _joined(parts)
+
+
+def _joined(parts: list[tuple[int, _Numbers]]) -> _Numbers:
+    ints = [p.ints for _, p in parts]
+    return _Numbers(
+        np.concatenate([p.values for _, p in parts]),
+        np.concatenate([p.starts + at for at, p in parts]),
+        np.concatenate([p.ends + at for at, p in parts]),
+        all(p.integral for _, p in parts),
+        None if any(i is None for i in ints) else np.concatenate(ints),  # type: ignore[arg-type]
+    )
+
+
+def _scan_chunk(region: bytes) -> _Numbers:
+    codes = np.frombuffer(region.translate(_CODES), np.uint8)
     starts, ends = _token_bounds(codes)
     n = starts.size
     if n == 0:
@@ -493,7 +550,8 @@ def _finish(
     if integral:
         ints = np.where(neg.astype(bool), -m.value.astype(np.int64), m.value.astype(np.int64))
     for i in np.flatnonzero(~fast).tolist():
-        parsed = _slow_token(region[starts[i] : ends[i]].decode("ascii", "replace"))
+        text = region[starts[i] + _W : ends[i] + _W]
+        parsed = _slow_token(text.decode("ascii", "replace"))
         if isinstance(parsed, int):
             if ints is not None and -(2**63) <= parsed < 2**63:
                 ints[i] = parsed
@@ -694,12 +752,18 @@ class _Where:
 
 
 def _segments_region(body: bytes, spans: Sequence[_Span]) -> tuple[bytes, Array, Array]:
-    """``[seg0,seg1,...]``, with each segment's offset in the region and in ``body``."""
-    pieces = [body[s.start : s.end] for s in spans]
+    """``[seg0,seg1,...]`` (padded), with each segment's offset in it and in ``body``."""
+    view = memoryview(body)
+    pieces = [view[s.start : s.end] for s in spans]
     lengths = np.array([len(p) for p in pieces], dtype=np.int64)
     region_at = 1 + np.concatenate(([0], np.cumsum(lengths + 1)[:-1])) if spans else lengths
     body_at = np.array([s.start for s in spans], dtype=np.int64)
-    return b"[" + b",".join(pieces) + b"]", region_at, body_at
+    return b"".join((_PAD, b"[", b",".join(pieces), b"]", _PAD)), region_at, body_at
+
+
+def _single_region(body: bytes, span: _Span) -> tuple[bytes, Array, Array]:
+    region = b"".join((_PAD, memoryview(body)[span.start : span.end], _PAD))
+    return region, np.zeros(1, np.int64), np.array([span.start], np.int64)
 
 
 def _to_body(offsets: Array, region_at: Array, body_at: Array) -> Array:
@@ -748,7 +812,7 @@ def _fix_double_rounding(single: Array, numbers: _Numbers, region: bytes) -> Non
     suspect = ((bits & _LOW29) == _HALF29) & np.isfinite(values)
     suspect |= (np.abs(values) < 2.0**-126) & (values != 0)
     for i in np.flatnonzero(suspect).tolist():
-        text = region[numbers.starts[i] : numbers.ends[i]].decode("ascii")
+        text = region[numbers.starts[i] + _W : numbers.ends[i] + _W].decode("ascii")
         single[i] = _float32_of(text)
 
 
@@ -1027,9 +1091,7 @@ class _Reader:
         if batched:
             region, region_at, body_at = _segments_region(self.body, spans)
         else:
-            span = spans[0]
-            region = self.body[span.start : span.end]
-            region_at, body_at = np.zeros(1, np.int64), np.array([span.start], np.int64)
+            region, region_at, body_at = _single_region(self.body, spans[0])
         numeric = _numeric_output(region) if _may_be_numeric(spans) else None
         if numeric is None:
             values, kind = self._generic(spans, batched)
