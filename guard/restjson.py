@@ -238,6 +238,16 @@ def nest_text(items: Sequence[str], shape: tuple[int, ...], level: int, single_l
     return _wrap(children, level, single_line)
 
 
+def _per_instance(flat: list[str], shape: tuple[int, ...], batch: int) -> list[str]:
+    """Each instance's value text, single-line, from all elements' texts."""
+    if not shape:
+        return flat
+    step = math.prod(shape)
+    if len(shape) == 1:
+        return ["[" + ", ".join(flat[i * step : (i + 1) * step]) + "]" for i in range(batch)]
+    return [nest_text(flat[i * step : (i + 1) * step], shape, 3, True) for i in range(batch)]
+
+
 Texts = Callable[[str, Array, int], list[str]]
 """``(name, array, leaf_level) -> each element's JSON text``."""
 
@@ -269,10 +279,8 @@ def _row_members(
             )
         shape = array.shape[1:]
         flat = texts(name, array, 3 + len(shape))
-        step, key = math.prod(shape), json_string(name) + ": "
-        columns.append(
-            [key + nest_text(flat[i * step : (i + 1) * step], shape, 3, True) for i in range(batch)]
-        )
+        key = json_string(name) + ": "
+        columns.append([key + v for v in _per_instance(flat, shape, batch)])
     return [list(row) for row in zip(*columns, strict=True)] if columns else [[]] * batch
 
 
