@@ -170,6 +170,9 @@ class RestHandler:
             return grpc.StatusCode.OK, self._dispatch(http_method, path, body, info)
         except (BackendError, JsonTensorError) as exc:
             return exc.code, json_tensor.error_body(exc.message)
+        except Exception as exc:  # noqa: BLE001 - a bug here must still answer in JSON
+            logger.exception("REST %s %s failed", http_method, path)
+            return grpc.StatusCode.INTERNAL, json_tensor.error_body(f"local backend: {exc!r}")
 
     def _dispatch(self, http_method: str, path: str, body: bytes, info: ModelInfo) -> bytes:
         if http_method == "POST" and info.matched and info.method in ("classify", "regress"):

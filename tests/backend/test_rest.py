@@ -9,12 +9,14 @@ codes are TF Serving's (see the notes in guard/backend/rest.py).
 
 from __future__ import annotations
 
+import concurrent.futures
 import gzip
 import http.client
 import json
 import math
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -466,6 +468,26 @@ def test_curl_is_an_independent_client(rest_backend: BackendProcess) -> None:
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert missing.stdout == "404"
+
+
+def test_a_long_prediction_does_not_hold_up_other_requests(rest_backend: BackendProcess) -> None:
+    inputs = random_inputs("softmax_201", 1024, seed=5)
+    big = json.dumps({"instances": rows(inputs)}).encode()
+    done: list[str] = []
+
+    def predict() -> None:
+        reply = call(rest_backend, "POST", "/v1/models/softmax_201:predict", big)
+        assert reply.status == 200
+        done.append("predict")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        slow = pool.submit(predict)
+        time.sleep(0.2)  # the body is on its way, or being read
+        for _ in range(3):
+            assert call(rest_backend, "GET", "/v1/models/binary_mlp").status == 200
+            done.append("status")
+        slow.result(timeout=300)
+    assert done.index("predict") > 0, done  # a status call was answered first
 
 
 def test_port_file_holds_both_ports() -> None:
