@@ -106,7 +106,39 @@ _PARSE_MESSAGES = {
 }
 # Bodies Python's json would read differently from rapidjson: surrogate escapes,
 # numbers with huge exponents or 20+ digit integers, embedded NULs.
-_NEEDS_RAPIDJSON = re.compile(rb"\\u[dD][89a-fA-F]|[eE][+-]?\d{3}|\d{20}|\x00")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_NUMBER_SHAPES = bytes(
+    ord("0") if chr(c) in "0123456789" else ord("e") if chr(c) in "eE"
+    else ord("s") if chr(c) in "+-" else ord(".") if c == 0x2E else ord(" ")
+    for c in range(256)
+)  # fmt: skip
+
+
+def _needs_rapidjson(body: bytes) -> bool:
+    """Cheap byte scans (no regex over the numbers: that backtracks on every digit)."""
+    if b"\x00" in body or (b"\\u" in body and _SURROGATE_ESCAPE.search(body)):
+        return True
+    shapes = body.translate(_NUMBER_SHAPES)
+    return b"e000" in shapes or b"es000" in shapes or _long_integer(shapes)
+
+
+def _long_integer(shapes: bytes) -> bool:
+    """A run of 20+ digits that is a whole integer token (not a fraction's digits)."""
+    at = shapes.find(b"0" * 20)
+    while at >= 0:
+        start, end = at, at + 20
+        while start > 0 and shapes[start - 1] == 0x30:
+            start -= 1
+        while end < len(shapes) and shapes[end] == 0x30:
+            end += 1
+        before = shapes[start - 1] if start else 0x20
+        after = shapes[end] if end < len(shapes) else 0x20
+        if before != 0x2E and after not in (0x2E, 0x65):
+            return True
+        at = shapes.find(b"0" * 20, end)
+    return False
+
+
 _LITERALS = re.compile(rb"true|false|null")
 
 
@@ -138,7 +170,7 @@ def parse_json(body: bytes) -> Any:
         raise _invalid("JSON Parse error: The document is empty")
     start = 3 if body.startswith(b"\xef\xbb\xbf") else 0  # rapidjson skips a UTF-8 BOM
     try:
-        if _NEEDS_RAPIDJSON.search(body) is None:
+        if not _needs_rapidjson(body):
             try:
                 return _python_json(body, start)
             except ValueError:
