@@ -189,6 +189,8 @@ def value_texts(values: Array, *, leaf_level: int = 0, as_b64: bool = False) -> 
     """
     kind = values.dtype.kind
     flat = values.ravel().tolist()
+    if not flat:
+        return []
     if kind == "f":
         return decimal_texts(values)
     if kind == "b":

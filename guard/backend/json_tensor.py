@@ -555,7 +555,8 @@ def debug_string(value: Any) -> str:
     """JsonValueToDebugString: the value as TF Serving quotes it in error messages."""
     writer = _DebugWriter()
     writer.accept(value)
-    return "".join(writer.out)
+    # The writer works on bytes (one char per byte); the message is text again.
+    return "".join(writer.out).encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 # ---------------------------------------------------------------------------
