@@ -473,37 +473,22 @@ _CHUNK = 1 << 18  # bytes scanned at once: keeps numpy's temporaries small
 _SEPARATORS = frozenset(b" \t\n\r,[]")
 
 
-def _scan_numbers(region: bytes) -> _Numbers:
-    """Every number token of ``region`` (numbers, brackets, commas, whitespace only,
-    with :data:`_PAD` on both sides); offsets are relative to the unpadded text.
+def _chunks(buffer: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
+    """``buffer[start:end]`` in pieces of about 256 KiB cut between tokens, each
+    padded with :data:`_PAD`, with the buffer offset of its first byte.
 
-    Long regions go in chunks of about 256 KiB, cut between tokens: with glibc's
-    default malloc, megabyte-sized temporaries are handed back to the kernel after
-    each operation and fault in again, which costs more than the scan itself.
+    With glibc's default malloc, megabyte-sized temporaries are handed back to the
+    kernel after each numpy operation and fault in again, which costs more than the
+    scan itself; small pieces keep every temporary small.
     """
-    end = len(region) - _W
-    if end - _W <= _CHUNK:
-        return _scan_chunk(region)
-    parts: list[tuple[int, _Numbers]] = []
-    start = _W
+    view, pieces = memoryview(buffer), []
     while start < end:
         stop = min(start + _CHUNK, end)
-        while stop < end and region[stop] not in _SEPARATORS:
+        while stop < end and buffer[stop] not in _SEPARATORS:
             stop += 1
-        parts.append((start - _W, _scan_chunk(b"".join((_PAD, region[start:stop], _PAD)))))
+        pieces.append((start, b"".join((_PAD, view[start:stop], _PAD))))
         start = stop
-    return _joined(parts)
-
-
-def _joined(parts: list[tuple[int, _Numbers]]) -> _Numbers:
-    ints = [p.ints for _, p in parts]
-    return _Numbers(
-        np.concatenate([p.values for _, p in parts]),
-        np.concatenate([p.starts + at for at, p in parts]),
-        np.concatenate([p.ends + at for at, p in parts]),
-        all(p.integral for _, p in parts),
-        None if any(i is None for i in ints) else np.concatenate(ints),  # type: ignore[arg-type]
-    )
+    return pieces
 
 
 def _scan_chunk(region: bytes) -> _Numbers:
@@ -761,69 +746,106 @@ class _Where:
     after: list[int] = field(default_factory=list)  # insertion points (named outputs)
 
 
-def _segments_region(body: bytes, spans: Sequence[_Span]) -> tuple[bytes, Array, Array]:
-    """``[seg0,seg1,...]`` (padded), with each segment's offset in it and in ``body``."""
-    view = memoryview(body)
-    pieces = [view[s.start : s.end] for s in spans]
-    lengths = np.array([len(p) for p in pieces], dtype=np.int64)
-    region_at = 1 + np.concatenate(([0], np.cumsum(lengths + 1)[:-1])) if spans else lengths
-    body_at = np.array([s.start for s in spans], dtype=np.int64)
-    return b"".join((_PAD, b"[", b",".join(pieces), b"]", _PAD)), region_at, body_at
+@dataclass(slots=True)
+class _Source:
+    """The text an output's numbers are scanned from, and how to map its offsets
+    back to the body: one span of the body, or instance spans joined as ``[a,b]``."""
+
+    buffer: bytes
+    start: int
+    end: int
+    region_at: Array | None  # where each joined segment starts in ``buffer`` (None: the body)
+    body_at: Array | None  # ... and in the body
+
+    @classmethod
+    def of(cls, body: bytes, spans: Sequence[_Span], batched: bool) -> _Source:
+        if not batched:
+            return cls(body, spans[0].start, spans[0].end, None, None)
+        view = memoryview(body)
+        pieces = [view[s.start : s.end] for s in spans]
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        region_at = 1 + np.concatenate(([0], np.cumsum(lengths + 1)[:-1]))
+        buffer = b"[" + b",".join(pieces) + b"]"
+        body_at = np.array([s.start for s in spans], dtype=np.int64)
+        return cls(buffer, 0, len(buffer), region_at, body_at)
+
+    def to_body(self, offsets: Array) -> Array:
+        if self.region_at is None or self.body_at is None:
+            return offsets  # the buffer is the body
+        piece = np.searchsorted(self.region_at, offsets, "right") - 1
+        out: Array = self.body_at[piece] + (offsets - self.region_at[piece])
+        return out
 
 
-def _single_region(body: bytes, span: _Span) -> tuple[bytes, Array, Array]:
-    region = b"".join((_PAD, memoryview(body)[span.start : span.end], _PAD))
-    return region, np.zeros(1, np.int64), np.array([span.start], np.int64)
+@dataclass(slots=True)
+class _Part:
+    """One chunk's numbers, with offsets already in the body."""
+
+    numbers: _Numbers
+    chunk: bytes
+    starts: Array  # offsets in the body
+    ends: Array
 
 
-def _to_body(offsets: Array, region_at: Array, body_at: Array) -> Array:
-    piece = np.searchsorted(region_at, offsets, "right") - 1
-    out: Array = body_at[piece] + (offsets - region_at[piece])
-    return out
-
-
-def _numeric_output(region: bytes) -> tuple[Array, str, _Numbers] | None:
-    skeleton = region.translate(None, _SKELETON_DELETE)
-    if skeleton.strip(b"[],"):
-        return None
-    numbers = _scan_numbers(region)
-    count = numbers.values.size
-    shape = _skeleton_shape(skeleton) if count else None
+def _numeric_output(source: _Source) -> tuple[Array, str, Array, Array] | None:
+    """The tensor, its kind and every token's body offsets; None if not numeric."""
+    parts: list[_Part] = []
+    skeletons: list[bytes] = []
+    for at, chunk in _chunks(source.buffer, source.start, source.end):
+        skeleton = chunk.translate(None, _SKELETON_DELETE)
+        if skeleton.strip(b"[],"):
+            return None
+        skeletons.append(skeleton)
+        numbers = _scan_chunk(chunk)
+        starts = source.to_body(numbers.starts + at)
+        parts.append(_Part(numbers, chunk, starts, starts + (numbers.ends - numbers.starts)))
+    count = sum(p.numbers.values.size for p in parts)
+    shape = _skeleton_shape(b"".join(skeletons)) if count else None
     if shape is None or math.prod(shape) != count:
         if count:
             raise RestJsonError("the numbers do not form a dense tensor")
         return None  # an empty tensor: the generic reader finds its shape
-    values, kind = _typed(numbers, region)
-    return values.reshape(shape), kind, numbers
+    values, kind = _typed(parts)
+    starts = np.concatenate([p.starts for p in parts])
+    ends = np.concatenate([p.ends for p in parts])
+    return values.reshape(shape), kind, starts, ends
 
 
-def _typed(numbers: _Numbers, region: bytes) -> tuple[Array, str]:
-    if numbers.integral and numbers.ints is not None:
-        return numbers.ints, "int"
-    longest = int((numbers.ends - numbers.starts).max())
+def _typed(parts: list[_Part]) -> tuple[Array, str]:
+    """int64 when every token is an integer; float32 when every token could be a
+    DT_FLOAT's (<= 15 characters, within float32's range); else float64."""
+    numbers = [p.numbers for p in parts]
+    if all(n.integral and n.ints is not None for n in numbers):
+        return np.concatenate([n.ints for n in numbers if n.ints is not None]), "int"
+    doubles = [n.values for n in numbers]
+    if any(int((n.ends - n.starts).max()) > _FLOAT32_TOKEN_MAX for n in numbers if n.ends.size):
+        return np.concatenate(doubles), "float64"
+    singles = []
+    for part in parts:
+        single = _as_float32(part.numbers, part.chunk)
+        if single is None:
+            return np.concatenate(doubles), "float64"
+        singles.append(single)
+    return np.concatenate(singles), "float32"
+
+
+def _as_float32(numbers: _Numbers, chunk: bytes) -> Array | None:
+    """The chunk's values as float32, rounded from the text exactly as
+    absl::SimpleAtof does; None when a value does not fit float32."""
     values = numbers.values
-    if longest > _FLOAT32_TOKEN_MAX:
-        return values, "float64"
     with np.errstate(over="ignore"):
         single = values.astype(np.float32)
-    finite = np.isfinite(values)
-    lost = (finite & ~np.isfinite(single)) | ((single == 0) & (values != 0))
+    lost = (np.isfinite(values) & ~np.isfinite(single)) | ((single == 0) & (values != 0))
     if lost.any():
-        return values, "float64"
-    _fix_double_rounding(single, numbers, region)
-    return single, "float32"
-
-
-def _fix_double_rounding(single: Array, numbers: _Numbers, region: bytes) -> None:
-    """Text -> double -> float32 can differ from text -> float32 only where the
-    double is exactly halfway between two float32s (or in float32's subnormals)."""
-    values = numbers.values
-    bits = values.view(_U)
-    suspect = ((bits & _LOW29) == _HALF29) & np.isfinite(values)
+        return None
+    # Text -> double -> float32 can differ from text -> float32 only where the double
+    # is exactly halfway between two float32s (or in float32's subnormal range).
+    suspect = ((values.view(_U) & _LOW29) == _HALF29) & np.isfinite(values)
     suspect |= (np.abs(values) < 2.0**-126) & (values != 0)
     for i in np.flatnonzero(suspect).tolist():
-        text = region[numbers.starts[i] + _W : numbers.ends[i] + _W].decode("ascii")
+        text = chunk[numbers.starts[i] + _W : numbers.ends[i] + _W].decode("ascii")
         single[i] = _float32_of(text)
+    return single
 
 
 def _generic_output(body: bytes, span: _Span) -> tuple[Array, str]:
@@ -1098,18 +1120,14 @@ class _Reader:
         self.names_per_instance: list[set[str]] = []
 
     def add(self, key: OutputKey, spans: Sequence[_Span], batched: bool, after: list[int]) -> None:
-        if batched:
-            region, region_at, body_at = _segments_region(self.body, spans)
-        else:
-            region, region_at, body_at = _single_region(self.body, spans[0])
-        numeric = _numeric_output(region) if _may_be_numeric(spans) else None
+        numeric = None
+        if _may_be_numeric(spans):
+            numeric = _numeric_output(_Source.of(self.body, spans, batched))
         if numeric is None:
             values, kind = self._generic(spans, batched)
             where = _Where(None, None, after)
         else:
-            values, kind, numbers = numeric
-            starts = _to_body(numbers.starts, region_at, body_at)
-            ends = starts + (numbers.ends - numbers.starts)
+            values, kind, starts, ends = numeric
             where = _Where(starts, ends, after)
         self.outputs[key] = RestOutput(key, values, kind)
         self.where[key] = where
