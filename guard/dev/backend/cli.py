@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"gRPC address to listen on (default {DEFAULT_LISTEN}; port 0 picks a free one)",
     )
     parser.add_argument(
+        "--rest-listen",
+        metavar="ADDR",
+        help="also serve TF Serving's REST API on ADDR (e.g. 127.0.0.1:8501; port 0 picks "
+        'a free one); the port file then holds {"grpc": P, "rest": Q}',
+    )
+    parser.add_argument(
         "--tensor-content",
         action="store_true",
         help="answer with tensor_content instead of typed *_val fields (TF Serving's default)",
@@ -67,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--port-file",
         type=Path,
         metavar="PATH",
-        help="once serving, write the bound port number to PATH (atomically)",
+        help="once serving, write the bound port number to PATH (atomically); "
+        "with --rest-listen, a JSON object of both ports",
     )
     parser.add_argument(
         "--max-message-mb",
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             tensor_content=args.tensor_content,
             port_file=args.port_file,
             max_message_mb=args.max_message_mb,
+            rest_listen=args.rest_listen,
         )
     )
 

@@ -31,6 +31,16 @@ class BackendProcess(Child):
         """``host:port`` for ``grpc.insecure_channel``."""
         return self.endpoint("grpc")
 
+    @property
+    def rest_address(self) -> str | None:
+        """``host:port`` of the REST API, or None when it is not served."""
+        return self.endpoint("rest") if "rest" in self.ports else None
+
+    @property
+    def rest_url(self) -> str | None:
+        """``http://host:port`` of the REST API, or None when it is not served."""
+        return None if self.rest_address is None else f"http://{self.rest_address}"
+
 
 def backend_command(
     models: Mapping[str, Path],
@@ -39,9 +49,12 @@ def backend_command(
     tensor_content: bool = False,
     max_message_mb: int | None = None,
     python: str = sys.executable,
+    rest_listen: str | None = None,
 ) -> list[str]:
     """The argv that runs the backend with these settings (without ``--port-file``)."""
     argv = [python, "-m", "guard.dev.backend", "--listen", listen]
+    if rest_listen is not None:
+        argv += ["--rest-listen", rest_listen]
     for name, path in models.items():
         argv += ["--model", f"{name}={path}"]
     if tensor_content:
@@ -61,15 +74,22 @@ def start_backend(
     env: Mapping[str, str] | None = None,
     extra_args: Sequence[str] = (),
     startup_timeout_s: float = 180.0,
+    rest_listen: str | None = None,
 ) -> BackendProcess:
     """Start the backend serving ``models`` (name -> base path) and wait until it serves.
 
     The child writes its ports to a port file once every model is loaded, so
-    ``listen`` may use port 0. Raises :class:`BackendStartError` with the tail of
-    the child's log if it exits or is not serving within ``startup_timeout_s``.
+    ``listen`` and ``rest_listen`` may use port 0. With ``rest_listen`` the
+    backend also serves TF Serving's REST API (``rest_address``/``rest_url``).
+    Raises :class:`BackendStartError` with the tail of the child's log if it
+    exits or is not serving within ``startup_timeout_s``.
     """
     argv = backend_command(
-        models, listen=listen, tensor_content=tensor_content, max_message_mb=max_message_mb
+        models,
+        listen=listen,
+        tensor_content=tensor_content,
+        max_message_mb=max_message_mb,
+        rest_listen=rest_listen,
     )
     child = start([*argv, *extra_args], log_path=log_path, env=env, timeout_s=startup_timeout_s)
     return BackendProcess(child.process, child.ports, child.log_path, child.workdir)

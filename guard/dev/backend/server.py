@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import tensorflow as tf
@@ -32,6 +32,9 @@ from tensorflow_serving.apis import (
 
 from guard.control.process import write_port_file
 from guard.dev.backend._tensors import dtype_name, to_tensor_proto
+
+if TYPE_CHECKING:
+    from guard.dev.backend.rest import RestServer
 
 logger = logging.getLogger(__name__)
 
@@ -506,6 +509,8 @@ class ServeOptions:
     tensor_content: bool = False
     port_file: Path | None = None
     max_message_mb: int = 256
+    rest_listen: str | None = None
+    """TF Serving's REST API on this address too (needs aiohttp)."""
     workers: int = 4
     shutdown_grace_s: float = 5.0
 
@@ -540,8 +545,10 @@ async def serve(options: ServeOptions) -> None:
         logger.info(
             "serving %s on %s:%d (responses as %s)", ", ".join(models), host, port, encoding
         )
+        rest = await _start_rest(options, predictor, executor)
         if options.port_file is not None:
-            write_port_file(options.port_file, {"grpc": port})
+            ports = {"grpc": port} | ({"rest": rest.port} if rest else {})
+            write_port_file(options.port_file, ports)
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -549,7 +556,28 @@ async def serve(options: ServeOptions) -> None:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         logger.info("stopping (grace %.0f s)", options.shutdown_grace_s)
+        if rest is not None:
+            await rest.stop()
         await server.stop(options.shutdown_grace_s)
+
+
+async def _start_rest(
+    options: ServeOptions, predictor: Predictor, executor: ThreadPoolExecutor
+) -> RestServer | None:
+    if options.rest_listen is None:
+        return None
+    from guard.dev.backend.rest import RestServer  # aiohttp only when REST is asked for
+
+    rest = RestServer(
+        predictor,
+        executor,
+        max_body_mb=options.max_message_mb,
+        shutdown_grace_s=options.shutdown_grace_s,
+    )
+    port = await rest.start(options.rest_listen)
+    host = options.rest_listen.rsplit(":", 1)[0]
+    logger.info("Exporting HTTP/REST API at:%s:%d ...", host, port)
+    return rest
 
 
 def run_server(options: ServeOptions) -> int:

@@ -1,0 +1,87 @@
+"""What the guard step costs on a REST predict body, against one ``json.loads``.
+
+The body is what TF Serving returns for softmax_201 with a batch of 1024 in row
+format (1024 x 201 float32, about 3 MB), written by the backend's TF-Serving
+writer from softmax outputs; ``--body FILE`` reads a saved response instead (for
+instance one the local backend returned). The guard step is:
+read (``restjson.read_predict_response``), apply examples/guard.yaml's
+softmax_201 rule (check_sum, argmax, top_k 5, labels), write the guarded body.
+
+``python -m bench.restjson [--rows 1024] [--classes 201] [--repeat 15] [--body FILE]``
+
+Prints, for each, the median and the best wall time of ``--repeat`` runs and the
+best thread CPU time, in milliseconds. Other load on the box moves the wall
+times (and, through the shared caches, the CPU times): run it idle, twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from guard.config import load_config
+from guard.rules import apply_rule, label_table
+
+from guard.dataplane.codec.restjson import read_predict_response
+from guard.dev.backend.json_tensor import predict_response
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "guard.yaml"
+
+
+def softmax_body(rows: int, classes: int) -> bytes:
+    logits = np.random.default_rng(0).normal(0, 2, (rows, classes))
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+    return predict_response([("probabilities", probs, 1)], "row")
+
+
+def guard_step(body: bytes, rule: Any, labels: Any) -> bytes:
+    response = read_predict_response(body, "row")
+    values = response.outputs[None].values
+    result = apply_rule(values, rule, labels, "softmax_201", "probabilities")
+    derived = [("probabilities" + d.suffix, d.array) for d in result.derived]
+    changed = {None: result.values} if result.changed else None
+    return response.rewrite(changed=changed, derived={None: derived})
+
+
+def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float, float]:
+    """Median and best wall time, and the best thread CPU time, in ms."""
+    wall, cpu = [], []
+    for _ in range(repeat):
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        fn()
+        cpu.append((time.thread_time() - start_cpu) * 1e3)
+        wall.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(wall), min(wall), min(cpu)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--classes", type=int, default=201)
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--body", type=Path, help="a saved row-format response to use")
+    args = parser.parse_args(argv)
+    body = args.body.read_bytes() if args.body else softmax_body(args.rows, args.classes)
+    rule = next(m for m in load_config(EXAMPLES).models if m.name == "softmax_201").outputs[0]
+    labels = label_table(rule.labels)
+    guarded = guard_step(body, rule, labels)
+    assert json.loads(guarded)["guard_outputs"][0]["probabilities_top_k_label"]
+    print(f"body: {len(body) / 1e6:.2f} MB, guarded: {len(guarded) / 1e6:.2f} MB")
+    for name, fn in (
+        ("json.loads(body)", lambda: json.loads(body)),
+        ("restjson read", lambda: read_predict_response(body, "row")),
+        ("guard step (read + rule + write)", lambda: guard_step(body, rule, labels)),
+    ):
+        median, best, cpu = timed(fn, args.repeat)
+        print(f"{name:34s} median {median:6.1f} ms  best {best:6.1f} ms  best CPU {cpu:6.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

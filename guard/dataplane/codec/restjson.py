@@ -1,0 +1,1192 @@
+"""TF Serving's REST predict responses, for the proxy: read in place, rewritten in place.
+
+numpy only: no TensorFlow, no aiohttp, and no ``json.loads`` of a whole body.
+tensorflow/serving writes these bodies in ``util/json_tensor.cc``
+(``MakeJsonFromTensors``) with rapidjson's ``PrettyWriter``; this module reads
+that text and writes new text the same way.
+
+**Reading.** :func:`read_predict_response` takes the body and the format of the
+request (``row``: ``"instances"`` in, ``"predictions"`` out; ``columnar``:
+``"inputs"`` in, ``"outputs"`` out) and returns each output's values as a numpy
+array, keeping the byte offsets of every number so that nothing of the original
+text is lost. A response with one output does not name it (TF Serving drops the
+name); its key is ``None``.
+
+**Which float dtype.** The body does not say; the signature does, and the proxy
+does not have it here. json_tensor.cc's ``WriteDecimal`` writes a DT_FLOAT value
+with at most 9 significant digits (``%.6g`` when that reads back as the same
+float, else ``%.9g``), so its tokens are at most 15 characters long
+(``-1.23456789e-05``); a DT_DOUBLE value needs up to 17 digits. A numeric output
+is therefore read as **float32** when every token is at most 15 characters and
+every value lies within float32's range, and as **float64** otherwise. float32
+values are rounded from the text exactly as ``absl::SimpleAtof`` rounds them, so
+they equal the model's own float32 output bit for bit. A DT_DOUBLE output whose
+values all print in 6 digits (``0.1``, ``0.25``) reads as float32: its untouched
+values keep their text anyway, and a value a rule changes is then written with
+float32's digits. Outputs whose tokens are all integers read as int64; strings,
+``{"b64": ...}`` objects and booleans read as object/bool arrays and are never
+rewritten.
+
+**Writing.** :meth:`RestPredictResponse.rewrite` returns the original bytes with
+(i) only the values a rule changed replaced, each written as TF Serving writes
+that dtype, and (ii) derived outputs inserted as text: next to the source output
+where the response names its outputs, else under a top-level
+``"guard_outputs"`` (one object per instance in row format, an object of arrays
+in columnar format). Inserted text follows TF Serving's layout at that depth.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import math
+import re
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "GUARD_OUTPUTS_KEY",
+    "Format",
+    "RestJsonError",
+    "RestOutput",
+    "RestPredictResponse",
+    "decimal_texts",
+    "json_string",
+    "nest_text",
+    "read_predict_response",
+    "value_texts",
+]
+
+Array = np.ndarray[Any, Any]
+Format = Literal["row", "columnar"]
+OutputKey = str | None
+
+GUARD_OUTPUTS_KEY = "guard_outputs"
+"""Where derived outputs of an unnamed (single) output go, at the top level."""
+
+INDENT = "    "
+"""rapidjson PrettyWriter's default indent: four spaces per open container."""
+
+
+class RestJsonError(ValueError):
+    """The body is not a TF Serving predict response this module can read or extend."""
+
+
+# ---------------------------------------------------------------------------
+# Writing values: json_tensor.cc's WriteDecimal and rapidjson's Writer.
+# Text is built as latin-1 ``str`` (one char per byte) and encoded once.
+
+_F32 = struct.Struct("<f")
+_INF = math.inf
+_REUSE_LIMIT = 1 << 22  # derived values x source values per instance, compared at once
+_LOW29, _HALF29 = np.uint64((1 << 29) - 1), np.uint64(1 << 28)  # a float32 midpoint's tail
+
+
+def _float32_of(text: str) -> float:
+    """``text`` rounded once, to the nearest float32 (as absl::SimpleAtof does)."""
+    d = float(text)
+    try:
+        f: float = _F32.unpack(_F32.pack(d))[0]
+    except OverflowError:
+        return _INF if d > 0 else -_INF
+    if f == d or math.isinf(f) or math.isnan(d):
+        return f
+    other = 2.0 * d - f  # the other float32 neighbour when d is their exact midpoint
+    try:
+        is_mid = _F32.unpack(_F32.pack(other))[0] == other
+    except OverflowError:
+        is_mid = False
+    if not is_mid:
+        return f
+    exact = Fraction(text)
+    if exact == Fraction(d):
+        return f  # a true tie: pack already rounded half to even
+    return max(f, other) if exact > Fraction(d) else min(f, other)
+
+
+def _six_reads_back(flat: Array, six: list[str]) -> Array:
+    """Whether each ``%.6g`` text reads back as the value (absl::SimpleAtof/SimpleAtod)."""
+    back = np.array(six, dtype=np.float64)
+    if flat.dtype == np.float64:
+        same: Array = back == flat
+        return same
+    with np.errstate(over="ignore", invalid="ignore"):
+        same = back.astype(np.float32) == flat
+    # text -> double -> float32 can round differently from text -> float32 only
+    # where the double is exactly halfway between two float32s: decide those exactly.
+    halfway = (back.view(np.uint64) & _LOW29) == _HALF29
+    for i in np.flatnonzero(halfway).tolist():
+        same[i] = _float32_of(six[i]) == float(flat[i])
+    return same
+
+
+def _finite_text(x: float, six: str, six_reads_back: bool, digits: int) -> str:
+    text = six if six_reads_back else format(x, f".{digits}g")  # max_digits10
+    if "." not in text and "e" not in text:
+        text += ".0"  # WriteDecimal marks whole numbers as decimals
+    return text
+
+
+def decimal_texts(values: Array) -> list[str]:
+    """Each float as TF Serving writes it (float32 or float64, any shape, flattened).
+
+    json_tensor.cc's WriteDecimal: ``absl::StrCat`` (``%.6g``) when that reads back
+    as the same value, else ``%.9g`` (float) / ``%.17g`` (double); ``.0`` appended
+    when the text has neither ``.`` nor ``e``; ``NaN``, ``Infinity``, ``-Infinity``.
+    """
+    if values.dtype not in (np.float32, np.float64):
+        raise TypeError(f"not a float32/float64 array: {values.dtype}")
+    digits = 9 if values.dtype == np.float32 else 17
+    flat = values.ravel()
+    xs = flat.tolist()
+    six = [format(x, ".6g") for x in xs]  # absl's SixDigitsToBuffer is %.6g
+    reads_back = _six_reads_back(flat, six).tolist()
+    out = []
+    for x, text, ok in zip(xs, six, reads_back, strict=True):
+        if x != x:
+            out.append("NaN")
+        elif x == _INF or x == -_INF:
+            out.append("Infinity" if x > 0 else "-Infinity")
+        else:
+            out.append(_finite_text(x, text, ok, digits))
+    return out
+
+
+_ESCAPE = {c: f"\\u{c:04X}" for c in range(0x20)}
+_ESCAPE.update({0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0C: "\\f", 0x0D: "\\r"})
+_ESCAPE.update({0x22: '\\"', 0x5C: "\\\\"})
+
+
+def json_string(raw: bytes | str) -> str:
+    """A JSON string as rapidjson writes it: bytes kept, only ``"``, ``\\`` and
+    control characters escaped (``\\u001F`` in upper case)."""
+    text = raw.decode("latin-1") if isinstance(raw, bytes) else raw.encode().decode("latin-1")
+    return '"' + text.translate(_ESCAPE) + '"'
+
+
+def _b64_object(raw: bytes, level: int) -> str:
+    """``{"b64": ...}`` inside ``level`` open containers, in PrettyWriter's layout."""
+    encoded = base64.b64encode(raw).decode("ascii")
+    return "{\n" + INDENT * (level + 1) + '"b64": "' + encoded + '"\n' + INDENT * level + "}"
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def value_texts(values: Array, *, leaf_level: int = 0, as_b64: bool = False) -> list[str]:
+    """The JSON text of each element (flattened), as json_tensor.cc writes its dtype.
+
+    ``as_b64`` writes strings as ``{"b64": ...}`` (outputs whose name ends in
+    ``_bytes``); ``leaf_level`` is the number of containers open around a value,
+    which only the multi-line ``b64`` objects need.
+    """
+    kind = values.dtype.kind
+    flat = values.ravel().tolist()
+    if not flat:
+        return []
+    if kind == "f":
+        return decimal_texts(values)
+    if kind == "b":
+        return ["true" if v else "false" for v in flat]
+    if kind in "iu":
+        return [str(v) for v in flat]
+    write: Callable[[Any], str] = (
+        functools.partial(_b64_value, level=leaf_level) if as_b64 else _string_value
+    )
+    texts: dict[Any, str] = {}  # labels repeat: write each distinct one once
+    return [texts[v] if v in texts else texts.setdefault(v, write(v)) for v in flat]
+
+
+def _string_value(value: Any) -> str:
+    return json_string(_as_bytes(value))
+
+
+def _b64_value(value: Any, level: int) -> str:
+    return _b64_object(_as_bytes(value), level)
+
+
+def _wrap(children: Sequence[str], level: int, single_line: bool) -> str:
+    if single_line:
+        return "[" + ", ".join(children) + "]"
+    if not children:
+        return "[]"
+    inner = "\n" + INDENT * (level + 1)
+    return "[" + inner + ("," + inner).join(children) + "\n" + INDENT * level + "]"
+
+
+def nest_text(items: Sequence[str], shape: tuple[int, ...], level: int, single_line: bool) -> str:
+    """Nested arrays of ``items`` (row-major) in PrettyWriter's layout.
+
+    ``level`` counts the containers open around the outermost array. Row format
+    writes each instance with ``kFormatSingleLineArray`` (``[1.0, 2.0]``),
+    columnar format writes one value per line.
+    """
+    if not shape:
+        return items[0]
+    if len(shape) == 1:
+        return _wrap(items, level, single_line)
+    step = math.prod(shape[1:])
+    children = [
+        nest_text(items[i * step : (i + 1) * step], shape[1:], level + 1, single_line)
+        for i in range(shape[0])
+    ]
+    return _wrap(children, level, single_line)
+
+
+def _per_instance(flat: list[str], shape: tuple[int, ...], batch: int) -> list[str]:
+    """Each instance's value text, single-line, from all elements' texts."""
+    if not shape:
+        return flat
+    step = math.prod(shape)
+    if len(shape) == 1:
+        return ["[" + ", ".join(flat[i * step : (i + 1) * step]) + "]" for i in range(batch)]
+    return [nest_text(flat[i * step : (i + 1) * step], shape, 3, True) for i in range(batch)]
+
+
+Texts = Callable[[str, Array, int], list[str]]
+"""``(name, array, leaf_level) -> each element's JSON text``."""
+
+
+def _plain_texts(name: str, array: Array, leaf_level: int) -> list[str]:
+    return value_texts(array, leaf_level=leaf_level, as_b64=_is_bytes_name(name, array))
+
+
+def _member_text(
+    name: str, array: Array, level: int, single_line: bool, texts: Texts = _plain_texts
+) -> str:
+    """``"name": value`` as a member of an object whose own members sit at ``level``."""
+    items = texts(name, array, level + array.ndim)
+    return json_string(name) + ": " + nest_text(items, array.shape, level, single_line)
+
+
+def _row_members(
+    items: Sequence[tuple[str, Array]], batch: int, texts: Texts = _plain_texts
+) -> list[list[str]]:
+    """Per instance, ``"name": value`` of each item, as members of an instance
+    object in row format (3 open containers: root, list, object)."""
+    columns: list[list[str]] = []
+    for name, array in items:
+        array = np.asarray(array)
+        if array.ndim == 0 or array.shape[0] != batch:
+            raise RestJsonError(
+                f"derived output '{name}' has shape {array.shape}; row format needs "
+                f"{batch} instances on its first axis"
+            )
+        shape = array.shape[1:]
+        flat = texts(name, array, 3 + len(shape))
+        key = json_string(name) + ": "
+        columns.append([key + v for v in _per_instance(flat, shape, batch)])
+    return [list(row) for row in zip(*columns, strict=True)] if columns else [[]] * batch
+
+
+def _is_bytes_name(name: str, array: Array) -> bool:
+    return array.dtype.kind in "OSU" and name.endswith("_bytes")
+
+
+# ---------------------------------------------------------------------------
+# Reading numbers: every token of a numeric region at once, in numpy.
+
+_W = 16  # bytes per token window (a float32 token has at most 15)
+_SEP = 15
+_U = np.uint64
+_ONES, _HIGHS = _U(0x0101010101010101), _U(0x8080808080808080)
+_TEN_PLUS = _U(0x7676767676767676)  # + per byte sets bit 7 exactly where the byte >= 10
+_ELEVEN_PLUS = _U(0x7575757575757575)  # ... where the byte >= 11
+_P10U = np.array([10**k for k in range(20)], dtype=np.uint64)
+_P10U_DOT = np.array([2**63] + [10 ** (k + 1) for k in range(1, 17)], dtype=np.uint64)
+_NINE_P10U = np.array([9 * 10**k for k in range(17)], dtype=np.uint64)
+_MASK64 = (1 << 64) - 1
+# Keep the bytes of a mantissa right-aligned in a 16-byte window, by bytes dropped.
+_KEEP = np.array(
+    [
+        [_MASK64 ^ ((1 << 8 * min(d, 8)) - 1), _MASK64 ^ ((1 << 8 * max(d - 8, 0)) - 1)]
+        for d in range(17)
+    ],
+    dtype=np.uint64,
+)
+_P10F = np.array([10.0**k for k in range(23)])
+_NUMBER_CHARS = b"0123456789.-+eENaInfity"
+_NUMBER_TOKEN = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|NaN|-?Infinity")
+_FLOAT32_TOKEN_MAX = 15
+
+
+def _code_table() -> bytes:
+    table = bytearray([16]) * 256
+    for i, c in enumerate(b"0123456789"):
+        table[c] = i
+    table[ord(".")], table[ord("-")], table[ord("+")] = 10, 11, 12
+    table[ord("e")] = table[ord("E")] = 13
+    for c in b"NaIfinty":
+        table[c] = 14
+    for c in b" \t\n\r,[]":
+        table[c] = _SEP
+    return bytes(table)
+
+
+_CODES = _code_table()
+_SKELETON_DELETE = _NUMBER_CHARS + b" \t\n\r"
+
+
+@dataclass(slots=True)
+class _Numbers:
+    """The tokens of a numeric region: values and offsets relative to the region."""
+
+    values: Array  # float64
+    starts: Array
+    ends: Array
+    integral: bool  # every token is an integer literal
+    ints: Array | None  # exact int64 values when integral and all fit
+
+
+def _swar8(v: Array) -> Array:
+    """Eight digit bytes per word (most significant first, little-endian) -> their
+    value, in place: large temporaries are what costs here (fresh pages)."""
+    t = v >> _U(8)
+    v *= _U(10)
+    v += t
+    v &= _U(0x00FF00FF00FF00FF)
+    np.right_shift(v, _U(16), out=t)
+    v *= _U(100)
+    v += t
+    v &= _U(0x0000FFFF0000FFFF)
+    np.right_shift(v, _U(32), out=t)
+    v *= _U(10000)
+    v += t
+    v &= _U(0xFFFFFFFF)
+    return v
+
+
+def _top_flag_byte(flags: Array) -> Array:
+    """Index (0..7) of the byte whose bit 7 is the one bit set in each word.
+
+    ``flags >> 7`` is ``256**j``; times 0x0706050403020100 it moves byte ``7 - j`` of
+    that constant to the top. (Words with several bits set give garbage; callers
+    reject those tokens.)
+    """
+    top = ((flags >> _U(7)) * _U(0x0706050403020100)) >> _U(56)
+    out: Array = 7 - top.astype(np.int64)
+    return out
+
+
+def _token_bounds(codes: Array) -> tuple[Array, Array]:
+    is_token = codes < _SEP
+    edges = np.flatnonzero(is_token[1:] != is_token[:-1])
+    edges += 1
+    return edges[0::2], edges[1::2]
+
+
+def _token_of(starts: Array, positions: Array) -> Array:
+    out: Array = np.searchsorted(starts, positions, "right") - 1
+    return out
+
+
+@dataclass(slots=True)
+class _Mantissa:
+    value: Array  # uint64 digits without the dot
+    frac: Array  # digits after the dot
+    ok: Array  # the fast path read this token
+
+
+def _mantissas(codes: Array, starts: Array, mant_end: Array, neg: Array) -> _Mantissa:
+    """Each token's mantissa from a 16-byte window that ends where the mantissa ends.
+
+    The window is two little-endian words; the bytes before the mantissa are
+    masked off, the dot is found and zeroed in-word, and eight digits at a time
+    become an integer (SWAR). ``ok`` is false where the token needs the slow path.
+    Large arrays are updated in place where possible.
+    """
+    n = starts.size
+    length = mant_end - starts
+    length -= neg
+    windows = np.ndarray((codes.size - _W + 1,), dtype="V16", buffer=codes, strides=(1,))
+    words = windows[mant_end - _W].view(_U).reshape(n, 2)
+    words &= np.take(_KEEP, np.clip(_W - length, 0, _W), axis=0)
+    flags = words + _TEN_PLUS
+    flags &= _HIGHS  # bit 7 of every byte >= 10: '.', or a sign
+    signs = words + _ELEVEN_PLUS
+    signs &= _HIGHS  # a byte >= 11 ('-', '+') is not JSON inside a mantissa
+    signed = (signs[:, 0] | signs[:, 1]) != 0
+    del signs
+    in1 = flags[:, 1] != 0
+    dot_flag = np.where(in1, flags[:, 1], flags[:, 0])
+    has_dot = dot_flag != 0
+    dot_col = _top_flag_byte(dot_flag) + (in1 << 3)
+    frac = np.where(has_dot, np.clip(15 - dot_col, 0, 16), 0)
+    count = np.bitwise_count(flags)
+    flags >>= _U(7)
+    flags *= _U(0xFF)
+    words &= ~flags
+    digits = _swar8(words)
+    raw = digits[:, 0] * _U(10**8)
+    raw += digits[:, 1]
+    lead = raw // _P10U_DOT[frac]  # the digits before the dot, one place too high
+    raw -= lead * _NINE_P10U[frac]
+    ok = (count[:, 0] + count[:, 1] <= 1) & ~signed
+    ok &= (length - 1).astype(_U) < _U(15) + has_dot  # 1..15 digits (+ the dot)
+    ok &= ~has_dot | ((frac >= 1) & (dot_col > _W - length))  # a digit on both sides
+    return _Mantissa(raw, frac, ok)
+
+
+def _exponents(codes: Array, e_pos: Array, ends: Array) -> tuple[Array, Array]:
+    """Value of each ``e[+-]d{1,3}`` suffix, and whether it was well formed."""
+    length = ends - e_pos - 1
+    windows = np.ndarray((codes.size - 4,), dtype="V4", buffer=codes, strides=(1,))
+    chars = windows[e_pos + 1].view(np.uint8).reshape(-1, 4).astype(np.int64)
+    signed = chars[:, 0] >= 11
+    sign = np.where(chars[:, 0] == 11, -1, 1)
+    ndigits = length - signed
+    value = np.zeros(e_pos.size, np.int64)
+    ok = (
+        (ndigits >= 1)
+        & (ndigits <= 3)
+        & ((chars[:, 0] < 10) | (chars[:, 0] == 11) | (chars[:, 0] == 12))
+    )
+    for k in range(3):
+        digit = np.take_along_axis(chars, (signed + k)[:, None], axis=1)[:, 0]
+        inside = k < ndigits
+        ok &= ~inside | (digit < 10)
+        value = np.where(inside, value * 10 + digit, value)
+    return sign * value, ok
+
+
+def _slow_token(text: str) -> float | int:
+    if _NUMBER_TOKEN.fullmatch(text) is None:
+        raise RestJsonError(f"not a JSON number: {text[:40]!r}")
+    if text in ("NaN", "Infinity", "-Infinity"):
+        return float(text)
+    if "." in text or "e" in text or "E" in text:
+        return float(text)
+    return int(text)
+
+
+_PAD = b" " * _W  # a numeric region is padded so every token has a full window around it
+
+
+_CHUNK = 1 << 18  # bytes scanned at once: keeps numpy's temporaries small
+_SEPARATORS = frozenset(b" \t\n\r,[]")
+
+
+def _chunks(buffer: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
+    """``buffer[start:end]`` in pieces of about 256 KiB cut between tokens, each
+    padded with :data:`_PAD`, with the buffer offset of its first byte.
+
+    With glibc's default malloc, megabyte-sized temporaries are handed back to the
+    kernel after each numpy operation and fault in again, which costs more than the
+    scan itself; small pieces keep every temporary small.
+    """
+    view, pieces = memoryview(buffer), []
+    while start < end:
+        stop = min(start + _CHUNK, end)
+        while stop < end and buffer[stop] not in _SEPARATORS:
+            stop += 1
+        pieces.append((start, b"".join((_PAD, view[start:stop], _PAD))))
+        start = stop
+    return pieces
+
+
+def _scan_chunk(region: bytes) -> _Numbers:
+    codes = np.frombuffer(region.translate(_CODES), np.uint8)
+    starts, ends = _token_bounds(codes)
+    n = starts.size
+    if n == 0:
+        empty = np.zeros(0, np.int64)
+        return _Numbers(np.zeros(0), empty, empty, True, empty)
+    neg = (codes[starts] == 11).astype(np.int64)
+    mant_end, exponent, slow = ends.copy(), np.zeros(n, np.int64), np.zeros(n, bool)
+    has_e = b"e" in region or b"E" in region
+    if has_e:
+        e_pos = np.flatnonzero(codes == 13)
+        e_tok = _token_of(starts, e_pos)
+        mant_end[e_tok] = e_pos
+        value, ok = _exponents(codes, e_pos, ends[e_tok])
+        exponent[e_tok] = value
+        slow[e_tok[~ok]] = True
+        slow[e_tok[np.r_[False, e_tok[1:] == e_tok[:-1]]]] = True
+    letters = b"N" in region or b"I" in region
+    if letters:
+        slow[_token_of(starts, np.flatnonzero(codes == 14))] = True
+    m = _mantissas(codes, starts, mant_end, neg)
+    scale = exponent - m.frac
+    fast = m.ok & ~slow & (np.abs(scale) <= 22)
+    values = _scaled(m.value, scale, neg.astype(bool))
+    integral = not has_e and not letters and not bool(m.frac.any())
+    return _finish(region, values, starts - _W, ends - _W, fast, integral, m, neg)
+
+
+def _scaled(mantissa: Array, scale: Array, neg: Array) -> Array:
+    """mantissa * 10**scale, rounded once (exact mantissa and power: Clinger's fast path)."""
+    values = mantissa.astype(np.float64)
+    values /= _P10F[np.clip(-scale, 0, 22)]
+    up = np.flatnonzero(scale > 0)
+    if up.size:
+        values[up] *= _P10F[np.clip(scale[up], 0, 22)]
+    np.negative(values, out=values, where=neg)
+    return values
+
+
+def _finish(
+    region: bytes,
+    values: Array,
+    starts: Array,
+    ends: Array,
+    fast: Array,
+    integral: bool,
+    m: _Mantissa,
+    neg: Array,
+) -> _Numbers:
+    ints: Array | None = None
+    if integral:
+        ints = np.where(neg.astype(bool), -m.value.astype(np.int64), m.value.astype(np.int64))
+    for i in np.flatnonzero(~fast).tolist():
+        text = region[starts[i] + _W : ends[i] + _W]
+        parsed = _slow_token(text.decode("ascii", "replace"))
+        if isinstance(parsed, int):
+            if ints is not None and -(2**63) <= parsed < 2**63:
+                ints[i] = parsed
+            else:
+                ints = None
+            values[i] = float(parsed)
+        else:
+            integral, ints = False, None
+            values[i] = parsed
+    return _Numbers(values, starts, ends, integral, ints)
+
+
+# ---------------------------------------------------------------------------
+# Shapes: the brackets and commas left once the numbers are deleted.
+
+
+def _skeleton_shape(skeleton: bytes) -> tuple[int, ...] | None:
+    """The dense shape whose nested arrays print as ``skeleton`` (every dim > 0)."""
+    rank = len(skeleton) - len(skeleton.lstrip(b"["))
+    dims: list[int] = []
+    for closed in range(1, rank + 1):
+        end = skeleton.find(b"]" * closed)
+        if end < 0:
+            return None
+        first = skeleton[rank - closed : end + closed]
+        dims.append(first.count(b"]" * (closed - 1) + b",") + 1)
+    shape = tuple(reversed(dims))
+    return shape if _skeleton_of(shape) == skeleton else None
+
+
+def _skeleton_of(shape: tuple[int, ...]) -> bytes:
+    text = b""
+    for size in reversed(shape):
+        text = b"[" + b",".join([text] * size) + b"]"
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Structure: a small scanner for the few objects and arrays around the tensors.
+
+_WS_RE = re.compile(rb"[ \t\n\r]*")
+_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_SCALAR_RE = re.compile(rb"[^ \t\n\r,\]}]+")
+
+
+@dataclass(slots=True)
+class _Span:
+    start: int
+    end: int
+    kind: str
+    """object, array, numeric (an array holding numbers only), string or scalar."""
+
+
+@dataclass(slots=True)
+class _Member:
+    key: str
+    value: _Span
+
+
+class _Scanner:
+    """Finds values' spans; arrays of numbers are skipped without looking inside."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def ws(self, i: int) -> int:
+        match = _WS_RE.match(self.body, i)
+        assert match is not None  # the pattern matches the empty string
+        return match.end()
+
+    def expect(self, i: int, char: bytes) -> int:
+        i = self.ws(i)
+        if self.body[i : i + 1] != char:
+            raise RestJsonError(f"expected {char.decode()!r} at offset {i}")
+        return i + 1
+
+    def value(self, i: int) -> _Span:
+        i = self.ws(i)
+        head = self.body[i : i + 1]
+        if head == b"{":
+            return _Span(i, self.members_end(i), "object")
+        if head == b"[":
+            end = self.numeric_end(i)
+            if end >= 0:
+                return _Span(i, end, "numeric")
+            return _Span(i, self.elements_end(i), "array")
+        if head == b'"':
+            return _Span(i, self.string_end(i), "string")
+        match = _SCALAR_RE.match(self.body, i)
+        if match is None:
+            raise RestJsonError(f"expected a value at offset {i}")
+        return _Span(i, match.end(), "scalar")
+
+    def string_end(self, i: int) -> int:
+        match = _STRING_RE.match(self.body, i)
+        if match is None:
+            raise RestJsonError(f"unterminated string at offset {i}")
+        return match.end()
+
+    def numeric_end(self, i: int) -> int:
+        """End of the array at ``i`` when it holds only numbers (and arrays of them).
+
+        Only called where the array is an object member's value: after it come a
+        comma and a key string, or ``}``. So the run of bytes up to the next
+        ``"``/``{``/``}`` holds this array and nothing else with brackets.
+        """
+        body = self.body
+        stops = [p for p in (body.find(b'"', i), body.find(b"{", i), body.find(b"}", i)) if p >= 0]
+        stop = min(stops) if stops else len(body)
+        if body.count(b"[", i, stop) != body.count(b"]", i, stop):
+            return -1
+        return body.rfind(b"]", i, stop) + 1
+
+    def members(self, i: int) -> list[_Member]:
+        out: list[_Member] = []
+        i = self.expect(i, b"{")
+        if self.body[self.ws(i) : self.ws(i) + 1] == b"}":
+            return out
+        while True:
+            key_start = self.ws(i)
+            key_end = self.string_end(key_start)
+            key = _decode_key(self.body[key_start:key_end])
+            span = self.value(self.expect(key_end, b":"))
+            out.append(_Member(key, span))
+            i = self.ws(span.end)
+            if self.body[i : i + 1] == b"}":
+                return out
+            i = self.expect(i, b",")
+
+    def members_end(self, i: int) -> int:
+        found = self.members(i)
+        end = found[-1].value.end if found else self.ws(i + 1)
+        return self.expect(end, b"}")
+
+    def elements(self, i: int) -> list[_Span]:
+        out: list[_Span] = []
+        i = self.expect(i, b"[")
+        if self.body[self.ws(i) : self.ws(i) + 1] == b"]":
+            return out
+        while True:
+            span = self.element(i)
+            out.append(span)
+            i = self.ws(span.end)
+            if self.body[i : i + 1] == b"]":
+                return out
+            i = self.expect(i, b",")
+
+    def element(self, i: int) -> _Span:
+        """An array element: like :meth:`value`, without the numeric shortcut."""
+        i = self.ws(i)
+        if self.body[i : i + 1] == b"[":
+            return _Span(i, self.elements_end(i), "array")
+        return self.value(i)
+
+    def elements_end(self, i: int) -> int:
+        found = self.elements(i)
+        end = found[-1].end if found else self.ws(i + 1)
+        return self.expect(end, b"]")
+
+
+def _decode_key(token: bytes) -> str:
+    try:
+        key = json.loads(token)
+    except ValueError as exc:
+        raise RestJsonError(f"bad object key {token[:40]!r}") from exc
+    if not isinstance(key, str):
+        raise RestJsonError(f"bad object key {token[:40]!r}")
+    return key
+
+
+# ---------------------------------------------------------------------------
+# Outputs.
+
+
+@dataclass(frozen=True, slots=True)
+class RestOutput:
+    """One output of a REST predict response."""
+
+    name: str | None
+    """The output's alias, or ``None`` when the response does not name it (one output)."""
+    values: Array
+    """float32/float64/int64 for numbers, bool, or an object array (str, or bytes for b64)."""
+    kind: str
+    """``float32``, ``float64``, ``int``, ``bool``, ``string``, ``bytes`` or ``other``."""
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind in ("float32", "float64", "int")
+
+
+@dataclass(slots=True)
+class _Where:
+    """Where an output's text is: token offsets, and where derived text goes."""
+
+    starts: Array | None  # absolute offset of every value's token (numeric outputs)
+    ends: Array | None
+    after: list[int] = field(default_factory=list)  # insertion points (named outputs)
+
+
+@dataclass(slots=True)
+class _Source:
+    """The text an output's numbers are scanned from, and how to map its offsets
+    back to the body: one span of the body, or instance spans joined as ``[a,b]``."""
+
+    buffer: bytes
+    start: int
+    end: int
+    region_at: Array | None  # where each joined segment starts in ``buffer`` (None: the body)
+    body_at: Array | None  # ... and in the body
+
+    @classmethod
+    def of(cls, body: bytes, spans: Sequence[_Span], batched: bool) -> _Source:
+        if not batched:
+            return cls(body, spans[0].start, spans[0].end, None, None)
+        view = memoryview(body)
+        pieces = [view[s.start : s.end] for s in spans]
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        region_at = 1 + np.concatenate(([0], np.cumsum(lengths + 1)[:-1]))
+        buffer = b"[" + b",".join(pieces) + b"]"
+        body_at = np.array([s.start for s in spans], dtype=np.int64)
+        return cls(buffer, 0, len(buffer), region_at, body_at)
+
+    def to_body(self, offsets: Array) -> Array:
+        if self.region_at is None or self.body_at is None:
+            return offsets  # the buffer is the body
+        piece = np.searchsorted(self.region_at, offsets, "right") - 1
+        out: Array = self.body_at[piece] + (offsets - self.region_at[piece])
+        return out
+
+
+@dataclass(slots=True)
+class _Part:
+    """One chunk's numbers, with offsets already in the body."""
+
+    numbers: _Numbers
+    chunk: bytes
+    starts: Array  # offsets in the body
+    ends: Array
+
+
+def _numeric_output(source: _Source) -> tuple[Array, str, Array, Array] | None:
+    """The tensor, its kind and every token's body offsets; None if not numeric."""
+    parts: list[_Part] = []
+    skeletons: list[bytes] = []
+    for at, chunk in _chunks(source.buffer, source.start, source.end):
+        skeleton = chunk.translate(None, _SKELETON_DELETE)
+        if skeleton.strip(b"[],"):
+            return None
+        skeletons.append(skeleton)
+        numbers = _scan_chunk(chunk)
+        starts = source.to_body(numbers.starts + at)
+        parts.append(_Part(numbers, chunk, starts, starts + (numbers.ends - numbers.starts)))
+    count = sum(p.numbers.values.size for p in parts)
+    shape = _skeleton_shape(b"".join(skeletons)) if count else None
+    if shape is None or math.prod(shape) != count:
+        if count:
+            raise RestJsonError("the numbers do not form a dense tensor")
+        return None  # an empty tensor: the generic reader finds its shape
+    values, kind = _typed(parts)
+    starts = np.concatenate([p.starts for p in parts])
+    ends = np.concatenate([p.ends for p in parts])
+    return values.reshape(shape), kind, starts, ends
+
+
+def _typed(parts: list[_Part]) -> tuple[Array, str]:
+    """int64 when every token is an integer; float32 when every token could be a
+    DT_FLOAT's (<= 15 characters, within float32's range); else float64."""
+    numbers = [p.numbers for p in parts]
+    if all(n.integral and n.ints is not None for n in numbers):
+        return np.concatenate([n.ints for n in numbers if n.ints is not None]), "int"
+    doubles = [n.values for n in numbers]
+    if any(int((n.ends - n.starts).max()) > _FLOAT32_TOKEN_MAX for n in numbers if n.ends.size):
+        return np.concatenate(doubles), "float64"
+    singles = []
+    for part in parts:
+        single = _as_float32(part.numbers, part.chunk)
+        if single is None:
+            return np.concatenate(doubles), "float64"
+        singles.append(single)
+    return np.concatenate(singles), "float32"
+
+
+def _as_float32(numbers: _Numbers, chunk: bytes) -> Array | None:
+    """The chunk's values as float32, rounded from the text exactly as
+    absl::SimpleAtof does; None when a value does not fit float32."""
+    values = numbers.values
+    with np.errstate(over="ignore"):
+        single = values.astype(np.float32)
+    lost = (np.isfinite(values) & ~np.isfinite(single)) | ((single == 0) & (values != 0))
+    if lost.any():
+        return None
+    # Text -> double -> float32 can differ from text -> float32 only where the double
+    # is exactly halfway between two float32s (or in float32's subnormal range).
+    suspect = ((values.view(_U) & _LOW29) == _HALF29) & np.isfinite(values)
+    suspect |= (np.abs(values) < 2.0**-126) & (values != 0)
+    for i in np.flatnonzero(suspect).tolist():
+        text = chunk[numbers.starts[i] + _W : numbers.ends[i] + _W].decode("ascii")
+        single[i] = _float32_of(text)
+    return single
+
+
+def _generic_output(body: bytes, span: _Span) -> tuple[Array, str]:
+    """Strings, b64 objects, booleans (and empty tensors), read with json.loads."""
+    try:
+        value = json.loads(body[span.start : span.end])
+    except ValueError as exc:
+        raise RestJsonError(f"bad output value at offset {span.start}: {exc}") from exc
+    return _from_python(value)
+
+
+def _leaf(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
+        return base64.b64decode(value["b64"])
+    return value
+
+
+def _from_python(value: Any) -> tuple[Array, str]:
+    shape: list[int] = []
+    probe = value
+    while isinstance(probe, list):
+        shape.append(len(probe))
+        probe = probe[0] if probe else None
+    flat: list[Any] = []
+    _flatten(value, len(shape), flat)
+    leaves = [_leaf(v) for v in flat]
+    if len(leaves) != math.prod(shape):
+        raise RestJsonError("the values do not form a dense tensor")
+    kinds = {type(v) for v in leaves}
+    if not leaves:
+        return np.zeros(tuple(shape), np.float32), "float32"
+    if kinds == {bool}:
+        return np.array(leaves, dtype=bool).reshape(shape), "bool"
+    array = np.empty(len(leaves), dtype=object)
+    array[:] = leaves
+    kind = "bytes" if kinds == {bytes} else "string" if kinds == {str} else "other"
+    return array.reshape(shape), kind
+
+
+def _flatten(value: Any, depth: int, out: list[Any]) -> None:
+    if depth == 0:
+        out.append(value)
+        return
+    if not isinstance(value, list):
+        raise RestJsonError("the values do not form a dense tensor")
+    for item in value:
+        _flatten(item, depth - 1, out)
+
+
+# ---------------------------------------------------------------------------
+# The response.
+
+
+@dataclass
+class RestPredictResponse:
+    """A REST predict response, read; :meth:`rewrite` makes the guarded body."""
+
+    body: bytes
+    format: Format
+    outputs: dict[OutputKey, RestOutput]
+    _where: dict[OutputKey, _Where]
+    _root_after: int
+    _root_keys: set[str]
+    _names_per_instance: list[set[str]]
+
+    @property
+    def unnamed(self) -> bool:
+        """The response has one output and does not name it."""
+        return None in self.outputs
+
+    def rewrite(
+        self,
+        changed: Mapping[OutputKey, Array] | None = None,
+        derived: Mapping[OutputKey, Sequence[tuple[str, Array]]] | None = None,
+    ) -> bytes:
+        """The body with ``changed`` values rewritten and ``derived`` outputs inserted.
+
+        ``changed`` maps an output to its new values (same shape); only elements
+        whose value differs are rewritten. ``derived`` maps a source output to its
+        ``(name, array)`` pairs; in row format each array's first axis is the batch.
+        """
+        edits: list[tuple[int, int, str]] = []
+        for key, new in (changed or {}).items():
+            edits.extend(self._value_edits(key, new))
+        unnamed: list[tuple[str, Array]] = []
+        for key, items in (derived or {}).items():
+            self._output(key)
+            if key is None:
+                unnamed.extend(items)
+            else:
+                edits.extend(self._derived_edits(key, items))
+        if unnamed:
+            edits.append(self._guard_outputs_edit(unnamed))
+        return _apply(self.body, edits)
+
+    def _output(self, key: OutputKey) -> RestOutput:
+        try:
+            return self.outputs[key]
+        except KeyError:
+            raise RestJsonError(f"the response has no output {key!r}") from None
+
+    def _value_edits(self, key: OutputKey, new: Array) -> list[tuple[int, int, str]]:
+        out, where = self._output(key), self._where[key]
+        if not out.numeric or where.starts is None or where.ends is None:
+            raise RestJsonError(f"output {key!r} is not numeric; its values cannot be rewritten")
+        new = np.asarray(new)
+        if new.shape != out.values.shape:
+            raise RestJsonError(f"output {key!r}: new shape {new.shape} != {out.values.shape}")
+        new = new.astype(out.values.dtype, copy=False)
+        index = np.flatnonzero(_differs(out.values, new))
+        texts = value_texts(new.ravel()[index])
+        starts, ends = where.starts[index].tolist(), where.ends[index].tolist()
+        return list(zip(starts, ends, texts, strict=True))
+
+    def _derived_edits(
+        self, key: str, items: Sequence[tuple[str, Array]]
+    ) -> list[tuple[int, int, str]]:
+        where = self._where[key]
+        if self.format == "columnar":
+            self._check_free([{k for k in self.outputs if k is not None}], items)
+            texts = self._texts_from(key)
+            text = "".join(
+                ",\n" + INDENT * 2 + _member_text(n, a, 2, False, texts) for n, a in items
+            )
+            return [(where.after[0], where.after[0], text)]
+        self._check_free(self._names_per_instance, items)
+        members = _row_members(items, len(where.after), self._texts_from(key))
+        return [
+            (position, position, "".join(",\n" + INDENT * 3 + m for m in row))
+            for position, row in zip(where.after, members, strict=True)
+        ]
+
+    def _guard_outputs_edit(self, items: Sequence[tuple[str, Array]]) -> tuple[int, int, str]:
+        if GUARD_OUTPUTS_KEY in self._root_keys:
+            raise RestJsonError(f"the response already has a '{GUARD_OUTPUTS_KEY}' key")
+        _check_unique(items)
+        if self.format == "columnar":
+            texts = self._texts_from(None)
+            members = ["\n" + INDENT * 2 + _member_text(n, a, 2, False, texts) for n, a in items]
+            value = "{" + ",".join(members) + "\n" + INDENT + "}"
+        else:
+            value = self._instance_objects(items)
+        text = ",\n" + INDENT + json_string(GUARD_OUTPUTS_KEY) + ": " + value
+        return (self._root_after, self._root_after, text)
+
+    def _instance_objects(self, items: Sequence[tuple[str, Array]]) -> str:
+        values = self._output(None).values
+        batch = values.shape[0] if values.ndim else 0
+        objects = [
+            "{" + ",".join("\n" + INDENT * 3 + m for m in row) + "\n" + INDENT * 2 + "}"
+            for row in _row_members(items, batch, self._texts_from(None))
+        ]
+        if not objects:
+            return "[]"
+        inner = "\n" + INDENT * 2
+        return "[" + inner + ("," + inner).join(objects) + "\n" + INDENT + "]"
+
+    def _texts_from(self, source: OutputKey) -> Texts:
+        """Element texts for outputs derived from ``source``: a float equal (bit for
+        bit) to a value in the same instance of the source reuses that value's text,
+        which is how TF Serving wrote that float; anything else is formatted."""
+
+        def texts(name: str, array: Array, leaf_level: int) -> list[str]:
+            reused = self._reused_texts(source, np.asarray(array))
+            return reused if reused is not None else _plain_texts(name, array, leaf_level)
+
+        return texts
+
+    def _reused_texts(self, source: OutputKey, array: Array) -> list[str] | None:
+        out, where = self.outputs[source], self._where[source]
+        values = out.values
+        if (
+            where.starts is None
+            or where.ends is None
+            or array.dtype != values.dtype
+            or array.dtype.kind != "f"
+            or array.ndim == 0
+            or values.ndim == 0
+            or array.shape[0] != values.shape[0]
+        ):
+            return None
+        batch = values.shape[0]
+        derived, pool = array.reshape(batch, -1), values.reshape(batch, -1)
+        if derived.size * pool.shape[1] > _REUSE_LIMIT:
+            return None
+        bits = np.dtype(f"u{values.dtype.itemsize}")
+        equal = derived.view(bits)[:, :, None] == pool.view(bits)[:, None, :]
+        found = equal.any(axis=2).ravel()
+        column = equal.argmax(axis=2)
+        token = (np.arange(batch)[:, None] * pool.shape[1] + column).ravel()
+        texts = [""] * derived.size
+        body, starts, ends = self.body, where.starts[token], where.ends[token]
+        for i in np.flatnonzero(found).tolist():
+            texts[i] = body[starts[i] : ends[i]].decode("latin-1")
+        missing = np.flatnonzero(~found)
+        for i, text in zip(missing.tolist(), decimal_texts(derived.ravel()[missing]), strict=True):
+            texts[i] = text
+        return texts
+
+    @staticmethod
+    def _check_free(taken: list[set[str]], items: Sequence[tuple[str, Array]]) -> None:
+        _check_unique(items)
+        for name, _ in items:
+            if any(name in names for names in taken):
+                raise RestJsonError(f"derived output '{name}' would replace an output")
+
+
+def _check_unique(items: Sequence[tuple[str, Array]]) -> None:
+    names = [name for name, _ in items]
+    if len(set(names)) != len(names):
+        raise RestJsonError(f"derived outputs named twice: {sorted(names)}")
+
+
+def _differs(old: Array, new: Array) -> Array:
+    if old.dtype.kind == "f":
+        bits = np.dtype(f"u{old.dtype.itemsize}")
+        differ: Array = old.view(bits) != new.view(bits)  # NaN == NaN, -0.0 != 0.0
+        return differ
+    out: Array = old != new
+    return out
+
+
+def _apply(body: bytes, edits: list[tuple[int, int, str]]) -> bytes:
+    if not edits:
+        return body
+    edits.sort(key=lambda e: (e[0], e[1]))
+    pieces: list[bytes] = []
+    at = 0
+    for start, end, text in edits:
+        pieces.append(body[at:start])
+        pieces.append(text.encode("latin-1"))
+        at = end
+    pieces.append(body[at:])
+    return b"".join(pieces)
+
+
+# ---------------------------------------------------------------------------
+# Reading a whole response.
+
+
+def read_predict_response(body: bytes, fmt: Format) -> RestPredictResponse:
+    """Read a TF Serving REST predict response (see the module docstring)."""
+    scanner = _Scanner(body)
+    start = scanner.ws(0)
+    root = scanner.members(start)
+    key = "predictions" if fmt == "row" else "outputs"
+    member = next((m for m in root if m.key == key), None)
+    if member is None:
+        raise RestJsonError(f"no '{key}' member in the response")
+    reader = _Reader(body, scanner)
+    if fmt == "row":
+        reader.row(member.value)
+    else:
+        reader.columnar(member.value)
+    return RestPredictResponse(
+        body,
+        fmt,
+        reader.outputs,
+        reader.where,
+        root[-1].value.end,
+        {m.key for m in root},
+        reader.names_per_instance,
+    )
+
+
+class _Reader:
+    def __init__(self, body: bytes, scanner: _Scanner) -> None:
+        self.body = body
+        self.scanner = scanner
+        self.outputs: dict[OutputKey, RestOutput] = {}
+        self.where: dict[OutputKey, _Where] = {}
+        self.names_per_instance: list[set[str]] = []
+
+    def add(self, key: OutputKey, spans: Sequence[_Span], batched: bool, after: list[int]) -> None:
+        numeric = None
+        if _may_be_numeric(spans):
+            numeric = _numeric_output(_Source.of(self.body, spans, batched))
+        if numeric is None:
+            values, kind = self._generic(spans, batched)
+            where = _Where(None, None, after)
+        else:
+            values, kind, starts, ends = numeric
+            where = _Where(starts, ends, after)
+        self.outputs[key] = RestOutput(key, values, kind)
+        self.where[key] = where
+
+    def _generic(self, spans: Sequence[_Span], batched: bool) -> tuple[Array, str]:
+        if not batched:
+            return _generic_output(self.body, spans[0])
+        parts = [_generic_output(self.body, s) for s in spans]
+        if not parts:
+            return np.zeros(0, np.float32), "float32"
+        kinds = {k for _, k in parts}
+        stacked = np.stack([v for v, _ in parts]) if len({v.shape for v, _ in parts}) == 1 else None
+        if stacked is None:
+            raise RestJsonError("instances of one output differ in shape")
+        return stacked, kinds.pop() if len(kinds) == 1 else "other"
+
+    def row(self, span: _Span) -> None:
+        if span.kind == "numeric":
+            self.add(None, [span], False, [])
+            return
+        if span.kind != "array":
+            raise RestJsonError("'predictions' is not a list")
+        instances = self.scanner.elements(span.start)
+        if (
+            instances
+            and all(s.kind == "object" for s in instances)
+            and not self._is_b64(instances[0])
+        ):
+            self._named_rows(instances)
+        else:
+            self.add(None, [span], False, [])
+
+    def _is_b64(self, span: _Span) -> bool:
+        members = self.scanner.members(span.start)
+        return len(members) == 1 and members[0].key == "b64" and members[0].value.kind == "string"
+
+    def _named_rows(self, instances: list[_Span]) -> None:
+        per_instance = [self.scanner.members(s.start) for s in instances]
+        names = [m.key for m in per_instance[0]]
+        self.names_per_instance = [{m.key for m in members} for members in per_instance]
+        for members in per_instance:
+            if [m.key for m in members] != names:
+                raise RestJsonError("instances name different outputs")
+        for column, name in enumerate(names):
+            spans = [members[column].value for members in per_instance]
+            self.add(name, spans, True, [s.end for s in spans])
+
+    def columnar(self, span: _Span) -> None:
+        if span.kind == "object":
+            members = self.scanner.members(span.start)
+            b64 = (
+                len(members) == 1 and members[0].key == "b64" and members[0].value.kind == "string"
+            )
+            if not b64:
+                for m in members:
+                    self.add(m.key, [m.value], False, [m.value.end])
+                return
+        self.add(None, [span], False, [])
+
+
+def _may_be_numeric(spans: Sequence[_Span]) -> bool:
+    return all(s.kind in ("numeric", "scalar") for s in spans)

@@ -1,0 +1,402 @@
+"""guard.dataplane.codec.restjson: reading TF Serving REST predict bodies in place, and
+rewriting them.
+
+Bodies come from the backend's TF-Serving writer (guard.dev.backend.json_tensor, no
+TensorFlow) and from hand-rolled JSON with other spellings and whitespace;
+``json.loads`` is the reference for every value read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from guard.dataplane.codec.restjson import (
+    GUARD_OUTPUTS_KEY,
+    RestJsonError,
+    decimal_texts,
+    read_predict_response,
+)
+from guard.dev.backend.json_tensor import predict_response
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DT_FLOAT, DT_DOUBLE, DT_INT64, DT_BOOL, DT_STRING = 1, 2, 9, 10, 7
+_F32 = struct.Struct("<f")
+
+float32s = hnp.from_dtype(np.dtype(np.float32), allow_nan=True, allow_infinity=True)
+finite32 = hnp.from_dtype(np.dtype(np.float32), allow_nan=False, allow_infinity=False)
+shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=5)
+formats = st.sampled_from(["row", "columnar"])
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal values and shape, NaN equal to NaN (bit patterns aside)."""
+    return a.shape == b.shape and bool(np.all((a == b) | (np.isnan(a) & np.isnan(b))))
+
+
+def loads_leaves(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        return [leaf for item in value for leaf in loads_leaves(item)]
+    return [value]
+
+
+def float32_of_double(d: float) -> float:
+    """The reference reading of one JSON number as float32, via json.loads' double."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(d))
+
+
+def is_float32_midpoint(d: float) -> bool:
+    f = float32_of_double(d)
+    if f == d or math.isinf(f) or math.isnan(d):
+        return False
+    other = 2 * d - f
+    try:
+        return _F32.unpack(_F32.pack(other))[0] == other
+    except OverflowError:
+        return False
+
+
+def assert_matches_loads(read: np.ndarray, kind: str, reference: list[Any]) -> None:
+    """Values read equal json.loads' (as float32 for float32 outputs: json.loads gives
+    a double, which only an exact float32 midpoint could round differently)."""
+    flat = read.ravel()
+    assert flat.size == len(reference)
+    for got, want in zip(flat.tolist(), reference, strict=True):
+        if kind == "float32":
+            if is_float32_midpoint(want):
+                continue  # restjson rounds the text itself here; the double cannot
+            want = float32_of_double(want)
+        elif kind == "float64":
+            want = float(want)  # an integer token in a float output reads as a float
+        assert got == want or (math.isnan(got) and math.isnan(want)), (got, want)
+
+
+# --- TF Serving's float format ------------------------------------------------
+
+
+def test_json_tensor_tests_six_digit_expectations() -> None:
+    # tensorflow_serving/util/json_tensor_test.cc FromJsonSingleFloatTensorSixDigitPrecision
+    values = np.array([9000000, 999999, 0.5, 0.0003, 0.00003, 555557.5], np.float32)
+    assert decimal_texts(values) == ["9e+06", "999999.0", "0.5", "0.0003", "3e-05", "555557.5"]
+
+
+def test_non_finite_and_signed_zero_and_doubles() -> None:
+    values = np.array([np.nan, np.inf, 3, -np.inf, -0.0, 0.1, 1234567], np.float32)
+    assert decimal_texts(values) == [
+        "NaN", "Infinity", "3.0", "-Infinity", "-0.0", "0.1", "1234567.0",
+    ]  # fmt: skip
+    doubles = np.array([0.1, 1 / 3, 1e300, 2.0, 1e16])
+    assert decimal_texts(doubles) == ["0.1", "0.33333333333333331", "1e+300", "2.0", "1e+16"]
+
+
+@SETTINGS
+@given(st.lists(float32s, min_size=1, max_size=50))
+def test_float32_text_reads_back_as_the_same_float32(values: list[float]) -> None:
+    array = np.array(values, np.float32)
+    for value, text in zip(array.tolist(), decimal_texts(array), strict=True):
+        if math.isnan(value):
+            assert text == "NaN"
+            continue
+        assert len(text) <= 15 and text.count(".") <= 1
+        digits = re.sub(r"e.*|[-.]", "", text).strip("0")
+        assert len(digits) <= 9 or math.isinf(value)
+        read = read_predict_response(('{"outputs": ' + text + "}").encode(), "columnar")
+        assert read.outputs[None].kind == "float32"
+        assert read.outputs[None].values.tobytes() == np.float32(value).tobytes()
+
+
+# --- reading --------------------------------------------------------------
+
+
+@SETTINGS
+@given(shapes.flatmap(lambda s: hnp.arrays(np.float32, s, elements=float32s)), formats)
+def test_tf_serving_bodies_read_back_bit_for_bit(array: np.ndarray, fmt: str) -> None:
+    body = predict_response([("scores", array, DT_FLOAT)], fmt)  # type: ignore[arg-type]
+    out = read_predict_response(body, fmt).outputs[None]  # type: ignore[arg-type]
+    assert out.name is None and out.kind == "float32"
+    nan = np.isnan(array)
+    assert out.values.shape == array.shape
+    assert np.array_equal(np.isnan(out.values), nan)
+    assert out.values[~nan].tobytes() == array[~nan].tobytes()
+    reference = loads_leaves(json.loads(body)["predictions" if fmt == "row" else "outputs"])
+    assert_matches_loads(out.values, out.kind, reference)
+
+
+@SETTINGS
+@given(
+    st.integers(1, 4).flatmap(
+        lambda batch: st.tuples(
+            hnp.arrays(np.float32, (batch, 3), elements=float32s),
+            hnp.arrays(np.float64, (batch,), elements=st.floats(allow_nan=False)),
+            hnp.arrays(np.int64, (batch, 2)),
+            hnp.arrays(np.bool_, (batch,)),
+        )
+    ),
+    formats,
+)
+def test_several_outputs_of_several_dtypes(arrays: tuple[np.ndarray, ...], fmt: str) -> None:
+    scores, total, ids, flag = arrays
+    labels = np.array([f"l{i}".encode() for i in range(len(flag))], dtype=object)
+    outputs = [
+        ("flag", flag, DT_BOOL), ("ids", ids, DT_INT64), ("label", labels, DT_STRING),
+        ("label_bytes", labels, DT_STRING), ("scores", scores, DT_FLOAT),
+        ("total", total, DT_DOUBLE),
+    ]  # fmt: skip
+    body = predict_response(outputs, fmt)  # type: ignore[arg-type]
+    read = read_predict_response(body, fmt)  # type: ignore[arg-type]
+    assert not read.unnamed and list(read.outputs) == [name for name, _, _ in outputs]
+    assert same(read.outputs["scores"].values, scores)
+    assert read.outputs["scores"].kind == "float32"
+    # A double whose every value prints in 6 digits reads as float32 (see restjson).
+    total_out = read.outputs["total"]
+    doc = json.loads(body)
+    texts = [p["total"] for p in doc["predictions"]] if fmt == "row" else doc["outputs"]["total"]
+    assert_matches_loads(total_out.values, total_out.kind, texts)
+    if any(len(t) > 15 for t in decimal_texts(total)):
+        assert total_out.kind == "float64" and total_out.values.tolist() == total.tolist()
+    assert read.outputs["ids"].kind == "int" and np.array_equal(read.outputs["ids"].values, ids)
+    assert read.outputs["flag"].kind == "bool"
+    assert read.outputs["flag"].values.tolist() == flag.tolist()
+    assert read.outputs["label"].values.tolist() == [b.decode() for b in labels]
+    assert read.outputs["label_bytes"].values.tolist() == labels.tolist()
+
+
+def _token(value: float, style: int) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    if style == 0:
+        return repr(value)
+    if style == 1:
+        return f"{value:.3E}"
+    if style == 2 and value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.9g}"
+
+
+@SETTINGS
+@given(
+    st.lists(
+        st.tuples(st.floats(allow_nan=True, allow_infinity=True, width=64), st.integers(0, 3)),
+        min_size=1,
+        max_size=40,
+    ),
+    st.sampled_from([", ", ",", " ,\n  ", "\t,"]),
+    st.integers(1, 4),
+)
+def test_other_spellings_and_whitespace_match_json_loads(
+    values: list[tuple[float, int]], separator: str, width: int
+) -> None:
+    tokens = [_token(v, style) for v, style in values]
+    assume(not all(re.fullmatch(r"-?\d+", t) for t in tokens))  # an int output otherwise
+    rows = [tokens[i : i + width] for i in range(0, len(tokens), width)]
+    if len(rows[-1]) != width:
+        rows = rows[:-1] or [tokens[:width]]
+        width = len(rows[0])
+    text = "[" + separator.join("[" + separator.join(r) + "]" for r in rows) + "]"
+    body = ('{"predictions" :\n' + text + "  }").encode()
+    out = read_predict_response(body, "row").outputs[None]
+    assert out.values.shape == (len(rows), width)
+    assert_matches_loads(out.values, out.kind, loads_leaves(json.loads(body)["predictions"]))
+
+
+@pytest.mark.parametrize("fmt", ["row", "columnar"])
+def test_a_body_of_many_chunks(fmt: str) -> None:
+    # Bodies over 256 KiB are scanned in pieces cut between tokens.
+    rng = np.random.default_rng(7)
+    array = rng.standard_normal((700, 201)).astype(np.float32) * np.float32(1e-3)
+    array[::37, ::11] = np.nan
+    array[::53, 5] = np.inf
+    array[1, :] = rng.integers(-(2**20), 2**20, 201).astype(np.float32)  # whole numbers
+    body = predict_response([("p", array, DT_FLOAT)], fmt)  # type: ignore[arg-type]
+    assert len(body) > 4 * 2**18
+    out = read_predict_response(body, fmt).outputs[None]  # type: ignore[arg-type]
+    assert out.kind == "float32" and same(out.values, array)
+    nan = np.isnan(array)
+    assert out.values[~nan].tobytes() == array[~nan].tobytes()
+    doubles = np.concatenate([array.astype(np.float64).ravel() / 3, [0.1, 1e300]])
+    body = predict_response([("d", doubles, DT_DOUBLE)], fmt)  # type: ignore[arg-type]
+    out = read_predict_response(body, fmt).outputs[None]  # type: ignore[arg-type]
+    assert out.kind == "float64" and same(out.values, doubles)
+
+
+@SETTINGS
+@given(st.lists(st.text("0123456789.-+eE", min_size=1, max_size=18), min_size=1, max_size=12))
+def test_odd_tokens_are_read_as_json_loads_reads_them_or_refused(tokens: list[str]) -> None:
+    body = ('{"predictions": [' + ", ".join(tokens) + "]}").encode()
+    try:
+        reference = json.loads(body)["predictions"]
+    except ValueError:
+        reference = None  # restjson may be more lenient ("01") but must not crash
+    try:
+        out = read_predict_response(body, "row").outputs[None]
+    except RestJsonError:
+        assert reference is None
+        return
+    if reference is not None:
+        assert_matches_loads(out.values, out.kind, reference)
+
+
+def test_long_tokens_read_as_float64() -> None:
+    body = b'{"predictions": [0.30000000000000004, 1e-300, 0.5]}'
+    out = read_predict_response(body, "row").outputs[None]
+    assert out.kind == "float64"
+    assert out.values.tolist() == [0.30000000000000004, 1e-300, 0.5]
+
+
+def test_integer_and_string_and_b64_outputs() -> None:
+    body = b'{"outputs": {"ids": [[1, -2], [3, 40000000000]], "b_bytes": [{"b64": "aGk="}]}}'
+    read = read_predict_response(body, "columnar")
+    assert read.outputs["ids"].kind == "int"
+    assert read.outputs["ids"].values.tolist() == [[1, -2], [3, 40000000000]]
+    assert read.outputs["b_bytes"].kind == "bytes"
+    assert read.outputs["b_bytes"].values.tolist() == [b"hi"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"predictions": [1, 2',
+        b'{"predictions": [[1, 2], [3]]}',
+        b'{"predictions": [1.2.3]}',
+        b'{"predictions": [1-2]}',
+        b'{"outputs": [1]}',
+        b"[1]",
+    ],
+)
+def test_bodies_that_are_not_predict_responses(body: bytes) -> None:
+    with pytest.raises(RestJsonError):
+        read_predict_response(body, "row")
+
+
+# --- rewriting --------------------------------------------------------------
+
+TOKEN = re.compile(rb"-?(?:\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|NaN|Infinity)")
+
+
+@SETTINGS
+@given(
+    shapes.flatmap(lambda s: hnp.arrays(np.float32, s, elements=finite32)),
+    formats,
+    st.data(),
+)
+def test_untouched_values_keep_their_exact_text(
+    array: np.ndarray, fmt: str, data: st.DataObject
+) -> None:
+    body = predict_response([("p", array, DT_FLOAT)], fmt)  # type: ignore[arg-type]
+    read = read_predict_response(body, fmt)  # type: ignore[arg-type]
+    mask = data.draw(hnp.arrays(np.bool_, array.shape))
+    changed = np.where(mask, np.clip(array, -1, 1) + np.float32(0.25), array).astype(np.float32)
+    new = read.rewrite(changed={None: changed})
+    old_tokens, new_tokens = TOKEN.findall(body), TOKEN.findall(new)
+    assert len(old_tokens) == len(new_tokens) == array.size
+    differs = (changed != array).ravel()
+    expected = decimal_texts(changed.ravel())
+    for i, (old, tok) in enumerate(zip(old_tokens, new_tokens, strict=True)):
+        assert tok == (expected[i].encode() if differs[i] else old)
+    assert TOKEN.sub(b"#", body) == TOKEN.sub(b"#", new)  # everything else byte for byte
+    assert same(read_predict_response(new, fmt).outputs[None].values, changed)  # type: ignore[arg-type]
+
+
+@SETTINGS
+@given(
+    st.integers(0, 5).flatmap(lambda b: hnp.arrays(np.float32, (b, 4), elements=finite32)),
+    formats,
+)
+def test_derived_outputs_of_an_unnamed_output(probs: np.ndarray, fmt: str) -> None:
+    assume(fmt == "columnar" or probs.shape[0] > 0)
+    body = predict_response([("probs", probs, DT_FLOAT)], fmt)  # type: ignore[arg-type]
+    read = read_predict_response(body, fmt)  # type: ignore[arg-type]
+    assert read.unnamed
+    classes = probs.argmax(axis=1) if probs.size else np.zeros(0, np.int64)
+    labels = np.array([f"c{c}".encode() for c in classes], dtype=object)
+    score = probs.max(axis=1) if probs.size else np.zeros(0, np.float32)
+    derived = [("probs_class", classes), ("probs_label", labels), ("probs_score", score)]
+    doc = json.loads(read.rewrite(derived={None: derived}))
+    key = "predictions" if fmt == "row" else "outputs"
+    assert list(doc) == [key, GUARD_OUTPUTS_KEY]
+    assert doc[key] == json.loads(body)[key]
+    if fmt == "row":
+        assert doc[GUARD_OUTPUTS_KEY] == [
+            {"probs_class": int(c), "probs_label": lab.decode(), "probs_score": doc_score(s)}
+            for c, lab, s in zip(classes, labels, score, strict=True)
+        ]
+    else:
+        assert doc[GUARD_OUTPUTS_KEY] == {
+            "probs_class": classes.tolist(),
+            "probs_label": [lab.decode() for lab in labels],
+            "probs_score": [doc_score(s) for s in score],
+        }
+
+
+def doc_score(value: np.float32) -> float:
+    """What json.loads gives back for a float32 written the TF way."""
+    return float(decimal_texts(np.array([value], np.float32))[0])
+
+
+@SETTINGS
+@given(st.integers(1, 4).flatmap(lambda b: hnp.arrays(np.float32, (b, 3), elements=finite32)))
+def test_derived_outputs_sit_next_to_their_named_source(scores: np.ndarray) -> None:
+    ids = np.arange(scores.shape[0], dtype=np.int64)
+    outputs = [("ids", ids, DT_INT64), ("scores", scores, DT_FLOAT)]
+    derived = [("scores_class", scores.argmax(axis=1)), ("scores_top", np.sort(scores)[:, ::-1])]
+    for fmt in ("row", "columnar"):
+        body = predict_response(outputs, fmt)  # type: ignore[arg-type]
+        new = read_predict_response(body, fmt).rewrite(derived={"scores": derived})  # type: ignore[arg-type]
+        doc = json.loads(new)
+        if fmt == "row":
+            for i, instance in enumerate(doc["predictions"]):
+                assert list(instance) == ["ids", "scores", "scores_class", "scores_top"]
+                assert instance["scores_class"] == int(derived[0][1][i])
+                assert np.float32(instance["scores_top"]).tolist() == derived[1][1][i].tolist()
+        else:
+            assert list(doc["outputs"]) == ["ids", "scores", "scores_class", "scores_top"]
+            assert doc["outputs"]["scores_class"] == derived[0][1].tolist()
+        assert GUARD_OUTPUTS_KEY not in doc
+
+
+def test_derived_text_is_laid_out_like_tf_serving() -> None:
+    scores = np.array([[0.5, 0.25]], np.float32)
+    body = predict_response(
+        [("a", np.array([1], np.int64), DT_INT64), ("s", scores, DT_FLOAT)], "row"
+    )
+    new = read_predict_response(body, "row").rewrite(derived={"s": [("s_class", np.array([0]))]})
+    expected = predict_response(
+        [
+            ("a", np.array([1], np.int64), DT_INT64),
+            ("s", scores, DT_FLOAT),
+            ("s_class", np.array([0], np.int64), DT_INT64),
+        ],
+        "row",
+    )
+    assert new == expected
+
+
+def test_a_derived_name_that_exists_is_refused() -> None:
+    outputs: list[tuple[str, Any, int]] = [
+        ("s", np.zeros((1, 2), np.float32), DT_FLOAT),
+        ("s_class", np.zeros(1), DT_DOUBLE),
+    ]
+    read = read_predict_response(predict_response(outputs, "row"), "row")
+    with pytest.raises(RestJsonError, match="would replace"):
+        read.rewrite(derived={"s": [("s_class", np.zeros(1, np.int64))]})
+    with pytest.raises(RestJsonError, match="instances"):
+        read.rewrite(derived={"s": [("s_top", np.zeros(3, np.int64))]})
+
+
+def test_a_clean_response_comes_back_unchanged() -> None:
+    body = predict_response([("p", np.array([[0.1, 0.9]], np.float32), DT_FLOAT)], "row")
+    read = read_predict_response(body, "row")
+    assert read.rewrite() is body
+    assert read.rewrite(changed={None: read.outputs[None].values.copy()}) == body
