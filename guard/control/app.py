@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from guard._version import __version__
 from guard.control.config import Config
-from guard.control.memory import tune_malloc
+from guard.control.memory import Trimmer, tune_malloc
 from guard.control.net import split_address
 from guard.control.process import write_port_file
 from guard.control.reload import Reloader
@@ -91,6 +91,32 @@ async def _start(
     return _Running(server, httpd.server_port, httpd, reloader)
 
 
+class _Stop:
+    """Why the process stops: a signal (exit 0), or a fatal failure (exit 1)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.fatal: str | None = None
+
+    def die(self, reason: str) -> None:
+        self.fatal = self.fatal or reason
+        self.event.set()
+
+
+def _on_signals(running: _Running, stop: _Stop) -> list[asyncio.Task[None]]:
+    """Signals and background tasks; before the port file, since whoever waits
+    for that file may send SIGTERM at once, and it must drain, not kill."""
+    loop = asyncio.get_running_loop()
+    running.server.on_fatal = stop.die
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.event.set)
+    loop.add_signal_handler(signal.SIGHUP, running.reloader.reload)
+    return [
+        asyncio.create_task(running.reloader.watcher.run(), name="guard-config-watch"),
+        asyncio.create_task(Trimmer().run(), name="guard-malloc-trim"),
+    ]
+
+
 async def _serve(
     config: Config,
     config_path: Path | None,
@@ -98,15 +124,11 @@ async def _serve(
     port_file: Path | None,
 ) -> int:
     running = await _start(config, config_path, overrides)
-    # Signal handlers before the port file: whoever waits for that file may
-    # send SIGTERM at once, and it must drain, not kill.
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, running.reloader.reload)
-    watcher = asyncio.create_task(running.reloader.watcher.run(), name="guard-config-watch")
+    stop = _Stop()
+    tasks = _on_signals(running, stop)
     logger.info("%s", _summary(config))
+    if not config.models:
+        logger.warning("no model rules are configured: the guard only proxies, and guards nothing")
     logger.info(
         "serving gRPC on port %d, metrics on port %d", running.server.port, running.metrics_port
     )
@@ -119,8 +141,9 @@ async def _serve(
     if port_file is not None:
         write_port_file(port_file, {"grpc": running.server.port, "metrics": running.metrics_port})
     try:
-        await stop.wait()
-        watcher.cancel()
+        await stop.event.wait()
+        for task in tasks:
+            task.cancel()
         logger.info(
             "stopping: refusing new calls, draining in-flight calls for up to %.1f s",
             config.shutdown_grace_s,
@@ -129,6 +152,9 @@ async def _serve(
     finally:
         running.httpd.shutdown()
         running.httpd.server_close()
+    if stop.fatal:
+        logger.critical("exiting: %s", stop.fatal)
+        return 1
     logger.info("stopped")
     return 0
 

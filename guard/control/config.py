@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from guard.control.files import FileTooLargeError, read_bounded
 from guard.control.rules_config import parse_models
 from guard.control.validate import (
     Problems,
@@ -161,12 +162,57 @@ class Config:
         "Deadline for upstream calls when the client sets none.",
     )  # fmt: skip
     max_message_mb: int = _setting(
-        256, as_int(1, 2047), "give whole MiB between 1 and 2047",
-        "Largest request and response message, each way, in MiB.",
+        64, as_int(1, 2047), "give whole MiB between 1 and 2047",
+        "Largest response message (upstream to client, derived outputs included), in MiB.",
+    )  # fmt: skip
+    max_request_mb: int = _setting(
+        32, as_int(1, 2047), "give whole MiB between 1 and 2047",
+        "Largest request message after decompression, in MiB; gRPC stops decompressing there.",
+    )  # fmt: skip
+    max_inflight_mb: int = _setting(
+        128, as_int(1, 65536), "give whole MiB >= 1",
+        "Bytes that requests and responses in flight may hold together; calls beyond it get "
+        "RESOURCE_EXHAUSTED.",
     )  # fmt: skip
     max_concurrent_rpcs: int = _setting(
         1024, as_int(1, 1_000_000), "give a whole number >= 1",
-        "In-flight RPC cap; calls beyond it get RESOURCE_EXHAUSTED at once.",
+        "Calls forwarded to the upstream at once; calls beyond it get RESOURCE_EXHAUSTED at once.",
+    )  # fmt: skip
+    max_pending_requests: int = _setting(
+        4096, as_int(1, 1_000_000), "give a whole number >= 1",
+        "Calls whose request message has not fully arrived yet; beyond it, RESOURCE_EXHAUSTED.",
+    )  # fmt: skip
+    request_timeout_s: float = _setting(
+        10.0, as_float(0.0, 3600.0, lo_open=True), "give seconds, > 0",
+        "How long a unary request message may take to arrive after its headers.",
+    )  # fmt: skip
+    stream_idle_timeout_s: float = _setting(
+        300.0, as_float(0.0, 86400.0, lo_open=True), "give seconds, > 0",
+        "A proxied stream with no message either way for this long is ended.",
+    )  # fmt: skip
+    max_streams_per_connection: int = _setting(
+        100, as_int(1, 1_000_000), "give a whole number >= 1",
+        "HTTP/2 streams one client connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).",
+    )  # fmt: skip
+    max_metadata_kb: int = _setting(
+        16, as_int(1, 1024), "give whole KiB between 1 and 1024",
+        "Largest request metadata (headers), in KiB; larger gets RESOURCE_EXHAUSTED.",
+    )  # fmt: skip
+    max_metadata_entries: int = _setting(
+        100, as_int(1, 10_000), "give a whole number between 1 and 10000",
+        "Most request metadata entries (headers); more gets RESOURCE_EXHAUSTED.",
+    )  # fmt: skip
+    max_connection_idle_s: float = _setting(
+        600.0, as_float(0.0, 86400.0, lo_open=True), "give seconds, > 0",
+        "A client connection with no call for this long gets GOAWAY.",
+    )  # fmt: skip
+    max_connection_age_s: float = _setting(
+        3600.0, as_float(0.0, 604800.0, lo_open=True), "give seconds, > 0",
+        "A client connection this old gets GOAWAY (clients reconnect, and rebalance).",
+    )  # fmt: skip
+    max_connection_age_grace_s: float = _setting(
+        60.0, as_float(0.0, 86400.0), "give seconds, >= 0",
+        "After a connection's GOAWAY for age, its calls get this long before it is closed.",
     )  # fmt: skip
     shutdown_grace_s: float = _setting(
         10.0, as_float(0.0, 3600.0), "give seconds, >= 0",
@@ -201,6 +247,16 @@ class Config:
     def max_message_bytes(self) -> int:
         """``max_message_mb`` in bytes, capped to what gRPC accepts."""
         return min(self.max_message_mb * 1024 * 1024, 2**31 - 1)
+
+    @property
+    def max_request_bytes(self) -> int:
+        """``max_request_mb`` in bytes, capped to what gRPC accepts."""
+        return min(self.max_request_mb * 1024 * 1024, 2**31 - 1)
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        """``max_inflight_mb`` in bytes."""
+        return self.max_inflight_mb * 1024 * 1024
 
     def model_names(self) -> frozenset[str]:
         """Configured exact model names (the only ones used as metric labels)."""
@@ -284,8 +340,17 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
-def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> Config:
-    """Validate an already-loaded YAML document. Raises :class:`ConfigError`."""
+def parse_config(
+    data: Any,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    explicit_models: bool = False,
+) -> Config:
+    """Validate an already-loaded YAML document. Raises :class:`ConfigError`.
+
+    With ``explicit_models`` (a config file), a missing ``models`` field is an
+    error: running without rules must be asked for, with ``models: []``.
+    """
     problems = Problems(source)
     base_dir = base_dir or Path.cwd()
     if data is None:
@@ -295,16 +360,26 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
             f"{source}: the top level must be a mapping (listen, upstream, models, ...)"
         )
     check_keys(problems, "", data, _SETTINGS)
+    if explicit_models and "models" not in data:
+        problems.add(
+            "", "field 'models' is missing; give the model rules, or write 'models: []' to run "
+            "the guard as a pure proxy",
+        )  # fmt: skip
     values = {name: s.read(problems, "", data, base_dir) for name, s in _SETTINGS.items()}
     problems.raise_if_any()
     return Config(**values, source=source)
+
+
+_CONFIG_MAX_BYTES = 16 * 1024 * 1024
 
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file. Raises :class:`ConfigError`."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bounded(path, _CONFIG_MAX_BYTES).decode("utf-8")
+    except FileTooLargeError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
@@ -318,7 +393,12 @@ def load_config(path: str | Path) -> Config:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
-    return parse_config(data, source=str(path), base_dir=path.parent)
+    if data is None:
+        raise ConfigError(
+            f"{path}: the config file is empty; give the model rules, or write 'models: []' "
+            "to run the guard as a pure proxy"
+        )
+    return parse_config(data, source=str(path), base_dir=path.parent, explicit_models=True)
 
 
 # ------------------------------------------------------------------ precedence

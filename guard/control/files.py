@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
 
-__all__ = ["FileIdentity", "FileWatcher", "file_identity"]
+__all__ = ["FileIdentity", "FileTooLargeError", "FileWatcher", "file_identity", "read_bounded"]
 
 logger = logging.getLogger("guard.files")
 
@@ -33,6 +34,27 @@ def file_identity(paths: Iterable[str | os.PathLike[str] | None]) -> FileIdentit
             return None
         out.append((real, st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(out)
+
+
+class FileTooLargeError(OSError):
+    """A file the config points to is not a regular file, or is too large."""
+
+
+def read_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``.
+
+    Refuses devices, FIFOs and directories (``/dev/zero`` never ends) and files
+    over the limit, without reading more than ``max_bytes + 1`` bytes: a file
+    named in a config must not be able to exhaust the guard's memory.
+    """
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise FileTooLargeError(f"'{path}' is not a regular file")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileTooLargeError(f"'{path}' is larger than the {max_bytes}-byte limit")
+    return data
 
 
 class FileWatcher:

@@ -60,6 +60,11 @@ class Reloader:
                 self._path, type(exc).__name__, exc,
             )  # fmt: skip
             return False
+        if self._current().models and not new.models:
+            logger.warning(
+                "config reload: the new config has no model rules; from now on the guard "
+                "only proxies, and guards nothing"
+            )
         restart_only = restart_only_changes(self._current(), new)
         if restart_only:
             logger.warning(

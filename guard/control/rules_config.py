@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from guard.control.files import FileTooLargeError, read_bounded
 from guard.control.validate import (
     Problems,
     as_bool,
@@ -66,6 +67,11 @@ _OUTPUT_FIELDS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
 _OUTPUT_KEYS = ("name", *_OUTPUT_FIELDS, "labels_file")
 
 
+#: A labels file must be a regular file of at most this many bytes and labels.
+LABELS_FILE_MAX_BYTES = 4 * 1024 * 1024
+LABELS_MAX = 100_000
+
+
 def _read_labels_file(
     problems: Problems, where: str, raw: Any, base_dir: Path
 ) -> tuple[str, ...] | None:
@@ -74,12 +80,33 @@ def _read_labels_file(
         return None
     path = base_dir / raw
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_bounded(path, LABELS_FILE_MAX_BYTES).decode("utf-8").splitlines()
+    except FileTooLargeError as exc:
+        problems.add(
+            where,
+            f"field 'labels_file': {exc}; give a regular file of at most "
+            f"{LABELS_FILE_MAX_BYTES // (1024 * 1024)} MiB, one label per line",
+        )
+        return None
     except OSError as exc:
         problems.add(where, f"field 'labels_file': cannot read '{path}': {exc.strerror}")
         return None
+    except UnicodeDecodeError as exc:
+        problems.add(where, f"field 'labels_file': '{path}' is not UTF-8 (byte {exc.start})")
+        return None
+    return _labels_from_lines(problems, where, path, lines)
+
+
+def _labels_from_lines(
+    problems: Problems, where: str, path: Path, lines: list[str]
+) -> tuple[str, ...] | None:
     while lines and not lines[-1].strip():
         lines.pop()
+    if len(lines) > LABELS_MAX:
+        problems.add(
+            where, f"field 'labels_file': '{path}' has {len(lines)} labels, more than {LABELS_MAX}"
+        )
+        return None
     for i, line in enumerate(lines, 1):
         if not line.strip():
             problems.add(

@@ -75,6 +75,10 @@ def _start_worker(argv: list[str]) -> Child:
     return start(argv, timeout_s=_STARTUP_S, capture=False, preexec_fn=_die_with_parent)
 
 
+_RESTARTS_MAX = 5
+_RESTART_WINDOW_S = 60.0
+
+
 def run_workers(
     config: Config,
     config_path: str | None,
@@ -85,69 +89,103 @@ def run_workers(
     """Supervise ``workers`` copies of ``guard serve`` until SIGTERM/SIGINT."""
     host, port = split_address(config.listen)
     reserved = _reserve_port(host, port)
-    listen = join_address(host, reserved.getsockname()[1])
-    children: list[Child] = []
-    stopping = False
+    pool = _Pool(worker_argv(config_path, overrides, join_address(host, reserved.getsockname()[1])))
 
     def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = stopping or signum != signal.SIGHUP
-        for child in children:
-            if child.process.poll() is None:
-                child.process.send_signal(signum)
+        pool.stopping = pool.stopping or signum != signal.SIGHUP
+        pool.signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     try:
-        argv = worker_argv(config_path, overrides, listen)
-        for i in range(workers):
-            children.append(_start_worker(argv))
-            logger.info("worker %d started (pid %d)", i, children[-1].process.pid)
+        for _ in range(workers):
+            pool.start_one()
     except ChildStartError as exc:
         logger.error("a worker failed to start; stopping: %s", exc)
-        forward(signal.SIGTERM, None)
-        return _wait(children) or 1
+        pool.signal(signal.SIGTERM)
+        return _wait(pool.children) or 1
     try:
-        return _supervise(config, children, reserved, port_file, lambda: stopping, forward)
+        return _supervise(config, pool, reserved, port_file)
     finally:
         reserved.close()
 
 
-def _supervise(
-    config: Config,
-    children: list[Child],
-    reserved: socket.socket,
-    port_file: Path | None,
-    stopping: Any,
-    forward: Any,
-) -> int:
-    urls = [f"http://127.0.0.1:{c.ports['metrics']}/metrics" for c in children]
+class _Pool:
+    """The workers, and the restarts of those that died."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.children: list[Child] = []
+        self.stopping = False
+        self._restarts: list[float] = []
+
+    def start_one(self) -> Child:
+        child = _start_worker(self.argv)
+        self.children.append(child)
+        logger.info("worker started (pid %d)", child.process.pid)
+        return child
+
+    def signal(self, signum: int) -> None:
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.send_signal(signum)
+
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{c.ports['metrics']}/metrics" for c in self.children]
+
+    def replace_dead(self) -> bool:
+        """Start a new worker for each that exited; False once they die too often."""
+        for child in [c for c in self.children if c.process.poll() is not None]:
+            logger.error(
+                "worker pid %d exited with code %d; starting another",
+                child.process.pid, child.process.returncode,
+            )  # fmt: skip
+            self.children.remove(child)
+            now = time.monotonic()
+            self._restarts = [t for t in self._restarts if now - t < _RESTART_WINDOW_S] + [now]
+            if len(self._restarts) > _RESTARTS_MAX:
+                logger.error(
+                    "workers died %d times within %.0f s; stopping", len(self._restarts),
+                    _RESTART_WINDOW_S,
+                )  # fmt: skip
+                return False
+            self.start_one()
+        return True
+
+
+def _supervise(config: Config, pool: _Pool, reserved: socket.socket, port_file: Path | None) -> int:
     registry = CollectorRegistry()
-    registry.register(AggregatingCollector(urls))
+    registry.register(AggregatingCollector(pool.urls))
     m_host, m_port = split_address(config.metrics_listen)
     httpd, _ = start_http_server(m_port, m_host, registry=registry)
     port = reserved.getsockname()[1]
     logger.info(
         "%d workers serving gRPC on port %d; aggregated metrics on port %d",
-        len(children), port, httpd.server_port,
+        len(pool.children), port, httpd.server_port,
     )  # fmt: skip
     if port_file is not None:
-        pids = [c.process.pid for c in children]
+        pids = [c.process.pid for c in pool.children]
         write_port_file(port_file, {"grpc": port, "metrics": httpd.server_port, "workers": pids})
-    unexpected = False
+    healthy = True
     try:
-        while not stopping():
-            if any(c.process.poll() is not None for c in children):
-                logger.error("a worker exited unexpectedly; stopping the others")
-                unexpected = True
-                forward(signal.SIGTERM, None)
-                break
+        while not pool.stopping and healthy:
             time.sleep(_POLL_S)
-        code = _wait(children)
+            if not pool.stopping:
+                healthy = _replace_dead(pool)
+        pool.signal(signal.SIGTERM)
+        code = _wait(pool.children)
     finally:
         httpd.shutdown()
         httpd.server_close()
-    return code or (1 if unexpected else 0)
+    return code or (0 if healthy else 1)
+
+
+def _replace_dead(pool: _Pool) -> bool:
+    try:
+        return pool.replace_dead()
+    except ChildStartError as exc:
+        logger.error("a replacement worker failed to start; stopping: %s", exc)
+        return False
 
 
 def _wait(children: Sequence[Child], timeout_s: float = 120.0) -> int:

@@ -107,8 +107,9 @@ class RuleBook:
         """The protobuf pipeline's plans per response layout (see guard.dataplane.pipeline)."""
 
     def may_apply(self, model: str | None) -> bool:
-        """Cheap pre-check before the upstream call: could any rule match this model?"""
-        return self._has_wildcard_model or model in self._exact_names
+        """Cheap pre-check: could any rule match this model? A request whose
+        model is unknown (``None``) may: the response's own spec decides."""
+        return model is None or self._has_wildcard_model or model in self._exact_names
 
     def for_signature(self, model: str, signature: str) -> SignatureRules | None:
         """The rules for one model and signature, or ``None`` if no rule matches."""

@@ -19,7 +19,19 @@ __all__ = [
     "RejectedOutputError",
     "ResponseTooLargeError",
     "Status",
+    "shown",
 ]
+
+#: Names longer than this (clients and upstreams choose them) are cut in messages.
+SHOWN_MAX = 64
+
+
+def shown(name: str, limit: int = SHOWN_MAX) -> str:
+    """``name`` for a message or a log line, cut to ``limit`` characters: a
+    client-chosen name must not make an error larger than its metadata allows."""
+    if len(name) <= limit:
+        return name
+    return f"{name[:limit]}...({len(name)} characters)"
 
 
 class Status(Enum):

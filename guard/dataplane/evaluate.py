@@ -12,9 +12,9 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from guard.dataplane.book import CompiledRule, RuleBook, SignatureRules
-from guard.dataplane.errors import OutputShapeError
+from guard.dataplane.errors import OutputShapeError, ResponseTooLargeError, shown
 from guard.dataplane.results import Action, Array, OutputResult
-from guard.dataplane.rules import apply_rule
+from guard.dataplane.rules import apply_rule, derived_bytes
 from guard.dataplane.rulespec import SERVING_DEFAULT
 from guard.dataplane.sink import MetricsSink
 
@@ -80,16 +80,27 @@ class Verdict:
         return any(o.result.changed for o in self.outputs)
 
 
-def evaluate(target: Target, decoded: Iterable[tuple[str, Array]]) -> Verdict:
+def evaluate(target: Target, decoded: Iterable[tuple[str, Array]], room: int) -> Verdict:
     """Apply each output's rule to its decoded values.
 
-    ``decoded`` holds the outputs that have a rule, by name. A rule that
-    cannot fit its tensor raises a :class:`~guard.dataplane.errors.GuardError`.
+    ``decoded`` holds the outputs that have a rule, by name. ``room`` is what
+    the response may still grow by (the message limit, less what decoding
+    took): derived outputs that could need more are refused before they are
+    made, with :class:`~guard.dataplane.errors.ResponseTooLargeError`. A rule
+    that cannot fit its tensor raises a :class:`~guard.dataplane.errors.GuardError`.
     """
     verdict = Verdict()
     for name, values in decoded:
         compiled = target.rules.rule_for(name)
         assert compiled is not None, "decoded outputs are the ones with a rule"
+        room -= derived_bytes(compiled.rule, values.shape, values.itemsize, compiled.labels)
+        if room < 0:
+            raise ResponseTooLargeError(
+                f"guard: model '{shown(target.model)}' output '{shown(name)}': its derived "
+                f"outputs ({values.size} values in) would take the response past the "
+                "max_message_mb limit; raise max_message_mb in the guard config, or derive "
+                "less (threshold, argmax, top_k, labels)"
+            )
         result = apply_rule(values, compiled.rule, compiled.labels, target.model, name)
         verdict.outputs.append(OutputVerdict(name, result, compiled))
         verdict.violations += result.counts.total
@@ -116,7 +127,7 @@ def check_derived_names(verdict: Verdict, upstream_names: Collection[str], model
         for derived in out.derived_names():
             if derived in upstream_names:
                 raise OutputShapeError(
-                    f"guard: model '{model}' output '{out.name}': the derived output "
-                    f"'{derived}' would replace an output the model returns; drop the rule's "
-                    "threshold/argmax/top_k or rename the model's output"
+                    f"guard: model '{shown(model)}' output '{shown(out.name)}': the derived "
+                    f"output '{shown(derived)}' would replace an output the model returns; "
+                    "drop the rule's threshold/argmax/top_k or rename the model's output"
                 )

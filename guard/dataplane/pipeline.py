@@ -26,7 +26,7 @@ from guard.dataplane.codec.response import (
     read_predict_response,
 )
 from guard.dataplane.codec.tensor import Encoding
-from guard.dataplane.errors import DecodeError, RejectedOutputError
+from guard.dataplane.errors import DecodeError, RejectedOutputError, ResponseTooLargeError, shown
 from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
 from guard.dataplane.lanes import Lane
 from guard.dataplane.results import Action, Array
@@ -116,7 +116,8 @@ def _decode_outputs(
         except DecodeError as exc:
             metrics.count_decode_error(target.model_label)
             raise DecodeError(
-                f"guard: cannot decode output '{name}' of model '{target.model}' from upstream: "
+                f"guard: cannot decode output '{shown(name)}' of model '{shown(target.model)}' "
+                "from upstream: "
                 f"{exc.details.removeprefix('guard: ')}"
             ) from None
         if found is None:
@@ -138,18 +139,33 @@ def _reference(
     target = _target(response, request_spec, book, metrics)
     if target is None:
         return None
-    decoded = _decode_outputs(response, target, book.max_message_bytes, metrics)
-    verdict = evaluate(target, [(name, values) for name, values, _ in decoded])
-    record(verdict, target, metrics)
+    limit = book.max_message_bytes
+    decoded = _decode_outputs(response, target, limit, metrics)
+    room = limit - len(body)  # what the guarded response may still grow by
+    verdict = evaluate(target, [(name, values) for name, values, _ in decoded], room)
     if verdict.rejection is not None:
+        record(verdict, target, metrics)
         raise RejectedOutputError(verdict.rejection)
     if not verdict.outputs:
+        record(verdict, target, metrics)
         return GuardedResponse(body, Action.CLEAN, 0)
     check_derived_names(verdict, response.names, target.model)
     encodings = {name: encoding for name, _, encoding in decoded}
-    return GuardedResponse(
-        _encode(response, verdict, encodings), verdict.action, verdict.violations
-    )
+    guarded = _encode(response, verdict, encodings)
+    _check_size(guarded, limit, target)
+    # Counted once the response is sure to go out as the client will see it.
+    record(verdict, target, metrics)
+    return GuardedResponse(guarded, verdict.action, verdict.violations)
+
+
+def _check_size(guarded: bytes, limit: int, target: Target) -> None:
+    """The guarded response must fit the message limit the client is sent with."""
+    if len(guarded) > limit:
+        raise ResponseTooLargeError(
+            f"guard: model '{shown(target.model)}': the guarded response has {len(guarded)} "
+            f"bytes, more than the max_message_mb limit ({limit} bytes); raise max_message_mb "
+            "in the guard config, or derive less (threshold, argmax, top_k, labels)"
+        )
 
 
 def _encode(response: Response, verdict: Verdict, encodings: dict[str, Encoding]) -> bytes:
@@ -191,11 +207,14 @@ class _Plan:
     the reference route.
     """
 
-    __slots__ = ("outputs", "_clean", "_make_counter")
+    __slots__ = ("outputs", "_clean", "_make_counter", "_limit")
 
-    def __init__(self, outputs: tuple[_PlannedOutput, ...], make_counter: Callable[[], Counter]):
+    def __init__(
+        self, outputs: tuple[_PlannedOutput, ...], make_counter: Callable[[], Counter], limit: int
+    ) -> None:
         self.outputs = outputs
         self._make_counter = make_counter
+        self._limit = limit
         # Made on the first clean response, as the reference route makes it.
         self._clean: Counter | None = None
 
@@ -208,6 +227,9 @@ class _Plan:
             if found is None:
                 return None
             done.append(found)
+        guarded = body + b"".join([entries for *_, entries in done])
+        if len(guarded) > self._limit:
+            return None  # the reference route refuses it, and says why
         # Recorded only once every output was clean: otherwise the reference
         # route records them all.
         for out, (classes, scores, _) in zip(self.outputs, done, strict=True):
@@ -221,7 +243,7 @@ class _Plan:
         if clean is None:
             clean = self._clean = self._make_counter()
         clean.inc()
-        return GuardedResponse(body + b"".join([entries for *_, entries in done]), Action.CLEAN, 0)
+        return GuardedResponse(guarded, Action.CLEAN, 0)
 
 
 _PLAN_OUTPUTS_MAX = 16
@@ -291,7 +313,11 @@ def _make_plan(
     if not outputs:
         return None
     labels = (target.model_label, target.version, target.signature)
-    return _Plan(tuple(outputs), lambda: metrics.response_counter(*labels, Action.CLEAN))
+    return _Plan(
+        tuple(outputs),
+        lambda: metrics.response_counter(*labels, Action.CLEAN),
+        book.max_message_bytes,
+    )
 
 
 def _plan_output(

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from guard.dataplane.errors import LabelMismatchError, OutputShapeError
+from guard.dataplane.errors import LabelMismatchError, OutputShapeError, shown
 from guard.dataplane.results import Action, Array, Counts, Derived, OutputResult
 from guard.dataplane.rulespec import OutputRule
 
@@ -381,7 +381,7 @@ def apply_rule(
     ``label_table`` is ``rule.labels`` encoded once as an object array of
     ``bytes`` (see :func:`label_table`).
     """
-    who = f"guard: model '{model}' output '{output}'"
+    who = f"guard: model '{shown(model)}' output '{shown(output)}'"
     checked = activate(values, rule)
     counts, bad_rows = validate(checked, rule)
     out = repair(values, checked, counts, bad_rows, rule, who)
@@ -426,3 +426,24 @@ def label_table(labels: tuple[str, ...] | None) -> np.ndarray[Any, Any] | None:
     table = np.empty(len(labels), dtype=object)
     table[:] = [label.encode("utf-8") for label in labels]
     return table
+
+
+def derived_bytes(
+    rule: OutputRule, shape: tuple[int, ...], itemsize: int, labels: np.ndarray[Any, Any] | None
+) -> int:
+    """An upper bound of what ``rule``'s derived outputs for a tensor of
+    ``shape`` take, in memory and encoded together, before any is made.
+
+    Per derived value: an int64 class (8 bytes, at most 10 encoded), a score
+    (``itemsize``, twice) and a label (a reference, and its bytes with a field
+    key and length).
+    """
+    numel = int(np.prod(shape, dtype=np.int64))
+    lead = shape[:-1] if len(shape) >= 2 else shape
+    rows = int(np.prod(lead, dtype=np.int64))
+    label = 0 if labels is None else 14 + max((len(x) for x in labels.tolist()), default=0)
+    ranked = 18 + 2 * itemsize + label
+    total = numel * (18 + label) if rule.threshold is not None else 0
+    if rule.argmax:
+        total += rows * ranked
+    return total + rows * rule.top_k * ranked

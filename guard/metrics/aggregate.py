@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,14 +22,14 @@ _GAUGE_MIN = frozenset({"guard_upstream_up"})
 class AggregatingCollector(Collector):
     """Scrapes each worker's /metrics and yields the sums."""
 
-    def __init__(self, urls: Sequence[str], timeout_s: float = 2.0) -> None:
-        self._urls = list(urls)
+    def __init__(self, urls: Callable[[], Sequence[str]], timeout_s: float = 2.0) -> None:
+        self._urls = urls
         self._timeout = timeout_s
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
         values: dict[str, dict[_Key, float]] = {}
-        for url in self._urls:
+        for url in self._urls():
             text = self._scrape(url)
             for family in text_string_to_metric_families(text) if text else ():
                 if family.name not in families:

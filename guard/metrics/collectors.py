@@ -36,8 +36,14 @@ __all__ = [
 OTHER = "__other__"
 
 
+#: Label values longer than this read ``__other__``: a series per client-chosen
+#: megabyte name would bloat every scrape.
+LABEL_VALUE_MAX = 128
+
+
 class BoundedLabel:
-    """Admits the first ``cap`` distinct values of a label; later ones read ``__other__``."""
+    """Admits the first ``cap`` distinct values of a label, each of at most
+    :data:`LABEL_VALUE_MAX` characters; others read ``__other__``."""
 
     def __init__(self, cap: int) -> None:
         self._cap = cap
@@ -47,6 +53,8 @@ class BoundedLabel:
     def __call__(self, value: str) -> str:
         if value in self._seen:
             return value
+        if len(value) > LABEL_VALUE_MAX:
+            return OTHER
         with self._lock:
             if len(self._seen) >= self._cap:
                 return OTHER

@@ -9,8 +9,8 @@ It implements the data plane's :class:`~guard.dataplane.sink.MetricsSink`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -30,7 +30,6 @@ from guard.metrics.collectors import (
 )
 
 __all__ = [
-    "KNOWN_METHODS",
     "LATENCY_BUCKETS",
     "OTHER",
     "OUTPUT_VALUE_BUCKETS",
@@ -50,17 +49,11 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 
-KNOWN_METHODS = frozenset(
-    {
-        "Predict",
-        "Classify",
-        "Regress",
-        "MultiInference",
-        "GetModelMetadata",
-        "GetModelStatus",
-        "HandleReloadConfigRequest",
-    }
-)
+
+class _GateCounts(Protocol):
+    inflight: int
+    pending: int
+    inflight_bytes: int
 
 
 class GuardMetrics:
@@ -97,6 +90,13 @@ class GuardMetrics:
             "guard_requests_total", "RPCs through the guard, by gRPC status code.",
             ["model", "method", "code"],
         )  # fmt: skip
+        self.refusals = self._loop_counter(
+            "guard_refused_requests_total",
+            "Calls the guard refused to protect itself, by the limit that refused them "
+            "(metadata, pending_requests, request_timeout, request_too_large, inflight_calls, "
+            "inflight_bytes, response_too_large, stream_idle).",
+            ["reason"],
+        )
         self.upstream_duration = LatencyHistogram(
             "guard_upstream_duration_seconds", "Time waiting for the upstream, per RPC.",
             "method", LATENCY_BUCKETS,
@@ -153,7 +153,22 @@ class GuardMetrics:
         self.inflight = Gauge(
             "guard_inflight_requests", "RPCs in flight through the guard.", registry=registry
         )
-        """Read at scrape time from the server's own count (see :meth:`track_inflight`)."""
+        """Read at scrape time from the server's own count (see :meth:`track_gate`)."""
+        self.pending = Gauge(
+            "guard_pending_requests",
+            "Calls whose request message has not fully arrived yet.",
+            registry=registry,
+        )
+        self.inflight_bytes = Gauge(
+            "guard_inflight_bytes",
+            "Bytes of requests and responses held by calls in flight.",
+            registry=registry,
+        )
+        self.server_restarts = Counter(
+            "guard_server_restarts_total",
+            "Times the gRPC server stopped by itself and was started again on the same port.",
+            registry=registry,
+        )
 
     # ----------------------------------------------------------------- labels
 
@@ -165,16 +180,17 @@ class GuardMetrics:
         """The configured name, or ``__other__`` for anything a client made up."""
         return name if name is not None and name in self._models else OTHER
 
-    @staticmethod
-    def method_label(method: str) -> str:
-        """The short method name for TF Serving's methods, else ``__other__``."""
-        short = method.rsplit("/", 1)[-1]
-        return short if short in KNOWN_METHODS else OTHER
+    def track_gate(self, gate: _GateCounts) -> None:
+        """Export the gate's counts as the in-flight, pending and bytes gauges,
+        read at scrape time: the server already counts them, so no gauge
+        update is paid per call."""
+        self.inflight.set_function(lambda: gate.inflight)
+        self.pending.set_function(lambda: gate.pending)
+        self.inflight_bytes.set_function(lambda: gate.inflight_bytes)
 
-    def track_inflight(self, read: Callable[[], int]) -> None:
-        """Export ``read()`` as ``guard_inflight_requests``: the server already
-        counts its calls, so no gauge update is paid per RPC."""
-        self.inflight.set_function(read)
+    def record_refusal(self, reason: str) -> None:
+        """Count one call refused by a limit."""
+        self.refusals.labels(reason).inc()
 
     # -------------------------------------------------------------- recording
 

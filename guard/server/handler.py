@@ -1,69 +1,56 @@
-"""One proxied call: forward the request bytes, guard a Predict response,
-return the upstream's answer, and count what the client saw."""
+"""One proxied call: admit it, receive its request, forward it, guard a
+Predict response, and count what the client saw.
+
+TF Serving's unary methods take the unary path: the request is read here (so
+a request that never arrives is timed out, not left holding a slot), then
+forwarded as one message. Every other method is relayed as a stream in both
+directions (:mod:`guard.server.relay`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, NoReturn, Protocol
 
 import grpc
 
 from guard.control.config import Config
 from guard.dataplane.book import RuleBook
-from guard.dataplane.cache import BoundedCache
 from guard.dataplane.codec.request import peek_model_spec
 from guard.dataplane.codec.response import ModelSpecInfo
-from guard.dataplane.errors import GuardError
+from guard.dataplane.errors import GuardError, ResponseTooLargeError
 from guard.dataplane.pipeline import guard_predict_response
-from guard.metrics.guard_metrics import GuardMetrics
+from guard.metrics.guard_metrics import OTHER, GuardMetrics
+from guard.server.gate import Gate, Refusal
+from guard.server.methods import PREDICT, MethodInfo
 from guard.server.status import grpc_code
 from guard.server.upstream import Upstream
 
-__all__ = ["PREDICT", "CallHandler", "ProxyHandler"]
+__all__ = ["Call", "CallHandler", "Metadata", "ServerState", "forwardable"]
 
 logger = logging.getLogger("guard.proxy")
 
-PREDICT = "/tensorflow.serving.PredictionService/Predict"
-_HEALTH_PREFIX = "/grpc.health.v1.Health/"
-
-# Where each method's request keeps its ModelSpec (field-number path).
-_SPEC_PATH: dict[str, tuple[int, ...]] = {
-    "/tensorflow.serving.PredictionService/Predict": (1,),
-    "/tensorflow.serving.PredictionService/Classify": (1,),
-    "/tensorflow.serving.PredictionService/Regress": (1,),
-    "/tensorflow.serving.PredictionService/GetModelMetadata": (1,),
-    "/tensorflow.serving.PredictionService/MultiInference": (1, 1),
-    "/tensorflow.serving.ModelService/GetModelStatus": (1,),
-}
-
 # Metadata that belongs to one HTTP/2 hop and must not be forwarded.
 _HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "host", "grpc-timeout"})
-_METHODS_MAX = 256
-_METHOD_NAME_MAX_BYTES = 1024
+# After a request that never came (EOF), how many loop turns to give gRPC to
+# say it ended the call itself (a message over max_request_mb).
+_EOF_SETTLE_TURNS = 3
 
 Metadata = tuple[tuple[str, Any], ...]
+_TIMED_OUT = object()
 
 
-def _forwardable(metadata: Sequence[tuple[str, Any]] | None) -> Metadata:
+def forwardable(metadata: Sequence[tuple[str, Any]] | None) -> Metadata:
+    """The client's metadata that goes on to the upstream."""
     if not metadata:
         return ()
     return tuple(
         (k, v) for k, v in metadata if k not in _HOP_HEADERS and not k.startswith((":", "grpc-"))
     )
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """Per-method state (the handler that holds it is cached per method)."""
-
-    name: str
-    label: str
-    spec_path: tuple[int, ...] | None
 
 
 class ServerState(Protocol):
@@ -72,7 +59,7 @@ class ServerState(Protocol):
     config: Config
     metrics: GuardMetrics
     upstream: Upstream
-    inflight: int
+    gate: Gate
     cut_off: float | None
     """The grace period, once a shutdown's ran out (``None`` until then)."""
 
@@ -80,17 +67,18 @@ class ServerState(Protocol):
     def rules(self) -> RuleBook: ...
 
 
-class _Call:
+class Call:
     """One call's bookkeeping: its labels, and the code it ended with, counted once."""
 
-    __slots__ = ("model_label", "method_label", "code", "upstream_s", "_metrics")
+    __slots__ = ("model_label", "method_label", "code", "upstream_s", "start", "_metrics")
 
-    def __init__(self, metrics: GuardMetrics, model_label: str, method_label: str) -> None:
+    def __init__(self, metrics: GuardMetrics, method_label: str) -> None:
         self._metrics = metrics
-        self.model_label = model_label
+        self.model_label = OTHER
         self.method_label = method_label
         self.code: str | None = None
         self.upstream_s = 0.0
+        self.start = time.perf_counter()
 
     def count(self, code: str) -> None:
         """Count the call with ``code``, once: the first code wins."""
@@ -98,12 +86,22 @@ class _Call:
             self.code = code
             self._metrics.record_request(self.model_label, self.method_label, code)
 
+    def finish(self, context: Any) -> None:
+        """Count the call if nothing did (an exception of ours: gRPC answers
+        UNKNOWN), and time it."""
+        self.count("UNKNOWN")
+        total = time.perf_counter() - self.start
+        self._metrics.record_timing(
+            self.method_label, self.upstream_s, max(total - self.upstream_s, 0.0)
+        )
+
+    def ended_by_client(self, context: Any) -> None:
+        """Count a call the client ended: past its deadline, or cancelled."""
+        remaining = context.time_remaining()
+        self.count("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
+
     async def fail(
-        self,
-        context: Any,
-        status: grpc.StatusCode,
-        details: str,
-        trailers: Metadata = (),
+        self, context: Any, status: grpc.StatusCode, details: str, trailers: Metadata = ()
     ) -> NoReturn:
         """Count the call, then end it with ``status``.
 
@@ -113,75 +111,171 @@ class _Call:
         await context.abort(status, details, trailers)
         raise AssertionError("context.abort() returned")  # it raises; for type checkers
 
+    async def refuse(
+        self, context: Any, reason: Refusal, details: str, status: grpc.StatusCode | None = None
+    ) -> NoReturn:
+        """Count a refusal by reason, then end the call (RESOURCE_EXHAUSTED by default)."""
+        self._metrics.record_refusal(reason.value)
+        await self.fail(context, status or grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+
 
 class CallHandler:
-    """Forwards calls to the upstream, guarding Predict responses."""
+    """Forwards TF Serving's unary calls to the upstream, guarding Predict responses."""
 
     def __init__(self, server: ServerState) -> None:
         self._server = server
 
-    async def handle(self, info: MethodInfo, request: bytes, context: Any) -> bytes:
-        """Forward one unary call."""
-        server = self._server
-        start = time.perf_counter()
-        book = server.rules  # one consistent rule set for the whole request
-        spec = peek_model_spec(request, info.spec_path) if info.spec_path else None
-        call = _Call(
-            server.metrics, server.metrics.model_label(spec.name if spec else None), info.label
-        )
-        if server.inflight >= server.config.max_concurrent_rpcs:
-            await call.fail(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"guard: {server.inflight} calls already in flight, the max_concurrent_rpcs "
-                "limit; retry with backoff, or raise max_concurrent_rpcs in the guard config",
-            )
-        server.inflight += 1
+    async def unary(self, info: MethodInfo, _requests: Any, context: Any) -> bytes | None:
+        """Forward one unary call (grpc.aio's stream-unary handler signature)."""
+        call = Call(self._server.metrics, info.label)
         try:
-            response, trailers = await self._forward(info, request, context, call)
+            request = await self._receive(context, call)
+            if request is None:
+                return await self._relay_empty(info, context, call)
+            book = self._server.rules  # one consistent rule set for the whole call
+            spec = peek_model_spec(request, info.spec_path) if info.spec_path else None
+            call.model_label = self._server.metrics.model_label(spec.name if spec else None)
+            async with self._in_flight(context, call, len(request)):
+                return await self._answer(info, request, spec, book, context, call)
+        except asyncio.CancelledError:
+            call.ended_by_client(context)
+            raise
+        finally:
+            call.finish(context)
+
+    async def _answer(
+        self,
+        info: MethodInfo,
+        request: bytes,
+        spec: ModelSpecInfo | None,
+        book: RuleBook,
+        context: Any,
+        call: Call,
+    ) -> bytes:
+        response, trailers = await self._forward(info, request, context, call)
+        gate = self._server.gate
+        held = len(response)
+        gate.inflight_bytes += held  # the budget counts the response while it is guarded
+        try:
             if info.name == PREDICT and book.may_apply(spec.name if spec else None):
                 response, trailers = await self._guard(
                     response, trailers, spec, book, context, call
                 )
-            if trailers:
-                context.set_trailing_metadata(trailers)
-            call.count("OK")
-            return response
-        except asyncio.CancelledError:
-            call.count("CANCELLED")
-            raise
         finally:
-            server.inflight -= 1
-            call.count("UNKNOWN")  # an exception of ours escaped: gRPC answers UNKNOWN
-            total = time.perf_counter() - start
-            server.metrics.record_timing(
-                info.label, call.upstream_s, max(total - call.upstream_s, 0.0)
+            gate.inflight_bytes -= held
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        call.count("OK")
+        return response
+
+    # ------------------------------------------------------------- receiving
+
+    async def _receive(self, context: Any, call: Call) -> bytes | None:
+        """The request message; ``None`` when the client sent none. Refuses
+        what would hold the guard: oversized metadata, too many calls still
+        receiving, a request that does not arrive within request_timeout_s."""
+        gate = self._server.gate
+        problem = gate.metadata_problem(context.invocation_metadata())
+        if problem is not None:
+            await call.refuse(context, Refusal.METADATA, problem)
+        problem = gate.pending_problem()
+        if problem is not None:
+            await call.refuse(context, Refusal.PENDING, problem)
+        gate.pending += 1
+        try:
+            message = await self._read(context)
+        finally:
+            gate.pending -= 1  # before any answer: a scrape after it sees the slot free
+        if message is _TIMED_OUT:
+            timeout_s = self._server.config.request_timeout_s
+            await call.refuse(
+                context,
+                Refusal.REQUEST_TIMEOUT,
+                f"guard: the request message did not arrive within request_timeout_s "
+                f"({timeout_s:g} s) of its headers; send it at once, or raise request_timeout_s "
+                "in the guard config",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
             )
+        if message is grpc.aio.EOF:
+            await self._settle_after_eof(call)
+            return None
+        assert isinstance(message, bytes)
+        return message
+
+    async def _read(self, context: Any) -> Any:
+        """The next message, EOF, or ``_TIMED_OUT`` after request_timeout_s."""
+        try:
+            async with asyncio.timeout(self._server.config.request_timeout_s):
+                return await context.read()
+        except TimeoutError:
+            return _TIMED_OUT
+
+    async def _settle_after_eof(self, call: Call) -> None:
+        """A request that ended with no message: either the client sent none,
+        or gRPC refused it (over max_request_mb, or cancelled) and is about to
+        cancel this call. Give gRPC a few loop turns to say which."""
+        try:
+            for _ in range(_EOF_SETTLE_TURNS):
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            # gRPC ended the call: its client has RESOURCE_EXHAUSTED ('message
+            # larger than max'), or cancelled the call itself.
+            self._server.metrics.record_refusal(Refusal.REQUEST_TOO_LARGE.value)
+            call.count("RESOURCE_EXHAUSTED")
+            raise
+
+    async def _relay_empty(self, info: MethodInfo, context: Any, call: Call) -> bytes | None:
+        """A unary call that carried no request: the upstream decides, as if
+        the client had called it directly."""
+        upstream_call = self._server.upstream.stream_unary(info.name)(
+            _no_messages(), timeout=self._timeout(context),
+            metadata=forwardable(context.invocation_metadata()),
+        )  # fmt: skip
+        try:
+            response: bytes = await upstream_call
+        except grpc.aio.AioRpcError as exc:
+            await self._upstream_failed(exc, context, call)
+        call.count("OK")
+        return response
+
+    # ------------------------------------------------------------- forwarding
+
+    @asynccontextmanager
+    async def _in_flight(self, context: Any, call: Call, size: int) -> AsyncIterator[None]:
+        """Hold an in-flight slot and ``size`` bytes of the budget, or refuse."""
+        gate = self._server.gate
+        refused = gate.inflight_problem(size)
+        if refused is not None:
+            await call.refuse(context, *refused)
+        gate.inflight += 1
+        gate.inflight_bytes += size
+        try:
+            yield
+        finally:
+            gate.inflight -= 1
+            gate.inflight_bytes -= size
+
+    def _timeout(self, context: Any) -> float:
+        remaining: float | None = context.time_remaining()
+        return self._server.config.default_timeout_s if remaining is None else remaining
 
     async def _forward(
-        self, info: MethodInfo, request: bytes, context: Any, call: _Call
+        self, info: MethodInfo, request: bytes, context: Any, call: Call
     ) -> tuple[bytes, Metadata]:
         """The upstream's answer and trailers (its initial metadata is sent on)."""
         server = self._server
-        timeout = context.time_remaining()
-        if timeout is None:
-            timeout = server.config.default_timeout_s
         upstream_call = server.upstream.unary(info.name)(
-            request, timeout=timeout, metadata=_forwardable(context.invocation_metadata())
-        )
+            request, timeout=self._timeout(context),
+            metadata=forwardable(context.invocation_metadata()),
+        )  # fmt: skip
         t_up = time.perf_counter()
         try:
             response: bytes = await upstream_call
         except grpc.aio.AioRpcError as exc:
             call.upstream_s = time.perf_counter() - t_up
-            if exc.code() is grpc.StatusCode.UNAVAILABLE:
-                server.upstream.set_up(False)
-            await call.fail(
-                context, exc.code(), _upstream_details(exc, server.config),
-                tuple(exc.trailing_metadata() or ()),
-            )  # fmt: skip
+            await self._upstream_failed(exc, context, call)
         except asyncio.CancelledError:
-            await self._cancelled(upstream_call, context, call)
+            await self._cut_off(upstream_call, context, call)
             raise
         call.upstream_s = time.perf_counter() - t_up
         trailers = tuple(await upstream_call.trailing_metadata() or ())
@@ -190,7 +284,22 @@ class CallHandler:
             await context.send_initial_metadata(initial)
         return response, trailers
 
-    async def _cancelled(self, upstream_call: Any, context: Any, call: _Call) -> None:
+    async def _upstream_failed(
+        self, exc: grpc.aio.AioRpcError, context: Any, call: Call
+    ) -> NoReturn:
+        """End the call as the upstream ended it: its code, details, initial
+        and trailing metadata."""
+        if exc.code() is grpc.StatusCode.UNAVAILABLE:
+            self._server.upstream.set_up(False)
+        initial = exc.initial_metadata()
+        if initial:
+            await context.send_initial_metadata(initial)
+        await call.fail(
+            context, exc.code(), upstream_details(exc, self._server.config),
+            tuple(exc.trailing_metadata() or ()),
+        )  # fmt: skip
+
+    async def _cut_off(self, upstream_call: Any, context: Any, call: Call) -> None:
         cut_off = self._server.cut_off
         if cut_off is not None and upstream_call.cancelled():
             # stop() closed the upstream channel: the grace period ran out.
@@ -202,7 +311,6 @@ class CallHandler:
                 "cancelled and may or may not have run. Retry it if it is idempotent",
             )
         upstream_call.cancel()
-        call.count("CANCELLED")
 
     async def _guard(
         self,
@@ -211,10 +319,13 @@ class CallHandler:
         spec: ModelSpecInfo | None,
         book: RuleBook,
         context: Any,
-        call: _Call,
+        call: Call,
     ) -> tuple[bytes, Metadata]:
         try:
             guarded = guard_predict_response(response, spec, book, self._server.metrics)
+        except ResponseTooLargeError as exc:
+            self._server.metrics.record_refusal(Refusal.RESPONSE_TOO_LARGE.value)
+            await call.fail(context, grpc_code(exc), exc.details, trailers)
         except GuardError as exc:
             await call.fail(
                 context, grpc_code(exc), exc.details, trailers + (("x-guard-action", "rejected"),)
@@ -233,7 +344,13 @@ class CallHandler:
         return guarded.body, trailers + guarded.trailers()
 
 
-def _upstream_details(exc: grpc.aio.AioRpcError, config: Config) -> str:
+async def _no_messages() -> AsyncIterator[bytes]:
+    return
+    yield  # an async generator that yields nothing
+
+
+def upstream_details(exc: grpc.aio.AioRpcError, config: Config) -> str:
+    """The upstream's details, or the guard's own when its limit was the cause."""
     details = exc.details() or ""
     if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         return (
@@ -241,28 +358,3 @@ def _upstream_details(exc: grpc.aio.AioRpcError, config: Config) -> str:
             f"{config.max_message_mb} ({details}); raise max_message_mb in the guard config"
         )
     return details
-
-
-class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """Routes every method except the health service to :meth:`CallHandler.handle`."""
-
-    def __init__(self, calls: CallHandler, method_label: Callable[[str], str]) -> None:
-        self._calls = calls
-        self._method_label = method_label
-        self._handlers: BoundedCache[str, grpc.RpcMethodHandler] = BoundedCache(
-            _METHODS_MAX, max_key_bytes=_METHOD_NAME_MAX_BYTES, weigh=len
-        )
-
-    def service(
-        self, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        method: str = handler_call_details.method
-        if method.startswith(_HEALTH_PREFIX):
-            return None
-        return self._handlers.get_or_make(method, self._make, method)
-
-    def _make(self, method: str) -> grpc.RpcMethodHandler:
-        info = MethodInfo(method, self._method_label(method), _SPEC_PATH.get(method))
-        # No (de)serializers: the request and response stay bytes. A partial of
-        # a coroutine function is still one, so grpc.aio awaits it on the loop.
-        return grpc.unary_unary_rpc_method_handler(functools.partial(self._calls.handle, info))

@@ -1,17 +1,19 @@
 """The guard's gRPC server: a raw-bytes proxy for every method, with Predict
-responses guarded, a health service that follows the upstream, and a drain
+responses guarded, a health service that follows the upstream, limits on what
+any client may hold, a restart if gRPC's server stops by itself, and a drain
 on shutdown.
 
 Requests are forwarded unparsed (only the ModelSpec is peeked at, to route and
 label). Responses come back byte-identical unless a rule changed them. Upstream
-status codes, details and trailing metadata reach the client unchanged; the
-client's metadata and deadline reach the upstream.
+status codes, details and metadata reach the client unchanged; the client's
+metadata and deadline reach the upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -21,7 +23,10 @@ from guard.control.config import Config
 from guard.dataplane.book import RuleBook
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server import tls
-from guard.server.handler import PREDICT, CallHandler, ProxyHandler
+from guard.server.gate import Gate
+from guard.server.handler import CallHandler
+from guard.server.methods import PREDICT, ProxyHandler
+from guard.server.relay import StreamRelay
 from guard.server.upstream import Upstream
 
 __all__ = ["PREDICT", "GuardServer", "server_options"]
@@ -29,17 +34,29 @@ __all__ = ["PREDICT", "GuardServer", "server_options"]
 logger = logging.getLogger("guard.proxy")
 
 _HEALTH_SERVICES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
-_CAP_BACKSTOP_MARGIN = 64
 _DRAIN_POLL_S = 0.02
 _FINAL_GRACE_S = 0.5
+_WATCH_S = 0.05
+_METADATA_SLACK = 8 * 1024
 
 
 def server_options(config: Config) -> list[tuple[str, Any]]:
-    """Options for the listening gRPC server."""
-    size = config.max_message_bytes
+    """Options for the listening gRPC server: gRPC's own limits, from the config."""
+    ms = 1000
+    # gRPC's own check counts pseudo-headers and its own headers too, and
+    # holds only once the client has acknowledged the server's settings: it is
+    # the backstop, a little above the guard's exact check (gate.py), which
+    # answers with the limit's name.
+    metadata = config.max_metadata_kb * 1024 + _METADATA_SLACK
     return [
-        ("grpc.max_receive_message_length", size),
-        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        ("grpc.max_metadata_size", metadata),
+        ("grpc.absolute_max_metadata_size", metadata),
+        ("grpc.max_connection_idle_ms", int(config.max_connection_idle_s * ms)),
+        ("grpc.max_connection_age_ms", int(config.max_connection_age_s * ms)),
+        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * ms)),
         ("grpc.so_reuseport", 1),
     ]
 
@@ -57,16 +74,25 @@ class GuardServer:
         self.metrics = metrics
         self._book = RuleBook(config.models, config.max_message_bytes)
         self.upstream = Upstream(config, self._upstream_state)
+        self.gate = Gate(config)
         if server_credentials is None and config.tls is not None:
             server_credentials = tls.server_credentials(config.tls)
         self._server_credentials = server_credentials
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
-        self.inflight = 0
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
         self.cut_off: float | None = None
         """The grace period, once a shutdown's ran out (calls still waiting are cut off)."""
-        self.metrics.track_inflight(lambda: self.inflight)
+        self.on_fatal: Callable[[str], None] = lambda reason: None
+        """Called when the server stopped by itself and could not be started again."""
+        self.metrics.track_gate(self.gate)
         self.port = 0
+
+    @property
+    def inflight(self) -> int:
+        """Calls in flight to the upstream."""
+        return self.gate.inflight
 
     @property
     def rules(self) -> RuleBook:
@@ -81,34 +107,69 @@ class GuardServer:
 
     # ------------------------------------------------------------- lifecycle
 
+    def _new_server(self, listen: str) -> tuple[grpc.aio.Server, int]:
+        # No maximum_concurrent_rpcs: gRPC would count calls the guard never
+        # sees (streams that never send their request) and refuse everyone
+        # else; the guard's own limits (the gate) see every call.
+        server = grpc.aio.server(options=server_options(self.config))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        handler = ProxyHandler(CallHandler(self).unary, StreamRelay(self).relay)
+        server.add_generic_rpc_handlers((handler,))
+        if self._server_credentials is not None:
+            port = server.add_secure_port(listen, self._server_credentials)
+        else:
+            port = server.add_insecure_port(listen)
+        if not port:
+            raise OSError(f"cannot listen on {listen}")
+        return server, port
+
     async def start(self) -> int:
         """Bind, start serving and start probing the upstream. Returns the bound port."""
-        server = grpc.aio.server(
-            options=server_options(self.config),
-            # The handler enforces max_concurrent_rpcs itself, so refusals are
-            # counted and explained; gRPC's own limit is only a backstop.
-            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs + _CAP_BACKSTOP_MARGIN,
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        server.add_generic_rpc_handlers(
-            (ProxyHandler(CallHandler(self), GuardMetrics.method_label),)
-        )
-        if self._server_credentials is not None:
-            self.port = server.add_secure_port(self.config.listen, self._server_credentials)
-        else:
-            self.port = server.add_insecure_port(self.config.listen)
-        if not self.port:
-            raise OSError(f"cannot listen on {self.config.listen}")
+        server, self.port = self._new_server(self.config.listen)
         await self._set_health(False)
         self.metrics.upstream_up.set(0)
         await server.start()
         self._server = server
         await self.upstream.start()
+        self._watch = asyncio.create_task(self._watch_server(), name="guard-server-watch")
         return self.port
+
+    async def _watch_server(self) -> None:
+        """gRPC's asyncio server stops serving when its accept loop raises (a
+        request whose method name is not UTF-8 does that, in grpcio 1.85).
+        Start a new server on the same port at once; in-flight calls on the
+        old one finish there."""
+        while not self._stopping:
+            await asyncio.sleep(_WATCH_S)
+            if self._stopping or _is_serving(self._server):
+                continue
+            crashed = getattr(getattr(self._server, "_server", None), "_crash_exception", None)
+            logger.error(
+                "the gRPC server stopped by itself (%s: %s); starting a new one on port %d",
+                type(crashed).__name__, crashed, self.port,
+            )  # fmt: skip
+            await self._restart()
+
+    async def _restart(self) -> None:
+        await self._set_health(False)
+        try:
+            server, _ = self._new_server(_same_port(self.config.listen, self.port))
+            await server.start()
+        except Exception as exc:  # cannot serve any more: the process must go
+            logger.critical("cannot start a new gRPC server: %s", exc)
+            self.on_fatal(f"the gRPC server stopped and could not be started again: {exc}")
+            self._stopping = True
+            return
+        self._server = server
+        self.metrics.server_restarts.inc()
+        await self._set_health(bool(self.upstream.up))
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight calls finish within ``grace`` seconds, close."""
         grace = self.config.shutdown_grace_s if grace is None else grace
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         self.upstream.stop_watching()
@@ -119,9 +180,9 @@ class GuardServer:
             # a new connection (to another replica) for new calls; in-flight calls
             # go on.
             stopping = asyncio.ensure_future(self._server.stop(grace + _FINAL_GRACE_S))
-        while self.inflight and loop.time() < deadline:
+        while self.gate.inflight and loop.time() < deadline:
             await asyncio.sleep(_DRAIN_POLL_S)
-        if self.inflight:
+        if self.gate.inflight:
             # The grace period ran out. Ending the upstream calls lets each handler
             # tell its client why, before gRPC's bare "Cancelling all calls".
             self.cut_off = grace
@@ -135,11 +196,6 @@ class GuardServer:
             await self._server.stop(_FINAL_GRACE_S)
             await stopping
         await self.upstream.close()
-
-    async def wait_for_termination(self) -> None:
-        """Block until the server stops."""
-        assert self._server is not None
-        await self._server.wait_for_termination()
 
     # ---------------------------------------------------------------- health
 
@@ -155,4 +211,17 @@ class GuardServer:
     def _upstream_state(self, up: bool) -> None:
         self.metrics.upstream_up.set(1 if up else 0)
         # HealthServicer.set only touches dicts and wakes watchers; it never blocks.
-        asyncio.ensure_future(self._set_health(up))
+        asyncio.ensure_future(self._set_health(up and _is_serving(self._server)))
+
+
+def _is_serving(server: grpc.aio.Server | None) -> bool:
+    """Whether gRPC's server still accepts calls (grpc.aio keeps this on its
+    Cython core server; without it, assume it does)."""
+    core = getattr(server, "_server", None)
+    is_running = getattr(core, "is_running", None)
+    return bool(is_running()) if callable(is_running) else True
+
+
+def _same_port(listen: str, port: int) -> str:
+    host = listen.rpartition(":")[0]
+    return f"{host}:{port}"

@@ -61,13 +61,14 @@ class _Channel:
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self.channel = channel
-        self._calls: BoundedCache[str, Any] = BoundedCache(
-            _METHODS_MAX, max_key_bytes=_METHOD_NAME_MAX_BYTES, weigh=len
-        )
+        self._calls: dict[str, BoundedCache[str, Any]] = {
+            kind: BoundedCache(_METHODS_MAX, max_key_bytes=_METHOD_NAME_MAX_BYTES, weigh=len)
+            for kind in ("unary_unary", "stream_unary", "stream_stream")
+        }
 
-    def unary(self, method: str) -> Any:
-        """The raw-bytes unary callable for ``method``."""
-        return self._calls.get_or_make(method, self.channel.unary_unary, method)
+    def callable(self, kind: str, method: str) -> Any:
+        """The raw-bytes ``kind`` callable for ``method`` (no (de)serializers)."""
+        return self._calls[kind].get_or_make(method, getattr(self.channel, kind), method)
 
 
 class Upstream:
@@ -89,7 +90,15 @@ class Upstream:
 
     def unary(self, method: str) -> Any:
         """The raw-bytes unary callable for ``method`` on the current channel."""
-        return self._current.unary(method)
+        return self._current.callable("unary_unary", method)
+
+    def stream_unary(self, method: str) -> Any:
+        """The raw-bytes client-streaming callable for ``method``."""
+        return self._current.callable("stream_unary", method)
+
+    def stream_stream(self, method: str) -> Any:
+        """The raw-bytes bidirectional callable for ``method``."""
+        return self._current.callable("stream_stream", method)
 
     def _new_channel(self) -> grpc.aio.Channel:
         assert self.config.upstream is not None

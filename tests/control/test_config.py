@@ -72,7 +72,7 @@ def test_defaults_match_the_documented_ones() -> None:
         "127.0.0.1:8510",
         "0.0.0.0:9102",
     )
-    assert cfg.default_timeout_s == 30 and cfg.max_message_mb == 256
+    assert cfg.default_timeout_s == 30 and cfg.max_message_mb == 64
 
 
 @pytest.mark.parametrize(
@@ -168,3 +168,27 @@ def test_labels_file_rules(tmp_path: Path) -> None:
         "labels_file: labels.txt}\n",
     )
     assert "line 2 is empty" in message
+
+
+def test_a_config_file_must_say_models_even_when_it_has_none(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "upstream: 127.0.0.1:8510\n")
+    assert "field 'models' is missing" in message and "models: []" in message
+    assert "the config file is empty" in error_of(tmp_path, "\n# nothing here\n")
+    assert load_config(write(tmp_path, "models: []\n")).models == ()
+
+
+def test_labels_file_must_be_a_small_regular_file(tmp_path: Path) -> None:
+    from guard.control.rules_config import LABELS_MAX
+
+    rule = (
+        "models:\n  - name: m\n    outputs:\n      - {{name: p, argmax: true, labels_file: {}}}\n"
+    )
+    (tmp_path / "dir").mkdir()
+    assert "Is a directory" in error_of(tmp_path, rule.format("dir"))
+    assert "not a regular file" in error_of(tmp_path, rule.format("/dev/zero"))
+    (tmp_path / "many.txt").write_text("".join(f"c{i}\n" for i in range(LABELS_MAX + 1)))
+    assert f"more than {LABELS_MAX}" in error_of(tmp_path, rule.format("many.txt"))
+    big = tmp_path / "big.txt"
+    with big.open("wb") as f:
+        f.truncate(64 * 1024 * 1024)  # sparse: 64 MiB of NULs, read no further than the limit
+    assert "larger than" in error_of(tmp_path, rule.format("big.txt"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -95,6 +96,46 @@ async def test_workers_die_with_a_killed_supervisor(upstream: FakeUpstream, tmp_
                 break
             await asyncio.sleep(0.1)
         assert not alive, f"workers {alive} outlived their supervisor"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def _children(pid: int) -> set[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return {int(p) for p in text.split()}
+
+
+async def test_a_worker_that_dies_is_replaced(upstream: FakeUpstream, tmp_path: Path) -> None:
+    upstream.reply("m", predict_response("m", {"p": np.array([[0.5]], np.float32)}))
+    port_file = tmp_path / "ports.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "guard", "serve", "--workers", "2",
+        "--upstream", upstream.address, "--listen", "127.0.0.1:0",
+        "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # bounded
+            if port_file.exists() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        ports = json.loads(port_file.read_text())
+        dead = ports["workers"][0]
+        os.kill(dead, signal.SIGKILL)
+        for _ in range(300):  # bounded: 30 s for the supervisor to start another
+            alive = {pid for pid in _children(proc.pid) if _running(pid)}
+            if len(alive) == 2 and dead not in alive:
+                break
+            await asyncio.sleep(0.1)
+        assert len(alive) == 2 and dead not in alive, alive
+        assert proc.returncode is None
+        for _ in range(8):  # fresh connections reach either worker
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as ch:
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+                await stub.Predict(predict_request("m"), timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
     finally:
         if proc.returncode is None:
             proc.kill()

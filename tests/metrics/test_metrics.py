@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 
+from guard.control.config import Config
 from guard.metrics.guard_metrics import LATENCY_BUCKETS, GuardMetrics
+from guard.server.gate import Gate
 
 
 def test_latency_histogram_matches_prometheus_client() -> None:
@@ -43,12 +45,14 @@ def test_latency_histogram_matches_prometheus_client() -> None:
         assert got[key] == value or abs(got[key] - value) < 1e-9, key
 
 
-def test_inflight_gauge_reads_the_servers_count() -> None:
+def test_gate_gauges_read_the_servers_counts() -> None:
     registry = CollectorRegistry()
     metrics = GuardMetrics(registry)
-    count = [0]
-    metrics.track_inflight(lambda: count[0])
-    count[0] = 7
+    gate = Gate(Config())
+    metrics.track_gate(gate)
+    gate.inflight, gate.pending, gate.inflight_bytes = 7, 3, 4096
     assert registry.get_sample_value("guard_inflight_requests") == 7.0
-    count[0] = 0
+    assert registry.get_sample_value("guard_pending_requests") == 3.0
+    assert registry.get_sample_value("guard_inflight_bytes") == 4096.0
+    gate.inflight = 0
     assert registry.get_sample_value("guard_inflight_requests") == 0.0

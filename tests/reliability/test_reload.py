@@ -119,9 +119,19 @@ async def test_sighup_reloads_and_a_bad_config_keeps_the_old_rules(tmp_path: Pat
                 await _wait_reloads(guard, "failure", 1)
                 assert await _guarded(stub) == "B"  # the old rules stay
                 assert _reloads(guard)["success"] <= 2  # SIGHUP, perhaps also the watcher
+                # A reload into no rules at all works, and says so.
+                write_atomic(cfg, f"upstream: {up.address}\nmodels: []\n")
+                guard.signal(signal.SIGHUP)
+                for _ in range(100):  # bounded: until the reload has taken effect
+                    reply = await stub.Predict(predict_request("m"), timeout=10)
+                    if "y_class" not in reply.outputs:
+                        break
+                    await asyncio.sleep(0.05)
+                assert "y_class" not in reply.outputs
         log = guard.log()
         assert "config reload failed, keeping the previous rules" in log
         assert "field 'on_violation': 'clampp' is not allowed" in log
+        assert "the new config has no model rules" in log
     finally:
         assert up.server is not None
         await up.server.stop(0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -176,7 +177,7 @@ async def test_metrics_listen_can_bind_to_loopback_only(
     plain_upstream: FakeUpstream, tmp_path: Path, listen: str, expected: set[str]
 ) -> None:
     cfg = tmp_path / "guard.yaml"
-    cfg.write_text(f"upstream: {plain_upstream.address}\n")
+    cfg.write_text(f"upstream: {plain_upstream.address}\nmodels: []\n")
     async with guard_process(cfg, tmp_path, "--metrics-listen", listen) as guard:
         assert _listen_address(guard.metrics_port) == expected
 
@@ -224,6 +225,33 @@ async def test_upstream_certificates_reload_on_change(
             await asyncio.sleep(0.1)
         assert codes[-1] == "OK", codes
         assert set(codes) <= {"OK", "UNAVAILABLE"}
+    finally:
+        assert up.server is not None
+        await up.server.stop(0)
+
+
+async def test_guard_check_reaches_a_tls_upstream_with_upstream_tls(tmp_path: Path) -> None:
+    ca = CA()
+    server = ca.issue("tf-serving", server=True)
+    creds = grpc.ssl_server_credentials([(server.key_pem, server.cert_pem)])
+    up = await start_upstream(FakeUpstream(), creds)
+    ca_file = ca.write(tmp_path)
+    rules = "models:\n  - name: m\n    outputs:\n      - {name: probs}\n"
+    try:
+        for tls, expected in (
+            ("", 2),
+            (f"upstream_tls: {{ca_file: {ca_file}, server_name: localhost}}\n", 0),
+        ):
+            cfg = tmp_path / "guard.yaml"
+            cfg.write_text(tls + rules)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "guard", "check", "--config", str(cfg),
+                "--upstream", up.address,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == expected, (out + err).decode()
+        assert "all configured outputs exist" in out.decode()
     finally:
         assert up.server is not None
         await up.server.stop(0)

@@ -171,7 +171,7 @@ def _python_tasks() -> int:
 async def test_client_cancel_cancels_upstream_and_leaks_nothing(make_guard: GuardFactory) -> None:
     up = await start_upstream(FakeUpstream(gate=asyncio.Event()))
     try:
-        guard = await make_guard(RULES, upstream=up.address)
+        guard = await make_guard(RULES, upstream=up.address, max_streams_per_connection=300)
         stub = guard.stub
         call = stub.Predict(predict_request("m"), timeout=30)
         await up.wait_for("started", 1)

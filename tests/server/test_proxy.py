@@ -102,7 +102,7 @@ async def test_upstream_errors_pass_through_unchanged(
 ) -> None:
     upstream.fail(
         "broken", grpc.StatusCode.INVALID_ARGUMENT, "input 'x' is missing",
-        (("x-detail", "why"),),
+        (("x-detail", "why"),), (("x-initial", "sent-first"),),
     )  # fmt: skip
     guard = await make_guard(WIDE_DEEP)
     for model, code, details in [
@@ -117,6 +117,8 @@ async def test_upstream_errors_pass_through_unchanged(
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await guard.stub.Predict(predict_request("broken"))
     assert ("x-detail", "why") in tuple(err.value.trailing_metadata())
+    # The upstream's initial metadata reaches the client on an error too.
+    assert ("x-initial", "sent-first") in tuple(err.value.initial_metadata())
     assert (
         guard.sample(
             "guard_requests_total",

@@ -87,9 +87,16 @@ class FakeUpstream:
 
         self.answers[model] = answer
 
-    def fail(self, model: str, code: grpc.StatusCode, details: str, trailers: Any = ()) -> None:
-        """Answer Predict for ``model`` with an error."""
-        self.answers[model] = lambda req: (code, details, tuple(trailers))
+    def fail(
+        self,
+        model: str,
+        code: grpc.StatusCode,
+        details: str,
+        trailers: Any = (),
+        initial: Any = (),
+    ) -> None:
+        """Answer Predict for ``model`` with an error (after ``initial`` metadata)."""
+        self.answers[model] = lambda req: (code, details, tuple(trailers), tuple(initial))
 
     async def wait_for(self, what: str, n: int, bound_s: float = 10.0) -> None:
         """Wait (bounded) until ``self.<what>`` reaches ``n``."""
@@ -126,7 +133,9 @@ class FakeUpstream:
         self.finished += 1
         result = answer(request)
         if isinstance(result, tuple):
-            code, details, trailers = result
+            code, details, trailers, initial = result
+            if initial:
+                await context.send_initial_metadata(initial)
             await context.abort(code, details, trailers)
         context.set_trailing_metadata((("x-upstream", "tfs"),))
         return result

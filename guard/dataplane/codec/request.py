@@ -1,4 +1,12 @@
-"""Peeking at a request's ModelSpec without parsing (or copying) the rest."""
+"""Peeking at a request's ModelSpec without parsing (or copying) the rest.
+
+The peek is bounded: it looks at no more than :data:`PEEK_FIELDS_MAX` fields
+at each level, so its cost does not grow with what a client sends (a
+gzipped request can hold millions of tiny fields). Encoders write
+``model_spec`` (field 1) first; a request that hides it elsewhere, or that is
+not well-formed protobuf on the way to it, gets no spec here, and the
+response's own ``model_spec`` decides which rules apply.
+"""
 
 from __future__ import annotations
 
@@ -9,31 +17,40 @@ from google.protobuf import message as pb_message
 from guard.dataplane.codec import varint
 from guard.dataplane.codec.response import ModelSpecInfo, spec_from_bytes
 
-__all__ = ["peek_model_spec"]
+__all__ = ["PEEK_FIELDS_MAX", "peek_model_spec"]
+
+#: Fields looked at per level before the peek gives up.
+PEEK_FIELDS_MAX = 64
+
+# Wire types: 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32. Groups (3,
+# 4) are not in TF Serving's messages; 6 and 7 do not exist.
+_SKIP = {1: 8, 5: 4}
 
 
 def _find_field(data: bytes, number: int) -> bytes | None:
-    """The payload of the first length-delimited field ``number`` at the top level."""
-    pos = 0
-    end = len(data)
-    while pos < end:
+    """The payload of the first length-delimited field ``number`` among the
+    first :data:`PEEK_FIELDS_MAX` top-level fields of ``data``."""
+    pos, end = 0, len(data)
+    for _ in range(PEEK_FIELDS_MAX):
+        if pos >= end:
+            return None
         key, pos = varint.decode(data, pos)
-        wire = key & 7
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise ValueError("field number 0")
         if wire == 2:
             length, pos = varint.decode(data, pos)
             if pos + length > end:
                 raise ValueError("truncated")
-            if key >> 3 == number:
+            if field == number:
                 return data[pos : pos + length]
             pos += length
         elif wire == 0:
             _, pos = varint.decode(data, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
+        elif wire in _SKIP:
+            pos += _SKIP[wire]
         else:
-            raise ValueError("unsupported wire type")
+            raise ValueError(f"wire type {wire}")
     return None
 
 
@@ -42,8 +59,8 @@ def peek_model_spec(request: bytes, path: Sequence[int] = (1,)) -> ModelSpecInfo
 
     ``path`` is the chain of field numbers leading to the spec: ``(1,)`` for
     Predict/Classify/Regress/GetModelMetadata/GetModelStatus requests, ``(1, 1)``
-    for MultiInference (its first task). Returns ``None`` when absent or malformed;
-    the upstream will judge the request.
+    for MultiInference (its first task). Returns ``None`` when absent,
+    malformed or beyond the peek's bound; the upstream judges the request.
     """
     payload: bytes | None = request
     try:

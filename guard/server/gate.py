@@ -1,0 +1,87 @@
+"""What one client may hold of the guard, checked as a call arrives and counted
+while it runs: its metadata, the calls still receiving their request, the
+calls in flight to the upstream, and the bytes they hold.
+
+Every refusal names the limit and the config key that sets it, and is counted
+by reason (``guard_refused_requests_total``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any
+
+from guard.control.config import Config
+
+__all__ = ["Gate", "Refusal"]
+
+
+class Refusal(Enum):
+    """Why a call was refused (the ``reason`` label of ``guard_refused_requests_total``)."""
+
+    METADATA = "metadata"
+    PENDING = "pending_requests"
+    REQUEST_TIMEOUT = "request_timeout"
+    REQUEST_TOO_LARGE = "request_too_large"
+    INFLIGHT_CALLS = "inflight_calls"
+    INFLIGHT_BYTES = "inflight_bytes"
+    RESPONSE_TOO_LARGE = "response_too_large"
+    STREAM_IDLE = "stream_idle"
+
+
+class Gate:
+    """The server's limits for calls, counted in one place."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pending = 0
+        """Calls whose request has not fully arrived."""
+        self.inflight = 0
+        """Calls forwarded to the upstream and not answered yet."""
+        self.inflight_bytes = 0
+        """Bytes of requests and responses that calls in flight hold."""
+        self._max_metadata = config.max_metadata_kb * 1024
+
+    def metadata_problem(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+        """Why ``metadata`` is too large to take, or ``None``."""
+        if not metadata:
+            return None
+        if len(metadata) > self.config.max_metadata_entries:
+            return (
+                f"guard: the request carries {len(metadata)} metadata entries, more than "
+                f"max_metadata_entries ({self.config.max_metadata_entries}); send fewer headers, "
+                "or raise max_metadata_entries in the guard config"
+            )
+        size = sum(len(k) + len(v) for k, v in metadata)
+        if size > self._max_metadata:
+            return (
+                f"guard: the request's metadata takes {size} bytes, more than max_metadata_kb "
+                f"({self.config.max_metadata_kb} KiB); send smaller headers, or raise "
+                "max_metadata_kb in the guard config"
+            )
+        return None
+
+    def pending_problem(self) -> str | None:
+        """Why another call may not start receiving its request, or ``None``."""
+        if self.pending < self.config.max_pending_requests:
+            return None
+        return (
+            f"guard: {self.pending} calls are still receiving their request, the "
+            "max_pending_requests limit; retry with backoff, or raise max_pending_requests"
+        )
+
+    def inflight_problem(self, size: int) -> tuple[Refusal, str] | None:
+        """Why a call holding ``size`` bytes may not go to the upstream now, or ``None``."""
+        if self.inflight >= self.config.max_concurrent_rpcs:
+            return Refusal.INFLIGHT_CALLS, (
+                f"guard: {self.inflight} calls already in flight, the max_concurrent_rpcs "
+                "limit; retry with backoff, or raise max_concurrent_rpcs in the guard config"
+            )
+        if self.inflight_bytes + size > self.config.max_inflight_bytes:
+            return Refusal.INFLIGHT_BYTES, (
+                f"guard: calls in flight hold {self.inflight_bytes} bytes, and this request's "
+                f"{size} more would pass max_inflight_mb ({self.config.max_inflight_mb} MiB); "
+                "retry with backoff, or raise max_inflight_mb in the guard config"
+            )
+        return None

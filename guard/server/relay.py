@@ -1,0 +1,165 @@
+"""A stream relayed both ways: any method that is not one of TF Serving's
+unary ones (client, server and bidirectional streaming included).
+
+One message is in flight per direction: a message is read only once the
+previous one was written, so a slow reader on either side slows the other
+instead of filling the guard's memory. Initial and trailing metadata, the
+status, half-close, zero-message calls, deadlines and cancellation reach the
+other side as they were sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import grpc
+
+from guard.server.gate import Refusal
+from guard.server.handler import Call, ServerState, forwardable
+from guard.server.methods import MethodInfo
+
+__all__ = ["StreamRelay"]
+
+
+class _Idle:
+    """When the stream last moved a message, either way."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """A side of the relay that failed (its call ended) has nothing more to say:
+    the status the client gets comes from the upstream call."""
+    if not task.cancelled():
+        task.exception()
+
+
+class StreamRelay:
+    """Relays streaming calls between a client and the upstream."""
+
+    def __init__(self, server: ServerState) -> None:
+        self._server = server
+
+    async def relay(self, info: MethodInfo, _requests: Any, context: Any) -> None:
+        """Relay one call (grpc.aio's stream-stream handler signature)."""
+        server = self._server
+        call = Call(server.metrics, info.label)
+        try:
+            problem = server.gate.metadata_problem(context.invocation_metadata())
+            if problem is not None:
+                await call.refuse(context, Refusal.METADATA, problem)
+            refused = server.gate.inflight_problem(0)
+            if refused is not None:
+                await call.refuse(context, *refused)
+            server.gate.inflight += 1
+            try:
+                await self._run(info, context, call)
+            finally:
+                server.gate.inflight -= 1
+        except asyncio.CancelledError:
+            call.ended_by_client(context)
+            raise
+        finally:
+            call.finish(context)
+
+    async def _run(self, info: MethodInfo, context: Any, call: Call) -> None:
+        upstream_call = self._server.upstream.stream_stream(info.name)(
+            timeout=context.time_remaining(), metadata=forwardable(context.invocation_metadata())
+        )
+        idle = _Idle()
+        t_up = time.perf_counter()
+        pump = asyncio.ensure_future(self._requests(context, upstream_call, idle))
+        watch = asyncio.ensure_future(self._watch(idle, upstream_call))
+        for task in (pump, watch):
+            task.add_done_callback(_retrieve)
+        try:
+            await self._responses(upstream_call, context, idle)
+            code = await upstream_call.code()
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        finally:
+            call.upstream_s = time.perf_counter() - t_up
+            for task in (pump, watch):
+                task.cancel()
+            upstream_call.cancel()
+        await self._finish(upstream_call, code, watch, context, call)
+
+    async def _requests(self, context: Any, upstream_call: Any, idle: _Idle) -> None:
+        """Client to upstream, then the client's half-close."""
+        while True:
+            message = await context.read()
+            if message is grpc.aio.EOF:
+                await upstream_call.done_writing()
+                return
+            idle.touch()
+            await upstream_call.write(message)
+
+    async def _responses(self, upstream_call: Any, context: Any, idle: _Idle) -> None:
+        """Upstream to client: its initial metadata first, then each message."""
+        initial = await upstream_call.initial_metadata()
+        if initial:
+            await context.send_initial_metadata(initial)
+        while True:
+            message = await upstream_call.read()
+            if message is grpc.aio.EOF:
+                return
+            idle.touch()
+            await context.write(message)
+
+    async def _watch(self, idle: _Idle, upstream_call: Any) -> None:
+        """End a stream on which nothing moved for stream_idle_timeout_s."""
+        limit = self._server.config.stream_idle_timeout_s
+        while True:
+            await asyncio.sleep(max(limit - (time.monotonic() - idle.last), 0.0) + 0.01)
+            if time.monotonic() - idle.last >= limit:
+                upstream_call.cancel()
+                return
+
+    async def _finish(
+        self, upstream_call: Any, code: grpc.StatusCode, watch: Any, context: Any, call: Call
+    ) -> None:
+        """End the client's call as the upstream ended it."""
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+        if watch.done() and not watch.cancelled() and code is grpc.StatusCode.CANCELLED:
+            limit = self._server.config.stream_idle_timeout_s
+            await call.refuse(
+                context,
+                Refusal.STREAM_IDLE,
+                f"guard: no message moved on this stream for stream_idle_timeout_s ({limit:g} s); "
+                "raise stream_idle_timeout_s in the guard config for longer pauses",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+        trailers = tuple(await upstream_call.trailing_metadata() or ())
+        if code is not grpc.StatusCode.OK:
+            details = await upstream_call.details()
+            await self._fail_with_initial(upstream_call, code, details, trailers, context, call)
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        call.count("OK")
+
+    async def _fail_with_initial(
+        self,
+        upstream_call: Any,
+        code: grpc.StatusCode,
+        details: str,
+        trailers: tuple[tuple[str, Any], ...],
+        context: Any,
+        call: Call,
+    ) -> None:
+        if code is grpc.StatusCode.UNAVAILABLE:
+            self._server.upstream.set_up(False)
+        initial = await upstream_call.initial_metadata()
+        if initial:
+            with contextlib.suppress(Exception):  # sent already with the first message
+                await context.send_initial_metadata(initial)
+        await call.fail(context, code, details or "", trailers)

@@ -1,0 +1,226 @@
+"""The limits on what a client may hold, through a real in-process guard:
+each refusal reaches the client with the limit's name, is counted with its
+reason, and never reaches the upstream. Raw HTTP/2 (tests/attacks/h2raw.py)
+sends what grpc's client cannot."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.attacks import h2raw
+from tests.conftest import GuardFactory
+from tests.support.protos import predict_request, predict_response
+from tests.support.upstream import ECHO_METHOD, PREDICT, FakeUpstream
+
+RULES = {"models": [{"name": "m", "outputs": [{"name": "*", "on_violation": "clamp"}]}]}
+VALUES = np.array([[0.2], [1.3]], dtype=np.float32)
+DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED = 4, 8
+
+
+def _port(guard: Any) -> int:
+    return int(guard.address.rsplit(":", 1)[1])
+
+
+def _refused(guard: Any, reason: str) -> float:
+    return guard.sample("guard_refused_requests_total", {"reason": reason}) or 0.0
+
+
+async def _status(call: Any) -> grpc.StatusCode:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def _half_sent_request(port: int, wait_s: float) -> h2raw.StreamState:
+    """HEADERS and half of a request's bytes, then nothing: what the server says."""
+    body = h2raw.grpc_message(predict_request("m").SerializeToString())
+    with h2raw.H2Client("127.0.0.1", port, timeout=wait_s + 5) as client:
+        sid = client.new_stream_id()
+        client.send_headers(sid, h2raw.grpc_request_headers(PREDICT))
+        client.send_data(sid, body[: len(body) // 2])
+        return client.wait_stream(sid, wait_s + 3)
+
+
+async def test_a_request_that_never_completes_is_timed_out_and_counted(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    upstream.reply("m", predict_response("m", {"y": VALUES}))
+    guard = await make_guard(RULES, request_timeout_s=0.5)
+    state = await asyncio.to_thread(_half_sent_request, _port(guard), 0.5)
+    assert state.grpc_status == DEADLINE_EXCEEDED
+    assert "request_timeout_s" in (state.grpc_message or "")
+    assert _refused(guard, "request_timeout") == 1
+    assert guard.sample("guard_pending_requests") == 0
+    assert not [r for r in upstream.received if r.method == "Predict"]
+    # Nothing was held: a normal call goes through.
+    assert "y_class" not in (await guard.stub.Predict(predict_request("m"), timeout=5)).outputs
+
+
+async def test_calls_still_receiving_are_capped_and_visible(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    upstream.reply("m", predict_response("m", {"y": VALUES}))
+    guard = await make_guard(RULES, request_timeout_s=3, max_pending_requests=2)
+    stuck = [asyncio.to_thread(_half_sent_request, _port(guard), 3) for _ in range(2)]
+    tasks = [asyncio.ensure_future(s) for s in stuck]
+    for _ in range(200):  # bounded: until both are inside the guard
+        if guard.sample("guard_pending_requests") == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert guard.sample("guard_pending_requests") == 2
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await guard.stub.Predict(predict_request("m"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_pending_requests" in (err.value.details() or "")
+    assert _refused(guard, "pending_requests") == 1
+    assert {s.grpc_status for s in await asyncio.gather(*tasks)} == {DEADLINE_EXCEEDED}
+
+
+async def test_bytes_in_flight_are_budgeted(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    upstream.reply("m", predict_response("m", {"y": VALUES}))
+    guard = await make_guard(RULES, max_inflight_mb=1)
+    big = predict_request("m", x=np.zeros(300_000))  # 1.2 MB
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await guard.stub.Predict(big, timeout=5)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_inflight_mb" in (err.value.details() or "")
+    assert _refused(guard, "inflight_bytes") == 1
+    assert guard.sample("guard_inflight_bytes") == 0
+    assert not [r for r in upstream.received if r.method == "Predict"]
+
+
+async def test_a_request_over_max_request_mb_is_refused_and_counted(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    upstream.reply("m", predict_response("m", {"y": VALUES}))
+    guard = await make_guard(RULES, max_request_mb=1)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await guard.stub.Predict(predict_request("m", x=np.zeros(300_000)), timeout=5)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for _ in range(100):  # bounded: the handler counts as gRPC ends the call
+        if guard.sample(
+            "guard_requests_total",
+            {"model": "__other__", "method": "Predict", "code": "RESOURCE_EXHAUSTED"},  # fmt: skip
+        ):
+            break
+        await asyncio.sleep(0.01)
+    assert _refused(guard, "request_too_large") == 1
+    assert not [r for r in upstream.received if r.method == "Predict"]
+
+
+async def test_metadata_over_the_limit_is_refused_before_the_upstream(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    upstream.reply("m", predict_response("m", {"y": VALUES}))
+    guard = await make_guard(RULES, max_metadata_entries=5, max_metadata_kb=2)
+    for metadata, key in (
+        ([(f"x-k{i}", "v") for i in range(6)], "max_metadata_entries"),
+        ([("x-big", "v" * 2500)], "max_metadata_kb"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await guard.stub.Predict(predict_request("m"), metadata=metadata, timeout=5)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert key in (err.value.details() or "")
+    assert _refused(guard, "metadata") == 2
+    assert not [r for r in upstream.received if r.method == "Predict"]
+
+
+async def test_an_expired_client_deadline_is_counted_as_deadline_exceeded(
+    make_guard: GuardFactory,
+) -> None:
+    from tests.support.upstream import start_upstream
+
+    slow = await start_upstream(FakeUpstream(delay_s=2.0))
+    slow.reply("m", predict_response("m", {"y": VALUES}))
+    try:
+        guard = await make_guard(RULES, upstream=slow.address)
+        code = await _status(guard.stub.Predict(predict_request("m"), timeout=0.3))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        labels = {"model": "m", "method": "Predict", "code": "DEADLINE_EXCEEDED"}
+        for _ in range(100):
+            if guard.sample("guard_requests_total", labels):
+                break
+            await asyncio.sleep(0.01)
+        assert guard.sample("guard_requests_total", labels) == 1
+        cancelled = dict(labels, code="CANCELLED")
+        assert not guard.sample("guard_requests_total", cancelled)
+    finally:
+        assert slow.server is not None
+        await slow.server.stop(0)
+
+
+async def test_other_services_are_relayed_and_labelled_other(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    guard = await make_guard(RULES)
+    echo = guard.channel.unary_unary(ECHO_METHOD)
+    call = echo(b"abc", timeout=5)
+    assert await call == b"cba"
+    assert dict(await call.trailing_metadata()).get("x-echo") == "1"
+    # A method named like TF Serving's, on another service, is not TF Serving's.
+    lookalike = await _status(guard.channel.unary_unary("/my.Service/Predict")(b"", timeout=5))
+    assert lookalike == grpc.StatusCode.UNIMPLEMENTED
+    other = {"model": "__other__", "method": "__other__"}
+    assert guard.sample("guard_requests_total", dict(other, code="OK")) == 1
+    assert guard.sample("guard_requests_total", dict(other, code="UNIMPLEMENTED")) == 1
+
+
+async def test_a_unary_call_without_a_request_is_answered_as_the_upstream_answers(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    async def nothing() -> Any:
+        return
+        yield
+
+    guard = await make_guard(RULES)
+    direct = grpc.aio.insecure_channel(upstream.address)
+    try:
+        answers = []
+        for channel in (direct, guard.channel):
+            call = channel.stream_unary(PREDICT)(nothing(), timeout=5)
+            answers.append(await _status(call))
+        assert answers[0] == answers[1] != grpc.StatusCode.OK
+    finally:
+        await direct.close()
+
+
+async def test_the_server_comes_back_after_a_method_name_that_is_not_utf8(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    upstream.reply("m", predict_response("m", {"y": VALUES}))
+    guard = await make_guard(RULES)
+
+    def bad_path() -> None:
+        with h2raw.H2Client("127.0.0.1", _port(guard), timeout=3) as client:
+            client.unary(b"/\xff\xfe/Predict", b"", timeout=2)
+
+    await asyncio.to_thread(bad_path)
+    for _ in range(100):  # bounded: the watchdog polls every 50 ms
+        if guard.sample("guard_server_restarts_total") == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert guard.sample("guard_server_restarts_total") == 1
+    fresh = grpc.aio.insecure_channel(guard.address)
+    try:
+        reply = await predict_stub(fresh).Predict(predict_request("m"), timeout=5)
+        assert "y" in reply.outputs
+        health = await health_pb2_grpc.HealthStub(fresh).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await fresh.close()
+
+
+def predict_stub(channel: grpc.aio.Channel) -> Any:
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    return prediction_service_pb2_grpc.PredictionServiceStub(channel)
