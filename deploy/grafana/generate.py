@@ -371,6 +371,49 @@ def _traffic_panels() -> list[Any]:
     ]
 
 
+def _protection_panels() -> list[Any]:
+    return [
+        _timeseries(
+            "Refused calls by reason",
+            "Calls the guard refused to protect itself, per second, by the limit that refused "
+            "them: metadata (max_metadata_kb/entries), pending_requests, request_timeout "
+            "(a request that never completed), request_too_large (max_request_mb), "
+            "inflight_calls / inflight_bytes (max_concurrent_rpcs, max_inflight_mb), "
+            "response_too_large (max_message_mb), stream_idle. Clients got the limit's name "
+            "in the error details (GuardRefusingCalls).",
+            "reqps",
+            _query(
+                "sum by (reason) (rate(guard_refused_requests_total[$__rate_interval]))",
+                "{{reason}}",
+            ),
+        ),
+        _timeseries(
+            "Calls receiving and bytes in flight",
+            "Calls whose request has not fully arrived (bounded by max_pending_requests and "
+            "request_timeout_s), and the bytes of requests and responses that calls in flight "
+            "hold (bounded by max_inflight_mb). A plateau at a limit means refusals.",
+            "short",
+            _query("sum(guard_pending_requests)", "receiving"),
+            _query("sum(guard_inflight_bytes)", "bytes in flight", "B"),
+        ),
+        stat.Panel()
+        .title("gRPC server restarts")
+        .description(
+            "Times a guard's gRPC server stopped by itself and was started again on the same "
+            "port, over the dashboard's range. Each is a client sending malformed HTTP/2 "
+            "(a method name that is not UTF-8, in grpcio 1.85); calls in flight were not "
+            "lost (GuardServerRestarted)."
+        )
+        .datasource(DATASOURCE)
+        .span(6)
+        .height(6)
+        .unit("short")
+        .with_target(
+            _query("sum(increase(guard_server_restarts_total[$__range]))", "restarts", instant=True)
+        ),
+    ]
+
+
 def build() -> dict[str, Any]:
     """Build the dashboard and return it as a JSON-compatible dict."""
     builder = (
@@ -394,6 +437,9 @@ def build() -> dict[str, Any]:
         builder = builder.with_panel(panel)
     builder = builder.with_row(db.Row("Traffic and upstream"))
     for panel in _traffic_panels():
+        builder = builder.with_panel(panel)
+    builder = builder.with_row(db.Row("Protection"))
+    for panel in _protection_panels():
         builder = builder.with_panel(panel)
     encoded: dict[str, Any] = json.loads(json.dumps(builder.build(), cls=JSONEncoder))
     return encoded

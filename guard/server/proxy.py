@@ -23,7 +23,7 @@ from guard.control.config import Config
 from guard.dataplane.book import RuleBook
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server import tls
-from guard.server.gate import Gate
+from guard.server.gate import Gate, Refusal
 from guard.server.handler import CallHandler
 from guard.server.methods import PREDICT, ProxyHandler
 from guard.server.relay import StreamRelay
@@ -87,6 +87,8 @@ class GuardServer:
         self.on_fatal: Callable[[str], None] = lambda reason: None
         """Called when the server stopped by itself and could not be started again."""
         self.metrics.track_gate(self.gate)
+        for reason in Refusal:  # every series at 0 from the start: rate() needs one
+            self.metrics.refusals.labels(reason.value)
         self.port = 0
 
     @property

@@ -23,6 +23,10 @@ GUARD_METRICS = {
     "guard_upstream_up",
     "guard_decode_errors_total",
     "guard_inflight_requests",
+    "guard_refused_requests_total",
+    "guard_pending_requests",
+    "guard_inflight_bytes",
+    "guard_server_restarts_total",
 }
 
 

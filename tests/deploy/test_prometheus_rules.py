@@ -20,6 +20,8 @@ ALERTS = {
     "GuardSoftmaxBroken",
     "GuardUpstreamDown",
     "GuardHighOverhead",
+    "GuardRefusingCalls",
+    "GuardServerRestarted",
 }
 
 
