@@ -32,8 +32,7 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(
-        mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-        and mallopt(_M_TRIM_THRESHOLD, 4 * 1024 * 1024)
+        mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024) and mallopt(_M_TRIM_THRESHOLD, 4 * 1024 * 1024)
     )
 
 
