@@ -103,10 +103,20 @@ class _Stop:
         self.event.set()
 
 
+def _quiet_grpc_crash(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """grpc.aio's own shutdown task after its accept loop raised (the guard
+    restarts the server and logs it): one debug line, not a traceback."""
+    if isinstance(context.get("exception"), UnicodeDecodeError):
+        logger.debug("grpc.aio's shutdown of a crashed server failed: %s", context["exception"])
+        return
+    loop.default_exception_handler(context)
+
+
 def _on_signals(running: _Running, stop: _Stop) -> list[asyncio.Task[None]]:
     """Signals and background tasks; before the port file, since whoever waits
     for that file may send SIGTERM at once, and it must drain, not kill."""
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_grpc_crash)
     running.server.on_fatal = stop.die
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.event.set)

@@ -1,7 +1,7 @@
 """The guard's gRPC server: a raw-bytes proxy for every method, with Predict
 responses guarded, a health service that follows the upstream, limits on what
-any client may hold, a restart if gRPC's server stops by itself, and a drain
-on shutdown.
+any client may hold, several servers on one port so that one stopping by
+itself refuses no connection, and a drain on shutdown.
 
 Requests are forwarded unparsed (only the ModelSpec is peeked at, to route and
 label). Responses come back byte-identical unless a rule changed them. Upstream
@@ -12,6 +12,7 @@ metadata and deadline reach the upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,14 @@ _HEALTH_SERVICES = ("", "tensorflow.serving.PredictionService", "tensorflow.serv
 _DRAIN_POLL_S = 0.02
 _FINAL_GRACE_S = 0.5
 _WATCH_S = 0.05
+# grpc.aio's server stops by itself when its accept loop raises (in grpcio 1.85,
+# a method name that is not UTF-8 does it). Four servers share the port
+# (SO_REUSEPORT): while one is replaced, the others take the new connections.
+# Measured with such calls back to back (docs/reliability.md): two servers
+# kept a connected client's calls going up to 50 a second, four up to 100.
+_LISTENERS = 4
+_GRPC_LOGGER = logging.getLogger("grpc._cython.cygrpc")
+_SETTLE_STEPS = 3
 _METADATA_SLACK = 8 * 1024
 
 
@@ -64,23 +73,16 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
 class GuardServer:
     """The guard's gRPC server. ``await start()``, then ``await stop(grace)``."""
 
-    def __init__(
-        self,
-        config: Config,
-        metrics: GuardMetrics,
-        server_credentials: grpc.ServerCredentials | None = None,
-    ) -> None:
+    def __init__(self, config: Config, metrics: GuardMetrics) -> None:
         self.config = config
         self.metrics = metrics
         self._book = RuleBook(config.models, config.max_message_bytes)
         self.upstream = Upstream(config, self._upstream_state)
         self.gate = Gate(config)
-        if server_credentials is None and config.tls is not None:
-            server_credentials = tls.server_credentials(config.tls)
-        self._server_credentials = server_credentials
         self._health = health.aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
+        self._servers: list[grpc.aio.Server] = []
         self._watch: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.cut_off: float | None = None
         """The grace period, once a shutdown's ran out (calls still waiting are cut off)."""
@@ -114,11 +116,13 @@ class GuardServer:
         # sees (streams that never send their request) and refuse everyone
         # else; the guard's own limits (the gate) see every call.
         server = grpc.aio.server(options=server_options(self.config))
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        server.add_generic_rpc_handlers(_generic_only(self._health))
         handler = ProxyHandler(CallHandler(self).unary, StreamRelay(self).relay)
         server.add_generic_rpc_handlers((handler,))
-        if self._server_credentials is not None:
-            port = server.add_secure_port(listen, self._server_credentials)
+        if self.config.tls is not None:
+            # Credentials of their own: each server's certificate reloader keeps
+            # its own state.
+            port = server.add_secure_port(listen, tls.server_credentials(self.config.tls))
         else:
             port = server.add_insecure_port(listen)
         if not port:
@@ -131,40 +135,64 @@ class GuardServer:
         await self._set_health(False)
         self.metrics.upstream_up.set(0)
         await server.start()
-        self._server = server
+        self._servers = [server]
+        while len(self._servers) < _LISTENERS:
+            self._servers.append(await self._start_listener())
         await self.upstream.start()
-        self._watch = asyncio.create_task(self._watch_server(), name="guard-server-watch")
+        self._watch = asyncio.create_task(self._watch_servers(), name="guard-server-watch")
         return self.port
 
-    async def _watch_server(self) -> None:
-        """gRPC's asyncio server stops serving when its accept loop raises (a
-        request whose method name is not UTF-8 does that, in grpcio 1.85).
-        Start a new server on the same port at once; in-flight calls on the
-        old one finish there."""
-        while not self._stopping:
-            await asyncio.sleep(_WATCH_S)
-            if self._stopping or _is_serving(self._server):
-                continue
-            crashed = getattr(getattr(self._server, "_server", None), "_crash_exception", None)
-            logger.error(
-                "the gRPC server stopped by itself (%s: %s); starting a new one on port %d",
-                type(crashed).__name__, crashed, self.port,
-            )  # fmt: skip
-            await self._restart()
+    async def _start_listener(self) -> grpc.aio.Server:
+        server, _ = self._new_server(_same_port(self.config.listen, self.port))
+        await server.start()
+        return server
 
-    async def _restart(self) -> None:
-        await self._set_health(False)
+    async def _watch_servers(self) -> None:
+        """Replace a server that stopped by itself; its in-flight calls finish
+        on it, its clients reconnect to another. grpc.aio logs the error as its
+        server stops: that wakes the watch at once (polling is the fallback),
+        so that all are seldom down together."""
+        wake = asyncio.Event()
+        signal = _WakeOnError(wake)
+        _GRPC_LOGGER.addHandler(signal)
         try:
-            server, _ = self._new_server(_same_port(self.config.listen, self.port))
-            await server.start()
+            while not self._stopping:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), _WATCH_S)
+                wake.clear()
+                for _ in range(_SETTLE_STEPS):  # grpc.aio's shutdown task marks it stopped
+                    await asyncio.sleep(0)
+                for index, server in enumerate(self._servers):
+                    if not self._stopping and not _is_serving(server):
+                        await self._replace(index)
+        finally:
+            _GRPC_LOGGER.removeHandler(signal)
+
+    async def _replace(self, index: int) -> None:
+        logger.error(
+            "a gRPC server stopped by itself (grpc.aio's accept loop raised, see the "
+            "error above); the others serve while a new one starts on port %d", self.port,
+        )  # fmt: skip
+        try:
+            server = await self._start_listener()
         except Exception as exc:  # cannot serve any more: the process must go
             logger.critical("cannot start a new gRPC server: %s", exc)
             self.on_fatal(f"the gRPC server stopped and could not be started again: {exc}")
             self._stopping = True
             return
-        self._server = server
+        old, self._servers[index] = self._servers[index], server
         self.metrics.server_restarts.inc()
-        await self._set_health(bool(self.upstream.up))
+        retire = asyncio.create_task(self._retire(old), name="guard-server-retire")
+        self._retiring.add(retire)
+        retire.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, server: grpc.aio.Server) -> None:
+        """Finish the stopped server's shutdown: gRPC's own stopped halfway (it
+        raised), before its calls were waited for and its core server freed."""
+        try:
+            await server.stop(self.config.shutdown_grace_s)
+        except Exception as exc:  # nothing more can be done for it
+            logger.warning("a stopped gRPC server could not be shut down: %s", exc)
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, let in-flight calls finish within ``grace`` seconds, close."""
@@ -176,12 +204,10 @@ class GuardServer:
         deadline = loop.time() + grace
         self.upstream.stop_watching()
         await self._set_health(False)
-        stopping = None
-        if self._server is not None:
-            # gRPC's shutdown closes the listener and sends GOAWAY, so clients open
-            # a new connection (to another replica) for new calls; in-flight calls
-            # go on.
-            stopping = asyncio.ensure_future(self._server.stop(grace + _FINAL_GRACE_S))
+        # gRPC's shutdown closes the listeners and sends GOAWAY, so clients open
+        # a new connection (to another replica) for new calls; in-flight calls
+        # go on.
+        stopping = [asyncio.ensure_future(s.stop(grace + _FINAL_GRACE_S)) for s in self._servers]
         while self.gate.inflight and loop.time() < deadline:
             await asyncio.sleep(_DRAIN_POLL_S)
         if self.gate.inflight:
@@ -189,14 +215,13 @@ class GuardServer:
             # tell its client why, before gRPC's bare "Cancelling all calls".
             self.cut_off = grace
             await self.upstream.close()
-        if self._server is not None and stopping is not None:
-            # Every call the handler took is done, or ending. A call that raced the
-            # shutdown can sit in grpc.aio, never handed to the handler, until the
-            # shutdown's grace runs out (seen in 3 of 270 SIGTERM tests on a busy
-            # machine). Cut that short: a second stop cancels what is left once
-            # the answers being sent have gone.
-            await self._server.stop(_FINAL_GRACE_S)
-            await stopping
+        # Every call the handler took is done, or ending. A call that raced the
+        # shutdown can sit in grpc.aio, never handed to the handler, until the
+        # shutdown's grace runs out (seen in 3 of 270 SIGTERM tests on a busy
+        # machine). Cut that short: a second stop cancels what is left once
+        # the answers being sent have gone.
+        await asyncio.gather(*(s.stop(_FINAL_GRACE_S) for s in self._servers))
+        await asyncio.gather(*stopping, *self._retiring)
         await self.upstream.close()
 
     # ---------------------------------------------------------------- health
@@ -213,10 +238,46 @@ class GuardServer:
     def _upstream_state(self, up: bool) -> None:
         self.metrics.upstream_up.set(1 if up else 0)
         # HealthServicer.set only touches dicts and wakes watchers; it never blocks.
-        asyncio.ensure_future(self._set_health(up and _is_serving(self._server)))
+        asyncio.ensure_future(self._set_health(up and not self._stopping))
 
 
-def _is_serving(server: grpc.aio.Server | None) -> bool:
+class _WakeOnError(logging.Handler):
+    """Sets an event on each error grpc.aio logs (it runs on the event loop)."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        super().__init__(logging.ERROR)
+        self._event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._event.set()
+
+
+class _GenericHandlers:
+    """Collects what a generated ``add_*Servicer_to_server`` installs, without
+    its registered methods."""
+
+    def __init__(self) -> None:
+        self.handlers: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self.handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        pass  # the generic handler serves the same methods
+
+
+def _generic_only(servicer: health.aio.HealthServicer) -> tuple[grpc.GenericRpcHandler, ...]:
+    """The health service as a generic handler only. For each registered
+    method grpc.aio keeps a request pending in gRPC's core; when its accept
+    loop raises, it cancels them and frees the memory the core still writes
+    the next call into (grpcio 1.85: the process died with SIGSEGV in 1 of 4
+    soaks with hostile traffic)."""
+    collector = _GenericHandlers()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, collector)
+    return tuple(collector.handlers)
+
+
+def _is_serving(server: grpc.aio.Server) -> bool:
     """Whether gRPC's server still accepts calls (grpc.aio keeps this on its
     Cython core server; without it, assume it does)."""
     core = getattr(server, "_server", None)

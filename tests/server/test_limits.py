@@ -6,6 +6,7 @@ sends what grpc's client cannot."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -15,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.attacks import h2raw
 from tests.conftest import GuardFactory
+from tests.support.guard import sample_sum
 from tests.support.protos import predict_request, predict_response
 from tests.support.upstream import ECHO_METHOD, PREDICT, FakeUpstream
 
@@ -224,3 +226,37 @@ def predict_stub(channel: grpc.aio.Channel) -> Any:
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
     return prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+async def test_a_server_stopping_by_itself_costs_a_connected_client_little(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    """While a server is replaced the others take the reconnecting client: no
+    call is refused (UNAVAILABLE); the only ones lost are those the stopping
+    server had taken but not handed over (CANCELLED, before the guard)."""
+    upstream.reply("m", predict_response("m", {"y": VALUES}))
+    guard = await make_guard(RULES)
+    attacks = 6
+
+    def bad_paths() -> None:
+        for _ in range(attacks):
+            with h2raw.H2Client("127.0.0.1", _port(guard), timeout=3) as client:
+                client.unary(b"/\xff\xfe/Predict", b"", timeout=2)
+            time.sleep(0.15)
+
+    stub = predict_stub(guard.channel)
+    hostile = asyncio.ensure_future(asyncio.to_thread(bad_paths))
+    codes: list[grpc.StatusCode] = []
+    while not hostile.done() or len(codes) < 50:
+        codes.append(await _status(stub.Predict(predict_request("m"), timeout=5)))
+    await hostile
+    for _ in range(100):
+        if guard.sample("guard_server_restarts_total") == attacks:
+            break
+        await asyncio.sleep(0.05)
+    assert guard.sample("guard_server_restarts_total") == attacks
+    lost = [c for c in codes if c != grpc.StatusCode.OK]
+    assert set(lost) <= {grpc.StatusCode.CANCELLED}, f"{len(codes)} calls, lost: {lost}"
+    assert len(lost) <= attacks, f"{len(codes)} calls, lost: {lost}"
+    guarded = sample_sum(guard.metrics_url, "guard_requests_total", model="m")
+    assert guarded == len(codes) - len(lost)  # the lost ones never reached the guard
