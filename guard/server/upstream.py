@@ -27,11 +27,11 @@ _METHOD_NAME_MAX_BYTES = 1024
 
 
 def channel_options(config: Config) -> list[tuple[str, Any]]:
-    """Options for the channel to the upstream."""
-    size = config.max_message_bytes
+    """Options for the channel to the upstream: requests as large as the
+    guard takes from clients, responses as large as it returns."""
     return [
-        ("grpc.max_receive_message_length", size),
-        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_request_bytes),
         # Reconnect within about a second of the upstream coming back, not
         # after gRPC's default back-off of up to two minutes.
         ("grpc.initial_reconnect_backoff_ms", 200),

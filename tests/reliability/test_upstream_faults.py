@@ -212,7 +212,7 @@ async def test_client_cancel_cancels_upstream_and_leaks_nothing(make_guard: Guar
             if _python_tasks() <= tasks_before:
                 break
             await asyncio.sleep(0.02)
-        assert _python_tasks() <= tasks_before, [t.get_name() for t in asyncio.all_tasks()]
+        assert _python_tasks() <= tasks_before, [t.get_coro() for t in asyncio.all_tasks()]
         growth_mb = (rss_kb(os.getpid()) - rss_before) / 1024
         assert growth_mb < 64, f"RSS grew {growth_mb:.0f} MB over 10,000 cancelled calls"
         # The guard still serves.
@@ -267,17 +267,27 @@ async def test_size_limits_name_the_config_key_and_stop_big_requests_early(
     big = np.zeros((2 * 1024 * 1024,), dtype=np.float32)  # 8 MiB
     up.reply("m", predict_response("m", {"y": big}, encoding="content"))
     try:
-        guard = await make_guard(RULES, upstream=up.address, max_message_mb=1)
+        guard = await make_guard(RULES, upstream=up.address, max_message_mb=1, max_request_mb=2)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await guard.stub.Predict(predict_request("m"), timeout=30)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_message_mb=1" in err.value.details()
         assert "raise max_message_mb" in err.value.details()
+        # A request between max_message_mb and max_request_mb is the request
+        # limit's business: it reaches the upstream.
         started = up.started
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await guard.stub.Predict(predict_request("m", x=np.zeros(256 * 1024)), timeout=30)
+        assert "max_message_mb=1" in err.value.details()  # the same 8 MiB answer
+        assert up.started == started + 1
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await guard.stub.Predict(predict_request("m", x=np.zeros(512 * 1024)), timeout=30)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert up.started == started  # refused before the upstream
+        # gRPC's own words (it stops reading there, so it answers first), and the
+        # guard's count.
+        assert "Received message larger than max" in (err.value.details() or "")
+        assert up.started == started + 1  # refused before the upstream
+        assert guard.sample("guard_refused_requests_total", {"reason": "request_too_large"}) == 1
     finally:
         assert up.server is not None
         await up.server.stop(0)

@@ -164,13 +164,13 @@ async def test_message_limit_is_enforced_and_named(
 ) -> None:
     big = np.zeros((2 * 1024 * 1024,), dtype=np.float32)  # 8 MiB response
     upstream.reply("plain", predict_response("plain", {"y": big}, encoding="content"))
-    guard = await make_guard(WIDE_DEEP, max_message_mb=1)
+    guard = await make_guard(WIDE_DEEP, max_message_mb=1, max_request_mb=1)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await guard.stub.Predict(predict_request("plain"))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_message_mb=1" in err.value.details()
 
-    # A request over the limit is refused before it reaches the upstream.
+    # A request over max_request_mb is refused before it reaches the upstream.
     def predicts() -> int:
         return sum(r.method == "Predict" for r in upstream.received)
 
