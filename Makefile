@@ -12,7 +12,7 @@ APT_STAMP := $(VENV)/.apt-installed
 APT_PACKAGES := prometheus nginx nghttp2-client
 DURATION ?= 300
 
-.PHONY: venv apt demo test lint typecheck pytest bench bench-check fuzz soak clean
+.PHONY: venv apt demo test lint typecheck pytest bench bench-check fuzz soak attack clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -79,8 +79,13 @@ fuzz: $(STAMP)
 	$(PIP) install -q atheris
 	$(PY) -m tests.fuzz.fuzz_wire -max_total_time=60
 
+# Soak with hostile traffic in the background (bench/hostile.py).
 soak: $(STAMP)
 	$(PY) -m bench.soak --duration $(DURATION)
+
+# The long attacks of docs/reliability.md, each against a fresh guard.
+attack: $(STAMP)
+	$(PY) -m bench.attack --json attack.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build guard/dataplane/_rank*.so guard/dataplane/_walk*.so
