@@ -14,6 +14,7 @@ Scenarios (rows of the attack list):
 - ``scan``: model_spec behind N MiB of unknown fields (or zeros), gzip'd;
 - ``bomb``: gzip bombs of 300 MiB, 1 / 4 / 8 at once; RSS peak, end, 10 s later;
 - ``reset``: HEADERS + RST_STREAM pairs for 3 s and 10 s;
+- ``churn``: 300 rapid-reset bursts of 20,000 pairs, each on a new connection; RSS every 25;
 - ``metadata``: 12 KiB .. 1 MiB headers and 10,000 headers, before/after the SETTINGS ACK;
 - ``fill``: an upstream response declaring N values with one float_val;
 - ``streaming``: client/server/bidi streaming, zero messages, error + initial metadata.
@@ -171,6 +172,23 @@ class Bench:
                            "worst_latency_s": round(prober.max_latency_s, 3),
                            "rss_mb": (guard.rss_kb() - rss0) // MB})  # fmt: skip
 
+    def churn(self) -> None:
+        """Rapid-reset bursts, each on a new connection: the guard's RSS every
+        25 bursts (its trimmer returns what is free), to tell a leak from the
+        heap settling."""
+        bursts = self.sizes([100, 300])[-1]
+        with self.stack() as (_up, guard):
+            rss0 = guard.rss_kb()
+            points = []
+            for i in range(1, bursts + 1):
+                attacks.rapid_reset(guard.port, 20_000, 1.0)
+                if i % 25 == 0:
+                    time.sleep(2.5)  # the trimmer's interval
+                    points.append(f"{i}:{guard.rss_kb() / 1024:.1f}")
+            self.emit({"scenario": "churn", "bursts": bursts, "pairs_each": 20_000,
+                       "rss_start_mb": round(rss0 / 1024, 1), "rss_mb_after": " ".join(points),
+                       "answering": H.legit_ok(guard.address, timeout=3).code})  # fmt: skip
+
     def metadata(self) -> None:
         cases: list[tuple[str, Callable[[], list[h2raw.Header]]]] = [
             ("12KiB", lambda: attacks.one_big_header(12_000)),
@@ -228,7 +246,9 @@ class Bench:
                                    "outcome": outcome})  # fmt: skip
 
 
-SCENARIOS = ["path", "stuck", "scan", "bomb", "reset", "metadata", "fill", "streaming"]
+SCENARIOS = [
+    "path", "stuck", "scan", "bomb", "reset", "churn", "metadata", "fill", "streaming",
+]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from tests.attacks import attacks
 
@@ -63,8 +63,9 @@ ATTACKS: dict[str, Callable[[int], object]] = {
 class Hostile:
     """Runs the attacks in a loop, in a thread, until :meth:`stop`."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, only: Collection[str] = ()) -> None:
         self._port = port
+        self._attacks = {k: v for k, v in ATTACKS.items() if not only or k in only}
         self._stop = threading.Event()
         self.rounds: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -85,7 +86,7 @@ class Hostile:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for name, attack in ATTACKS.items():
+            for name, attack in self._attacks.items():
                 if self._stop.wait(_PAUSE_S):
                     return
                 if name == "path":
