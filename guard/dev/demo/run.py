@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from guard.control.process import ChildStartError, guard_argv, start
-from guard.dev.backend import start_backend
 from guard.dataplane.rules import normalized_entropy
+from guard.dev.backend import start_backend
 from guard.dev.models import (
     BINARY_MLP,
     MODELS,
@@ -164,7 +164,18 @@ def _show_softmax(
         + "\n"
         + _table(
             rows,
-            ["row", "input", "raw max", "raw sum", "entropy", "class", "score", "label", "top 3", ""],
+            [
+                "row",
+                "input",
+                "raw max",
+                "raw sum",
+                "entropy",
+                "class",
+                "score",
+                "label",
+                "top 3",
+                "",
+            ],
         )
     )
 
