@@ -369,8 +369,6 @@ ENTROPY_BUCKETS: tuple[float, ...] = (
     0.995, 0.999, 1.0,
 )  # fmt: skip
 
-Entropy = Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]
-
 
 class _EntropySeries:
     """One output's entropy counts: buckets (+Inf last), sum, near-uniform rows."""
@@ -388,16 +386,15 @@ class _EntropySeries:
 
 class EntropyHistogram(Collector):
     """``guard_output_entropy``, ``guard_near_uniform_rows_total`` and
-    ``guard_output_classes``: each row's normalised entropy, measured when
-    folded.
+    ``guard_output_classes``.
 
-    ``observe`` queues a copy of the rows; a fold (each scrape, or past the
-    queue's bounds) computes the entropy of everything queued in a few numpy
-    passes per output, so a response pays one copy and one append.
+    ``observe`` queues each row's entropy (measured by the caller, in the
+    response's pass); queued values are folded into the buckets in one
+    ``searchsorted`` + ``bincount`` per output, as in
+    :class:`OutputValueHistogram`.
     """
 
-    def __init__(self, entropy: Entropy, edges: tuple[float, ...] = ENTROPY_BUCKETS) -> None:
-        self._entropy = entropy
+    def __init__(self, edges: tuple[float, ...] = ENTROPY_BUCKETS) -> None:
         self._edges = np.asarray(edges, dtype=np.float64)
         self._le = [repr(float(e)) for e in edges] + ["+Inf"]
         self._data: dict[tuple[str, str, str], _EntropySeries] = {}
@@ -405,19 +402,24 @@ class EntropyHistogram(Collector):
         self._lock = threading.Lock()
 
     def observe(
-        self, labels: tuple[str, str, str], rows: np.ndarray[Any, Any], near_uniform: float
+        self,
+        labels: tuple[str, str, str],
+        entropy: np.ndarray[Any, Any],
+        classes: int,
+        near_uniform: float,
     ) -> None:
-        """Queue ``rows`` ([rows, classes], copied) of one output."""
+        """Count each row's normalised ``entropy`` (NaN: a row without one) of
+        an output with ``classes`` per row. ``entropy`` must not be modified."""
         with self._lock:
             series = self._data.get(labels)
             if series is None:
                 series = self._data[labels] = _EntropySeries(self._edges.size)
-            if series.pending and series.pending[-1].shape[1] != rows.shape[1]:
-                self._fold()  # a reshaped output: fold before queueing other widths
-            series.pending.append(np.array(rows, copy=True))
+            if series.pending and series.threshold != near_uniform:
+                self._fold()  # a reload changed the threshold: count the rows before
             series.threshold = near_uniform
-            series.classes = int(rows.shape[1])
-            if self._queued.add(rows.size):
+            series.classes = classes
+            series.pending.append(entropy)
+            if self._queued.add(entropy.size):
                 self._fold()
 
     def _fold(self) -> None:
@@ -425,9 +427,8 @@ class EntropyHistogram(Collector):
             if not series.pending:
                 continue
             queue = series.pending
-            rows = np.concatenate(queue) if len(queue) > 1 else queue[0]
             series.pending = []
-            h = self._entropy(rows)
+            h = np.concatenate(queue) if len(queue) > 1 else queue[0]
             h = h[~np.isnan(h)]
             idx = np.searchsorted(self._edges, h, side="left")
             series.buckets += np.bincount(idx, minlength=self._edges.size + 1)

@@ -16,8 +16,9 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from guard.dataplane.cache import BoundedCache
+from guard.dataplane.kernels import row_entropy
 from guard.dataplane.results import Action, OutputResult
-from guard.dataplane.rules import ABSTAINED, class_axis_size, normalized_entropy
+from guard.dataplane.rules import ABSTAINED, class_axis_size
 from guard.dataplane.rulespec import OutputRule
 from guard.metrics.collectors import (
     OTHER,
@@ -147,7 +148,7 @@ class GuardMetrics:
             "Predictions below min_confidence, answered with class -1 and abstain_label.",
             ["model", "signature", "output"],
         )
-        self.entropy = EntropyHistogram(normalized_entropy)
+        self.entropy = EntropyHistogram()
         self.registry.register(self.entropy)
         self.drift = DriftGauge()
         self.registry.register(self.drift)
@@ -300,7 +301,8 @@ class OutputRecorder:
         self, rule: OutputRule, confidence: np.ndarray[Any, Any] | None, rows: Any
     ) -> None:
         if rows is not None and rows.shape[0]:
-            self.entropy.observe(self.series, rows, rule.near_uniform_entropy)
+            entropy = row_entropy(rows)
+            self.entropy.observe(self.series, entropy, rows.shape[1], rule.near_uniform_entropy)
         if rule.baseline is not None and confidence is not None and confidence.size:
             baseline = (rule.baseline.edges, rule.baseline.fractions)
             self.drift.observe(self.series, confidence, baseline, rule.drift_window)

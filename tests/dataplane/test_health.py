@@ -15,7 +15,7 @@ from hypothesis.extra import numpy as hnp
 from prometheus_client import CollectorRegistry, generate_latest
 
 from guard.control.baseline import from_metrics, from_values
-from guard.dataplane.kernels import REFERENCE
+from guard.dataplane.kernels import REFERENCE, row_entropy
 from guard.dataplane.rules import apply_rule, label_table, normalized_entropy
 from guard.dataplane.rulespec import OutputRule
 from guard.metrics.collectors import ENTROPY_BUCKETS, PSI_EPSILON, psi
@@ -41,11 +41,44 @@ def entropy_reference(row: list[float]) -> float:
 def test_entropy_matches_the_textbook_formula(rows: Array) -> None:
     h = normalized_entropy(rows)
     for row, got in zip(rows.tolist(), h.tolist(), strict=True):
-        if math.fsum(row) == 0:
+        if math.fsum(row) < 1e-20:  # (nearly) 0: no distribution
             assert math.isnan(got)
         else:
             want = min(1.0, max(0.0, entropy_reference(row)))
             assert got == pytest.approx(want, abs=1e-9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, 6), st.integers(2, 300)),
+        elements=st.one_of(
+            st.floats(0, 1, width=32),
+            st.sampled_from([0.0, 1e-40, 1e-30, 3.0, np.nan, np.inf, -0.0, -1e-3]),
+        ),
+    ),
+    st.booleans(),
+)
+def test_the_native_entropy_agrees_with_the_reference(rows: Array, misaligned: bool) -> None:
+    if misaligned:  # values read in place from a response sit at any offset
+        raw = bytearray(rows.nbytes + 1)
+        raw[1:] = rows.tobytes()
+        rows = np.frombuffer(memoryview(raw)[1:], dtype=np.float32).reshape(rows.shape)
+    native_rank = native().rank_module
+    got = np.frombuffer(native_rank.row_entropy(rows, *rows.shape))
+    want = normalized_entropy(rows)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, atol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(row_entropy(rows), got)  # the process's one function
+
+
+def test_the_native_entropy_refuses_arguments_that_do_not_describe_the_buffer() -> None:
+    rank = native().rank_module
+    values = np.zeros((2, 3), np.float32)
+    for rows, cols in ((2, 4), (3, 3), (6, 1), (-1, 3)):
+        with pytest.raises(ValueError, match="row_entropy"):
+            rank.row_entropy(values, rows, cols)
 
 
 def test_entropy_of_one_hot_uniform_and_invalid_rows() -> None:
