@@ -490,14 +490,15 @@ def psi(actual: np.ndarray[Any, Any], expected: np.ndarray[Any, Any]) -> float:
 class _Window:
     """The last ``size`` confidences of one output, in a numpy ring."""
 
-    __slots__ = ("edges", "expected", "filled", "ring", "start")
+    __slots__ = ("baseline", "edges", "expected", "filled", "ring", "start")
 
-    def __init__(self, size: int, edges: np.ndarray[Any, Any], expected: np.ndarray[Any, Any]):
+    def __init__(self, size: int, baseline: tuple[tuple[float, ...], tuple[float, ...]]):
         self.ring = np.empty(size, dtype=np.float64)
         self.start = 0
         self.filled = 0
-        self.edges = edges
-        self.expected = expected
+        self.baseline = baseline
+        self.edges = np.asarray(baseline[0], np.float64)
+        self.expected = np.asarray(baseline[1], np.float64)
 
     def push(self, values: np.ndarray[Any, Any]) -> None:
         size = self.ring.size
@@ -542,11 +543,9 @@ class DriftGauge(Collector):
         """Push ``values`` (one confidence per row) into the output's window."""
         with self._lock:
             window = self._windows.get(labels)
-            edges, fractions = baseline
-            if window is None or window.ring.size != size or len(window.edges) != len(edges):
-                window = self._windows[labels] = _Window(
-                    size, np.asarray(edges, np.float64), np.asarray(fractions, np.float64)
-                )
+            if window is None or window.ring.size != size or window.baseline != baseline:
+                # A reload that changes the baseline or the window starts afresh.
+                window = self._windows[labels] = _Window(size, baseline)
             window.push(values)
 
     def collect(self) -> Iterator[Metric]:

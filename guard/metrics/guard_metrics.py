@@ -303,9 +303,10 @@ class OutputRecorder:
         if rows is not None and rows.shape[0]:
             entropy = row_entropy(rows)
             self.entropy.observe(self.series, entropy, rows.shape[1], rule.near_uniform_entropy)
-        if rule.baseline is not None and confidence is not None and confidence.size:
-            baseline = (rule.baseline.edges, rule.baseline.fractions)
-            self.drift.observe(self.series, confidence, baseline, rule.drift_window)
+        baseline = rule.baseline
+        if baseline is not None and confidence is not None and confidence.size:
+            pair = (baseline.edges, baseline.fractions)
+            self.drift.observe(self.series, confidence, pair, rule.drift_window)
 
     def _count_abstained(self, n: int) -> None:
         if self._abstained is None:

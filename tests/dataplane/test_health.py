@@ -35,7 +35,7 @@ def entropy_reference(row: list[float]) -> float:
     return -math.fsum(x * math.log(x) for x in q if x > 0) / math.log(len(row))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(hnp.arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(2, 40)),
                   elements=st.floats(0, 1, allow_nan=False)))  # fmt: skip
 def test_entropy_matches_the_textbook_formula(rows: Array) -> None:
@@ -48,7 +48,7 @@ def test_entropy_matches_the_textbook_formula(rows: Array) -> None:
             assert got == pytest.approx(want, abs=1e-9)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     hnp.arrays(
         np.float32,
@@ -294,3 +294,28 @@ def test_health_field_errors_name_file_rule_and_field(
     message = error_of(tmp_path, text)
     assert "models[0] (model 'm') outputs[0] (output 'o')" in message
     assert expected in message
+
+
+def _window_psi(window: Array, baseline: tuple[tuple[float, ...], tuple[float, ...]]) -> float:
+    edges, fractions = baseline
+    counts = np.bincount(np.searchsorted(edges, window, side="left"), minlength=len(edges) + 1)
+    return psi_reference((counts / window.size).tolist(), list(fractions))
+
+
+def test_a_new_baseline_or_window_starts_the_window_afresh() -> None:
+    metrics = GuardMetrics(CollectorRegistry(), ["m"])
+    series = ("m", "s", "o")
+    low = from_values(np.linspace(0.0, 0.5, 100))[:2]
+    high = from_values(np.linspace(0.5, 1.0, 100))[:2]
+    first, second = np.linspace(0.6, 0.9, 150), np.linspace(0.1, 0.4, 120)
+
+    def psi_now() -> float | None:
+        (family,) = list(metrics.drift.collect())
+        return float(family.samples[0].value) if family.samples else None
+
+    metrics.drift.observe(series, first, low, 200)
+    assert psi_now() == pytest.approx(_window_psi(first, low))
+    metrics.drift.observe(series, second, high, 200)  # a reload with another baseline
+    assert psi_now() == pytest.approx(_window_psi(second, high))  # not first + second
+    metrics.drift.observe(series, second[:50], high, 100)  # a smaller window: 50 rows
+    assert psi_now() is None  # below the 100 rows a PSI needs
