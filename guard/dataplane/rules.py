@@ -358,7 +358,8 @@ def _derive_ranked(
     finite = out.action == Action.CLAMPED or not (out.counts.nan or out.counts.inf)
     # The top-k ranking puts the argmax first: one ranking serves both.
     cls, score = _top_k(out.values, rule.k, finite if rule.top_k else False)
-    if rule.min_confidence is not None:
+    if rule.min_confidence is not None and rule.threshold is None:
+        # With a threshold, its classes are the prediction that abstains.
         cls = _abstain_ranked(out, cls, score[..., 0], rule.min_confidence)
     if out.classes is None:  # a threshold's 0/1 classes stay what the metrics count
         out.classes, out.confidence = cls[..., 0], score[..., 0]

@@ -156,6 +156,16 @@ def test_a_binary_threshold_abstains_on_p_or_one_minus_p() -> None:
     assert out.abstained == 3
 
 
+def test_with_a_threshold_and_top_k_the_threshold_abstains_and_the_ranking_stays() -> None:
+    p = np.array([[0.55, 0.45], [0.95, 0.05]], np.float32)
+    rule = OutputRule(threshold=0.5, top_k=2, min_confidence=0.9)
+    out = apply_rule(p, rule, None, "m", "o")
+    derived = {d.suffix: d.array for d in out.derived}
+    assert derived["_class"].tolist() == [[-1, -1], [1, 0]]  # per value: p or 1 - p
+    assert derived["_top_k_class"].tolist() == [[0, 1], [0, 1]]
+    assert out.abstained == 2
+
+
 # ---------------------------------------------------------------- metrics, both routes
 
 
