@@ -4,7 +4,7 @@
 Everything is session-scoped and started lazily, because every start costs
 seconds on a small machine (the backend imports TensorFlow):
 
-- ``seed_models``: the three SavedModels, built once into ``.cache/models`` (or
+- ``seed_models``: the four SavedModels, built once into ``.cache/models`` (or
   ``$GUARD_TEST_MODELS_DIR``); a second session reuses them (cached by content).
 - ``backends(encoding)``: the backend serving the seed models, ``typed`` (TF
   Serving's default ``*_val`` fields) or ``content`` (``--tensor-content``). The
@@ -100,7 +100,7 @@ SCENARIOS: dict[str, dict[str, Any] | Path] = {
 
 @pytest.fixture(scope="session")
 def seed_models() -> dict[str, Path]:
-    """The three seed models, built (or reused from the content-addressed cache)."""
+    """The four seed models, built (or reused from the content-addressed cache)."""
     out_dir = Path(os.environ.get("GUARD_TEST_MODELS_DIR", REPO_ROOT / ".cache" / "models"))
     return build_models(out_dir)
 
