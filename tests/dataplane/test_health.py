@@ -329,3 +329,28 @@ def test_a_new_baseline_or_window_starts_the_window_afresh() -> None:
     assert psi_now() == pytest.approx(_window_psi(second, high))  # not first + second
     metrics.drift.observe(series, second[:50], high, 100)  # a smaller window: 50 rows
     assert psi_now() is None  # below the 100 rows a PSI needs
+
+
+def test_workers_report_the_largest_psi_and_the_classes_not_their_sums() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from guard.metrics.aggregate import _add
+
+    bucket: dict[Any, float] = {}
+    for psi_value in (0.05, 0.4):  # two workers' windows
+        text = (
+            "# TYPE guard_output_drift_psi gauge\n"
+            f'guard_output_drift_psi{{model="m",signature="s",output="o"}} {psi_value}\n'
+            "# TYPE guard_output_classes gauge\n"
+            'guard_output_classes{model="m",signature="s",output="o"} 201\n'
+            "# TYPE guard_near_uniform_rows counter\n"
+            'guard_near_uniform_rows_total{model="m",signature="s",output="o"} 3\n'
+        )
+        for family in text_string_to_metric_families(text):
+            _add(bucket, family)
+    got = {name: value for (name, _), value in bucket.items()}
+    assert got == {
+        "guard_output_drift_psi": 0.4,
+        "guard_output_classes": 201,
+        "guard_near_uniform_rows_total": 6,
+    }
