@@ -354,3 +354,27 @@ def test_workers_report_the_largest_psi_and_the_classes_not_their_sums() -> None
         "guard_output_classes": 201,
         "guard_near_uniform_rows_total": 6,
     }
+
+
+def test_guard_baseline_writes_what_the_config_accepts(tmp_path: Path) -> None:
+    from guard.cli import main
+    from guard.control.config import load_config
+
+    registry = CollectorRegistry()
+    metrics = GuardMetrics(registry, ["m"])
+    metrics.output_value.observe(("m", "serving_default", "p"), np.linspace(0.3, 1.0, 300))
+    saved = tmp_path / "metrics.txt"
+    saved.write_bytes(generate_latest(registry))
+    written = tmp_path / "baseline.yaml"
+    argv = ["baseline", "--metrics-file", str(saved), "--model", "m", "--output", "p"]
+    assert main([*argv, "--out", str(written)]) == 0
+    assert main([*argv[:3], "--model", "m", "--output", "nothing"]) == 2  # no such series
+    block = "\n".join("        " + line for line in written.read_text().splitlines())
+    config = tmp_path / "guard.yaml"
+    config.write_text(f"models:\n  - name: m\n    outputs:\n      - name: p\n{block}\n")
+    rule = load_config(config).models[0].outputs[0]
+    assert rule.baseline is not None
+    assert rule.baseline.edges == OUTPUT_VALUE_BUCKETS
+    assert rule.baseline.fractions == pytest.approx(
+        from_values(np.linspace(0.3, 1, 300))[1], abs=1e-6
+    )
