@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 APT_STAMP := $(VENV)/.apt-installed
-APT_PACKAGES := prometheus nginx nghttp2-client
+APT_PACKAGES := prometheus nginx nghttp2-client curl
 DURATION ?= 300
 
 .PHONY: venv apt demo test lint typecheck pytest bench bench-check fuzz soak attack clean
@@ -38,12 +38,14 @@ $(STAMP): pyproject.toml setup.py guard/dataplane/_rank.c guard/dataplane/_walk.
 venv: $(STAMP)
 
 # Debian packages the tests and benchmarks use: promtool/prometheus,
-# nginx (the grpc_pass anchor), h2load (nghttp2-client).
+# nginx (the grpc_pass anchor), h2load (nghttp2-client), curl (an independent
+# HTTP client in the REST tests).
 $(APT_STAMP): | $(PY)
 	@missing=""; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
 	command -v h2load >/dev/null || missing="$$missing nghttp2-client"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

@@ -1,7 +1,8 @@
 """Post-processing micro-benchmarks: what one response costs to guard.
 
 For each shape (rows x classes) and encoding (``float_val``, ``tensor_content``),
-the same rule set (check_sum + clamp + argmax + top_k + labels) runs three ways:
+the same rule set (check_sum + clamp + argmax + top_k + labels, and each row's
+entropy, which a multi-class rule measures by default) runs three ways:
 
 - **naive**: the official message classes: ``PredictResponse.FromString`` ->
   ``np.array(tensor.float_val)`` (or ``np.frombuffer(tensor_content)``, which is
@@ -100,7 +101,8 @@ def top_k(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def floor_math(values: np.ndarray, k: int, labels: np.ndarray) -> dict[str, Any]:
-    """Check (range, NaN/Inf, row sums), clip, argmax, top-k and label lookup."""
+    """Check (range, NaN/Inf, row sums), clip, argmax, top-k, label lookup, and
+    each row's normalised entropy (-sum(p ln p) / ln C, zeros counting 0)."""
     nan = int(np.count_nonzero(np.isnan(values)))
     below = int(np.count_nonzero(values < LO))
     above = int(np.count_nonzero(values > HI))
@@ -109,8 +111,12 @@ def floor_math(values: np.ndarray, k: int, labels: np.ndarray) -> dict[str, Any]
     cls = clipped.argmax(axis=-1)
     score = np.take_along_axis(clipped, cls[..., None], axis=-1)[..., 0]
     top_cls, top_score = top_k(clipped, k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.einsum("ij,ij->i", values, np.log(values))
+    entropy = -plogp / np.log(values.shape[-1])
     return {
         "counts": (nan, below, above, bad_rows),
+        "entropy": entropy,
         "values": clipped,
         "class": cls.astype(np.int64),
         "score": score,

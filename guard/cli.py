@@ -1,4 +1,4 @@
-"""Command line: ``guard serve | check | backend | models | demo``.
+"""Command line: ``guard serve | check | backend | models | demo | baseline``.
 
 This module imports nothing heavy: ``guard backend``, ``guard models`` and
 ``guard demo`` import TensorFlow only inside their own ``run``.
@@ -28,6 +28,10 @@ _PLUGINS = {
     ),
     "models": ("guard.dev.models.cli", "build the seed models (needs [tensorflow])"),
     "demo": ("guard.dev.demo.cli", "build models, start backend + guard, show guarded outputs"),
+    "baseline": (
+        "guard.control.baseline",
+        "write an output's confidence distribution as a drift baseline (YAML)",
+    ),
 }
 
 

@@ -414,6 +414,100 @@ def _protection_panels() -> list[Any]:
     ]
 
 
+BY_OUTPUT = "model, signature, output"
+
+
+def _health_panels() -> list[Any]:
+    """Outputs that are valid but useless: near-uniform, stuck, abstaining, drifting."""
+    near = f"guard_near_uniform_rows_total{{{SEL_OUTPUT}}}"
+    rows = f"guard_output_entropy_count{{{SEL_OUTPUT}}}"
+    classes = f"guard_predicted_class_total{{{SEL_OUTPUT}}}"
+    return [
+        _timeseries(
+            "Near-uniform rows",
+            "Share of a multi-class output's rows whose normalised entropy H/ln(classes) is "
+            "at or above near_uniform_entropy (default 0.98): the probability is spread "
+            "almost evenly, so the argmax is noise. Near 100% is an untrained model or the "
+            "wrong weights loaded (seed 004: 1/201 per class). GuardModelNearUniform fires "
+            "above 50% for 10 minutes: roll back the model version.",
+            "percentunit",
+            _query(
+                f"sum by ({BY_OUTPUT}) (rate({near}{RATE})) / sum by ({BY_OUTPUT}) "
+                f"(rate({rows}{RATE}))",
+                "{{model}} / {{output}}",
+            ),
+        ),
+        heatmap.Panel()
+        .title("Output entropy distribution")
+        .description(
+            "Histogram of each row's normalised entropy (0 one-hot, 1 uniform), with fine "
+            "buckets between 0.9 and 1. A trained classifier keeps most rows well below 0.9; "
+            "mass in the 0.999-1 bucket is a model that does not discriminate at all. A "
+            "slow shift to the right after a data change means the model is less sure."
+        )
+        .datasource(DATASOURCE)
+        .span(12)
+        .height(8)
+        .calculate(False)
+        .rows_frame(heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.LE))
+        .color(heatmap.HeatmapColorOptions().mode(hm.HeatmapColorMode.SCHEME).scheme("Blues"))
+        .y_axis(heatmap.YAxisConfig().unit("none").decimals(3))
+        .with_target(
+            _query(
+                f"sum by (le) (rate(guard_output_entropy_bucket{{{SEL_OUTPUT}}}{RATE}))",
+                "{{le}}",
+            ).format(PromQueryFormat.HEATMAP)
+        ),
+        _timeseries(
+            "Top class share",
+            "The share of predictions taken by the most frequent class, for outputs with "
+            "more than two classes (guard_output_classes). Near 1 means the model answers the "
+            "same for every input: constant inputs or a collapsed model (GuardModelStuck "
+            "fires at 99% over 30 minutes). If that class is the abstain label, the model is "
+            "unsure on everything: see the near-uniform panel.",
+            "percentunit",
+            _query(
+                f"(max by ({BY_OUTPUT}) (sum by ({BY_OUTPUT}, class) (rate({classes}{RATE})))"
+                f" / sum by ({BY_OUTPUT}) (rate({classes}{RATE})))"
+                f" and on ({BY_OUTPUT}) max by ({BY_OUTPUT}) "
+                f"(guard_output_classes{{{SEL_OUTPUT}}}) > 2",
+                "{{model}} / {{output}}",
+            ),
+        ),
+        _timeseries(
+            "Abstentions",
+            "Predictions per second below min_confidence, answered with class -1 and the "
+            "abstain_label, and their share of all predictions. A rising share means the "
+            "model is less sure than it used to be (harder inputs, drift, a worse version); "
+            "a share near 100% is a model that cannot decide at all.",
+            "short",
+            _query(
+                f"sum by ({BY_OUTPUT}) (rate(guard_abstentions_total{{{SEL_OUTPUT}}}{RATE}))",
+                "{{model}} / {{output}} per s",
+            ),
+            _query(
+                f"sum by ({BY_OUTPUT}) (rate(guard_abstentions_total{{{SEL_OUTPUT}}}{RATE}))"
+                f" / sum by ({BY_OUTPUT}) (rate({classes}{RATE}))",
+                "{{model}} / {{output}} share",
+                "B",
+            ),
+        ),
+        _timeseries(
+            "Confidence drift (PSI)",
+            "Population stability index of the confidence over the last drift_window rows "
+            "against the output's configured baseline. Below 0.1: stable; 0.1-0.25: a "
+            "moderate shift (GuardOutputDrift warning); above 0.25: a major shift "
+            "(critical). Check whether the inputs or the model version changed, and take a "
+            "new baseline only when the change is intended.",
+            "none",
+            _query(
+                f"max by ({BY_OUTPUT}) (guard_output_drift_psi{{{SEL_OUTPUT}}})",
+                "{{model}} / {{output}}",
+            ),
+        ).thresholds(_thresholds((None, "green"), (0.1, "orange"), (0.25, "red"))),
+    ]
+
+
 def build() -> dict[str, Any]:
     """Build the dashboard and return it as a JSON-compatible dict."""
     builder = (
@@ -440,6 +534,9 @@ def build() -> dict[str, Any]:
         builder = builder.with_panel(panel)
     builder = builder.with_row(db.Row("Protection"))
     for panel in _protection_panels():
+        builder = builder.with_panel(panel)
+    builder = builder.with_row(db.Row("Model health"))
+    for panel in _health_panels():
         builder = builder.with_panel(panel)
     encoded: dict[str, Any] = json.loads(json.dumps(builder.build(), cls=JSONEncoder))
     return encoded

@@ -12,10 +12,12 @@ from typing import Any, cast
 from guard.control.files import FileTooLargeError, read_bounded
 from guard.control.validate import (
     Problems,
+    as_baseline,
     as_bool,
     as_float,
     as_int,
     as_labels,
+    as_pair,
     as_range,
     as_str,
     as_threshold,
@@ -28,6 +30,7 @@ from guard.dataplane.rulespec import (
     POLICIES,
     SERVING_DEFAULT,
     Activation,
+    Baseline,
     ModelRule,
     OutputRule,
     Policy,
@@ -63,6 +66,23 @@ _OUTPUT_FIELDS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "argmax": (False, as_bool, "use true or false"),
     "top_k": (0, as_int(0, 1_000_000), "give a whole number >= 0"),
     "labels": (None, as_labels, "give a list of strings"),
+    "temperature": (None, as_float(0.0, 1e6, lo_open=True), "give a number > 0"),
+    "platt": (None, as_pair, "give [a, b], two numbers: sigmoid(a * z + b)"),
+    "min_confidence": (None, as_float(0.0, 1.0, lo_open=True), "give a number in (0, 1]"),
+    "abstain_label": (_D.abstain_label, as_str, "give a string"),
+    "entropy": (_D.entropy, as_bool, "use true or false"),
+    "near_uniform_entropy": (
+        _D.near_uniform_entropy,
+        as_float(0.0, 1.0, lo_open=True),
+        "give a number in (0, 1]",
+    ),
+    "baseline": (
+        None,
+        as_baseline,
+        "give {edges: [e1, e2, ...], fractions: [f0, f1, ..., fn]} with increasing edges and "
+        "one more fraction than edges, summing to 1 (guard baseline writes one)",
+    ),
+    "drift_window": (_D.drift_window, as_int(1, 1_000_000), "give a whole number in [1, 1000000]"),
 }
 _OUTPUT_KEYS = ("name", *_OUTPUT_FIELDS, "labels_file")
 
@@ -134,6 +154,10 @@ def _check_combinations(problems: Problems, where: str, v: dict[str, Any]) -> No
             "fields 'threshold' and 'argmax' exclude each other; a threshold is for "
             "binary/multi-label outputs, argmax for single-label multi-class outputs",
         )
+    _check_calibration(problems, where, v)
+    _check_abstention(problems, where, v)
+    if "drift_window" in v and v["baseline"] is None and v["drift_window"] != _D.drift_window:
+        problems.add(where, "field 'drift_window' needs 'baseline' (the distribution to compare)")
     labels = v["labels"]
     if labels is None:
         return
@@ -143,6 +167,35 @@ def _check_combinations(problems: Problems, where: str, v: dict[str, Any]) -> No
         problems.add(
             where,
             f"field 'labels': a threshold needs exactly 2 labels (for 0 and 1), got {len(labels)}",
+        )
+
+
+def _check_calibration(problems: Problems, where: str, v: dict[str, Any]) -> None:
+    if v["temperature"] is not None and v["platt"] is not None:
+        problems.add(where, "fields 'temperature' and 'platt' exclude each other; give one")
+    if v["temperature"] is not None and v["activation"] == "none":
+        problems.add(
+            where,
+            "field 'temperature' needs 'activation: softmax' or 'activation: sigmoid' "
+            "(it scales the logits the activation reads)",
+        )
+    if v["platt"] is not None and v["activation"] != "sigmoid":
+        problems.add(where, "field 'platt' needs 'activation: sigmoid' (sigmoid(a * z + b))")
+
+
+def _check_abstention(problems: Problems, where: str, v: dict[str, Any]) -> None:
+    if v["min_confidence"] is None:
+        return
+    threshold = v["threshold"]
+    if isinstance(threshold, tuple) and len(threshold) > 1:
+        problems.add(
+            where,
+            "field 'min_confidence' does not combine with per-class thresholds "
+            "(a list of thresholds); give one threshold, or use argmax/top_k",
+        )
+    elif threshold is None and not v["argmax"] and v["top_k"] == 0:
+        problems.add(
+            where, "field 'min_confidence' needs 'argmax', 'top_k' or 'threshold' to abstain from"
         )
 
 
@@ -165,6 +218,8 @@ def _parse_output(
         else:
             v["labels"] = _read_labels_file(problems, where, data["labels_file"], base_dir)
     _check_combinations(problems, where, v)
+    if v["baseline"] is not None:
+        v["baseline"] = Baseline(*v["baseline"])
     v["activation"] = cast(Activation, v["activation"])
     v["on_violation"] = cast(Policy, v["on_violation"])
     return OutputRule(name=name, where=f"{source}: {where}", **v)

@@ -182,3 +182,36 @@ def as_labels(value: Any) -> tuple[str, ...]:
             raise TypeError(f"label {v!r} is not a string")
         out.append(str(v))
     return tuple(out)
+
+
+def as_pair(value: Any) -> tuple[float, float]:
+    """Two finite numbers ``[a, b]``."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise TypeError("")
+    if not all(_is_number(v) and math.isfinite(v) for v in value):
+        raise TypeError("")
+    return float(value[0]), float(value[1])
+
+
+#: The most bins a drift baseline may have.
+BASELINE_BINS_MAX = 1000
+
+
+def as_baseline(value: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``{edges: [...], fractions: [...]}``: increasing finite edges, and one
+    non-negative fraction per bin (``len(edges) + 1``) summing to 1."""
+    if not isinstance(value, dict) or set(value) != {"edges", "fractions"}:
+        raise TypeError("")
+    edges, fractions = value["edges"], value["fractions"]
+    numbers = (edges, fractions)
+    if not all(isinstance(v, list) and v for v in numbers) or len(edges) > BASELINE_BINS_MAX:
+        raise TypeError("")
+    if not all(_is_number(x) and math.isfinite(x) for v in numbers for x in v):
+        raise TypeError("")
+    if any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+        raise ValueError("edges must increase")
+    if len(fractions) != len(edges) + 1:
+        raise ValueError(f"{len(edges)} edges need {len(edges) + 1} fractions")
+    if min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-3:
+        raise ValueError("fractions must be >= 0 and sum to 1")
+    return tuple(float(x) for x in edges), tuple(float(x) for x in fractions)

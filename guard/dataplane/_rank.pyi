@@ -26,3 +26,5 @@ def clean_rank_encode(
     entries: tuple[tuple[object, ...], ...],
     /,
 ) -> tuple[bytes, bytes, bytes] | None: ...
+def row_entropy(values: Buffer, rows: int, cols: int, /) -> bytes:
+    """Each row's normalised entropy of float32 values, as float64 (see _rank.c)."""

@@ -116,7 +116,7 @@ def record(verdict: Verdict, target: Target, metrics: MetricsSink) -> None:
         sink = metrics.output_recorder(
             target.model_label, target.version, target.signature, out.name
         )
-        sink.record(out.result, out.compiled.labels)
+        sink.record(out.result, out.compiled.labels, out.compiled.rule)
     labels = (target.model_label, target.version, target.signature)
     metrics.response_counter(*labels, verdict.action).inc()
 

@@ -30,6 +30,8 @@ from guard.dataplane.errors import DecodeError, RejectedOutputError, ResponseToo
 from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
 from guard.dataplane.lanes import Lane
 from guard.dataplane.results import Action, Array
+from guard.dataplane.rules import class_axis_size
+from guard.dataplane.rulespec import OutputRule
 from guard.dataplane.sink import Counter, LabelTable, MetricsSink, OutputSink
 
 __all__ = ["GuardedResponse", "guard_predict_response"]
@@ -196,6 +198,23 @@ class _PlannedOutput:
     size: int
     sink: OutputSink
     labels: LabelTable | None
+    rule: OutputRule
+    entropy_shape: tuple[int, int] | None
+    """[rows, classes] when the rule tracks entropy, else ``None``."""
+
+    def sure(self, scores: bytes) -> bool:
+        """Whether no row abstains (an abstention takes the reference route)."""
+        floor = self.rule.min_confidence
+        if floor is None:
+            return True
+        return bool((np.frombuffer(scores, dtype=self.lane.dtype) >= floor).all())
+
+    def rows(self, view: memoryview) -> Array | None:
+        """The values as [rows, classes], read in place, for the entropy."""
+        if self.entropy_shape is None:
+            return None
+        values = np.frombuffer(view[self.start : self.end], dtype=self.lane.dtype)
+        return values.reshape(self.entropy_shape)
 
 
 class _Plan:
@@ -224,7 +243,7 @@ class _Plan:
         done = []
         for out in self.outputs:
             found = out.lane.encode(view[out.start : out.end])
-            if found is None:
+            if found is None or not out.sure(found[1]):
                 return None
             done.append(found)
         guarded = body + b"".join([entries for *_, entries in done])
@@ -238,6 +257,8 @@ class _Plan:
                 np.frombuffer(classes, dtype=np.int64),
                 np.frombuffer(scores, dtype=out.lane.dtype),
                 out.labels,
+                out.rule,
+                out.rows(view),
             )
         clean = self._clean
         if clean is None:
@@ -341,6 +362,9 @@ def _plan_output(
     if out.length != values.nbytes:
         raise _NoPlan  # values filled in by TF's convention: the reference route fills
     sink = metrics.output_recorder(target.model_label, target.version, target.signature, out.name)
+    c = class_axis_size(values.shape)
+    entropy_shape = (values.size // c, c) if compiled.rule.tracks_entropy and c >= 2 else None
     return _PlannedOutput(
-        out.name, lane, out.offset, out.offset + out.length, values.size, sink, compiled.labels
-    )
+        out.name, lane, out.offset, out.offset + out.length, values.size, sink, compiled.labels,
+        compiled.rule, entropy_shape,
+    )  # fmt: skip

@@ -83,3 +83,7 @@ class OutputResult:
     """Each row's top *checked* value (before repair), when argmax/top-k already
     found it: the histogram reads it instead of scanning the rows again."""
     derived: list[Derived] = field(default_factory=list)
+    abstained: int = 0
+    """Rows (or values, for a threshold) below ``min_confidence``: class -1."""
+    entropy_rows: Array | None = None
+    """The checked values as [rows, classes], when the rule tracks entropy."""

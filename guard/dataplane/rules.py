@@ -34,6 +34,7 @@ __all__ = [
     "class_axis_size",
     "derive",
     "label_table",
+    "normalized_entropy",
     "repair",
     "rule_bounds",
     "validate",
@@ -72,14 +73,28 @@ def _softmax(x: Array) -> Array:
     return out
 
 
-def _activate(values: Array, activation: str) -> Array:
-    if activation == "none":
+def _activate(values: Array, rule: OutputRule) -> Array:
+    if rule.activation == "none":
         return values
     # float16 loses too much inside exp/sum; compute in float32 and cast back.
     work = values.astype(np.float32) if values.dtype == np.float16 else values
     with np.errstate(over="ignore", invalid="ignore"):
-        out = _sigmoid(work) if activation == "sigmoid" else _softmax(work)
+        work = _calibrate(work, rule)
+        out = _sigmoid(work) if rule.activation == "sigmoid" else _softmax(work)
     return out.astype(values.dtype, copy=False)
+
+
+def _calibrate(logits: Array, rule: OutputRule) -> Array:
+    """Temperature (``z / T``) or Platt (``a * z + b``) scaling of the logits,
+    in their own dtype (a new array: the response's values stay as they are)."""
+    if rule.platt is not None:
+        a, b = rule.platt
+        out: Array = logits * logits.dtype.type(a) + logits.dtype.type(b)
+        return out
+    if rule.temperature is not None:
+        out = logits / logits.dtype.type(rule.temperature)
+        return out
+    return logits
 
 
 def rule_bounds(dtype: np.dtype[Any], rule: OutputRule) -> tuple[Any, Any]:
@@ -249,7 +264,17 @@ def _lowest(dtype: np.dtype[Any]) -> Any:
     return np.finfo(dtype).min
 
 
-def _labels_for(classes: Array, labels: np.ndarray[Any, Any]) -> Array:
+#: The class of a row that abstained (below ``min_confidence``).
+ABSTAINED = -1
+
+
+def _labels_for(
+    classes: Array, labels: np.ndarray[Any, Any], rule: OutputRule | None = None
+) -> Array:
+    if rule is not None and rule.min_confidence is not None and (classes == ABSTAINED).any():
+        # The abstain label sits one past the classes; -1 would index the last one.
+        labels = np.append(labels, np.array([rule.abstain_label.encode("utf-8")], dtype=object))
+        classes = np.where(classes == ABSTAINED, labels.size - 1, classes)
     if classes.ndim:
         out: Array = labels.take(classes)
         return out
@@ -260,7 +285,7 @@ def _labels_for(classes: Array, labels: np.ndarray[Any, Any]) -> Array:
 
 def activate(values: Array, rule: OutputRule) -> Array:
     """Step 1: the rule's activation (``values`` itself when there is none)."""
-    return _activate(values, rule.activation)
+    return _activate(values, rule)
 
 
 def validate(checked: Array, rule: OutputRule) -> tuple[Counts, Array | None]:
@@ -310,6 +335,16 @@ def derive(
         _derive_threshold(out, rule, label_table, who)
     if not rule.k:
         return
+    _derive_ranked(out, rule, label_table, who, bad_rows)
+
+
+def _derive_ranked(
+    out: OutputResult,
+    rule: OutputRule,
+    label_table: np.ndarray[Any, Any] | None,
+    who: str,
+    bad_rows: Array | None,
+) -> None:
     c = class_axis_size(out.values.shape)
     if c == 0:
         raise OutputShapeError(f"{who}: the output has no classes (last dimension 0)")
@@ -323,12 +358,15 @@ def derive(
     finite = out.action == Action.CLAMPED or not (out.counts.nan or out.counts.inf)
     # The top-k ranking puts the argmax first: one ranking serves both.
     cls, score = _top_k(out.values, rule.k, finite if rule.top_k else False)
+    if rule.min_confidence is not None and rule.threshold is None:
+        # With a threshold, its classes are the prediction that abstains.
+        cls = _abstain_ranked(out, cls, score[..., 0], rule.min_confidence)
     if out.classes is None:  # a threshold's 0/1 classes stay what the metrics count
         out.classes, out.confidence = cls[..., 0], score[..., 0]
     if rule.argmax:
-        _add_ranked(out, "", cls[..., 0], score[..., 0], label_table)
+        _add_ranked(out, "", cls[..., 0], score[..., 0], label_table, rule)
     if rule.top_k:
-        _add_ranked(out, "_top_k", cls, score, label_table)
+        _add_ranked(out, "_top_k", cls, score, label_table, rule)
     if out.confidence is not None and out.action == Action.CLAMPED:
         out.confidence = _checked_row_max(out.checked, out.confidence, rule, bad_rows)
 
@@ -345,11 +383,35 @@ def _derive_threshold(
             f"{who}: {threshold.size} thresholds configured but the output has {c} classes"
         )
     cls = np.asarray(out.values > threshold).astype(np.int64)
+    if rule.min_confidence is not None:
+        # The predicted class's probability: p for class 1, 1 - p for class 0.
+        confidence = np.where(cls == 1, out.values, 1.0 - out.values)
+        unsure = ~(confidence >= rule.min_confidence)  # NaN abstains too
+        cls = _mark_abstained(out, cls, unsure)
     out.classes = cls
     out.multi_label = c > 1
     out.derived.append(Derived("_class", cls))
     if label_table is not None:
-        out.derived.append(Derived("_label", _labels_for(cls, label_table)))
+        out.derived.append(Derived("_label", _labels_for(cls, label_table, rule)))
+
+
+def _abstain_ranked(out: OutputResult, cls: Array, top: Array, min_confidence: float) -> Array:
+    """The ranking with each unsure row's predicted class (column 0) set to -1;
+    the other columns and every score stay as ranked."""
+    unsure = ~(top >= min_confidence)  # NaN abstains too
+    if not unsure.any():
+        return cls
+    marked = cls.copy()
+    marked[..., 0] = _mark_abstained(out, cls[..., 0], unsure)
+    return marked
+
+
+def _mark_abstained(out: OutputResult, cls: Array, unsure: Array) -> Array:
+    out.abstained = int(np.count_nonzero(unsure))
+    if not out.abstained:
+        return cls
+    marked: Array = np.where(unsure, ABSTAINED, cls)
+    return marked
 
 
 def _add_ranked(
@@ -358,11 +420,12 @@ def _add_ranked(
     classes: Array,
     scores: Array,
     label_table: np.ndarray[Any, Any] | None,
+    rule: OutputRule,
 ) -> None:
     out.derived.append(Derived(f"{prefix}_class", classes))
     out.derived.append(Derived(f"{prefix}_score", scores))
     if label_table is not None:
-        out.derived.append(Derived(f"{prefix}_label", _labels_for(classes, label_table)))
+        out.derived.append(Derived(f"{prefix}_label", _labels_for(classes, label_table, rule)))
 
 
 def apply_rule(
@@ -387,6 +450,41 @@ def apply_rule(
     out = repair(values, checked, counts, bad_rows, rule, who)
     if out.action != Action.REJECTED:
         derive(out, rule, label_table, who, bad_rows)
+    if rule.tracks_entropy and class_axis_size(checked.shape) >= 2:
+        out.entropy_rows = _rows(checked)
+    return out
+
+
+#: A row summing to less has no entropy: its subnormal values, counted as the
+#: smallest normal number (0 ln 0 = 0), would not be negligible against the sum.
+ENTROPY_MIN_SUM = 1e-20
+
+
+def normalized_entropy(rows: Array) -> Array:
+    """Each row's Shannon entropy over ``ln(classes)``, in [0, 1], as float64.
+
+    A row is taken as a distribution after dividing by its sum, so
+    ``H = ln S - sum(p ln p) / S``; a row with a negative, NaN or infinite
+    value, or a sum below :data:`ENTROPY_MIN_SUM`, has no entropy (NaN). 1 is
+    a uniform row, 0 a one-hot. Computed in the values' own precision (float16
+    in float32): the result only has to resolve the 0.001 buckets. The native
+    loop for float32 (guard/dataplane/_rank.c) is held to this within 1e-6.
+    """
+    p = rows.astype(np.float32) if rows.dtype == np.float16 else rows
+    n_rows, n_classes = p.shape
+    if n_classes < 2 or n_rows == 0:
+        return np.full(n_rows, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lowest = p.min(axis=1)
+        # 0 ln 0 = 0: a zero times the log of the smallest normal number is 0.
+        # A softmax row has no zero unless it underflows: skip that pass then.
+        positive = lowest.min() > 0
+        logs = np.log(p if positive else np.maximum(p, np.finfo(p.dtype).tiny))
+        plogp = np.einsum("ij,ij->i", p, logs).astype(np.float64)
+        total = p.sum(axis=1, dtype=np.float64)
+        h = (np.log(total) - plogp / total) / np.log(n_classes)
+        valid = np.isfinite(h) & (total >= ENTROPY_MIN_SUM) & (lowest >= 0)
+    out: Array = np.where(valid, np.clip(h, 0.0, 1.0), np.nan)
     return out
 
 
@@ -441,7 +539,10 @@ def derived_bytes(
     numel = int(np.prod(shape, dtype=np.int64))
     lead = shape[:-1] if len(shape) >= 2 else shape
     rows = int(np.prod(lead, dtype=np.int64))
-    label = 0 if labels is None else 14 + max((len(x) for x in labels.tolist()), default=0)
+    longest = max((len(x) for x in labels.tolist()), default=0) if labels is not None else 0
+    if rule.min_confidence is not None:
+        longest = max(longest, len(rule.abstain_label.encode("utf-8")))
+    label = 0 if labels is None else 14 + longest
     ranked = 18 + 2 * itemsize + label
     total = numel * (18 + label) if rule.threshold is not None else 0
     if rule.argmax:

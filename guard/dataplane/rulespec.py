@@ -11,6 +11,7 @@ from typing import Literal
 
 __all__ = [
     "ACTIVATIONS",
+    "Baseline",
     "ANY",
     "POLICIES",
     "SERVING_DEFAULT",
@@ -27,6 +28,17 @@ POLICIES = ("observe", "clamp", "reject")
 
 Activation = Literal["none", "sigmoid", "softmax"]
 Policy = Literal["observe", "clamp", "reject"]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A reference distribution of the confidence, for drift: ``fractions[i]``
+    of the rows had a confidence in ``(edges[i-1], edges[i]]`` (the first bin
+    is ``(-inf, edges[0]]``, the last ``(edges[-1], +inf)``)."""
+
+    edges: tuple[float, ...]
+    fractions: tuple[float, ...]
+    """``len(edges) + 1`` non-negative numbers summing to 1."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,22 @@ class OutputRule:
     """Adds ``<name>_top_k_class`` and ``<name>_top_k_score``, best first."""
     labels: tuple[str, ...] | None = None
     """Names for classes; adds ``<name>_label`` / ``<name>_top_k_label``."""
+    temperature: float | None = None
+    """Calibration: the activation sees ``z / temperature``."""
+    platt: tuple[float, float] | None = None
+    """Calibration (sigmoid only): the activation sees ``a * z + b``."""
+    min_confidence: float | None = None
+    """Rows whose predicted class has a lower probability abstain: class -1."""
+    abstain_label: str = "unknown"
+    """The ``<name>_label`` of an abstained row."""
+    entropy: bool = True
+    """Track each row's normalised entropy (multi-class outputs with a rule)."""
+    near_uniform_entropy: float = 0.98
+    """Rows at or above this normalised entropy count as near-uniform."""
+    baseline: Baseline | None = None
+    """The confidence's reference distribution; enables drift (PSI)."""
+    drift_window: int = 10_000
+    """Rows in the drift window (the most recent ones)."""
     where: str = field(default="", compare=False)
     """Human-readable origin (file and rule), for messages."""
 
@@ -59,6 +87,11 @@ class OutputRule:
     def derives(self) -> bool:
         """Whether this rule adds outputs to the response."""
         return self.threshold is not None or self.argmax or self.top_k > 0
+
+    @property
+    def tracks_entropy(self) -> bool:
+        """Whether rows of a multi-class output get their entropy measured."""
+        return self.entropy and (self.argmax or self.top_k > 0 or self.check_sum)
 
     @property
     def k(self) -> int:

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from guard.dataplane.results import Action, Array, OutputResult
+from guard.dataplane.rulespec import OutputRule
 
 __all__ = ["Counter", "LabelTable", "MetricsSink", "OutputSink"]
 
@@ -28,15 +29,23 @@ class Counter(Protocol):
 class OutputSink(Protocol):
     """The metric series of one (model, version, signature, output)."""
 
-    def record(self, result: OutputResult, labels: LabelTable | None) -> None:
-        """Record the counts, histogram and classes of one checked output."""
+    def record(self, result: OutputResult, labels: LabelTable | None, rule: OutputRule) -> None:
+        """Record the counts, histograms, classes, abstentions and drift of one
+        checked output."""
 
     def record_clean(
-        self, size: int, classes: Array, confidence: Array, labels: LabelTable | None
+        self,
+        size: int,
+        classes: Array,
+        confidence: Array,
+        labels: LabelTable | None,
+        rule: OutputRule,
+        rows: Array | None = None,
     ) -> None:
-        """Record an output the native route found clean: ``size`` values, and
-        each row's best class and score (the same as :meth:`record` of the
-        reference's result)."""
+        """Record an output the native route found clean: ``size`` values, each
+        row's best class and score, and the values as [rows, classes] when the
+        rule tracks entropy (the same as :meth:`record` of the reference's
+        result)."""
 
 
 class MetricsSink(Protocol):

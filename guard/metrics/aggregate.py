@@ -17,6 +17,9 @@ logger = logging.getLogger("guard.workers")
 # Gauges are summed (in-flight calls add up) except these, where the most
 # pessimistic worker speaks for the pod.
 _GAUGE_MIN = frozenset({"guard_upstream_up"})
+# Each worker keeps its own drift window: the largest PSI speaks for the pod.
+# Classes per row are a property of the output, the same in every worker.
+_GAUGE_MAX = frozenset({"guard_output_drift_psi", "guard_output_classes"})
 
 
 class AggregatingCollector(Collector):
@@ -56,7 +59,9 @@ _Key = tuple[str, tuple[tuple[str, str], ...]]
 
 def _add(bucket: dict[_Key, float], family: Metric) -> None:
     """Add one worker's samples of ``family`` into ``bucket``."""
-    pessimistic = family.type == "gauge" and family.name in _GAUGE_MIN
+    gauge = family.type == "gauge"
+    pessimistic = gauge and family.name in _GAUGE_MIN
+    largest = gauge and family.name in _GAUGE_MAX
     for s in family.samples:
         if s.name.endswith("_created"):
             continue  # a timestamp per worker; a sum means nothing
@@ -65,5 +70,7 @@ def _add(bucket: dict[_Key, float], family: Metric) -> None:
             bucket[key] = s.value
         elif pessimistic:
             bucket[key] = min(bucket[key], s.value)
+        elif largest:
+            bucket[key] = max(bucket[key], s.value)
         else:
             bucket[key] += s.value

@@ -17,20 +17,29 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 __all__ = [
+    "ENTROPY_BUCKETS",
     "OTHER",
     "PENDING_ARRAYS_MAX",
     "PENDING_VALUES_MAX",
     "BoundedLabel",
+    "DriftGauge",
+    "EntropyHistogram",
     "LatencyHistogram",
     "LoopCounter",
     "LoopValue",
     "NameOf",
     "OutputValueHistogram",
     "PredictedClassCounter",
+    "psi",
 ]
 
 OTHER = "__other__"
@@ -350,4 +359,205 @@ class PredictedClassCounter(Collector):
         for labels, samples in items:
             for name, count in samples:
                 family.add_metric([*labels, name], count)
+        yield family
+
+
+#: ``guard_output_entropy`` buckets: coarse below 0.9, fine up to 1 (an
+#: untrained 201-way softmax sits at 0.99+).
+ENTROPY_BUCKETS: tuple[float, ...] = (
+    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.92, 0.94, 0.96, 0.97, 0.98, 0.99,
+    0.995, 0.999, 1.0,
+)  # fmt: skip
+
+
+class _EntropySeries:
+    """One output's entropy counts: buckets (+Inf last), sum, near-uniform rows."""
+
+    __slots__ = ("buckets", "classes", "near_uniform", "pending", "threshold", "total")
+
+    def __init__(self, n_buckets: int) -> None:
+        self.buckets = np.zeros(n_buckets + 1, dtype=np.int64)
+        self.total = 0.0
+        self.near_uniform = 0
+        self.classes = 0
+        self.threshold = 1.0
+        self.pending: list[np.ndarray[Any, Any]] = []
+
+
+class EntropyHistogram(Collector):
+    """``guard_output_entropy``, ``guard_near_uniform_rows_total`` and
+    ``guard_output_classes``.
+
+    ``observe`` queues each row's entropy (measured by the caller, in the
+    response's pass); queued values are folded into the buckets in one
+    ``searchsorted`` + ``bincount`` per output, as in
+    :class:`OutputValueHistogram`.
+    """
+
+    def __init__(self, edges: tuple[float, ...] = ENTROPY_BUCKETS) -> None:
+        self._edges = np.asarray(edges, dtype=np.float64)
+        self._le = [repr(float(e)) for e in edges] + ["+Inf"]
+        self._data: dict[tuple[str, str, str], _EntropySeries] = {}
+        self._queued = _Queued()
+        self._lock = threading.Lock()
+
+    def observe(
+        self,
+        labels: tuple[str, str, str],
+        entropy: np.ndarray[Any, Any],
+        classes: int,
+        near_uniform: float,
+    ) -> None:
+        """Count each row's normalised ``entropy`` (NaN: a row without one) of
+        an output with ``classes`` per row. ``entropy`` must not be modified."""
+        with self._lock:
+            series = self._data.get(labels)
+            if series is None:
+                series = self._data[labels] = _EntropySeries(self._edges.size)
+            if series.pending and series.threshold != near_uniform:
+                self._fold()  # a reload changed the threshold: count the rows before
+            series.threshold = near_uniform
+            series.classes = classes
+            series.pending.append(entropy)
+            if self._queued.add(entropy.size):
+                self._fold()
+
+    def _fold(self) -> None:
+        for series in self._data.values():
+            if not series.pending:
+                continue
+            queue = series.pending
+            series.pending = []
+            h = np.concatenate(queue) if len(queue) > 1 else queue[0]
+            h = h[~np.isnan(h)]
+            idx = np.searchsorted(self._edges, h, side="left")
+            series.buckets += np.bincount(idx, minlength=self._edges.size + 1)
+            series.total += float(h.sum())
+            series.near_uniform += int(np.count_nonzero(h >= series.threshold))
+        self._queued.reset()
+
+    def collect(self) -> Iterator[Metric]:
+        labelnames = ["model", "signature", "output"]
+        histogram = HistogramMetricFamily(
+            "guard_output_entropy",
+            "Each row's normalised entropy H/ln(classes) of a multi-class output, "
+            "0 one-hot to 1 uniform.",
+            labels=labelnames,
+        )
+        near = CounterMetricFamily(
+            "guard_near_uniform_rows",
+            "Rows whose normalised entropy is at or above near_uniform_entropy.",
+            labels=labelnames,
+        )
+        classes = GaugeMetricFamily(
+            "guard_output_classes", "Classes per row of a multi-class output.", labels=labelnames
+        )
+        with self._lock:
+            self._fold()
+            items = [
+                (k, s.buckets.copy(), s.total, s.near_uniform, s.classes)
+                for k, s in self._data.items()
+            ]
+        for key, counts, total, near_uniform, n_classes in items:
+            cumulative = np.cumsum(counts)
+            histogram.add_metric(
+                list(key),
+                buckets=list(zip(self._le, (float(x) for x in cumulative), strict=True)),
+                sum_value=total,
+            )
+            near.add_metric(list(key), near_uniform)
+            classes.add_metric(list(key), n_classes)
+        yield histogram
+        yield near
+        yield classes
+
+
+#: Fractions below this are raised to it before the PSI's logarithm: an empty
+#: bin on either side would otherwise make the index infinite.
+PSI_EPSILON = 1e-4
+#: Rows the window must hold before its PSI is exported.
+PSI_MIN_ROWS = 100
+
+
+def psi(actual: np.ndarray[Any, Any], expected: np.ndarray[Any, Any]) -> float:
+    """Population stability index of two fraction vectors (bins alike), each
+    fraction raised to :data:`PSI_EPSILON` first."""
+    a = np.maximum(actual, PSI_EPSILON)
+    e = np.maximum(expected, PSI_EPSILON)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+class _Window:
+    """The last ``size`` confidences of one output, in a numpy ring."""
+
+    __slots__ = ("baseline", "edges", "expected", "filled", "ring", "start")
+
+    def __init__(self, size: int, baseline: tuple[tuple[float, ...], tuple[float, ...]]):
+        self.ring = np.empty(size, dtype=np.float64)
+        self.start = 0
+        self.filled = 0
+        self.baseline = baseline
+        self.edges = np.asarray(baseline[0], np.float64)
+        self.expected = np.asarray(baseline[1], np.float64)
+
+    def push(self, values: np.ndarray[Any, Any]) -> None:
+        size = self.ring.size
+        v = values.ravel()[-size:]
+        end = self.start + v.size
+        if end <= size:
+            self.ring[self.start : end] = v
+        else:
+            split = size - self.start
+            self.ring[self.start :] = v[:split]
+            self.ring[: end - size] = v[split:]
+        self.start = end % size
+        self.filled = min(size, self.filled + v.size)
+
+    def psi(self) -> float | None:
+        if self.filled < min(PSI_MIN_ROWS, self.ring.size):
+            return None
+        window = self.ring[: self.filled]
+        window = window[np.isfinite(window)]
+        if not window.size:
+            return None
+        idx = np.searchsorted(self.edges, window, side="left")
+        counts = np.bincount(idx, minlength=self.edges.size + 1)
+        return psi(counts / window.size, self.expected)
+
+
+class DriftGauge(Collector):
+    """``guard_output_drift_psi``: the PSI of each output's recent confidences
+    against its baseline, computed at scrape time."""
+
+    def __init__(self) -> None:
+        self._windows: dict[tuple[str, str, str], _Window] = {}
+        self._lock = threading.Lock()
+
+    def observe(
+        self,
+        labels: tuple[str, str, str],
+        values: np.ndarray[Any, Any],
+        baseline: tuple[tuple[float, ...], tuple[float, ...]],
+        size: int,
+    ) -> None:
+        """Push ``values`` (one confidence per row) into the output's window."""
+        with self._lock:
+            window = self._windows.get(labels)
+            if window is None or window.ring.size != size or window.baseline != baseline:
+                # A reload that changes the baseline or the window starts afresh.
+                window = self._windows[labels] = _Window(size, baseline)
+            window.push(values)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "guard_output_drift_psi",
+            "Population stability index of the last drift_window confidences against the "
+            "configured baseline.",
+            labels=["model", "signature", "output"],
+        )
+        with self._lock:
+            values = [(k, w.psi()) for k, w in self._windows.items()]
+        for key, value in values:
+            if value is not None:
+                family.add_metric(list(key), value)
         yield family

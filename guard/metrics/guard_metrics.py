@@ -16,11 +16,15 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from guard.dataplane.cache import BoundedCache
+from guard.dataplane.kernels import row_entropy
 from guard.dataplane.results import Action, OutputResult
-from guard.dataplane.rules import class_axis_size
+from guard.dataplane.rules import ABSTAINED, class_axis_size
+from guard.dataplane.rulespec import OutputRule
 from guard.metrics.collectors import (
     OTHER,
     BoundedLabel,
+    DriftGauge,
+    EntropyHistogram,
     LatencyHistogram,
     LoopCounter,
     LoopValue,
@@ -78,6 +82,7 @@ class GuardMetrics:
         self._declare_call_metrics()
         self._declare_output_metrics(max_class_label_values)
         self._declare_process_metrics()
+        self._declare_health_metrics()
 
     def _loop_counter(self, name: str, doc: str, labels: list[str]) -> LoopCounter:
         family = LoopCounter(name, doc, labels)
@@ -135,6 +140,18 @@ class GuardMetrics:
         self.registry.register(self.output_value)
         self.predicted_class = PredictedClassCounter(max_class_label_values)
         self.registry.register(self.predicted_class)
+
+    def _declare_health_metrics(self) -> None:
+        """Whether a model's valid outputs are useful: abstentions, entropy, drift."""
+        self.abstentions = self._loop_counter(
+            "guard_abstentions_total",
+            "Predictions below min_confidence, answered with class -1 and abstain_label.",
+            ["model", "signature", "output"],
+        )
+        self.entropy = EntropyHistogram()
+        self.registry.register(self.entropy)
+        self.drift = DriftGauge()
+        self.registry.register(self.drift)
 
     def _declare_process_metrics(self) -> None:
         """Rarely counted: plain prometheus_client types."""
@@ -253,26 +270,48 @@ class OutputRecorder:
         self.series = (model, signature, output)
         self.histogram = metrics.output_value
         self.classes = metrics.predicted_class
+        self.entropy = metrics.entropy
+        self.drift = metrics.drift
+        self._abstentions = metrics.abstentions
+        self._abstained: Any = None  # made on the first abstention
         self._labels: np.ndarray[Any, Any] | None = None
+        self._abstain: tuple[int, str] | None = None
         self._name_of: NameOf = str
 
-    def _namer(self, labels: np.ndarray[Any, Any] | None) -> NameOf:
+    def _namer(
+        self, labels: np.ndarray[Any, Any] | None, abstain: tuple[int, str] | None = None
+    ) -> NameOf:
         # One resolver per label table, so queued predictions fold in one batch.
-        if labels is not self._labels:
-            self._labels = labels
-            if labels is None:
-                self._name_of = str
-            else:
-                table = labels
+        if labels is not self._labels or abstain != self._abstain:
+            self._labels, self._abstain = labels, abstain
+            table = labels
 
-                def name_of(i: int) -> str:
-                    if i < table.size:
-                        label: bytes = table[i]
-                        return label.decode("utf-8")
-                    return str(i)
+            def name_of(i: int) -> str:
+                if abstain is not None and i == abstain[0]:
+                    return abstain[1]
+                if table is not None and i < table.size:
+                    label: bytes = table[i]
+                    return label.decode("utf-8")
+                return str(i)
 
-                self._name_of = name_of
+            self._name_of = name_of if labels is not None or abstain is not None else str
         return self._name_of
+
+    def _record_health(
+        self, rule: OutputRule, confidence: np.ndarray[Any, Any] | None, rows: Any
+    ) -> None:
+        if rows is not None and rows.shape[0]:
+            entropy = row_entropy(rows)
+            self.entropy.observe(self.series, entropy, rows.shape[1], rule.near_uniform_entropy)
+        baseline = rule.baseline
+        if baseline is not None and confidence is not None and confidence.size:
+            pair = (baseline.edges, baseline.fractions)
+            self.drift.observe(self.series, confidence, pair, rule.drift_window)
+
+    def _count_abstained(self, n: int) -> None:
+        if self._abstained is None:
+            self._abstained = self._abstentions.labels(*self.series)
+        self._abstained.inc(n)
 
     def record_clean(
         self,
@@ -280,15 +319,21 @@ class OutputRecorder:
         classes: np.ndarray[Any, Any],
         confidence: np.ndarray[Any, Any],
         labels: np.ndarray[Any, Any] | None,
+        rule: OutputRule,
+        rows: np.ndarray[Any, Any] | None = None,
     ) -> None:
         """Record an output the native lane found clean: ``size`` values checked,
-        and each row's best class and score. The same as :meth:`record` of the
+        each row's best class and score, and the values as [rows, classes]
+        when the rule tracks entropy. The same as :meth:`record` of the
         lane's result (tests/dataplane/test_rank.py compares the two)."""
         self.values.inc(size)
         self.histogram.observe(self.series, confidence)
         self.classes.add(self.series, classes, self._namer(labels))
+        self._record_health(rule, confidence, rows)
 
-    def record(self, result: OutputResult, labels: np.ndarray[Any, Any] | None) -> None:
+    def record(
+        self, result: OutputResult, labels: np.ndarray[Any, Any] | None, rule: OutputRule
+    ) -> None:
         c = result.counts
         self.values.inc(c.values)
         if c.total:
@@ -314,12 +359,27 @@ class OutputRecorder:
             per_row = None
         if per_row is not None and per_row.size:
             self.histogram.observe(self.series, per_row)
+        self._record_health(rule, per_row, result.entropy_rows)
+        if result.abstained:
+            self._count_abstained(result.abstained)
+        self._record_classes(result, labels, rule)
 
+    def _record_classes(
+        self, result: OutputResult, labels: np.ndarray[Any, Any] | None, rule: OutputRule
+    ) -> None:
         classes = result.classes
-        if classes is not None and classes.size:
-            if result.multi_label:
-                # Threshold on a multi-label output: count each class index that fired.
-                fired = np.nonzero(classes.reshape(-1, classes.shape[-1]))[1]
-                self.classes.add(self.series, fired, str)  # indices: no labels
-            else:
-                self.classes.add(self.series, classes.ravel(), self._namer(labels))
+        if classes is None or not classes.size:
+            return
+        if result.multi_label:
+            # Threshold on a multi-label output: count each class index that fired.
+            fired = np.nonzero(classes.reshape(-1, classes.shape[-1]) == 1)[1]
+            self.classes.add(self.series, fired, str)  # indices: no labels
+            return
+        flat = classes.ravel()
+        abstain = None
+        if result.abstained:
+            # Abstained rows count under abstain_label, at an index past the classes.
+            slot = max(2, class_axis_size(result.checked.shape))
+            flat = np.where(flat == ABSTAINED, slot, flat)
+            abstain = (slot, rule.abstain_label)
+        self.classes.add(self.series, flat, self._namer(labels, abstain))

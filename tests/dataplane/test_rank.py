@@ -270,6 +270,9 @@ def guarded_cases(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
         output["valid_range"] = [0.0, 1.0]  # the config refuses less (renormalising needs 1)
     if rule.labels is not None and (rule.argmax or rule.top_k):
         output["labels"] = list(rule.labels)
+    if (rule.argmax or rule.top_k) and draw(st.booleans()):
+        # Abstaining rows send the response down the reference route.
+        output["min_confidence"] = draw(st.sampled_from([0.05, 0.3, 0.9]))
     outputs = {"probs": tensor(values, encoding, values.dtype.type)}
     if draw(st.booleans()):  # a second guarded output, and one left alone
         outputs["zeta"] = tensor(values[..., ::-1], encoding, values.dtype.type)

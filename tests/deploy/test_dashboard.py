@@ -27,6 +27,12 @@ GUARD_METRICS = {
     "guard_pending_requests",
     "guard_inflight_bytes",
     "guard_server_restarts_total",
+    "guard_near_uniform_rows_total",
+    "guard_output_entropy_count",
+    "guard_output_entropy_bucket",
+    "guard_output_classes",
+    "guard_abstentions_total",
+    "guard_output_drift_psi",
 }
 
 
@@ -70,6 +76,11 @@ def test_required_panels_exist_with_descriptions() -> None:
         "Upstream latency p50 / p99",
         "Guard overhead p50 / p99",
         "Upstream up",
+        "Near-uniform rows",
+        "Output entropy distribution",
+        "Top class share",
+        "Abstentions",
+        "Confidence drift (PSI)",
     ):
         assert any(needle in t for t in titles), needle
     for panel in panels:

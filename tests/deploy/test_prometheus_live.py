@@ -1,11 +1,13 @@
 """The dashboard and alerts against a real Prometheus scraping a real `guard serve`.
 
 A fake TF Serving (official tensorflow_serving stubs) answers with out-of-range values,
-NaN/Inf, bad softmax rows and undecodable bytes; `guard serve` runs as a subprocess in
+NaN/Inf, bad softmax rows, undecodable bytes, and the real outputs of the trained and
+the untrained seed softmax (run in this process); `guard serve` runs as a subprocess in
 front of it; Debian's `prometheus` scrapes the guard every second and evaluates a copy of
 deploy/prometheus/guard-rules.yaml whose `for:` durations are shortened. Then every
 dashboard query (variables substituted) must return data through Prometheus' HTTP API,
-the value alerts must reach `firing`, and `promtool check metrics` must accept /metrics.
+the value alerts must reach `firing` (the model-health ones on the untrained model
+only), and `promtool check metrics` must accept /metrics.
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ import pytest
 import yaml
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from guard.control.baseline import from_values
+from guard.dev.models import (
+    SOFTMAX_201,
+    SOFTMAX_201_UNTRAINED,
+    VERSION,
+    build_models,
+    random_inputs,
+    saved_model_predict,
+)
 from tests.deploy.paths import DEPLOY
 from tests.support.guard import start_guard
 from tests.support.protos import predict_request, predict_response
@@ -40,7 +51,13 @@ VALUE_ALERTS = {
     "GuardOutputNaN",
     "GuardRejectingResponses",
     "GuardSoftmaxBroken",
+    "GuardModelNearUniform",
+    "GuardModelStuck",
+    "GuardOutputDrift",
 }
+HEALTH_ALERTS = {"GuardModelNearUniform", "GuardModelStuck", "GuardOutputDrift"}
+REPO = DEPLOY.parent
+SEED_BATCH = 64
 # What Grafana would substitute: "All" (allValue .*) and windows that hold >= 2 scrapes.
 SUBSTITUTIONS = {
     "$__rate_interval": "20s",
@@ -49,6 +66,31 @@ SUBSTITUTIONS = {
     "$signature": ".*",
     "$output": ".*",
 }
+
+
+def _seed_outputs() -> dict[str, np.ndarray]:
+    """The trained and the untrained softmax_201 on one batch of random images."""
+    paths = build_models(REPO / ".cache" / "models")
+    inputs = random_inputs(SOFTMAX_201, SEED_BATCH, seed=5)
+    return {
+        name: saved_model_predict(paths[name] / str(VERSION), inputs)["probabilities"]
+        for name in (SOFTMAX_201, SOFTMAX_201_UNTRAINED)
+    }
+
+
+def _health_rule(baseline_from: np.ndarray) -> dict[str, Any]:
+    """The seed softmax's rule: abstain below 0.5, drift against the trained model."""
+    edges, fractions, _ = from_values(baseline_from.max(axis=-1))
+    return {
+        "name": "probabilities",
+        "check_sum": True,
+        "argmax": True,
+        "min_confidence": 0.5,
+        "baseline": {"edges": list(edges), "fractions": list(fractions)},
+        "drift_window": 500,
+    }
+
+
 GUARD_CONFIG = {
     "models": [
         # The WideDeep story: sigmoid "probabilities" above 1, observed and thresholded.
@@ -73,7 +115,15 @@ GUARD_CONFIG = {
         {"name": "garbled", "outputs": [{"name": "*"}]},
     ]
 }
-MODELS = ("wide_deep", "broken", "softmax", "healthy", "garbled")
+MODELS = (
+    "wide_deep",
+    "broken",
+    "softmax",
+    "healthy",
+    "garbled",
+    SOFTMAX_201,
+    SOFTMAX_201_UNTRAINED,
+)
 
 
 def _free_port() -> int:
@@ -86,8 +136,10 @@ def _free_port() -> int:
 GARBLED = b"\xff\xff\xff not a PredictResponse"
 
 
-def _responses() -> dict[str, predict_pb2.PredictResponse]:
+def _responses(seeds: dict[str, np.ndarray]) -> dict[str, predict_pb2.PredictResponse]:
     return {
+        name: predict_response(name, {"probabilities": values}) for name, values in seeds.items()
+    } | {
         "wide_deep": predict_response(
             "wide_deep", {"output_1": np.array([[1.00285], [1.001444], [0.000463], [0.3]])}
         ),
@@ -106,8 +158,8 @@ def _responses() -> dict[str, predict_pb2.PredictResponse]:
 class _Upstream(prediction_service_pb2_grpc.PredictionServiceServicer):
     """TF Serving stand-in: canned responses per model, with TF Serving's NOT_FOUND."""
 
-    def __init__(self) -> None:
-        self.responses = _responses()
+    def __init__(self, seeds: dict[str, np.ndarray]) -> None:
+        self.responses = _responses(seeds)
 
     async def Predict(self, request: Any, context: Any) -> Any:  # noqa: N802 - proto name
         name = request.model_spec.name
@@ -143,11 +195,16 @@ class _GarbledPredict(grpc.GenericRpcHandler):
         )
 
 
+@pytest.fixture(scope="module")
+def seed_outputs() -> dict[str, np.ndarray]:
+    return _seed_outputs()
+
+
 @pytest.fixture
-async def upstream() -> AsyncIterator[str]:
+async def upstream(seed_outputs: dict[str, np.ndarray]) -> AsyncIterator[str]:
     """Start the fake TF Serving on a free loopback port; yield its address."""
     server = grpc.aio.server()
-    servicer = _Upstream()
+    servicer = _Upstream(seed_outputs)
     server.add_generic_rpc_handlers((_GarbledPredict(servicer),))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -157,10 +214,14 @@ async def upstream() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def guard_ports(upstream: str, tmp_path: Path) -> Iterator[dict[str, int]]:
+def guard_ports(
+    upstream: str, seed_outputs: dict[str, np.ndarray], tmp_path: Path
+) -> Iterator[dict[str, int]]:
     """Start `guard serve` as a subprocess; yield its {"grpc": port, "metrics": port}."""
+    rule = _health_rule(seed_outputs[SOFTMAX_201])
+    health = [{"name": name, "outputs": [rule]} for name in (SOFTMAX_201, SOFTMAX_201_UNTRAINED)]
     config = tmp_path / "guard.yaml"
-    config.write_text(yaml.safe_dump(GUARD_CONFIG))
+    config.write_text(yaml.safe_dump({"models": GUARD_CONFIG["models"] + health}))
     with start_guard(config, upstream=upstream, log_path=tmp_path / "guard.log") as guard:
         yield guard.ports
 
@@ -305,6 +366,9 @@ async def test_dashboard_queries_and_alerts_on_real_prometheus(
     assert by_name["GuardOutputNaN"] == {"broken"}
     assert "broken" in by_name["GuardRejectingResponses"]
     assert by_name["GuardSoftmaxBroken"] == {"softmax"}
+    # The untrained seed model is caught; the trained one, with the same rules, is not.
+    for name in HEALTH_ALERTS:
+        assert by_name[name] == {SOFTMAX_201_UNTRAINED}, name
 
 
 def test_promtool_check_metrics(guard_ports: dict[str, int], promtool: str) -> None:

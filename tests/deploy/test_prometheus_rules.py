@@ -22,6 +22,9 @@ ALERTS = {
     "GuardHighOverhead",
     "GuardRefusingCalls",
     "GuardServerRestarted",
+    "GuardModelNearUniform",
+    "GuardModelStuck",
+    "GuardOutputDrift",
 }
 
 

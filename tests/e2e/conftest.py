@@ -4,7 +4,7 @@
 Everything is session-scoped and started lazily, because every start costs
 seconds on a small machine (the backend imports TensorFlow):
 
-- ``seed_models``: the three SavedModels, built once into ``.cache/models`` (or
+- ``seed_models``: the four SavedModels, built once into ``.cache/models`` (or
   ``$GUARD_TEST_MODELS_DIR``); a second session reuses them (cached by content).
 - ``backends(encoding)``: the backend serving the seed models, ``typed`` (TF
   Serving's default ``*_val`` fields) or ``content`` (``--tensor-content``). The
@@ -59,21 +59,84 @@ def _wide_deep_only(on_violation: str) -> dict[str, Any]:
     }
 
 
+#: A logits-output variant of softmax_201 (its last Dense without the softmax),
+#: exported by the test session, for calibration at serving time.
+LOGITS_MODEL = "softmax_201_logits"
+TEMPERATURE = 2.5
+
+
+def _calibrated() -> dict[str, Any]:
+    """Temperature scaling of the logits model, with abstention."""
+    return {
+        "health_check_interval_s": 0.5,
+        "models": [
+            {
+                "name": LOGITS_MODEL,
+                "outputs": [
+                    {
+                        "name": "logits",
+                        "activation": "softmax",
+                        "temperature": TEMPERATURE,
+                        "check_sum": True,
+                        "argmax": True,
+                        "min_confidence": 0.3,
+                    }
+                ],
+            }
+        ],
+    }
+
+
 SCENARIOS: dict[str, dict[str, Any] | Path] = {
     "observe": _wide_deep_only("observe"),
     "clamp": _wide_deep_only("clamp"),
     "reject": _wide_deep_only("reject"),
     # The demo rule set, used as shipped (labels_file resolves next to it).
     "examples": EXAMPLE_CONFIG,
+    "calibrated": _calibrated(),
 }
 """Guard configs by scenario name: a dict is written to a file, a Path is used as is."""
 
 
 @pytest.fixture(scope="session")
 def seed_models() -> dict[str, Path]:
-    """The three seed models, built (or reused from the content-addressed cache)."""
+    """The four seed models, built (or reused from the content-addressed cache)."""
     out_dir = Path(os.environ.get("GUARD_TEST_MODELS_DIR", REPO_ROOT / ".cache" / "models"))
     return build_models(out_dir)
+
+
+def logits_keras_model() -> Any:
+    """softmax_201's tf_keras model with its last layer's softmax left out."""
+    import tf_keras
+
+    probs = keras_model("softmax_201")
+    head = probs.layers[-1]
+    logits = tf_keras.layers.Dense(head.units, activation=None, name="logits")
+    out = logits(probs.layers[-2].output)
+    logits.set_weights(head.get_weights())
+    return tf_keras.Model(probs.inputs, out, name=LOGITS_MODEL)
+
+
+def _export_logits_model(base: Path) -> Path:
+    import tensorflow as tf
+
+    model = logits_keras_model()
+    module = tf.Module()
+    module.model_variables = list(model.weights)
+    spec = tf.TensorSpec((None, 16, 16, 1), tf.float32, name="image")
+    module.serve = tf.function(lambda image: {"logits": model(image, training=False)}, [spec])
+    signature = module.serve.get_concrete_function()
+    tf.saved_model.save(module, str(base / str(VERSION)), signatures={"serving_default": signature})
+    return base
+
+
+@pytest.fixture(scope="session")
+def served_models(
+    seed_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """The seed models and the logits model, as the backends serve them."""
+    logits = _export_logits_model(tmp_path_factory.mktemp("logits") / LOGITS_MODEL)
+    return {**seed_models, LOGITS_MODEL: logits}
 
 
 BackendFactory = Callable[[str], BackendProcess]
@@ -81,7 +144,7 @@ GuardFactory = Callable[[str, str], GuardProcess]
 
 
 @pytest.fixture(scope="session")
-def backends(seed_models: dict[str, Path]) -> Iterator[BackendFactory]:
+def backends(served_models: dict[str, Path]) -> Iterator[BackendFactory]:
     """``backends(encoding)``: the backend for ``typed`` or ``content`` responses."""
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(ENCODINGS))
     futures: dict[str, concurrent.futures.Future[BackendProcess]] = {}
@@ -91,7 +154,7 @@ def backends(seed_models: dict[str, Path]) -> Iterator[BackendFactory]:
             # Both TensorFlow imports overlap; the suite needs both backends anyway.
             for enc in ENCODINGS:
                 futures[enc] = pool.submit(
-                    start_backend, seed_models, tensor_content=enc == "content"
+                    start_backend, served_models, tensor_content=enc == "content"
                 )
         return futures[encoding].result()
 

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         default=_REPO_ROOT / "examples" / "guard.yaml",
-        help="guard config for the three seed models (default: examples/guard.yaml)",
+        help="guard config for the four seed models (default: examples/guard.yaml)",
     )
     parser.add_argument(
         "--models-dir",

@@ -20,8 +20,20 @@ from typing import Any
 import numpy as np
 
 from guard.control.process import ChildStartError, guard_argv, start
+from guard.dataplane.rules import normalized_entropy
 from guard.dev.backend import start_backend
-from guard.dev.models import BINARY_MLP, MODELS, SOFTMAX_201, WIDE_DEEP, build_models, demo_inputs
+from guard.dev.models import (
+    BINARY_MLP,
+    MODELS,
+    SOFTMAX_201,
+    SOFTMAX_201_UNTRAINED,
+    WIDE_DEEP,
+    build_models,
+    demo_inputs,
+)
+
+#: The demo's mark for a near-uniform row (examples/guard.yaml's near_uniform_entropy).
+NEAR_UNIFORM = 0.98
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CONFIG = REPO_ROOT / "examples" / "guard.yaml"
@@ -132,14 +144,18 @@ def _show_softmax(
     score = tf.make_ndarray(guarded.outputs[f"{out}_score"])
     label = tf.make_ndarray(guarded.outputs[f"{out}_label"])
     top = tf.make_ndarray(guarded.outputs[f"{out}_top_k_label"])
+    entropy = normalized_entropy(raw.reshape(raw.shape[0], -1))
     rows = []
     for i in range(raw.shape[0]):
         row_sum = float(raw[i].sum(dtype=np.float64))
-        mark = "! sum off 1" if abs(row_sum - 1) > 1e-3 else ""
+        marks = ["! sum off 1"] if abs(row_sum - 1) > 1e-3 else []
+        marks += ["! near-uniform"] if entropy[i] >= NEAR_UNIFORM else []
+        marks += ["abstained"] if cls[i] == -1 else []
         top3 = ", ".join(t.decode() for t in top[i][:3])
         rows.append([str(i), _input_summary(inputs, i), _fmt(float(raw[i].max())),
-                     f"{row_sum:.4f}", str(cls[i]),
-                     _fmt(float(score[i])), label[i].decode(), top3, mark])  # fmt: skip
+                     f"{row_sum:.4f}", f"{entropy[i]:.4f}", str(cls[i]),
+                     _fmt(float(score[i])), label[i].decode(), top3,
+                     ", ".join(marks)])  # fmt: skip
     head = f"{model}: output '{out}' ({raw.shape[1]} classes), " \
            f"action={trailers.get('x-guard-action')} " \
            f"violations={trailers.get('x-guard-violations')}"  # fmt: skip
@@ -147,7 +163,19 @@ def _show_softmax(
         head
         + "\n"
         + _table(
-            rows, ["row", "input", "raw max", "raw sum", "class", "score", "label", "top 3", ""]
+            rows,
+            [
+                "row",
+                "input",
+                "raw max",
+                "raw sum",
+                "entropy",
+                "class",
+                "score",
+                "label",
+                "top 3",
+                "",
+            ],
         )
     )
 
@@ -163,6 +191,8 @@ def _counters(metrics_url: str) -> str:
         "guard_output_violations_total",
         "guard_output_sum_violations_total",
         "guard_predicted_class_total",
+        "guard_abstentions_total",
+        "guard_near_uniform_rows_total",
     )
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -197,14 +227,15 @@ def run_demo(config: Path, models_dir: Path, tensor_content: bool = False) -> in
                     direct_ch = grpc.insecure_channel(backend.address)
                     via_guard = prediction_service_pb2_grpc.PredictionServiceStub(guard_ch)
                     direct = prediction_service_pb2_grpc.PredictionServiceStub(direct_ch)
-                    for model in (WIDE_DEEP, BINARY_MLP, SOFTMAX_201):
+                    for model in (WIDE_DEEP, BINARY_MLP, SOFTMAX_201, SOFTMAX_201_UNTRAINED):
                         inputs = demo_inputs(model)
                         req = _request(model, inputs)
                         raw_resp = direct.Predict(req, timeout=60)
                         raw = tf.make_ndarray(raw_resp.outputs[MODELS[model].outputs[0].name])
                         guarded, call = via_guard.Predict.with_call(req, timeout=60)
                         trailers = dict(call.trailing_metadata() or ())
-                        show = _show_softmax if model == SOFTMAX_201 else _show_binary
+                        softmax = model in (SOFTMAX_201, SOFTMAX_201_UNTRAINED)
+                        show = _show_softmax if softmax else _show_binary
                         reports.append(show(model, inputs, raw, guarded, trailers))
                     guard_ch.close()
                     direct_ch.close()

@@ -1,4 +1,4 @@
-"""The seed models: three small Keras models that reproduce the seed stories.
+"""The seed models: four small Keras models that reproduce the seed stories.
 
 Importing this package does not import TensorFlow; only building the models and
 the Keras helpers do (lazily).
@@ -8,6 +8,8 @@ the Keras helpers do (lazily).
 - ``binary_mlp``: input ``features`` [batch, 8], output ``probability`` [batch, 1].
 - ``softmax_201``: input ``image`` [batch, 16, 16, 1], output ``probabilities``
   [batch, 201] with 201 class names.
+- ``softmax_201_untrained``: softmax_201's architecture with its initial
+  weights (seed 004): every row close to 1/201 per class.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from guard.dev.models._spec import (
     MODEL_NAMES,
     MODELS,
     SOFTMAX_201,
+    SOFTMAX_201_UNTRAINED,
     WIDE_DEEP,
     ModelInfo,
     TensorInfo,
@@ -40,6 +43,7 @@ __all__ = [
     "MODELS",
     "MODEL_NAMES",
     "SOFTMAX_201",
+    "SOFTMAX_201_UNTRAINED",
     "VERSION",
     "WIDE_DEEP",
     "ModelInfo",

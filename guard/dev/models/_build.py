@@ -75,7 +75,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def build_models(out_dir: Path, *, force: bool = False) -> dict[str, Path]:
-    """Build the three seed SavedModels under ``out_dir``; return name -> base path.
+    """Build the seed SavedModels under ``out_dir``; return name -> base path.
 
     Layout (TF Serving's): ``out_dir/<name>/1/saved_model.pb``, plus
     ``out_dir/<name>/labels.txt`` with one class name per line. A second call with

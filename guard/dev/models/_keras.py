@@ -24,7 +24,9 @@ def keras_model(name: str) -> tf_keras.Model:
     if name == _spec.BINARY_MLP:
         return _binary_mlp()
     if name == _spec.SOFTMAX_201:
-        return _softmax_201()
+        return _softmax_201(name, _spec.softmax_201_weights())
+    if name == _spec.SOFTMAX_201_UNTRAINED:
+        return _softmax_201(name, _spec.softmax_201_untrained_weights())
     raise KeyError(f"unknown seed model {name!r}")
 
 
@@ -65,7 +67,7 @@ def _binary_mlp() -> tf_keras.Model:
     return model
 
 
-def _softmax_201() -> tf_keras.Model:
+def _softmax_201(name: str, weights: list[np.ndarray]) -> tf_keras.Model:
     model = tf_keras.Sequential(
         [
             tf_keras.Input(shape=(16, 16, 1)),
@@ -76,9 +78,9 @@ def _softmax_201() -> tf_keras.Model:
             layers.Dense(40, activation="relu"),
             layers.Dense(201, activation="softmax"),
         ],
-        name="softmax_201",
+        name=name,
     )
-    model.set_weights(_spec.softmax_201_weights())
+    model.set_weights(weights)
     return model
 
 
@@ -152,6 +154,10 @@ def verify(name: str, version_dir: Path) -> None:
     elif name == _spec.BINARY_MLP:
         if not np.allclose(values[:, 0], _spec.BINARY_MLP_TARGETS, rtol=1e-2, atol=1e-6):
             raise RuntimeError(f"binary_mlp: demo outputs drifted from the seed: {values[:, 0]}")
+    elif name == _spec.SOFTMAX_201_UNTRAINED:
+        # Seed 004: about 1/201 per class, rows summing to 1.
+        if not (values.max() < 0.01 and np.allclose(values.sum(axis=-1), 1, atol=1e-5)):
+            raise RuntimeError(f"softmax_201_untrained: not near-uniform, max {values.max()}")
     else:
         winners = np.argmax(values, axis=-1)[1:]
         sums = values.sum(axis=-1)

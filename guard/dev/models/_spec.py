@@ -16,9 +16,10 @@ import numpy as np
 WIDE_DEEP = "wide_deep"
 BINARY_MLP = "binary_mlp"
 SOFTMAX_201 = "softmax_201"
-MODEL_NAMES: tuple[str, ...] = (WIDE_DEEP, BINARY_MLP, SOFTMAX_201)
+SOFTMAX_201_UNTRAINED = "softmax_201_untrained"
+MODEL_NAMES: tuple[str, ...] = (WIDE_DEEP, BINARY_MLP, SOFTMAX_201, SOFTMAX_201_UNTRAINED)
 
-_SEEDS = {WIDE_DEEP: 1633, BINARY_MLP: 2023, SOFTMAX_201: 201}
+_SEEDS = {WIDE_DEEP: 1633, BINARY_MLP: 2023, SOFTMAX_201: 201, SOFTMAX_201_UNTRAINED: 4}
 
 # wide_deep: the seed's table. Rows above 1.0 first, then the rows near 0, then a
 # few ordinary probabilities.
@@ -121,6 +122,14 @@ MODELS: dict[str, ModelInfo] = {
         labels=softmax_201_labels(),
         story="A 201-way softmax returns ~0.00497 per class; clients re-implement argmax.",
     ),
+    SOFTMAX_201_UNTRAINED: ModelInfo(
+        name=SOFTMAX_201_UNTRAINED,
+        inputs=(TensorInfo("image", "float32", (None, 16, 16, 1)),),
+        outputs=(TensorInfo("probabilities", "float32", (None, 201)),),
+        labels=softmax_201_labels(),
+        story="softmax_201's architecture with its initial weights (seed 004): every row "
+        "near 1/201 per class, every row summing to 1, nothing out of range.",
+    ),
 }
 
 
@@ -160,7 +169,7 @@ def demo_inputs(name: str) -> dict[str, np.ndarray]:
         return _wide_deep_inputs()
     if name == BINARY_MLP:
         return _binary_mlp_inputs()
-    return _softmax_201_inputs()
+    return _softmax_201_inputs()  # the untrained model sees the trained one's inputs
 
 
 # ----------------------------------------------------------------------------
@@ -325,3 +334,22 @@ def softmax_201_weights() -> list[np.ndarray]:
     d2k, d2b = _solve_last_layer(h, softmax_201_target_logits())
     f32 = np.float32
     return [a.astype(f32) for a in (c1k, c1b, c2k, c2b, d1k, d1b, d2k, d2b)]
+
+
+def _glorot_uniform(rs: np.random.RandomState, shape: tuple[int, ...]) -> np.ndarray:
+    """Keras' default kernel initializer: U(-l, l), l = sqrt(6 / (fan_in + fan_out))."""
+    receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    fan_in, fan_out = receptive * shape[-2], receptive * shape[-1]
+    limit = np.sqrt(6.0 / (fan_in + fan_out))
+    return rs.uniform(-limit, limit, shape)
+
+
+def softmax_201_untrained_weights() -> list[np.ndarray]:
+    """softmax_201's layers as Keras initialises them (glorot-uniform kernels,
+    zero biases), from a fixed seed: the model nobody trained."""
+    rs = np.random.RandomState(_SEEDS[SOFTMAX_201_UNTRAINED])
+    shapes = ((3, 3, 1, 8), (3, 3, 8, 16), (16, 40), (40, 201))
+    weights: list[np.ndarray] = []
+    for shape in shapes:
+        weights += [_glorot_uniform(rs, shape), np.zeros(shape[-1])]
+    return [w.astype(np.float32) for w in weights]

@@ -4,7 +4,7 @@ Reusable from other test packages (the demo and end-to-end tests): the work is
 done by ``guard.dev.models.build_models`` and ``guard.dev.backend.start_backend``; these
 fixtures only cache the results for the session.
 
-- ``seed_models``: name -> base path of the three seed models, built once into
+- ``seed_models``: name -> base path of the four seed models, built once into
   ``.cache/models`` (or ``$GUARD_TEST_MODELS_DIR``) and reused across runs.
 - ``extra_models``: ``versioned`` (versions 1 and 7) and ``dtypes`` (one output per
   dtype, a scalar output) for the backend's own tests.
@@ -49,7 +49,7 @@ ReferencePredict = Callable[[str | Path, dict[str, np.ndarray]], dict[str, np.nd
 
 @pytest.fixture(scope="session")
 def seed_models() -> dict[str, Path]:
-    """The three seed models, built (or reused from the content-addressed cache)."""
+    """The four seed models, built (or reused from the content-addressed cache)."""
     out_dir = Path(os.environ.get("GUARD_TEST_MODELS_DIR", REPO_ROOT / ".cache" / "models"))
     return build_models(out_dir)
 

@@ -446,8 +446,7 @@ def test_a_dtype_json_cannot_fill_is_unimplemented(rest_backend: BackendProcess)
 
 def test_curl_is_an_independent_client(rest_backend: BackendProcess) -> None:
     curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl is not installed (apt-get install curl)")
+    assert curl is not None, "curl is not installed: make apt installs it"
     url = f"{rest_backend.rest_url}/v1/models/rest_multi:predict"
     data = '{"signature_name": "halve", "instances": [1.0, 5.0]}'
     result = subprocess.run(
