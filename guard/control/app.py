@@ -25,6 +25,7 @@ from guard.dataplane import kernels
 from guard.dataplane.errors import ConfigError
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.proxy import GuardServer
+from guard.server.rest import RestFrontEnd
 
 __all__ = ["configure_logging", "run_serve"]
 
@@ -36,6 +37,8 @@ def _summary(config: Config) -> str:
     models = ", ".join(f"{m.name}/{m.signature}" for m in config.models) or "none"
     return (
         f"guard {__version__}: listen={config.listen} upstream={config.upstream} "
+        f"rest_listen={config.rest_listen if config.rest_upstream else 'off'} "
+        f"rest_upstream={config.rest_upstream} "
         f"metrics={config.metrics_listen} timeout={config.default_timeout_s}s "
         f"max_message_mb={config.max_message_mb} "
         f"max_concurrent_rpcs={config.max_concurrent_rpcs} "
@@ -44,15 +47,21 @@ def _summary(config: Config) -> str:
 
 
 @contextlib.contextmanager
-def _dev_backend(models: Sequence[str], max_message_mb: int) -> Iterator[str]:
-    """Start ``guard backend`` as a child process and yield its address."""
+def _dev_backend(models: Sequence[str], max_message_mb: int) -> Iterator[tuple[str, str]]:
+    """Start ``guard backend`` as a child process and yield its gRPC and REST addresses."""
     from guard.dev.backend import start_backend
     from guard.dev.backend.cli import parse_model_args
 
     logger.info("dev mode: starting the local backend for %s", ", ".join(models))
-    with start_backend(parse_model_args(list(models)), max_message_mb=max_message_mb) as backend:
-        logger.info("dev mode: local backend serving on %s", backend.address)
-        yield backend.address
+    with start_backend(
+        parse_model_args(list(models)), max_message_mb=max_message_mb, rest_listen="127.0.0.1:0"
+    ) as backend:
+        assert backend.rest_address is not None
+        logger.info(
+            "dev mode: local backend serving gRPC on %s, REST on %s",
+            backend.address, backend.rest_address,
+        )  # fmt: skip
+        yield backend.address, backend.rest_address
 
 
 @dataclass
@@ -60,9 +69,24 @@ class _Running:
     """What one serving process started, to stop in reverse."""
 
     server: GuardServer
+    rest: RestFrontEnd | None
     metrics_port: int
     httpd: Any
     reloader: Reloader
+
+    def ports(self) -> dict[str, int]:
+        """The port file's content: every port this process serves on."""
+        ports = {"grpc": self.server.port, "metrics": self.metrics_port}
+        if self.rest is not None:
+            ports["rest"] = self.rest.port
+        return ports
+
+    async def stop(self) -> None:
+        """Both front-ends drain at once, within shutdown_grace_s."""
+        stopping = [self.server.stop()]
+        if self.rest is not None:
+            stopping.append(self.rest.stop())
+        await asyncio.gather(*stopping)
 
 
 async def _start(
@@ -76,6 +100,9 @@ async def _start(
     httpd, _thread = start_http_server(port, host, registry=registry)
     server = GuardServer(config, metrics)
     await server.start()
+    rest = RestFrontEnd(server) if config.rest_upstream is not None else None
+    if rest is not None:
+        await rest.start()
 
     def apply(new: Config) -> None:
         server.swap_rules(new)
@@ -88,7 +115,7 @@ async def _start(
         apply=apply,
         count=lambda result: metrics.config_reloads.labels(result).inc(),
     )
-    return _Running(server, httpd.server_port, httpd, reloader)
+    return _Running(server, rest, httpd.server_port, httpd, reloader)
 
 
 class _Stop:
@@ -142,6 +169,8 @@ async def _serve(
     logger.info(
         "serving gRPC on port %d, metrics on port %d", running.server.port, running.metrics_port
     )
+    if running.rest is not None:
+        logger.info("serving REST on port %d", running.rest.port)
     # Everything allocated so far (modules, descriptors, the server) lives as
     # long as the process: move it out of the collector's sight, so the full
     # collections that steady traffic triggers scan only what requests made
@@ -149,7 +178,7 @@ async def _serve(
     gc.collect()
     gc.freeze()
     if port_file is not None:
-        write_port_file(port_file, {"grpc": running.server.port, "metrics": running.metrics_port})
+        write_port_file(port_file, running.ports())
     try:
         await stop.event.wait()
         for task in tasks:
@@ -158,7 +187,7 @@ async def _serve(
             "stopping: refusing new calls, draining in-flight calls for up to %.1f s",
             config.shutdown_grace_s,
         )
-        await running.server.stop()
+        await running.stop()
     finally:
         running.httpd.shutdown()
         running.httpd.server_close()
@@ -192,9 +221,10 @@ def run_serve(
     overrides = dict(overrides or {})
     with contextlib.ExitStack() as stack:
         if dev_models:
-            upstream = stack.enter_context(_dev_backend(dev_models, config.max_message_mb))
+            upstream, rest = stack.enter_context(_dev_backend(dev_models, config.max_message_mb))
             overrides["upstream"] = upstream
-            config = replace(config, upstream=upstream)
+            overrides.setdefault("rest_upstream", config.rest_upstream or rest)
+            config = replace(config, upstream=upstream, rest_upstream=overrides["rest_upstream"])
         elif config.upstream is None:
             raise ConfigError(
                 f"{config.source}: field 'upstream' is not set; give the TF Serving address, "

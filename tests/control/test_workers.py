@@ -52,7 +52,7 @@ async def test_two_workers_share_a_port_and_one_metrics_endpoint(
             for f in scrape(f"http://127.0.0.1:{ports['metrics']}/metrics")
             for s in f.samples
         }
-        ok = (("code", "OK"), ("method", "Predict"), ("model", "m"))
+        ok = (("code", "OK"), ("method", "Predict"), ("model", "m"), ("protocol", "grpc"))
         assert samples[("guard_requests_total", ok)] == sent
         clamped = (("action", "clamped"), ("model", "m"), ("signature", "serving_default"),
                    ("version", "1"))  # fmt: skip

@@ -112,7 +112,12 @@ async def test_a_request_over_max_request_mb_is_refused_and_counted(
     for _ in range(100):  # bounded: the handler counts as gRPC ends the call
         if guard.sample(
             "guard_requests_total",
-            {"model": "__other__", "method": "Predict", "code": "RESOURCE_EXHAUSTED"},  # fmt: skip
+            {
+                "protocol": "grpc",
+                "model": "__other__",
+                "method": "Predict",
+                "code": "RESOURCE_EXHAUSTED",
+            },  # fmt: skip
         ):
             break
         await asyncio.sleep(0.01)
@@ -148,7 +153,12 @@ async def test_an_expired_client_deadline_is_counted_as_deadline_exceeded(
         guard = await make_guard(RULES, upstream=slow.address)
         code = await _status(guard.stub.Predict(predict_request("m"), timeout=0.3))
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-        labels = {"model": "m", "method": "Predict", "code": "DEADLINE_EXCEEDED"}
+        labels = {
+            "protocol": "grpc",
+            "model": "m",
+            "method": "Predict",
+            "code": "DEADLINE_EXCEEDED",
+        }
         for _ in range(100):
             if guard.sample("guard_requests_total", labels):
                 break
@@ -172,7 +182,7 @@ async def test_other_services_are_relayed_and_labelled_other(
     # A method named like TF Serving's, on another service, is not TF Serving's.
     lookalike = await _status(guard.channel.unary_unary("/my.Service/Predict")(b"", timeout=5))
     assert lookalike == grpc.StatusCode.UNIMPLEMENTED
-    other = {"model": "__other__", "method": "__other__"}
+    other = {"protocol": "grpc", "model": "__other__", "method": "__other__"}
     assert guard.sample("guard_requests_total", dict(other, code="OK")) == 1
     assert guard.sample("guard_requests_total", dict(other, code="UNIMPLEMENTED")) == 1
 
