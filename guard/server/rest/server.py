@@ -112,6 +112,8 @@ class RestFrontEnd:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let requests in flight finish within ``grace`` seconds, close."""
         grace = self._state.config.shutdown_grace_s if grace is None else grace
+        if self._stopping:
+            return
         self._stopping = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
