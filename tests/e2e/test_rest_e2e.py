@@ -207,3 +207,21 @@ def test_curl_gets_the_seed_users_threshold_applied(rest_guards: dict[str, Guard
         ["negative", "positive"][c] for c in classes
     ]
     assert abs(scores[0] - 0.074706882) < 1e-6  # the seed user's first score
+
+
+def test_dev_mode_serves_rest_against_the_local_backends_rest_port(
+    seed_models: dict[str, Path],
+) -> None:
+    model = f"{WIDE_DEEP}={seed_models[WIDE_DEEP]}"
+    guard = start_guard(EXAMPLE_CONFIG, "--model", model, "--rest-listen", "127.0.0.1:0")
+    try:
+        body = rest_body(inputs_for(WIDE_DEEP, "demo"), "columnar")
+        status, headers, out = rest_post(f"{guard.rest_url}/v1/models/{WIDE_DEEP}:predict", body)
+    finally:
+        guard.stop()
+
+    assert status == 200, out
+    assert headers["x-guard-action"] == "clamped"
+    doc = json.loads(out)
+    assert max(np.array(doc["outputs"]).ravel()) == 1.0
+    assert doc["guard_outputs"]["output_1_label"][:5] == [["YES"]] * 5
