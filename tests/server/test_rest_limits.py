@@ -144,6 +144,19 @@ async def test_a_slow_body_and_a_chunked_body_without_end_get_408(
     assert fake.seen == []
 
 
+async def test_headers_that_do_not_arrive_get_408_and_the_connection_closes(
+    make_guard: MakeGuard,
+) -> None:
+    guard = await make_guard(request_timeout_s=0.3)
+    started = asyncio.get_running_loop().time()
+    answer = await raw_exchange(guard, b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nX-Slow: ", [])
+    status, body = split(answer)
+    assert status == 408
+    assert "headers did not arrive within request_timeout_s (0.3 s)" in body["error"]
+    assert asyncio.get_running_loop().time() - started < 5
+    assert refused(guard, "request_timeout") == 1
+
+
 async def test_calls_over_max_concurrent_rpcs_get_429_and_the_first_ones_finish(
     fake: FakeRestUpstream, make_guard: MakeGuard
 ) -> None:

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from guard.control.config import Config
 from guard.metrics.guard_metrics import OTHER, GuardMetrics
 from guard.server.gate import Refusal
-from guard.server.rest.call import REST, error_response
+from guard.server.rest.call import REST, error_body, error_response
 from guard.server.rest.routes import code_of_status
 
 __all__ = ["HttpServer", "forward_headers", "read_limited", "request_factory", "response_headers"]
@@ -86,10 +86,41 @@ def request_factory(client_max_size: int) -> Any:
 
 
 class _Handler(web.RequestHandler):
-    """aiohttp's connection handler, answering what its parser refuses in JSON."""
+    """aiohttp's connection handler, answering what its parser refuses in JSON,
+    and closing a new connection whose first request's headers do not arrive
+    within ``request_timeout_s`` (aiohttp itself would wait for ever)."""
 
     guard_metrics: GuardMetrics
     guard_config: Config
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self._guard_timer = loop.call_later(
+            self.guard_config.request_timeout_s, self._headers_late, transport
+        )
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._guard_timer.cancel()
+        super().connection_lost(exc)
+
+    def _headers_late(self, transport: asyncio.BaseTransport) -> None:
+        if self._request_count or transport.is_closing():
+            return
+        config, metrics = self.guard_config, self.guard_metrics
+        metrics.record_refusal(Refusal.REQUEST_TIMEOUT.value)
+        metrics.record_request(REST, OTHER, OTHER, code_of_status(408))
+        body = error_body(
+            f"guard: the request's headers did not arrive within request_timeout_s "
+            f"({config.request_timeout_s:g} s); send them at once, or raise request_timeout_s"
+        )
+        head = (
+            "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(head.encode() + body)
+        transport.close()
 
     def handle_error(
         self,
