@@ -359,3 +359,52 @@ async def test_deep_nesting_in_a_response_is_a_clear_error(
 
     assert status == 500
     assert json.loads(out)["error"].startswith("guard: cannot read the REST predict response")
+
+
+async def test_a_request_whose_keys_the_peek_cannot_reach_is_refused_when_rules_apply(
+    fake: FakeRestUpstream, make_guard: MakeGuard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from guard.server.rest import peek
+
+    monkeypatch.setattr(peek, "PEEK_STRINGS_MAX", 10)
+    fake.predict("wide_deep", predict_response([("output_1", WIDE, DT_FLOAT)], "row"))
+    fake.metadata("wide_deep", {"output_1": ("DT_FLOAT", [-1, 1])})
+    fake.predict("free", b"{}")
+    guard = await make_guard([SIGMOID_RULE])
+    strings = '{"instances": [' + ",".join(['"s"'] * 20) + '], "signature_name": "x"}'
+
+    guarded = await post(f"{guard.rest_url}/v1/models/wide_deep:predict", strings)
+    free = await post(f"{guard.rest_url}/v1/models/free:predict", strings)
+    not_an_object = await post(f"{guard.rest_url}/v1/models/wide_deep:predict", "[1, 2")
+
+    assert guarded[0] == 400
+    assert '"signature_name" before "instances"' in json.loads(guarded[2])["error"]
+    assert free[0] == 200  # no rule: the upstream judges it
+    assert not [s for s in fake.seen if s.body == strings.encode() and "wide" in s.path]
+    assert not_an_object[0] == 200  # forwarded: the fake answers anything; TF Serving says 400
+    assert not_an_object[1]["x-guard-action"] == "clamped"
+
+
+async def test_an_unreachable_or_slow_upstream_is_named_in_the_answer(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    fake.reply("GET", "/v1/models/slow", Reply(body=b"{}", delay_s=2.0))
+    slow = await make_guard([], default_timeout_s=0.3)
+    gone = await make_guard([], rest_upstream="127.0.0.1:9")
+
+    timed_out = await _get(f"{slow.rest_url}/v1/models/slow")
+    unreachable = await _get(f"{gone.rest_url}/v1/models/m")
+
+    assert timed_out[0] == 504
+    assert "default_timeout_s (0.3 s)" in json.loads(timed_out[1])["error"]
+    assert unreachable[0] == 503
+    assert "cannot reach the REST upstream 127.0.0.1:9" in json.loads(unreachable[1])["error"]
+    labels = {"model": "__other__", "method": "GetModelStatus"}
+    assert rest_requests(slow, **labels, code="DEADLINE_EXCEEDED") == 1
+    assert rest_requests(gone, **labels, code="UNAVAILABLE") == 1
+
+
+async def _get(url: str) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as response:
+            return response.status, await response.read()

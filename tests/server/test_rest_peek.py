@@ -51,8 +51,10 @@ def test_the_peek_never_reads_numbers_and_stops_at_its_bound() -> None:
 
     strings = b'{"instances": [' + b",".join([b'"a"'] * (peek_module.PEEK_STRINGS_MAX + 1))
     bounded = peek_request(strings + b'], "signature_name": "s"}')
-    assert (bounded.signature, bounded.complete) == (None, False)
-    assert not peek_request(b"[1, 2]").complete
+    assert (bounded.signature, bounded.complete, bounded.exceeded) == (None, False, True)
+    for bad in (b"[1, 2]", b'{"instances": [1, 2', b'{"a": "unterminated'):
+        found = peek_request(bad)
+        assert not found.complete and not found.exceeded  # the upstream judges these
 
 
 @settings(max_examples=200, deadline=None)

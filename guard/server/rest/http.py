@@ -48,7 +48,8 @@ def _dropped(headers: Any, also: frozenset[str]) -> frozenset[str]:
 
 def forward_headers(headers: Any) -> CIMultiDict[str]:
     """The client's headers that go on to the upstream (its own Host and length are set there)."""
-    drop = _dropped(headers, frozenset({"host", "content-length"}))
+    # Expect: the guard already took the whole body (and answered 100-continue).
+    drop = _dropped(headers, frozenset({"host", "content-length", "expect"}))
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
 
 

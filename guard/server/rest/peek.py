@@ -41,6 +41,8 @@ class RequestPeek:
     """``row`` for ``"instances"``, ``columnar`` for ``"inputs"`` (``None``: neither found)."""
     complete: bool
     """Whether every top-level key was seen (or both answers were found)."""
+    exceeded: bool = False
+    """The peek stopped at its bound (not at the end of the object, nor at bad JSON)."""
 
 
 class _Scan:
@@ -103,25 +105,26 @@ def peek_request(body: bytes) -> RequestPeek:
     at = scan.ws(0)
     if body[at : at + 1] != b"{":
         return RequestPeek(None, None, False)
-    depth, pos, complete = 1, at + 1, False
+    depth, pos, complete, exceeded = 1, at + 1, False, True
     for _ in range(PEEK_STRINGS_MAX):
         quote = body.find(b'"', pos)
         depth += _depth_change(body, pos, quote if quote >= 0 else len(body))
         if depth <= 0 or quote < 0:
-            complete = depth <= 0
+            complete, exceeded = depth <= 0, False
             break
         string = _STRING.match(body, quote)
         if string is None:
+            exceeded = False
             break
         pos = string.end()
         if depth == 1:
             pos = scan.key(quote, pos) or pos
             if scan.done():
-                complete = True
+                complete, exceeded = True, False
                 break
             if scan.key_bytes > PEEK_KEY_BYTES_MAX:
                 break
-    return RequestPeek(scan.signature, scan.format, complete)
+    return RequestPeek(scan.signature, scan.format, complete, exceeded)
 
 
 def inflate(body: bytes, limit: int) -> bytes | None:

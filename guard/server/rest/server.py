@@ -220,7 +220,8 @@ class RestFrontEnd:
         started = time.perf_counter()
         try:
             async with self._session.request(
-                request.method, url, data=body, headers=forward_headers(request.headers),
+                request.method, url, data=body if body or request.body_exists else None,
+                headers=forward_headers(request.headers),
                 allow_redirects=False, timeout=self._timeout,
             ) as response:  # fmt: skip
                 yield response
@@ -258,10 +259,16 @@ class RestFrontEnd:
                 status=upstream.status, reason=upstream.reason,
                 headers=response_headers(upstream.headers, keep_length=True),
             )  # fmt: skip
-            call.count_status(upstream.status)
             await answer.prepare(request)
-            async for chunk in upstream.content.iter_chunked(_CHUNK):
-                await answer.write(chunk)
+            try:
+                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                    await answer.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The status line is sent: all that is left is to break the
+                # connection, so the client cannot take the body for whole.
+                call.count("UNAVAILABLE")
+                raise ConnectionResetError(f"the upstream's answer broke off: {exc!r}") from None
+            call.count_status(upstream.status)
             await answer.write_eof()
             return answer
 
@@ -299,7 +306,7 @@ class RestFrontEnd:
         if "gzip" in request.headers.get("Content-Encoding", ""):
             plain = inflate(body, self._state.config.max_request_bytes)
         found = peek_request(plain or b"")
-        if not found.complete and found.signature is None:
+        if found.exceeded and found.signature is None:
             raise Answer(
                 400,
                 "guard: the request's top-level keys could not be read within the guard's "
