@@ -408,3 +408,35 @@ async def _get(url: str) -> tuple[int, bytes]:
     async with aiohttp.ClientSession() as session:
         async with session.get(url) as response:
             return response.status, await response.read()
+
+
+async def test_a_reload_applies_to_rest_calls_too(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    fake.predict("wide_deep", predict_response([("output_1", WIDE, DT_FLOAT)], "row"))
+    fake.metadata("wide_deep", {"output_1": ("DT_FLOAT", [-1, 1])})
+    guard = await make_guard([SIGMOID_RULE])
+    url = f"{guard.rest_url}/v1/models/wide_deep:predict"
+    assert (await post(url, "{}"))[1]["x-guard-action"] == "clamped"
+
+    reject = {"name": "wide_deep", "outputs": [{"name": "*", "on_violation": "reject"}]}
+    data = {"upstream": "127.0.0.1:9", "rest_upstream": fake.address, "models": [reject]}
+    guard.server.swap_rules(parse_config(data, "reloaded.yaml", Path.cwd()))
+
+    status, headers, _ = await post(url, "{}")
+    assert (status, headers["x-guard-action"]) == (500, "rejected")
+
+
+async def test_a_signature_without_rules_passes_without_asking_for_metadata(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    body = predict_response([("output_1", WIDE, DT_FLOAT)], "row")
+    fake.predict("wide_deep", body)
+    rule = {"name": "wide_deep", "signature": "other", "outputs": [{"name": "*"}]}
+    guard = await make_guard([rule])
+
+    status, headers, out = await post(f"{guard.rest_url}/v1/models/wide_deep:predict", "{}")
+
+    assert (status, out) == (200, body)
+    assert "x-guard-action" not in headers
+    assert [s.method for s in fake.seen] == ["POST"]

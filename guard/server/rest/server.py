@@ -26,6 +26,7 @@ from guard.control.config import Config
 from guard.dataplane.book import RuleBook
 from guard.dataplane.codec.restjson import Format
 from guard.dataplane.errors import GuardError, ResponseTooLargeError
+from guard.dataplane.rulespec import SERVING_DEFAULT
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server import tls
 from guard.server.gate import Gate, Refusal
@@ -332,6 +333,8 @@ class RestFrontEnd:
                 "guard: the upstream's predict response is compressed "
                 f"(Content-Encoding: {headers['Content-Encoding']}); the guard reads plain JSON",
             )
+        if book.for_signature(target.model, signature or SERVING_DEFAULT) is None:
+            return web.Response(status=200, body=data, headers=out_headers)  # no rule: as it came
         metadata = await self._signatures.get(target.model, target.version, target.label)
         request = RestRequest(target.model, signature, fmt or _format_of(data), metadata)
         metrics = self._state.metrics
