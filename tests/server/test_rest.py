@@ -440,3 +440,35 @@ async def test_a_signature_without_rules_passes_without_asking_for_metadata(
     assert (status, out) == (200, body)
     assert "x-guard-action" not in headers
     assert [s.method for s in fake.seen] == ["POST"]
+
+
+async def test_row_format_several_outputs_activation_and_multi_label_threshold(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    from guard.dataplane.codec.restjson import decimal_texts
+
+    logits = np.array([[-2.0, 0.5, 3.25], [0.0, -0.75, 1.5]], dtype=np.float32)
+    extra = np.array([[0.25], [2.5]], dtype=np.float32)
+    body = predict_response([("extra", extra, DT_FLOAT), ("logits", logits, DT_FLOAT)], "row")
+    fake.predict("m", body)
+    fake.metadata("m", {"extra": ("DT_FLOAT", [-1, 1]), "logits": ("DT_FLOAT", [-1, 3])})
+    rules = [
+        {"name": "logits", "activation": "sigmoid", "threshold": [0.3, 0.5, 0.9]},
+        {"name": "extra", "on_violation": "clamp"},
+    ]
+    guard = await make_guard([{"name": "m", "outputs": rules}])
+
+    status, headers, out = await post(f"{guard.rest_url}/v1/models/m:predict", "{}")
+
+    assert status == 200, out
+    rows = json.loads(out)["predictions"]
+    expected = (1 / (1 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+    got = np.array([r["logits"] for r in rows], dtype=np.float32)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    for text in decimal_texts(got):  # written as TF Serving writes a float32
+        assert text.encode() in out
+    assert [r["logits_class"] for r in rows] == (got > [0.3, 0.5, 0.9]).astype(int).tolist()
+    assert [r["extra"] for r in rows] == [[0.25], [1.0]]
+    assert list(rows[0]) == ["extra", "logits", "logits_class"]
+    assert headers["x-guard-action"] == "clamped"
+    assert headers["x-guard-violations"] == "1"
