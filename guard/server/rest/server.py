@@ -255,7 +255,7 @@ class RestFrontEnd:
         async with self._forward(request, body, call) as upstream:
             limit = self._state.config.max_message_bytes
             if (upstream.content_length or 0) > limit:
-                raise _response_too_large(upstream.content_length or 0, limit)
+                raise _response_too_large(upstream.content_length, limit)
             answer = web.StreamResponse(
                 status=upstream.status, reason=upstream.reason,
                 headers=response_headers(upstream.headers, keep_length=True),
@@ -286,7 +286,7 @@ class RestFrontEnd:
             data = await read_limited(upstream, limit)
             status, reason, headers = upstream.status, upstream.reason, upstream.headers
         if data is None:
-            raise _response_too_large(upstream.content_length or limit + 1, limit)
+            raise _response_too_large(upstream.content_length, limit)
         if status != 200:
             call.count_status(status)  # the upstream's error, unchanged
             return web.Response(
@@ -390,9 +390,10 @@ def _too_large(size: int | None, config: Config) -> Answer:
     )
 
 
-def _response_too_large(size: int, limit: int) -> Answer:
+def _response_too_large(size: int | None, limit: int) -> Answer:
+    sized = "" if size is None else f" ({size} bytes)"
     error = ResponseTooLargeError(
-        f"guard: the upstream's response ({size} bytes) is larger than max_message_mb "
+        f"guard: the upstream's response{sized} is larger than max_message_mb "
         f"({limit} bytes); raise max_message_mb in the guard config"
     )
     return Answer(http_status(error.status), error.details, Refusal.RESPONSE_TOO_LARGE)
