@@ -92,7 +92,12 @@ async def test_headers_over_max_metadata_kb_get_431_naming_the_setting(
     assert "max_metadata_kb (1 KiB)" in gate[1]["error"]
     assert parser[0] == 431
     assert "max_metadata_kb" in parser[1]["error"]
-    assert refused(guard, "metadata") == 2
+    long_url = await raw_exchange(
+        guard, b"GET /" + b"a" * 4000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", []
+    )
+    assert split(long_url)[0] == 431
+    assert "URL or headers are larger than max_metadata_kb (1 KiB)" in split(long_url)[1]["error"]
+    assert refused(guard, "metadata") == 3
     assert fake.seen == []
 
 

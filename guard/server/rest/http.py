@@ -134,14 +134,7 @@ class _Handler(web.RequestHandler):
             return super().handle_error(request, status, exc, message)
         metrics, config = self.guard_metrics, self.guard_config
         if isinstance(exc, LineTooLong) or "header" in str(message or exc or "").lower():
-            status, text = (
-                431,
-                (
-                    f"guard: the request's headers are larger than max_metadata_kb "
-                    f"({config.max_metadata_kb} KiB) or more than max_metadata_entries "
-                    f"({config.max_metadata_entries}); send smaller headers, or raise those limits"
-                ),
-            )
+            status, text = 431, _too_much_metadata(config)
             metrics.record_refusal(Refusal.METADATA.value)
         elif status == 500:
             self.log_exception("REST request failed", exc_info=exc)
@@ -152,6 +145,14 @@ class _Handler(web.RequestHandler):
         response = error_response(status, text)
         response.force_close()
         return response
+
+
+def _too_much_metadata(config: Config) -> str:
+    return (
+        f"guard: the request's URL or headers are larger than max_metadata_kb "
+        f"({config.max_metadata_kb} KiB), or its headers more than max_metadata_entries "
+        f"({config.max_metadata_entries}); send less, or raise those limits in the guard config"
+    )
 
 
 class HttpServer(web.Server):
