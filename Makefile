@@ -80,6 +80,7 @@ bench-check: $(STAMP)
 fuzz: $(STAMP)
 	$(PIP) install -q atheris
 	$(PY) -m tests.fuzz.fuzz_wire -max_total_time=60
+	$(PY) -m tests.fuzz.fuzz_rest -max_total_time=60
 
 # Soak with hostile traffic in the background (bench/hostile.py).
 soak: $(STAMP)

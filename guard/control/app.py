@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -26,6 +26,9 @@ from guard.dataplane.errors import ConfigError
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.proxy import GuardServer
 
+if TYPE_CHECKING:
+    from guard.server.rest import RestFrontEnd
+
 __all__ = ["configure_logging", "run_serve"]
 
 logger = logging.getLogger("guard")
@@ -36,6 +39,8 @@ def _summary(config: Config) -> str:
     models = ", ".join(f"{m.name}/{m.signature}" for m in config.models) or "none"
     return (
         f"guard {__version__}: listen={config.listen} upstream={config.upstream} "
+        f"rest_listen={config.rest_listen if config.rest_upstream else 'off'} "
+        f"rest_upstream={config.rest_upstream} "
         f"metrics={config.metrics_listen} timeout={config.default_timeout_s}s "
         f"max_message_mb={config.max_message_mb} "
         f"max_concurrent_rpcs={config.max_concurrent_rpcs} "
@@ -44,15 +49,21 @@ def _summary(config: Config) -> str:
 
 
 @contextlib.contextmanager
-def _dev_backend(models: Sequence[str], max_message_mb: int) -> Iterator[str]:
-    """Start ``guard backend`` as a child process and yield its address."""
+def _dev_backend(models: Sequence[str], max_message_mb: int) -> Iterator[tuple[str, str]]:
+    """Start ``guard backend`` as a child process and yield its gRPC and REST addresses."""
     from guard.dev.backend import start_backend
     from guard.dev.backend.cli import parse_model_args
 
     logger.info("dev mode: starting the local backend for %s", ", ".join(models))
-    with start_backend(parse_model_args(list(models)), max_message_mb=max_message_mb) as backend:
-        logger.info("dev mode: local backend serving on %s", backend.address)
-        yield backend.address
+    with start_backend(
+        parse_model_args(list(models)), max_message_mb=max_message_mb, rest_listen="127.0.0.1:0"
+    ) as backend:
+        assert backend.rest_address is not None
+        logger.info(
+            "dev mode: local backend serving gRPC on %s, REST on %s",
+            backend.address, backend.rest_address,
+        )  # fmt: skip
+        yield backend.address, backend.rest_address
 
 
 @dataclass
@@ -60,9 +71,24 @@ class _Running:
     """What one serving process started, to stop in reverse."""
 
     server: GuardServer
+    rest: RestFrontEnd | None
     metrics_port: int
     httpd: Any
     reloader: Reloader
+
+    def ports(self) -> dict[str, int]:
+        """The port file's content: every port this process serves on."""
+        ports = {"grpc": self.server.port, "metrics": self.metrics_port}
+        if self.rest is not None:
+            ports["rest"] = self.rest.port
+        return ports
+
+    async def stop(self) -> None:
+        """Both front-ends drain at once, within shutdown_grace_s."""
+        stopping = [self.server.stop()]
+        if self.rest is not None:
+            stopping.append(self.rest.stop())
+        await asyncio.gather(*stopping)
 
 
 async def _start(
@@ -76,6 +102,7 @@ async def _start(
     httpd, _thread = start_http_server(port, host, registry=registry)
     server = GuardServer(config, metrics)
     await server.start()
+    rest = await _start_rest(server) if config.rest_upstream is not None else None
 
     def apply(new: Config) -> None:
         server.swap_rules(new)
@@ -88,7 +115,17 @@ async def _start(
         apply=apply,
         count=lambda result: metrics.config_reloads.labels(result).inc(),
     )
-    return _Running(server, httpd.server_port, httpd, reloader)
+    return _Running(server, rest, httpd.server_port, httpd, reloader)
+
+
+async def _start_rest(server: GuardServer) -> RestFrontEnd:
+    """The REST front-end, imported only when served: aiohttp and its parsers
+    cost about 9 MB of memory that a gRPC-only guard does not pay."""
+    from guard.server.rest import RestFrontEnd
+
+    rest = RestFrontEnd(server)
+    await rest.start()
+    return rest
 
 
 class _Stop:
@@ -142,6 +179,8 @@ async def _serve(
     logger.info(
         "serving gRPC on port %d, metrics on port %d", running.server.port, running.metrics_port
     )
+    if running.rest is not None:
+        logger.info("serving REST on port %d", running.rest.port)
     # Everything allocated so far (modules, descriptors, the server) lives as
     # long as the process: move it out of the collector's sight, so the full
     # collections that steady traffic triggers scan only what requests made
@@ -149,7 +188,7 @@ async def _serve(
     gc.collect()
     gc.freeze()
     if port_file is not None:
-        write_port_file(port_file, {"grpc": running.server.port, "metrics": running.metrics_port})
+        write_port_file(port_file, running.ports())
     try:
         await stop.event.wait()
         for task in tasks:
@@ -158,7 +197,7 @@ async def _serve(
             "stopping: refusing new calls, draining in-flight calls for up to %.1f s",
             config.shutdown_grace_s,
         )
-        await running.server.stop()
+        await running.stop()
     finally:
         running.httpd.shutdown()
         running.httpd.server_close()
@@ -192,9 +231,10 @@ def run_serve(
     overrides = dict(overrides or {})
     with contextlib.ExitStack() as stack:
         if dev_models:
-            upstream = stack.enter_context(_dev_backend(dev_models, config.max_message_mb))
+            upstream, rest = stack.enter_context(_dev_backend(dev_models, config.max_message_mb))
             overrides["upstream"] = upstream
-            config = replace(config, upstream=upstream)
+            overrides.setdefault("rest_upstream", config.rest_upstream or rest)
+            config = replace(config, upstream=upstream, rest_upstream=overrides["rest_upstream"])
         elif config.upstream is None:
             raise ConfigError(
                 f"{config.source}: field 'upstream' is not set; give the TF Serving address, "

@@ -152,6 +152,17 @@ class Config:
         "TF Serving's gRPC address. None only in dev mode (guard serve --model).",
         read=_read_upstream, flag="--upstream", env="GUARD_UPSTREAM",
     )  # fmt: skip
+    rest_listen: str = _setting(
+        "0.0.0.0:8501", as_address, _ADDR,
+        "Where REST clients connect, with TF Serving's REST API (served when rest_upstream "
+        "is set).",
+        flag="--rest-listen", env="GUARD_REST_LISTEN",
+    )  # fmt: skip
+    rest_upstream: str | None = _setting(
+        None, as_address, _ADDR,
+        "TF Serving's REST address (its --rest_api_port); REST is served when it is set.",
+        flag="--rest-upstream", env="GUARD_REST_UPSTREAM",
+    )  # fmt: skip
     metrics_listen: str = _setting(
         "0.0.0.0:9102", as_address, _ADDR,
         "Prometheus /metrics over HTTP. Use 127.0.0.1:PORT to keep it on the pod.",

@@ -35,7 +35,7 @@ _PR_SET_PDEATHSIG = 1
 _STARTUP_S = 60.0
 _POLL_S = 0.2
 # Each worker's own addresses, set by the supervisor.
-_SUPERVISED = ("listen", "metrics_listen")
+_SUPERVISED = ("listen", "metrics_listen", "rest_listen")
 
 
 def _die_with_parent() -> None:
@@ -58,9 +58,14 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def worker_argv(config_path: str | None, overrides: Mapping[str, Any], listen: str) -> list[str]:
+def worker_argv(
+    config_path: str | None,
+    overrides: Mapping[str, Any],
+    listen: str,
+    rest_listen: str | None = None,
+) -> list[str]:
     """The ``guard serve`` arguments of one worker: the same file and overrides
-    (as their own flags), on the shared port, with private metrics."""
+    (as their own flags), on the shared ports, with private metrics."""
     argv = guard_argv("serve")
     if config_path:
         argv += ["--config", config_path]
@@ -68,6 +73,8 @@ def worker_argv(config_path: str | None, overrides: Mapping[str, Any], listen: s
         value = overrides.get(name)
         if value is not None and setting.flag and name not in _SUPERVISED:
             argv += [setting.flag, str(value)]
+    if rest_listen is not None:
+        argv += ["--rest-listen", rest_listen]
     return [*argv, "--listen", listen, "--metrics-listen", "127.0.0.1:0"]
 
 
@@ -89,7 +96,11 @@ def run_workers(
     """Supervise ``workers`` copies of ``guard serve`` until SIGTERM/SIGINT."""
     host, port = split_address(config.listen)
     reserved = _reserve_port(host, port)
-    pool = _Pool(worker_argv(config_path, overrides, join_address(host, reserved.getsockname()[1])))
+    rest = _reserve_rest(config)
+    rest_host = split_address(config.rest_listen)[0]
+    rest_listen = None if rest is None else join_address(rest_host, rest.getsockname()[1])
+    listen = join_address(host, reserved.getsockname()[1])
+    pool = _Pool(worker_argv(config_path, overrides, listen, rest_listen))
 
     def forward(signum: int, _frame: object) -> None:
         pool.stopping = pool.stopping or signum != signal.SIGHUP
@@ -105,9 +116,18 @@ def run_workers(
         pool.signal(signal.SIGTERM)
         return _wait(pool.children) or 1
     try:
-        return _supervise(config, pool, reserved, port_file)
+        return _supervise(config, pool, reserved, port_file, rest)
     finally:
         reserved.close()
+        if rest is not None:
+            rest.close()
+
+
+def _reserve_rest(config: Config) -> socket.socket | None:
+    """The REST port the workers share, when REST is served."""
+    if config.rest_upstream is None:
+        return None
+    return _reserve_port(*split_address(config.rest_listen))
 
 
 class _Pool:
@@ -153,7 +173,13 @@ class _Pool:
         return True
 
 
-def _supervise(config: Config, pool: _Pool, reserved: socket.socket, port_file: Path | None) -> int:
+def _supervise(
+    config: Config,
+    pool: _Pool,
+    reserved: socket.socket,
+    port_file: Path | None,
+    rest: socket.socket | None = None,
+) -> int:
     registry = CollectorRegistry()
     registry.register(AggregatingCollector(pool.urls))
     m_host, m_port = split_address(config.metrics_listen)
@@ -165,7 +191,10 @@ def _supervise(config: Config, pool: _Pool, reserved: socket.socket, port_file: 
     )  # fmt: skip
     if port_file is not None:
         pids = [c.process.pid for c in pool.children]
-        write_port_file(port_file, {"grpc": port, "metrics": httpd.server_port, "workers": pids})
+        ports: dict[str, Any] = {"grpc": port, "metrics": httpd.server_port, "workers": pids}
+        if rest is not None:
+            ports["rest"] = rest.getsockname()[1]
+        write_port_file(port_file, ports)
     healthy = True
     try:
         while not pool.stopping and healthy:

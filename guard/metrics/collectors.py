@@ -214,7 +214,7 @@ class LoopCounter(Collector):
 
 
 class LatencyHistogram(Collector):
-    """A histogram with one (bounded) label, for the per-RPC timings.
+    """A histogram with a few (bounded) labels, for the per-RPC timings.
 
     ``observe`` is a ``bisect`` and two list updates. prometheus_client's
     ``Histogram.observe`` walks the buckets in Python and takes a lock per
@@ -222,31 +222,35 @@ class LatencyHistogram(Collector):
     millisecond. Only the event loop observes; a scrape copies each row.
     """
 
-    def __init__(self, name: str, documentation: str, label: str, buckets: tuple[float, ...]):
+    def __init__(
+        self, name: str, documentation: str, labels: list[str], buckets: tuple[float, ...]
+    ) -> None:
         self._name = name
         self._documentation = documentation
-        self._label = label
+        self._labels = labels
         self._bounds = list(buckets)
         self._le = [repr(float(b)) for b in buckets] + ["+Inf"]
-        # Per label value: one count per bucket (+Inf last), then the sum.
-        self._rows: dict[str, list[float]] = {}
+        # Per label values: one count per bucket (+Inf last), then the sum.
+        self._rows: dict[tuple[str, ...], list[float]] = {}
 
-    def observe(self, label_value: str, amount: float) -> None:
+    def observe(self, label_values: tuple[str, ...], amount: float) -> None:
         """Count one observation of ``amount`` seconds."""
-        row = self._rows.get(label_value)
+        row = self._rows.get(label_values)
         if row is None:
-            row = self._rows[label_value] = [0] * (len(self._bounds) + 1) + [0.0]
+            if len(label_values) != len(self._labels):
+                raise ValueError(f"{self._name}: expected labels {self._labels}")
+            row = self._rows[label_values] = [0] * (len(self._bounds) + 1) + [0.0]
         # bisect_left: the first bucket whose upper bound is >= amount ("le").
         row[bisect.bisect_left(self._bounds, amount)] += 1
         row[-1] += amount
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
-        for label_value, row in list(self._rows.items()):
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)
+        for label_values, row in list(self._rows.items()):
             snapshot = list(row)  # one atomic copy: counts and sum agree
             cumulative = itertools.accumulate(snapshot[:-1])
             family.add_metric(
-                [label_value],
+                list(label_values),
                 buckets=list(zip(self._le, (float(c) for c in cumulative), strict=True)),
                 sum_value=snapshot[-1],
             )

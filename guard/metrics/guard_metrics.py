@@ -92,8 +92,10 @@ class GuardMetrics:
     def _declare_call_metrics(self) -> None:
         """Counted on every call: lock-free children (see LoopCounter)."""
         self.requests = self._loop_counter(
-            "guard_requests_total", "RPCs through the guard, by gRPC status code.",
-            ["model", "method", "code"],
+            "guard_requests_total",
+            "Calls through the guard (gRPC and REST), by TF Serving method and gRPC status "
+            "code (for REST, the code TF Serving maps to the HTTP status).",
+            ["protocol", "model", "method", "code"],
         )  # fmt: skip
         self.refusals = self._loop_counter(
             "guard_refused_requests_total",
@@ -103,14 +105,14 @@ class GuardMetrics:
             ["reason"],
         )
         self.upstream_duration = LatencyHistogram(
-            "guard_upstream_duration_seconds", "Time waiting for the upstream, per RPC.",
-            "method", LATENCY_BUCKETS,
+            "guard_upstream_duration_seconds", "Time waiting for the upstream, per call.",
+            ["protocol", "method"], LATENCY_BUCKETS,
         )  # fmt: skip
         self.registry.register(self.upstream_duration)
         self.overhead = LatencyHistogram(
             "guard_overhead_seconds",
-            "Time spent in the guard itself per RPC (total minus the upstream wait).",
-            "method", LATENCY_BUCKETS,
+            "Time spent in the guard itself per call (total minus the upstream wait).",
+            ["protocol", "method"], LATENCY_BUCKETS,
         )  # fmt: skip
         self.registry.register(self.overhead)
 
@@ -211,14 +213,17 @@ class GuardMetrics:
 
     # -------------------------------------------------------------- recording
 
-    def record_request(self, model: str, method: str, code: str) -> None:
-        """Count one finished RPC (labels already bounded)."""
-        self.requests.labels(model, method, code).inc()
+    def record_request(self, protocol: str, model: str, method: str, code: str) -> None:
+        """Count one finished call (labels already bounded; ``protocol``: grpc or rest)."""
+        self.requests.labels(protocol, model, method, code).inc()
 
-    def record_timing(self, method: str, upstream_s: float, overhead_s: float) -> None:
-        """Observe the upstream wait and the guard's own time for one RPC."""
-        self.upstream_duration.observe(method, upstream_s)
-        self.overhead.observe(method, overhead_s)
+    def record_timing(
+        self, protocol: str, method: str, upstream_s: float, overhead_s: float
+    ) -> None:
+        """Observe the upstream wait and the guard's own time for one call."""
+        labels = (protocol, method)
+        self.upstream_duration.observe(labels, upstream_s)
+        self.overhead.observe(labels, overhead_s)
 
     def response_counter(
         self, model: str, version: str, signature: str, action: Action

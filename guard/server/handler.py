@@ -34,6 +34,9 @@ __all__ = ["Call", "CallHandler", "Metadata", "ServerState", "forwardable"]
 
 logger = logging.getLogger("guard.proxy")
 
+GRPC = "grpc"
+"""The ``protocol`` label of calls made over gRPC."""
+
 # Metadata that belongs to one HTTP/2 hop and must not be forwarded.
 _HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "host", "grpc-timeout"})
 # After a request that never came (EOF), how many loop turns to give gRPC to
@@ -84,7 +87,7 @@ class Call:
         """Count the call with ``code``, once: the first code wins."""
         if self.code is None:
             self.code = code
-            self._metrics.record_request(self.model_label, self.method_label, code)
+            self._metrics.record_request(GRPC, self.model_label, self.method_label, code)
 
     def finish(self, context: Any) -> None:
         """Count the call if nothing did (an exception of ours: gRPC answers
@@ -92,7 +95,7 @@ class Call:
         self.count("UNKNOWN")
         total = time.perf_counter() - self.start
         self._metrics.record_timing(
-            self.method_label, self.upstream_s, max(total - self.upstream_s, 0.0)
+            GRPC, self.method_label, self.upstream_s, max(total - self.upstream_s, 0.0)
         )
 
     def ended_by_client(self, context: Any) -> None:

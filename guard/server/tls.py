@@ -10,6 +10,7 @@ Secret, takes effect without a restart.
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 
 import grpc
@@ -17,7 +18,7 @@ import grpc
 from guard.control.config import TLSConfig
 from guard.control.files import file_identity
 
-__all__ = ["channel_credentials", "server_credentials"]
+__all__ = ["channel_credentials", "server_credentials", "server_ssl_context"]
 
 logger = logging.getLogger("guard.server.tls")
 
@@ -64,3 +65,37 @@ def channel_credentials(tls: TLSConfig) -> grpc.ChannelCredentials:
         private_key=_read(tls.key_file),
         certificate_chain=_read(tls.cert_file),
     )
+
+
+def _ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    assert tls.cert_file is not None and tls.key_file is not None  # the config requires both
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file is not None:
+        context.load_verify_locations(tls.ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    """TLS for the REST listener, from the same files as the gRPC side's: with
+    ``ca_file``, clients must present a certificate (mTLS). As on the gRPC side,
+    a handshake after the files changed uses the new certificate."""
+    paths = (tls.cert_file, tls.key_file, tls.ca_file)
+    state = {"identity": file_identity(paths), "context": _ssl_context(tls)}
+
+    def current(sock: ssl.SSLObject, _name: str | None, _first: ssl.SSLContext) -> None:
+        identity = file_identity(paths)
+        if identity is not None and identity != state["identity"]:
+            try:
+                state["context"] = _ssl_context(tls)
+                logger.info("TLS certificate reloaded from %s (REST)", tls.cert_file)
+            except (OSError, ssl.SSLError) as exc:
+                logger.error("TLS certificate reload failed, keeping the old one: %s", exc)
+            state["identity"] = identity
+        sock.context = state["context"]  # type: ignore[assignment]
+
+    first = state["context"]
+    assert isinstance(first, ssl.SSLContext)
+    first.sni_callback = current
+    return first

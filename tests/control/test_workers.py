@@ -52,7 +52,7 @@ async def test_two_workers_share_a_port_and_one_metrics_endpoint(
             for f in scrape(f"http://127.0.0.1:{ports['metrics']}/metrics")
             for s in f.samples
         }
-        ok = (("code", "OK"), ("method", "Predict"), ("model", "m"))
+        ok = (("code", "OK"), ("method", "Predict"), ("model", "m"), ("protocol", "grpc"))
         assert samples[("guard_requests_total", ok)] == sent
         clamped = (("action", "clamped"), ("model", "m"), ("signature", "serving_default"),
                    ("version", "1"))  # fmt: skip
@@ -140,3 +140,46 @@ async def test_a_worker_that_dies_is_replaced(upstream: FakeUpstream, tmp_path: 
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_workers_share_the_rest_port_too(tmp_path: Path) -> None:
+    import aiohttp
+
+    from tests.support.rest_upstream import FakeRestUpstream, Reply
+
+    fake = FakeRestUpstream()
+    await fake.start()
+    fake.reply("GET", "/v1/models/m", Reply(body=b'{"ok": 1}'))
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text("models: []\n")
+    port_file = tmp_path / "ports.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "guard", "serve", "--config", str(cfg), "--workers", "2",
+        "--upstream", "127.0.0.1:9", "--listen", "127.0.0.1:0", "--rest-listen", "127.0.0.1:0",
+        "--rest-upstream", fake.address, "--metrics-listen", "127.0.0.1:0",
+        "--port-file", str(port_file),
+    )  # fmt: skip
+    try:
+        for _ in range(600):
+            if port_file.exists() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        ports = json.loads(port_file.read_text())
+        for _ in range(12):  # fresh connections: SO_REUSEPORT spreads them
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{ports['rest']}/v1/models/m") as r:
+                    assert (r.status, await r.read()) == (200, b'{"ok": 1}')
+        served = {
+            s.labels["protocol"]: s.value
+            for f in scrape(f"http://127.0.0.1:{ports['metrics']}/metrics")
+            for s in f.samples
+            if s.name == "guard_requests_total"
+        }
+        assert served == {"rest": 12}
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await fake.stop()

@@ -17,15 +17,16 @@ def test_latency_histogram_matches_prometheus_client() -> None:
     ours_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
     ours = GuardMetrics(ours_registry, ["m"])
     reference = Histogram(
-        "guard_overhead_seconds", "reference", ["method"], buckets=LATENCY_BUCKETS,
+        "guard_overhead_seconds", "reference", ["protocol", "method"], buckets=LATENCY_BUCKETS,
         registry=reference_registry,
     )  # fmt: skip
     rng = np.random.default_rng(3)
     amounts = [*rng.exponential(0.002, 500).tolist(), *LATENCY_BUCKETS, 0.0, 99.0]
     for i, amount in enumerate(amounts):
         method = "Predict" if i % 3 else "GetModelStatus"
-        ours.record_timing(method, upstream_s=0.0, overhead_s=amount)
-        reference.labels(method).observe(amount)
+        protocol = "rest" if i % 5 == 0 else "grpc"
+        ours.record_timing(protocol, method, upstream_s=0.0, overhead_s=amount)
+        reference.labels(protocol, method).observe(amount)
 
     def samples(
         registry: CollectorRegistry,

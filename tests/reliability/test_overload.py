@@ -200,7 +200,12 @@ async def test_shed_calls_are_counted(make_guard: GuardFactory) -> None:
         assert up.gate is not None
         up.gate.set()
         assert [await _code(c) for c in held] == ["OK"] * cap
-        labels = {"model": "m", "method": "Predict", "code": "RESOURCE_EXHAUSTED"}
+        labels = {
+            "protocol": "grpc",
+            "model": "m",
+            "method": "Predict",
+            "code": "RESOURCE_EXHAUSTED",
+        }
         assert guard.sample("guard_requests_total", labels) == 1
     finally:
         assert up.server is not None

@@ -157,7 +157,12 @@ async def test_without_client_deadline_default_timeout_applies(make_guard: Guard
         remaining = up.time_remaining[-1]
         assert remaining is not None and 0 < remaining <= 1.5  # 1 s, rounded up on the wire
         await up.wait_for("cancelled", 1)
-        labels = {"model": "m", "method": "Predict", "code": "DEADLINE_EXCEEDED"}
+        labels = {
+            "protocol": "grpc",
+            "model": "m",
+            "method": "Predict",
+            "code": "DEADLINE_EXCEEDED",
+        }
         assert guard.sample("guard_requests_total", labels) == 1
     finally:
         assert up.server is not None

@@ -116,7 +116,12 @@ async def test_a_request_over_max_request_mb_is_refused_and_counted(
             break
         await asyncio.sleep(0.05)
     assert _refused(guard, "request_too_large") == 1
-    labels = {"model": "__other__", "method": "Predict", "code": "RESOURCE_EXHAUSTED"}
+    labels = {
+        "protocol": "grpc",
+        "model": "__other__",
+        "method": "Predict",
+        "code": "RESOURCE_EXHAUSTED",
+    }
     assert guard.sample("guard_requests_total", labels) == 1
     assert not [r for r in upstream.received if r.method == "Predict"]
 
@@ -149,7 +154,12 @@ async def test_an_expired_client_deadline_is_counted_as_deadline_exceeded(
         guard = await make_guard(RULES, upstream=slow.address)
         code = await _status(guard.stub.Predict(predict_request("m"), timeout=0.3))
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-        labels = {"model": "m", "method": "Predict", "code": "DEADLINE_EXCEEDED"}
+        labels = {
+            "protocol": "grpc",
+            "model": "m",
+            "method": "Predict",
+            "code": "DEADLINE_EXCEEDED",
+        }
         for _ in range(100):
             if guard.sample("guard_requests_total", labels):
                 break
@@ -173,7 +183,7 @@ async def test_other_services_are_relayed_and_labelled_other(
     # A method named like TF Serving's, on another service, is not TF Serving's.
     lookalike = await _status(guard.channel.unary_unary("/my.Service/Predict")(b"", timeout=5))
     assert lookalike == grpc.StatusCode.UNIMPLEMENTED
-    other = {"model": "__other__", "method": "__other__"}
+    other = {"protocol": "grpc", "model": "__other__", "method": "__other__"}
     assert guard.sample("guard_requests_total", dict(other, code="OK")) == 1
     assert guard.sample("guard_requests_total", dict(other, code="UNIMPLEMENTED")) == 1
 

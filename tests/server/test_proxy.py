@@ -122,7 +122,7 @@ async def test_upstream_errors_pass_through_unchanged(
     assert (
         guard.sample(
             "guard_requests_total",
-            {"model": "__other__", "method": "Predict", "code": "NOT_FOUND"},
+            {"protocol": "grpc", "model": "__other__", "method": "Predict", "code": "NOT_FOUND"},
         )
         == 1
     )
@@ -251,7 +251,8 @@ async def test_reject_fails_with_internal_and_details(
     assert guard.sample("guard_responses_total", {**lbl, "action": "rejected"}) == 1
     assert (
         guard.sample(
-            "guard_requests_total", {"model": "wide_deep", "method": "Predict", "code": "INTERNAL"}
+            "guard_requests_total",
+            {"protocol": "grpc", "model": "wide_deep", "method": "Predict", "code": "INTERNAL"},
         )
         == 1
     )
@@ -415,7 +416,8 @@ async def test_unknown_model_names_do_not_create_series(
     assert models <= {"wide_deep", "__other__"}
     assert (
         guard.sample(
-            "guard_requests_total", {"model": "__other__", "method": "Predict", "code": "NOT_FOUND"}
+            "guard_requests_total",
+            {"protocol": "grpc", "model": "__other__", "method": "Predict", "code": "NOT_FOUND"},
         )
         == 50
     )

@@ -22,6 +22,7 @@ from guard.control.config import Config
 from guard.control.process import Child, guard_argv, start
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.proxy import GuardServer
+from guard.server.rest import RestFrontEnd
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -86,6 +87,13 @@ class RunningGuard:
     metrics_url: str
     channel: grpc.aio.Channel
     httpd: Any
+    rest: RestFrontEnd | None = None
+
+    @property
+    def rest_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the REST front-end."""
+        assert self.rest is not None, "give the config a rest_upstream"
+        return f"http://127.0.0.1:{self.rest.port}"
 
     @property
     def stub(self) -> Any:
@@ -111,6 +119,8 @@ class RunningGuard:
 
     async def stop(self) -> None:
         await self.channel.close()
+        if self.rest is not None:
+            await self.rest.stop(0)
         await self.server.stop(0)
         self.httpd.shutdown()
         self.httpd.server_close()
@@ -126,7 +136,10 @@ async def start_in_process(config: Config) -> RunningGuard:
     address = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
     metrics_url = f"http://127.0.0.1:{httpd.server_port}/metrics"
-    return RunningGuard(server, address, registry, metrics_url, channel, httpd)
+    rest = RestFrontEnd(server) if config.rest_upstream is not None else None
+    if rest is not None:
+        await rest.start()
+    return RunningGuard(server, address, registry, metrics_url, channel, httpd, rest)
 
 
 # ------------------------------------------------------------------- as a process
@@ -149,6 +162,11 @@ class GuardProcess(Child):
     @property
     def metrics_port(self) -> int:
         return int(self.ports["metrics"])
+
+    @property
+    def rest_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the guard's REST listener."""
+        return f"http://{self.endpoint('rest')}"
 
     @property
     def metrics_url(self) -> str:

@@ -1,0 +1,195 @@
+"""Guarding one REST predict response: the JSON body in, the guarded body out.
+
+The same protocol-neutral steps as gRPC's (:mod:`guard.dataplane.evaluate`):
+resolve the target, decode the outputs that have a rule, evaluate, count.
+Decoding and encoding are :mod:`guard.dataplane.codec.restjson`'s: values
+are read in place, and the body is returned byte-identical unless a rule
+changed a value or derived an output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from guard.dataplane.book import RuleBook
+from guard.dataplane.codec.restjson import (
+    Format,
+    OutputKey,
+    RestJsonError,
+    RestPredictResponse,
+    read_predict_response,
+)
+from guard.dataplane.errors import (
+    DecodeError,
+    OutputShapeError,
+    RejectedOutputError,
+    ResponseTooLargeError,
+    shown,
+)
+from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
+from guard.dataplane.results import Action, Array
+from guard.dataplane.sink import MetricsSink
+from guard.server.rest.signatures import Metadata, OutputInfo
+
+__all__ = ["RestGuarded", "RestRequest", "guard_rest_response"]
+
+_FLOAT_KINDS = ("float32", "float64")
+
+
+@dataclass(frozen=True, slots=True)
+class RestRequest:
+    """Whose response it is: from the URL, the request body and the metadata."""
+
+    model: str
+    signature: str
+    format: Format
+    metadata: Metadata
+
+
+@dataclass(frozen=True, slots=True)
+class RestGuarded:
+    """A guarded response body and what the guard did."""
+
+    body: bytes
+    action: Action
+    violations: int
+
+    def headers(self) -> dict[str, str]:
+        """The ``x-guard-*`` headers of this response."""
+        return {"x-guard-action": self.action.label, "x-guard-violations": str(self.violations)}
+
+
+def guard_rest_response(
+    body: bytes, request: RestRequest, book: RuleBook, metrics: MetricsSink
+) -> RestGuarded | None:
+    """Apply the matching rules to a REST predict response body.
+
+    Returns ``None`` when no rule matches (the body goes back as is). Raises
+    :class:`~guard.dataplane.errors.GuardError` when the body cannot be read,
+    a rule rejects it, or a rule does not fit its tensor.
+    """
+    target = resolve(book, request.model, request.signature, request.metadata.version, metrics)
+    if target is None:
+        return None
+    response = _read(body, request, target, metrics)
+    names = _output_names(response, request, target)
+    decoded = _decoded(response, names, request, target)
+    limit = book.max_message_bytes
+    verdict = evaluate(target, [(names[key], values) for key, values in decoded], limit - len(body))
+    if verdict.rejection is not None:
+        record(verdict, target, metrics)
+        raise RejectedOutputError(verdict.rejection)
+    if not verdict.outputs:
+        record(verdict, target, metrics)
+        return RestGuarded(body, Action.CLEAN, 0)
+    check_derived_names(verdict, set(names.values()), target.model)
+    guarded = _rewrite(response, verdict, {names[key]: key for key, _ in decoded}, target)
+    if len(guarded) > limit:
+        raise ResponseTooLargeError(
+            f"guard: model '{shown(target.model)}': the guarded response has {len(guarded)} "
+            f"bytes, more than the max_message_mb limit ({limit} bytes); raise max_message_mb "
+            "in the guard config, or derive less (threshold, argmax, top_k, labels)"
+        )
+    record(verdict, target, metrics)
+    return RestGuarded(guarded, verdict.action, verdict.violations)
+
+
+def _read(
+    body: bytes, request: RestRequest, target: Target, metrics: MetricsSink
+) -> RestPredictResponse:
+    try:
+        return read_predict_response(body, request.format)
+    except (RestJsonError, RecursionError) as exc:
+        metrics.count_decode_error(target.model_label)
+        reason = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise DecodeError(
+            f"guard: cannot read the REST predict response of model '{shown(target.model)}' "
+            f"from upstream: {reason}"
+        ) from None
+
+
+def _signature_outputs(request: RestRequest, target: Target) -> dict[str, OutputInfo] | None:
+    return request.metadata.signatures.get(target.signature)
+
+
+def _output_names(
+    response: RestPredictResponse, request: RestRequest, target: Target
+) -> dict[OutputKey, str]:
+    """Each output's name; a single unnamed output gets its signature's one output alias."""
+    names: dict[OutputKey, str] = {key: key for key in response.outputs if key is not None}
+    if None in response.outputs:
+        names[None] = _unnamed_output(request, target)
+    return names
+
+
+def _unnamed_output(request: RestRequest, target: Target) -> str:
+    outputs = _signature_outputs(request, target)
+    if outputs is not None and len(outputs) == 1:
+        (alias,) = outputs
+        return alias
+    problem = request.metadata.problem
+    if problem is None and outputs is None:
+        problem = f"the model has no signature '{shown(target.signature)}'"
+    elif problem is None:
+        problem = f"its signature '{shown(target.signature)}' has {len(outputs or ())} outputs"
+    raise DecodeError(
+        f"guard: model '{shown(target.model)}': the REST response does not name its output, "
+        f"and the guard cannot learn the name from the upstream's metadata: {problem}"
+    )
+
+
+def _decoded(
+    response: RestPredictResponse,
+    names: Mapping[OutputKey, str],
+    request: RestRequest,
+    target: Target,
+) -> list[tuple[OutputKey, Array]]:
+    """The floating-point outputs that have a rule (others are left untouched), by name."""
+    found: list[tuple[OutputKey, Array]] = []
+    signature = _signature_outputs(request, target) or {}
+    for key in sorted(response.outputs, key=lambda k: names[k]):
+        out = response.outputs[key]
+        name = names[key]
+        if target.rules.rule_for(name) is None or out.kind not in _FLOAT_KINDS:
+            continue
+        info = signature.get(name)
+        if info is not None:
+            _check_shape(out.values, info, target.model, name)
+        found.append((key, out.values))
+    return found
+
+
+def _check_shape(values: Array, info: OutputInfo, model: str, name: str) -> None:
+    """The response's tensor must have the shape its signature declares."""
+    dims = info.dims
+    if dims is None:
+        return
+    fits = len(dims) == values.ndim and all(
+        d < 0 or d == n for d, n in zip(dims, values.shape, strict=True)
+    )
+    if not fits:
+        raise OutputShapeError(
+            f"guard: model '{shown(model)}' output '{shown(name)}': the response holds shape "
+            f"{list(values.shape)}, but the signature declares {list(dims)}"
+        )
+
+
+def _rewrite(
+    response: RestPredictResponse, verdict: Verdict, keys: Mapping[str, OutputKey], target: Target
+) -> bytes:
+    changed: dict[OutputKey, Array] = {}
+    derived: dict[OutputKey, list[tuple[str, Array]]] = {}
+    for out in verdict.outputs:
+        key = keys[out.name]
+        if out.result.changed:
+            changed[key] = out.result.values
+        if out.result.derived:
+            derived[key] = [(out.name + d.suffix, d.array) for d in out.result.derived]
+    try:
+        return response.rewrite(changed, derived)
+    except RestJsonError as exc:
+        raise OutputShapeError(
+            f"guard: model '{shown(target.model)}': cannot add the derived outputs to the "
+            f"REST response: {exc}"
+        ) from None

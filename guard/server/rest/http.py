@@ -1,0 +1,181 @@
+"""The HTTP layer of the REST front-end: aiohttp's server with the guard's own
+answers to requests its parser refuses, and the headers a proxy must not
+forward.
+
+aiohttp's parser stops reading a header line past ``max_field_size`` and a
+request with more than ``max_headers`` headers; both are set a little above
+``max_metadata_kb``/``max_metadata_entries``, whose exact check (the gate's)
+answers first with the setting's name. What the parser itself refuses gets a
+JSON error too, and is counted, never aiohttp's plain-text page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from multidict import CIMultiDict
+
+from guard.control.config import Config
+from guard.metrics.guard_metrics import OTHER, GuardMetrics
+from guard.server.gate import Refusal
+from guard.server.rest.call import REST, error_body, error_response
+from guard.server.rest.routes import code_of_status
+
+__all__ = ["HttpServer", "forward_headers", "read_limited", "request_factory", "response_headers"]
+
+_HEADER_SLACK = 1024
+_HEADERS_SLACK = 8
+_KEEPALIVE_S = 75.0
+
+# RFC 9110 7.6.1: headers of one connection, never forwarded.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+        "te", "trailer", "transfer-encoding", "upgrade",
+    }
+)  # fmt: skip
+
+
+def _dropped(headers: Any, also: frozenset[str]) -> frozenset[str]:
+    """Hop-by-hop headers, ``also``, and whatever the Connection header names."""
+    named = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
+    return _HOP_BY_HOP | also | named
+
+
+def forward_headers(headers: Any) -> CIMultiDict[str]:
+    """The client's headers that go on to the upstream (its own Host and length are set there)."""
+    # Expect: the guard already took the whole body (and answered 100-continue).
+    drop = _dropped(headers, frozenset({"host", "content-length", "expect"}))
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def response_headers(headers: Any, keep_length: bool = False) -> CIMultiDict[str]:
+    """The upstream's headers that go back to the client."""
+    also = frozenset() if keep_length else frozenset({"content-length"})
+    drop = _dropped(headers, also)
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or ``None`` as soon as it is known to pass ``limit`` bytes."""
+    if (response.content_length or 0) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def request_factory(client_max_size: int) -> Any:
+    """aiohttp's request factory, with the body limit the guard's config sets."""
+
+    def make(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
+        loop = asyncio.get_running_loop()
+        return web.BaseRequest(
+            message, payload, protocol, writer, task, loop, client_max_size=client_max_size
+        )
+
+    return make
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's connection handler, answering what its parser refuses in JSON,
+    and closing a new connection whose first request's headers do not arrive
+    within ``request_timeout_s`` (aiohttp itself would wait for ever)."""
+
+    guard_metrics: GuardMetrics
+    guard_config: Config
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self._guard_timer = loop.call_later(
+            self.guard_config.request_timeout_s, self._headers_late, transport
+        )
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._guard_timer.cancel()
+        super().connection_lost(exc)
+
+    def _headers_late(self, transport: asyncio.BaseTransport) -> None:
+        if self._request_count or transport.is_closing():
+            return
+        config, metrics = self.guard_config, self.guard_metrics
+        metrics.record_refusal(Refusal.REQUEST_TIMEOUT.value)
+        metrics.record_request(REST, OTHER, OTHER, code_of_status(408))
+        body = error_body(
+            f"guard: the request's headers did not arrive within request_timeout_s "
+            f"({config.request_timeout_s:g} s); send them at once, or raise request_timeout_s"
+        )
+        head = (
+            "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(head.encode() + body)
+        transport.close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        metrics, config = self.guard_metrics, self.guard_config
+        if isinstance(exc, LineTooLong) or "header" in str(message or exc or "").lower():
+            status, text = 431, _too_much_metadata(config)
+            metrics.record_refusal(Refusal.METADATA.value)
+        elif status == 500:
+            self.log_exception("REST request failed", exc_info=exc)
+            text = "guard: internal error while handling the request; see the guard's log"
+        else:
+            text = f"guard: malformed HTTP request: {message or exc or status}"
+        metrics.record_request(REST, OTHER, OTHER, code_of_status(status))
+        response = error_response(status, text)
+        response.force_close()
+        return response
+
+
+def _too_much_metadata(config: Config) -> str:
+    return (
+        f"guard: the request's URL or headers are larger than max_metadata_kb "
+        f"({config.max_metadata_kb} KiB), or its headers more than max_metadata_entries "
+        f"({config.max_metadata_entries}); send less, or raise those limits in the guard config"
+    )
+
+
+class HttpServer(web.Server):
+    """aiohttp's low-level server with :class:`_Handler` per connection and the
+    guard's parser limits."""
+
+    def __init__(self, handler: Any, config: Config, metrics: GuardMetrics, **kwargs: Any) -> None:
+        super().__init__(
+            handler,
+            handler_cancellation=True,
+            access_log=None,
+            auto_decompress=False,
+            keepalive_timeout=min(_KEEPALIVE_S, config.max_connection_idle_s),
+            max_line_size=config.max_metadata_kb * 1024 + _HEADER_SLACK,
+            max_field_size=config.max_metadata_kb * 1024 + _HEADER_SLACK,
+            max_headers=config.max_metadata_entries + _HEADERS_SLACK,
+            **kwargs,
+        )
+        self._guard_config = config
+        self._guard_metrics = metrics
+
+    def __call__(self) -> web.RequestHandler:
+        handler = _Handler(self, loop=self._loop, **self._kwargs)
+        handler.guard_metrics = self._guard_metrics
+        handler.guard_config = self._guard_config
+        return handler

@@ -1,0 +1,399 @@
+"""The REST front-end: TF Serving's REST API, guarded, in the gRPC server's loop.
+
+An aiohttp server takes each request, admits it through the same
+:class:`~guard.server.gate.Gate` as gRPC calls (headers, calls receiving,
+calls and bytes in flight), reads its body within ``request_timeout_s`` and
+``max_request_mb``, and forwards it unchanged on one keep-alive client
+session to ``rest_upstream``. A ``:predict`` response whose model has rules is
+guarded (:mod:`guard.server.rest.guarding`); every other answer goes back as
+the upstream gave it: status, headers and body, streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from guard.control.config import Config
+from guard.dataplane.book import RuleBook
+from guard.dataplane.codec.restjson import Format
+from guard.dataplane.errors import GuardError, ResponseTooLargeError
+from guard.dataplane.rulespec import SERVING_DEFAULT
+from guard.metrics.guard_metrics import GuardMetrics
+from guard.server import tls
+from guard.server.gate import Gate, Refusal
+from guard.server.rest.call import Answer, RestCall
+from guard.server.rest.guarding import RestRequest, guard_rest_response
+from guard.server.rest.http import (
+    HttpServer,
+    forward_headers,
+    read_limited,
+    request_factory,
+    response_headers,
+)
+from guard.server.rest.peek import inflate, peek_request
+from guard.server.rest.routes import Route, http_status, route
+from guard.server.rest.signatures import SignatureCache
+
+__all__ = ["RestFrontEnd"]
+
+logger = logging.getLogger("guard.rest")
+
+_DRAIN_POLL_S = 0.02
+_FINAL_GRACE_S = 0.5
+_CHUNK = 64 * 1024
+
+
+class RestState(Protocol):
+    """What the REST front-end shares with the gRPC server."""
+
+    config: Config
+    metrics: GuardMetrics
+    gate: Gate
+
+    @property
+    def rules(self) -> RuleBook: ...
+
+
+class RestFrontEnd:
+    """The REST listener and its upstream session. ``await start()``, then ``await stop()``."""
+
+    def __init__(self, state: RestState) -> None:
+        self._state = state
+        config = state.config
+        assert config.rest_upstream is not None
+        self._base = f"http://{config.rest_upstream}"
+        self._session: aiohttp.ClientSession | None = None
+        self._signatures = SignatureCache(self._get)
+        self._runner: web.ServerRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._http: HttpServer | None = None
+        self._timeout = aiohttp.ClientTimeout(total=config.default_timeout_s)
+        self._active = 0
+        self._stopping = False
+        self.cut_off: float | None = None
+        self.port = 0
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> int:
+        """Bind and serve. Returns the bound port."""
+        config = self._state.config
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=config.max_concurrent_rpcs),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+        self._http = HttpServer(
+            self._handle, config, self._state.metrics,
+            request_factory=request_factory(config.max_request_bytes),
+        )  # fmt: skip
+        self._runner = web.ServerRunner(
+            self._http, handle_signals=False, shutdown_timeout=_FINAL_GRACE_S
+        )
+        await self._runner.setup()
+        host, _, port = config.rest_listen.rpartition(":")
+        ssl_context = tls.server_ssl_context(config.tls) if config.tls is not None else None
+        self._site = web.TCPSite(
+            self._runner, host.strip("[]") or None, int(port), ssl_context=ssl_context,
+            reuse_port=True, backlog=1024,
+        )  # fmt: skip
+        await self._site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let requests in flight finish within ``grace`` seconds, close."""
+        grace = self._state.config.shutdown_grace_s if grace is None else grace
+        if self._stopping:
+            return
+        self._stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self._site is not None:
+            await self._site.stop()
+        if self._http is not None:
+            self._http.pre_shutdown()  # idle keep-alive connections close now
+        while self._active and loop.time() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        if self._active:
+            self.cut_off = grace  # handlers waiting on the upstream answer 503
+            if self._session is not None:
+                await self._session.close()
+            while self._active and loop.time() < deadline + _FINAL_GRACE_S:
+                await asyncio.sleep(_DRAIN_POLL_S)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    # -------------------------------------------------------------- handling
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        target = route(request.method, request.rel_url.raw_path)
+        call = RestCall(self._state.metrics, target.method)
+        call.model_label = self._state.metrics.model_label(target.model)
+        self._active += 1
+        try:
+            return await self._serve(request, target, call)
+        except Answer as answer:
+            return call.answer(answer)
+        except asyncio.CancelledError:
+            call.count("CANCELLED")  # the client went away
+            raise
+        finally:
+            self._active -= 1
+            call.finish()
+
+    async def _serve(
+        self, request: web.BaseRequest, target: Route, call: RestCall
+    ) -> web.StreamResponse:
+        book = self._state.rules  # one consistent rule set for the whole call
+        if self._stopping:
+            raise Answer(503, "guard: shutting down; retry on another replica")
+        body = await self._receive(request)
+        async with self._in_flight(len(body)):
+            if target.predict and target.model is not None and book.may_apply(target.model):
+                return await self._predict(request, target, body, book, call)
+            return await self._pass_through(request, body, call)
+
+    async def _receive(self, request: web.BaseRequest) -> bytes:
+        """The request body, read within the limits, or a refusal."""
+        gate, config = self._state.gate, self._state.config
+        problem = gate.metadata_problem(_header_pairs(request))
+        if problem is not None:
+            raise Answer(431, problem, Refusal.METADATA)
+        problem = gate.pending_problem()
+        if problem is not None:
+            raise Answer(429, problem, Refusal.PENDING)
+        if (request.content_length or 0) > config.max_request_bytes:
+            raise _too_large(request.content_length or 0, config)
+        gate.pending += 1
+        try:
+            async with asyncio.timeout(config.request_timeout_s):
+                return await request.read()
+        except TimeoutError:
+            raise Answer(
+                408,
+                f"guard: the request body did not arrive within request_timeout_s "
+                f"({config.request_timeout_s:g} s) of its headers; send it at once, or raise "
+                "request_timeout_s in the guard config",
+                Refusal.REQUEST_TIMEOUT,
+            ) from None
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(None, config) from None
+        finally:
+            gate.pending -= 1
+
+    @asynccontextmanager
+    async def _in_flight(self, size: int) -> AsyncIterator[None]:
+        gate = self._state.gate
+        refused = gate.inflight_problem(size)
+        if refused is not None:
+            reason, message = refused
+            raise Answer(429, message, reason)
+        gate.inflight += 1
+        gate.inflight_bytes += size
+        try:
+            yield
+        finally:
+            gate.inflight -= 1
+            gate.inflight_bytes -= size
+
+    # ------------------------------------------------------------ forwarding
+
+    @asynccontextmanager
+    async def _forward(
+        self, request: web.BaseRequest, body: bytes, call: RestCall
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The upstream's response to the request, forwarded unchanged."""
+        config = self._state.config
+        assert self._session is not None
+        url = URL(self._base + request.rel_url.raw_path_qs, encoded=True)
+        started = time.perf_counter()
+        try:
+            async with self._session.request(
+                request.method, url, data=body if body or request.body_exists else None,
+                headers=forward_headers(request.headers),
+                allow_redirects=False, timeout=self._timeout,
+            ) as response:  # fmt: skip
+                yield response
+        except TimeoutError:
+            raise Answer(
+                504,
+                f"guard: the upstream did not answer within default_timeout_s "
+                f"({config.default_timeout_s:g} s); raise default_timeout_s in the guard config",
+            ) from None
+        except (aiohttp.ClientError, RuntimeError) as exc:
+            raise self._unreachable(exc) from None
+        finally:
+            call.upstream_s = time.perf_counter() - started
+
+    def _unreachable(self, exc: BaseException) -> Answer:
+        if self.cut_off is not None:
+            return Answer(
+                503,
+                "guard: shutting down, and the upstream had not answered when "
+                f"shutdown_grace_s ({self.cut_off:g} s) ran out; the request was "
+                "cancelled and may or may not have run. Retry it if it is idempotent",
+            )
+        upstream = self._state.config.rest_upstream
+        return Answer(503, f"guard: cannot reach the REST upstream {upstream}: {exc}")
+
+    async def _pass_through(
+        self, request: web.BaseRequest, body: bytes, call: RestCall
+    ) -> web.StreamResponse:
+        """Forward and stream the answer back as the upstream gives it."""
+        async with self._forward(request, body, call) as upstream:
+            limit = self._state.config.max_message_bytes
+            if (upstream.content_length or 0) > limit:
+                raise _response_too_large(upstream.content_length, limit)
+            answer = web.StreamResponse(
+                status=upstream.status, reason=upstream.reason,
+                headers=response_headers(upstream.headers, keep_length=True),
+            )  # fmt: skip
+            await answer.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                    await answer.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The status line is sent: all that is left is to break the
+                # connection, so the client cannot take the body for whole.
+                call.count("UNAVAILABLE")
+                raise ConnectionResetError(f"the upstream's answer broke off: {exc!r}") from None
+            call.count_status(upstream.status)
+            await answer.write_eof()
+            return answer
+
+    # --------------------------------------------------------------- predict
+
+    async def _predict(
+        self, request: web.BaseRequest, target: Route, body: bytes, book: RuleBook, call: RestCall
+    ) -> web.StreamResponse:
+        """Forward a predict request; guard its answer where a rule applies."""
+        assert target.model is not None
+        fmt, signature = self._peek(request, body)
+        limit = self._state.config.max_message_bytes
+        async with self._forward(request, body, call) as upstream:
+            data = await read_limited(upstream, limit)
+            status, reason, headers = upstream.status, upstream.reason, upstream.headers
+        if data is None:
+            raise _response_too_large(upstream.content_length, limit)
+        if status != 200:
+            call.count_status(status)  # the upstream's error, unchanged
+            return web.Response(
+                status=status, reason=reason, body=data, headers=response_headers(headers)
+            )
+        gate = self._state.gate
+        gate.inflight_bytes += len(data)  # held while it is guarded
+        try:
+            guarded = await self._guard(target, fmt, signature, data, headers, book)
+        finally:
+            gate.inflight_bytes -= len(data)
+        call.count("OK")
+        return guarded
+
+    def _peek(self, request: web.BaseRequest, body: bytes) -> tuple[Format | None, str]:
+        """The request's format and signature name, from a bounded peek at its body."""
+        plain: bytes | None = body
+        if "gzip" in request.headers.get("Content-Encoding", ""):
+            plain = inflate(body, self._state.config.max_request_bytes)
+        found = peek_request(plain or b"")
+        if found.exceeded and found.signature is None:
+            raise Answer(
+                400,
+                "guard: the request's top-level keys could not be read within the guard's "
+                'bound; send a JSON object, with "signature_name" before "instances" or '
+                '"inputs"',
+            )
+        return found.format, found.signature or ""
+
+    async def _guard(
+        self,
+        target: Route,
+        fmt: Format | None,
+        signature: str,
+        data: bytes,
+        headers: Any,
+        book: RuleBook,
+    ) -> web.Response:
+        assert target.model is not None
+        out_headers = response_headers(headers)
+        if headers.get("Content-Encoding", "identity").lower() != "identity":
+            raise Answer(
+                500,
+                "guard: the upstream's predict response is compressed "
+                f"(Content-Encoding: {headers['Content-Encoding']}); the guard reads plain JSON",
+            )
+        if book.for_signature(target.model, signature or SERVING_DEFAULT) is None:
+            return web.Response(status=200, body=data, headers=out_headers)  # no rule: as it came
+        metadata = await self._signatures.get(target.model, target.version, target.label)
+        request = RestRequest(target.model, signature, fmt or _format_of(data), metadata)
+        metrics = self._state.metrics
+        try:
+            guarded = guard_rest_response(data, request, book, metrics)
+        except ResponseTooLargeError as exc:
+            raise Answer(http_status(exc.status), exc.details, Refusal.RESPONSE_TOO_LARGE) from None
+        except GuardError as exc:
+            raise Answer(
+                http_status(exc.status), exc.details, headers={"x-guard-action": "rejected"}
+            ) from None
+        except Exception:
+            logger.exception("guarding a REST predict response failed")
+            raise Answer(
+                500, "guard: internal error while guarding the response; see the guard's log"
+            ) from None
+        if guarded is None:
+            return web.Response(status=200, body=data, headers=out_headers)
+        out_headers.update(guarded.headers())
+        return web.Response(status=200, body=guarded.body, headers=out_headers)
+
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        """GET ``path`` on the upstream (model metadata), bounded like a response."""
+        assert self._session is not None
+        config = self._state.config
+        async with self._session.get(
+            URL(self._base + path, encoded=True),
+            timeout=self._timeout,
+        ) as response:
+            data = await read_limited(response, config.max_message_bytes)
+            if data is None:
+                raise ValueError("the metadata is larger than max_message_mb")
+            return response.status, data
+
+
+def _header_pairs(request: web.BaseRequest) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+
+
+def _format_of(body: bytes) -> Format:
+    """The format a response is in when the request's peek could not tell."""
+    head = body[:4096]
+    return "columnar" if b'"outputs"' in head and b'"predictions"' not in head else "row"
+
+
+def _too_large(size: int | None, config: Config) -> Answer:
+    sized = "" if size is None else f" ({size} bytes)"
+    return Answer(
+        413,
+        f"guard: the request body{sized} is larger than max_request_mb "
+        f"({config.max_request_mb} MiB); send less, or raise max_request_mb in the guard config",
+        Refusal.REQUEST_TOO_LARGE,
+    )
+
+
+def _response_too_large(size: int | None, limit: int) -> Answer:
+    sized = "" if size is None else f" ({size} bytes)"
+    error = ResponseTooLargeError(
+        f"guard: the upstream's response{sized} is larger than max_message_mb "
+        f"({limit} bytes); raise max_message_mb in the guard config"
+    )
+    return Answer(http_status(error.status), error.details, Refusal.RESPONSE_TOO_LARGE)

@@ -1,0 +1,121 @@
+"""Fuzz the REST front-end's data plane with atheris: the request peek, and a
+REST predict response read, guarded and rewritten.
+
+Run: ``python -m tests.fuzz.fuzz_rest -max_total_time=60`` (``make fuzz``), after
+``pip install atheris``.
+
+The first input byte selects a rule set, the format (row or columnar) and
+whether the model's metadata names its one output; the rest is the response
+body (and, separately, a request body for the peek). Any exception other than
+a :class:`GuardError` is a crash, and so is a numpy warning. A guarded body
+must read again as a response of the same format; a peek must agree with
+``json.loads`` on every body that parses as a JSON object.
+
+:func:`one_input` needs no atheris; ``tests/server/test_rest_fuzz.py`` runs it
+over hypothesis-generated inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+_instrument: Any = contextlib.nullcontext()
+if __name__ == "__main__":
+    import atheris
+
+    _instrument = atheris.instrument_imports(include=["guard"])
+
+with _instrument:
+    from guard.control.config import parse_config
+    from guard.dataplane.book import RuleBook
+    from guard.dataplane.codec.restjson import Format, read_predict_response
+    from guard.dataplane.errors import GuardError
+    from guard.metrics.guard_metrics import GuardMetrics
+    from guard.server.rest.guarding import RestRequest, guard_rest_response
+    from guard.server.rest.peek import peek_request
+    from guard.server.rest.signatures import Metadata, OutputInfo
+    from tests.fuzz.fuzz_wire import _RULE_SETS
+
+__all__ = ["main", "one_input", "seeds"]
+
+_CONFIGS = [parse_config({"max_message_mb": 1, "models": m}, source="<fuzz>") for m in _RULE_SETS]
+_BOOKS = [RuleBook(c.models, c.max_message_bytes) for c in _CONFIGS]
+_metrics = GuardMetrics(CollectorRegistry(), model_names=["fuzz"], max_class_label_values=5)
+_NAMED = Metadata(1, {"serving_default": {"out1": OutputInfo("DT_FLOAT", None)}})
+_UNKNOWN = Metadata(problem="fuzz: no metadata")
+
+
+def _check_peek(body: bytes) -> None:
+    found = peek_request(body)
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return
+    if isinstance(doc, dict) and found.complete and len(body) < 1 << 16:
+        signature = doc.get("signature_name")
+        # json.loads keeps the last of duplicated keys, the peek may stop at the first.
+        if body.count(b"signature_name") <= 1:
+            assert found.signature == (signature if isinstance(signature, str) else None)
+
+
+def one_input(data: bytes) -> None:
+    """Run one fuzz input; raises on anything but a :class:`GuardError`."""
+    if not data:
+        return
+    selector, body = data[0], data[1:]
+    fmt: Format = "columnar" if selector & 0x40 else "row"
+    request = RestRequest("fuzz", "", fmt, _UNKNOWN if selector & 0x80 else _NAMED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_peek(body)
+        try:
+            guarded = guard_rest_response(body, request, _BOOKS[selector % len(_BOOKS)], _metrics)
+        except GuardError:
+            return
+        if guarded is not None and guarded.body != body:
+            read_predict_response(guarded.body, fmt)  # what we wrote reads again
+
+
+def seeds() -> list[bytes]:
+    """Responses in both formats, one and several outputs, NaN/Infinity and strings."""
+    from guard.dev.backend.json_tensor import predict_response
+
+    special = np.array([[0.2, 1.5], [np.nan, -np.inf]], dtype=np.float32)
+    plain = np.array([[0.2, 1.5], [0.7, -0.25], [0.5, 0.5]], dtype=np.float32)
+    outputs = [[("out1", np.array([[b"a"], [b"b"]], dtype=object), 7)]]
+    for values in (special, plain):
+        outputs.append([("out1", values, 1)])
+        outputs.append([("out1", values, 1), ("out0", values[:, :1].astype(np.float64), 2)])
+    out: list[bytes] = []
+    for selected in outputs:
+        for fmt, bit in (("row", 0), ("columnar", 0x40)):
+            body = predict_response(selected, fmt)  # type: ignore[arg-type]
+            out.extend(bytes([bit | extra]) + body for extra in (0, 1, 2, 0x80))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start libFuzzer on :func:`one_input` (arguments are libFuzzer's)."""
+    import atheris
+
+    args = list(sys.argv if argv is None else argv)
+    if all(a.startswith("-") for a in args[1:]):
+        corpus = Path(tempfile.mkdtemp(prefix="fuzz_rest_corpus_"))
+        for i, seed in enumerate(seeds()):
+            (corpus / f"seed{i:03d}").write_bytes(seed)
+        args.append(str(corpus))
+    atheris.Setup(args, one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""The REST front-end's limits, over real sockets: headers, body size, body
+time, calls in flight, response size, and the drain on shutdown. Every
+refusal is a JSON error naming the setting, and is counted by reason."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from guard.control.config import parse_config
+from tests.support.guard import RunningGuard, start_in_process
+from tests.support.rest_upstream import FakeRestUpstream, Reply
+
+MakeGuard = Callable[..., Awaitable[RunningGuard]]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeRestUpstream]:
+    upstream = FakeRestUpstream()
+    await upstream.start()
+    yield upstream
+    await upstream.stop()
+
+
+@pytest.fixture
+async def make_guard(fake: FakeRestUpstream) -> AsyncIterator[MakeGuard]:
+    started: list[RunningGuard] = []
+
+    async def factory(**overrides: Any) -> RunningGuard:
+        data: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "upstream": "127.0.0.1:9",
+            "rest_listen": "127.0.0.1:0",
+            "rest_upstream": fake.address,
+            "health_check_interval_s": 5.0,
+            "models": [],
+        }
+        data.update(overrides)
+        running = await start_in_process(parse_config(data, "test.yaml", Path.cwd()))
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        await running.stop()
+
+
+def refused(guard: RunningGuard, reason: str) -> float:
+    return guard.sample("guard_refused_requests_total", {"reason": reason}) or 0.0
+
+
+async def raw_exchange(guard: RunningGuard, head: bytes, parts: list[tuple[float, bytes]]) -> bytes:
+    """Send ``head`` then each part after its delay; the whole answer (until close)."""
+    assert guard.rest is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", guard.rest.port)
+    try:
+        writer.write(head)
+        for delay, data in parts:
+            await asyncio.sleep(delay)
+            writer.write(data)
+            await writer.drain()
+        return await asyncio.wait_for(reader.read(1 << 20), 10)
+    finally:
+        writer.close()
+
+
+def split(answer: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+async def test_headers_over_max_metadata_kb_get_431_naming_the_setting(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    guard = await make_guard(max_metadata_kb=1)
+    url = f"{guard.rest_url}/v1/models/m"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url, headers={"X-Big": "a" * 1500}) as response:
+            gate = (response.status, await response.json())
+        # Past what aiohttp's parser reads at all: refused by the parser, in JSON too.
+        async with session.get(url, headers={"X-Huge": "a" * 4000}) as response:
+            parser = (response.status, await response.json())
+
+    assert gate[0] == 431
+    assert "max_metadata_kb (1 KiB)" in gate[1]["error"]
+    assert parser[0] == 431
+    assert "max_metadata_kb" in parser[1]["error"]
+    long_url = await raw_exchange(
+        guard, b"GET /" + b"a" * 4000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", []
+    )
+    assert split(long_url)[0] == 431
+    assert "URL or headers are larger than max_metadata_kb (1 KiB)" in split(long_url)[1]["error"]
+    assert refused(guard, "metadata") == 3
+    assert fake.seen == []
+
+
+async def test_a_body_over_max_request_mb_gets_413(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    guard = await make_guard(max_request_mb=1)
+    big = b"{" + b" " * (1024 * 1024) + b"}"
+    async with aiohttp.ClientSession() as session:
+        url = f"{guard.rest_url}/v1/models/m:predict"
+        async with session.post(url, data=io.BytesIO(big)) as response:
+            declared = (response.status, await response.json())
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b" " * 65536
+
+    async with aiohttp.ClientSession() as session:  # chunked: no length to judge by
+        async with session.post(f"{guard.rest_url}/v1/models/m:predict", data=chunks()) as r:
+            streamed = (r.status, await r.json())
+
+    for status, body in (declared, streamed):
+        assert status == 413
+        assert "max_request_mb (1 MiB)" in body["error"]
+    assert refused(guard, "request_too_large") == 2
+    assert fake.seen == []
+
+
+async def test_a_slow_body_and_a_chunked_body_without_end_get_408(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    guard = await make_guard(request_timeout_s=0.3)
+    slow = await raw_exchange(
+        guard,
+        b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{",
+        [(1.0, b"}        ")],
+    )
+    endless = await raw_exchange(
+        guard,
+        b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        [(0.0, b"1\r\n{\r\n"), (0.2, b"1\r\n \r\n"), (0.2, b"1\r\n \r\n")],
+    )
+
+    for answer in (slow, endless):
+        status, body = split(answer)
+        assert status == 408
+        assert "request_timeout_s (0.3 s)" in body["error"]
+    assert refused(guard, "request_timeout") == 2
+    assert fake.seen == []
+
+
+async def test_headers_that_do_not_arrive_get_408_and_the_connection_closes(
+    make_guard: MakeGuard,
+) -> None:
+    guard = await make_guard(request_timeout_s=0.3)
+    started = asyncio.get_running_loop().time()
+    answer = await raw_exchange(guard, b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nX-Slow: ", [])
+    status, body = split(answer)
+    assert status == 408
+    assert "headers did not arrive within request_timeout_s (0.3 s)" in body["error"]
+    assert asyncio.get_running_loop().time() - started < 5
+    assert refused(guard, "request_timeout") == 1
+
+
+async def test_calls_over_max_concurrent_rpcs_get_429_and_the_first_ones_finish(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    fake.reply("GET", "/v1/models/m", Reply(body=b"{}", delay_s=0.5))
+    guard = await make_guard(max_concurrent_rpcs=2)
+
+    async def get(session: aiohttp.ClientSession) -> int:
+        async with session.get(f"{guard.rest_url}/v1/models/m") as response:
+            await response.read()
+            return response.status
+
+    async with aiohttp.ClientSession() as session:
+        held = [asyncio.create_task(get(session)) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        extra = await get(session)
+        assert sorted(await asyncio.gather(*held)) == [200, 200]
+
+    assert extra == 429
+    assert refused(guard, "inflight_calls") == 1
+    labels = {"protocol": "rest", "model": "__other__", "method": "GetModelStatus"}
+    assert guard.sample("guard_requests_total", {**labels, "code": "RESOURCE_EXHAUSTED"}) == 1
+    assert guard.sample("guard_requests_total", {**labels, "code": "OK"}) == 2
+
+
+async def test_a_response_over_max_message_mb_is_refused(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    fake.reply("GET", "/v1/models/m", Reply(body=b" " * (1024 * 1024 + 1)))
+    guard = await make_guard(max_message_mb=1)
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{guard.rest_url}/v1/models/m") as response:
+            status, body = response.status, await response.json()
+
+    assert status == 429  # RESOURCE_EXHAUSTED, as TF Serving maps it
+    assert "max_message_mb" in body["error"]
+    assert refused(guard, "response_too_large") == 1
+
+
+async def test_stop_lets_a_call_in_flight_finish_and_refuses_new_connections(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    fake.reply("GET", "/v1/models/m", Reply(body=b'{"slow": 1}', delay_s=0.5))
+    guard = await make_guard()
+    assert guard.rest is not None
+    port = guard.rest.port
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{guard.rest_url}/v1/models/m") as response:
+            assert response.status == 200  # a warm keep-alive connection
+            await response.read()
+        in_flight = asyncio.create_task(_get_body(session, f"{guard.rest_url}/v1/models/m"))
+        await asyncio.sleep(0.2)
+        stopping = asyncio.create_task(guard.rest.stop(5.0))
+        await asyncio.sleep(0.1)
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+        assert await in_flight == (200, b'{"slow": 1}')
+        await stopping
+
+
+async def test_stop_past_its_grace_answers_503_saying_why(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    fake.reply("GET", "/v1/models/m", Reply(body=b"{}", delay_s=5.0))
+    guard = await make_guard()
+    assert guard.rest is not None
+
+    async with aiohttp.ClientSession() as session:
+        in_flight = asyncio.create_task(_get_body(session, f"{guard.rest_url}/v1/models/m"))
+        await asyncio.sleep(0.2)
+        await guard.rest.stop(0.3)
+        status, body = await in_flight
+
+    assert status == 503
+    assert "shutdown_grace_s (0.3 s) ran out" in json.loads(body)["error"]
+
+
+async def _get_body(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
+    async with session.get(url) as response:
+        return response.status, await response.read()

@@ -1,0 +1,150 @@
+"""The REST front-end's pure parts: the bounded request peek, TF Serving's
+URL grammar and status mapping, and the metadata cache."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guard.dataplane.errors import Status
+from guard.server.rest import peek as peek_module
+from guard.server.rest import signatures
+from guard.server.rest.peek import inflate, peek_request
+from guard.server.rest.routes import Route, code_of_status, http_status, route
+from guard.server.rest.signatures import SignatureCache, metadata_path, parse_metadata
+from tests.support.rest_upstream import metadata_body
+
+
+@pytest.mark.parametrize(
+    ("body", "signature", "fmt"),
+    [
+        (b'{"instances": [[1, 2]]}', None, "row"),
+        (b'{"signature_name": "s", "inputs": {"a": [1]}}', "s", "columnar"),
+        (b'{"inputs": {"x": ["{", "[[", "\\"]"]}, "signature_name": "late"}', "late", "columnar"),
+        (b'{"instances": [{"b64": "AAA="}], "signature\\u005fname": "esc"}', "esc", "row"),
+        (b' \n{"instances": [], "signature_name": "x\\"y"}', 'x"y', "row"),
+        (b'{"signature_name": 5, "instances": []}', None, "row"),  # the upstream judges it
+    ],
+)
+def test_the_peek_finds_the_signature_and_format_as_json_does(
+    body: bytes, signature: str | None, fmt: str
+) -> None:
+    found = peek_request(body)
+    doc = json.loads(body)
+    expected = doc.get("signature_name")
+    assert found.signature == (expected if isinstance(expected, str) else None) == signature
+    assert found.format == fmt
+    assert found.complete
+
+
+def test_the_peek_never_reads_numbers_and_stops_at_its_bound() -> None:
+    numbers = b"[" + b",".join([b"[1.5, 2.5, 3.5]"] * 200_000) + b"]"
+    body = b'{"instances": ' + numbers + b', "signature_name": "s"}'
+    started = time.perf_counter()
+    assert peek_request(body).signature == "s"
+    assert time.perf_counter() - started < 0.5  # bytes.count over 3 MB, not a parse
+
+    strings = b'{"instances": [' + b",".join([b'"a"'] * (peek_module.PEEK_STRINGS_MAX + 1))
+    bounded = peek_request(strings + b'], "signature_name": "s"}')
+    assert (bounded.signature, bounded.complete, bounded.exceeded) == (None, False, True)
+    for bad in (b"[1, 2]", b'{"instances": [1, 2', b'{"a": "unterminated'):
+        found = peek_request(bad)
+        assert not found.complete and not found.exceeded  # the upstream judges these
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["instances", "inputs", "signature_name", "x", "{", 'a"b']),
+        st.recursive(
+            st.none() | st.booleans() | st.floats(allow_nan=False) | st.text(max_size=5),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+            max_leaves=8,
+        ),
+    )
+)
+def test_the_peek_agrees_with_json_loads(doc: dict[str, object]) -> None:
+    found = peek_request(json.dumps(doc).encode())
+    signature = doc.get("signature_name")
+    assert found.signature == (signature if isinstance(signature, str) else None)
+    first = next((k for k in doc if k in ("instances", "inputs")), None)
+    assert found.format == {"instances": "row", "inputs": "columnar", None: None}[first]
+
+
+def test_inflate_is_bounded() -> None:
+    body = gzip.compress(b'{"signature_name": "z"}' + b" " * 1000)
+    assert inflate(body, 2000) is not None
+    assert inflate(body, 100) is None
+    assert inflate(b"not gzip", 100) is None
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("POST", "/v1/models/m:predict", Route("Predict", "m")),
+        ("POST", "/v1/models/m/versions/3:PREDICT", Route("Predict", "m", 3)),
+        ("POST", "/v1/models/a%2Fb/labels/canary:predict", Route("Predict", "a/b", None, "canary")),
+        ("POST", "/v1/models/m:classify", Route("Classify", "m")),
+        ("POST", "/v1/models/m:regress", Route("Regress", "m")),
+        ("GET", "/v1/models/m/versions/2/metadata", Route("GetModelMetadata", "m")),
+        ("GET", "/v1/models/m", Route("GetModelStatus", "m")),
+        ("GET", "/v1/models/m:predict", Route("__other__")),
+        ("PUT", "/v1/models/m:predict", Route("__other__")),
+        ("POST", "/v1/models/m/versions/99999999999999999999:predict", Route("__other__")),
+    ],
+)
+def test_routes_follow_tf_servings_url_grammar(method: str, path: str, expected: Route) -> None:
+    assert route(method, path) == expected
+
+
+def test_status_codes_follow_tf_servings_mapping() -> None:
+    assert http_status(Status.INTERNAL) == 500
+    assert http_status(Status.RESOURCE_EXHAUSTED) == 429
+    statuses = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED",
+                500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE",
+                504: "DEADLINE_EXCEEDED", 408: "DEADLINE_EXCEEDED", 413: "RESOURCE_EXHAUSTED",
+                418: "UNKNOWN"}  # fmt: skip
+    for status, code in statuses.items():
+        assert code_of_status(status) == code
+
+
+def test_metadata_is_parsed_and_bad_metadata_says_why() -> None:
+    meta = parse_metadata(200, metadata_body("m", {"p": ("DT_FLOAT", [-1, 201])}, version=7))
+    assert meta.version == 7
+    assert meta.signatures["serving_default"]["p"].dims == (-1, 201)
+    assert meta.signatures["serving_default"]["p"].dtype == "DT_FLOAT"
+    assert parse_metadata(404, b"{}").problem == "the upstream answered its metadata with HTTP 404"
+    assert (parse_metadata(200, b"[]").problem or "").startswith("its metadata could not be read")
+    assert metadata_path("a/b", 2, None) == "/v1/models/a%2Fb/versions/2/metadata"
+    assert metadata_path("m", None, "canary") == "/v1/models/m/labels/canary/metadata"
+
+
+async def test_the_cache_asks_once_and_follows_a_new_latest_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[str] = []
+    version = {"now": 1}
+
+    async def fetch(path: str) -> tuple[int, bytes]:
+        asked.append(path)
+        return 200, metadata_body("m", {"p": ("DT_FLOAT", [-1])}, version=version["now"])
+
+    cache = SignatureCache(fetch)
+    first = [await cache.get("m", None, None) for _ in range(3)]
+    assert [m.version for m in first] == [1, 1, 1]
+    assert asked == ["/v1/models/m/metadata"]
+
+    monkeypatch.setattr(signatures, "LATEST_TTL_S", 0.0)
+    await cache.get("m", 5, None)  # a fixed version: cached for good
+    await cache.get("m", 5, None)
+    assert asked.count("/v1/models/m/versions/5/metadata") == 1
+
+    cache = SignatureCache(fetch)  # entries for the latest version now expire at once
+    assert (await cache.get("m", None, None)).version == 1
+    version["now"] = 2
+    assert (await cache.get("m", None, None)).version == 2
