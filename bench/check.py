@@ -44,11 +44,15 @@ class Threshold:
 # noise beyond that; they catch a regression (the native modules not used, an
 # accidental per-value Python loop, a copy per output), not a few per cent.
 # Without the native modules the guard takes 1.8-2.3x the floor, and misses.
+# Since each row's entropy is measured by default (multi-class rules), the
+# 256x201 float_val case measured 7.5-12 on the loaded box: the native
+# entropy loop (0.8-1.6 ns a value) costs as much again as the rest of the
+# clean path; folding it into the ranking pass is the performance issue's.
 # Tighten them as the guard gets faster.
 THRESHOLDS: tuple[Threshold, ...] = (
     Threshold(64, 10, "float_val", 1.2, 2.5),
     Threshold(64, 10, "tensor_content", 1.2, 2.5),
-    Threshold(256, 201, "float_val", 1.5, 8.0),
+    Threshold(256, 201, "float_val", 1.5, 5.0),
     Threshold(256, 201, "tensor_content", 1.5, 1.3),
 )
 
