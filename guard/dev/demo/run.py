@@ -1,9 +1,11 @@
 """``guard demo``: the seed stories, end to end, on this machine.
 
 Builds (or reuses) the seed models, starts the local backend and the guard as
-child processes on free ports, sends each model a batch through the guard with
-the official ``tensorflow_serving`` client, and prints raw against guarded
-outputs, then the guard's counters. This module imports TensorFlow (for the
+child processes on free ports (gRPC and REST both), sends each model a batch
+through the guard with the official ``tensorflow_serving`` client, and prints raw
+against guarded outputs; then sends the same batch over TF Serving's REST API and
+prints the raw JSON beside the guarded JSON (:mod:`guard.dev.demo.rest`); then
+the guard's counters. This module imports TensorFlow (for the
 official client protos); the guard process it starts never does.
 """
 
@@ -20,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from guard.control.process import ChildStartError, guard_argv, start
-from guard.dev.backend import start_backend
+from guard.dev.backend import BackendProcess, start_backend
+from guard.dev.demo import rest
 from guard.dev.models import BINARY_MLP, MODELS, SOFTMAX_201, WIDE_DEEP, build_models, demo_inputs
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -48,11 +51,17 @@ class _Timer:
         return f"time: {total:.1f} s ({parts})"
 
 
+#: The REST request format per seed model: both formats are shown.
+REST_FORMATS = {WIDE_DEEP: "row", BINARY_MLP: "columnar", SOFTMAX_201: "row"}
+
+
 @contextlib.contextmanager
-def _guard_process(config: Path, upstream: str, log: Path) -> Iterator[dict[str, int]]:
+def _guard_process(config: Path, backend: BackendProcess, log: Path) -> Iterator[dict[str, int]]:
+    assert backend.rest_address is not None, "the backend was started without REST"
     argv = guard_argv(
-        "serve", "--config", str(config), "--upstream", upstream,
+        "serve", "--config", str(config), "--upstream", backend.address,
         "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+        "--rest-upstream", backend.rest_address, "--rest-listen", "127.0.0.1:0",
     )  # fmt: skip
     try:
         child = start(argv, log_path=log)
@@ -152,6 +161,17 @@ def _show_softmax(
     )
 
 
+def rest_reports(backend_url: str, guard_url: str) -> list[str]:
+    """One REST predict per seed model, direct and through the guard, side by side."""
+    reports = []
+    for model, fmt in REST_FORMATS.items():
+        body = rest.request_body(demo_inputs(model), columnar=fmt == "columnar")
+        raw = rest.post_predict(backend_url, model, body)
+        guarded = rest.post_predict(guard_url, model, body)
+        reports.append(rest.report(model, fmt, raw, guarded))
+    return reports
+
+
 def _counters(metrics_url: str) -> str:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -185,10 +205,10 @@ def run_demo(config: Path, models_dir: Path, tensor_content: bool = False) -> in
         paths = build_models(models_dir)
     with tempfile.TemporaryDirectory(prefix="guard-demo-") as tmp:
         with timer.phase("backend start"):
-            backend = start_backend(paths, tensor_content=tensor_content)
+            backend = start_backend(paths, tensor_content=tensor_content, rest_listen="127.0.0.1:0")
         with backend:
             with timer.phase("guard start"):
-                guard_cm = _guard_process(config, backend.address, Path(tmp) / "guard.log")
+                guard_cm = _guard_process(config, backend, Path(tmp) / "guard.log")
                 ports = guard_cm.__enter__()
             try:
                 with timer.phase("requests"):
@@ -208,6 +228,8 @@ def run_demo(config: Path, models_dir: Path, tensor_content: bool = False) -> in
                         reports.append(show(model, inputs, raw, guarded, trailers))
                     guard_ch.close()
                     direct_ch.close()
+                    assert backend.rest_url is not None
+                    reports += rest_reports(backend.rest_url, f"http://127.0.0.1:{ports['rest']}")
                     counters = _counters(f"http://127.0.0.1:{ports['metrics']}/metrics")
             finally:
                 guard_cm.__exit__(None, None, None)
