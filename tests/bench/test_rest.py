@@ -100,3 +100,13 @@ def test_rest_section_quick_end_to_end(tmp_path: Path) -> None:
     assert results["ratios"]["guard_vs_passthrough_cpu_c16_1024x201"] is not None
     assert "| guard | 1024x201 |" in proc.stdout
     assert "guard_rest_idle_rss_delta_mb" in proc.stdout
+
+
+def test_restjson_times_the_guard_step(capsys: pytest.CaptureFixture[str]) -> None:
+    """bench.restjson runs on this checkout (it imports the guard's modules by path)."""
+    from bench import restjson
+
+    restjson.main(["--rows", "8", "--classes", "201", "--repeat", "1"])
+    out = capsys.readouterr().out
+    for step in ("json.loads(body)", "restjson read", "guard step (read + rule + write)"):
+        assert step in out
