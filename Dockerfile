@@ -10,7 +10,7 @@
 #
 # Configuration: mount a file at /etc/guard/guard.yaml (GUARD_CONFIG points there; the
 # image ships a passthrough default) and/or set GUARD_LISTEN, GUARD_UPSTREAM,
-# GUARD_METRICS_LISTEN. Not built in this project's CI (no Docker engine there): see
+# GUARD_REST_LISTEN, GUARD_REST_UPSTREAM, GUARD_METRICS_LISTEN. Not built in this project's CI (no Docker engine there): see
 # docs/deploy.md.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
@@ -50,9 +50,9 @@ COPY --from=build-tensorflow /opt/guard /opt/guard
 ENV PATH=/opt/guard/bin:$PATH \
     PYTHONUNBUFFERED=1
 USER 10001:10001
-EXPOSE 8510
+EXPOSE 8510 8511
 ENTRYPOINT ["guard", "backend"]
-CMD ["--listen", "0.0.0.0:8510"]
+CMD ["--listen", "0.0.0.0:8510", "--rest-listen", "0.0.0.0:8511"]
 
 # --------------------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime
@@ -64,6 +64,7 @@ ENV PATH=/opt/guard/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     GUARD_CONFIG=/etc/guard/guard.yaml
 USER 10001:10001
-# 8500: gRPC (TF Serving's API + grpc.health.v1); 9102: Prometheus /metrics.
-EXPOSE 8500 9102
+# 8500: gRPC (TF Serving's API + grpc.health.v1); 8501: TF Serving's REST API;
+# 9102: Prometheus /metrics.
+EXPOSE 8500 8501 9102
 ENTRYPOINT ["guard", "serve"]

@@ -1,4 +1,5 @@
-"""nginx ``grpc_pass`` in front of the upstream: the anchor a plain proxy sets.
+"""nginx ``grpc_pass`` (gRPC) or ``proxy_pass`` with upstream keepalive (REST) in front of
+the upstream: the anchor a plain proxy sets.
 
 One process (``master_process off``), so /proc/<pid> of the process we start is
 the whole proxy, like the single-process Python paths. Every path nginx writes
@@ -28,9 +29,43 @@ def find_nginx() -> str:
     raise FileNotFoundError("nginx not found; install it (Debian: apt-get install nginx)")
 
 
-def render_config(workdir: Path, upstream: str, listen_port: int) -> str:
-    """The nginx.conf text for a grpc_pass hop from ``listen_port`` to ``upstream``."""
+def _locations(protocol: str) -> str:
+    if protocol == "grpc":
+        return """\
+        listen 127.0.0.1:{port} http2;
+        location / {{
+            grpc_pass grpc://tf_serving;
+            grpc_read_timeout 300s;
+            grpc_send_timeout 300s;
+            grpc_buffer_size 1m;
+        }}"""
+    # HTTP/1.1 with an empty Connection header: the upstream keepalive pool is used.
+    return """\
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://tf_serving;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # Request bodies in memory: past the 16k default nginx spools them to a
+            # file and sends them on from there, and each call then waits out
+            # delayed ACKs (~40 ms for a 40 KB predict body).
+            client_body_buffer_size 64m;
+            proxy_read_timeout 300s;
+            proxy_send_timeout 300s;
+            proxy_buffer_size 64k;
+            proxy_buffers 64 64k;
+            proxy_busy_buffers_size 128k;
+        }}"""
+
+
+def render_config(workdir: Path, upstream: str, listen_port: int, protocol: str = "grpc") -> str:
+    """The nginx.conf text for a hop from ``listen_port`` to ``upstream``.
+
+    ``protocol``: ``grpc`` (``grpc_pass``) or ``http`` (``proxy_pass`` over HTTP/1.1
+    with upstream keepalive, the usual way to front TF Serving's REST API).
+    """
     w = workdir
+    server = _locations(protocol).format(port=listen_port)
     return f"""\
 daemon off;
 master_process off;
@@ -63,25 +98,19 @@ http {{
     }}
 
     server {{
-        listen 127.0.0.1:{listen_port} http2;
-        location / {{
-            grpc_pass grpc://tf_serving;
-            grpc_read_timeout 300s;
-            grpc_send_timeout 300s;
-            grpc_buffer_size 1m;
-        }}
+{server}
     }}
 }}
 """
 
 
-def write_config(workdir: Path, upstream: str, listen_port: int) -> Path:
+def write_config(workdir: Path, upstream: str, listen_port: int, protocol: str = "grpc") -> Path:
     """Write nginx.conf (and its temp dirs) under ``workdir``; return its path."""
     workdir.mkdir(parents=True, exist_ok=True)
     for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / sub).mkdir(exist_ok=True)
     conf = workdir / "nginx.conf"
-    conf.write_text(render_config(workdir.resolve(), upstream, listen_port))
+    conf.write_text(render_config(workdir.resolve(), upstream, listen_port, protocol))
     return conf
 
 

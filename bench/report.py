@@ -256,6 +256,10 @@ def render(results: dict[str, Any], json_path: Path | None = None) -> str:
         else:
             out.append(backend["description"] + "\n")
             out += _paths_section(backend, " (real backend)")
+    if results.get("rest"):
+        from bench import rest
+
+        out.append("\n" + rest.render(results["rest"]).rstrip())
     findings = Path(__file__).with_name("findings.md")
     if findings.exists():
         out.append("\n" + findings.read_text().rstrip())

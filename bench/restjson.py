@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from guard.config import load_config
-from guard.rules import apply_rule, label_table
 
+from guard.control.config import load_config
 from guard.dataplane.codec.restjson import read_predict_response
+from guard.dataplane.rules import apply_rule, label_table
 from guard.dev.backend.json_tensor import predict_response
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "guard.yaml"
@@ -46,7 +46,7 @@ def guard_step(body: bytes, rule: Any, labels: Any) -> bytes:
     values = response.outputs[None].values
     result = apply_rule(values, rule, labels, "softmax_201", "probabilities")
     derived = [("probabilities" + d.suffix, d.array) for d in result.derived]
-    changed = {None: result.values} if result.changed else None
+    changed: dict[str | None, np.ndarray] | None = {None: result.values} if result.changed else None
     return response.rewrite(changed=changed, derived={None: derived})
 
 

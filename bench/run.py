@@ -1,12 +1,15 @@
 """``make bench``: the proxy paths measured interleaved against one canned upstream.
 
-    python -m bench.run [--rounds 5] [--paths direct,nginx,passthrough,guard]
+    python -m bench.run [--rounds 5] [--paths direct,nginx,passthrough,guard] [--no-rest]
+    python -m bench.rest [--rounds 3] [--quick]     # the REST section alone
 
 Per round, every path is started fresh (startup to SERVING, idle RSS), warmed
 up, timed at concurrency 1 (p50/p90/p99), loaded with h2load at concurrency 16
 and 64 (req/s, errors, proxy CPU per request, peak RSS), and its grpc-status
 checked with a real gRPC client. The order of the paths rotates per round so no
-path always runs first; the report gives min/median/max across rounds.
+path always runs first; the report gives min/median/max across rounds. Then the
+REST section (:mod:`bench.rest`): TF Serving's REST API direct, through nginx
+``proxy_pass``, a raw aiohttp passthrough and the guard, interleaved the same way.
 
 Writes bench/results/<date>.json and docs/benchmarks.md.
 """
@@ -282,6 +285,18 @@ def ratios(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def run_rest(settings: Settings, quick: bool) -> dict[str, Any]:
+    """The REST section, as many rounds as the gRPC paths got."""
+    from bench import rest
+
+    rest_settings = (
+        rest.RestSettings.quick() if quick else rest.RestSettings(rounds=settings.rounds)
+    )
+    figures = rest.run(rest_settings)
+    figures["command"] = f"python -m bench.rest --rounds {rest_settings.rounds}"
+    return figures
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
@@ -296,6 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-micro", action="store_true", help="skip the post-processing micro-benchmarks"
     )
     p.add_argument("--no-backend", action="store_true", help="skip the real-backend pass")
+    p.add_argument("--no-rest", action="store_true", help="skip the REST section (bench.rest)")
     p.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--out", type=Path, help="JSON output (default bench/results/<date>.json)")
     p.add_argument("--doc", type=Path, default=DOC, help="markdown report path")
@@ -364,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             from bench import backend_pass
 
             results["backend"] = backend_pass.run(workdir, settings, quick=args.quick)
+    if not args.no_rest:
+        results["rest"] = run_rest(settings, quick=args.quick)
     results["elapsed_s"] = time.perf_counter() - started
     results["machine"]["loadavg_1m_at_end"] = f"{os.getloadavg()[0]:.1f}"
 

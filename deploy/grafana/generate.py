@@ -7,7 +7,8 @@ regenerates it and compares. After editing a panel, run::
     .venv/bin/python deploy/grafana/generate.py --check  # exit 1 if the file is stale
 
 Every query uses only the metric names of the guard (see README, "Metrics"), the
-dashboard variables ``$datasource``, ``$model``, ``$signature``, ``$output`` and Grafana's
+dashboard variables ``$datasource``, ``$model``, ``$signature``, ``$output``, ``$protocol`` and
+Grafana's
 ``$__rate_interval`` / ``$__range``, so the integration test can substitute them and run
 each query against a real Prometheus.
 """
@@ -37,6 +38,10 @@ DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 SEL_OUTPUT = 'model=~"$model", signature=~"$signature", output=~"$output"'
 SEL_SIGNATURE = 'model=~"$model", signature=~"$signature"'
 SEL_MODEL = 'model=~"$model"'
+# The request metrics carry the protocol (grpc, rest); the output metrics do not: a
+# violation is the same series whichever protocol carried the response.
+SEL_PROTOCOL = 'protocol=~"$protocol"'
+SEL_TRAFFIC = f"{SEL_MODEL}, {SEL_PROTOCOL}"
 RATE = "[$__rate_interval]"
 
 
@@ -109,6 +114,13 @@ def _variables() -> list[Any]:
             'label_values(guard_output_values_total{model=~"$model", '
             'signature=~"$signature"}, output)',
             "Output alias (tensor name in the response).",
+        ),
+        label_var(
+            "protocol",
+            "Protocol",
+            "label_values(guard_requests_total, protocol)",
+            "grpc (port 8500) or rest (port 8501). Filters the traffic panels only: the "
+            "output-quality panels count both protocols together.",
         ),
     ]
 
@@ -265,65 +277,101 @@ def _response_panels() -> list[Any]:
 
 
 def _traffic_panels() -> list[Any]:
-    requests = f"guard_requests_total{{{SEL_MODEL}}}"
+    return [*_protocol_panels(), *_latency_panels()]
+
+
+def _protocol_panels() -> list[Any]:
+    requests = f"guard_requests_total{{{SEL_TRAFFIC}}}"
+    errors = f'guard_requests_total{{{SEL_TRAFFIC}, code!="OK"}}'
     return [
         _timeseries(
-            "Request rate by method and code",
-            "RPCs per second through the guard, by gRPC method and status code. A drop to "
-            "zero with clients still running means they bypass or cannot reach the guard "
-            "(Service selector, port 8500).",
+            "Requests by protocol",
+            "Calls per second through the guard by protocol: grpc (port 8500) and rest "
+            "(port 8501, TF Serving's REST API). One protocol dropping to zero while its "
+            "clients still run means they bypass the guard or cannot reach it: check the "
+            "Service port, the NetworkPolicy and rest_upstream.",
             "reqps",
-            _query(f"sum by (method, code) (rate({requests}{RATE}))", "{{method}} {{code}}"),
+            _query(f"sum by (protocol) (rate({requests}{RATE}))", "{{protocol}}"),
         ),
         _timeseries(
-            "Error rate by method and code",
-            "Non-OK RPCs per second. UNAVAILABLE: TF Serving is down or restarting (see "
-            "'Upstream up'). INTERNAL: the guard rejected a response or could not decode it. "
+            "Error ratio by protocol",
+            "Share of calls per protocol that did not end OK (codes are gRPC names for both; "
+            "REST statuses are mapped as TF Serving maps them). A ratio on one protocol only "
+            "points at that path: for rest, a wrong rest_upstream or TF Serving's REST port "
+            "off (UNAVAILABLE, GuardProtocolUnavailable); for both, the model or the rules.",
+            "percentunit",
+            _query(
+                f"(sum by (protocol) (rate({errors}{RATE}))"
+                f" or sum by (protocol) (rate({requests}{RATE})) * 0)"
+                f" / sum by (protocol) (rate({requests}{RATE}))",
+                "{{protocol}}",
+            ),
+        ).max(1),
+        _timeseries(
+            "Request rate by protocol, method and code",
+            "Calls per second through the guard, by protocol, TF Serving method and status "
+            "code (gRPC code names; a REST status is counted under the code TF Serving maps "
+            "to it). A drop to zero with clients still running means they bypass or cannot "
+            "reach the guard (Service selector, ports 8500 and 8501).",
+            "reqps",
+            _query(
+                f"sum by (protocol, method, code) (rate({requests}{RATE}))",
+                "{{protocol}} {{method}} {{code}}",
+            ),
+        ),
+        _timeseries(
+            "Error rate by protocol, method and code",
+            "Non-OK calls per second. UNAVAILABLE: TF Serving is down or restarting (see "
+            "'Upstream up'), or for rest only, rest_upstream does not reach TF Serving's "
+            "REST port. INTERNAL: the guard rejected a response or could not decode it. "
             "NOT_FOUND / INVALID_ARGUMENT come from TF Serving unchanged (unknown model, "
             "bad request): fix the client.",
             "reqps",
             _query(
-                f'sum by (method, code) (rate(guard_requests_total{{{SEL_MODEL}, code!="OK"}}'
-                f"{RATE}))",
-                "{{method}} {{code}}",
+                f"sum by (protocol, method, code) (rate({errors}{RATE}))",
+                "{{protocol}} {{method}} {{code}}",
             ),
         ),
+    ]
+
+
+def _quantiles(metric: str) -> list[Any]:
+    selector = f"{metric}_bucket{{{SEL_PROTOCOL}}}"
+    return [
+        _query(
+            f"histogram_quantile({q}, sum by (le, protocol, method) (rate({selector}{RATE})))",
+            f"p{name} {{{{protocol}}}} {{{{method}}}}",
+            ref,
+        )
+        for q, name, ref in ((0.5, "50", "A"), (0.99, "99", "B"))
+    ]
+
+
+def _latency_panels() -> list[Any]:
+    return [
         _timeseries(
             "Upstream latency p50 / p99",
-            "Time TF Serving took to answer, measured by the guard. High values are TF "
-            "Serving's own (model size, batching, GPU contention), not the guard's.",
+            "Time TF Serving took to answer, measured by the guard, per protocol and method. "
+            "High values are TF Serving's own (model size, batching, GPU contention), not the "
+            "guard's; REST adds TF Serving's own JSON encoding to the upstream time.",
             "s",
-            _query(
-                "histogram_quantile(0.5, sum by (le, method) "
-                f"(rate(guard_upstream_duration_seconds_bucket{RATE})))",
-                "p50 {{method}}",
-            ),
-            _query(
-                "histogram_quantile(0.99, sum by (le, method) "
-                f"(rate(guard_upstream_duration_seconds_bucket{RATE})))",
-                "p99 {{method}}",
-                "B",
-            ),
+            *_quantiles("guard_upstream_duration_seconds"),
         ),
         _timeseries(
             "Guard overhead p50 / p99",
-            "Time spent inside the guard per RPC (decode, rules, encode), excluding the "
-            "upstream call. Expect well under a millisecond for typical responses; a high "
-            "p99 means very large responses or a CPU-starved sidecar: raise its CPU "
-            "request/limit (GuardHighOverhead).",
+            "Time spent inside the guard per call (decode, rules, encode), excluding the "
+            "upstream call, per protocol and method. Expect well under a millisecond for "
+            "typical gRPC responses; REST reads and writes JSON, so large REST responses cost "
+            "more. A high p99 means very large responses or a CPU-starved sidecar: raise its "
+            "CPU request/limit (GuardHighOverhead).",
             "s",
-            _query(
-                "histogram_quantile(0.5, sum by (le, method) "
-                f"(rate(guard_overhead_seconds_bucket{RATE})))",
-                "p50 {{method}}",
-            ),
-            _query(
-                "histogram_quantile(0.99, sum by (le, method) "
-                f"(rate(guard_overhead_seconds_bucket{RATE})))",
-                "p99 {{method}}",
-                "B",
-            ),
+            *_quantiles("guard_overhead_seconds"),
         ),
+    ]
+
+
+def _health_panels() -> list[Any]:
+    return [
         stat.Panel()
         .title("Upstream up")
         .description(
@@ -417,7 +465,7 @@ def _protection_panels() -> list[Any]:
 BY_OUTPUT = "model, signature, output"
 
 
-def _health_panels() -> list[Any]:
+def _model_health_panels() -> list[Any]:
     """Outputs that are valid but useless: near-uniform, stuck, abstaining, drifting."""
     near = f"guard_near_uniform_rows_total{{{SEL_OUTPUT}}}"
     rows = f"guard_output_entropy_count{{{SEL_OUTPUT}}}"
@@ -530,13 +578,13 @@ def build() -> dict[str, Any]:
     for panel in _response_panels():
         builder = builder.with_panel(panel)
     builder = builder.with_row(db.Row("Traffic and upstream"))
-    for panel in _traffic_panels():
+    for panel in [*_traffic_panels(), *_health_panels()]:
         builder = builder.with_panel(panel)
     builder = builder.with_row(db.Row("Protection"))
     for panel in _protection_panels():
         builder = builder.with_panel(panel)
     builder = builder.with_row(db.Row("Model health"))
-    for panel in _health_panels():
+    for panel in _model_health_panels():
         builder = builder.with_panel(panel)
     encoded: dict[str, Any] = json.loads(json.dumps(builder.build(), cls=JSONEncoder))
     return encoded

@@ -23,6 +23,10 @@ def _mounts(service: dict) -> dict[str, Path]:
     return out
 
 
+def _flag(command: list[str], name: str) -> str:
+    return next(a for a in command if a.startswith(f"{name}=")).split("=", 1)[1]
+
+
 def test_compose_wiring() -> None:
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     assert set(services) == {"models", "tf-serving", "guard", "prometheus", "grafana"}
@@ -42,16 +46,20 @@ def test_compose_wiring() -> None:
     published = {int(p.split(":")[1]) for p in guard["ports"]}
     assert published == {
         int(cfg.listen.rsplit(":", 1)[1]),
+        int(cfg.rest_listen.rsplit(":", 1)[1]),
         int(cfg.metrics_listen.rsplit(":", 1)[1]),
     }
-    assert cfg.listen == defaults.listen
+    assert {p.split(":")[0] for p in guard["ports"]} == {"8500", "8501", "9102"}
+    assert (cfg.listen, cfg.rest_listen) == (defaults.listen, defaults.rest_listen)
 
-    # The guard's upstream is TF Serving's --port, REST off.
+    # The guard's upstreams are TF Serving's --port and --rest_api_port, published nowhere.
     tfs = services["tf-serving"]
     assert re.fullmatch(r"tensorflow/serving:\d+\.\d+\.\d+", tfs["image"])
-    tfs_port = next(a for a in tfs["command"] if a.startswith("--port=")).split("=")[1]
+    tfs_port = _flag(tfs["command"], "--port")
+    tfs_rest_port = _flag(tfs["command"], "--rest_api_port")
     assert guard["environment"]["GUARD_UPSTREAM"] == f"tf-serving:{tfs_port}"
-    assert "--rest_api_port=0" in tfs["command"]
+    assert guard["environment"]["GUARD_REST_UPSTREAM"] == f"tf-serving:{tfs_rest_port}"
+    assert tfs_rest_port == "8511" and "ports" not in tfs
 
     # TF Serving serves exactly the models the guard has rules for.
     models_config = _mounts(tfs)["/config/models.config"].read_text()

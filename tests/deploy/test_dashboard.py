@@ -50,10 +50,10 @@ def test_committed_json_equals_generator_output(dashboard_generator: ModuleType)
 def test_variables() -> None:
     dash = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in dash["templating"]["list"]}
-    assert list(variables) == ["datasource", "model", "signature", "output"]
+    assert list(variables) == ["datasource", "model", "signature", "output", "protocol"]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    for name in ("model", "signature", "output"):
+    for name in ("model", "signature", "output", "protocol"):
         assert variables[name]["type"] == "query"
         assert variables[name]["includeAll"] and variables[name]["allValue"] == ".*"
         assert f", {name})" in variables[name]["query"]
@@ -71,6 +71,8 @@ def test_required_panels_exist_with_descriptions() -> None:
         "Bad softmax rows",
         "Output value distribution",
         "Top predicted classes",
+        "Requests by protocol",
+        "Error ratio by protocol",
         "Request rate",
         "Error rate",
         "Upstream latency p50 / p99",
@@ -103,8 +105,25 @@ def test_queries_use_only_guard_metrics_and_known_variables() -> None:
                 "$model",
                 "$signature",
                 "$output",
+                "$protocol",
                 "$__rate_interval",
                 "$__range",
             }, expr
     assert used <= GUARD_METRICS, used - GUARD_METRICS
     assert used == GUARD_METRICS, GUARD_METRICS - used
+
+
+def test_request_panels_break_down_by_protocol() -> None:
+    """Every query over a request metric filters on $protocol and keeps the label."""
+    request_metrics = re.compile(r"guard_(requests_total|overhead_seconds|upstream_duration)")
+    checked = 0
+    for panel in _panels():
+        for target in panel["targets"]:
+            expr = target["expr"]
+            if not request_metrics.search(expr):
+                continue
+            checked += 1
+            assert 'protocol=~"$protocol"' in expr, panel["title"]
+            assert re.search(r"sum by \([^)]*\bprotocol\b", expr), panel["title"]
+            assert "{{protocol}}" in target["legendFormat"], panel["title"]
+    assert checked >= 8

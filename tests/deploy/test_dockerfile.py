@@ -103,7 +103,7 @@ def test_structure() -> None:
     user = runtime.args("USER")[-1].split(":")[0]
     assert user.isdigit() and int(user) != 0, "numeric non-root USER (runAsNonRoot checks it)"
     exposed = {int(p) for e in runtime.args("EXPOSE") for p in e.split()}
-    assert exposed == {8500, 9102}
+    assert exposed == {8500, 8501, 9102}
     assert json.loads(runtime.args("ENTRYPOINT")[-1]) == ["guard", "serve"]
     env = " ".join(runtime.args("ENV"))
     assert "GUARD_CONFIG=/etc/guard/guard.yaml" in env
@@ -121,7 +121,21 @@ def test_image_default_config_is_valid() -> None:
     cfg = load_config(REPO / "deploy" / "docker" / "guard.yaml")
     defaults = Config()
     assert (cfg.listen, cfg.metrics_listen) == (defaults.listen, defaults.metrics_listen)
+    assert cfg.rest_listen == defaults.rest_listen
+    # The image serves REST against TF Serving's REST on the pod's loopback, one port
+    # above its gRPC (8510/8511), as the Deployment runs it.
+    assert cfg.rest_upstream == "127.0.0.1:8511"
     assert cfg.models == ()
+
+
+def test_image_exposes_the_config_ports() -> None:
+    from guard.control.config import load_config
+
+    cfg = load_config(REPO / "deploy" / "docker" / "guard.yaml")
+    runtime = {s.name: s for s in parse_dockerfile(DOCKERFILE)}["runtime"]
+    exposed = {int(p) for e in runtime.args("EXPOSE") for p in e.split()}
+    listens = (cfg.listen, cfg.rest_listen, cfg.metrics_listen)
+    assert exposed == {int(a.rsplit(":", 1)[1]) for a in listens}
 
 
 def test_dockerignore_keeps_what_the_build_copies() -> None:

@@ -213,6 +213,15 @@ def test_validation_rejects_a_broken_deployment(rendered: dict[str, list]) -> No
         jsonschema.validate(rule, CRD_SCHEMAS["PrometheusRule"])
 
 
+_PROBE_TIMING = {
+    "periodSeconds",
+    "timeoutSeconds",
+    "failureThreshold",
+    "successThreshold",
+    "initialDelaySeconds",
+}
+
+
 def _load_guard_config(text: str, tmp_path: Path) -> Config:
     """Load config text exactly as `guard serve --config` would (the guard's YAML rules)."""
     path = tmp_path / "guard.yaml"
@@ -222,6 +231,11 @@ def _load_guard_config(text: str, tmp_path: Path) -> Config:
 
 def _port(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
+
+
+def _flag(args: list[str], name: str) -> int:
+    """The integer value of ``--name=VALUE`` in a container's args."""
+    return int(next(a for a in args if a.startswith(f"{name}=")).split("=", 1)[1])
 
 
 @pytest.mark.parametrize("variant", IDS)
@@ -248,31 +262,41 @@ def test_sidecar_agrees_with_guard_config(
     defaults = Config()
     assert config_path == Path("/etc/guard/guard.yaml")
 
-    # Ports: the config's listen/metrics_listen, the container ports, the probes.
+    # Ports: the config's listen/rest_listen/metrics_listen, the container ports, the probes.
     ports = {p["name"]: p["containerPort"] for p in guard["ports"]}
+    assert set(ports) == {"grpc", "rest", "metrics"}
     assert ports["grpc"] == _port(cfg.listen) == _port(defaults.listen) == 8500
+    assert ports["rest"] == _port(cfg.rest_listen) == _port(defaults.rest_listen) == 8501
     assert ports["metrics"] == _port(cfg.metrics_listen) == _port(defaults.metrics_listen)
     # Startup and readiness use the gRPC health service (overall status "": SERVING only
     # while TF Serving answers); liveness checks the guard's own gRPC port.
+    # REST adds no probe: both listeners share one process and one drain.
     for probe in ("startupProbe", "readinessProbe"):
+        assert set(guard[probe]) - {"grpc"} <= _PROBE_TIMING, probe
         assert guard[probe]["grpc"]["port"] == ports["grpc"], probe
         assert guard[probe]["grpc"].get("service", "") == "", probe
     assert ports[guard["livenessProbe"]["tcpSocket"]["port"]] == ports["grpc"]
 
-    # The upstream is TF Serving in the same pod, on the port it was told to use.
-    tfs_port = int(next(a for a in tfs["args"] if a.startswith("--port=")).split("=", 1)[1])
+    # The upstreams are TF Serving in the same pod, on the ports it was told to use:
+    # gRPC and REST both, on ports the guard does not listen on.
+    tfs_port = _flag(tfs["args"], "--port")
+    tfs_rest_port = _flag(tfs["args"], "--rest_api_port")
     assert cfg.upstream == f"127.0.0.1:{tfs_port}"
-    assert "--rest_api_port=0" in tfs["args"]
-    assert tfs_port != ports["grpc"]
+    assert cfg.rest_upstream == f"127.0.0.1:{tfs_rest_port}" == "127.0.0.1:8511"
+    tfs_ports = {p["name"]: p["containerPort"] for p in tfs["ports"]}
+    assert tfs_ports == {"tfs-grpc": tfs_port, "tfs-rest": tfs_rest_port}
+    assert not set(tfs_ports.values()) & set(ports.values())
 
-    # The Service exposes the guard only: 8500 -> grpc, metrics -> metrics, nothing else.
+    # The Service exposes the guard only, on TF Serving's own port numbers:
+    # 8500 -> grpc, 8501 -> rest, metrics -> metrics, nothing else.
     service = _one(objects, "Service")
     exposed = {p["port"]: p["targetPort"] for p in service["spec"]["ports"]}
-    assert exposed == {8500: "grpc", ports["metrics"]: "metrics"}
+    assert exposed == {8500: "grpc", 8501: "rest", ports["metrics"]: "metrics"}
     assert service["spec"]["selector"].items() <= pod_labels(deployment).items()
     policy = _one(objects, "NetworkPolicy")
     allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert allowed == {8500, ports["metrics"]}
+    assert allowed == {ports["grpc"], ports["rest"], ports["metrics"]}
+    assert not allowed & set(tfs_ports.values())
 
     # The PodMonitor scrapes the named metrics port.
     monitor = _one(objects, "PodMonitor")

@@ -2,12 +2,14 @@
 
 A fake TF Serving (official tensorflow_serving stubs) answers with out-of-range values,
 NaN/Inf, bad softmax rows, undecodable bytes, and the real outputs of the trained and
-the untrained seed softmax (run in this process); `guard serve` runs as a subprocess in
-front of it; Debian's `prometheus` scrapes the guard every second and evaluates a copy of
-deploy/prometheus/guard-rules.yaml whose `for:` durations are shortened. Then every
-dashboard query (variables substituted) must return data through Prometheus' HTTP API,
-the value alerts must reach `firing` (the model-health ones on the untrained model
-only), and `promtool check metrics` must accept /metrics.
+the untrained seed softmax (run in this process); a fake TF Serving REST API (a real
+aiohttp server) answers REST predicts for some of the same models; `guard serve` runs as
+a subprocess in front of both; Debian's `prometheus` scrapes the guard every second and
+evaluates a copy of deploy/prometheus/guard-rules.yaml whose `for:` durations are
+shortened. Then every dashboard query (variables substituted) must return data through
+Prometheus' HTTP API, with series for both protocols, the value alerts must reach
+`firing` (the model-health ones on the untrained model only), and `promtool check
+metrics` must accept /metrics.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import numpy as np
 import pytest
@@ -43,6 +46,7 @@ from guard.dev.models import (
 from tests.deploy.paths import DEPLOY
 from tests.support.guard import start_guard
 from tests.support.protos import predict_request, predict_response
+from tests.support.rest_upstream import FakeRestUpstream
 
 pytestmark = [pytest.mark.slow, pytest.mark.tf]
 
@@ -65,6 +69,7 @@ SUBSTITUTIONS = {
     "$model": ".*",
     "$signature": ".*",
     "$output": ".*",
+    "$protocol": ".*",
 }
 
 
@@ -124,6 +129,14 @@ MODELS = (
     SOFTMAX_201,
     SOFTMAX_201_UNTRAINED,
 )
+# TF Serving's REST answers (row format, one output each: its alias and signature shape)
+# and the status the guard gives.
+REST_PREDICTIONS = {
+    "wide_deep": ("output_1", [-1, 1], '{"predictions": [[1.00285], [0.3]]}', 200),
+    # NaN under clamp: rejected, as TF Serving answers INTERNAL (HTTP 500).
+    "broken": ("y", [-1], '{"predictions": [0.5, NaN, -Infinity, 0.2]}', 500),
+    "healthy": ("p", [-1], '{"predictions": [0.1, 0.9]}', 200),
+}
 
 
 def _free_port() -> int:
@@ -214,15 +227,29 @@ async def upstream(seed_outputs: dict[str, np.ndarray]) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def rest_upstream() -> AsyncIterator[str]:
+    """Start the fake TF Serving REST API on a free loopback port; yield its address."""
+    fake = FakeRestUpstream()
+    for model, (output, dims, body, _) in REST_PREDICTIONS.items():
+        fake.predict(model, body)
+        fake.metadata(model, {output: ("DT_FLOAT", dims)})
+    await fake.start()
+    yield fake.address
+    await fake.stop()
+
+
+@pytest.fixture
 def guard_ports(
-    upstream: str, seed_outputs: dict[str, np.ndarray], tmp_path: Path
+    upstream: str, rest_upstream: str, seed_outputs: dict[str, np.ndarray], tmp_path: Path
 ) -> Iterator[dict[str, int]]:
-    """Start `guard serve` as a subprocess; yield its {"grpc": port, "metrics": port}."""
+    """Start `guard serve` as a subprocess; yield its {"grpc", "rest", "metrics"} ports."""
     rule = _health_rule(seed_outputs[SOFTMAX_201])
     health = [{"name": name, "outputs": [rule]} for name in (SOFTMAX_201, SOFTMAX_201_UNTRAINED)]
     config = tmp_path / "guard.yaml"
     config.write_text(yaml.safe_dump({"models": GUARD_CONFIG["models"] + health}))
-    with start_guard(config, upstream=upstream, log_path=tmp_path / "guard.log") as guard:
+    rest = ("--rest-listen", "127.0.0.1:0", "--rest-upstream", rest_upstream)
+    with start_guard(config, *rest, upstream=upstream, log_path=tmp_path / "guard.log") as guard:
+        assert "rest" in guard.ports, guard.ports
         yield guard.ports
 
 
@@ -315,6 +342,15 @@ async def _send_traffic(stub: prediction_service_pb2_grpc.PredictionServiceStub)
             assert model in ("broken", "garbled"), (model, exc.details())
 
 
+async def _send_rest_traffic(session: aiohttp.ClientSession, base: str) -> None:
+    for model, (_, _, _, status) in REST_PREDICTIONS.items():
+        url = f"{base}/v1/models/{model}:predict"
+        async with session.post(url, data=b'{"instances": [[1.0], [2.0]]}') as resp:
+            body = await resp.read()
+            assert resp.status == status, (model, body)
+            assert resp.headers["x-guard-action"], model
+
+
 def _dashboard_queries() -> list[tuple[str, str]]:
     dashboard = json.loads((DEPLOY / "grafana" / "guard-dashboard.json").read_text())
     queries = []
@@ -328,6 +364,14 @@ def _dashboard_queries() -> list[tuple[str, str]]:
     return queries
 
 
+# REST series by name, beyond the dashboard (whose queries span both protocols).
+PROTOCOL_QUERIES = [
+    ("REST requests", 'sum(rate(guard_requests_total{protocol="rest", method="Predict"}[20s]))'),
+    ("REST overhead p99", 'guard:overhead_seconds:p99_5m{protocol="rest"}'),
+    ("gRPC overhead p99", 'guard:overhead_seconds:p99_5m{protocol="grpc"}'),
+]
+
+
 def _has_finite_value(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(sample["value"][1])) for sample in result)
 
@@ -335,15 +379,20 @@ def _has_finite_value(result: list[dict[str, Any]]) -> bool:
 async def test_dashboard_queries_and_alerts_on_real_prometheus(
     guard_ports: dict[str, int], prometheus_url: str
 ) -> None:
-    queries = _dashboard_queries()
+    queries = _dashboard_queries() + PROTOCOL_QUERIES
     assert len(queries) >= 15
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{guard_ports['grpc']}") as channel:
+    rest_base = f"http://127.0.0.1:{guard_ports['rest']}"
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{guard_ports['grpc']}") as channel,
+        aiohttp.ClientSession() as session,
+    ):
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         missing: dict[str, str] = dict(queries)
         firing: set[str] = set()
         # Bounded: at most 240 rounds of traffic (each >= one scrape apart in practice).
         for _ in range(240):
             await _send_traffic(stub)
+            await _send_rest_traffic(session, rest_base)
             for title, expr in list(missing.items()):
                 if _has_finite_value(await _query(prometheus_url, expr)):
                     del missing[title]
@@ -354,6 +403,22 @@ async def test_dashboard_queries_and_alerts_on_real_prometheus(
         assert not missing, f"dashboard queries without data: {missing}"
         assert VALUE_ALERTS <= firing, f"not firing: {VALUE_ALERTS - firing}"
         assert "GuardUpstreamDown" not in firing
+        assert "GuardProtocolUnavailable" not in firing
+
+    # The dashboard's protocol breakdown and the recording rules hold both protocols.
+    for expr in (
+        'sum by (protocol) (rate(guard_requests_total{model=~".*", protocol=~".*"}[20s]))',
+        "guard:overhead_seconds:p99_5m",
+        'guard:upstream_duration_seconds:p99_5m{method="Predict"}',
+        "guard:request_errors:ratio_rate5m",
+    ):
+        result = await _query(prometheus_url, expr)
+        assert {r["metric"]["protocol"] for r in result} == {"grpc", "rest"}, (expr, result)
+    # REST rejections are counted under the gRPC code TF Serving maps HTTP 500 to.
+    rejected = await _query(
+        prometheus_url, 'guard_requests_total{protocol="rest", model="broken", code="INTERNAL"}'
+    )
+    assert rejected and float(rejected[0]["value"][1]) > 0, rejected
 
     # The alerts carry the model that caused them.
     alerts = await asyncio.to_thread(_get, f"{prometheus_url}/api/v1/alerts")

@@ -20,6 +20,7 @@ ALERTS = {
     "GuardSoftmaxBroken",
     "GuardUpstreamDown",
     "GuardHighOverhead",
+    "GuardProtocolUnavailable",
     "GuardRefusingCalls",
     "GuardServerRestarted",
     "GuardModelNearUniform",
@@ -84,3 +85,18 @@ def test_prometheusrule_matches_plain_rules(prometheusrule_generator: ModuleType
     assert wrapped["kind"] == "PrometheusRule"
     assert wrapped["spec"]["groups"] == plain["groups"]
     assert PROMETHEUS_RULE.read_text() == prometheusrule_generator.render()
+
+
+def test_request_rules_keep_the_protocol() -> None:
+    """Every rule over a request metric keeps the protocol label: REST and gRPC apart."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    request_metrics = (
+        "guard_requests_total",
+        "guard_overhead_seconds",
+        "guard_upstream_duration_seconds",
+    )
+    records = [r for g in groups for r in g["rules"] if "record" in r]
+    over_requests = [r for r in records if any(m in r["expr"] for m in request_metrics)]
+    assert len(over_requests) == 3
+    for rule in over_requests:
+        assert "protocol" in rule["expr"].split("by (", 1)[1].split(")", 1)[0], rule["record"]

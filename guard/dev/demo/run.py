@@ -1,15 +1,18 @@
 """``guard demo``: the seed stories, end to end, on this machine.
 
 Builds (or reuses) the seed models, starts the local backend and the guard as
-child processes on free ports, sends each model a batch through the guard with
-the official ``tensorflow_serving`` client, and prints raw against guarded
-outputs, then the guard's counters. This module imports TensorFlow (for the
+child processes on free ports (gRPC and REST both), sends each model a batch
+through the guard with the official ``tensorflow_serving`` client, and prints raw
+against guarded outputs; then sends the same batch over TF Serving's REST API and
+prints the raw JSON beside the guarded JSON (:mod:`guard.dev.demo.rest`); then
+the guard's counters. This module imports TensorFlow (for the
 official client protos); the guard process it starts never does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import tempfile
 import time
 import urllib.request
@@ -21,7 +24,8 @@ import numpy as np
 
 from guard.control.process import ChildStartError, guard_argv, start
 from guard.dataplane.rules import normalized_entropy
-from guard.dev.backend import start_backend
+from guard.dev.backend import BackendProcess, start_backend
+from guard.dev.demo import rest
 from guard.dev.models import (
     BINARY_MLP,
     MODELS,
@@ -60,11 +64,22 @@ class _Timer:
         return f"time: {total:.1f} s ({parts})"
 
 
+#: The REST request format per seed model: both formats are shown.
+REST_FORMATS = {
+    WIDE_DEEP: "row",
+    BINARY_MLP: "columnar",
+    SOFTMAX_201: "row",
+    SOFTMAX_201_UNTRAINED: "row",
+}
+
+
 @contextlib.contextmanager
-def _guard_process(config: Path, upstream: str, log: Path) -> Iterator[dict[str, int]]:
+def _guard_process(config: Path, backend: BackendProcess, log: Path) -> Iterator[dict[str, int]]:
+    assert backend.rest_address is not None, "the backend was started without REST"
     argv = guard_argv(
-        "serve", "--config", str(config), "--upstream", upstream,
+        "serve", "--config", str(config), "--upstream", backend.address,
         "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+        "--rest-upstream", backend.rest_address, "--rest-listen", "127.0.0.1:0",
     )  # fmt: skip
     try:
         child = start(argv, log_path=log)
@@ -180,6 +195,17 @@ def _show_softmax(
     )
 
 
+def rest_reports(backend_url: str, guard_url: str) -> list[str]:
+    """One REST predict per seed model, direct and through the guard, side by side."""
+    reports = []
+    for model, fmt in REST_FORMATS.items():
+        body = rest.request_body(demo_inputs(model), columnar=fmt == "columnar")
+        raw = rest.post_predict(backend_url, model, body)
+        guarded = rest.post_predict(guard_url, model, body)
+        reports.append(rest.report(model, fmt, raw, guarded))
+    return reports
+
+
 def _counters(metrics_url: str) -> str:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -202,43 +228,54 @@ def _counters(metrics_url: str) -> str:
     return "\n".join(lines)
 
 
+def _grpc_reports(guard_address: str, backend_address: str) -> list[str]:
+    """One request per seed model, straight to the backend and through the guard."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    reports = []
+    with (
+        grpc.insecure_channel(guard_address) as guard_ch,
+        grpc.insecure_channel(backend_address) as direct_ch,
+    ):
+        via_guard = prediction_service_pb2_grpc.PredictionServiceStub(guard_ch)
+        direct = prediction_service_pb2_grpc.PredictionServiceStub(direct_ch)
+        for model in (WIDE_DEEP, BINARY_MLP, SOFTMAX_201, SOFTMAX_201_UNTRAINED):
+            inputs = demo_inputs(model)
+            req = _request(model, inputs)
+            raw_resp = direct.Predict(req, timeout=60)
+            raw = tf.make_ndarray(raw_resp.outputs[MODELS[model].outputs[0].name])
+            guarded, call = via_guard.Predict.with_call(req, timeout=60)
+            trailers = dict(call.trailing_metadata() or ())
+            softmax = model in (SOFTMAX_201, SOFTMAX_201_UNTRAINED)
+            show = _show_softmax if softmax else _show_binary
+            reports.append(show(model, inputs, raw, guarded, trailers))
+    return reports
+
+
 def run_demo(config: Path, models_dir: Path, tensor_content: bool = False) -> int:
     """Run the demo; returns the exit code."""
     timer = _Timer()
     print(f"guard demo: config {config}")
-    with timer.phase("client TF import"):
-        import grpc
-        import tensorflow as tf
-        from tensorflow_serving.apis import prediction_service_pb2_grpc
+    with timer.phase("client TF import"):  # timed apart: most of the client's start
+        importlib.import_module("tensorflow")
+        importlib.import_module("tensorflow_serving.apis.prediction_service_pb2_grpc")
 
     with timer.phase("model build"):
         paths = build_models(models_dir)
     with tempfile.TemporaryDirectory(prefix="guard-demo-") as tmp:
         with timer.phase("backend start"):
-            backend = start_backend(paths, tensor_content=tensor_content)
+            backend = start_backend(paths, tensor_content=tensor_content, rest_listen="127.0.0.1:0")
         with backend:
             with timer.phase("guard start"):
-                guard_cm = _guard_process(config, backend.address, Path(tmp) / "guard.log")
+                guard_cm = _guard_process(config, backend, Path(tmp) / "guard.log")
                 ports = guard_cm.__enter__()
             try:
                 with timer.phase("requests"):
-                    reports = []
-                    guard_ch = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}")
-                    direct_ch = grpc.insecure_channel(backend.address)
-                    via_guard = prediction_service_pb2_grpc.PredictionServiceStub(guard_ch)
-                    direct = prediction_service_pb2_grpc.PredictionServiceStub(direct_ch)
-                    for model in (WIDE_DEEP, BINARY_MLP, SOFTMAX_201, SOFTMAX_201_UNTRAINED):
-                        inputs = demo_inputs(model)
-                        req = _request(model, inputs)
-                        raw_resp = direct.Predict(req, timeout=60)
-                        raw = tf.make_ndarray(raw_resp.outputs[MODELS[model].outputs[0].name])
-                        guarded, call = via_guard.Predict.with_call(req, timeout=60)
-                        trailers = dict(call.trailing_metadata() or ())
-                        softmax = model in (SOFTMAX_201, SOFTMAX_201_UNTRAINED)
-                        show = _show_softmax if softmax else _show_binary
-                        reports.append(show(model, inputs, raw, guarded, trailers))
-                    guard_ch.close()
-                    direct_ch.close()
+                    reports = _grpc_reports(f"127.0.0.1:{ports['grpc']}", backend.address)
+                    assert backend.rest_url is not None
+                    reports += rest_reports(backend.rest_url, f"http://127.0.0.1:{ports['rest']}")
                     counters = _counters(f"http://127.0.0.1:{ports['metrics']}/metrics")
             finally:
                 guard_cm.__exit__(None, None, None)
