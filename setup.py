@@ -1,7 +1,8 @@
 """Builds the native modules (everything else is in pyproject.toml).
 
 - ``guard.dataplane._rank``: the clean path of an output rule in one call;
-- ``guard.dataplane._walk``: the layout of a PredictResponse read in place.
+- ``guard.dataplane._walk``: the layout of a PredictResponse read in place, and
+  the numbers of a REST predict response's text.
 
 Both are optional: without a C compiler the install still succeeds, and the
 guard runs on protobuf and numpy alone; ``guard serve`` logs which it uses.

@@ -4,8 +4,9 @@ The body is what TF Serving returns for softmax_201 with a batch of 1024 in row
 format (1024 x 201 float32, about 3 MB), written by the backend's TF-Serving
 writer from softmax outputs; ``--body FILE`` reads a saved response instead (for
 instance one the local backend returned). The guard step is:
-read (``restjson.read_predict_response``), apply examples/guard.yaml's
-softmax_201 rule (check_sum, argmax, top_k 5, labels), write the guarded body.
+read (``restjson.read_predict_response``, its numbers scanned by numpy or by
+the native scan the guard uses), apply examples/guard.yaml's softmax_201 rule
+(check_sum, argmax, top_k 5, labels), write the guarded body.
 
 ``python -m bench.restjson [--rows 1024] [--classes 201] [--repeat 15] [--body FILE]``
 
@@ -27,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from guard.control.config import load_config
-from guard.dataplane.codec.restjson import read_predict_response
+from guard.dataplane.codec.restjson import NumberScan, read_predict_response
+from guard.dataplane.kernels import default
 from guard.dataplane.rules import apply_rule, label_table
 from guard.dev.backend.json_tensor import predict_response
 
@@ -41,8 +43,8 @@ def softmax_body(rows: int, classes: int) -> bytes:
     return predict_response([("probabilities", probs, 1)], "row")
 
 
-def guard_step(body: bytes, rule: Any, labels: Any) -> bytes:
-    response = read_predict_response(body, "row")
+def guard_step(body: bytes, rule: Any, labels: Any, native: NumberScan | None = None) -> bytes:
+    response = read_predict_response(body, "row", native)
     values = response.outputs[None].values
     result = apply_rule(values, rule, labels, "softmax_201", "probabilities")
     derived = [("probabilities" + d.suffix, d.array) for d in result.derived]
@@ -71,13 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     body = args.body.read_bytes() if args.body else softmax_body(args.rows, args.classes)
     rule = next(m for m in load_config(EXAMPLES).models if m.name == "softmax_201").outputs[0]
     labels = label_table(rule.labels)
-    guarded = guard_step(body, rule, labels)
+    scan = default().number_scan
+    guarded = guard_step(body, rule, labels, scan)
     assert json.loads(guarded)["guard_outputs"][0]["probabilities_top_k_label"]
     print(f"body: {len(body) / 1e6:.2f} MB, guarded: {len(guarded) / 1e6:.2f} MB")
     for name, fn in (
         ("json.loads(body)", lambda: json.loads(body)),
-        ("restjson read", lambda: read_predict_response(body, "row")),
-        ("guard step (read + rule + write)", lambda: guard_step(body, rule, labels)),
+        ("restjson read, numpy scan", lambda: read_predict_response(body, "row")),
+        ("restjson read, native scan", lambda: read_predict_response(body, "row", scan)),
+        ("guard step, numpy scan", lambda: guard_step(body, rule, labels)),
+        ("guard step, native scan", lambda: guard_step(body, rule, labels, scan)),
     ):
         median, best, cpu = timed(fn, args.repeat)
         print(f"{name:34s} median {median:6.1f} ms  best {best:6.1f} ms  best CPU {cpu:6.1f} ms")

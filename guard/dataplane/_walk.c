@@ -15,10 +15,19 @@
  * and the fuzzer check both against upb). For anything else it returns None and
  * guard/dataplane/codec/response.py parses the response with protobuf, which
  * stays the judge of what is malformed.
+ *
+ * scan_numbers() does the same for REST: the numbers of a tensor's JSON text,
+ * read in one pass, each value rounded once (as float() rounds); a token it
+ * does not read makes it return None, and guard/dataplane/codec/restjson.py's
+ * numpy scan, the reference, judges the text.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 typedef struct {
     const unsigned char *p, *end;
@@ -377,8 +386,235 @@ done:
     return result;
 }
 
+
+/* ------------------------------------------------------------ REST numbers */
+
+/* A JSON number as RFC 8259 writes it, or TF Serving's bare NaN, Infinity and
+ * -Infinity, read in one pass: sign, up to 19 significant digits as an integer
+ * (more: *digits says so), the digits after the point, the exponent. */
+typedef struct {
+    int neg, special, integral, digits, frac;
+    uint64_t mantissa;
+    long exponent;
+} Token;
+
+static int
+read_digits(const unsigned char *t, Py_ssize_t n, Py_ssize_t *i, Token *k, int fraction)
+{
+    Py_ssize_t start = *i;
+    for (; *i < n && t[*i] >= '0' && t[*i] <= '9'; (*i)++) {
+        if (k->digits < 19 || (k->digits == 19 && k->mantissa == 0)) {
+            k->mantissa = k->mantissa * 10 + (uint64_t)(t[*i] - '0');
+            k->digits += k->mantissa != 0;
+            k->frac += fraction;
+        } else {
+            k->digits = 20; /* more than this fast path reads */
+        }
+    }
+    return *i > start;
+}
+
+static int
+json_number(const unsigned char *t, Py_ssize_t n, Token *k)
+{
+    Py_ssize_t i = 0;
+    memset(k, 0, sizeof *k);
+    if ((n == 3 && memcmp(t, "NaN", 3) == 0) || (n == 8 && memcmp(t, "Infinity", 8) == 0) ||
+        (n == 9 && memcmp(t, "-Infinity", 9) == 0)) {
+        k->special = 1;
+        return 1;
+    }
+    if (i < n && t[i] == '-') {
+        k->neg = 1;
+        i++;
+    }
+    if (i >= n || !(t[i] >= '0' && t[i] <= '9') || (t[i] == '0' && i + 1 < n && t[i + 1] >= '0'
+                                                    && t[i + 1] <= '9'))
+        return 0;
+    read_digits(t, n, &i, k, 0);
+    k->integral = 1;
+    if (i < n && t[i] == '.') {
+        k->integral = 0;
+        i++;
+        if (!read_digits(t, n, &i, k, 1))
+            return 0;
+    }
+    if (i < n && (t[i] == 'e' || t[i] == 'E')) {
+        k->integral = 0;
+        int eneg = 0;
+        i++;
+        if (i < n && (t[i] == '+' || t[i] == '-'))
+            eneg = t[i++] == '-';
+        Py_ssize_t d = i;
+        for (; i < n && t[i] >= '0' && t[i] <= '9'; i++)
+            if (k->exponent < 100000)
+                k->exponent = k->exponent * 10 + (t[i] - '0');
+        if (i == d)
+            return 0;
+        if (eneg)
+            k->exponent = -k->exponent;
+    }
+    return i == n;
+}
+
+static const double P10[] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,
+                             1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+                             1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+
+/* Clinger's fast path: an exact mantissa (< 2^53) times or over an exact power
+ * of ten is rounded once, as strtod rounds. */
+static int
+fast_value(const Token *k, double *v)
+{
+    long scale = k->exponent - k->frac;
+    if (k->digits > 19 || k->mantissa > (1ull << 53) || scale < -22 || scale > 22)
+        return 0;
+    double m = (double)k->mantissa;
+    m = scale < 0 ? m / P10[-scale] : m * P10[scale];
+    *v = k->neg ? -m : m;
+    return 1;
+}
+
+static int
+is_separator(unsigned char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == ',' || c == '[' || c == ']';
+}
+
+/* Longer tokens (and integers past int64) go to the numpy path. */
+#define MAX_TOKEN 63
+
+typedef struct {
+    double *values;
+    int64_t *starts, *ends, *ints;
+    Py_ssize_t n;
+    int integral, ints_ok;
+} Numbers;
+
+/* One token: its value, correctly rounded by strtod (as float() rounds), and
+ * its integer value when it is an integer literal. 0: leave it to numpy. */
+static int
+scan_token(const unsigned char *t, Py_ssize_t len, Numbers *out)
+{
+    Token k;
+    if (len > MAX_TOKEN || !json_number(t, len, &k))
+        return 0;
+    double v;
+    if (k.special) {
+        v = t[0] == 'N' ? NAN : (t[0] == '-' ? -INFINITY : INFINITY);
+    } else if (!fast_value(&k, &v)) {
+        char text[MAX_TOKEN + 1];
+        memcpy(text, t, (size_t)len);
+        text[len] = '\0';
+        v = strtod(text, NULL);
+    }
+    out->values[out->n] = v;
+    if (!k.integral) {
+        out->integral = 0;
+        out->ints[out->n] = 0;
+    } else if (k.digits <= 18) {
+        out->ints[out->n] = k.neg ? -(int64_t)k.mantissa : (int64_t)k.mantissa;
+    } else {
+        char text[MAX_TOKEN + 1];
+        memcpy(text, t, (size_t)len);
+        text[len] = '\0';
+        errno = 0;
+        long long i = strtoll(text, NULL, 10);
+        if (errno == ERANGE)
+            out->ints_ok = 0;
+        out->ints[out->n] = (int64_t)i;
+    }
+    return 1;
+}
+
+static int
+scan_region(const unsigned char *p, Py_ssize_t size, Numbers *out)
+{
+    Py_ssize_t i = 0;
+    while (i < size) {
+        if (is_separator(p[i])) {
+            i++;
+            continue;
+        }
+        Py_ssize_t start = i;
+        while (i < size && !is_separator(p[i]))
+            i++;
+        out->starts[out->n] = start;
+        out->ends[out->n] = i;
+        if (!scan_token(p + start, i - start, out))
+            return 0;
+        out->n++;
+    }
+    return 1;
+}
+
+/* Allocating for the tokens there are, not for the most there could be, keeps
+ * the arrays small enough to stay in the allocator's reused memory. */
+static Py_ssize_t
+count_tokens(const unsigned char *p, Py_ssize_t size)
+{
+    Py_ssize_t n = 0;
+    int in_token = 0;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        int sep = is_separator(p[i]);
+        n += !sep & !in_token;
+        in_token = !sep;
+    }
+    return n;
+}
+
+PyDoc_STRVAR(scan_numbers_doc,
+"scan_numbers(region) -> (values, starts, ends, integral, ints) | None\n"
+"\n"
+"The numbers of a REST tensor's text (only numbers and the separators\n"
+"' \\t\\n\\r,[]'): float64 values (strtod, correctly rounded), each token's\n"
+"start and end offset, whether every token is an integer literal, and the\n"
+"int64 values when they all fit (else None), all as bytes. None when a token\n"
+"is not a JSON number this reads (then guard.dataplane.codec.restjson's numpy\n"
+"scan, the reference, judges it).");
+
+static PyObject *
+scan_numbers(PyObject *Py_UNUSED(self), PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t most = count_tokens((const unsigned char *)view.buf, view.len);
+    PyObject *values = PyBytes_FromStringAndSize(NULL, most * 8);
+    PyObject *starts = PyBytes_FromStringAndSize(NULL, most * 8);
+    PyObject *ends = PyBytes_FromStringAndSize(NULL, most * 8);
+    PyObject *ints = PyBytes_FromStringAndSize(NULL, most * 8);
+    PyObject *result = NULL;
+    if (values == NULL || starts == NULL || ends == NULL || ints == NULL)
+        goto done;
+    Numbers out = {(double *)PyBytes_AS_STRING(values), (int64_t *)PyBytes_AS_STRING(starts),
+                   (int64_t *)PyBytes_AS_STRING(ends), (int64_t *)PyBytes_AS_STRING(ints), 0, 1, 1};
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = scan_region((const unsigned char *)view.buf, view.len, &out);
+    Py_END_ALLOW_THREADS
+    if (!ok) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (_PyBytes_Resize(&values, out.n * 8) < 0 || _PyBytes_Resize(&starts, out.n * 8) < 0 ||
+        _PyBytes_Resize(&ends, out.n * 8) < 0 || _PyBytes_Resize(&ints, out.n * 8) < 0)
+        goto done;
+    int with_ints = out.integral && out.ints_ok;
+    result = Py_BuildValue("(OOOOO)", values, starts, ends, out.integral ? Py_True : Py_False,
+                           with_ints ? ints : Py_None);
+done:
+    Py_XDECREF(values);
+    Py_XDECREF(starts);
+    Py_XDECREF(ends);
+    Py_XDECREF(ints);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"walk_predict_response", walk_predict_response, METH_O, walk_doc},
+    {"scan_numbers", scan_numbers, METH_O, scan_numbers_doc},
     {NULL, NULL, 0, NULL},
 };
 

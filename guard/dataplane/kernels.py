@@ -1,12 +1,12 @@
 """The one native seam: the C modules are loaded here, and only here.
 
 Two implementations of :class:`Kernels` exist. :class:`Native` reads a
-response's layout in place (``_walk``) and checks, ranks and encodes a clean
-output in one call (``_rank``). :data:`REFERENCE` (the base class) does
-neither, so every
-response takes the numpy and protobuf path, which stays the reference the
-native one is tested against. The rule book is given one of them, so tests
-switch routes by injection.
+response's layout in place (``_walk``; for REST, the numbers of a tensor's
+text) and checks, ranks and encodes a clean output in one call (``_rank``).
+:data:`REFERENCE` (the base class) does neither, so every response takes the
+numpy and protobuf path, which stays the reference the native one is tested
+against. The rule book is given one of them, so tests switch routes by
+injection.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from types import ModuleType
 import numpy as np
 
 from guard.dataplane.codec.response import Walked
+from guard.dataplane.codec.restjson import NumberScan
 from guard.dataplane.lanes import Lane, OutputSpec, make_lane
 from guard.dataplane.results import Array
 from guard.dataplane.rules import normalized_entropy
@@ -37,6 +38,9 @@ class Kernels:
         """The native route for one output, or ``None`` (numpy decides)."""
         return None
 
+    number_scan: NumberScan | None = None
+    """The numbers of a REST tensor's text, scanned natively (``None``: numpy)."""
+
 
 class Native(Kernels):
     """The walker and the check-rank-encode kernel, from the built C modules."""
@@ -49,6 +53,7 @@ class Native(Kernels):
         self._walk = walk.walk_predict_response
         self._kernel = rank.clean_rank_encode
         self.max_k: int = rank.MAX_K
+        self.number_scan = walk.scan_numbers
 
     def walk(self, data: bytes) -> Walked | None:
         found: Walked | None = self._walk(data)

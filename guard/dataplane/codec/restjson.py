@@ -27,6 +27,12 @@ float32's digits. Outputs whose tokens are all integers read as int64; strings,
 ``{"b64": ...}`` objects and booleans read as object/bool arrays and are never
 rewritten.
 
+**Scanning.** The numbers of a tensor's text are scanned by numpy (the
+reference), or by ``guard.dataplane._walk.scan_numbers`` when the caller passes
+it (:data:`NumberScan`; the rule book's kernels do): the same values bit for
+bit, rounded once by Clinger's fast path or ``strtod``; a token the native scan
+does not read goes to numpy, which judges it (tests/dataplane/test_restjson_native.py).
+
 **Writing.** :meth:`RestPredictResponse.rewrite` returns the original bytes with
 (i) only the values a rule changed replaced, each written as TF Serving writes
 that dtype, and (ii) derived outputs inserted as text: next to the source output
@@ -53,6 +59,7 @@ import numpy as np
 __all__ = [
     "GUARD_OUTPUTS_KEY",
     "Format",
+    "NumberScan",
     "RestJsonError",
     "RestOutput",
     "RestPredictResponse",
@@ -491,6 +498,27 @@ def _chunks(buffer: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
     return pieces
 
 
+NumberScan = Callable[[bytes], tuple[bytes, bytes, bytes, bool, bytes | None] | None]
+"""A native scan of a numeric region (``guard.dataplane._walk.scan_numbers``):
+None where it leaves a token to :func:`_scan_chunk`, the reference."""
+
+
+def _scan_native(region: bytes, native: NumberScan | None) -> _Numbers:
+    """The numbers of a padded chunk: the native scan when given and it reads
+    every token, else the numpy reference."""
+    scanned = native(region) if native is not None else None
+    if scanned is None:
+        return _scan_chunk(region)
+    values, starts, ends, integral, ints = scanned
+    return _Numbers(
+        np.frombuffer(values, np.float64).copy(),
+        np.frombuffer(starts, np.int64) - _W,
+        np.frombuffer(ends, np.int64) - _W,
+        integral,
+        None if ints is None else np.frombuffer(ints, np.int64).copy(),
+    )
+
+
 def _scan_chunk(region: bytes) -> _Numbers:
     codes = np.frombuffer(region.translate(_CODES), np.uint8)
     starts, ends = _token_bounds(codes)
@@ -787,7 +815,9 @@ class _Part:
     ends: Array
 
 
-def _numeric_output(source: _Source) -> tuple[Array, str, Array, Array] | None:
+def _numeric_output(
+    source: _Source, native: NumberScan | None
+) -> tuple[Array, str, Array, Array] | None:
     """The tensor, its kind and every token's body offsets; None if not numeric."""
     parts: list[_Part] = []
     skeletons: list[bytes] = []
@@ -796,7 +826,7 @@ def _numeric_output(source: _Source) -> tuple[Array, str, Array, Array] | None:
         if skeleton.strip(b"[],"):
             return None
         skeletons.append(skeleton)
-        numbers = _scan_chunk(chunk)
+        numbers = _scan_native(chunk, native)
         starts = source.to_body(numbers.starts + at)
         parts.append(_Part(numbers, chunk, starts, starts + (numbers.ends - numbers.starts)))
     count = sum(p.numbers.values.size for p in parts)
@@ -1086,8 +1116,11 @@ def _apply(body: bytes, edits: list[tuple[int, int, str]]) -> bytes:
 # Reading a whole response.
 
 
-def read_predict_response(body: bytes, fmt: Format) -> RestPredictResponse:
-    """Read a TF Serving REST predict response (see the module docstring)."""
+def read_predict_response(
+    body: bytes, fmt: Format, native: NumberScan | None = None
+) -> RestPredictResponse:
+    """Read a TF Serving REST predict response (see the module docstring).
+    ``native`` scans the numbers (:data:`NumberScan`); without it, numpy does."""
     scanner = _Scanner(body)
     start = scanner.ws(0)
     root = scanner.members(start)
@@ -1095,7 +1128,7 @@ def read_predict_response(body: bytes, fmt: Format) -> RestPredictResponse:
     member = next((m for m in root if m.key == key), None)
     if member is None:
         raise RestJsonError(f"no '{key}' member in the response")
-    reader = _Reader(body, scanner)
+    reader = _Reader(body, scanner, native)
     if fmt == "row":
         reader.row(member.value)
     else:
@@ -1112,9 +1145,10 @@ def read_predict_response(body: bytes, fmt: Format) -> RestPredictResponse:
 
 
 class _Reader:
-    def __init__(self, body: bytes, scanner: _Scanner) -> None:
+    def __init__(self, body: bytes, scanner: _Scanner, native: NumberScan | None) -> None:
         self.body = body
         self.scanner = scanner
+        self.native = native
         self.outputs: dict[OutputKey, RestOutput] = {}
         self.where: dict[OutputKey, _Where] = {}
         self.names_per_instance: list[set[str]] = []
@@ -1122,7 +1156,7 @@ class _Reader:
     def add(self, key: OutputKey, spans: Sequence[_Span], batched: bool, after: list[int]) -> None:
         numeric = None
         if _may_be_numeric(spans):
-            numeric = _numeric_output(_Source.of(self.body, spans, batched))
+            numeric = _numeric_output(_Source.of(self.body, spans, batched), self.native)
         if numeric is None:
             values, kind = self._generic(spans, batched)
             where = _Where(None, None, after)

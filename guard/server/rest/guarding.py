@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from guard.dataplane.book import RuleBook
 from guard.dataplane.codec.restjson import (
     Format,
+    NumberScan,
     OutputKey,
     RestJsonError,
     RestPredictResponse,
@@ -72,7 +73,7 @@ def guard_rest_response(
     target = resolve(book, request.model, request.signature, request.metadata.version, metrics)
     if target is None:
         return None
-    response = _read(body, request, target, metrics)
+    response = _read(body, request, target, metrics, book.kernels.number_scan)
     names = _output_names(response, request, target)
     decoded = _decoded(response, names, request, target)
     limit = book.max_message_bytes
@@ -96,10 +97,14 @@ def guard_rest_response(
 
 
 def _read(
-    body: bytes, request: RestRequest, target: Target, metrics: MetricsSink
+    body: bytes,
+    request: RestRequest,
+    target: Target,
+    metrics: MetricsSink,
+    native: NumberScan | None,
 ) -> RestPredictResponse:
     try:
-        return read_predict_response(body, request.format)
+        return read_predict_response(body, request.format, native)
     except (RestJsonError, RecursionError) as exc:
         metrics.count_decode_error(target.model_label)
         reason = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
