@@ -24,7 +24,8 @@ from guard.dataplane.codec.request import peek_model_spec
 from guard.dataplane.codec.response import ModelSpecInfo
 from guard.dataplane.errors import GuardError, ResponseTooLargeError
 from guard.dataplane.pipeline import guard_predict_response
-from guard.metrics.guard_metrics import OTHER, GuardMetrics
+from guard.metrics.guard_metrics import GuardMetrics
+from guard.server.accounting import CallRecord
 from guard.server.gate import Gate, Refusal
 from guard.server.methods import PREDICT, MethodInfo
 from guard.server.status import grpc_code
@@ -70,33 +71,11 @@ class ServerState(Protocol):
     def rules(self) -> RuleBook: ...
 
 
-class Call:
-    """One call's bookkeeping: its labels, and the code it ended with, counted once."""
+class Call(CallRecord):
+    """One gRPC call's bookkeeping, and how the guard ends one itself."""
 
-    __slots__ = ("model_label", "method_label", "code", "upstream_s", "start", "_metrics")
-
-    def __init__(self, metrics: GuardMetrics, method_label: str) -> None:
-        self._metrics = metrics
-        self.model_label = OTHER
-        self.method_label = method_label
-        self.code: str | None = None
-        self.upstream_s = 0.0
-        self.start = time.perf_counter()
-
-    def count(self, code: str) -> None:
-        """Count the call with ``code``, once: the first code wins."""
-        if self.code is None:
-            self.code = code
-            self._metrics.record_request(GRPC, self.model_label, self.method_label, code)
-
-    def finish(self, context: Any) -> None:
-        """Count the call if nothing did (an exception of ours: gRPC answers
-        UNKNOWN), and time it."""
-        self.count("UNKNOWN")
-        total = time.perf_counter() - self.start
-        self._metrics.record_timing(
-            GRPC, self.method_label, self.upstream_s, max(total - self.upstream_s, 0.0)
-        )
+    __slots__ = ()
+    protocol = GRPC
 
     def ended_by_client(self, context: Any) -> None:
         """Count a call the client ended: past its deadline, or cancelled."""
@@ -144,7 +123,7 @@ class CallHandler:
             call.ended_by_client(context)
             raise
         finally:
-            call.finish(context)
+            call.finish()
 
     async def _answer(
         self,

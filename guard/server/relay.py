@@ -69,7 +69,7 @@ class StreamRelay:
             call.ended_by_client(context)
             raise
         finally:
-            call.finish(context)
+            call.finish()
 
     async def _run(self, info: MethodInfo, context: Any, call: Call) -> None:
         upstream_call = self._server.upstream.stream_stream(info.name)(

@@ -7,13 +7,12 @@ the client got; refusals are counted by reason, as on the gRPC side.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 
 from aiohttp import web
 
 from guard.dataplane.codec.restjson import INDENT, json_string
-from guard.metrics.guard_metrics import OTHER, GuardMetrics
+from guard.server.accounting import CallRecord
 from guard.server.gate import Refusal
 from guard.server.rest.routes import code_of_status
 
@@ -57,24 +56,11 @@ class Answer(Exception):
         self.headers = dict(headers or {})
 
 
-class RestCall:
-    """One call's labels, the code it ended with (counted once), and its timing."""
+class RestCall(CallRecord):
+    """One REST call's bookkeeping, and the guard's own answers to it."""
 
-    __slots__ = ("model_label", "method_label", "code", "upstream_s", "start", "_metrics")
-
-    def __init__(self, metrics: GuardMetrics, method_label: str) -> None:
-        self._metrics = metrics
-        self.model_label = OTHER
-        self.method_label = method_label
-        self.code: str | None = None
-        self.upstream_s = 0.0
-        self.start = time.perf_counter()
-
-    def count(self, code: str) -> None:
-        """Count the call with ``code``, once: the first code wins."""
-        if self.code is None:
-            self.code = code
-            self._metrics.record_request(REST, self.model_label, self.method_label, code)
+    __slots__ = ()
+    protocol = REST
 
     def count_status(self, status: int) -> None:
         """Count the call with the code TF Serving maps to HTTP ``status``."""
@@ -89,11 +75,3 @@ class RestCall:
         if answer.refusal is not None:
             response.force_close()  # the rest of what was sent is not read
         return response
-
-    def finish(self) -> None:
-        """Count the call if nothing did (a bug of ours), and time it."""
-        self.count("UNKNOWN")
-        total = time.perf_counter() - self.start
-        self._metrics.record_timing(
-            REST, self.method_label, self.upstream_s, max(total - self.upstream_s, 0.0)
-        )
