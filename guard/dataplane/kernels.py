@@ -12,14 +12,17 @@ injection.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from guard.dataplane.codec.response import Walked
-from guard.dataplane.codec.restjson import NumberScan
 from guard.dataplane.lanes import Lane, OutputSpec, make_lane
 from guard.dataplane.results import Array
 from guard.dataplane.rules import normalized_entropy
+
+if TYPE_CHECKING:  # restjson is imported by the REST front-end only, when REST is served
+    from guard.dataplane.codec.restjson import NumberScan
 
 __all__ = ["MISSING", "NATIVE", "REFERENCE", "Kernels", "Native", "default", "row_entropy"]
 
