@@ -16,10 +16,11 @@
  * guard/dataplane/codec/response.py parses the response with protobuf, which
  * stays the judge of what is malformed.
  *
- * scan_numbers() does the same for REST: the numbers of a tensor's JSON text,
- * read in one pass, each value rounded once (as float() rounds); a token it
- * does not read makes it return None, and guard/dataplane/codec/restjson.py's
- * numpy scan, the reference, judges the text.
+ * scan_tensor() does the same for REST: a tensor's JSON text, its numbers and
+ * its shape read in one pass, each value rounded once (as float() rounds);
+ * anything it does not read (an odd token, a ragged or empty list) makes it
+ * return None, and guard/dataplane/codec/restjson.py's numpy scan, the
+ * reference, judges the text.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -475,10 +476,18 @@ fast_value(const Token *k, double *v)
     return 1;
 }
 
-static int
-is_separator(unsigned char c)
+/* What each byte is to the tensor scan: part of a token, or structure. */
+enum { C_TOKEN = 0, C_SPACE, C_COMMA, C_OPEN, C_CLOSE };
+
+static unsigned char CLASS[256];
+
+static void
+init_classes(void)
 {
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == ',' || c == '[' || c == ']';
+    CLASS[' '] = CLASS['\t'] = CLASS['\n'] = CLASS['\r'] = C_SPACE;
+    CLASS[','] = C_COMMA;
+    CLASS['['] = C_OPEN;
+    CLASS[']'] = C_CLOSE;
 }
 
 /* Longer tokens (and integers past int64) go to the numpy path. */
@@ -487,7 +496,7 @@ is_separator(unsigned char c)
 typedef struct {
     double *values;
     int64_t *starts, *ends, *ints;
-    Py_ssize_t n;
+    Py_ssize_t n, cap;
     int integral, ints_ok;
 } Numbers;
 
@@ -527,82 +536,240 @@ scan_token(const unsigned char *t, Py_ssize_t len, Numbers *out)
     return 1;
 }
 
+/* Where the scan is in the nesting: each list's element count, checked
+ * against the first list closed at the same depth. */
+typedef struct {
+    int depth, rank, expect, done;
+    Py_ssize_t count[MAX_DIMS + 1], dims[MAX_DIMS + 1];
+} Nesting;
+
 static int
-scan_region(const unsigned char *p, Py_ssize_t size, Numbers *out)
+open_list(Nesting *s)
 {
-    Py_ssize_t i = 0;
-    while (i < size) {
-        if (is_separator(p[i])) {
-            i++;
-            continue;
-        }
-        Py_ssize_t start = i;
-        while (i < size && !is_separator(p[i]))
-            i++;
-        out->starts[out->n] = start;
-        out->ends[out->n] = i;
-        if (!scan_token(p + start, i - start, out))
-            return 0;
-        out->n++;
-    }
+    if (!s->expect || s->done || s->depth == MAX_DIMS || (s->rank >= 0 && s->depth >= s->rank))
+        return 0;
+    s->count[++s->depth] = 0;
     return 1;
 }
 
-/* Allocating for the tokens there are, not for the most there could be, keeps
- * the arrays small enough to stay in the allocator's reused memory. */
-static Py_ssize_t
-count_tokens(const unsigned char *p, Py_ssize_t size)
+/* An empty list, a trailing comma or a ragged list: not a dense tensor this
+ * scan reads (the reference says what it is). */
+static int
+close_list(Nesting *s)
 {
-    Py_ssize_t n = 0;
+    if (s->depth == 0 || s->expect)
+        return 0;
+    Py_ssize_t n = s->count[s->depth];
+    if (s->dims[s->depth] == 0)
+        s->dims[s->depth] = n;
+    else if (s->dims[s->depth] != n)
+        return 0;
+    if (--s->depth == 0)
+        s->done = 1;
+    else
+        s->count[s->depth]++;
+    return 1;
+}
+
+/* The common token, -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]{1,4})? with at
+ * most 19 digits and a value Clinger's fast path rounds, read as it is found.
+ * Returns its end, or -1 for any other token (scan_token reads those). */
+static Py_ssize_t
+quick_token(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, Numbers *out)
+{
+    int neg = p[i] == '-', digits = 0, frac = 0, integral = 1;
+    uint64_t m = 0;
+    i += neg;
+    if (i >= end || p[i] < '0' || p[i] > '9' || (p[i] == '0' && i + 1 < end && p[i + 1] >= '0'
+                                                 && p[i + 1] <= '9'))
+        return -1;
+    for (; i < end && p[i] >= '0' && p[i] <= '9'; i++, digits++)
+        m = m * 10 + (uint64_t)(p[i] - '0');
+    if (i < end && p[i] == '.') {
+        Py_ssize_t first = ++i;
+        for (; i < end && p[i] >= '0' && p[i] <= '9'; i++, digits++)
+            m = m * 10 + (uint64_t)(p[i] - '0');
+        frac = (int)(i - first);
+        integral = 0;
+        if (frac == 0)
+            return -1;
+    }
+    long exponent = 0;
+    if (i < end && (p[i] == 'e' || p[i] == 'E')) {
+        int eneg = 0;
+        integral = 0;
+        i++;
+        if (i < end && (p[i] == '+' || p[i] == '-'))
+            eneg = p[i++] == '-';
+        Py_ssize_t first = i;
+        for (; i < end && p[i] >= '0' && p[i] <= '9'; i++)
+            exponent = exponent * 10 + (p[i] - '0');
+        if (i == first || i - first > 4)
+            return -1;
+        exponent = eneg ? -exponent : exponent;
+    }
+    long scale = exponent - frac;
+    if ((i < end && CLASS[p[i]] == C_TOKEN) || digits > 19 || m > (1ull << 53) || scale < -22
+        || scale > 22)
+        return -1;
+    double v = (double)m;
+    v = scale < 0 ? v / P10[-scale] : v * P10[scale];
+    out->values[out->n] = neg ? -v : v;
+    out->ints[out->n] = neg ? -(int64_t)m : (int64_t)m;
+    out->integral &= integral;
+    return i;
+}
+
+static int
+add_token(Nesting *s, const unsigned char *p, Py_ssize_t start, Py_ssize_t *end,
+          Py_ssize_t limit, Numbers *out)
+{
+    if (!s->expect || s->done || (s->rank >= 0 && s->depth != s->rank) || out->n == out->cap)
+        return 0;
+    s->rank = s->depth;
+    Py_ssize_t stop = quick_token(p, start, limit, out);
+    if (stop < 0) {
+        for (stop = start; stop < limit && CLASS[p[stop]] == C_TOKEN; stop++)
+            ;
+        if (!scan_token(p + start, stop - start, out))
+            return 0;
+    }
+    out->starts[out->n] = start;
+    out->ends[out->n] = stop;
+    *end = stop;
+    out->n++;
+    s->count[s->depth]++;
+    s->expect = 0;
+    s->done = s->depth == 0;
+    return 1;
+}
+
+/* One dense tensor's text from p[start]: a number, or nested lists of numbers,
+ * every list of a depth as long as the others. Returns where it ends (the
+ * text after it is not read), or -1 for anything else. */
+static Py_ssize_t
+scan_tensor_text(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, Numbers *out,
+                 Nesting *s)
+{
+    Py_ssize_t i = start;
+    while (i < end && !s->done) {
+        switch (CLASS[p[i]]) {
+        case C_SPACE:
+            i++;
+            continue;
+        case C_OPEN:
+            if (!open_list(s))
+                return -1;
+            s->expect = 1;
+            break;
+        case C_CLOSE:
+            if (!close_list(s))
+                return -1;
+            break;
+        case C_COMMA:
+            if (s->expect || s->depth == 0)
+                return -1;
+            s->expect = 1;
+            break;
+        default:
+            if (!add_token(s, p, i, &i, end, out))
+                return -1;
+            continue;
+        }
+        i++;
+    }
+    return s->done ? i : -1;
+}
+
+/* Allocating for the tokens there are, not for the most there could be, keeps
+ * the arrays small enough to stay in the allocator's reused memory. Counts up
+ * to where the tensor at p[start] ends, as the scan reads it. */
+static Py_ssize_t
+count_tokens(const unsigned char *p, Py_ssize_t start, Py_ssize_t end)
+{
+    Py_ssize_t n = 0, depth = 0;
     int in_token = 0;
-    for (Py_ssize_t i = 0; i < size; i++) {
-        int sep = is_separator(p[i]);
-        n += !sep & !in_token;
-        in_token = !sep;
+    for (Py_ssize_t i = start; i < end; i++) {
+        unsigned char c = CLASS[p[i]];
+        int token = c == C_TOKEN;
+        if (depth == 0 && in_token && !token)
+            break; /* a bare number ends */
+        n += token & !in_token;
+        in_token = token;
+        depth += (c == C_OPEN) - (c == C_CLOSE);
+        if (depth <= 0 && c == C_CLOSE)
+            break;
     }
     return n;
 }
 
-PyDoc_STRVAR(scan_numbers_doc,
-"scan_numbers(region) -> (values, starts, ends, integral, ints) | None\n"
+static PyObject *
+tensor_result(Numbers *out, Nesting *s, Py_ssize_t stop, PyObject *values, PyObject *starts,
+              PyObject *ends, PyObject *ints)
+{
+    PyObject *shape = PyTuple_New(s->rank);
+    if (shape == NULL)
+        return NULL;
+    for (int d = 0; d < s->rank; d++) {
+        PyObject *dim = PyLong_FromSsize_t(s->dims[d + 1]);
+        if (dim == NULL) {
+            Py_DECREF(shape);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(shape, d, dim);
+    }
+    int with_ints = out->integral && out->ints_ok;
+    PyObject *result = Py_BuildValue("(OOOOONn)", values, starts, ends,
+                                     out->integral ? Py_True : Py_False,
+                                     with_ints ? ints : Py_None, shape, stop);
+    return result;
+}
+
+PyDoc_STRVAR(scan_tensor_doc,
+"scan_tensor(text, start, limit) -> (values, starts, ends, integral, ints, shape, end) | None\n"
 "\n"
-"The numbers of a REST tensor's text (only numbers and the separators\n"
-"' \\t\\n\\r,[]'): float64 values (strtod, correctly rounded), each token's\n"
-"start and end offset, whether every token is an integer literal, and the\n"
-"int64 values when they all fit (else None), all as bytes. None when a token\n"
-"is not a JSON number this reads (then guard.dataplane.codec.restjson's numpy\n"
-"scan, the reference, judges it).");
+"The dense tensor written as JSON at text[start] (and before limit): a number,\n"
+"or nested non-empty lists of numbers, every list of a depth as long as the\n"
+"others. Returns its float64 values (correctly rounded, as float() rounds),\n"
+"each token's start and end offset in text, whether every token is an integer\n"
+"literal, the int64 values when they all fit (else None), all as writable\n"
+"bytearrays, its shape, and where its text ends (what follows is not read).\n"
+"None for anything else (a token this does not read, an empty or ragged list,\n"
+"other JSON): then guard.dataplane.codec.restjson's numpy scan, the\n"
+"reference, judges the text.");
 
 static PyObject *
-scan_numbers(PyObject *Py_UNUSED(self), PyObject *arg)
+scan_tensor(PyObject *Py_UNUSED(self), PyObject *args)
 {
     Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+    Py_ssize_t start, end;
+    if (!PyArg_ParseTuple(args, "y*nn", &view, &start, &end))
         return NULL;
-    Py_ssize_t most = count_tokens((const unsigned char *)view.buf, view.len);
-    PyObject *values = PyBytes_FromStringAndSize(NULL, most * 8);
-    PyObject *starts = PyBytes_FromStringAndSize(NULL, most * 8);
-    PyObject *ends = PyBytes_FromStringAndSize(NULL, most * 8);
-    PyObject *ints = PyBytes_FromStringAndSize(NULL, most * 8);
+    if (start < 0 || end > view.len || start > end) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "scan_tensor: start and end must lie in the text");
+        return NULL;
+    }
+    const unsigned char *p = (const unsigned char *)view.buf;
+    Py_ssize_t most = count_tokens(p, start, end);
+    PyObject *values = PyByteArray_FromStringAndSize(NULL, most * 8);
+    PyObject *starts = PyByteArray_FromStringAndSize(NULL, most * 8);
+    PyObject *ends = PyByteArray_FromStringAndSize(NULL, most * 8);
+    PyObject *ints = PyByteArray_FromStringAndSize(NULL, most * 8);
     PyObject *result = NULL;
     if (values == NULL || starts == NULL || ends == NULL || ints == NULL)
         goto done;
-    Numbers out = {(double *)PyBytes_AS_STRING(values), (int64_t *)PyBytes_AS_STRING(starts),
-                   (int64_t *)PyBytes_AS_STRING(ends), (int64_t *)PyBytes_AS_STRING(ints), 0, 1, 1};
-    int ok;
+    Numbers out = {(double *)PyByteArray_AS_STRING(values),
+                   (int64_t *)PyByteArray_AS_STRING(starts),
+                   (int64_t *)PyByteArray_AS_STRING(ends),
+                   (int64_t *)PyByteArray_AS_STRING(ints), 0, most, 1, 1};
+    Nesting s = {.rank = -1, .expect = 1};
+    Py_ssize_t stop;
     Py_BEGIN_ALLOW_THREADS
-    ok = scan_region((const unsigned char *)view.buf, view.len, &out);
+    stop = scan_tensor_text(p, start, end, &out, &s);
     Py_END_ALLOW_THREADS
-    if (!ok) {
-        result = Py_NewRef(Py_None);
-        goto done;
-    }
-    if (_PyBytes_Resize(&values, out.n * 8) < 0 || _PyBytes_Resize(&starts, out.n * 8) < 0 ||
-        _PyBytes_Resize(&ends, out.n * 8) < 0 || _PyBytes_Resize(&ints, out.n * 8) < 0)
-        goto done;
-    int with_ints = out.integral && out.ints_ok;
-    result = Py_BuildValue("(OOOOO)", values, starts, ends, out.integral ? Py_True : Py_False,
-                           with_ints ? ints : Py_None);
+    result = stop >= 0 ? tensor_result(&out, &s, stop, values, starts, ends, ints)
+                       : Py_NewRef(Py_None);
 done:
     Py_XDECREF(values);
     Py_XDECREF(starts);
@@ -614,7 +781,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"walk_predict_response", walk_predict_response, METH_O, walk_doc},
-    {"scan_numbers", scan_numbers, METH_O, scan_numbers_doc},
+    {"scan_tensor", scan_tensor, METH_VARARGS, scan_tensor_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -629,6 +796,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__walk(void)
 {
+    init_classes();
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

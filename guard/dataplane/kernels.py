@@ -56,7 +56,7 @@ class Native(Kernels):
         self._walk = walk.walk_predict_response
         self._kernel = rank.clean_rank_encode
         self.max_k: int = rank.MAX_K
-        self.number_scan = walk.scan_numbers
+        self.number_scan = walk.scan_tensor
 
     def walk(self, data: bytes) -> Walked | None:
         found: Walked | None = self._walk(data)

@@ -1,9 +1,12 @@
-"""The native scan of REST numbers (``_walk.scan_numbers``) against restjson's numpy
-scan, the reference: the same values bit for bit, the same offsets, the same
-integer reading, and the same refusals, for the backend's TF-Serving writer and for
-hand-made tokens."""
+"""The native tensor scan of REST bodies (``_walk.scan_tensor``) against restjson's
+numpy scan, the reference: the same values bit for bit, the same kind, shape and
+offsets, and, for any text the native scan does not read, the reference's answer.
+Checked for the backend's TF-Serving writer, for dense tensors of hand-spelled
+tokens, and for broken text."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -12,12 +15,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from guard.dataplane.codec import restjson
-from guard.dataplane.codec.restjson import RestJsonError, read_predict_response
+from guard.dataplane.codec.restjson import NumberScan, RestJsonError, read_predict_response
 from guard.dev.backend.json_tensor import predict_response
 from tests.dataplane.test_restjson import DT_DOUBLE, DT_FLOAT, DT_INT64, SETTINGS, formats, shapes
 from tests.native import native
 
-_SEPARATORS = st.sampled_from([" ", ",", ", ", "\n", "[", "]", "],[", "\t"])
+_SPACES = st.sampled_from(["", " ", "\n", "\n    ", "\t", "\r\n"])
 _SPECIAL = st.sampled_from(["NaN", "Infinity", "-Infinity", "-0", "0", "-0.0", "1e400", "-1e-400"])
 _ODD = st.text("0123456789.-+eEN", min_size=1, max_size=20)
 _FLOATS = st.floats(allow_nan=False, allow_infinity=False)
@@ -26,44 +29,90 @@ _SPELLED = _FLOATS.flatmap(
 )
 _INTS = st.integers(-(2**63) + 1, 2**63 - 1).map(str)
 _BIG_INTS = st.integers(2**63, 10**30).map(lambda k: str(k * (-1) ** (k % 2)))
-_TOKENS = st.one_of(_SPELLED, _INTS, _SPECIAL, _ODD, _BIG_INTS)
+_NUMBERS = st.one_of(_SPELLED, _INTS, _SPECIAL, _BIG_INTS)
+_SEPARATORS = st.sampled_from([" ", ",", ", ", "\n", "[", "]", "],[", "\t"])
+
+Outcome = tuple[bytes, str, tuple[int, ...], list[int], list[int]] | str | None
 
 
-def _scan(region: bytes, native_scan: restjson.NumberScan | None) -> restjson._Numbers | str:
+def _scan() -> NumberScan:
+    scan = native().number_scan
+    assert scan is not None
+    return scan
+
+
+def _outcome(text: bytes, scan: NumberScan | None) -> Outcome:
+    """What restjson makes of ``text`` as one output's value: the values' bits
+    (every NaN alike), kind, shape and token offsets, a refusal, or None (not numeric)."""
+    span = restjson._Span(0, len(text), "numeric")
     try:
-        return restjson._scan_native(region, native_scan)
+        found = restjson._numeric_output(text, [span], False, scan)
     except RestJsonError as exc:
         return f"refused: {exc}"
+    if found is None:
+        return None
+    values, kind, starts, ends = found
+    if values.dtype.kind == "f":
+        values = values.copy()
+        values[np.isnan(values)] = np.nan
+    return values.tobytes(), kind, values.shape, starts.tolist(), ends.tolist()
 
 
-def _bits(values: np.ndarray) -> np.ndarray:
-    """float64 bit patterns, every NaN alike."""
-    out = values.copy()
-    out[np.isnan(out)] = np.nan
-    return out.view(np.int64)
+def _nested(tokens: Sequence[str], shape: tuple[int, ...], spaces: Sequence[str]) -> str:
+    """Row-major ``tokens`` as nested JSON lists of ``shape``, spaced by ``spaces``."""
+    if not shape:
+        return tokens[0]
+    step = len(tokens) // shape[0]
+    items = [_nested(tokens[i * step : (i + 1) * step], shape[1:], spaces) for i in range(shape[0])]
+    space = spaces[len(tokens) % len(spaces)]
+    return "[" + space + ("," + space).join(items) + space + "]"
 
 
 @SETTINGS
-@given(st.lists(st.tuples(_TOKENS, _SEPARATORS), min_size=0, max_size=40))
-def test_the_native_scan_reads_every_token_as_the_numpy_scan_does(
-    tokens: list[tuple[str, str]],
+@given(
+    hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=4),
+    st.data(),
+    st.lists(_SPACES, min_size=1, max_size=4),
+)
+def test_the_native_scan_reads_dense_tensors_as_the_reference_does(
+    shape: tuple[int, ...], data: st.DataObject, spaces: list[str]
 ) -> None:
-    text = "[" + "".join(t + sep for t, sep in tokens) + "]"
-    region = restjson._PAD + text.encode() + restjson._PAD
-    by_numpy = _scan(region, None)
-    by_native = _scan(region, native().number_scan)
-    if isinstance(by_numpy, str) or isinstance(by_native, str):
-        assert by_native == by_numpy
-        return
-    assert np.array_equal(_bits(by_native.values), _bits(by_numpy.values))
-    assert by_native.starts.tolist() == by_numpy.starts.tolist()
-    assert by_native.ends.tolist() == by_numpy.ends.tolist()
-    assert by_native.integral == by_numpy.integral
-    if by_numpy.ints is None:
-        assert by_native.ints is None
-    else:
-        assert by_native.ints is not None
-        assert by_native.ints.tolist() == by_numpy.ints.tolist()
+    size = int(np.prod(shape, dtype=np.int64))
+    tokens = data.draw(st.lists(_NUMBERS, min_size=size, max_size=size))
+    text = _nested(tokens, shape, spaces).encode()
+    scanned = _scan()(text, 0, len(text))
+    assert scanned is not None, "the native scan reads every dense tensor of JSON numbers"
+    assert scanned[5] == shape and scanned[6] == len(text)
+    assert _outcome(text, _scan()) == _outcome(text, None)
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.one_of(_NUMBERS, _ODD), _SEPARATORS), min_size=0, max_size=40))
+def test_broken_text_gets_the_reference_answer(tokens: list[tuple[str, str]]) -> None:
+    text = ("[" + "".join(t + sep for t, sep in tokens) + "]").encode()
+    assert _outcome(text, _scan()) == _outcome(text, None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["01", "1.", ".5", "+1", "1e", "--1", "NaNa", "-NaN", "1.0e+", "[]", "[[]]", "[1,]", "[,1]",
+     "[1 2]", "[[1],2]", "[1,[2]]", "[[1,2],[3]]", "[1]]", "[[1]", "[1],", '["a"]', "[{}]"],
+)  # fmt: skip
+def test_what_the_native_scan_will_not_read_goes_to_the_reference(text: str) -> None:
+    data = text.encode()
+    scanned = _scan()(data, 0, len(data))
+    assert scanned is None or scanned[6] != len(data)
+    assert _outcome(data, _scan()) == _outcome(data, None)
+
+
+def test_the_native_scan_stops_where_the_tensor_ends() -> None:
+    text = b'{"outputs": [[1.5, 2], [3, -4e-2]], "more": [9]}'
+    start = text.index(b"[")
+    scanned = _scan()(text, start, len(text))
+    assert scanned is not None
+    assert scanned[6] == text.index(b"]]") + 2
+    assert np.frombuffer(scanned[0]).tolist() == [1.5, 2.0, 3.0, -0.04]
+    assert scanned[5] == (2, 2)
 
 
 @SETTINGS
@@ -71,30 +120,28 @@ def test_the_native_scan_reads_every_token_as_the_numpy_scan_does(
     st.sampled_from([(np.float32, DT_FLOAT), (np.float64, DT_DOUBLE), (np.int64, DT_INT64)]),
     shapes,
     formats,
+    st.booleans(),
     st.data(),
 )
 def test_both_routes_read_tf_serving_bodies_alike(
-    dtype: tuple[type, int], shape: tuple[int, ...], fmt: str, data: st.DataObject
+    dtype: tuple[type, int], shape: tuple[int, ...], fmt: str, named: bool, data: st.DataObject
 ) -> None:
     array = data.draw(hnp.arrays(dtype[0], shape))
-    body = predict_response([("scores", array, dtype[1])], fmt)  # type: ignore[arg-type]
+    outputs = [("scores", array, dtype[1])]
+    if named:  # two outputs: row format names them per instance
+        outputs.append(("more", array[..., ::-1].copy(), dtype[1]))
+    body = predict_response(outputs, fmt)  # type: ignore[arg-type]
     by_numpy = read_predict_response(body, fmt)  # type: ignore[arg-type]
-    by_native = read_predict_response(body, fmt, native().number_scan)  # type: ignore[arg-type]
-    a, b = by_numpy.outputs[None], by_native.outputs[None]
-    assert a.kind == b.kind and a.values.dtype == b.values.dtype
-    assert a.values.shape == b.values.shape
-    assert a.values.tobytes() == b.values.tobytes() or np.array_equal(
-        a.values, b.values, equal_nan=True
-    )
-    where_a, where_b = by_numpy._where[None], by_native._where[None]
-    assert where_a.starts is not None and where_b.starts is not None
-    assert where_a.starts.tolist() == where_b.starts.tolist()
-
-
-@pytest.mark.parametrize("text", ["01", "1.", ".5", "+1", "1e", "--1", "NaNa", "-NaN", "1.0e+"])
-def test_what_the_native_scan_will_not_read_goes_to_the_reference(text: str) -> None:
-    region = restjson._PAD + f"[{text}]".encode() + restjson._PAD
-    scan = native().number_scan
-    assert scan is not None
-    assert scan(region) is None
-    assert _scan(region, native().number_scan) == _scan(region, None)
+    by_native = read_predict_response(body, fmt, _scan())  # type: ignore[arg-type]
+    assert by_numpy.outputs.keys() == by_native.outputs.keys()
+    for key, a in by_numpy.outputs.items():
+        b = by_native.outputs[key]
+        assert a.kind == b.kind and a.values.dtype == b.values.dtype
+        assert a.values.shape == b.values.shape
+        assert a.values.tobytes() == b.values.tobytes() or np.array_equal(
+            a.values, b.values, equal_nan=True
+        )
+        where_a, where_b = by_numpy._where[key], by_native._where[key]
+        assert where_a.starts is not None and where_b.starts is not None
+        assert where_a.starts.tolist() == where_b.starts.tolist()
+        assert where_a.after == where_b.after

@@ -28,10 +28,12 @@ float32's digits. Outputs whose tokens are all integers read as int64; strings,
 rewritten.
 
 **Scanning.** The numbers of a tensor's text are scanned by numpy (the
-reference), or by ``guard.dataplane._walk.scan_numbers`` when the caller passes
-it (:data:`NumberScan`; the rule book's kernels do): the same values bit for
-bit, rounded once by Clinger's fast path or ``strtod``; a token the native scan
-does not read goes to numpy, which judges it (tests/dataplane/test_restjson_native.py).
+reference), or by ``guard.dataplane._walk.scan_tensor`` when the caller passes
+it (:data:`NumberScan`; the rule book's kernels do). The native scan reads a
+dense tensor's numbers and shape in one pass, the same values bit for bit,
+rounded once by Clinger's fast path or ``strtod``; any text it does not read (an
+odd token, an empty or ragged list) goes to numpy, which judges it
+(tests/dataplane/test_restjson_native.py).
 
 **Writing.** :meth:`RestPredictResponse.rewrite` returns the original bytes with
 (i) only the values a rule changed replaced, each written as TF Serving writes
@@ -498,25 +500,12 @@ def _chunks(buffer: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
     return pieces
 
 
-NumberScan = Callable[[bytes], tuple[bytes, bytes, bytes, bool, bytes | None] | None]
-"""A native scan of a numeric region (``guard.dataplane._walk.scan_numbers``):
-None where it leaves a token to :func:`_scan_chunk`, the reference."""
-
-
-def _scan_native(region: bytes, native: NumberScan | None) -> _Numbers:
-    """The numbers of a padded chunk: the native scan when given and it reads
-    every token, else the numpy reference."""
-    scanned = native(region) if native is not None else None
-    if scanned is None:
-        return _scan_chunk(region)
-    values, starts, ends, integral, ints = scanned
-    return _Numbers(
-        np.frombuffer(values, np.float64).copy(),
-        np.frombuffer(starts, np.int64) - _W,
-        np.frombuffer(ends, np.int64) - _W,
-        integral,
-        None if ints is None else np.frombuffer(ints, np.int64).copy(),
-    )
+Scanned = tuple[bytearray, bytearray, bytearray, bool, bytearray | None, tuple[int, ...], int]
+NumberScan = Callable[[bytes, int, int], Scanned | None]
+"""A native scan of the tensor whose text starts at ``text[start]``
+(``guard.dataplane._walk.scan_tensor``): ``(text, start, limit) -> (values,
+starts, ends, integral, ints, shape, end)``, or None where it leaves the text
+to the reference (:func:`_reference_output`)."""
 
 
 def _scan_chunk(region: bytes) -> _Numbers:
@@ -626,6 +615,8 @@ class _Span:
     end: int
     kind: str
     """object, array, numeric (an array holding numbers only), string or scalar."""
+    scanned: Scanned | None = None
+    """A numeric span's numbers, when the native scan found its end."""
 
 
 @dataclass(slots=True)
@@ -635,10 +626,12 @@ class _Member:
 
 
 class _Scanner:
-    """Finds values' spans; arrays of numbers are skipped without looking inside."""
+    """Finds values' spans; arrays of numbers are skipped without looking inside,
+    or read by the native scan when there is one (then read once)."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, native: NumberScan | None = None) -> None:
         self.body = body
+        self.native = native
 
     def ws(self, i: int) -> int:
         match = _WS_RE.match(self.body, i)
@@ -657,6 +650,9 @@ class _Scanner:
         if head == b"{":
             return _Span(i, self.members_end(i), "object")
         if head == b"[":
+            scanned = self.native(self.body, i, len(self.body)) if self.native else None
+            if scanned is not None:
+                return _Span(i, scanned[-1], "numeric", scanned)
             end = self.numeric_end(i)
             if end >= 0:
                 return _Span(i, end, "numeric")
@@ -811,14 +807,56 @@ class _Part:
 
     numbers: _Numbers
     chunk: bytes
+    pad: int  # where ``numbers``' offset 0 lies in ``chunk``
     starts: Array  # offsets in the body
     ends: Array
 
 
 def _numeric_output(
-    source: _Source, native: NumberScan | None
+    body: bytes, spans: Sequence[_Span], batched: bool, native: NumberScan | None
 ) -> tuple[Array, str, Array, Array] | None:
-    """The tensor, its kind and every token's body offsets; None if not numeric."""
+    """The tensor, its kind and every token's body offsets; None if not numeric.
+    ``batched``: each span is one instance's value. The native scan reads what
+    it can; the reference, the rest."""
+    if native is not None:
+        found = _native_output(body, spans, batched, native)
+        if found is not None:
+            return found
+    return _reference_output(_Source.of(body, spans, batched))
+
+
+def _native_output(
+    body: bytes, spans: Sequence[_Span], batched: bool, native: NumberScan
+) -> tuple[Array, str, Array, Array] | None:
+    scans = [span.scanned or native(body, span.start, span.end) for span in spans]
+    if not scans or any(
+        s is None or s[-1] != span.end for s, span in zip(scans, spans, strict=True)
+    ):
+        return None
+    shapes = {s[5] for s in scans if s is not None}
+    if len(shapes) != 1:
+        return None
+    parts = [_native_part(body, s) for s in scans if s is not None]
+    values, kind = _typed(parts)
+    shape = ((len(spans),) if batched else ()) + shapes.pop()
+    starts = parts[0].starts if len(parts) == 1 else np.concatenate([p.starts for p in parts])
+    ends = parts[0].ends if len(parts) == 1 else np.concatenate([p.ends for p in parts])
+    return values.reshape(shape), kind, starts, ends
+
+
+def _native_part(body: bytes, scanned: Scanned) -> _Part:
+    values, starts, ends, integral, ints, _, _ = scanned
+    numbers = _Numbers(
+        np.frombuffer(values, np.float64),
+        np.frombuffer(starts, np.int64),
+        np.frombuffer(ends, np.int64),
+        integral,
+        None if ints is None else np.frombuffer(ints, np.int64),
+    )
+    return _Part(numbers, body, 0, numbers.starts, numbers.ends)
+
+
+def _reference_output(source: _Source) -> tuple[Array, str, Array, Array] | None:
     parts: list[_Part] = []
     skeletons: list[bytes] = []
     for at, chunk in _chunks(source.buffer, source.start, source.end):
@@ -826,9 +864,9 @@ def _numeric_output(
         if skeleton.strip(b"[],"):
             return None
         skeletons.append(skeleton)
-        numbers = _scan_native(chunk, native)
+        numbers = _scan_chunk(chunk)
         starts = source.to_body(numbers.starts + at)
-        parts.append(_Part(numbers, chunk, starts, starts + (numbers.ends - numbers.starts)))
+        parts.append(_Part(numbers, chunk, _W, starts, starts + (numbers.ends - numbers.starts)))
     count = sum(p.numbers.values.size for p in parts)
     shape = _skeleton_shape(b"".join(skeletons)) if count else None
     if shape is None or math.prod(shape) != count:
@@ -852,14 +890,14 @@ def _typed(parts: list[_Part]) -> tuple[Array, str]:
         return np.concatenate(doubles), "float64"
     singles = []
     for part in parts:
-        single = _as_float32(part.numbers, part.chunk)
+        single = _as_float32(part.numbers, part.chunk, part.pad)
         if single is None:
             return np.concatenate(doubles), "float64"
         singles.append(single)
     return np.concatenate(singles), "float32"
 
 
-def _as_float32(numbers: _Numbers, chunk: bytes) -> Array | None:
+def _as_float32(numbers: _Numbers, chunk: bytes, pad: int) -> Array | None:
     """The chunk's values as float32, rounded from the text exactly as
     absl::SimpleAtof does; None when a value does not fit float32."""
     values = numbers.values
@@ -873,7 +911,7 @@ def _as_float32(numbers: _Numbers, chunk: bytes) -> Array | None:
     suspect = ((values.view(_U) & _LOW29) == _HALF29) & np.isfinite(values)
     suspect |= (np.abs(values) < 2.0**-126) & (values != 0)
     for i in np.flatnonzero(suspect).tolist():
-        text = chunk[numbers.starts[i] + _W : numbers.ends[i] + _W].decode("ascii")
+        text = chunk[numbers.starts[i] + pad : numbers.ends[i] + pad].decode("ascii")
         single[i] = _float32_of(text)
     return single
 
@@ -1121,7 +1159,7 @@ def read_predict_response(
 ) -> RestPredictResponse:
     """Read a TF Serving REST predict response (see the module docstring).
     ``native`` scans the numbers (:data:`NumberScan`); without it, numpy does."""
-    scanner = _Scanner(body)
+    scanner = _Scanner(body, native)
     start = scanner.ws(0)
     root = scanner.members(start)
     key = "predictions" if fmt == "row" else "outputs"
@@ -1156,7 +1194,7 @@ class _Reader:
     def add(self, key: OutputKey, spans: Sequence[_Span], batched: bool, after: list[int]) -> None:
         numeric = None
         if _may_be_numeric(spans):
-            numeric = _numeric_output(_Source.of(self.body, spans, batched), self.native)
+            numeric = _numeric_output(self.body, spans, batched, self.native)
         if numeric is None:
             values, kind = self._generic(spans, batched)
             where = _Where(None, None, after)
