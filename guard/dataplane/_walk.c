@@ -571,6 +571,36 @@ close_list(Nesting *s)
     return 1;
 }
 
+/* Whether the 8 bytes at p are all ASCII digits, and their value (SWAR). */
+static inline int
+eight_digits(const unsigned char *p, uint64_t *value)
+{
+    uint64_t x;
+    memcpy(&x, p, 8);
+    if (((x & 0xF0F0F0F0F0F0F0F0ull) | (((x + 0x0606060606060606ull) & 0xF0F0F0F0F0F0F0F0ull) >> 4))
+        != 0x3333333333333333ull)
+        return 0;
+    x -= 0x3030303030303030ull;
+    x = (x * 10 + (x >> 8)) & 0x00FF00FF00FF00FFull; /* pairs of digits */
+    x = (x * 100 + (x >> 16)) & 0x0000FFFF0000FFFFull; /* fours */
+    *value = (x * 10000 + (x >> 32)) & 0xFFFFFFFFull; /* eight (little-endian) */
+    return 1;
+}
+
+static inline Py_ssize_t
+digit_run(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, uint64_t *m, int *digits)
+{
+    uint64_t eight;
+    while (i + 8 <= end && eight_digits(p + i, &eight)) {
+        *m = *m * 100000000ull + eight;
+        *digits += 8;
+        i += 8;
+    }
+    for (; i < end && (unsigned)(p[i] - '0') < 10; i++, (*digits)++)
+        *m = *m * 10 + (uint64_t)(p[i] - '0');
+    return i;
+}
+
 /* The common token, -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]{1,4})? with at
  * most 19 digits and a value Clinger's fast path rounds, read as it is found.
  * Returns its end, or -1 for any other token (scan_token reads those). */
@@ -583,12 +613,10 @@ quick_token(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, Numbers *out)
     if (i >= end || p[i] < '0' || p[i] > '9' || (p[i] == '0' && i + 1 < end && p[i + 1] >= '0'
                                                  && p[i + 1] <= '9'))
         return -1;
-    for (; i < end && p[i] >= '0' && p[i] <= '9'; i++, digits++)
-        m = m * 10 + (uint64_t)(p[i] - '0');
+    i = digit_run(p, i, end, &m, &digits);
     if (i < end && p[i] == '.') {
         Py_ssize_t first = ++i;
-        for (; i < end && p[i] >= '0' && p[i] <= '9'; i++, digits++)
-            m = m * 10 + (uint64_t)(p[i] - '0');
+        i = digit_run(p, i, end, &m, &digits);
         frac = (int)(i - first);
         integral = 0;
         if (frac == 0)
@@ -620,12 +648,16 @@ quick_token(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, Numbers *out)
     return i;
 }
 
+enum { SCAN_FAIL = 0, SCAN_OK, SCAN_FULL };
+
 static int
 add_token(Nesting *s, const unsigned char *p, Py_ssize_t start, Py_ssize_t *end,
           Py_ssize_t limit, Numbers *out)
 {
-    if (!s->expect || s->done || (s->rank >= 0 && s->depth != s->rank) || out->n == out->cap)
-        return 0;
+    if (!s->expect || s->done || (s->rank >= 0 && s->depth != s->rank))
+        return SCAN_FAIL;
+    if (out->n == out->cap)
+        return SCAN_FULL;
     s->rank = s->depth;
     Py_ssize_t stop = quick_token(p, start, limit, out);
     if (stop < 0) {
@@ -644,63 +676,58 @@ add_token(Nesting *s, const unsigned char *p, Py_ssize_t start, Py_ssize_t *end,
     return 1;
 }
 
-/* One dense tensor's text from p[start]: a number, or nested lists of numbers,
- * every list of a depth as long as the others. Returns where it ends (the
- * text after it is not read), or -1 for anything else. */
-static Py_ssize_t
-scan_tensor_text(const unsigned char *p, Py_ssize_t start, Py_ssize_t end, Numbers *out,
+/* One dense tensor's text from p[*pos]: a number, or nested lists of numbers,
+ * every list of a depth as long as the others. SCAN_OK with *pos where it ends
+ * (the text after it is not read); SCAN_FULL with *pos at a token there was
+ * no room for (grow the arrays, then call again); SCAN_FAIL for anything else. */
+static int
+scan_tensor_text(const unsigned char *p, Py_ssize_t *pos, Py_ssize_t end, Numbers *out,
                  Nesting *s)
 {
-    Py_ssize_t i = start;
-    while (i < end && !s->done) {
+    Py_ssize_t i = *pos;
+    int status = SCAN_OK;
+    while (i < end && !s->done && status == SCAN_OK) {
         switch (CLASS[p[i]]) {
         case C_SPACE:
             i++;
             continue;
         case C_OPEN:
-            if (!open_list(s))
-                return -1;
+            status = open_list(s) ? SCAN_OK : SCAN_FAIL;
             s->expect = 1;
             break;
         case C_CLOSE:
-            if (!close_list(s))
-                return -1;
+            status = close_list(s) ? SCAN_OK : SCAN_FAIL;
             break;
         case C_COMMA:
-            if (s->expect || s->depth == 0)
-                return -1;
+            status = s->expect || s->depth == 0 ? SCAN_FAIL : SCAN_OK;
             s->expect = 1;
             break;
         default:
-            if (!add_token(s, p, i, &i, end, out))
-                return -1;
+            status = add_token(s, p, i, &i, end, out);
             continue;
         }
-        i++;
+        i += status == SCAN_OK;
     }
-    return s->done ? i : -1;
+    *pos = i;
+    return status == SCAN_OK && !s->done ? SCAN_FAIL : status;
 }
 
-/* Allocating for the tokens there are, not for the most there could be, keeps
- * the arrays small enough to stay in the allocator's reused memory. Counts up
- * to where the tensor at p[start] ends, as the scan reads it. */
-static Py_ssize_t
-count_tokens(const unsigned char *p, Py_ssize_t start, Py_ssize_t end)
+/* Room for the tokens there are likely to be, grown when there are more:
+ * counting them first took as long as reading them. The first guess is
+ * bounded, as the limit may lie far beyond the tensor; what is not used is
+ * handed back after the scan. */
+static int
+resize(PyObject *arrays[4], Numbers *out, Py_ssize_t n)
 {
-    Py_ssize_t n = 0, depth = 0;
-    int in_token = 0;
-    for (Py_ssize_t i = start; i < end; i++) {
-        unsigned char c = CLASS[p[i]];
-        int token = c == C_TOKEN;
-        if (depth == 0 && in_token && !token)
-            break; /* a bare number ends */
-        n += token & !in_token;
-        in_token = token;
-        depth += (c == C_OPEN) - (c == C_CLOSE);
-        if (depth <= 0 && c == C_CLOSE)
-            break;
-    }
-    return n;
+    for (int a = 0; a < 4; a++)
+        if (PyByteArray_Resize(arrays[a], n * 8) < 0)
+            return -1;
+    out->values = (double *)PyByteArray_AS_STRING(arrays[0]);
+    out->starts = (int64_t *)PyByteArray_AS_STRING(arrays[1]);
+    out->ends = (int64_t *)PyByteArray_AS_STRING(arrays[2]);
+    out->ints = (int64_t *)PyByteArray_AS_STRING(arrays[3]);
+    out->cap = n;
+    return 0;
 }
 
 static PyObject *
@@ -751,30 +778,30 @@ scan_tensor(PyObject *Py_UNUSED(self), PyObject *args)
         return NULL;
     }
     const unsigned char *p = (const unsigned char *)view.buf;
-    Py_ssize_t most = count_tokens(p, start, end);
-    PyObject *values = PyByteArray_FromStringAndSize(NULL, most * 8);
-    PyObject *starts = PyByteArray_FromStringAndSize(NULL, most * 8);
-    PyObject *ends = PyByteArray_FromStringAndSize(NULL, most * 8);
-    PyObject *ints = PyByteArray_FromStringAndSize(NULL, most * 8);
+    PyObject *arrays[4] = {NULL, NULL, NULL, NULL};
     PyObject *result = NULL;
-    if (values == NULL || starts == NULL || ends == NULL || ints == NULL)
-        goto done;
-    Numbers out = {(double *)PyByteArray_AS_STRING(values),
-                   (int64_t *)PyByteArray_AS_STRING(starts),
-                   (int64_t *)PyByteArray_AS_STRING(ends),
-                   (int64_t *)PyByteArray_AS_STRING(ints), 0, most, 1, 1};
+    for (int a = 0; a < 4; a++)
+        if ((arrays[a] = PyByteArray_FromStringAndSize(NULL, 0)) == NULL)
+            goto done;
+    Numbers out = {.integral = 1, .ints_ok = 1};
     Nesting s = {.rank = -1, .expect = 1};
-    Py_ssize_t stop;
-    Py_BEGIN_ALLOW_THREADS
-    stop = scan_tensor_text(p, start, end, &out, &s);
-    Py_END_ALLOW_THREADS
-    result = stop >= 0 ? tensor_result(&out, &s, stop, values, starts, ends, ints)
-                       : Py_NewRef(Py_None);
+    Py_ssize_t pos = start, cap = Py_MIN((end - start) / 8, 1 << 18) + 16;
+    int status = SCAN_FULL;
+    while (status == SCAN_FULL) {
+        if (resize(arrays, &out, cap) < 0)
+            goto done;
+        Py_BEGIN_ALLOW_THREADS
+        status = scan_tensor_text(p, &pos, end, &out, &s);
+        Py_END_ALLOW_THREADS
+        cap *= 2;
+    }
+    if (status == SCAN_FAIL)
+        result = Py_NewRef(Py_None);
+    else if (resize(arrays, &out, out.n) == 0)
+        result = tensor_result(&out, &s, pos, arrays[0], arrays[1], arrays[2], arrays[3]);
 done:
-    Py_XDECREF(values);
-    Py_XDECREF(starts);
-    Py_XDECREF(ends);
-    Py_XDECREF(ints);
+    for (int a = 0; a < 4; a++)
+        Py_XDECREF(arrays[a]);
     PyBuffer_Release(&view);
     return result;
 }

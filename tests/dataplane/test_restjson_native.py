@@ -145,3 +145,15 @@ def test_both_routes_read_tf_serving_bodies_alike(
         assert where_a.starts is not None and where_b.starts is not None
         assert where_a.starts.tolist() == where_b.starts.tolist()
         assert where_a.after == where_b.after
+
+
+def test_the_native_scan_grows_its_arrays_for_short_tokens() -> None:
+    """Room is guessed at one token per 8 bytes; "0,1" packs one per 2."""
+    numbers = [i % 10 for i in range(100_000)]
+    text = ("[" + ",".join(map(str, numbers)) + "]").encode()
+    scanned = _scan()(text, 0, len(text))
+    assert scanned is not None
+    assert scanned[5] == (100_000,) and scanned[6] == len(text)
+    assert np.frombuffer(scanned[4] or b"", np.int64).tolist() == numbers
+    assert np.frombuffer(scanned[1], np.int64).tolist() == list(range(1, len(text) - 1, 2))
+    assert _outcome(text, _scan()) == _outcome(text, None)
