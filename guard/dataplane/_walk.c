@@ -496,7 +496,7 @@ init_classes(void)
 typedef struct {
     double *values;
     int64_t *starts, *ends, *ints;
-    Py_ssize_t n, cap;
+    Py_ssize_t n, cap, longest;
     int integral, ints_ok;
 } Numbers;
 
@@ -668,6 +668,7 @@ add_token(Nesting *s, const unsigned char *p, Py_ssize_t start, Py_ssize_t *end,
     }
     out->starts[out->n] = start;
     out->ends[out->n] = stop;
+    out->longest = Py_MAX(out->longest, stop - start);
     *end = stop;
     out->n++;
     s->count[s->depth]++;
@@ -730,37 +731,124 @@ resize(PyObject *arrays[4], Numbers *out, Py_ssize_t n)
     return 0;
 }
 
+/* A DT_FLOAT's text has at most 15 characters (json_tensor.cc's WriteDecimal:
+ * 9 significant digits); longer tokens make the tensor float64. */
+#define FLOAT32_TOKEN_MAX 15
+
+/* Text -> double -> float32 can round differently from text -> float32 only
+ * where the double lies exactly halfway between two float32s, or below
+ * float32's normal range: those are decided from the text by the caller. */
+static inline int
+suspect(double v)
+{
+    uint64_t bits;
+    memcpy(&bits, &v, 8);
+    return (((bits & ((1ull << 29) - 1)) == (1ull << 28)) && isfinite(v))
+           || (fabs(v) < 0x1p-126 && v != 0);
+}
+
+/* The values as float32, and how many are suspect: 0 when one does not fit
+ * (then the tensor is float64). */
+static int
+as_float32(const Numbers *out, float *single, Py_ssize_t *suspects)
+{
+    *suspects = 0;
+    for (Py_ssize_t i = 0; i < out->n; i++) {
+        double v = out->values[i];
+        float f = (float)v;
+        single[i] = f;
+        if ((isfinite(v) && !isfinite(f)) || (f == 0 && v != 0))
+            return 0;
+        *suspects += suspect(v);
+    }
+    return 1;
+}
+
+static PyObject *
+suspect_list(const Numbers *out)
+{
+    PyObject *list = PyList_New(0);
+    for (Py_ssize_t i = 0; list != NULL && i < out->n; i++) {
+        if (!suspect(out->values[i]))
+            continue;
+        PyObject *index = PyLong_FromSsize_t(i);
+        if (index == NULL || PyList_Append(list, index) < 0)
+            Py_CLEAR(list);
+        Py_XDECREF(index);
+    }
+    return list;
+}
+
+/* (float32 values, indices to decide from the text), or (None, None) where the
+ * tensor is int64 or float64. */
+static PyObject *
+singles_of(const Numbers *out)
+{
+    if (out->longest > FLOAT32_TOKEN_MAX)
+        return Py_BuildValue("(OO)", Py_None, Py_None);
+    PyObject *single = PyByteArray_FromStringAndSize(NULL, out->n * 4);
+    if (single == NULL)
+        return NULL;
+    Py_ssize_t suspects;
+    int fits;
+    float *f = (float *)PyByteArray_AS_STRING(single);
+    Py_BEGIN_ALLOW_THREADS
+    fits = as_float32(out, f, &suspects);
+    Py_END_ALLOW_THREADS
+    if (!fits) {
+        Py_DECREF(single);
+        return Py_BuildValue("(OO)", Py_None, Py_None);
+    }
+    PyObject *list = suspects ? suspect_list(out) : PyList_New(0);
+    if (list == NULL) {
+        Py_DECREF(single);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", single, list);
+}
+
 static PyObject *
 tensor_result(Numbers *out, Nesting *s, Py_ssize_t stop, PyObject *values, PyObject *starts,
               PyObject *ends, PyObject *ints)
 {
-    PyObject *shape = PyTuple_New(s->rank);
-    if (shape == NULL)
+    PyObject *singles = singles_of(out);
+    if (singles == NULL)
         return NULL;
+    PyObject *shape = PyTuple_New(s->rank);
+    if (shape == NULL) {
+        Py_DECREF(singles);
+        return NULL;
+    }
     for (int d = 0; d < s->rank; d++) {
         PyObject *dim = PyLong_FromSsize_t(s->dims[d + 1]);
         if (dim == NULL) {
             Py_DECREF(shape);
+            Py_DECREF(singles);
             return NULL;
         }
         PyTuple_SET_ITEM(shape, d, dim);
     }
     int with_ints = out->integral && out->ints_ok;
-    PyObject *result = Py_BuildValue("(OOOOONn)", values, starts, ends,
+    PyObject *result = Py_BuildValue("(OOOOONnOO)", values, starts, ends,
                                      out->integral ? Py_True : Py_False,
-                                     with_ints ? ints : Py_None, shape, stop);
+                                     with_ints ? ints : Py_None, shape, stop,
+                                     PyTuple_GET_ITEM(singles, 0), PyTuple_GET_ITEM(singles, 1));
+    Py_DECREF(singles);
     return result;
 }
 
 PyDoc_STRVAR(scan_tensor_doc,
-"scan_tensor(text, start, limit) -> (values, starts, ends, integral, ints, shape, end) | None\n"
+"scan_tensor(text, start, limit)\n"
+"    -> (values, starts, ends, integral, ints, shape, end, single, suspects) | None\n"
 "\n"
 "The dense tensor written as JSON at text[start] (and before limit): a number,\n"
 "or nested non-empty lists of numbers, every list of a depth as long as the\n"
 "others. Returns its float64 values (correctly rounded, as float() rounds),\n"
 "each token's start and end offset in text, whether every token is an integer\n"
 "literal, the int64 values when they all fit (else None), all as writable\n"
-"bytearrays, its shape, and where its text ends (what follows is not read).\n"
+"bytearrays, its shape, and where its text ends (what follows is not read);\n"
+"then, unless the tensor reads as int64 or float64, the values as float32 (a\n"
+"bytearray) and the indices whose float32 must be decided from the text.\n"
 "None for anything else (a token this does not read, an empty or ragged list,\n"
 "other JSON): then guard.dataplane.codec.restjson's numpy scan, the\n"
 "reference, judges the text.");

@@ -41,12 +41,18 @@ def _scan() -> NumberScan:
     return scan
 
 
-def _outcome(text: bytes, scan: NumberScan | None) -> Outcome:
+def _outcome(text: bytes, scan: NumberScan | None, *, native_only: bool = False) -> Outcome:
     """What restjson makes of ``text`` as one output's value: the values' bits
-    (every NaN alike), kind, shape and token offsets, a refusal, or None (not numeric)."""
+    (every NaN alike), kind, shape and token offsets, a refusal, or None (not
+    numeric). ``native_only``: what the native route alone makes of it."""
     span = restjson._Span(0, len(text), "numeric")
     try:
-        found = restjson._numeric_output(text, [span], False, scan)
+        if native_only:
+            assert scan is not None
+            found = restjson._native_output(text, [span], False, scan)
+            assert found is not None, "the native route reads it"
+        else:
+            found = restjson._numeric_output(text, [span], False, scan)
     except RestJsonError as exc:
         return f"refused: {exc}"
     if found is None:
@@ -83,7 +89,7 @@ def test_the_native_scan_reads_dense_tensors_as_the_reference_does(
     scanned = _scan()(text, 0, len(text))
     assert scanned is not None, "the native scan reads every dense tensor of JSON numbers"
     assert scanned[5] == shape and scanned[6] == len(text)
-    assert _outcome(text, _scan()) == _outcome(text, None)
+    assert _outcome(text, _scan(), native_only=True) == _outcome(text, None)
 
 
 @SETTINGS
@@ -156,4 +162,16 @@ def test_the_native_scan_grows_its_arrays_for_short_tokens() -> None:
     assert scanned[5] == (100_000,) and scanned[6] == len(text)
     assert np.frombuffer(scanned[4] or b"", np.int64).tolist() == numbers
     assert np.frombuffer(scanned[1], np.int64).tolist() == list(range(1, len(text) - 1, 2))
-    assert _outcome(text, _scan()) == _outcome(text, None)
+    assert _outcome(text, _scan(), native_only=True) == _outcome(text, None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[1e-40, 0.5]", "[-1.4e-45, 2.5]", "[1.17549435e-38]", "[3.40282347e38]", "[3.4028236e38]",
+     "[7e-46, 1]", "[16777217, 0.5]", "[1, 2, 3]", "[1, 2.5]", "[1.00000006]"],
+)  # fmt: skip
+def test_float32_edges_read_alike(text: str) -> None:
+    """Subnormals, float32's extremes, ties from the text: float32 or float64 as
+    the reference decides, and the same values."""
+    data = text.encode()
+    assert _outcome(data, _scan(), native_only=True) == _outcome(data, None)

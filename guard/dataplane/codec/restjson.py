@@ -367,6 +367,9 @@ class _Numbers:
     ends: Array
     integral: bool  # every token is an integer literal
     ints: Array | None  # exact int64 values when integral and all fit
+    single: Array | None | bool = False
+    """The float32 values when the native scan made them (None: they do not fit
+    float32); False where :func:`_as_float32` decides."""
 
 
 def _swar8(v: Array) -> Array:
@@ -515,12 +518,15 @@ def _chunks(buffer: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
     return pieces
 
 
-Scanned = tuple[bytearray, bytearray, bytearray, bool, bytearray | None, tuple[int, ...], int]
+Scanned = tuple[
+    bytearray, bytearray, bytearray, bool, bytearray | None, tuple[int, ...], int,
+    bytearray | None, list[int] | None,
+]  # fmt: skip
 NumberScan = Callable[[bytes, int, int], Scanned | None]
 """A native scan of the tensor whose text starts at ``text[start]``
 (``guard.dataplane._walk.scan_tensor``): ``(text, start, limit) -> (values,
-starts, ends, integral, ints, shape, end)``, or None where it leaves the text
-to the reference (:func:`_reference_output`)."""
+starts, ends, integral, ints, shape, end, single, suspects)``, or None where it
+leaves the text to the reference (:func:`_reference_output`)."""
 
 
 def _scan_chunk(region: bytes) -> _Numbers:
@@ -667,7 +673,7 @@ class _Scanner:
         if head == b"[":
             scanned = self.native(self.body, i, len(self.body)) if self.native else None
             if scanned is not None:
-                return _Span(i, scanned[-1], "numeric", scanned)
+                return _Span(i, scanned[6], "numeric", scanned)
             end = self.numeric_end(i)
             if end >= 0:
                 return _Span(i, end, "numeric")
@@ -845,7 +851,7 @@ def _native_output(
 ) -> tuple[Array, str, Array, Array] | None:
     scans = [span.scanned or native(body, span.start, span.end) for span in spans]
     if not scans or any(
-        s is None or s[-1] != span.end for s, span in zip(scans, spans, strict=True)
+        s is None or s[6] != span.end for s, span in zip(scans, spans, strict=True)
     ):
         return None
     shapes = {s[5] for s in scans if s is not None}
@@ -860,14 +866,19 @@ def _native_output(
 
 
 def _native_part(body: bytes, scanned: Scanned) -> _Part:
-    values, starts, ends, integral, ints, _, _ = scanned
+    values, starts, ends, integral, ints, _, _, single, suspects = scanned
     numbers = _Numbers(
         np.frombuffer(values, np.float64),
         np.frombuffer(starts, np.int64),
         np.frombuffer(ends, np.int64),
         integral,
         None if ints is None else np.frombuffer(ints, np.int64),
+        None if single is None else np.frombuffer(single, np.float32),
     )
+    if isinstance(numbers.single, np.ndarray):
+        for i in suspects or ():
+            text = body[numbers.starts[i] : numbers.ends[i]].decode("ascii")
+            numbers.single[i] = _float32_of(text)
     return _Part(numbers, body, 0, numbers.starts, numbers.ends)
 
 
@@ -899,17 +910,27 @@ def _typed(parts: list[_Part]) -> tuple[Array, str]:
     DT_FLOAT's (<= 15 characters, within float32's range); else float64."""
     numbers = [p.numbers for p in parts]
     if all(n.integral and n.ints is not None for n in numbers):
-        return np.concatenate([n.ints for n in numbers if n.ints is not None]), "int"
-    doubles = [n.values for n in numbers]
-    if any(int((n.ends - n.starts).max()) > _FLOAT32_TOKEN_MAX for n in numbers if n.ends.size):
-        return np.concatenate(doubles), "float64"
+        return _joined([n.ints for n in numbers if n.ints is not None]), "int"
     singles = []
     for part in parts:
-        single = _as_float32(part.numbers, part.chunk, part.pad)
+        single = _single(part)
         if single is None:
-            return np.concatenate(doubles), "float64"
+            return _joined([n.values for n in numbers]), "float64"
         singles.append(single)
-    return np.concatenate(singles), "float32"
+    return _joined(singles), "float32"
+
+
+def _joined(arrays: list[Array]) -> Array:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _single(part: _Part) -> Array | None:
+    numbers = part.numbers
+    if not isinstance(numbers.single, bool):
+        return numbers.single
+    if numbers.ends.size and int((numbers.ends - numbers.starts).max()) > _FLOAT32_TOKEN_MAX:
+        return None
+    return _as_float32(numbers, part.chunk, part.pad)
 
 
 def _as_float32(numbers: _Numbers, chunk: bytes, pad: int) -> Array | None:
