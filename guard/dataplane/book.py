@@ -17,7 +17,7 @@ from guard.dataplane.cache import BoundedCache
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.kernels import Kernels
 from guard.dataplane.lanes import Lane, OutputSpec
-from guard.dataplane.rules import label_table
+from guard.dataplane.rules import label_table, longest_label
 from guard.dataplane.rulespec import ANY, ModelRule, OutputRule
 from guard.dataplane.sink import LabelTable
 
@@ -38,6 +38,14 @@ class CompiledRule:
     rule: OutputRule
     labels: LabelTable | None
 
+    @classmethod
+    def of(cls, rule: OutputRule) -> CompiledRule:
+        labels = label_table(rule.labels)
+        return cls(rule, labels, longest_label(rule, labels))
+
+    longest: int = 0
+    """The longest label's bytes, the abstain label's included (0: no labels)."""
+
 
 class SignatureRules:
     """Rules resolved for one (model, signature): output name -> rule."""
@@ -51,7 +59,7 @@ class SignatureRules:
             exact: dict[str, CompiledRule] = {}
             wildcard = None
             for rule in model_rule.outputs:
-                compiled = CompiledRule(rule, label_table(rule.labels))
+                compiled = CompiledRule.of(rule)
                 if rule.name == ANY:
                     wildcard = compiled
                 else:

@@ -93,7 +93,10 @@ def evaluate(target: Target, decoded: Iterable[tuple[str, Array]], room: int) ->
     for name, values in decoded:
         compiled = target.rules.rule_for(name)
         assert compiled is not None, "decoded outputs are the ones with a rule"
-        room -= derived_bytes(compiled.rule, values.shape, values.itemsize, compiled.labels)
+        labelled = compiled.labels is not None
+        room -= derived_bytes(
+            compiled.rule, values.shape, values.itemsize, labelled, compiled.longest
+        )
         if room < 0:
             raise ResponseTooLargeError(
                 f"guard: model '{shown(target.model)}' output '{shown(name)}': its derived "

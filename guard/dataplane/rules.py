@@ -20,6 +20,7 @@ this module stays the reference they are tested against.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,9 @@ __all__ = [
     "apply_rule",
     "class_axis_size",
     "derive",
+    "derived_bytes",
     "label_table",
+    "longest_label",
     "normalized_entropy",
     "repair",
     "rule_bounds",
@@ -526,23 +529,27 @@ def label_table(labels: tuple[str, ...] | None) -> np.ndarray[Any, Any] | None:
     return table
 
 
+def longest_label(rule: OutputRule, labels: np.ndarray[Any, Any] | None) -> int:
+    """The bytes of ``rule``'s longest label, its abstain label included; 0 without labels."""
+    longest = max((len(x) for x in labels.tolist()), default=0) if labels is not None else 0
+    if rule.min_confidence is not None:
+        longest = max(longest, len(rule.abstain_label.encode("utf-8")))
+    return longest
+
+
 def derived_bytes(
-    rule: OutputRule, shape: tuple[int, ...], itemsize: int, labels: np.ndarray[Any, Any] | None
+    rule: OutputRule, shape: tuple[int, ...], itemsize: int, labelled: bool, longest: int
 ) -> int:
     """An upper bound of what ``rule``'s derived outputs for a tensor of
     ``shape`` take, in memory and encoded together, before any is made.
 
     Per derived value: an int64 class (8 bytes, at most 10 encoded), a score
     (``itemsize``, twice) and a label (a reference, and its bytes with a field
-    key and length).
+    key and length; ``longest`` is :func:`longest_label`).
     """
-    numel = int(np.prod(shape, dtype=np.int64))
-    lead = shape[:-1] if len(shape) >= 2 else shape
-    rows = int(np.prod(lead, dtype=np.int64))
-    longest = max((len(x) for x in labels.tolist()), default=0) if labels is not None else 0
-    if rule.min_confidence is not None:
-        longest = max(longest, len(rule.abstain_label.encode("utf-8")))
-    label = 0 if labels is None else 14 + longest
+    numel = math.prod(shape)
+    rows = math.prod(shape[:-1] if len(shape) >= 2 else shape)
+    label = 14 + longest if labelled else 0
     ranked = 18 + 2 * itemsize + label
     total = numel * (18 + label) if rule.threshold is not None else 0
     if rule.argmax:

@@ -626,7 +626,9 @@ def _skeleton_of(shape: tuple[int, ...]) -> bytes:
 # Structure: a small scanner for the few objects and arrays around the tensors.
 
 _WS_RE = re.compile(rb"[ \t\n\r]*")
+_WS_BYTES = frozenset(b" \t\n\r")
 _STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_PLAIN_KEY_RE = re.compile(rb'"[\x20-\x21\x23-\x5b\x5d-\x7e]*"')
 _SCALAR_RE = re.compile(rb"[^ \t\n\r,\]}]+")
 
 
@@ -655,6 +657,8 @@ class _Scanner:
         self.native = native
 
     def ws(self, i: int) -> int:
+        if i < len(self.body) and self.body[i] not in _WS_BYTES:
+            return i  # most values follow their separator directly
         match = _WS_RE.match(self.body, i)
         assert match is not None  # the pattern matches the empty string
         return match.end()
@@ -753,6 +757,8 @@ class _Scanner:
 
 
 def _decode_key(token: bytes) -> str:
+    if _PLAIN_KEY_RE.fullmatch(token):
+        return token[1:-1].decode("ascii")  # no escapes: json.loads would give the same
     try:
         key = json.loads(token)
     except ValueError as exc:
