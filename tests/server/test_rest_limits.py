@@ -162,6 +162,37 @@ async def test_headers_that_do_not_arrive_get_408_and_the_connection_closes(
     assert refused(guard, "request_timeout") == 1
 
 
+async def test_a_kept_alive_connection_gets_the_same_header_deadline(
+    make_guard: MakeGuard,
+) -> None:
+    """After a first request answered in time, the next request's headers
+    trickle in: 408 within request_timeout_s of their first byte, not
+    aiohttp's keep-alive timeout."""
+    guard = await make_guard(request_timeout_s=0.5)
+    assert guard.rest is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", guard.rest.port)
+    try:
+        writer.write(b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        await asyncio.sleep(0.8)  # idle between requests is allowed (keep-alive)
+        started = asyncio.get_running_loop().time()
+        for part in (b"GET /v1/models/m HTTP/1.1\r\n", b"Host: x\r\n", b"X-Slow: 1\r\n"):
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.3)
+        answer = await asyncio.wait_for(reader.read(1 << 20), 10)
+        waited = asyncio.get_running_loop().time() - started
+    finally:
+        writer.close()
+    status, body = split(answer)
+    assert status == 408
+    assert "headers did not arrive within request_timeout_s (0.5 s)" in body["error"]
+    assert waited < 3, "refused on the guard's deadline, not the keep-alive timeout"
+    assert refused(guard, "request_timeout") == 1
+
+
 async def test_calls_over_max_concurrent_rpcs_get_429_and_the_first_ones_finish(
     fake: FakeRestUpstream, make_guard: MakeGuard
 ) -> None:

@@ -88,25 +88,39 @@ def request_factory(client_max_size: int) -> Any:
 
 class _Handler(web.RequestHandler):
     """aiohttp's connection handler, answering what its parser refuses in JSON,
-    and closing a new connection whose first request's headers do not arrive
-    within ``request_timeout_s`` (aiohttp itself would wait for ever)."""
+    and closing a connection whose next request's headers do not arrive within
+    ``request_timeout_s``: of the connection's start for the first request, of
+    the first byte of the next one on a kept-alive connection (aiohttp itself
+    would wait for ever, or until its keep-alive timeout)."""
 
     guard_metrics: GuardMetrics
     guard_config: Config
+    _guard_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        loop = asyncio.get_running_loop()
-        self._guard_timer = loop.call_later(
-            self.guard_config.request_timeout_s, self._headers_late, transport
-        )
+        self._arm_header_deadline(transport)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        waiting = self._waiter is not None and not self._waiter.done()
+        if waiting and self._guard_timer is None and self.transport is not None:
+            self._arm_header_deadline(self.transport)  # a kept-alive connection's next head
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._guard_timer.cancel()
+        if self._guard_timer is not None:
+            self._guard_timer.cancel()
         super().connection_lost(exc)
 
-    def _headers_late(self, transport: asyncio.BaseTransport) -> None:
-        if self._request_count or transport.is_closing():
+    def _arm_header_deadline(self, transport: asyncio.BaseTransport) -> None:
+        loop = asyncio.get_running_loop()
+        self._guard_timer = loop.call_later(
+            self.guard_config.request_timeout_s, self._headers_late, transport, self._request_count
+        )
+
+    def _headers_late(self, transport: asyncio.BaseTransport, requests_before: int) -> None:
+        self._guard_timer = None
+        if self._request_count > requests_before or transport.is_closing():
             return
         config, metrics = self.guard_config, self.guard_metrics
         metrics.record_refusal(Refusal.REQUEST_TIMEOUT.value)
