@@ -209,6 +209,13 @@ class _PlannedOutput:
             return True
         return bool((np.frombuffer(scores, dtype=self.lane.dtype) >= floor).all())
 
+    def classes(self, found: bytes) -> Array:
+        """The lane's classes: a row's best, or [rows, classes] of a threshold's 0/1."""
+        classes = np.frombuffer(found, dtype=np.int64)
+        if self.lane.multi_label:
+            return classes.reshape(-1, self.lane.multi_label)
+        return classes
+
     def rows(self, view: memoryview) -> Array | None:
         """The values as [rows, classes], read in place, for the entropy."""
         if self.entropy_shape is None:
@@ -254,11 +261,12 @@ class _Plan:
         for out, (classes, scores, _) in zip(self.outputs, done, strict=True):
             out.sink.record_clean(
                 out.size,
-                np.frombuffer(classes, dtype=np.int64),
+                out.classes(classes),
                 np.frombuffer(scores, dtype=out.lane.dtype),
                 out.labels,
                 out.rule,
                 out.rows(view),
+                multi_label=out.lane.multi_label > 0,
             )
         clean = self._clean
         if clean is None:

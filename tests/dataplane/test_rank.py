@@ -65,16 +65,27 @@ def assert_kernel_agrees(
         return found
     assert expected is not None, "the kernel took an output the reference refuses"
     assert expected.action == Action.CLEAN and expected.counts.total == 0
-    assert expected.classes is not None and expected.confidence is not None
+    assert expected.classes is not None
     classes, scores, entries = found
+    # A threshold's classes are every value's 0/1, a ranking's each row's best.
     np.testing.assert_array_equal(np.frombuffer(classes, np.int64), expected.classes.ravel())
+    # The histogram reads each row's best score; with a threshold the reference
+    # leaves it to the metrics, which take the row maximum.
+    best = expected.confidence if expected.confidence is not None else row_max(values)
     got = np.frombuffer(scores, values.dtype)
-    np.testing.assert_array_equal(got.view(np.uint8), expected.confidence.ravel().view(np.uint8))
+    np.testing.assert_array_equal(got.view(np.uint8), best.ravel().view(np.uint8))
     written = b"".join(
         encode_output("probs" + d.suffix, d.array, encoding) for d in expected.derived
     )
     assert entries == written
     return found
+
+
+def row_max(values: Array) -> Array:
+    """Each row's largest value, the straightforward way."""
+    c = values.shape[-1] if values.ndim >= 2 else 1
+    out: Array = values.reshape(-1, c).max(axis=1)
+    return out
 
 
 def test_the_native_kernels_are_built_by_the_install() -> None:
@@ -193,9 +204,10 @@ def test_the_encoder_refuses_entry_specs_it_cannot_write() -> None:
         (((*head, 0, labels),), ValueError),  # labels on a class entry
         (((*head, 2, labels[:2]),), ValueError),  # fewer labels than classes
         (((*head, 2, (b"x", "y", b"z")),), TypeError),  # a label that is not bytes
-        (((*head, 6),), ValueError),  # no such kind
+        (((*head, 8),), ValueError),  # no such kind
+        (((*head, 6),), ValueError),  # a threshold class without thresholds
         ([(*head, 0)], TypeError),  # entries must be a tuple
-        (((*head, 0),) * 7, ValueError),  # more entries than outputs exist
+        (((*head, 0),) * 9, ValueError),  # more entries than outputs exist
         ((list((*head, 0)),), TypeError),
     ]:
         with pytest.raises(error):
