@@ -324,8 +324,8 @@ def guarded_cases(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
     if rule.platt is not None:
         output["platt"] = list(rule.platt)
     if rule.threshold is not None:
-        per_class = isinstance(rule.threshold, tuple)
-        output["threshold"] = list(rule.threshold) if per_class else rule.threshold
+        threshold = rule.threshold
+        output["threshold"] = list(threshold) if isinstance(threshold, tuple) else threshold
     if rule.check_sum and rule.on_violation == "clamp":
         output["valid_range"] = [0.0, 1.0]  # the config refuses less (renormalising needs 1)
     if rule.labels is not None and rule.derives:
@@ -478,7 +478,7 @@ def test_a_threshold_rule_with_anything_to_count_is_declined(dtype: Any, bad: fl
 def test_rules_left_to_the_reference_have_no_lane(rule: OutputRule) -> None:
     x = np.full((4, 3), 0.25, dtype=np.float32)
     assert kernel(x, rule) == "no lane"
-    assert kernel(np.float32(0.25).reshape(()), OutputRule(threshold=0.5)) == "no lane"
+    assert kernel(np.array(0.25, dtype=np.float32), OutputRule(threshold=0.5)) == "no lane"
 
 
 HUGE_LOGITS = {
