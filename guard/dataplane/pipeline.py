@@ -30,7 +30,7 @@ from guard.dataplane.errors import DecodeError, RejectedOutputError, ResponseToo
 from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
 from guard.dataplane.lanes import Lane
 from guard.dataplane.results import Action, Array
-from guard.dataplane.rules import class_axis_size
+from guard.dataplane.rules import class_axis_size, derived_bytes
 from guard.dataplane.rulespec import OutputRule
 from guard.dataplane.sink import Counter, LabelTable, MetricsSink, OutputSink
 
@@ -201,6 +201,8 @@ class _PlannedOutput:
     rule: OutputRule
     entropy_shape: tuple[int, int] | None
     """[rows, classes] when the rule tracks entropy, else ``None``."""
+    derived: int
+    """The reference's bound on what the derived outputs take (rules.derived_bytes)."""
 
     def sure(self, scores: bytes) -> bool:
         """Whether no row abstains (an abstention takes the reference route)."""
@@ -233,7 +235,7 @@ class _Plan:
     the reference route.
     """
 
-    __slots__ = ("outputs", "_clean", "_make_counter", "_limit")
+    __slots__ = ("outputs", "_clean", "_make_counter", "_limit", "_derived")
 
     def __init__(
         self, outputs: tuple[_PlannedOutput, ...], make_counter: Callable[[], Counter], limit: int
@@ -241,11 +243,16 @@ class _Plan:
         self.outputs = outputs
         self._make_counter = make_counter
         self._limit = limit
+        self._derived = sum(out.derived for out in outputs)
         # Made on the first clean response, as the reference route makes it.
         self._clean: Counter | None = None
 
     def run(self, body: bytes) -> GuardedResponse | None:
         """The guarded response, or ``None`` when an output has something to count."""
+        if len(body) + self._derived > self._limit:
+            # The reference refuses derived outputs that could take the response
+            # past the limit before it makes them (evaluate): it says why.
+            return None
         view = memoryview(body)
         done = []
         for out in self.outputs:
@@ -372,7 +379,8 @@ def _plan_output(
     sink = metrics.output_recorder(target.model_label, target.version, target.signature, out.name)
     c = class_axis_size(values.shape)
     entropy_shape = (values.size // c, c) if compiled.rule.tracks_entropy and c >= 2 else None
+    derived = derived_bytes(compiled.rule, values.shape, values.itemsize, compiled.labels)
     return _PlannedOutput(
         out.name, lane, out.offset, out.offset + out.length, values.size, sink, compiled.labels,
-        compiled.rule, entropy_shape,
+        compiled.rule, entropy_shape, derived,
     )  # fmt: skip

@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from tensorflow_serving.apis import predict_pb2
 
 from guard.dataplane.codec.tensor import Encoding, encode_output
-from guard.dataplane.errors import GuardError
+from guard.dataplane.errors import GuardError, ResponseTooLargeError
 from guard.dataplane.kernels import REFERENCE
 from guard.dataplane.lanes import OutputSpec
 from guard.dataplane.results import Action, OutputResult
@@ -552,3 +552,23 @@ def test_threshold_metrics_match_the_reference(
     assert fast == general and fast.action == Action.CLEAN
     assert fast_metrics == general_metrics
     assert b"guard_predicted_class_total{" in fast_metrics
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        {"name": "p", "threshold": 0.5, "labels": ["negative", "positive"]},
+        {"name": "p", "argmax": True, "labels": ["only"]},
+    ],
+)
+def test_derived_outputs_that_could_pass_the_limit_are_refused_on_both_routes(
+    output: dict[str, Any],
+) -> None:
+    # The reference refuses by its bound on the derived outputs (40 bytes a
+    # value here) before making them; the lane's would fit (375 KB of 1 MiB).
+    x = np.random.default_rng(9).uniform(0, 1, (25_000, 1)).astype(np.float32)
+    body = response({"p": tensor(x)})
+    for kernels in (native(), REFERENCE):
+        guard = Guard([{"name": "wide_deep", "outputs": [output]}], kernels, max_message_mb=1)
+        with pytest.raises(ResponseTooLargeError):
+            guard(body)
