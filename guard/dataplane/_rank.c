@@ -51,10 +51,37 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
     return sum_lo + slack <= sum && sum <= sum_hi - slack;
 }
 
+/* One value per row (a binary classifier's [N, 1]): the row loop below costs
+ * some 15-20 ns a row (1024x1: 19 us, measured), this 0.8 us in all. Each
+ * row's best class is 0, its score and its sum the value (sum|x| is |value|). */
+#define DEFINE_SCAN_COLUMN(NAME, T)                                                       \
+    static int NAME(const T *values, Py_ssize_t rows, double lo, double hi,               \
+                    int check_sum, double sum_lo, double sum_hi, int64_t *idx_out,         \
+                    T *score_out)                                                          \
+    {                                                                                      \
+        const T tlo = (T)lo, thi = (T)hi;                                                  \
+        int bad = 0;                                                                       \
+        for (Py_ssize_t r = 0; r < rows; r++) {                                            \
+            T v = values[r];                                                               \
+            bad |= (v < tlo) | (v > thi) | (v != v);                                       \
+        }                                                                                  \
+        if (bad)                                                                           \
+            return 0;                                                                      \
+        for (Py_ssize_t r = 0; check_sum && r < rows; r++) {                               \
+            double v = (double)values[r];                                                  \
+            if (!row_sum_certain(v, fabs(v), 1, sum_lo, sum_hi))                           \
+                return 0;                                                                  \
+        }                                                                                  \
+        memset(idx_out, 0, (size_t)rows * sizeof(int64_t));                                \
+        memcpy(score_out, values, (size_t)rows * sizeof(T));                               \
+        return 1;                                                                          \
+    }
+
 /* One row at a time, in up to three passes over it (it sits in L1 after the
  * first). Each pass is an integer OR or a plain sum, which compilers
  * vectorise; a max over floats is not, without fast-math's reordering. */
-#define DEFINE_SCAN(NAME, T)                                                              \
+#define DEFINE_SCAN(NAME, COLUMN, T)                                                      \
+    DEFINE_SCAN_COLUMN(COLUMN, T)                                                          \
     static int NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols, int k, double lo,  \
                     double hi, int check_sum, double sum_lo, double sum_hi,                \
                     int64_t *idx_out, T *score_out)                                        \
@@ -62,6 +89,9 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
         T best[MAX_K];                                                                     \
         int64_t where[MAX_K];                                                              \
         const T tlo = (T)lo, thi = (T)hi; /* exact: the caller gives bounds in T */        \
+        if (cols == 1)                                                                     \
+            return COLUMN(values, rows, lo, hi, check_sum, sum_lo, sum_hi, idx_out,        \
+                          score_out);                                                      \
         for (Py_ssize_t r = 0; r < rows; r++) {                                            \
             const T *row = values + r * cols;                                              \
             /* The range: NaN is caught by v != v, +-Inf lies beyond the bounds. */        \
@@ -129,8 +159,8 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
         return 1;                                                                          \
     }
 
-DEFINE_SCAN(scan_f32, float)
-DEFINE_SCAN(scan_f64, double)
+DEFINE_SCAN(scan_f32, column_f32, float)
+DEFINE_SCAN(scan_f64, column_f64, double)
 
 /* Whether the arguments describe the buffer: a C-contiguous float32 (itemsize
  * 4) or float64 (8) array of rows x cols values, and 0 <= k <= min(cols, MAX_K). */
@@ -536,6 +566,21 @@ PyDoc_STRVAR(clean_rank_encode_doc,
 
 #define MAX_ENTRIES 8
 
+/* The first of each row's k items of `size` bytes (a new reference). */
+static PyObject *
+best_column(PyObject *ranked, Py_ssize_t rows, int k, Py_ssize_t size)
+{
+    if (k == 1)
+        return Py_NewRef(ranked);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, rows * size);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t r = 0; r < rows; r++)
+        memcpy(PyBytes_AS_STRING(out) + r * size, PyBytes_AS_STRING(ranked) + r * k * size,
+               (size_t)size);
+    return out;
+}
+
 /* Parse the entry specs; 0 with an exception set when one is malformed. */
 static int
 parse_entries(PyObject *spec, Entry *entries, Py_ssize_t cols, int thresholded)
@@ -666,22 +711,12 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
                         (char)score_key);
     if (out == NULL)
         goto done;
-    /* Each row's best score, and its best class or the threshold classes, for the metrics. */
-    best_score = PyBytes_FromStringAndSize(NULL, rows * itemsize);
-    if (best_score == NULL)
+    /* Each row's best class (or the threshold classes) and best score, for the
+     * metrics: with k = 1 the ranking is exactly that. */
+    best_idx = thresholded ? Py_NewRef(fired) : best_column(idx, rows, k, 8);
+    best_score = best_column(scores, rows, k, itemsize);
+    if (best_idx == NULL || best_score == NULL)
         goto done;
-    for (Py_ssize_t r = 0; r < rows; r++)
-        memcpy(PyBytes_AS_STRING(best_score) + r * itemsize,
-               PyBytes_AS_STRING(scores) + r * k * itemsize, (size_t)itemsize);
-    if (thresholded)
-        best_idx = Py_NewRef(fired);
-    else {
-        best_idx = PyBytes_FromStringAndSize(NULL, rows * (Py_ssize_t)sizeof(int64_t));
-        if (best_idx == NULL)
-            goto done;
-        for (Py_ssize_t r = 0; r < rows; r++)
-            memcpy(PyBytes_AS_STRING(best_idx) + r * 8, ix + r * k, 8);
-    }
     result = PyTuple_Pack(3, best_idx, best_score, out);
 done:
     Py_XDECREF(idx);

@@ -134,6 +134,8 @@ def test_rows_at_the_tolerance_agree(dtype: Any) -> None:
             s = target + ulps * np.spacing(target)
             row = np.full(7, s / 7, dtype=np.float64).astype(dtype)
             assert_kernel_agrees(row[None, :], rule)
+            # One value a row: the kernel's column path.
+            assert_kernel_agrees(np.full((3, 1), s, dtype=np.float64).astype(dtype), rule)
 
 
 def test_ties_and_signed_zeros_rank_like_repeated_argmax() -> None:
