@@ -53,17 +53,18 @@ class Threshold:
 # Tighten them as the guard gets faster.
 #
 # binary_mlp's threshold rule on an 8x1 response (the native threshold lane),
-# on the same box with a test run or other workers beside it (load 4 on 2
-# cores): guard/floor 0.87-1.6, naive/guard 2.4-4.0. On the reference kernels
-# the same case measured guard/floor 9.8-17.7 and naive/guard 0.24-0.51: the
-# bounds sit about 2x from the native figures and 3x from the reference's.
+# on the same box with other workers beside it (load 3-4 on 2 cores), single
+# measurements: guard/floor 0.87-3.5 (mostly below 2), naive/guard 1.8-4.0.
+# On the reference kernels the same case measured guard/floor 9.8-27 and
+# naive/guard 0.15-0.67: the bounds sit about 1.5-2.5x from the worst native
+# figures and about 2x from the best of the reference's.
 THRESHOLDS: tuple[Threshold, ...] = (
     Threshold(64, 10, "float_val", 1.2, 2.5),
     Threshold(64, 10, "tensor_content", 1.2, 2.5),
     Threshold(256, 201, "float_val", 1.5, 5.0),
     Threshold(256, 201, "tensor_content", 1.5, 1.3),
-    Threshold(8, 1, "float_val", 3.0, 1.5, threshold=True),
-    Threshold(8, 1, "tensor_content", 3.0, 1.5, threshold=True),
+    Threshold(8, 1, "float_val", 5.0, 1.2, threshold=True),
+    Threshold(8, 1, "tensor_content", 5.0, 1.2, threshold=True),
 )
 
 
