@@ -89,9 +89,9 @@ def make_lane(
       scaling): it rewrites the tensor with activated values, which must be
       numpy's bytes, and numpy's SIMD ``exp`` is not libm's (float32 differs
       in about 40% of values; float64 on CPUs with AVX-512);
-    - a threshold with ``min_confidence`` (abstention per value); a ranking
-      with ``min_confidence`` is native, but a row that abstains sends the
-      response to the reference (see guard.dataplane.pipeline);
+    - anything that abstains: with ``min_confidence`` the lane still answers,
+      and guard.dataplane.pipeline sends a response to the reference when a
+      row (ranking) or a value (threshold) falls below it;
     - float16, rank 0 with a threshold, no values or no classes, k beyond
       ``max_k``, and thresholds or labels that do not fit the classes (the
       reference raises the error for those).
@@ -111,7 +111,7 @@ def make_lane(
     ):
         return None
     thresholds = _thresholds(rule, shape)
-    if rule.threshold is not None and (thresholds is None or rule.min_confidence is not None):
+    if rule.threshold is not None and thresholds is None:
         return None
     wanted = _wanted(rule, labels is not None, shape, dtype_enum)
     return Lane(

@@ -28,9 +28,9 @@ from guard.dataplane.codec.response import (
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.errors import DecodeError, RejectedOutputError, ResponseTooLargeError, shown
 from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
-from guard.dataplane.lanes import Lane
+from guard.dataplane.lanes import Lane, LaneResult
 from guard.dataplane.results import Action, Array
-from guard.dataplane.rules import class_axis_size, derived_bytes
+from guard.dataplane.rules import class_axis_size, derived_bytes, threshold_unsure
 from guard.dataplane.rulespec import OutputRule
 from guard.dataplane.sink import Counter, LabelTable, MetricsSink, OutputSink
 
@@ -204,12 +204,17 @@ class _PlannedOutput:
     derived: int
     """The reference's bound on what the derived outputs take (rules.derived_bytes)."""
 
-    def sure(self, scores: bytes) -> bool:
-        """Whether no row abstains (an abstention takes the reference route)."""
+    def sure(self, found: LaneResult, view: memoryview) -> bool:
+        """Whether nothing abstains (an abstention takes the reference route):
+        with a threshold, no value's prediction; else no row's best score."""
         floor = self.rule.min_confidence
         if floor is None:
             return True
-        return bool((np.frombuffer(scores, dtype=self.lane.dtype) >= floor).all())
+        if self.rule.threshold is not None:
+            values = np.frombuffer(view[self.start : self.end], dtype=self.lane.dtype)
+            classes = np.frombuffer(found[0], dtype=np.int64)
+            return not threshold_unsure(values, classes, floor).any()
+        return bool((np.frombuffer(found[1], dtype=self.lane.dtype) >= floor).all())
 
     def classes(self, found: bytes) -> Array:
         """The lane's classes: a row's best, or [rows, classes] of a threshold's 0/1."""
@@ -257,7 +262,7 @@ class _Plan:
         done = []
         for out in self.outputs:
             found = out.lane.encode(view[out.start : out.end])
-            if found is None or not out.sure(found[1]):
+            if found is None or not out.sure(found, view):
                 return None
             done.append(found)
         guarded = body + b"".join([entries for *_, entries in done])

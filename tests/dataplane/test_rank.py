@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from tensorflow_serving.apis import predict_pb2
 
+from guard.dataplane import pipeline
 from guard.dataplane.codec.tensor import Encoding, encode_output
 from guard.dataplane.errors import GuardError, ResponseTooLargeError
 from guard.dataplane.kernels import REFERENCE
@@ -470,7 +471,6 @@ def test_a_threshold_rule_with_anything_to_count_is_declined(dtype: Any, bad: fl
         OutputRule(activation="sigmoid", temperature=2.0, top_k=1),
         OutputRule(activation="softmax", argmax=True),
         OutputRule(activation="softmax", temperature=0.5, top_k=2, check_sum=True),
-        OutputRule(threshold=0.5, min_confidence=0.8),  # abstains per value
         OutputRule(threshold=(0.5, 0.5)),  # two thresholds, three classes
         OutputRule(threshold=(0.5,)),  # one threshold in a list, three classes
         OutputRule(threshold=0.5, top_k=1, labels=("NO", "YES")),  # top-k labels 3 classes
@@ -574,3 +574,41 @@ def test_derived_outputs_that_could_pass_the_limit_are_refused_on_both_routes(
         guard = Guard([{"name": "wide_deep", "outputs": [output]}], kernels, max_message_mb=1)
         with pytest.raises(ResponseTooLargeError):
             guard(body)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("min_confidence", "abstains"),
+    # Whether any value abstains, in float32 and in float64.
+    [(0.6, (False, False)), (0.7, (False, False)), (0.8, (True, True)),
+     (float(np.nextafter(0.7, 1.0)), (False, True))],
+)  # fmt: skip
+def test_a_threshold_abstains_on_the_reference_route_only(
+    dtype: Any,
+    min_confidence: float,
+    abstains: tuple[bool, bool],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Predictions 0.9, 0.7 (1 - 0.3), 0.75 and 0.7. In float32, 1 - 0.3 is
+    # 0.69999999 and min_confidence compares as a float32 too (a Python float
+    # is weak in numpy 2): the float64 just past 0.7 does not abstain there.
+    x = np.array([[0.9], [0.3], [0.75], [0.3]], dtype=dtype)
+    expected_unsure = ~(np.where(x > 0.5, x, 1.0 - x) >= min_confidence)
+    body = response({"p": tensor(x, Encoding.CONTENT, dtype)})
+    output = {"name": "p", "threshold": 0.5, "labels": ["NO", "YES"]}
+    output["min_confidence"] = min_confidence
+    routes: list[str] = []
+    reference_route = pipeline._reference
+
+    def counted(*args: Any) -> Any:
+        routes.append("reference")
+        return reference_route(*args)
+
+    monkeypatch.setattr(pipeline, "_reference", counted)
+    fast, fast_metrics = run_pipeline(output, body, native())
+    took_reference = bool(routes)
+    general, general_metrics = run_pipeline(output, body, REFERENCE)
+    assert fast == general and fast_metrics == general_metrics
+    assert took_reference == bool(expected_unsure.any())
+    assert bool(expected_unsure.any()) == abstains[dtype == np.float64]
+    assert (b"guard_abstentions_total{" in fast_metrics) == bool(expected_unsure.any())
