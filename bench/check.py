@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     misses = [m for o in outcomes for m in o.misses()]
     for o in outcomes:
         print(
-            f"{o.threshold.case.label:24} guard/floor {o.guard_vs_floor:6.2f}x   "
+            f"{o.threshold.case.label:30} guard/floor {o.guard_vs_floor:6.2f}x   "
             f"naive/guard {o.naive_vs_guard:6.2f}x"
         )
     if misses:
