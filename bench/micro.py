@@ -13,7 +13,9 @@ entropy, which a multi-class rule measures by default) runs three ways:
   function the proxy calls (it includes recording the metrics).
 
 The responses are valid softmax rows, so the guard's work is: decode, check,
-derive, encode the derived outputs. ``python -m bench.micro [--quick]``
+derive, encode the derived outputs. A ``threshold`` case is binary_mlp's rule
+instead (examples/guard.yaml): [rows, 1] probabilities, range check, class
+``p > 0.5`` and its label. ``python -m bench.micro [--quick]``
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (64, 10), (1024, 201), (4096, 100
 QUICK_SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (64, 10), (256, 201))
 LO, HI, TOLERANCE, TOP_K = 0.0, 1.0, 1e-3, 5
 OUTPUT = "probabilities"
+THRESHOLD, BINARY_LABELS = 0.5, ("negative", "positive")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class Case:
     rows: int
     classes: int
     encoding: str
+    threshold: bool = False
+    """binary_mlp's threshold rule instead of the softmax ranking."""
 
     @property
     def k(self) -> int:
@@ -51,7 +56,7 @@ class Case:
     @property
     def label(self) -> str:
         """Human-readable name."""
-        return f"{self.rows}x{self.classes} {self.encoding}"
+        return f"{self.rows}x{self.classes} {self.encoding}" + " threshold" * self.threshold
 
 
 def model_for(case: Case) -> payloads.CannedModel:
@@ -69,13 +74,24 @@ def response_bytes(case: Case) -> bytes:
 
 
 def values_for(case: Case) -> np.ndarray:
-    """Valid softmax rows for the case."""
-    return payloads.softmax_rows(case.rows, case.classes, seed=case.rows * 7 + case.classes)
+    """Valid softmax rows for the case (probabilities in [0, 1] for a threshold)."""
+    seed = case.rows * 7 + case.classes
+    if case.threshold:
+        rng = np.random.default_rng(seed)
+        return rng.uniform(0.0, 1.0, (case.rows, case.classes)).astype(np.float32)
+    return payloads.softmax_rows(case.rows, case.classes, seed=seed)
 
 
 def label_table(classes: int) -> np.ndarray:
     """Labels as an object array of bytes (for fancy indexing)."""
     return np.array([s.encode() for s in payloads.labels(classes)], dtype=object)
+
+
+def case_labels(case: Case) -> np.ndarray:
+    """The case's labels: one per class, or a threshold's two."""
+    if case.threshold:
+        return np.array([s.encode() for s in BINARY_LABELS], dtype=object)
+    return label_table(case.classes)
 
 
 # --- (ii) the floor: pure numpy on a decoded array ---------------------------------------
@@ -127,10 +143,26 @@ def floor_math(values: np.ndarray, k: int, labels: np.ndarray) -> dict[str, Any]
     }
 
 
+def threshold_math(values: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Check (range, NaN/Inf), then each value's class ``p > 0.5`` and label."""
+    nan = int(np.count_nonzero(np.isnan(values)))
+    below = int(np.count_nonzero(values < LO))
+    above = int(np.count_nonzero(values > HI))
+    cls = (values > THRESHOLD).astype(np.int64)
+    return {"counts": (nan, below, above), "values": values, "class": cls, "label": labels[cls]}
+
+
+def derived_suffixes(case: Case) -> tuple[str, ...]:
+    """The derived outputs the case's rule adds."""
+    if case.threshold:
+        return ("class", "label")
+    return ("class", "score", "label", "top_k_class", "top_k_score", "top_k_label")
+
+
 # --- (i) naive: the official message classes -----------------------------------------------
 
 
-def naive_path(k: int, labels: np.ndarray) -> Callable[[bytes], bytes]:
+def naive_path(k: int, labels: np.ndarray, threshold: bool = False) -> Callable[[bytes], bytes]:
     """Decode, compute and re-encode with the official TF Serving classes."""
     pb = payloads.official_protos()
     response_cls = pb.predict_pb2.PredictResponse
@@ -167,9 +199,12 @@ def naive_path(k: int, labels: np.ndarray) -> Callable[[bytes], bytes]:
             values = np.frombuffer(tensor.tensor_content, dtype=np.float32).reshape(shape).copy()
         else:
             values = np.array(tensor.float_val, dtype=np.float32).reshape(shape)
-        result = floor_math(values, k, labels)
-        put(tensor, result["values"], content)
-        for suffix in ("class", "score", "label", "top_k_class", "top_k_score", "top_k_label"):
+        if threshold:  # observed, not clamped: the values stay as they are
+            result = threshold_math(values, labels)
+        else:
+            result = floor_math(values, k, labels)
+            put(tensor, result["values"], content)
+        for suffix in derived_suffixes(Case(0, 0, "", threshold)):
             put(response.outputs[f"{OUTPUT}_{suffix}"], result[suffix], content)
         return bytes(response.SerializeToString())
 
@@ -181,6 +216,10 @@ def naive_path(k: int, labels: np.ndarray) -> Callable[[bytes], bytes]:
 
 def rule_document(case: Case) -> dict[str, Any]:
     """The guard config (as parsed YAML) for one case."""
+    if case.threshold:
+        output = {"name": OUTPUT, "valid_range": [LO, HI], "on_violation": "observe",
+                  "threshold": THRESHOLD, "labels": list(BINARY_LABELS)}  # fmt: skip
+        return {"models": [{"name": "micro", "outputs": [output]}]}
     return {
         "models": [
             {
@@ -267,7 +306,7 @@ def check_same_answer(case: Case, guard_out: bytes, naive_out: bytes) -> None:
     pb = payloads.official_protos()
     g = pb.predict_pb2.PredictResponse.FromString(guard_out)
     n = pb.predict_pb2.PredictResponse.FromString(naive_out)
-    for suffix in ("class", "label", "top_k_class", "top_k_label"):
+    for suffix in ("class", "label") + ("top_k_class", "top_k_label") * (not case.threshold):
         name = f"{OUTPUT}_{suffix}"
         if name not in g.outputs:
             raise AssertionError(f"{case.label}: the guard did not add {name}")
@@ -284,15 +323,19 @@ def run_case(case: Case, budget_s: float, native: bool = True) -> dict[str, Any]
     """Time the three paths on one case (the guard's on the native or the
     reference kernels)."""
     body = response_bytes(case)
-    labels = label_table(case.classes)
+    labels = case_labels(case)
     values = values_for(case)
-    naive = naive_path(case.k, labels)
+    naive = naive_path(case.k, labels, case.threshold)
+    if case.threshold:
+        floor: Callable[[np.ndarray], Any] = lambda v: threshold_math(v, labels)  # noqa: E731
+    else:
+        floor = lambda v: floor_math(v, case.k, labels)  # noqa: E731
     out: dict[str, Any] = {
         "shape": f"{case.rows}x{case.classes}",
         "encoding": case.encoding,
         "response_bytes": len(body),
         "naive": asdict(time_call(naive, body, budget_s)),
-        "floor": asdict(time_call(lambda v: floor_math(v, case.k, labels), values, budget_s)),
+        "floor": asdict(time_call(floor, values, budget_s)),
         "guard": None,
     }
     guard = guard_path(case, native=native)

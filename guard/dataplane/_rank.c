@@ -5,7 +5,8 @@
  * distinct numpy call costs 5-20 us. For the common case (float32/float64,
  * every value finite and inside the valid range, every row summing to 1) this
  * does the range check, the row-sum check and the top-k ranking in one pass
- * per row, and writes the derived outputs as encoded map entries
+ * per row, thresholds the values (one float64 threshold per class) when the
+ * rule has one, and writes the derived outputs as encoded map entries
  * (clean_rank_encode; guard/dataplane/lanes.py packs its arguments). A
  * second entry point, row_entropy, measures each row's entropy for the
  * metrics in one vectorised pass, with no libm call per value. Whenever anything would have to be counted, or a verdict is not
@@ -50,10 +51,37 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
     return sum_lo + slack <= sum && sum <= sum_hi - slack;
 }
 
+/* One value per row (a binary classifier's [N, 1]): the row loop below costs
+ * some 15-20 ns a row (1024x1: 19 us, measured), this 0.8 us in all. Each
+ * row's best class is 0, its score and its sum the value (sum|x| is |value|). */
+#define DEFINE_SCAN_COLUMN(NAME, T)                                                       \
+    static int NAME(const T *values, Py_ssize_t rows, double lo, double hi,               \
+                    int check_sum, double sum_lo, double sum_hi, int64_t *idx_out,         \
+                    T *score_out)                                                          \
+    {                                                                                      \
+        const T tlo = (T)lo, thi = (T)hi;                                                  \
+        int bad = 0;                                                                       \
+        for (Py_ssize_t r = 0; r < rows; r++) {                                            \
+            T v = values[r];                                                               \
+            bad |= (v < tlo) | (v > thi) | (v != v);                                       \
+        }                                                                                  \
+        if (bad)                                                                           \
+            return 0;                                                                      \
+        for (Py_ssize_t r = 0; check_sum && r < rows; r++) {                               \
+            double v = (double)values[r];                                                  \
+            if (!row_sum_certain(v, fabs(v), 1, sum_lo, sum_hi))                           \
+                return 0;                                                                  \
+        }                                                                                  \
+        memset(idx_out, 0, (size_t)rows * sizeof(int64_t));                                \
+        memcpy(score_out, values, (size_t)rows * sizeof(T));                               \
+        return 1;                                                                          \
+    }
+
 /* One row at a time, in up to three passes over it (it sits in L1 after the
  * first). Each pass is an integer OR or a plain sum, which compilers
  * vectorise; a max over floats is not, without fast-math's reordering. */
-#define DEFINE_SCAN(NAME, T)                                                              \
+#define DEFINE_SCAN(NAME, COLUMN, T)                                                      \
+    DEFINE_SCAN_COLUMN(COLUMN, T)                                                          \
     static int NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols, int k, double lo,  \
                     double hi, int check_sum, double sum_lo, double sum_hi,                \
                     int64_t *idx_out, T *score_out)                                        \
@@ -61,6 +89,9 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
         T best[MAX_K];                                                                     \
         int64_t where[MAX_K];                                                              \
         const T tlo = (T)lo, thi = (T)hi; /* exact: the caller gives bounds in T */        \
+        if (cols == 1)                                                                     \
+            return COLUMN(values, rows, lo, hi, check_sum, sum_lo, sum_hi, idx_out,        \
+                          score_out);                                                      \
         for (Py_ssize_t r = 0; r < rows; r++) {                                            \
             const T *row = values + r * cols;                                              \
             /* The range: NaN is caught by v != v, +-Inf lies beyond the bounds. */        \
@@ -128,8 +159,8 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
         return 1;                                                                          \
     }
 
-DEFINE_SCAN(scan_f32, float)
-DEFINE_SCAN(scan_f64, double)
+DEFINE_SCAN(scan_f32, column_f32, float)
+DEFINE_SCAN(scan_f64, column_f64, double)
 
 /* Whether the arguments describe the buffer: a C-contiguous float32 (itemsize
  * 4) or float64 (8) array of rows x cols values, and 0 <= k <= min(cols, MAX_K). */
@@ -322,8 +353,30 @@ done:
 /* ------------------------------------------------------------ derived outputs */
 
 /* What one derived output holds: the best class, its score or its label per
- * row (argmax), or the k best of each (top-k). */
-enum { CLASS = 0, SCORE = 1, LABEL = 2, TOP_CLASS = 3, TOP_SCORE = 4, TOP_LABEL = 5 };
+ * row (argmax), the k best of each (top-k), or each value's 0/1 class against
+ * its threshold and that class's label (threshold). */
+enum {
+    CLASS = 0,
+    SCORE = 1,
+    LABEL = 2,
+    TOP_CLASS = 3,
+    TOP_SCORE = 4,
+    TOP_LABEL = 5,
+    THRESHOLD_CLASS = 6,
+    THRESHOLD_LABEL = 7,
+};
+
+static int
+is_label(int what)
+{
+    return what == LABEL || what == TOP_LABEL || what == THRESHOLD_LABEL;
+}
+
+static int
+is_score(int what)
+{
+    return what == SCORE || what == TOP_SCORE;
+}
 
 static Py_ssize_t
 varint_len(uint64_t v)
@@ -355,39 +408,46 @@ typedef struct {
     Py_ssize_t raw_len, tensor_len, entry_len;
 } Entry;
 
-/* The columns an entry reads: the first of each row's k, or all k. */
-static int
-entry_columns(int what, int k)
+/* The classes (and scores) an entry reads, per row: the first of each row's
+ * k ranked, all k, or every value's threshold class. */
+typedef struct {
+    const int64_t *idx;   /* the ranked classes, k per row */
+    const int64_t *fired; /* the threshold classes, cols per row (NULL without one) */
+    Py_ssize_t rows, cols;
+    int k;
+} Classes;
+
+/* Where an entry's classes start, and how many it reads per row (stride apart). */
+static const int64_t *
+entry_classes(const Entry *e, const Classes *cl, Py_ssize_t *stride, Py_ssize_t *columns)
 {
-    return what >= TOP_CLASS ? k : 1;
+    if (e->what >= THRESHOLD_CLASS) {
+        *stride = *columns = cl->cols;
+        return cl->fired;
+    }
+    *stride = cl->k;
+    *columns = e->what >= TOP_CLASS ? cl->k : 1;
+    return cl->idx;
 }
 
 /* The payload of one entry's values: packed varints or raw bytes for classes
  * and scores (tensor_content when `content`), string_val fields for labels. */
 static Py_ssize_t
-raw_len(const Entry *e, const int64_t *idx, Py_ssize_t rows, int k, Py_ssize_t itemsize,
-        int content)
+raw_len(const Entry *e, const Classes *cl, Py_ssize_t itemsize, int content)
 {
-    int cols = entry_columns(e->what, k);
-    Py_ssize_t n = 0;
-    switch (e->what) {
-    case CLASS:
-    case TOP_CLASS:
-        if (content)
-            return rows * cols * 8;
-        for (Py_ssize_t r = 0; r < rows; r++)
-            for (int j = 0; j < cols; j++)
-                n += varint_len((uint64_t)idx[r * k + j]);
-        return n;
-    case SCORE:
-    case TOP_SCORE:
-        return rows * cols * itemsize;
-    default:
-        for (Py_ssize_t r = 0; r < rows; r++)
-            for (int j = 0; j < cols; j++)
-                n += PyBytes_GET_SIZE(PyTuple_GET_ITEM(e->labels, idx[r * k + j]));
-        return n;
-    }
+    Py_ssize_t stride, columns, n = 0;
+    const int64_t *idx = entry_classes(e, cl, &stride, &columns);
+    if (is_score(e->what))
+        return cl->rows * columns * itemsize;
+    if (!is_label(e->what) && content)
+        return cl->rows * columns * 8;
+    for (Py_ssize_t r = 0; r < cl->rows; r++)
+        for (Py_ssize_t j = 0; j < columns; j++) {
+            int64_t c = idx[r * stride + j];
+            n += is_label(e->what) ? PyBytes_GET_SIZE(PyTuple_GET_ITEM(e->labels, c))
+                                   : varint_len((uint64_t)c);
+        }
+    return n;
 }
 
 /* Numbers go in one length-delimited field, omitted when empty (as proto3
@@ -395,149 +455,215 @@ raw_len(const Entry *e, const int64_t *idx, Py_ssize_t rows, int k, Py_ssize_t i
 static Py_ssize_t
 values_len(const Entry *e)
 {
-    if (e->what == LABEL || e->what == TOP_LABEL)
+    if (is_label(e->what))
         return e->raw_len;
     return e->raw_len ? 1 + varint_len((uint64_t)e->raw_len) + e->raw_len : 0;
 }
 
+/* One loop per kind of payload: a generic loop that chose per value ran at
+ * 10-20 ns a value (measured), mostly spills and the choice itself. */
 static char *
-put_values(char *p, const Entry *e, const int64_t *idx, const char *scores, Py_ssize_t rows,
-           int k, Py_ssize_t itemsize, int content, char score_key)
+put_classes(char *p, const int64_t *idx, Py_ssize_t rows, Py_ssize_t stride,
+            Py_ssize_t columns, int content)
 {
-    int cols = entry_columns(e->what, k);
-    if (e->raw_len == 0)
-        return p;
-    switch (e->what) {
-    case CLASS:
-    case TOP_CLASS:
-        *p++ = content ? 0x22 : 0x52; /* tensor_content = 4, int64_val = 10 */
-        p = put_varint(p, (uint64_t)e->raw_len);
-        break;
-    case SCORE:
-    case TOP_SCORE:
-        *p++ = content ? 0x22 : score_key;
-        p = put_varint(p, (uint64_t)e->raw_len);
-        break;
-    default:
-        break;
-    }
     for (Py_ssize_t r = 0; r < rows; r++) {
-        for (int j = 0; j < cols; j++) {
-            int64_t c = idx[r * k + j];
-            switch (e->what) {
-            case CLASS:
-            case TOP_CLASS:
-                if (content) {
-                    memcpy(p, &c, 8);
-                    p += 8;
-                }
-                else
-                    p = put_varint(p, (uint64_t)c);
-                break;
-            case SCORE:
-            case TOP_SCORE:
-                memcpy(p, scores + (r * k + j) * itemsize, (size_t)itemsize);
-                p += itemsize;
-                break;
-            default: {
-                PyObject *field = PyTuple_GET_ITEM(e->labels, c);
-                memcpy(p, PyBytes_AS_STRING(field), (size_t)PyBytes_GET_SIZE(field));
-                p += PyBytes_GET_SIZE(field);
-            }
-            }
+        const int64_t *row = idx + r * stride;
+        if (content) {
+            memcpy(p, row, (size_t)columns * 8);
+            p += columns * 8;
+            continue;
+        }
+        for (Py_ssize_t j = 0; j < columns; j++) {
+            uint64_t c = (uint64_t)row[j];
+            if (c < 0x80)
+                *p++ = (char)c;
+            else
+                p = put_varint(p, c);
         }
     }
     return p;
 }
 
+static char *
+put_labels(char *p, PyObject *labels, const int64_t *idx, Py_ssize_t rows, Py_ssize_t stride,
+           Py_ssize_t columns)
+{
+    for (Py_ssize_t r = 0; r < rows; r++)
+        for (Py_ssize_t j = 0; j < columns; j++) {
+            PyObject *field = PyTuple_GET_ITEM(labels, idx[r * stride + j]);
+            Py_ssize_t n = PyBytes_GET_SIZE(field);
+            memcpy(p, PyBytes_AS_STRING(field), (size_t)n);
+            p += n;
+        }
+    return p;
+}
+
+static char *
+put_values(char *p, const Entry *e, const Classes *cl, const char *scores, Py_ssize_t itemsize,
+           int content, char score_key)
+{
+    Py_ssize_t stride, columns;
+    const int64_t *idx = entry_classes(e, cl, &stride, &columns);
+    if (e->raw_len == 0)
+        return p;
+    if (is_label(e->what))
+        return put_labels(p, e->labels, idx, cl->rows, stride, columns);
+    if (is_score(e->what))
+        *p++ = content ? 0x22 : score_key;
+    else
+        *p++ = content ? 0x22 : 0x52; /* tensor_content = 4, int64_val = 10 */
+    p = put_varint(p, (uint64_t)e->raw_len);
+    if (!is_score(e->what))
+        return put_classes(p, idx, cl->rows, stride, columns, content);
+    if (columns == cl->k) { /* every score, one after another */
+        memcpy(p, scores, (size_t)(cl->rows * columns * itemsize));
+        return p + cl->rows * columns * itemsize;
+    }
+    for (Py_ssize_t r = 0; r < cl->rows; r++) {
+        memcpy(p, scores + r * cl->k * itemsize, (size_t)itemsize);
+        p += itemsize;
+    }
+    return p;
+}
+
+/* Each value's class against its column's threshold: 1 where value > threshold,
+ * compared in double as numpy compares float32 with a float64 threshold. Only
+ * called on clean values (no NaN). */
+#define DEFINE_FIRE(NAME, T)                                                             \
+    static void NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols,                  \
+                     const double *thresholds, int64_t *fired)                           \
+    {                                                                                    \
+        for (Py_ssize_t r = 0; r < rows; r++)                                            \
+            for (Py_ssize_t c = 0; c < cols; c++)                                        \
+                fired[r * cols + c] = (double)values[r * cols + c] > thresholds[c];       \
+    }
+
+DEFINE_FIRE(fire_f32, float)
+DEFINE_FIRE(fire_f64, double)
+
+/* The threshold classes of the values as int64 bytes (misaligned values are
+ * copied first, as in scan), or NULL with an exception set. */
+static PyObject *
+fire(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols,
+     const double *thresholds)
+{
+    PyObject *fired = PyBytes_FromStringAndSize(NULL, rows * cols * (Py_ssize_t)sizeof(int64_t));
+    if (fired == NULL)
+        return NULL;
+    const void *values = view->buf;
+    void *copy = NULL;
+    if ((uintptr_t)values % (uintptr_t)itemsize) {
+        copy = PyMem_Malloc(view->len ? (size_t)view->len : 1);
+        if (copy == NULL) {
+            Py_DECREF(fired);
+            return PyErr_NoMemory();
+        }
+        memcpy(copy, values, (size_t)view->len);
+        values = copy;
+    }
+    int64_t *out = (int64_t *)PyBytes_AS_STRING(fired);
+    if (itemsize == 4)
+        fire_f32((const float *)values, rows, cols, thresholds, out);
+    else
+        fire_f64((const double *)values, rows, cols, thresholds, out);
+    PyMem_Free(copy);
+    return fired;
+}
+
 PyDoc_STRVAR(clean_rank_encode_doc,
 "clean_rank_encode(values, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi,\n"
-"                  content, score_key, entries)\n"
+"                  content, score_key, entries, thresholds=None)\n"
 "--\n\n"
 "Check and rank a C-contiguous float32 (itemsize 4) or float64 (8) array of\n"
 "rows x cols values (misaligned values are copied first), then write the\n"
 "derived outputs as encoded PredictResponse.outputs map entries, when every\n"
 "value is finite and in [lo, hi] and, with check_sum, every row sum is\n"
 "certainly within [sum_lo, sum_hi]; 1 <= k <= min(cols, MAX_K).\n"
-"entries. `entries` is a tuple of (key_field, head, what, labels): the entry's\n"
+"`entries` is a tuple of (key_field, head, what, labels): the entry's\n"
 "encoded key field, the TensorProto's encoded dtype and shape fields, what it\n"
-"holds (0 class, 1 score, 2 label, 3-5 the same for the top k) and, for labels,\n"
-"a tuple of one encoded string_val field per class. Class values are written\n"
-"as tensor_content when `content`, else packed int64_val; scores as\n"
-"tensor_content or the packed field whose one-byte key is `score_key`.\n"
-"Returns (classes, scores, entries) as bytes, the classes and scores of each\n"
-"row's best class only; None when anything would have to be counted: the\n"
-"caller then takes the numpy reference.");
+"holds (0 class, 1 score, 2 label, 3-5 the same for the top k, 6 each value's\n"
+"0/1 threshold class, 7 its label) and, for labels, a tuple of one encoded\n"
+"string_val field per class (per 0/1 for a threshold's: at least 2).\n"
+"`thresholds`, float64 bytes with one threshold per column, is needed by\n"
+"entries 6 and 7: a value's class is 1 where (double)value > its threshold.\n"
+"Class values are written as tensor_content when `content`, else packed\n"
+"int64_val; scores as tensor_content or the packed field whose one-byte key\n"
+"is `score_key`. Returns (classes, scores, entries) as bytes: each row's best\n"
+"class (with thresholds: every value's threshold class) and each row's best\n"
+"score; None when anything would have to be counted: the caller then takes\n"
+"the numpy reference.");
 
+#define MAX_ENTRIES 8
+
+/* The first of each row's k items of `size` bytes (a new reference). */
 static PyObject *
-clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
+best_column(PyObject *ranked, Py_ssize_t rows, int k, Py_ssize_t size)
 {
-    Py_buffer view;
-    Py_ssize_t itemsize, rows, cols;
-    int k, check_sum, content, score_key;
-    double lo, hi, sum_lo, sum_hi;
-    PyObject *spec, *idx = NULL, *scores = NULL, *out = NULL, *result = NULL;
-    PyObject *best_idx = NULL, *best_score = NULL;
-    Entry entries[6];
-
-    if (!PyArg_ParseTuple(args, "y*nnniddpddpiO!", &view, &itemsize, &rows, &cols, &k, &lo,
-                          &hi, &check_sum, &sum_lo, &sum_hi, &content, &score_key,
-                          &PyTuple_Type, &spec))
+    if (k == 1)
+        return Py_NewRef(ranked);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, rows * size);
+    if (out == NULL)
         return NULL;
-    Py_ssize_t n_entries = PyTuple_GET_SIZE(spec);
-    if (!describes(&view, itemsize, rows, cols, k) || k == 0 || n_entries > 6 || score_key < 0 ||
-        score_key > 0x7F) {
-        PyErr_SetString(PyExc_ValueError,
-                        "clean_rank_encode: arguments do not describe the buffer");
-        goto done;
-    }
-    for (Py_ssize_t i = 0; i < n_entries; i++) {
+    for (Py_ssize_t r = 0; r < rows; r++)
+        memcpy(PyBytes_AS_STRING(out) + r * size, PyBytes_AS_STRING(ranked) + r * k * size,
+               (size_t)size);
+    return out;
+}
+
+/* Parse the entry specs; 0 with an exception set when one is malformed. */
+static int
+parse_entries(PyObject *spec, Entry *entries, Py_ssize_t cols, int thresholded)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(spec); i++) {
         Entry *e = &entries[i];
         PyObject *key_field, *head;
         e->labels = NULL;
         if (!PyTuple_Check(PyTuple_GET_ITEM(spec, i))) {
             PyErr_SetString(PyExc_TypeError, "clean_rank_encode: each entry is a tuple");
-            goto done;
+            return 0;
         }
         if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, i), "SSi|O!", &key_field, &head, &e->what,
                               &PyTuple_Type, &e->labels))
-            goto done;
-        int is_label = e->what == LABEL || e->what == TOP_LABEL;
-        if (e->what < CLASS || e->what > TOP_LABEL || is_label != (e->labels != NULL) ||
-            (is_label && PyTuple_GET_SIZE(e->labels) != cols)) {
+            return 0;
+        int label = is_label(e->what);
+        /* A ranked label names a class; a threshold's label names a 0 or a 1. */
+        Py_ssize_t wanted = e->what == THRESHOLD_LABEL ? 2 : cols;
+        if (e->what < CLASS || e->what > THRESHOLD_LABEL || label != (e->labels != NULL) ||
+            (label && (e->what == THRESHOLD_LABEL ? PyTuple_GET_SIZE(e->labels) < wanted
+                                                 : PyTuple_GET_SIZE(e->labels) != wanted)) ||
+            (e->what >= THRESHOLD_CLASS && !thresholded)) {
             PyErr_SetString(PyExc_ValueError, "clean_rank_encode: bad entry spec");
-            goto done;
+            return 0;
         }
-        for (Py_ssize_t j = 0; is_label && j < cols; j++)
+        for (Py_ssize_t j = 0; label && j < PyTuple_GET_SIZE(e->labels); j++)
             if (!PyBytes_Check(PyTuple_GET_ITEM(e->labels, j))) {
                 PyErr_SetString(PyExc_TypeError, "clean_rank_encode: labels must be bytes");
-                goto done;
+                return 0;
             }
         e->key_field = PyBytes_AS_STRING(key_field);
         e->key_len = PyBytes_GET_SIZE(key_field);
         e->head = PyBytes_AS_STRING(head);
         e->head_len = PyBytes_GET_SIZE(head);
     }
-    int clean = scan(&view, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi, &idx,
-                     &scores);
-    if (clean < 0)
-        goto done;
-    if (!clean) {
-        result = Py_NewRef(Py_None);
-        goto done;
-    }
-    const int64_t *ix = (const int64_t *)PyBytes_AS_STRING(idx);
+    return 1;
+}
+
+/* The encoded map entries, or NULL with an exception set. */
+static PyObject *
+write_entries(Entry *entries, Py_ssize_t n_entries, const Classes *cl, const char *scores,
+              Py_ssize_t itemsize, int content, char score_key)
+{
     Py_ssize_t total = 0;
     for (Py_ssize_t i = 0; i < n_entries; i++) {
         Entry *e = &entries[i];
-        e->raw_len = raw_len(e, ix, rows, k, itemsize, content);
+        e->raw_len = raw_len(e, cl, itemsize, content);
         e->tensor_len = e->head_len + values_len(e);
         e->entry_len = e->key_len + 1 + varint_len((uint64_t)e->tensor_len) + e->tensor_len;
         total += 1 + varint_len((uint64_t)e->entry_len) + e->entry_len;
     }
-    out = PyBytes_FromStringAndSize(NULL, total);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
     if (out == NULL)
-        goto done;
+        return NULL;
     char *p = PyBytes_AS_STRING(out);
     for (Py_ssize_t i = 0; i < n_entries; i++) {
         const Entry *e = &entries[i];
@@ -549,27 +675,82 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
         p = put_varint(p, (uint64_t)e->tensor_len);
         memcpy(p, e->head, (size_t)e->head_len);
         p += e->head_len;
-        p = put_values(p, e, ix, PyBytes_AS_STRING(scores), rows, k, itemsize, content,
-                       (char)score_key);
+        p = put_values(p, e, cl, scores, itemsize, content, score_key);
     }
     if (p != PyBytes_AS_STRING(out) + total) {
+        Py_DECREF(out);
         PyErr_SetString(PyExc_SystemError, "clean_rank_encode: size mismatch");
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *
+clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t itemsize, rows, cols;
+    int k, check_sum, content, score_key;
+    double lo, hi, sum_lo, sum_hi;
+    PyObject *spec, *thresholds = Py_None, *idx = NULL, *scores = NULL, *out = NULL;
+    PyObject *fired = NULL, *best_idx = NULL, *best_score = NULL, *result = NULL;
+    Entry entries[MAX_ENTRIES];
+
+    if (!PyArg_ParseTuple(args, "y*nnniddpddpiO!|O", &view, &itemsize, &rows, &cols, &k, &lo,
+                          &hi, &check_sum, &sum_lo, &sum_hi, &content, &score_key,
+                          &PyTuple_Type, &spec, &thresholds))
+        return NULL;
+    Py_ssize_t n_entries = PyTuple_GET_SIZE(spec);
+    int thresholded = thresholds != Py_None;
+    if (!describes(&view, itemsize, rows, cols, k) || k == 0 || n_entries > MAX_ENTRIES ||
+        score_key < 0 || score_key > 0x7F ||
+        (thresholded && (!PyBytes_Check(thresholds) ||
+                         PyBytes_GET_SIZE(thresholds) != cols * (Py_ssize_t)sizeof(double)))) {
+        PyErr_SetString(PyExc_ValueError,
+                        "clean_rank_encode: arguments do not describe the buffer");
         goto done;
     }
-    /* The best class and score of each row, for the metrics. */
-    best_idx = PyBytes_FromStringAndSize(NULL, rows * (Py_ssize_t)sizeof(int64_t));
-    best_score = PyBytes_FromStringAndSize(NULL, rows * itemsize);
+    if (!parse_entries(spec, entries, cols, thresholded))
+        goto done;
+    int clean = scan(&view, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi, &idx,
+                     &scores);
+    if (clean < 0)
+        goto done;
+    if (!clean) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    const int64_t *ix = (const int64_t *)PyBytes_AS_STRING(idx);
+    Classes cl = {ix, NULL, rows, cols, k};
+    if (thresholded) {
+        /* Copied out of the bytes: they need not be aligned for double. */
+        double *t = PyMem_Malloc((size_t)cols * sizeof(double));
+        if (t == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        memcpy(t, PyBytes_AS_STRING(thresholds), (size_t)cols * sizeof(double));
+        fired = fire(&view, itemsize, rows, cols, t);
+        PyMem_Free(t);
+        if (fired == NULL)
+            goto done;
+        cl.fired = (const int64_t *)PyBytes_AS_STRING(fired);
+    }
+    out = write_entries(entries, n_entries, &cl, PyBytes_AS_STRING(scores), itemsize, content,
+                        (char)score_key);
+    if (out == NULL)
+        goto done;
+    /* Each row's best class (or the threshold classes) and best score, for the
+     * metrics: with k = 1 the ranking is exactly that. */
+    best_idx = thresholded ? Py_NewRef(fired) : best_column(idx, rows, k, 8);
+    best_score = best_column(scores, rows, k, itemsize);
     if (best_idx == NULL || best_score == NULL)
         goto done;
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        memcpy(PyBytes_AS_STRING(best_idx) + r * 8, ix + r * k, 8);
-        memcpy(PyBytes_AS_STRING(best_score) + r * itemsize,
-               PyBytes_AS_STRING(scores) + r * k * itemsize, (size_t)itemsize);
-    }
     result = PyTuple_Pack(3, best_idx, best_score, out);
 done:
     Py_XDECREF(idx);
     Py_XDECREF(scores);
+    Py_XDECREF(fired);
     Py_XDECREF(best_idx);
     Py_XDECREF(best_score);
     Py_XDECREF(out);

@@ -24,6 +24,7 @@ def clean_rank_encode(
     content: bool,
     score_key: int,
     entries: tuple[tuple[object, ...], ...],
+    thresholds: bytes | None = None,
     /,
 ) -> tuple[bytes, bytes, bytes] | None: ...
 def row_entropy(values: Buffer, rows: int, cols: int, /) -> bytes:

@@ -2,8 +2,8 @@
 
 Most responses of a classifier need nothing repaired: every value is finite
 and in range, every row sums to 1. For those, :meth:`Lane.encode` checks the
-values, ranks the classes and writes the derived outputs (``_class``,
-``_score``, ``_label``, ``_top_k_*``) as encoded map entries in one call to
+values, ranks the classes and/or thresholds the values, and writes the derived
+outputs (``_class``, ``_score``, ``_label``, ``_top_k_*``) as encoded map entries in one call to
 the native kernel, instead of some thirty numpy calls and six encoder passes.
 In a loaded proxy, where each of those calls meets cold CPU caches, that is
 most of what guarding such a response costs.
@@ -38,7 +38,8 @@ LaneResult = tuple[bytes, bytes, bytes]
 _DTYPES = {np.dtype(np.float32): tensor.DT_FLOAT, np.dtype(np.float64): tensor.DT_DOUBLE}
 
 # What each derived entry holds, as guard/dataplane/_rank.c numbers them.
-_CLASS, _SCORE, _LABEL, _TOP_CLASS, _TOP_SCORE, _TOP_LABEL = range(6)
+_CLASS, _SCORE, _LABEL, _TOP_CLASS, _TOP_SCORE, _TOP_LABEL, _FIRED, _FIRED_LABEL = range(8)
+_LABELS = (_LABEL, _TOP_LABEL, _FIRED_LABEL)
 
 
 class OutputSpec(NamedTuple):
@@ -62,6 +63,9 @@ class Lane:
     dtype: np.dtype[Any]
     names: tuple[str, ...]
     """The derived outputs' names, in the order they are written."""
+    multi_label: int = 0
+    """Classes per row when the lane's classes are a threshold's 0/1 per
+    class of a multi-class output (counted per class that fired), else 0."""
 
     def encode(self, values: Buffer) -> LaneResult | None:
         """The kernel's verdict on C-contiguous ``values`` (any alignment), or
@@ -72,9 +76,26 @@ class Lane:
 def make_lane(
     kernel: Callable[..., LaneResult | None], max_k: int, spec: OutputSpec
 ) -> Lane | None:
-    """The lane for one output, or ``None`` where only the reference applies:
-    an activation or threshold, float16, no classes, k beyond ``max_k``, or
-    labels that do not fit (the reference raises the error for those)."""
+    """The lane for one output, or ``None`` where only the reference applies.
+
+    Taken natively, when clean: rules with no activation that rank (argmax,
+    top-k) and/or threshold the raw values (one threshold, or one per class),
+    with or without labels. The kernel then answers the classes the metrics
+    count: each row's best class, or with a threshold every value's 0/1.
+
+    Left to the reference:
+
+    - an activation (sigmoid, softmax, with or without temperature or Platt
+      scaling): it rewrites the tensor with activated values, which must be
+      numpy's bytes, and numpy's SIMD ``exp`` is not libm's (float32 differs
+      in about 40% of values; float64 on CPUs with AVX-512);
+    - anything that abstains: with ``min_confidence`` the lane still answers,
+      and guard.dataplane.pipeline sends a response to the reference when a
+      row (ranking) or a value (threshold) falls below it;
+    - float16, rank 0 with a threshold, no values or no classes, k beyond
+      ``max_k``, and thresholds or labels that do not fit the classes (the
+      reference raises the error for those).
+    """
     name, rule, labels, shape, dtype, encoding = spec
     c = class_axis_size(shape)
     size = int(np.prod(shape, dtype=np.int64))
@@ -82,21 +103,47 @@ def make_lane(
     if (
         dtype_enum is None
         or rule.activation != "none"
-        or rule.threshold is not None
-        or not rule.k
+        or not rule.derives
         or c == 0
         or size == 0
         or rule.k > min(c, max_k)
-        or (labels is not None and labels.size != c)
+        or not _labels_fit(rule, labels, c)
     ):
+        return None
+    thresholds = _thresholds(rule, shape)
+    if rule.threshold is not None and thresholds is None:
         return None
     wanted = _wanted(rule, labels is not None, shape, dtype_enum)
     return Lane(
         kernel=kernel,
-        args=_kernel_args(spec, size // c, c, dtype_enum, wanted),
+        args=_kernel_args(spec, size // c, c, dtype_enum, wanted, thresholds),
         dtype=dtype,
         names=tuple(name + suffix for suffix, *_ in wanted),
+        multi_label=c if thresholds is not None and c > 1 else 0,
     )
+
+
+def _labels_fit(rule: OutputRule, labels: Array | None, c: int) -> bool:
+    """Whether the labels cover what is labelled: a threshold's 0 and 1, and
+    every ranked class."""
+    if labels is None:
+        return True
+    if rule.threshold is not None and labels.size < 2:
+        return False
+    return not rule.k or labels.size == c
+
+
+def _thresholds(rule: OutputRule, shape: tuple[int, ...]) -> bytes | None:
+    """One float64 threshold per class, as the kernel reads them, or ``None``
+    (no threshold, or one the reference refuses or that rank 0 would need)."""
+    if rule.threshold is None or not shape:
+        return None
+    c = class_axis_size(shape)
+    # The reference compares in float64 (the values promote to the thresholds').
+    if isinstance(rule.threshold, tuple):
+        per_class = np.asarray(rule.threshold, dtype=np.float64)
+        return per_class.tobytes() if per_class.size == c else None
+    return np.full(c, rule.threshold, dtype=np.float64).tobytes()
 
 
 _Wanted = list[tuple[str, int, int, tuple[int, ...]]]
@@ -106,6 +153,10 @@ def _wanted(rule: OutputRule, labelled: bool, shape: tuple[int, ...], dtype_enum
     """(suffix, what, dtype, shape) of each derived output, in the order written."""
     lead = shape[:-1] if len(shape) >= 2 else shape
     wanted: _Wanted = []
+    if rule.threshold is not None:
+        wanted.append(("_class", _FIRED, tensor.DT_INT64, shape))
+        if labelled:
+            wanted.append(("_label", _FIRED_LABEL, tensor.DT_STRING, shape))
     if rule.argmax:
         wanted += [("_class", _CLASS, tensor.DT_INT64, lead), ("_score", _SCORE, dtype_enum, lead)]
         if labelled:
@@ -122,7 +173,12 @@ def _wanted(rule: OutputRule, labelled: bool, shape: tuple[int, ...], dtype_enum
 
 
 def _kernel_args(
-    spec: OutputSpec, rows: int, cols: int, dtype_enum: int, wanted: _Wanted
+    spec: OutputSpec,
+    rows: int,
+    cols: int,
+    dtype_enum: int,
+    wanted: _Wanted,
+    thresholds: bytes | None,
 ) -> tuple[Any, ...]:
     """The one place the kernel's arguments are packed (guard/dataplane/_rank.pyi)."""
     name, rule, labels, _, dtype, encoding = spec
@@ -130,11 +186,15 @@ def _kernel_args(
     entries = []
     for suffix, what, entry_dtype, entry_shape in wanted:
         key_field, head = tensor.entry_head(name + suffix, entry_dtype, entry_shape)
-        label_fields = (fields,) if what in (_LABEL, _TOP_LABEL) else ()
+        label_fields = (fields,) if what in _LABELS else ()
         entries.append((key_field, head, what, *label_fields))
     lo, hi = rule_bounds(dtype, rule)
+    # A threshold alone still ranks one class: each row's best score is what
+    # the metrics' histogram reads.
+    k = max(rule.k, 1)
     return (
-        dtype.itemsize, rows, cols, rule.k, float(lo), float(hi),
+        dtype.itemsize, rows, cols, k, float(lo), float(hi),
         rule.check_sum, 1.0 - rule.sum_tolerance, 1.0 + rule.sum_tolerance,
         encoding is Encoding.CONTENT, tensor.packed_key(dtype_enum)[0], tuple(entries),
+        thresholds,
     )  # fmt: skip

@@ -28,9 +28,9 @@ from guard.dataplane.codec.response import (
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.errors import DecodeError, RejectedOutputError, ResponseTooLargeError, shown
 from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
-from guard.dataplane.lanes import Lane
+from guard.dataplane.lanes import Lane, LaneResult
 from guard.dataplane.results import Action, Array
-from guard.dataplane.rules import class_axis_size
+from guard.dataplane.rules import class_axis_size, derived_bytes, threshold_unsure
 from guard.dataplane.rulespec import OutputRule
 from guard.dataplane.sink import Counter, LabelTable, MetricsSink, OutputSink
 
@@ -201,13 +201,27 @@ class _PlannedOutput:
     rule: OutputRule
     entropy_shape: tuple[int, int] | None
     """[rows, classes] when the rule tracks entropy, else ``None``."""
+    derived: int
+    """The reference's bound on what the derived outputs take (rules.derived_bytes)."""
 
-    def sure(self, scores: bytes) -> bool:
-        """Whether no row abstains (an abstention takes the reference route)."""
+    def sure(self, found: LaneResult, view: memoryview) -> bool:
+        """Whether nothing abstains (an abstention takes the reference route):
+        with a threshold, no value's prediction; else no row's best score."""
         floor = self.rule.min_confidence
         if floor is None:
             return True
-        return bool((np.frombuffer(scores, dtype=self.lane.dtype) >= floor).all())
+        if self.rule.threshold is not None:
+            values = np.frombuffer(view[self.start : self.end], dtype=self.lane.dtype)
+            classes = np.frombuffer(found[0], dtype=np.int64)
+            return not threshold_unsure(values, classes, floor).any()
+        return bool((np.frombuffer(found[1], dtype=self.lane.dtype) >= floor).all())
+
+    def classes(self, found: bytes) -> Array:
+        """The lane's classes: a row's best, or [rows, classes] of a threshold's 0/1."""
+        classes = np.frombuffer(found, dtype=np.int64)
+        if self.lane.multi_label:
+            return classes.reshape(-1, self.lane.multi_label)
+        return classes
 
     def rows(self, view: memoryview) -> Array | None:
         """The values as [rows, classes], read in place, for the entropy."""
@@ -226,7 +240,7 @@ class _Plan:
     the reference route.
     """
 
-    __slots__ = ("outputs", "_clean", "_make_counter", "_limit")
+    __slots__ = ("outputs", "_clean", "_make_counter", "_limit", "_derived")
 
     def __init__(
         self, outputs: tuple[_PlannedOutput, ...], make_counter: Callable[[], Counter], limit: int
@@ -234,16 +248,21 @@ class _Plan:
         self.outputs = outputs
         self._make_counter = make_counter
         self._limit = limit
+        self._derived = sum(out.derived for out in outputs)
         # Made on the first clean response, as the reference route makes it.
         self._clean: Counter | None = None
 
     def run(self, body: bytes) -> GuardedResponse | None:
         """The guarded response, or ``None`` when an output has something to count."""
+        if len(body) + self._derived > self._limit:
+            # The reference refuses derived outputs that could take the response
+            # past the limit before it makes them (evaluate): it says why.
+            return None
         view = memoryview(body)
         done = []
         for out in self.outputs:
             found = out.lane.encode(view[out.start : out.end])
-            if found is None or not out.sure(found[1]):
+            if found is None or not out.sure(found, view):
                 return None
             done.append(found)
         guarded = body + b"".join([entries for *_, entries in done])
@@ -254,11 +273,12 @@ class _Plan:
         for out, (classes, scores, _) in zip(self.outputs, done, strict=True):
             out.sink.record_clean(
                 out.size,
-                np.frombuffer(classes, dtype=np.int64),
+                out.classes(classes),
                 np.frombuffer(scores, dtype=out.lane.dtype),
                 out.labels,
                 out.rule,
                 out.rows(view),
+                multi_label=out.lane.multi_label > 0,
             )
         clean = self._clean
         if clean is None:
@@ -364,7 +384,8 @@ def _plan_output(
     sink = metrics.output_recorder(target.model_label, target.version, target.signature, out.name)
     c = class_axis_size(values.shape)
     entropy_shape = (values.size // c, c) if compiled.rule.tracks_entropy and c >= 2 else None
+    derived = derived_bytes(compiled.rule, values.shape, values.itemsize, compiled.labels)
     return _PlannedOutput(
         out.name, lane, out.offset, out.offset + out.length, values.size, sink, compiled.labels,
-        compiled.rule, entropy_shape,
+        compiled.rule, entropy_shape, derived,
     )  # fmt: skip

@@ -40,6 +40,7 @@ __all__ = [
     "normalized_entropy",
     "repair",
     "rule_bounds",
+    "threshold_unsure",
     "validate",
 ]
 
@@ -387,15 +388,22 @@ def _derive_threshold(
         )
     cls = np.asarray(out.values > threshold).astype(np.int64)
     if rule.min_confidence is not None:
-        # The predicted class's probability: p for class 1, 1 - p for class 0.
-        confidence = np.where(cls == 1, out.values, 1.0 - out.values)
-        unsure = ~(confidence >= rule.min_confidence)  # NaN abstains too
+        unsure = threshold_unsure(out.values, cls, rule.min_confidence)
         cls = _mark_abstained(out, cls, unsure)
     out.classes = cls
     out.multi_label = c > 1
     out.derived.append(Derived("_class", cls))
     if label_table is not None:
         out.derived.append(Derived("_label", _labels_for(cls, label_table, rule)))
+
+
+def threshold_unsure(values: Array, cls: Array, min_confidence: float) -> Array:
+    """Where a threshold's prediction abstains: the predicted class's
+    probability (p for class 1, 1 - p for class 0, in the values' dtype) is
+    below ``min_confidence``, or NaN. The native route asks this too."""
+    confidence = np.where(cls == 1, values, 1.0 - values)
+    unsure: Array = ~(confidence >= min_confidence)
+    return unsure
 
 
 def _abstain_ranked(out: OutputResult, cls: Array, top: Array, min_confidence: float) -> Array:

@@ -41,11 +41,12 @@ class OutputSink(Protocol):
         labels: LabelTable | None,
         rule: OutputRule,
         rows: Array | None = None,
+        multi_label: bool = False,
     ) -> None:
         """Record an output the native route found clean: ``size`` values, each
-        row's best class and score, and the values as [rows, classes] when the
-        rule tracks entropy (the same as :meth:`record` of the reference's
-        result)."""
+        row's best class (or, ``multi_label``, [rows, classes] of a threshold's
+        0/1) and score, and the values as [rows, classes] when the rule tracks
+        entropy (the same as :meth:`record` of the reference's result)."""
 
 
 class MetricsSink(Protocol):

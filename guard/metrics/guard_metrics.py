@@ -326,15 +326,25 @@ class OutputRecorder:
         labels: np.ndarray[Any, Any] | None,
         rule: OutputRule,
         rows: np.ndarray[Any, Any] | None = None,
+        multi_label: bool = False,
     ) -> None:
         """Record an output the native lane found clean: ``size`` values checked,
-        each row's best class and score, and the values as [rows, classes]
-        when the rule tracks entropy. The same as :meth:`record` of the
-        lane's result (tests/dataplane/test_rank.py compares the two)."""
+        each row's best class (or, ``multi_label``, [rows, classes] of a
+        threshold's 0/1) and score, and the values as [rows, classes] when the
+        rule tracks entropy. The same as :meth:`record` of the lane's result
+        (tests/dataplane/test_rank.py compares the two)."""
         self.values.inc(size)
         self.histogram.observe(self.series, confidence)
-        self.classes.add(self.series, classes, self._namer(labels))
+        if multi_label:
+            self._add_fired(classes)
+        else:
+            self.classes.add(self.series, classes, self._namer(labels))
         self._record_health(rule, confidence, rows)
+
+    def _add_fired(self, classes: np.ndarray[Any, Any]) -> None:
+        """Threshold on a multi-label output: count each class index that fired."""
+        fired = np.nonzero(classes.reshape(-1, classes.shape[-1]) == 1)[1]
+        self.classes.add(self.series, fired, str)  # indices: no labels
 
     def record(
         self, result: OutputResult, labels: np.ndarray[Any, Any] | None, rule: OutputRule
@@ -376,9 +386,7 @@ class OutputRecorder:
         if classes is None or not classes.size:
             return
         if result.multi_label:
-            # Threshold on a multi-label output: count each class index that fired.
-            fired = np.nonzero(classes.reshape(-1, classes.shape[-1]) == 1)[1]
-            self.classes.add(self.series, fired, str)  # indices: no labels
+            self._add_fired(classes)
             return
         flat = classes.ravel()
         abstain = None

@@ -9,11 +9,13 @@ from bench import check, micro
 
 
 @pytest.mark.parametrize("encoding", ["float_val", "tensor_content"])
-def test_guard_and_naive_paths_agree(encoding: str) -> None:
-    case = micro.Case(16, 12, encoding)
+@pytest.mark.parametrize("case_shape", [(16, 12, False), (16, 1, True)])
+def test_guard_and_naive_paths_agree(encoding: str, case_shape: tuple[int, int, bool]) -> None:
+    rows, classes, threshold = case_shape
+    case = micro.Case(rows, classes, encoding, threshold)
     guard = micro.guard_path(case)
     assert guard is not None
-    naive = micro.naive_path(case.k, micro.label_table(case.classes))
+    naive = micro.naive_path(case.k, micro.case_labels(case), case.threshold)
     body = micro.response_bytes(case)
     micro.check_same_answer(case, guard(body), naive(body))
 
@@ -42,4 +44,13 @@ def test_bench_check_notices_the_native_modules_missing() -> None:
     # a C compiler runs) the guard takes about twice the numpy floor: the
     # bounds are tight enough to see that.
     outcomes = check.check(check.THRESHOLDS[:1], budget_s=0.05, attempts=2, native=False)
+    assert outcomes[0].misses()
+
+
+def test_bench_check_notices_threshold_rules_off_the_native_lane() -> None:
+    # binary_mlp's threshold rule took the numpy reference before it had a
+    # native lane: 10-27x the floor, where the lane takes 1-3.5x.
+    cases = tuple(t for t in check.THRESHOLDS if t.threshold)
+    assert cases
+    outcomes = check.check(cases[:1], budget_s=0.05, attempts=2, native=False)
     assert outcomes[0].misses()

@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from tensorflow_serving.apis import predict_pb2
 
+from guard.dataplane import pipeline
 from guard.dataplane.codec.tensor import Encoding, encode_output
-from guard.dataplane.errors import GuardError
+from guard.dataplane.errors import GuardError, ResponseTooLargeError
 from guard.dataplane.kernels import REFERENCE
 from guard.dataplane.lanes import OutputSpec
 from guard.dataplane.results import Action, OutputResult
@@ -65,16 +66,27 @@ def assert_kernel_agrees(
         return found
     assert expected is not None, "the kernel took an output the reference refuses"
     assert expected.action == Action.CLEAN and expected.counts.total == 0
-    assert expected.classes is not None and expected.confidence is not None
+    assert expected.classes is not None
     classes, scores, entries = found
+    # A threshold's classes are every value's 0/1, a ranking's each row's best.
     np.testing.assert_array_equal(np.frombuffer(classes, np.int64), expected.classes.ravel())
+    # The histogram reads each row's best score; with a threshold the reference
+    # leaves it to the metrics, which take the row maximum.
+    best = expected.confidence if expected.confidence is not None else row_max(values)
     got = np.frombuffer(scores, values.dtype)
-    np.testing.assert_array_equal(got.view(np.uint8), expected.confidence.ravel().view(np.uint8))
+    np.testing.assert_array_equal(got.view(np.uint8), best.ravel().view(np.uint8))
     written = b"".join(
         encode_output("probs" + d.suffix, d.array, encoding) for d in expected.derived
     )
     assert entries == written
     return found
+
+
+def row_max(values: Array) -> Array:
+    """Each row's largest value, the straightforward way."""
+    c = values.shape[-1] if values.ndim >= 2 else 1
+    out: Array = values.reshape(-1, c).max(axis=1)
+    return out
 
 
 def test_the_native_kernels_are_built_by_the_install() -> None:
@@ -123,6 +135,8 @@ def test_rows_at_the_tolerance_agree(dtype: Any) -> None:
             s = target + ulps * np.spacing(target)
             row = np.full(7, s / 7, dtype=np.float64).astype(dtype)
             assert_kernel_agrees(row[None, :], rule)
+            # One value a row: the kernel's column path.
+            assert_kernel_agrees(np.full((3, 1), s, dtype=np.float64).astype(dtype), rule)
 
 
 def test_ties_and_signed_zeros_rank_like_repeated_argmax() -> None:
@@ -193,9 +207,10 @@ def test_the_encoder_refuses_entry_specs_it_cannot_write() -> None:
         (((*head, 0, labels),), ValueError),  # labels on a class entry
         (((*head, 2, labels[:2]),), ValueError),  # fewer labels than classes
         (((*head, 2, (b"x", "y", b"z")),), TypeError),  # a label that is not bytes
-        (((*head, 6),), ValueError),  # no such kind
+        (((*head, 8),), ValueError),  # no such kind
+        (((*head, 6),), ValueError),  # a threshold class without thresholds
         ([(*head, 0)], TypeError),  # entries must be a tuple
-        (((*head, 0),) * 7, ValueError),  # more entries than outputs exist
+        (((*head, 0),) * 9, ValueError),  # more entries than outputs exist
         ((list((*head, 0)),), TypeError),
     ]:
         with pytest.raises(error):
@@ -226,16 +241,56 @@ def near_clean(draw: st.DrawFn) -> tuple[Array, OutputRule]:
         x = x.reshape(rows, 1, classes)
     top_k = draw(st.integers(0, min(classes, 18)))
     labels = tuple(f"c{i}" for i in range(classes)) if draw(st.booleans()) else None
+    threshold = draw(thresholds(x))
+    if threshold is not None and labels is not None:
+        labels = ("NO", "YES")  # a threshold labels its 0 and 1
     rule = OutputRule(
         valid_range=(lo, draw(st.sampled_from([1.0, 0.5]))),
         check_sum=draw(st.booleans()),
         sum_tolerance=tolerance,
         on_violation=draw(st.sampled_from(["observe", "clamp", "reject"])),
-        argmax=draw(st.booleans()),
+        threshold=threshold,
+        argmax=threshold is None and draw(st.booleans()),  # the config excludes both
         top_k=top_k,
         labels=labels,
+        **draw(activations()),
     )
     return x, rule
+
+
+@st.composite
+def thresholds(draw: st.DrawFn, x: Array) -> float | tuple[float, ...] | None:
+    """No threshold (mostly), one, or one per class; often exactly a value of
+    ``x`` (a value at its threshold is class 0), or the float64 nearest a
+    float32 value (only a float64 comparison tells them apart)."""
+    kind = draw(st.sampled_from(["none", "none", "one", "per_class"]))
+    if kind == "none":
+        return None
+    flat = x.ravel()
+    picks = st.one_of(
+        st.sampled_from([0.5, 0.0, 0.1, 0.3, 1.0]),
+        st.integers(0, flat.size - 1).map(lambda i: float(flat[i])),
+        # Just below a value in float64: a float32 comparison would round it up to the value.
+        st.integers(0, flat.size - 1).map(lambda i: float(np.nextafter(float(flat[i]), -1.0))),
+    )
+    if kind == "one":
+        return draw(picks)
+    return tuple(draw(st.lists(picks, min_size=x.shape[-1], max_size=x.shape[-1])))
+
+
+@st.composite
+def activations(draw: st.DrawFn) -> dict[str, Any]:
+    """No activation (mostly), or sigmoid / softmax with temperature or Platt
+    scaling: those always take the reference (they rewrite the tensor)."""
+    activation = draw(st.sampled_from(["none", "none", "none", "sigmoid", "softmax"]))
+    if activation == "none":
+        return {}
+    scaling = draw(st.sampled_from(["none", "temperature"] + ["platt"] * (activation == "sigmoid")))
+    if scaling == "temperature":
+        return {"activation": activation, "temperature": draw(st.sampled_from([0.5, 2.0]))}
+    if scaling == "platt":
+        return {"activation": activation, "platt": (draw(st.sampled_from([1.5, -2.0])), 0.25)}
+    return {"activation": activation}
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -266,13 +321,23 @@ def guarded_cases(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
     output: dict[str, Any] = {"name": "probs", "argmax": rule.argmax, "top_k": rule.top_k}
     output |= {"check_sum": rule.check_sum, "sum_tolerance": rule.sum_tolerance}
     output |= {"valid_range": list(rule.valid_range), "on_violation": rule.on_violation}
+    output["activation"] = rule.activation
+    if rule.temperature is not None:
+        output["temperature"] = rule.temperature
+    if rule.platt is not None:
+        output["platt"] = list(rule.platt)
+    if rule.threshold is not None:
+        threshold = rule.threshold
+        output["threshold"] = list(threshold) if isinstance(threshold, tuple) else threshold
     if rule.check_sum and rule.on_violation == "clamp":
         output["valid_range"] = [0.0, 1.0]  # the config refuses less (renormalising needs 1)
-    if rule.labels is not None and (rule.argmax or rule.top_k):
+    if rule.labels is not None and rule.derives:
         output["labels"] = list(rule.labels)
-    if (rule.argmax or rule.top_k) and draw(st.booleans()):
-        # Abstaining rows send the response down the reference route.
-        output["min_confidence"] = draw(st.sampled_from([0.05, 0.3, 0.9]))
+    if (rule.argmax or rule.top_k or rule.threshold is not None) and draw(st.booleans()):
+        # Abstaining rows send the response down the reference route; a
+        # threshold with min_confidence always takes it.
+        if not isinstance(rule.threshold, tuple) or len(rule.threshold) == 1:
+            output["min_confidence"] = draw(st.sampled_from([0.05, 0.3, 0.9]))
     outputs = {"probs": tensor(values, encoding, values.dtype.type)}
     if draw(st.booleans()):  # a second guarded output, and one left alone
         outputs["zeta"] = tensor(values[..., ::-1], encoding, values.dtype.type)
@@ -330,3 +395,220 @@ def test_fast_lane_outputs_read_back_with_the_official_classes() -> None:
     assert top_labels.tolist() == [[labels[i].encode() for i in row] for row in best]
     assert list(back.outputs["probs_label"].string_val) == [labels[i].encode() for i in best[:, 0]]
     np.testing.assert_array_equal(tf.make_ndarray(back.outputs["probs"]), x)
+
+
+# ------------------------------------------------------------------ thresholds
+
+
+def fired(values: Array, threshold: float | tuple[float, ...]) -> Array:
+    """Each value's 0/1 class, the straightforward way: compared in float64."""
+    out: Array = (values.astype(np.float64) > np.asarray(threshold, np.float64)).astype(np.int64)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("encoding", list(Encoding))
+@pytest.mark.parametrize(
+    ("shape", "rule"),
+    [
+        ((8, 1), OutputRule(threshold=0.5, labels=("negative", "positive"))),
+        ((1024, 1), OutputRule(threshold=0.5)),
+        ((5,), OutputRule(threshold=(0.5,), labels=("NO", "YES"))),
+        ((6, 3), OutputRule(threshold=(0.2, 0.5, 0.9), labels=("NO", "YES"))),
+        ((2, 2, 4), OutputRule(threshold=0.25, top_k=2)),
+        ((4, 2), OutputRule(threshold=0.3, top_k=2, labels=("NO", "YES"))),
+    ],
+)
+def test_clean_threshold_rules_take_the_native_path(
+    dtype: Any, encoding: Encoding, shape: tuple[int, ...], rule: OutputRule
+) -> None:
+    x = np.random.default_rng(6).uniform(0, 1, shape).astype(dtype)
+    found = assert_kernel_agrees(x, rule, encoding)
+    assert found not in ("no lane", None)
+    assert rule.threshold is not None
+    np.testing.assert_array_equal(
+        np.frombuffer(found[0], np.int64), fired(x, rule.threshold).ravel()
+    )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        # float32(0.1) is 0.100000001...: above the float64 threshold 0.1. A
+        # comparison in float32 would call it equal, class 0.
+        (np.float32, [[0, 1, 0, 1]]),
+        (np.float64, [[0, 0, 0, 1]]),
+    ],
+)
+def test_a_value_at_its_threshold_is_class_0_compared_in_float64(
+    dtype: Any, expected: list[list[int]]
+) -> None:
+    x = np.array([[0.5, 0.1, 0.0, 1.0]], dtype=dtype)
+    rule = OutputRule(threshold=(0.5, 0.1, 0.0, 0.5), valid_range=(0.0, 1.0))
+    for encoding in Encoding:
+        found = assert_kernel_agrees(x, rule, encoding)
+        assert found not in ("no lane", None)
+        np.testing.assert_array_equal(np.frombuffer(found[0], np.int64), np.ravel(expected))
+    np.testing.assert_array_equal(fired(x, rule.threshold or 0.0), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1.5, -1e-7])
+def test_a_threshold_rule_with_anything_to_count_is_declined(dtype: Any, bad: float) -> None:
+    x = np.full((4, 1), 0.5, dtype=dtype)
+    x[2, 0] = bad
+    rule = OutputRule(threshold=0.5, labels=("NO", "YES"))
+    assert kernel(x, rule) is None
+    result = reference(x, rule)
+    assert result is not None and result.counts.total == 1
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        OutputRule(activation="sigmoid", threshold=0.5),
+        OutputRule(activation="sigmoid", threshold=0.5, platt=(1.5, -0.25)),
+        OutputRule(activation="sigmoid", temperature=2.0, top_k=1),
+        OutputRule(activation="softmax", argmax=True),
+        OutputRule(activation="softmax", temperature=0.5, top_k=2, check_sum=True),
+        OutputRule(threshold=(0.5, 0.5)),  # two thresholds, three classes
+        OutputRule(threshold=(0.5,)),  # one threshold in a list, three classes
+        OutputRule(threshold=0.5, top_k=1, labels=("NO", "YES")),  # top-k labels 3 classes
+        OutputRule(threshold=0.5, labels=("only",)),  # no label for a 1
+    ],
+)
+def test_rules_left_to_the_reference_have_no_lane(rule: OutputRule) -> None:
+    x = np.full((4, 3), 0.25, dtype=np.float32)
+    assert kernel(x, rule) == "no lane"
+    assert kernel(np.array(0.25, dtype=np.float32), OutputRule(threshold=0.5)) == "no lane"
+
+
+HUGE_LOGITS = {
+    np.float32: [[3e38, -3e38, 0.0], [1e30, 1e30, -np.inf], [88.8, -104.0, 0.5]],
+    np.float64: [[1e308, -1e308, 0.0], [1e300, 1e300, -np.inf], [709.8, -746.0, 0.5]],
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "output",
+    [
+        {"activation": "softmax", "argmax": True, "check_sum": True, "labels": ["a", "b", "c"]},
+        {"activation": "softmax", "temperature": 0.5, "top_k": 2},
+        {"activation": "sigmoid", "threshold": 0.5, "labels": ["NO", "YES"]},
+        {"activation": "sigmoid", "platt": [2.0, -1.0], "threshold": [0.2, 0.5, 0.9]},
+    ],
+)
+def test_activations_on_huge_logits_agree_on_both_routes(
+    dtype: Any, output: dict[str, Any]
+) -> None:
+    body = response({"probs": tensor(HUGE_LOGITS[dtype], Encoding.CONTENT, dtype)})
+    output = {"name": "probs", "on_violation": "observe", **output}
+    fast, fast_metrics = run_pipeline(output, body, native())
+    general, general_metrics = run_pipeline(output, body, REFERENCE)
+    assert fast == general
+    assert fast_metrics == general_metrics
+
+
+def test_a_binary_threshold_reads_back_with_the_official_classes() -> None:
+    # binary_mlp's rule (examples/guard.yaml), on the native lane.
+    x = np.random.default_rng(7).uniform(0, 1, (8, 1)).astype(np.float32)
+    x[3, 0] = 0.5  # at the threshold: class 0
+    rule = {"name": "probability", "threshold": 0.5, "labels": ["negative", "positive"]}
+    guard = Guard([{"name": "wide_deep", "outputs": [rule]}])
+    book_rules = guard.book.for_signature("wide_deep", "serving_default")
+    compiled = book_rules.rule_for("probability") if book_rules else None
+    assert book_rules is not None and compiled is not None
+    lane = book_rules.lane("probability", compiled, x, Encoding.TYPED)
+    assert lane is not None and lane.encode(x) is not None  # the lane, not numpy, decided
+    guarded = guard(response({"probability": tensor(x)}))
+    assert guarded is not None and guarded.action == Action.CLEAN
+    back = predict_pb2.PredictResponse.FromString(guarded.body)
+    expected = (x.astype(np.float64) > 0.5).astype(np.int64)
+    assert expected[3, 0] == 0
+    np.testing.assert_array_equal(tf.make_ndarray(back.outputs["probability_class"]), expected)
+    names = np.array([b"negative", b"positive"], dtype=object)[expected]
+    assert tf.make_ndarray(back.outputs["probability_label"]).tolist() == names.tolist()
+    np.testing.assert_array_equal(tf.make_ndarray(back.outputs["probability"]), x)
+
+
+@pytest.mark.parametrize("encoding", [Encoding.TYPED, Encoding.CONTENT])
+@pytest.mark.parametrize(
+    ("classes", "output"),
+    [
+        (1, {"threshold": 0.5, "labels": ["negative", "positive"]}),
+        (3, {"threshold": [0.2, 0.5, 0.9], "labels": ["NO", "YES"]}),
+        (3, {"threshold": 0.4, "top_k": 2, "check_sum": True}),
+    ],
+)
+def test_threshold_metrics_match_the_reference(
+    encoding: Encoding, classes: int, output: dict[str, Any]
+) -> None:
+    # Multi-label outputs count each class that fired; binary ones their label.
+    rng = np.random.default_rng(8)
+    x = rng.uniform(0, 1, (16, 1)) if classes == 1 else rng.dirichlet(np.ones(classes), 16)
+    body = response({"probs": tensor(x, encoding, np.float64)})
+    output = {"name": "probs", **output}
+    fast, fast_metrics = run_pipeline(output, body, native())
+    general, general_metrics = run_pipeline(output, body, REFERENCE)
+    assert fast == general and fast.action == Action.CLEAN
+    assert fast_metrics == general_metrics
+    assert b"guard_predicted_class_total{" in fast_metrics
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        {"name": "p", "threshold": 0.5, "labels": ["negative", "positive"]},
+        {"name": "p", "argmax": True, "labels": ["only"]},
+    ],
+)
+def test_derived_outputs_that_could_pass_the_limit_are_refused_on_both_routes(
+    output: dict[str, Any],
+) -> None:
+    # The reference refuses by its bound on the derived outputs (40 bytes a
+    # value here) before making them; the lane's would fit (375 KB of 1 MiB).
+    x = np.random.default_rng(9).uniform(0, 1, (25_000, 1)).astype(np.float32)
+    body = response({"p": tensor(x)})
+    for kernels in (native(), REFERENCE):
+        guard = Guard([{"name": "wide_deep", "outputs": [output]}], kernels, max_message_mb=1)
+        with pytest.raises(ResponseTooLargeError):
+            guard(body)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("min_confidence", "abstains"),
+    # Whether any value abstains, in float32 and in float64.
+    [(0.6, (False, False)), (0.7, (False, False)), (0.8, (True, True)),
+     (float(np.nextafter(0.7, 1.0)), (False, True))],
+)  # fmt: skip
+def test_a_threshold_abstains_on_the_reference_route_only(
+    dtype: Any,
+    min_confidence: float,
+    abstains: tuple[bool, bool],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Predictions 0.9, 0.7 (1 - 0.3), 0.75 and 0.7. In float32, 1 - 0.3 is
+    # 0.69999999 and min_confidence compares as a float32 too (a Python float
+    # is weak in numpy 2): the float64 just past 0.7 does not abstain there.
+    x = np.array([[0.9], [0.3], [0.75], [0.3]], dtype=dtype)
+    expected_unsure = ~(np.where(x > 0.5, x, 1.0 - x) >= min_confidence)
+    body = response({"p": tensor(x, Encoding.CONTENT, dtype)})
+    output = {"name": "p", "threshold": 0.5, "labels": ["NO", "YES"]}
+    output["min_confidence"] = min_confidence
+    routes: list[str] = []
+    reference_route = pipeline._reference
+
+    def counted(*args: Any) -> Any:
+        routes.append("reference")
+        return reference_route(*args)
+
+    monkeypatch.setattr(pipeline, "_reference", counted)
+    fast, fast_metrics = run_pipeline(output, body, native())
+    took_reference = bool(routes)
+    general, general_metrics = run_pipeline(output, body, REFERENCE)
+    assert fast == general and fast_metrics == general_metrics
+    assert took_reference == bool(expected_unsure.any())
+    assert bool(expected_unsure.any()) == abstains[dtype == np.float64]
+    assert (b"guard_abstentions_total{" in fast_metrics) == bool(expected_unsure.any())

@@ -725,7 +725,7 @@ def mutated_responses() -> st.SearchStrategy[bytes]:
 @given(st.one_of(st.binary(max_size=300), mutated_responses()))
 def test_fuzz_target_survives_generated_inputs(data: bytes) -> None:
     # The first byte picks the rule set and framing; try each rule set raw and wrapped.
-    for selector in (0x00, 0x41, 0x02, 0x80, 0xC1, 0x82):
+    for selector in (0x00, 0x41, 0x02, 0x43, 0x80, 0xC1, 0x82, 0x83):
         one_input(bytes([selector]) + data)  # raises on anything but a GuardError
 
 

@@ -96,6 +96,16 @@ _RULE_SETS = (
             ],
         }
     ],
+    # Thresholds on raw values: the native lane when clean.
+    [
+        {
+            "name": "*",
+            "outputs": [
+                {"name": "*", "threshold": 0.5, "labels": ["NO", "YES"]},
+                {"name": "out1", "threshold": [0.2, 0.8], "top_k": 2, "check_sum": True},
+            ],
+        }
+    ],
 )
 _CONFIGS = [parse_config({**_CONFIG, "models": m}, source="<fuzz>") for m in _RULE_SETS]
 _LIMIT = _CONFIGS[0].max_message_bytes
@@ -194,7 +204,7 @@ def seeds() -> list[bytes]:
                 view.model_spec.name = "fuzz"
                 view.model_spec.version.value = 1
                 body = view.SerializeToString()
-                out.extend(bytes([selector]) + body for selector in (0, 1, 2, 0x40, 0x42))
+                out.extend(bytes([selector]) + body for selector in (0, 1, 2, 3, 0x40, 0x42, 0x43))
                 out.append(b"\x80" + view.outputs["out1"].SerializeToString())
     # Clean rows (in range, summing to 1): the native clean path's case.
     for dtype in (np.float32, np.float64):
@@ -203,7 +213,7 @@ def seeds() -> list[bytes]:
             rows = np.array([[0.2, 0.3, 0.5], [0.1, 0.1, 0.8]], dtype=dtype)
             set_tensor(view.outputs["out0"], rows, encoding)
             body = view.SerializeToString()
-            out.extend(bytes([selector]) + body for selector in (0, 1, 0x40))
+            out.extend(bytes([selector]) + body for selector in (0, 1, 3, 0x40, 0x43))
     return out
 
 
