@@ -17,7 +17,7 @@ from guard.dataplane.cache import BoundedCache
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.kernels import Kernels
 from guard.dataplane.lanes import Lane, OutputSpec
-from guard.dataplane.rules import label_table, longest_label
+from guard.dataplane.rules import derived_bytes, label_table, longest_label
 from guard.dataplane.rulespec import ANY, ModelRule, OutputRule
 from guard.dataplane.sink import LabelTable
 
@@ -45,6 +45,10 @@ class CompiledRule:
 
     longest: int = 0
     """The longest label's bytes, the abstain label's included (0: no labels)."""
+
+    def derived_bytes(self, shape: tuple[int, ...], itemsize: int) -> int:
+        """:func:`~guard.dataplane.rules.derived_bytes` for this rule and its labels."""
+        return derived_bytes(self.rule, shape, itemsize, self.labels is not None, self.longest)
 
 
 class SignatureRules:

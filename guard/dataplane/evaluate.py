@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from guard.dataplane.book import CompiledRule, RuleBook, SignatureRules
 from guard.dataplane.errors import OutputShapeError, ResponseTooLargeError, shown
 from guard.dataplane.results import Action, Array, OutputResult
-from guard.dataplane.rules import apply_rule, derived_bytes
+from guard.dataplane.rules import apply_rule
 from guard.dataplane.rulespec import SERVING_DEFAULT
 from guard.dataplane.sink import MetricsSink
 
@@ -93,10 +93,7 @@ def evaluate(target: Target, decoded: Iterable[tuple[str, Array]], room: int) ->
     for name, values in decoded:
         compiled = target.rules.rule_for(name)
         assert compiled is not None, "decoded outputs are the ones with a rule"
-        labelled = compiled.labels is not None
-        room -= derived_bytes(
-            compiled.rule, values.shape, values.itemsize, labelled, compiled.longest
-        )
+        room -= compiled.derived_bytes(values.shape, values.itemsize)
         if room < 0:
             raise ResponseTooLargeError(
                 f"guard: model '{shown(target.model)}' output '{shown(name)}': its derived "

@@ -30,7 +30,7 @@ from guard.dataplane.errors import DecodeError, RejectedOutputError, ResponseToo
 from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
 from guard.dataplane.lanes import Lane, LaneResult
 from guard.dataplane.results import Action, Array
-from guard.dataplane.rules import class_axis_size, derived_bytes, threshold_unsure
+from guard.dataplane.rules import class_axis_size, threshold_unsure
 from guard.dataplane.rulespec import OutputRule
 from guard.dataplane.sink import Counter, LabelTable, MetricsSink, OutputSink
 
@@ -384,7 +384,7 @@ def _plan_output(
     sink = metrics.output_recorder(target.model_label, target.version, target.signature, out.name)
     c = class_axis_size(values.shape)
     entropy_shape = (values.size // c, c) if compiled.rule.tracks_entropy and c >= 2 else None
-    derived = derived_bytes(compiled.rule, values.shape, values.itemsize, compiled.labels)
+    derived = compiled.derived_bytes(values.shape, values.itemsize)
     return _PlannedOutput(
         out.name, lane, out.offset, out.offset + out.length, values.size, sink, compiled.labels,
         compiled.rule, entropy_shape, derived,
