@@ -72,6 +72,10 @@ class CannedModel:
     classes: int = 201
     encoding: str = "float_val"
     seed: int = 201
+    values: str = "softmax"
+    """``softmax`` rows, or ``uniform`` values in [0, 1) (a sigmoid output's)."""
+    above: float = 0.0
+    """The fraction of values set above 1.0 (a model whose probabilities overshoot)."""
 
 
 def softmax_rows(batch: int, classes: int, seed: int) -> np.ndarray:
@@ -125,9 +129,24 @@ def predict_response_for(
     return bytes(response.SerializeToString())
 
 
+def model_values(model: CannedModel) -> np.ndarray:
+    """The canned output: softmax rows or uniform values, ``above`` of them past 1.0."""
+    if model.values == "uniform":
+        rng = np.random.default_rng(model.seed)
+        values = rng.uniform(0.0, 1.0, (model.batch, model.classes)).astype(np.float32)
+    else:
+        values = softmax_rows(model.batch, model.classes, model.seed)
+    count = round(model.above * values.size)
+    if count:
+        rng = np.random.default_rng(model.seed + 2)
+        flat = values.reshape(-1)
+        flat[rng.choice(flat.size, count, replace=False)] = rng.uniform(1.001, 1.1, count)
+    return values
+
+
 def predict_response(model: CannedModel) -> bytes:
-    """Serialized canned ``PredictResponse``: valid softmax rows, TF Serving style."""
-    return predict_response_for(model, softmax_rows(model.batch, model.classes, model.seed))
+    """Serialized canned ``PredictResponse``, TF Serving style (:func:`model_values`)."""
+    return predict_response_for(model, model_values(model))
 
 
 def model_metadata_response(model: CannedModel) -> bytes:

@@ -260,6 +260,8 @@ def render(results: dict[str, Any], json_path: Path | None = None) -> str:
         from bench import rest
 
         out.append("\n" + rest.render(results["rest"]).rstrip())
+    if results.get("cases"):
+        out += cases_section(results["cases"])
     findings = Path(__file__).with_name("findings.md")
     if findings.exists():
         out.append("\n" + findings.read_text().rstrip())
@@ -269,6 +271,19 @@ def render(results: dict[str, Any], json_path: Path | None = None) -> str:
         out.append("```yaml\n" + guard_config.rstrip() + "\n```")
     out.append("")
     return "\n".join(out)
+
+
+def cases_section(figures: dict[str, Any]) -> list[str]:
+    """The performance cases' section (bench.cases)."""
+    from bench import cases
+
+    command = figures.get("command", "python -m bench.cases")
+    return [
+        "\n## Performance cases\n",
+        cases.DESCRIPTION + "\n",
+        f"Command: `{command}`.\n",
+        cases.render(figures).rstrip(),
+    ]
 
 
 def _timing(t: dict[str, float]) -> str:

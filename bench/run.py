@@ -2,6 +2,7 @@
 
     python -m bench.run [--rounds 5] [--paths direct,nginx,passthrough,guard] [--no-rest]
     python -m bench.rest [--rounds 3] [--quick]     # the REST section alone
+    python -m bench.cases [--rounds 3]              # the performance cases alone
 
 Per round, every path is started fresh (startup to SERVING, idle RSS), warmed
 up, timed at concurrency 1 (p50/p90/p99), loaded with h2load at concurrency 16
@@ -10,6 +11,8 @@ checked with a real gRPC client. The order of the paths rotates per round so no
 path always runs first; the report gives min/median/max across rounds. Then the
 REST section (:mod:`bench.rest`): TF Serving's REST API direct, through nginx
 ``proxy_pass``, a raw aiohttp passthrough and the guard, interleaved the same way.
+Then the performance cases (:mod:`bench.cases`): 1x1, 1024x201 repaired and a
+threshold rule at 32 calls in flight, against the passthrough and nginx.
 
 Writes bench/results/<date>.json and docs/benchmarks.md.
 """
@@ -297,6 +300,16 @@ def run_rest(settings: Settings, quick: bool) -> dict[str, Any]:
     return figures
 
 
+def run_cases(settings: Settings, quick: bool) -> dict[str, Any]:
+    """The performance cases (bench.cases), as many rounds as the gRPC paths got."""
+    from bench import cases
+
+    rounds, requests = (1, 200) if quick else (settings.rounds, 4000)
+    figures = cases.run(list(cases.CASES), list(cases.DEFAULT_PATHS), rounds, requests)
+    figures["command"] = f"python -m bench.cases --rounds {rounds} --requests {requests}"
+    return figures
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
@@ -312,6 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-backend", action="store_true", help="skip the real-backend pass")
     p.add_argument("--no-rest", action="store_true", help="skip the REST section (bench.rest)")
+    p.add_argument("--no-cases", action="store_true", help="skip the cases (bench.cases)")
     p.add_argument("--no-report", action="store_true", help="do not rewrite docs/benchmarks.md")
     p.add_argument("--out", type=Path, help="JSON output (default bench/results/<date>.json)")
     p.add_argument("--doc", type=Path, default=DOC, help="markdown report path")
@@ -382,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             results["backend"] = backend_pass.run(workdir, settings, quick=args.quick)
     if not args.no_rest:
         results["rest"] = run_rest(settings, quick=args.quick)
+    if not args.no_cases:
+        results["cases"] = run_cases(settings, quick=args.quick)
     results["elapsed_s"] = time.perf_counter() - started
     results["machine"]["loadavg_1m_at_end"] = f"{os.getloadavg()[0]:.1f}"
 

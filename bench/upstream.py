@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=defaults.batch)
     p.add_argument("--classes", type=int, default=defaults.classes)
     p.add_argument("--encoding", choices=payloads.ENCODINGS, default=defaults.encoding)
+    p.add_argument("--values", choices=("softmax", "uniform"), default=defaults.values)
+    p.add_argument("--above", type=float, default=defaults.above, help="fraction above 1.0")
     p.add_argument("--uvloop", action="store_true", help="run on uvloop")
     return p.parse_args(argv)
 
@@ -102,6 +104,8 @@ def model_from_args(args: argparse.Namespace) -> payloads.CannedModel:
         batch=args.batch,
         classes=args.classes,
         encoding=args.encoding,
+        values=args.values,
+        above=args.above,
     )
 
 

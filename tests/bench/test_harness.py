@@ -160,7 +160,7 @@ def test_bench_run_quick_end_to_end(tmp_path: Path) -> None:
     out, doc = tmp_path / "r.json", tmp_path / "b.md"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--no-micro", "--no-backend",
-         "--no-rest", "--out", str(out), "--doc", str(doc)],
+         "--no-rest", "--no-cases", "--out", str(out), "--doc", str(doc)],
         cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
