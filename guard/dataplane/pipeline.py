@@ -27,7 +27,15 @@ from guard.dataplane.codec.response import (
 )
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.errors import DecodeError, RejectedOutputError, ResponseTooLargeError, shown
-from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
+from guard.dataplane.evaluate import (
+    OutputVerdict,
+    Target,
+    Verdict,
+    check_derived_names,
+    evaluate,
+    record,
+    resolve,
+)
 from guard.dataplane.lanes import Lane, LaneResult
 from guard.dataplane.results import Action, Array
 from guard.dataplane.rules import class_axis_size, threshold_unsure
@@ -173,17 +181,48 @@ def _check_size(guarded: bytes, limit: int, target: Target) -> None:
 def _encode(response: Response, verdict: Verdict, encodings: dict[str, Encoding]) -> bytes:
     """Derived outputs are appended as encoded map entries: protobuf merges
     concatenated messages (map entries included), so ``body + entries`` is the
-    guarded response, and the upstream's bytes, often megabytes of floats, are
-    serialized again only when a rule changed one of its tensors."""
-    entries: list[bytes] = []
-    for out in verdict.outputs:
-        encoding = encodings[out.name]
-        if out.result.changed:
-            tensor.set_tensor(response.view().outputs[out.name], out.result.values, encoding)
-        for derived in out.result.derived:
-            entries.append(tensor.encode_output(out.name + derived.suffix, derived.array, encoding))
-    base = response.view().SerializeToString() if verdict.changed else response.data
-    return base + b"".join(entries)
+    guarded response. A tensor a rule changed is written over its old values
+    where they lie fixed-width in the bytes (same length, same place); only
+    where they do not is the response, often megabytes of floats, serialized
+    again by protobuf."""
+    entries = [
+        tensor.encode_output(out.name + derived.suffix, derived.array, encodings[out.name])
+        for out in verdict.outputs
+        for derived in out.result.derived
+    ]
+    return _rewritten(response, verdict, encodings) + b"".join(entries)
+
+
+def _rewritten(response: Response, verdict: Verdict, encodings: dict[str, Encoding]) -> bytes:
+    changed = [out for out in verdict.outputs if out.result.changed]
+    if not changed:
+        return response.data
+    patches: list[tuple[tuple[int, int], bytes]] = []
+    for out in changed:
+        span = response.span(out.name, out.result.values)
+        if span is None:
+            return _serialized(response, changed, encodings)
+        patches.append((span, _little_endian(out.result.values)))
+    data, at = memoryview(response.data), 0
+    pieces: list[bytes | memoryview] = []
+    for (start, end), new in sorted(patches, key=lambda patch: patch[0]):
+        pieces += [data[at:start], new]
+        at = end
+    pieces.append(data[at:])
+    return b"".join(pieces)
+
+
+def _serialized(
+    response: Response, changed: list[OutputVerdict], encodings: dict[str, Encoding]
+) -> bytes:
+    view = response.view()
+    for out in changed:
+        tensor.set_tensor(view.outputs[out.name], out.result.values, encodings[out.name])
+    return bytes(view.SerializeToString())
+
+
+def _little_endian(values: Array) -> bytes:
+    return np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes()
 
 
 # --------------------------------------------------------------- the native route

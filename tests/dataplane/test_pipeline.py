@@ -208,6 +208,40 @@ def test_content_source_gives_content_outputs(dtype: Any) -> None:
     assert list(back.outputs["p_label"].string_val) == [b"NO", b"YES", b"YES"]
 
 
+@pytest.mark.parametrize("encoding", [TYPED, CONTENT])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_a_repaired_tensor_is_written_over_its_old_values(
+    encoding: Encoding, dtype: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the walker read the layout, clamped values are written in place: the
+    bytes around them are the upstream's, and the message reads as protobuf's
+    re-serialization (the reference route, without the walker) reads."""
+    from guard.dataplane.codec.response import Response
+    from guard.dataplane.kernels import REFERENCE
+    from tests.native import native
+
+    models = wide_deep({"name": "probs", "on_violation": "clamp", "argmax": True})
+    values = np.asarray([[0.1, 1.3, 0.2], [0.5, 0.2, -0.1]], dtype)
+    body = response({"probs": tensor(values, encoding, dtype), "other": tensor([[2.0]])})
+    serialized = Guard(models, REFERENCE)(body)
+    if encoding is CONTENT or dtype != np.float16:  # half_val is varints: written anew
+
+        def no_view(self: Response) -> None:
+            raise AssertionError("the response was parsed to be serialized again")
+
+        monkeypatch.setattr(Response, "view", no_view)
+    patched = Guard(models, native())(body)
+    assert patched is not None and serialized is not None
+    assert parsed(patched) == parsed(serialized)
+    np.testing.assert_array_equal(
+        tf.make_ndarray(parsed(patched).outputs["probs"]), np.clip(values, 0, 1)
+    )
+    old, new = values.astype(dtype).tobytes(), np.clip(values, 0, 1).astype(dtype).tobytes()
+    if encoding is CONTENT or dtype != np.float16:  # half_val is varints: written anew
+        at = body.index(old)
+        assert patched.body[: len(body)] == body[:at] + new + body[at + len(old) :]
+
+
 def test_fill_convention_output_is_expanded_when_rewritten() -> None:
     filled = tensor([[1.5]], TYPED)
     filled.tensor_shape.dim[0].size = 4  # one value for a [4, 1] tensor

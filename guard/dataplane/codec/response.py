@@ -120,6 +120,21 @@ class Response:
             return tensor_values(dt, out.shape, values, b"", limit_bytes)
         return tensor_values(dt, out.shape, b"", values, limit_bytes)
 
+    def span(self, name: str, values: Array) -> tuple[int, int] | None:
+        """Where output ``name``'s values lie in :attr:`data`, fixed-width, when
+        ``values`` (its new values) can be written over them byte for byte:
+        packed float_val/double_val or tensor_content of the same dtype. ``None``
+        where protobuf must write the tensor again (half_val's varints, a
+        response protobuf parsed)."""
+        if self._by_name is None:
+            return None
+        out = self._by_name[name]
+        dt = FLOAT_DTYPES.get(out.dtype)
+        fixed = out.from_content or not dt.varint if dt is not None else False
+        if dt is None or not fixed or values.dtype != dt.numpy or out.length != values.nbytes:
+            return None
+        return out.offset, out.offset + out.length
+
     def view(self) -> Any:
         """The protobuf view (parsed on first use when the walker read the layout)."""
         if self._view is None:
