@@ -205,12 +205,12 @@ def value_texts(values: Array, *, leaf_level: int = 0, as_b64: bool = False) -> 
     if kind == "b":
         return ["true" if v else "false" for v in flat]
     if kind in "iu":
-        return [str(v) for v in flat]
+        return list(map(str, flat))
     write: Callable[[Any], str] = (
         functools.partial(_b64_value, level=leaf_level) if as_b64 else _string_value
     )
-    texts: dict[Any, str] = {}  # labels repeat: write each distinct one once
-    return [texts[v] if v in texts else texts.setdefault(v, write(v)) for v in flat]
+    texts = {v: write(v) for v in set(flat)}  # labels repeat: write each distinct one once
+    return list(map(texts.__getitem__, flat))
 
 
 def _string_value(value: Any) -> str:
