@@ -7,9 +7,10 @@ Run: ``python -m tests.fuzz.fuzz_rest -max_total_time=60`` (``make fuzz``), afte
 The first input byte selects a rule set, the format (row or columnar) and
 whether the model's metadata names its one output; the rest is the response
 body (and, separately, a request body for the peek). Any exception other than
-a :class:`GuardError` is a crash, and so is a numpy warning. A guarded body
-must read again as a response of the same format; a peek must agree with
-``json.loads`` on every body that parses as a JSON object.
+a :class:`GuardError` is a crash, and so is a numpy warning. The native scan
+must read every body as the numpy reference does; a guarded body must read
+again as a response of the same format; a peek must agree with ``json.loads``
+on every body that parses as a JSON object.
 
 :func:`one_input` needs no atheris; ``tests/server/test_rest_fuzz.py`` runs it
 over hypothesis-generated inputs.
@@ -37,8 +38,9 @@ if __name__ == "__main__":
 with _instrument:
     from guard.control.config import parse_config
     from guard.dataplane.book import RuleBook
-    from guard.dataplane.codec.restjson import Format, read_predict_response
+    from guard.dataplane.codec.restjson import Format, RestJsonError, read_predict_response
     from guard.dataplane.errors import GuardError
+    from guard.dataplane.kernels import default
     from guard.metrics.guard_metrics import GuardMetrics
     from guard.server.rest.guarding import RestRequest, guard_rest_response
     from guard.server.rest.peek import peek_request
@@ -52,6 +54,7 @@ _BOOKS = [RuleBook(c.models, c.max_message_bytes) for c in _CONFIGS]
 _metrics = GuardMetrics(CollectorRegistry(), model_names=["fuzz"], max_class_label_values=5)
 _NAMED = Metadata(1, {"serving_default": {"out1": OutputInfo("DT_FLOAT", None)}})
 _UNKNOWN = Metadata(problem="fuzz: no metadata")
+_NATIVE_SCAN = default().number_scan
 
 
 def _check_peek(body: bytes) -> None:
@@ -67,6 +70,31 @@ def _check_peek(body: bytes) -> None:
             assert found.signature == (signature if isinstance(signature, str) else None)
 
 
+def _read(body: bytes, fmt: Format, native: bool) -> Any:
+    """What the read makes of ``body``: each output's kind, values' bits and
+    token offsets, or the refusal."""
+    try:
+        read = read_predict_response(body, fmt, _NATIVE_SCAN if native else None)
+    except (RestJsonError, RecursionError) as exc:
+        return type(exc).__name__, str(exc)
+    out = {}
+    for key, output in read.outputs.items():
+        values = output.values
+        if values.dtype.kind == "f":
+            values = np.where(np.isnan(values), np.nan, values)  # every NaN alike
+        where = read._where[key]
+        starts = None if where.starts is None else where.starts.tolist()
+        data = values.tobytes() if values.dtype.kind != "O" else values.tolist()
+        out[key] = (output.kind, values.dtype.str, values.shape, data, starts)
+    return out
+
+
+def _check_native_read(body: bytes, fmt: Format) -> None:
+    """The native scan reads a body as the numpy reference does."""
+    if _NATIVE_SCAN is not None:
+        assert _read(body, fmt, True) == _read(body, fmt, False)
+
+
 def one_input(data: bytes) -> None:
     """Run one fuzz input; raises on anything but a :class:`GuardError`."""
     if not data:
@@ -77,6 +105,7 @@ def one_input(data: bytes) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_peek(body)
+        _check_native_read(body, fmt)
         try:
             guarded = guard_rest_response(body, request, _BOOKS[selector % len(_BOOKS)], _metrics)
         except GuardError:
