@@ -175,3 +175,15 @@ def test_float32_edges_read_alike(text: str) -> None:
     the reference decides, and the same values."""
     data = text.encode()
     assert _outcome(data, _scan(), native_only=True) == _outcome(data, None)
+
+
+def test_an_array_where_a_key_belongs_is_refused_by_both_routes() -> None:
+    """Found by the fuzzer: the reference took ``[0.2, 1.5],\\n[0.2, 1.5]`` (two
+    arrays, the second where a key belongs) for one output's value."""
+    body = (
+        b'{\n    "predictions": [\n        {\n            "out1": [0.2, 1.5],\n[0.2, 1.5],\n'
+        b'            "out0": [0.2]\n }\n    ]\n}'
+    )
+    for scan in (_scan(), None):
+        with pytest.raises(RestJsonError):
+            read_predict_response(body, "row", scan)

@@ -72,11 +72,12 @@ def _check_peek(body: bytes) -> None:
 
 def _read(body: bytes, fmt: Format, native: bool) -> Any:
     """What the read makes of ``body``: each output's kind, values' bits and
-    token offsets, or the refusal."""
+    token offsets, or a refusal (of malformed text, the first fault found may
+    differ, and so the message)."""
     try:
         read = read_predict_response(body, fmt, _NATIVE_SCAN if native else None)
-    except (RestJsonError, RecursionError) as exc:
-        return type(exc).__name__, str(exc)
+    except (RestJsonError, RecursionError):
+        return "refused"
     out = {}
     for key, output in read.outputs.items():
         values = output.values

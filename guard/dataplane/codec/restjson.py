@@ -705,9 +705,8 @@ class _Scanner:
         body = self.body
         stops = [p for p in (body.find(b'"', i), body.find(b"{", i), body.find(b"}", i)) if p >= 0]
         stop = min(stops) if stops else len(body)
-        if body.count(b"[", i, stop) != body.count(b"]", i, stop):
-            return -1
-        return body.rfind(b"]", i, stop) + 1
+        end = body.rfind(b"]", i, stop) + 1
+        return end if end > i and _one_array(body, i, end) else -1
 
     def members(self, i: int) -> list[_Member]:
         out: list[_Member] = []
@@ -754,6 +753,15 @@ class _Scanner:
         found = self.elements(i)
         end = found[-1].end if found else self.ws(i + 1)
         return self.expect(end, b"]")
+
+
+def _one_array(body: bytes, start: int, end: int) -> bool:
+    """Whether the brackets of ``body[start:end]`` nest as one array (``[a],[b]``
+    holds two, and ``[[a]`` none)."""
+    region = np.frombuffer(body, np.uint8, count=end - start, offset=start)
+    brackets = region[np.flatnonzero((region == 0x5B) | (region == 0x5D))]
+    depth = np.cumsum(np.where(brackets == 0x5B, 1, -1))
+    return bool(depth[-1] == 0 and (depth[:-1] > 0).all())
 
 
 def _decode_key(token: bytes) -> str:
