@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         upstream, address = start_upstream(workdir, shape)
         rules = write_guard_config(workdir, model)
         if args.rules == "clamp":
-            rules.write_text(_clamp_rules(model))
+            rules.write_text(clamp_rules(model))
         no_rules = workdir / "no-rules.yaml"
         no_rules.write_text(rules.read_text().replace(f"name: {model.name}", "name: no-such-model"))
         setup = Setup(address, workdir)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         _report("added p50 ms c=1", added_p50)
 
 
-def _clamp_rules(model: payloads.CannedModel) -> str:
+def clamp_rules(model: payloads.CannedModel) -> str:
     """One output under valid_range [0, 1], clamped, with argmax."""
     return f"""\
 models:
