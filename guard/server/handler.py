@@ -182,7 +182,9 @@ class CallHandler:
 
     # ------------------------------------------------------------- receiving
 
-    async def _receive(self, received: Metadata, context: Any, call: Call) -> bytes | None:
+    async def _receive(
+        self, received: Sequence[tuple[str, Any]] | None, context: Any, call: Call
+    ) -> bytes | None:
         """The request message; ``None`` when the client sent none. Refuses
         what would hold the guard: oversized metadata (``received``), too many
         calls still receiving, a request that does not arrive within
