@@ -12,12 +12,14 @@ round, and each round's ratio to the passthrough is printed: on a shared,
 noisy machine the paired ratio is the figure to trust.
 
 ``python -m bench.ab [--rounds 4] [--concurrency 16] [--latency-calls 1000]
-NAME=CHECKOUT[:norules] ...``, e.g.::
+[--batch 8 --classes 201] [--rules demo|clamp] NAME=CHECKOUT[:norules] ...``, e.g.::
 
     git worktree add /tmp/before HEAD~3
     python -m bench.ab before=/tmp/before after=. after-norules=.:norules
 
 ``:norules`` runs the guard with a config that matches no model (the hop alone).
+``--batch 1 --classes 1 --rules clamp`` is the per-call case: a 1x1 response
+under a clamp + argmax rule, its value in range.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=4000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--latency-calls", type=int, default=1000, help="0 skips the latency part")
+    p.add_argument(
+        "--batch", type=int, help="rows of the canned response (bench.upstream's default)"
+    )
+    p.add_argument("--classes", type=int, help="classes of the canned response")
+    p.add_argument("--rules", choices=("demo", "clamp"), default="demo")
     args = p.parse_args(argv)
     variants: dict[str, tuple[Path, bool] | None] = {"passthrough": None}
     for spec in args.variants:
@@ -51,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         path, _, flag = where.partition(":")
         variants[name] = (Path(path).resolve(), flag == "norules")
 
-    model = model_from_args(upstream_args([]))
+    shape = [f"--{k}={v}" for k in ("batch", "classes") if (v := getattr(args, k)) is not None]
+    model = model_from_args(upstream_args(shape))
     request = payloads.predict_request(model)
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     added_p50: dict[str, list[float]] = {name: [] for name in variants}
@@ -59,8 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         data = workdir / "predict.grpc"
         data.write_bytes(payloads.grpc_frame(request))
-        upstream, address = start_upstream(workdir, [])
+        upstream, address = start_upstream(workdir, shape)
         rules = write_guard_config(workdir, model)
+        if args.rules == "clamp":
+            rules.write_text(clamp_rules(model))
         no_rules = workdir / "no-rules.yaml"
         no_rules.write_text(rules.read_text().replace(f"name: {model.name}", "name: no-such-model"))
         setup = Setup(address, workdir)
@@ -112,6 +122,21 @@ def main(argv: list[str] | None = None) -> None:
     _report(f"CPU ms/request c={args.concurrency}", cpu)
     if args.latency_calls:
         _report("added p50 ms c=1", added_p50)
+
+
+def clamp_rules(model: payloads.CannedModel) -> str:
+    """One output under valid_range [0, 1], clamped, with argmax."""
+    return f"""\
+models:
+  - name: {model.name}
+    signature: "*"
+    outputs:
+      - name: {model.output_name}
+        activation: none
+        valid_range: [0.0, 1.0]
+        on_violation: clamp
+        argmax: true
+"""
 
 
 def _report(what: str, figures: dict[str, list[float]]) -> None:

@@ -80,6 +80,25 @@ def _add_check(sub: Any) -> None:
     p.add_argument("--upstream", help="TF Serving address to check the rules against")
 
 
+# numpy's OpenBLAS starts a thread per core when it loads, and keeps them; no
+# guard command does heavy linear algebra (rules are elementwise), so one is
+# enough.
+_BLAS_THREADS = "OPENBLAS_NUM_THREADS"
+
+
+def _load_numpy_single_threaded() -> None:
+    """Load numpy with one OpenBLAS thread, unless the environment chose a
+    number. Set for the import only: processes a command starts (the dev
+    backend) keep their own default."""
+    if _BLAS_THREADS in os.environ or "numpy" in sys.modules:
+        return
+    os.environ[_BLAS_THREADS] = "1"
+    try:
+        importlib.import_module("numpy")
+    finally:
+        del os.environ[_BLAS_THREADS]
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from guard.control.app import configure_logging, run_serve
 
@@ -148,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``guard`` console script."""
+    _load_numpy_single_threaded()  # before the plugins' parsers import it
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -11,6 +11,7 @@ changed or added a tensor.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,7 +56,13 @@ class GuardedResponse:
 
     def trailers(self) -> tuple[tuple[str, str], ...]:
         """The ``x-guard-*`` trailing metadata for this response."""
-        return (("x-guard-action", self.action.label), ("x-guard-violations", str(self.violations)))
+        return _trailers(self.action.label, self.violations)
+
+
+@functools.lru_cache(maxsize=256)
+def _trailers(action: str, violations: int) -> tuple[tuple[str, str], ...]:
+    # The same few pairs on almost every response: built once, not per call.
+    return (("x-guard-action", action), ("x-guard-violations", str(violations)))
 
 
 def guard_predict_response(

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from typing import Any, NoReturn, Protocol
 
 import grpc
@@ -26,6 +25,7 @@ from guard.dataplane.errors import GuardError, ResponseTooLargeError
 from guard.dataplane.pipeline import guard_predict_response
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.accounting import CallRecord
+from guard.server.deadlines import Deadlines
 from guard.server.gate import Gate, Refusal
 from guard.server.methods import PREDICT, MethodInfo
 from guard.server.status import grpc_code
@@ -106,35 +106,65 @@ class CallHandler:
 
     def __init__(self, server: ServerState) -> None:
         self._server = server
+        self._deadlines = Deadlines()
 
     async def unary(self, info: MethodInfo, _requests: Any, context: Any) -> bytes | None:
         """Forward one unary call (grpc.aio's stream-unary handler signature)."""
-        call = Call(self._server.metrics, info.label)
+        server = self._server
+        call = Call(server.metrics, info.label)
         try:
-            request = await self._receive(context, call)
+            # invocation_metadata() builds a new tuple on each call: read it once.
+            received = context.invocation_metadata()
+            request = await self._receive(received, context, call)
+            metadata = forwardable(received)
             if request is None:
-                return await self._relay_empty(info, context, call)
-            book = self._server.rules  # one consistent rule set for the whole call
+                return await self._relay_empty(info, metadata, context, call)
+            book = server.rules  # one consistent rule set for the whole call
             spec = peek_model_spec(request, info.spec_path) if info.spec_path else None
-            call.model_label = self._server.metrics.model_label(spec.name if spec else None)
-            async with self._in_flight(context, call, len(request)):
-                return await self._answer(info, request, spec, book, context, call)
+            call.model_label = server.metrics.model_label(spec.name if spec else None)
+            return await self._in_flight(info, request, metadata, spec, book, context, call)
         except asyncio.CancelledError:
             call.ended_by_client(context)
             raise
         finally:
             call.finish()
 
-    async def _answer(
+    async def _in_flight(
         self,
         info: MethodInfo,
         request: bytes,
+        metadata: Metadata,
         spec: ModelSpecInfo | None,
         book: RuleBook,
         context: Any,
         call: Call,
     ) -> bytes:
-        response, trailers = await self._forward(info, request, context, call)
+        """Hold an in-flight slot and the request's bytes of the budget while
+        the call is answered, or refuse it."""
+        gate = self._server.gate
+        size = len(request)
+        refused = gate.inflight_problem(size)
+        if refused is not None:
+            await call.refuse(context, *refused)
+        gate.inflight += 1
+        gate.inflight_bytes += size
+        try:
+            return await self._answer(info, request, metadata, spec, book, context, call)
+        finally:
+            gate.inflight -= 1
+            gate.inflight_bytes -= size
+
+    async def _answer(
+        self,
+        info: MethodInfo,
+        request: bytes,
+        metadata: Metadata,
+        spec: ModelSpecInfo | None,
+        book: RuleBook,
+        context: Any,
+        call: Call,
+    ) -> bytes:
+        response, trailers = await self._forward(info, request, metadata, context, call)
         gate = self._server.gate
         held = len(response)
         gate.inflight_bytes += held  # the budget counts the response while it is guarded
@@ -152,12 +182,15 @@ class CallHandler:
 
     # ------------------------------------------------------------- receiving
 
-    async def _receive(self, context: Any, call: Call) -> bytes | None:
+    async def _receive(
+        self, received: Sequence[tuple[str, Any]] | None, context: Any, call: Call
+    ) -> bytes | None:
         """The request message; ``None`` when the client sent none. Refuses
-        what would hold the guard: oversized metadata, too many calls still
-        receiving, a request that does not arrive within request_timeout_s."""
+        what would hold the guard: oversized metadata (``received``), too many
+        calls still receiving, a request that does not arrive within
+        request_timeout_s."""
         gate = self._server.gate
-        problem = gate.metadata_problem(context.invocation_metadata())
+        problem = gate.metadata_problem(received)
         if problem is not None:
             await call.refuse(context, Refusal.METADATA, problem)
         problem = gate.pending_problem()
@@ -186,11 +219,17 @@ class CallHandler:
 
     async def _read(self, context: Any) -> Any:
         """The next message, EOF, or ``_TIMED_OUT`` after request_timeout_s."""
+        task = asyncio.current_task()
+        assert task is not None
+        key = self._deadlines.start(task, self._server.config.request_timeout_s)
         try:
-            async with asyncio.timeout(self._server.config.request_timeout_s):
-                return await context.read()
-        except TimeoutError:
-            return _TIMED_OUT
+            return await context.read()
+        except asyncio.CancelledError:
+            if self._deadlines.stop(key, task):
+                return _TIMED_OUT
+            raise
+        finally:
+            self._deadlines.stop(key, task)
 
     async def _settle_after_eof(self, call: Call) -> None:
         """A request that ended with no message: either the client sent none,
@@ -206,13 +245,14 @@ class CallHandler:
             call.count("RESOURCE_EXHAUSTED")
             raise
 
-    async def _relay_empty(self, info: MethodInfo, context: Any, call: Call) -> bytes | None:
+    async def _relay_empty(
+        self, info: MethodInfo, metadata: Metadata, context: Any, call: Call
+    ) -> bytes | None:
         """A unary call that carried no request: the upstream decides, as if
         the client had called it directly."""
         upstream_call = self._server.upstream.stream_unary(info.name)(
-            _no_messages(), timeout=self._timeout(context),
-            metadata=forwardable(context.invocation_metadata()),
-        )  # fmt: skip
+            _no_messages(), timeout=self._timeout(context), metadata=metadata
+        )
         try:
             response: bytes = await upstream_call
         except grpc.aio.AioRpcError as exc:
@@ -222,34 +262,17 @@ class CallHandler:
 
     # ------------------------------------------------------------- forwarding
 
-    @asynccontextmanager
-    async def _in_flight(self, context: Any, call: Call, size: int) -> AsyncIterator[None]:
-        """Hold an in-flight slot and ``size`` bytes of the budget, or refuse."""
-        gate = self._server.gate
-        refused = gate.inflight_problem(size)
-        if refused is not None:
-            await call.refuse(context, *refused)
-        gate.inflight += 1
-        gate.inflight_bytes += size
-        try:
-            yield
-        finally:
-            gate.inflight -= 1
-            gate.inflight_bytes -= size
-
     def _timeout(self, context: Any) -> float:
         remaining: float | None = context.time_remaining()
         return self._server.config.default_timeout_s if remaining is None else remaining
 
     async def _forward(
-        self, info: MethodInfo, request: bytes, context: Any, call: Call
+        self, info: MethodInfo, request: bytes, metadata: Metadata, context: Any, call: Call
     ) -> tuple[bytes, Metadata]:
         """The upstream's answer and trailers (its initial metadata is sent on)."""
-        server = self._server
-        upstream_call = server.upstream.unary(info.name)(
-            request, timeout=self._timeout(context),
-            metadata=forwardable(context.invocation_metadata()),
-        )  # fmt: skip
+        upstream_call = self._server.upstream.unary(info.name)(
+            request, timeout=self._timeout(context), metadata=metadata
+        )
         t_up = time.perf_counter()
         try:
             response: bytes = await upstream_call

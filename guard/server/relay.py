@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from guard.server.gate import Refusal
-from guard.server.handler import Call, ServerState, forwardable
+from guard.server.handler import Call, Metadata, ServerState, forwardable
 from guard.server.methods import MethodInfo
 
 __all__ = ["StreamRelay"]
@@ -54,7 +54,8 @@ class StreamRelay:
         server = self._server
         call = Call(server.metrics, info.label)
         try:
-            problem = server.gate.metadata_problem(context.invocation_metadata())
+            received = context.invocation_metadata()  # a new tuple on each call: read once
+            problem = server.gate.metadata_problem(received)
             if problem is not None:
                 await call.refuse(context, Refusal.METADATA, problem)
             refused = server.gate.inflight_problem(0)
@@ -62,7 +63,7 @@ class StreamRelay:
                 await call.refuse(context, *refused)
             server.gate.inflight += 1
             try:
-                await self._run(info, context, call)
+                await self._run(info, forwardable(received), context, call)
             finally:
                 server.gate.inflight -= 1
         except asyncio.CancelledError:
@@ -71,9 +72,9 @@ class StreamRelay:
         finally:
             call.finish()
 
-    async def _run(self, info: MethodInfo, context: Any, call: Call) -> None:
+    async def _run(self, info: MethodInfo, metadata: Metadata, context: Any, call: Call) -> None:
         upstream_call = self._server.upstream.stream_stream(info.name)(
-            timeout=context.time_remaining(), metadata=forwardable(context.invocation_metadata())
+            timeout=context.time_remaining(), metadata=metadata
         )
         idle = _Idle()
         t_up = time.perf_counter()

@@ -1,0 +1,60 @@
+"""Time limits for many short waits, with one loop timer per tick instead of
+one per wait.
+
+``asyncio.timeout`` schedules and cancels a timer handle for every call; on a
+1x1 call through the guard that was about a tenth of the handler's Python
+time. Here a wait joins the bucket of the tick its deadline falls in (never
+earlier, at most one tick later), and the bucket's one timer cancels whatever
+is still waiting when it fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+__all__ = ["Deadlines"]
+
+#: How late a limit may fire, in seconds: a short fraction of the shortest
+#: limit anyone would set, and few enough timers under load.
+TICK_S = 0.01
+
+
+class Deadlines:
+    """Cancels tasks still waiting when their deadline passes (event loop only)."""
+
+    def __init__(self, tick_s: float = TICK_S) -> None:
+        self._tick_s = tick_s
+        self._buckets: dict[int, set[asyncio.Task[Any]]] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+
+    def start(self, task: asyncio.Task[Any], timeout_s: float) -> int:
+        """Cancel ``task`` once ``timeout_s`` seconds have passed, unless
+        :meth:`stop` comes first; returns the key that :meth:`stop` takes."""
+        loop = task.get_loop()
+        key = math.ceil((loop.time() + timeout_s) / self._tick_s)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = set()
+            loop.call_at(key * self._tick_s, self._fire, key)
+        bucket.add(task)
+        return key
+
+    def stop(self, key: int, task: asyncio.Task[Any]) -> bool:
+        """Stop timing ``task``; True if its deadline cancelled it. As with
+        ``asyncio.timeout``, a cancellation from elsewhere as well still
+        propagates: True only when this was the one cancellation pending."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.discard(task)
+        if task not in self._expired:
+            return False
+        self._expired.discard(task)
+        return task.uncancel() == 0
+
+    def _fire(self, key: int) -> None:
+        for task in self._buckets.pop(key, ()):
+            if not task.done():
+                self._expired.add(task)
+                task.cancel()

@@ -1,0 +1,76 @@
+"""guard.server.deadlines: shared timers for the request read limit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from guard.server.deadlines import Deadlines
+
+TICK_S = 0.01
+
+
+async def _wait(deadlines: Deadlines, timeout_s: float, wait_s: float) -> str:
+    task = asyncio.current_task()
+    assert task is not None
+    key = deadlines.start(task, timeout_s)
+    try:
+        await asyncio.sleep(wait_s)
+        return "done"
+    except asyncio.CancelledError:
+        if deadlines.stop(key, task):
+            return "timed out"
+        raise
+    finally:
+        deadlines.stop(key, task)
+
+
+async def test_a_wait_past_its_limit_times_out_never_early() -> None:
+    deadlines = Deadlines(TICK_S)
+    start = time.monotonic()
+    assert await _wait(deadlines, 0.05, 10) == "timed out"
+    elapsed = time.monotonic() - start
+    assert 0.05 <= elapsed < 0.5
+
+
+async def test_a_wait_within_its_limit_is_left_alone() -> None:
+    deadlines = Deadlines(TICK_S)
+    assert await _wait(deadlines, 0.05, 0) == "done"
+    await asyncio.sleep(0.1)  # the bucket's timer fires with nothing left to cancel
+    assert await _wait(deadlines, 0.05, 0) == "done"
+
+
+async def test_many_waits_share_a_timer_and_each_times_out() -> None:
+    deadlines = Deadlines(TICK_S)
+    results = await asyncio.gather(*(_wait(deadlines, 0.03, 10) for _ in range(20)))
+    assert results == ["timed out"] * 20
+
+
+async def test_a_cancellation_from_elsewhere_still_propagates() -> None:
+    deadlines = Deadlines(TICK_S)
+    task = asyncio.ensure_future(_wait(deadlines, 10, 10))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_cancellation_racing_the_deadline_propagates() -> None:
+    deadlines = Deadlines(TICK_S)
+    loop = asyncio.get_running_loop()
+
+    async def waiter() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        key = deadlines.start(task, 0.02)
+        loop.call_at(key * TICK_S, task.cancel)  # due with the deadline's own timer
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            assert not deadlines.stop(key, task)  # two cancellations: not only a timeout
+            raise
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.ensure_future(waiter())
