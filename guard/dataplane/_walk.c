@@ -520,7 +520,9 @@ scan_token(const unsigned char *t, Py_ssize_t len, Numbers *out)
     out->values[out->n] = v;
     if (!k.integral) {
         out->integral = 0;
-        out->ints[out->n] = 0;
+    } else if (!out->integral) {
+        /* The int64 values are wanted only while every token is an integer:
+         * left unwritten after, their pages are never touched. */
     } else if (k.digits <= 18) {
         out->ints[out->n] = k.neg ? -(int64_t)k.mantissa : (int64_t)k.mantissa;
     } else {
@@ -643,8 +645,9 @@ quick_token(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, Numbers *out)
     double v = (double)m;
     v = scale < 0 ? v / P10[-scale] : v * P10[scale];
     out->values[out->n] = neg ? -v : v;
-    out->ints[out->n] = neg ? -(int64_t)m : (int64_t)m;
     out->integral &= integral;
+    if (out->integral)
+        out->ints[out->n] = neg ? -(int64_t)m : (int64_t)m;
     return i;
 }
 
