@@ -6,7 +6,9 @@ writer from softmax outputs; ``--body FILE`` reads a saved response instead (for
 instance one the local backend returned). The guard step is:
 read (``restjson.read_predict_response``, its numbers scanned by numpy or by
 the native scan the guard uses), apply examples/guard.yaml's softmax_201 rule
-(check_sum, argmax, top_k 5, labels), write the guarded body.
+(check_sum, argmax, top_k 5, labels), write the guarded body. The allocator
+has the guard's settings (``guard.control.memory.tune_malloc``): they decide
+how many pages each step faults in.
 
 ``python -m bench.restjson [--rows 1024] [--classes 201] [--repeat 15] [--body FILE]``
 
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from guard.control.config import load_config
+from guard.control.memory import tune_malloc
 from guard.dataplane.codec.restjson import NumberScan, read_predict_response
 from guard.dataplane.kernels import default
 from guard.dataplane.rules import apply_rule, label_table
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--body", type=Path, help="a saved row-format response to use")
     args = parser.parse_args(argv)
+    tune_malloc()
     body = args.body.read_bytes() if args.body else softmax_body(args.rows, args.classes)
     rule = next(m for m in load_config(EXAMPLES).models if m.name == "softmax_201").outputs[0]
     labels = label_table(rule.labels)
