@@ -29,7 +29,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench import load, payloads
+from bench import cases, load, payloads
 from bench.paths import Setup, spawn_python
 from bench.run import start_upstream, write_guard_config
 from bench.upstream import model_from_args
@@ -126,17 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def clamp_rules(model: payloads.CannedModel) -> str:
     """One output under valid_range [0, 1], clamped, with argmax."""
-    return f"""\
-models:
-  - name: {model.name}
-    signature: "*"
-    outputs:
-      - name: {model.output_name}
-        activation: none
-        valid_range: [0.0, 1.0]
-        on_violation: clamp
-        argmax: true
-"""
+    return cases.guard_config(model, cases.CLAMP_ARGMAX)
 
 
 def _report(what: str, figures: dict[str, list[float]]) -> None:
