@@ -37,14 +37,14 @@ class CompiledRule:
 
     rule: OutputRule
     labels: LabelTable | None
+    longest: int = 0
+    """The longest label's bytes, the abstain label's included (0: no labels)."""
 
     @classmethod
     def of(cls, rule: OutputRule) -> CompiledRule:
+        """``rule`` with its labels encoded and measured."""
         labels = label_table(rule.labels)
         return cls(rule, labels, longest_label(rule, labels))
-
-    longest: int = 0
-    """The longest label's bytes, the abstain label's included (0: no labels)."""
 
     def derived_bytes(self, shape: tuple[int, ...], itemsize: int) -> int:
         """:func:`~guard.dataplane.rules.derived_bytes` for this rule and its labels."""
