@@ -11,7 +11,7 @@ from guard.dataplane.codec.tensor import DT_DOUBLE, DT_FLOAT, DT_HALF, FLOAT_DTY
 from guard.dataplane.codec.views import PredictResponseView, TypedPredictResponse
 from guard.dataplane.kernels import REFERENCE, Native
 
-__all__ = ["REFERENCE", "native", "walk_agrees_with_protobuf"]
+__all__ = ["REFERENCE", "native", "same_outcome", "walk_agrees_with_protobuf"]
 
 # The packed field holding each float dtype's values, in the view.
 _VALUE_FIELD = {DT_FLOAT: "float_val", DT_DOUBLE: "double_val", DT_HALF: "half_val"}
@@ -21,6 +21,21 @@ def native() -> Native:
     """The native kernels; the tests need them built (``make`` builds them)."""
     assert kernels.NATIVE is not None, f"native modules not built: {kernels.MISSING}"
     return kernels.NATIVE
+
+
+def same_outcome(a: object, b: object) -> bool:
+    """Whether two routes guarded a response alike: the same ``(body, action,
+    violations)`` or error, or, where a rule changed a tensor, the same action,
+    violations and message. The walker's route writes the new values over the
+    old ones and keeps the upstream's bytes; without the walker, protobuf
+    serializes the message again, its map entries in its own order."""
+    if a == b:
+        return True
+    if not (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b) == 3):
+        return False
+    if not (isinstance(a[0], bytes) and isinstance(b[0], bytes)) or a[1:] != b[1:]:
+        return False
+    return bool(PredictResponseView.FromString(a[0]) == PredictResponseView.FromString(b[0]))
 
 
 def walk_agrees_with_protobuf(body: bytes) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from tensorflow_serving.apis import predict_pb2
@@ -32,7 +32,7 @@ from guard.dataplane.rulespec import OutputRule
 from tests.dataplane.test_pipeline import Guard, response, tensor
 from tests.dataplane.test_rules import arrays
 from tests.dataplane.test_rules import rules as rule_strategy
-from tests.native import native
+from tests.native import native, same_outcome
 
 Array = np.ndarray[Any, Any]
 
@@ -358,16 +358,32 @@ def run_pipeline(output: dict[str, Any], body: bytes, kernels: Any = None) -> tu
     return guarded, b"\n".join(line for line in exposition if b"_created" not in line)
 
 
+_CLAMPED_AMONG_THREE = (  # found by hypothesis: protobuf writes the maps in its own order
+    {"name": "*", "valid_range": [0.0, 1.0], "on_violation": "clamp"},
+    b"\n\x17\n\x05other\x12\x0e\x08\x01\x12\x04\x12\x02\x08\x01*\x04\x00\x00\xc0?"
+    b"\n\x1b\n\x05probs\x12\x12\x08\x01\x12\x08\x12\x02\x08\x01\x12\x02\x08\x01*\x04\xe7\xff\x7f?"
+    b"\n\x1a\n\x04zeta\x12\x12\x08\x01\x12\x08\x12\x02\x08\x01\x12\x02\x08\x01*\x04\xe7\xff\x7f?"
+    b"\x12 \n\twide_deep\x12\x02\x08\x03\x1a\x0fserving_default",
+)
+
+
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(guarded_cases())
+@example(_CLAMPED_AMONG_THREE)
 def test_the_native_route_writes_the_bytes_and_metrics_of_the_reference(
     case: tuple[dict[str, Any], bytes],
 ) -> None:
     output, body = case
     fast, fast_metrics = run_pipeline(output, body, native())
     general, general_metrics = run_pipeline(output, body, REFERENCE)
-    assert fast == general
+    assert same_outcome(_outcome(fast), _outcome(general))
     assert fast_metrics == general_metrics
+
+
+def _outcome(guarded: Any) -> Any:
+    if isinstance(guarded, pipeline.GuardedResponse):
+        return guarded.body, guarded.action, guarded.violations
+    return guarded
 
 
 def test_fast_lane_outputs_read_back_with_the_official_classes() -> None:
