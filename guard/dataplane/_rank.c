@@ -250,7 +250,7 @@ ln_f32(float x)
  * add the values and the terms (no reassociation needed to vectorise). Then
  * H = ln S - sum(p ln p) / S over ln(cols), clipped to [0, 1], or NaN for a
  * flagged row or a sum of 0: guard.dataplane.rules.normalized_entropy, the
- * numpy reference, within 1e-6. */
+ * numpy reference, within 1e-5. */
 #define DEFINE_ENTROPY(NAME, T, LN, TMAX, TMIN, ATTRIBUTES)                                \
     ATTRIBUTES static void NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols,        \
                                 double *out)                                               \

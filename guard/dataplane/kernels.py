@@ -103,7 +103,7 @@ def row_entropy(rows: Array) -> Array:
 
     One function for the whole process, whichever route a response took, so
     both routes count alike: the native loop for float32 values when built
-    (within 1e-6 of the reference), else
+    (within 1e-5 of the reference), else
     :func:`~guard.dataplane.rules.normalized_entropy`.
     """
     n_rows, n_classes = rows.shape

@@ -479,7 +479,7 @@ def normalized_entropy(rows: Array) -> Array:
     value, or a sum below :data:`ENTROPY_MIN_SUM`, has no entropy (NaN). 1 is
     a uniform row, 0 a one-hot. Computed in the values' own precision (float16
     in float32): the result only has to resolve the 0.001 buckets. The native
-    loop for float32 (guard/dataplane/_rank.c) is held to this within 1e-6.
+    loop for float32 (guard/dataplane/_rank.c) is held to this within 1e-5.
     """
     p = rows.astype(np.float32) if rows.dtype == np.float16 else rows
     n_rows, n_classes = p.shape

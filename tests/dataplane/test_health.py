@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from prometheus_client import CollectorRegistry, generate_latest
@@ -60,6 +60,7 @@ def test_entropy_matches_the_textbook_formula(rows: Array) -> None:
     ),
     st.booleans(),
 )
+@example(np.full((1, 47), 1.3924297e-21, dtype=np.float32), False)  # found by hypothesis
 def test_the_native_entropy_agrees_with_the_reference(rows: Array, misaligned: bool) -> None:
     if misaligned:  # values read in place from a response sit at any offset
         raw = bytearray(rows.nbytes + 1)
@@ -69,7 +70,9 @@ def test_the_native_entropy_agrees_with_the_reference(rows: Array, misaligned: b
     got = np.frombuffer(native_rank.row_entropy(rows, *rows.shape))
     want = normalized_entropy(rows)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    np.testing.assert_allclose(got, want, atol=1e-6, equal_nan=True)
+    # The reference works in float32: where ln S and the mean log nearly cancel
+    # (tiny values), its own rounding reaches 1.5e-6; the buckets are 0.001 wide.
+    np.testing.assert_allclose(got, want, atol=1e-5, equal_nan=True)
     np.testing.assert_array_equal(row_entropy(rows), got)  # the process's one function
 
 
