@@ -112,11 +112,6 @@ CASES = {
 }  # fmt: skip
 
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def loaded(hop: Hop, data: Path, requests: int, workdir: Path) -> dict[str, Any]:
     """h2load at 4 x 8 against the hop: CPU ms per request, p50/p99 ms, errors."""
     log = workdir / "h2load.log"
@@ -126,12 +121,12 @@ def loaded(hop: Hop, data: Path, requests: int, workdir: Path) -> dict[str, Any]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=600)
     summary = load.parse_h2load(proc.stdout, CLIENTS * STREAMS)
     cpu = load.cpu_seconds(hop.pid) - cpu_before if hop.pid and cpu_before is not None else None
-    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
-    times = [int(r[2]) / 1000.0 for r in rows if r[1] == "200"]
+    times = load.h2load_log_ms(log)
+    found = load.percentiles(times) if times else {}
     return {
         "cpu_ms": None if cpu is None else 1000.0 * cpu / max(summary.succeeded, 1),
-        "p50_ms": percentile(times, 0.50) if times else None,
-        "p99_ms": percentile(times, 0.99) if times else None,
+        "p50_ms": found.get("p50_ms"),
+        "p99_ms": found.get("p99_ms"),
         "rps": summary.rps,
         "errors": summary.errors,
     }

@@ -157,6 +157,20 @@ def wait_serving(
 # --- latency at concurrency 1 -------------------------------------------------------------
 
 
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    """p50/p90/p99 and the count of ``samples_ms``."""
+    p50, p90, p99 = np.percentile(np.asarray(samples_ms, np.float64), [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "n": len(samples_ms)}
+
+
+def h2load_log_ms(log: Path) -> list[float]:
+    """Per-request times, in ms, of the answers with HTTP status 200 in an
+    ``h2load --log-file`` log (start in µs since the epoch, status, µs to the
+    response's end)."""
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    return [int(r[2]) / 1000.0 for r in rows if r[1] == "200"]
+
+
 @dataclass
 class Latency:
     """Per-call latency figures in milliseconds."""

@@ -228,12 +228,6 @@ def _start_nginx(upstream: str, workdir: Path) -> RestHop:
 # --- load -----------------------------------------------------------------------------------
 
 
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    """p50/p90/p99 and the count of ``samples_ms``."""
-    p50, p90, p99 = np.percentile(np.asarray(samples_ms, np.float64), [50, 90, 99])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "n": len(samples_ms)}
-
-
 def _post(conn: http.client.HTTPConnection, model: RestModel, body: bytes) -> bytes:
     conn.request(
         "POST", f"/v1/models/{model.name}:predict", body, {"Content-Type": "application/json"}
@@ -259,7 +253,7 @@ def latency_c1(port: int, model: RestModel, calls: int, warmup: int) -> dict[str
             samples.append((time.perf_counter_ns() - start) / 1e6)
     finally:
         conn.close()
-    return percentiles(samples)
+    return load.percentiles(samples)
 
 
 def h2load_h1(port: int, model: RestModel, requests: int, workdir: Path) -> dict[str, Any]:
@@ -279,14 +273,12 @@ def h2load_h1(port: int, model: RestModel, requests: int, workdir: Path) -> dict
         summary = load.parse_h2load(proc.stdout, CONCURRENCY)
     except ValueError:
         raise RuntimeError(f"h2load failed: {proc.stderr.strip()[-500:]}") from None
-    # --log-file: start (us since the epoch), HTTP status, microseconds to the response's end.
-    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
-    times = [int(r[2]) / 1000.0 for r in rows if r[1] == "200"]
+    times = load.h2load_log_ms(log)
     return {
         "rps": summary.rps,
         "errors": summary.errors,
         "succeeded": summary.succeeded,
-        **(percentiles(times) if times else {}),
+        **(load.percentiles(times) if times else {}),
     }
 
 
