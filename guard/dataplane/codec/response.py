@@ -130,9 +130,10 @@ class Response:
             return None
         out = self._by_name[name]
         dt = FLOAT_DTYPES.get(out.dtype)
-        fixed = out.from_content or not dt.varint if dt is not None else False
-        if dt is None or not fixed or values.dtype != dt.numpy or out.length != values.nbytes:
+        if dt is None or values.dtype != dt.numpy or out.length != values.nbytes:
             return None
+        if dt.varint and not out.from_content:
+            return None  # half_val: each value a varint of its own length
         return out.offset, out.offset + out.length
 
     def view(self) -> Any:
