@@ -145,7 +145,11 @@ class OutputValueHistogram(Collector):
             if entry is None:
                 entry = self._data[labels] = (np.zeros(self._edges.size + 1, np.int64), [0.0])
             entry[0][:] += counts
-            entry[1][0] += float(v.sum(dtype=np.float64))
+            # Finite float64 values near their maximum can add up past it: the
+            # sum is then +Inf, as Python's float sum of prometheus_client would
+            # be, without numpy's warning (found by fuzzing).
+            with np.errstate(over="ignore"):
+                entry[1][0] += float(v.sum(dtype=np.float64))
         self._pending.clear()
         self._queued.reset()
 

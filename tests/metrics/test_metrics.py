@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 
 from guard.control.config import Config
+from guard.metrics.collectors import OutputValueHistogram
 from guard.metrics.guard_metrics import LATENCY_BUCKETS, GuardMetrics
 from guard.server.gate import Gate
 
@@ -57,3 +60,16 @@ def test_gate_gauges_read_the_servers_counts() -> None:
     assert registry.get_sample_value("guard_inflight_bytes") == 4096.0
     gate.inflight = 0
     assert registry.get_sample_value("guard_inflight_requests") == 0.0
+
+
+def test_a_histogram_sum_past_float64_is_infinite_without_a_warning() -> None:
+    # Finite float64 values near the maximum (an observed output out of range)
+    # add up past it; found by fuzzing.
+    histogram = OutputValueHistogram((0.5, 1.0))
+    histogram.observe(("m", "s", "o"), np.array([1e308, 1e308, 0.25]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (family,) = list(histogram.collect())
+    found = {s.name: s.value for s in family.samples if not s.labels.get("le")}
+    assert found["guard_output_value_sum"] == float("inf")
+    assert found["guard_output_value_count"] == 3
