@@ -7,10 +7,13 @@
  * does the range check, the row-sum check and the top-k ranking in one pass
  * per row, thresholds the values (one float64 threshold per class) when the
  * rule has one, and writes the derived outputs as encoded map entries
- * (clean_rank_encode; guard/dataplane/lanes.py packs its arguments). A
+ * (clean_rank_encode; guard/dataplane/lanes.py packs its arguments). Values
+ * out of range that the rule observes or clamps are counted in the same pass
+ * and, for a clamp, written clamped into a copy that the ranking reads. A
  * second entry point, row_entropy, measures each row's entropy for the
- * metrics in one vectorised pass, with no libm call per value. Whenever anything would have to be counted, or a verdict is not
- * certain, it returns None and the caller takes the numpy reference:
+ * metrics in one vectorised pass, with no libm call per value. Whenever
+ * anything else would have to be decided, or a verdict is not certain, it
+ * returns None and the caller takes the numpy reference:
  * tests/dataplane/test_rank.py and the fuzzer check that both give the same
  * results, bytes and metrics.
  *
@@ -51,13 +54,128 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
     return sum_lo + slack <= sum && sum <= sum_hi - slack;
 }
 
+/* How a scan treats values outside the valid range: any makes it decline
+ * (NONE), or, with no NaN, they are counted (OBSERVE: finite ones only; the
+ * values stay as they are) or counted and clamped into the bounds (CLAMP:
+ * +-Inf included). The numpy reference decides every other case. */
+enum { REPAIR_NONE = 0, REPAIR_OBSERVE = 1, REPAIR_CLAMP = 2 };
+
+/* What a scan counted and repaired. `repaired` stays NULL until a row needs
+ * clamping; it is then a copy of every value, with each such row clamped.
+ * `confidence` (CLAMP) receives each row's largest value before repair, which
+ * is what the metrics' histogram reads, while the ranking reads the repaired row. */
+typedef struct {
+    int mode;
+    Py_ssize_t below, above, inf;
+    const void *values;
+    Py_ssize_t len;
+    PyObject *repaired;
+    void *confidence;
+} Repair;
+
+/* Where row values starting `offset` bytes in are repaired, or NULL with an
+ * exception set. */
+static char *
+repaired_at(Repair *rep, Py_ssize_t offset)
+{
+    if (rep->repaired == NULL) {
+        rep->repaired = PyBytes_FromStringAndSize((const char *)rep->values, rep->len);
+        if (rep->repaired == NULL)
+            return NULL;
+    }
+    return PyBytes_AS_STRING(rep->repaired) + offset;
+}
+
+/* The largest of cols values, none NaN, in LANES independent maxima, which
+ * compilers vectorise (a single running maximum they do not, without
+ * fast-math). Any order gives the same value but for the sign of a zero; a
+ * caller that needs the value's own bits looks for the first value equal to
+ * it, as np.argmax finds it. */
+#define LANES 8
+#define DEFINE_PEAK(NAME, T)                                                               \
+    static inline T NAME(const T *row, Py_ssize_t cols)                                    \
+    {                                                                                      \
+        T peak[LANES];                                                                     \
+        for (int j = 0; j < LANES; j++)                                                    \
+            peak[j] = -(T)INFINITY;                                                        \
+        Py_ssize_t c = 0;                                                                  \
+        for (; c + LANES <= cols; c += LANES)                                              \
+            for (int j = 0; j < LANES; j++)                                                \
+                peak[j] = row[c + j] > peak[j] ? row[c + j] : peak[j];                     \
+        for (int j = 0; c < cols; c++, j++)                                                \
+            peak[j] = row[c] > peak[j] ? row[c] : peak[j];                                 \
+        T top = peak[0];                                                                   \
+        for (int j = 1; j < LANES; j++)                                                    \
+            top = peak[j] > top ? peak[j] : top;                                           \
+        return top;                                                                        \
+    }
+
+/* The first of cols values equal to `top` (one of them is), a block at a time. */
+#define DEFINE_FIRST(NAME, T)                                                              \
+    static inline Py_ssize_t NAME(const T *row, Py_ssize_t cols, T top)                    \
+    {                                                                                      \
+        for (Py_ssize_t b = 0; b < cols; b += BLOCK) {                                     \
+            Py_ssize_t end = b + BLOCK < cols ? b + BLOCK : cols;                          \
+            int hit = 0;                                                                   \
+            for (Py_ssize_t c = b; c < end; c++)                                           \
+                hit |= row[c] == top;                                                      \
+            for (Py_ssize_t c = b; hit && c < end; c++)                                    \
+                if (row[c] == top)                                                         \
+                    return c;                                                              \
+        }                                                                                  \
+        return 0;                                                                          \
+    }
+
+/* Count one row holding a value outside [tlo, thi] as numpy's _count does
+ * (an infinity counts as infinite, not as out of range), keep its largest
+ * value in *top, and with CLAMP write it clamped (np.clip: each violating
+ * value becomes its bound, every other value stays as it is, -0.0 included)
+ * and point *ranked at it. 1 when done, 0 when the reference must decide (a
+ * NaN; an infinity without CLAMP), -1 with an exception set. Most rows of a
+ * badly calibrated model come here, so each pass is one that compilers
+ * vectorise: integer sums of comparisons, a PEAK, a select. The counts fit
+ * 32 bits: a row is part of one message, under 2 GiB. */
+#define DEFINE_REPAIR(NAME, PEAK, T)                                                       \
+    static int NAME(const T *row, Py_ssize_t cols, Py_ssize_t r, T tlo, T thi, Repair *rep, \
+                    const T **ranked, T *top)                                              \
+    {                                                                                      \
+        const T inf = (T)INFINITY;                                                         \
+        uint32_t nan = 0, below = 0, above = 0, pinf = 0, ninf = 0;                        \
+        for (Py_ssize_t c = 0; c < cols; c++) {                                            \
+            T v = row[c];                                                                  \
+            nan |= v != v;                                                                 \
+            below += v < tlo;                                                              \
+            above += v > thi;                                                              \
+            pinf += v == inf;                                                              \
+            ninf += v == -inf;                                                             \
+        }                                                                                  \
+        if (nan || ((pinf || ninf) && rep->mode != REPAIR_CLAMP))                          \
+            return 0;                                                                      \
+        rep->below += (Py_ssize_t)below - ninf;                                            \
+        rep->above += (Py_ssize_t)above - pinf;                                            \
+        rep->inf += (Py_ssize_t)pinf + ninf;                                               \
+        *top = PEAK(row, cols);                                                            \
+        if (rep->mode != REPAIR_CLAMP)                                                     \
+            return 1;                                                                      \
+        T *dst = (T *)repaired_at(rep, r * cols * (Py_ssize_t)sizeof(T));                  \
+        if (dst == NULL)                                                                   \
+            return -1;                                                                     \
+        for (Py_ssize_t i = 0; i < cols; i++) {                                            \
+            T v = row[i];                                                                  \
+            dst[i] = v < tlo ? tlo : (v > thi ? thi : v);                                  \
+        }                                                                                  \
+        *ranked = dst;                                                                     \
+        return 1;                                                                          \
+    }
+
 /* One value per row (a binary classifier's [N, 1]): the row loop below costs
- * some 15-20 ns a row (1024x1: 19 us, measured), this 0.8 us in all. Each
- * row's best class is 0, its score and its sum the value (sum|x| is |value|). */
-#define DEFINE_SCAN_COLUMN(NAME, T)                                                       \
+ * some 15-20 ns a row (1024x1: 19 us, measured), this 0.8 us in all when
+ * every value is in range. Each row's best class is 0, its score and its sum
+ * the value (sum|x| is |value|). */
+#define DEFINE_SCAN_COLUMN(NAME, REPAIR, T)                                               \
     static int NAME(const T *values, Py_ssize_t rows, double lo, double hi,               \
                     int check_sum, double sum_lo, double sum_hi, int64_t *idx_out,         \
-                    T *score_out)                                                          \
+                    T *score_out, Repair *rep)                                             \
     {                                                                                      \
         const T tlo = (T)lo, thi = (T)hi;                                                  \
         int bad = 0;                                                                       \
@@ -65,7 +183,7 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
             T v = values[r];                                                               \
             bad |= (v < tlo) | (v > thi) | (v != v);                                       \
         }                                                                                  \
-        if (bad)                                                                           \
+        if (bad && rep->mode == REPAIR_NONE)                                               \
             return 0;                                                                      \
         for (Py_ssize_t r = 0; check_sum && r < rows; r++) {                               \
             double v = (double)values[r];                                                  \
@@ -74,34 +192,58 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
         }                                                                                  \
         memset(idx_out, 0, (size_t)rows * sizeof(int64_t));                                \
         memcpy(score_out, values, (size_t)rows * sizeof(T));                               \
+        if (rep->confidence)                                                               \
+            memcpy(rep->confidence, values, (size_t)rows * sizeof(T));                     \
+        for (Py_ssize_t r = 0; bad && r < rows; r++) {                                     \
+            const T *ranked = values + r;                                                  \
+            T top;                                                                         \
+            if (!((values[r] < tlo) | (values[r] > thi) | (values[r] != values[r])))      \
+                continue;                                                                  \
+            int done = REPAIR(values + r, 1, r, tlo, thi, rep, &ranked, &top);             \
+            if (done <= 0)                                                                 \
+                return done;                                                               \
+            score_out[r] = *ranked;                                                        \
+        }                                                                                  \
         return 1;                                                                          \
     }
 
 /* One row at a time, in up to three passes over it (it sits in L1 after the
  * first). Each pass is an integer OR or a plain sum, which compilers
- * vectorise; a max over floats is not, without fast-math's reordering. */
-#define DEFINE_SCAN(NAME, COLUMN, T)                                                      \
-    DEFINE_SCAN_COLUMN(COLUMN, T)                                                          \
+ * vectorise; a max over floats is not, without fast-math's reordering. The
+ * range and sum are checked on the row as it came, the ranking reads it as
+ * repaired. Returns 1 (clean, or counted and repaired as rep->mode allows),
+ * 0 (the reference must decide) or -1 (an exception is set). */
+#define DEFINE_SCAN(NAME, COLUMN, REPAIR, PEAK, FIRST, T)                                 \
+    DEFINE_PEAK(PEAK, T)                                                                   \
+    DEFINE_FIRST(FIRST, T)                                                                 \
+    DEFINE_REPAIR(REPAIR, PEAK, T)                                                         \
+    DEFINE_SCAN_COLUMN(COLUMN, REPAIR, T)                                                  \
     static int NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols, int k, double lo,  \
                     double hi, int check_sum, double sum_lo, double sum_hi,                \
-                    int64_t *idx_out, T *score_out)                                        \
+                    int64_t *idx_out, T *score_out, Repair *rep)                           \
     {                                                                                      \
         T best[MAX_K];                                                                     \
         int64_t where[MAX_K];                                                              \
         const T tlo = (T)lo, thi = (T)hi; /* exact: the caller gives bounds in T */        \
         if (cols == 1)                                                                     \
             return COLUMN(values, rows, lo, hi, check_sum, sum_lo, sum_hi, idx_out,        \
-                          score_out);                                                      \
+                          score_out, rep);                                                 \
         for (Py_ssize_t r = 0; r < rows; r++) {                                            \
-            const T *row = values + r * cols;                                              \
+            const T *row = values + r * cols, *ranked = row;                               \
+            T top = 0;                                                                     \
             /* The range: NaN is caught by v != v, +-Inf lies beyond the bounds. */        \
             int bad = 0;                                                                   \
             for (Py_ssize_t c = 0; c < cols; c++) {                                        \
                 T v = row[c];                                                              \
                 bad |= (v < tlo) | (v > thi) | (v != v);                                   \
             }                                                                              \
-            if (bad)                                                                       \
-                return 0;                                                                  \
+            if (bad) {                                                                     \
+                int done = rep->mode == REPAIR_NONE                                        \
+                               ? 0                                                         \
+                               : REPAIR(row, cols, r, tlo, thi, rep, &ranked, &top);       \
+                if (done <= 0)                                                             \
+                    return done;                                                           \
+            }                                                                              \
             if (check_sum) {                                                               \
                 /* Four interleaved partial sums in double. With no negative value   */   \
                 /* (tlo >= 0), sum|x| is the sum itself. */                                \
@@ -113,7 +255,7 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
                 for (; c < cols; c++)                                                      \
                     s[0] += (double)row[c];                                                \
                 double sum = (s[0] + s[1]) + (s[2] + s[3]);                                \
-                if (tlo >= 0)                                                              \
+                if (tlo >= 0 && !bad)                                                      \
                     abs_sum = sum;                                                         \
                 else                                                                       \
                     for (c = 0; c < cols; c++)                                             \
@@ -123,6 +265,17 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
             }                                                                              \
             if (k == 0)                                                                    \
                 continue;                                                                  \
+            if (k == 1) {                                                                  \
+                /* The row's maximum, then where it first is: two passes that */           \
+                /* vectorise, where the insertion below compares value by value. */        \
+                T m = PEAK(ranked, cols);                                                  \
+                Py_ssize_t at = FIRST(ranked, cols, m);                                    \
+                idx_out[r] = (int64_t)at;                                                  \
+                score_out[r] = ranked[at];                                                 \
+                if (rep->confidence)                                                       \
+                    ((T *)rep->confidence)[r] = ranked == row ? ranked[at] : top;          \
+                continue;                                                                  \
+            }                                                                              \
             /* Keep the k best as (value desc, index asc): a later equal value never */    \
             /* displaces an earlier one, as repeated argmax ranks them. Once k are */      \
             /* kept, a block with no value above the k-th best is skipped whole. */        \
@@ -133,12 +286,12 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
                     T floor = best[k - 1];                                                 \
                     int above = 0;                                                         \
                     for (Py_ssize_t c = b; c < end; c++)                                   \
-                        above |= row[c] > floor;                                           \
+                        above |= ranked[c] > floor;                                        \
                     if (!above)                                                            \
                         continue;                                                          \
                 }                                                                          \
                 for (Py_ssize_t c = b; c < end; c++) {                                     \
-                    T v = row[c];                                                          \
+                    T v = ranked[c];                                                       \
                     if (filled == k && !(v > best[k - 1]))                                 \
                         continue;                                                          \
                     int pos = filled < k ? filled : k - 1;                                 \
@@ -155,12 +308,14 @@ row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double 
             }                                                                              \
             memcpy(idx_out + r * k, where, (size_t)k * sizeof(int64_t));                   \
             memcpy(score_out + r * k, best, (size_t)k * sizeof(T));                        \
+            if (rep->confidence)                                                           \
+                ((T *)rep->confidence)[r] = ranked == row ? best[0] : top;                 \
         }                                                                                  \
         return 1;                                                                          \
     }
 
-DEFINE_SCAN(scan_f32, column_f32, float)
-DEFINE_SCAN(scan_f64, column_f64, double)
+DEFINE_SCAN(scan_f32, column_f32, repair_f32, peak_f32, first_f32, float)
+DEFINE_SCAN(scan_f64, column_f64, repair_f64, peak_f64, first_f64, double)
 
 /* Whether the arguments describe the buffer: a C-contiguous float32 (itemsize
  * 4) or float64 (8) array of rows x cols values, and 0 <= k <= min(cols, MAX_K). */
@@ -172,14 +327,15 @@ describes(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_
 }
 
 /* Allocate the k best classes and scores of each row as bytes, and run the
- * scan into them. Returns 1 when clean, 0 when the caller must take its
- * general path, -1 with an exception set. Values read in place from a
- * response sit wherever its encoder put them: misaligned ones are copied
- * first, since the scans read them as float or double. */
+ * scan into them. Returns 1 when clean (or counted and repaired as rep->mode
+ * allows), 0 when the caller must take its general path, -1 with an
+ * exception set. Values read in place from a response sit wherever its
+ * encoder put them: misaligned ones are copied first, since the scans read
+ * them as float or double. */
 static int
 scan(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols, int k,
      double lo, double hi, int check_sum, double sum_lo, double sum_hi, PyObject **idx,
-     PyObject **scores)
+     PyObject **scores, Repair *rep)
 {
     *idx = PyBytes_FromStringAndSize(NULL, rows * k * (Py_ssize_t)sizeof(int64_t));
     *scores = PyBytes_FromStringAndSize(NULL, rows * k * itemsize);
@@ -196,16 +352,20 @@ scan(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t col
         memcpy(copy, values, (size_t)view->len);
         values = copy;
     }
+    rep->values = values;
+    rep->len = view->len;
     /* The GIL stays held: a response's rows take microseconds, less than
      * releasing and taking it back. */
     int clean;
     if (itemsize == 4)
         clean = scan_f32((const float *)values, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi,
-                         (int64_t *)PyBytes_AS_STRING(*idx), (float *)PyBytes_AS_STRING(*scores));
+                         (int64_t *)PyBytes_AS_STRING(*idx), (float *)PyBytes_AS_STRING(*scores),
+                         rep);
     else
         clean = scan_f64((const double *)values, rows, cols, k, lo, hi, check_sum, sum_lo,
                          sum_hi, (int64_t *)PyBytes_AS_STRING(*idx),
-                         (double *)PyBytes_AS_STRING(*scores));
+                         (double *)PyBytes_AS_STRING(*scores), rep);
+    rep->values = NULL;
     PyMem_Free(copy);
     return clean;
 }
@@ -238,7 +398,6 @@ ln_f32(float x)
     return e * (float)LN2 + s * series;
 }
 
-#define LANES 8
 #define TERMS 256
 /* A row summing to less has no entropy: its subnormal values, counted as the
  * smallest normal number, would no longer be negligible against the sum. */
@@ -528,7 +687,7 @@ put_values(char *p, const Entry *e, const Classes *cl, const char *scores, Py_ss
 
 /* Each value's class against its column's threshold: 1 where value > threshold,
  * compared in double as numpy compares float32 with a float64 threshold. Only
- * called on clean values (no NaN). */
+ * called on values with no NaN (clean, or repaired). */
 #define DEFINE_FIRE(NAME, T)                                                             \
     static void NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols,                  \
                      const double *thresholds, int64_t *fired)                           \
@@ -541,24 +700,24 @@ put_values(char *p, const Entry *e, const Classes *cl, const char *scores, Py_ss
 DEFINE_FIRE(fire_f32, float)
 DEFINE_FIRE(fire_f64, double)
 
-/* The threshold classes of the values as int64 bytes (misaligned values are
- * copied first, as in scan), or NULL with an exception set. */
+/* The threshold classes of `len` bytes of values as int64 bytes (misaligned
+ * values are copied first, as in scan), or NULL with an exception set. */
 static PyObject *
-fire(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols,
+fire(const char *buf, Py_ssize_t len, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols,
      const double *thresholds)
 {
     PyObject *fired = PyBytes_FromStringAndSize(NULL, rows * cols * (Py_ssize_t)sizeof(int64_t));
     if (fired == NULL)
         return NULL;
-    const void *values = view->buf;
+    const void *values = buf;
     void *copy = NULL;
     if ((uintptr_t)values % (uintptr_t)itemsize) {
-        copy = PyMem_Malloc(view->len ? (size_t)view->len : 1);
+        copy = PyMem_Malloc(len ? (size_t)len : 1);
         if (copy == NULL) {
             Py_DECREF(fired);
             return PyErr_NoMemory();
         }
-        memcpy(copy, values, (size_t)view->len);
+        memcpy(copy, values, (size_t)len);
         values = copy;
     }
     int64_t *out = (int64_t *)PyBytes_AS_STRING(fired);
@@ -572,7 +731,7 @@ fire(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t col
 
 PyDoc_STRVAR(clean_rank_encode_doc,
 "clean_rank_encode(values, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi,\n"
-"                  content, score_key, entries, thresholds=None)\n"
+"                  content, score_key, entries, thresholds=None, repair=0)\n"
 "--\n\n"
 "Check and rank a C-contiguous float32 (itemsize 4) or float64 (8) array of\n"
 "rows x cols values (misaligned values are copied first), then write the\n"
@@ -591,7 +750,14 @@ PyDoc_STRVAR(clean_rank_encode_doc,
 "is `score_key`. Returns (classes, scores, entries) as bytes: each row's best\n"
 "class (with thresholds: every value's threshold class) and each row's best\n"
 "score; None when anything would have to be counted: the caller then takes\n"
-"the numpy reference.");
+"the numpy reference.\n\n"
+"`repair` 1 (observe) counts finite values outside [lo, hi] instead of\n"
+"declining; 2 (clamp) also counts +-Inf, and derives from the values clamped\n"
+"into [lo, hi]. A NaN, or a row sum that is not certainly within the band,\n"
+"still declines. When a value was counted the result has a fourth item,\n"
+"(repaired, below, above, inf): the clamped values as bytes (None with\n"
+"observe) and the counts; its scores item is then each row's largest value\n"
+"before repair (what the metrics read), not the derived outputs' score.");
 
 #define MAX_ENTRIES 8
 
@@ -685,6 +851,14 @@ write_entries(Entry *entries, Py_ssize_t n_entries, const Classes *cl, const cha
     return out;
 }
 
+/* The result's fourth item, (repaired or None, below, above, inf). */
+static PyObject *
+counted(const Repair *rep)
+{
+    return Py_BuildValue("(Onnn)", rep->repaired ? rep->repaired : Py_None, rep->below,
+                         rep->above, rep->inf);
+}
+
 static PyObject *
 clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
 {
@@ -693,17 +867,19 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
     int k, check_sum, content, score_key;
     double lo, hi, sum_lo, sum_hi;
     PyObject *spec, *thresholds = Py_None, *idx = NULL, *scores = NULL, *out = NULL;
-    PyObject *fired = NULL, *best_idx = NULL, *best_score = NULL, *result = NULL;
+    PyObject *fired = NULL, *best_idx = NULL, *best_score = NULL, *confidence = NULL;
+    PyObject *counts = NULL, *result = NULL;
     Entry entries[MAX_ENTRIES];
+    Repair rep = {0};
 
-    if (!PyArg_ParseTuple(args, "y*nnniddpddpiO!|O", &view, &itemsize, &rows, &cols, &k, &lo,
+    if (!PyArg_ParseTuple(args, "y*nnniddpddpiO!|Oi", &view, &itemsize, &rows, &cols, &k, &lo,
                           &hi, &check_sum, &sum_lo, &sum_hi, &content, &score_key,
-                          &PyTuple_Type, &spec, &thresholds))
+                          &PyTuple_Type, &spec, &thresholds, &rep.mode))
         return NULL;
     Py_ssize_t n_entries = PyTuple_GET_SIZE(spec);
     int thresholded = thresholds != Py_None;
     if (!describes(&view, itemsize, rows, cols, k) || k == 0 || n_entries > MAX_ENTRIES ||
-        score_key < 0 || score_key > 0x7F ||
+        score_key < 0 || score_key > 0x7F || rep.mode < REPAIR_NONE || rep.mode > REPAIR_CLAMP ||
         (thresholded && (!PyBytes_Check(thresholds) ||
                          PyBytes_GET_SIZE(thresholds) != cols * (Py_ssize_t)sizeof(double)))) {
         PyErr_SetString(PyExc_ValueError,
@@ -712,8 +888,14 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
     }
     if (!parse_entries(spec, entries, cols, thresholded))
         goto done;
+    if (rep.mode == REPAIR_CLAMP) {
+        confidence = PyBytes_FromStringAndSize(NULL, rows * itemsize);
+        if (confidence == NULL)
+            goto done;
+        rep.confidence = PyBytes_AS_STRING(confidence);
+    }
     int clean = scan(&view, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi, &idx,
-                     &scores);
+                     &scores, &rep);
     if (clean < 0)
         goto done;
     if (!clean) {
@@ -730,7 +912,10 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
             goto done;
         }
         memcpy(t, PyBytes_AS_STRING(thresholds), (size_t)cols * sizeof(double));
-        fired = fire(&view, itemsize, rows, cols, t);
+        /* A clamp's classes are the repaired values', as the reference derives them. */
+        fired = rep.repaired ? fire(PyBytes_AS_STRING(rep.repaired), view.len, itemsize, rows,
+                                    cols, t)
+                             : fire(view.buf, view.len, itemsize, rows, cols, t);
         PyMem_Free(t);
         if (fired == NULL)
             goto done;
@@ -743,16 +928,25 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
     /* Each row's best class (or the threshold classes) and best score, for the
      * metrics: with k = 1 the ranking is exactly that. */
     best_idx = thresholded ? Py_NewRef(fired) : best_column(idx, rows, k, 8);
-    best_score = best_column(scores, rows, k, itemsize);
+    best_score = rep.repaired ? Py_NewRef(confidence) : best_column(scores, rows, k, itemsize);
     if (best_idx == NULL || best_score == NULL)
         goto done;
-    result = PyTuple_Pack(3, best_idx, best_score, out);
+    if (rep.below + rep.above + rep.inf == 0) {
+        result = PyTuple_Pack(3, best_idx, best_score, out);
+        goto done;
+    }
+    counts = counted(&rep);
+    if (counts != NULL)
+        result = PyTuple_Pack(4, best_idx, best_score, out, counts);
 done:
     Py_XDECREF(idx);
     Py_XDECREF(scores);
     Py_XDECREF(fired);
     Py_XDECREF(best_idx);
     Py_XDECREF(best_score);
+    Py_XDECREF(confidence);
+    Py_XDECREF(counts);
+    Py_XDECREF(rep.repaired);
     Py_XDECREF(out);
     PyBuffer_Release(&view);
     return result;

@@ -8,8 +8,14 @@ the native kernel, instead of some thirty numpy calls and six encoder passes.
 In a loaded proxy, where each of those calls meets cold CPU caches, that is
 most of what guarding such a response costs.
 
-A lane is only a shortcut. When anything would have to be counted it answers
-``None``, and the response takes the numpy reference
+Many of the others only have values out of range, which the rule observes or
+clamps: the kernel counts those in the same pass, clamps them into a copy of
+the values (written over the old ones in place, same length), and ranks the
+repaired rows, so a badly calibrated model costs one call too.
+
+A lane is only a shortcut. When anything else would have to be decided (a
+NaN, a row off its sum, a rejection, an abstention) it answers ``None``, and
+the response takes the numpy reference
 (:func:`guard.dataplane.rules.apply_rule`); the tests check that both give
 the same bytes and metrics.
 """
@@ -28,18 +34,25 @@ from guard.dataplane.results import Array
 from guard.dataplane.rules import class_axis_size, rule_bounds
 from guard.dataplane.rulespec import OutputRule
 
-__all__ = ["Lane", "LaneResult", "OutputSpec", "make_lane"]
+__all__ = ["Counted", "Lane", "LaneResult", "OutputSpec", "make_lane"]
 
 Buffer = bytes | memoryview | Array
+#: What a lane counted: the clamped values (``None`` when it only observed),
+#: then the values below the range, above it, and infinite.
+Counted = tuple[bytes | None, int, int, int]
 #: Each row's best class (int64) and score (the values' dtype), one row after
-#: another, and the encoded map entries of the derived outputs.
-LaneResult = tuple[bytes, bytes, bytes]
+#: another, and the encoded map entries of the derived outputs; when values
+#: were counted (see :data:`Counted`), the scores are each row's largest value
+#: before repair, which is what the metrics read.
+LaneResult = tuple[bytes, bytes, bytes] | tuple[bytes, bytes, bytes, Counted]
 
 _DTYPES = {np.dtype(np.float32): tensor.DT_FLOAT, np.dtype(np.float64): tensor.DT_DOUBLE}
 
 # What each derived entry holds, as guard/dataplane/_rank.c numbers them.
 _CLASS, _SCORE, _LABEL, _TOP_CLASS, _TOP_SCORE, _TOP_LABEL, _FIRED, _FIRED_LABEL = range(8)
 _LABELS = (_LABEL, _TOP_LABEL, _FIRED_LABEL)
+# How the kernel treats values outside the valid range (_rank.c's REPAIR_*).
+_REPAIR_NONE, _REPAIR_OBSERVE, _REPAIR_CLAMP = range(3)
 
 
 class OutputSpec(NamedTuple):
@@ -82,6 +95,10 @@ def make_lane(
     top-k) and/or threshold the raw values (one threshold, or one per class),
     with or without labels. The kernel then answers the classes the metrics
     count: each row's best class, or with a threshold every value's 0/1.
+    Values outside the valid range are counted by the kernel too, when
+    ``on_violation`` is ``observe`` (finite ones) or ``clamp`` (±Inf too;
+    the kernel writes the clamped values and derives from them), unless a NaN
+    or a row off its sum leaves the verdict to the reference.
 
     Left to the reference:
 
@@ -91,7 +108,10 @@ def make_lane(
       in about 40% of values; float64 on CPUs with AVX-512);
     - anything that abstains: with ``min_confidence`` the lane still answers,
       and guard.dataplane.pipeline sends a response to the reference when a
-      row (ranking) or a value (threshold) falls below it;
+      row (ranking) or a value (threshold) falls below it; so that it can ask,
+      a clamp with ``min_confidence`` leaves every repair to the reference;
+    - ``on_violation: reject`` with a value out of range (the reference
+      writes the rejection);
     - float16, rank 0 with a threshold, no values or no classes, k beyond
       ``max_k``, and thresholds or labels that do not fit the classes (the
       reference raises the error for those).
@@ -196,5 +216,14 @@ def _kernel_args(
         dtype.itemsize, rows, cols, k, float(lo), float(hi),
         rule.check_sum, 1.0 - rule.sum_tolerance, 1.0 + rule.sum_tolerance,
         encoding is Encoding.CONTENT, tensor.packed_key(dtype_enum)[0], tuple(entries),
-        thresholds,
+        thresholds, _repair_mode(rule),
     )  # fmt: skip
+
+
+def _repair_mode(rule: OutputRule) -> int:
+    """What the kernel may do with values outside the valid range."""
+    if rule.on_violation == "observe":
+        return _REPAIR_OBSERVE
+    if rule.on_violation == "clamp" and rule.min_confidence is None:
+        return _REPAIR_CLAMP
+    return _REPAIR_NONE

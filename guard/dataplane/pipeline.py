@@ -1,8 +1,9 @@
 """Guarding one serialized PredictResponse: bytes in, bytes out.
 
 Two routes. The native one: the kernels' walker reads the layout, a plan made
-once per layout hands each output to its lane, and a clean response costs a
-native call per output. The reference one, for everything else: read the
+once per layout hands each output to its lane, and a clean response (or one
+whose values out of range the lanes count and clamp) costs a native call per
+output. The reference one, for everything else: read the
 response (walked or protobuf), decode the outputs, :func:`evaluate` them,
 count, and re-encode only what a rule changed; derived outputs are appended
 as encoded map entries. Responses are returned byte-identical unless a rule
@@ -38,7 +39,7 @@ from guard.dataplane.evaluate import (
     resolve,
 )
 from guard.dataplane.lanes import Lane, LaneResult
-from guard.dataplane.results import Action, Array
+from guard.dataplane.results import Action, Array, Counts
 from guard.dataplane.rules import class_axis_size, threshold_unsure
 from guard.dataplane.rulespec import OutputRule
 from guard.dataplane.sink import Counter, LabelTable, MetricsSink, OutputSink
@@ -278,28 +279,32 @@ class _PlannedOutput:
 
 
 class _Plan:
-    """How to guard a response of one layout when every checked output is clean.
+    """How to guard a response of one layout when the lanes can decide it.
 
     Made once per layout from the reference route's own decisions (rules,
-    decoding checks, lanes, metric series), so a clean response costs the
-    native calls and little else. Anything to count sends the response down
-    the reference route.
+    decoding checks, lanes, metric series), so a response the lanes decide
+    (clean, or with values out of range that they counted, and clamped where
+    the rule says) costs the native calls and little else. Anything else sends
+    the response down the reference route.
     """
 
-    __slots__ = ("outputs", "_clean", "_make_counter", "_limit", "_derived")
+    __slots__ = ("outputs", "_counters", "_make_counter", "_limit", "_derived")
 
     def __init__(
-        self, outputs: tuple[_PlannedOutput, ...], make_counter: Callable[[], Counter], limit: int
+        self,
+        outputs: tuple[_PlannedOutput, ...],
+        make_counter: Callable[[Action], Counter],
+        limit: int,
     ) -> None:
         self.outputs = outputs
         self._make_counter = make_counter
         self._limit = limit
         self._derived = sum(out.derived for out in outputs)
-        # Made on the first clean response, as the reference route makes it.
-        self._clean: Counter | None = None
+        # Made on the first response of each action, as the reference route makes them.
+        self._counters: dict[Action, Counter] = {}
 
     def run(self, body: bytes) -> GuardedResponse | None:
-        """The guarded response, or ``None`` when an output has something to count."""
+        """The guarded response, or ``None`` when a lane leaves it to the reference."""
         if len(body) + self._derived > self._limit:
             # The reference refuses derived outputs that could take the response
             # past the limit before it makes them (evaluate): it says why.
@@ -311,26 +316,65 @@ class _Plan:
             if found is None or not out.sure(found, view):
                 return None
             done.append(found)
-        guarded = body + b"".join([entries for *_, entries in done])
+        guarded = self._assembled(body, view, done)
         if len(guarded) > self._limit:
             return None  # the reference route refuses it, and says why
-        # Recorded only once every output was clean: otherwise the reference
+        # Recorded only once every lane decided: otherwise the reference
         # route records them all.
-        for out, (classes, scores, _) in zip(self.outputs, done, strict=True):
+        action, violations = Action.CLEAN, 0
+        for out, found in zip(self.outputs, done, strict=True):
+            counts = _counts(out.size, found)
+            if counts is not None:
+                violations += counts.total
+                action = max(action, _action(found))
             out.sink.record_clean(
                 out.size,
-                out.classes(classes),
-                np.frombuffer(scores, dtype=out.lane.dtype),
+                out.classes(found[0]),
+                np.frombuffer(found[1], dtype=out.lane.dtype),
                 out.labels,
                 out.rule,
                 out.rows(view),
                 multi_label=out.lane.multi_label > 0,
+                violations=counts,
             )
-        clean = self._clean
-        if clean is None:
-            clean = self._clean = self._make_counter()
-        clean.inc()
-        return GuardedResponse(guarded, Action.CLEAN, 0)
+        counter = self._counters.get(action)
+        if counter is None:
+            counter = self._counters[action] = self._make_counter(action)
+        counter.inc()
+        return GuardedResponse(guarded, action, violations)
+
+    def _assembled(self, body: bytes, view: memoryview, done: list[LaneResult]) -> bytes:
+        """The body, with each clamped output's values written over the old
+        ones (same place, same length), and the derived outputs appended."""
+        entries = [found[2] for found in done]
+        patches = sorted(
+            (out.start, out.end, found[3][0])
+            for out, found in zip(self.outputs, done, strict=True)
+            if len(found) == 4 and found[3][0] is not None
+        )
+        if not patches:
+            return body + b"".join(entries)
+        pieces: list[bytes | memoryview] = []
+        at = 0
+        for start, end, repaired in patches:
+            pieces += [view[at:start], repaired]
+            at = end
+        pieces.append(view[at:])
+        pieces += entries
+        return b"".join(pieces)
+
+
+def _action(found: LaneResult) -> Action:
+    """A lane that counted values clamped them, or only observed them."""
+    return Action.CLAMPED if len(found) == 4 and found[3][0] is not None else Action.OBSERVED
+
+
+def _counts(size: int, found: LaneResult) -> Counts | None:
+    """What a lane counted, as the reference counts it; ``None`` when clean."""
+    if len(found) != 4:
+        return None
+    _, below, above, inf = found[3]
+    return Counts(values=size, below_min=below, above_max=above, inf=inf)
 
 
 _PLAN_OUTPUTS_MAX = 16
@@ -402,7 +446,7 @@ def _make_plan(
     labels = (target.model_label, target.version, target.signature)
     return _Plan(
         tuple(outputs),
-        lambda: metrics.response_counter(*labels, Action.CLEAN),
+        lambda action: metrics.response_counter(*labels, action),
         book.max_message_bytes,
     )
 

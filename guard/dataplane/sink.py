@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from guard.dataplane.results import Action, Array, OutputResult
+from guard.dataplane.results import Action, Array, Counts, OutputResult
 from guard.dataplane.rulespec import OutputRule
 
 __all__ = ["Counter", "LabelTable", "MetricsSink", "OutputSink"]
@@ -42,11 +42,13 @@ class OutputSink(Protocol):
         rule: OutputRule,
         rows: Array | None = None,
         multi_label: bool = False,
+        violations: Counts | None = None,
     ) -> None:
-        """Record an output the native route found clean: ``size`` values, each
+        """Record an output the native route decided: ``size`` values, each
         row's best class (or, ``multi_label``, [rows, classes] of a threshold's
-        0/1) and score, and the values as [rows, classes] when the rule tracks
-        entropy (the same as :meth:`record` of the reference's result)."""
+        0/1) and largest value before repair, the values as [rows, classes]
+        when the rule tracks entropy, and the values it counted outside the
+        range (the same as :meth:`record` of the reference's result)."""
 
 
 class MetricsSink(Protocol):

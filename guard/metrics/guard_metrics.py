@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from guard.dataplane.cache import BoundedCache
 from guard.dataplane.kernels import row_entropy
-from guard.dataplane.results import Action, OutputResult
+from guard.dataplane.results import Action, Counts, OutputResult
 from guard.dataplane.rules import ABSTAINED, class_axis_size
 from guard.dataplane.rulespec import OutputRule
 from guard.metrics.collectors import (
@@ -327,13 +327,17 @@ class OutputRecorder:
         rule: OutputRule,
         rows: np.ndarray[Any, Any] | None = None,
         multi_label: bool = False,
+        violations: Counts | None = None,
     ) -> None:
-        """Record an output the native lane found clean: ``size`` values checked,
+        """Record an output the native lane decided: ``size`` values checked,
         each row's best class (or, ``multi_label``, [rows, classes] of a
-        threshold's 0/1) and score, and the values as [rows, classes] when the
-        rule tracks entropy. The same as :meth:`record` of the lane's result
+        threshold's 0/1) and largest value before repair, the values as
+        [rows, classes] when the rule tracks entropy, and what the lane
+        counted. The same as :meth:`record` of the reference's result
         (tests/dataplane/test_rank.py compares the two)."""
         self.values.inc(size)
+        if violations is not None:
+            self._count_violations(violations)
         self.histogram.observe(self.series, confidence)
         if multi_label:
             self._add_fired(classes)
@@ -352,15 +356,7 @@ class OutputRecorder:
         c = result.counts
         self.values.inc(c.values)
         if c.total:
-            for child, n in (
-                (self.below_min, c.below_min),
-                (self.above_max, c.above_max),
-                (self.nan, c.nan),
-                (self.inf, c.inf),
-                (self.bad_rows, c.bad_rows),
-            ):
-                if n:
-                    child.inc(n)
+            self._count_violations(c)
 
         checked = result.checked
         if class_axis_size(checked.shape) == 1:
@@ -378,6 +374,17 @@ class OutputRecorder:
         if result.abstained:
             self._count_abstained(result.abstained)
         self._record_classes(result, labels, rule)
+
+    def _count_violations(self, c: Counts) -> None:
+        for child, n in (
+            (self.below_min, c.below_min),
+            (self.above_max, c.above_max),
+            (self.nan, c.nan),
+            (self.inf, c.inf),
+            (self.bad_rows, c.bad_rows),
+        ):
+            if n:
+                child.inc(n)
 
     def _record_classes(
         self, result: OutputResult, labels: np.ndarray[Any, Any] | None, rule: OutputRule

@@ -11,6 +11,7 @@ the reference counts something, the kernel must decline.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -65,13 +66,13 @@ def assert_kernel_agrees(
         # in must be declined.
         return found
     assert expected is not None, "the kernel took an output the reference refuses"
-    assert expected.action == Action.CLEAN and expected.counts.total == 0
     assert expected.classes is not None
-    classes, scores, entries = found
+    assert_counted_alike(found, expected)
+    classes, scores, entries = found[:3]
     # A threshold's classes are every value's 0/1, a ranking's each row's best.
     np.testing.assert_array_equal(np.frombuffer(classes, np.int64), expected.classes.ravel())
-    # The histogram reads each row's best score; with a threshold the reference
-    # leaves it to the metrics, which take the row maximum.
+    # The histogram reads each row's best score before repair; with a threshold
+    # the reference leaves it to the metrics, which take the row maximum.
     best = expected.confidence if expected.confidence is not None else row_max(values)
     got = np.frombuffer(scores, values.dtype)
     np.testing.assert_array_equal(got.view(np.uint8), best.ravel().view(np.uint8))
@@ -80,6 +81,26 @@ def assert_kernel_agrees(
     )
     assert entries == written
     return found
+
+
+def assert_counted_alike(found: Any, expected: OutputResult) -> None:
+    """What the kernel counted (nothing, when it answers three items) and
+    repaired is what the reference counted and repaired, byte for byte."""
+    c = expected.counts
+    if len(found) == 3:
+        assert expected.action == Action.CLEAN and c.total == 0
+        return
+    repaired, below, above, inf = found[3]
+    assert (below, above, inf) == (c.below_min, c.above_max, c.inf)
+    assert c.nan == 0 and c.bad_rows == 0 and c.total > 0
+    if repaired is None:
+        assert expected.action == Action.OBSERVED and not expected.changed
+        return
+    assert expected.action == Action.CLAMPED
+    assert (
+        repaired
+        == np.ascontiguousarray(expected.values, "<" + expected.values.dtype.char).tobytes()
+    )
 
 
 def row_max(values: Array) -> Array:
@@ -105,23 +126,60 @@ def test_clean_softmax_rows_take_the_native_path() -> None:
     np.testing.assert_array_equal(np.frombuffer(found[0], np.int64), expected)
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [
-        lambda x: x.__setitem__((0, 3), np.nan),
-        lambda x: x.__setitem__((1, 0), np.inf),
-        lambda x: x.__setitem__((2, 7), -1e-7),
-        lambda x: x.__setitem__((3, 7), 1.5),
-        lambda x: x.__setitem__((4, slice(None)), x[4] * 1.01),  # the row sums to 1.01
-    ],
-)
-def test_anything_to_count_is_declined(bad: Any) -> None:
+#: What the kernel does with one bad value, by on_violation: "counts" (and,
+#: with clamp, repairs) or declines (None: the reference decides).
+_BAD_VALUES = [
+    # value, observe, clamp, reject
+    (np.nan, None, None, None),  # rejected by a clamp, ranked first by observe
+    (np.inf, None, "counts", None),
+    (-np.inf, None, "counts", None),
+    (1.5, "counts", "counts", None),
+    (-1e-7, "counts", "counts", None),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("bad", "observe", "clamp", "reject"), _BAD_VALUES)
+def test_values_out_of_range_are_counted_or_declined_by_policy(
+    dtype: Any, bad: float, observe: str | None, clamp: str | None, reject: str | None
+) -> None:
+    x = np.random.default_rng(1).dirichlet(np.ones(10), size=6).astype(dtype)
+    x[2, 7] = bad
+    for policy, expected in (("observe", observe), ("clamp", clamp), ("reject", reject)):
+        rule = OutputRule(top_k=3, on_violation=policy)  # type: ignore[arg-type]
+        found = assert_kernel_agrees(x, rule)
+        assert (found is not None and len(found) == 4) == (expected == "counts"), policy
+        result = reference(x, rule)
+        assert result is not None and result.counts.total == 1
+
+
+@pytest.mark.parametrize("policy", ["observe", "clamp"])
+def test_a_row_off_its_sum_is_declined_whatever_the_policy(policy: Any) -> None:
     x = np.random.default_rng(1).dirichlet(np.ones(10), size=6)
-    bad(x)
-    rule = OutputRule(check_sum=True, top_k=3)
+    x[4] *= 1.01  # the row sums to 1.01
+    x[1, 3] = 1.5  # and one value out of range, in a row that sums to more than 1
+    rule = OutputRule(check_sum=True, top_k=3, on_violation=policy)
     assert kernel(x, rule) is None
     result = reference(x, rule)
-    assert result is not None and result.counts.total > 0
+    assert result is not None and result.counts.bad_rows == 2
+
+
+def test_a_clamp_ranks_the_repaired_rows_and_reports_the_peaks_before_it() -> None:
+    x = np.array([[0.2, 1.5, 0.3, 1.2], [0.1, 0.7, -0.5, 0.2], [np.inf, 0.1, 0.9, -np.inf]])
+    rule = OutputRule(argmax=True, top_k=2, on_violation="clamp")
+    for dtype in (np.float32, np.float64):
+        values = x.astype(dtype)
+        found = assert_kernel_agrees(values, rule)
+        assert found is not None and len(found) == 4
+        repaired, below, above, inf = found[3]
+        assert (below, above, inf) == (1, 2, 2)
+        np.testing.assert_array_equal(
+            np.frombuffer(repaired, dtype).reshape(3, 4), np.clip(values, 0.0, 1.0)
+        )
+        # Ties at the bound rank by index: class 1 (1.5 -> 1.0) before class 3.
+        np.testing.assert_array_equal(np.frombuffer(found[0], np.int64), [1, 1, 0])
+        np.testing.assert_array_equal(np.frombuffer(found[1], dtype), values.max(axis=1))
+        assert np.frombuffer(found[1], dtype)[0] == 1.5
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -219,7 +277,8 @@ def test_the_encoder_refuses_entry_specs_it_cannot_write() -> None:
 
 @st.composite
 def near_clean(draw: st.DrawFn) -> tuple[Array, OutputRule]:
-    """Mostly clean softmax-like rows: sums near the tolerance, ties, zeros."""
+    """Mostly clean softmax-like rows: sums near the tolerance, ties, zeros, and
+    now and then values out of range."""
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     rows = draw(st.integers(1, 5))
     classes = draw(st.integers(1, 30))
@@ -244,6 +303,8 @@ def near_clean(draw: st.DrawFn) -> tuple[Array, OutputRule]:
     threshold = draw(thresholds(x))
     if threshold is not None and labels is not None:
         labels = ("NO", "YES")  # a threshold labels its 0 and 1
+    if draw(st.integers(0, 3)) == 0:
+        x = with_bad_values(draw, x)
     rule = OutputRule(
         valid_range=(lo, draw(st.sampled_from([1.0, 0.5]))),
         check_sum=draw(st.booleans()),
@@ -256,6 +317,37 @@ def near_clean(draw: st.DrawFn) -> tuple[Array, OutputRule]:
         **draw(activations()),
     )
     return x, rule
+
+
+#: Values outside some valid range: just past 1.0 in float32 and float64,
+#: past 0.5, below 0 and -1, infinite, NaN.
+_OUTSIDE = [1.5, float(np.nextafter(np.float32(1.0), np.float32(2.0))), 1.0 + 2**-52, 0.75,
+            -0.25, -1.5, -1e-30, np.inf, -np.inf, np.nan]  # fmt: skip
+
+
+def with_bad_values(draw: st.DrawFn, x: Array) -> Array:
+    """``x`` with one to three values (a row's worth, at most) out of range."""
+    x = x.copy()
+    for _ in range(draw(st.integers(1, 3))):
+        x.flat[draw(st.integers(0, x.size - 1))] = draw(st.sampled_from(_OUTSIDE))
+    return x
+
+
+@st.composite
+def out_of_range(draw: st.DrawFn) -> tuple[Array, OutputRule]:
+    """Rows with values out of range, under a rule that observes or clamps
+    them and derives outputs: what the lanes count and repair themselves."""
+    x, rule = draw(near_clean())
+    rule = dataclasses.replace(
+        rule,
+        activation="none",
+        temperature=None,
+        platt=None,
+        on_violation=draw(st.sampled_from(["observe", "clamp"])),
+        check_sum=rule.check_sum and draw(st.booleans()),
+        argmax=rule.argmax or (rule.threshold is None and not rule.top_k),
+    )
+    return with_bad_values(draw, x), rule
 
 
 @st.composite
@@ -302,6 +394,16 @@ def test_near_clean_outputs_agree_with_numpy(case: tuple[Array, OutputRule]) -> 
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(out_of_range())
+def test_values_out_of_range_are_counted_and_repaired_as_numpy_does(
+    case: tuple[Array, OutputRule],
+) -> None:
+    values, rule = case
+    for encoding in Encoding:
+        assert_kernel_agrees(values, rule, encoding)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_any_output_and_rule_agree_with_numpy(data: st.DataObject) -> None:
     values = data.draw(arrays())
@@ -315,8 +417,9 @@ def test_any_output_and_rule_agree_with_numpy(data: st.DataObject) -> None:
 
 @st.composite
 def guarded_cases(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
-    """A config rule and a response of mostly clean outputs, in any encoding."""
-    values, rule = draw(near_clean())
+    """A config rule and a response of mostly clean outputs, or of outputs with
+    values out of range, in any encoding."""
+    values, rule = draw(st.one_of(near_clean(), out_of_range()))
     encoding = draw(st.sampled_from([Encoding.TYPED, Encoding.CONTENT]))
     output: dict[str, Any] = {"name": "probs", "argmax": rule.argmax, "top_k": rule.top_k}
     output |= {"check_sum": rule.check_sum, "sum_tolerance": rule.sum_tolerance}
@@ -469,14 +572,26 @@ def test_a_value_at_its_threshold_is_class_0_compared_in_float64(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1.5, -1e-7])
-def test_a_threshold_rule_with_anything_to_count_is_declined(dtype: Any, bad: float) -> None:
+@pytest.mark.parametrize(("bad", "observe", "clamp", "reject"), _BAD_VALUES)
+def test_a_threshold_rule_counts_or_declines_by_policy(
+    dtype: Any, bad: float, observe: str | None, clamp: str | None, reject: str | None
+) -> None:
     x = np.full((4, 1), 0.5, dtype=dtype)
     x[2, 0] = bad
-    rule = OutputRule(threshold=0.5, labels=("NO", "YES"))
-    assert kernel(x, rule) is None
-    result = reference(x, rule)
-    assert result is not None and result.counts.total == 1
+    for policy, expected in (("observe", observe), ("clamp", clamp), ("reject", reject)):
+        rule = OutputRule(threshold=0.5, labels=("NO", "YES"), on_violation=policy)  # type: ignore[arg-type]
+        found = assert_kernel_agrees(x, rule)
+        assert (found is not None and len(found) == 4) == (expected == "counts"), policy
+        result = reference(x, rule)
+        assert result is not None and result.counts.total == 1
+
+
+def test_a_clamp_with_min_confidence_leaves_the_repair_to_the_reference() -> None:
+    # The abstention is decided on the repaired values, which the lane's check reads not.
+    x = np.array([[0.2, 1.5, 0.3]], dtype=np.float32)
+    assert kernel(x, OutputRule(argmax=True, on_violation="clamp", min_confidence=0.5)) is None
+    found = kernel(x, OutputRule(argmax=True, on_violation="clamp"))
+    assert found is not None and len(found) == 4
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,16 @@ _RULE_SETS = (
             ],
         }
     ],
+    # Values out of range, counted (and clamped) by the native lane.
+    [
+        {
+            "name": "*",
+            "outputs": [
+                {"name": "*", "on_violation": "clamp", "argmax": True, "top_k": 2},
+                {"name": "out1", "on_violation": "observe", "threshold": 0.5},
+            ],
+        }
+    ],
 )
 _CONFIGS = [parse_config({**_CONFIG, "models": m}, source="<fuzz>") for m in _RULE_SETS]
 _LIMIT = _CONFIGS[0].max_message_bytes
@@ -204,7 +214,8 @@ def seeds() -> list[bytes]:
                 view.model_spec.name = "fuzz"
                 view.model_spec.version.value = 1
                 body = view.SerializeToString()
-                out.extend(bytes([selector]) + body for selector in (0, 1, 2, 3, 0x40, 0x42, 0x43))
+                selectors = (0, 1, 2, 3, 4, 0x40, 0x42, 0x43)
+                out.extend(bytes([selector]) + body for selector in selectors)
                 out.append(b"\x80" + view.outputs["out1"].SerializeToString())
     # Clean rows (in range, summing to 1): the native clean path's case.
     for dtype in (np.float32, np.float64):
