@@ -398,15 +398,14 @@ ln_f32(float x)
     return e * (float)LN2 + s * series;
 }
 
-#define TERMS 256
 /* A row summing to less has no entropy: its subnormal values, counted as the
  * smallest normal number, would no longer be negligible against the sum. */
 #define MIN_SUM 1e-20
 
-/* Each row in blocks of TERMS values: a map loop writes v ln v (zeros count as
- * the smallest normal number, whose product with its log is 0), an integer OR
- * flags negative, NaN and infinite values, and LANES independent partial sums
- * add the values and the terms (no reassociation needed to vectorise). Then
+/* Each row in one loop of LANES independent partial sums (no reassociation
+ * needed to vectorise) of the values and of v ln v (zeros count as the
+ * smallest normal number, whose product with its log is 0), with an integer
+ * OR that flags negative, NaN and infinite values. Then
  * H = ln S - sum(p ln p) / S over ln(cols), clipped to [0, 1], or NaN for a
  * flagged row or a sum of 0: guard.dataplane.rules.normalized_entropy, the
  * numpy reference, within 1e-5. */
@@ -415,35 +414,30 @@ ln_f32(float x)
                                 double *out)                                               \
     {                                                                                      \
         const double norm = log((double)cols);                                             \
-        T term[TERMS];                                                                     \
         for (Py_ssize_t r = 0; r < rows; r++) {                                            \
             const T *row = values + r * cols;                                              \
             T sum[LANES] = {0}, plogp[LANES] = {0};                                        \
-            int bad = 0;                                                                   \
-            for (Py_ssize_t c0 = 0; c0 < cols; c0 += TERMS) {                              \
-                const T *block = row + c0;                                                 \
-                int n = (int)(cols - c0 < TERMS ? cols - c0 : TERMS);                      \
-                for (int i = 0; i < n; i++) {                                              \
-                    T v = block[i];                                                        \
-                    term[i] = v * LN(v > TMIN ? v : TMIN);                                 \
+            int flags[LANES] = {0};                                                        \
+            Py_ssize_t c = 0;                                                              \
+            for (; c + LANES <= cols; c += LANES)                                          \
+                for (int j = 0; j < LANES; j++) {                                          \
+                    T v = row[c + j];                                                      \
+                    flags[j] |= !(v >= 0) | (v > TMAX);                                    \
+                    sum[j] += v;                                                           \
+                    plogp[j] += v * LN(v > TMIN ? v : TMIN);                               \
                 }                                                                          \
-                for (int i = 0; i < n; i++)                                                \
-                    bad |= !(block[i] >= 0) | (block[i] > TMAX);                           \
-                int i = 0;                                                                 \
-                for (; i + LANES <= n; i += LANES)                                         \
-                    for (int j = 0; j < LANES; j++) {                                      \
-                        sum[j] += block[i + j];                                            \
-                        plogp[j] += term[i + j];                                           \
-                    }                                                                      \
-                for (int j = 0; i < n; i++, j++) {                                         \
-                    sum[j] += block[i];                                                    \
-                    plogp[j] += term[i];                                                   \
-                }                                                                          \
+            for (int j = 0; c < cols; c++, j++) {                                          \
+                T v = row[c];                                                              \
+                flags[j] |= !(v >= 0) | (v > TMAX);                                        \
+                sum[j] += v;                                                               \
+                plogp[j] += v * LN(v > TMIN ? v : TMIN);                                   \
             }                                                                              \
             double s = 0.0, a = 0.0;                                                       \
+            int bad = 0;                                                                   \
             for (int j = 0; j < LANES; j++) {                                              \
                 s += (double)sum[j];                                                       \
                 a += (double)plogp[j];                                                     \
+                bad |= flags[j];                                                           \
             }                                                                              \
             double h = (log(s) - a / s) / norm;                                            \
             if (bad || !(s >= MIN_SUM) || !isfinite(h))                                    \
