@@ -31,7 +31,7 @@ import numpy as np
 from guard.dataplane.codec import tensor
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.results import Array
-from guard.dataplane.rules import class_axis_size, rule_bounds
+from guard.dataplane.rules import activate, class_axis_size, rule_bounds
 from guard.dataplane.rulespec import OutputRule
 
 __all__ = ["Counted", "Lane", "LaneResult", "OutputSpec", "make_lane"]
@@ -80,6 +80,22 @@ class Lane:
     """Classes per row when the lane's classes are a threshold's 0/1 per
     class of a multi-class output (counted per class that fired), else 0."""
 
+    activation: OutputRule | None = None
+    """The rule, when it has an activation (see :meth:`checked`)."""
+    shape: tuple[int, ...] = ()
+
+    def checked(self, raw: Buffer) -> Buffer:
+        """What the rule checks and ranks: the output's values as they came, or
+        their activation. The activation is the reference's own numpy code
+        (:func:`guard.dataplane.rules.activate`): the tensor is rewritten with
+        these values, and numpy's SIMD ``exp`` gives other bytes than libm's
+        (float32 differs in about 40% of values), so no C copy of it could be
+        held to the reference byte for byte."""
+        if self.activation is None:
+            return raw
+        values = np.frombuffer(raw, dtype=self.dtype).reshape(self.shape)
+        return np.ascontiguousarray(activate(values, self.activation))
+
     def encode(self, values: Buffer) -> LaneResult | None:
         """The kernel's verdict on C-contiguous ``values`` (any alignment), or
         ``None`` when the numpy reference must decide."""
@@ -91,10 +107,11 @@ def make_lane(
 ) -> Lane | None:
     """The lane for one output, or ``None`` where only the reference applies.
 
-    Taken natively, when clean: rules with no activation that rank (argmax,
-    top-k) and/or threshold the raw values (one threshold, or one per class),
-    with or without labels. The kernel then answers the classes the metrics
-    count: each row's best class, or with a threshold every value's 0/1.
+    Taken natively, when clean: rules that rank (argmax, top-k) and/or
+    threshold the values (one threshold, or one per class), with or without
+    labels, after the rule's activation if it has one (:meth:`Lane.checked`).
+    The kernel then answers the classes the metrics count: each row's best
+    class, or with a threshold every value's 0/1.
     Values outside the valid range are counted by the kernel too, when
     ``on_violation`` is ``observe`` (finite ones) or ``clamp`` (±Inf too;
     the kernel writes the clamped values and derives from them), unless a NaN
@@ -102,10 +119,6 @@ def make_lane(
 
     Left to the reference:
 
-    - an activation (sigmoid, softmax, with or without temperature or Platt
-      scaling): it rewrites the tensor with activated values, which must be
-      numpy's bytes, and numpy's SIMD ``exp`` is not libm's (float32 differs
-      in about 40% of values; float64 on CPUs with AVX-512);
     - anything that abstains: with ``min_confidence`` the lane still answers,
       and guard.dataplane.pipeline sends a response to the reference when a
       row (ranking) or a value (threshold) falls below it; so that it can ask,
@@ -122,7 +135,6 @@ def make_lane(
     dtype_enum = _DTYPES.get(dtype)
     if (
         dtype_enum is None
-        or rule.activation != "none"
         or not rule.derives
         or c == 0
         or size == 0
@@ -140,6 +152,8 @@ def make_lane(
         dtype=dtype,
         names=tuple(name + suffix for suffix, *_ in wanted),
         multi_label=c if thresholds is not None and c > 1 else 0,
+        activation=rule if rule.activation != "none" else None,
+        shape=shape,
     )
 
 

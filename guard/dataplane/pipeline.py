@@ -38,7 +38,7 @@ from guard.dataplane.evaluate import (
     record,
     resolve,
 )
-from guard.dataplane.lanes import Lane, LaneResult
+from guard.dataplane.lanes import Buffer, Lane, LaneResult
 from guard.dataplane.results import Action, Array, Counts
 from guard.dataplane.rules import class_axis_size, threshold_unsure
 from guard.dataplane.rulespec import OutputRule
@@ -251,14 +251,14 @@ class _PlannedOutput:
     derived: int
     """The reference's bound on what the derived outputs take (rules.derived_bytes)."""
 
-    def sure(self, found: LaneResult, view: memoryview) -> bool:
+    def sure(self, found: LaneResult, checked: Buffer) -> bool:
         """Whether nothing abstains (an abstention takes the reference route):
         with a threshold, no value's prediction; else no row's best score."""
         floor = self.rule.min_confidence
         if floor is None:
             return True
         if self.rule.threshold is not None:
-            values = np.frombuffer(view[self.start : self.end], dtype=self.lane.dtype)
+            values = self.array(checked).ravel()
             classes = np.frombuffer(found[0], dtype=np.int64)
             return not threshold_unsure(values, classes, floor).any()
         return bool((np.frombuffer(found[1], dtype=self.lane.dtype) >= floor).all())
@@ -270,12 +270,25 @@ class _PlannedOutput:
             return classes.reshape(-1, self.lane.multi_label)
         return classes
 
-    def rows(self, view: memoryview) -> Array | None:
-        """The values as [rows, classes], read in place, for the entropy."""
+    def rows(self, checked: Buffer) -> Array | None:
+        """The checked values as [rows, classes], for the entropy."""
         if self.entropy_shape is None:
             return None
-        values = np.frombuffer(view[self.start : self.end], dtype=self.lane.dtype)
-        return values.reshape(self.entropy_shape)
+        return self.array(checked).reshape(self.entropy_shape)
+
+    def array(self, checked: Buffer) -> Array:
+        """The checked values as an array (read in place when not activated)."""
+        if isinstance(checked, np.ndarray):
+            return checked
+        return np.frombuffer(checked, dtype=self.lane.dtype)
+
+    def rewritten(self, found: LaneResult, checked: Buffer) -> bytes | memoryview | None:
+        """The values to write over the old ones: clamped or activated; ``None``
+        when the tensor stays as it came."""
+        if len(found) == 4 and found[3][0] is not None:
+            return found[3][0]
+        # An activation's values, C-contiguous and little-endian (the lanes' dtypes).
+        return checked.data if isinstance(checked, np.ndarray) else None
 
 
 class _Plan:
@@ -312,17 +325,18 @@ class _Plan:
         view = memoryview(body)
         done = []
         for out in self.outputs:
-            found = out.lane.encode(view[out.start : out.end])
-            if found is None or not out.sure(found, view):
+            checked = out.lane.checked(view[out.start : out.end])
+            found = out.lane.encode(checked)
+            if found is None or not out.sure(found, checked):
                 return None
-            done.append(found)
+            done.append((found, checked))
         guarded = self._assembled(body, view, done)
         if len(guarded) > self._limit:
             return None  # the reference route refuses it, and says why
         # Recorded only once every lane decided: otherwise the reference
         # route records them all.
         action, violations = Action.CLEAN, 0
-        for out, found in zip(self.outputs, done, strict=True):
+        for out, (found, checked) in zip(self.outputs, done, strict=True):
             counts = _counts(out.size, found)
             if counts is not None:
                 violations += counts.total
@@ -333,7 +347,7 @@ class _Plan:
                 np.frombuffer(found[1], dtype=out.lane.dtype),
                 out.labels,
                 out.rule,
-                out.rows(view),
+                out.rows(checked),
                 multi_label=out.lane.multi_label > 0,
                 violations=counts,
             )
@@ -343,21 +357,24 @@ class _Plan:
         counter.inc()
         return GuardedResponse(guarded, action, violations)
 
-    def _assembled(self, body: bytes, view: memoryview, done: list[LaneResult]) -> bytes:
-        """The body, with each clamped output's values written over the old
-        ones (same place, same length), and the derived outputs appended."""
-        entries = [found[2] for found in done]
-        patches = sorted(
-            (out.start, out.end, found[3][0])
-            for out, found in zip(self.outputs, done, strict=True)
-            if len(found) == 4 and found[3][0] is not None
-        )
+    def _assembled(
+        self, body: bytes, view: memoryview, done: list[tuple[LaneResult, Buffer]]
+    ) -> bytes:
+        """The body, with each clamped or activated output's values written
+        over the old ones (same place, same length), and the derived outputs
+        appended."""
+        entries = [found[2] for found, _ in done]
+        patches = []
+        for out, (found, checked) in zip(self.outputs, done, strict=True):
+            new = out.rewritten(found, checked)
+            if new is not None:
+                patches.append((out.start, out.end, new))
         if not patches:
             return body + b"".join(entries)
         pieces: list[bytes | memoryview] = []
         at = 0
-        for start, end, repaired in patches:
-            pieces += [view[at:start], repaired]
+        for start, end, new in sorted(patches, key=lambda patch: patch[0]):
+            pieces += [view[at:start], new]
             at = end
         pieces.append(view[at:])
         pieces += entries

@@ -47,12 +47,13 @@ def reference(values: Array, rule: OutputRule) -> OutputResult | None:
 
 
 def kernel(values: Array, rule: OutputRule, encoding: Encoding = Encoding.TYPED) -> Any:
-    """The lane's answer: ``"no lane"``, ``None`` (declined) or (classes, scores, entries)."""
+    """The lane's answer: ``"no lane"``, ``None`` (declined) or (classes, scores,
+    entries) and, when it counted values, what it counted and repaired."""
     spec = OutputSpec("probs", rule, label_table(rule.labels), values.shape, values.dtype, encoding)
     lane = native().lane(spec)
     if lane is None or not values.flags.c_contiguous:
         return "no lane"
-    return lane.encode(values)
+    return lane.encode(lane.checked(values))
 
 
 def assert_kernel_agrees(
@@ -68,12 +69,21 @@ def assert_kernel_agrees(
     assert expected is not None, "the kernel took an output the reference refuses"
     assert expected.classes is not None
     assert_counted_alike(found, expected)
+    if rule.activation != "none" and (len(found) == 3 or found[3][0] is None):
+        # The tensor is rewritten with the activated values, the reference's bytes.
+        spec = OutputSpec("probs", rule, None, values.shape, values.dtype, encoding)
+        lane = native().lane(spec)
+        assert lane is not None and expected.changed
+        np.testing.assert_array_equal(
+            np.asarray(lane.checked(values)).ravel().view(np.uint8),
+            expected.values.ravel().view(np.uint8),
+        )
     classes, scores, entries = found[:3]
     # A threshold's classes are every value's 0/1, a ranking's each row's best.
     np.testing.assert_array_equal(np.frombuffer(classes, np.int64), expected.classes.ravel())
     # The histogram reads each row's best score before repair; with a threshold
     # the reference leaves it to the metrics, which take the row maximum.
-    best = expected.confidence if expected.confidence is not None else row_max(values)
+    best = expected.confidence if expected.confidence is not None else row_max(expected.checked)
     got = np.frombuffer(scores, values.dtype)
     np.testing.assert_array_equal(got.view(np.uint8), best.ravel().view(np.uint8))
     written = b"".join(
@@ -94,7 +104,7 @@ def assert_counted_alike(found: Any, expected: OutputResult) -> None:
     assert (below, above, inf) == (c.below_min, c.above_max, c.inf)
     assert c.nan == 0 and c.bad_rows == 0 and c.total > 0
     if repaired is None:
-        assert expected.action == Action.OBSERVED and not expected.changed
+        assert expected.action == Action.OBSERVED
         return
     assert expected.action == Action.CLAMPED
     assert (
@@ -602,6 +612,26 @@ def test_a_clamp_with_min_confidence_leaves_the_repair_to_the_reference() -> Non
         OutputRule(activation="sigmoid", temperature=2.0, top_k=1),
         OutputRule(activation="softmax", argmax=True),
         OutputRule(activation="softmax", temperature=0.5, top_k=2, check_sum=True),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_activated_outputs_take_the_lane_with_numpys_activated_bytes(
+    rule: OutputRule, dtype: Any
+) -> None:
+    x = np.random.default_rng(4).normal(0, 3, (16, 3)).astype(dtype)
+    found = assert_kernel_agrees(x, rule)
+    assert found not in ("no lane", None)
+    spec = OutputSpec("probs", rule, None, x.shape, x.dtype, Encoding.TYPED)
+    lane = native().lane(spec)
+    assert lane is not None
+    result = reference(x, rule)
+    assert result is not None and result.changed
+    assert np.asarray(lane.checked(x)).tobytes() == result.values.tobytes()
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
         OutputRule(threshold=(0.5, 0.5)),  # two thresholds, three classes
         OutputRule(threshold=(0.5,)),  # one threshold in a list, three classes
         OutputRule(threshold=0.5, top_k=1, labels=("NO", "YES")),  # top-k labels 3 classes
