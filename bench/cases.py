@@ -8,7 +8,7 @@ Each case is a canned upstream (:mod:`bench.upstream`) and a rule:
 
 - ``1x1``: one float32 value, in range; clamp + argmax.
 - ``1024x201``: 1024 softmax rows of 201 classes, 1 % of the values above 1.0
-  (about 3.3 MB of float_val); clamp + argmax, so every response is repaired.
+  (823 KB of packed float_val); clamp + argmax, so every response is repaired.
 - ``threshold``: a binary classifier's [8, 1] probabilities, threshold 0.5 with
   labels, observe (the seeds' binary_mlp rule).
 
@@ -45,7 +45,7 @@ DESCRIPTION = (
     "The guard's CPU per request on three gRPC responses against the raw grpc.aio "
     "passthrough (the floor of a Python hop) and nginx `grpc_pass`, each case its own "
     "canned upstream: `1x1` (one value in range; clamp + argmax), `1024x201` (softmax "
-    "rows, 1 % of the values above 1.0, about 3.3 MB of float_val; clamp + argmax: every "
+    "rows, 1 % of the values above 1.0, 823 KB of packed float_val; clamp + argmax: every "
     "response repaired) and `threshold` ([8, 1] probabilities; threshold 0.5 with labels, "
     "the seeds' binary_mlp rule). h2load with 4 connections x 8 streams (32 calls in "
     "flight); every path started fresh per round in a rotating order; CPU from /proc, "

@@ -47,6 +47,11 @@ class Case:
     encoding: str
     threshold: bool = False
     """binary_mlp's threshold rule instead of the softmax ranking."""
+    repair: bool = False
+    """1 % of the values above 1.0, clamped (no sum check: the rows are repaired
+    value by value, not renormalised)."""
+    softmax: bool = False
+    """Logits, with the softmax activation before the checks."""
 
     @property
     def k(self) -> int:
@@ -56,7 +61,8 @@ class Case:
     @property
     def label(self) -> str:
         """Human-readable name."""
-        return f"{self.rows}x{self.classes} {self.encoding}" + " threshold" * self.threshold
+        kind = " threshold" * self.threshold + " repair" * self.repair + " softmax" * self.softmax
+        return f"{self.rows}x{self.classes} {self.encoding}{kind}"
 
 
 def model_for(case: Case) -> payloads.CannedModel:
@@ -76,10 +82,17 @@ def response_bytes(case: Case) -> bytes:
 def values_for(case: Case) -> np.ndarray:
     """Valid softmax rows for the case (probabilities in [0, 1] for a threshold)."""
     seed = case.rows * 7 + case.classes
+    rng = np.random.default_rng(seed)
     if case.threshold:
-        rng = np.random.default_rng(seed)
         return rng.uniform(0.0, 1.0, (case.rows, case.classes)).astype(np.float32)
-    return payloads.softmax_rows(case.rows, case.classes, seed=seed)
+    if case.softmax:
+        return rng.normal(0.0, 2.0, (case.rows, case.classes)).astype(np.float32)
+    values = payloads.softmax_rows(case.rows, case.classes, seed=seed)
+    if case.repair:
+        flat = values.reshape(-1)
+        count = max(1, flat.size // 100)
+        flat[rng.choice(flat.size, count, replace=False)] = rng.uniform(1.001, 1.1, count)
+    return values
 
 
 def label_table(classes: int) -> np.ndarray:
@@ -143,6 +156,22 @@ def floor_math(values: np.ndarray, k: int, labels: np.ndarray) -> dict[str, Any]
     }
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Each row's softmax, shifted by its maximum."""
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    out: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+    return out
+
+
+def case_math(case: Case, labels: np.ndarray) -> Callable[[np.ndarray], dict[str, Any]]:
+    """The floor's math for the case."""
+    if case.threshold:
+        return lambda v: threshold_math(v, labels)
+    if case.softmax:
+        return lambda v: floor_math(softmax(v), case.k, labels)
+    return lambda v: floor_math(v, case.k, labels)
+
+
 def threshold_math(values: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Check (range, NaN/Inf), then each value's class ``p > 0.5`` and label."""
     nan = int(np.count_nonzero(np.isnan(values)))
@@ -162,8 +191,9 @@ def derived_suffixes(case: Case) -> tuple[str, ...]:
 # --- (i) naive: the official message classes -----------------------------------------------
 
 
-def naive_path(k: int, labels: np.ndarray, threshold: bool = False) -> Callable[[bytes], bytes]:
+def naive_path(case: Case, labels: np.ndarray) -> Callable[[bytes], bytes]:
     """Decode, compute and re-encode with the official TF Serving classes."""
+    math = case_math(case, labels)
     pb = payloads.official_protos()
     response_cls = pb.predict_pb2.PredictResponse
     dt_float, dt_int64, dt_string = (pb.types_pb2.DT_FLOAT, pb.types_pb2.DT_INT64,
@@ -199,12 +229,10 @@ def naive_path(k: int, labels: np.ndarray, threshold: bool = False) -> Callable[
             values = np.frombuffer(tensor.tensor_content, dtype=np.float32).reshape(shape).copy()
         else:
             values = np.array(tensor.float_val, dtype=np.float32).reshape(shape)
-        if threshold:  # observed, not clamped: the values stay as they are
-            result = threshold_math(values, labels)
-        else:
-            result = floor_math(values, k, labels)
+        result = math(values)
+        if not case.threshold:  # a threshold observes: the values stay as they are
             put(tensor, result["values"], content)
-        for suffix in derived_suffixes(Case(0, 0, "", threshold)):
+        for suffix in derived_suffixes(case):
             put(response.outputs[f"{OUTPUT}_{suffix}"], result[suffix], content)
         return bytes(response.SerializeToString())
 
@@ -220,25 +248,19 @@ def rule_document(case: Case) -> dict[str, Any]:
         output = {"name": OUTPUT, "valid_range": [LO, HI], "on_violation": "observe",
                   "threshold": THRESHOLD, "labels": list(BINARY_LABELS)}  # fmt: skip
         return {"models": [{"name": "micro", "outputs": [output]}]}
-    return {
-        "models": [
-            {
-                "name": "micro",
-                "outputs": [
-                    {
-                        "name": OUTPUT,
-                        "valid_range": [LO, HI],
-                        "check_sum": True,
-                        "sum_tolerance": TOLERANCE,
-                        "on_violation": "clamp",
-                        "argmax": True,
-                        "top_k": case.k,
-                        "labels": payloads.labels(case.classes),
-                    }
-                ],
-            }
-        ]
+    output = {
+        "name": OUTPUT,
+        "valid_range": [LO, HI],
+        "check_sum": not case.repair,
+        "sum_tolerance": TOLERANCE,
+        "on_violation": "clamp",
+        "argmax": True,
+        "top_k": case.k,
+        "labels": payloads.labels(case.classes),
     }
+    if case.softmax:
+        output["activation"] = "softmax"
+    return {"models": [{"name": "micro", "outputs": [output]}]}
 
 
 def guard_path(case: Case, native: bool = True) -> Callable[[bytes], bytes] | None:
@@ -325,11 +347,8 @@ def run_case(case: Case, budget_s: float, native: bool = True) -> dict[str, Any]
     body = response_bytes(case)
     labels = case_labels(case)
     values = values_for(case)
-    naive = naive_path(case.k, labels, case.threshold)
-    if case.threshold:
-        floor: Callable[[np.ndarray], Any] = lambda v: threshold_math(v, labels)  # noqa: E731
-    else:
-        floor = lambda v: floor_math(v, case.k, labels)  # noqa: E731
+    naive = naive_path(case, labels)
+    floor = case_math(case, labels)
     out: dict[str, Any] = {
         "shape": f"{case.rows}x{case.classes}",
         "encoding": case.encoding,

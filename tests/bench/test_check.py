@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -9,13 +11,21 @@ from bench import check, micro
 
 
 @pytest.mark.parametrize("encoding", ["float_val", "tensor_content"])
-@pytest.mark.parametrize("case_shape", [(16, 12, False), (16, 1, True)])
-def test_guard_and_naive_paths_agree(encoding: str, case_shape: tuple[int, int, bool]) -> None:
-    rows, classes, threshold = case_shape
-    case = micro.Case(rows, classes, encoding, threshold)
+@pytest.mark.parametrize(
+    "case",
+    [
+        micro.Case(16, 12, ""),
+        micro.Case(16, 1, "", threshold=True),
+        micro.Case(128, 12, "", repair=True),
+        micro.Case(16, 12, "", softmax=True),
+    ],
+    ids=lambda case: case.label.strip(),
+)
+def test_guard_and_naive_paths_agree(encoding: str, case: micro.Case) -> None:
+    case = dataclasses.replace(case, encoding=encoding)
     guard = micro.guard_path(case)
     assert guard is not None
-    naive = micro.naive_path(case.k, micro.case_labels(case), case.threshold)
+    naive = micro.naive_path(case, micro.case_labels(case))
     body = micro.response_bytes(case)
     micro.check_same_answer(case, guard(body), naive(body))
 
@@ -44,6 +54,16 @@ def test_bench_check_notices_the_native_modules_missing() -> None:
     # a C compiler runs) the guard takes about twice the numpy floor: the
     # bounds are tight enough to see that.
     outcomes = check.check(check.THRESHOLDS[:1], budget_s=0.05, attempts=2, native=False)
+    assert outcomes[0].misses()
+
+
+@pytest.mark.parametrize("kind", ["repair", "softmax"])
+def test_bench_check_notices_repairs_and_activations_off_the_native_lane(kind: str) -> None:
+    # Both took the numpy reference before the lanes counted, clamped and
+    # ranked activated values themselves.
+    cases = tuple(t for t in check.THRESHOLDS if getattr(t, kind))
+    assert cases
+    outcomes = check.check(cases[:1], budget_s=0.05, attempts=2, native=False)
     assert outcomes[0].misses()
 
 
