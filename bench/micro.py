@@ -140,9 +140,11 @@ def floor_math(values: np.ndarray, k: int, labels: np.ndarray) -> dict[str, Any]
     cls = clipped.argmax(axis=-1)
     score = np.take_along_axis(clipped, cls[..., None], axis=-1)[..., 0]
     top_cls, top_score = top_k(clipped, k)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = np.einsum("ij,ij->i", values, np.log(values))
-    entropy = -plogp / np.log(values.shape[-1])
+    entropy = None
+    if values.shape[-1] >= 2:  # one class has no entropy (and ln 1 is 0): the guard skips it
+        with np.errstate(divide="ignore", invalid="ignore"):
+            plogp = np.einsum("ij,ij->i", values, np.log(values))
+        entropy = -plogp / np.log(values.shape[-1])
     return {
         "counts": (nan, below, above, bad_rows),
         "entropy": entropy,
