@@ -8,7 +8,8 @@ metadata come back unchanged. Whatever the guard costs above this is its own.
     python -m bench.passthrough --upstream 127.0.0.1:8510 --listen 127.0.0.1:0 --port-file F
 
 ``--uvloop``, ``--sync`` and ``--server-option`` / ``--channel-option`` exist to
-measure what lowers the cost of the hop itself.
+measure what lowers the cost of the hop itself; ``--stream-unary`` what the
+guard's own way of receiving a request costs.
 """
 
 from __future__ import annotations
@@ -43,18 +44,30 @@ def forwardable(metadata: Sequence[tuple[str, str | bytes]] | None) -> Metadata:
 
 
 class AsyncPassthrough(grpc.GenericRpcHandler):
-    """grpc.aio generic handler forwarding every unary method as bytes."""
+    """grpc.aio generic handler forwarding every unary method as bytes.
 
-    def __init__(self, channel: grpc.aio.Channel, forward_trailers: bool = True) -> None:
+    ``stream_unary`` serves each method as the guard does: a stream-unary
+    handler that reads the one request message itself (``context.read()``,
+    which the guard bounds by ``request_timeout_s``), so the cost of that
+    read can be told apart from the guard's own."""
+
+    def __init__(
+        self, channel: grpc.aio.Channel, forward_trailers: bool = True, stream_unary: bool = False
+    ) -> None:
         self._channel = channel
         self._forward_trailers = forward_trailers
+        self._stream_unary = stream_unary
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
         handler = self._handlers.get(method)
         if handler is None:
-            handler = grpc.unary_unary_rpc_method_handler(self._behaviour(method))
+            behaviour = self._behaviour(method)
+            if self._stream_unary:
+                handler = grpc.stream_unary_rpc_method_handler(_reading(behaviour))
+            else:
+                handler = grpc.unary_unary_rpc_method_handler(behaviour)
             self._handlers[method] = handler
         return handler
 
@@ -84,6 +97,17 @@ class AsyncPassthrough(grpc.GenericRpcHandler):
             return response
 
         return behaviour
+
+
+def _reading(
+    behaviour: Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]],
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[bytes]]:
+    async def read_then_forward(_requests: Any, context: grpc.aio.ServicerContext) -> bytes:
+        request = await context.read()
+        assert isinstance(request, bytes), "the benchmark's clients send one message"
+        return await behaviour(request, context)
+
+    return read_then_forward
 
 
 class SyncPassthrough(grpc.GenericRpcHandler):
@@ -139,11 +163,12 @@ async def start_async(
     server_options: Sequence[str] = (),
     channel_options: Sequence[str] = (),
     forward_trailers: bool = True,
+    stream_unary: bool = False,
 ) -> tuple[grpc.aio.Server, grpc.aio.Channel, int]:
     """Start the asyncio passthrough; return server, upstream channel and port."""
     channel = grpc.aio.insecure_channel(upstream, options=_options(channel_options))
     server = grpc.aio.server(options=_options(server_options))
-    server.add_generic_rpc_handlers((AsyncPassthrough(channel, forward_trailers),))
+    server.add_generic_rpc_handlers((AsyncPassthrough(channel, forward_trailers, stream_unary),))
     port = server.add_insecure_port(listen)
     await server.start()
     return server, channel, port
@@ -159,6 +184,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync", action="store_true", help="use the thread-pool server instead")
     p.add_argument("--workers", type=int, default=8, help="threads of the --sync server")
     p.add_argument("--no-trailers", action="store_true", help="skip forwarding trailers")
+    p.add_argument(
+        "--stream-unary",
+        action="store_true",
+        help="serve each method stream-unary and read the request, as the guard does",
+    )
     p.add_argument("--server-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--channel-option", action="append", default=[], metavar="KEY=VALUE")
     return p.parse_args(argv)
@@ -171,6 +201,7 @@ async def _main_async(args: argparse.Namespace) -> None:
         args.server_option,
         args.channel_option,
         forward_trailers=not args.no_trailers,
+        stream_unary=args.stream_unary,
     )
     if args.port_file:
         write_port_file(args.port_file, {"grpc": port})

@@ -185,6 +185,8 @@ PATHS: dict[str, Starter] = {
     "passthrough-uvloop": _passthrough("--uvloop", name="passthrough-uvloop"),
     "passthrough-sync": _passthrough("--sync", name="passthrough-sync"),
     "passthrough-notrailers": _passthrough("--no-trailers", name="passthrough-notrailers"),
+    # The guard's stream-unary handler and its own read of the request.
+    "passthrough-stream": _passthrough("--stream-unary", name="passthrough-stream"),
     "passthrough-nobdp": _passthrough(
         "--server-option=grpc.http2.bdp_probe=0",
         "--channel-option=grpc.http2.bdp_probe=0",
