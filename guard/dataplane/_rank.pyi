@@ -6,6 +6,8 @@ from _typeshed import ReadableBuffer
 from numpy import ndarray
 
 Buffer = ReadableBuffer | ndarray[Any, Any]
+#: What a lane counted: the clamped values (None when it observed), below, above, infinite.
+Counted = tuple[bytes | None, int, int, int]
 
 MAX_K: int
 """The largest k the native top-k ranks (larger k take the numpy reference)."""
@@ -25,7 +27,11 @@ def clean_rank_encode(
     score_key: int,
     entries: tuple[tuple[object, ...], ...],
     thresholds: bytes | None = None,
+    repair: int = 0,
     /,
-) -> tuple[bytes, bytes, bytes] | None: ...
+) -> tuple[bytes, bytes, bytes] | tuple[bytes, bytes, bytes, Counted] | None:
+    """See the docstring in guard/dataplane/_rank.c: 0 declines anything out
+    of range, 1 counts it (observe), 2 counts and clamps it."""
+
 def row_entropy(values: Buffer, rows: int, cols: int, /) -> bytes:
     """Each row's normalised entropy of float32 values, as float64 (see _rank.c)."""

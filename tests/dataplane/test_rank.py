@@ -263,6 +263,17 @@ def test_the_kernel_refuses_arguments_that_do_not_describe_the_buffer() -> None:
         _rank_encode(big, 8, 1, 40, native().max_k + 1)
 
 
+@pytest.mark.parametrize("repair", [-1, 3])
+def test_the_kernel_refuses_a_repair_mode_it_does_not_know(repair: int) -> None:
+    x = np.full((2, 3), 1 / 3, dtype=np.float32)
+    encode = native().rank_module.clean_rank_encode
+    entries = ((b"\x0a\x01a", b"\x08\x09", 0),)
+    args = (x, 4, 2, 3, 1, 0.0, 1.0, True, 0.999, 1.001, False, 0x2A, entries, None)
+    assert encode(*args, 2) is not None
+    with pytest.raises(ValueError, match="do not describe the buffer"):
+        encode(*args, repair)
+
+
 def test_the_encoder_refuses_entry_specs_it_cannot_write() -> None:
     x = np.full((2, 3), 1 / 3, dtype=np.float32)
     encode = native().rank_module.clean_rank_encode
