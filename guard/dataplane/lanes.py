@@ -107,27 +107,19 @@ def make_lane(
 ) -> Lane | None:
     """The lane for one output, or ``None`` where only the reference applies.
 
-    Taken natively, when clean: rules that rank (argmax, top-k) and/or
-    threshold the values (one threshold, or one per class), with or without
-    labels, after the rule's activation if it has one (:meth:`Lane.checked`).
-    The kernel then answers the classes the metrics count: each row's best
-    class, or with a threshold every value's 0/1.
-    Values outside the valid range are counted by the kernel too, when
-    ``on_violation`` is ``observe`` (finite ones) or ``clamp`` (±Inf too;
-    the kernel writes the clamped values and derives from them), unless a NaN
-    or a row off its sum leaves the verdict to the reference.
+    Taken natively: rules that rank (argmax, top-k) and/or threshold the
+    values (one threshold, or one per class), with or without labels, after
+    the rule's activation if any (:meth:`Lane.checked`). The kernel answers
+    the classes the metrics count (each row's best, or every value's 0/1),
+    and counts values out of range when the rule observes them (finite ones)
+    or clamps them (±Inf too; it derives from the clamped values).
 
-    Left to the reference:
-
-    - anything that abstains: with ``min_confidence`` the lane still answers,
-      and guard.dataplane.pipeline sends a response to the reference when a
-      row (ranking) or a value (threshold) falls below it; so that it can ask,
-      a clamp with ``min_confidence`` leaves every repair to the reference;
-    - ``on_violation: reject`` with a value out of range (the reference
-      writes the rejection);
-    - float16, rank 0 with a threshold, no values or no classes, k beyond
-      ``max_k``, and thresholds or labels that do not fit the classes (the
-      reference raises the error for those).
+    Left to the reference: a NaN or a row off its sum; ``reject`` with a value
+    out of range; an abstention (the pipeline asks when ``min_confidence`` is
+    set, so a clamp with it leaves every repair to the reference); float16,
+    rank 0 with a threshold, no values or no classes, k beyond ``max_k``, and
+    thresholds or labels that do not fit the classes (the reference raises
+    the error for those).
     """
     name, rule, labels, shape, dtype, encoding = spec
     c = class_axis_size(shape)

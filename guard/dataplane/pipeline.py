@@ -324,21 +324,29 @@ class _Plan:
             return None
         view = memoryview(body)
         done = []
+        rewrites = False
+        # Per call on every response: the clean case stays a few attribute reads.
         for out in self.outputs:
-            checked = out.lane.checked(view[out.start : out.end])
+            raw = view[out.start : out.end]
+            checked = raw if out.lane.activation is None else out.lane.checked(raw)
             found = out.lane.encode(checked)
-            if found is None or not out.sure(found, checked):
+            if found is None:
                 return None
+            if out.rule.min_confidence is not None and not out.sure(found, checked):
+                return None
+            rewrites = rewrites or checked is not raw or len(found) == 4
             done.append((found, checked))
-        guarded = self._assembled(body, view, done)
+        entries = b"".join([found[2] for found, _ in done])
+        guarded = self._assembled(body, view, done, entries) if rewrites else body + entries
         if len(guarded) > self._limit:
             return None  # the reference route refuses it, and says why
         # Recorded only once every lane decided: otherwise the reference
         # route records them all.
         action, violations = Action.CLEAN, 0
         for out, (found, checked) in zip(self.outputs, done, strict=True):
-            counts = _counts(out.size, found)
-            if counts is not None:
+            counts = None
+            if len(found) == 4:
+                counts = _counts(out.size, found)
                 violations += counts.total
                 action = max(action, _action(found))
             out.sink.record_clean(
@@ -358,26 +366,26 @@ class _Plan:
         return GuardedResponse(guarded, action, violations)
 
     def _assembled(
-        self, body: bytes, view: memoryview, done: list[tuple[LaneResult, Buffer]]
+        self,
+        body: bytes,
+        view: memoryview,
+        done: list[tuple[LaneResult, Buffer]],
+        entries: bytes,
     ) -> bytes:
         """The body, with each clamped or activated output's values written
         over the old ones (same place, same length), and the derived outputs
         appended."""
-        entries = [found[2] for found, _ in done]
         patches = []
         for out, (found, checked) in zip(self.outputs, done, strict=True):
             new = out.rewritten(found, checked)
             if new is not None:
                 patches.append((out.start, out.end, new))
-        if not patches:
-            return body + b"".join(entries)
         pieces: list[bytes | memoryview] = []
         at = 0
         for start, end, new in sorted(patches, key=lambda patch: patch[0]):
             pieces += [view[at:start], new]
             at = end
-        pieces.append(view[at:])
-        pieces += entries
+        pieces += [view[at:], entries]
         return b"".join(pieces)
 
 
@@ -386,10 +394,10 @@ def _action(found: LaneResult) -> Action:
     return Action.CLAMPED if len(found) == 4 and found[3][0] is not None else Action.OBSERVED
 
 
-def _counts(size: int, found: LaneResult) -> Counts | None:
-    """What a lane counted, as the reference counts it; ``None`` when clean."""
+def _counts(size: int, found: LaneResult) -> Counts:
+    """What a lane counted, as the reference counts it (nothing, when clean)."""
     if len(found) != 4:
-        return None
+        return Counts(values=size)
     _, below, above, inf = found[3]
     return Counts(values=size, below_min=below, above_max=above, inf=inf)
 
