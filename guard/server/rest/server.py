@@ -29,6 +29,7 @@ from guard.dataplane.errors import GuardError, ResponseTooLargeError
 from guard.dataplane.rulespec import SERVING_DEFAULT
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server import tls
+from guard.server.deadlines import Deadlines
 from guard.server.gate import Gate, Refusal
 from guard.server.rest.call import Answer, RestCall
 from guard.server.rest.guarding import RestRequest, guard_rest_response
@@ -77,6 +78,8 @@ class RestFrontEnd:
         self._site: web.TCPSite | None = None
         self._http: HttpServer | None = None
         self._timeout = aiohttp.ClientTimeout(total=config.default_timeout_s)
+        # request_timeout_s on every body read, one loop timer per 10 ms tick (as gRPC's).
+        self._deadlines = Deadlines()
         self._active = 0
         self._stopping = False
         self.cut_off: float | None = None
@@ -177,10 +180,14 @@ class RestFrontEnd:
         if (request.content_length or 0) > config.max_request_bytes:
             raise _too_large(request.content_length or 0, config)
         gate.pending += 1
+        task = asyncio.current_task()
+        assert task is not None
+        key = self._deadlines.start(task, config.request_timeout_s)
         try:
-            async with asyncio.timeout(config.request_timeout_s):
-                return await request.read()
-        except TimeoutError:
+            return await request.read()
+        except asyncio.CancelledError:
+            if not self._deadlines.stop(key, task):
+                raise
             raise Answer(
                 408,
                 f"guard: the request body did not arrive within request_timeout_s "
@@ -191,6 +198,7 @@ class RestFrontEnd:
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(None, config) from None
         finally:
+            self._deadlines.stop(key, task)
             gate.pending -= 1
 
     @asynccontextmanager
