@@ -65,12 +65,14 @@ class Threshold:
 # naive/guard 0.15-0.67: the bounds sit about 1.5-2.5x from the worst native
 # figures and about 2x from the best of the reference's.
 #
-# The lanes that count and clamp (256x201, 1 % of the values above 1.0,
-# clamp, no sum check) and rank activated values (64x10 logits, softmax),
-# quiet box, two runs each: repair guard/floor 0.93-1.01, naive/guard 8.5-8.9;
-# softmax 0.46-0.50 and 4.6-4.8. On the reference kernels: repair 1.99-2.13
-# and 3.5-4.4, softmax 2.45-2.49 and 0.96-1.44. The bounds sit 1.6-2.4x from
-# the native figures, and the reference misses both of each.
+# The lanes that count and clamp (64x20, 1 % of the values above 1.0, clamp,
+# no sum check) and rank activated values (64x10 logits, softmax), three
+# single measurements each beside a running test suite: repair guard/floor
+# 0.25-0.34, naive/guard 7.8-12.2; softmax 0.49-0.61 and 3.6-4.5. On the
+# reference kernels: repair 2.6-2.9 and 0.74-1.42, softmax 1.7-2.4 and
+# 0.96-1.32. (A 256x201 repair case was tried first: there the numpy floor's
+# own clip dominates, and the reference came within its bounds now and then.)
+# The bounds sit about 2-3x from the native figures; the reference misses both.
 THRESHOLDS: tuple[Threshold, ...] = (
     Threshold(64, 10, "float_val", 1.2, 2.5),
     Threshold(64, 10, "tensor_content", 1.2, 2.5),
@@ -78,7 +80,7 @@ THRESHOLDS: tuple[Threshold, ...] = (
     Threshold(256, 201, "tensor_content", 1.5, 1.3),
     Threshold(8, 1, "float_val", 5.0, 1.2, threshold=True),
     Threshold(8, 1, "tensor_content", 5.0, 1.2, threshold=True),
-    Threshold(256, 201, "float_val", 1.6, 5.0, repair=True),
+    Threshold(64, 20, "float_val", 1.0, 3.0, repair=True),
     Threshold(64, 10, "float_val", 1.2, 2.0, softmax=True),
 )
 
