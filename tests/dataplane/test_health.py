@@ -109,10 +109,15 @@ def _softmax(z: Array) -> Array:
 @settings(max_examples=150, deadline=None)
 @given(hnp.arrays(np.float32, st.tuples(st.integers(1, 5), st.integers(2, 12)), elements=finite),
        st.floats(0.05, 20))  # fmt: skip
+@example(np.array([[30.0, 29.9375]], dtype=np.float32), 0.0546875)
 def test_temperature_is_softmax_of_logits_over_t(logits: Array, t: float) -> None:
     rule = OutputRule(activation="softmax", temperature=t)
     got = apply_rule(logits, rule, None, "m", "o").values
-    want = _softmax(logits.astype(np.float64) / np.float32(t))
+    # The logits are scaled in their own dtype (float32), as the rule documents;
+    # the softmax of those scaled logits is then taken in float64. Scaling in
+    # float64 instead would differ by the float32 rounding of z / t, which
+    # grows with |z / t| (found by hypothesis: 30 / 0.0547 moved p by 6e-6).
+    want = _softmax((logits / np.float32(t)).astype(np.float64))
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
 
