@@ -38,7 +38,7 @@ from guard.dataplane.evaluate import (
     record,
     resolve,
 )
-from guard.dataplane.lanes import Buffer, Lane, LaneResult
+from guard.dataplane.lanes import Buffer, Counted, Lane, LaneResult
 from guard.dataplane.results import Action, Array, Counts
 from guard.dataplane.rules import class_axis_size, threshold_unsure
 from guard.dataplane.rulespec import OutputRule
@@ -198,25 +198,37 @@ def _encode(response: Response, verdict: Verdict, encodings: dict[str, Encoding]
         for out in verdict.outputs
         for derived in out.result.derived
     ]
-    return _rewritten(response, verdict, encodings) + b"".join(entries)
+    return _rewritten(response, verdict, encodings, b"".join(entries))
 
 
-def _rewritten(response: Response, verdict: Verdict, encodings: dict[str, Encoding]) -> bytes:
+def _rewritten(
+    response: Response, verdict: Verdict, encodings: dict[str, Encoding], entries: bytes
+) -> bytes:
     changed = [out for out in verdict.outputs if out.result.changed]
     if not changed:
-        return response.data
-    patches: list[tuple[tuple[int, int], bytes]] = []
+        return response.data + entries
+    patches: list[_Patch] = []
     for out in changed:
         span = response.span(out.name, out.result.values)
         if span is None:
-            return _serialized(response, changed, encodings)
-        patches.append((span, _little_endian(out.result.values)))
-    data, at = memoryview(response.data), 0
+            return _serialized(response, changed, encodings) + entries
+        patches.append((*span, _little_endian(out.result.values)))
+    return _patched(response.data, patches, entries)
+
+
+#: Bytes ``[start, end)`` of a response to be replaced by as many new ones.
+_Patch = tuple[int, int, bytes | memoryview]
+
+
+def _patched(data: bytes, patches: list[_Patch], tail: bytes) -> bytes:
+    """``data`` with each patch written over its span (same length, same
+    place: fixed-width values), then ``tail``; one copy in all."""
+    view, at = memoryview(data), 0
     pieces: list[bytes | memoryview] = []
-    for (start, end), new in sorted(patches, key=lambda patch: patch[0]):
-        pieces += [data[at:start], new]
+    for start, end, new in sorted(patches, key=lambda patch: patch[0]):
+        pieces += [view[at:start], new]
         at = end
-    pieces.append(data[at:])
+    pieces += [view[at:], tail]
     return b"".join(pieces)
 
 
@@ -337,7 +349,7 @@ class _Plan:
             rewrites = rewrites or checked is not raw or len(found) == 4
             done.append((found, checked))
         entries = b"".join([found[2] for found, _ in done])
-        guarded = self._assembled(body, view, done, entries) if rewrites else body + entries
+        guarded = _patched(body, self._patches(done), entries) if rewrites else body + entries
         if len(guarded) > self._limit:
             return None  # the reference route refuses it, and says why
         # Recorded only once every lane decided: otherwise the reference
@@ -346,9 +358,9 @@ class _Plan:
         for out, (found, checked) in zip(self.outputs, done, strict=True):
             counts = None
             if len(found) == 4:
-                counts = _counts(out.size, found)
+                counts = _counts(out.size, found[3])
                 violations += counts.total
-                action = max(action, _action(found))
+                action = max(action, Action.OBSERVED if found[3][0] is None else Action.CLAMPED)
             out.sink.record_clean(
                 out.size,
                 out.classes(found[0]),
@@ -365,40 +377,19 @@ class _Plan:
         counter.inc()
         return GuardedResponse(guarded, action, violations)
 
-    def _assembled(
-        self,
-        body: bytes,
-        view: memoryview,
-        done: list[tuple[LaneResult, Buffer]],
-        entries: bytes,
-    ) -> bytes:
-        """The body, with each clamped or activated output's values written
-        over the old ones (same place, same length), and the derived outputs
-        appended."""
+    def _patches(self, done: list[tuple[LaneResult, Buffer]]) -> list[_Patch]:
+        """Each clamped or activated output's new values, over its old ones."""
         patches = []
         for out, (found, checked) in zip(self.outputs, done, strict=True):
             new = out.rewritten(found, checked)
             if new is not None:
                 patches.append((out.start, out.end, new))
-        pieces: list[bytes | memoryview] = []
-        at = 0
-        for start, end, new in sorted(patches, key=lambda patch: patch[0]):
-            pieces += [view[at:start], new]
-            at = end
-        pieces += [view[at:], entries]
-        return b"".join(pieces)
+        return patches
 
 
-def _action(found: LaneResult) -> Action:
-    """A lane that counted values clamped them, or only observed them."""
-    return Action.CLAMPED if len(found) == 4 and found[3][0] is not None else Action.OBSERVED
-
-
-def _counts(size: int, found: LaneResult) -> Counts:
-    """What a lane counted, as the reference counts it (nothing, when clean)."""
-    if len(found) != 4:
-        return Counts(values=size)
-    _, below, above, inf = found[3]
+def _counts(size: int, counted: Counted) -> Counts:
+    """What a lane counted (its clamped values aside), as the reference counts it."""
+    _, below, above, inf = counted
     return Counts(values=size, below_min=below, above_max=above, inf=inf)
 
 
