@@ -326,34 +326,40 @@ describes(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_
            k <= cols && rows <= MAX_VALUES / cols && view->len == rows * cols * itemsize;
 }
 
+/* `buf` itself when its values are aligned for their type, else a copy of
+ * its `len` bytes in *copy, which the caller frees with PyMem_Free; NULL with
+ * an exception set. Values read in place from a response sit wherever its
+ * encoder put them, and the loops here read them as float or double. */
+static const void *
+aligned(const void *buf, Py_ssize_t len, Py_ssize_t itemsize, void **copy)
+{
+    *copy = NULL;
+    if ((uintptr_t)buf % (uintptr_t)itemsize == 0)
+        return buf;
+    *copy = PyMem_Malloc(len ? (size_t)len : 1);
+    if (*copy == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memcpy(*copy, buf, (size_t)len);
+    return *copy;
+}
+
 /* Allocate the k best classes and scores of each row as bytes, and run the
- * scan into them. Returns 1 when clean (or counted and repaired as rep->mode
- * allows), 0 when the caller must take its general path, -1 with an
- * exception set. Values read in place from a response sit wherever its
- * encoder put them: misaligned ones are copied first, since the scans read
- * them as float or double. */
+ * scan of `len` bytes of aligned values into them. Returns 1 when clean (or
+ * counted and repaired as rep->mode allows), 0 when the caller must take its
+ * general path, -1 with an exception set. */
 static int
-scan(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols, int k,
-     double lo, double hi, int check_sum, double sum_lo, double sum_hi, PyObject **idx,
+scan(const void *values, Py_ssize_t len, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols,
+     int k, double lo, double hi, int check_sum, double sum_lo, double sum_hi, PyObject **idx,
      PyObject **scores, Repair *rep)
 {
     *idx = PyBytes_FromStringAndSize(NULL, rows * k * (Py_ssize_t)sizeof(int64_t));
     *scores = PyBytes_FromStringAndSize(NULL, rows * k * itemsize);
     if (*idx == NULL || *scores == NULL)
         return -1;
-    const void *values = view->buf;
-    void *copy = NULL;
-    if ((uintptr_t)values % (uintptr_t)itemsize) {
-        copy = PyMem_Malloc(view->len ? (size_t)view->len : 1);
-        if (copy == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        memcpy(copy, values, (size_t)view->len);
-        values = copy;
-    }
     rep->values = values;
-    rep->len = view->len;
+    rep->len = len;
     /* The GIL stays held: a response's rows take microseconds, less than
      * releasing and taking it back. */
     int clean;
@@ -366,7 +372,6 @@ scan(const Py_buffer *view, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t col
                          sum_hi, (int64_t *)PyBytes_AS_STRING(*idx),
                          (double *)PyBytes_AS_STRING(*scores), rep);
     rep->values = NULL;
-    PyMem_Free(copy);
     return clean;
 }
 
@@ -483,16 +488,9 @@ row_entropy(PyObject *Py_UNUSED(self), PyObject *args)
         PyErr_SetString(PyExc_ValueError, "row_entropy: arguments do not describe the buffer");
         goto done;
     }
-    const void *values = view.buf;
-    if ((uintptr_t)values % (uintptr_t)itemsize) {
-        copy = PyMem_Malloc(view.len ? (size_t)view.len : 1);
-        if (copy == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        memcpy(copy, values, (size_t)view.len);
-        values = copy;
-    }
+    const void *values = aligned(view.buf, view.len, itemsize, &copy);
+    if (values == NULL)
+        goto done;
     out = PyBytes_FromStringAndSize(NULL, rows * (Py_ssize_t)sizeof(double));
     if (out == NULL)
         goto done;
@@ -694,32 +692,20 @@ put_values(char *p, const Entry *e, const Classes *cl, const char *scores, Py_ss
 DEFINE_FIRE(fire_f32, float)
 DEFINE_FIRE(fire_f64, double)
 
-/* The threshold classes of `len` bytes of values as int64 bytes (misaligned
- * values are copied first, as in scan), or NULL with an exception set. */
+/* The threshold classes of aligned values as int64 bytes, or NULL with an
+ * exception set. */
 static PyObject *
-fire(const char *buf, Py_ssize_t len, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols,
+fire(const void *values, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols,
      const double *thresholds)
 {
     PyObject *fired = PyBytes_FromStringAndSize(NULL, rows * cols * (Py_ssize_t)sizeof(int64_t));
     if (fired == NULL)
         return NULL;
-    const void *values = buf;
-    void *copy = NULL;
-    if ((uintptr_t)values % (uintptr_t)itemsize) {
-        copy = PyMem_Malloc(len ? (size_t)len : 1);
-        if (copy == NULL) {
-            Py_DECREF(fired);
-            return PyErr_NoMemory();
-        }
-        memcpy(copy, values, (size_t)len);
-        values = copy;
-    }
     int64_t *out = (int64_t *)PyBytes_AS_STRING(fired);
     if (itemsize == 4)
         fire_f32((const float *)values, rows, cols, thresholds, out);
     else
         fire_f64((const double *)values, rows, cols, thresholds, out);
-    PyMem_Free(copy);
     return fired;
 }
 
@@ -865,6 +851,7 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
     PyObject *counts = NULL, *result = NULL;
     Entry entries[MAX_ENTRIES];
     Repair rep = {0};
+    void *copy = NULL;
 
     if (!PyArg_ParseTuple(args, "y*nnniddpddpiO!|Oi", &view, &itemsize, &rows, &cols, &k, &lo,
                           &hi, &check_sum, &sum_lo, &sum_hi, &content, &score_key,
@@ -888,8 +875,12 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
             goto done;
         rep.confidence = PyBytes_AS_STRING(confidence);
     }
-    int clean = scan(&view, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi, &idx,
-                     &scores, &rep);
+    /* Aligned once for the scan and the thresholds. */
+    const void *values = aligned(view.buf, view.len, itemsize, &copy);
+    if (values == NULL)
+        goto done;
+    int clean = scan(values, view.len, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi,
+                     &idx, &scores, &rep);
     if (clean < 0)
         goto done;
     if (!clean) {
@@ -907,9 +898,8 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
         }
         memcpy(t, PyBytes_AS_STRING(thresholds), (size_t)cols * sizeof(double));
         /* A clamp's classes are the repaired values', as the reference derives them. */
-        fired = rep.repaired ? fire(PyBytes_AS_STRING(rep.repaired), view.len, itemsize, rows,
-                                    cols, t)
-                             : fire(view.buf, view.len, itemsize, rows, cols, t);
+        fired = fire(rep.repaired ? PyBytes_AS_STRING(rep.repaired) : values, itemsize, rows,
+                     cols, t);
         PyMem_Free(t);
         if (fired == NULL)
             goto done;
@@ -942,6 +932,7 @@ done:
     Py_XDECREF(counts);
     Py_XDECREF(rep.repaired);
     Py_XDECREF(out);
+    PyMem_Free(copy);
     PyBuffer_Release(&view);
     return result;
 }
