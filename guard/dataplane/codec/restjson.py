@@ -53,7 +53,6 @@ import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any, Literal
 
 import numpy as np
@@ -113,6 +112,10 @@ def _float32_of(text: str) -> float:
         is_mid = False
     if not is_mid:
         return f
+    # Rare (a double exactly halfway between two float32s), and fractions
+    # pulls in decimal: imported here, it stays out of an idle guard's RSS.
+    from fractions import Fraction
+
     exact = Fraction(text)
     if exact == Fraction(d):
         return f  # a true tie: pack already rounded half to even
