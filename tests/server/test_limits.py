@@ -218,7 +218,7 @@ async def test_the_server_comes_back_after_a_method_name_that_is_not_utf8(
             client.unary(b"/\xff\xfe/Predict", b"", timeout=2)
 
     await asyncio.to_thread(bad_path)
-    for _ in range(100):  # bounded: the watchdog polls every 50 ms
+    for _ in range(100):  # bounded: the watch wakes on grpc.aio's error log
         if guard.sample("guard_server_restarts_total") == 1:
             break
         await asyncio.sleep(0.05)
