@@ -34,8 +34,11 @@ COPY pyproject.toml setup.py README.md ./
 COPY guard/ guard/
 # Exactly the sidecar's install: the package with no extras. The modules are
 # optional in setup.py (an install without a compiler still works), so check
-# here that the image has them.
-RUN /opt/guard/bin/pip install --no-compile . \
+# here that the image has them. pip compiles the bytecode here: the runtime
+# user cannot write it, so without it every start compiled numpy's, grpc's,
+# aiohttp's and the guard's sources again (measured: 2.0-2.4 s to SERVING
+# instead of 0.5 s, 1.9 s more CPU, 2.8 MB more idle RSS).
+RUN /opt/guard/bin/pip install . \
     && /opt/guard/bin/python -c "import guard.cli, sys; assert 'tensorflow' not in sys.modules" \
     && /opt/guard/bin/python -c "import guard.dataplane._rank, guard.dataplane._walk"
 

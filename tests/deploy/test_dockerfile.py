@@ -92,6 +92,8 @@ def test_structure() -> None:
     assert not any("build-tensorflow" in c for c in copies)
     build_runs = " ".join(stages["build"].args("RUN"))
     assert "pip install" in build_runs and "[tensorflow]" not in build_runs
+    # The bytecode is compiled at build time: the runtime user cannot write it.
+    assert "--no-compile" not in build_runs
     # The native modules are built there (a compiler in the build stage only),
     # and the build fails rather than ship an image without it.
     assert (
