@@ -39,7 +39,7 @@ _DRAIN_POLL_S = 0.02
 _FINAL_GRACE_S = 0.5
 # The watch wakes on grpc.aio's error log at once; polling is only the
 # fallback for a stop it did not log. At 50 ms, that poll alone kept an idle
-# guard at 15 ms of CPU a second (190 loop wakeups a second).
+# guard at 15 ms of CPU a second (190 epoll_wait calls a second).
 _WATCH_S = 1.0
 # grpc.aio's server stops by itself when its accept loop raises (in grpcio 1.85,
 # a method name that is not UTF-8 does it). Four servers share the port
