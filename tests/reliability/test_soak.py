@@ -37,9 +37,17 @@ def test_30_second_soak_accounts_for_every_request(tmp_path: Path) -> None:
     assert verdict["cancelled_by_a_server_stopping"] == 0 and verdict["server_restarts"] == 0
 
 
+# The memory a guard under attack may hold: the Deployment's memory request.
+_POD_REQUEST_MB = 128
+
+
 def test_30_second_soak_under_attack_accounts_for_every_request(tmp_path: Path) -> None:
-    # RSS is bounded here, not flat: a 30 s run sees glibc's ramp (bench/soak.py).
-    verdict = _soak(tmp_path, "--max-rss-growth", "40")
+    # RSS is bounded here, not flat: 30 s of attacks see glibc's ramp, which
+    # settles in the 300 s soak (docs/reliability.md). Over 30 s, runs read
+    # +16 % or +37-66 % after the warm-up, so a growth ratio only sampled
+    # that ramp; the held RSS must stay within the pod's memory request.
+    verdict = _soak(tmp_path, "--max-rss-growth", "100")
+    assert verdict["rss_final_mb"] < _POD_REQUEST_MB, verdict["rss_mb"]
     rounds = verdict["hostile_rounds"]
     assert set(rounds) == {"path", "stuck", "bomb", "reset", "metadata"}, rounds
     assert min(rounds.values()) >= 3, rounds
