@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 __all__ = ["Deadlines"]
 
 #: How late a limit may fire, in seconds: a short fraction of the shortest
 #: limit anyone would set, and few enough timers under load.
 TICK_S = 0.01
+
+T = TypeVar("T")
 
 
 class Deadlines:
@@ -28,6 +31,22 @@ class Deadlines:
         self._tick_s = tick_s
         self._buckets: dict[int, set[asyncio.Task[Any]]] = {}
         self._expired: set[asyncio.Task[Any]] = set()
+
+    async def wait(self, awaitable: Awaitable[T], timeout_s: float) -> T:
+        """``await awaitable``, or raise :class:`TimeoutError` once
+        ``timeout_s`` seconds have passed, as ``asyncio.timeout`` would (a
+        cancellation from elsewhere still propagates)."""
+        task = asyncio.current_task()
+        assert task is not None
+        key = self.start(task, timeout_s)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self.stop(key, task):
+                raise TimeoutError from None
+            raise
+        finally:
+            self.stop(key, task)
 
     def start(self, task: asyncio.Task[Any], timeout_s: float) -> int:
         """Cancel ``task`` once ``timeout_s`` seconds have passed, unless

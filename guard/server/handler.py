@@ -219,17 +219,10 @@ class CallHandler:
 
     async def _read(self, context: Any) -> Any:
         """The next message, EOF, or ``_TIMED_OUT`` after request_timeout_s."""
-        task = asyncio.current_task()
-        assert task is not None
-        key = self._deadlines.start(task, self._server.config.request_timeout_s)
         try:
-            return await context.read()
-        except asyncio.CancelledError:
-            if self._deadlines.stop(key, task):
-                return _TIMED_OUT
-            raise
-        finally:
-            self._deadlines.stop(key, task)
+            return await self._deadlines.wait(context.read(), self._server.config.request_timeout_s)
+        except TimeoutError:
+            return _TIMED_OUT
 
     async def _settle_after_eof(self, call: Call) -> None:
         """A request that ended with no message: either the client sent none,

@@ -13,18 +13,11 @@ TICK_S = 0.01
 
 
 async def _wait(deadlines: Deadlines, timeout_s: float, wait_s: float) -> str:
-    task = asyncio.current_task()
-    assert task is not None
-    key = deadlines.start(task, timeout_s)
     try:
-        await asyncio.sleep(wait_s)
+        await deadlines.wait(asyncio.sleep(wait_s), timeout_s)
         return "done"
-    except asyncio.CancelledError:
-        if deadlines.stop(key, task):
-            return "timed out"
-        raise
-    finally:
-        deadlines.stop(key, task)
+    except TimeoutError:
+        return "timed out"
 
 
 async def test_a_wait_past_its_limit_times_out_never_early() -> None:

@@ -180,14 +180,9 @@ class RestFrontEnd:
         if (request.content_length or 0) > config.max_request_bytes:
             raise _too_large(request.content_length or 0, config)
         gate.pending += 1
-        task = asyncio.current_task()
-        assert task is not None
-        key = self._deadlines.start(task, config.request_timeout_s)
         try:
-            return await request.read()
-        except asyncio.CancelledError:
-            if not self._deadlines.stop(key, task):
-                raise
+            return await self._deadlines.wait(request.read(), config.request_timeout_s)
+        except TimeoutError:
             raise Answer(
                 408,
                 f"guard: the request body did not arrive within request_timeout_s "
@@ -198,7 +193,6 @@ class RestFrontEnd:
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(None, config) from None
         finally:
-            self._deadlines.stop(key, task)
             gate.pending -= 1
 
     @asynccontextmanager
