@@ -43,8 +43,9 @@ class Gate:
         """Bytes of requests and responses that calls in flight hold."""
         self._max_metadata = config.max_metadata_kb * 1024
 
-    def metadata_problem(self, metadata: Sequence[tuple[str, Any]] | None) -> str | None:
-        """Why ``metadata`` is too large to take, or ``None``."""
+    def metadata_problem(self, metadata: Sequence[tuple[str | bytes, Any]] | None) -> str | None:
+        """Why ``metadata`` (gRPC's pairs, or HTTP's raw header lines) is too large
+        to take, or ``None``."""
         if not metadata:
             return None
         if len(metadata) > self.config.max_metadata_entries:

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from guard.dataplane.codec import restjson
 from guard.dataplane.codec.restjson import (
     GUARD_OUTPUTS_KEY,
     RestJsonError,
@@ -400,3 +401,35 @@ def test_a_clean_response_comes_back_unchanged() -> None:
     read = read_predict_response(body, "row")
     assert read.rewrite() is body
     assert read.rewrite(changed={None: read.outputs[None].values.copy()}) == body
+
+
+@SETTINGS
+@given(
+    st.integers(0, 20).flatmap(
+        lambda b: st.tuples(
+            st.just(b),
+            hnp.arrays(np.float32, st.sampled_from([(b,), (b, 3), (b, 2, 2)]), elements=float32s),
+            hnp.arrays(
+                np.int64,
+                st.sampled_from([(b,), (b, 0), (b, 2)]),
+                elements=st.integers(-(2**63), 2**63 - 1),
+            ),
+        )
+    )
+)
+def test_small_and_large_batches_write_instance_members_alike(
+    case: tuple[int, np.ndarray, np.ndarray],
+) -> None:
+    # A small batch is joined directly, a large one through a template: the
+    # same members either way, whatever the batch size.
+    batch, scores, classes = case
+    labels = np.array([f"c%{i}\n".encode() for i in range(batch)], dtype=object)
+    items = [("s%_score", scores), ("s_class", classes), ("s_label", labels)]
+    direct = restjson._row_members(items, batch, restjson._plain_texts, restjson._MEMBER)
+    small, restjson._SMALL_BATCH = restjson._SMALL_BATCH, -1  # hypothesis: no monkeypatch
+    try:
+        templated = restjson._row_members(items, batch, restjson._plain_texts, restjson._MEMBER)
+    finally:
+        restjson._SMALL_BATCH = small
+    assert direct == templated
+    assert len(direct) == batch

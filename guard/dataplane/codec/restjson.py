@@ -282,35 +282,54 @@ def _row_members(
     """Per instance, ``prefix + '"name": value'`` of each item, joined: members of
     an instance object in row format (3 open containers: root, list, object).
 
-    Each instance is written by one ``%`` of a template made once: with a batch
-    of a thousand, joining each member's text piece by piece took longer than
-    reading the response.
+    A large batch is written by one ``%`` of a template per instance: with a
+    batch of a thousand, joining each member's text piece by piece took longer
+    than reading the response. A small one is joined directly: for one instance
+    the template's object arrays cost more than the rest of the rewrite.
     """
+    columns = [_row_column(name, array, batch, texts, prefix) for name, array in items]
+    if batch <= _SMALL_BATCH:
+        rows = [""] * batch
+        for head, flat, shape in columns:
+            size = math.prod(shape)
+            for i in range(batch):
+                values = flat[i * size : (i + 1) * size]
+                rows[i] += head + (values[0] if not shape else "[" + ", ".join(values) + "]")
+        return rows
     formats: list[str] = []
-    columns: list[Array] = []
-    for name, array in items:
-        array = np.asarray(array)
-        if array.ndim == 0 or array.shape[0] != batch:
-            raise RestJsonError(
-                f"derived output '{name}' has shape {array.shape}; row format needs "
-                f"{batch} instances on its first axis"
-            )
-        shape = array.shape[1:]
-        flat = texts(name, array, 3 + len(shape))
-        if len(shape) > 1:
-            flat, shape = _per_instance(flat, shape, batch), ()
+    cells: list[Array] = []
+    for head, flat, shape in columns:
         size = math.prod(shape)
         value = "%s" if not shape else "[" + ", ".join(["%s"] * size) + "]"
-        formats.append(
-            prefix.replace("%", "%%") + json_string(name).replace("%", "%%") + ": " + value
-        )
+        formats.append(head.replace("%", "%%") + value)
         column = np.empty(len(flat), dtype=object)
         column[:] = flat
-        columns.append(column.reshape(batch, size))
-    if not columns:
+        cells.append(column.reshape(batch, size))
+    if not cells:
         return [""] * batch
     template = "".join(formats)
-    return [template % tuple(row) for row in np.concatenate(columns, axis=1).tolist()]
+    return [template % tuple(row) for row in np.concatenate(cells, axis=1).tolist()]
+
+
+_SMALL_BATCH = 8
+
+
+def _row_column(
+    name: str, array: Array, batch: int, texts: Texts, prefix: str
+) -> tuple[str, list[str], tuple[int, ...]]:
+    """One item's member head, its elements' texts, and each instance's shape
+    (``()`` once an instance of rank >= 2 is written whole)."""
+    array = np.asarray(array)
+    if array.ndim == 0 or array.shape[0] != batch:
+        raise RestJsonError(
+            f"derived output '{name}' has shape {array.shape}; row format needs "
+            f"{batch} instances on its first axis"
+        )
+    shape = array.shape[1:]
+    flat = texts(name, array, 3 + len(shape))
+    if len(shape) > 1:
+        flat, shape = _per_instance(flat, shape, batch), ()
+    return prefix + json_string(name) + ": ", flat, shape
 
 
 def _is_bytes_name(name: str, array: Array) -> bool:

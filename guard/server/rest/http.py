@@ -40,24 +40,28 @@ _HOP_BY_HOP = frozenset(
 )  # fmt: skip
 
 
-def _dropped(headers: Any, also: frozenset[str]) -> frozenset[str]:
-    """Hop-by-hop headers, ``also``, and whatever the Connection header names."""
-    named = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
-    return _HOP_BY_HOP | also | named
+# Expect: the guard already took the whole body (and answered 100-continue); the
+# client's Host and length are set again for the upstream.
+_REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length", "expect"}
+_RESPONSE_DROP = _HOP_BY_HOP | {"content-length"}
+
+
+def _kept(headers: Any, drop: frozenset[str]) -> CIMultiDict[str]:
+    """``headers`` less those in ``drop`` and those their Connection header names."""
+    if "Connection" in headers:
+        named = {t.strip().lower() for v in headers.getall("Connection") for t in v.split(",")}
+        drop = drop | named
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
 
 
 def forward_headers(headers: Any) -> CIMultiDict[str]:
-    """The client's headers that go on to the upstream (its own Host and length are set there)."""
-    # Expect: the guard already took the whole body (and answered 100-continue).
-    drop = _dropped(headers, frozenset({"host", "content-length", "expect"}))
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    """The client's headers that go on to the upstream."""
+    return _kept(headers, _REQUEST_DROP)
 
 
 def response_headers(headers: Any, keep_length: bool = False) -> CIMultiDict[str]:
     """The upstream's headers that go back to the client."""
-    also = frozenset() if keep_length else frozenset({"content-length"})
-    drop = _dropped(headers, also)
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    return _kept(headers, _HOP_BY_HOP if keep_length else _RESPONSE_DROP)
 
 
 async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:

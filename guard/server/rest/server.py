@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -47,6 +47,8 @@ from guard.server.rest.signatures import SignatureCache
 __all__ = ["RestFrontEnd"]
 
 logger = logging.getLogger("guard.rest")
+
+T = TypeVar("T")
 
 _DRAIN_POLL_S = 0.02
 _FINAL_GRACE_S = 0.5
@@ -163,15 +165,24 @@ class RestFrontEnd:
         if self._stopping:
             raise Answer(503, "guard: shutting down; retry on another replica")
         body = await self._receive(request)
-        async with self._in_flight(len(body)):
+        gate, size = self._state.gate, len(body)
+        refused = gate.inflight_problem(size)
+        if refused is not None:
+            raise Answer(429, refused[1], refused[0])
+        gate.inflight += 1
+        gate.inflight_bytes += size
+        try:
             if target.predict and target.model is not None and book.may_apply(target.model):
                 return await self._predict(request, target, body, book, call)
             return await self._pass_through(request, body, call)
+        finally:
+            gate.inflight -= 1
+            gate.inflight_bytes -= size
 
     async def _receive(self, request: web.BaseRequest) -> bytes:
         """The request body, read within the limits, or a refusal."""
         gate, config = self._state.gate, self._state.config
-        problem = gate.metadata_problem(_header_pairs(request))
+        problem = gate.metadata_problem(request.raw_headers)
         if problem is not None:
             raise Answer(431, problem, Refusal.METADATA)
         problem = gate.pending_problem()
@@ -195,28 +206,16 @@ class RestFrontEnd:
         finally:
             gate.pending -= 1
 
-    @asynccontextmanager
-    async def _in_flight(self, size: int) -> AsyncIterator[None]:
-        gate = self._state.gate
-        refused = gate.inflight_problem(size)
-        if refused is not None:
-            reason, message = refused
-            raise Answer(429, message, reason)
-        gate.inflight += 1
-        gate.inflight_bytes += size
-        try:
-            yield
-        finally:
-            gate.inflight -= 1
-            gate.inflight_bytes -= size
-
     # ------------------------------------------------------------ forwarding
 
-    @asynccontextmanager
     async def _forward(
-        self, request: web.BaseRequest, body: bytes, call: RestCall
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """The upstream's response to the request, forwarded unchanged."""
+        self,
+        request: web.BaseRequest,
+        body: bytes,
+        call: RestCall,
+        consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+    ) -> T:
+        """Send the request on unchanged; ``consume`` takes the upstream's response."""
         config = self._state.config
         assert self._session is not None
         url = URL(self._base + request.rel_url.raw_path_qs, encoded=True)
@@ -227,7 +226,7 @@ class RestFrontEnd:
                 headers=forward_headers(request.headers),
                 allow_redirects=False, timeout=self._timeout,
             ) as response:  # fmt: skip
-                yield response
+                return await consume(response)
         except TimeoutError:
             raise Answer(
                 504,
@@ -254,26 +253,30 @@ class RestFrontEnd:
         self, request: web.BaseRequest, body: bytes, call: RestCall
     ) -> web.StreamResponse:
         """Forward and stream the answer back as the upstream gives it."""
-        async with self._forward(request, body, call) as upstream:
-            limit = self._state.config.max_message_bytes
-            if (upstream.content_length or 0) > limit:
-                raise _response_too_large(upstream.content_length, limit)
-            answer = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason,
-                headers=response_headers(upstream.headers, keep_length=True),
-            )  # fmt: skip
-            await answer.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_chunked(_CHUNK):
-                    await answer.write(chunk)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # The status line is sent: all that is left is to break the
-                # connection, so the client cannot take the body for whole.
-                call.count("UNAVAILABLE")
-                raise ConnectionResetError(f"the upstream's answer broke off: {exc!r}") from None
-            call.count_status(upstream.status)
-            await answer.write_eof()
-            return answer
+        return await self._forward(request, body, call, partial(self._stream, request, call))
+
+    async def _stream(
+        self, request: web.BaseRequest, call: RestCall, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        limit = self._state.config.max_message_bytes
+        if (upstream.content_length or 0) > limit:
+            raise _response_too_large(upstream.content_length, limit)
+        answer = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason,
+            headers=response_headers(upstream.headers, keep_length=True),
+        )  # fmt: skip
+        await answer.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_chunked(_CHUNK):
+                await answer.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The status line is sent: all that is left is to break the
+            # connection, so the client cannot take the body for whole.
+            call.count("UNAVAILABLE")
+            raise ConnectionResetError(f"the upstream's answer broke off: {exc!r}") from None
+        call.count_status(upstream.status)
+        await answer.write_eof()
+        return answer
 
     # --------------------------------------------------------------- predict
 
@@ -284,9 +287,8 @@ class RestFrontEnd:
         assert target.model is not None
         fmt, signature = self._peek(request, body)
         limit = self._state.config.max_message_bytes
-        async with self._forward(request, body, call) as upstream:
-            data = await read_limited(upstream, limit)
-            status, reason, headers = upstream.status, upstream.reason, upstream.headers
+        upstream, data = await self._forward(request, body, call, partial(_read_whole, limit=limit))
+        status, reason, headers = upstream.status, upstream.reason, upstream.headers
         if data is None:
             raise _response_too_large(upstream.content_length, limit)
         if status != 200:
@@ -372,8 +374,10 @@ class RestFrontEnd:
             return response.status, data
 
 
-def _header_pairs(request: web.BaseRequest) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+async def _read_whole(
+    upstream: aiohttp.ClientResponse, limit: int
+) -> tuple[aiohttp.ClientResponse, bytes | None]:
+    return upstream, await read_limited(upstream, limit)
 
 
 def _format_of(body: bytes) -> Format:
