@@ -52,6 +52,9 @@ class Case:
     value by value, not renormalised)."""
     softmax: bool = False
     """Logits, with the softmax activation before the checks."""
+    renormalise: bool = False
+    """With ``repair``: the sum is checked too, so each row with a value above
+    1.0 is clamped and then renormalised (it sums to more than 1 after the clamp)."""
 
     @property
     def k(self) -> int:
@@ -62,6 +65,7 @@ class Case:
     def label(self) -> str:
         """Human-readable name."""
         kind = " threshold" * self.threshold + " repair" * self.repair + " softmax" * self.softmax
+        kind += " renormalise" * self.renormalise
         return f"{self.rows}x{self.classes} {self.encoding}{kind}"
 
 
@@ -129,14 +133,23 @@ def top_k(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return classes.reshape(*lead, k), scores.reshape(*lead, k)
 
 
-def floor_math(values: np.ndarray, k: int, labels: np.ndarray) -> dict[str, Any]:
-    """Check (range, NaN/Inf, row sums), clip, argmax, top-k, label lookup, and
-    each row's normalised entropy (-sum(p ln p) / ln C, zeros counting 0)."""
+def floor_math(
+    values: np.ndarray, k: int, labels: np.ndarray, renormalise: bool = False
+) -> dict[str, Any]:
+    """Check (range, NaN/Inf, row sums), clip (and with ``renormalise``, divide
+    each row still off its sum by its peak, then by its sum), argmax, top-k,
+    label lookup, and each row's normalised entropy (-sum(p ln p) / ln C, zeros
+    counting 0)."""
     nan = int(np.count_nonzero(np.isnan(values)))
     below = int(np.count_nonzero(values < LO))
     above = int(np.count_nonzero(values > HI))
     bad_rows = int(np.count_nonzero(np.abs(values.sum(axis=-1) - 1.0) > TOLERANCE))
     clipped = np.clip(values, LO, HI)
+    if renormalise:
+        off = np.abs(clipped.sum(axis=-1, dtype=np.float64) - 1.0) > TOLERANCE
+        fix = clipped[off].astype(np.float64)
+        fix /= fix.max(axis=-1, keepdims=True)
+        clipped[off] = (fix / fix.sum(axis=-1, keepdims=True)).astype(clipped.dtype)
     cls = clipped.argmax(axis=-1)
     score = np.take_along_axis(clipped, cls[..., None], axis=-1)[..., 0]
     top_cls, top_score = top_k(clipped, k)
@@ -171,7 +184,7 @@ def case_math(case: Case, labels: np.ndarray) -> Callable[[np.ndarray], dict[str
         return lambda v: threshold_math(v, labels)
     if case.softmax:
         return lambda v: floor_math(softmax(v), case.k, labels)
-    return lambda v: floor_math(v, case.k, labels)
+    return lambda v: floor_math(v, case.k, labels, case.renormalise)
 
 
 def threshold_math(values: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -253,7 +266,7 @@ def rule_document(case: Case) -> dict[str, Any]:
     output = {
         "name": OUTPUT,
         "valid_range": [LO, HI],
-        "check_sum": not case.repair,
+        "check_sum": not case.repair or case.renormalise,
         "sum_tolerance": TOLERANCE,
         "on_violation": "clamp",
         "argmax": True,

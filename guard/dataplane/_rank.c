@@ -8,8 +8,9 @@
  * per row, thresholds the values (one float64 threshold per class) when the
  * rule has one, and writes the derived outputs as encoded map entries
  * (clean_rank_encode; guard/dataplane/lanes.py packs its arguments). Values
- * out of range that the rule observes or clamps are counted in the same pass
- * and, for a clamp, written clamped into a copy that the ranking reads. A
+ * out of range, and rows off their sum, that the rule observes or clamps are
+ * counted in the same pass and, for a clamp, repaired into a copy that the
+ * ranking reads: values clamped, rows still off their sum renormalised. A
  * second entry point, row_entropy, measures each row's entropy for the
  * metrics in one vectorised pass, with no libm call per value. Whenever
  * anything else would have to be decided, or a verdict is not certain, it
@@ -44,29 +45,37 @@
 
 /* Row sums are accumulated in double, in four interleaved partial sums. numpy
  * sums pairwise; any order of summation errs by at most (n - 1) * u * sum|x|,
- * with u = 2^-53. A row is declared clean only when its sum lies inside the
- * tolerance band by more than twice that bound, so numpy's exact test would
- * call it clean as well; any closer row goes to numpy. */
+ * with u = 2^-53. A row is declared inside the tolerance band (1) or outside
+ * it (-1) only when its sum lies beyond the band's edge by more than twice
+ * that bound, so numpy's exact test |sum - 1| <= tolerance would say the
+ * same; any closer row, or one whose sum|x| overflows, is uncertain (0) and
+ * goes to numpy. */
 static int
-row_sum_certain(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double sum_hi)
+row_sum_verdict(double sum, double abs_sum, Py_ssize_t n, double sum_lo, double sum_hi)
 {
+    if (!isfinite(abs_sum))
+        return 0;
     double slack = 2.0 * (double)n * (DBL_EPSILON / 2.0) * abs_sum + 8.0 * DBL_EPSILON;
-    return sum_lo + slack <= sum && sum <= sum_hi - slack;
+    if (sum_lo + slack <= sum && sum <= sum_hi - slack)
+        return 1;
+    return sum < sum_lo - slack || sum > sum_hi + slack ? -1 : 0;
 }
 
-/* How a scan treats values outside the valid range: any makes it decline
- * (NONE), or, with no NaN, they are counted (OBSERVE: finite ones only; the
- * values stay as they are) or counted and clamped into the bounds (CLAMP:
- * +-Inf included). The numpy reference decides every other case. */
+/* How a scan treats values outside the valid range, and rows certainly off
+ * their sum: any makes it decline (NONE), or, with no NaN, they are counted
+ * (OBSERVE: finite values only; the values stay as they are) or counted and
+ * repaired (CLAMP: +-Inf included; values clamped into the bounds, then rows
+ * still off their sum renormalised). The numpy reference decides every other
+ * case. */
 enum { REPAIR_NONE = 0, REPAIR_OBSERVE = 1, REPAIR_CLAMP = 2 };
 
 /* What a scan counted and repaired. `repaired` stays NULL until a row needs
- * clamping; it is then a copy of every value, with each such row clamped.
+ * repair; it is then a copy of every value, with each such row repaired.
  * `confidence` (CLAMP) receives each row's largest value before repair, which
  * is what the metrics' histogram reads, while the ranking reads the repaired row. */
 typedef struct {
     int mode;
-    Py_ssize_t below, above, inf;
+    Py_ssize_t below, above, inf, bad_rows;
     const void *values;
     Py_ssize_t len;
     PyObject *repaired;
@@ -126,6 +135,29 @@ repaired_at(Repair *rep, Py_ssize_t offset)
         return 0;                                                                          \
     }
 
+/* A row's sum, and the sum of its absolute values, in double, in four
+ * interleaved partial sums (which compilers vectorise): any order will do for
+ * row_sum_verdict. */
+#define DEFINE_SUMS(SUM, ABS_SUM, T)                                                       \
+    static inline double SUM(const T *row, Py_ssize_t cols)                                \
+    {                                                                                      \
+        double s[4] = {0.0, 0.0, 0.0, 0.0};                                                \
+        Py_ssize_t c = 0;                                                                  \
+        for (; c + 4 <= cols; c += 4)                                                      \
+            for (int j = 0; j < 4; j++)                                                    \
+                s[j] += (double)row[c + j];                                                \
+        for (; c < cols; c++)                                                              \
+            s[0] += (double)row[c];                                                        \
+        return (s[0] + s[1]) + (s[2] + s[3]);                                              \
+    }                                                                                      \
+    static inline double ABS_SUM(const T *row, Py_ssize_t cols)                            \
+    {                                                                                      \
+        double s = 0.0;                                                                    \
+        for (Py_ssize_t c = 0; c < cols; c++)                                              \
+            s += fabs((double)row[c]);                                                     \
+        return s;                                                                          \
+    }
+
 /* Count one row holding a value outside [tlo, thi] as numpy's _count does
  * (an infinity counts as infinite, not as out of range), keep its largest
  * value in *top, and with CLAMP write it clamped (np.clip: each violating
@@ -168,14 +200,89 @@ repaired_at(Repair *rep, Py_ssize_t offset)
         return 1;                                                                          \
     }
 
-/* One value per row (a binary classifier's [N, 1]): the row loop below costs
- * some 15-20 ns a row (1024x1: 19 us, measured), this 0.8 us in all when
- * every value is in range. Each row's best class is 0, its score and its sum
- * the value (sum|x| is |value|). */
-#define DEFINE_SCAN_COLUMN(NAME, REPAIR, T)                                               \
-    static int NAME(const T *values, Py_ssize_t rows, double lo, double hi,               \
-                    int check_sum, double sum_lo, double sum_hi, int64_t *idx_out,         \
-                    T *score_out, Repair *rep)                                             \
+/* numpy's pairwise sum of x[i] = a[i] / peak, in double, in numpy's own
+ * order (its DOUBLE_pairwise_sum, which np.sum uses along a contiguous row):
+ * under 8 values one running sum from 0; up to PW_BLOCK, eight interleaved
+ * sums joined as ((0+1)+(2+3))+((4+5)+(6+7)), then the rest one by one;
+ * beyond, the two halves summed apart, the first a multiple of 8. A row
+ * renormalised here then has the reference's bits, not just its value. */
+#define PW_BLOCK 128
+#define DEFINE_PAIRWISE(NAME, T)                                                           \
+    static double NAME(const T *a, Py_ssize_t n, double peak)                              \
+    {                                                                                      \
+        if (n < 8) {                                                                       \
+            double res = 0.0;                                                              \
+            for (Py_ssize_t i = 0; i < n; i++)                                             \
+                res += (double)a[i] / peak;                                                \
+            return res;                                                                    \
+        }                                                                                  \
+        if (n <= PW_BLOCK) {                                                               \
+            double r[8];                                                                   \
+            for (int j = 0; j < 8; j++)                                                    \
+                r[j] = (double)a[j] / peak;                                                \
+            Py_ssize_t i = 8;                                                              \
+            for (; i < n - (n % 8); i += 8)                                                \
+                for (int j = 0; j < 8; j++)                                                \
+                    r[j] += (double)a[i + j] / peak;                                       \
+            double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7])); \
+            for (; i < n; i++)                                                             \
+                res += (double)a[i] / peak;                                                \
+            return res;                                                                    \
+        }                                                                                  \
+        Py_ssize_t half = n / 2;                                                           \
+        half -= half % 8;                                                                  \
+        return NAME(a, half, peak) + NAME(a + half, n - half, peak);                       \
+    }
+
+/* Count row r, certainly off its sum, and with CLAMP repair it as the
+ * reference's _clamp does (guard/dataplane/rules.py): the row clamped (done
+ * already when it held values out of range, `clamped`: *ranked points at it),
+ * and if the clamped row is still certainly off its sum, divided by its peak
+ * and then by the pairwise sum of that, in double, each value rounded once
+ * to T at the end; a row with no positive peak or a zero sum becomes uniform.
+ * *top receives the row's largest value before repair. 1 when done, 0 when
+ * the clamped row's sum is uncertain (the reference decides), -1 with an
+ * exception set. */
+#define DEFINE_RENORM(NAME, PEAK, SUM, ABS_SUM, PAIRWISE, T)                               \
+    DEFINE_PAIRWISE(PAIRWISE, T)                                                           \
+    static int NAME(const T *row, Py_ssize_t cols, Py_ssize_t r, int clamped, T tlo,       \
+                    double sum_lo, double sum_hi, Repair *rep, const T **ranked, T *top)   \
+    {                                                                                      \
+        rep->bad_rows++;                                                                   \
+        if (rep->mode != REPAIR_CLAMP)                                                     \
+            return 1;                                                                      \
+        T *dst = (T *)*ranked;                                                             \
+        if (!clamped) {                                                                    \
+            *top = PEAK(row, cols);                                                        \
+            dst = (T *)repaired_at(rep, r * cols * (Py_ssize_t)sizeof(T));                 \
+            if (dst == NULL)                                                               \
+                return -1;                                                                 \
+        }                                                                                  \
+        *ranked = dst;                                                                     \
+        double sum = SUM(dst, cols), abs_sum = tlo >= 0 ? sum : ABS_SUM(dst, cols);        \
+        int verdict = row_sum_verdict(sum, abs_sum, cols, sum_lo, sum_hi);                 \
+        if (verdict >= 0)                                                                  \
+            return verdict;                                                                \
+        double peak = (double)PEAK(dst, cols);                                             \
+        double s = peak > 0 ? 0.0 + PAIRWISE(dst, cols, peak) : 0.0;                       \
+        if (s == 0) {                                                                      \
+            const T uniform = (T)(1.0 / (double)cols);                                     \
+            for (Py_ssize_t c = 0; c < cols; c++)                                          \
+                dst[c] = uniform;                                                          \
+            return 1;                                                                      \
+        }                                                                                  \
+        for (Py_ssize_t c = 0; c < cols; c++)                                              \
+            dst[c] = (T)((double)dst[c] / peak / s);                                       \
+        return 1;                                                                          \
+    }
+
+/* One value per row (a binary classifier's [N, 1]) and no sum to check: the
+ * row loop below costs some 15-20 ns a row (1024x1: 19 us, measured), this
+ * 0.8 us in all when every value is in range. Each row's best class is 0,
+ * its score the value. */
+#define DEFINE_SCAN_COLUMN(NAME, REPAIR, T)                                                \
+    static int NAME(const T *values, Py_ssize_t rows, double lo, double hi,                \
+                    int64_t *idx_out, T *score_out, Repair *rep)                           \
     {                                                                                      \
         const T tlo = (T)lo, thi = (T)hi;                                                  \
         int bad = 0;                                                                       \
@@ -185,11 +292,6 @@ repaired_at(Repair *rep, Py_ssize_t offset)
         }                                                                                  \
         if (bad && rep->mode == REPAIR_NONE)                                               \
             return 0;                                                                      \
-        for (Py_ssize_t r = 0; check_sum && r < rows; r++) {                               \
-            double v = (double)values[r];                                                  \
-            if (!row_sum_certain(v, fabs(v), 1, sum_lo, sum_hi))                           \
-                return 0;                                                                  \
-        }                                                                                  \
         memset(idx_out, 0, (size_t)rows * sizeof(int64_t));                                \
         memcpy(score_out, values, (size_t)rows * sizeof(T));                               \
         if (rep->confidence)                                                               \
@@ -197,7 +299,7 @@ repaired_at(Repair *rep, Py_ssize_t offset)
         for (Py_ssize_t r = 0; bad && r < rows; r++) {                                     \
             const T *ranked = values + r;                                                  \
             T top;                                                                         \
-            if (!((values[r] < tlo) | (values[r] > thi) | (values[r] != values[r])))      \
+            if (!((values[r] < tlo) | (values[r] > thi) | (values[r] != values[r])))       \
                 continue;                                                                  \
             int done = REPAIR(values + r, 1, r, tlo, thi, rep, &ranked, &top);             \
             if (done <= 0)                                                                 \
@@ -211,23 +313,25 @@ repaired_at(Repair *rep, Py_ssize_t offset)
  * first). Each pass is an integer OR or a plain sum, which compilers
  * vectorise; a max over floats is not, without fast-math's reordering. The
  * range and sum are checked on the row as it came, the ranking reads it as
- * repaired. Returns 1 (clean, or counted and repaired as rep->mode allows),
- * 0 (the reference must decide) or -1 (an exception is set). */
-#define DEFINE_SCAN(NAME, COLUMN, REPAIR, PEAK, FIRST, T)                                 \
-    DEFINE_PEAK(PEAK, T)                                                                   \
-    DEFINE_FIRST(FIRST, T)                                                                 \
-    DEFINE_REPAIR(REPAIR, PEAK, T)                                                         \
-    DEFINE_SCAN_COLUMN(COLUMN, REPAIR, T)                                                  \
-    static int NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols, int k, double lo,  \
+ * repaired (clamped, then renormalised when still off its sum). Returns 1
+ * (clean, or counted and repaired as rep->mode allows), 0 (the reference
+ * must decide) or -1 (an exception is set). */
+#define DEFINE_SCAN(NAME, T)                                                               \
+    DEFINE_PEAK(NAME##_peak, T)                                                            \
+    DEFINE_FIRST(NAME##_first, T)                                                          \
+    DEFINE_SUMS(NAME##_sum, NAME##_abs_sum, T)                                             \
+    DEFINE_REPAIR(NAME##_repair, NAME##_peak, T)                                           \
+    DEFINE_RENORM(NAME##_renorm, NAME##_peak, NAME##_sum, NAME##_abs_sum, NAME##_pairwise, T) \
+    DEFINE_SCAN_COLUMN(NAME##_column, NAME##_repair, T)                                    \
+    static int NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols, int k, double lo,   \
                     double hi, int check_sum, double sum_lo, double sum_hi,                \
                     int64_t *idx_out, T *score_out, Repair *rep)                           \
     {                                                                                      \
         T best[MAX_K];                                                                     \
         int64_t where[MAX_K];                                                              \
         const T tlo = (T)lo, thi = (T)hi; /* exact: the caller gives bounds in T */        \
-        if (cols == 1)                                                                     \
-            return COLUMN(values, rows, lo, hi, check_sum, sum_lo, sum_hi, idx_out,        \
-                          score_out, rep);                                                 \
+        if (cols == 1 && !check_sum)                                                       \
+            return NAME##_column(values, rows, lo, hi, idx_out, score_out, rep);           \
         for (Py_ssize_t r = 0; r < rows; r++) {                                            \
             const T *row = values + r * cols, *ranked = row;                               \
             T top = 0;                                                                     \
@@ -240,27 +344,22 @@ repaired_at(Repair *rep, Py_ssize_t offset)
             if (bad) {                                                                     \
                 int done = rep->mode == REPAIR_NONE                                        \
                                ? 0                                                         \
-                               : REPAIR(row, cols, r, tlo, thi, rep, &ranked, &top);       \
+                               : NAME##_repair(row, cols, r, tlo, thi, rep, &ranked, &top); \
                 if (done <= 0)                                                             \
                     return done;                                                           \
             }                                                                              \
             if (check_sum) {                                                               \
-                /* Four interleaved partial sums in double. With no negative value   */   \
-                /* (tlo >= 0), sum|x| is the sum itself. */                                \
-                double s[4] = {0.0, 0.0, 0.0, 0.0}, abs_sum = 0.0;                         \
-                Py_ssize_t c = 0;                                                          \
-                for (; c + 4 <= cols; c += 4)                                              \
-                    for (int j = 0; j < 4; j++)                                            \
-                        s[j] += (double)row[c + j];                                        \
-                for (; c < cols; c++)                                                      \
-                    s[0] += (double)row[c];                                                \
-                double sum = (s[0] + s[1]) + (s[2] + s[3]);                                \
-                if (tlo >= 0 && !bad)                                                      \
-                    abs_sum = sum;                                                         \
-                else                                                                       \
-                    for (c = 0; c < cols; c++)                                             \
-                        abs_sum += fabs((double)row[c]);                                   \
-                if (!row_sum_certain(sum, abs_sum, cols, sum_lo, sum_hi))                  \
+                /* With no negative value (tlo >= 0), sum|x| is the sum itself. */         \
+                double sum = NAME##_sum(row, cols);                                        \
+                double abs_sum = tlo >= 0 && !bad ? sum : NAME##_abs_sum(row, cols);       \
+                int verdict = row_sum_verdict(sum, abs_sum, cols, sum_lo, sum_hi);         \
+                if (verdict < 0 && rep->mode != REPAIR_NONE) {                             \
+                    int done =                                                             \
+                        NAME##_renorm(row, cols, r, bad, tlo, sum_lo, sum_hi, rep, &ranked, \
+                                      &top);                                               \
+                    if (done <= 0)                                                         \
+                        return done;                                                       \
+                } else if (verdict <= 0)                                                   \
                     return 0;                                                              \
             }                                                                              \
             if (k == 0)                                                                    \
@@ -268,8 +367,8 @@ repaired_at(Repair *rep, Py_ssize_t offset)
             if (k == 1) {                                                                  \
                 /* The row's maximum, then where it first is: two passes that */           \
                 /* vectorise, where the insertion below compares value by value. */        \
-                T m = PEAK(ranked, cols);                                                  \
-                Py_ssize_t at = FIRST(ranked, cols, m);                                    \
+                T m = NAME##_peak(ranked, cols);                                           \
+                Py_ssize_t at = NAME##_first(ranked, cols, m);                             \
                 idx_out[r] = (int64_t)at;                                                  \
                 score_out[r] = ranked[at];                                                 \
                 if (rep->confidence)                                                       \
@@ -314,8 +413,8 @@ repaired_at(Repair *rep, Py_ssize_t offset)
         return 1;                                                                          \
     }
 
-DEFINE_SCAN(scan_f32, column_f32, repair_f32, peak_f32, first_f32, float)
-DEFINE_SCAN(scan_f64, column_f64, repair_f64, peak_f64, first_f64, double)
+DEFINE_SCAN(scan_f32, float)
+DEFINE_SCAN(scan_f64, double)
 
 /* Whether the arguments describe the buffer: a C-contiguous float32 (itemsize
  * 4) or float64 (8) array of rows x cols values, and 0 <= k <= min(cols, MAX_K). */
@@ -415,7 +514,7 @@ ln_f32(float x)
  * flagged row or a sum of 0: guard.dataplane.rules.normalized_entropy, the
  * numpy reference, within 1e-5. */
 #define DEFINE_ENTROPY(NAME, T, LN, TMAX, TMIN, ATTRIBUTES)                                \
-    ATTRIBUTES static void NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols,        \
+    ATTRIBUTES static void NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols,         \
                                 double *out)                                               \
     {                                                                                      \
         const double norm = log((double)cols);                                             \
@@ -448,7 +547,7 @@ ln_f32(float x)
             if (bad || !(s >= MIN_SUM) || !isfinite(h))                                    \
                 h = NAN;                                                                   \
             else                                                                           \
-                h = h < 0.0 ? 0.0 : (h > 1.0 ? 1.0 : h);                                  \
+                h = h < 0.0 ? 0.0 : (h > 1.0 ? 1.0 : h);                                   \
             out[r] = h;                                                                    \
         }                                                                                  \
     }
@@ -680,13 +779,13 @@ put_values(char *p, const Entry *e, const Classes *cl, const char *scores, Py_ss
 /* Each value's class against its column's threshold: 1 where value > threshold,
  * compared in double as numpy compares float32 with a float64 threshold. Only
  * called on values with no NaN (clean, or repaired). */
-#define DEFINE_FIRE(NAME, T)                                                             \
-    static void NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols,                  \
-                     const double *thresholds, int64_t *fired)                           \
-    {                                                                                    \
-        for (Py_ssize_t r = 0; r < rows; r++)                                            \
-            for (Py_ssize_t c = 0; c < cols; c++)                                        \
-                fired[r * cols + c] = (double)values[r * cols + c] > thresholds[c];       \
+#define DEFINE_FIRE(NAME, T)                                                               \
+    static void NAME(const T *values, Py_ssize_t rows, Py_ssize_t cols,                    \
+                     const double *thresholds, int64_t *fired)                             \
+    {                                                                                      \
+        for (Py_ssize_t r = 0; r < rows; r++)                                              \
+            for (Py_ssize_t c = 0; c < cols; c++)                                          \
+                fired[r * cols + c] = (double)values[r * cols + c] > thresholds[c];        \
     }
 
 DEFINE_FIRE(fire_f32, float)
@@ -731,13 +830,15 @@ PyDoc_STRVAR(clean_rank_encode_doc,
 "class (with thresholds: every value's threshold class) and each row's best\n"
 "score; None when anything would have to be counted: the caller then takes\n"
 "the numpy reference.\n\n"
-"`repair` 1 (observe) counts finite values outside [lo, hi] instead of\n"
-"declining; 2 (clamp) also counts +-Inf, and derives from the values clamped\n"
-"into [lo, hi]. A NaN, or a row sum that is not certainly within the band,\n"
-"still declines. When a value was counted the result has a fourth item,\n"
-"(repaired, below, above, inf): the clamped values as bytes (None with\n"
-"observe) and the counts; its scores item is then each row's largest value\n"
-"before repair (what the metrics read), not the derived outputs' score.");
+"`repair` 1 (observe) counts finite values outside [lo, hi], and rows\n"
+"certainly off their sum, instead of declining; 2 (clamp) also counts +-Inf,\n"
+"and derives from the values clamped into [lo, hi], with each row still\n"
+"certainly off its sum renormalised as the numpy reference does. A NaN, or\n"
+"a row sum that is not certainly inside or outside the band, still\n"
+"declines. When anything was counted the result has a fourth item,\n"
+"(repaired, below, above, inf, bad_rows): the repaired values as bytes (None\n"
+"with observe) and the counts; its scores item is then each row's largest\n"
+"value before repair (what the metrics read), not the derived outputs' score.");
 
 #define MAX_ENTRIES 8
 
@@ -831,12 +932,12 @@ write_entries(Entry *entries, Py_ssize_t n_entries, const Classes *cl, const cha
     return out;
 }
 
-/* The result's fourth item, (repaired or None, below, above, inf). */
+/* The result's fourth item, (repaired or None, below, above, inf, bad_rows). */
 static PyObject *
 counted(const Repair *rep)
 {
-    return Py_BuildValue("(Onnn)", rep->repaired ? rep->repaired : Py_None, rep->below,
-                         rep->above, rep->inf);
+    return Py_BuildValue("(Onnnn)", rep->repaired ? rep->repaired : Py_None, rep->below,
+                         rep->above, rep->inf, rep->bad_rows);
 }
 
 static PyObject *
@@ -915,7 +1016,7 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
     best_score = rep.repaired ? Py_NewRef(confidence) : best_column(scores, rows, k, itemsize);
     if (best_idx == NULL || best_score == NULL)
         goto done;
-    if (rep.below + rep.above + rep.inf == 0) {
+    if (rep.below + rep.above + rep.inf + rep.bad_rows == 0) {
         result = PyTuple_Pack(3, best_idx, best_score, out);
         goto done;
     }

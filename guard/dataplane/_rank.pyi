@@ -6,8 +6,9 @@ from _typeshed import ReadableBuffer
 from numpy import ndarray
 
 Buffer = ReadableBuffer | ndarray[Any, Any]
-#: What a lane counted: the clamped values (None when it observed), below, above, infinite.
-Counted = tuple[bytes | None, int, int, int]
+#: What a lane counted: the repaired values (None when it observed), below,
+#: above, infinite, and rows off their sum.
+Counted = tuple[bytes | None, int, int, int, int]
 
 MAX_K: int
 """The largest k the native top-k ranks (larger k take the numpy reference)."""

@@ -8,13 +8,15 @@ the native kernel, instead of some thirty numpy calls and six encoder passes.
 In a loaded proxy, where each of those calls meets cold CPU caches, that is
 most of what guarding such a response costs.
 
-Many of the others only have values out of range, which the rule observes or
-clamps: the kernel counts those in the same pass, clamps them into a copy of
-the values (written over the old ones in place, same length), and ranks the
+Many of the others only have values out of range, or rows off their sum,
+which the rule observes or clamps: the kernel counts those in the same pass,
+repairs them into a copy of the values (clamped, and rows still off their sum
+renormalised; written over the old ones in place, same length), and ranks the
 repaired rows, so a badly calibrated model costs one call too.
 
 A lane is only a shortcut. When anything else would have to be decided (a
-NaN, a row off its sum, a rejection, an abstention) it answers ``None``, and
+NaN, a row sum too close to the tolerance to call, a rejection, an
+abstention) it answers ``None``, and
 the response takes the numpy reference
 (:func:`guard.dataplane.rules.apply_rule`); the tests check that both give
 the same bytes and metrics.
@@ -37,9 +39,9 @@ from guard.dataplane.rulespec import OutputRule
 __all__ = ["Counted", "Lane", "LaneResult", "OutputSpec", "make_lane"]
 
 Buffer = bytes | memoryview | Array
-#: What a lane counted: the clamped values (``None`` when it only observed),
-#: then the values below the range, above it, and infinite.
-Counted = tuple[bytes | None, int, int, int]
+#: What a lane counted: the repaired values (``None`` when it only observed),
+#: then the values below the range, above it, infinite, and the rows off their sum.
+Counted = tuple[bytes | None, int, int, int, int]
 #: Each row's best class (int64) and score (the values' dtype), one row after
 #: another, and the encoded map entries of the derived outputs; when values
 #: were counted (see :data:`Counted`), the scores are each row's largest value
@@ -111,11 +113,14 @@ def make_lane(
     values (one threshold, or one per class), with or without labels, after
     the rule's activation if any (:meth:`Lane.checked`). The kernel answers
     the classes the metrics count (each row's best, or every value's 0/1),
-    and counts values out of range when the rule observes them (finite ones)
-    or clamps them (±Inf too; it derives from the clamped values).
+    and counts values out of range and rows off their sum when the rule
+    observes them (finite values) or clamps them (±Inf too; it derives from
+    the repaired values: clamped, and renormalised where a row stays off its
+    sum).
 
-    Left to the reference: a NaN or a row off its sum; ``reject`` with a value
-    out of range; an abstention (the pipeline asks when ``min_confidence`` is
+    Left to the reference: a NaN; a row whose sum is too close to the
+    tolerance to call for certain; ``reject`` with a value out of range or a
+    row off its sum; an abstention (the pipeline asks when ``min_confidence`` is
     set, so a clamp with it leaves every repair to the reference); float16,
     rank 0 with a threshold, no values or no classes, k beyond ``max_k``, and
     thresholds or labels that do not fit the classes (the reference raises

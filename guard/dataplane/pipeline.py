@@ -388,9 +388,9 @@ class _Plan:
 
 
 def _counts(size: int, counted: Counted) -> Counts:
-    """What a lane counted (its clamped values aside), as the reference counts it."""
-    _, below, above, inf = counted
-    return Counts(values=size, below_min=below, above_max=above, inf=inf)
+    """What a lane counted (its repaired values aside), as the reference counts it."""
+    _, below, above, inf, bad_rows = counted
+    return Counts(values=size, below_min=below, above_max=above, inf=inf, bad_rows=bad_rows)
 
 
 _PLAN_OUTPUTS_MAX = 16
