@@ -40,9 +40,13 @@ GRPC = "grpc"
 
 # Metadata that belongs to one HTTP/2 hop and must not be forwarded.
 _HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "host", "grpc-timeout"})
-# After a request that never came (EOF), how many loop turns to give gRPC to
-# say it ended the call itself (a message over max_request_mb).
-_EOF_SETTLE_TURNS = 3
+# After a request that never came (EOF), how long to give gRPC to say it ended
+# the call itself (a message over max_request_mb). grpc.aio reads both as EOF;
+# its cancellation comes through the completion queue's poller thread, which a
+# loaded machine may not run for a while: three loop turns were once not
+# enough, and the refused request went upstream as an empty one. No gRPC
+# client sends a unary call without a message, so only such odd calls wait.
+_EOF_SETTLE_S = 0.25
 
 Metadata = tuple[tuple[str, Any], ...]
 _TIMED_OUT = object()
@@ -227,10 +231,9 @@ class CallHandler:
     async def _settle_after_eof(self, call: Call) -> None:
         """A request that ended with no message: either the client sent none,
         or gRPC refused it (over max_request_mb, or cancelled) and is about to
-        cancel this call. Give gRPC a few loop turns to say which."""
+        cancel this call. Give gRPC a moment to say which."""
         try:
-            for _ in range(_EOF_SETTLE_TURNS):
-                await asyncio.sleep(0)
+            await asyncio.sleep(_EOF_SETTLE_S)
         except asyncio.CancelledError:
             # gRPC ended the call: its client has RESOURCE_EXHAUSTED ('message
             # larger than max'), or cancelled the call itself.
