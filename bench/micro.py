@@ -36,6 +36,7 @@ QUICK_SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (64, 10), (256, 201))
 LO, HI, TOLERANCE, TOP_K = 0.0, 1.0, 1e-3, 5
 OUTPUT = "probabilities"
 THRESHOLD, BINARY_LABELS = 0.5, ("negative", "positive")
+MIN_CONFIDENCE, ABSTAIN_LABEL = 0.5, "unknown"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class Case:
     renormalise: bool = False
     """With ``repair``: the sum is checked too, so each row with a value above
     1.0 is clamped and then renormalised (it sums to more than 1 after the clamp)."""
+    abstain: bool = False
+    """Every other row near uniform, as an untrained model's (seed 003), under
+    ``min_confidence``: those rows abstain (class -1, the abstain label)."""
 
     @property
     def k(self) -> int:
@@ -65,7 +69,7 @@ class Case:
     def label(self) -> str:
         """Human-readable name."""
         kind = " threshold" * self.threshold + " repair" * self.repair + " softmax" * self.softmax
-        kind += " renormalise" * self.renormalise
+        kind += " renormalise" * self.renormalise + " abstain" * self.abstain
         return f"{self.rows}x{self.classes} {self.encoding}{kind}"
 
 
@@ -92,6 +96,8 @@ def values_for(case: Case) -> np.ndarray:
     if case.softmax:
         return rng.normal(0.0, 2.0, (case.rows, case.classes)).astype(np.float32)
     values = payloads.softmax_rows(case.rows, case.classes, seed=seed)
+    if case.abstain:
+        values[::2] = rng.dirichlet(np.full(case.classes, 1000.0), values[::2].shape[0])
     if case.repair:
         flat = values.reshape(-1)
         count = max(1, flat.size // 100)
@@ -108,6 +114,8 @@ def case_labels(case: Case) -> np.ndarray:
     """The case's labels: one per class, or a threshold's two."""
     if case.threshold:
         return np.array([s.encode() for s in BINARY_LABELS], dtype=object)
+    if case.abstain:  # class -1 indexes the abstain label, last
+        return np.append(label_table(case.classes), np.array([ABSTAIN_LABEL.encode()], object))
     return label_table(case.classes)
 
 
@@ -184,7 +192,22 @@ def case_math(case: Case, labels: np.ndarray) -> Callable[[np.ndarray], dict[str
         return lambda v: threshold_math(v, labels)
     if case.softmax:
         return lambda v: floor_math(softmax(v), case.k, labels)
+    if case.abstain:
+        return lambda v: abstaining_math(v, case.k, labels)
     return lambda v: floor_math(v, case.k, labels, case.renormalise)
+
+
+def abstaining_math(values: np.ndarray, k: int, labels: np.ndarray) -> dict[str, Any]:
+    """:func:`floor_math`, then each row whose best score is below
+    MIN_CONFIDENCE abstains: class -1 (first of its top k too), whose label is
+    the last of ``labels``."""
+    out = floor_math(values, k, labels[:-1])
+    unsure = ~(out["score"] >= MIN_CONFIDENCE)
+    out["class"] = np.where(unsure, -1, out["class"])
+    top = out["top_k_class"].copy()
+    top[unsure, 0] = -1
+    out["top_k_class"], out["label"], out["top_k_label"] = top, labels[out["class"]], labels[top]
+    return out
 
 
 def threshold_math(values: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -275,6 +298,8 @@ def rule_document(case: Case) -> dict[str, Any]:
     }
     if case.softmax:
         output["activation"] = "softmax"
+    if case.abstain:
+        output |= {"min_confidence": MIN_CONFIDENCE, "abstain_label": ABSTAIN_LABEL}
     return {"models": [{"name": "micro", "outputs": [output]}]}
 
 

@@ -658,6 +658,13 @@ typedef struct {
     Py_ssize_t raw_len, tensor_len, entry_len;
 } Entry;
 
+/* The encoded label of class c; an abstained class (-1) has the last one. */
+static inline PyObject *
+label_field(PyObject *labels, int64_t c)
+{
+    return PyTuple_GET_ITEM(labels, c < 0 ? PyTuple_GET_SIZE(labels) - 1 : (Py_ssize_t)c);
+}
+
 /* The classes (and scores) an entry reads, per row: the first of each row's
  * k ranked, all k, or every value's threshold class. */
 typedef struct {
@@ -694,7 +701,7 @@ raw_len(const Entry *e, const Classes *cl, Py_ssize_t itemsize, int content)
     for (Py_ssize_t r = 0; r < cl->rows; r++)
         for (Py_ssize_t j = 0; j < columns; j++) {
             int64_t c = idx[r * stride + j];
-            n += is_label(e->what) ? PyBytes_GET_SIZE(PyTuple_GET_ITEM(e->labels, c))
+            n += is_label(e->what) ? PyBytes_GET_SIZE(label_field(e->labels, c))
                                    : varint_len((uint64_t)c);
         }
     return n;
@@ -740,7 +747,7 @@ put_labels(char *p, PyObject *labels, const int64_t *idx, Py_ssize_t rows, Py_ss
 {
     for (Py_ssize_t r = 0; r < rows; r++)
         for (Py_ssize_t j = 0; j < columns; j++) {
-            PyObject *field = PyTuple_GET_ITEM(labels, idx[r * stride + j]);
+            PyObject *field = label_field(labels, idx[r * stride + j]);
             Py_ssize_t n = PyBytes_GET_SIZE(field);
             memcpy(p, PyBytes_AS_STRING(field), (size_t)n);
             p += n;
@@ -808,9 +815,34 @@ fire(const void *values, Py_ssize_t itemsize, Py_ssize_t rows, Py_ssize_t cols,
     return fired;
 }
 
+/* Mark the predictions below `floor` (or NaN) as abstained, class -1, as the
+ * reference does (guard/dataplane/rules.py): with a threshold, each value
+ * whose predicted class's probability (the value for class 1, 1 - value for
+ * class 0, in T) is below it; else each row whose best score is. numpy
+ * compares a T array with the Python float floor in T, so the floor is
+ * rounded to T first. */
+#define DEFINE_ABSTAIN(NAME, T)                                                            \
+    static void NAME(const T *values, Py_ssize_t n, int64_t *fired, const T *scores,       \
+                     Py_ssize_t rows, int k, int64_t *idx, double floor)                    \
+    {                                                                                      \
+        const T f = (T)floor;                                                              \
+        for (Py_ssize_t i = 0; fired && i < n; i++) {                                      \
+            T confidence = fired[i] == 1 ? values[i] : (T)1 - values[i];                   \
+            if (!(confidence >= f))                                                        \
+                fired[i] = -1;                                                             \
+        }                                                                                  \
+        for (Py_ssize_t r = 0; !fired && r < rows; r++)                                    \
+            if (!(scores[r * k] >= f))                                                     \
+                idx[r * k] = -1;                                                           \
+    }
+
+DEFINE_ABSTAIN(abstain_f32, float)
+DEFINE_ABSTAIN(abstain_f64, double)
+
 PyDoc_STRVAR(clean_rank_encode_doc,
 "clean_rank_encode(values, itemsize, rows, cols, k, lo, hi, check_sum, sum_lo, sum_hi,\n"
-"                  content, score_key, entries, thresholds=None, repair=0)\n"
+"                  content, score_key, entries, thresholds=None, repair=0,\n"
+"                  min_confidence=nan)\n"
 "--\n\n"
 "Check and rank a C-contiguous float32 (itemsize 4) or float64 (8) array of\n"
 "rows x cols values (misaligned values are copied first), then write the\n"
@@ -821,7 +853,8 @@ PyDoc_STRVAR(clean_rank_encode_doc,
 "encoded key field, the TensorProto's encoded dtype and shape fields, what it\n"
 "holds (0 class, 1 score, 2 label, 3-5 the same for the top k, 6 each value's\n"
 "0/1 threshold class, 7 its label) and, for labels, a tuple of one encoded\n"
-"string_val field per class (per 0/1 for a threshold's: at least 2).\n"
+"string_val field per class (per 0/1 for a threshold's: at least 2), then,\n"
+"with min_confidence, the abstain label's.\n"
 "`thresholds`, float64 bytes with one threshold per column, is needed by\n"
 "entries 6 and 7: a value's class is 1 where (double)value > its threshold.\n"
 "Class values are written as tensor_content when `content`, else packed\n"
@@ -830,6 +863,10 @@ PyDoc_STRVAR(clean_rank_encode_doc,
 "class (with thresholds: every value's threshold class) and each row's best\n"
 "score; None when anything would have to be counted: the caller then takes\n"
 "the numpy reference.\n\n"
+"With `min_confidence` (not NaN), a prediction below it abstains: its class\n"
+"is -1 (with a threshold: each value's; else each row's best, the top-k's\n"
+"first included) and its label the abstain label, as the reference writes\n"
+"them; the classes item holds the -1 too.\n\n"
 "`repair` 1 (observe) counts finite values outside [lo, hi], and rows\n"
 "certainly off their sum, instead of declining; 2 (clamp) also counts +-Inf,\n"
 "and derives from the values clamped into [lo, hi], with each row still\n"
@@ -859,7 +896,7 @@ best_column(PyObject *ranked, Py_ssize_t rows, int k, Py_ssize_t size)
 
 /* Parse the entry specs; 0 with an exception set when one is malformed. */
 static int
-parse_entries(PyObject *spec, Entry *entries, Py_ssize_t cols, int thresholded)
+parse_entries(PyObject *spec, Entry *entries, Py_ssize_t cols, int thresholded, int abstaining)
 {
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(spec); i++) {
         Entry *e = &entries[i];
@@ -873,8 +910,9 @@ parse_entries(PyObject *spec, Entry *entries, Py_ssize_t cols, int thresholded)
                               &PyTuple_Type, &e->labels))
             return 0;
         int label = is_label(e->what);
-        /* A ranked label names a class; a threshold's label names a 0 or a 1. */
-        Py_ssize_t wanted = e->what == THRESHOLD_LABEL ? 2 : cols;
+        /* A ranked label names a class; a threshold's label names a 0 or a 1.
+         * With abstentions, the abstain label comes last. */
+        Py_ssize_t wanted = (e->what == THRESHOLD_LABEL ? 2 : cols) + abstaining;
         if (e->what < CLASS || e->what > THRESHOLD_LABEL || label != (e->labels != NULL) ||
             (label && (e->what == THRESHOLD_LABEL ? PyTuple_GET_SIZE(e->labels) < wanted
                                                  : PyTuple_GET_SIZE(e->labels) != wanted)) ||
@@ -946,7 +984,7 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
     Py_buffer view;
     Py_ssize_t itemsize, rows, cols;
     int k, check_sum, content, score_key;
-    double lo, hi, sum_lo, sum_hi;
+    double lo, hi, sum_lo, sum_hi, min_confidence = NAN;
     PyObject *spec, *thresholds = Py_None, *idx = NULL, *scores = NULL, *out = NULL;
     PyObject *fired = NULL, *best_idx = NULL, *best_score = NULL, *confidence = NULL;
     PyObject *counts = NULL, *result = NULL;
@@ -954,9 +992,9 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
     Repair rep = {0};
     void *copy = NULL;
 
-    if (!PyArg_ParseTuple(args, "y*nnniddpddpiO!|Oi", &view, &itemsize, &rows, &cols, &k, &lo,
+    if (!PyArg_ParseTuple(args, "y*nnniddpddpiO!|Oid", &view, &itemsize, &rows, &cols, &k, &lo,
                           &hi, &check_sum, &sum_lo, &sum_hi, &content, &score_key,
-                          &PyTuple_Type, &spec, &thresholds, &rep.mode))
+                          &PyTuple_Type, &spec, &thresholds, &rep.mode, &min_confidence))
         return NULL;
     Py_ssize_t n_entries = PyTuple_GET_SIZE(spec);
     int thresholded = thresholds != Py_None;
@@ -968,7 +1006,8 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
                         "clean_rank_encode: arguments do not describe the buffer");
         goto done;
     }
-    if (!parse_entries(spec, entries, cols, thresholded))
+    int abstaining = !isnan(min_confidence);
+    if (!parse_entries(spec, entries, cols, thresholded, abstaining))
         goto done;
     if (rep.mode == REPAIR_CLAMP) {
         confidence = PyBytes_FromStringAndSize(NULL, rows * itemsize);
@@ -1005,6 +1044,18 @@ clean_rank_encode(PyObject *Py_UNUSED(self), PyObject *args)
         if (fired == NULL)
             goto done;
         cl.fired = (const int64_t *)PyBytes_AS_STRING(fired);
+    }
+    if (abstaining) {
+        const void *checked = rep.repaired ? PyBytes_AS_STRING(rep.repaired) : values;
+        int64_t *f = fired ? (int64_t *)PyBytes_AS_STRING(fired) : NULL;
+        int64_t *ranked = (int64_t *)PyBytes_AS_STRING(idx);
+        if (itemsize == 4)
+            abstain_f32((const float *)checked, rows * cols, f,
+                        (const float *)PyBytes_AS_STRING(scores), rows, k, ranked, min_confidence);
+        else
+            abstain_f64((const double *)checked, rows * cols, f,
+                        (const double *)PyBytes_AS_STRING(scores), rows, k, ranked,
+                        min_confidence);
     }
     out = write_entries(entries, n_entries, &cl, PyBytes_AS_STRING(scores), itemsize, content,
                         (char)score_key);

@@ -12,18 +12,20 @@ Many of the others only have values out of range, or rows off their sum,
 which the rule observes or clamps: the kernel counts those in the same pass,
 repairs them into a copy of the values (clamped, and rows still off their sum
 renormalised; written over the old ones in place, same length), and ranks the
-repaired rows, so a badly calibrated model costs one call too.
+repaired rows, so a badly calibrated model costs one call too. Predictions
+below the rule's ``min_confidence`` abstain in the same call (class -1, the
+abstain label), so an untrained model's answers do not leave the lane either.
 
 A lane is only a shortcut. When anything else would have to be decided (a
-NaN, a row sum too close to the tolerance to call, a rejection, an
-abstention) it answers ``None``, and
-the response takes the numpy reference
+NaN, a row sum too close to the tolerance to call, a rejection) it answers
+``None``, and the response takes the numpy reference
 (:func:`guard.dataplane.rules.apply_rule`); the tests check that both give
 the same bytes and metrics.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -118,10 +120,12 @@ def make_lane(
     the repaired values: clamped, and renormalised where a row stays off its
     sum).
 
+    With ``min_confidence``, the predictions below it abstain (class -1 and
+    the abstain label, as the reference writes them).
+
     Left to the reference: a NaN; a row whose sum is too close to the
     tolerance to call for certain; ``reject`` with a value out of range or a
-    row off its sum; an abstention (the pipeline asks when ``min_confidence`` is
-    set, so a clamp with it leaves every repair to the reference); float16,
+    row off its sum; float16,
     rank 0 with a threshold, no values or no classes, k beyond ``max_k``, and
     thresholds or labels that do not fit the classes (the reference raises
     the error for those).
@@ -214,6 +218,9 @@ def _kernel_args(
     """The one place the kernel's arguments are packed (guard/dataplane/_rank.pyi)."""
     name, rule, labels, _, dtype, encoding = spec
     fields = None if labels is None else tuple(tensor.string_field(s) for s in labels.tolist())
+    floor = math.nan if rule.min_confidence is None else rule.min_confidence
+    if fields is not None and rule.min_confidence is not None:
+        fields += (tensor.string_field(rule.abstain_label.encode("utf-8")),)  # class -1's
     entries = []
     for suffix, what, entry_dtype, entry_shape in wanted:
         key_field, head = tensor.entry_head(name + suffix, entry_dtype, entry_shape)
@@ -227,7 +234,7 @@ def _kernel_args(
         dtype.itemsize, rows, cols, k, float(lo), float(hi),
         rule.check_sum, 1.0 - rule.sum_tolerance, 1.0 + rule.sum_tolerance,
         encoding is Encoding.CONTENT, tensor.packed_key(dtype_enum)[0], tuple(entries),
-        thresholds, _repair_mode(rule),
+        thresholds, _repair_mode(rule), floor,
     )  # fmt: skip
 
 
@@ -235,6 +242,6 @@ def _repair_mode(rule: OutputRule) -> int:
     """What the kernel may do with values outside the valid range."""
     if rule.on_violation == "observe":
         return _REPAIR_OBSERVE
-    if rule.on_violation == "clamp" and rule.min_confidence is None:
+    if rule.on_violation == "clamp":
         return _REPAIR_CLAMP
     return _REPAIR_NONE

@@ -40,7 +40,7 @@ from guard.dataplane.evaluate import (
 )
 from guard.dataplane.lanes import Buffer, Counted, Lane, LaneResult
 from guard.dataplane.results import Action, Array, Counts
-from guard.dataplane.rules import class_axis_size, threshold_unsure
+from guard.dataplane.rules import class_axis_size
 from guard.dataplane.rulespec import OutputRule
 from guard.dataplane.sink import Counter, LabelTable, MetricsSink, OutputSink
 
@@ -262,18 +262,8 @@ class _PlannedOutput:
     """[rows, classes] when the rule tracks entropy, else ``None``."""
     derived: int
     """The reference's bound on what the derived outputs take (rules.derived_bytes)."""
-
-    def sure(self, found: LaneResult, checked: Buffer) -> bool:
-        """Whether nothing abstains (an abstention takes the reference route):
-        with a threshold, no value's prediction; else no row's best score."""
-        floor = self.rule.min_confidence
-        if floor is None:
-            return True
-        if self.rule.threshold is not None:
-            values = self.array(checked).ravel()
-            classes = np.frombuffer(found[0], dtype=np.int64)
-            return not threshold_unsure(values, classes, floor).any()
-        return bool((np.frombuffer(found[1], dtype=self.lane.dtype) >= floor).all())
+    abstain_slot: int
+    """Where the metrics count abstained predictions: an index past the classes."""
 
     def classes(self, found: bytes) -> Array:
         """The lane's classes: a row's best, or [rows, classes] of a threshold's 0/1."""
@@ -344,8 +334,6 @@ class _Plan:
             found = out.lane.encode(checked)
             if found is None:
                 return None
-            if out.rule.min_confidence is not None and not out.sure(found, checked):
-                return None
             rewrites = rewrites or checked is not raw or len(found) == 4
             done.append((found, checked))
         entries = b"".join([found[2] for found, _ in done])
@@ -370,6 +358,7 @@ class _Plan:
                 out.rows(checked),
                 multi_label=out.lane.multi_label > 0,
                 violations=counts,
+                abstain_slot=out.abstain_slot,
             )
         counter = self._counters.get(action)
         if counter is None:
@@ -493,5 +482,5 @@ def _plan_output(
     derived = compiled.derived_bytes(values.shape, values.itemsize)
     return _PlannedOutput(
         out.name, lane, out.offset, out.offset + out.length, values.size, sink, compiled.labels,
-        compiled.rule, entropy_shape, derived,
+        compiled.rule, entropy_shape, derived, max(2, c),
     )  # fmt: skip

@@ -328,22 +328,29 @@ class OutputRecorder:
         rows: np.ndarray[Any, Any] | None = None,
         multi_label: bool = False,
         violations: Counts | None = None,
+        abstain_slot: int = 2,
     ) -> None:
         """Record an output the native lane decided: ``size`` values checked,
         each row's best class (or, ``multi_label``, [rows, classes] of a
-        threshold's 0/1) and largest value before repair, the values as
-        [rows, classes] when the rule tracks entropy, and what the lane
-        counted. The same as :meth:`record` of the reference's result
+        threshold's 0/1), -1 where it abstained, and largest value before
+        repair, the values as [rows, classes] when the rule tracks entropy,
+        and what the lane counted; abstentions count at ``abstain_slot``, past
+        the classes. The same as :meth:`record` of the reference's result
         (tests/dataplane/test_rank.py compares the two)."""
         self.values.inc(size)
         if violations is not None:
             self._count_violations(violations)
         self.histogram.observe(self.series, confidence)
+        abstained = 0
+        if rule.min_confidence is not None:
+            abstained = int(np.count_nonzero(classes == ABSTAINED))
+        self._record_health(rule, confidence, rows)
+        if abstained:
+            self._count_abstained(abstained)
         if multi_label:
             self._add_fired(classes)
         else:
-            self.classes.add(self.series, classes, self._namer(labels))
-        self._record_health(rule, confidence, rows)
+            self._add_classes(classes, labels, abstained, abstain_slot, rule)
 
     def _add_fired(self, classes: np.ndarray[Any, Any]) -> None:
         """Threshold on a multi-label output: count each class index that fired."""
@@ -395,11 +402,21 @@ class OutputRecorder:
         if result.multi_label:
             self._add_fired(classes)
             return
-        flat = classes.ravel()
+        slot = max(2, class_axis_size(result.checked.shape))
+        self._add_classes(classes.ravel(), labels, result.abstained, slot, rule)
+
+    def _add_classes(
+        self,
+        flat: np.ndarray[Any, Any],
+        labels: np.ndarray[Any, Any] | None,
+        abstained: int,
+        slot: int,
+        rule: OutputRule,
+    ) -> None:
+        """Count each prediction; abstained ones (-1) under abstain_label, at
+        ``slot``, an index past the classes."""
         abstain = None
-        if result.abstained:
-            # Abstained rows count under abstain_label, at an index past the classes.
-            slot = max(2, class_axis_size(result.checked.shape))
+        if abstained:
             flat = np.where(flat == ABSTAINED, slot, flat)
             abstain = (slot, rule.abstain_label)
         self.classes.add(self.series, flat, self._namer(labels, abstain))

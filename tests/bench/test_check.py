@@ -19,6 +19,7 @@ from bench import check, micro
         micro.Case(128, 12, "", repair=True),
         micro.Case(128, 12, "", repair=True, renormalise=True),
         micro.Case(16, 12, "", softmax=True),
+        micro.Case(16, 12, "", abstain=True),
     ],
     ids=lambda case: case.label.strip(),
 )
@@ -58,10 +59,10 @@ def test_bench_check_notices_the_native_modules_missing() -> None:
     assert outcomes[0].misses()
 
 
-@pytest.mark.parametrize("kind", ["repair", "softmax", "renormalise"])
+@pytest.mark.parametrize("kind", ["repair", "softmax", "renormalise", "abstain"])
 def test_bench_check_notices_repairs_and_activations_off_the_native_lane(kind: str) -> None:
     # All took the numpy reference before the lanes counted, clamped,
-    # renormalised and ranked activated values themselves.
+    # renormalised, abstained and ranked activated values themselves.
     cases = tuple(t for t in check.THRESHOLDS if getattr(t, kind))
     assert cases
     outcomes = check.check(cases[:1], budget_s=0.05, attempts=2, native=False)

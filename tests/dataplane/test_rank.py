@@ -368,6 +368,8 @@ def near_clean(draw: st.DrawFn) -> tuple[Array, OutputRule]:
     if draw(st.integers(0, 3)) == 0:
         x = with_bad_values(draw, x)
     rule = OutputRule(
+        min_confidence=draw(confidence_floors(x, threshold)),
+        abstain_label=draw(st.sampled_from(["unknown", "?"])),
         valid_range=(lo, draw(st.sampled_from([1.0, 0.5]))),
         check_sum=draw(st.booleans()),
         sum_tolerance=tolerance,
@@ -379,6 +381,26 @@ def near_clean(draw: st.DrawFn) -> tuple[Array, OutputRule]:
         **draw(activations()),
     )
     return x, rule
+
+
+@st.composite
+def confidence_floors(
+    draw: st.DrawFn, x: Array, threshold: float | tuple[float, ...] | None
+) -> float | None:
+    """No min_confidence (mostly, and always with one threshold per class, which
+    the config refuses), a round one, or exactly a value of ``x`` or the
+    float64 next to it (a float32 comparison rounds it back to the value)."""
+    if (isinstance(threshold, tuple) and len(threshold) > 1) or draw(st.integers(0, 2)):
+        return None
+    flat = x.ravel()
+    value = st.integers(0, flat.size - 1).map(lambda i: float(flat[i]))
+    return draw(
+        st.one_of(
+            st.sampled_from([0.05, 0.3, 0.5, 0.9]),
+            value.filter(lambda v: 0.0 < v <= 1.0),
+            value.map(lambda v: float(np.nextafter(v, 1.0))).filter(lambda v: 0.0 < v <= 1.0),
+        )
+    )
 
 
 #: Values outside some valid range: just past 1.0 in float32 and float64,
@@ -499,8 +521,7 @@ def guarded_cases(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
     if rule.labels is not None and rule.derives:
         output["labels"] = list(rule.labels)
     if (rule.argmax or rule.top_k or rule.threshold is not None) and draw(st.booleans()):
-        # Abstaining rows send the response down the reference route; a
-        # threshold with min_confidence always takes it.
+        # Abstaining rows, or values with a threshold (one threshold only).
         if not isinstance(rule.threshold, tuple) or len(rule.threshold) == 1:
             output["min_confidence"] = draw(st.sampled_from([0.05, 0.3, 0.9]))
     outputs = {"probs": tensor(values, encoding, values.dtype.type)}
@@ -648,12 +669,17 @@ def test_a_threshold_rule_counts_or_declines_by_policy(
         assert result is not None and result.counts.total == 1
 
 
-def test_a_clamp_with_min_confidence_leaves_the_repair_to_the_reference() -> None:
-    # The abstention is decided on the repaired values, which the lane's check reads not.
-    x = np.array([[0.2, 1.5, 0.3]], dtype=np.float32)
-    assert kernel(x, OutputRule(argmax=True, on_violation="clamp", min_confidence=0.5)) is None
-    found = kernel(x, OutputRule(argmax=True, on_violation="clamp"))
-    assert found is not None and len(found) == 4
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_clamp_with_min_confidence_abstains_on_the_repaired_values(dtype: Any) -> None:
+    x = np.array([[0.2, 1.5, 0.3], [0.4, 0.35, 0.25], [0.1, 0.2, 0.7]], dtype=dtype)
+    labels = ("a", "b", "c")
+    for rule in (
+        OutputRule(argmax=True, top_k=2, on_violation="clamp", min_confidence=0.5, labels=labels),
+        OutputRule(argmax=True, on_violation="observe", min_confidence=0.5, abstain_label="?"),
+    ):
+        found = assert_kernel_agrees(x, rule)
+        assert found not in ("no lane", None) and len(found) == 4
+        np.testing.assert_array_equal(np.frombuffer(found[0], np.int64), [1, -1, 2])
 
 
 @pytest.mark.parametrize(
@@ -796,7 +822,7 @@ def test_derived_outputs_that_could_pass_the_limit_are_refused_on_both_routes(
     [(0.6, (False, False)), (0.7, (False, False)), (0.8, (True, True)),
      (float(np.nextafter(0.7, 1.0)), (False, True))],
 )  # fmt: skip
-def test_a_threshold_abstains_on_the_reference_route_only(
+def test_a_threshold_abstains_alike_on_the_native_route(
     dtype: Any,
     min_confidence: float,
     abstains: tuple[bool, bool],
@@ -822,6 +848,6 @@ def test_a_threshold_abstains_on_the_reference_route_only(
     took_reference = bool(routes)
     general, general_metrics = run_pipeline(output, body, REFERENCE)
     assert fast == general and fast_metrics == general_metrics
-    assert took_reference == bool(expected_unsure.any())
+    assert not took_reference
     assert bool(expected_unsure.any()) == abstains[dtype == np.float64]
     assert (b"guard_abstentions_total{" in fast_metrics) == bool(expected_unsure.any())
