@@ -2,12 +2,12 @@
 
 Two routes. The native one: the kernels' walker reads the layout, a plan made
 once per layout hands each output to its lane, and a clean response (or one
-whose values out of range the lanes count and clamp) costs a native call per
-output. The reference one, for everything else: read the
-response (walked or protobuf), decode the outputs, :func:`evaluate` them,
-count, and re-encode only what a rule changed; derived outputs are appended
-as encoded map entries. Responses are returned byte-identical unless a rule
-changed or added a tensor.
+whose values out of range and rows off their sum the lanes count and repair,
+or whose predictions abstain) costs a native call per output. The reference
+one, for everything else: read the response (walked or protobuf), decode the
+outputs, :func:`evaluate` them, count, and re-encode only what a rule
+changed; derived outputs are appended as encoded map entries. Responses are
+returned byte-identical unless a rule changed or added a tensor.
 """
 
 from __future__ import annotations
@@ -298,9 +298,9 @@ class _Plan:
 
     Made once per layout from the reference route's own decisions (rules,
     decoding checks, lanes, metric series), so a response the lanes decide
-    (clean, or with values out of range that they counted, and clamped where
-    the rule says) costs the native calls and little else. Anything else sends
-    the response down the reference route.
+    (clean, or with values out of range and rows off their sum that they
+    counted, and repaired where the rule says) costs the native calls and
+    little else. Anything else sends the response down the reference route.
     """
 
     __slots__ = ("outputs", "_counters", "_make_counter", "_limit", "_derived")
