@@ -72,7 +72,21 @@ class Gate:
             "max_pending_requests limit; retry with backoff, or raise max_pending_requests"
         )
 
-    def inflight_problem(self, size: int) -> tuple[Refusal, str] | None:
+    def admit(self, size: int) -> tuple[Refusal, str] | None:
+        """Take an in-flight slot and ``size`` bytes of the budget for a call, or
+        say why not (and take nothing); :meth:`release` gives it back."""
+        refused = self._inflight_problem(size)
+        if refused is None:
+            self.inflight += 1
+            self.inflight_bytes += size
+        return refused
+
+    def release(self, size: int) -> None:
+        """Give back what :meth:`admit` took for a call of ``size`` bytes."""
+        self.inflight -= 1
+        self.inflight_bytes -= size
+
+    def _inflight_problem(self, size: int) -> tuple[Refusal, str] | None:
         """Why a call holding ``size`` bytes may not go to the upstream now, or ``None``."""
         if self.inflight >= self.config.max_concurrent_rpcs:
             return Refusal.INFLIGHT_CALLS, (

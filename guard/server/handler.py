@@ -147,16 +147,13 @@ class CallHandler:
         the call is answered, or refuse it."""
         gate = self._server.gate
         size = len(request)
-        refused = gate.inflight_problem(size)
+        refused = gate.admit(size)
         if refused is not None:
             await call.refuse(context, *refused)
-        gate.inflight += 1
-        gate.inflight_bytes += size
         try:
             return await self._answer(info, request, metadata, spec, book, context, call)
         finally:
-            gate.inflight -= 1
-            gate.inflight_bytes -= size
+            gate.release(size)
 
     async def _answer(
         self,

@@ -58,14 +58,13 @@ class StreamRelay:
             problem = server.gate.metadata_problem(received)
             if problem is not None:
                 await call.refuse(context, Refusal.METADATA, problem)
-            refused = server.gate.inflight_problem(0)
+            refused = server.gate.admit(0)
             if refused is not None:
                 await call.refuse(context, *refused)
-            server.gate.inflight += 1
             try:
                 await self._run(info, forwardable(received), context, call)
             finally:
-                server.gate.inflight -= 1
+                server.gate.release(0)
         except asyncio.CancelledError:
             call.ended_by_client(context)
             raise

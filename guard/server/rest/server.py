@@ -166,18 +166,15 @@ class RestFrontEnd:
             raise Answer(503, "guard: shutting down; retry on another replica")
         body = await self._receive(request)
         gate, size = self._state.gate, len(body)
-        refused = gate.inflight_problem(size)
+        refused = gate.admit(size)
         if refused is not None:
             raise Answer(429, refused[1], refused[0])
-        gate.inflight += 1
-        gate.inflight_bytes += size
         try:
             if target.predict and target.model is not None and book.may_apply(target.model):
                 return await self._predict(request, target, body, book, call)
             return await self._pass_through(request, body, call)
         finally:
-            gate.inflight -= 1
-            gate.inflight_bytes -= size
+            gate.release(size)
 
     async def _receive(self, request: web.BaseRequest) -> bytes:
         """The request body, read within the limits, or a refusal."""
