@@ -13,7 +13,6 @@ returned byte-identical unless a rule changed or added a tensor.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,11 +37,10 @@ from guard.dataplane.evaluate import (
     record,
     resolve,
 )
-from guard.dataplane.lanes import Buffer, Counted, Lane, LaneResult
-from guard.dataplane.results import Action, Array, Counts
-from guard.dataplane.rules import class_axis_size
-from guard.dataplane.rulespec import OutputRule
-from guard.dataplane.sink import Counter, LabelTable, MetricsSink, OutputSink
+from guard.dataplane.lanes import Buffer, LaneResult
+from guard.dataplane.planned import ActionCounters, LaneOutput, lane_output
+from guard.dataplane.results import Action, Array
+from guard.dataplane.sink import MetricsSink
 
 __all__ = ["GuardedResponse", "guard_predict_response"]
 
@@ -250,47 +248,11 @@ def _little_endian(values: Array) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class _PlannedOutput:
-    name: str
-    lane: Lane
+    """A planned output, and where its values lie in responses of this layout."""
+
     start: int
     end: int
-    size: int
-    sink: OutputSink
-    labels: LabelTable | None
-    rule: OutputRule
-    entropy_shape: tuple[int, int] | None
-    """[rows, classes] when the rule tracks entropy, else ``None``."""
-    derived: int
-    """The reference's bound on what the derived outputs take (rules.derived_bytes)."""
-    abstain_slot: int
-    """Where the metrics count abstained predictions: an index past the classes."""
-
-    def classes(self, found: bytes) -> Array:
-        """The lane's classes: a row's best, or [rows, classes] of a threshold's 0/1."""
-        classes = np.frombuffer(found, dtype=np.int64)
-        if self.lane.multi_label:
-            return classes.reshape(-1, self.lane.multi_label)
-        return classes
-
-    def rows(self, checked: Buffer) -> Array | None:
-        """The checked values as [rows, classes], for the entropy."""
-        if self.entropy_shape is None:
-            return None
-        return self.array(checked).reshape(self.entropy_shape)
-
-    def array(self, checked: Buffer) -> Array:
-        """The checked values as an array (read in place when not activated)."""
-        if isinstance(checked, np.ndarray):
-            return checked
-        return np.frombuffer(checked, dtype=self.lane.dtype)
-
-    def rewritten(self, found: LaneResult, checked: Buffer) -> bytes | memoryview | None:
-        """The values to write over the old ones: clamped or activated; ``None``
-        when the tensor stays as it came."""
-        if len(found) == 4 and found[3][0] is not None:
-            return found[3][0]
-        # An activation's values, C-contiguous and little-endian (the lanes' dtypes).
-        return checked.data if isinstance(checked, np.ndarray) else None
+    output: LaneOutput
 
 
 class _Plan:
@@ -303,20 +265,15 @@ class _Plan:
     little else. Anything else sends the response down the reference route.
     """
 
-    __slots__ = ("outputs", "_counters", "_make_counter", "_limit", "_derived")
+    __slots__ = ("outputs", "_counters", "_limit", "_derived")
 
     def __init__(
-        self,
-        outputs: tuple[_PlannedOutput, ...],
-        make_counter: Callable[[Action], Counter],
-        limit: int,
+        self, outputs: tuple[_PlannedOutput, ...], counters: ActionCounters, limit: int
     ) -> None:
         self.outputs = outputs
-        self._make_counter = make_counter
+        self._counters = counters
         self._limit = limit
-        self._derived = sum(out.derived for out in outputs)
-        # Made on the first response of each action, as the reference route makes them.
-        self._counters: dict[Action, Counter] = {}
+        self._derived = sum(out.output.derived for out in outputs)
 
     def run(self, body: bytes) -> GuardedResponse | None:
         """The guarded response, or ``None`` when a lane leaves it to the reference."""
@@ -330,8 +287,9 @@ class _Plan:
         # Per call on every response: the clean case stays a few attribute reads.
         for out in self.outputs:
             raw = view[out.start : out.end]
-            checked = raw if out.lane.activation is None else out.lane.checked(raw)
-            found = out.lane.encode(checked)
+            lane = out.output.lane
+            checked = raw if lane.activation is None else lane.checked(raw)
+            found = lane.encode(checked)
             if found is None:
                 return None
             rewrites = rewrites or checked is not raw or len(found) == 4
@@ -344,42 +302,20 @@ class _Plan:
         # route records them all.
         action, violations = Action.CLEAN, 0
         for out, (found, checked) in zip(self.outputs, done, strict=True):
-            counts = None
-            if len(found) == 4:
-                counts = _counts(out.size, found[3])
-                violations += counts.total
-                action = max(action, Action.OBSERVED if found[3][0] is None else Action.CLAMPED)
-            out.sink.record_clean(
-                out.size,
-                out.classes(found[0]),
-                np.frombuffer(found[1], dtype=out.lane.dtype),
-                out.labels,
-                out.rule,
-                out.rows(checked),
-                multi_label=out.lane.multi_label > 0,
-                violations=counts,
-                abstain_slot=out.abstain_slot,
-            )
-        counter = self._counters.get(action)
-        if counter is None:
-            counter = self._counters[action] = self._make_counter(action)
-        counter.inc()
+            acted, counted = out.output.record(found, checked)
+            action = max(action, acted)
+            violations += counted
+        self._counters.inc(action)
         return GuardedResponse(guarded, action, violations)
 
     def _patches(self, done: list[tuple[LaneResult, Buffer]]) -> list[_Patch]:
         """Each clamped or activated output's new values, over its old ones."""
         patches = []
         for out, (found, checked) in zip(self.outputs, done, strict=True):
-            new = out.rewritten(found, checked)
+            new = out.output.rewritten(found, checked)
             if new is not None:
                 patches.append((out.start, out.end, new))
         return patches
-
-
-def _counts(size: int, counted: Counted) -> Counts:
-    """What a lane counted (its repaired values aside), as the reference counts it."""
-    _, below, above, inf, bad_rows = counted
-    return Counts(values=size, below_min=below, above_max=above, inf=inf, bad_rows=bad_rows)
 
 
 _PLAN_OUTPUTS_MAX = 16
@@ -448,12 +384,7 @@ def _make_plan(
         return None
     if not outputs:
         return None
-    labels = (target.model_label, target.version, target.signature)
-    return _Plan(
-        tuple(outputs),
-        lambda action: metrics.response_counter(*labels, action),
-        book.max_message_bytes,
-    )
+    return _Plan(tuple(outputs), ActionCounters(target, metrics), book.max_message_bytes)
 
 
 def _plan_output(
@@ -471,16 +402,9 @@ def _plan_output(
     if decoded is None:
         return None
     values, encoding = decoded
-    lane = target.rules.lane(out.name, compiled, values, encoding)
-    if lane is None or any(n in response.names for n in lane.names):
+    output = lane_output(target, out.name, compiled, values, encoding, metrics)
+    if output is None or any(n in response.names for n in output.lane.names):
         raise _NoPlan
     if out.length != values.nbytes:
         raise _NoPlan  # values filled in by TF's convention: the reference route fills
-    sink = metrics.output_recorder(target.model_label, target.version, target.signature, out.name)
-    c = class_axis_size(values.shape)
-    entropy_shape = (values.size // c, c) if compiled.rule.tracks_entropy and c >= 2 else None
-    derived = compiled.derived_bytes(values.shape, values.itemsize)
-    return _PlannedOutput(
-        out.name, lane, out.offset, out.offset + out.length, values.size, sink, compiled.labels,
-        compiled.rule, entropy_shape, derived, max(2, c),
-    )  # fmt: skip
+    return _PlannedOutput(out.offset, out.offset + out.length, output)

@@ -1,0 +1,140 @@
+"""One output's share of a native plan: its lane, its metric series, and how
+to count what the lane decided.
+
+A plan is made once per response layout from the reference route's own
+decisions, so that a response the lanes decide costs the native calls and
+little else. The gRPC pipeline (:mod:`guard.dataplane.pipeline`) and the REST
+front-end (:mod:`guard.server.rest.lanes`) make their plans of these parts;
+what each output counts is the reference's count, as the tests check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from guard.dataplane.book import CompiledRule
+from guard.dataplane.codec.tensor import Encoding
+from guard.dataplane.evaluate import Target
+from guard.dataplane.lanes import Buffer, Counted, Lane, LaneResult
+from guard.dataplane.results import Action, Array, Counts
+from guard.dataplane.rules import class_axis_size
+from guard.dataplane.rulespec import OutputRule
+from guard.dataplane.sink import Counter, LabelTable, MetricsSink, OutputSink
+
+__all__ = ["ActionCounters", "LaneOutput", "lane_output"]
+
+
+@dataclass(frozen=True, slots=True)
+class LaneOutput:
+    """One output a lane decides, with what counting its verdict needs."""
+
+    name: str
+    lane: Lane
+    size: int
+    sink: OutputSink
+    labels: LabelTable | None
+    rule: OutputRule
+    entropy_shape: tuple[int, int] | None
+    """[rows, classes] when the rule tracks entropy, else ``None``."""
+    derived: int
+    """The reference's bound on what the derived outputs take (rules.derived_bytes)."""
+    abstain_slot: int
+    """Where the metrics count abstained predictions: an index past the classes."""
+
+    def classes(self, found: bytes) -> Array:
+        """The lane's classes: a row's best, or [rows, classes] of a threshold's 0/1."""
+        classes = np.frombuffer(found, dtype=np.int64)
+        if self.lane.multi_label:
+            return classes.reshape(-1, self.lane.multi_label)
+        return classes
+
+    def rows(self, checked: Buffer) -> Array | None:
+        """The checked values as [rows, classes], for the entropy."""
+        if self.entropy_shape is None:
+            return None
+        return self.array(checked).reshape(self.entropy_shape)
+
+    def array(self, checked: Buffer) -> Array:
+        """The checked values as an array (read in place when not activated)."""
+        if isinstance(checked, np.ndarray):
+            return checked
+        return np.frombuffer(checked, dtype=self.lane.dtype)
+
+    def rewritten(self, found: LaneResult, checked: Buffer) -> bytes | memoryview | None:
+        """The values to write over the old ones: clamped or activated; ``None``
+        when the tensor stays as it came."""
+        if len(found) == 4 and found[3][0] is not None:
+            return found[3][0]
+        # An activation's values, C-contiguous and little-endian (the lanes' dtypes).
+        return checked.data if isinstance(checked, np.ndarray) else None
+
+    def record(self, found: LaneResult, checked: Buffer) -> tuple[Action, int]:
+        """Count the lane's verdict on this output; its action and violations."""
+        counts = None
+        action = Action.CLEAN
+        if len(found) == 4:
+            counts = _counts(self.size, found[3])
+            action = Action.OBSERVED if found[3][0] is None else Action.CLAMPED
+        self.sink.record_clean(
+            self.size,
+            self.classes(found[0]),
+            np.frombuffer(found[1], dtype=self.lane.dtype),
+            self.labels,
+            self.rule,
+            self.rows(checked),
+            multi_label=self.lane.multi_label > 0,
+            violations=counts,
+            abstain_slot=self.abstain_slot,
+        )
+        return action, 0 if counts is None else counts.total
+
+
+def _counts(size: int, counted: Counted) -> Counts:
+    """What a lane counted (its repaired values aside), as the reference counts it."""
+    _, below, above, inf, bad_rows = counted
+    return Counts(values=size, below_min=below, above_max=above, inf=inf, bad_rows=bad_rows)
+
+
+def lane_output(
+    target: Target,
+    name: str,
+    compiled: CompiledRule,
+    values: Array,
+    encoding: Encoding,
+    metrics: MetricsSink,
+) -> LaneOutput | None:
+    """The planned output for ``values`` (decoded by the reference route), or
+    ``None`` when no lane takes its rule, shape and dtype."""
+    lane = target.rules.lane(name, compiled, values, encoding)
+    if lane is None:
+        return None
+    sink = metrics.output_recorder(target.model_label, target.version, target.signature, name)
+    c = class_axis_size(values.shape)
+    entropy_shape = (values.size // c, c) if compiled.rule.tracks_entropy and c >= 2 else None
+    derived = compiled.derived_bytes(values.shape, values.itemsize)
+    return LaneOutput(
+        name, lane, values.size, sink, compiled.labels, compiled.rule, entropy_shape, derived,
+        max(2, c),
+    )  # fmt: skip
+
+
+class ActionCounters:
+    """The response counter of each action, made on the first response of that
+    action (as the reference route makes them)."""
+
+    __slots__ = ("_make", "_counters")
+
+    def __init__(self, target: Target, metrics: MetricsSink) -> None:
+        labels = (target.model_label, target.version, target.signature)
+        self._make: Callable[[Action], Counter] = lambda a: metrics.response_counter(*labels, a)
+        self._counters: dict[Action, Counter] = {}
+
+    def inc(self, action: Action) -> None:
+        """Count one response of ``action``."""
+        counter = self._counters.get(action)
+        if counter is None:
+            counter = self._counters[action] = self._make(action)
+        counter.inc()
