@@ -37,6 +37,7 @@ __all__ = [
     "derived_bytes",
     "label_table",
     "longest_label",
+    "labels_for",
     "normalized_entropy",
     "repair",
     "rule_bounds",
@@ -272,7 +273,7 @@ def _lowest(dtype: np.dtype[Any]) -> Any:
 ABSTAINED = -1
 
 
-def _labels_for(
+def labels_for(
     classes: Array, labels: np.ndarray[Any, Any], rule: OutputRule | None = None
 ) -> Array:
     if rule is not None and rule.min_confidence is not None and (classes == ABSTAINED).any():
@@ -394,7 +395,7 @@ def _derive_threshold(
     out.multi_label = c > 1
     out.derived.append(Derived("_class", cls))
     if label_table is not None:
-        out.derived.append(Derived("_label", _labels_for(cls, label_table, rule)))
+        out.derived.append(Derived("_label", labels_for(cls, label_table, rule)))
 
 
 def threshold_unsure(values: Array, cls: Array, min_confidence: float) -> Array:
@@ -436,7 +437,7 @@ def _add_ranked(
     out.derived.append(Derived(f"{prefix}_class", classes))
     out.derived.append(Derived(f"{prefix}_score", scores))
     if label_table is not None:
-        out.derived.append(Derived(f"{prefix}_label", _labels_for(classes, label_table, rule)))
+        out.derived.append(Derived(f"{prefix}_label", labels_for(classes, label_table, rule)))
 
 
 def apply_rule(

@@ -510,11 +510,10 @@ def test_any_output_and_rule_agree_with_numpy(data: st.DataObject) -> None:
 
 
 @st.composite
-def guarded_cases(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
-    """A config rule and a response of mostly clean outputs, or of outputs with
-    values out of range, in any encoding."""
+def rule_configs(draw: st.DrawFn) -> tuple[dict[str, Any], Array]:
+    """A config rule for output ``probs``, and its values: mostly clean, or
+    with values out of range."""
     values, rule = draw(st.one_of(near_clean(), out_of_range()))
-    encoding = draw(st.sampled_from([Encoding.TYPED, Encoding.CONTENT]))
     output: dict[str, Any] = {"name": "probs", "argmax": rule.argmax, "top_k": rule.top_k}
     output |= {"check_sum": rule.check_sum, "sum_tolerance": rule.sum_tolerance}
     output |= {"valid_range": list(rule.valid_range), "on_violation": rule.on_violation}
@@ -534,6 +533,15 @@ def guarded_cases(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
         # Abstaining rows, or values with a threshold (one threshold only).
         if not isinstance(rule.threshold, tuple) or len(rule.threshold) == 1:
             output["min_confidence"] = draw(st.sampled_from([0.05, 0.3, 0.9]))
+    return output, values
+
+
+@st.composite
+def guarded_cases(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
+    """A config rule and a response of mostly clean outputs, or of outputs with
+    values out of range, in any encoding."""
+    output, values = draw(rule_configs())
+    encoding = draw(st.sampled_from([Encoding.TYPED, Encoding.CONTENT]))
     outputs = {"probs": tensor(values, encoding, values.dtype.type)}
     if draw(st.booleans()):  # a second guarded output, and one left alone
         outputs["zeta"] = tensor(values[..., ::-1], encoding, values.dtype.type)

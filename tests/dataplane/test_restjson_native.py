@@ -149,8 +149,41 @@ def test_both_routes_read_tf_serving_bodies_alike(
         )
         where_a, where_b = by_numpy._where[key], by_native._where[key]
         assert where_a.starts is not None and where_b.starts is not None
+        assert where_a.ends is not None and where_b.ends is not None
         assert where_a.starts.tolist() == where_b.starts.tolist()
+        assert where_a.ends.tolist() == where_b.ends.tolist()
         assert where_a.after == where_b.after
+    assert by_numpy._root_after == by_native._root_after
+    assert by_numpy._root_keys == by_native._root_keys
+    assert by_numpy._names_per_instance == by_native._names_per_instance
+    # One output: the native read takes its shortcut (one scan of the whole body).
+    single = restjson._single_output(body, fmt, _scan())  # type: ignore[arg-type]
+    assert (single is not None) == (not named and array.size > 0)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"predictions": [[0.5]], "more": 1}', b'{"predictions": [[0.5]]} x',
+     b'{"predictions": [[0.5]]', b'{"predictions": [[0.5]]}}', b'{"predictions": [[0.5], [1]] ]}',
+     b'{"predictions": [[0.5],]}', b'{"outputs": [[0.5]]}',
+     b'{"predictions": [[0.5]], "predictions": [[2]]}', b'{"predictions" [[0.5]]}',
+     b'{"predictions": [[0.5], ["a"]]}', b'{"predictions": []}',
+     b'\xef\xbb\xbf{"predictions": [[0.5]]}', b'{"predictions": [[0.5]]}\n\n'],
+)  # fmt: skip
+def test_the_one_output_shortcut_leaves_any_other_body_to_the_general_reader(body: bytes) -> None:
+    """Bodies like a one-output answer but not one: the shortcut declines
+    (or, for trailing space, reads it) and both routes give the same answer."""
+    single = restjson._single_output(body, "row", _scan())
+    assert (single is not None) == body.endswith(b"}\n\n")
+
+    def read(scan: NumberScan | None) -> object:
+        try:
+            found = read_predict_response(body, "row", scan)
+        except RestJsonError as exc:
+            return str(exc)
+        return {k: (o.kind, o.values.tolist()) for k, o in found.outputs.items()}
+
+    assert read(_scan()) == read(None)
 
 
 def test_the_native_scan_grows_its_arrays_for_short_tokens() -> None:

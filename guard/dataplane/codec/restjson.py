@@ -175,9 +175,11 @@ _ESCAPE.update({0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0C: "\\f", 0x0D: "\\r"}
 _ESCAPE.update({0x22: '\\"', 0x5C: "\\\\"})
 
 
+@functools.lru_cache(maxsize=4096)
 def json_string(raw: bytes | str) -> str:
     """A JSON string as rapidjson writes it: bytes kept, only ``"``, ``\\`` and
-    control characters escaped (``\\u001F`` in upper case)."""
+    control characters escaped (``\\u001F`` in upper case). Cached: what the
+    guard writes are output names and labels, the same few on every response."""
     text = raw.decode("latin-1") if isinstance(raw, bytes) else raw.encode().decode("latin-1")
     return '"' + text.translate(_ESCAPE) + '"'
 
@@ -1240,10 +1242,14 @@ def read_predict_response(
 ) -> RestPredictResponse:
     """Read a TF Serving REST predict response (see the module docstring).
     ``native`` scans the numbers (:data:`NumberScan`); without it, numpy does."""
+    if native is not None:
+        single = _single_output(body, fmt, native)
+        if single is not None:
+            return single
     scanner = _Scanner(body, native)
     start = scanner.ws(0)
     root = scanner.members(start)
-    key = "predictions" if fmt == "row" else "outputs"
+    key = _ROOT_KEYS[fmt]
     member = next((m for m in root if m.key == key), None)
     if member is None:
         raise RestJsonError(f"no '{key}' member in the response")
@@ -1260,6 +1266,44 @@ def read_predict_response(
         root[-1].value.end,
         {m.key for m in root},
         reader.names_per_instance,
+    )
+
+
+_ROOT_KEYS: dict[str, str] = {"row": "predictions", "columnar": "outputs"}
+_SINGLE_HEAD = {
+    fmt: re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"' + key.encode() + rb'"[ \t\n\r]*:[ \t\n\r]*\[')
+    for fmt, key in _ROOT_KEYS.items()
+}
+
+
+def _single_output(body: bytes, fmt: Format, native: NumberScan) -> RestPredictResponse | None:
+    """TF Serving's answer with one output (a root holding only that output's
+    dense numeric tensor), read by one native scan; ``None`` for any other
+    body, which the general reader reads. A shortcut only: it returns what
+    the general reader returns (tests/dataplane/test_restjson_native.py)."""
+    head = _SINGLE_HEAD[fmt].match(body)
+    if head is None:
+        return None
+    start = head.end() - 1
+    scanned = native(body, start, len(body))
+    if scanned is None:
+        return None
+    end = scanned[6]
+    close = _WS_RE.match(body, end).end()  # type: ignore[union-attr]
+    if body[close : close + 1] != b"}" or _WS_RE.match(body, close + 1).end() != len(body):  # type: ignore[union-attr]
+        return None
+    found = _native_output(body, [_Span(start, end, "numeric", scanned)], False, native)
+    if found is None:
+        return None
+    values, kind, starts, ends = found
+    return RestPredictResponse(
+        body,
+        fmt,
+        {None: RestOutput(None, values, kind)},
+        {None: _Where(starts, ends, [])},
+        end,
+        {_ROOT_KEYS[fmt]},
+        [],
     )
 
 

@@ -31,6 +31,7 @@ from guard.dataplane.errors import (
 from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
 from guard.dataplane.results import Action, Array
 from guard.dataplane.sink import MetricsSink
+from guard.server.rest.plan import rest_plan
 from guard.server.rest.signatures import Metadata, OutputInfo
 
 __all__ = ["RestGuarded", "RestRequest", "guard_rest_response"]
@@ -75,6 +76,10 @@ def guard_rest_response(
         return None
     response = _read(body, request, target, metrics, book.kernels.number_scan)
     names = _output_names(response, request, target)
+    if response.unnamed:
+        by_lane = _by_lane(response, names[None], request, target, book, metrics)
+        if by_lane is not None:
+            return by_lane
     decoded = _decoded(response, names, request, target)
     limit = book.max_message_bytes
     verdict = evaluate(target, [(names[key], values) for key, values in decoded], limit - len(body))
@@ -94,6 +99,21 @@ def guard_rest_response(
         )
     record(verdict, target, metrics)
     return RestGuarded(guarded, verdict.action, verdict.violations)
+
+
+def _by_lane(
+    response: RestPredictResponse,
+    name: str,
+    request: RestRequest,
+    target: Target,
+    book: RuleBook,
+    metrics: MetricsSink,
+) -> RestGuarded | None:
+    """The native route (:mod:`guard.server.rest.plan`), where it decides."""
+    info = (_signature_outputs(request, target) or {}).get(name)
+    plan = rest_plan(response, name, info, target, book, metrics)
+    found = None if plan is None else plan.run(response)
+    return None if found is None else RestGuarded(*found)
 
 
 def _read(
@@ -167,16 +187,10 @@ def _decoded(
 
 def _check_shape(values: Array, info: OutputInfo, model: str, name: str) -> None:
     """The response's tensor must have the shape its signature declares."""
-    dims = info.dims
-    if dims is None:
-        return
-    fits = len(dims) == values.ndim and all(
-        d < 0 or d == n for d, n in zip(dims, values.shape, strict=True)
-    )
-    if not fits:
+    if info.dims is not None and not info.fits(values.shape):
         raise OutputShapeError(
             f"guard: model '{shown(model)}' output '{shown(name)}': the response holds shape "
-            f"{list(values.shape)}, but the signature declares {list(dims)}"
+            f"{list(values.shape)}, but the signature declares {list(info.dims)}"
         )
 
 

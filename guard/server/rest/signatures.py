@@ -43,6 +43,15 @@ class OutputInfo:
     dims: tuple[int, ...] | None
     """The shape, -1 where unknown; ``None`` for an unknown rank."""
 
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether a tensor of ``shape`` has the declared shape."""
+        dims = self.dims
+        if dims is None:
+            return True
+        return len(dims) == len(shape) and all(
+            d < 0 or d == n for d, n in zip(dims, shape, strict=True)
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Metadata:

@@ -1,0 +1,158 @@
+"""REST's native route: a one-output response that the output's lane decides.
+
+TF Serving answers a model with one output with that tensor alone
+(``{"predictions": [[0.73]]}``); restjson reads such a body in one native
+scan. Its values then go to the output's lane, as a gRPC response's do: the
+plan, made once per model, signature, version, shape and dtype, holds the
+lane and the metric series. The lane's derived outputs are read back from
+its encoded entries (tensor_content, read in place), their labels taken from
+the rule's table, and written into the body by restjson, as the reference
+route writes them. Whatever the lane leaves undecided (a NaN, a rejection,
+a response near the size limit), the reference route decides
+(:mod:`guard.server.rest.guarding`); the tests hold both to the same bytes
+and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from guard.dataplane.book import RuleBook
+from guard.dataplane.codec import tensor
+from guard.dataplane.codec.restjson import OutputKey, RestPredictResponse
+from guard.dataplane.codec.tensor import Encoding
+from guard.dataplane.evaluate import Target
+from guard.dataplane.lanes import LaneResult
+from guard.dataplane.planned import ActionCounters, LaneOutput, lane_output
+from guard.dataplane.results import Action, Array
+from guard.dataplane.rules import labels_for
+from guard.dataplane.sink import MetricsSink
+from guard.server.rest.signatures import OutputInfo
+
+__all__ = ["RestPlan", "rest_plan"]
+
+# The lane's numeric entries: classes (int64) and scores (the values' dtype).
+_NUMPY = {
+    tensor.DT_INT64: np.dtype("<i8"),
+    **{enum: dt.numpy for enum, dt in tensor.FLOAT_DTYPES.items()},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RestPlan:
+    """How to guard one-output responses of one model version, shape and dtype."""
+
+    output: LaneOutput
+    counters: ActionCounters
+    walk: Any
+    """The kernels' walker, which reads the lane's entries back."""
+    limit: int
+
+    def run(self, response: RestPredictResponse) -> tuple[bytes, Action, int] | None:
+        """The guarded body, its action and violations; ``None`` when the
+        reference route must decide."""
+        values = response.outputs[None].values
+        if len(response.body) + self.output.derived > self.limit:
+            return None  # the reference refuses it before deriving, and says why
+        raw = memoryview(values.data).cast("B")
+        lane = self.output.lane
+        checked = raw if lane.activation is None else lane.checked(raw)
+        found = lane.encode(checked)
+        if found is None:
+            return None
+        derived = self._derived(found)
+        if derived is None:
+            return None
+        changed = self.output.rewritten(found, checked)
+        new: dict[OutputKey, Array] = {} if changed is None else {None: _as(values, changed)}
+        body = response.rewrite(new, {None: derived})
+        if len(body) > self.limit:
+            return None
+        action, violations = self.output.record(found, checked)
+        self.counters.inc(action)
+        return body, action, violations
+
+    def _derived(self, found: LaneResult) -> list[tuple[str, Array]] | None:
+        """The lane's derived outputs as arrays: numbers read in place from its
+        entries; each label from the classes before it, as the reference labels."""
+        walked = self.walk(found[2])
+        if walked is None:
+            return None
+        entries = found[2]
+        items: list[tuple[str, Array]] = []
+        classes: Array | None = None
+        for entry in walked[1]:
+            dtype = _NUMPY.get(entry.dtype)
+            if dtype is None:
+                if classes is None or self.output.labels is None:
+                    return None
+                items.append(
+                    (entry.name, labels_for(classes, self.output.labels, self.output.rule))
+                )
+                continue
+            count = math.prod(entry.shape)
+            array = np.frombuffer(entries, dtype, count, entry.offset).reshape(entry.shape)
+            if dtype.kind == "i":
+                classes = array
+            items.append((entry.name, array))
+        return items
+
+
+def _as(values: Array, changed: bytes | memoryview) -> Array:
+    """The lane's new values, shaped as the old ones."""
+    return np.frombuffer(changed, values.dtype).reshape(values.shape)
+
+
+def rest_plan(
+    response: RestPredictResponse,
+    name: str,
+    info: OutputInfo | None,
+    target: Target,
+    book: RuleBook,
+    metrics: MetricsSink,
+) -> RestPlan | None:
+    """The plan for ``response`` (one unnamed output, which the signature
+    calls ``name`` and describes by ``info``), made on the first response like it; ``None`` where
+    only the reference route applies."""
+    out = response.outputs[None]
+    key = (_REST, metrics, target.model, target.signature, target.version, name, info,
+           out.kind, out.values.shape)  # fmt: skip
+    found = book.plans.get(key, _MISSING)
+    if found is _MISSING:
+        found = _make(out.values, out.kind, name, info, target, book, metrics)
+        if len(name) + len(target.model) + len(target.signature) <= _KEY_CHARS_MAX:
+            book.plans.put(key, found)
+    plan: RestPlan | None = found
+    return plan
+
+
+_REST = "rest"
+_MISSING: Any = object()
+_KEY_CHARS_MAX = 1024
+_FLOAT_KINDS = ("float32", "float64")
+
+
+def _make(
+    values: Array,
+    kind: str,
+    name: str,
+    info: OutputInfo | None,
+    target: Target,
+    book: RuleBook,
+    metrics: MetricsSink,
+) -> RestPlan | None:
+    compiled = target.rules.rule_for(name)
+    walk = getattr(book.kernels, "walk_module", None)
+    if compiled is None or kind not in _FLOAT_KINDS or walk is None:
+        return None
+    if info is not None and not info.fits(values.shape):
+        return None  # the reference refuses it, and says why
+    output = lane_output(target, name, compiled, values, Encoding.CONTENT, metrics)
+    if output is None:
+        return None
+    counters = ActionCounters(target, metrics)
+    return RestPlan(output, counters, walk.walk_predict_response, book.max_message_bytes)

@@ -1,0 +1,159 @@
+"""REST's native route (guard/server/rest/plan.py) against the reference route:
+for one-output responses in both formats, the same body, action, violations
+and metric samples, whether the lane decides or leaves the response to numpy;
+and, where the lane decides, derived outputs that read back as a plain numpy
+computation of them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+
+from guard.control.config import parse_config
+from guard.dataplane.book import RuleBook
+from guard.dataplane.codec.restjson import Format, read_predict_response
+from guard.dataplane.errors import GuardError
+from guard.dataplane.evaluate import resolve
+from guard.dataplane.kernels import REFERENCE, Kernels
+from guard.dataplane.results import Action
+from guard.dev.backend.json_tensor import DT_DOUBLE, DT_FLOAT, predict_response
+from guard.metrics.guard_metrics import GuardMetrics
+from guard.server.rest.guarding import RestRequest, guard_rest_response
+from guard.server.rest.plan import rest_plan
+from guard.server.rest.signatures import Metadata, OutputInfo
+from tests.dataplane.test_rank import rule_configs
+from tests.native import native
+
+_DTYPES = {
+    np.dtype(np.float32): (DT_FLOAT, "DT_FLOAT"),
+    np.dtype(np.float64): (DT_DOUBLE, "DT_DOUBLE"),
+}
+
+
+class _Rest:
+    """One rule for output ``probs`` of model ``m``, a fresh registry, and the
+    metadata TF Serving gives for a signature with that one output."""
+
+    def __init__(self, output: dict[str, Any], values: np.ndarray, fmt: Format, kernels: Kernels):
+        config = parse_config({"models": [{"name": "m", "outputs": [output]}]})
+        self.book = RuleBook(config.models, config.max_message_bytes, kernels)
+        self.registry = CollectorRegistry()
+        self.metrics = GuardMetrics(self.registry, config.model_names())
+        info = OutputInfo(_DTYPES[values.dtype][1], (-1, *values.shape[1:]))
+        metadata = Metadata(3, {"serving_default": {"probs": info}})
+        self.request = RestRequest("m", "", fmt, metadata)
+
+    def guard(self, body: bytes) -> Any:
+        try:
+            guarded = guard_rest_response(body, self.request, self.book, self.metrics)
+        except GuardError as exc:
+            return type(exc), exc.details
+        return None if guarded is None else (guarded.body, guarded.action, guarded.violations)
+
+    def exposition(self) -> list[bytes]:
+        # _created timestamps differ between two registries; everything else must not.
+        return [
+            line for line in generate_latest(self.registry).splitlines() if b"_created" not in line
+        ]
+
+
+def _body(values: np.ndarray, fmt: Format) -> bytes:
+    return predict_response([("probs", values, _DTYPES[values.dtype][0])], fmt)
+
+
+def _both(output: dict[str, Any], values: np.ndarray, fmt: Format) -> tuple[Any, Any]:
+    body = _body(values, fmt)
+    outcomes = []
+    for kernels in (native(), REFERENCE):
+        rest = _Rest(output, values, fmt, kernels)
+        outcomes.append((rest.guard(body), rest.guard(body), rest.exposition()))
+    return outcomes[0], outcomes[1]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rule_configs(), st.sampled_from(["row", "columnar"]))
+def test_the_native_route_writes_the_bytes_and_metrics_of_the_reference(
+    case: tuple[dict[str, Any], np.ndarray], fmt: Format
+) -> None:
+    """Twice each (the second response takes the plan the first made)."""
+    output, values = case
+    if values.ndim == 0:
+        fmt = "columnar"  # row format needs a batch axis
+    by_lane, by_numpy = _both(output, values, fmt)
+    assert by_lane == by_numpy
+
+
+def _decided_by_lane(output: dict[str, Any], values: np.ndarray, fmt: Format) -> bytes:
+    """The body the lane writes (asserting that it decides), checked against the reference's."""
+    rest = _Rest(output, values, fmt, native())
+    body = _body(values, fmt)
+    response = read_predict_response(body, fmt, native().number_scan)
+    target = resolve(rest.book, "m", "", 3, rest.metrics)
+    assert target is not None
+    info = rest.request.metadata.signatures["serving_default"]["probs"]
+    plan = rest_plan(response, "probs", info, target, rest.book, rest.metrics)
+    assert plan is not None
+    found = plan.run(response)
+    assert found is not None, "the lane decides"
+    by_lane, by_numpy = _both(output, values, fmt)
+    assert by_lane == by_numpy
+    assert by_lane[0][0] is not None and found[0] == by_lane[0][0]
+    return found[0]
+
+
+@pytest.mark.parametrize("fmt", ["row", "columnar"])
+def test_a_softmax_ranked_by_the_lane_reads_back_as_numpy_ranks_it(fmt: Format) -> None:
+    x = np.random.default_rng(7).dirichlet(np.ones(20), size=6).astype(np.float32)
+    labels = [f"c{i}" for i in range(20)]
+    rule = {"name": "probs", "check_sum": True, "argmax": True, "top_k": 3, "labels": labels}
+    doc = json.loads(_decided_by_lane(rule, x, fmt))
+    best = np.argsort(-x, axis=1, kind="stable")[:, :3]
+    if fmt == "row":
+        derived = {k: [row[k] for row in doc["guard_outputs"]] for k in doc["guard_outputs"][0]}
+    else:
+        derived = doc["guard_outputs"]
+    assert derived["probs_class"] == best[:, 0].tolist()
+    assert np.array_equal(np.array(derived["probs_score"], np.float32), x.max(axis=1))
+    assert derived["probs_top_k_class"] == best.tolist()
+    assert derived["probs_label"] == [labels[i] for i in best[:, 0]]
+    assert derived["probs_top_k_label"] == [[labels[i] for i in row] for row in best]
+    key = "predictions" if fmt == "row" else "outputs"
+    assert np.array_equal(np.array(doc[key], np.float32), x)
+
+
+def test_a_threshold_with_labels_and_abstentions_is_decided_by_the_lane() -> None:
+    x = np.array([[0.73], [0.2], [0.55], [1.25]], np.float32)  # 1.25 is observed
+    rule = {"name": "probs", "threshold": 0.5, "labels": ["no", "yes"], "min_confidence": 0.6,
+            "valid_range": [0.0, 1.0], "on_violation": "observe"}  # fmt: skip
+    doc = json.loads(_decided_by_lane(rule, x, "row"))
+    rows = doc["guard_outputs"]
+    assert [r["probs_class"] for r in rows] == [[1], [0], [-1], [1]]
+    assert [r["probs_label"] for r in rows] == [["yes"], ["no"], ["unknown"], ["yes"]]
+
+
+def test_a_clamp_decided_by_the_lane_rewrites_only_the_values_it_changed() -> None:
+    x = np.array([[0.25, 0.75], [1.5, -0.5]], np.float32)
+    rule = {"name": "probs", "argmax": True, "valid_range": [0.0, 1.0], "on_violation": "clamp"}
+    body = _decided_by_lane(rule, x, "row")
+    original = _body(x, "row")
+    assert body.startswith(original[: original.index(b"1.5")])
+    doc = json.loads(body)
+    assert doc["predictions"] == [[0.25, 0.75], [1.0, 0.0]]
+    assert [r["probs_class"] for r in doc["guard_outputs"]] == [1, 0]
+
+
+def test_the_lane_answers_a_second_response_from_the_plan_of_the_first() -> None:
+    rule = {"name": "probs", "threshold": 0.5}
+    x = np.array([[0.7]], np.float32)
+    rest = _Rest(rule, x, "row", native())
+    rest.guard(_body(x, "row"))
+    plans = len(rest.book.plans)
+    found = rest.guard(_body(np.array([[0.2]], np.float32), "row"))
+    assert found[1] is Action.CLEAN and len(rest.book.plans) == plans
+    assert json.loads(found[0])["guard_outputs"] == [{"probs_class": [0]}]
