@@ -3,10 +3,12 @@
 The body is what TF Serving returns for softmax_201 with a batch of 1024 in row
 format (1024 x 201 float32, about 3 MB), written by the backend's TF-Serving
 writer from softmax outputs; ``--body FILE`` reads a saved response instead (for
-instance one the local backend returned). The guard step is:
-read (``restjson.read_predict_response``, its numbers scanned by numpy or by
-the native scan the guard uses), apply examples/guard.yaml's softmax_201 rule
-(check_sum, argmax, top_k 5, labels), write the guarded body. The allocator
+instance one the local backend returned). The guard step is the guard's own
+(``guard_rest_response`` with examples/guard.yaml's softmax_201 rule: check_sum,
+argmax, top_k 5, labels): read the body, decide, write the guarded body, count.
+With the native kernels (what the guard runs), a one-output body is read by one
+native scan and decided by the output's lane; with the reference kernels,
+numpy scans and numpy decides. The allocator
 has the guard's settings (``guard.control.memory.tune_malloc``): they decide
 how many pages each step faults in.
 
@@ -25,16 +27,19 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from guard.control.config import load_config
 from guard.control.memory import tune_malloc
-from guard.dataplane.codec.restjson import NumberScan, read_predict_response
-from guard.dataplane.kernels import default
-from guard.dataplane.rules import apply_rule, label_table
+from guard.dataplane.book import RuleBook
+from guard.dataplane.codec.restjson import read_predict_response
+from guard.dataplane.kernels import REFERENCE, Kernels, default
 from guard.dev.backend.json_tensor import predict_response
+from guard.metrics.guard_metrics import GuardMetrics
+from guard.server.rest.guarding import RestRequest, guard_rest_response
+from guard.server.rest.signatures import Metadata, OutputInfo
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "guard.yaml"
 
@@ -46,13 +51,21 @@ def softmax_body(rows: int, classes: int) -> bytes:
     return predict_response([("probabilities", probs, 1)], "row")
 
 
-def guard_step(body: bytes, rule: Any, labels: Any, native: NumberScan | None = None) -> bytes:
-    response = read_predict_response(body, "row", native)
-    values = response.outputs[None].values
-    result = apply_rule(values, rule, labels, "softmax_201", "probabilities")
-    derived = [("probabilities" + d.suffix, d.array) for d in result.derived]
-    changed: dict[str | None, np.ndarray] | None = {None: result.values} if result.changed else None
-    return response.rewrite(changed=changed, derived={None: derived})
+class GuardStep:
+    """The guard's REST step for softmax_201's responses, on one kernel set."""
+
+    def __init__(self, kernels: Kernels, classes: int) -> None:
+        config = load_config(EXAMPLES)
+        self.book = RuleBook(config.models, config.max_message_bytes, kernels)
+        self.metrics = GuardMetrics(CollectorRegistry(), config.model_names())
+        outputs = {"probabilities": OutputInfo("DT_FLOAT", (-1, classes))}
+        metadata = Metadata(1, {"serving_default": outputs})
+        self.request = RestRequest("softmax_201", "", "row", metadata)
+
+    def __call__(self, body: bytes) -> bytes:
+        guarded = guard_rest_response(body, self.request, self.book, self.metrics)
+        assert guarded is not None
+        return guarded.body
 
 
 def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float, float]:
@@ -75,18 +88,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     tune_malloc()
     body = args.body.read_bytes() if args.body else softmax_body(args.rows, args.classes)
-    rule = next(m for m in load_config(EXAMPLES).models if m.name == "softmax_201").outputs[0]
-    labels = label_table(rule.labels)
-    scan = default().number_scan
-    guarded = guard_step(body, rule, labels, scan)
+    native = default()
+    by_lane, by_numpy = GuardStep(native, args.classes), GuardStep(REFERENCE, args.classes)
+    scan = native.number_scan
+    guarded = by_lane(body)
+    assert guarded == by_numpy(body), "both routes write the same body"
     assert json.loads(guarded)["guard_outputs"][0]["probabilities_top_k_label"]
     print(f"body: {len(body) / 1e6:.2f} MB, guarded: {len(guarded) / 1e6:.2f} MB")
     for name, fn in (
         ("json.loads(body)", lambda: json.loads(body)),
         ("restjson read, numpy scan", lambda: read_predict_response(body, "row")),
         ("restjson read, native scan", lambda: read_predict_response(body, "row", scan)),
-        ("guard step, numpy scan", lambda: guard_step(body, rule, labels)),
-        ("guard step, native scan", lambda: guard_step(body, rule, labels, scan)),
+        ("guard step, reference kernels", lambda: by_numpy(body)),
+        ("guard step, native kernels", lambda: by_lane(body)),
     ):
         median, best, cpu = timed(fn, args.repeat)
         print(f"{name:34s} median {median:6.1f} ms  best {best:6.1f} ms  best CPU {cpu:6.1f} ms")
