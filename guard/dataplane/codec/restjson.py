@@ -1274,6 +1274,7 @@ _SINGLE_HEAD = {
     fmt: re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"' + key.encode() + rb'"[ \t\n\r]*:[ \t\n\r]*\[')
     for fmt, key in _ROOT_KEYS.items()
 }
+_ROOT_TAIL = re.compile(rb"[ \t\n\r]*\}[ \t\n\r]*\Z")
 
 
 def _single_output(body: bytes, fmt: Format, native: NumberScan) -> RestPredictResponse | None:
@@ -1289,18 +1290,15 @@ def _single_output(body: bytes, fmt: Format, native: NumberScan) -> RestPredictR
     if scanned is None:
         return None
     end = scanned[6]
-    close = _WS_RE.match(body, end).end()  # type: ignore[union-attr]
-    if body[close : close + 1] != b"}" or _WS_RE.match(body, close + 1).end() != len(body):  # type: ignore[union-attr]
+    if _ROOT_TAIL.match(body, end) is None:
         return None
-    found = _native_output(body, [_Span(start, end, "numeric", scanned)], False, native)
-    if found is None:
-        return None
-    values, kind, starts, ends = found
+    part = _native_part(body, scanned)
+    values, kind = _typed([part])
     return RestPredictResponse(
         body,
         fmt,
-        {None: RestOutput(None, values, kind)},
-        {None: _Where(starts, ends, [])},
+        {None: RestOutput(None, values.reshape(scanned[5]), kind)},
+        {None: _Where(part.starts, part.ends, [])},
         end,
         {_ROOT_KEYS[fmt]},
         [],
