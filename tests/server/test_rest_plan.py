@@ -157,3 +157,15 @@ def test_the_lane_answers_a_second_response_from_the_plan_of_the_first() -> None
     found = rest.guard(_body(np.array([[0.2]], np.float32), "row"))
     assert found[1] is Action.CLEAN and len(rest.book.plans) == plans
     assert json.loads(found[0])["guard_outputs"] == [{"probs_class": [0]}]
+
+
+def test_a_shape_the_signature_does_not_declare_is_refused_on_both_routes() -> None:
+    x = np.array([[0.25, 0.75], [0.5, 0.5]], np.float32)
+    refused = []
+    for kernels in (native(), REFERENCE):
+        rest = _Rest({"name": "probs", "argmax": True}, x, "row", kernels)
+        metadata = Metadata(3, {"serving_default": {"probs": OutputInfo("DT_FLOAT", (-1, 3))}})
+        rest.request = RestRequest("m", "", "row", metadata)
+        refused.append(rest.guard(_body(x, "row")))
+    assert refused[0] == refused[1]
+    assert "the signature declares [-1, 3]" in refused[0][1]

@@ -16,6 +16,7 @@ and metrics.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from guard.dataplane.book import RuleBook
 from guard.dataplane.codec import tensor
+from guard.dataplane.codec.response import Walked
 from guard.dataplane.codec.restjson import OutputKey, RestPredictResponse
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.evaluate import Target
@@ -48,7 +50,7 @@ class RestPlan:
 
     output: LaneOutput
     counters: ActionCounters
-    walk: Any
+    walk: Callable[[bytes], Walked | None]
     """The kernels' walker, which reads the lane's entries back."""
     limit: int
 
@@ -58,7 +60,7 @@ class RestPlan:
         values = response.outputs[None].values
         if len(response.body) + self.output.derived > self.limit:
             return None  # the reference refuses it before deriving, and says why
-        raw = memoryview(values.data).cast("B")
+        raw = np.ascontiguousarray(values).data.cast("B")
         lane = self.output.lane
         checked = raw if lane.activation is None else lane.checked(raw)
         found = lane.encode(checked)
@@ -116,15 +118,16 @@ def rest_plan(
     metrics: MetricsSink,
 ) -> RestPlan | None:
     """The plan for ``response`` (one unnamed output, which the signature
-    calls ``name`` and describes by ``info``), made on the first response like it; ``None`` where
-    only the reference route applies."""
+    calls ``name`` and describes by ``info``), made on the first response
+    like it; ``None`` where only the reference route applies."""
     out = response.outputs[None]
     key = (_REST, metrics, target.model, target.signature, target.version, name, info,
            out.kind, out.values.shape)  # fmt: skip
     found = book.plans.get(key, _MISSING)
     if found is _MISSING:
         found = _make(out.values, out.kind, name, info, target, book, metrics)
-        if len(name) + len(target.model) + len(target.signature) <= _KEY_CHARS_MAX:
+        dims = 0 if info is None or info.dims is None else len(info.dims)
+        if len(name) + len(target.model) + len(target.signature) + dims <= _KEY_SIZE_MAX:
             book.plans.put(key, found)
     plan: RestPlan | None = found
     return plan
@@ -132,7 +135,7 @@ def rest_plan(
 
 _REST = "rest"
 _MISSING: Any = object()
-_KEY_CHARS_MAX = 1024
+_KEY_SIZE_MAX = 1024  # names' characters and dimensions: bigger keys are not kept
 _FLOAT_KINDS = ("float32", "float64")
 
 
@@ -146,8 +149,7 @@ def _make(
     metrics: MetricsSink,
 ) -> RestPlan | None:
     compiled = target.rules.rule_for(name)
-    walk = getattr(book.kernels, "walk_module", None)
-    if compiled is None or kind not in _FLOAT_KINDS or walk is None:
+    if compiled is None or kind not in _FLOAT_KINDS:
         return None
     if info is not None and not info.fits(values.shape):
         return None  # the reference refuses it, and says why
@@ -155,4 +157,4 @@ def _make(
     if output is None:
         return None
     counters = ActionCounters(target, metrics)
-    return RestPlan(output, counters, walk.walk_predict_response, book.max_message_bytes)
+    return RestPlan(output, counters, book.kernels.walk, book.max_message_bytes)
