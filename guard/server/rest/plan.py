@@ -25,7 +25,7 @@ import numpy as np
 from guard.dataplane.book import RuleBook
 from guard.dataplane.codec import tensor
 from guard.dataplane.codec.response import Walked
-from guard.dataplane.codec.restjson import OutputKey, RestPredictResponse
+from guard.dataplane.codec.restjson import OutputKey, RestOutput, RestPredictResponse
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.evaluate import Target
 from guard.dataplane.lanes import LaneResult
@@ -125,7 +125,7 @@ def rest_plan(
            out.kind, out.values.shape)  # fmt: skip
     found = book.plans.get(key, _MISSING)
     if found is _MISSING:
-        found = _make(out.values, out.kind, name, info, target, book, metrics)
+        found = _make(out, name, info, target, book, metrics)
         dims = 0 if info is None or info.dims is None else len(info.dims)
         if len(name) + len(target.model) + len(target.signature) + dims <= _KEY_SIZE_MAX:
             book.plans.put(key, found)
@@ -140,16 +140,12 @@ _FLOAT_KINDS = ("float32", "float64")
 
 
 def _make(
-    values: Array,
-    kind: str,
-    name: str,
-    info: OutputInfo | None,
-    target: Target,
-    book: RuleBook,
+    out: RestOutput, name: str, info: OutputInfo | None, target: Target, book: RuleBook,
     metrics: MetricsSink,
-) -> RestPlan | None:
+) -> RestPlan | None:  # fmt: skip
     compiled = target.rules.rule_for(name)
-    if compiled is None or kind not in _FLOAT_KINDS:
+    values = out.values
+    if compiled is None or out.kind not in _FLOAT_KINDS:
         return None
     if info is not None and not info.fits(values.shape):
         return None  # the reference refuses it, and says why
