@@ -4,7 +4,7 @@ to count what the lane decided.
 A plan is made once per response layout from the reference route's own
 decisions, so that a response the lanes decide costs the native calls and
 little else. The gRPC pipeline (:mod:`guard.dataplane.pipeline`) and the REST
-front-end (:mod:`guard.server.rest.lanes`) make their plans of these parts;
+front-end (:mod:`guard.server.rest.plan`) make their plans of these parts;
 what each output counts is the reference's count, as the tests check.
 """
 

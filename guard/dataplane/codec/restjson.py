@@ -29,7 +29,9 @@ rewritten.
 
 **Scanning.** The numbers of a tensor's text are scanned by numpy (the
 reference), or by ``guard.dataplane._walk.scan_tensor`` when the caller passes
-it (:data:`NumberScan`; the rule book's kernels do). The native scan reads a
+it (:data:`NumberScan`; the rule book's kernels do); with the native scan, a
+body that holds one output's tensor and nothing else (TF Serving's answer for
+a one-output model) is read by that one call. The native scan reads a
 dense tensor's numbers and shape in one pass, the same values bit for bit,
 rounded once by Clinger's fast path or ``strtod``; any text it does not read (an
 odd token, an empty or ragged list) goes to numpy, which judges it

@@ -4,7 +4,9 @@ The same protocol-neutral steps as gRPC's (:mod:`guard.dataplane.evaluate`):
 resolve the target, decode the outputs that have a rule, evaluate, count.
 Decoding and encoding are :mod:`guard.dataplane.codec.restjson`'s: values
 are read in place, and the body is returned byte-identical unless a rule
-changed a value or derived an output.
+changed a value or derived an output. A one-output response goes to its
+output's lane first (:mod:`guard.server.rest.plan`), as over gRPC; what the
+lane leaves undecided takes these steps.
 """
 
 from __future__ import annotations
