@@ -1195,15 +1195,11 @@ class RestPredictResponse:
 
 
 def _token_texts(body: bytes, starts: Array, ends: Array) -> list[str]:
-    """The text of each number token ``body[start:end]``, gathered at once."""
-    width = int((ends - starts).max()) if starts.size else 0
-    if width == 0:
-        return [""] * starts.size
-    at = starts[:, None] + np.arange(width)
-    grid = np.frombuffer(body, np.uint8)[np.minimum(at, len(body) - 1)]
-    grid[at >= ends[:, None]] = 0  # numpy drops trailing NULs; tokens have none
-    texts: list[str] = grid.view(f"S{width}").ravel().astype(f"U{width}").tolist()
-    return texts
+    """The text of each number token ``body[start:end]``. Sliced one by one:
+    gathering them through a numpy byte grid took twice as long (1024x6 tokens)."""
+    return [
+        body[s:e].decode("latin-1") for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
+    ]
 
 
 def _check_unique(items: Sequence[tuple[str, Array]]) -> None:
