@@ -433,3 +433,17 @@ def test_small_and_large_batches_write_instance_members_alike(
         restjson._SMALL_BATCH = small
     assert direct == templated
     assert len(direct) == batch
+
+
+def test_only_short_strings_are_kept_in_the_json_string_cache() -> None:
+    """Names and labels repeat; error messages and model strings must not
+    fill the cache with long keys."""
+    cache = restjson._cached_json_string
+    long = "guard: " + "x" * 200 + '"\\\x01'
+    before = cache.cache_info().currsize
+    assert json.loads(restjson.json_string(long)) == long
+    assert cache.cache_info().currsize == before
+    assert json.loads(restjson.json_string('a "label"')) == 'a "label"'
+    assert restjson.json_string('a "label"') == restjson._json_string('a "label"')
+    info = cache.cache_info()
+    assert info.maxsize == 1024 and info.currsize <= 1024

@@ -177,13 +177,25 @@ _ESCAPE.update({0x08: "\\b", 0x09: "\\t", 0x0A: "\\n", 0x0C: "\\f", 0x0D: "\\r"}
 _ESCAPE.update({0x22: '\\"', 0x5C: "\\\\"})
 
 
-@functools.lru_cache(maxsize=4096)
 def json_string(raw: bytes | str) -> str:
     """A JSON string as rapidjson writes it: bytes kept, only ``"``, ``\\`` and
-    control characters escaped (``\\u001F`` in upper case). Cached: what the
-    guard writes are output names and labels, the same few on every response."""
+    control characters escaped (``\\u001F`` in upper case). Short ones are
+    cached: what the guard writes on every response are the same few output
+    names and labels; error messages and model strings mostly pass the bound."""
+    if len(raw) <= _CACHED_CHARS_MAX:
+        return _cached_json_string(raw)
+    return _json_string(raw)
+
+
+def _json_string(raw: bytes | str) -> str:
     text = raw.decode("latin-1") if isinstance(raw, bytes) else raw.encode().decode("latin-1")
     return '"' + text.translate(_ESCAPE) + '"'
+
+
+# At most 1024 entries of 128 characters in (and 6 bytes out per character):
+# under a megabyte whatever the strings are.
+_CACHED_CHARS_MAX = 128
+_cached_json_string = functools.lru_cache(maxsize=1024)(_json_string)
 
 
 def _b64_object(raw: bytes, level: int) -> str:
