@@ -29,6 +29,7 @@ _NAMES_MAX_BYTES = 1024
 _SIGNATURES_MAX = 4096
 _LANES_MAX = 256
 _PLANS_MAX = 4096
+_TEXTS_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,9 @@ class RuleBook:
         )
         self.plans: BoundedCache[tuple[Any, ...], Any] = BoundedCache(_PLANS_MAX)
         """The protobuf pipeline's plans per response layout (see guard.dataplane.pipeline)."""
+        self.texts: BoundedCache[tuple[Any, ...], str] = BoundedCache(_TEXTS_MAX)
+        """Text a plan wrote for what it decided, to write again (see
+        guard.server.rest.plan); each plan keeps only small keys and texts."""
 
     def may_apply(self, model: str | None) -> bool:
         """Cheap pre-check: could any rule match this model? A request whose

@@ -7,6 +7,7 @@ computation of them."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -169,3 +170,42 @@ def test_a_shape_the_signature_does_not_declare_is_refused_on_both_routes() -> N
         refused.append(rest.guard(_body(x, "row")))
     assert refused[0] == refused[1]
     assert "the signature declares [-1, 3]" in refused[0][1]
+
+
+def test_remembered_texts_are_the_references_in_both_formats() -> None:
+    """The plan remembers each answer's guard_outputs text (classes and labels,
+    per format); answers in both formats through one plan, seen again and
+    again, still write the reference's bytes and metrics. A large batch's
+    texts are not kept."""
+    rule = {"name": "probs", "threshold": 0.5, "labels": ["no", "yes"]}
+    first = np.zeros((6, 1), np.float32)
+    lane, numpy = _Rest(rule, first, "row", native()), _Rest(rule, first, "row", REFERENCE)
+    rng = np.random.default_rng(11)
+    seen = set()
+    for i in range(300):
+        fmt: Format = "row" if i % 3 else "columnar"
+        lane.request = numpy.request = replace(lane.request, format=fmt)
+        x = rng.random((6, 1)).astype(np.float32)
+        seen.add((fmt, (x > 0.5).tobytes()))
+        assert lane.guard(_body(x, fmt)) == numpy.guard(_body(x, fmt))
+    assert lane.exposition() == numpy.exposition()
+    assert len(lane.book.texts) == len(seen) > 64
+    big = rng.random((100, 1)).astype(np.float32)
+    assert lane.guard(_body(big, "row")) == numpy.guard(_body(big, "row"))
+    assert len(lane.book.texts) == len(seen)
+
+
+def test_texts_holding_scores_are_not_remembered() -> None:
+    """A score's text is the body's own token, so the same lane entries may be
+    written differently by another body: those texts are made every time."""
+    rule = {"name": "probs", "argmax": True}
+    x = np.array([[0.25, 0.75]], np.float32)
+    rest = _Rest(rule, x, "row", native())
+    body = _body(x, "row")
+    other = body.replace(b"0.75", b"7.5e-1")
+    assert other != body
+    for text, score in ((body, b"0.75"), (other, b"7.5e-1"), (body, b"0.75")):
+        guarded = rest.guard(text)[0]
+        assert guarded == _Rest(rule, x, "row", REFERENCE).guard(text)[0]
+        assert b'"probs_score": ' + score in guarded
+    assert len(rest.book.texts) == 0

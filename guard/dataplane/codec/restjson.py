@@ -1076,12 +1076,15 @@ class RestPredictResponse:
         self,
         changed: Mapping[OutputKey, Array] | None = None,
         derived: Mapping[OutputKey, Sequence[tuple[str, Array]]] | None = None,
+        guard_outputs: str | None = None,
     ) -> bytes:
         """The body with ``changed`` values rewritten and ``derived`` outputs inserted.
 
         ``changed`` maps an output to its new values (same shape); only elements
         whose value differs are rewritten. ``derived`` maps a source output to its
         ``(name, array)`` pairs; in row format each array's first axis is the batch.
+        ``guard_outputs`` is a ``"guard_outputs"`` member's text already made by
+        :meth:`guard_outputs_text`, in place of ``derived[None]``.
         """
         edits: list[tuple[int, int, str]] = []
         for key, new in (changed or {}).items():
@@ -1094,7 +1097,11 @@ class RestPredictResponse:
             else:
                 edits.extend(self._derived_edits(key, items))
         if unnamed:
-            edits.append(self._guard_outputs_edit(unnamed))
+            guard_outputs = self.guard_outputs_text(unnamed)
+        if guard_outputs is not None:
+            if GUARD_OUTPUTS_KEY in self._root_keys:
+                raise RestJsonError(f"the response already has a '{GUARD_OUTPUTS_KEY}' key")
+            edits.append((self._root_after, self._root_after, guard_outputs))
         return _apply(self.body, edits)
 
     def _output(self, key: OutputKey) -> RestOutput:
@@ -1133,9 +1140,12 @@ class RestPredictResponse:
             (position, position, row) for position, row in zip(where.after, members, strict=True)
         ]
 
-    def _guard_outputs_edit(self, items: Sequence[tuple[str, Array]]) -> tuple[int, int, str]:
-        if GUARD_OUTPUTS_KEY in self._root_keys:
-            raise RestJsonError(f"the response already has a '{GUARD_OUTPUTS_KEY}' key")
+    def guard_outputs_text(self, items: Sequence[tuple[str, Array]]) -> str:
+        """The root's ``"guard_outputs"`` member, with its leading comma: the
+        outputs derived from the one unnamed output. Where no item is floating
+        point (whose texts are the body's own), it depends on the format and
+        the items alone, so the same items give the same text."""
+        self._output(None)
         _check_unique(items)
         if self.format == "columnar":
             texts = self._texts_from(None)
@@ -1143,8 +1153,7 @@ class RestPredictResponse:
             value = "{" + ",".join(members) + "\n" + INDENT + "}"
         else:
             value = self._instance_objects(items)
-        text = ",\n" + INDENT + json_string(GUARD_OUTPUTS_KEY) + ": " + value
-        return (self._root_after, self._root_after, text)
+        return ",\n" + INDENT + json_string(GUARD_OUTPUTS_KEY) + ": " + value
 
     def _instance_objects(self, items: Sequence[tuple[str, Array]]) -> str:
         values = self._output(None).values
@@ -1299,20 +1308,20 @@ def _single_output(body: bytes, fmt: Format, native: NumberScan) -> RestPredictR
     scanned = native(body, start, len(body))
     if scanned is None:
         return None
-    end = scanned[6]
+    _, starts, ends, integral, _, shape, end, single, suspects = scanned
     if _ROOT_TAIL.match(body, end) is None:
         return None
-    part = _native_part(body, scanned)
-    values, kind = _typed([part])
+    if integral or single is None or suspects:
+        part = _native_part(body, scanned)
+        values, kind = _typed([part])
+        where = _Where(part.starts, part.ends, [])
+    else:  # float32 tokens, each read as float32 already: _typed's answer, made directly
+        values, kind = np.frombuffer(single, np.float32), "float32"
+        where = _Where(np.frombuffer(starts, np.int64), np.frombuffer(ends, np.int64), [])
     return RestPredictResponse(
-        body,
-        fmt,
-        {None: RestOutput(None, values.reshape(scanned[5]), kind)},
-        {None: _Where(part.starts, part.ends, [])},
-        end,
-        {_ROOT_KEYS[fmt]},
-        [],
-    )
+        body, fmt, {None: RestOutput(None, values.reshape(shape), kind)}, {None: where}, end,
+        {_ROOT_KEYS[fmt]}, [],
+    )  # fmt: skip
 
 
 class _Reader:

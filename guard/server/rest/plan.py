@@ -15,6 +15,7 @@ and metrics.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,12 +24,12 @@ from typing import Any
 import numpy as np
 
 from guard.dataplane.book import RuleBook
+from guard.dataplane.cache import BoundedCache
 from guard.dataplane.codec import tensor
 from guard.dataplane.codec.response import Walked
 from guard.dataplane.codec.restjson import OutputKey, RestOutput, RestPredictResponse
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.evaluate import Target
-from guard.dataplane.lanes import LaneResult
 from guard.dataplane.planned import ActionCounters, LaneOutput, lane_output
 from guard.dataplane.results import Action, Array
 from guard.dataplane.rules import labels_for
@@ -44,7 +45,7 @@ _NUMPY = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class RestPlan:
     """How to guard one-output responses of one model version, shape and dtype."""
 
@@ -53,6 +54,13 @@ class RestPlan:
     walk: Callable[[bytes], Walked | None]
     """The kernels' walker, which reads the lane's entries back."""
     limit: int
+    texts: BoundedCache[tuple[Any, ...], str]
+    """The book's remembered texts: this plan's ``guard_outputs`` text for each
+    format and lane entries seen, where the text is theirs alone (no scores).
+    Classes and labels repeat, and writing them was half of this route's cost
+    on a one-value response."""
+    serial: int
+    """This plan's part of its texts' keys."""
 
     def run(self, response: RestPredictResponse) -> tuple[bytes, Action, int] | None:
         """The guarded body, its action and violations; ``None`` when the
@@ -66,25 +74,40 @@ class RestPlan:
         found = lane.encode(checked)
         if found is None:
             return None
-        derived = self._derived(found)
-        if derived is None:
+        text = self._text(response, found[2])
+        if text is None:
             return None
         changed = self.output.rewritten(found, checked)
         new: dict[OutputKey, Array] = {} if changed is None else {None: _as(values, changed)}
-        body = response.rewrite(new, {None: derived})
+        body = response.rewrite(new, guard_outputs=text)
         if len(body) > self.limit:
             return None
         action, violations = self.output.record(found, checked)
         self.counters.inc(action)
         return body, action, violations
 
-    def _derived(self, found: LaneResult) -> list[tuple[str, Array]] | None:
+    def _text(self, response: RestPredictResponse, entries: bytes) -> str | None:
+        """The ``guard_outputs`` member for the lane's ``entries``, remembered
+        where it can be."""
+        key = (self.serial, response.format, entries)
+        text = self.texts.get(key)
+        if text is not None:
+            return text
+        derived = self._derived(entries)
+        if derived is None:
+            return None
+        text = response.guard_outputs_text(derived)
+        floats = any(array.dtype.kind == "f" for _, array in derived)
+        if not floats and len(entries) <= _ENTRIES_KEPT_MAX and len(text) <= _TEXT_KEPT_MAX:
+            self.texts.put(key, text)
+        return text
+
+    def _derived(self, entries: bytes) -> list[tuple[str, Array]] | None:
         """The lane's derived outputs as arrays: numbers read in place from its
         entries; each label from the classes before it, as the reference labels."""
-        walked = self.walk(found[2])
+        walked = self.walk(entries)
         if walked is None:
             return None
-        entries = found[2]
         items: list[tuple[str, Array]] = []
         classes: Array | None = None
         for entry in walked[1]:
@@ -102,6 +125,12 @@ class RestPlan:
                 classes = array
             items.append((entry.name, array))
         return items
+
+
+# The texts a plan remembers: of at most this many bytes of lane entries (a
+# small batch's classes and labels), and at most this long.
+_ENTRIES_KEPT_MAX = 512
+_TEXT_KEPT_MAX = 4096
 
 
 def _as(values: Array, changed: bytes | memoryview) -> Array:
@@ -136,6 +165,7 @@ def rest_plan(
 _REST = "rest"
 _MISSING: Any = object()
 _KEY_SIZE_MAX = 1024  # names' characters and dimensions: bigger keys are not kept
+_SERIALS = itertools.count()
 _FLOAT_KINDS = ("float32", "float64")
 
 
@@ -153,4 +183,5 @@ def _make(
     if output is None:
         return None
     counters = ActionCounters(target, metrics)
-    return RestPlan(output, counters, book.kernels.walk, book.max_message_bytes)
+    walk = book.kernels.walk
+    return RestPlan(output, counters, walk, book.max_message_bytes, book.texts, next(_SERIALS))
