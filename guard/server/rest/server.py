@@ -187,9 +187,8 @@ class RestFrontEnd:
             raise Answer(429, problem, Refusal.PENDING)
         if (request.content_length or 0) > config.max_request_bytes:
             raise _too_large(request.content_length or 0, config)
-        gate.pending += 1
         try:
-            return await self._deadlines.wait(request.read(), config.request_timeout_s)
+            return await self._read_body(request)
         except TimeoutError:
             raise Answer(
                 408,
@@ -200,6 +199,16 @@ class RestFrontEnd:
             ) from None
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(None, config) from None
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
+        """The whole body; a body still arriving counts as receiving, within
+        request_timeout_s (one that came with its headers has nothing to wait for)."""
+        if request.content.is_eof():
+            return await request.read()
+        gate = self._state.gate
+        gate.pending += 1
+        try:
+            return await self._deadlines.wait(request.read(), self._state.config.request_timeout_s)
         finally:
             gate.pending -= 1
 
