@@ -27,11 +27,15 @@ PEEK_KEY_BYTES_MAX = 4096
 _SIGNATURE_MAX = 1024
 
 _WS = re.compile(rb"[ \t\n\r]*")
+_COLON = re.compile(rb"[ \t\n\r]*:[ \t\n\r]*")
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _FORMATS: dict[str, Format] = {"instances": "row", "inputs": "columnar"}
+_SIGNATURE = "signature_name"
+# The keys the peek looks for, as plain tokens: no need to decode those.
+_PLAIN_KEYS = {f'"{name}"'.encode(): name for name in (*_FORMATS, _SIGNATURE)}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestPeek:
     """What the peek found."""
 
@@ -44,43 +48,24 @@ class RequestPeek:
     exceeded: bool = False
     """The peek stopped at its bound (not at the end of the object, nor at bad JSON)."""
 
-
-class _Scan:
-    """The peek's position and what it found so far."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.signature: str | None = None
-        self.format: Format | None = None
-        self.key_bytes = 0
-
-    def ws(self, i: int) -> int:
-        match = _WS.match(self.body, i)
-        assert match is not None  # it matches the empty string
-        return match.end()
-
-    def key(self, start: int, end: int) -> int | None:
+    def key(self, body: bytes, start: int, end: int) -> int | None:
         """Take in the top-level key whose string spans ``start:end``; returns
         where to go on from (past a signature_name's value), or ``None`` when
         this string is not a key."""
-        colon = self.ws(end)
-        if self.body[colon : colon + 1] != b":":
+        colon = _COLON.match(body, end)
+        if colon is None:
             return None
-        self.key_bytes += end - start
-        name = _text(self.body[start:end])
+        token = body[start:end]
+        name = _PLAIN_KEYS.get(token) or _text(token)
         if name in _FORMATS:
             self.format = self.format or _FORMATS[name]
-        if name != "signature_name":
+        if name != _SIGNATURE:
             return end
-        value_at = self.ws(colon + 1)
-        value = _STRING.match(self.body, value_at)
-        if value is None or value.end() - value_at > _SIGNATURE_MAX:
+        value = _STRING.match(body, colon.end())
+        if value is None or value.end() - colon.end() > _SIGNATURE_MAX:
             return end  # not a string: the upstream answers that request
         self.signature = _text(value.group())
         return value.end()
-
-    def done(self) -> bool:
-        return self.signature is not None and self.format is not None
 
 
 def _text(token: bytes) -> str:
@@ -95,36 +80,42 @@ def _text(token: bytes) -> str:
 
 
 def _depth_change(body: bytes, start: int, end: int) -> int:
+    if start == end:
+        return 0
     opens = body.count(b"[", start, end) + body.count(b"{", start, end)
     return opens - body.count(b"]", start, end) - body.count(b"}", start, end)
 
 
 def peek_request(body: bytes) -> RequestPeek:
     """The signature name and format of a predict request body (see the module doc)."""
-    scan = _Scan(body)
-    at = scan.ws(0)
+    found = RequestPeek(None, None, False, True)
+    at = _WS.match(body).end()  # type: ignore[union-attr]  # it matches the empty string
     if body[at : at + 1] != b"{":
-        return RequestPeek(None, None, False)
-    depth, pos, complete, exceeded = 1, at + 1, False, True
+        found.exceeded = False
+        return found
+    depth, pos, key_bytes = 1, at + 1, 0
     for _ in range(PEEK_STRINGS_MAX):
         quote = body.find(b'"', pos)
         depth += _depth_change(body, pos, quote if quote >= 0 else len(body))
         if depth <= 0 or quote < 0:
-            complete, exceeded = depth <= 0, False
+            found.complete, found.exceeded = depth <= 0, False
             break
         string = _STRING.match(body, quote)
         if string is None:
-            exceeded = False
+            found.exceeded = False
             break
         pos = string.end()
         if depth == 1:
-            pos = scan.key(quote, pos) or pos
-            if scan.done():
-                complete, exceeded = True, False
+            taken = found.key(body, quote, pos)
+            if taken is not None:
+                key_bytes += pos - quote
+                pos = taken
+            if found.signature is not None and found.format is not None:
+                found.complete, found.exceeded = True, False
                 break
-            if scan.key_bytes > PEEK_KEY_BYTES_MAX:
+            if key_bytes > PEEK_KEY_BYTES_MAX:
                 break
-    return RequestPeek(scan.signature, scan.format, complete, exceeded)
+    return found
 
 
 def inflate(body: bytes, limit: int) -> bytes | None:
