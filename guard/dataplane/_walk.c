@@ -21,6 +21,9 @@
  * anything it does not read (an odd token, a ragged or empty list) makes it
  * return None, and guard/dataplane/codec/restjson.py's numpy scan, the
  * reference, judges the text.
+ *
+ * peek_request() finds a REST predict request's signature_name and format
+ * without reading its numbers, as guard/server/rest/peek.py's reference does.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -897,9 +900,184 @@ done:
     return result;
 }
 
+/* ---- peek_request: a REST predict request's signature_name and format ----
+ *
+ * The same walk as guard/server/rest/peek.py's peek_request(), the reference
+ * (tests/server/test_rest_peek.py holds the two together): between strings,
+ * brackets are counted for the nesting depth; a string at depth 1 followed by
+ * ':' is a top-level key. Numbers are never read. A key or signature text
+ * with an escape is left to the reference, which decodes it. */
+
+static int
+is_json_ws(unsigned char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/* One past the string token opening at p (as the regex "(?:[^"\\]|\\.)*"
+ * with DOTALL reads it), or NULL when it does not close. */
+static const unsigned char *
+string_token_end(const unsigned char *p, const unsigned char *end)
+{
+    for (p++; p < end; p++) {
+        if (*p == '\\') {
+            if (++p >= end)
+                return NULL;
+        }
+        else if (*p == '"')
+            return p + 1;
+    }
+    return NULL;
+}
+
+static long
+depth_change(const unsigned char *p, const unsigned char *end)
+{
+    long d = 0;
+    for (; p < end; p++)
+        d += (*p == '[' || *p == '{') - (*p == ']' || *p == '}');
+    return d;
+}
+
+static const unsigned char *
+skip_json_ws(const unsigned char *p, const unsigned char *end)
+{
+    while (p < end && is_json_ws(*p))
+        p++;
+    return p;
+}
+
+enum { KEY_OTHER, KEY_INSTANCES, KEY_INPUTS, KEY_SIGNATURE };
+
+static int
+key_of(const unsigned char *tok, size_t n)
+{
+    if (n == 11 && memcmp(tok, "\"instances\"", 11) == 0)
+        return KEY_INSTANCES;
+    if (n == 8 && memcmp(tok, "\"inputs\"", 8) == 0)
+        return KEY_INPUTS;
+    if (n == 16 && memcmp(tok, "\"signature_name\"", 16) == 0)
+        return KEY_SIGNATURE;
+    return KEY_OTHER;
+}
+
+typedef struct {
+    const unsigned char *sig, *sig_end; /* the signature's text, quotes excluded */
+    int format;                         /* 0: not found, 1: row, 2: columnar */
+    int complete, exceeded, undecided;
+} Peek;
+
+/* Take in the depth-1 string quote..send; returns where to go on from. */
+static const unsigned char *
+peek_key(Peek *pk, const unsigned char *quote, const unsigned char *send,
+         const unsigned char *end, Py_ssize_t signature_max, Py_ssize_t *key_bytes)
+{
+    const unsigned char *c = skip_json_ws(send, end);
+    if (c >= end || *c != ':')
+        return send; /* not a key */
+    c = skip_json_ws(c + 1, end);
+    if (memchr(quote, '\\', send - quote) != NULL) {
+        pk->undecided = 1;
+        return send;
+    }
+    *key_bytes += send - quote;
+    int key = key_of(quote, send - quote);
+    if (pk->format == 0 && (key == KEY_INSTANCES || key == KEY_INPUTS))
+        pk->format = key == KEY_INSTANCES ? 1 : 2;
+    if (key != KEY_SIGNATURE || c >= end || *c != '"')
+        return send;
+    const unsigned char *vend = string_token_end(c, end);
+    if (vend == NULL || vend - c > signature_max)
+        return send; /* not a string the reference takes: the upstream answers */
+    if (memchr(c, '\\', vend - c) != NULL) {
+        pk->undecided = 1;
+        return send;
+    }
+    pk->sig = c + 1;
+    pk->sig_end = vend - 1;
+    return vend;
+}
+
+static void
+peek_walk(Peek *pk, const unsigned char *b, const unsigned char *end, Py_ssize_t strings_max,
+          Py_ssize_t key_bytes_max, Py_ssize_t signature_max)
+{
+    const unsigned char *pos = skip_json_ws(b, end);
+    if (pos >= end || *pos != '{') {
+        pk->exceeded = 0;
+        return;
+    }
+    long depth = 1;
+    Py_ssize_t key_bytes = 0;
+    pos++;
+    for (Py_ssize_t i = 0; i < strings_max; i++) {
+        const unsigned char *quote = memchr(pos, '"', end - pos);
+        depth += depth_change(pos, quote != NULL ? quote : end);
+        if (depth <= 0 || quote == NULL) {
+            pk->complete = depth <= 0;
+            pk->exceeded = 0;
+            return;
+        }
+        const unsigned char *send = string_token_end(quote, end);
+        if (send == NULL) {
+            pk->exceeded = 0;
+            return;
+        }
+        pos = send;
+        if (depth != 1)
+            continue;
+        pos = peek_key(pk, quote, send, end, signature_max, &key_bytes);
+        if (pk->undecided)
+            return;
+        if (pk->sig != NULL && pk->format != 0) {
+            pk->complete = 1;
+            pk->exceeded = 0;
+            return;
+        }
+        if (key_bytes > key_bytes_max)
+            return;
+    }
+}
+
+PyDoc_STRVAR(peek_request_doc,
+"peek_request(body, strings_max, key_bytes_max, signature_max, /)\n"
+"--\n\n"
+"A REST predict request's signature_name (str or None), format (0: not\n"
+"found, 1: instances, 2: inputs), complete and exceeded, as\n"
+"guard.server.rest.peek.peek_request reads them; None where a key or the\n"
+"signature is escaped, which that reference decodes.");
+
+static PyObject *
+peek_request(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t strings_max, key_bytes_max, signature_max;
+    if (!PyArg_ParseTuple(args, "y*nnn", &view, &strings_max, &key_bytes_max, &signature_max))
+        return NULL;
+    const unsigned char *b = (const unsigned char *)view.buf;
+    Peek pk = {.exceeded = 1};
+    Py_BEGIN_ALLOW_THREADS
+    peek_walk(&pk, b, b + view.len, strings_max, key_bytes_max, signature_max);
+    Py_END_ALLOW_THREADS
+    PyObject *result = NULL;
+    if (pk.undecided)
+        result = Py_NewRef(Py_None);
+    else {
+        PyObject *sig = pk.sig == NULL
+            ? Py_NewRef(Py_None)
+            : PyUnicode_DecodeUTF8((const char *)pk.sig, pk.sig_end - pk.sig, "replace");
+        if (sig != NULL)
+            result = Py_BuildValue("(NiOO)", sig, pk.format, pk.complete ? Py_True : Py_False,
+                                   pk.exceeded ? Py_True : Py_False);
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"walk_predict_response", walk_predict_response, METH_O, walk_doc},
     {"scan_tensor", scan_tensor, METH_VARARGS, scan_tensor_doc},
+    {"peek_request", peek_request, METH_VARARGS, peek_request_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -21,3 +21,22 @@ class OutputLayout(tuple[str, int, tuple[int, ...], int, int, int]):
 def walk_predict_response(
     data: ReadableBuffer, /
 ) -> tuple[bytes | None, tuple[OutputLayout, ...], dict[str, OutputLayout]] | None: ...
+def scan_tensor(
+    text: ReadableBuffer, start: int, end: int, /
+) -> (
+    tuple[
+        bytearray,
+        bytearray,
+        bytearray,
+        bool,
+        bytearray | None,
+        tuple[int, ...],
+        int,
+        bytearray | None,
+        list[int] | None,
+    ]
+    | None
+): ...
+def peek_request(
+    body: ReadableBuffer, strings_max: int, key_bytes_max: int, signature_max: int, /
+) -> tuple[str | None, int, bool, bool] | None: ...

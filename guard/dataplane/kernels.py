@@ -22,7 +22,7 @@ from guard.dataplane.results import Array
 from guard.dataplane.rules import normalized_entropy
 
 if TYPE_CHECKING:  # restjson is imported by the REST front-end only, when REST is served
-    from guard.dataplane.codec.restjson import NumberScan
+    from guard.dataplane.codec.restjson import NumberScan, RequestPeekScan
 
 __all__ = ["MISSING", "NATIVE", "REFERENCE", "Kernels", "Native", "default", "row_entropy"]
 
@@ -44,6 +44,9 @@ class Kernels:
     number_scan: NumberScan | None = None
     """The numbers of a REST tensor's text, scanned natively (``None``: numpy)."""
 
+    request_peek: RequestPeekScan | None = None
+    """A REST request's signature and format, peeked natively (``None``: Python)."""
+
 
 class Native(Kernels):
     """The walker and the check-rank-encode kernel, from the built C modules."""
@@ -57,6 +60,7 @@ class Native(Kernels):
         self._kernel = rank.clean_rank_encode
         self.max_k: int = rank.MAX_K
         self.number_scan = walk.scan_tensor
+        self.request_peek = walk.peek_request
 
     def walk(self, data: bytes) -> Walked | None:
         found: Walked | None = self._walk(data)

@@ -55,10 +55,13 @@ _metrics = GuardMetrics(CollectorRegistry(), model_names=["fuzz"], max_class_lab
 _NAMED = Metadata(1, {"serving_default": {"out1": OutputInfo("DT_FLOAT", None)}})
 _UNKNOWN = Metadata(problem="fuzz: no metadata")
 _NATIVE_SCAN = default().number_scan
+_NATIVE_PEEK = default().request_peek
 
 
 def _check_peek(body: bytes) -> None:
     found = peek_request(body)
+    if _NATIVE_PEEK is not None:  # the native peek reads what the reference reads
+        assert peek_request(body, _NATIVE_PEEK) == found
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):

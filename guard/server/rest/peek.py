@@ -16,7 +16,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from guard.dataplane.codec.restjson import Format
+from guard.dataplane.codec.restjson import Format, RequestPeekScan
 
 __all__ = ["PEEK_KEY_BYTES_MAX", "PEEK_STRINGS_MAX", "RequestPeek", "inflate", "peek_request"]
 
@@ -31,6 +31,7 @@ _COLON = re.compile(rb"[ \t\n\r]*:[ \t\n\r]*")
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _FORMATS: dict[str, Format] = {"instances": "row", "inputs": "columnar"}
 _SIGNATURE = "signature_name"
+_FORMAT_CODES: tuple[Format | None, ...] = (None, "row", "columnar")  # the native peek's codes
 # The keys the peek looks for, as plain tokens: no need to decode those.
 _PLAIN_KEYS = {f'"{name}"'.encode(): name for name in (*_FORMATS, _SIGNATURE)}
 
@@ -86,8 +87,19 @@ def _depth_change(body: bytes, start: int, end: int) -> int:
     return opens - body.count(b"]", start, end) - body.count(b"}", start, end)
 
 
-def peek_request(body: bytes) -> RequestPeek:
-    """The signature name and format of a predict request body (see the module doc)."""
+def peek_request(body: bytes, native: RequestPeekScan | None = None) -> RequestPeek:
+    """The signature name and format of a predict request body (see the module
+    doc); ``native`` peeks first (:data:`~guard.dataplane.codec.restjson.RequestPeekScan`),
+    this walk is its reference."""
+    if native is not None:
+        peeked = native(body, PEEK_STRINGS_MAX, PEEK_KEY_BYTES_MAX, _SIGNATURE_MAX)
+        if peeked is not None:
+            signature, code, complete, exceeded = peeked
+            return RequestPeek(signature, _FORMAT_CODES[code], complete, exceeded)
+    return _walk(body)
+
+
+def _walk(body: bytes) -> RequestPeek:
     found = RequestPeek(None, None, False, True)
     at = _WS.match(body).end()  # type: ignore[union-attr]  # it matches the empty string
     if body[at : at + 1] != b"{":

@@ -291,7 +291,7 @@ class RestFrontEnd:
     ) -> web.StreamResponse:
         """Forward a predict request; guard its answer where a rule applies."""
         assert target.model is not None
-        fmt, signature = self._peek(request, body)
+        fmt, signature = self._peek(request, body, book)
         limit = self._state.config.max_message_bytes
         upstream, data = await self._forward(request, body, call, partial(_read_whole, limit=limit))
         status, reason, headers = upstream.status, upstream.reason, upstream.headers
@@ -311,12 +311,14 @@ class RestFrontEnd:
         call.count("OK")
         return guarded
 
-    def _peek(self, request: web.BaseRequest, body: bytes) -> tuple[Format | None, str]:
+    def _peek(
+        self, request: web.BaseRequest, body: bytes, book: RuleBook
+    ) -> tuple[Format | None, str]:
         """The request's format and signature name, from a bounded peek at its body."""
         plain: bytes | None = body
         if "gzip" in request.headers.get("Content-Encoding", ""):
             plain = inflate(body, self._state.config.max_request_bytes)
-        found = peek_request(plain or b"")
+        found = peek_request(plain or b"", book.kernels.request_peek)
         if found.exceeded and found.signature is None:
             raise Answer(
                 400,
