@@ -66,8 +66,10 @@ def response_headers(headers: Any, keep_length: bool = False) -> CIMultiDict[str
 
 async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
     """The whole body, or ``None`` as soon as it is known to pass ``limit`` bytes."""
-    if (response.content_length or 0) > limit:
-        return None
+    length = response.content_length
+    if length is not None:
+        # The parser reads no more than the length it declared: read it at once.
+        return None if length > limit else await response.read()
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_any():

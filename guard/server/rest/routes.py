@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
+from guard.dataplane.cache import BoundedCache
 from guard.dataplane.errors import Status
 from guard.metrics.guard_metrics import OTHER
 
@@ -82,6 +83,22 @@ def _decode(raw: str) -> str:
 
 def route(http_method: str, path: str) -> Route:
     """The route of one request (``path`` without its query string)."""
+    key = (http_method, path)
+    found = _ROUTES.get(key)
+    if found is None:
+        found = _route(http_method, path)
+        _ROUTES.put(key, found)
+    return found
+
+
+# Clients call a few URLs over and over: matching one costs more than the
+# rest of a small call's routing. Keyed by what a client sends, so bounded.
+_ROUTES: BoundedCache[tuple[str, str], Route] = BoundedCache(
+    1024, max_key_bytes=1024, weigh=lambda key: len(key[0]) + len(key[1])
+)
+
+
+def _route(http_method: str, path: str) -> Route:
     if http_method == "POST":
         match = _PREDICTION.fullmatch(path)
         if match is None:
