@@ -97,7 +97,7 @@ class Lane:
         held to the reference byte for byte."""
         if self.activation is None:
             return raw
-        values = np.frombuffer(raw, dtype=self.dtype).reshape(self.shape)
+        values = np.frombuffer(raw, self.dtype).reshape(self.shape)
         return np.ascontiguousarray(activate(values, self.activation))
 
     def encode(self, values: Buffer) -> LaneResult | None:

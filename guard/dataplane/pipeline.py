@@ -12,7 +12,6 @@ returned byte-identical unless a rule changed or added a tensor.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +38,7 @@ from guard.dataplane.evaluate import (
 )
 from guard.dataplane.lanes import Buffer, LaneResult
 from guard.dataplane.planned import ActionCounters, LaneOutput, lane_output
-from guard.dataplane.results import Action, Array
+from guard.dataplane.results import CLEAN, Action, Array, verdict_headers
 from guard.dataplane.sink import MetricsSink
 
 __all__ = ["GuardedResponse", "guard_predict_response"]
@@ -55,13 +54,7 @@ class GuardedResponse:
 
     def trailers(self) -> tuple[tuple[str, str], ...]:
         """The ``x-guard-*`` trailing metadata for this response."""
-        return _trailers(self.action.label, self.violations)
-
-
-@functools.lru_cache(maxsize=256)
-def _trailers(action: str, violations: int) -> tuple[tuple[str, str], ...]:
-    # The same few pairs on almost every response: built once, not per call.
-    return (("x-guard-action", action), ("x-guard-violations", str(violations)))
+        return verdict_headers(self.action, self.violations)
 
 
 def guard_predict_response(
@@ -164,7 +157,7 @@ def _reference(
         raise RejectedOutputError(verdict.rejection)
     if not verdict.outputs:
         record(verdict, target, metrics)
-        return GuardedResponse(body, Action.CLEAN, 0)
+        return GuardedResponse(body, CLEAN, 0)
     check_derived_names(verdict, response.names, target.model)
     encodings = {name: encoding for name, _, encoding in decoded}
     guarded = _encode(response, verdict, encodings)
@@ -300,7 +293,7 @@ class _Plan:
             return None  # the reference route refuses it, and says why
         # Recorded only once every lane decided: otherwise the reference
         # route records them all.
-        action, violations = Action.CLEAN, 0
+        action, violations = CLEAN, 0
         for out, (found, checked) in zip(self.outputs, done, strict=True):
             acted, counted = out.output.record(found, checked)
             action = max(action, acted)

@@ -19,12 +19,15 @@ from guard.dataplane.book import CompiledRule
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.evaluate import Target
 from guard.dataplane.lanes import Buffer, Counted, Lane, LaneResult
-from guard.dataplane.results import Action, Array, Counts
+from guard.dataplane.results import CLAMPED, CLEAN, OBSERVED, Action, Array, Counts
 from guard.dataplane.rules import class_axis_size
 from guard.dataplane.rulespec import OutputRule
 from guard.dataplane.sink import Counter, LabelTable, MetricsSink, OutputSink
 
 __all__ = ["ActionCounters", "LaneOutput", "lane_output"]
+
+# numpy converts a dtype given as a type, or by keyword, on every call: measurable per response.
+_INT64 = np.dtype(np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +49,7 @@ class LaneOutput:
 
     def classes(self, found: bytes) -> Array:
         """The lane's classes: a row's best, or [rows, classes] of a threshold's 0/1."""
-        classes = np.frombuffer(found, dtype=np.int64)
+        classes = np.frombuffer(found, _INT64)
         if self.lane.multi_label:
             return classes.reshape(-1, self.lane.multi_label)
         return classes
@@ -61,7 +64,7 @@ class LaneOutput:
         """The checked values as an array (read in place when not activated)."""
         if isinstance(checked, np.ndarray):
             return checked
-        return np.frombuffer(checked, dtype=self.lane.dtype)
+        return np.frombuffer(checked, self.lane.dtype)
 
     def rewritten(self, found: LaneResult, checked: Buffer) -> bytes | memoryview | None:
         """The values to write over the old ones: clamped or activated; ``None``
@@ -74,14 +77,14 @@ class LaneOutput:
     def record(self, found: LaneResult, checked: Buffer) -> tuple[Action, int]:
         """Count the lane's verdict on this output; its action and violations."""
         counts = None
-        action = Action.CLEAN
+        action = CLEAN
         if len(found) == 4:
             counts = _counts(self.size, found[3])
-            action = Action.OBSERVED if found[3][0] is None else Action.CLAMPED
+            action = OBSERVED if found[3][0] is None else CLAMPED
         self.sink.record_clean(
             self.size,
             self.classes(found[0]),
-            np.frombuffer(found[1], dtype=self.lane.dtype),
+            np.frombuffer(found[1], self.lane.dtype),
             self.labels,
             self.rule,
             self.rows(checked),

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Action", "Array", "Counts", "Derived", "OutputResult"]
+__all__ = [
+    "CLAMPED",
+    "CLEAN",
+    "OBSERVED",
+    "REJECTED",
+    "Action",
+    "Array",
+    "Counts",
+    "Derived",
+    "OutputResult",
+    "verdict_headers",
+]
 
 Array = np.ndarray[Any, Any]
 
@@ -25,7 +37,23 @@ class Action(IntEnum):
     @property
     def label(self) -> str:
         """The name clients and metrics see: ``clean``, ``observed``, ..."""
-        return self.name.lower()
+        return _ACTION_LABELS[self]
+
+
+# The members by plain name: looking a member up on the enum class costs
+# about 180 ns in Python 3.11, paid per response on the native routes.
+CLEAN, OBSERVED, CLAMPED, REJECTED = Action
+
+# Indexed by the action's value: an enum's ``name`` is a slow descriptor.
+_ACTION_LABELS = tuple(action.name.lower() for action in Action)
+
+
+@functools.lru_cache(maxsize=256)
+def verdict_headers(action: Action, violations: int) -> tuple[tuple[str, str], ...]:
+    """The ``x-guard-action`` and ``x-guard-violations`` pairs of a guarded
+    response (gRPC trailers, HTTP headers): the same few pairs on almost every
+    response, built once."""
+    return (("x-guard-action", action.label), ("x-guard-violations", str(violations)))
 
 
 @dataclass(slots=True)

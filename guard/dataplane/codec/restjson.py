@@ -55,7 +55,7 @@ import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -63,6 +63,7 @@ __all__ = [
     "GUARD_OUTPUTS_KEY",
     "Format",
     "NumberScan",
+    "RequestPeekScan",
     "RestJsonError",
     "RestOutput",
     "RestPredictResponse",
@@ -358,6 +359,10 @@ def _is_bytes_name(name: str, array: Array) -> bool:
 _W = 16  # bytes per token window (a float32 token has at most 15)
 _SEP = 15
 _U = np.uint64
+# dtype objects, given positionally: numpy converts a type, or a keyword, on every call.
+_INT64 = np.dtype(np.int64)
+_FLOAT32 = np.dtype(np.float32)
+_FLOAT64 = np.dtype(np.float64)
 _ONES, _HIGHS = _U(0x0101010101010101), _U(0x8080808080808080)
 _TEN_PLUS = _U(0x7676767676767676)  # + per byte sets bit 7 exactly where the byte >= 10
 _ELEVEN_PLUS = _U(0x7575757575757575)  # ... where the byte >= 11
@@ -565,6 +570,12 @@ NumberScan = Callable[[bytes, int, int], Scanned | None]
 (``guard.dataplane._walk.scan_tensor``): ``(text, start, limit) -> (values,
 starts, ends, integral, ints, shape, end, single, suspects)``, or None where it
 leaves the text to the reference (:func:`_reference_output`)."""
+
+RequestPeekScan = Callable[[bytes, int, int, int], tuple[str | None, int, bool, bool] | None]
+"""A native peek at a predict request (``guard.dataplane._walk.peek_request``):
+``(body, strings_max, key_bytes_max, signature_max) -> (signature, format
+code, complete, exceeded)``, or None where it leaves the body to the Python
+peek, the reference (``guard.server.rest.peek``)."""
 
 
 def _scan_chunk(region: bytes) -> _Numbers:
@@ -818,8 +829,7 @@ def _decode_key(token: bytes) -> str:
 # Outputs.
 
 
-@dataclass(frozen=True, slots=True)
-class RestOutput:
+class RestOutput(NamedTuple):
     """One output of a REST predict response."""
 
     name: str | None
@@ -920,12 +930,12 @@ def _native_output(
 def _native_part(body: bytes, scanned: Scanned) -> _Part:
     values, starts, ends, integral, ints, _, _, single, suspects = scanned
     numbers = _Numbers(
-        np.frombuffer(values, np.float64),
-        np.frombuffer(starts, np.int64),
-        np.frombuffer(ends, np.int64),
+        np.frombuffer(values, _FLOAT64),
+        np.frombuffer(starts, _INT64),
+        np.frombuffer(ends, _INT64),
         integral,
-        None if ints is None else np.frombuffer(ints, np.int64),
-        None if single is None else np.frombuffer(single, np.float32),
+        None if ints is None else np.frombuffer(ints, _INT64),
+        None if single is None else np.frombuffer(single, _FLOAT32),
     )
     if isinstance(numbers.single, np.ndarray):
         for i in suspects or ():
@@ -1055,7 +1065,7 @@ def _flatten(value: Any, depth: int, out: list[Any]) -> None:
 # The response.
 
 
-@dataclass
+@dataclass(slots=True)
 class RestPredictResponse:
     """A REST predict response, read; :meth:`rewrite` makes the guarded body."""
 
@@ -1316,8 +1326,8 @@ def _single_output(body: bytes, fmt: Format, native: NumberScan) -> RestPredictR
         values, kind = _typed([part])
         where = _Where(part.starts, part.ends, [])
     else:  # float32 tokens, each read as float32 already: _typed's answer, made directly
-        values, kind = np.frombuffer(single, np.float32), "float32"
-        where = _Where(np.frombuffer(starts, np.int64), np.frombuffer(ends, np.int64), [])
+        values, kind = np.frombuffer(single, _FLOAT32), "float32"
+        where = _Where(np.frombuffer(starts, _INT64), np.frombuffer(ends, _INT64), [])
     return RestPredictResponse(
         body, fmt, {None: RestOutput(None, values.reshape(shape), kind)}, {None: where}, end,
         {_ROOT_KEYS[fmt]}, [],

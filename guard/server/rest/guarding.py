@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from guard.dataplane.book import RuleBook
 from guard.dataplane.codec.restjson import (
@@ -31,7 +32,7 @@ from guard.dataplane.errors import (
     shown,
 )
 from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
-from guard.dataplane.results import Action, Array
+from guard.dataplane.results import CLEAN, Action, Array, verdict_headers
 from guard.dataplane.sink import MetricsSink
 from guard.server.rest.plan import rest_plan
 from guard.server.rest.signatures import Metadata, OutputInfo
@@ -51,17 +52,16 @@ class RestRequest:
     metadata: Metadata
 
 
-@dataclass(frozen=True, slots=True)
-class RestGuarded:
+class RestGuarded(NamedTuple):
     """A guarded response body and what the guard did."""
 
     body: bytes
     action: Action
     violations: int
 
-    def headers(self) -> dict[str, str]:
+    def headers(self) -> tuple[tuple[str, str], ...]:
         """The ``x-guard-*`` headers of this response."""
-        return {"x-guard-action": self.action.label, "x-guard-violations": str(self.violations)}
+        return verdict_headers(self.action, self.violations)
 
 
 def guard_rest_response(
@@ -90,7 +90,7 @@ def guard_rest_response(
         raise RejectedOutputError(verdict.rejection)
     if not verdict.outputs:
         record(verdict, target, metrics)
-        return RestGuarded(body, Action.CLEAN, 0)
+        return RestGuarded(body, CLEAN, 0)
     check_derived_names(verdict, set(names.values()), target.model)
     guarded = _rewrite(response, verdict, {names[key]: key for key, _ in decoded}, target)
     if len(guarded) > limit:
