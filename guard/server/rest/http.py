@@ -109,8 +109,10 @@ class _Handler(web.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self._guard_timer is not None:
+            return  # armed already: the common case on a busy connection
         waiting = self._waiter is not None and not self._waiter.done()
-        if waiting and self._guard_timer is None and self.transport is not None:
+        if waiting and self.transport is not None:
             self._arm_header_deadline(self.transport)  # a kept-alive connection's next head
 
     def connection_lost(self, exc: BaseException | None) -> None:

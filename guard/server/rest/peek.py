@@ -7,6 +7,10 @@ strings of the body: between two strings it counts brackets with
 followed by ``:`` is a top-level key. Numbers are never read. It is bounded:
 it stops after :data:`PEEK_STRINGS_MAX` strings or :data:`PEEK_KEY_BYTES_MAX`
 bytes of top-level keys, and once it knows both the signature and the format.
+
+This walk is the reference; the native module walks the same way
+(``guard.dataplane._walk.peek_request``, through the kernels) and is tried
+first, leaving escaped keys and signatures to this one.
 """
 
 from __future__ import annotations
