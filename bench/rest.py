@@ -11,12 +11,15 @@ Paths, each its own process in front of one canned REST upstream
 - ``guard``: ``guard serve`` with REST on and the demo rules (threshold + labels for the
   1 x 1 output; check_sum, argmax, top_k 5, labels for the softmax).
 
-Per round, every path is started fresh, in an order that rotates per round, and for each
-response size timed at concurrency 1 (a keep-alive ``http.client`` connection, one call
+Per round, every path is started fresh, in an order that rotates per round, and each
+response size is timed at concurrency 1 (a keep-alive ``http.client`` connection, one call
 at a time) and 16 (``h2load --h1``, 16 connections, per-request times from its log):
-p50/p99, the hop's CPU per request (``/proc``), requests/s. Added latency is paired per
-round against ``direct``. The idle RSS of the guard with REST on is set against the same
-guard without REST (``guard-grpc-only``, started and measured idle only).
+p50/p99, the hop's CPU per request (``/proc``), requests/s. The paths of a round are up
+together and take their load in slices, one path after another, so that a slow spell of
+this shared machine falls on all of them rather than on one path's whole measurement.
+Added latency is paired per round against ``direct``. The idle RSS of the guard with
+REST on is set against the same guard without REST (``guard-grpc-only``, started and
+measured idle only).
 
 Writes bench/results/<date>-rest.json and prints the markdown section that
 ``python -m bench.run`` puts in docs/benchmarks.md.
@@ -34,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +61,20 @@ class RestSettings:
     """How much load each path gets per round; the 1024 x 201 size gets a tenth."""
 
     rounds: int = 3
-    latency_calls: int = 500
+    latency_calls: int = 1000
     warmup_calls: int = 50
-    h2load_requests: int = 2000
-    big_divisor: int = 10
+    h2load_requests: int = 4000
+    big_divisor: int = 20
+    slices: int = 5
+    """Turns each path takes per size and round (see the module doc)."""
 
     @classmethod
     def quick(cls) -> RestSettings:
         """Tiny settings: a smoke test of the harness, no figures."""
-        return cls(rounds=1, latency_calls=10, warmup_calls=3, h2load_requests=32, big_divisor=4)
+        return cls(
+            rounds=1, latency_calls=10, warmup_calls=3, h2load_requests=32, big_divisor=4,
+            slices=2,
+        )  # fmt: skip
 
     def calls(self, model: RestModel, count: int) -> int:
         """``count`` for the 1 x 1 size, a ``big_divisor``-th of it for larger ones."""
@@ -239,8 +247,9 @@ def _post(conn: http.client.HTTPConnection, model: RestModel, body: bytes) -> by
     return data
 
 
-def latency_c1(port: int, model: RestModel, calls: int, warmup: int) -> dict[str, float]:
-    """``calls`` sequential predicts on one keep-alive connection, after ``warmup``."""
+def samples_c1(port: int, model: RestModel, calls: int, warmup: int) -> list[float]:
+    """The times, in ms, of ``calls`` sequential predicts on one keep-alive
+    connection, after ``warmup``."""
     body = request_body(model)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
@@ -253,11 +262,13 @@ def latency_c1(port: int, model: RestModel, calls: int, warmup: int) -> dict[str
             samples.append((time.perf_counter_ns() - start) / 1e6)
     finally:
         conn.close()
-    return load.percentiles(samples)
+    return samples
 
 
-def h2load_h1(port: int, model: RestModel, requests: int, workdir: Path) -> dict[str, Any]:
-    """``h2load --h1`` at :data:`CONCURRENCY` connections; throughput and per-request times."""
+def h2load_run(
+    port: int, model: RestModel, requests: int, workdir: Path
+) -> tuple[load.Throughput, list[float]]:
+    """One ``h2load --h1`` run: its summary and the per-request times (ms)."""
     data = workdir / f"{model.name}.request.json"
     data.write_bytes(request_body(model))
     log = workdir / "h2load.log"
@@ -273,13 +284,7 @@ def h2load_h1(port: int, model: RestModel, requests: int, workdir: Path) -> dict
         summary = load.parse_h2load(proc.stdout, CONCURRENCY)
     except ValueError:
         raise RuntimeError(f"h2load failed: {proc.stderr.strip()[-500:]}") from None
-    times = load.h2load_log_ms(log)
-    return {
-        "rps": summary.rps,
-        "errors": summary.errors,
-        "succeeded": summary.succeeded,
-        **(load.percentiles(times) if times else {}),
-    }
+    return summary, load.h2load_log_ms(log)
 
 
 def guarded_check(port: int) -> dict[str, str]:
@@ -298,41 +303,93 @@ def guarded_check(port: int) -> dict[str, str]:
     return out
 
 
-def measure_size(
-    hop: RestHop, model: RestModel, settings: RestSettings, workdir: Path
-) -> dict[str, Any]:
-    """c=1 and c=16 figures of one response size through one hop."""
-    pid = hop.pid
-    calls = settings.calls(model, settings.latency_calls)
-    warmup = settings.calls(model, settings.warmup_calls)
-    cpu0 = load.cpu_seconds(pid) if pid else 0.0
-    out: dict[str, Any] = {"c1": latency_c1(hop.port, model, calls, warmup)}
-    if pid:
-        out["c1"]["cpu_ms_per_req"] = 1000.0 * (load.cpu_seconds(pid) - cpu0) / (calls + warmup)
+@dataclass
+class _Tally:
+    """One path's figures for one response size, summed over its slices."""
+
+    c1_ms: list[float] = field(default_factory=list)
+    c1_calls: int = 0
+    c1_cpu_s: float = 0.0
+    c16_ms: list[float] = field(default_factory=list)
+    c16_succeeded: int = 0
+    c16_errors: int = 0
+    c16_seconds: float = 0.0
+    c16_cpu_s: float = 0.0
+
+    def figures(self, has_process: bool) -> dict[str, Any]:
+        c1: dict[str, Any] = load.percentiles(self.c1_ms)
+        c16: dict[str, Any] = {
+            "rps": self.c16_succeeded / self.c16_seconds if self.c16_seconds else 0.0,
+            "errors": self.c16_errors,
+            "succeeded": self.c16_succeeded,
+            **(load.percentiles(self.c16_ms) if self.c16_ms else {}),
+        }
+        if has_process:
+            c1["cpu_ms_per_req"] = 1000.0 * self.c1_cpu_s / self.c1_calls
+            if self.c16_succeeded:
+                c16["cpu_ms_per_req"] = 1000.0 * self.c16_cpu_s / self.c16_succeeded
+        return {"c1": c1, "c16": c16}
+
+
+def _cpu(hop: RestHop) -> float:
+    return load.cpu_seconds(hop.pid) if hop.pid else 0.0
+
+
+def measure_slice(
+    hop: RestHop, model: RestModel, settings: RestSettings, workdir: Path, tally: _Tally
+) -> None:
+    """One slice of one size's load through one hop: c=1 calls, then c=16 requests."""
+    calls = max(1, settings.calls(model, settings.latency_calls) // settings.slices)
+    warmup = max(1, settings.calls(model, settings.warmup_calls) // settings.slices)
+    cpu0 = _cpu(hop)
+    tally.c1_ms += samples_c1(hop.port, model, calls, warmup)
+    tally.c1_cpu_s += _cpu(hop) - cpu0
+    tally.c1_calls += calls + warmup
     # h2load wants at least one request per connection.
-    requests = max(CONCURRENCY, settings.calls(model, settings.h2load_requests))
-    cpu0 = load.cpu_seconds(pid) if pid else 0.0
-    out["c16"] = h2load_h1(hop.port, model, requests, workdir)
-    if pid and out["c16"]["succeeded"]:
-        used = load.cpu_seconds(pid) - cpu0
-        out["c16"]["cpu_ms_per_req"] = 1000.0 * used / out["c16"]["succeeded"]
+    requests = max(CONCURRENCY, settings.calls(model, settings.h2load_requests) // settings.slices)
+    cpu0 = _cpu(hop)
+    summary, times = h2load_run(hop.port, model, requests, workdir)
+    tally.c16_cpu_s += _cpu(hop) - cpu0
+    tally.c16_ms += times
+    tally.c16_succeeded += summary.succeeded
+    tally.c16_errors += summary.errors
+    tally.c16_seconds += summary.seconds
+
+
+def measure_sizes(
+    hops: list[RestHop], settings: RestSettings, workdir: Path
+) -> dict[str, dict[str, Any]]:
+    """Every size through every hop, the hops taking turns slice by slice; a
+    size that fails on a hop is reported for that hop."""
+    out: dict[str, dict[str, Any]] = {hop.name: {} for hop in hops}
+    for model in MODELS:
+        tallies = {hop.name: _Tally() for hop in hops}
+        failed: dict[str, str] = {}
+        for turn in range(settings.slices):
+            for hop in hops[turn % len(hops) :] + hops[: turn % len(hops)]:
+                if hop.name in failed:
+                    continue
+                try:
+                    measure_slice(hop, model, settings, workdir, tallies[hop.name])
+                except (OSError, RuntimeError, ValueError) as err:
+                    logger.warning("REST path %s, %s failed: %s", hop.name, model.size, err)
+                    failed[hop.name] = str(err).splitlines()[0]
+        for hop in hops:
+            found = failed.get(hop.name)
+            figures = tallies[hop.name].figures(hop.pid is not None)
+            out[hop.name][model.size] = {"error": found} if found else figures
     return out
 
 
-def measure(hop: RestHop, settings: RestSettings, workdir: Path) -> dict[str, Any]:
-    """All figures of one running hop."""
+def idle_figures(hop: RestHop) -> dict[str, Any]:
+    """What a hop shows before any load: its start-up time, idle RSS, and for
+    the guard, that it guards."""
     out: dict[str, Any] = {"startup_s": hop.startup_s}
     if hop.pid:
         time.sleep(0.3)
         out["rss_idle_mb"] = load.rss_mb(hop.pid)
     if hop.name == "guard":
         out["guard_action"] = guarded_check(hop.port)
-    for model in MODELS:
-        try:
-            out[model.size] = measure_size(hop, model, settings, workdir)
-        except (OSError, RuntimeError, ValueError) as err:
-            logger.warning("REST path %s, %s failed: %s", hop.name, model.size, err)
-            out[model.size] = {"error": str(err).splitlines()[0]}
     return out
 
 
@@ -360,14 +417,25 @@ def idle_rss_without_rest(workdir: Path, tag: str) -> float:
 def run_rounds(
     names: list[str], upstream: int, workdir: Path, settings: RestSettings
 ) -> list[dict[str, Any]]:
-    """Interleave the paths, rotating their order each round; a failing path is reported."""
+    """Start the paths in an order that rotates per round, measure them
+    together (:func:`measure_sizes`); a failing path is reported."""
     rounds: list[dict[str, Any]] = []
     for r in range(settings.rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
+        logger.info("REST round %d/%d: %s", r + 1, settings.rounds, ", ".join(order))
         figures: dict[str, Any] = {}
-        for name in order:
-            logger.info("REST round %d/%d: %s", r + 1, settings.rounds, name)
-            figures[name] = _one_path(name, upstream, workdir, settings, f"r{r}")
+        hops: list[RestHop] = []
+        try:
+            for name in order:
+                hop = _start(name, upstream, workdir, f"r{r}", figures)
+                if hop is not None:
+                    hops.append(hop)
+                    figures[name] = idle_figures(hop)
+            for name, sizes in measure_sizes(hops, settings, workdir).items():
+                figures[name].update(sizes)
+        finally:
+            for hop in hops:
+                hop.stop()
         if "guard" in names:
             try:
                 figures["guard-grpc-only"] = {
@@ -379,21 +447,16 @@ def run_rounds(
     return rounds
 
 
-def _one_path(
-    name: str, upstream: int, workdir: Path, settings: RestSettings, tag: str
-) -> dict[str, Any]:
+def _start(
+    name: str, upstream: int, workdir: Path, tag: str, figures: dict[str, Any]
+) -> RestHop | None:
+    """The started path, or ``None`` with its error in ``figures``."""
     try:
-        hop = start_path(name, upstream, workdir, tag)
+        return start_path(name, upstream, workdir, tag)
     except Exception as err:  # noqa: BLE001 - a path that cannot start is reported
         logger.warning("REST path %s failed to start: %s", name, err)
-        return {"error": str(err).splitlines()[0]}
-    try:
-        return measure(hop, settings, workdir)
-    except Exception as err:  # noqa: BLE001
-        logger.warning("REST path %s failed: %s", name, err)
-        return {"error": str(err).splitlines()[0]}
-    finally:
-        hop.stop()
+        figures[name] = {"error": str(err).splitlines()[0]}
+        return None
 
 
 def _errors(rounds: list[dict[str, Any]], name: str) -> list[str]:
