@@ -362,6 +362,8 @@ def measure_sizes(
     """Every size through every hop, the hops taking turns slice by slice; a
     size that fails on a hop is reported for that hop."""
     out: dict[str, dict[str, Any]] = {hop.name: {} for hop in hops}
+    if not hops:
+        return out
     for model in MODELS:
         tallies = {hop.name: _Tally() for hop in hops}
         failed: dict[str, str] = {}
@@ -376,8 +378,9 @@ def measure_sizes(
                     failed[hop.name] = str(err).splitlines()[0]
         for hop in hops:
             found = failed.get(hop.name)
-            figures = tallies[hop.name].figures(hop.pid is not None)
-            out[hop.name][model.size] = {"error": found} if found else figures
+            out[hop.name][model.size] = (
+                {"error": found} if found else tallies[hop.name].figures(hop.pid is not None)
+            )
     return out
 
 

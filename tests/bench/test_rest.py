@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench import nginx, rest
+from bench.paths import free_port
 from bench.rest_upstream import MODELS, SOFTMAX, TINY, predict_body
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +70,19 @@ def test_hops_forward_status_and_body_unchanged(
     finally:
         running.stop()
     assert running.proc is not None and running.proc.poll() is not None
+
+
+def test_a_path_that_fails_under_load_is_reported_not_fatal(
+    upstream_port: int, tmp_path: Path
+) -> None:
+    settings = rest.RestSettings.quick()
+    assert rest.measure_sizes([], settings, tmp_path) == {}
+    good = rest.RestHop("direct", upstream_port)
+    gone = rest.RestHop("passthrough", free_port())  # nothing listens there
+    figures = rest.measure_sizes([gone, good], settings, tmp_path)
+    for model in MODELS:
+        assert "refused" in figures["passthrough"][model.size]["error"].lower()
+        assert figures["direct"][model.size]["c1"]["n"] > 0
 
 
 def test_nginx_http_config_keeps_upstream_connections(tmp_path: Path) -> None:
