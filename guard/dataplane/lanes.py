@@ -40,7 +40,7 @@ from guard.dataplane.rulespec import OutputRule
 
 __all__ = ["Counted", "Lane", "LaneResult", "OutputSpec", "make_lane"]
 
-Buffer = bytes | memoryview | Array
+Buffer = bytes | bytearray | memoryview | Array
 #: What a lane counted: the repaired values (``None`` when it only observed),
 #: then the values below the range, above it, infinite, and the rows off their sum.
 Counted = tuple[bytes | None, int, int, int, int]

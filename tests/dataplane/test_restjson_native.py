@@ -157,8 +157,14 @@ def test_both_routes_read_tf_serving_bodies_alike(
     assert by_numpy._root_keys == by_native._root_keys
     assert by_numpy._names_per_instance == by_native._names_per_instance
     # One output: the native read takes its shortcut (one scan of the whole body).
-    single = restjson._single_output(body, fmt, _scan())  # type: ignore[arg-type]
+    single = restjson.scan_single_output(body, fmt, _scan())  # type: ignore[arg-type]
     assert (single is not None) == (not named and array.size > 0)
+    if single is not None:
+        # Where the scan vouches for float32 tokens, they are the values themselves.
+        values = restjson.float32_values(single)
+        if values is not None:
+            assert by_numpy.outputs[None].kind == "float32"
+            assert bytes(values) == by_numpy.outputs[None].values.tobytes()
 
 
 @pytest.mark.parametrize(
@@ -173,7 +179,7 @@ def test_both_routes_read_tf_serving_bodies_alike(
 def test_the_one_output_shortcut_leaves_any_other_body_to_the_general_reader(body: bytes) -> None:
     """Bodies like a one-output answer but not one: the shortcut declines
     (or, for trailing space, reads it) and both routes give the same answer."""
-    single = restjson._single_output(body, "row", _scan())
+    single = restjson.scan_single_output(body, "row", _scan())
     assert (single is not None) == body.endswith(b"}\n\n")
 
     def read(scan: NumberScan | None) -> object:

@@ -25,6 +25,7 @@ from guard.dataplane.kernels import REFERENCE, Kernels
 from guard.dataplane.results import Action
 from guard.dev.backend.json_tensor import DT_DOUBLE, DT_FLOAT, predict_response
 from guard.metrics.guard_metrics import GuardMetrics
+from guard.server.rest import guarding
 from guard.server.rest.guarding import RestRequest, guard_rest_response
 from guard.server.rest.plan import rest_plan
 from guard.server.rest.signatures import Metadata, OutputInfo
@@ -209,3 +210,68 @@ def test_texts_holding_scores_are_not_remembered() -> None:
         assert guarded == _Rest(rule, x, "row", REFERENCE).guard(text)[0]
         assert b'"probs_score": ' + score in guarded
     assert len(rest.book.texts) == 0
+
+
+class _Reads:
+    """Counts the responses guarding.py reads whole (the express route reads none)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+
+        def counted(*args: Any) -> Any:
+            self.count += 1
+            return read_predict_response(*args)
+
+        monkeypatch.setattr(guarding, "read_predict_response", counted)
+
+
+@pytest.mark.parametrize("fmt", ["row", "columnar"])
+def test_a_response_like_one_the_lane_decided_is_answered_from_its_scan(
+    fmt: Format, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first response of a shape, the next ones are not read whole:
+    the plan answers from the scan's float32 values, with the reference's
+    bytes, actions, violations and metric samples (1.25 is observed)."""
+    reads = _Reads(monkeypatch)
+    rule = {"name": "probs", "threshold": 0.5, "labels": ["no", "yes"],
+            "valid_range": [0.0, 1.0], "on_violation": "observe"}  # fmt: skip
+    batches = [np.array([[0.7], [0.2]], np.float32), np.array([[0.1], [1.25]], np.float32)]
+    lane, numpy = _Rest(rule, batches[0], fmt, native()), _Rest(rule, batches[0], fmt, REFERENCE)
+    for x in batches * 3:
+        assert lane.guard(_body(x, fmt)) == numpy.guard(_body(x, fmt))
+    assert lane.exposition() == numpy.exposition()
+    # numpy's route reads all six; the lane's route, the first of each text it remembers.
+    assert reads.count == 6 + 2
+
+
+def test_what_the_scan_alone_cannot_answer_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An activation or a clamp changes values (their text is rewritten from a
+    read response); a new shape or new metadata has no plan yet; a NaN leaves
+    the lane. Each is read, and answered as the reference answers it."""
+    x, high = np.array([[0.7], [0.2]], np.float32), np.array([[0.7], [0.9]], np.float32)
+    threshold = {"name": "probs", "threshold": 0.5}
+    # Classes as the raw values would give them: only the values differ.
+    activated = {**threshold, "activation": "sigmoid"}
+    clamped = {**threshold, "valid_range": [0.0, 0.5], "on_violation": "clamp"}
+    cases: list[tuple[dict[str, Any], list[np.ndarray], int]] = [
+        (activated, [high, high], 2),
+        (clamped, [x, x], 2),
+        (threshold, [x, np.array([[0.7]], np.float32)], 2),
+        (threshold, [x, np.array([[np.nan], [0.2]], np.float32)], 2),
+        (threshold, [x, x, x], 1),
+    ]
+    for rule, batches, expected in cases:
+        reads = _Reads(monkeypatch)
+        lane, numpy = _Rest(rule, x, "row", native()), _Rest(rule, x, "row", REFERENCE)
+        for values in batches:
+            assert lane.guard(_body(values, "row")) == numpy.guard(_body(values, "row"))
+        assert lane.exposition() == numpy.exposition()
+        assert reads.count - len(batches) == expected, rule
+    # The same metadata again, but a new object (refreshed): read again.
+    reads = _Reads(monkeypatch)
+    lane = _Rest(threshold, x, "row", native())
+    lane.guard(_body(x, "row"))
+    lane.guard(_body(x, "row"))
+    lane.request = replace(lane.request, metadata=replace(lane.request.metadata))
+    lane.guard(_body(x, "row"))
+    assert reads.count == 2

@@ -67,10 +67,13 @@ __all__ = [
     "RestJsonError",
     "RestOutput",
     "RestPredictResponse",
+    "Scanned",
     "decimal_texts",
+    "float32_values",
     "json_string",
     "nest_text",
     "read_predict_response",
+    "scan_single_output",
     "value_texts",
 ]
 
@@ -1267,14 +1270,15 @@ def _apply(body: bytes, edits: list[tuple[int, int, str]]) -> bytes:
 
 
 def read_predict_response(
-    body: bytes, fmt: Format, native: NumberScan | None = None
+    body: bytes, fmt: Format, native: NumberScan | None = None, single: Scanned | None = None
 ) -> RestPredictResponse:
     """Read a TF Serving REST predict response (see the module docstring).
-    ``native`` scans the numbers (:data:`NumberScan`); without it, numpy does."""
-    if native is not None:
-        single = _single_output(body, fmt, native)
-        if single is not None:
-            return single
+    ``native`` scans the numbers (:data:`NumberScan`); without it, numpy does.
+    ``single`` is the body's :func:`scan_single_output`, where the caller has it."""
+    if single is None and native is not None:
+        single = scan_single_output(body, fmt, native)
+    if single is not None:
+        return _single_output(body, fmt, single)
     scanner = _Scanner(body, native)
     start = scanner.ws(0)
     root = scanner.members(start)
@@ -1306,22 +1310,35 @@ _SINGLE_HEAD = {
 _ROOT_TAIL = re.compile(rb"[ \t\n\r]*\}[ \t\n\r]*\Z")
 
 
-def _single_output(body: bytes, fmt: Format, native: NumberScan) -> RestPredictResponse | None:
+def scan_single_output(body: bytes, fmt: Format, native: NumberScan) -> Scanned | None:
     """TF Serving's answer with one output (a root holding only that output's
-    dense numeric tensor), read by one native scan; ``None`` for any other
-    body, which the general reader reads. A shortcut only: it returns what
-    the general reader returns (tests/dataplane/test_restjson_native.py)."""
+    dense numeric tensor), scanned natively; ``None`` for any other body,
+    which the general reader reads. Its values are float32 as written where
+    the scan's ``single`` (index 7) is set and nothing was integral or
+    suspect (:func:`float32_values`)."""
     head = _SINGLE_HEAD[fmt].match(body)
     if head is None:
         return None
-    start = head.end() - 1
-    scanned = native(body, start, len(body))
-    if scanned is None:
+    scanned = native(body, head.end() - 1, len(body))
+    if scanned is None or _ROOT_TAIL.match(body, scanned[6]) is None:
         return None
-    _, starts, ends, integral, _, shape, end, single, suspects = scanned
-    if _ROOT_TAIL.match(body, end) is None:
-        return None
-    if integral or single is None or suspects:
+    return scanned
+
+
+def float32_values(scanned: Scanned) -> bytearray | None:
+    """A single output's values as float32 (native byte order), where every
+    token was read as a float32 exactly as written; else ``None``."""
+    single = scanned[7]
+    return None if scanned[3] or scanned[8] else single
+
+
+def _single_output(body: bytes, fmt: Format, scanned: Scanned) -> RestPredictResponse:
+    """The response of a body :func:`scan_single_output` read. A shortcut
+    only: it is what the general reader returns
+    (tests/dataplane/test_restjson_native.py)."""
+    _, starts, ends, _, _, shape, end, _, _ = scanned
+    single = float32_values(scanned)
+    if single is None:
         part = _native_part(body, scanned)
         values, kind = _typed([part])
         where = _Where(part.starts, part.ends, [])

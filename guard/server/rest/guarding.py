@@ -22,7 +22,10 @@ from guard.dataplane.codec.restjson import (
     OutputKey,
     RestJsonError,
     RestPredictResponse,
+    Scanned,
+    float32_values,
     read_predict_response,
+    scan_single_output,
 )
 from guard.dataplane.errors import (
     DecodeError,
@@ -34,7 +37,7 @@ from guard.dataplane.errors import (
 from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
 from guard.dataplane.results import CLEAN, Action, Array, verdict_headers
 from guard.dataplane.sink import MetricsSink
-from guard.server.rest.plan import rest_plan
+from guard.server.rest.plan import express_plan, remember_express, rest_plan
 from guard.server.rest.signatures import Metadata, OutputInfo
 
 __all__ = ["RestGuarded", "RestRequest", "guard_rest_response"]
@@ -76,7 +79,13 @@ def guard_rest_response(
     target = resolve(book, request.model, request.signature, request.metadata.version, metrics)
     if target is None:
         return None
-    response = _read(body, request, target, metrics, book.kernels.number_scan)
+    native = book.kernels.number_scan
+    single = None if native is None else scan_single_output(body, request.format, native)
+    if single is not None:
+        express = _express(body, single, request, target, book, metrics)
+        if express is not None:
+            return express
+    response = _read(body, request, target, metrics, native, single)
     names = _output_names(response, request, target)
     if response.unnamed:
         by_lane = _by_lane(response, names[None], request, target, book, metrics)
@@ -115,6 +124,29 @@ def _by_lane(
     info = (_signature_outputs(request, target) or {}).get(name)
     plan = rest_plan(response, name, info, target, book, metrics)
     found = None if plan is None else plan.run(response)
+    if found is None:
+        return None
+    out = response.outputs[None]
+    if plan is not None and out.kind == "float32":
+        remember_express(book, metrics, target, request.metadata, out.values.shape, plan)
+    return RestGuarded(*found)
+
+
+def _express(
+    body: bytes,
+    single: Scanned,
+    request: RestRequest,
+    target: Target,
+    book: RuleBook,
+    metrics: MetricsSink,
+) -> RestGuarded | None:
+    """The answer of a one-output float32 response that a plan already made
+    decides from its scan alone (:meth:`~guard.server.rest.plan.RestPlan.express`)."""
+    values = float32_values(single)
+    if values is None:
+        return None
+    plan = express_plan(book, metrics, target, request.metadata, single[5])
+    found = None if plan is None else plan.express(body, request.format, values, single[6])
     return None if found is None else RestGuarded(*found)
 
 
@@ -124,9 +156,10 @@ def _read(
     target: Target,
     metrics: MetricsSink,
     native: NumberScan | None,
+    single: Scanned | None,
 ) -> RestPredictResponse:
     try:
-        return read_predict_response(body, request.format, native)
+        return read_predict_response(body, request.format, native, single)
     except (RestJsonError, RecursionError) as exc:
         metrics.count_decode_error(target.model_label)
         reason = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
