@@ -9,6 +9,7 @@ Expected values are computed with numpy from the arrays the bodies were made of.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -281,6 +282,37 @@ async def test_hop_by_hop_headers_stay_on_their_hop(
     assert seen["x-kept"] == "2"
     assert "x-private" not in seen
     assert rest_requests(guard, model="__other__", method="Classify", code="OK") == 1
+
+
+async def test_the_upstream_sees_the_clients_headers_and_none_of_aiohttps(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """A client that sends no Accept, Accept-Encoding, User-Agent or
+    Content-Type gets none added on its way (an Accept-Encoding could make
+    the upstream compress what the guard must read); what it sends, a
+    request with a body included, arrives as it was sent."""
+    fake.reply("POST", "/v1/models/x:classify", Reply(body=b"{}"))
+    fake.predict("x", b"{}")
+    guard = await make_guard([])
+    host, port = guard.rest_url.removeprefix("http://").rsplit(":", 1)
+    bare = b"POST /v1/models/x:classify HTTP/1.1\r\nHost: h\r\nX-Kept: 2\r\n"
+    full = (
+        b"POST /v1/models/x:predict HTTP/1.1\r\nHost: h\r\nAccept: text/x-mine\r\n"
+        b"Accept-Encoding: identity\r\nUser-Agent: mine/1\r\nContent-Type: text/x-mine\r\n"
+    )
+    for head in (bare, full):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head + b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+        assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+
+    seen = [{k.lower(): v for k, v in s.headers.items()} for s in fake.seen]
+    assert seen[0] == {"host": fake.address, "x-kept": "2", "content-length": "2"}
+    assert {k: seen[1][k] for k in ("accept", "accept-encoding", "user-agent", "content-type")} == {
+        "accept": "text/x-mine", "accept-encoding": "identity", "user-agent": "mine/1",
+        "content-type": "text/x-mine",
+    }  # fmt: skip
+    assert all(s.body == b"{}" for s in fake.seen)
 
 
 # ------------------------------------------------------------------ bad input

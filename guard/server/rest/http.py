@@ -25,7 +25,14 @@ from guard.server.gate import Refusal
 from guard.server.rest.call import REST, error_body, error_response
 from guard.server.rest.routes import code_of_status
 
-__all__ = ["HttpServer", "forward_headers", "read_limited", "request_factory", "response_headers"]
+__all__ = [
+    "AsSent",
+    "HttpServer",
+    "forward_headers",
+    "read_limited",
+    "request_factory",
+    "response_headers",
+]
 
 _HEADER_SLACK = 1024
 _HEADERS_SLACK = 8
@@ -78,6 +85,22 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | 
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+# aiohttp's defaults for a request that lacks them (Accept, Accept-Encoding,
+# User-Agent; Content-Type for a body): a proxy adds none.
+_NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
+    (h, None) for h in ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
+)
+
+
+class AsSent(aiohttp.ClientRequest):
+    """The upstream request, with only the headers the client sent (and Host,
+    Content-Length). The same as ``skip_auto_headers`` on the session, which
+    aiohttp turns into two new header dicts per request."""
+
+    def update_auto_headers(self, skip_auto_headers: Any) -> None:
+        self._skip_auto_headers = _NO_AUTO_HEADERS
 
 
 def request_factory(client_max_size: int) -> Any:

@@ -34,6 +34,7 @@ from guard.server.gate import Gate, Refusal
 from guard.server.rest.call import Answer, RestCall
 from guard.server.rest.guarding import RestRequest, guard_rest_response
 from guard.server.rest.http import (
+    AsSent,
     HttpServer,
     forward_headers,
     read_limited,
@@ -95,7 +96,7 @@ class RestFrontEnd:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=config.max_concurrent_rpcs),
             auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            request_class=AsSent,
         )
         self._http = HttpServer(
             self._handle, config, self._state.metrics,
