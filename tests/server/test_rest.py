@@ -315,6 +315,26 @@ async def test_the_upstream_sees_the_clients_headers_and_none_of_aiohttps(
     assert all(s.body == b"{}" for s in fake.seen)
 
 
+async def test_cookies_an_upstream_sets_go_to_that_client_and_no_other(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """The guard's one upstream session serves every client: a cookie the
+    upstream sets (reached by name, as a Service is) is passed back to the
+    client it was set for, and never sent again by the guard itself."""
+    cookie = {"Content-Type": "application/json", "Set-Cookie": "session=a; Path=/"}
+    fake.reply("GET", "/v1/models/x", Reply(body=b"{}", headers=cookie))
+    port = fake.address.rsplit(":", 1)[1]
+    guard = await make_guard([], rest_upstream=f"localhost:{port}")
+
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        for _ in range(2):
+            async with session.get(f"{guard.rest_url}/v1/models/x") as response:
+                assert response.status == 200
+                assert response.headers["Set-Cookie"] == "session=a; Path=/"
+
+    assert [s.headers.get("Cookie") for s in fake.seen] == [None, None]
+
+
 # ------------------------------------------------------------------ bad input
 
 

@@ -97,6 +97,9 @@ class RestFrontEnd:
             connector=aiohttp.TCPConnector(limit=config.max_concurrent_rpcs),
             auto_decompress=False,
             request_class=AsSent,
+            # One session for every client: a cookie the upstream sets is that
+            # client's (it gets the Set-Cookie), never the session's to send on.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._http = HttpServer(
             self._handle, config, self._state.metrics,
