@@ -46,6 +46,9 @@ class LaneOutput:
     """The reference's bound on what the derived outputs take (rules.derived_bytes)."""
     abstain_slot: int
     """Where the metrics count abstained predictions: an index past the classes."""
+    plain: bool
+    """A verdict with nothing out of range has only classes and scores to
+    count: no abstention, entropy, drift or multi-label rule."""
 
     def classes(self, found: bytes) -> Array:
         """The lane's classes: a row's best, or [rows, classes] of a threshold's 0/1."""
@@ -76,6 +79,9 @@ class LaneOutput:
 
     def record(self, found: LaneResult, checked: Buffer) -> tuple[Action, int]:
         """Count the lane's verdict on this output; its action and violations."""
+        if self.plain and len(found) == 3:
+            self.sink.record_lane(self.size, found[0], found[1], self.lane.dtype, self.labels)
+            return CLEAN, 0
         counts = None
         action = CLEAN
         if len(found) == 4:
@@ -118,9 +124,16 @@ def lane_output(
     c = class_axis_size(values.shape)
     entropy_shape = (values.size // c, c) if compiled.rule.tracks_entropy and c >= 2 else None
     derived = compiled.derived_bytes(values.shape, values.itemsize)
+    rule = compiled.rule
+    plain = (
+        entropy_shape is None
+        and rule.baseline is None
+        and rule.min_confidence is None
+        and not lane.multi_label
+    )
     return LaneOutput(
-        name, lane, values.size, sink, compiled.labels, compiled.rule, entropy_shape, derived,
-        max(2, c),
+        name, lane, values.size, sink, compiled.labels, rule, entropy_shape, derived,
+        max(2, c), plain,
     )  # fmt: skip
 
 

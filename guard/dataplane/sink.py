@@ -52,6 +52,19 @@ class OutputSink(Protocol):
         it counted outside the range; abstentions count at ``abstain_slot``
         (the same as :meth:`record` of the reference's result)."""
 
+    def record_lane(
+        self,
+        size: int,
+        classes: bytes,
+        scores: bytes,
+        dtype: np.dtype[Any],
+        labels: LabelTable | None,
+    ) -> None:
+        """:meth:`record_clean` of a verdict with only classes and scores to
+        count (no violation, abstention, entropy, drift or multi-label rule),
+        as the lane wrote them: each row's best class (int64) and largest
+        value (``dtype``)."""
+
 
 class MetricsSink(Protocol):
     """Where guarded responses are counted."""

@@ -13,8 +13,9 @@ from __future__ import annotations
 import bisect
 import itertools
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from prometheus_client.core import (
@@ -33,6 +34,8 @@ __all__ = [
     "BoundedLabel",
     "DriftGauge",
     "EntropyHistogram",
+    "LaneFold",
+    "LaneQueue",
     "LatencyHistogram",
     "LoopCounter",
     "LoopValue",
@@ -71,6 +74,10 @@ class BoundedLabel:
         return value
 
 
+def _nothing() -> None:
+    return None
+
+
 #: Values and arrays queued by the numpy-fed collectors before they are folded
 #: in: a scrape folds everything queued, and so does a call that goes past
 #: either bound. They bound the memory held between scrapes (about 1 MiB).
@@ -97,6 +104,67 @@ class _Queued:
         self.values = self.arrays = 0
 
 
+class LaneFold(Protocol):
+    """Where a queued lane verdict is folded in (an output's recorder)."""
+
+    def fold_lane(
+        self, dtype: np.dtype[Any], name_of: NameOf, classes: bytes, scores: bytes
+    ) -> None:
+        """Count the joined classes (int64) and scores (``dtype``) of queued verdicts."""
+
+
+class LaneQueue:
+    """The native lanes' plain verdicts (no violation, abstention or health
+    series to count), queued as the lane gave them: per response, its
+    output's recorder, classes (int64 bytes) and top scores (bytes of the
+    values' dtype).
+
+    Counting one one-value response straight into the value histogram and
+    the class counter took two arrays, two locks and a dozen calls, half of
+    what guarding it cost. Queued, each output's verdicts are joined and
+    counted in one pass: before either collector is read
+    (``before_collect``), before that output counts anything else (order
+    matters to the class counter's cap), and whenever the queue passes
+    :data:`PENDING_ARRAYS_MAX` responses or :data:`PENDING_VALUES_MAX` values.
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[LaneFold, np.dtype[Any], NameOf, bytes, bytes]] = deque()
+        self._values = 0  # queued since the loop's last flush: the memory bound
+        self._lock = threading.Lock()  # one flush at a time, in order
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(
+        self, sink: LaneFold, dtype: np.dtype[Any], name_of: NameOf, classes: bytes, scores: bytes
+    ) -> None:
+        """Queue one verdict (called from the event loop only)."""
+        self._items.append((sink, dtype, name_of, classes, scores))
+        self._values += len(classes) >> 3  # one int64 class per row
+        if self._values > PENDING_VALUES_MAX or len(self._items) > PENDING_ARRAYS_MAX:
+            self._values = 0
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold everything queued (from any thread)."""
+        if not self._items:
+            return
+        with self._lock:
+            runs: dict[tuple[LaneFold, np.dtype[Any], NameOf], tuple[list[bytes], list[bytes]]]
+            runs = {}
+            items = self._items
+            while items:
+                sink, dtype, name_of, classes, scores = items.popleft()
+                run = runs.get((sink, dtype, name_of))
+                if run is None:
+                    run = runs[(sink, dtype, name_of)] = ([], [])
+                run[0].append(classes)
+                run[1].append(scores)
+            for (sink, dtype, name_of), (classes_run, scores_run) in runs.items():
+                sink.fold_lane(dtype, name_of, b"".join(classes_run), b"".join(scores_run))
+
+
 class OutputValueHistogram(Collector):
     """``guard_output_value``: a histogram whose buckets are numpy arrays.
 
@@ -107,6 +175,8 @@ class OutputValueHistogram(Collector):
     """
 
     def __init__(self, edges: tuple[float, ...]) -> None:
+        self.before_collect: Callable[[], None] = _nothing
+        """Called before a scrape reads the buckets (the lanes' queue flushes)."""
         self._edges = np.asarray(edges, dtype=np.float64)
         self._le = [repr(float(e)) for e in edges] + ["+Inf"]
         self._data: dict[tuple[str, str, str], tuple[np.ndarray[Any, Any], list[float]]] = {}
@@ -160,6 +230,7 @@ class OutputValueHistogram(Collector):
             "for one-value-per-row outputs, each row's top value for multi-class outputs.",
             labels=["model", "signature", "output"],
         )
+        self.before_collect()
         with self._lock:
             self._fold()
             items = [(k, c.copy(), s[0]) for k, (c, s) in self._data.items()]
@@ -328,6 +399,8 @@ class PredictedClassCounter(Collector):
     """``guard_predicted_class_total``, fed by numpy (see :class:`_ClassCounts`)."""
 
     def __init__(self, cap: int) -> None:
+        self.before_collect: Callable[[], None] = _nothing
+        """Called before a scrape reads the counts (the lanes' queue flushes)."""
         self._cap = cap
         self._data: dict[tuple[str, str, str], _ClassCounts] = {}
         self._queued = _Queued()
@@ -361,6 +434,7 @@ class PredictedClassCounter(Collector):
             "later new classes count as __other__.",
             labels=["model", "signature", "output", "class"],
         )
+        self.before_collect()
         with self._lock:
             self._fold()
             items = [(k, v.samples()) for k, v in self._data.items()]

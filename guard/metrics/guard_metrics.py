@@ -25,6 +25,7 @@ from guard.metrics.collectors import (
     BoundedLabel,
     DriftGauge,
     EntropyHistogram,
+    LaneQueue,
     LatencyHistogram,
     LoopCounter,
     LoopValue,
@@ -142,6 +143,8 @@ class GuardMetrics:
         self.registry.register(self.output_value)
         self.predicted_class = PredictedClassCounter(max_class_label_values)
         self.registry.register(self.predicted_class)
+        self.lanes = LaneQueue()
+        self.output_value.before_collect = self.predicted_class.before_collect = self.lanes.flush
 
     def _declare_health_metrics(self) -> None:
         """Whether a model's valid outputs are useful: abstentions, entropy, drift."""
@@ -252,6 +255,7 @@ class GuardMetrics:
 
 
 _RECORDERS_MAX = 4096
+_INT64 = np.dtype(np.int64)
 _RECORDER_KEY_BYTES = 2048
 
 
@@ -278,6 +282,7 @@ class OutputRecorder:
         self.entropy = metrics.entropy
         self.drift = metrics.drift
         self._abstentions = metrics.abstentions
+        self._lanes = metrics.lanes
         self._abstained: Any = None  # made on the first abstention
         self._labels: np.ndarray[Any, Any] | None = None
         self._abstain: tuple[int, str] | None = None
@@ -337,6 +342,8 @@ class OutputRecorder:
         and what the lane counted; abstentions count at ``abstain_slot``, past
         the classes. The same as :meth:`record` of the reference's result
         (tests/dataplane/test_rank.py compares the two)."""
+        if self._lanes:
+            self._lanes.flush()  # what came before is counted before
         self.values.inc(size)
         if violations is not None:
             self._count_violations(violations)
@@ -352,6 +359,30 @@ class OutputRecorder:
         else:
             self._add_classes(classes, labels, abstained, abstain_slot, rule)
 
+    def record_lane(
+        self,
+        size: int,
+        classes: bytes,
+        scores: bytes,
+        dtype: np.dtype[Any],
+        labels: np.ndarray[Any, Any] | None,
+    ) -> None:
+        """:meth:`record_clean` of a verdict with nothing but classes and
+        scores to count (``size`` values in range, no abstention, entropy,
+        drift or multi-label rule), given as the lane wrote them: each row's
+        best class (int64) and largest value (``dtype``). Queued
+        (:class:`~guard.metrics.collectors.LaneQueue`); folded by
+        :meth:`fold_lane`."""
+        self.values.inc(size)
+        self._lanes.put(self, dtype, self._namer(labels), classes, scores)
+
+    def fold_lane(
+        self, dtype: np.dtype[Any], name_of: NameOf, classes: bytes, scores: bytes
+    ) -> None:
+        """Count queued lane verdicts, joined: their classes and scores."""
+        self.histogram.observe(self.series, np.frombuffer(scores, dtype))
+        self.classes.add(self.series, np.frombuffer(classes, _INT64), name_of)
+
     def _add_fired(self, classes: np.ndarray[Any, Any]) -> None:
         """Threshold on a multi-label output: count each class index that fired."""
         fired = np.nonzero(classes.reshape(-1, classes.shape[-1]) == 1)[1]
@@ -360,6 +391,8 @@ class OutputRecorder:
     def record(
         self, result: OutputResult, labels: np.ndarray[Any, Any] | None, rule: OutputRule
     ) -> None:
+        if self._lanes:
+            self._lanes.flush()  # what came before is counted before
         c = result.counts
         self.values.inc(c.values)
         if c.total:

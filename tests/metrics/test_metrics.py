@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
+from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from guard.control.config import Config
-from guard.metrics.collectors import OutputValueHistogram
+from guard.dataplane.rulespec import OutputRule
+from guard.metrics.collectors import PENDING_ARRAYS_MAX, PENDING_VALUES_MAX, OutputValueHistogram
 from guard.metrics.guard_metrics import LATENCY_BUCKETS, GuardMetrics
 from guard.server.gate import Gate
 
@@ -73,3 +76,86 @@ def test_a_histogram_sum_past_float64_is_infinite_without_a_warning() -> None:
     found = {s.name: s.value for s in family.samples if not s.labels.get("le")}
     assert found["guard_output_value_sum"] == float("inf")
     assert found["guard_output_value_count"] == 3
+
+
+def _exposition(registry: CollectorRegistry) -> list[bytes]:
+    return [line for line in generate_latest(registry).splitlines() if b"_created" not in line]
+
+
+def _two_recorders(cap: int) -> tuple[list[CollectorRegistry], list[Any]]:
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    recorders = [
+        GuardMetrics(r, ["m"], max_class_label_values=cap).output_recorder("m", "1", "s", "p")
+        for r in registries
+    ]
+    return registries, recorders
+
+
+def test_queued_lane_verdicts_count_as_recorded_ones_in_order() -> None:
+    """Lane verdicts queued raw, then a verdict counted at once, then more
+    queued: the same samples as counting every one at once in that order.
+    Order matters: with 3 class labels, the first three classes seen get
+    them, and later ones count as __other__."""
+    registries, (queued, direct) = _two_recorders(cap=3)
+    rule = OutputRule(name="p")
+    labels = np.array([f"c{i}".encode() for i in range(9)], dtype=object)
+    f32 = np.dtype(np.float32)
+    steps = [([5, 6], [0.9, 0.8], True), ([7], [0.7], False), ([8, 5], [0.6, 0.5], True)]
+    for classes, scores, lane in steps:
+        c, s = np.array(classes, np.int64), np.array(scores, np.float32)
+        if lane:
+            queued.record_lane(c.size, c.tobytes(), s.tobytes(), f32, labels)
+        else:
+            queued.record_clean(c.size, c, s, labels, rule)
+        direct.record_clean(c.size, c, s, labels, rule)
+    assert _exposition(registries[0]) == _exposition(registries[1])
+    text = generate_latest(registries[0]).decode()
+    assert 'class="c7"' in text and 'class="c8"' not in text and 'class="__other__"' in text
+
+
+def test_the_lane_queue_is_bounded_by_responses_and_by_values() -> None:
+    metrics = GuardMetrics(CollectorRegistry(), ["m"])
+    recorder = metrics.output_recorder("m", "1", "s", "p")
+    f32, one = np.dtype(np.float32), np.zeros(1, np.int64).tobytes()
+    for i in range(PENDING_ARRAYS_MAX + 1):
+        recorder.record_lane(1, one, np.float32(0.5).tobytes(), f32, None)
+        assert len(metrics.lanes) == (i + 1) % (PENDING_ARRAYS_MAX + 1)
+    rows = PENDING_VALUES_MAX // 2 + 1
+    classes, scores = np.zeros(rows, np.int64).tobytes(), np.zeros(rows, np.float32).tobytes()
+    recorder.record_lane(rows, classes, scores, f32, None)
+    assert len(metrics.lanes) == 1
+    recorder.record_lane(rows, classes, scores, f32, None)
+    assert len(metrics.lanes) == 0
+
+
+def test_a_scrape_while_the_loop_queues_loses_no_verdict() -> None:
+    """Scrapes run on the metrics server's thread, queued verdicts arrive on
+    the event loop's: every verdict is counted once, whichever flushes it."""
+    registry = CollectorRegistry()
+    metrics = GuardMetrics(registry, ["m"])
+    recorder = metrics.output_recorder("m", "1", "s", "p")
+    f32 = np.dtype(np.float32)
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            generate_latest(registry)
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        for i in range(20_000):
+            c = np.array([i % 3], np.int64)
+            recorder.record_lane(1, c.tobytes(), np.float32(0.25).tobytes(), f32, None)
+    finally:
+        done.set()
+        scraper.join()
+    text = generate_latest(registry).decode()
+    counts = {
+        line.split('class="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("guard_predicted_class_total{")
+    }
+    assert counts == {"0": 6667.0, "1": 6667.0, "2": 6666.0}
+    every = 'guard_output_value_bucket{le="+Inf",model="m",output="p",signature="s"} 20000.0'
+    assert every in text
