@@ -22,6 +22,7 @@ from guard.dataplane.codec.restjson import Format, read_predict_response
 from guard.dataplane.errors import GuardError
 from guard.dataplane.evaluate import resolve
 from guard.dataplane.kernels import REFERENCE, Kernels
+from guard.dataplane.lanes import Lane
 from guard.dataplane.results import Action
 from guard.dev.backend.json_tensor import DT_DOUBLE, DT_FLOAT, predict_response
 from guard.metrics.guard_metrics import GuardMetrics
@@ -275,3 +276,24 @@ def test_what_the_scan_alone_cannot_answer_is_read(monkeypatch: pytest.MonkeyPat
     lane.request = replace(lane.request, metadata=replace(lane.request.metadata))
     lane.guard(_body(x, "row"))
     assert reads.count == 2
+
+
+def test_a_plan_whose_texts_hold_scores_reads_each_response_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A softmax ranked with its scores: texts are never remembered, so the
+    scan alone never answers, and each response is checked by the lane once."""
+    encoded = []
+    real = Lane.encode
+
+    def counted(lane: Lane, values: Any) -> Any:
+        encoded.append(len(values))
+        return real(lane, values)
+
+    monkeypatch.setattr(Lane, "encode", counted)
+    x = np.random.default_rng(3).dirichlet(np.ones(5), size=4).astype(np.float32)
+    rule = {"name": "probs", "argmax": True, "top_k": 2}
+    lane, numpy = _Rest(rule, x, "row", native()), _Rest(rule, x, "row", REFERENCE)
+    for _ in range(3):
+        assert lane.guard(_body(x, "row")) == numpy.guard(_body(x, "row"))
+    assert len(encoded) == 3

@@ -126,10 +126,12 @@ def _by_lane(
     found = None if plan is None else plan.run(response)
     if found is None:
         return None
+    body, action, violations, remembered = found
     out = response.outputs[None]
-    if plan is not None and out.kind == "float32":
+    if plan is not None and remembered and out.kind == "float32":
+        # Its text is remembered: the next response like it may need no read.
         remember_express(book, metrics, target, request.metadata, out.values.shape, plan)
-    return RestGuarded(*found)
+    return RestGuarded(body, action, violations)
 
 
 def _express(

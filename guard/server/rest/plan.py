@@ -70,9 +70,10 @@ class RestPlan:
     serial: int
     """This plan's part of its texts' keys."""
 
-    def run(self, response: RestPredictResponse) -> tuple[bytes, Action, int] | None:
-        """The guarded body, its action and violations; ``None`` when the
-        reference route must decide."""
+    def run(self, response: RestPredictResponse) -> tuple[bytes, Action, int, bool] | None:
+        """The guarded body, its action and violations, and whether its
+        ``guard_outputs`` text is remembered (then :meth:`express` can answer
+        the next such response); ``None`` when the reference route must decide."""
         values = response.outputs[None].values
         if len(response.body) + self.output.derived > self.limit:
             return None  # the reference refuses it before deriving, and says why
@@ -82,9 +83,10 @@ class RestPlan:
         found = lane.encode(checked)
         if found is None:
             return None
-        text = self._text(response, found[2])
-        if text is None:
+        made = self._text(response, found[2])
+        if made is None:
             return None
+        text, remembered = made
         changed = self.output.rewritten(found, checked)
         new: dict[OutputKey, Array] = {} if changed is None else {None: _as(values, changed)}
         body = response.rewrite(new, guard_outputs=text)
@@ -92,7 +94,7 @@ class RestPlan:
             return None
         action, violations = self.output.record(found, checked)
         self.counters.inc(action)
-        return body, action, violations
+        return body, action, violations, remembered
 
     def express(
         self, body: bytes, fmt: Format, values: bytearray, end: int
@@ -117,21 +119,22 @@ class RestPlan:
         self.counters.inc(action)
         return guarded, action, violations
 
-    def _text(self, response: RestPredictResponse, entries: bytes) -> str | None:
+    def _text(self, response: RestPredictResponse, entries: bytes) -> tuple[str, bool] | None:
         """The ``guard_outputs`` member for the lane's ``entries``, remembered
-        where it can be."""
+        where it can be, and whether it is."""
         key = (self.serial, response.format, entries)
         text = self.texts.get(key)
         if text is not None:
-            return text
+            return text, True
         derived = self._derived(entries)
         if derived is None:
             return None
         text = response.guard_outputs_text(derived)
         floats = any(array.dtype.kind == "f" for _, array in derived)
-        if not floats and len(entries) <= _ENTRIES_KEPT_MAX and len(text) <= _TEXT_KEPT_MAX:
+        kept = not floats and len(entries) <= _ENTRIES_KEPT_MAX and len(text) <= _TEXT_KEPT_MAX
+        if kept:
             self.texts.put(key, text)
-        return text
+        return text, kept
 
     def _derived(self, entries: bytes) -> list[tuple[str, Array]] | None:
         """The lane's derived outputs as arrays: numbers read in place from its
