@@ -17,6 +17,7 @@ import numpy as np
 
 from guard.dataplane.book import CompiledRule
 from guard.dataplane.codec.tensor import Encoding
+from guard.dataplane.dtypes import INT64
 from guard.dataplane.evaluate import Target
 from guard.dataplane.lanes import Buffer, Counted, Lane, LaneResult
 from guard.dataplane.results import CLAMPED, CLEAN, OBSERVED, Action, Array, Counts
@@ -25,9 +26,6 @@ from guard.dataplane.rulespec import OutputRule
 from guard.dataplane.sink import Counter, LabelTable, MetricsSink, OutputSink
 
 __all__ = ["ActionCounters", "LaneOutput", "lane_output"]
-
-# numpy converts a dtype given as a type, or by keyword, on every call: measurable per response.
-_INT64 = np.dtype(np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +50,7 @@ class LaneOutput:
 
     def classes(self, found: bytes) -> Array:
         """The lane's classes: a row's best, or [rows, classes] of a threshold's 0/1."""
-        classes = np.frombuffer(found, _INT64)
+        classes = np.frombuffer(found, INT64)
         if self.lane.multi_label:
             return classes.reshape(-1, self.lane.multi_label)
         return classes

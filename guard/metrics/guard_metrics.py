@@ -16,6 +16,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from guard.dataplane.cache import BoundedCache
+from guard.dataplane.dtypes import INT64
 from guard.dataplane.kernels import row_entropy
 from guard.dataplane.results import Action, Counts, OutputResult
 from guard.dataplane.rules import ABSTAINED, class_axis_size
@@ -255,7 +256,6 @@ class GuardMetrics:
 
 
 _RECORDERS_MAX = 4096
-_INT64 = np.dtype(np.int64)
 _RECORDER_KEY_BYTES = 2048
 
 
@@ -381,7 +381,7 @@ class OutputRecorder:
     ) -> None:
         """Count queued lane verdicts, joined: their classes and scores."""
         self.histogram.observe(self.series, np.frombuffer(scores, dtype))
-        self.classes.add(self.series, np.frombuffer(classes, _INT64), name_of)
+        self.classes.add(self.series, np.frombuffer(classes, INT64), name_of)
 
     def _add_fired(self, classes: np.ndarray[Any, Any]) -> None:
         """Threshold on a multi-label output: count each class index that fired."""

@@ -59,6 +59,10 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from guard.dataplane.dtypes import FLOAT32 as _FLOAT32
+from guard.dataplane.dtypes import FLOAT64 as _FLOAT64
+from guard.dataplane.dtypes import INT64 as _INT64
+
 __all__ = [
     "GUARD_OUTPUTS_KEY",
     "Format",
@@ -362,10 +366,6 @@ def _is_bytes_name(name: str, array: Array) -> bool:
 _W = 16  # bytes per token window (a float32 token has at most 15)
 _SEP = 15
 _U = np.uint64
-# dtype objects, given positionally: numpy converts a type, or a keyword, on every call.
-_INT64 = np.dtype(np.int64)
-_FLOAT32 = np.dtype(np.float32)
-_FLOAT64 = np.dtype(np.float64)
 _ONES, _HIGHS = _U(0x0101010101010101), _U(0x8080808080808080)
 _TEN_PLUS = _U(0x7676767676767676)  # + per byte sets bit 7 exactly where the byte >= 10
 _ELEVEN_PLUS = _U(0x7575757575757575)  # ... where the byte >= 11

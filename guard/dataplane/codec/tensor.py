@@ -21,6 +21,7 @@ from google.protobuf import unknown_fields as pb_unknown
 from guard.dataplane.cache import BoundedCache
 from guard.dataplane.codec import varint
 from guard.dataplane.codec.views import F_DOUBLE, F_FLOAT, F_HALF, F_INT64, TypedTensor
+from guard.dataplane.dtypes import FLOAT32, FLOAT64, INT64
 from guard.dataplane.errors import DecodeError
 
 __all__ = [
@@ -67,11 +68,11 @@ class _DType:
 
 
 FLOAT_DTYPES: dict[int, _DType] = {
-    DT_FLOAT: _DType(np.dtype("<f4"), "float_val", F_FLOAT, False),
-    DT_DOUBLE: _DType(np.dtype("<f8"), "double_val", F_DOUBLE, False),
+    DT_FLOAT: _DType(FLOAT32, "float_val", F_FLOAT, False),
+    DT_DOUBLE: _DType(FLOAT64, "double_val", F_DOUBLE, False),
     DT_HALF: _DType(np.dtype("<f2"), "half_val", F_HALF, True),
 }
-_INT64 = _DType(np.dtype("<i8"), "int64_val", F_INT64, True)
+_INT64 = _DType(INT64, "int64_val", F_INT64, True)
 _DTYPE_OF_NUMPY: dict[np.dtype[Any], int] = {
     np.dtype("float32"): DT_FLOAT,
     np.dtype("float64"): DT_DOUBLE,

@@ -37,6 +37,7 @@ from guard.dataplane.codec import tensor
 from guard.dataplane.codec.response import Walked
 from guard.dataplane.codec.restjson import Format, OutputKey, RestOutput, RestPredictResponse
 from guard.dataplane.codec.tensor import Encoding
+from guard.dataplane.dtypes import INT64
 from guard.dataplane.evaluate import Target
 from guard.dataplane.planned import ActionCounters, LaneOutput, lane_output
 from guard.dataplane.results import Action, Array
@@ -48,7 +49,7 @@ __all__ = ["RestPlan", "express_plan", "remember_express", "rest_plan"]
 
 # The lane's numeric entries: classes (int64) and scores (the values' dtype).
 _NUMPY = {
-    tensor.DT_INT64: np.dtype("<i8"),
+    tensor.DT_INT64: INT64,
     **{enum: dt.numpy for enum, dt in tensor.FLOAT_DTYPES.items()},
 }
 
