@@ -97,7 +97,10 @@ _NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
 class AsSent(aiohttp.ClientRequest):
     """The upstream request, with only the headers the client sent (and Host,
     Content-Length). The same as ``skip_auto_headers`` on the session, which
-    aiohttp turns into two new header dicts per request."""
+    aiohttp turns into two new header dicts per request. It sets the private
+    attribute that ``ClientRequest.skip_auto_headers`` reads (aiohttp 3.11.9
+    and later; the version is capped in pyproject.toml, and
+    tests/server/test_rest.py checks the headers the upstream sees)."""
 
     def update_auto_headers(self, skip_auto_headers: Any) -> None:
         self._skip_auto_headers = _NO_AUTO_HEADERS
