@@ -19,10 +19,12 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from guard.control.config import parse_config
 from guard.dev.backend.json_tensor import predict_response
+from guard.server.rest.http import forward_headers, response_headers
 from tests.support.guard import RunningGuard, start_in_process
 from tests.support.rest_upstream import FakeRestUpstream, Reply
 
@@ -282,6 +284,29 @@ async def test_hop_by_hop_headers_stay_on_their_hop(
     assert seen["x-kept"] == "2"
     assert "x-private" not in seen
     assert rest_requests(guard, model="__other__", method="Classify", code="OK") == 1
+
+
+def test_forwarded_headers_keep_order_and_repeats_less_those_of_one_hop() -> None:
+    """Against a plain filter: repeated end-to-end headers stay, in order; the
+    hop-by-hop ones, those a Connection header names (any case), and Host and
+    Content-Length going upstream (Content-Length kept coming back) do not."""
+    pairs = [("Host", "x"), ("X-A", "1"), ("connection", "keep-alive, X-Private"),
+             ("x-PRIVATE", "2"), ("X-A", "3"), ("Content-Length", "4"), ("TE", "trailers"),
+             ("Transfer-Encoding", "chunked"), ("Keep-Alive", "5"), ("X-B", "6"),
+             ("te", "x")]  # fmt: skip
+    headers = CIMultiDictProxy(CIMultiDict(pairs))
+    one_hop = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+               "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+               "x-private"}  # fmt: skip
+
+    def plain(drop: set[str]) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in pairs if k.lower() not in drop]
+
+    assert list(forward_headers(headers).items()) == plain(
+        one_hop | {"host", "content-length", "expect"}
+    )
+    assert list(response_headers(headers).items()) == plain(one_hop | {"content-length"})
+    assert list(response_headers(headers, keep_length=True).items()) == plain(one_hop)
 
 
 async def test_the_upstream_sees_the_clients_headers_and_none_of_aiohttps(
