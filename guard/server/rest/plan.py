@@ -17,8 +17,9 @@ it take its express route: the scan's float32 values go to the lane as they
 are, and where the lane keeps them and the ``guard_outputs`` text is
 remembered, that text is spliced in after the root's value, with no response
 read at all. Reading a one-value response whole (a dozen objects, three
-arrays) cost about as much, in a loaded guard, as the lane and the metrics
-together.
+arrays) took 4-6 us in a loop, about what the lane and the metrics took
+together, and in a loaded guard the step's cost is mostly such first touches
+of code and data (bench/findings.md, the fifth pass).
 """
 
 from __future__ import annotations
