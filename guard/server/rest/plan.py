@@ -204,8 +204,7 @@ def express_plan(
     """The plan :func:`remember_express` kept for float32 responses of this
     shape, to this target, read with this ``metadata`` (the output's name and
     signature come from it), for :meth:`RestPlan.express`."""
-    key = (_EXPRESS, metrics, target.model, target.signature, target.version, shape)
-    found = book.plans.get(key)
+    found = book.plans.get(_express_key(metrics, target, shape))
     if found is None or found[0] is not metadata:
         return None
     plan: RestPlan = found[1]
@@ -223,8 +222,11 @@ def remember_express(
     """Keep ``plan``, which decided a float32 response of ``shape``, for
     :func:`express_plan`."""
     if len(target.model) + len(target.signature) + len(shape) <= _KEY_SIZE_MAX:
-        key = (_EXPRESS, metrics, target.model, target.signature, target.version, shape)
-        book.plans.put(key, (metadata, plan))
+        book.plans.put(_express_key(metrics, target, shape), (metadata, plan))
+
+
+def _express_key(metrics: MetricsSink, target: Target, shape: tuple[int, ...]) -> tuple[Any, ...]:
+    return (_EXPRESS, metrics, target.model, target.signature, target.version, shape)
 
 
 _REST = "rest"

@@ -83,12 +83,7 @@ def _decode(raw: str) -> str:
 
 def route(http_method: str, path: str) -> Route:
     """The route of one request (``path`` without its query string)."""
-    key = (http_method, path)
-    found = _ROUTES.get(key)
-    if found is None:
-        found = _route(http_method, path)
-        _ROUTES.put(key, found)
-    return found
+    return _ROUTES.get_or_make((http_method, path), _route, http_method, path)
 
 
 # Clients call a few URLs over and over: matching one costs more than the
