@@ -2,7 +2,8 @@
 
 - ``guard.dataplane._rank``: the clean path of an output rule in one call;
 - ``guard.dataplane._walk``: the layout of a PredictResponse read in place, and
-  the numbers of a REST predict response's text.
+  the numbers of a REST predict response's text and the text of its derived
+  outputs.
 
 Both are optional: without a C compiler the install still succeeds, and the
 guard runs on protobuf and numpy alone; ``guard serve`` logs which it uses.

@@ -24,6 +24,9 @@
  *
  * peek_request() finds a REST predict request's signature_name and format
  * without reading its numbers, as guard/server/rest/peek.py's reference does.
+ *
+ * reuse_texts() and row_members() are the two loops of writing a REST body's
+ * derived outputs, as restjson's Python loops do them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1074,10 +1077,264 @@ peek_request(PyObject *Py_UNUSED(self), PyObject *args)
     return result;
 }
 
+/* ---- reuse_texts, row_members: the text of derived outputs in a REST body ----
+ *
+ * guard/dataplane/codec/restjson.py writes derived outputs as text; these two
+ * do its two loops over every element of a large batch, as its Python
+ * reference does them (tests/dataplane/test_restjson_native.py holds the
+ * two together): a derived float reuses the text of the first value in its
+ * instance with the same bits, and each instance's members are joined. */
+
+/* The index of the first of n values (width bytes each) at pool equal bit for
+ * bit to the one at want, or -1. */
+static Py_ssize_t
+first_equal(const unsigned char *pool, Py_ssize_t n, const unsigned char *want, Py_ssize_t width)
+{
+    if (width == 4) {
+        uint32_t w, v;
+        memcpy(&w, want, 4);
+        for (Py_ssize_t c = 0; c < n; c++) {
+            memcpy(&v, pool + 4 * c, 4);
+            if (v == w)
+                return c;
+        }
+        return -1;
+    }
+    uint64_t w, v;
+    memcpy(&w, want, 8);
+    for (Py_ssize_t c = 0; c < n; c++) {
+        memcpy(&v, pool + 8 * c, 8);
+        if (v == w)
+            return c;
+    }
+    return -1;
+}
+
+typedef struct {
+    Py_buffer body, starts, ends, pool, derived;
+    Py_ssize_t batch, width, n, m;
+} Reuse;
+
+static int
+reuse_checked(Reuse *r)
+{
+    Py_ssize_t row = r->batch * r->width;
+    if ((r->width != 4 && r->width != 8) || r->batch <= 0 || r->pool.len % row
+        || r->derived.len % row) {
+        PyErr_SetString(PyExc_ValueError,
+                        "reuse_texts: pool and derived must hold batch rows of 4- or 8-byte values");
+        return 0;
+    }
+    r->n = r->pool.len / row;
+    r->m = r->derived.len / row;
+    Py_ssize_t tokens = r->n * r->batch * (Py_ssize_t)sizeof(int64_t);
+    if (r->starts.len != tokens || r->ends.len != tokens) {
+        PyErr_SetString(PyExc_ValueError, "reuse_texts: one start and one end per pool value");
+        return 0;
+    }
+    return 1;
+}
+
+/* The text of body[start:end] for token t, checked to lie in the body. */
+static PyObject *
+token_text(const Reuse *r, Py_ssize_t t)
+{
+    int64_t s, e;
+    memcpy(&s, (const char *)r->starts.buf + 8 * t, 8);
+    memcpy(&e, (const char *)r->ends.buf + 8 * t, 8);
+    if (s < 0 || s > e || e > r->body.len) {
+        PyErr_SetString(PyExc_ValueError, "reuse_texts: a token lies outside the body");
+        return NULL;
+    }
+    const unsigned char *text = (const unsigned char *)r->body.buf + s;
+    Py_UCS4 top = 0;
+    for (int64_t i = 0; i < e - s; i++)
+        top |= text[i];
+    PyObject *str = PyUnicode_New((Py_ssize_t)(e - s), top < 128 ? 127 : 255);
+    if (str != NULL)
+        memcpy(PyUnicode_1BYTE_DATA(str), text, (size_t)(e - s));
+    return str; /* latin-1: one character a byte, as restjson's texts are */
+}
+
+static PyObject *
+reuse_list(const Reuse *r, Py_ssize_t *missing)
+{
+    PyObject *list = PyList_New(r->batch * r->m);
+    const unsigned char *pool = r->pool.buf, *derived = r->derived.buf;
+    for (Py_ssize_t i = 0; list != NULL && i < r->batch * r->m; i++) {
+        Py_ssize_t row = i / r->m;
+        Py_ssize_t c = first_equal(pool + row * r->n * r->width, r->n,
+                                   derived + i * r->width, r->width);
+        PyObject *text = c < 0 ? Py_NewRef(Py_None) : token_text(r, row * r->n + c);
+        *missing += c < 0;
+        if (text == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i, text);
+    }
+    return list;
+}
+
+PyDoc_STRVAR(reuse_texts_doc,
+"reuse_texts(body, starts, ends, pool, derived, batch, width, /)\n"
+"--\n\n"
+"For each value of derived (batch rows of width-byte values), the text\n"
+"body[starts[t]:ends[t]] of the first value t in the same row of pool with\n"
+"the same bits, or None; and how many are None.");
+
+static PyObject *
+reuse_texts(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Reuse r;
+    memset(&r, 0, sizeof r);
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*nn", &r.body, &r.starts, &r.ends, &r.pool, &r.derived,
+                          &r.batch, &r.width))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t missing = 0;
+    if (reuse_checked(&r)) {
+        PyObject *list = reuse_list(&r, &missing);
+        if (list != NULL)
+            result = Py_BuildValue("(Nn)", list, missing);
+    }
+    PyBuffer_Release(&r.body);
+    PyBuffer_Release(&r.starts);
+    PyBuffer_Release(&r.ends);
+    PyBuffer_Release(&r.pool);
+    PyBuffer_Release(&r.derived);
+    return result;
+}
+
+/* One member column: its head, each instance's texts (size of them), and
+ * whether an instance's value is a list of them or the one text. */
+typedef struct {
+    PyObject *head, *texts;
+    Py_ssize_t size;
+    int bracketed;
+} Column;
+
+/* 1: the columns are well formed and every text is one byte a character;
+ * 0: some text is not (the caller joins them); -1: an error is set. */
+static int
+columns_of(PyObject *seq, Py_ssize_t batch, Column *cols, Py_ssize_t count)
+{
+    for (Py_ssize_t j = 0; j < count; j++) {
+        Column *c = &cols[j];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, j), "UO!np", &c->head, &PyList_Type,
+                              &c->texts, &c->size, &c->bracketed))
+            return -1;
+        if (c->size < 0 || (!c->bracketed && c->size != 1)
+            || (batch > 0 && c->size > PY_SSIZE_T_MAX / batch)
+            || PyList_GET_SIZE(c->texts) != batch * c->size) {
+            PyErr_SetString(PyExc_ValueError, "row_members: a column's texts do not fill batch rows");
+            return -1;
+        }
+        if (PyUnicode_KIND(c->head) != PyUnicode_1BYTE_KIND)
+            return 0;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(c->texts); i++) {
+            PyObject *t = PyList_GET_ITEM(c->texts, i);
+            if (!PyUnicode_Check(t)) {
+                PyErr_SetString(PyExc_TypeError, "row_members: texts must be str");
+                return -1;
+            }
+            if (PyUnicode_KIND(t) != PyUnicode_1BYTE_KIND)
+                return 0;
+        }
+    }
+    return 1;
+}
+
+/* Appends s to a row being measured (out NULL) or written; its length. */
+static Py_ssize_t
+put(PyObject *s, Py_UCS1 *out, int *ascii)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    *ascii &= PyUnicode_IS_ASCII(s);
+    if (out != NULL)
+        memcpy(out, PyUnicode_1BYTE_DATA(s), (size_t)n);
+    return n;
+}
+
+static Py_ssize_t
+row_text(const Column *cols, Py_ssize_t count, Py_ssize_t i, Py_UCS1 *out, int *ascii)
+{
+    Py_ssize_t n = 0;
+    for (Py_ssize_t j = 0; j < count; j++) {
+        const Column *c = &cols[j];
+        n += put(c->head, out ? out + n : NULL, ascii);
+        if (c->bracketed && out)
+            out[n] = '[';
+        n += c->bracketed;
+        for (Py_ssize_t k = 0; k < c->size; k++) {
+            if (k > 0 && out)
+                memcpy(out + n, ", ", 2);
+            n += k > 0 ? 2 : 0;
+            n += put(PyList_GET_ITEM(c->texts, i * c->size + k), out ? out + n : NULL, ascii);
+        }
+        if (c->bracketed && out)
+            out[n] = ']';
+        n += c->bracketed;
+    }
+    return n;
+}
+
+static PyObject *
+rows_of(const Column *cols, Py_ssize_t count, Py_ssize_t batch)
+{
+    PyObject *rows = PyList_New(batch);
+    for (Py_ssize_t i = 0; rows != NULL && i < batch; i++) {
+        int ascii = 1;
+        Py_ssize_t n = row_text(cols, count, i, NULL, &ascii);
+        PyObject *row = PyUnicode_New(n, ascii ? 127 : 255);
+        if (row == NULL) {
+            Py_CLEAR(rows);
+            break;
+        }
+        row_text(cols, count, i, PyUnicode_1BYTE_DATA(row), &ascii);
+        PyList_SET_ITEM(rows, i, row);
+    }
+    return rows;
+}
+
+PyDoc_STRVAR(row_members_doc,
+"row_members(columns, batch, /)\n"
+"--\n\n"
+"Each instance's members joined, from columns of (head, texts, size,\n"
+"bracketed): the head, then the instance's size texts as [a, b] or, not\n"
+"bracketed, its one text. None where some text has a character past U+00FF.");
+
+static PyObject *
+row_members(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *columns;
+    Py_ssize_t batch;
+    if (!PyArg_ParseTuple(args, "On", &columns, &batch))
+        return NULL;
+    PyObject *seq = PySequence_Fast(columns, "row_members: columns must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    Column *cols = PyMem_Calloc((size_t)Py_MAX(count, 1), sizeof(Column));
+    PyObject *result = NULL;
+    if (cols == NULL)
+        PyErr_NoMemory();
+    else if (batch < 0)
+        PyErr_SetString(PyExc_ValueError, "row_members: batch must not be negative");
+    else {
+        int ok = columns_of(seq, batch, cols, count);
+        result = ok < 0 ? NULL : ok == 0 ? Py_NewRef(Py_None) : rows_of(cols, count, batch);
+    }
+    PyMem_Free(cols);
+    Py_DECREF(seq);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"walk_predict_response", walk_predict_response, METH_O, walk_doc},
     {"scan_tensor", scan_tensor, METH_VARARGS, scan_tensor_doc},
     {"peek_request", peek_request, METH_VARARGS, peek_request_doc},
+    {"reuse_texts", reuse_texts, METH_VARARGS, reuse_texts_doc},
+    {"row_members", row_members, METH_VARARGS, row_members_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,5 +1,7 @@
 """Types of the native module built from guard/dataplane/_walk.c."""
 
+from collections.abc import Sequence
+
 from _typeshed import ReadableBuffer
 
 class OutputLayout(tuple[str, int, tuple[int, ...], int, int, int]):
@@ -40,3 +42,16 @@ def scan_tensor(
 def peek_request(
     body: ReadableBuffer, strings_max: int, key_bytes_max: int, signature_max: int, /
 ) -> tuple[str | None, int, bool, bool] | None: ...
+def reuse_texts(
+    body: ReadableBuffer,
+    starts: ReadableBuffer,
+    ends: ReadableBuffer,
+    pool: ReadableBuffer,
+    derived: ReadableBuffer,
+    batch: int,
+    width: int,
+    /,
+) -> tuple[list[str | None], int]: ...
+def row_members(
+    columns: Sequence[tuple[str, list[str], int, bool]], batch: int, /
+) -> list[str] | None: ...

@@ -2,7 +2,8 @@
 
 Two implementations of :class:`Kernels` exist. :class:`Native` reads a
 response's layout in place (``_walk``; for REST, the numbers of a tensor's
-text) and checks, ranks and encodes a clean output in one call (``_rank``).
+text, and the text of derived outputs) and checks, ranks and encodes a clean
+output in one call (``_rank``).
 :data:`REFERENCE` (the base class) does neither, so every response takes the
 numpy and protobuf path, which stays the reference the native one is tested
 against. The rule book is given one of them, so tests switch routes by
@@ -22,7 +23,7 @@ from guard.dataplane.results import Array
 from guard.dataplane.rules import normalized_entropy
 
 if TYPE_CHECKING:  # restjson is imported by the REST front-end only, when REST is served
-    from guard.dataplane.codec.restjson import NumberScan, RequestPeekScan
+    from guard.dataplane.codec.restjson import NumberScan, RequestPeekScan, TextWriter
 
 __all__ = ["MISSING", "NATIVE", "REFERENCE", "Kernels", "Native", "default", "row_entropy"]
 
@@ -47,6 +48,9 @@ class Kernels:
     request_peek: RequestPeekScan | None = None
     """A REST request's signature and format, peeked natively (``None``: Python)."""
 
+    rest_writer: TextWriter | None = None
+    """The text of a REST response's derived outputs, written natively (``None``: Python)."""
+
 
 class Native(Kernels):
     """The walker and the check-rank-encode kernel, from the built C modules."""
@@ -61,6 +65,7 @@ class Native(Kernels):
         self.max_k: int = rank.MAX_K
         self.number_scan = walk.scan_tensor
         self.request_peek = walk.peek_request
+        self.rest_writer = walk
 
     def walk(self, data: bytes) -> Walked | None:
         found: Walked | None = self._walk(data)

@@ -226,3 +226,127 @@ def test_an_array_where_a_key_belongs_is_refused_by_both_routes() -> None:
     for scan in (_scan(), None):
         with pytest.raises(RestJsonError):
             read_predict_response(body, "row", scan)
+
+
+# ---------------------------------------------------------------------------
+# Writing: the native writer's two loops against restjson's Python ones.
+
+# Values spelled several ways, as an upstream other than TF Serving may write
+# them: a derived float takes the text of the first value in its instance with
+# the same bits, whichever spelling that is.
+_SPELLINGS = {
+    0.5: ["0.5", "0.50", "5e-1", "5.0E-1"],
+    0.25: ["0.25", "2.5e-1"],
+    1.0: ["1.0", "1e0", "1.00"],
+    0.1: ["0.1", "0.100000001", "1e-1"],
+    -0.0: ["-0.0", "-0e0"],
+}
+_LONG = "0.10000000000000001"  # 19 characters: the tensor reads as float64
+
+
+def _writer() -> restjson.TextWriter:
+    writer = native().rest_writer
+    assert writer is not None
+    return writer
+
+
+def _spelled_rows(data: st.DataObject, batch: int, width: int, wide: bool) -> list[list[str]]:
+    values = st.sampled_from(sorted(_SPELLINGS))
+    rows = [[data.draw(st.sampled_from(_SPELLINGS[data.draw(values)])) for _ in range(width)]
+            for _ in range(batch)]  # fmt: skip
+    if wide:
+        rows[0][0] = _LONG
+    return rows
+
+
+@SETTINGS
+@given(st.integers(1, 12), st.integers(1, 6), st.integers(0, 5), formats, st.booleans(), st.data())
+def test_the_native_writer_writes_derived_outputs_as_python_does(
+    batch: int, width: int, k: int, fmt: str, wide: bool, data: st.DataObject
+) -> None:
+    """Derived scores (taken from their instance, or not there at all),
+    classes and labels, under ``guard_outputs`` of an unnamed output: the same
+    text from the native writer as from Python's loops."""
+    rows = _spelled_rows(data, batch, width, wide)
+    key = "predictions" if fmt == "row" else "outputs"
+    body = '{\n    "' + key + '": [' + ", ".join("[" + ", ".join(r) + "]" for r in rows) + "]\n}"
+    by_python = read_predict_response(body.encode(), fmt)  # type: ignore[arg-type]
+    by_native = read_predict_response(body.encode(), fmt, _scan(), writer=_writer())  # type: ignore[arg-type]
+    values = by_python.outputs[None].values
+    assert values.dtype == (np.float64 if wide else np.float32)
+    picked = data.draw(hnp.arrays(np.int64, (batch, k), elements=st.integers(0, width - 1)))
+    scores = np.take_along_axis(values, picked, axis=1)
+    absent = data.draw(hnp.arrays(values.dtype, (batch,), elements=st.sampled_from([0.75, -2.0])))
+    labels = np.array([f"c{i}\u00e9\n" for i in range(batch * k)], dtype=object).reshape(batch, k)
+    items = [("p_top_k_score", scores), ("p_top_k_class", picked), ("p_top_k_label", labels),
+             ("p_other", absent), ("p_score", values.max(axis=1))]  # fmt: skip
+    assert by_native.guard_outputs_text(items) == by_python.guard_outputs_text(items)
+    assert by_native.rewrite(derived={None: items}) == by_python.rewrite(derived={None: items})
+
+
+@SETTINGS
+@given(st.integers(1, 10), st.integers(1, 4), formats, st.data())
+def test_the_native_writer_writes_next_to_named_outputs_as_python_does(
+    batch: int, width: int, fmt: str, data: st.DataObject
+) -> None:
+    """Two named outputs (row format: one object per instance): members added
+    next to one of them, the same bytes from both writers."""
+    scores = data.draw(hnp.arrays(np.float32, (batch, width), elements=st.sampled_from(
+        [0.5, 0.25, 1.0, -0.0, 3.0])))  # fmt: skip
+    body = predict_response(
+        [("scores", scores, DT_FLOAT), ("ids", np.arange(batch, dtype=np.int64), DT_INT64)],
+        fmt,  # type: ignore[arg-type]
+    )
+    by_python = read_predict_response(body, fmt)  # type: ignore[arg-type]
+    by_native = read_predict_response(body, fmt, _scan(), writer=_writer())  # type: ignore[arg-type]
+    top = np.sort(scores, axis=1)[:, ::-1]
+    items = [("scores_top", top), ("scores_class", np.argsort(-scores, axis=1, kind="stable"))]
+    derived: dict[str | None, list[tuple[str, np.ndarray]]] = {"scores": items}
+    assert by_native.rewrite(derived=derived) == by_python.rewrite(derived=derived)
+
+
+def test_row_members_joins_each_instance_and_declines_wide_characters() -> None:
+    rows = _writer().row_members(
+        [(', "a": ', ["1", "2", "3", "4"], 2, True), (', "b": ', ['"x\u00e9"', '"y"'], 1, False),
+         (', "c": ', [], 0, True)],
+        2,
+    )  # fmt: skip
+    assert rows == [', "a": [1, 2], "b": "x\u00e9", "c": []', ', "a": [3, 4], "b": "y", "c": []']
+    assert rows is not None and not rows[0].isascii() and rows[1].isascii()
+    assert _writer().row_members([(', "a": ', ['"\u0100"'], 1, False)], 1) is None
+    assert _writer().row_members([], 3) == ["", "", ""]
+
+
+@pytest.mark.parametrize(
+    "columns, error",
+    [([(', "a": ', ["1"], 2, True)], ValueError), ([(', "a": ', ["1", "2"], 2, False)], ValueError),
+     ([(', "a": ', [1, 2], 1, False)], TypeError), ([(', "a": ', ("1", "2"), 1, False)], TypeError),
+     ([(', "a": ', ["1", "2"], -1, True)], ValueError), ([("h", ["1"])], TypeError)],
+)  # fmt: skip
+def test_row_members_refuses_columns_that_do_not_fill_the_batch(
+    columns: list[tuple[object, ...]], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        _writer().row_members(columns, 2)  # type: ignore[arg-type]
+
+
+def test_reuse_texts_finds_the_first_equal_value_and_checks_its_inputs() -> None:
+    body = b"[[0.50, 5e-1, 1], [2, 2.0, 0.5]]"
+    scanned = _scan()(body, 0, len(body))
+    assert scanned is not None
+    pool = np.array([[0.5, 0.5, 1.0], [2.0, 2.0, 0.5]], np.float32)
+    derived = np.array([[0.5, 7.0], [2.0, 0.5]], np.float32)
+    starts, ends = np.frombuffer(scanned[1], np.int64), np.frombuffer(scanned[2], np.int64)
+    reuse = _writer().reuse_texts
+    assert reuse(body, starts, ends, pool, derived, 2, 4) == (["0.50", None, "2", "0.5"], 1)
+    wide = pool.astype(np.float64)
+    assert reuse(body, starts, ends, wide, derived.astype(np.float64), 2, 8)[0][0] == "0.50"
+    with pytest.raises(ValueError, match="batch rows"):
+        reuse(body, starts, ends, pool, derived, 4, 4)  # 3 values a row do not split in 4
+    with pytest.raises(ValueError, match="batch rows"):
+        reuse(body, starts, ends, pool, derived, 2, 3)
+    with pytest.raises(ValueError, match="one start and one end"):
+        reuse(body, starts[:4], ends, pool, derived, 2, 4)
+    beyond = ends + len(body)
+    with pytest.raises(ValueError, match="outside the body"):
+        reuse(body, starts, beyond, pool, derived, 2, 4)

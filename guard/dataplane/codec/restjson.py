@@ -43,6 +43,10 @@ that dtype, and (ii) derived outputs inserted as text: next to the source output
 where the response names its outputs, else under a top-level
 ``"guard_outputs"`` (one object per instance in row format, an object of arrays
 in columnar format). Inserted text follows TF Serving's layout at that depth.
+A derived float equal to a value of its instance takes that value's text. The
+two loops over every element (that search, and joining each instance's
+members) are done natively where the reader is given a :class:`TextWriter`
+(the rule book's kernels do), as the Python loops here do them.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
 import numpy as np
 
@@ -72,6 +76,7 @@ __all__ = [
     "RestOutput",
     "RestPredictResponse",
     "Scanned",
+    "TextWriter",
     "decimal_texts",
     "float32_values",
     "json_string",
@@ -301,7 +306,11 @@ def _member_text(
 
 
 def _row_members(
-    items: Sequence[tuple[str, Array]], batch: int, texts: Texts, prefix: str
+    items: Sequence[tuple[str, Array]],
+    batch: int,
+    texts: Texts,
+    prefix: str,
+    writer: TextWriter | None = None,
 ) -> list[str]:
     """Per instance, ``prefix + '"name": value'`` of each item, joined: members of
     an instance object in row format (3 open containers: root, list, object).
@@ -310,8 +319,14 @@ def _row_members(
     batch of a thousand, joining each member's text piece by piece took longer
     than reading the response. A small one is joined directly: for one instance
     the template's object arrays cost more than the rest of the rewrite.
+    The native ``writer`` joins them as the small batch's loop does.
     """
     columns = [_row_column(name, array, batch, texts, prefix) for name, array in items]
+    if writer is not None:
+        joined = [(head, flat, math.prod(shape), bool(shape)) for head, flat, shape in columns]
+        rows = writer.row_members(joined, batch)
+        if rows is not None:
+            return rows
     if batch <= _SMALL_BATCH:
         rows = [""] * batch
         for head, flat, shape in columns:
@@ -573,6 +588,23 @@ NumberScan = Callable[[bytes, int, int], Scanned | None]
 (``guard.dataplane._walk.scan_tensor``): ``(text, start, limit) -> (values,
 starts, ends, integral, ints, shape, end, single, suspects)``, or None where it
 leaves the text to the reference (:func:`_reference_output`)."""
+
+
+class TextWriter(Protocol):
+    """The two loops over every element of derived outputs, native
+    (``guard.dataplane._walk``), done as the Python code here does them:
+    :meth:`RestPredictResponse._reused_texts`' search and
+    :func:`_row_members`' join."""
+
+    def reuse_texts(
+        self, body: bytes, starts: Array, ends: Array, pool: Array, derived: Array,
+        batch: int, width: int, /,
+    ) -> tuple[list[str | None], int]: ...  # fmt: skip
+
+    def row_members(
+        self, columns: Sequence[tuple[str, list[str], int, bool]], batch: int, /
+    ) -> list[str] | None: ...
+
 
 RequestPeekScan = Callable[[bytes, int, int, int], tuple[str | None, int, bool, bool] | None]
 """A native peek at a predict request (``guard.dataplane._walk.peek_request``):
@@ -1079,6 +1111,8 @@ class RestPredictResponse:
     _root_after: int
     _root_keys: set[str]
     _names_per_instance: list[set[str]]
+    writer: TextWriter | None = None
+    """Writes derived outputs' text natively (None: Python does)."""
 
     @property
     def unnamed(self) -> bool:
@@ -1148,7 +1182,8 @@ class RestPredictResponse:
             )
             return [(where.after[0], where.after[0], text)]
         self._check_free(self._names_per_instance, items)
-        members = _row_members(items, len(where.after), self._texts_from(key), _MEMBER)
+        texts = self._texts_from(key)
+        members = _row_members(items, len(where.after), texts, _MEMBER, self.writer)
         return [
             (position, position, row) for position, row in zip(where.after, members, strict=True)
         ]
@@ -1174,7 +1209,7 @@ class RestPredictResponse:
         close = "\n" + INDENT * 2 + "}"
         objects = [
             "{" + row[1:] + close
-            for row in _row_members(items, batch, self._texts_from(None), _MEMBER)
+            for row in _row_members(items, batch, self._texts_from(None), _MEMBER, self.writer)
         ]
         if not objects:
             return "[]"
@@ -1209,6 +1244,8 @@ class RestPredictResponse:
         derived, pool = array.reshape(batch, -1), values.reshape(batch, -1)
         if derived.size * pool.shape[1] > _REUSE_LIMIT:
             return None
+        if self.writer is not None and derived.size and pool.size:
+            return self._native_reused(where, derived, pool)
         bits = np.dtype(f"u{values.dtype.itemsize}")
         equal = derived.view(bits)[:, :, None] == pool.view(bits)[:, None, :]
         column = equal.argmax(axis=2)
@@ -1219,6 +1256,24 @@ class RestPredictResponse:
         for i, text in zip(missing.tolist(), decimal_texts(derived.ravel()[missing]), strict=True):
             texts[i] = text
         return texts
+
+    def _native_reused(self, where: _Where, derived: Array, pool: Array) -> list[str]:
+        """:meth:`_reused_texts`' answer, searched natively."""
+        assert self.writer is not None and where.starts is not None and where.ends is not None
+        found, missing = self.writer.reuse_texts(
+            self.body,
+            np.ascontiguousarray(where.starts, _INT64),
+            np.ascontiguousarray(where.ends, _INT64),
+            np.ascontiguousarray(pool),
+            np.ascontiguousarray(derived),
+            pool.shape[0],
+            pool.itemsize,
+        )
+        if missing:
+            absent = [i for i, text in enumerate(found) if text is None]
+            for i, text in zip(absent, decimal_texts(derived.ravel()[absent]), strict=True):
+                found[i] = text
+        return cast(list[str], found)  # no None is left
 
     @staticmethod
     def _check_free(taken: list[set[str]], items: Sequence[tuple[str, Array]]) -> None:
@@ -1270,15 +1325,20 @@ def _apply(body: bytes, edits: list[tuple[int, int, str]]) -> bytes:
 
 
 def read_predict_response(
-    body: bytes, fmt: Format, native: NumberScan | None = None, single: Scanned | None = None
+    body: bytes,
+    fmt: Format,
+    native: NumberScan | None = None,
+    single: Scanned | None = None,
+    writer: TextWriter | None = None,
 ) -> RestPredictResponse:
     """Read a TF Serving REST predict response (see the module docstring).
     ``native`` scans the numbers (:data:`NumberScan`); without it, numpy does.
-    ``single`` is the body's :func:`scan_single_output`, where the caller has it."""
+    ``single`` is the body's :func:`scan_single_output`, where the caller has it.
+    ``writer`` is the response's :class:`TextWriter` (None: Python writes)."""
     if single is None and native is not None:
         single = scan_single_output(body, fmt, native)
     if single is not None:
-        return _single_output(body, fmt, single)
+        return _single_output(body, fmt, single, writer)
     scanner = _Scanner(body, native)
     start = scanner.ws(0)
     root = scanner.members(start)
@@ -1299,6 +1359,7 @@ def read_predict_response(
         root[-1].value.end,
         {m.key for m in root},
         reader.names_per_instance,
+        writer,
     )
 
 
@@ -1332,7 +1393,9 @@ def float32_values(scanned: Scanned) -> bytearray | None:
     return None if scanned[3] or scanned[8] else single
 
 
-def _single_output(body: bytes, fmt: Format, scanned: Scanned) -> RestPredictResponse:
+def _single_output(
+    body: bytes, fmt: Format, scanned: Scanned, writer: TextWriter | None = None
+) -> RestPredictResponse:
     """The response of a body :func:`scan_single_output` read. A shortcut
     only: it is what the general reader returns
     (tests/dataplane/test_restjson_native.py)."""
@@ -1347,7 +1410,7 @@ def _single_output(body: bytes, fmt: Format, scanned: Scanned) -> RestPredictRes
         where = _Where(np.frombuffer(starts, _INT64), np.frombuffer(ends, _INT64), [])
     return RestPredictResponse(
         body, fmt, {None: RestOutput(None, values.reshape(shape), kind)}, {None: where}, end,
-        {_ROOT_KEYS[fmt]}, [],
+        {_ROOT_KEYS[fmt]}, [], writer,
     )  # fmt: skip
 
 

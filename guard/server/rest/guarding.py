@@ -18,7 +18,6 @@ from typing import NamedTuple
 from guard.dataplane.book import RuleBook
 from guard.dataplane.codec.restjson import (
     Format,
-    NumberScan,
     OutputKey,
     RestJsonError,
     RestPredictResponse,
@@ -35,6 +34,7 @@ from guard.dataplane.errors import (
     shown,
 )
 from guard.dataplane.evaluate import Target, Verdict, check_derived_names, evaluate, record, resolve
+from guard.dataplane.kernels import Kernels
 from guard.dataplane.results import CLEAN, Action, Array, verdict_headers
 from guard.dataplane.sink import MetricsSink
 from guard.server.rest.plan import express_plan, remember_express, rest_plan
@@ -85,7 +85,7 @@ def guard_rest_response(
         express = _express(body, single, request, target, book, metrics)
         if express is not None:
             return express
-    response = _read(body, request, target, metrics, native, single)
+    response = _read(body, request, target, metrics, book.kernels, single)
     names = _output_names(response, request, target)
     if response.unnamed:
         by_lane = _by_lane(response, names[None], request, target, book, metrics)
@@ -157,11 +157,13 @@ def _read(
     request: RestRequest,
     target: Target,
     metrics: MetricsSink,
-    native: NumberScan | None,
+    kernels: Kernels,
     single: Scanned | None,
 ) -> RestPredictResponse:
     try:
-        return read_predict_response(body, request.format, native, single)
+        return read_predict_response(
+            body, request.format, kernels.number_scan, single, kernels.rest_writer
+        )
     except (RestJsonError, RecursionError) as exc:
         metrics.count_decode_error(target.model_label)
         reason = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
