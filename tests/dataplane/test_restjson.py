@@ -265,6 +265,24 @@ def test_integer_and_string_and_b64_outputs() -> None:
     assert read.outputs["b_bytes"].values.tolist() == [b"hi"]
 
 
+@SETTINGS
+@given(
+    st.sampled_from([(np.int64, -3, 20_000), (np.int32, 0, 300), (np.uint16, 0, 20_000)]).flatmap(
+        lambda t: hnp.arrays(
+            t[0],
+            hnp.array_shapes(min_dims=1, max_dims=2, max_side=90),
+            elements=st.integers(t[1], t[2]),
+        )
+    )
+)
+def test_integers_are_written_as_str_writes_them(values: np.ndarray) -> None:
+    """Class indices come from a table of texts (large batches of small,
+    non-negative ints); every other integer from ``str``. The table stays
+    below its bound whatever the values."""
+    assert restjson.value_texts(values) == [str(v) for v in values.ravel().tolist()]
+    assert len(restjson._INT_TEXTS) <= restjson._INT_TABLE_MAX
+
+
 @pytest.mark.parametrize(
     "body",
     [

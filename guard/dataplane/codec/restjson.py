@@ -237,12 +237,29 @@ def value_texts(values: Array, *, leaf_level: int = 0, as_b64: bool = False) -> 
     if kind == "b":
         return ["true" if v else "false" for v in flat]
     if kind in "iu":
-        return list(map(str, flat))
+        return _int_texts(values, flat)
     write: Callable[[Any], str] = (
         functools.partial(_b64_value, level=leaf_level) if as_b64 else _string_value
     )
     texts = {v: write(v) for v in set(flat)}  # labels repeat: write each distinct one once
     return list(map(texts.__getitem__, flat))
+
+
+def _int_texts(values: Array, flat: list[Any]) -> list[str]:
+    """Integers as text; class indices (small, and repeated across a batch)
+    from a table: ``str`` of each took 0.7 ms for a 1024 x 5 top-k."""
+    if len(flat) < _INT_TABLE_FROM or values.min() < 0:
+        return list(map(str, flat))
+    top = int(values.max())
+    if top >= _INT_TABLE_MAX:
+        return list(map(str, flat))
+    if top >= len(_INT_TEXTS):
+        _INT_TEXTS.extend(map(str, range(len(_INT_TEXTS), top + 1)))
+    return list(map(_INT_TEXTS.__getitem__, flat))
+
+
+_INT_TABLE_FROM, _INT_TABLE_MAX = 64, 1 << 14
+_INT_TEXTS: list[str] = []  # str(i), grown to the largest class index seen (under 1 MB)
 
 
 def _string_value(value: Any) -> str:
