@@ -198,6 +198,36 @@ async def test_a_kept_alive_connection_gets_the_same_header_deadline(
     assert refused(guard, "request_timeout") == 1
 
 
+async def test_a_head_begun_while_the_last_deadline_runs_gets_its_own(
+    make_guard: MakeGuard,
+) -> None:
+    """The next request's first bytes arrive before the deadline armed for
+    the first request's head has run out, then nothing more: 408 within
+    request_timeout_s of those bytes, not when the connection is idle too long."""
+    guard = await make_guard(request_timeout_s=1.0, max_connection_idle_s=60)
+    assert guard.rest is not None
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", guard.rest.port)
+    connected = loop.time()
+    try:
+        writer.write(b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        await asyncio.sleep(max(0.0, connected + 0.6 - loop.time()))
+        started = loop.time()
+        writer.write(b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\n")
+        answer = await asyncio.wait_for(reader.read(1 << 20), 10)
+        waited = loop.time() - started
+    finally:
+        writer.close()
+    status, body = split(answer)
+    assert status == 408
+    assert "headers did not arrive within request_timeout_s (1 s)" in body["error"]
+    assert 0.8 < waited < 3, "the deadline runs from the head's first bytes"
+    assert refused(guard, "request_timeout") == 1
+
+
 async def test_calls_over_max_concurrent_rpcs_get_429_and_the_first_ones_finish(
     fake: FakeRestUpstream, make_guard: MakeGuard
 ) -> None:

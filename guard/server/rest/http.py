@@ -133,6 +133,8 @@ class _Handler(web.RequestHandler):
     guard_metrics: GuardMetrics
     guard_config: Config
     _guard_timer: asyncio.TimerHandle | None = None
+    _guard_armed_at = 0
+    """The request count when the timer was armed: the head it waits for is the next."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -140,11 +142,15 @@ class _Handler(web.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._guard_timer is not None:
-            return  # armed already: the common case on a busy connection
+        if self._guard_timer is not None and self._guard_armed_at == self._request_count:
+            return  # armed for the head in progress: the common case on a busy connection
         waiting = self._waiter is not None and not self._waiter.done()
         if waiting and self.transport is not None:
-            self._arm_header_deadline(self.transport)  # a kept-alive connection's next head
+            # A kept-alive connection's next head, maybe begun while the
+            # deadline of the last one still ran: its own deadline from now.
+            if self._guard_timer is not None:
+                self._guard_timer.cancel()
+            self._arm_header_deadline(self.transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._guard_timer is not None:
@@ -153,6 +159,7 @@ class _Handler(web.RequestHandler):
 
     def _arm_header_deadline(self, transport: asyncio.BaseTransport) -> None:
         loop = asyncio.get_running_loop()
+        self._guard_armed_at = self._request_count
         self._guard_timer = loop.call_later(
             self.guard_config.request_timeout_s, self._headers_late, transport, self._request_count
         )
