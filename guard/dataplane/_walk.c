@@ -1111,9 +1111,13 @@ typedef struct {
 static int
 reuse_checked(Reuse *r)
 {
+    if ((r->width != 4 && r->width != 8) || r->batch <= 0 || r->batch > r->pool.len) {
+        PyErr_SetString(PyExc_ValueError,
+                        "reuse_texts: pool and derived must hold batch rows of 4- or 8-byte values");
+        return 0;
+    }
     Py_ssize_t row = r->batch * r->width;
-    if ((r->width != 4 && r->width != 8) || r->batch <= 0 || r->pool.len % row
-        || r->derived.len % row) {
+    if (r->pool.len % row || r->derived.len % row) {
         PyErr_SetString(PyExc_ValueError,
                         "reuse_texts: pool and derived must hold batch rows of 4- or 8-byte values");
         return 0;
@@ -1213,8 +1217,13 @@ columns_of(PyObject *seq, Py_ssize_t batch, Column *cols, Py_ssize_t count)
 {
     for (Py_ssize_t j = 0; j < count; j++) {
         Column *c = &cols[j];
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, j), "UO!np", &c->head, &PyList_Type,
-                              &c->texts, &c->size, &c->bracketed))
+        PyObject *column = PySequence_Fast_GET_ITEM(seq, j);
+        if (!PyTuple_Check(column)) {
+            PyErr_SetString(PyExc_TypeError, "row_members: each column must be a tuple");
+            return -1;
+        }
+        if (!PyArg_ParseTuple(column, "UO!np", &c->head, &PyList_Type, &c->texts, &c->size,
+                              &c->bracketed))
             return -1;
         if (c->size < 0 || (!c->bracketed && c->size != 1)
             || (batch > 0 && c->size > PY_SSIZE_T_MAX / batch)

@@ -321,7 +321,8 @@ def test_row_members_joins_each_instance_and_declines_wide_characters() -> None:
     "columns, error",
     [([(', "a": ', ["1"], 2, True)], ValueError), ([(', "a": ', ["1", "2"], 2, False)], ValueError),
      ([(', "a": ', [1, 2], 1, False)], TypeError), ([(', "a": ', ("1", "2"), 1, False)], TypeError),
-     ([(', "a": ', ["1", "2"], -1, True)], ValueError), ([("h", ["1"])], TypeError)],
+     ([(', "a": ', ["1", "2"], -1, True)], ValueError), ([("h", ["1"])], TypeError),
+     ([[', "a": ', ["1", "2"], 1, False]], TypeError)],
 )  # fmt: skip
 def test_row_members_refuses_columns_that_do_not_fill_the_batch(
     columns: list[tuple[object, ...]], error: type[Exception]
@@ -345,6 +346,8 @@ def test_reuse_texts_finds_the_first_equal_value_and_checks_its_inputs() -> None
         reuse(body, starts, ends, pool, derived, 4, 4)  # 3 values a row do not split in 4
     with pytest.raises(ValueError, match="batch rows"):
         reuse(body, starts, ends, pool, derived, 2, 3)
+    with pytest.raises(ValueError, match="batch rows"):
+        reuse(body, starts, ends, pool, derived, 2**62, 8)  # batch x width would overflow
     with pytest.raises(ValueError, match="one start and one end"):
         reuse(body, starts[:4], ends, pool, derived, 2, 4)
     beyond = ends + len(body)
