@@ -25,6 +25,9 @@
  * peek_request() finds a REST predict request's signature_name and format
  * without reading its numbers, as guard/server/rest/peek.py's reference does.
  *
+ * skip_value() finds where a REST output's non-numeric value ends, as
+ * restjson's _skip_value does.
+ *
  * reuse_texts() and row_members() are the two loops of writing a REST body's
  * derived outputs, as restjson's Python loops do them.
  */
@@ -1077,6 +1080,67 @@ peek_request(PyObject *Py_UNUSED(self), PyObject *args)
     return result;
 }
 
+/* ---- skip_value: where a JSON array or object ends ----
+ *
+ * restjson's reader needs the end of an output's value that is not a dense
+ * numeric tensor (strings, b64 objects, booleans) without visiting its
+ * elements one by one in Python: a hostile upstream's millions of short
+ * strings cost seconds there. The same walk as restjson's _skip_value, the
+ * reference: strings skipped as the regex "(?:[^"\\]|\\.)*" reads them,
+ * brackets matched by kind, at most SKIP_DEPTH deep. */
+
+#define SKIP_DEPTH 512
+
+static Py_ssize_t
+skip_container(const unsigned char *b, Py_ssize_t n, Py_ssize_t i)
+{
+    unsigned char open[SKIP_DEPTH];
+    int depth = 0;
+    for (Py_ssize_t j = i; j < n; j++) {
+        unsigned char c = b[j];
+        if (c == '"') {
+            const unsigned char *e = string_token_end(b + j, b + n);
+            if (e == NULL)
+                return -1;
+            j = e - b - 1;
+        } else if (c == '[' || c == '{') {
+            if (depth == SKIP_DEPTH)
+                return -1;
+            open[depth++] = c;
+        } else if (c == ']' || c == '}') {
+            if (depth == 0 || open[--depth] != (c == ']' ? '[' : '{'))
+                return -1;
+            if (depth == 0)
+                return j + 1;
+        }
+    }
+    return -1;
+}
+
+PyDoc_STRVAR(skip_value_doc,
+"skip_value(text, start, /)\n"
+"--\n\n"
+"One past the array or object opening at text[start], strings skipped and\n"
+"brackets matched by kind; -1 where it does not close, is not an array or\n"
+"object, or nests deeper than 512.");
+
+static PyObject *
+skip_value(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t start, end = -1;
+    if (!PyArg_ParseTuple(args, "y*n", &view, &start))
+        return NULL;
+    const unsigned char *b = (const unsigned char *)view.buf;
+    if (start >= 0 && start < view.len && (b[start] == '[' || b[start] == '{')) {
+        Py_BEGIN_ALLOW_THREADS
+        end = skip_container(b, view.len, start);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(end);
+}
+
 /* ---- reuse_texts, row_members: the text of derived outputs in a REST body ----
  *
  * guard/dataplane/codec/restjson.py writes derived outputs as text; these two
@@ -1335,6 +1399,7 @@ static PyMethodDef methods[] = {
     {"walk_predict_response", walk_predict_response, METH_O, walk_doc},
     {"scan_tensor", scan_tensor, METH_VARARGS, scan_tensor_doc},
     {"peek_request", peek_request, METH_VARARGS, peek_request_doc},
+    {"skip_value", skip_value, METH_VARARGS, skip_value_doc},
     {"reuse_texts", reuse_texts, METH_VARARGS, reuse_texts_doc},
     {"row_members", row_members, METH_VARARGS, row_members_doc},
     {NULL, NULL, 0, NULL},

@@ -23,7 +23,7 @@ from guard.dataplane.results import Array
 from guard.dataplane.rules import normalized_entropy
 
 if TYPE_CHECKING:  # restjson is imported by the REST front-end only, when REST is served
-    from guard.dataplane.codec.restjson import NumberScan, RequestPeekScan, TextWriter
+    from guard.dataplane.codec.restjson import NumberScan, RequestPeekScan, TextWriter, ValueSkip
 
 __all__ = ["MISSING", "NATIVE", "REFERENCE", "Kernels", "Native", "default", "row_entropy"]
 
@@ -48,6 +48,9 @@ class Kernels:
     request_peek: RequestPeekScan | None = None
     """A REST request's signature and format, peeked natively (``None``: Python)."""
 
+    value_skip: ValueSkip | None = None
+    """Where a REST output's non-numeric value ends, found natively (``None``: Python)."""
+
     rest_writer: TextWriter | None = None
     """The text of a REST response's derived outputs, written natively (``None``: Python)."""
 
@@ -65,6 +68,7 @@ class Native(Kernels):
         self.max_k: int = rank.MAX_K
         self.number_scan = walk.scan_tensor
         self.request_peek = walk.peek_request
+        self.value_skip = walk.skip_value
         self.rest_writer = walk
 
     def walk(self, data: bytes) -> Walked | None:

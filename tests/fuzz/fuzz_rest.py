@@ -65,6 +65,7 @@ _OTHER = Metadata(1, {"serving_default": {"out2": OutputInfo("DT_FLOAT", None)}}
 _UNKNOWN = Metadata(problem="fuzz: no metadata")
 _NATIVE_SCAN = default().number_scan
 _NATIVE_PEEK = default().request_peek
+_NATIVE_SKIP = default().value_skip
 
 
 def _check_peek(body: bytes) -> None:
@@ -87,7 +88,12 @@ def _read(body: bytes, fmt: Format, native: bool) -> Any:
     token offsets, or a refusal (of malformed text, the first fault found may
     differ, and so the message)."""
     try:
-        read = read_predict_response(body, fmt, _NATIVE_SCAN if native else None)
+        read = read_predict_response(
+            body,
+            fmt,
+            _NATIVE_SCAN if native else None,
+            skip=_NATIVE_SKIP if native else None,
+        )
     except (RestJsonError, RecursionError):
         return "refused"
     out = {}

@@ -309,3 +309,56 @@ async def test_stop_past_its_grace_answers_503_saying_why(
 async def _get_body(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
     async with session.get(url) as response:
         return response.status, await response.read()
+
+
+_SOFTMAX_RULE = {"name": "m", "outputs": [{"name": "p", "valid_range": [0.0, 1.0], "argmax": True}]}
+
+
+async def _predict_while_probing(guard: RunningGuard) -> tuple[int, bytes, float]:
+    """A predict, and the longest the event loop (the guard's: it runs in
+    this process) was held meanwhile, from a task that ticks every 5 ms."""
+    loop = asyncio.get_running_loop()
+
+    async def lag(stop: asyncio.Event) -> float:
+        worst, last = 0.0, loop.time()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = loop.time()
+            worst, last = max(worst, now - last), now
+        return worst
+
+    stop = asyncio.Event()
+    ticking = asyncio.create_task(lag(stop))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{guard.rest_url}/v1/models/m:predict", data=b"{}") as response:
+            status, body = response.status, await response.read()
+    stop.set()
+    return status, body, await ticking
+
+
+@pytest.mark.parametrize(
+    "instance, count, outcome",
+    [(b'"a"', 4_000_000, "unchanged"), (b"[]", 4_000_000, "unchanged"),
+     (b'{"b64": "YQ=="}', 1_000_000, "unchanged"), (b"{}", 4_000_000, "refused")],
+)  # fmt: skip
+async def test_a_huge_non_numeric_upstream_answer_holds_the_loop_for_under_a_second(
+    fake: FakeRestUpstream, make_guard: MakeGuard, instance: bytes, count: int, outcome: str
+) -> None:
+    """Millions of tiny strings, empty lists, b64 objects or objects for a
+    model with rules: no rule applies to such an output, so it goes back as it
+    came, or, where the guard would visit every object, a clear error; in both
+    cases within a second of the event loop (it took 20-30 s and 0.3-1.4 GB
+    for 16 MB before)."""
+    body = b'{"predictions": [' + b",".join([instance] * count) + b"]}"
+    fake.predict("m", body)
+    fake.metadata("m", {"p": ("DT_FLOAT", [-1, 3])})
+    guard = await make_guard(models=[_SOFTMAX_RULE])
+    status, answer, worst_wait = await _predict_while_probing(guard)
+    if outcome == "unchanged":
+        assert (status, answer) == (200, body)
+    else:
+        assert status == 500
+        error = json.loads(answer)["error"]
+        assert "more than 65536 objects, members and elements" in error
+        assert "send smaller batches" in error
+    assert worst_wait < 1.0, f"the event loop was held {worst_wait:.2f} s"

@@ -77,6 +77,7 @@ __all__ = [
     "RestPredictResponse",
     "Scanned",
     "TextWriter",
+    "ValueSkip",
     "decimal_texts",
     "float32_values",
     "json_string",
@@ -623,6 +624,11 @@ class TextWriter(Protocol):
     ) -> list[str] | None: ...
 
 
+ValueSkip = Callable[[bytes, int], int]
+"""Where the array or object at ``text[start]`` ends, its elements not read
+(``guard.dataplane._walk.skip_value``): ``(text, start) -> end``, or -1 where
+it does not close (:func:`_skip_value` is the reference)."""
+
 RequestPeekScan = Callable[[bytes, int, int, int], tuple[str | None, int, bool, bool] | None]
 """A native peek at a predict request (``guard.dataplane._walk.peek_request``):
 ``(body, strings_max, key_bytes_max, signature_max) -> (signature, format
@@ -731,6 +737,44 @@ _WS_BYTES = frozenset(b" \t\n\r")
 _STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _PLAIN_KEY_RE = re.compile(rb'"[\x20-\x21\x23-\x5b\x5d-\x7e]*"')
 _SCALAR_RE = re.compile(rb"[^ \t\n\r,\]}]+")
+_SKIP_TOKEN_RE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}"]', re.S)
+_CLOSES = {ord("]"): ord("["), ord("}"): ord("{")}
+_SKIP_DEPTH = 512  # guard/dataplane/_walk.c's SKIP_DEPTH
+
+# What the Python walk visits per response (objects, their members, arrays'
+# elements outside numeric tensors): a TF Serving answer visits about one per
+# instance and output; a hostile one with millions of tiny objects cost
+# seconds of the event loop and gigabytes before this bound.
+_VISITS_MAX = 1 << 16
+# A non-numeric output (strings, b64, booleans) with more text than this is
+# not read: no rule applies to it, and json.loads of short strings takes about
+# 15 times the text's size in objects.
+_GENERIC_READ_MAX = 1 << 20
+
+
+def _skip_value(body: bytes, i: int) -> int:
+    """One past the array or object opening at ``body[i]``: strings skipped,
+    brackets matched by kind, at most 512 deep; -1 where it does not close
+    (the reference of ``guard.dataplane._walk.skip_value``)."""
+    if body[i : i + 1] not in (b"[", b"{"):
+        return -1
+    opened: list[int] = []
+    for match in _SKIP_TOKEN_RE.finditer(body, i):
+        token = match.group()
+        if token[0] == 0x22:  # '"': a string, or one that does not close
+            if len(token) == 1:
+                return -1
+            continue
+        if token[0] in _CLOSES:
+            if not opened or opened.pop() != _CLOSES[token[0]]:
+                return -1
+            if not opened:
+                return match.end()
+        elif len(opened) == _SKIP_DEPTH:
+            return -1
+        else:
+            opened.append(token[0])
+    return -1
 
 
 @dataclass(slots=True)
@@ -741,6 +785,8 @@ class _Span:
     """object, array, numeric (an array holding numbers only), string or scalar."""
     scanned: Scanned | None = None
     """A numeric span's numbers, when the native scan found its end."""
+    members: list[_Member] | None = None
+    """An object's members, read once."""
 
 
 @dataclass(slots=True)
@@ -751,11 +797,26 @@ class _Member:
 
 class _Scanner:
     """Finds values' spans; arrays of numbers are skipped without looking inside,
-    or read by the native scan when there is one (then read once)."""
+    or read by the native scan when there is one (then read once); other
+    arrays are skipped whole (natively with ``skip``). At most
+    ``_VISITS_MAX`` values are visited one by one."""
 
-    def __init__(self, body: bytes, native: NumberScan | None = None) -> None:
+    def __init__(
+        self, body: bytes, native: NumberScan | None = None, skip: ValueSkip | None = None
+    ) -> None:
         self.body = body
         self.native = native
+        self.skip = skip
+        self.visits = 0
+
+    def visit(self) -> None:
+        self.visits += 1
+        if self.visits > _VISITS_MAX:
+            raise RestJsonError(
+                f"it holds more than {_VISITS_MAX} objects, members and elements outside "
+                "numeric tensors, the most the guard reads (a TF Serving answer has about "
+                "one per instance and output); send smaller batches"
+            )
 
     def ws(self, i: int) -> int:
         if i < len(self.body) and self.body[i] not in _WS_BYTES:
@@ -771,10 +832,13 @@ class _Scanner:
         return i + 1
 
     def value(self, i: int) -> _Span:
+        self.visit()
         i = self.ws(i)
         head = self.body[i : i + 1]
         if head == b"{":
-            return _Span(i, self.members_end(i), "object")
+            found = self.members(i)
+            end = found[-1].value.end if found else self.ws(i + 1)
+            return _Span(i, self.expect(end, b"}"), "object", members=found)
         if head == b"[":
             scanned = self.native(self.body, i, len(self.body)) if self.native else None
             if scanned is not None:
@@ -782,7 +846,7 @@ class _Scanner:
             end = self.numeric_end(i)
             if end >= 0:
                 return _Span(i, end, "numeric")
-            return _Span(i, self.elements_end(i), "array")
+            return _Span(i, self.container_end(i), "array")
         if head == b'"':
             return _Span(i, self.string_end(i), "string")
         match = _SCALAR_RE.match(self.body, i)
@@ -806,6 +870,9 @@ class _Scanner:
         body = self.body
         stops = [p for p in (body.find(b'"', i), body.find(b"{", i), body.find(b"}", i)) if p >= 0]
         stop = min(stops) if stops else len(body)
+        if self.skip is not None:  # where the array closes, natively (numpy's test below
+            end = self.skip(body, i)  # takes 8 bytes a bracket)
+            return end if 0 <= end <= stop else -1
         end = body.rfind(b"]", i, stop) + 1
         return end if end > i and _one_array(body, i, end) else -1
 
@@ -825,10 +892,17 @@ class _Scanner:
                 return out
             i = self.expect(i, b",")
 
-    def members_end(self, i: int) -> int:
-        found = self.members(i)
-        end = found[-1].value.end if found else self.ws(i + 1)
-        return self.expect(end, b"}")
+    def members_of(self, span: _Span) -> list[_Member]:
+        return span.members if span.members is not None else self.members(span.start)
+
+    def container_end(self, i: int) -> int:
+        """End of the array or object at ``i``, its elements not visited."""
+        end = self.skip(self.body, i) if self.skip is not None else _skip_value(self.body, i)
+        if end < 0:
+            raise RestJsonError(
+                f"the value at offset {i} does not close, or nests deeper than {_SKIP_DEPTH}"
+            )
+        return end
 
     def elements(self, i: int) -> list[_Span]:
         out: list[_Span] = []
@@ -847,13 +921,14 @@ class _Scanner:
         """An array element: like :meth:`value`, without the numeric shortcut."""
         i = self.ws(i)
         if self.body[i : i + 1] == b"[":
-            return _Span(i, self.elements_end(i), "array")
+            self.visit()
+            return _Span(i, self.container_end(i), "array")
         return self.value(i)
 
-    def elements_end(self, i: int) -> int:
-        found = self.elements(i)
-        end = found[-1].end if found else self.ws(i + 1)
-        return self.expect(end, b"]")
+    def first_element(self, i: int) -> _Span | None:
+        """The first element of the array at ``i`` (None: it is empty)."""
+        i = self.expect(i, b"[")
+        return None if self.body[self.ws(i) : self.ws(i) + 1] == b"]" else self.element(i)
 
 
 def _one_array(body: bytes, start: int, end: int) -> bool:
@@ -889,7 +964,9 @@ class RestOutput(NamedTuple):
     values: Array
     """float32/float64/int64 for numbers, bool, or an object array (str, or bytes for b64)."""
     kind: str
-    """``float32``, ``float64``, ``int``, ``bool``, ``string``, ``bytes`` or ``other``."""
+    """``float32``, ``float64``, ``int``, ``bool``, ``string``, ``bytes`` or ``other``;
+    ``unread`` for a non-numeric output of more than 1 MiB of text, whose
+    values (empty here) are not read: no rule applies to them."""
 
     @property
     def numeric(self) -> bool:
@@ -1347,16 +1424,18 @@ def read_predict_response(
     native: NumberScan | None = None,
     single: Scanned | None = None,
     writer: TextWriter | None = None,
+    skip: ValueSkip | None = None,
 ) -> RestPredictResponse:
     """Read a TF Serving REST predict response (see the module docstring).
     ``native`` scans the numbers (:data:`NumberScan`); without it, numpy does.
     ``single`` is the body's :func:`scan_single_output`, where the caller has it.
-    ``writer`` is the response's :class:`TextWriter` (None: Python writes)."""
+    ``writer`` is the response's :class:`TextWriter` (None: Python writes).
+    ``skip`` finds where non-numeric arrays end (:data:`ValueSkip`; None: Python)."""
     if single is None and native is not None:
         single = scan_single_output(body, fmt, native)
     if single is not None:
         return _single_output(body, fmt, single, writer)
-    scanner = _Scanner(body, native)
+    scanner = _Scanner(body, native, skip)
     start = scanner.ws(0)
     root = scanner.members(start)
     key = _ROOT_KEYS[fmt]
@@ -1444,7 +1523,10 @@ class _Reader:
         numeric = None
         if _may_be_numeric(spans):
             numeric = _numeric_output(self.body, spans, batched, self.native)
-        if numeric is None:
+        if numeric is None and sum(s.end - s.start for s in spans) > _GENERIC_READ_MAX:
+            values, kind = np.empty(0, object), "unread"
+            where = _Where(None, None, after)
+        elif numeric is None:
             values, kind = self._generic(spans, batched)
             where = _Where(None, None, after)
         else:
@@ -1471,22 +1553,21 @@ class _Reader:
             return
         if span.kind != "array":
             raise RestJsonError("'predictions' is not a list")
-        instances = self.scanner.elements(span.start)
-        if (
-            instances
-            and all(s.kind == "object" for s in instances)
-            and not self._is_b64(instances[0])
-        ):
-            self._named_rows(instances)
-        else:
-            self.add(None, [span], False, [])
+        # Instances are objects (named outputs) or none is; only then are they all visited.
+        first = self.scanner.first_element(span.start)
+        if first is not None and first.kind == "object" and not self._is_b64(first):
+            instances = self.scanner.elements(span.start)
+            if all(s.kind == "object" for s in instances):
+                self._named_rows(instances)
+                return
+        self.add(None, [span], False, [])
 
     def _is_b64(self, span: _Span) -> bool:
-        members = self.scanner.members(span.start)
+        members = self.scanner.members_of(span)
         return len(members) == 1 and members[0].key == "b64" and members[0].value.kind == "string"
 
     def _named_rows(self, instances: list[_Span]) -> None:
-        per_instance = [self.scanner.members(s.start) for s in instances]
+        per_instance = [self.scanner.members_of(s) for s in instances]
         names = [m.key for m in per_instance[0]]
         self.names_per_instance = [{m.key for m in members} for members in per_instance]
         for members in per_instance:
@@ -1498,7 +1579,7 @@ class _Reader:
 
     def columnar(self, span: _Span) -> None:
         if span.kind == "object":
-            members = self.scanner.members(span.start)
+            members = self.scanner.members_of(span)
             b64 = (
                 len(members) == 1 and members[0].key == "b64" and members[0].value.kind == "string"
             )

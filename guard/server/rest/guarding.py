@@ -162,7 +162,12 @@ def _read(
 ) -> RestPredictResponse:
     try:
         return read_predict_response(
-            body, request.format, kernels.number_scan, single, kernels.rest_writer
+            body,
+            request.format,
+            kernels.number_scan,
+            single,
+            kernels.rest_writer,
+            kernels.value_skip,
         )
     except (RestJsonError, RecursionError) as exc:
         metrics.count_decode_error(target.model_label)
