@@ -26,7 +26,8 @@
  * without reading its numbers, as guard/server/rest/peek.py's reference does.
  *
  * skip_value() finds where a REST output's non-numeric value ends, as
- * restjson's _skip_value does.
+ * restjson's _skip_value does; numbers_at_most() bounds how many numbers a
+ * REST body may hold, as restjson's numbers_at_most does.
  *
  * reuse_texts() and row_members() are the two loops of writing a REST body's
  * derived outputs, as restjson's Python loops do them.
@@ -1141,6 +1142,48 @@ skip_value(PyObject *Py_UNUSED(self), PyObject *args)
     return PyLong_FromSsize_t(end);
 }
 
+PyDoc_STRVAR(numbers_at_most_doc,
+"numbers_at_most(text, /)\n"
+"--\n\n"
+"An upper bound on the numbers in a JSON text, in one pass: the tokens that\n"
+"start with '-', a digit, 'N' or 'I' right after '[', ',' or ':' (whitespace\n"
+"between), outside strings (restjson.numbers_at_most is the reference).");
+
+static PyObject *
+numbers_at_most(PyObject *Py_UNUSED(self), PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *b = (const unsigned char *)view.buf;
+    Py_ssize_t count = 0;
+    Py_BEGIN_ALLOW_THREADS
+    int in_string = 0, escaped = 0;
+    unsigned char prev = 0; /* the last byte outside strings and whitespace */
+    for (Py_ssize_t i = 0; i < view.len; i++) {
+        unsigned char c = b[i];
+        if (in_string) {
+            if (escaped)
+                escaped = 0;
+            else if (c == '\\')
+                escaped = 1;
+            else if (c == '"') {
+                in_string = 0;
+                prev = c;
+            }
+        } else if (c == '"') {
+            in_string = 1;
+        } else if (!is_json_ws(c)) {
+            count += (prev == '[' || prev == ',' || prev == ':')
+                     && (c == '-' || (c >= '0' && c <= '9') || c == 'N' || c == 'I');
+            prev = c;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(count);
+}
+
 /* ---- reuse_texts, row_members: the text of derived outputs in a REST body ----
  *
  * guard/dataplane/codec/restjson.py writes derived outputs as text; these two
@@ -1400,6 +1443,7 @@ static PyMethodDef methods[] = {
     {"scan_tensor", scan_tensor, METH_VARARGS, scan_tensor_doc},
     {"peek_request", peek_request, METH_VARARGS, peek_request_doc},
     {"skip_value", skip_value, METH_VARARGS, skip_value_doc},
+    {"numbers_at_most", numbers_at_most, METH_O, numbers_at_most_doc},
     {"reuse_texts", reuse_texts, METH_VARARGS, reuse_texts_doc},
     {"row_members", row_members, METH_VARARGS, row_members_doc},
     {NULL, NULL, 0, NULL},

@@ -12,6 +12,7 @@ injection.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,9 @@ class Kernels:
     request_peek: RequestPeekScan | None = None
     """A REST request's signature and format, peeked natively (``None``: Python)."""
 
+    numbers_at_most: Callable[[bytes], int] | None = None
+    """An upper bound on a REST body's numbers, counted natively (``None``: Python)."""
+
     value_skip: ValueSkip | None = None
     """Where a REST output's non-numeric value ends, found natively (``None``: Python)."""
 
@@ -69,6 +73,7 @@ class Native(Kernels):
         self.number_scan = walk.scan_tensor
         self.request_peek = walk.peek_request
         self.value_skip = walk.skip_value
+        self.numbers_at_most = walk.numbers_at_most
         self.rest_writer = walk
 
     def walk(self, data: bytes) -> Walked | None:

@@ -6,6 +6,7 @@ tokens, and for broken text."""
 
 from __future__ import annotations
 
+import json
 import time
 import tracemalloc
 from collections.abc import Sequence
@@ -447,3 +448,38 @@ def test_both_routes_read_large_non_numeric_outputs_alike(instance: bytes) -> No
         return {k: (o.kind, o.values.shape) for k, o in found.outputs.items()}
 
     assert read(True) == read(False)
+
+
+_LEAVES = st.one_of(
+    st.integers(-(10**6), 10**6), st.floats(allow_nan=False, allow_infinity=False),
+    st.text(",[{ ", max_size=4), st.booleans(),
+)  # fmt: skip
+_DOCS = st.recursive(
+    _LEAVES,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5), st.dictionaries(st.text("ab,", max_size=3), inner, max_size=4)
+    ),
+    max_leaves=40,
+)
+
+
+def _numbers_in(doc: object) -> int:
+    if isinstance(doc, list):
+        return sum(map(_numbers_in, doc))
+    if isinstance(doc, dict):
+        return sum(map(_numbers_in, doc.values()))
+    return int(isinstance(doc, int | float) and not isinstance(doc, bool))
+
+
+@SETTINGS
+@given(_DOCS, st.sampled_from([None, 0, 4]))
+def test_numbers_at_most_bounds_the_numbers_of_any_json_text(
+    doc: object, indent: int | None
+) -> None:
+    """The bound the guard checks against max_message_mb before reading a
+    body: never below the numbers there are, and the same natively."""
+    text = json.dumps({"predictions": doc}, indent=indent).encode()
+    bound = restjson.numbers_at_most(text)
+    assert _numbers_in(doc) <= bound
+    counted = native().numbers_at_most
+    assert counted is not None and counted(text) == bound

@@ -362,3 +362,28 @@ async def test_a_huge_non_numeric_upstream_answer_holds_the_loop_for_under_a_sec
         assert "more than 65536 objects, members and elements" in error
         assert "send smaller batches" in error
     assert worst_wait < 1.0, f"the event loop was held {worst_wait:.2f} s"
+
+
+async def test_an_answer_that_may_hold_more_numbers_than_max_message_mb_reads_is_refused(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """Reading a number from text holds 32 bytes: 16 MB of one-digit integers
+    would take 270 MB. Refused before any is read with the status TF Serving
+    gives RESOURCE_EXHAUSTED, naming max_message_mb; with the limit raised, the
+    same kind of answer is read and goes back as it came."""
+    ones = b'{"predictions": [[' + b",".join([b"1"] * 8_000_000) + b"]]}"
+    fake.predict("m", ones)
+    fake.metadata("m", {"p": ("DT_FLOAT", [-1, 3])})
+    guard = await make_guard(models=[_SOFTMAX_RULE])
+    status, answer, worst_wait = await _predict_while_probing(guard)
+    assert status == 429
+    error = json.loads(answer)["error"]
+    assert "8000000 numbers" in error and "max_message_mb (67108864 bytes)" in error
+    assert refused(guard, "response_too_large") == 1
+    assert worst_wait < 1.0, f"the event loop was held {worst_wait:.2f} s"
+
+    fewer = b'{"predictions": [[' + b",".join([b"1"] * 2_500_000) + b"]]}"  # 80 MB to read
+    fake.predict("m", fewer)
+    raised = await make_guard(models=[_SOFTMAX_RULE], max_message_mb=128)
+    status, answer, _ = await _predict_while_probing(raised)
+    assert (status, answer) == (200, fewer)

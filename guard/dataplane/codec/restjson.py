@@ -75,12 +75,14 @@ __all__ = [
     "RestJsonError",
     "RestOutput",
     "RestPredictResponse",
+    "NUMBER_BYTES",
     "Scanned",
     "TextWriter",
     "ValueSkip",
     "decimal_texts",
     "float32_values",
     "json_string",
+    "numbers_at_most",
     "nest_text",
     "read_predict_response",
     "scan_single_output",
@@ -1465,6 +1467,21 @@ _SINGLE_HEAD = {
     for fmt, key in _ROOT_KEYS.items()
 }
 _ROOT_TAIL = re.compile(rb"[ \t\n\r]*\}[ \t\n\r]*\Z")
+
+
+NUMBER_BYTES = 32
+"""What reading one number from text holds while the response is guarded:
+its value, its text's start and end, and its integer (8 bytes each)."""
+
+
+def numbers_at_most(body: bytes) -> int:
+    """An upper bound on the numbers in a JSON text: the tokens that start
+    like a number right after ``[``, ``,`` or ``:``, outside strings (the
+    reference of ``guard.dataplane._walk.numbers_at_most``)."""
+    return sum(1 for m in _NUMBER_START_RE.finditer(body) if m.group()[0] != 0x22)
+
+
+_NUMBER_START_RE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[,:][ \t\n\r]*[-0-9NI]', re.S)
 
 
 def scan_single_output(body: bytes, fmt: Format, native: NumberScan) -> Scanned | None:

@@ -17,12 +17,14 @@ from typing import NamedTuple
 
 from guard.dataplane.book import RuleBook
 from guard.dataplane.codec.restjson import (
+    NUMBER_BYTES,
     Format,
     OutputKey,
     RestJsonError,
     RestPredictResponse,
     Scanned,
     float32_values,
+    numbers_at_most,
     read_predict_response,
     scan_single_output,
 )
@@ -79,6 +81,7 @@ def guard_rest_response(
     target = resolve(book, request.model, request.signature, request.metadata.version, metrics)
     if target is None:
         return None
+    _check_numbers(body, target, book)
     native = book.kernels.number_scan
     single = None if native is None else scan_single_output(body, request.format, native)
     if single is not None:
@@ -150,6 +153,25 @@ def _express(
     plan = express_plan(book, metrics, target, request.metadata, single[5])
     found = None if plan is None else plan.express(body, request.format, values, single[6])
     return None if found is None else RestGuarded(*found)
+
+
+def _check_numbers(body: bytes, target: Target, book: RuleBook) -> None:
+    """Numbers read from text take NUMBER_BYTES each: a body that may hold more
+    than ``max_message_mb`` of them is refused before any is read (sixteen
+    times its size for a body of one-digit integers). A body too short to
+    hold that many (each number but the last takes a separator) is not counted."""
+    limit = book.max_message_bytes
+    if (len(body) // 2 + 1) * NUMBER_BYTES <= limit:
+        return
+    bound = book.kernels.numbers_at_most
+    numbers = bound(body) if bound is not None else numbers_at_most(body)
+    if numbers * NUMBER_BYTES > limit:
+        raise ResponseTooLargeError(
+            f"guard: model '{shown(target.model)}': the REST predict response may hold "
+            f"{numbers} numbers, and reading them from text takes "
+            f"{NUMBER_BYTES} bytes each, more than max_message_mb ({limit} bytes) allows; "
+            "raise max_message_mb in the guard config, or send smaller batches"
+        )
 
 
 def _read(
