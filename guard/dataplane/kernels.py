@@ -49,7 +49,7 @@ class Kernels:
     request_peek: RequestPeekScan | None = None
     """A REST request's signature and format, peeked natively (``None``: Python)."""
 
-    numbers_at_most: Callable[[bytes], int] | None = None
+    numbers_at_most: Callable[[bytes, int], int] | None = None
     """An upper bound on a REST body's numbers, counted natively (``None``: Python)."""
 
     value_skip: ValueSkip | None = None

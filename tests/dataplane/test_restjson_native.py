@@ -472,14 +472,29 @@ def _numbers_in(doc: object) -> int:
 
 
 @SETTINGS
-@given(_DOCS, st.sampled_from([None, 0, 4]))
+@given(_DOCS, st.sampled_from([None, 0, 4]), st.integers(0, 60))
 def test_numbers_at_most_bounds_the_numbers_of_any_json_text(
-    doc: object, indent: int | None
+    doc: object, indent: int | None, enough: int
 ) -> None:
     """The bound the guard checks against max_message_mb before reading a
-    body: never below the numbers there are, and the same natively."""
+    body: never below the numbers there are; where the loose count ('[', ','
+    and ':') passes ``enough``, the numbers outside strings exactly; the same
+    natively."""
     text = json.dumps({"predictions": doc}, indent=indent).encode()
-    bound = restjson.numbers_at_most(text)
-    assert _numbers_in(doc) <= bound
+    bound = restjson.numbers_at_most(text, enough)
+    loose = text.count(b"[") + text.count(b",") + text.count(b":")
+    assert bound == (loose if loose <= enough else _numbers_in(doc))
     counted = native().numbers_at_most
-    assert counted is not None and counted(text) == bound
+    assert counted is not None and counted(text, enough) == bound
+
+
+def test_the_loose_count_takes_every_byte_natively() -> None:
+    """The 16-byte blocks and the tail, on texts of every length up to 600,
+    and a text of commas only, past the 255 blocks a byte lane can sum."""
+    counted = native().numbers_at_most
+    assert counted is not None
+    for n in range(600):
+        text = (b"[1,:" * 150)[:n]
+        assert counted(text, 10**9) == text.count(b"[") + text.count(b",") + text.count(b":")
+    every = b"," * (16 * 255 * 3 + 5)  # every lane full, past 255 blocks: no byte sum wraps
+    assert counted(every, 10**9) == len(every)

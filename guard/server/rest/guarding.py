@@ -161,11 +161,12 @@ def _check_numbers(body: bytes, target: Target, book: RuleBook) -> None:
     times its size for a body of one-digit integers). A body too short to
     hold that many (each number but the last takes a separator) is not counted."""
     limit = book.max_message_bytes
-    if (len(body) // 2 + 1) * NUMBER_BYTES <= limit:
+    enough = limit // NUMBER_BYTES
+    if len(body) // 2 + 1 <= enough:
         return
     bound = book.kernels.numbers_at_most
-    numbers = bound(body) if bound is not None else numbers_at_most(body)
-    if numbers * NUMBER_BYTES > limit:
+    numbers = bound(body, enough) if bound is not None else numbers_at_most(body, enough)
+    if numbers > enough:
         raise ResponseTooLargeError(
             f"guard: model '{shown(target.model)}': the REST predict response may hold "
             f"{numbers} numbers, and reading them from text takes "
