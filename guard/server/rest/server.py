@@ -43,7 +43,7 @@ from guard.server.rest.http import (
 )
 from guard.server.rest.peek import inflate, peek_request
 from guard.server.rest.routes import Route, http_status, route
-from guard.server.rest.signatures import SignatureCache
+from guard.server.rest.signatures import METADATA_BYTES_MAX, SignatureCache
 
 __all__ = ["RestFrontEnd"]
 
@@ -373,16 +373,18 @@ class RestFrontEnd:
         return web.Response(status=200, body=guarded.body, headers=out_headers)
 
     async def _get(self, path: str) -> tuple[int, bytes]:
-        """GET ``path`` on the upstream (model metadata), bounded like a response."""
+        """GET ``path`` on the upstream (model metadata), bounded: it is read
+        whole with ``json.loads`` and kept, parsed, for up to 256 models and
+        versions (TF Serving's metadata is a few kilobytes)."""
         assert self._session is not None
-        config = self._state.config
+        limit = min(self._state.config.max_message_bytes, METADATA_BYTES_MAX)
         async with self._session.get(
             URL(self._base + path, encoded=True),
             timeout=self._timeout,
         ) as response:
-            data = await read_limited(response, config.max_message_bytes)
+            data = await read_limited(response, limit)
             if data is None:
-                raise ValueError("the metadata is larger than max_message_mb")
+                raise ValueError(f"the metadata is larger than {limit} bytes")
             return response.status, data
 
 

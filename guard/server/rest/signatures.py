@@ -20,13 +20,22 @@ from urllib.parse import quote
 
 from guard.dataplane.cache import BoundedCache
 
-__all__ = ["LATEST_TTL_S", "Metadata", "OutputInfo", "SignatureCache", "metadata_path"]
+__all__ = [
+    "LATEST_TTL_S",
+    "METADATA_BYTES_MAX",
+    "Metadata",
+    "OutputInfo",
+    "SignatureCache",
+    "metadata_path",
+]
 
 #: How long the metadata of a model's latest version is trusted.
 LATEST_TTL_S = 10.0
 #: How long a failed lookup is remembered (the upstream is not asked on every call).
 FAILURE_TTL_S = 1.0
 _ENTRIES_MAX = 256
+METADATA_BYTES_MAX = 4 * 1024 * 1024
+"""The most metadata text read per model and version."""
 _KEY_BYTES_MAX = 1024
 
 Key = tuple[str, int | None, str | None]
