@@ -842,19 +842,25 @@ class _Scanner:
             end = found[-1].value.end if found else self.ws(i + 1)
             return _Span(i, self.expect(end, b"}"), "object", members=found)
         if head == b"[":
-            scanned = self.native(self.body, i, len(self.body)) if self.native else None
-            if scanned is not None:
-                return _Span(i, scanned[6], "numeric", scanned)
-            end = self.numeric_end(i)
-            if end >= 0:
-                return _Span(i, end, "numeric")
-            return _Span(i, self.container_end(i), "array")
+            return self._array(i)
         if head == b'"':
             return _Span(i, self.string_end(i), "string")
         match = _SCALAR_RE.match(self.body, i)
         if match is None:
             raise RestJsonError(f"expected a value at offset {i}")
         return _Span(i, match.end(), "scalar")
+
+    def _array(self, i: int) -> _Span:
+        scanned = self.native(self.body, i, len(self.body)) if self.native else None
+        if scanned is not None:
+            return _Span(i, scanned[6], "numeric", scanned)
+        if self.skip is not None:  # one native pass finds its end either way
+            end = self.container_end(i)
+            return _Span(i, end, "numeric" if end <= self._stop(i) else "array")
+        end = self.numeric_end(i)
+        if end >= 0:
+            return _Span(i, end, "numeric")
+        return _Span(i, self.container_end(i), "array")
 
     def string_end(self, i: int) -> int:
         match = _STRING_RE.match(self.body, i)
@@ -869,14 +875,16 @@ class _Scanner:
         comma and a key string, or ``}``. So the run of bytes up to the next
         ``"``/``{``/``}`` holds this array and nothing else with brackets.
         """
-        body = self.body
-        stops = [p for p in (body.find(b'"', i), body.find(b"{", i), body.find(b"}", i)) if p >= 0]
-        stop = min(stops) if stops else len(body)
-        if self.skip is not None:  # where the array closes, natively (numpy's test below
-            end = self.skip(body, i)  # takes 8 bytes a bracket)
-            return end if 0 <= end <= stop else -1
+        body, stop = self.body, self._stop(i)
         end = body.rfind(b"]", i, stop) + 1
         return end if end > i and _one_array(body, i, end) else -1
+
+    def _stop(self, i: int) -> int:
+        """The first ``"``, ``{`` or ``}`` from ``i``: an array that ends before
+        it holds only numbers and arrays of them."""
+        body = self.body
+        stops = [p for p in (body.find(b'"', i), body.find(b"{", i), body.find(b"}", i)) if p >= 0]
+        return min(stops) if stops else len(body)
 
     def members(self, i: int) -> list[_Member]:
         out: list[_Member] = []
