@@ -1,6 +1,8 @@
 """The REST front-end's limits, over real sockets: headers, body size, body
-time, calls in flight, response size, and the drain on shutdown. Every
-refusal is a JSON error naming the setting, and is counted by reason."""
+time, calls in flight, response size, and the drain on shutdown; and what
+reading a hostile upstream answer may cost (the event loop held, numbers
+read from text, metadata). Every refusal is a JSON error naming the setting
+or the bound, and is counted by reason."""
 
 from __future__ import annotations
 
@@ -311,10 +313,10 @@ async def _get_body(session: aiohttp.ClientSession, url: str) -> tuple[int, byte
         return response.status, await response.read()
 
 
-_SOFTMAX_RULE = {"name": "m", "outputs": [{"name": "p", "valid_range": [0.0, 1.0], "argmax": True}]}
+_RULE_OF_M = {"name": "m", "outputs": [{"name": "p", "valid_range": [0.0, 1.0], "argmax": True}]}
 
 
-async def _predict_while_probing(guard: RunningGuard) -> tuple[int, bytes, float]:
+async def _predict_timing_the_loop(guard: RunningGuard) -> tuple[int, bytes, float]:
     """A predict, and the longest the event loop (the guard's: it runs in
     this process) was held meanwhile, from a task that ticks every 5 ms."""
     loop = asyncio.get_running_loop()
@@ -352,8 +354,8 @@ async def test_a_huge_non_numeric_upstream_answer_holds_the_loop_for_under_a_sec
     body = b'{"predictions": [' + b",".join([instance] * count) + b"]}"
     fake.predict("m", body)
     fake.metadata("m", {"p": ("DT_FLOAT", [-1, 3])})
-    guard = await make_guard(models=[_SOFTMAX_RULE])
-    status, answer, worst_wait = await _predict_while_probing(guard)
+    guard = await make_guard(models=[_RULE_OF_M])
+    status, answer, worst_wait = await _predict_timing_the_loop(guard)
     if outcome == "unchanged":
         assert (status, answer) == (200, body)
     else:
@@ -374,8 +376,8 @@ async def test_an_answer_that_may_hold_more_numbers_than_max_message_mb_reads_is
     ones = b'{"predictions": [[' + b",".join([b"1"] * 8_000_000) + b"]]}"
     fake.predict("m", ones)
     fake.metadata("m", {"p": ("DT_FLOAT", [-1, 3])})
-    guard = await make_guard(models=[_SOFTMAX_RULE])
-    status, answer, worst_wait = await _predict_while_probing(guard)
+    guard = await make_guard(models=[_RULE_OF_M])
+    status, answer, worst_wait = await _predict_timing_the_loop(guard)
     assert status == 429
     error = json.loads(answer)["error"]
     assert "8000000 numbers" in error and "max_message_mb (67108864 bytes)" in error
@@ -384,8 +386,8 @@ async def test_an_answer_that_may_hold_more_numbers_than_max_message_mb_reads_is
 
     fewer = b'{"predictions": [[' + b",".join([b"1"] * 2_500_000) + b"]]}"  # 80 MB to read
     fake.predict("m", fewer)
-    raised = await make_guard(models=[_SOFTMAX_RULE], max_message_mb=128)
-    status, answer, _ = await _predict_while_probing(raised)
+    raised = await make_guard(models=[_RULE_OF_M], max_message_mb=128)
+    status, answer, _ = await _predict_timing_the_loop(raised)
     assert (status, answer) == (200, fewer)
 
 
@@ -398,13 +400,13 @@ async def test_model_metadata_is_read_up_to_4_mib(
     fake.predict("m", b'{"predictions": [[0.5, 0.25, 0.25]]}')
     body = metadata_body("m", {"p": ("DT_FLOAT", [-1, 3])})
     fake.reply("GET", "/v1/models/m/metadata", Reply(body=body + b" " * (4 * 1024 * 1024)))
-    guard = await make_guard(models=[_SOFTMAX_RULE])
-    status, answer, _ = await _predict_while_probing(guard)
+    guard = await make_guard(models=[_RULE_OF_M])
+    status, answer, _ = await _predict_timing_the_loop(guard)
     assert status == 500
     error = json.loads(answer)["error"]
     assert "the metadata is larger than 4194304 bytes" in error
 
     fake.reply("GET", "/v1/models/m/metadata", Reply(body=body + b" " * (4 * 1024 * 1024 - 4096)))
-    fresh = await make_guard(models=[_SOFTMAX_RULE])
-    status, answer, _ = await _predict_while_probing(fresh)
+    fresh = await make_guard(models=[_RULE_OF_M])
+    status, answer, _ = await _predict_timing_the_loop(fresh)
     assert status == 200 and json.loads(answer)["guard_outputs"][0]["p_class"] == 0
