@@ -370,7 +370,7 @@ async def test_an_answer_that_may_hold_more_numbers_than_max_message_mb_reads_is
     fake: FakeRestUpstream, make_guard: MakeGuard
 ) -> None:
     """Reading a number from text holds 32 bytes: 16 MB of one-digit integers
-    would take 270 MB. Refused before any is read with the status TF Serving
+    would take about 300 MB. Refused before any is read with the status TF Serving
     gives RESOURCE_EXHAUSTED, naming max_message_mb; with the limit raised, the
     same kind of answer is read and goes back as it came."""
     ones = b'{"predictions": [[' + b",".join([b"1"] * 8_000_000) + b"]]}"
