@@ -161,12 +161,12 @@ class _Handler(web.RequestHandler):
         loop = asyncio.get_running_loop()
         self._guard_armed_at = self._request_count
         self._guard_timer = loop.call_later(
-            self.guard_config.request_timeout_s, self._headers_late, transport, self._request_count
+            self.guard_config.request_timeout_s, self._headers_late, transport
         )
 
-    def _headers_late(self, transport: asyncio.BaseTransport, requests_before: int) -> None:
-        self._guard_timer = None
-        if self._request_count > requests_before or transport.is_closing():
+    def _headers_late(self, transport: asyncio.BaseTransport) -> None:
+        self._guard_timer = None  # a re-armed deadline cancels the one before: this is the last
+        if self._request_count > self._guard_armed_at or transport.is_closing():
             return
         config, metrics = self.guard_config, self.guard_metrics
         metrics.record_refusal(Refusal.REQUEST_TIMEOUT.value)
