@@ -184,7 +184,8 @@ class GuardMetrics:
         )
         self.inflight_bytes = Gauge(
             "guard_inflight_bytes",
-            "Bytes of requests and responses held by calls in flight.",
+            "Bytes of requests and responses held by calls in flight, and of answers their "
+            "clients have not taken yet.",
             registry=registry,
         )
         self.server_restarts = Counter(

@@ -1,6 +1,7 @@
 """What one client may hold of the guard, checked as a call arrives and counted
 while it runs: its metadata, the calls still receiving their request, the
-calls in flight to the upstream, and the bytes they hold.
+calls in flight to the upstream, and the bytes they hold, answers their
+clients have not taken yet included (:class:`Held`).
 
 Every refusal names the limit and the config key that sets it, and is counted
 by reason (``guard_refused_requests_total``).
@@ -14,7 +15,7 @@ from typing import Any
 
 from guard.control.config import Config
 
-__all__ = ["Gate", "Refusal"]
+__all__ = ["Gate", "Held", "Refusal"]
 
 
 class Refusal(Enum):
@@ -40,7 +41,8 @@ class Gate:
         self.inflight = 0
         """Calls forwarded to the upstream and not answered yet."""
         self.inflight_bytes = 0
-        """Bytes of requests and responses that calls in flight hold."""
+        """Bytes of requests and responses that calls in flight hold, and of
+        answers handed to the transport that their clients have not taken yet."""
         self._max_metadata = config.max_metadata_kb * 1024
 
     def metadata_problem(self, metadata: Sequence[tuple[str | bytes, Any]] | None) -> str | None:
@@ -81,6 +83,24 @@ class Gate:
             self.inflight_bytes += size
         return refused
 
+    def answer_problem(self, size: int, own: int) -> tuple[Refusal, str] | None:
+        """Why an upstream answer of ``size`` bytes may not be taken on by a
+        call that holds ``own`` bytes of the budget, or ``None``: refused
+        where what the other calls hold, answers their clients have not taken
+        included, and this answer would pass ``max_inflight_mb``. An answer
+        is known only once it came, so calls admitted together may bring
+        more than the budget holds; a call alone is never refused (a single
+        answer up to ``max_message_mb`` passes)."""
+        others = self.inflight_bytes - own
+        if others <= 0 or others + size <= self.config.max_inflight_bytes:
+            return None
+        return Refusal.INFLIGHT_BYTES, (
+            f"guard: calls in flight and answers not yet taken by their clients hold "
+            f"{others} bytes, and the upstream's answer of {size} bytes would pass "
+            f"max_inflight_mb ({self.config.max_inflight_mb} MiB); retry with backoff, or raise "
+            "max_inflight_mb in the guard config"
+        )
+
     def release(self, size: int) -> None:
         """Give back what :meth:`admit` took for a call of ``size`` bytes."""
         self.inflight -= 1
@@ -95,8 +115,39 @@ class Gate:
             )
         if self.inflight_bytes + size > self.config.max_inflight_bytes:
             return Refusal.INFLIGHT_BYTES, (
-                f"guard: calls in flight hold {self.inflight_bytes} bytes, and this request's "
+                f"guard: calls in flight and answers not yet taken by their clients hold "
+                f"{self.inflight_bytes} bytes, and this request's "
                 f"{size} more would pass max_inflight_mb ({self.config.max_inflight_mb} MiB); "
                 "retry with backoff, or raise max_inflight_mb in the guard config"
             )
         return None
+
+
+class Held:
+    """Bytes of one call's answers that the transport holds until its client
+    takes them: counted in the gate's budget from the hand-over until the
+    client has them, or until the call ends (:meth:`release_all`, as gRPC's
+    done callback). A client that opens no flow-control window, or reads
+    nothing, would otherwise make the guard hold every answer it asked for,
+    uncounted (20 answers of 16 MB held 700 MB)."""
+
+    __slots__ = ("_gate", "size")
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+        self.size = 0
+
+    def take(self, size: int) -> None:
+        """Count ``size`` more bytes handed over."""
+        self.size += size
+        self._gate.inflight_bytes += size
+
+    def give_back(self, size: int) -> None:
+        """``size`` of the bytes were taken by the client."""
+        size = min(size, self.size)
+        self.size -= size
+        self._gate.inflight_bytes -= size
+
+    def release_all(self, *_: object) -> None:
+        """The call ended: nothing of it is held any more."""
+        self.give_back(self.size)

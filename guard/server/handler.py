@@ -26,12 +26,12 @@ from guard.dataplane.pipeline import guard_predict_response
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.accounting import CallRecord
 from guard.server.deadlines import Deadlines
-from guard.server.gate import Gate, Refusal
+from guard.server.gate import Gate, Held, Refusal
 from guard.server.methods import PREDICT, MethodInfo
 from guard.server.status import grpc_code
 from guard.server.upstream import Upstream
 
-__all__ = ["Call", "CallHandler", "Metadata", "ServerState", "forwardable"]
+__all__ = ["GRPC_COPIES", "Call", "CallHandler", "Metadata", "ServerState", "forwardable"]
 
 logger = logging.getLogger("guard.proxy")
 
@@ -47,6 +47,9 @@ _HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "host", "grpc-time
 # enough, and the refused request went upstream as an empty one. No gRPC
 # client sends a unary call without a message, so only such odd calls wait.
 _EOF_SETTLE_S = 0.25
+GRPC_COPIES = 2
+"""gRPC holds an answer twice until the client takes it: the bytes handed to
+it, and its copy (16 MB answers held 44 MB each, allocator slack included)."""
 
 Metadata = tuple[tuple[str, Any], ...]
 _TIMED_OUT = object()
@@ -168,6 +171,12 @@ class CallHandler:
         response, trailers = await self._forward(info, request, metadata, context, call)
         gate = self._server.gate
         held = len(response)
+        refused = gate.answer_problem(held, len(request))
+        if refused is not None:
+            # gRPC keeps the refusal's traceback, and with it this frame, until
+            # a cyclic collection: not the answer too.
+            del response
+            await call.refuse(context, *refused)
         gate.inflight_bytes += held  # the budget counts the response while it is guarded
         try:
             if info.name == PREDICT and book.may_apply(spec.name if spec else None):
@@ -178,6 +187,7 @@ class CallHandler:
             gate.inflight_bytes -= held
         if trailers:
             context.set_trailing_metadata(trailers)
+        _hold_until_taken(gate, context, response)
         call.count("OK")
         return response
 
@@ -250,6 +260,7 @@ class CallHandler:
             response: bytes = await upstream_call
         except grpc.aio.AioRpcError as exc:
             await self._upstream_failed(exc, context, call)
+        _hold_until_taken(self._server.gate, context, response)
         call.count("OK")
         return response
 
@@ -340,6 +351,17 @@ class CallHandler:
         if guarded is None:
             return response, trailers
         return guarded.body, trailers + guarded.trailers()
+
+
+def _hold_until_taken(gate: Gate, context: Any, response: bytes) -> None:
+    """Count ``response`` in the budget until its call ends: gRPC holds the
+    answer until the client's flow-control window takes it, which a client
+    may never open (20 answers of 16 MB held 700 MB, uncounted)."""
+    held = Held(gate)
+    held.take(GRPC_COPIES * len(response))
+    context.add_done_callback(held.release_all)
+    if context.done():  # ended already (the client went away): no callback may come
+        held.release_all()
 
 
 async def _no_messages() -> AsyncIterator[bytes]:

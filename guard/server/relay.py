@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 
-from guard.server.gate import Refusal
-from guard.server.handler import Call, Metadata, ServerState, forwardable
+from guard.server.gate import Held, Refusal
+from guard.server.handler import GRPC_COPIES, Call, Metadata, ServerState, forwardable
 from guard.server.methods import MethodInfo
 
 __all__ = ["StreamRelay"]
@@ -81,9 +81,11 @@ class StreamRelay:
         watch = asyncio.ensure_future(self._watch(idle, upstream_call))
         for task in (pump, watch):
             task.add_done_callback(_retrieve)
+        refused = None
         try:
-            await self._responses(upstream_call, context, idle)
-            code = await upstream_call.code()
+            refused = await self._responses(upstream_call, context, idle)
+            # A refused stream's upstream call is cancelled below, unread.
+            code = grpc.StatusCode.CANCELLED if refused else await upstream_call.code()
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
         finally:
@@ -91,6 +93,8 @@ class StreamRelay:
             for task in (pump, watch):
                 task.cancel()
             upstream_call.cancel()
+        if refused is not None:
+            await call.refuse(context, *refused)
         await self._finish(upstream_call, code, watch, context, call)
 
     async def _requests(self, context: Any, upstream_call: Any, idle: _Idle) -> None:
@@ -103,17 +107,30 @@ class StreamRelay:
             idle.touch()
             await upstream_call.write(message)
 
-    async def _responses(self, upstream_call: Any, context: Any, idle: _Idle) -> None:
-        """Upstream to client: its initial metadata first, then each message."""
+    async def _responses(
+        self, upstream_call: Any, context: Any, idle: _Idle
+    ) -> tuple[Refusal, str] | None:
+        """Upstream to client: its initial metadata first, then each message,
+        counted in the budget until the client has taken it; a refusal where
+        the budget cannot take the next one."""
+        gate = self._server.gate
+        held = Held(gate)
+        context.add_done_callback(held.release_all)
         initial = await upstream_call.initial_metadata()
         if initial:
             await context.send_initial_metadata(initial)
         while True:
             message = await upstream_call.read()
             if message is grpc.aio.EOF:
-                return
+                return None
             idle.touch()
+            size = GRPC_COPIES * len(message)
+            refused = gate.answer_problem(size, held.size)
+            if refused is not None:
+                return refused
+            held.take(size)
             await context.write(message)
+            held.give_back(size)
 
     async def _watch(self, idle: _Idle, upstream_call: Any) -> None:
         """End a stream on which nothing moved for stream_idle_timeout_s."""

@@ -1,0 +1,84 @@
+"""Row 12: a client that asks for large answers and never opens its HTTP/2
+flow-control window (it answers PINGs, so the connection looks alive). gRPC
+holds each answer until the window opens; uncounted, 20 answers of 16 MB held
+about 700 MB. The answers held are counted in ``max_inflight_mb`` until their
+call ends: past it, the upstream's answer (a unary call's, or a relayed
+stream's next message) is refused with RESOURCE_EXHAUSTED naming the
+setting, a legitimate client is still served, and closing the connection
+gives the budget back."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.attacks import _harness as H
+from tests.attacks import h2raw, protos
+
+BUDGET_MB = 100
+RULES = f"max_inflight_mb: {BUDGET_MB}\n" + H.BASE_RULES
+VALUES = 4_000_000  # big:N answers N float32 values in tensor_content: 16 MB
+STREAMS = 20
+
+
+# What each stream asks for: a unary Predict answered by 16 MB, or a relayed
+# server stream of 16 MB messages (the upstream has more to send when the
+# guard refuses to take on the first).
+CALLS = {
+    "unary": (H.PREDICT, protos.predict_request(f"big:{VALUES}")),
+    "stream": (H.INTEROP + "Fanout", json.dumps({"n": 3, "size": VALUES * 4}).encode()),
+}
+
+
+def _open_without_window(port: int, path: str, request: bytes) -> tuple[h2raw.H2Client, list[int]]:
+    client = h2raw.H2Client(
+        "127.0.0.1", port, settings={h2raw.S_INITIAL_WINDOW_SIZE: 0},
+        auto_window=False, ack_pings=True,
+    )  # fmt: skip
+    streams = []
+    for _ in range(STREAMS):
+        sid = client.new_stream_id()
+        client.send_headers(sid, h2raw.grpc_request_headers(path))
+        client.send_data(sid, h2raw.grpc_message(request), end_stream=True)
+        streams.append(sid)
+    return client, streams
+
+
+@pytest.mark.parametrize("kind", sorted(CALLS))
+def test_answers_a_client_never_takes_are_bounded_by_the_budget(tmp_path: Path, kind: str) -> None:
+    with H.guarded(tmp_path, RULES) as (_up, guard):
+        rss_before = guard.rss_kb()
+        client, streams = _open_without_window(guard.port, *CALLS[kind])
+        try:
+
+            def refused() -> int:
+                return sum(
+                    1 for s in streams if s in client.streams and client.streams[s].grpc_status
+                )
+
+            client.wait(lambda: refused() >= STREAMS - 3, timeout=30)
+            client.drain(4.0)  # the refused answers' memory is trimmed meanwhile
+            held_rss_mb = (guard.rss_kb() - rss_before) / 1024
+            metrics = guard.metrics()
+            legit = H.legit_ok(guard.address, timeout=5)
+            statuses = [client.streams[s].grpc_status for s in streams if s in client.streams]
+            details = {client.streams[s].grpc_message for s in streams if s in client.streams}
+        finally:
+            client.close()
+        held = H.sample(metrics, "guard_inflight_bytes")
+        # Counted twice each (gRPC's copy): three fit in 100 MiB, the rest are refused.
+        answer = VALUES * 4  # and a few bytes of framing, in a unary answer
+        assert 3 * 2 * answer <= held <= 3 * 2 * (answer + 1024), held
+        assert statuses.count(8) == STREAMS - 3, statuses
+        assert any(d and "max_inflight_mb (100 MiB)" in d for d in details), details
+        assert H.sample(metrics, "guard_refused_requests_total", reason="inflight_bytes") == 17
+        assert legit.code == "OK", legit
+        # What the answers held cost (44 MB each): within deploy.md's 2 x max_inflight_mb.
+        assert held_rss_mb < 2 * BUDGET_MB, f"RSS grew {held_rss_mb:.0f} MB"
+        deadline = time.monotonic() + 10
+        while H.sample(guard.metrics(), "guard_inflight_bytes") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert H.sample(guard.metrics(), "guard_inflight_bytes") == 0
