@@ -504,17 +504,22 @@ async def test_a_reload_applies_to_rest_calls_too(
     assert (status, headers["x-guard-action"]) == (500, "rejected")
 
 
+@pytest.mark.parametrize("rows", [1, 20_000])
 async def test_a_signature_without_rules_passes_without_asking_for_metadata(
-    fake: FakeRestUpstream, make_guard: MakeGuard
+    fake: FakeRestUpstream, make_guard: MakeGuard, rows: int
 ) -> None:
-    body = predict_response([("output_1", WIDE, DT_FLOAT)], "row")
-    fake.predict("wide_deep", body)
+    """As it came, headers and framing included; an answer over 64 KiB (the
+    second case, 1 MB) is written a chunk at a time, with its length."""
+    body = predict_response([("output_1", np.tile(WIDE, (rows, 1)), DT_FLOAT)], "row")
+    fake.predict("wide_deep", body, headers={"Content-Type": "application/json", "X-Up": "1"})
     rule = {"name": "wide_deep", "signature": "other", "outputs": [{"name": "*"}]}
     guard = await make_guard([rule])
 
     status, headers, out = await post(f"{guard.rest_url}/v1/models/wide_deep:predict", "{}")
 
     assert (status, out) == (200, body)
+    assert (headers["X-Up"], headers["Content-Type"]) == ("1", "application/json")
+    assert headers["Content-Length"] == str(len(body)) and "Transfer-Encoding" not in headers
     assert "x-guard-action" not in headers
     assert [s.method for s in fake.seen] == ["POST"]
 

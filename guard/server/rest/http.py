@@ -1,12 +1,19 @@
 """The HTTP layer of the REST front-end: aiohttp's server with the guard's own
-answers to requests its parser refuses, and the headers a proxy must not
-forward.
+answers to requests its parser refuses, answers sent within the budget and
+``stream_idle_timeout_s``, and the headers a proxy must not forward.
 
 aiohttp's parser stops reading a header line past ``max_field_size`` and a
 request with more than ``max_headers`` headers; both are set a little above
 ``max_metadata_kb``/``max_metadata_entries``, whose exact check (the gate's)
 answers first with the setting's name. What the parser itself refuses gets a
 JSON error too, and is counted, never aiohttp's plain-text page.
+
+aiohttp writes an answer whole and then waits, without limit, for the client
+to take it: a client that reads nothing held each answer (twice) for as long
+as it kept the connection open. Here an answer larger than a chunk is written
+chunk by chunk, counted in the gate's budget until it is written, and every
+answer must make progress within ``stream_idle_timeout_s``, or its connection
+is cut (counted as ``stream_idle``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from multidict import CIMultiDict
 
 from guard.control.config import Config
 from guard.metrics.guard_metrics import OTHER, GuardMetrics
-from guard.server.gate import Refusal
+from guard.server.deadlines import Deadlines
+from guard.server.gate import Gate, Held, Refusal
 from guard.server.rest.call import REST, error_body, error_response
 from guard.server.rest.routes import code_of_status
 
@@ -37,6 +45,9 @@ __all__ = [
 _HEADER_SLACK = 1024
 _HEADERS_SLACK = 8
 _KEEPALIVE_S = 75.0
+CHUNK = 64 * 1024
+"""The most of an answer handed to the transport at once (aiohttp's own
+buffer limit): a larger one waits for the client to take the last."""
 
 # RFC 9110 7.6.1: headers of one connection, never forwarded.
 _HOP_BY_HOP = frozenset(
@@ -132,6 +143,8 @@ class _Handler(web.RequestHandler):
 
     guard_metrics: GuardMetrics
     guard_config: Config
+    guard_gate: Gate
+    guard_deadlines: Deadlines
     _guard_timer: asyncio.TimerHandle | None = None
     _guard_armed_at = 0
     """The request count when the timer was armed: the head it waits for is the next."""
@@ -183,6 +196,47 @@ class _Handler(web.RequestHandler):
         transport.write(head.encode() + body)
         transport.close()
 
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """Send ``resp`` (a large one chunk by chunk, counted in the budget),
+        cutting the connection where the client takes nothing of it for
+        ``stream_idle_timeout_s``."""
+        timeout = self.guard_config.stream_idle_timeout_s
+        try:
+            body = resp.body if isinstance(resp, web.Response) else None
+            if isinstance(body, bytes) and len(body) > CHUNK and request.method != "HEAD":
+                resp = await self._send_in_chunks(request, resp, body, timeout)
+            return await self.guard_deadlines.wait(
+                super().finish_response(request, resp, start_time), timeout
+            )
+        except TimeoutError:
+            self.guard_metrics.record_refusal(Refusal.STREAM_IDLE.value)
+            if self.transport is not None:
+                self.transport.abort()  # what it holds of the answer goes too
+            return resp, True
+
+    async def _send_in_chunks(
+        self, request: web.BaseRequest, resp: web.StreamResponse, body: bytes, timeout: float
+    ) -> web.StreamResponse:
+        """``resp`` with ``body`` written a chunk at a time, each within ``timeout``."""
+        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=resp.headers)
+        out.content_length = len(body)
+        if not resp.keep_alive:
+            out.force_close()
+        held = Held(self.guard_gate)
+        held.take(len(body))
+        try:
+            wait = self.guard_deadlines.wait
+            await wait(out.prepare(request), timeout)
+            view = memoryview(body)
+            for start in range(0, len(body), CHUNK):
+                await wait(out.write(view[start : start + CHUNK]), timeout)
+            await wait(out.write_eof(), timeout)
+        finally:
+            held.release_all()
+        return out
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -219,7 +273,9 @@ class HttpServer(web.Server):
     """aiohttp's low-level server with :class:`_Handler` per connection and the
     guard's parser limits."""
 
-    def __init__(self, handler: Any, config: Config, metrics: GuardMetrics, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: Any, config: Config, metrics: GuardMetrics, gate: Gate, **kwargs: Any
+    ) -> None:
         super().__init__(
             handler,
             handler_cancellation=True,
@@ -233,9 +289,13 @@ class HttpServer(web.Server):
         )
         self._guard_config = config
         self._guard_metrics = metrics
+        self._guard_gate = gate
+        self._guard_deadlines = Deadlines()
 
     def __call__(self) -> web.RequestHandler:
         handler = _Handler(self, loop=self._loop, **self._kwargs)
         handler.guard_metrics = self._guard_metrics
         handler.guard_config = self._guard_config
+        handler.guard_gate = self._guard_gate
+        handler.guard_deadlines = self._guard_deadlines
         return handler

@@ -34,6 +34,7 @@ from guard.server.gate import Gate, Refusal
 from guard.server.rest.call import Answer, RestCall
 from guard.server.rest.guarding import RestRequest, guard_rest_response
 from guard.server.rest.http import (
+    CHUNK,
     AsSent,
     HttpServer,
     forward_headers,
@@ -53,7 +54,6 @@ T = TypeVar("T")
 
 _DRAIN_POLL_S = 0.02
 _FINAL_GRACE_S = 0.5
-_CHUNK = 64 * 1024
 
 
 class RestState(Protocol):
@@ -102,7 +102,7 @@ class RestFrontEnd:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._http = HttpServer(
-            self._handle, config, self._state.metrics,
+            self._handle, config, self._state.metrics, self._state.gate,
             request_factory=request_factory(config.max_request_bytes),
         )  # fmt: skip
         self._runner = web.ServerRunner(
@@ -277,7 +277,7 @@ class RestFrontEnd:
         )  # fmt: skip
         await answer.prepare(request)
         try:
-            async for chunk in upstream.content.iter_chunked(_CHUNK):
+            async for chunk in upstream.content.iter_chunked(CHUNK):
                 await answer.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The status line is sent: all that is left is to break the
@@ -301,12 +301,15 @@ class RestFrontEnd:
         status, reason, headers = upstream.status, upstream.reason, upstream.headers
         if data is None:
             raise _response_too_large(upstream.content_length, limit)
+        gate = self._state.gate
+        refused = gate.answer_problem(len(data), len(body))
+        if refused is not None:
+            raise Answer(429, refused[1], refused[0])
         if status != 200:
             call.count_status(status)  # the upstream's error, unchanged
             return web.Response(
                 status=status, reason=reason, body=data, headers=response_headers(headers)
             )
-        gate = self._state.gate
         gate.inflight_bytes += len(data)  # held while it is guarded
         try:
             guarded = await self._guard(target, fmt, signature, data, headers, book)
