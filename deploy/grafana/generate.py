@@ -439,7 +439,8 @@ def _protection_panels() -> list[Any]:
             "Calls receiving and bytes in flight",
             "Calls whose request has not fully arrived (bounded by max_pending_requests and "
             "request_timeout_s), and the bytes of requests and responses that calls in flight "
-            "hold (bounded by max_inflight_mb). A plateau at a limit means refusals.",
+            "hold, answers their clients have not taken yet included (bounded by "
+            "max_inflight_mb). A plateau at a limit means refusals.",
             "short",
             _query("sum(guard_pending_requests)", "receiving"),
             _query("sum(guard_inflight_bytes)", "bytes in flight", "B"),

@@ -182,8 +182,8 @@ class Config:
     )  # fmt: skip
     max_inflight_mb: int = _setting(
         128, as_int(1, 65536), "give whole MiB >= 1",
-        "Bytes that requests and responses in flight may hold together; calls beyond it get "
-        "RESOURCE_EXHAUSTED.",
+        "Bytes that requests and responses in flight, and answers their clients have not taken "
+        "yet, may hold together; calls (and upstream answers) beyond it get RESOURCE_EXHAUSTED.",
     )  # fmt: skip
     max_concurrent_rpcs: int = _setting(
         1024, as_int(1, 1_000_000), "give a whole number >= 1",
@@ -199,7 +199,8 @@ class Config:
     )  # fmt: skip
     stream_idle_timeout_s: float = _setting(
         300.0, as_float(0.0, 86400.0, lo_open=True), "give seconds, > 0",
-        "A proxied stream with no message either way for this long is ended.",
+        "A proxied stream with no message either way for this long is ended; a REST answer of "
+        "which the client takes nothing for this long has its connection cut.",
     )  # fmt: skip
     max_streams_per_connection: int = _setting(
         100, as_int(1, 1_000_000), "give a whole number >= 1",
