@@ -427,8 +427,9 @@ def _protection_panels() -> list[Any]:
             "them: metadata (max_metadata_kb/entries), pending_requests, request_timeout "
             "(a request that never completed), request_too_large (max_request_mb), "
             "inflight_calls / inflight_bytes (max_concurrent_rpcs, max_inflight_mb), "
-            "response_too_large (max_message_mb), stream_idle. Clients got the limit's name "
-            "in the error details (GuardRefusingCalls).",
+            "response_too_large (max_message_mb), stream_idle (stream_idle_timeout_s), "
+            "connections (max_connections, REST). Clients got the limit's name in the error "
+            "details (GuardRefusingCalls).",
             "reqps",
             _query(
                 "sum by (reason) (rate(guard_refused_requests_total[$__rate_interval]))",

@@ -206,6 +206,11 @@ class Config:
         100, as_int(1, 1_000_000), "give a whole number >= 1",
         "HTTP/2 streams one client connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).",
     )  # fmt: skip
+    max_connections: int = _setting(
+        2048, as_int(1, 1_000_000), "give a whole number >= 1",
+        "Client connections each listener (gRPC, REST) of a guard process holds at once; a new "
+        "one beyond it is closed at once (over REST, after a 503 saying why).",
+    )  # fmt: skip
     max_metadata_kb: int = _setting(
         16, as_int(1, 1024), "give whole KiB between 1 and 1024",
         "Largest request metadata (headers), in KiB; larger gets RESOURCE_EXHAUSTED.",

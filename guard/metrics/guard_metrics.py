@@ -103,7 +103,7 @@ class GuardMetrics:
             "guard_refused_requests_total",
             "Calls the guard refused to protect itself, by the limit that refused them "
             "(metadata, pending_requests, request_timeout, request_too_large, inflight_calls, "
-            "inflight_bytes, response_too_large, stream_idle).",
+            "inflight_bytes, response_too_large, stream_idle, connections).",
             ["reason"],
         )
         self.upstream_duration = LatencyHistogram(

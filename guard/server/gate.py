@@ -29,6 +29,7 @@ class Refusal(Enum):
     INFLIGHT_BYTES = "inflight_bytes"
     RESPONSE_TOO_LARGE = "response_too_large"
     STREAM_IDLE = "stream_idle"
+    CONNECTIONS = "connections"
 
 
 class Gate:

@@ -64,6 +64,10 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        # Each of the port's servers takes its share; gRPC closes what comes
+        # past it before the HTTP/2 handshake (the kernel spreads connections
+        # across the servers by their addresses).
+        ("grpc.max_allowed_incoming_connections", -(-config.max_connections // _LISTENERS)),
         ("grpc.max_metadata_size", metadata),
         ("grpc.absolute_max_metadata_size", metadata),
         ("grpc.max_connection_idle_ms", int(config.max_connection_idle_s * ms)),

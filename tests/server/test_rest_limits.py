@@ -410,3 +410,31 @@ async def test_model_metadata_is_read_up_to_4_mib(
     fresh = await make_guard(models=[_RULE_OF_M])
     status, answer, _ = await _predict_timing_the_loop(fresh)
     assert status == 200 and json.loads(answer)["guard_outputs"][0]["p_class"] == 0
+
+
+async def test_connections_past_max_connections_get_503_and_a_freed_one_is_taken(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """Idle connections up to the cap are held; the next gets 503 naming
+    max_connections, and is closed; once one of the held ones goes, a new
+    connection is served."""
+    fake.reply("GET", "/v1/models/m", Reply(body=b'{"ok": true}'))
+    guard = await make_guard(max_connections=4)
+    assert guard.rest is not None
+    held = [await asyncio.open_connection("127.0.0.1", guard.rest.port) for _ in range(4)]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", guard.rest.port)
+        answer = await asyncio.wait_for(reader.read(), 5)  # then the guard closes it
+        writer.close()
+        status, error = split(answer)
+        assert status == 503
+        assert "max_connections (4)" in error["error"]
+        assert refused(guard, "connections") == 1
+        held[0][1].close()
+        await asyncio.sleep(0.2)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{guard.rest_url}/v1/models/m") as response:
+                assert (response.status, await response.read()) == (200, b'{"ok": true}')
+    finally:
+        for _, held_writer in held:
+            held_writer.close()

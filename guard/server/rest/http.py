@@ -145,13 +145,36 @@ class _Handler(web.RequestHandler):
     guard_config: Config
     guard_gate: Gate
     guard_deadlines: Deadlines
+    guard_server: HttpServer
     _guard_timer: asyncio.TimerHandle | None = None
     _guard_armed_at = 0
     """The request count when the timer was armed: the head it waits for is the next."""
 
+    _guard_counted = False
+    """Whether this connection holds one of ``max_connections``."""
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        server = self.guard_server
+        if server.open_connections >= self.guard_config.max_connections:
+            self._refuse_connection(transport)
+            return
+        server.open_connections += 1
+        self._guard_counted = True
         self._arm_header_deadline(transport)
+
+    def _refuse_connection(self, transport: asyncio.BaseTransport) -> None:
+        """Answer 503 at once, saying why, and close: the listener holds
+        ``max_connections`` already."""
+        config, metrics = self.guard_config, self.guard_metrics
+        metrics.record_refusal(Refusal.CONNECTIONS.value)
+        metrics.record_request(REST, OTHER, OTHER, code_of_status(503))
+        _answer_and_close(
+            transport, 503, "Service Unavailable",
+            f"guard: the REST listener holds max_connections ({config.max_connections}) "
+            "connections already; retry with backoff, reuse connections, or raise "
+            "max_connections in the guard config",
+        )  # fmt: skip
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -168,6 +191,9 @@ class _Handler(web.RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._guard_timer is not None:
             self._guard_timer.cancel()
+        if self._guard_counted:
+            self._guard_counted = False
+            self.guard_server.open_connections -= 1
         super().connection_lost(exc)
 
     def _arm_header_deadline(self, transport: asyncio.BaseTransport) -> None:
@@ -184,17 +210,11 @@ class _Handler(web.RequestHandler):
         config, metrics = self.guard_config, self.guard_metrics
         metrics.record_refusal(Refusal.REQUEST_TIMEOUT.value)
         metrics.record_request(REST, OTHER, OTHER, code_of_status(408))
-        body = error_body(
+        _answer_and_close(
+            transport, 408, "Request Timeout",
             f"guard: the request's headers did not arrive within request_timeout_s "
-            f"({config.request_timeout_s:g} s); send them at once, or raise request_timeout_s"
-        )
-        head = (
-            "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(head.encode() + body)
-        transport.close()
+            f"({config.request_timeout_s:g} s); send them at once, or raise request_timeout_s",
+        )  # fmt: skip
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
@@ -261,6 +281,20 @@ class _Handler(web.RequestHandler):
         return response
 
 
+def _answer_and_close(
+    transport: asyncio.BaseTransport, status: int, reason: str, message: str
+) -> None:
+    """The guard's JSON error, written on the raw transport, which then closes."""
+    body = error_body(message)
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    assert isinstance(transport, asyncio.WriteTransport)
+    transport.write(head.encode() + body)
+    transport.close()
+
+
 def _too_much_metadata(config: Config) -> str:
     return (
         f"guard: the request's URL or headers are larger than max_metadata_kb "
@@ -291,6 +325,8 @@ class HttpServer(web.Server):
         self._guard_metrics = metrics
         self._guard_gate = gate
         self._guard_deadlines = Deadlines()
+        self.open_connections = 0
+        """Client connections held (refused ones are not counted)."""
 
     def __call__(self) -> web.RequestHandler:
         handler = _Handler(self, loop=self._loop, **self._kwargs)
@@ -298,4 +334,5 @@ class HttpServer(web.Server):
         handler.guard_config = self._guard_config
         handler.guard_gate = self._guard_gate
         handler.guard_deadlines = self._guard_deadlines
+        handler.guard_server = self
         return handler
