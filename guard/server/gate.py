@@ -102,6 +102,20 @@ class Gate:
             "max_inflight_mb in the guard config"
         )
 
+    def arriving_problem(self, received: int) -> tuple[Refusal, str] | None:
+        """Why a request body still arriving, whose ``received`` bytes are
+        counted already, may not go on, or ``None``: the budget is past, and
+        other calls hold some of it (a call alone is never refused)."""
+        others = self.inflight_bytes - received
+        if others <= 0 or self.inflight_bytes <= self.config.max_inflight_bytes:
+            return None
+        return Refusal.INFLIGHT_BYTES, (
+            f"guard: calls in flight and answers not yet taken by their clients hold {others} "
+            f"bytes, and this request's {received} bytes so far pass max_inflight_mb "
+            f"({self.config.max_inflight_mb} MiB); retry with backoff, or raise max_inflight_mb "
+            "in the guard config"
+        )
+
     def release(self, size: int) -> None:
         """Give back what :meth:`admit` took for a call of ``size`` bytes."""
         self.inflight -= 1
