@@ -139,12 +139,13 @@ class Gate:
 
 
 class Held:
-    """Bytes of one call's answers that the transport holds until its client
-    takes them: counted in the gate's budget from the hand-over until the
-    client has them, or until the call ends (:meth:`release_all`, as gRPC's
-    done callback). A client that opens no flow-control window, or reads
-    nothing, would otherwise make the guard hold every answer it asked for,
-    uncounted (20 answers of 16 MB held 700 MB)."""
+    """Bytes one call holds outside the gate's admission, counted in its
+    budget: an answer from its hand-over to the transport until the client
+    has taken it, or the call ends (:meth:`release_all`, as gRPC's done
+    callback); a request body as it arrives. A client that opens no
+    flow-control window, or reads nothing, would otherwise make the guard
+    hold every answer it asked for, uncounted (20 answers of 16 MB held
+    700 MB)."""
 
     __slots__ = ("_gate", "size")
 
@@ -158,7 +159,7 @@ class Held:
         self._gate.inflight_bytes += size
 
     def give_back(self, size: int) -> None:
-        """``size`` of the bytes were taken by the client."""
+        """``size`` of the bytes are no longer held (the client took them)."""
         size = min(size, self.size)
         self.size -= size
         self._gate.inflight_bytes -= size

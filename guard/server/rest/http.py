@@ -166,15 +166,29 @@ class _Handler(web.RequestHandler):
     def _refuse_connection(self, transport: asyncio.BaseTransport) -> None:
         """Answer 503 at once, saying why, and close: the listener holds
         ``max_connections`` already."""
-        config, metrics = self.guard_config, self.guard_metrics
-        metrics.record_refusal(Refusal.CONNECTIONS.value)
-        metrics.record_request(REST, OTHER, OTHER, code_of_status(503))
-        _answer_and_close(
-            transport, 503, "Service Unavailable",
-            f"guard: the REST listener holds max_connections ({config.max_connections}) "
+        self._refuse_raw(
+            transport, Refusal.CONNECTIONS, 503, "Service Unavailable",
+            f"guard: the REST listener holds max_connections ({self.guard_config.max_connections}) "
             "connections already; retry with backoff, reuse connections, or raise "
             "max_connections in the guard config",
         )  # fmt: skip
+
+    def _refuse_raw(
+        self, transport: asyncio.BaseTransport, refusal: Refusal, status: int, reason: str,
+        message: str,
+    ) -> None:  # fmt: skip
+        """Count a refusal made before any request was read, write the
+        guard's JSON error on the raw transport, and close it."""
+        self.guard_metrics.record_refusal(refusal.value)
+        self.guard_metrics.record_request(REST, OTHER, OTHER, code_of_status(status))
+        body = error_body(message)
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(head.encode() + body)
+        transport.close()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -207,13 +221,11 @@ class _Handler(web.RequestHandler):
         self._guard_timer = None  # a re-armed deadline cancels the one before: this is the last
         if self._request_count > self._guard_armed_at or transport.is_closing():
             return
-        config, metrics = self.guard_config, self.guard_metrics
-        metrics.record_refusal(Refusal.REQUEST_TIMEOUT.value)
-        metrics.record_request(REST, OTHER, OTHER, code_of_status(408))
-        _answer_and_close(
-            transport, 408, "Request Timeout",
+        self._refuse_raw(
+            transport, Refusal.REQUEST_TIMEOUT, 408, "Request Timeout",
             f"guard: the request's headers did not arrive within request_timeout_s "
-            f"({config.request_timeout_s:g} s); send them at once, or raise request_timeout_s",
+            f"({self.guard_config.request_timeout_s:g} s); send them at once, or raise "
+            "request_timeout_s",
         )  # fmt: skip
 
     async def finish_response(
@@ -279,20 +291,6 @@ class _Handler(web.RequestHandler):
         response = error_response(status, text)
         response.force_close()
         return response
-
-
-def _answer_and_close(
-    transport: asyncio.BaseTransport, status: int, reason: str, message: str
-) -> None:
-    """The guard's JSON error, written on the raw transport, which then closes."""
-    body = error_body(message)
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    assert isinstance(transport, asyncio.WriteTransport)
-    transport.write(head.encode() + body)
-    transport.close()
 
 
 def _too_much_metadata(config: Config) -> str:
