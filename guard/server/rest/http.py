@@ -48,6 +48,9 @@ _KEEPALIVE_S = 75.0
 CHUNK = 64 * 1024
 """The most of an answer handed to the transport at once (aiohttp's own
 buffer limit): a larger one waits for the client to take the last."""
+# What the transport may hold with the answer (its head aside) and stay under
+# asyncio's high-water mark (64 KiB), past which aiohttp waits for the client.
+_CANNOT_BLOCK = CHUNK // 2
 
 # RFC 9110 7.6.1: headers of one connection, never forwarded.
 _HOP_BY_HOP = frozenset(
@@ -233,11 +236,17 @@ class _Handler(web.RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         """Send ``resp`` (a large one chunk by chunk, counted in the budget),
         cutting the connection where the client takes nothing of it for
-        ``stream_idle_timeout_s``."""
+        ``stream_idle_timeout_s``. An answer that leaves the transport under
+        its high-water mark is never waited on, and goes as aiohttp sends it."""
+        body = resp.body if isinstance(resp, web.Response) else None
+        size = len(body) if isinstance(body, bytes) else 0
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() + size <= _CANNOT_BLOCK:
+            # Below the transport's high-water mark aiohttp never waits: no deadline to keep.
+            return await super().finish_response(request, resp, start_time)
         timeout = self.guard_config.stream_idle_timeout_s
         try:
-            body = resp.body if isinstance(resp, web.Response) else None
-            if isinstance(body, bytes) and len(body) > CHUNK and request.method != "HEAD":
+            if isinstance(body, bytes) and size > CHUNK and request.method != "HEAD":
                 resp = await self._send_in_chunks(request, resp, body, timeout)
             return await self.guard_deadlines.wait(
                 super().finish_response(request, resp, start_time), timeout
