@@ -24,7 +24,7 @@ from tests.support.guard import GuardProcess, guard_process
 from tests.support.rest_upstream import FakeRestUpstream
 
 BUDGET_MB = 64
-IDLE_S = 12.0
+IDLE_S = 15.0
 RULES = (
     f"max_inflight_mb: {BUDGET_MB}\n"
     "models:\n  - name: m\n    outputs: [{name: p, valid_range: [0, 1], argmax: true}]\n"
