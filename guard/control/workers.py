@@ -138,6 +138,7 @@ class _Pool:
         self.children: list[Child] = []
         self.stopping = False
         self._restarts: list[float] = []
+        self._stopped: set[int] = set()
 
     def start_one(self) -> Child:
         child = _start_worker(self.argv)
@@ -146,9 +147,16 @@ class _Pool:
         return child
 
     def signal(self, signum: int) -> None:
+        """Send ``signum`` to every worker running; SIGTERM and SIGINT only
+        once to each: a second one, arriving after a worker's drain has
+        ended, would kill it mid-exit (-15)."""
+        stop = signum != signal.SIGHUP
         for child in self.children:
-            if child.process.poll() is None:
-                child.process.send_signal(signum)
+            if child.process.poll() is not None or (stop and child.process.pid in self._stopped):
+                continue
+            child.process.send_signal(signum)
+            if stop:
+                self._stopped.add(child.process.pid)
 
     def urls(self) -> list[str]:
         return [f"http://127.0.0.1:{c.ports['metrics']}/metrics" for c in self.children]

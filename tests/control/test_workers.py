@@ -6,13 +6,17 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from guard.control.process import Child
+from guard.control.workers import _Pool
 from tests.support.guard import scrape
 from tests.support.protos import predict_request, predict_response
 from tests.support.upstream import FakeUpstream
@@ -183,3 +187,44 @@ async def test_workers_share_the_rest_port_too(tmp_path: Path) -> None:
             proc.kill()
             await proc.wait()
         await fake.stop()
+
+
+_COUNT_SIGNALS = """
+import signal, sys, time
+def note(signum, _frame):
+    with open(sys.argv[1], "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, note)
+open(sys.argv[1], "a").close()
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_the_supervisor_tells_each_worker_to_stop_once(tmp_path: Path) -> None:
+    """A worker whose drain has ended tears down without its signal
+    handlers: a second SIGTERM then kills it (-15), and the supervisor
+    exited 241. That happened when the test's SIGTERM came while a
+    replacement was starting: the signal went to the running workers, and
+    again to all once the replacement was up. Reloads (SIGHUP) still go to
+    every worker each time."""
+    pool = _Pool([])
+    for n in range(2):
+        log = tmp_path / f"w{n}.log"
+        process = subprocess.Popen([sys.executable, "-c", _COUNT_SIGNALS, str(log)])
+        pool.children.append(Child(process, {}, None, tmp_path))
+        for _ in range(200):  # bounded: until its handlers are in place
+            if log.exists():
+                break
+            time.sleep(0.025)
+    try:
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            pool.signal(signum)
+            time.sleep(0.2)  # pending signals would be delivered by number, not in order
+        for n in range(2):
+            assert (tmp_path / f"w{n}.log").read_text().split() == ["SIGHUP", "SIGTERM", "SIGHUP"]
+    finally:
+        for child in pool.children:
+            child.process.kill()
+            child.process.wait()
