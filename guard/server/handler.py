@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, NoReturn, Protocol
 
@@ -25,6 +26,7 @@ from guard.dataplane.errors import GuardError, ResponseTooLargeError
 from guard.dataplane.pipeline import guard_predict_response
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.accounting import CallRecord
+from guard.server.arrivals import Arrivals
 from guard.server.deadlines import Deadlines
 from guard.server.gate import Gate, Held, Refusal
 from guard.server.methods import PREDICT, MethodInfo
@@ -53,6 +55,7 @@ it, and its copy (16 MB answers held 44 MB each, allocator slack included)."""
 
 Metadata = tuple[tuple[str, Any], ...]
 _TIMED_OUT = object()
+_SHED = object()
 
 
 def forwardable(metadata: Sequence[tuple[str, Any]] | None) -> Metadata:
@@ -71,6 +74,7 @@ class ServerState(Protocol):
     metrics: GuardMetrics
     upstream: Upstream
     gate: Gate
+    arrivals: Arrivals
     cut_off: float | None
     """The grace period, once a shutdown's ran out (``None`` until then)."""
 
@@ -132,6 +136,14 @@ class CallHandler:
             return await self._in_flight(info, request, metadata, spec, book, context, call)
         except asyncio.CancelledError:
             call.ended_by_client(context)
+            raise
+        except BaseException as exc:
+            # gRPC keeps an ended call's exception, and with it every frame it
+            # passed, until a cyclic collection, which may not come for long:
+            # not the request and answer too (three refused requests of 31 MB
+            # were held for good, and the arrivals watch saw them as arriving).
+            request = None
+            traceback.clear_frames(exc.__traceback__)
             raise
         finally:
             call.finish()
@@ -207,11 +219,20 @@ class CallHandler:
         problem = gate.pending_problem()
         if problem is not None:
             await call.refuse(context, Refusal.PENDING, problem)
+        task = asyncio.current_task()
+        assert task is not None
+        arrivals = self._server.arrivals
+        if not arrivals.admit():
+            await call.refuse(context, Refusal.INFLIGHT_BYTES, arrivals.problem())
         gate.pending += 1
+        arrivals.begin(task)
         try:
-            message = await self._read(context)
+            message = await self._read(context, task)
         finally:
             gate.pending -= 1  # before any answer: a scrape after it sees the slot free
+            arrivals.end(task)
+        if message is _SHED:
+            await call.refuse(context, Refusal.INFLIGHT_BYTES, arrivals.problem())
         if message is _TIMED_OUT:
             timeout_s = self._server.config.request_timeout_s
             await call.refuse(
@@ -228,12 +249,17 @@ class CallHandler:
         assert isinstance(message, bytes)
         return message
 
-    async def _read(self, context: Any) -> Any:
-        """The next message, EOF, or ``_TIMED_OUT`` after request_timeout_s."""
+    async def _read(self, context: Any, task: asyncio.Task[Any]) -> Any:
+        """The next message, EOF, ``_TIMED_OUT`` after request_timeout_s, or
+        ``_SHED`` when the requests arriving hold too much (:mod:`arrivals`)."""
         try:
             return await self._deadlines.wait(context.read(), self._server.config.request_timeout_s)
         except TimeoutError:
             return _TIMED_OUT
+        except asyncio.CancelledError:
+            if self._server.arrivals.was_shed(task):
+                return _SHED
+            raise
 
     async def _settle_after_eof(self, call: Call) -> None:
         """A request that ended with no message: either the client sent none,

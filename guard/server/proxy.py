@@ -24,6 +24,7 @@ from guard.control.config import Config
 from guard.dataplane.book import RuleBook
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server import tls
+from guard.server.arrivals import Arrivals
 from guard.server.gate import Gate, Refusal
 from guard.server.handler import CallHandler
 from guard.server.methods import PREDICT, ProxyHandler
@@ -86,6 +87,8 @@ class GuardServer:
         self._book = RuleBook(config.models, config.max_message_bytes)
         self.upstream = Upstream(config, self._upstream_state)
         self.gate = Gate(config)
+        self.arrivals = Arrivals(self.gate)
+        self._arrivals_watch: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._servers: list[grpc.aio.Server] = []
         self._watch: asyncio.Task[None] | None = None
@@ -147,6 +150,7 @@ class GuardServer:
             self._servers.append(await self._start_listener())
         await self.upstream.start()
         self._watch = asyncio.create_task(self._watch_servers(), name="guard-server-watch")
+        self._arrivals_watch = asyncio.create_task(self.arrivals.run(), name="guard-arrivals")
         return self.port
 
     async def _start_listener(self) -> grpc.aio.Server:
@@ -230,6 +234,9 @@ class GuardServer:
         await asyncio.gather(*(s.stop(_FINAL_GRACE_S) for s in self._servers))
         await asyncio.gather(*stopping, *self._retiring)
         await self.upstream.close()
+        if self._arrivals_watch is not None:
+            self._arrivals_watch.cancel()
+        self.arrivals.close()
 
     # ---------------------------------------------------------------- health
 

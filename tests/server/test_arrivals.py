@@ -1,0 +1,134 @@
+"""guard.server.arrivals: which calls receiving a request the watch refuses,
+and when, read against a memory reading the test sets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from guard.control.config import Config
+from guard.server.arrivals import Arrivals
+from guard.server.gate import Gate
+
+MB = 1024 * 1024
+
+
+class Memory:
+    """RSS and heap in use, as the test says they are."""
+
+    def __init__(self) -> None:
+        self.rss = 100 * MB
+        self.in_use = 20 * MB
+
+
+def _arrivals(budget_mb: int = 64) -> tuple[Arrivals, Gate, Memory]:
+    memory = Memory()
+    gate = Gate(Config(max_inflight_mb=budget_mb))
+    return Arrivals(gate, lambda: memory.rss, lambda: memory.in_use), gate, memory
+
+
+async def _receiving(arrivals: Arrivals, n: int) -> list[asyncio.Task[Any]]:
+    """``n`` tasks that wait as a read does, in the order they began."""
+    tasks = [asyncio.create_task(asyncio.sleep(10)) for _ in range(n)]
+    for task in tasks:
+        arrivals.begin(task)
+    return tasks
+
+
+async def _shed(arrivals: Arrivals, tasks: list[asyncio.Task[Any]]) -> list[bool]:
+    await asyncio.sleep(0)  # the cancellations are delivered
+    return [task.cancelled() and arrivals.was_shed(task) for task in tasks]
+
+
+async def test_past_the_bound_all_but_the_first_call_receiving_are_refused() -> None:
+    arrivals, _gate, memory = _arrivals()
+    tasks = await _receiving(arrivals, 3)
+    assert arrivals.check() == 0
+    memory.rss += 65 * MB
+    memory.in_use += 65 * MB
+    assert arrivals.check() == 2
+    assert await _shed(arrivals, tasks) == [False, True, True]
+    assert "max_inflight_mb (64 MiB)" in arrivals.problem()
+    tasks[0].cancel()
+
+
+async def test_what_the_gate_counts_is_not_held_against_arrivals() -> None:
+    arrivals, gate, memory = _arrivals()
+    tasks = await _receiving(arrivals, 2)
+    gate.inflight_bytes = 40 * MB
+    memory.rss += 100 * MB
+    memory.in_use += 100 * MB
+    assert arrivals.check() == 0  # 100 MB: 40 counted, 60 arriving
+    memory.rss += 5 * MB
+    memory.in_use += 5 * MB
+    assert arrivals.check() == 1
+    for task in tasks:
+        task.cancel()
+
+
+async def test_freed_memory_not_yet_handed_back_refuses_nothing() -> None:
+    arrivals, _gate, memory = _arrivals()
+    tasks = await _receiving(arrivals, 2)
+    memory.rss += 300 * MB  # a burst's freed heap, until the trimmer runs
+    assert arrivals.check() == 0
+    assert arrivals.admit()
+    memory.in_use += 65 * MB
+    assert arrivals.check() == 1
+    for task in tasks:
+        task.cancel()
+
+
+async def test_a_call_alone_is_never_refused() -> None:
+    arrivals, _gate, memory = _arrivals()
+    (task,) = await _receiving(arrivals, 1)
+    memory.rss += 1000 * MB
+    memory.in_use += 1000 * MB
+    assert arrivals.check() == 0
+    assert not task.cancelled()
+    arrivals.end(task)
+    assert arrivals.admit()  # nothing else receiving
+    task.cancel()
+
+
+async def test_while_past_the_bound_a_new_call_is_refused_before_it_reads() -> None:
+    arrivals, _gate, memory = _arrivals()
+    tasks = await _receiving(arrivals, 2)
+    memory.rss += 65 * MB
+    memory.in_use += 65 * MB
+    arrivals.check()
+    assert not arrivals.admit()
+    memory.rss -= 65 * MB
+    memory.in_use -= 65 * MB
+    assert arrivals.admit()  # read again, not the last reading's verdict
+    for task in tasks:
+        task.cancel()
+
+
+async def test_the_watch_reads_only_while_two_calls_receive() -> None:
+    readings = 0
+    memory = Memory()
+
+    def rss() -> int:
+        nonlocal readings
+        readings += 1
+        return memory.rss
+
+    arrivals = Arrivals(Gate(Config()), rss, lambda: memory.in_use)
+    watch = asyncio.create_task(arrivals.run())
+    try:
+        (first,) = await _receiving(arrivals, 1)
+        await asyncio.sleep(0.05)
+        assert readings == 1  # the reading at start only
+        (second,) = await _receiving(arrivals, 1)
+        await asyncio.sleep(0.05)
+        assert readings > 3
+        arrivals.end(second)
+        await asyncio.sleep(0.02)
+        settled = readings
+        await asyncio.sleep(0.05)
+        assert readings == settled
+        first.cancel()
+        second.cancel()
+    finally:
+        watch.cancel()
+        arrivals.close()
