@@ -22,6 +22,7 @@ import asyncio
 import ctypes
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,7 @@ class Arrivals:
         """RSS over its low-water mark at the last reading, in bytes."""
         self.over = False
         """Whether that was past the bound."""
+        self._read_at = 0.0
 
     def begin(self, task: asyncio.Task[Any]) -> None:
         """``task`` starts receiving a request."""
@@ -88,10 +90,12 @@ class Arrivals:
 
     def admit(self) -> bool:
         """Whether a call may start receiving: alone, or while the process is
-        within bounds (read again when the last reading said it was not)."""
+        within bounds. A reading that said it was not is taken again once a
+        tick old (at most one a tick: the heap's costs up to 0.25 ms)."""
         if not self.over or not self._receiving:
             return True
-        self.check()
+        if time.monotonic() - self._read_at >= TICK_S:
+            self.check()
         return not self.over
 
     async def run(self) -> None:
@@ -106,6 +110,7 @@ class Arrivals:
     def check(self) -> int:
         """Read RSS once; refuse all but the first call receiving if it is
         past the bound. Returns how many were refused."""
+        self._read_at = time.monotonic()
         rss = self._rss()
         self._low = min(self._low, rss)
         self.grown = rss - self._low

@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from guard.control.config import Config
-from guard.server.arrivals import Arrivals
+from guard.server.arrivals import TICK_S, Arrivals
 from guard.server.gate import Gate
 
 MB = 1024 * 1024
@@ -99,6 +99,8 @@ async def test_while_past_the_bound_a_new_call_is_refused_before_it_reads() -> N
     assert not arrivals.admit()
     memory.rss -= 65 * MB
     memory.in_use -= 65 * MB
+    assert not arrivals.admit()  # the reading of this tick still holds
+    await asyncio.sleep(2 * TICK_S)
     assert arrivals.admit()  # read again, not the last reading's verdict
     for task in tasks:
         task.cancel()
