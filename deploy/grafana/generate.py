@@ -447,12 +447,13 @@ def _protection_panels() -> list[Any]:
             _query("sum(guard_inflight_bytes)", "bytes in flight", "B"),
         ),
         stat.Panel()
-        .title("gRPC server restarts")
+        .title("gRPC server restarts, memory resets")
         .description(
-            "Times a guard's gRPC server stopped by itself and was started again on the same "
-            "port, over the dashboard's range. Each is a client sending malformed HTTP/2 "
-            "(a method name that is not UTF-8, in grpcio 1.85); calls in flight were not "
-            "lost (GuardServerRestarted)."
+            "Over the dashboard's range: times a guard's gRPC server stopped by itself and was "
+            "started again on the same port, each a client sending malformed HTTP/2 (a method "
+            "name that is not UTF-8, in grpcio 1.85; calls in flight were not lost, "
+            "GuardServerRestarted); and times a guard passed max_memory_mb and closed every "
+            "gRPC client connection (GuardMemoryCeiling)."
         )
         .datasource(DATASOURCE)
         .span(6)
@@ -460,6 +461,9 @@ def _protection_panels() -> list[Any]:
         .unit("short")
         .with_target(
             _query("sum(increase(guard_server_restarts_total[$__range]))", "restarts", instant=True)
+        )
+        .with_target(
+            _query("sum(increase(guard_memory_resets_total[$__range]))", "resets", instant=True)
         ),
     ]
 

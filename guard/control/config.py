@@ -185,6 +185,12 @@ class Config:
         "Bytes that requests and responses in flight, and answers their clients have not taken "
         "yet, may hold together; calls (and upstream answers) beyond it get RESOURCE_EXHAUSTED.",
     )  # fmt: skip
+    max_memory_mb: int = _setting(
+        0, as_int(0, 1_048_576), "give whole MiB >= 0 (0: no ceiling)",
+        "RSS of a guard process past which it closes every gRPC client connection, to free "
+        "what they hold before the container's memory limit kills it; 0 turns it off. Set it a "
+        "little under that limit (with --workers N, under the limit's N-th part).",
+    )  # fmt: skip
     max_concurrent_rpcs: int = _setting(
         1024, as_int(1, 1_000_000), "give a whole number >= 1",
         "Calls forwarded to the upstream at once; calls beyond it get RESOURCE_EXHAUSTED at once.",

@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Callable
 
-__all__ = ["Trimmer", "rss_bytes", "tune_malloc"]
+__all__ = ["Trimmer", "rss_bytes", "trim", "tune_malloc"]
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
 _MB = 1024 * 1024
@@ -115,6 +115,13 @@ class Trimmer:
             self._interval_s = min(self._interval_s * 2, self._max_interval_s)
         else:
             self._interval_s = self._base_interval_s
+
+
+def trim() -> None:
+    """Return free heap memory to the system now, where the allocator can."""
+    malloc_trim = _malloc_trim()
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -188,6 +188,11 @@ class GuardMetrics:
             "clients have not taken yet.",
             registry=registry,
         )
+        self.memory_resets = Counter(
+            "guard_memory_resets_total",
+            "Times RSS passed max_memory_mb and every gRPC client connection was closed.",
+            registry=registry,
+        )
         self.server_restarts = Counter(
             "guard_server_restarts_total",
             "Times the gRPC server stopped by itself and was started again on the same port.",

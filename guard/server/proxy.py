@@ -25,6 +25,7 @@ from guard.dataplane.book import RuleBook
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server import tls
 from guard.server.arrivals import Arrivals
+from guard.server.ceiling import MemoryCeiling, shut_client_sockets
 from guard.server.gate import Gate, Refusal
 from guard.server.handler import CallHandler
 from guard.server.methods import PREDICT, ProxyHandler
@@ -51,6 +52,9 @@ _LISTENERS = 4
 _GRPC_LOGGER = logging.getLogger("grpc._cython.cygrpc")
 _SETTLE_STEPS = 3
 _METADATA_SLACK = 8 * 1024
+# After closing the connections past max_memory_mb, gRPC frees what they held:
+# the next reading waits that long.
+_CEILING_SETTLE_S = 0.5
 
 
 def server_options(config: Config) -> list[tuple[str, Any]]:
@@ -89,6 +93,7 @@ class GuardServer:
         self.gate = Gate(config)
         self.arrivals = Arrivals(self.gate)
         self._arrivals_watch: asyncio.Task[None] | None = None
+        self._ceiling: asyncio.Task[None] | None = None
         self._health = health.aio.HealthServicer()
         self._servers: list[grpc.aio.Server] = []
         self._watch: asyncio.Task[None] | None = None
@@ -151,6 +156,9 @@ class GuardServer:
         await self.upstream.start()
         self._watch = asyncio.create_task(self._watch_servers(), name="guard-server-watch")
         self._arrivals_watch = asyncio.create_task(self.arrivals.run(), name="guard-arrivals")
+        if self.config.max_memory_mb:
+            ceiling = MemoryCeiling(self.config.max_memory_mb * 2**20, self._close_connections)
+            self._ceiling = asyncio.create_task(ceiling.run(), name="guard-memory-ceiling")
         return self.port
 
     async def _start_listener(self) -> grpc.aio.Server:
@@ -197,6 +205,14 @@ class GuardServer:
         self._retiring.add(retire)
         retire.add_done_callback(self._retiring.discard)
 
+    async def _close_connections(self, _rss: int) -> None:
+        """Past max_memory_mb: end every client connection of the gRPC port
+        (the listeners stay), so that gRPC frees what they hold."""
+        self.metrics.memory_resets.inc()  # first: a client that sees its end may scrape
+        shut = shut_client_sockets(self.port)
+        logger.error("closed %d gRPC client connections (max_memory_mb)", shut)
+        await asyncio.sleep(_CEILING_SETTLE_S)
+
     async def _retire(self, server: grpc.aio.Server) -> None:
         """Finish the stopped server's shutdown: gRPC's own stopped halfway (it
         raised), before its calls were waited for and its core server freed."""
@@ -234,8 +250,9 @@ class GuardServer:
         await asyncio.gather(*(s.stop(_FINAL_GRACE_S) for s in self._servers))
         await asyncio.gather(*stopping, *self._retiring)
         await self.upstream.close()
-        if self._arrivals_watch is not None:
-            self._arrivals_watch.cancel()
+        for task in (self._arrivals_watch, self._ceiling):
+            if task is not None:
+                task.cancel()
         self.arrivals.close()
 
     # ---------------------------------------------------------------- health

@@ -318,6 +318,9 @@ def test_sidecar_agrees_with_guard_config(
     assert _mib(resources["requests"]["memory"]) >= 64
     needed = 64 + 2 * cfg.max_inflight_mb + 2 * cfg.max_request_mb
     assert _mib(resources["limits"]["memory"]) >= needed
+    # The memory ceiling acts above what the config allows and under the limit,
+    # with room for a flood's growth between two readings.
+    assert needed < cfg.max_memory_mb <= _mib(resources["limits"]["memory"]) - 32
     security = guard["securityContext"]
     assert security["runAsNonRoot"] and security["runAsUser"] != 0
     assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]

@@ -23,6 +23,7 @@ ALERTS = {
     "GuardProtocolUnavailable",
     "GuardRefusingCalls",
     "GuardServerRestarted",
+    "GuardMemoryCeiling",
     "GuardModelNearUniform",
     "GuardModelStuck",
     "GuardOutputDrift",
