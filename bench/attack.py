@@ -17,7 +17,10 @@ Scenarios (rows of the attack list):
 - ``churn``: 300 rapid-reset bursts of 20,000 pairs, each on a new connection; RSS every 25;
 - ``metadata``: 12 KiB .. 1 MiB headers and 10,000 headers, before/after the SETTINGS ACK;
 - ``fill``: an upstream response declaring N values with one float_val;
-- ``streaming``: client/server/bidi streaming, zero messages, error + initial metadata.
+- ``streaming``: client/server/bidi streaming, zero messages, error + initial metadata;
+- ``arrivals``: 16 and 64 gRPC requests of 31 MB sent at once; peak, refusals, RSS after;
+- ``floods``: the 2019 HTTP/2 frame floods for 5 s each, PRIORITY with and without
+  ``max_memory_mb``.
 
 Numbers: guard RSS / peak RSS (VmRSS / VmHWM), guard CPU (utime + stime), and a
 legitimate Predict on another connection (every 20-50 ms): its worst latency is
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 import tempfile
 import time
@@ -245,9 +249,54 @@ class Bench:
                         self.emit({"scenario": "streaming", "via": label, "case": name,
                                    "outcome": outcome})  # fmt: skip
 
+    def arrivals(self) -> None:
+        request = attacks.large_request(31 * 2**20)
+        for clients in self.sizes([16, 64]):
+            with self.stack() as (_up, guard):
+                before = guard.hwm_kb()
+                results = H.calls_at_once(guard.address, request, clients)
+                peak = guard.hwm_kb() - before
+                refused = H.sample(
+                    guard.metrics(), "guard_refused_requests_total", reason="inflight_bytes"
+                )
+                time.sleep(2.5)  # the trimmer's interval
+                self.emit({"scenario": "arrivals", "clients": clients, "request_mb": 31,
+                           "codes": _codes(results), "refused_inflight_bytes": refused,
+                           "peak_growth_mb": peak // MB, "rss_after_mb": guard.rss_kb() // MB,
+                           "answering": H.legit_ok(guard.address, timeout=3).code})  # fmt: skip
+
+    def floods(self) -> None:
+        kinds = [
+            ("ping", h2raw.frame(h2raw.T_PING, 0, 0, b"floodin!"), ""),
+            ("settings", h2raw.frame(h2raw.T_SETTINGS, 0, 0, struct.pack(">HI", 4, 65535)), ""),
+            ("empty-data", h2raw.frame(h2raw.T_DATA, 0, 1, b""), ""),
+            ("window-update", h2raw.frame(h2raw.T_WINDOW, 0, 0, struct.pack(">I", 1)), ""),
+            ("unknown-type", h2raw.frame(0x20, 0, 0, b"abcd"), ""),
+            ("priority", _PRIORITY, ""),
+            ("priority", _PRIORITY, "max_memory_mb: 256\n"),
+        ]
+        for kind, frame, config in self.sizes(kinds):
+            with self.stack(config + H.BASE_RULES) as (_up, guard):
+                rss0, cpu0 = guard.rss_kb(), guard.cpu_s()
+                with H.Prober(guard.address, 0.02) as prober:
+                    flood = attacks.frame_flood(
+                        guard.port, frame, 5.0, open_stream=kind == "empty-data"
+                    )
+                self.emit({"scenario": "floods", "kind": kind, "ceiling": config.strip() or None,
+                           "frames": flood.frames, "closed": flood.closed,
+                           "seconds": round(flood.seconds, 2),
+                           "cpu_s": round(guard.cpu_s() - cpu0, 2),
+                           "peak_growth_mb": (guard.hwm_kb() - rss0) // MB,
+                           "resets": H.sample(guard.metrics(), "guard_memory_resets_total"),
+                           "prober": _codes(prober.results),
+                           "worst_s": round(prober.max_latency_s, 3)})  # fmt: skip
+
+
+_PRIORITY = h2raw.frame(2, 0, 1, struct.pack(">IB", 0, 16))
 
 SCENARIOS = [
     "path", "stuck", "scan", "bomb", "reset", "churn", "metadata", "fill", "streaming",
+    "arrivals", "floods",
 ]  # fmt: skip
 
 

@@ -205,6 +205,27 @@ def legit_call(
         return CallResult(exc.code().name, time.perf_counter() - start, exc.details() or "")
 
 
+def calls_at_once(address: str, request: bytes, clients: int) -> list[CallResult]:
+    """``clients`` Predict calls of ``request``, each on its own connection
+    (connected first), sent together."""
+    results: list[CallResult] = []
+    start = threading.Barrier(clients, timeout=30)
+
+    def one() -> None:
+        with channel(address) as ch:
+            grpc.channel_ready_future(ch).result(timeout=10)
+            start.wait()
+            results.append(legit_call(ch, request, timeout=30))
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == clients, f"{clients - len(results)} clients got no answer"
+    return results
+
+
 def legit_ok(address: str, timeout: float = 5.0) -> CallResult:
     with channel(address) as ch:
         return legit_call(ch, timeout=timeout)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import socket
 import struct
 import threading
 import time
@@ -175,3 +176,35 @@ def one_big_header(size: int = 1 << 20) -> list[h2raw.Header]:
 
 def many_headers(n: int = 10_000) -> list[h2raw.Header]:
     return [(b"x-k%d" % i, b"v") for i in range(n)]
+
+
+def large_request(size: int, model: str = "slow:0.5") -> bytes:
+    """A PredictRequest of about ``size`` bytes (one tensor of zeros) for
+    ``model``; the attack upstream answers ``slow:S`` after S seconds."""
+    tensor = protos.float_tensor([size // 4], content=bytes(size - 64))
+    return protos.predict_request(model, {"x": tensor})
+
+
+@dataclass
+class FloodOutcome:
+    frames: int
+    closed: bool  # the guard closed the connection
+    seconds: float
+
+
+def frame_flood(
+    port: int, frame: bytes, max_s: float, *, open_stream: bool = False
+) -> FloodOutcome:
+    """``frame`` sent again and again on one connection, 1,000 at a time,
+    for up to ``max_s`` seconds or until the guard closes the connection;
+    the client reads nothing (a 4 KiB receive buffer). ``open_stream``
+    first opens stream 1 with a Predict's headers."""
+    with h2raw.H2Client(LOOPBACK, port, timeout=2) as client:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        if open_stream:
+            client.send_headers(1, h2raw.grpc_request_headers(PREDICT))
+        batch, frames = frame * 1000, 0
+        start = time.monotonic()
+        while time.monotonic() - start < max_s and client.send_raw(batch):
+            frames += 1000
+        return FloodOutcome(frames, client.closed, time.monotonic() - start)

@@ -9,51 +9,25 @@ back) does not lock out the calls that come next."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-import grpc
-
 from tests.attacks import _harness as H
-from tests.attacks import protos
+from tests.attacks import attacks
 
 BUDGET_MB = 64
 CLIENTS = 16
-SIZE = 31 * 1024 * 1024
 # The upstream takes half a second to answer: the admitted calls hold their
 # requests while the others arrive.
-REQUEST = protos.predict_request(
-    "slow:0.5", {"x": protos.float_tensor([SIZE // 4], content=bytes(SIZE - 64))}
-)
-
-
-def _all_at_once(address: str, request: bytes, clients: int) -> list[H.CallResult]:
-    """``clients`` Predict calls, each on its own connection, started together."""
-    results: list[H.CallResult] = []
-    start = threading.Barrier(clients, timeout=30)
-
-    def one() -> None:
-        with H.channel(address) as ch:
-            grpc.channel_ready_future(ch).result(timeout=10)
-            start.wait()
-            results.append(H.legit_call(ch, request, timeout=30))
-
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert len(results) == clients, f"{clients - len(results)} clients got no answer"
-    return results
+REQUEST = attacks.large_request(31 * 1024 * 1024)
 
 
 def _served_again_within(address: str, seconds: float) -> float | None:
     """Seconds until eight small calls sent together are all served, or None."""
     start = time.monotonic()
     while time.monotonic() - start < seconds:
-        if all(r.code == "OK" for r in _all_at_once(address, H.LEGIT_REQUEST, 8)):
+        if all(r.code == "OK" for r in H.calls_at_once(address, H.LEGIT_REQUEST, 8)):
             return time.monotonic() - start
         time.sleep(0.1)
     return None
@@ -62,7 +36,7 @@ def _served_again_within(address: str, seconds: float) -> float | None:
 def test_requests_arriving_together_are_bounded_by_what_the_guard_holds(tmp_path: Path) -> None:
     with H.guarded(tmp_path, f"max_inflight_mb: {BUDGET_MB}\n" + H.BASE_RULES) as (up, guard):
         before_kb = guard.hwm_kb()
-        results = _all_at_once(guard.address, REQUEST, CLIENTS)
+        results = H.calls_at_once(guard.address, REQUEST, CLIENTS)
         peak_mb = (guard.hwm_kb() - before_kb) / 1024
         metrics = guard.metrics()
         predicts = H.upstream_stats(up)["calls"].get("Predict", 0)

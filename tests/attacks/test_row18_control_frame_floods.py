@@ -13,15 +13,13 @@ is served."""
 
 from __future__ import annotations
 
-import socket
 import struct
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.attacks import _harness as H
-from tests.attacks import h2raw
+from tests.attacks import attacks, h2raw
 
 T_PRIORITY = 2
 # kind: (the frame, whether the connection gets closed (None: when the guard
@@ -42,24 +40,17 @@ def test_a_control_frame_flood_leaves_the_guard_serving(tmp_path: Path, kind: st
     frame, closes, flood_s = FLOODS[kind]
     config = f"max_memory_mb: {CEILING_MB}\n" + H.BASE_RULES
     with H.guarded(tmp_path, config) as (_up, guard):
-        client = h2raw.H2Client("127.0.0.1", guard.port, timeout=2)
-        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing
-        if kind == "empty-data":
-            client.send_headers(1, h2raw.grpc_request_headers(H.PREDICT))
-        batch = frame * 1000
-        start = time.monotonic()
         with H.Prober(guard.address) as prober:
-            while time.monotonic() - start < flood_s and client.send_raw(batch):
-                pass
-        flooded_s = time.monotonic() - start
-        client.close()
+            flood = attacks.frame_flood(
+                guard.port, frame, flood_s, open_stream=kind == "empty-data"
+            )
         peak_mb = guard.hwm_kb() / 1024
         after = H.legit_ok(guard.address)
         resets = H.sample(guard.metrics(), "guard_memory_resets_total")
     if closes is None:  # closed exactly when the ceiling acted
-        assert client.closed == (resets > 0), (client.closed, resets)
+        assert flood.closed == (resets > 0), (flood, resets)
     elif closes:
-        assert client.closed and flooded_s < flood_s, f"{kind}: open after {flooded_s:.1f} s"
+        assert flood.closed and flood.seconds < flood_s, f"{kind}: open after {flood.seconds:.1f} s"
     # The prober's connection is closed with the others when the ceiling acts
     # (a call on it then ends UNAVAILABLE, and the next reconnects); no call
     # may hang, and none fails otherwise.
