@@ -20,6 +20,7 @@ import grpc
 from guard.server.gate import Held, Refusal
 from guard.server.handler import GRPC_COPIES, Call, Metadata, ServerState, forwardable
 from guard.server.methods import MethodInfo
+from guard.server.upstream import RELAY_WINDOW_BYTES
 
 __all__ = ["StreamRelay"]
 
@@ -112,7 +113,9 @@ class StreamRelay:
     ) -> tuple[Refusal, str] | None:
         """Upstream to client: its initial metadata first, then each message,
         counted in the budget until the client has taken it; a refusal where
-        the budget cannot take the next one."""
+        the budget cannot take the next one. While the relay waits on its
+        client it reads nothing, so the upstream's window fills too: that
+        is counted with the message."""
         gate = self._server.gate
         held = Held(gate)
         context.add_done_callback(held.release_all)
@@ -124,7 +127,7 @@ class StreamRelay:
             if message is grpc.aio.EOF:
                 return None
             idle.touch()
-            size = GRPC_COPIES * len(message)
+            size = GRPC_COPIES * len(message) + RELAY_WINDOW_BYTES
             refused = gate.answer_problem(size, held.size)
             if refused is not None:
                 return refused

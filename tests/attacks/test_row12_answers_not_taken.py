@@ -5,7 +5,13 @@ about 700 MB. The answers held are counted in ``max_inflight_mb`` until their
 call ends: past it, the upstream's answer (a unary call's, or a relayed
 stream's next message) is refused with RESOURCE_EXHAUSTED naming the
 setting, a legitimate client is still served, and closing the connection
-gives the budget back."""
+gives the budget back.
+
+A relayed stream costs more than its message: while the guard waits on the
+client it reads nothing from the upstream, whose next messages fill the
+stream's HTTP/2 window in gRPC's buffers. With gRPC's estimated windows, 45
+streams of 1 MB messages held 817 MB against this 100 MiB budget; relayed
+streams now have a fixed window, counted with each message held."""
 
 from __future__ import annotations
 
@@ -15,31 +21,44 @@ from pathlib import Path
 
 import pytest
 
+from guard.server.upstream import RELAY_WINDOW_BYTES
 from tests.attacks import _harness as H
 from tests.attacks import h2raw, protos
 
-BUDGET_MB = 100
-RULES = f"max_inflight_mb: {BUDGET_MB}\n" + H.BASE_RULES
+BUDGET = 100 * 1024 * 1024
+RULES = f"max_inflight_mb: {BUDGET >> 20}\n" + H.BASE_RULES
 VALUES = 4_000_000  # big:N answers N float32 values in tensor_content: 16 MB
-STREAMS = 20
 
 
-# What each stream asks for: a unary Predict answered by 16 MB, or a relayed
-# server stream of 16 MB messages (the upstream has more to send when the
-# guard refuses to take on the first).
+def _fanout(n: int, size: int) -> bytes:
+    return json.dumps({"n": n, "size": size}).encode()
+
+
+# What each stream asks for, how many streams, and what one answer held
+# counts (gRPC's copy twice; a relayed stream's window with it): a unary
+# Predict answered by 16 MB, a relayed server stream of 16 MB messages (the
+# upstream has more to send when the guard refuses to take on the first), or
+# many relayed streams of 1 MB messages, where the windows weigh the most.
 CALLS = {
-    "unary": (H.PREDICT, protos.predict_request(f"big:{VALUES}")),
-    "stream": (H.INTEROP + "Fanout", json.dumps({"n": 3, "size": VALUES * 4}).encode()),
-}
+    "unary": (H.PREDICT, protos.predict_request(f"big:{VALUES}"), 20, 2 * VALUES * 4),
+    "stream": (
+        H.INTEROP + "Fanout", _fanout(3, VALUES * 4), 20, 2 * VALUES * 4 + RELAY_WINDOW_BYTES,
+    ),
+    "small_stream": (
+        H.INTEROP + "Fanout", _fanout(40, 1_000_000), 45, 2 * 1_000_000 + RELAY_WINDOW_BYTES,
+    ),
+}  # fmt: skip
 
 
-def _open_without_window(port: int, path: str, request: bytes) -> tuple[h2raw.H2Client, list[int]]:
+def _open_without_window(
+    port: int, path: str, request: bytes, count: int
+) -> tuple[h2raw.H2Client, list[int]]:
     client = h2raw.H2Client(
         "127.0.0.1", port, settings={h2raw.S_INITIAL_WINDOW_SIZE: 0},
         auto_window=False, ack_pings=True,
     )  # fmt: skip
     streams = []
-    for _ in range(STREAMS):
+    for _ in range(count):
         sid = client.new_stream_id()
         client.send_headers(sid, h2raw.grpc_request_headers(path))
         client.send_data(sid, h2raw.grpc_message(request), end_stream=True)
@@ -49,9 +68,11 @@ def _open_without_window(port: int, path: str, request: bytes) -> tuple[h2raw.H2
 
 @pytest.mark.parametrize("kind", sorted(CALLS))
 def test_answers_a_client_never_takes_are_bounded_by_the_budget(tmp_path: Path, kind: str) -> None:
+    path, request, count, each = CALLS[kind]
+    fit = BUDGET // each  # the answers the budget takes; the others are refused
     with H.guarded(tmp_path, RULES) as (_up, guard):
         rss_before = guard.rss_kb()
-        client, streams = _open_without_window(guard.port, *CALLS[kind])
+        client, streams = _open_without_window(guard.port, path, request, count)
         try:
 
             def refused() -> int:
@@ -62,9 +83,9 @@ def test_answers_a_client_never_takes_are_bounded_by_the_budget(tmp_path: Path, 
             def grown_mb() -> float:
                 return (guard.rss_kb() - rss_before) / 1024
 
-            client.wait(lambda: refused() >= STREAMS - 3, timeout=30)
+            client.wait(lambda: refused() >= count - fit, timeout=30)
             deadline = time.monotonic() + 10  # the refused answers' memory is trimmed meanwhile
-            while grown_mb() >= 2 * BUDGET_MB and time.monotonic() < deadline:
+            while grown_mb() >= 2 * BUDGET / 2**20 and time.monotonic() < deadline:
                 client.drain(0.5)
             held_rss_mb = grown_mb()
             metrics = guard.metrics()
@@ -74,15 +95,14 @@ def test_answers_a_client_never_takes_are_bounded_by_the_budget(tmp_path: Path, 
         finally:
             client.close()
         held = H.sample(metrics, "guard_inflight_bytes")
-        # Counted twice each (gRPC's copy): three fit in 100 MiB, the rest are refused.
-        answer = VALUES * 4  # and a few bytes of framing, in a unary answer
-        assert 3 * 2 * answer <= held <= 3 * 2 * (answer + 1024), held
-        assert statuses.count(8) == STREAMS - 3, statuses
+        assert fit * each <= held <= fit * (each + 2048), (fit, held)  # 2048: a unary's framing
+        assert statuses.count(8) == count - fit, statuses
         assert any(d and "max_inflight_mb (100 MiB)" in d for d in details), details
-        assert H.sample(metrics, "guard_refused_requests_total", reason="inflight_bytes") == 17
+        refusals = H.sample(metrics, "guard_refused_requests_total", reason="inflight_bytes")
+        assert refusals == count - fit
         assert legit.code == "OK", legit
-        # What the answers held cost (44 MB each): within deploy.md's 2 x max_inflight_mb.
-        assert held_rss_mb < 2 * BUDGET_MB, f"RSS grew {held_rss_mb:.0f} MB"
+        # What the answers held cost: within deploy.md's 2 x max_inflight_mb.
+        assert held_rss_mb < 2 * BUDGET / 2**20, f"RSS grew {held_rss_mb:.0f} MB"
         deadline = time.monotonic() + 10
         while H.sample(guard.metrics(), "guard_inflight_bytes") and time.monotonic() < deadline:
             time.sleep(0.1)
