@@ -212,6 +212,13 @@ class Config:
         100, as_int(1, 1_000_000), "give a whole number >= 1",
         "HTTP/2 streams one client connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).",
     )  # fmt: skip
+    stream_window_kb: int = _setting(
+        1024, as_int(0, 1_048_576), "give whole KiB >= 0 (0: gRPC sizes it)",
+        "HTTP/2 window of each stream the guard receives on (client calls, and streams relayed "
+        "from the upstream): what a peer may send ahead of what the guard has read. 0 lets gRPC "
+        "size it from its bandwidth estimate, faster for large requests from far away, but tens "
+        "of MB per stream that a client can fill.",
+    )  # fmt: skip
     max_connections: int = _setting(
         2048, as_int(1, 1_000_000), "give a whole number >= 1",
         "Client connections each listener (gRPC, REST) of a guard process holds at once; a new "
@@ -275,6 +282,11 @@ class Config:
     def max_request_bytes(self) -> int:
         """``max_request_mb`` in bytes, capped to what gRPC accepts."""
         return min(self.max_request_mb * 1024 * 1024, 2**31 - 1)
+
+    @property
+    def stream_window_bytes(self) -> int:
+        """``stream_window_kb`` in bytes (0: gRPC sizes the windows)."""
+        return self.stream_window_kb * 1024
 
     @property
     def max_inflight_bytes(self) -> int:

@@ -84,20 +84,23 @@ class Gate:
             self.inflight_bytes += size
         return refused
 
-    def answer_problem(self, size: int, own: int) -> tuple[Refusal, str] | None:
+    def answer_problem(
+        self, size: int, own: int, what: str = "the upstream's answer"
+    ) -> tuple[Refusal, str] | None:
         """Why an upstream answer of ``size`` bytes may not be taken on by a
         call that holds ``own`` bytes of the budget, or ``None``: refused
         where what the other calls hold, answers their clients have not taken
         included, and this answer would pass ``max_inflight_mb``. An answer
         is known only once it came, so calls admitted together may bring
         more than the budget holds; a call alone is never refused (a single
-        answer up to ``max_message_mb`` passes)."""
+        answer up to ``max_message_mb`` passes). ``what`` names it in the
+        refusal."""
         others = self.inflight_bytes - own
         if others <= 0 or others + size <= self.config.max_inflight_bytes:
             return None
         return Refusal.INFLIGHT_BYTES, (
             f"guard: calls in flight and answers not yet taken by their clients hold "
-            f"{others} bytes, and the upstream's answer of {size} bytes would pass "
+            f"{others} bytes, and {what} of {size} bytes would pass "
             f"max_inflight_mb ({self.config.max_inflight_mb} MiB); retry with backoff, or raise "
             "max_inflight_mb in the guard config"
         )

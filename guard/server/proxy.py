@@ -30,7 +30,7 @@ from guard.server.gate import Gate, Refusal
 from guard.server.handler import CallHandler
 from guard.server.methods import PREDICT, ProxyHandler
 from guard.server.relay import StreamRelay
-from guard.server.upstream import Upstream
+from guard.server.upstream import Upstream, window_options
 
 __all__ = ["PREDICT", "GuardServer", "server_options"]
 
@@ -79,6 +79,7 @@ def server_options(config: Config) -> list[tuple[str, Any]]:
         ("grpc.max_connection_age_ms", int(config.max_connection_age_s * ms)),
         ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * ms)),
         ("grpc.so_reuseport", 1),
+        *window_options(config),
     ]
 
 

@@ -20,21 +20,34 @@ import grpc
 from guard.server.gate import Held, Refusal
 from guard.server.handler import GRPC_COPIES, Call, Metadata, ServerState, forwardable
 from guard.server.methods import MethodInfo
-from guard.server.upstream import RELAY_WINDOW_BYTES
 
 __all__ = ["StreamRelay"]
 
 
-class _Idle:
-    """When the stream last moved a message, either way."""
+class _Stream:
+    """What the two directions of one relayed call share: when a message last
+    moved, either way, and why the guard ended the call (set before it
+    cancels the upstream call)."""
 
-    __slots__ = ("last",)
+    __slots__ = ("ended", "last")
 
     def __init__(self) -> None:
         self.last = time.monotonic()
+        self.ended: tuple[Refusal, str, grpc.StatusCode | None] | None = None
 
     def touch(self) -> None:
         self.last = time.monotonic()
+
+    def end(
+        self,
+        upstream_call: Any,
+        reason: Refusal,
+        details: str,
+        status: grpc.StatusCode | None = None,
+    ) -> None:
+        if self.ended is None:
+            self.ended = (reason, details, status)
+        upstream_call.cancel()
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -76,89 +89,105 @@ class StreamRelay:
         upstream_call = self._server.upstream.stream_stream(info.name)(
             timeout=context.time_remaining(), metadata=metadata
         )
-        idle = _Idle()
+        stream = _Stream()
+        held = Held(self._server.gate)
+        context.add_done_callback(held.release_all)
         t_up = time.perf_counter()
-        pump = asyncio.ensure_future(self._requests(context, upstream_call, idle))
-        watch = asyncio.ensure_future(self._watch(idle, upstream_call))
+        pump = asyncio.ensure_future(self._requests(context, upstream_call, stream, held))
+        watch = asyncio.ensure_future(self._watch(stream, upstream_call))
         for task in (pump, watch):
             task.add_done_callback(_retrieve)
-        refused = None
         try:
-            refused = await self._responses(upstream_call, context, idle)
-            # A refused stream's upstream call is cancelled below, unread.
-            code = grpc.StatusCode.CANCELLED if refused else await upstream_call.code()
+            await self._responses(upstream_call, context, stream, held)
+            code = await upstream_call.code()
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
+        except asyncio.CancelledError:
+            # gRPC raises it from a call cancelled here; only the guard's own
+            # cancellations, which say why, are answered here.
+            current = asyncio.current_task()
+            if stream.ended is None or (current is not None and current.cancelling()):
+                raise
+            code = grpc.StatusCode.CANCELLED
         finally:
             call.upstream_s = time.perf_counter() - t_up
             for task in (pump, watch):
                 task.cancel()
             upstream_call.cancel()
-        if refused is not None:
-            await call.refuse(context, *refused)
-        await self._finish(upstream_call, code, watch, context, call)
+        if stream.ended is not None:
+            await call.refuse(context, *stream.ended)
+        await self._finish(upstream_call, code, context, call)
 
-    async def _requests(self, context: Any, upstream_call: Any, idle: _Idle) -> None:
-        """Client to upstream, then the client's half-close."""
+    async def _requests(
+        self, context: Any, upstream_call: Any, stream: _Stream, held: Held
+    ) -> None:
+        """Client to upstream, then the client's half-close. While a message
+        waits on the upstream, the guard reads nothing more, and the client's
+        next ones fill the stream's window: counted with the message."""
+        gate = self._server.gate
+        window = self._server.config.stream_window_bytes
         while True:
             message = await context.read()
             if message is grpc.aio.EOF:
                 await upstream_call.done_writing()
                 return
-            idle.touch()
+            stream.touch()
+            size = GRPC_COPIES * len(message) + window
+            refused = gate.answer_problem(size, held.size, what="the client's next message")
+            if refused is not None:
+                stream.end(upstream_call, *refused)
+                return
+            held.take(size)
             await upstream_call.write(message)
+            held.give_back(size)
 
     async def _responses(
-        self, upstream_call: Any, context: Any, idle: _Idle
-    ) -> tuple[Refusal, str] | None:
+        self, upstream_call: Any, context: Any, stream: _Stream, held: Held
+    ) -> None:
         """Upstream to client: its initial metadata first, then each message,
-        counted in the budget until the client has taken it; a refusal where
-        the budget cannot take the next one. While the relay waits on its
-        client it reads nothing, so the upstream's window fills too: that
-        is counted with the message."""
+        counted in the budget until the client has taken it; the call is
+        ended where the budget cannot take the next one. While the relay
+        waits on its client it reads nothing, so the upstream's window fills
+        too: that is counted with the message."""
         gate = self._server.gate
-        held = Held(gate)
-        context.add_done_callback(held.release_all)
+        window = self._server.config.stream_window_bytes
         initial = await upstream_call.initial_metadata()
         if initial:
             await context.send_initial_metadata(initial)
         while True:
             message = await upstream_call.read()
             if message is grpc.aio.EOF:
-                return None
-            idle.touch()
-            size = GRPC_COPIES * len(message) + RELAY_WINDOW_BYTES
+                return
+            stream.touch()
+            size = GRPC_COPIES * len(message) + window
             refused = gate.answer_problem(size, held.size)
             if refused is not None:
-                return refused
+                stream.end(upstream_call, *refused)
+                return
             held.take(size)
             await context.write(message)
             held.give_back(size)
 
-    async def _watch(self, idle: _Idle, upstream_call: Any) -> None:
+    async def _watch(self, stream: _Stream, upstream_call: Any) -> None:
         """End a stream on which nothing moved for stream_idle_timeout_s."""
         limit = self._server.config.stream_idle_timeout_s
         while True:
-            await asyncio.sleep(max(limit - (time.monotonic() - idle.last), 0.0) + 0.01)
-            if time.monotonic() - idle.last >= limit:
-                upstream_call.cancel()
+            await asyncio.sleep(max(limit - (time.monotonic() - stream.last), 0.0) + 0.01)
+            if time.monotonic() - stream.last >= limit:
+                stream.end(
+                    upstream_call,
+                    Refusal.STREAM_IDLE,
+                    f"guard: no message moved on this stream for stream_idle_timeout_s "
+                    f"({limit:g} s); raise stream_idle_timeout_s in the guard config for longer "
+                    "pauses",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                )
                 return
 
     async def _finish(
-        self, upstream_call: Any, code: grpc.StatusCode, watch: Any, context: Any, call: Call
+        self, upstream_call: Any, code: grpc.StatusCode, context: Any, call: Call
     ) -> None:
         """End the client's call as the upstream ended it."""
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch
-        if watch.done() and not watch.cancelled() and code is grpc.StatusCode.CANCELLED:
-            limit = self._server.config.stream_idle_timeout_s
-            await call.refuse(
-                context,
-                Refusal.STREAM_IDLE,
-                f"guard: no message moved on this stream for stream_idle_timeout_s ({limit:g} s); "
-                "raise stream_idle_timeout_s in the guard config for longer pauses",
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-            )
         trailers = tuple(await upstream_call.trailing_metadata() or ())
         if code is not grpc.StatusCode.OK:
             details = await upstream_call.details()

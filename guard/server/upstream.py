@@ -15,7 +15,7 @@ from guard.control.files import FileWatcher
 from guard.dataplane.cache import BoundedCache
 from guard.server import tls
 
-__all__ = ["RELAY_WINDOW_BYTES", "Upstream", "channel_options", "upstream_channel_args"]
+__all__ = ["Upstream", "channel_options", "upstream_channel_args", "window_options"]
 
 logger = logging.getLogger("guard.upstream")
 
@@ -24,17 +24,6 @@ _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCE
 # Clients choose method names: the per-method callables are a bounded cache.
 _METHODS_MAX = 256
 _METHOD_NAME_MAX_BYTES = 1024
-
-RELAY_WINDOW_BYTES = 1024 * 1024
-"""How far the upstream may send ahead on a relayed stream (its HTTP/2
-window). gRPC sizes its windows from the measured bandwidth-delay product
-(megabytes per stream) and buffers what arrives unread: 45 relayed streams
-whose client took nothing held 817 MB beyond the budget. Relayed streams go
-on a second channel with this fixed window, counted in the budget while the
-relay waits on its client (:mod:`guard.server.relay`). Unary calls keep
-gRPC's estimate, which their one answer needs: with 10 ms to the upstream a
-16 MB answer took 130 ms with it, 295 ms with 1 MiB fixed."""
-_RELAY_OPTIONS = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", RELAY_WINDOW_BYTES)]
 
 
 def channel_options(config: Config) -> list[tuple[str, Any]]:
@@ -50,6 +39,21 @@ def channel_options(config: Config) -> list[tuple[str, Any]]:
         ("grpc.max_reconnect_backoff_ms", 1000),
         ("grpc.enable_retries", 0),
     ]
+
+
+def window_options(config: Config) -> list[tuple[str, Any]]:
+    """gRPC options for a fixed HTTP/2 stream window of ``stream_window_kb``.
+
+    gRPC sizes its windows from its bandwidth estimate, tens of MB per stream
+    on a fast path, and takes in what arrives unread: 100 unary calls on one
+    connection whose client kept sending after its request took the guard
+    4.8 GB in 15 s, and 45 relayed streams whose client took nothing held
+    817 MB of the upstream's messages. Fixed, a stream holds at most its
+    window; the price is paid by large messages over long paths (16 MB with
+    10 ms each way: 98 ms with gRPC's sizing, 265 ms with 1 MiB)."""
+    if not config.stream_window_bytes:
+        return []
+    return [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", config.stream_window_bytes)]
 
 
 def upstream_channel_args(
@@ -119,10 +123,11 @@ class Upstream:
         return self._current.callable("stream_stream", method)
 
     def _new_channels(self) -> _Channel:
+        # Unary answers are read as they come: their channel keeps gRPC's
+        # window sizing. A relayed stream's are read as its client takes them.
         options, credentials = upstream_channel_args(self.config)
-        return _Channel(
-            self._open(options, credentials), self._open([*options, *_RELAY_OPTIONS], credentials)
-        )
+        relay_options = [*options, *window_options(self.config)]
+        return _Channel(self._open(options, credentials), self._open(relay_options, credentials))
 
     def _open(
         self, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None

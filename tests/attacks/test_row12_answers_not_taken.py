@@ -10,8 +10,9 @@ gives the budget back.
 A relayed stream costs more than its message: while the guard waits on the
 client it reads nothing from the upstream, whose next messages fill the
 stream's HTTP/2 window in gRPC's buffers. With gRPC's estimated windows, 45
-streams of 1 MB messages held 817 MB against this 100 MiB budget; relayed
-streams now have a fixed window, counted with each message held."""
+streams of 1 MB messages held 817 MB against this 100 MiB budget; streams
+now have a fixed window (``stream_window_kb``), counted with each message
+held."""
 
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from guard.server.upstream import RELAY_WINDOW_BYTES
 from tests.attacks import _harness as H
 from tests.attacks import h2raw, protos
 
 BUDGET = 100 * 1024 * 1024
 RULES = f"max_inflight_mb: {BUDGET >> 20}\n" + H.BASE_RULES
 VALUES = 4_000_000  # big:N answers N float32 values in tensor_content: 16 MB
+WINDOW = 1024 * 1024  # stream_window_kb's default: how far the upstream sends ahead on a stream
 
 
 def _fanout(n: int, size: int) -> bytes:
@@ -42,10 +43,10 @@ def _fanout(n: int, size: int) -> bytes:
 CALLS = {
     "unary": (H.PREDICT, protos.predict_request(f"big:{VALUES}"), 20, 2 * VALUES * 4),
     "stream": (
-        H.INTEROP + "Fanout", _fanout(3, VALUES * 4), 20, 2 * VALUES * 4 + RELAY_WINDOW_BYTES,
+        H.INTEROP + "Fanout", _fanout(3, VALUES * 4), 20, 2 * VALUES * 4 + WINDOW,
     ),
     "small_stream": (
-        H.INTEROP + "Fanout", _fanout(40, 1_000_000), 45, 2 * 1_000_000 + RELAY_WINDOW_BYTES,
+        H.INTEROP + "Fanout", _fanout(40, 1_000_000), 45, 2 * 1_000_000 + WINDOW,
     ),
 }  # fmt: skip
 

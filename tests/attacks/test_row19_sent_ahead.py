@@ -1,0 +1,101 @@
+"""Row 19: a client that sends ahead of what the guard reads. gRPC takes in
+whatever fits in a stream's HTTP/2 window, and sizes that window from its
+bandwidth estimate: on loopback it reached 85 MB per stream. Two ways to
+fill it:
+
+- unary calls to a slow model whose client goes on sending after its
+  request (the guard reads one message and forwards it): 100 such calls on
+  one connection took the guard 4.8 GB in 15 s;
+- relayed bidirectional streams whose upstream echoes and whose client
+  reads nothing, so the guard stops reading: 45 of them took 5 GB in 20 s.
+
+With ``stream_window_kb`` (1 MiB by default) a stream holds at most its
+window; a relayed stream counts it, and the message it waits to pass on, in
+``max_inflight_mb``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.attacks import _harness as H
+from tests.attacks import h2raw, protos
+
+WINDOW = 1024 * 1024  # stream_window_kb's default
+MB = 1024 * 1024
+
+
+def _send_for(client: h2raw.H2Client, streams: list[int], message: bytes, seconds: float) -> int:
+    """Send ``message`` on each stream, round and round, as far as the guard's
+    windows let, for ``seconds``; the bytes sent."""
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        moved = 0
+        for sid in streams:
+            if client.send_data(sid, message, bound_s=0.02):
+                moved += 1
+                sent += len(message)
+        if not moved:
+            client.drain(0.2)
+    return sent
+
+
+def test_what_unary_calls_send_after_their_request_is_held_to_the_window(tmp_path: Path) -> None:
+    with H.guarded(tmp_path) as (_up, guard):
+        rss_before = guard.rss_kb()
+        client = h2raw.H2Client("127.0.0.1", guard.port)
+        try:
+            streams = []
+            for _ in range(100):
+                sid = client.new_stream_id()
+                client.send_headers(sid, h2raw.grpc_request_headers(H.PREDICT))
+                client.send_data(sid, h2raw.grpc_message(protos.predict_request("slow:30")))
+                streams.append(sid)
+            sent = _send_for(client, streams, bytes(256 * 1024), seconds=4)
+            grown_mb = (guard.rss_kb() - rss_before) / 1024
+            legit = H.legit_ok(guard.address)
+        finally:
+            client.close()
+        # What the guard let in: each stream's window, and what gRPC gave back
+        # for the request it read (a few chunks in all).
+        assert sent <= 1.05 * 100 * WINDOW, f"the client sent {sent / MB:.0f} MiB ahead"
+        assert sent >= 50 * WINDOW, f"only {sent / MB:.0f} MiB sent: the attack did not run"
+        assert grown_mb < 100 * WINDOW / MB + 50, f"RSS grew {grown_mb:.0f} MB"
+        assert legit.code == "OK", legit
+
+
+def test_relayed_streams_whose_client_reads_nothing_are_bounded_by_the_budget(
+    tmp_path: Path,
+) -> None:
+    budget_mb = 100
+    rules = f"max_inflight_mb: {budget_mb}\n" + H.BASE_RULES
+    with H.guarded(tmp_path, rules) as (_up, guard):
+        rss_before = guard.rss_kb()
+        client = h2raw.H2Client(
+            "127.0.0.1", guard.port, settings={h2raw.S_INITIAL_WINDOW_SIZE: 0},
+            auto_window=False, ack_pings=True,
+        )  # fmt: skip
+        try:
+            streams = []
+            for _ in range(45):
+                sid = client.new_stream_id()
+                client.send_headers(sid, h2raw.grpc_request_headers(H.INTEROP + "Echo"))
+                streams.append(sid)
+            sent = _send_for(client, streams, h2raw.grpc_message(bytes(1_000_000)), seconds=6)
+            grown_mb = (guard.rss_kb() - rss_before) / 1024
+            held = H.sample(guard.metrics(), "guard_inflight_bytes")
+            ended = [client.streams[s] for s in streams if client.streams[s].grpc_status]
+        finally:
+            client.close()
+        assert sent > 100 * MB, f"only {sent / MB:.0f} MiB sent: the attack did not run"
+        assert ended and all(s.grpc_status == 8 for s in ended), [s.grpc_status for s in ended]
+        assert any("max_inflight_mb (100 MiB)" in (s.grpc_message or "") for s in ended)
+        # A call's own bytes are not held against it: the budget may be passed
+        # by what one call holds, both ways.
+        assert held <= budget_mb * MB + 2 * (2 * 1_000_000 + WINDOW), held
+        assert grown_mb < 2 * budget_mb, f"RSS grew {grown_mb:.0f} MB"
+        deadline = time.monotonic() + 10
+        while H.sample(guard.metrics(), "guard_inflight_bytes") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert H.sample(guard.metrics(), "guard_inflight_bytes") == 0

@@ -1,0 +1,63 @@
+"""A relayed stream on which nothing moves for ``stream_idle_timeout_s``
+ends with DEADLINE_EXCEEDED naming the setting, counted as ``stream_idle``,
+and its upstream call is cancelled; a stream that keeps moving is not."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tests.attacks import _harness as H
+
+IDLE_S = 1.0
+RULES = f"stream_idle_timeout_s: {IDLE_S}\n" + H.BASE_RULES
+
+
+def _echo(channel: grpc.Channel, messages: queue.Queue[bytes | None]) -> Any:
+    def requests() -> Iterator[bytes]:
+        while (m := messages.get()) is not None:
+            yield m
+
+    return channel.stream_stream(H.INTEROP + "Echo")(requests(), timeout=30)
+
+
+def test_a_stream_on_which_nothing_moves_is_ended_naming_the_setting(tmp_path: Path) -> None:
+    with H.guarded(tmp_path, RULES) as (_up, guard), H.channel(guard.address) as ch:
+        messages: queue.Queue[bytes | None] = queue.Queue()
+        call = _echo(ch, messages)
+        messages.put(b"hello")
+        assert next(call) == b"echo:hello"
+        began = time.monotonic()
+        try:
+            next(call)  # nothing more is sent: the guard ends the stream
+            raise AssertionError("the stream went on")
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details()
+        waited = time.monotonic() - began
+        messages.put(None)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED, (code, details)
+        assert "stream_idle_timeout_s (1 s)" in details, details
+        assert IDLE_S * 0.9 <= waited < IDLE_S + 2, waited
+        metrics = guard.metrics()
+        assert H.sample(metrics, "guard_refused_requests_total", reason="stream_idle") == 1
+        assert H.sample(metrics, "guard_inflight_requests") == 0
+
+
+def test_a_stream_that_keeps_moving_outlives_the_idle_limit(tmp_path: Path) -> None:
+    with H.guarded(tmp_path, RULES) as (_up, guard), H.channel(guard.address) as ch:
+        messages: queue.Queue[bytes | None] = queue.Queue()
+        call = _echo(ch, messages)
+        got = []
+        for i in range(6):  # 3 s in all, a message every 0.5 s
+            messages.put(b"m%d" % i)
+            got.append(next(call))
+            time.sleep(IDLE_S / 2)
+        messages.put(None)
+        assert got == [b"echo:m%d" % i for i in range(6)]
+        assert list(call) == [] and call.code() == grpc.StatusCode.OK
+        assert H.sample(guard.metrics(), "guard_refused_requests_total", reason="stream_idle") == 0
