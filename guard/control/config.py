@@ -205,8 +205,9 @@ class Config:
     )  # fmt: skip
     stream_idle_timeout_s: float = _setting(
         300.0, as_float(0.0, 86400.0, lo_open=True), "give seconds, > 0",
-        "A proxied stream with no message either way for this long is ended; a REST answer of "
-        "which the client takes nothing for this long has its connection cut.",
+        "A proxied stream with no message either way for this long is ended; a gRPC answer (or "
+        "relayed message) not taken within it, or a REST answer of which the client takes "
+        "nothing for this long, has its connection cut.",
     )  # fmt: skip
     max_streams_per_connection: int = _setting(
         100, as_int(1, 1_000_000), "give a whole number >= 1",

@@ -1,5 +1,6 @@
 """Time limits for many short waits, with one loop timer per tick instead of
-one per wait.
+one per wait (:class:`Deadlines`), or one for all when they share a limit
+(:class:`Overdue`).
 
 ``asyncio.timeout`` schedules and cancels a timer handle for every call; on a
 1x1 call through the guard that was about a tenth of the handler's Python
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
-__all__ = ["Deadlines"]
+__all__ = ["Deadlines", "Overdue"]
 
 #: How late a limit may fire, in seconds: a short fraction of the shortest
 #: limit anyone would set, and few enough timers under load.
@@ -77,3 +78,42 @@ class Deadlines:
             if not task.done():
                 self._expired.add(task)
                 task.cancel()
+
+
+class Overdue:
+    """Things that should be gone within ``limit_s`` of being added, and
+    ``on_overdue`` for each that is not. One limit for all, so they fall due
+    in the order they came: one loop timer, set for the oldest (event loop
+    only)."""
+
+    def __init__(self, limit_s: float, on_overdue: Callable[[Any], None]) -> None:
+        self._limit_s = limit_s
+        self._on_overdue = on_overdue
+        self._due: dict[Hashable, float] = {}  # in the order added
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def add(self, item: Hashable) -> None:
+        """Start timing ``item``."""
+        loop = asyncio.get_running_loop()
+        self._due[item] = due = loop.time() + self._limit_s
+        if self._timer is None:
+            self._timer = loop.call_at(due, self._fire)
+
+    def discard(self, item: Hashable) -> None:
+        """``item`` is gone in time (or was never added)."""
+        self._due.pop(item, None)
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._due:
+            item, due = next(iter(self._due.items()))
+            if due > now:
+                self._timer = loop.call_at(due, self._fire)
+                return
+            del self._due[item]
+            self._on_overdue(item)

@@ -27,7 +27,7 @@ from guard.dataplane.pipeline import guard_predict_response
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.accounting import CallRecord
 from guard.server.arrivals import Arrivals
-from guard.server.deadlines import Deadlines
+from guard.server.deadlines import Deadlines, Overdue
 from guard.server.gate import Gate, Held, Refusal
 from guard.server.methods import PREDICT, MethodInfo
 from guard.server.status import grpc_code
@@ -78,6 +78,9 @@ class ServerState(Protocol):
     cut_off: float | None
     """The grace period, once a shutdown's ran out (``None`` until then)."""
 
+    def cut_connection(self, context: Any, why: str) -> None:
+        """Close the connection of ``context``'s call (:mod:`guard.server.sockets`)."""
+
     @property
     def rules(self) -> RuleBook: ...
 
@@ -118,6 +121,7 @@ class CallHandler:
     def __init__(self, server: ServerState) -> None:
         self._server = server
         self._deadlines = Deadlines()
+        self._untaken = Overdue(server.config.stream_idle_timeout_s, self._not_taken)
 
     async def unary(self, info: MethodInfo, _requests: Any, context: Any) -> bytes | None:
         """Forward one unary call (grpc.aio's stream-unary handler signature)."""
@@ -199,7 +203,7 @@ class CallHandler:
             gate.inflight_bytes -= held
         if trailers:
             context.set_trailing_metadata(trailers)
-        _hold_until_taken(gate, context, response)
+        self._hold_until_taken(context, response)
         call.count("OK")
         return response
 
@@ -286,9 +290,34 @@ class CallHandler:
             response: bytes = await upstream_call
         except grpc.aio.AioRpcError as exc:
             await self._upstream_failed(exc, context, call)
-        _hold_until_taken(self._server.gate, context, response)
+        self._hold_until_taken(context, response)
         call.count("OK")
         return response
+
+    def _hold_until_taken(self, context: Any, response: bytes) -> None:
+        """Count ``response`` in the budget until its call ends: gRPC holds the
+        answer until the client's flow-control window takes it, which a client
+        may never open (20 answers of 16 MB held 700 MB, uncounted). gRPC
+        cannot end such a call (its status queues behind the answer): one not
+        over within stream_idle_timeout_s has its connection closed."""
+        held = Held(self._server.gate)
+        held.take(GRPC_COPIES * len(response))
+        untaken = self._untaken
+        untaken.add(context)
+
+        def ended(*_: object) -> None:
+            held.release_all()
+            untaken.discard(context)
+
+        context.add_done_callback(ended)
+        if context.done():  # ended already (the client went away): no callback may come
+            ended()
+
+    def _not_taken(self, context: Any) -> None:
+        limit = self._server.config.stream_idle_timeout_s
+        self._server.cut_connection(
+            context, f"its client took no answer within stream_idle_timeout_s ({limit:g} s)"
+        )
 
     # ------------------------------------------------------------- forwarding
 
@@ -377,17 +406,6 @@ class CallHandler:
         if guarded is None:
             return response, trailers
         return guarded.body, trailers + guarded.trailers()
-
-
-def _hold_until_taken(gate: Gate, context: Any, response: bytes) -> None:
-    """Count ``response`` in the budget until its call ends: gRPC holds the
-    answer until the client's flow-control window takes it, which a client
-    may never open (20 answers of 16 MB held 700 MB, uncounted)."""
-    held = Held(gate)
-    held.take(GRPC_COPIES * len(response))
-    context.add_done_callback(held.release_all)
-    if context.done():  # ended already (the client went away): no callback may come
-        held.release_all()
 
 
 async def _no_messages() -> AsyncIterator[bytes]:

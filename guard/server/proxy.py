@@ -25,11 +25,12 @@ from guard.dataplane.book import RuleBook
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server import tls
 from guard.server.arrivals import Arrivals
-from guard.server.ceiling import MemoryCeiling, shut_client_sockets
+from guard.server.ceiling import MemoryCeiling
 from guard.server.gate import Gate, Refusal
 from guard.server.handler import CallHandler
 from guard.server.methods import PREDICT, ProxyHandler
 from guard.server.relay import StreamRelay
+from guard.server.sockets import parse_peer, shut_client_sockets
 from guard.server.upstream import Upstream, window_options
 
 __all__ = ["PREDICT", "GuardServer", "server_options"]
@@ -205,6 +206,15 @@ class GuardServer:
         retire = asyncio.create_task(self._retire(old), name="guard-server-retire")
         self._retiring.add(retire)
         retire.add_done_callback(self._retiring.discard)
+
+    def cut_connection(self, context: Any, why: str) -> None:
+        """Shut down the connection that ``context``'s call came on: gRPC then
+        ends its calls and frees what they hold. Counted as ``stream_idle``."""
+        peer = context.peer()
+        address = parse_peer(peer)
+        self.metrics.record_refusal(Refusal.STREAM_IDLE.value)
+        shut = shut_client_sockets(self.port, address) if address is not None else 0
+        logger.warning("closed the connection of %s (%d sockets): %s", peer, shut, why)
 
     async def _close_connections(self, _rss: int) -> None:
         """Past max_memory_mb: end every client connection of the gRPC port

@@ -29,11 +29,13 @@ class _Stream:
     moved, either way, and why the guard ended the call (set before it
     cancels the upstream call)."""
 
-    __slots__ = ("ended", "last")
+    __slots__ = ("ended", "last", "writing")
 
     def __init__(self) -> None:
         self.last = time.monotonic()
         self.ended: tuple[Refusal, str, grpc.StatusCode | None] | None = None
+        self.writing = False
+        """Whether a message waits on the client to take it."""
 
     def touch(self) -> None:
         self.last = time.monotonic()
@@ -94,7 +96,7 @@ class StreamRelay:
         context.add_done_callback(held.release_all)
         t_up = time.perf_counter()
         pump = asyncio.ensure_future(self._requests(context, upstream_call, stream, held))
-        watch = asyncio.ensure_future(self._watch(stream, upstream_call))
+        watch = asyncio.ensure_future(self._watch(stream, upstream_call, context))
         for task in (pump, watch):
             task.add_done_callback(_retrieve)
         try:
@@ -165,24 +167,32 @@ class StreamRelay:
                 stream.end(upstream_call, *refused)
                 return
             held.take(size)
+            stream.writing = True
             await context.write(message)
+            stream.writing = False
             held.give_back(size)
 
-    async def _watch(self, stream: _Stream, upstream_call: Any) -> None:
-        """End a stream on which nothing moved for stream_idle_timeout_s."""
+    async def _watch(self, stream: _Stream, upstream_call: Any, context: Any) -> None:
+        """End a stream on which nothing moved for stream_idle_timeout_s. One
+        whose message waits on a client that takes nothing cannot be ended
+        (its status would queue behind the message): its connection is
+        closed."""
         limit = self._server.config.stream_idle_timeout_s
-        while True:
+        while time.monotonic() - stream.last < limit:
             await asyncio.sleep(max(limit - (time.monotonic() - stream.last), 0.0) + 0.01)
-            if time.monotonic() - stream.last >= limit:
-                stream.end(
-                    upstream_call,
-                    Refusal.STREAM_IDLE,
-                    f"guard: no message moved on this stream for stream_idle_timeout_s "
-                    f"({limit:g} s); raise stream_idle_timeout_s in the guard config for longer "
-                    "pauses",
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                )
-                return
+        if stream.writing:
+            self._server.cut_connection(
+                context,
+                f"its client took no message of a stream for stream_idle_timeout_s ({limit:g} s)",
+            )
+            return
+        stream.end(
+            upstream_call,
+            Refusal.STREAM_IDLE,
+            f"guard: no message moved on this stream for stream_idle_timeout_s ({limit:g} s); "
+            "raise stream_idle_timeout_s in the guard config for longer pauses",
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
 
     async def _finish(
         self, upstream_call: Any, code: grpc.StatusCode, context: Any, call: Call

@@ -108,3 +108,42 @@ def test_answers_a_client_never_takes_are_bounded_by_the_budget(tmp_path: Path, 
         while H.sample(guard.metrics(), "guard_inflight_bytes") and time.monotonic() < deadline:
             time.sleep(0.1)
         assert H.sample(guard.metrics(), "guard_inflight_bytes") == 0
+
+
+@pytest.mark.parametrize("kind", ["unary", "stream"])
+def test_answers_not_taken_within_the_idle_limit_have_their_connection_closed(
+    tmp_path: Path, kind: str
+) -> None:
+    """gRPC cannot end a call whose answer waits on the client (its status
+    would queue behind the answer), so such a client held the budget until
+    max_connection_age_s (an hour). Past stream_idle_timeout_s its connection
+    is closed: the budget comes back, and a legitimate client is served."""
+    idle_s = 2.0
+    path, request, _count, _each = CALLS[kind]
+    with H.guarded(tmp_path, f"stream_idle_timeout_s: {idle_s}\n" + RULES) as (_up, guard):
+        client, streams = _open_without_window(guard.port, path, request, 3)
+        began = time.monotonic()
+        try:
+            everything = 3 * 2 * VALUES * 4
+
+            def held() -> float:
+                return H.sample(guard.metrics(), "guard_inflight_bytes")
+
+            client.wait(lambda: held() >= everything, timeout=10)
+            held_at_most = held()
+            client.wait(lambda: False, timeout=idle_s + 5)  # until the guard closes it
+            closed_after = time.monotonic() - began
+            closed = client.closed
+        finally:
+            client.close()
+        assert held_at_most >= everything, held_at_most
+        assert closed, "the guard kept the connection"
+        assert idle_s <= closed_after < idle_s + 4, closed_after
+        deadline = time.monotonic() + 5  # gRPC ends the connection's calls as it sees it go
+        while H.sample(guard.metrics(), "guard_inflight_bytes") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        metrics = guard.metrics()
+        assert H.sample(metrics, "guard_inflight_bytes") == 0
+        assert H.sample(metrics, "guard_refused_requests_total", reason="stream_idle") >= 1
+        assert H.legit_ok(guard.address).code == "OK"
+        assert "closed the connection of ipv" in guard.log()

@@ -11,7 +11,8 @@ fill it:
 
 With ``stream_window_kb`` (1 MiB by default) a stream holds at most its
 window; a relayed stream counts it, and the message it waits to pass on, in
-``max_inflight_mb``."""
+``max_inflight_mb``, and a connection whose streams wait on a client that
+takes nothing for ``stream_idle_timeout_s`` is closed."""
 
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def test_what_unary_calls_send_after_their_request_is_held_to_the_window(tmp_pat
 def test_relayed_streams_whose_client_reads_nothing_are_bounded_by_the_budget(
     tmp_path: Path,
 ) -> None:
-    budget_mb = 100
-    rules = f"max_inflight_mb: {budget_mb}\n" + H.BASE_RULES
+    budget_mb, idle_s = 100, 8.0
+    rules = f"max_inflight_mb: {budget_mb}\nstream_idle_timeout_s: {idle_s}\n" + H.BASE_RULES
     with H.guarded(tmp_path, rules) as (_up, guard):
         rss_before = guard.rss_kb()
         client = h2raw.H2Client(
@@ -82,10 +83,14 @@ def test_relayed_streams_whose_client_reads_nothing_are_bounded_by_the_budget(
                 sid = client.new_stream_id()
                 client.send_headers(sid, h2raw.grpc_request_headers(H.INTEROP + "Echo"))
                 streams.append(sid)
-            sent = _send_for(client, streams, h2raw.grpc_message(bytes(1_000_000)), seconds=6)
+            sent = _send_for(client, streams, h2raw.grpc_message(bytes(1_000_000)), seconds=5)
             grown_mb = (guard.rss_kb() - rss_before) / 1024
             held = H.sample(guard.metrics(), "guard_inflight_bytes")
             ended = [client.streams[s] for s in streams if client.streams[s].grpc_status]
+            # The streams still held wait on a client that takes nothing: past
+            # stream_idle_timeout_s their connection is closed.
+            client.wait(lambda: False, timeout=idle_s + 5)
+            closed = client.closed
         finally:
             client.close()
         assert sent > 100 * MB, f"only {sent / MB:.0f} MiB sent: the attack did not run"
@@ -95,7 +100,9 @@ def test_relayed_streams_whose_client_reads_nothing_are_bounded_by_the_budget(
         # by what one call holds, both ways.
         assert held <= budget_mb * MB + 2 * (2 * 1_000_000 + WINDOW), held
         assert grown_mb < 2 * budget_mb, f"RSS grew {grown_mb:.0f} MB"
+        assert closed, "the guard kept the connection"
         deadline = time.monotonic() + 10
         while H.sample(guard.metrics(), "guard_inflight_bytes") and time.monotonic() < deadline:
             time.sleep(0.1)
         assert H.sample(guard.metrics(), "guard_inflight_bytes") == 0
+        assert H.legit_ok(guard.address).code == "OK"

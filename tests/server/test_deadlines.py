@@ -1,4 +1,5 @@
-"""guard.server.deadlines: shared timers for the request read limit."""
+"""guard.server.deadlines: shared timers for the request read limit, and
+for answers that must be taken within the idle limit."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from guard.server.deadlines import Deadlines
+from guard.server.deadlines import Deadlines, Overdue
 
 TICK_S = 0.01
 
@@ -67,3 +68,23 @@ async def test_a_cancellation_racing_the_deadline_propagates() -> None:
 
     with pytest.raises(asyncio.CancelledError):
         await asyncio.ensure_future(waiter())
+
+
+async def test_overdue_things_are_reported_in_order_and_only_those() -> None:
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[str, float]] = []
+    began = loop.time()
+    overdue = Overdue(0.1, lambda item: seen.append((item, loop.time() - began)))
+    overdue.add("a")
+    overdue.add("b")
+    await asyncio.sleep(0.05)
+    overdue.add("c")  # due 0.05 s after a and b
+    overdue.discard("b")  # gone in time
+    overdue.discard("never added")
+    await asyncio.sleep(0.2)
+    assert [item for item, _ in seen] == ["a", "c"]
+    assert seen[0][1] >= 0.1 and seen[1][1] >= 0.15, seen  # never early
+    assert len(overdue) == 0
+    overdue.add("d")  # the timer is set again once all are gone
+    await asyncio.sleep(0.15)
+    assert [item for item, _ in seen] == ["a", "c", "d"]
