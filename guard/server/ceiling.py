@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from guard.control.memory import rss_bytes, trim
+from guard.control.memory import Statm, trim
 
 __all__ = ["MemoryCeiling"]
 
@@ -37,19 +37,26 @@ class MemoryCeiling:
     def __init__(
         self,
         limit: int,
-        on_breach: Callable[[int], Awaitable[None]],
-        rss: Callable[[], int] = rss_bytes,
+        on_breach: Callable[[], Awaitable[None]],
+        rss: Callable[[], int] | None = None,
     ) -> None:
         self._limit = limit
         self._on_breach = on_breach
+        self._statm: Statm | None = None
+        if rss is None:
+            rss = self._statm = Statm()
         self._rss = rss
         self.breaches = 0
 
     async def run(self) -> None:
         """Watch until cancelled."""
-        while True:
-            await asyncio.sleep(POLL_S)
-            await self.check()
+        try:
+            while True:
+                await asyncio.sleep(POLL_S)
+                await self.check()
+        finally:
+            if self._statm is not None:
+                self._statm.close()
 
     async def check(self) -> bool:
         """Act if RSS is past the limit once freed heap is handed back;
@@ -66,5 +73,5 @@ class MemoryCeiling:
             "connection to free what they hold (clients reconnect)",
             rss / 2**20, self._limit / 2**20,
         )  # fmt: skip
-        await self._on_breach(rss)
+        await self._on_breach()
         return True

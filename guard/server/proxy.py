@@ -216,7 +216,7 @@ class GuardServer:
         shut = shut_client_sockets(self.port, address) if address is not None else 0
         logger.warning("closed the connection of %s (%d sockets): %s", peer, shut, why)
 
-    async def _close_connections(self, _rss: int) -> None:
+    async def _close_connections(self) -> None:
         """Past max_memory_mb: end every client connection of the gRPC port
         (the listeners stay), so that gRPC frees what they hold."""
         self.metrics.memory_resets.inc()  # first: a client that sees its end may scrape

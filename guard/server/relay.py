@@ -6,6 +6,11 @@ previous one was written, so a slow reader on either side slows the other
 instead of filling the guard's memory. Initial and trailing metadata, the
 status, half-close, zero-message calls, deadlines and cancellation reach the
 other side as they were sent.
+
+What either side sends ahead of what the relay reads is bounded by the
+stream's HTTP/2 window (``stream_window_kb``) and counted with the message
+the relay waits to pass on. A message gRPC is still receiving counts as an
+arrival (:mod:`guard.server.arrivals`), as a unary request does.
 """
 
 from __future__ import annotations
@@ -129,7 +134,9 @@ class StreamRelay:
         gate = self._server.gate
         window = self._server.config.stream_window_bytes
         while True:
-            message = await context.read()
+            message = await self._next(context, upstream_call, stream)
+            if message is None:
+                return
             if message is grpc.aio.EOF:
                 await upstream_call.done_writing()
                 return
@@ -142,6 +149,28 @@ class StreamRelay:
             held.take(size)
             await upstream_call.write(message)
             held.give_back(size)
+
+    async def _next(self, context: Any, upstream_call: Any, stream: _Stream) -> Any:
+        """The client's next message, or EOF, as for a unary request: gRPC
+        reads a message whole before handing it over, so while it arrives the
+        stream counts as receiving for the arrivals watch, which may refuse
+        it; ``None`` then (the stream is ended)."""
+        arrivals = self._server.arrivals
+        task = asyncio.current_task()
+        assert task is not None
+        if not arrivals.admit():
+            stream.end(upstream_call, Refusal.INFLIGHT_BYTES, arrivals.problem())
+            return None
+        arrivals.begin(task)
+        try:
+            return await context.read()
+        except asyncio.CancelledError:
+            if not arrivals.was_shed(task):
+                raise
+            stream.end(upstream_call, Refusal.INFLIGHT_BYTES, arrivals.problem())
+            return None
+        finally:
+            arrivals.end(task)
 
     async def _responses(
         self, upstream_call: Any, context: Any, stream: _Stream, held: Held

@@ -5,13 +5,18 @@ While calls are receiving, the guard now watches its own memory and refuses
 the calls that began receiving last once it holds more than it counts plus
 ``max_inflight_mb``. Every client gets an answer, refusals name the setting,
 and once the burst is over the memory it left behind (freed, not yet handed
-back) does not lock out the calls that come next."""
+back) does not lock out the calls that come next. A relayed stream's message
+is an arrival too: 48 client streams of one 31 MB message each, relayed to
+the upstream, grew the guard by 587-808 MB before they counted."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+import grpc
 
 from tests.attacks import _harness as H
 from tests.attacks import attacks
@@ -54,4 +59,45 @@ def test_requests_arriving_together_are_bounded_by_what_the_guard_holds(tmp_path
     assert predicts == codes["OK"], (predicts, codes)  # the refused never went upstream
     assert served_after_s is not None, "calls arriving together still refused 5 s after the burst"
     # Before the watch: 816-980 MB. Measured with it: 289-430 MB.
+    assert peak_mb < 600, f"the guard's peak grew {peak_mb:.0f} MB"
+
+
+def _streams_at_once(address: str, message: bytes, clients: int) -> list[str]:
+    """``clients`` client-streaming calls of one ``message`` each, relayed to
+    the upstream's ``Collect``, each on its own connection, sent together:
+    their codes, or details where refused."""
+    results: list[str] = []
+    start = threading.Barrier(clients, timeout=30)
+
+    def one() -> None:
+        with H.channel(address) as ch:
+            grpc.channel_ready_future(ch).result(timeout=10)
+            start.wait()
+            try:
+                ch.stream_unary(H.INTEROP + "Collect")(iter([message]), timeout=60)
+                results.append("OK")
+            except grpc.RpcError as exc:
+                results.append(f"{exc.code().name}: {exc.details()}")
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert len(results) == clients, f"{clients - len(results)} clients got no answer"
+    return results
+
+
+def test_relayed_messages_arriving_together_are_bounded_too(tmp_path: Path) -> None:
+    with H.guarded(tmp_path, f"max_inflight_mb: {BUDGET_MB}\n" + H.BASE_RULES) as (_up, guard):
+        before_kb = guard.hwm_kb()
+        results = _streams_at_once(guard.address, bytes(31 * 1024 * 1024), 48)
+        peak_mb = (guard.hwm_kb() - before_kb) / 1024
+        served_after_s = _served_again_within(guard.address, 5.0)
+    refused = [r for r in results if r != "OK"]
+    assert refused and len(refused) < len(results), results
+    assert all(r.startswith("RESOURCE_EXHAUSTED") for r in refused), refused
+    assert all(f"max_inflight_mb ({BUDGET_MB} MiB)" in r for r in refused), refused
+    assert served_after_s is not None, "calls still refused 5 s after the burst"
+    # Before relayed messages were arrivals: 587-808 MB. With them: 297-353 MB.
     assert peak_mb < 600, f"the guard's peak grew {peak_mb:.0f} MB"

@@ -13,17 +13,18 @@ from tests.attacks import h2raw
 
 
 async def test_the_ceiling_acts_only_past_its_limit() -> None:
-    rss = 100
-    breaches: list[int] = []
+    readings = iter([100, 300, 300, 300, 150])
+    breaches: list[None] = []
 
-    async def on_breach(seen: int) -> None:
-        breaches.append(seen)
+    async def on_breach() -> None:
+        breaches.append(None)
 
-    ceiling = MemoryCeiling(200, on_breach, lambda: rss)
-    assert not await ceiling.check()
-    rss = 300
-    assert await ceiling.check()
-    assert breaches == [300] and ceiling.breaches == 1
+    ceiling = MemoryCeiling(200, on_breach, lambda: next(readings))
+    assert not await ceiling.check()  # 100: under
+    assert await ceiling.check()  # 300, and still 300 after the trim
+    assert breaches == [None] and ceiling.breaches == 1
+    assert not await ceiling.check()  # 300, then 150 once freed heap was handed back
+    assert breaches == [None] and ceiling.breaches == 1
 
 
 def test_a_guard_past_max_memory_mb_closes_its_grpc_connections(tmp_path: Path) -> None:
