@@ -50,8 +50,10 @@ _HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "host", "grpc-time
 # client sends a unary call without a message, so only such odd calls wait.
 _EOF_SETTLE_S = 0.25
 GRPC_COPIES = 2
-"""gRPC holds an answer twice until the client takes it: the bytes handed to
-it, and its copy (16 MB answers held 44 MB each, allocator slack included)."""
+"""gRPC holds a message twice: an answer until the client takes it (the bytes
+handed to it, and its copy: 16 MB answers held 44 MB each, allocator slack
+included), and a forwarded request while its call is in flight (a 31 MB
+request to a slow model: 72 MB in use)."""
 
 Metadata = tuple[tuple[str, Any], ...]
 _TIMED_OUT = object()
@@ -165,7 +167,7 @@ class CallHandler:
         """Hold an in-flight slot and the request's bytes of the budget while
         the call is answered, or refuse it."""
         gate = self._server.gate
-        size = len(request)
+        size = GRPC_COPIES * len(request)
         refused = gate.admit(size)
         if refused is not None:
             await call.refuse(context, *refused)
@@ -187,7 +189,7 @@ class CallHandler:
         response, trailers = await self._forward(info, request, metadata, context, call)
         gate = self._server.gate
         held = len(response)
-        refused = gate.answer_problem(held, len(request))
+        refused = gate.answer_problem(held, GRPC_COPIES * len(request))
         if refused is not None:
             # gRPC keeps the refusal's traceback, and with it this frame, until
             # a cyclic collection: not the answer too.

@@ -271,3 +271,29 @@ async def test_a_server_stopping_by_itself_costs_a_connected_client_little(
     assert len(lost) <= attacks, f"{len(codes)} calls, lost: {lost}"
     guarded = sample_sum(guard.metrics_url, "guard_requests_total", model="m")
     assert guarded == len(codes) - len(lost)  # the lost ones never reached the guard
+
+
+async def test_a_forwarded_request_counts_twice_while_in_flight(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    """gRPC holds a forwarded request twice while its call is in flight (a
+    31 MB request to a slow model: 72 MB in use), so the budget counts it so."""
+    upstream.reply("m", predict_response("m", {"y": VALUES}))
+    upstream.gate = asyncio.Event()
+    guard = await make_guard(RULES, max_inflight_mb=1)
+    request = predict_request("m", x=np.zeros(100_000))  # 0.4 MB
+    size = len(request.SerializeToString())
+    call = asyncio.ensure_future(guard.stub.Predict(request, timeout=5))
+    for _ in range(200):  # bounded: until it is in flight
+        if guard.sample("guard_inflight_requests") == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert guard.sample("guard_inflight_bytes") == 2 * size
+    # 0.2 MB more, counted 0.4 MB: past the 1 MiB budget beside it (counted
+    # once each, 0.6 MB, they would fit).
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await guard.stub.Predict(predict_request("m", x=np.zeros(50_000)), timeout=5)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    upstream.gate.set()
+    await call
+    assert guard.sample("guard_inflight_bytes") == 0
