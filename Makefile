@@ -12,7 +12,7 @@ APT_STAMP := $(VENV)/.apt-installed
 APT_PACKAGES := prometheus nginx nghttp2-client curl
 DURATION ?= 300
 
-.PHONY: venv apt demo test lint typecheck pytest bench bench-check fuzz soak attack clean
+.PHONY: venv apt demo test lint typecheck pytest bench bench-check bench-window fuzz soak attack clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,10 @@ bench: $(STAMP) $(APT_STAMP)
 
 bench-check: $(STAMP)
 	$(PY) -m bench.check
+
+# What a fixed HTTP/2 stream window costs large requests from far away.
+bench-window: $(STAMP)
+	$(PY) -m bench.window --json window.json
 
 fuzz: $(STAMP)
 	$(PIP) install -q atheris
