@@ -122,7 +122,7 @@ async def test_the_watch_reads_only_while_two_calls_receive() -> None:
         await asyncio.sleep(0.05)
         assert readings == 1  # the reading at start only
         (second,) = await _receiving(arrivals, 1)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # ticks of 5, 10, 20, 40 ms while RSS holds still
         assert readings > 3
         arrivals.end(second)
         await asyncio.sleep(0.02)
@@ -131,6 +131,33 @@ async def test_the_watch_reads_only_while_two_calls_receive() -> None:
         assert readings == settled
         first.cancel()
         second.cancel()
+    finally:
+        watch.cancel()
+        arrivals.close()
+
+
+async def test_the_watch_reads_less_often_while_memory_holds_still() -> None:
+    readings = 0
+    memory = Memory()
+
+    def rss() -> int:
+        nonlocal readings
+        readings += 1
+        return memory.rss
+
+    arrivals = Arrivals(Gate(Config()), rss, lambda: memory.in_use)
+    watch = asyncio.create_task(arrivals.run())
+    try:
+        tasks = await _receiving(arrivals, 2)
+        await asyncio.sleep(0.5)
+        quiet = readings
+        assert 3 < quiet <= 0.5 / TICK_S / 4, quiet  # 100 at a steady 5 ms
+        for _ in range(10):  # memory moving: back to a reading every tick
+            memory.rss += 2 << 20
+            await asyncio.sleep(0.02)
+        assert readings - quiet >= 10, readings - quiet
+        for task in tasks:
+            task.cancel()
     finally:
         watch.cancel()
         arrivals.close()
