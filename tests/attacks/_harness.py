@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,23 +205,29 @@ def legit_call(
         return CallResult(exc.code().name, time.perf_counter() - start, exc.details() or "")
 
 
-def calls_at_once(address: str, request: bytes, clients: int) -> list[CallResult]:
-    """``clients`` Predict calls of ``request``, each on its own connection
-    (connected first), sent together."""
+def calls_at_once(
+    address: str,
+    request: bytes,
+    clients: int,
+    call: Callable[[grpc.Channel, bytes], CallResult] | None = None,
+) -> list[CallResult]:
+    """``clients`` calls of ``request`` (Predict, unless ``call`` makes
+    another), each on its own connection (connected first), sent together."""
     results: list[CallResult] = []
     start = threading.Barrier(clients, timeout=30)
+    make = call or (lambda ch, body: legit_call(ch, body, timeout=30))
 
     def one() -> None:
         with channel(address) as ch:
             grpc.channel_ready_future(ch).result(timeout=10)
             start.wait()
-            results.append(legit_call(ch, request, timeout=30))
+            results.append(make(ch, request))
 
     threads = [threading.Thread(target=one, daemon=True) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(90)
     assert len(results) == clients, f"{clients - len(results)} clients got no answer"
     return results
 

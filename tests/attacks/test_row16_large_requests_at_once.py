@@ -11,7 +11,6 @@ the upstream, grew the guard by 587-808 MB before they counted."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -62,42 +61,27 @@ def test_requests_arriving_together_are_bounded_by_what_the_guard_holds(tmp_path
     assert peak_mb < 600, f"the guard's peak grew {peak_mb:.0f} MB"
 
 
-def _streams_at_once(address: str, message: bytes, clients: int) -> list[str]:
-    """``clients`` client-streaming calls of one ``message`` each, relayed to
-    the upstream's ``Collect``, each on its own connection, sent together:
-    their codes, or details where refused."""
-    results: list[str] = []
-    start = threading.Barrier(clients, timeout=30)
-
-    def one() -> None:
-        with H.channel(address) as ch:
-            grpc.channel_ready_future(ch).result(timeout=10)
-            start.wait()
-            try:
-                ch.stream_unary(H.INTEROP + "Collect")(iter([message]), timeout=60)
-                results.append("OK")
-            except grpc.RpcError as exc:
-                results.append(f"{exc.code().name}: {exc.details()}")
-
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    assert len(results) == clients, f"{clients - len(results)} clients got no answer"
-    return results
+def _collect(ch: grpc.Channel, message: bytes) -> H.CallResult:
+    """One client-streaming call of ``message``, relayed to the upstream's ``Collect``."""
+    start = time.perf_counter()
+    try:
+        ch.stream_unary(H.INTEROP + "Collect")(iter([message]), timeout=60)
+        return H.CallResult("OK", time.perf_counter() - start)
+    except grpc.RpcError as exc:
+        return H.CallResult(exc.code().name, time.perf_counter() - start, exc.details() or "")
 
 
 def test_relayed_messages_arriving_together_are_bounded_too(tmp_path: Path) -> None:
     with H.guarded(tmp_path, f"max_inflight_mb: {BUDGET_MB}\n" + H.BASE_RULES) as (_up, guard):
         before_kb = guard.hwm_kb()
-        results = _streams_at_once(guard.address, bytes(31 * 1024 * 1024), 48)
+        message = bytes(31 * 1024 * 1024)
+        results = H.calls_at_once(guard.address, message, 48, _collect)
         peak_mb = (guard.hwm_kb() - before_kb) / 1024
         served_after_s = _served_again_within(guard.address, 5.0)
-    refused = [r for r in results if r != "OK"]
-    assert refused and len(refused) < len(results), results
-    assert all(r.startswith("RESOURCE_EXHAUSTED") for r in refused), refused
-    assert all(f"max_inflight_mb ({BUDGET_MB} MiB)" in r for r in refused), refused
+    refused = [r for r in results if r.code != "OK"]
+    assert refused and len(refused) < len(results), Counter(r.code for r in results)
+    assert all(r.code == "RESOURCE_EXHAUSTED" for r in refused), refused
+    assert all(f"max_inflight_mb ({BUDGET_MB} MiB)" in r.details for r in refused), refused
     assert served_after_s is not None, "calls still refused 5 s after the burst"
     # Before relayed messages were arrivals: 587-808 MB. With them: 297-353 MB.
     assert peak_mb < 600, f"the guard's peak grew {peak_mb:.0f} MB"

@@ -4,6 +4,8 @@ and when, read against a memory reading the test sets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 from guard.control.config import Config
@@ -106,58 +108,56 @@ async def test_while_past_the_bound_a_new_call_is_refused_before_it_reads() -> N
         task.cancel()
 
 
-async def test_the_watch_reads_only_while_two_calls_receive() -> None:
-    readings = 0
-    memory = Memory()
+class _Counted(Memory):
+    """Memory whose RSS readings are counted."""
 
-    def rss() -> int:
-        nonlocal readings
-        readings += 1
-        return memory.rss
+    def __init__(self) -> None:
+        super().__init__()
+        self.readings = 0
 
-    arrivals = Arrivals(Gate(Config()), rss, lambda: memory.in_use)
+    def read_rss(self) -> int:
+        self.readings += 1
+        return self.rss
+
+
+@contextlib.asynccontextmanager
+async def _watching() -> AsyncIterator[tuple[Arrivals, _Counted]]:
+    memory = _Counted()
+    arrivals = Arrivals(Gate(Config()), memory.read_rss, lambda: memory.in_use)
     watch = asyncio.create_task(arrivals.run())
     try:
-        (first,) = await _receiving(arrivals, 1)
-        await asyncio.sleep(0.05)
-        assert readings == 1  # the reading at start only
-        (second,) = await _receiving(arrivals, 1)
-        await asyncio.sleep(0.1)  # ticks of 5, 10, 20, 40 ms while RSS holds still
-        assert readings > 3
-        arrivals.end(second)
-        await asyncio.sleep(0.02)
-        settled = readings
-        await asyncio.sleep(0.05)
-        assert readings == settled
-        first.cancel()
-        second.cancel()
+        yield arrivals, memory
     finally:
         watch.cancel()
         arrivals.close()
 
 
+async def test_the_watch_reads_only_while_two_calls_receive() -> None:
+    async with _watching() as (arrivals, memory):
+        (first,) = await _receiving(arrivals, 1)
+        await asyncio.sleep(0.05)
+        assert memory.readings == 1  # the reading at start only
+        (second,) = await _receiving(arrivals, 1)
+        await asyncio.sleep(0.1)  # ticks of 5, 10, 20, 40 ms while RSS holds still
+        assert memory.readings > 3
+        arrivals.end(second)
+        await asyncio.sleep(0.02)
+        settled = memory.readings
+        await asyncio.sleep(0.05)
+        assert memory.readings == settled
+        first.cancel()
+        second.cancel()
+
+
 async def test_the_watch_reads_less_often_while_memory_holds_still() -> None:
-    readings = 0
-    memory = Memory()
-
-    def rss() -> int:
-        nonlocal readings
-        readings += 1
-        return memory.rss
-
-    arrivals = Arrivals(Gate(Config()), rss, lambda: memory.in_use)
-    watch = asyncio.create_task(arrivals.run())
-    try:
+    async with _watching() as (arrivals, memory):
         tasks = await _receiving(arrivals, 2)
         await asyncio.sleep(0.5)
-        quiet = readings
+        quiet = memory.readings
         assert 3 < quiet <= 0.5 / TICK_S / 4, quiet  # 100 at a steady 5 ms
         for _ in range(10):  # memory moving: back to a reading every tick
             memory.rss += 2 << 20
             await asyncio.sleep(0.02)
-        assert readings - quiet >= 10, readings - quiet
+        assert memory.readings - quiet >= 10, memory.readings - quiet
         for task in tasks:
             task.cancel()
-    finally:
-        watch.cancel()
-        arrivals.close()
