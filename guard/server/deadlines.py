@@ -12,11 +12,14 @@ is still waiting when it fires.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
 __all__ = ["Deadlines", "Overdue"]
+
+logger = logging.getLogger("guard.proxy")
 
 #: How late a limit may fire, in seconds: a short fraction of the shortest
 #: limit anyone would set, and few enough timers under load.
@@ -116,4 +119,7 @@ class Overdue:
                 self._timer = loop.call_at(due, self._fire)
                 return
             del self._due[item]
-            self._on_overdue(item)
+            try:
+                self._on_overdue(item)
+            except Exception:  # the others still fall due, and the timer is set again
+                logger.exception("handling an overdue item failed")

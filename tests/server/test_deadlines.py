@@ -88,3 +88,18 @@ async def test_overdue_things_are_reported_in_order_and_only_those() -> None:
     overdue.add("d")  # the timer is set again once all are gone
     await asyncio.sleep(0.15)
     assert [item for item, _ in seen] == ["a", "c", "d"]
+
+
+async def test_an_overdue_handler_that_fails_stops_nothing_else() -> None:
+    seen: list[str] = []
+
+    def handle(item: str) -> None:
+        if item == "bad":
+            raise RuntimeError("the handler failed")
+        seen.append(item)
+
+    overdue = Overdue(0.02, handle)
+    for item in ("a", "bad", "b"):
+        overdue.add(item)
+    await asyncio.sleep(0.1)
+    assert seen == ["a", "b"] and len(overdue) == 0
