@@ -22,6 +22,7 @@ import asyncio
 import ctypes
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,8 @@ TICK_S = 0.005
 #: relayed streams cost 26 ms of CPU a second at 5 ms, about 3 at 80.
 QUIET_TICK_S = 0.08
 _QUIET_BYTES = 1 << 20  # RSS moving less than this between readings is still
+#: How often, with nothing in flight, the resting memory is read again.
+REST_S = 1.0
 
 
 class Arrivals:
@@ -56,7 +59,9 @@ class Arrivals:
         self._heap = _HeapInUse(in_use)
         self._low = self._rss()
         self._receiving: dict[asyncio.Task[Any], None] = {}  # in the order they began
-        self._shed: set[asyncio.Task[Any]] = set()
+        # Weak: a task whose read ended before the cancellation landed may
+        # never ask (was_shed); it must not be kept, with what it holds.
+        self._shed: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
         self._wake = asyncio.Event()
         self.grown = 0
         """RSS over its low-water mark at the last reading, in bytes."""
@@ -105,7 +110,11 @@ class Arrivals:
     async def run(self) -> None:
         """Watch while calls are receiving, until cancelled."""
         while True:
-            await self._wake.wait()
+            try:
+                await asyncio.wait_for(self._wake.wait(), REST_S)
+            except TimeoutError:
+                self._rest()
+                continue
             tick, last = TICK_S, self.grown
             while len(self._receiving) >= 2:
                 self.check()
@@ -114,6 +123,19 @@ class Arrivals:
                 last = self.grown
                 await asyncio.sleep(tick)
             self._wake.clear()
+
+    def _rest(self) -> None:
+        """With no call in flight or arriving, what the process holds is its
+        resting memory: the bound counts growth from there. gRPC may keep
+        memory after calls end (a burst of 48 relayed 31 MB messages left
+        100-260 MB in use for good), which would otherwise refuse every pair
+        of calls arriving together after it; ``max_memory_mb`` bounds that."""
+        gate = self._gate
+        if self._receiving or gate.inflight or gate.pending or gate.inflight_bytes:
+            return
+        self._low = self._rss()
+        self._heap.rest()
+        self.over = False
 
     def check(self) -> int:
         """Read RSS once; refuse all but the first call receiving if it is
@@ -162,6 +184,11 @@ class _HeapInUse:
     def __init__(self, in_use: Callable[[], int] | None = None) -> None:
         self._in_use = in_use or _mallinfo2_in_use()
         self._low = self._in_use() if self._in_use is not None else 0
+
+    def rest(self) -> None:
+        """What is in use now is the least from here on."""
+        if self._in_use is not None:
+            self._low = self._in_use()
 
     def grown(self) -> int:
         if self._in_use is None:

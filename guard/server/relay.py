@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import traceback
 from typing import Any
 
 import grpc
@@ -86,8 +87,15 @@ class StreamRelay:
                 await self._run(info, forwardable(received), context, call)
             finally:
                 server.gate.release(0)
-        except asyncio.CancelledError:
-            call.ended_by_client(context)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                call.ended_by_client(context)
+            # gRPC keeps an ended call's exception, and with it every frame it
+            # passed, until a cyclic collection: with them the pump's task and
+            # the message it was passing on (a burst of 48 relayed 31 MB
+            # messages left 263 MB in use, and the arrivals watch refused
+            # every call after it).
+            traceback.clear_frames(exc.__traceback__)
             raise
         finally:
             call.finish()
@@ -131,6 +139,18 @@ class StreamRelay:
         """Client to upstream, then the client's half-close. While a message
         waits on the upstream, the guard reads nothing more, and the client's
         next ones fill the stream's window: counted with the message."""
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            await self._pump(context, upstream_call, stream, held)
+        except asyncio.CancelledError:
+            # The arrivals watch may cancel a read that has just ended: the
+            # cancellation lands at the next wait.
+            if not self._server.arrivals.was_shed(task):
+                raise
+            stream.end(upstream_call, Refusal.INFLIGHT_BYTES, self._server.arrivals.problem())
+
+    async def _pump(self, context: Any, upstream_call: Any, stream: _Stream, held: Held) -> None:
         gate = self._server.gate
         window = self._server.config.stream_window_bytes
         while True:
@@ -154,7 +174,8 @@ class StreamRelay:
         """The client's next message, or EOF, as for a unary request: gRPC
         reads a message whole before handing it over, so while it arrives the
         stream counts as receiving for the arrivals watch, which may refuse
-        it; ``None`` then (the stream is ended)."""
+        it (by cancelling this task); ``None`` where it is refusing new
+        arrivals (the stream is ended)."""
         arrivals = self._server.arrivals
         task = asyncio.current_task()
         assert task is not None
@@ -164,11 +185,6 @@ class StreamRelay:
         arrivals.begin(task)
         try:
             return await context.read()
-        except asyncio.CancelledError:
-            if not arrivals.was_shed(task):
-                raise
-            stream.end(upstream_call, Refusal.INFLIGHT_BYTES, arrivals.problem())
-            return None
         finally:
             arrivals.end(task)
 

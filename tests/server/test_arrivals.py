@@ -8,6 +8,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
+
+import guard.server.arrivals as arrivals_module
 from guard.control.config import Config
 from guard.server.arrivals import TICK_S, Arrivals
 from guard.server.gate import Gate
@@ -161,3 +164,35 @@ async def test_the_watch_reads_less_often_while_memory_holds_still() -> None:
         assert memory.readings - quiet >= 10, memory.readings - quiet
         for task in tasks:
             task.cancel()
+
+
+async def test_memory_held_with_nothing_in_flight_becomes_the_resting_level(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """gRPC may keep memory after calls end; past REST_S with nothing in
+    flight, arrivals are bounded from that level, not refused for good."""
+    monkeypatch.setattr(arrivals_module, "REST_S", 0.05)
+    arrivals, gate, memory = _arrivals()
+    watch = asyncio.create_task(arrivals.run())
+    try:
+        memory.rss += 200 * MB  # held by gRPC after a burst, past the 64 MiB bound
+        memory.in_use += 200 * MB
+        gate.inflight = 1  # a call in flight: not at rest
+        await asyncio.sleep(0.2)
+        tasks = await _receiving(arrivals, 2)
+        assert arrivals.check() == 1  # still counted from the old level
+        await _shed(arrivals, tasks)
+        for task in tasks:
+            task.cancel()
+            arrivals.end(task)  # as a read's end does
+        gate.inflight = 0
+        await asyncio.sleep(0.2)
+        tasks = await _receiving(arrivals, 2)
+        assert arrivals.check() == 0  # at rest for REST_S: the new level
+        memory.rss += 100 * MB
+        memory.in_use += 100 * MB
+        assert arrivals.check() == 1  # growth from there is bounded again
+        await _shed(arrivals, tasks)
+    finally:
+        watch.cancel()
+        arrivals.close()
