@@ -264,8 +264,9 @@ class CallHandler:
         return message
 
     async def _read(self, context: Any, task: asyncio.Task[Any]) -> Any:
-        """The next message, EOF, ``_TIMED_OUT`` after request_timeout_s, or
-        ``_SHED`` when the requests arriving hold too much (:mod:`arrivals`)."""
+        """The request (read to the end of the stream: :func:`_whole_request`),
+        EOF, ``_MORE``, ``_TIMED_OUT`` after request_timeout_s, or ``_SHED``
+        when the requests arriving hold too much (:mod:`arrivals`)."""
         try:
             return await self._deadlines.wait(
                 _whole_request(context), self._server.config.request_timeout_s

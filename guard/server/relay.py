@@ -151,8 +151,6 @@ class StreamRelay:
             stream.end(upstream_call, Refusal.INFLIGHT_BYTES, self._server.arrivals.problem())
 
     async def _pump(self, context: Any, upstream_call: Any, stream: _Stream, held: Held) -> None:
-        gate = self._server.gate
-        window = self._server.config.stream_window_bytes
         while True:
             message = await self._next(context, upstream_call, stream)
             if message is None:
@@ -160,13 +158,9 @@ class StreamRelay:
             if message is grpc.aio.EOF:
                 await upstream_call.done_writing()
                 return
-            stream.touch()
-            size = GRPC_COPIES * len(message) + window
-            refused = gate.answer_problem(size, held.size, what="the client's next message")
-            if refused is not None:
-                stream.end(upstream_call, *refused)
+            size = self._hold(message, stream, held, upstream_call, "the client's next message")
+            if size is None:
                 return
-            held.take(size)
             await upstream_call.write(message)
             held.give_back(size)
 
@@ -196,8 +190,6 @@ class StreamRelay:
         ended where the budget cannot take the next one. While the relay
         waits on its client it reads nothing, so the upstream's window fills
         too: that is counted with the message."""
-        gate = self._server.gate
-        window = self._server.config.stream_window_bytes
         initial = await upstream_call.initial_metadata()
         if initial:
             await context.send_initial_metadata(initial)
@@ -205,17 +197,29 @@ class StreamRelay:
             message = await upstream_call.read()
             if message is grpc.aio.EOF:
                 return
-            stream.touch()
-            size = GRPC_COPIES * len(message) + window
-            refused = gate.answer_problem(size, held.size)
-            if refused is not None:
-                stream.end(upstream_call, *refused)
+            size = self._hold(message, stream, held, upstream_call, "the upstream's answer")
+            if size is None:
                 return
-            held.take(size)
             stream.writing = True
             await context.write(message)
             stream.writing = False
             held.give_back(size)
+
+    def _hold(
+        self, message: bytes, stream: _Stream, held: Held, upstream_call: Any, what: str
+    ) -> int | None:
+        """Count ``message`` (twice: gRPC's copy) and the stream's window,
+        which the other side fills while the relay waits on this one, in the
+        budget; the bytes counted, or ``None`` where the budget cannot take
+        them (the stream is ended)."""
+        stream.touch()
+        size = GRPC_COPIES * len(message) + self._server.config.stream_window_bytes
+        refused = self._server.gate.answer_problem(size, held.size, what)
+        if refused is not None:
+            stream.end(upstream_call, *refused)
+            return None
+        held.take(size)
+        return size
 
     async def _watch(self, stream: _Stream, upstream_call: Any, context: Any) -> None:
         """End a stream on which nothing moved for stream_idle_timeout_s. One
