@@ -34,9 +34,15 @@ __all__ = ["configure_logging", "run_serve"]
 logger = logging.getLogger("guard")
 
 
+_SUMMARY_MODELS = 20  # a log line per reload, not a copy of the config
+
+
 def _summary(config: Config) -> str:
     rules = sum(len(m.outputs) for m in config.models)
-    models = ", ".join(f"{m.name}/{m.signature}" for m in config.models) or "none"
+    shown = [f"{m.name}/{m.signature}" for m in config.models[:_SUMMARY_MODELS]]
+    if len(config.models) > _SUMMARY_MODELS:
+        shown.append(f"and {len(config.models) - _SUMMARY_MODELS} more")
+    models = ", ".join(shown) or "none"
     return (
         f"guard {__version__}: listen={config.listen} upstream={config.upstream} "
         f"rest_listen={config.rest_listen if config.rest_upstream else 'off'} "
@@ -157,7 +163,7 @@ def _on_signals(running: _Running, stop: _Stop, trimmer: Trimmer) -> list[asynci
     running.server.on_fatal = stop.die
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.event.set)
-    loop.add_signal_handler(signal.SIGHUP, running.reloader.reload)
+    loop.add_signal_handler(signal.SIGHUP, running.reloader.request)
     return [
         asyncio.create_task(running.reloader.watcher.run(), name="guard-config-watch"),
         asyncio.create_task(trimmer.run(), name="guard-malloc-trim"),

@@ -11,7 +11,6 @@ allowed; unknown keys are errors, with a suggestion when one looks like a typo.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import yaml
 
 from guard.control.files import FileTooLargeError, read_bounded
+from guard.control.memory import young_collections_only
 from guard.control.rules_config import parse_models
 from guard.control.validate import (
     Problems,
@@ -30,6 +30,7 @@ from guard.control.validate import (
     check_keys,
     get,
 )
+from guard.control.yamlfile import YamlBoundError, load_yaml
 from guard.dataplane.errors import ConfigError
 from guard.dataplane.rulespec import ANY, SERVING_DEFAULT, ModelRule, OutputRule
 
@@ -357,25 +358,6 @@ def _parse_tls(
 # ------------------------------------------------------------------------ YAML
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false are booleans.
-
-    YAML 1.1 reads ``NO``/``YES``/``on``/``off`` as booleans, which would turn
-    ``labels: [NO, YES]`` into ``[False, True]``.
-    """
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    key: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool",
-    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-    list("tTfF"),
-)
-
-
 def parse_config(
     data: Any,
     source: str = "<config>",
@@ -422,8 +404,15 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(
             f"{path}: cannot read the config file: not UTF-8 (byte {exc.start})"
         ) from None
+    with young_collections_only():
+        return _parse_file(path, text)
+
+
+def _parse_file(path: Path, text: str) -> Config:
     try:
-        data = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+        data = load_yaml(text)
+    except YamlBoundError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 __all__ = ["FileIdentity", "FileTooLargeError", "FileWatcher", "file_identity", "read_bounded"]
 
@@ -67,7 +67,7 @@ class FileWatcher:
     def __init__(
         self,
         paths: Sequence[str | os.PathLike[str] | None],
-        on_change: Callable[[], bool],
+        on_change: Callable[[], Awaitable[bool]],
         interval_s: float = 1.0,
     ) -> None:
         self._paths = tuple(paths)
@@ -83,15 +83,15 @@ class FileWatcher:
         """Poll until cancelled."""
         while True:
             await asyncio.sleep(self._interval_s)
-            self.poll()
+            await self.poll()
 
-    def poll(self) -> None:
+    async def poll(self) -> None:
         """Check the files once."""
         now = file_identity(self._paths)
         if now is None or now == self._seen:
             return
         try:
-            taken = self._on_change()
+            taken = await self._on_change()
         except Exception:  # never let the watcher die
             logger.exception("handling a change of %s failed", ", ".join(map(str, self._paths)))
             taken = True

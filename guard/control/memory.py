@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
+import gc
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-__all__ = ["Statm", "Trimmer", "rss_bytes", "trim", "tune_malloc"]
+__all__ = ["Statm", "Trimmer", "rss_bytes", "trim", "tune_malloc", "young_collections_only"]
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
 _MB = 1024 * 1024
@@ -156,3 +158,22 @@ def _malloc_trim() -> Callable[[int], int] | None:
     except (OSError, AttributeError):
         return None
     return malloc_trim
+
+
+@contextlib.contextmanager
+def young_collections_only() -> Iterator[None]:
+    """No full garbage collections meanwhile: for building something large.
+
+    Every collection of the oldest generation walks every object alive, and
+    a growing structure keeps triggering them: loading a config of 25,000
+    model rules (450,000 YAML values) ran ten full collections, the last of
+    0.94 s, each stopping the event loop while a reload loaded on its thread
+    (6 s in all). Without them: 3 s, the loop stopped 0.1 s at most. Young
+    collections go on, so short-lived cycles are still freed meanwhile.
+    """
+    young, middle, full = gc.get_threshold()
+    gc.set_threshold(young, middle, 1 << 30)
+    try:
+        yield
+    finally:
+        gc.set_threshold(young, middle, full)

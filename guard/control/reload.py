@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,7 +20,12 @@ logger = logging.getLogger("guard")
 class Reloader:
     """Loads the config file again and hands the new config to ``apply``; a bad
     file keeps the old rules. Flags, environment variables and dev mode keep
-    overriding the file, as a restart with the same arguments would."""
+    overriding the file, as a restart with the same arguments would.
+
+    The file is read and checked on a worker thread: a large config takes
+    seconds to load, and the event loop keeps serving meanwhile. Reloads run
+    one at a time; only applying the new rules happens on the loop.
+    """
 
     def __init__(
         self,
@@ -35,20 +41,32 @@ class Reloader:
         self._apply = apply
         self._count = count
         self.watcher = FileWatcher([path] if path else [], self._on_change)
+        self._one_at_a_time = asyncio.Lock()
+        self._requested: set[asyncio.Task[bool]] = set()
 
-    def _on_change(self) -> bool:
+    async def _on_change(self) -> bool:
         logger.info("config file %s changed", self._path)
-        self.reload()
+        await self.reload()
         return True
 
-    def reload(self) -> bool:
+    def request(self) -> None:
+        """Reload soon (SIGHUP's handler, which cannot wait)."""
+        task = asyncio.create_task(self.reload(), name="guard-config-reload")
+        self._requested.add(task)
+        task.add_done_callback(self._requested.discard)
+
+    async def reload(self) -> bool:
         """Load the file again and apply it. Returns whether it worked."""
         if self._path is None:
             logger.warning("reload requested but the guard runs without a config file")
             return False
-        self.watcher.mark_seen()
+        async with self._one_at_a_time:
+            self.watcher.mark_seen()
+            return await self._reload(self._path)
+
+    async def _reload(self, path: Path) -> bool:
         try:
-            new = resolve(self._path, self._overrides)
+            new = await asyncio.to_thread(resolve, path, self._overrides)
         except ConfigError as exc:
             self._count("failure")
             logger.error("config reload failed, keeping the previous rules: %s", exc)

@@ -156,7 +156,7 @@ class Upstream:
         """Close the channels: calls still on them end."""
         await self._current.close()
 
-    def _rotate(self) -> bool:
+    async def _rotate(self) -> bool:
         """Rebuild the channel with the new certificates."""
         try:
             channels = self._new_channels()
