@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from guard._version import __version__
 from guard.control.config import Config
@@ -23,6 +23,7 @@ from guard.control.process import write_port_file
 from guard.control.reload import Reloader
 from guard.dataplane import kernels
 from guard.dataplane.errors import ConfigError
+from guard.metrics.endpoint import start_metrics_server
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.proxy import GuardServer
 
@@ -105,7 +106,7 @@ async def _start(
     for result in ("success", "failure"):
         metrics.config_reloads.labels(result)
     host, port = split_address(config.metrics_listen)
-    httpd, _thread = start_http_server(port, host, registry=registry)
+    httpd, _thread = start_metrics_server(host, port, registry)
     server = GuardServer(config, metrics)
     await server.start()
     rest = await _start_rest(server) if config.rest_upstream is not None else None

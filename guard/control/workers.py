@@ -20,12 +20,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from guard.control.config import Config, settings
 from guard.control.net import join_address, split_address
 from guard.control.process import Child, ChildStartError, guard_argv, start, write_port_file
 from guard.metrics.aggregate import AggregatingCollector
+from guard.metrics.endpoint import start_metrics_server
 
 __all__ = ["run_workers", "worker_argv"]
 
@@ -191,7 +192,7 @@ def _supervise(
     registry = CollectorRegistry()
     registry.register(AggregatingCollector(pool.urls))
     m_host, m_port = split_address(config.metrics_listen)
-    httpd, _ = start_http_server(m_port, m_host, registry=registry)
+    httpd, _ = start_metrics_server(m_host, m_port, registry)
     port = reserved.getsockname()[1]
     logger.info(
         "%d workers serving gRPC on port %d; aggregated metrics on port %d",

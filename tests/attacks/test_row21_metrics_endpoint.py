@@ -1,0 +1,66 @@
+"""Row 21: the /metrics endpoint held open by clients that send nothing.
+
+Found: prometheus_client's ``start_http_server`` gives each connection a thread
+with no timeout; 50 connections that sent nothing held 50 threads for good,
+and a slow one-byte-at-a-time client held one forever. Now at most
+``MAX_CONNECTIONS`` are served at once, a new one ending the connection open
+longest, and none lives past ``CONNECTION_TIMEOUT_S``: scrapes get through the
+flood, the thread count stays bounded, and the idle connections are closed.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+from guard.metrics.endpoint import CONNECTION_TIMEOUT_S, MAX_CONNECTIONS
+from tests.attacks import _harness as H
+
+
+def _threads(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])
+
+
+def _scrape(port: int) -> tuple[bytes, float]:
+    start = time.monotonic()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        return answer.read(), time.monotonic() - start
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.settimeout(0.01)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_idle_and_slow_connections_neither_pile_up_nor_block_scrapes(tmp_path: Path) -> None:
+    with H.guarded(tmp_path) as (_up, guard):
+        port = guard.ports["metrics"]
+        threads_before = _threads(guard.pid)
+        flood = []
+        for i in range(300):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if i % 2:  # half a request line, as a slow client would send it
+                sock.sendall(b"GET /metr")
+            flood.append(sock)
+        time.sleep(0.5)
+        threads = _threads(guard.pid)
+        body, took = _scrape(port)
+        assert b"guard_requests_total" in body and took < 2.0, f"scrape took {took:.2f} s"
+        assert threads <= threads_before + MAX_CONNECTIONS + 2, (threads_before, threads)
+        assert H.legit_ok(guard.address).code == "OK"
+        time.sleep(CONNECTION_TIMEOUT_S + 2.5)
+        still_open = [s for s in flood if not _closed(s)]
+        for sock in flood:
+            sock.close()
+        assert not still_open, f"{len(still_open)} connections open past the timeout"
+        assert _threads(guard.pid) <= threads_before + 2
+        assert _scrape(port)[0]
+        assert "Traceback" not in guard.log()
