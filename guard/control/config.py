@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from guard.control.files import FileTooLargeError, read_bounded
+from guard.control.files import FileTooLargeError, check_bounded, read_bounded
 from guard.control.memory import young_collections_only
 from guard.control.rules_config import parse_models
 from guard.control.validate import (
@@ -40,6 +40,7 @@ __all__ = [
     "Config",
     "ModelRule",
     "OutputRule",
+    "TLS_FILE_MAX_BYTES",
     "Setting",
     "TLSConfig",
     "load_config",
@@ -322,6 +323,10 @@ _SETTINGS: dict[str, Setting] = {
 # ------------------------------------------------------------------------- TLS
 
 
+# A PEM certificate is a few KB; Debian's whole CA bundle is about 220 KB.
+TLS_FILE_MAX_BYTES = 4 * 1024 * 1024
+
+
 def _tls_path(
     problems: Problems, where: str, value: Mapping[str, Any], key: str, base_dir: Path
 ) -> str | None:
@@ -329,8 +334,12 @@ def _tls_path(
     if raw is None:
         return None
     path = (base_dir / raw) if not Path(raw).is_absolute() else Path(raw)
-    if not path.is_file():
+    try:
+        check_bounded(path, TLS_FILE_MAX_BYTES)
+    except FileNotFoundError:
         problems.add(where, f"field '{key}': file '{path}' does not exist")
+    except OSError as exc:
+        problems.add(where, f"field '{key}': {exc.strerror or exc}; give a PEM file")
     return str(path)
 
 

@@ -8,7 +8,14 @@ import os
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-__all__ = ["FileIdentity", "FileTooLargeError", "FileWatcher", "file_identity", "read_bounded"]
+__all__ = [
+    "FileIdentity",
+    "FileTooLargeError",
+    "FileWatcher",
+    "check_bounded",
+    "file_identity",
+    "read_bounded",
+]
 
 logger = logging.getLogger("guard.files")
 
@@ -48,13 +55,24 @@ def read_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
     named in a config must not be able to exhaust the guard's memory.
     """
     with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise FileTooLargeError(f"'{path}' is not a regular file")
+        _check(path, os.fstat(f.fileno()), max_bytes)
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise FileTooLargeError(f"'{path}' is larger than the {max_bytes}-byte limit")
     return data
+
+
+def check_bounded(path: str | os.PathLike[str], max_bytes: int) -> None:
+    """Raise as :func:`read_bounded` would, for a file another library reads
+    by its path (``ssl``'s certificate loaders)."""
+    _check(path, os.stat(path), max_bytes)
+
+
+def _check(path: str | os.PathLike[str], st: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise FileTooLargeError(f"'{path}' is not a regular file")
+    if st.st_size > max_bytes:
+        raise FileTooLargeError(f"'{path}' is larger than the {max_bytes}-byte limit")
 
 
 class FileWatcher:

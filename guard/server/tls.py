@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 import ssl
-from pathlib import Path
 
 import grpc
 
-from guard.control.config import TLSConfig
-from guard.control.files import file_identity
+from guard.control.config import TLS_FILE_MAX_BYTES, TLSConfig
+from guard.control.files import check_bounded, file_identity, read_bounded
 
 __all__ = ["channel_credentials", "server_credentials", "server_ssl_context"]
 
@@ -24,7 +23,7 @@ logger = logging.getLogger("guard.server.tls")
 
 
 def _read(path: str | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None
+    return read_bounded(path, TLS_FILE_MAX_BYTES) if path else None
 
 
 def _server_config(tls: TLSConfig) -> grpc.ServerCertificateConfiguration:
@@ -70,6 +69,9 @@ def channel_credentials(tls: TLSConfig) -> grpc.ChannelCredentials:
 def _ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     assert tls.cert_file is not None and tls.key_file is not None  # the config requires both
+    for path in (tls.cert_file, tls.key_file, tls.ca_file):
+        if path is not None:
+            check_bounded(path, TLS_FILE_MAX_BYTES)
     context.load_cert_chain(tls.cert_file, tls.key_file)
     if tls.ca_file is not None:
         context.load_verify_locations(tls.ca_file)

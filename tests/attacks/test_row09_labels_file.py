@@ -1,5 +1,6 @@
-"""Row 9: a labels_file that is endless (/dev/zero) or huge (1 GiB) is a
-config error: exit code 2, a message naming the field, no traceback, quickly.
+"""Row 9: a labels_file or a TLS file that is endless (/dev/zero) or huge
+(1 GiB) is a config error: exit code 2, a message naming the field, no
+traceback, quickly.
 The commands run under a 2 GiB address-space limit, so a guard that reads the
 whole file fails fast here instead of exhausting the machine."""
 
@@ -45,3 +46,19 @@ def test_huge_labels_file_is_a_config_error(tmp_path: Path, labels_file: str, co
     assert "Traceback" not in output and "MemoryError" not in output, output[-800:]
     assert "labels_file" in output, output[-800:]
     assert result.seconds < 10, f"took {result.seconds:.1f} s"
+
+
+@pytest.mark.parametrize("field", ["cert_file", "key_file", "ca_file"])
+def test_huge_tls_file_is_a_config_error(tmp_path: Path, labels_file: str, field: str) -> None:
+    """Found: TLS files were only checked to exist, then read whole."""
+    pem = tmp_path / "ok.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")
+    files = {"cert_file": str(pem), "key_file": str(pem), field: labels_file}
+    tls = ", ".join(f"{k}: '{v}'" for k, v in files.items())
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(f"upstream: 127.0.0.1:1\ntls: {{{tls}}}\nmodels: []\n", encoding="utf-8")
+    result = H.guard_cli("check", "--config", str(cfg), timeout_s=30)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, f"exit {result.returncode}: {output[-800:]}"
+    assert "Traceback" not in output and f"field '{field}'" in output, output[-800:]
+    assert "byte limit" in output or "not a regular file" in output, output[-800:]
