@@ -975,6 +975,7 @@ typedef struct {
     const unsigned char *sig, *sig_end; /* the signature's text, quotes excluded */
     int format;                         /* 0: not found, 1: row, 2: columnar */
     int complete, exceeded, undecided;
+    int signature_seen; /* TF Serving reads the first signature_name (rapidjson's FindMember) */
 } Peek;
 
 /* Take in the depth-1 string quote..send; returns where to go on from. */
@@ -994,7 +995,10 @@ peek_key(Peek *pk, const unsigned char *quote, const unsigned char *send,
     int key = key_of(quote, send - quote);
     if (pk->format == 0 && (key == KEY_INSTANCES || key == KEY_INPUTS))
         pk->format = key == KEY_INSTANCES ? 1 : 2;
-    if (key != KEY_SIGNATURE || c >= end || *c != '"')
+    if (key != KEY_SIGNATURE || pk->signature_seen)
+        return send;
+    pk->signature_seen = 1;
+    if (c >= end || *c != '"')
         return send;
     const unsigned char *vend = string_token_end(c, end);
     if (vend == NULL || vend - c > signature_max)

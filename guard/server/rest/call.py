@@ -24,7 +24,11 @@ REST = "rest"
 
 def error_body(message: str) -> bytes:
     """``{"error": message}`` laid out as TF Serving's REST handler writes it."""
-    text = json_string(message.encode("utf-8", "surrogateescape"))
+    try:
+        raw = message.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate a client sent (\ud800 in its JSON)
+        raw = message.encode("utf-8", "backslashreplace")
+    text = json_string(raw)
     return ("{\n" + INDENT + '"error": ' + text + "\n}").encode("latin-1")
 
 

@@ -286,9 +286,13 @@ class _Handler(web.RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
+            if isinstance(exc, ConnectionResetError):  # the guard broke it off, counted
+                self.force_close()
+                raise ConnectionError("the answer was broken off") from None
             return super().handle_error(request, status, exc, message)
         metrics, config = self.guard_metrics, self.guard_config
-        if isinstance(exc, LineTooLong) or "header" in str(message or exc or "").lower():
+        said = str(message or exc or "").lower()
+        if isinstance(exc, LineTooLong) or any(words in said for words in _TOO_MUCH):
             status, text = 431, _too_much_metadata(config)
             metrics.record_refusal(Refusal.METADATA.value)
         elif status == 500:
@@ -300,6 +304,11 @@ class _Handler(web.RequestHandler):
         response = error_response(status, text)
         response.force_close()
         return response
+
+
+# What the parsers (aiohttp's and llhttp) say of headers past their limits; a
+# malformed header is a 400 with the parser's words, not a limit to raise.
+_TOO_MUCH = ("too many headers", "header overflow", "too long", "too large")
 
 
 def _too_much_metadata(config: Config) -> str:

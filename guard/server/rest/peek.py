@@ -52,6 +52,9 @@ class RequestPeek:
     """Whether every top-level key was seen (or both answers were found)."""
     exceeded: bool = False
     """The peek stopped at its bound (not at the end of the object, nor at bad JSON)."""
+    signature_seen: bool = False
+    """A ``signature_name`` key was seen: TF Serving reads the first (rapidjson's
+    ``FindMember``), so a later one must not choose the rules."""
 
     def key(self, body: bytes, start: int, end: int) -> int | None:
         """Take in the top-level key whose string spans ``start:end``; returns
@@ -64,8 +67,9 @@ class RequestPeek:
         name = _PLAIN_KEYS.get(token) or _text(token)
         if name in _FORMATS:
             self.format = self.format or _FORMATS[name]
-        if name != _SIGNATURE:
+        if name != _SIGNATURE or self.signature_seen:
             return end
+        self.signature_seen = True
         value = _STRING.match(body, colon.end())
         if value is None or value.end() - colon.end() > _SIGNATURE_MAX:
             return end  # not a string: the upstream answers that request

@@ -84,6 +84,7 @@ class RestFrontEnd:
         # request_timeout_s on every body read, one loop timer per 10 ms tick (as gRPC's).
         self._deadlines = Deadlines()
         self._active = 0
+        self._inflating = asyncio.Semaphore(1)
         self._stopping = False
         self.cut_off: float | None = None
         self.port = 0
@@ -158,6 +159,14 @@ class RestFrontEnd:
         except asyncio.CancelledError:
             call.count("CANCELLED")  # the client went away
             raise
+        except ConnectionResetError:
+            raise  # the connection is cut on purpose; the call is counted
+        except Exception:
+            # Counted here, once: aiohttp's own error page would count it again.
+            logger.exception("handling a REST request failed")
+            return call.answer(
+                Answer(500, "guard: internal error while handling the request; see the guard's log")
+            )
         finally:
             self._active -= 1
             call.finish()
@@ -168,6 +177,12 @@ class RestFrontEnd:
         book = self._state.rules  # one consistent rule set for the whole call
         if self._stopping:
             raise Answer(503, "guard: shutting down; retry on another replica")
+        if not request.rel_url.raw_path.startswith("/"):
+            raise Answer(
+                400,
+                f"guard: the request target {request.path_qs[:100]!r} is not a path; "
+                "TF Serving's REST API takes /v1/models/...",
+            )
         body = await self._receive(request)
         gate, size = self._state.gate, len(body)
         refused = gate.admit(size)
@@ -191,6 +206,7 @@ class RestFrontEnd:
             raise Answer(429, problem, Refusal.PENDING)
         if (request.content_length or 0) > config.max_request_bytes:
             raise _too_large(request.content_length or 0, config)
+        await _continue(request)
         try:
             return await self._read_body(request)
         except TimeoutError:
@@ -297,18 +313,43 @@ class RestFrontEnd:
             status=upstream.status, reason=upstream.reason,
             headers=response_headers(upstream.headers, keep_length=True),
         )  # fmt: skip
-        await answer.prepare(request)
+        sent = self._sent_within_idle_timeout(request, call)
+        await sent(answer.prepare(request))
         try:
             async for chunk in upstream.content.iter_chunked(CHUNK):
-                await answer.write(chunk)
+                await sent(answer.write(chunk))
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The status line is sent: all that is left is to break the
             # connection, so the client cannot take the body for whole.
             call.count("UNAVAILABLE")
             raise ConnectionResetError(f"the upstream's answer broke off: {exc!r}") from None
         call.count_status(upstream.status)
-        await answer.write_eof()
+        await sent(answer.write_eof())
         return answer
+
+    def _sent_within_idle_timeout(
+        self, request: web.BaseRequest, call: RestCall
+    ) -> Callable[[Awaitable[object]], Awaitable[None]]:
+        """Each write of a streamed answer must be taken within
+        stream_idle_timeout_s: four clients that read nothing of 8 MB answers
+        held all of max_concurrent_rpcs (4) for as long as they stayed
+        connected, every other call refused. Past it the connection is cut,
+        counted as ``stream_idle``."""
+        timeout = self._state.config.stream_idle_timeout_s
+
+        async def sent(write: Awaitable[object]) -> None:
+            try:
+                await self._deadlines.wait(write, timeout)
+            except TimeoutError:
+                self._state.metrics.record_refusal(Refusal.STREAM_IDLE.value)
+                call.count("UNAVAILABLE")
+                if request.transport is not None:
+                    request.transport.abort()
+                raise ConnectionResetError(
+                    f"the client took nothing for stream_idle_timeout_s ({timeout:g} s)"
+                ) from None
+
+        return sent
 
     # --------------------------------------------------------------- predict
 
@@ -317,7 +358,7 @@ class RestFrontEnd:
     ) -> web.StreamResponse:
         """Forward a predict request; guard its answer where a rule applies."""
         assert target.model is not None
-        fmt, signature = self._peek(request, body, book)
+        fmt, signature = await self._peek(request, body, book)
         limit = self._state.config.max_message_bytes
         upstream, data = await self._forward(request, body, call, partial(_read_whole, limit=limit))
         status, reason, headers = upstream.status, upstream.reason, upstream.headers
@@ -327,7 +368,7 @@ class RestFrontEnd:
         refused = gate.answer_problem(len(data), len(body))
         if refused is not None:
             raise Answer(429, refused[1], refused[0])
-        if status != 200:
+        if not 200 <= status < 300:  # a 203 carries predictions as well as a 200
             call.count_status(status)  # the upstream's error, unchanged
             return web.Response(
                 status=status, reason=reason, body=data, headers=response_headers(headers)
@@ -335,18 +376,19 @@ class RestFrontEnd:
         gate.inflight_bytes += len(data)  # held while it is guarded
         try:
             guarded = await self._guard(target, fmt, signature, data, headers, book)
+            guarded.set_status(status, reason)
         finally:
             gate.inflight_bytes -= len(data)
         call.count("OK")
         return guarded
 
-    def _peek(
+    async def _peek(
         self, request: web.BaseRequest, body: bytes, book: RuleBook
     ) -> tuple[Format | None, str]:
         """The request's format and signature name, from a bounded peek at its body."""
         plain: bytes | None = body
         if "gzip" in request.headers.get("Content-Encoding", ""):
-            plain = inflate(body, self._state.config.max_request_bytes)
+            plain = await self._inflate(body)
         found = peek_request(plain or b"", book.kernels.request_peek)
         if found.exceeded and found.signature is None:
             raise Answer(
@@ -356,6 +398,15 @@ class RestFrontEnd:
                 '"inputs"',
             )
         return found.format, found.signature or ""
+
+    async def _inflate(self, body: bytes) -> bytes | None:
+        """A gzip body inflated for the peek on a worker thread (zlib lets go
+        of the GIL), one body at a time, so at most one inflated copy of up to
+        max_request_mb exists at once: 32 KB bodies inflating to 32 MiB, 250 KB
+        a second of them, took the event loop's whole core and every other
+        call waited 0.3 s."""
+        async with self._inflating:
+            return await asyncio.to_thread(inflate, body, self._state.config.max_request_bytes)
 
     async def _guard(
         self,
@@ -417,6 +468,20 @@ async def _read_whole(
     upstream: aiohttp.ClientResponse, limit: int
 ) -> tuple[aiohttp.ClientResponse, bytes | None]:
     return upstream, await read_limited(upstream, limit)
+
+
+async def _continue(request: web.BaseRequest) -> None:
+    """Answer ``Expect: 100-continue`` once the request is admitted: curl
+    sends it with bodies over 1 MiB and waits a second for the answer."""
+    expect = request.headers.get("Expect")
+    if expect is None or request.version < aiohttp.HttpVersion11:
+        return
+    if expect.lower() != "100-continue":
+        raise Answer(
+            417, f"guard: unknown expectation {expect[:100]!r}; send Expect: 100-continue or none"
+        )
+    if not request.content.is_eof():
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 def _format_of(body: bytes) -> Format:

@@ -1,0 +1,228 @@
+"""The REST front-end's edge, tried as a hostile HTTP/1.1 client would: found by
+a red-team pass and kept here. Each answer is a JSON error that says what
+happened, counted once, with the code the client got."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from guard.dataplane.kernels import default
+from guard.server.rest.peek import peek_request
+from tests.server.test_rest_limits import MakeGuard, fake, make_guard, raw_exchange, refused, split
+from tests.support.guard import RunningGuard, sample_sum
+from tests.support.rest_upstream import FakeRestUpstream, Reply
+
+__all__ = ["fake", "make_guard"]  # fixtures, used by name
+
+REJECT_ABOVE_1 = [
+    {
+        "name": "m",
+        "signature": "serving_default",
+        "outputs": [{"name": "*", "valid_range": [0, 1], "on_violation": "reject"}],
+    }
+]
+
+
+def _requests(guard: RunningGuard, **labels: str) -> float:
+    return sample_sum(guard.metrics_url, "guard_requests_total", protocol="rest", **labels)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_peek_takes_the_first_signature_name_as_tf_serving_does(native: bool) -> None:
+    """TF Serving finds signature_name with rapidjson's FindMember: the first."""
+    scan = default().request_peek if native else None
+    body = b'{"signature_name": "serving_default", "signature_name": "x", "instances": [[1]]}'
+    assert peek_request(body, scan).signature == "serving_default"
+    # A first one that is not a string is still the one TF Serving reads (and refuses).
+    body = b'{"signature_name": 7, "signature_name": "x", "instances": [[1]]}'
+    assert peek_request(body, scan).signature is None
+
+
+async def test_a_second_signature_name_does_not_choose_the_rules(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    fake.predict("m", '{"predictions": [[1.7]]}')
+    fake.metadata("m", {"y": ("DT_FLOAT", [-1, 1])})
+    guard = await make_guard(models=REJECT_ABOVE_1)
+    body = b'{"signature_name": "serving_default", "signature_name": "x", "instances": [[1]]}'
+    async with aiohttp.ClientSession() as session:
+        url = f"{guard.rest_url}/v1/models/m:predict"
+        async with session.post(url, data=body) as response:
+            status, action = response.status, response.headers.get("x-guard-action")
+    assert (status, action) == (500, "rejected")
+
+
+async def _expect_exchange(guard: RunningGuard, expect: bytes) -> tuple[bytes, float, bytes]:
+    """Send a head with ``Expect``, wait for an interim answer, then the body."""
+    assert guard.rest is not None
+    body = b'{"instances": [[1]]}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", guard.rest.port)
+    try:
+        writer.write(
+            b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nExpect: " + expect
+            + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )  # fmt: skip
+        start = time.monotonic()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        waited = time.monotonic() - start
+        if interim.startswith(b"HTTP/1.1 100"):
+            writer.write(body)
+        return interim + await asyncio.wait_for(reader.read(1 << 16), 5), waited, body
+    finally:
+        writer.close()
+
+
+async def test_expect_100_continue_is_answered_and_others_get_417(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """curl sends ``Expect: 100-continue`` with bodies over 1 MiB and waited a
+    second each time for an answer the guard never sent."""
+    fake.predict("m", '{"predictions": [[0.5]]}')
+    guard = await make_guard()
+    answer, waited, body = await _expect_exchange(guard, b"100-continue")
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"), answer[:200]
+    assert waited < 0.5
+    assert fake.seen[-1].body == body
+    answer, _, _ = await _expect_exchange(guard, b"teapot")
+    status, error = split(answer)
+    assert status == 417 and "unknown expectation 'teapot'" in error["error"]
+    assert len(fake.seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "words"),
+    [
+        (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 400, "is not a path"),
+        (b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n", 400, "malformed"),
+        (b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nX-A : 1\r\n\r\n", 400, "malformed"),
+        (b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400, "malformed"),
+    ],
+)
+async def test_bad_requests_get_400_counted_once(
+    fake: FakeRestUpstream,
+    make_guard: MakeGuard,
+    caplog: pytest.LogCaptureFixture,
+    head: bytes,
+    status: int,
+    words: str,
+) -> None:
+    """Found: OPTIONS * raised in the guard (a traceback, a 500 counted twice);
+    malformed headers were answered 431 "raise max_metadata_kb", counted as
+    metadata refusals."""
+    guard = await make_guard()
+    got, error = split(await raw_exchange(guard, head, []))
+    assert got == status and words in error["error"], error
+    assert _requests(guard) == 1
+    assert refused(guard, "metadata") == 0
+    assert fake.seen == []
+    assert not [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+async def test_a_lone_surrogate_in_the_signature_gets_a_readable_answer(
+    fake: FakeRestUpstream, make_guard: MakeGuard, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: an error naming a signature of "\\ud800" could not be written
+    (a traceback, a 500 counted twice)."""
+    fake.predict("m", '{"predictions": [[1.7]]}')
+    fake.metadata("m", {"y": ("DT_FLOAT", [-1, 1])})
+    models = [{**REJECT_ABOVE_1[0], "signature": "*"}]
+    guard = await make_guard(models=models)
+    body = b'{"signature_name": "\\ud800", "instances": [[1]]}'
+    async with aiohttp.ClientSession() as session:
+        url = f"{guard.rest_url}/v1/models/m:predict"
+        async with session.post(url, data=body) as response:
+            status, error = response.status, await response.json()
+    assert status == 500 and error["error"].startswith("guard: "), error
+    assert _requests(guard) == 1
+    assert not [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+def _stuck_client(port: int, path: str) -> socket.socket:
+    """A client that asks for ``path`` and reads nothing (a 4 KiB receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+async def test_pass_through_answers_not_taken_are_cut_after_the_idle_limit(
+    fake: FakeRestUpstream, make_guard: MakeGuard, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: two clients that read nothing of an 8 MiB pass-through answer
+    held both of max_concurrent_rpcs for as long as they stayed connected,
+    every other call refused 429, and no idle limit applied."""
+    fake.reply("GET", "/v1/models/big", Reply(body=b"x" * (8 << 20)))
+    fake.reply("GET", "/v1/models/m", Reply(body=b'{"ok": 1}'))
+    guard = await make_guard(max_concurrent_rpcs=2, stream_idle_timeout_s=1.0)
+    assert guard.rest is not None
+    stuck = [_stuck_client(guard.rest.port, "/v1/models/big") for _ in range(2)]
+    try:
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{guard.rest_url}/v1/models/m") as response:
+                during = response.status
+            await asyncio.sleep(1.5)
+            async with session.get(f"{guard.rest_url}/v1/models/m") as response:
+                after = response.status
+    finally:
+        for sock in stuck:
+            sock.close()
+    assert during == 429
+    assert after == 200
+    assert refused(guard, "stream_idle") == 2
+    assert _requests(guard, method="GetModelStatus", code="UNAVAILABLE") == 2
+    assert not [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+@pytest.fixture
+async def loop_lag() -> AsyncIterator[list[float]]:
+    """The longest the event loop (the guard's: it runs in this process) went
+    without running a 5 ms timer, recorded while the test runs."""
+    worst = [0.0]
+
+    async def watch() -> None:
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(0.005)
+            worst[0] = max(worst[0], time.monotonic() - start - 0.005)
+
+    task = asyncio.create_task(watch())
+    yield worst
+    task.cancel()
+
+
+async def test_gzip_bodies_are_inflated_off_the_event_loop(
+    fake: FakeRestUpstream, make_guard: MakeGuard, loop_lag: list[float]
+) -> None:
+    """Found: a 32 KB gzip body inflating to 32 MiB was inflated on the event
+    loop for the signature peek (0.13 s each); two clients at 250 KB/s took
+    the loop's whole core."""
+    fake.predict("m", '{"predictions": [[0.5]]}')
+    fake.metadata("m", {"y": ("DT_FLOAT", [-1, 1])})
+    guard = await make_guard(models=REJECT_ABOVE_1)
+    bomb = gzip.compress(b'{"instances": [[1]], "pad": "' + b" " * (31 << 20) + b'"}')
+    headers = {"Content-Encoding": "gzip"}
+    url = f"{guard.rest_url}/v1/models/m:predict"
+    async with aiohttp.ClientSession() as session:
+        await asyncio.sleep(0.05)  # the watch's last sleep held compressing the bomb
+        loop_lag[0] = 0.0
+
+        async def send() -> tuple[int, Any]:
+            async with session.post(url, data=bomb, headers=headers) as response:
+                return response.status, await response.json()
+
+        answers = await asyncio.gather(*(send() for _ in range(6)))
+    assert answers == [(200, {"predictions": [[0.5]]})] * 6
+    assert loop_lag[0] < 0.08, f"the loop stalled {loop_lag[0] * 1e3:.0f} ms"
+    assert [s.body for s in fake.seen if s.method == "POST"] == [bomb] * 6  # as sent
+    assert json.loads(gzip.decompress(bomb))["instances"] == [[1]]
