@@ -8,8 +8,11 @@ import asyncio
 import gzip
 import json
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -226,3 +229,76 @@ async def test_gzip_bodies_are_inflated_off_the_event_loop(
     assert loop_lag[0] < 0.08, f"the loop stalled {loop_lag[0] * 1e3:.0f} ms"
     assert [s.body for s in fake.seen if s.method == "POST"] == [bomb] * 6  # as sent
     assert json.loads(gzip.decompress(bomb))["instances"] == [[1]]
+
+
+# An upstream in its own process, so tracemalloc sees only the guard (and this test).
+_BIG_UPSTREAM = """
+import asyncio, json, sys
+from aiohttp import web
+rows = ", ".join(["[0.5]"] * 1_000_000)
+body = ('{"predictions": [' + rows + ']}').ljust(12_000_000).encode()
+y = {"dtype": "DT_FLOAT", "tensor_shape": {"dim": [{"size": "-1"}, {"size": "1"}]}}
+signatures = {"signature_def": {"serving_default": {"outputs": {"y": y}}}}
+meta = {"model_spec": {"name": "m", "version": "1"}, "metadata": {"signature_def": signatures}}
+async def predict(request):
+    await request.read()
+    await asyncio.sleep(0.3)
+    return web.Response(body=body, content_type="application/json")
+async def metadata(request):
+    return web.json_response(meta)
+async def main():
+    app = web.Application()
+    app.router.add_post("/v1/models/m:predict", predict)
+    app.router.add_get("/v1/models/m/metadata", metadata)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    print(runner.addresses[0][1], flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def big_upstream() -> Iterator[str]:
+    proc = subprocess.Popen([sys.executable, "-c", _BIG_UPSTREAM], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        yield f"127.0.0.1:{int(proc.stdout.readline())}"
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def test_answers_are_counted_in_the_budget_as_they_arrive(
+    big_upstream: str, make_guard: MakeGuard
+) -> None:
+    """Found: sixteen 60 MB answers were each read whole before the budget was
+    asked, 1 GB against 128 MiB. Eight 12 MB answers arriving together against
+    24 MiB: refused while they arrive, and what the guard holds at once stays
+    near the budget (tracemalloc's peak: the guard runs in this process)."""
+    guard = await make_guard(
+        models=REJECT_ABOVE_1, rest_upstream=big_upstream, max_inflight_mb=24, max_message_mb=400
+    )
+    url = f"{guard.rest_url}/v1/models/m:predict"
+    tracemalloc.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def send() -> tuple[int, str]:
+                async with session.post(url, data=b'{"instances": [[1]]}') as response:
+                    return response.status, (await response.read()).decode()[:300]
+
+            answers = await asyncio.gather(*(send() for _ in range(8)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    refusals = [text for status, text in answers if status == 429]
+    assert refusals and all("the answer so far" in text for text in refusals), answers
+    assert any(status == 200 for status, _ in answers)
+    # The one answered is read, guarded and sent (and read here): about 70 MB
+    # in all; read whole before counting, 130 MB and more.
+    assert peak < 100e6, f"peak {peak / 1e6:.0f} MB for 8 x 12 MB answers"
