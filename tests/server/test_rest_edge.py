@@ -302,3 +302,45 @@ async def test_answers_are_counted_in_the_budget_as_they_arrive(
     # The one answered is read, guarded and sent (and read here): about 70 MB
     # in all; read whole before counting, 130 MB and more.
     assert peak < 100e6, f"peak {peak / 1e6:.0f} MB for 8 x 12 MB answers"
+
+
+async def _lying_upstream(writes: list[bytes]) -> asyncio.Server:
+    """A raw HTTP/1.1 upstream that answers each request with its path, then
+    0.1 s later writes a second answer nobody asked for on the same connection."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                path = head.split(b" ")[1]
+                for body in (b'{"path": "' + path + b'"}', b'{"smuggled": true}'):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                    writes.append(body)
+                    await asyncio.sleep(0.1)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def test_bytes_an_idle_upstream_connection_receives_never_answer_a_request(
+    make_guard: MakeGuard,
+) -> None:
+    """Found: aiohttp handed what arrived on an idle kept-alive connection to the
+    next request as its answer: every later client got the answer meant for the
+    one before it, counted OK."""
+    writes: list[bytes] = []
+    upstream = await _lying_upstream(writes)
+    port = upstream.sockets[0].getsockname()[1]
+    guard = await make_guard(rest_upstream=f"127.0.0.1:{port}")
+    got = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            for i in range(4):
+                async with session.get(f"{guard.rest_url}/v1/models/m{i}") as response:
+                    got.append(await response.json())
+                await asyncio.sleep(0.25)
+    finally:
+        upstream.close()
+    assert got == [{"path": f"/v1/models/m{i}"} for i in range(4)]
+    assert writes.count(b'{"smuggled": true}') >= 3  # the upstream did lie each time

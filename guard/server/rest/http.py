@@ -36,6 +36,7 @@ from guard.server.rest.routes import code_of_status
 __all__ = [
     "AsSent",
     "HttpServer",
+    "UpstreamConnector",
     "forward_headers",
     "read_limited",
     "request_factory",
@@ -104,6 +105,23 @@ async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | 
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class UpstreamConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, less the kept-alive connections that received bytes
+    while idle: aiohttp parses them and hands them to the next request as its
+    answer. An upstream that wrote a second response 0.1 s after the first made
+    every later client on that connection get the answer meant for the one
+    before it."""
+
+    async def _get(self, key: Any, *args: Any, **kwargs: Any) -> Any:
+        idle = self._conns.get(key)
+        while idle and idle[0][0].should_close:  # what super()._get takes next
+            proto, _ = idle.popleft()
+            proto.close()
+        if idle is not None and not idle:
+            del self._conns[key]
+        return await super()._get(key, *args, **kwargs)
 
 
 # aiohttp's defaults for a request that lacks them (Accept, Accept-Encoding,

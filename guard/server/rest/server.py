@@ -37,6 +37,7 @@ from guard.server.rest.http import (
     CHUNK,
     AsSent,
     HttpServer,
+    UpstreamConnector,
     forward_headers,
     read_limited,
     request_factory,
@@ -95,7 +96,7 @@ class RestFrontEnd:
         """Bind and serve. Returns the bound port."""
         config = self._state.config
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=config.max_concurrent_rpcs),
+            connector=UpstreamConnector(limit=config.max_concurrent_rpcs),
             auto_decompress=False,
             request_class=AsSent,
             # One session for every client: a cookie the upstream sets is that
