@@ -12,6 +12,7 @@ import json
 import math
 import re
 import struct
+import time
 from typing import Any
 
 import numpy as np
@@ -465,3 +466,100 @@ def test_only_short_strings_are_kept_in_the_json_string_cache() -> None:
     assert restjson.json_string('a "label"') == restjson._json_string('a "label"')
     info = cache.cache_info()
     assert info.maxsize == 1024 and info.currsize <= 1024
+
+
+# --- hostile upstream answers -----------------------------------------------
+# json.loads is the client: what it reads from each body is what the guard
+# must have checked, or the body is refused.
+
+_TWICE, _BOTH = "'predictions' twice", "both 'predictions' and 'outputs'"
+OUTPUTS_TWICE = [
+    (b'{"predictions": [[0.5], [0.2]], "predictions": [[1.9], [-5]]}', "row", _TWICE),
+    (b'{"predictions": [[1.9], [-5]], "predictions": [[0.5], [0.2]]}', "row", _TWICE),
+    (b'{"outputs": [[0.5], [0.2]], "outputs": [[1.9], [-5]]}', "columnar", "'outputs' twice"),
+    (b'{"predictions": [[0.5]], "predict\\u0069ons": [[1.9]]}', "row", _TWICE),
+    (b'{"predictions": [[0.5]], "outputs": [[1.9]]}', "row", _BOTH),
+    (
+        b'{"outputs": [[1.9]], "predictions": [[0.5]]}',
+        "columnar",
+        "both 'outputs' and 'predictions'",
+    ),
+    (b'{"outputs": {"p": [[0.5]], "p": [[1.9]]}}', "columnar", "output 'p' is named twice"),
+    (b'{"predictions": [{"p": [0.5], "p": [1.9]}]}', "row", "output 'p' is named twice"),
+]
+
+
+@pytest.mark.parametrize("body, fmt, held", OUTPUTS_TWICE)
+def test_an_output_written_twice_is_refused(body: bytes, fmt: str, held: str) -> None:
+    """json.loads keeps the last of two equal keys, rapidjson the first: which
+    one a client reads is unknown, so neither may pass as checked."""
+    with pytest.raises(RestJsonError) as caught:
+        read_predict_response(body, fmt)  # type: ignore[arg-type]
+    assert held in str(caught.value) and "cannot tell which one the client reads" in str(
+        caught.value
+    )
+    first_wins = json.loads(body, object_pairs_hook=lambda pairs: dict(reversed(pairs)))
+    last_wins = json.loads(body)
+    assert first_wins != last_wins or set(last_wins) == {"predictions", "outputs"}
+
+
+def test_other_keys_twice_leave_the_output_as_json_loads_reads_it() -> None:
+    body = b'{"predictions": [[0.5], [0.25]], "x": 1, "x": [2], "guard_x": {}}'
+    out = read_predict_response(body, "row").outputs[None]
+    assert out.values.tolist() == json.loads(body)["predictions"]
+
+
+@pytest.mark.parametrize("digits", [20, 400, 4301, 5000, 100_000])
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_integers_past_int64_read_as_the_float_of_their_text(digits: int, sign: str) -> None:
+    """No int() of the digits: past 4,300 it raises ValueError, and past 309
+    digits float(int) overflows. Their value is float64's (inf past its range)."""
+    token = sign + "7" * digits
+    body = ('{"predictions": [[' + token + "], [0.25]]}").encode()
+    out = read_predict_response(body, "row").outputs[None]
+    reference = json.loads(body, parse_int=float)["predictions"]
+    assert out.kind == "float64"
+    assert out.values.tolist() == reference
+    assert math.isinf(reference[0][0]) == (digits > 308)
+
+
+def test_an_integer_output_with_one_integer_past_int64_is_float64() -> None:
+    body = b'{"outputs": [1, 2, 77777777777777777777, -3]}'
+    out = read_predict_response(body, "columnar").outputs[None]
+    assert out.kind == "float64"
+    assert out.values.tolist() == json.loads(body, parse_int=float)["outputs"]
+    assert (
+        read_predict_response(body.replace(b"77777777777777777777", b"4"), "columnar")
+        .outputs[None]
+        .kind
+        == "int"
+    )
+
+
+def test_a_ten_megabyte_number_costs_what_reading_ten_megabytes_costs() -> None:
+    """Its digits were searched for their end one by one: 0.9 s of CPU."""
+    for token in (b"7" * 10_000_000, b"0." + b"7" * 10_000_000):
+        body = b'{"predictions": [[' + token + b"], [0.25]]}"
+        started = time.thread_time()
+        out = read_predict_response(body, "row").outputs[None]
+        cpu = time.thread_time() - started
+        assert out.values.tolist() == json.loads(body, parse_int=float)["predictions"]
+        assert cpu < 0.5, f"{cpu:.2f} s of CPU"
+
+
+@pytest.mark.parametrize("text", ["Y", "YWJj2", "YQ=a", "é"])
+def test_bad_base64_is_refused(text: str) -> None:
+    body = json.dumps({"outputs": {"p": [[0.5]], "b_bytes": [{"b64": text}]}}).encode()
+    with pytest.raises(RestJsonError, match="bad base64"):
+        read_predict_response(body, "columnar")
+
+
+def test_an_upstream_guard_outputs_member_is_kept_unless_the_guard_would_write_one() -> None:
+    body = b'{"predictions": [[0.9], [0.2]], "guard_outputs": [{"p_class": [0]}, {}]}'
+    read = read_predict_response(body, "row")
+    assert read.guard_outputs_taken
+    assert not read_predict_response(b'{"predictions": [[0.9]]}', "row").guard_outputs_taken
+    clamped = read.rewrite(changed={None: np.array([[0.5], [0.2]], np.float32)})
+    assert json.loads(clamped) == {**json.loads(body), "predictions": [[0.5], [0.2]]}
+    with pytest.raises(RestJsonError, match="already has a top-level 'guard_outputs' member"):
+        read.rewrite(derived={None: [("p_class", np.array([1, 0]))]})

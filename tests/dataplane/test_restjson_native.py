@@ -20,7 +20,15 @@ from hypothesis.extra import numpy as hnp
 from guard.dataplane.codec import restjson
 from guard.dataplane.codec.restjson import NumberScan, RestJsonError, read_predict_response
 from guard.dev.backend.json_tensor import predict_response
-from tests.dataplane.test_restjson import DT_DOUBLE, DT_FLOAT, DT_INT64, SETTINGS, formats, shapes
+from tests.dataplane.test_restjson import (
+    DT_DOUBLE,
+    DT_FLOAT,
+    DT_INT64,
+    OUTPUTS_TWICE,
+    SETTINGS,
+    formats,
+    shapes,
+)
 from tests.native import native
 
 _SPACES = st.sampled_from(["", " ", "\n", "\n    ", "\t", "\r\n"])
@@ -498,3 +506,59 @@ def test_the_loose_count_takes_every_byte_natively() -> None:
         assert counted(text, 10**9) == text.count(b"[") + text.count(b",") + text.count(b":")
     every = b"," * (16 * 255 * 3 + 5)  # every lane full, past 255 blocks: no byte sum wraps
     assert counted(every, 10**9) == len(every)
+
+
+# --- hostile upstream answers, on both routes --------------------------------
+
+
+def _both_routes(body: bytes, fmt: str) -> tuple[object, object]:
+    """What each route makes of ``body``: each output's kind and values, or the refusal."""
+
+    def read(native_route: bool) -> object:
+        try:
+            found = read_predict_response(
+                body,
+                fmt,  # type: ignore[arg-type]
+                _scan() if native_route else None,
+                writer=native().rest_writer if native_route else None,
+                skip=_skip() if native_route else None,
+            )
+        except RestJsonError as exc:
+            return f"refused: {exc}"
+        return {k: (o.kind, o.values.tolist()) for k, o in found.outputs.items()}
+
+    return read(True), read(False)
+
+
+@pytest.mark.parametrize("body, fmt, held", OUTPUTS_TWICE)
+def test_both_routes_refuse_an_output_written_twice(body: bytes, fmt: str, held: str) -> None:
+    assert restjson.scan_single_output(body, fmt, _scan()) is None  # type: ignore[arg-type]
+    by_native, by_numpy = _both_routes(body, fmt)
+    assert by_native == by_numpy
+    assert isinstance(by_native, str) and held in by_native
+    assert json.loads(body) != json.loads(body, object_pairs_hook=lambda p: dict(reversed(p))) or (
+        held.startswith("both")
+    )
+
+
+@pytest.mark.parametrize(
+    "token", ["7" * 20, "-" + "7" * 63, "7" * 64, "-" + "9" * 400, "7" * 5000, "1" + "0" * 4400]
+)
+@pytest.mark.parametrize("fmt", ["row", "columnar"])
+def test_both_routes_read_integers_past_int64_as_json_loads_floats_them(
+    token: str, fmt: str
+) -> None:
+    """Up to 63 characters the native scan reads them (strtod), past that numpy."""
+    key = "predictions" if fmt == "row" else "outputs"
+    body = ('{"' + key + '": [[' + token + "], [0.25]]}").encode()
+    by_native, by_numpy = _both_routes(body, fmt)
+    assert by_native == by_numpy == {None: ("float64", json.loads(body, parse_int=float)[key])}
+    scanned = _scan()(body, body.index(b"["), len(body))
+    assert (scanned is not None) == (len(token) <= 63)
+
+
+def test_both_routes_refuse_bad_base64() -> None:
+    body = b'{"outputs": {"p": [[0.5]], "b_bytes": [{"b64": "YWJj2"}]}}'
+    by_native, by_numpy = _both_routes(body, "columnar")
+    assert by_native == by_numpy
+    assert isinstance(by_native, str) and "bad base64" in by_native

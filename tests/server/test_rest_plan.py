@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from guard.control.config import parse_config
 from guard.dataplane.book import RuleBook
 from guard.dataplane.codec.restjson import Format, read_predict_response
-from guard.dataplane.errors import GuardError
+from guard.dataplane.errors import DecodeError, GuardError, OutputShapeError, RejectedOutputError
 from guard.dataplane.evaluate import resolve
 from guard.dataplane.kernels import REFERENCE, Kernels
 from guard.dataplane.lanes import Lane
@@ -31,6 +31,7 @@ from guard.server.rest.guarding import RestRequest, guard_rest_response
 from guard.server.rest.plan import rest_plan
 from guard.server.rest.signatures import Metadata, OutputInfo
 from tests.dataplane.test_rank import rule_configs
+from tests.dataplane.test_restjson import OUTPUTS_TWICE
 from tests.native import native
 
 _DTYPES = {
@@ -297,3 +298,73 @@ def test_a_plan_whose_texts_hold_scores_reads_each_response_once(
     for _ in range(3):
         assert lane.guard(_body(x, "row")) == numpy.guard(_body(x, "row"))
     assert len(encoded) == 3
+
+
+# --- hostile upstream answers: a GuardError that says why, on both routes ----
+
+
+def _on_both_routes(rule: dict[str, Any], body: bytes, fmt: Format = "row") -> Any:
+    """The answer to ``body`` on the lane's route and on numpy's, asserted the
+    same (metric samples too)."""
+    x = np.zeros((2, 1), np.float32)
+    lane, numpy = _Rest(rule, x, fmt, native()), _Rest(rule, x, fmt, REFERENCE)
+    found = lane.guard(body)
+    assert found == numpy.guard(body)
+    assert lane.exposition() == numpy.exposition()
+    return found
+
+
+_REJECT = {"name": "probs", "threshold": 0.5, "labels": ["n", "y"], "on_violation": "reject"}
+
+
+@pytest.mark.parametrize("body, fmt, held", OUTPUTS_TWICE)
+def test_an_output_written_twice_is_a_decode_error(body: bytes, fmt: Format, held: str) -> None:
+    """json.loads reads the last 'predictions' ([[1.9], [-5]]), which the guard
+    passed as clean after checking the first."""
+    error, details = _on_both_routes(_REJECT, body.replace(b'"p"', b'"probs"'), fmt)
+    assert error is DecodeError
+    assert details.startswith(
+        "guard: cannot read the REST predict response of model 'm' from upstream: "
+    )
+    assert held.replace("'p'", "'probs'") in details and "fix the upstream" in details
+
+
+@pytest.mark.parametrize("digits", [5000, 100_000])
+def test_an_integer_of_thousands_of_digits_is_an_out_of_range_value(digits: int) -> None:
+    body = b'{"predictions": [[' + b"7" * digits + b"], [0.25]]}"
+    assert json.loads(body, parse_int=float)["predictions"] == [[np.inf], [0.25]]
+    assert _on_both_routes(_REJECT, body) == (
+        RejectedOutputError,
+        "guard: model 'm' output 'probs': 1 infinite values",
+    )
+    clamp = {"name": "probs", "valid_range": [0.0, 1.0], "on_violation": "clamp"}
+    guarded, action, violations = _on_both_routes(clamp, body)
+    assert json.loads(guarded) == {"predictions": [[1.0], [0.25]]}
+    assert (action, violations) == (Action.CLAMPED, 1)
+
+
+_OWN_GUARD_OUTPUTS = b'{"predictions": [[0.9], [0.2]], "guard_outputs": [{"probs_class": [0]}, {}]}'
+
+
+def test_an_upstream_guard_outputs_member_is_refused_where_the_guard_writes_one() -> None:
+    """Two 'guard_outputs' members would leave the client to pick one."""
+    error, details = _on_both_routes(_REJECT, _OWN_GUARD_OUTPUTS)
+    assert error is OutputShapeError
+    assert details.startswith("guard: model 'm': cannot add the derived outputs")
+    assert "already has a top-level 'guard_outputs' member" in details
+    rest = _Rest(_REJECT, np.zeros((2, 1), np.float32), "row", native())
+    response = read_predict_response(_OWN_GUARD_OUTPUTS, "row", native().number_scan)
+    target = resolve(rest.book, "m", "", 3, rest.metrics)
+    assert target is not None
+    info = rest.request.metadata.signatures["serving_default"]["probs"]
+    plan = rest_plan(response, "probs", info, target, rest.book, rest.metrics)
+    assert plan is not None and plan.run(response) is None  # the lane leaves it to numpy
+
+
+def test_an_upstream_guard_outputs_member_passes_where_nothing_is_derived() -> None:
+    clamp = {"name": "probs", "valid_range": [0.0, 0.5], "on_violation": "clamp"}
+    guarded, action, violations = _on_both_routes(clamp, _OWN_GUARD_OUTPUTS)
+    expected = json.loads(_OWN_GUARD_OUTPUTS)
+    expected["predictions"] = [[0.5], [0.2]]
+    assert json.loads(guarded) == expected
+    assert (action, violations) == (Action.CLAMPED, 1)

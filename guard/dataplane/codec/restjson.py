@@ -10,7 +10,10 @@ request (``row``: ``"instances"`` in, ``"predictions"`` out; ``columnar``:
 ``"inputs"`` in, ``"outputs"`` out) and returns each output's values as a numpy
 array, keeping the byte offsets of every number so that nothing of the original
 text is lost. A response with one output does not name it (TF Serving drops the
-name); its key is ``None``.
+name); its key is ``None``. A body that holds its output member twice (or
+both ``predictions`` and ``outputs``), or names an output twice, is refused:
+JSON readers differ on which one they take, and the guard cannot tell which
+one its client reads.
 
 **Which float dtype.** The body does not say; the signature does, and the proxy
 does not have it here. json_tensor.cc's ``WriteDecimal`` writes a DT_FLOAT value
@@ -66,6 +69,7 @@ import numpy as np
 from guard.dataplane.dtypes import FLOAT32 as _FLOAT32
 from guard.dataplane.dtypes import FLOAT64 as _FLOAT64
 from guard.dataplane.dtypes import INT64 as _INT64
+from guard.dataplane.errors import shown
 
 __all__ = [
     "GUARD_OUTPUTS_KEY",
@@ -565,13 +569,21 @@ def _exponents(codes: Array, e_pos: Array, ends: Array) -> tuple[Array, Array]:
 
 
 def _slow_token(text: str) -> float | int:
+    """A token the fast path did not read: an int where it may fit int64, else
+    a float. An integer of more than 19 digits is past int64 and is read as a
+    float (``inf`` beyond float64, as ``float()`` reads any length in linear
+    time): ``int()`` refuses more than 4,300 digits, and ``float()`` of a big
+    int overflows."""
     if _NUMBER_TOKEN.fullmatch(text) is None:
         raise RestJsonError(f"not a JSON number: {text[:40]!r}")
     if text in ("NaN", "Infinity", "-Infinity"):
         return float(text)
-    if "." in text or "e" in text or "E" in text:
+    if "." in text or "e" in text or "E" in text or len(text.lstrip("-")) > _INT64_DIGITS:
         return float(text)
     return int(text)
+
+
+_INT64_DIGITS = 19  # int64's largest, 9223372036854775807, has 19 digits
 
 
 _PAD = b" " * _W  # a numeric region is padded so every token has a full window around it
@@ -579,6 +591,7 @@ _PAD = b" " * _W  # a numeric region is padded so every token has a full window 
 
 _CHUNK = 1 << 18  # bytes scanned at once: keeps numpy's temporaries small
 _SEPARATORS = frozenset(b" \t\n\r,[]")
+_SEPARATOR_RE = re.compile(rb"[ \t\n\r,\[\]]")
 
 
 def _chunks(buffer: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
@@ -592,8 +605,11 @@ def _chunks(buffer: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
     view, pieces = memoryview(buffer), []
     while start < end:
         stop = min(start + _CHUNK, end)
-        while stop < end and buffer[stop] not in _SEPARATORS:
-            stop += 1
+        if stop < end and buffer[stop] not in _SEPARATORS:
+            # A token over the cut: a long one (a 10 MB number) is searched
+            # past in C, where a byte-by-byte loop took most of a second.
+            found = _SEPARATOR_RE.search(buffer, stop, end)
+            stop = end if found is None else found.start()
         pieces.append((start, b"".join((_PAD, view[start:stop], _PAD))))
         start = stop
     return pieces
@@ -700,6 +716,9 @@ def _finish(
             else:
                 ints = None
             values[i] = float(parsed)
+        elif text.lstrip(b"-").isdigit():  # an integer past int64, read as a float
+            ints = None
+            values[i] = parsed
         else:
             integral, ints = False, None
             values[i] = parsed
@@ -1164,7 +1183,10 @@ def _generic_output(body: bytes, span: _Span) -> tuple[Array, str]:
 
 def _leaf(value: Any) -> Any:
     if isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str):
-        return base64.b64decode(value["b64"])
+        try:
+            return base64.b64decode(value["b64"])
+        except ValueError as exc:  # binascii.Error; TF Serving writes valid base64
+            raise RestJsonError(f'bad base64 in {{"b64": ...}}: {exc}') from None
     return value
 
 
@@ -1223,6 +1245,13 @@ class RestPredictResponse:
         """The response has one output and does not name it."""
         return None in self.outputs
 
+    @property
+    def guard_outputs_taken(self) -> bool:
+        """The upstream's answer has a top-level ``"guard_outputs"`` member of its
+        own: the outputs derived from an unnamed output cannot be written, and
+        :meth:`rewrite` refuses to. Where none is derived, it passes as it came."""
+        return GUARD_OUTPUTS_KEY in self._root_keys
+
     def rewrite(
         self,
         changed: Mapping[OutputKey, Array] | None = None,
@@ -1250,8 +1279,14 @@ class RestPredictResponse:
         if unnamed:
             guard_outputs = self.guard_outputs_text(unnamed)
         if guard_outputs is not None:
-            if GUARD_OUTPUTS_KEY in self._root_keys:
-                raise RestJsonError(f"the response already has a '{GUARD_OUTPUTS_KEY}' key")
+            if self.guard_outputs_taken:
+                raise RestJsonError(
+                    f"the upstream's answer already has a top-level '{GUARD_OUTPUTS_KEY}' "
+                    "member, where the guard writes the outputs it derives, and a second one "
+                    "would leave the client to pick one of the two; TF Serving never writes "
+                    "it: remove it upstream, or derive nothing from this output (no "
+                    "threshold, argmax, top_k or labels)"
+                )
             edits.append((self._root_after, self._root_after, guard_outputs))
         return _apply(self.body, edits)
 
@@ -1448,10 +1483,7 @@ def read_predict_response(
     scanner = _Scanner(body, native, skip)
     start = scanner.ws(0)
     root = scanner.members(start)
-    key = _ROOT_KEYS[fmt]
-    member = next((m for m in root if m.key == key), None)
-    if member is None:
-        raise RestJsonError(f"no '{key}' member in the response")
+    member = _root_member(root, _ROOT_KEYS[fmt])
     reader = _Reader(body, scanner, native)
     if fmt == "row":
         reader.row(member.value)
@@ -1470,6 +1502,42 @@ def read_predict_response(
 
 
 _ROOT_KEYS: dict[str, str] = {"row": "predictions", "columnar": "outputs"}
+_UNTOLD = (
+    "JSON readers differ on which one they take (json.loads and JSON.parse the last, "
+    "rapidjson the first), so the guard cannot tell which one the client reads"
+)
+
+
+def _root_member(root: list[_Member], key: str) -> _Member:
+    """The root's ``key`` member, the only output member: TF Serving writes
+    ``predictions`` or ``outputs``, once. A second one would pass unchecked."""
+    found = [m for m in root if m.key in _OUTPUT_MEMBERS]
+    if len(found) > 1:
+        first, second = found[0].key, found[1].key
+        held = f"'{first}' twice" if first == second else f"both '{first}' and '{second}'"
+        raise RestJsonError(
+            f"it holds {held}; {_UNTOLD}; TF Serving writes one of them, once: fix the upstream"
+        )
+    if not found or found[0].key != key:
+        raise RestJsonError(f"no '{key}' member in the response")
+    return found[0]
+
+
+_OUTPUT_MEMBERS = frozenset(_ROOT_KEYS.values())
+
+
+def _check_names_once(names: Sequence[str], where: str) -> None:
+    """An output named twice: a reader may take either value (:data:`_UNTOLD`)."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise RestJsonError(
+                f"output '{shown(name)}' is named twice {where}; {_UNTOLD}; "
+                "TF Serving names each output once: fix the upstream"
+            )
+        seen.add(name)
+
+
 _SINGLE_HEAD = {
     fmt: re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"' + key.encode() + rb'"[ \t\n\r]*:[ \t\n\r]*\[')
     for fmt, key in _ROOT_KEYS.items()
@@ -1598,6 +1666,7 @@ class _Reader:
     def _named_rows(self, instances: list[_Span]) -> None:
         per_instance = [self.scanner.members_of(s) for s in instances]
         names = [m.key for m in per_instance[0]]
+        _check_names_once(names, "in an instance of 'predictions'")
         self.names_per_instance = [{m.key for m in members} for members in per_instance]
         for members in per_instance:
             if [m.key for m in members] != names:
@@ -1613,6 +1682,7 @@ class _Reader:
                 len(members) == 1 and members[0].key == "b64" and members[0].value.kind == "string"
             )
             if not b64:
+                _check_names_once([m.key for m in members], "in 'outputs'")
                 for m in members:
                     self.add(m.key, [m.value], False, [m.value.end])
                 return

@@ -124,6 +124,8 @@ def _by_lane(
     metrics: MetricsSink,
 ) -> RestGuarded | None:
     """The native route (:mod:`guard.server.rest.plan`), where it decides."""
+    if response.guard_outputs_taken:
+        return None  # the lane would write a second one; the reference says why, or passes it
     info = (_signature_outputs(request, target) or {}).get(name)
     plan = rest_plan(response, name, info, target, book, metrics)
     found = None if plan is None else plan.run(response)
