@@ -10,10 +10,12 @@ directions (:mod:`guard.server.relay`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
 import time
 import traceback
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NoReturn, Protocol
 
 import grpc
@@ -33,7 +35,15 @@ from guard.server.methods import PREDICT, MethodInfo
 from guard.server.status import grpc_code
 from guard.server.upstream import Upstream
 
-__all__ = ["GRPC_COPIES", "Call", "CallHandler", "Metadata", "ServerState", "forwardable"]
+__all__ = [
+    "GRPC_COPIES",
+    "Call",
+    "CallHandler",
+    "Metadata",
+    "ServerState",
+    "forwardable",
+    "sendable",
+]
 
 logger = logging.getLogger("guard.proxy")
 
@@ -56,18 +66,127 @@ included), and a forwarded request while its call is in flight (a 31 MB
 request to a slow model: 72 MB in use)."""
 
 Metadata = tuple[tuple[str, Any], ...]
+# A client's own deadline ends its call a little before the guard's reading of
+# it says so: the guard's clock starts when the headers arrive, and clients
+# round the grpc-timeout they send. Python clients over loopback (deadlines of
+# 1 to 2.5 s, a 3 s upstream) cancelled with 0.4 to 7.8 ms left; the rest is
+# room for a network between them. A client that cancels this close to its
+# deadline is counted as past it.
+_DEADLINE_SLACK_S = 0.05
+# What gRPC sends on (src/core/lib/surface/validate_metadata.cc): keys are
+# lower-case header names, values printable ASCII unless the key ends in -bin.
+_LEGAL_KEY = re.compile(r"[0-9a-z_.\-]+")
+_GUARD_PREFIX = "x-guard-"
 _TIMED_OUT = object()
 _SHED = object()
 _MORE = object()
 
 
-def forwardable(metadata: Sequence[tuple[str, Any]] | None) -> Metadata:
-    """The client's metadata that goes on to the upstream."""
+class _Quota:
+    """At most one warning a minute about what may come with every call (a
+    hostile upstream's answers); the rest at debug level."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self._every_s = every_s
+        self._next = 0.0
+
+    def level(self) -> int:
+        now = time.monotonic()
+        if now < self._next:
+            return logging.DEBUG
+        self._next = now + self._every_s
+        return logging.WARNING
+
+
+_DROPPED = _Quota()
+_BAD_ENCODING = _Quota()
+
+
+class _QuietBadEncoding(logging.Filter):
+    """gRPC logs a traceback for each metadata value it receives that is not
+    UTF-8 (it reads it as Latin-1; :func:`_sendable` then drops it): one line
+    at most once a minute instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Invalid encoding on"):
+            return True
+        record.exc_info = record.exc_text = None
+        record.levelno = logging.WARNING
+        record.levelname = "WARNING"
+        return _BAD_ENCODING.level() == logging.WARNING
+
+
+logging.getLogger("grpc._cython.cygrpc").addFilter(_QuietBadEncoding())
+
+
+@functools.lru_cache(maxsize=1024)  # keys repeat on every call; bounded: clients choose them
+def _legal_key(key: str) -> bool:
+    return _LEGAL_KEY.fullmatch(key) is not None
+
+
+def _legal(key: Any, value: Any) -> bool:
+    if not isinstance(key, str) or not _legal_key(key):
+        return False
+    if key.endswith("-bin"):
+        return isinstance(value, bytes | str)
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    # Printable ASCII is 0x20-0x7e, what gRPC sends (two C calls, not a regex).
+    return isinstance(value, str) and value.isascii() and value.isprintable()
+
+
+def _sendable(
+    metadata: Sequence[tuple[Any, Any]] | None, whose: str, unwanted: Callable[[str], bool]
+) -> Metadata:
+    """``metadata`` less the ``unwanted`` keys and what gRPC would refuse to
+    send on (failing the whole call as it sends it: with an upstream's
+    trailers, as it ends a call the guard counted OK). The latter is logged,
+    as ``whose``."""
     if not metadata:
         return ()
-    return tuple(
-        (k, v) for k, v in metadata if k not in _HOP_HEADERS and not k.startswith((":", "grpc-"))
-    )
+    kept, dropped = [], []
+    for key, value in metadata:
+        if unwanted(key):
+            continue
+        if _legal(key, value):
+            kept.append((key, value))
+        else:
+            dropped.append(ascii(key)[:64])
+    if dropped:
+        logger.log(
+            _DROPPED.level(),
+            "dropped %d entries of %s that gRPC cannot send on (keys %s): keys must be "
+            "lower-case header names, values printable ASCII unless the key ends in -bin",
+            len(dropped), whose, ", ".join(dropped[:8]),
+        )  # fmt: skip
+    return tuple(kept)
+
+
+def _hop_header(key: str) -> bool:
+    return key in _HOP_HEADERS or key.startswith((":", "grpc-"))
+
+
+def _guard_header(key: str) -> bool:
+    return key.startswith(_GUARD_PREFIX)
+
+
+def _no_header(key: str) -> bool:
+    return False
+
+
+def sendable(
+    metadata: Sequence[tuple[Any, Any]] | None, where: str, guarded: bool = False
+) -> Metadata:
+    """The upstream's ``where`` (``initial``, ``trailing``) metadata that the
+    guard can send on; where the guard adds its own (``guarded``), less the
+    upstream's ``x-guard-*`` entries."""
+    unwanted = _guard_header if guarded else _no_header
+    return _sendable(metadata, f"the upstream's {where} metadata", unwanted)
+
+
+def forwardable(metadata: Sequence[tuple[str, Any]] | None) -> Metadata:
+    """The client's metadata that goes on to the upstream."""
+    return _sendable(metadata, "a client's metadata", _hop_header)
 
 
 class ServerState(Protocol):
@@ -97,7 +216,8 @@ class Call(CallRecord):
     def ended_by_client(self, context: Any) -> None:
         """Count a call the client ended: past its deadline, or cancelled."""
         remaining = context.time_remaining()
-        self.count("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
+        past = remaining is not None and remaining <= _DEADLINE_SLACK_S
+        self.count("DEADLINE_EXCEEDED" if past else "CANCELLED")
 
     async def fail(
         self, context: Any, status: grpc.StatusCode, details: str, trailers: Metadata = ()
@@ -187,7 +307,8 @@ class CallHandler:
         context: Any,
         call: Call,
     ) -> bytes:
-        response, trailers = await self._forward(info, request, metadata, context, call)
+        guards = info.name == PREDICT and book.may_apply(spec.name if spec else None)
+        response, trailers = await self._forward(info, request, metadata, guards, context, call)
         gate = self._server.gate
         held = len(response)
         refused = gate.answer_problem(held, GRPC_COPIES * len(request))
@@ -198,7 +319,7 @@ class CallHandler:
             await call.refuse(context, *refused)
         gate.inflight_bytes += held  # the budget counts the response while it is guarded
         try:
-            if info.name == PREDICT and book.may_apply(spec.name if spec else None):
+            if guards:
                 response, trailers = await self._guard(
                     response, trailers, spec, book, context, call
                 )
@@ -300,9 +421,11 @@ class CallHandler:
             _no_messages(), timeout=self._timeout(context), metadata=metadata
         )
         try:
-            response: bytes = await upstream_call
+            response: bytes | None = await upstream_call
         except grpc.aio.AioRpcError as exc:
             await self._upstream_failed(exc, context, call)
+        if response is None:
+            await _no_answer(context, call)
         self._hold_until_taken(context, response)
         call.count("OK")
         return response
@@ -339,15 +462,23 @@ class CallHandler:
         return self._server.config.default_timeout_s if remaining is None else remaining
 
     async def _forward(
-        self, info: MethodInfo, request: bytes, metadata: Metadata, context: Any, call: Call
+        self,
+        info: MethodInfo,
+        request: bytes,
+        metadata: Metadata,
+        guards: bool,
+        context: Any,
+        call: Call,
     ) -> tuple[bytes, Metadata]:
-        """The upstream's answer and trailers (its initial metadata is sent on)."""
+        """The upstream's answer and trailers (its initial metadata is sent on),
+        less the metadata gRPC cannot send and, on a call the guard ``guards``,
+        the upstream's ``x-guard-*`` entries: the guard's are the only ones."""
         upstream_call = self._server.upstream.unary(info.name)(
             request, timeout=self._timeout(context), metadata=metadata
         )
         t_up = time.perf_counter()
         try:
-            response: bytes = await upstream_call
+            response: bytes | None = await upstream_call
         except grpc.aio.AioRpcError as exc:
             call.upstream_s = time.perf_counter() - t_up
             await self._upstream_failed(exc, context, call)
@@ -355,8 +486,10 @@ class CallHandler:
             await self._cut_off(upstream_call, context, call)
             raise
         call.upstream_s = time.perf_counter() - t_up
-        trailers = tuple(await upstream_call.trailing_metadata() or ())
-        initial = await upstream_call.initial_metadata()
+        if response is None:
+            await _no_answer(context, call)
+        trailers = sendable(await upstream_call.trailing_metadata(), "trailing", guards)
+        initial = sendable(await upstream_call.initial_metadata(), "initial", guards)
         if initial:
             await context.send_initial_metadata(initial)
         return response, trailers
@@ -368,12 +501,12 @@ class CallHandler:
         and trailing metadata."""
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
             self._server.upstream.set_up(False)
-        initial = exc.initial_metadata()
+        initial = sendable(exc.initial_metadata(), "initial")
         if initial:
             await context.send_initial_metadata(initial)
         await call.fail(
             context, exc.code(), upstream_details(exc, self._server.config),
-            tuple(exc.trailing_metadata() or ()),
+            sendable(exc.trailing_metadata(), "trailing"),
         )  # fmt: skip
 
     async def _cut_off(self, upstream_call: Any, context: Any, call: Call) -> None:
@@ -431,6 +564,17 @@ async def _whole_request(context: Any) -> Any:
     if message is grpc.aio.EOF:
         return message
     return message if await context.read() is grpc.aio.EOF else _MORE
+
+
+async def _no_answer(context: Any, call: Call) -> NoReturn:
+    """A unary call the upstream ended OK without its one message (what a
+    C++, Java or Go client of the upstream gets as INTERNAL)."""
+    await call.fail(
+        context,
+        grpc.StatusCode.INTERNAL,
+        "guard: the upstream answered OK without a response message, which a unary "
+        "method must return; the upstream is at fault (TF Serving always sends one)",
+    )
 
 
 async def _no_messages() -> AsyncIterator[bytes]:

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from guard.server.gate import Held, Refusal
-from guard.server.handler import GRPC_COPIES, Call, Metadata, ServerState, forwardable
+from guard.server.handler import GRPC_COPIES, Call, Metadata, ServerState, forwardable, sendable
 from guard.server.methods import MethodInfo
 
 __all__ = ["StreamRelay"]
@@ -190,7 +190,7 @@ class StreamRelay:
         ended where the budget cannot take the next one. While the relay
         waits on its client it reads nothing, so the upstream's window fills
         too: that is counted with the message."""
-        initial = await upstream_call.initial_metadata()
+        initial = sendable(await upstream_call.initial_metadata(), "initial")
         if initial:
             await context.send_initial_metadata(initial)
         while True:
@@ -247,7 +247,7 @@ class StreamRelay:
         self, upstream_call: Any, code: grpc.StatusCode, context: Any, call: Call
     ) -> None:
         """End the client's call as the upstream ended it."""
-        trailers = tuple(await upstream_call.trailing_metadata() or ())
+        trailers = sendable(await upstream_call.trailing_metadata(), "trailing")
         if code is not grpc.StatusCode.OK:
             details = await upstream_call.details()
             await self._fail_with_initial(upstream_call, code, details, trailers, context, call)
@@ -260,13 +260,13 @@ class StreamRelay:
         upstream_call: Any,
         code: grpc.StatusCode,
         details: str,
-        trailers: tuple[tuple[str, Any], ...],
+        trailers: Metadata,
         context: Any,
         call: Call,
     ) -> None:
         if code is grpc.StatusCode.UNAVAILABLE:
             self._server.upstream.set_up(False)
-        initial = await upstream_call.initial_metadata()
+        initial = sendable(await upstream_call.initial_metadata(), "initial")
         if initial:
             with contextlib.suppress(Exception):  # sent already with the first message
                 await context.send_initial_metadata(initial)
