@@ -391,22 +391,22 @@ async def test_an_answer_that_may_hold_more_numbers_than_max_message_mb_reads_is
     assert (status, answer) == (200, fewer)
 
 
-async def test_model_metadata_is_read_up_to_4_mib(
+async def test_model_metadata_is_read_up_to_1_mib(
     fake: FakeRestUpstream, make_guard: MakeGuard
 ) -> None:
-    """The guard reads a model's metadata whole and keeps it parsed: past
-    4 MiB (TF Serving's is a few KB) it is not read, and a one-output answer,
-    whose output only the metadata names, gets an error saying why."""
+    """The guard reads a model's metadata whole: past 1 MiB (TF Serving's is
+    a few KB) it is not read, and a one-output answer, whose output only the
+    metadata names, gets an error saying why."""
     fake.predict("m", b'{"predictions": [[0.5, 0.25, 0.25]]}')
     body = metadata_body("m", {"p": ("DT_FLOAT", [-1, 3])})
-    fake.reply("GET", "/v1/models/m/metadata", Reply(body=body + b" " * (4 * 1024 * 1024)))
+    fake.reply("GET", "/v1/models/m/metadata", Reply(body=body + b" " * (1024 * 1024)))
     guard = await make_guard(models=[_RULE_OF_M])
     status, answer, _ = await _predict_timing_the_loop(guard)
     assert status == 500
     error = json.loads(answer)["error"]
-    assert "the metadata is larger than 4194304 bytes" in error
+    assert "the metadata is larger than 1048576 bytes" in error
 
-    fake.reply("GET", "/v1/models/m/metadata", Reply(body=body + b" " * (4 * 1024 * 1024 - 4096)))
+    fake.reply("GET", "/v1/models/m/metadata", Reply(body=body + b" " * (1024 * 1024 - 4096)))
     fresh = await make_guard(models=[_RULE_OF_M])
     status, answer, _ = await _predict_timing_the_loop(fresh)
     assert status == 200 and json.loads(answer)["guard_outputs"][0]["p_class"] == 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from guard.dataplane.codec.restjson import Format, RequestPeekScan
 
@@ -52,9 +52,10 @@ class RequestPeek:
     """Whether every top-level key was seen (or both answers were found)."""
     exceeded: bool = False
     """The peek stopped at its bound (not at the end of the object, nor at bad JSON)."""
-    signature_seen: bool = False
-    """A ``signature_name`` key was seen: TF Serving reads the first (rapidjson's
-    ``FindMember``), so a later one must not choose the rules."""
+    signature_seen: bool = field(default=False, compare=False)
+    """The walk's own state: a ``signature_name`` key was seen. TF Serving
+    reads the first (rapidjson's ``FindMember``): a later one must not choose
+    the rules."""
 
     def key(self, body: bytes, start: int, end: int) -> int | None:
         """Take in the top-level key whose string spans ``start:end``; returns

@@ -475,19 +475,22 @@ class RestFrontEnd:
         return web.Response(status=200, body=guarded.body, headers=out_headers)
 
     async def _get(self, path: str) -> tuple[int, bytes]:
-        """GET ``path`` on the upstream (model metadata), bounded: it is read
-        whole with ``json.loads`` and kept, parsed, for up to 256 models and
-        versions (TF Serving's metadata is a few kilobytes)."""
+        """GET ``path`` on the upstream (model metadata), bounded: at most
+        METADATA_BYTES_MAX is read (TF Serving's metadata is a few kilobytes),
+        within default_timeout_s; SignatureCache bounds what it keeps of it."""
         assert self._session is not None
         limit = min(self._state.config.max_message_bytes, METADATA_BYTES_MAX)
-        async with self._session.get(
-            URL(self._base + path, encoded=True),
-            timeout=self._timeout,
-        ) as response:
-            data = await read_limited(response, limit)
-            if data is None:
-                raise ValueError(f"the metadata is larger than {limit} bytes")
-            return response.status, data
+        try:
+            async with self._session.get(
+                URL(self._base + path, encoded=True), timeout=self._timeout
+            ) as response:
+                data = await read_limited(response, limit)
+                if data is None:
+                    raise ValueError(f"the metadata is larger than {limit} bytes")
+                return response.status, data
+        except TimeoutError:
+            timeout = self._state.config.default_timeout_s
+            raise TimeoutError(f"no answer within default_timeout_s ({timeout:g} s)") from None
 
 
 async def _continue(request: web.BaseRequest) -> None:
