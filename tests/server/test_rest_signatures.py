@@ -36,7 +36,7 @@ from guard.server.rest.signatures import (
     SignatureCache,
     parse_metadata,
 )
-from tests.support.guard import start_in_process
+from tests.support.guard import RunningGuard, start_in_process
 from tests.support.rest_upstream import metadata_body
 
 Answer = Callable[[str, int | None, str | None], Awaitable[web.StreamResponse]]
@@ -225,19 +225,24 @@ async def test_metadata_that_is_kept_is_weighed_as_it_takes_and_the_cache_stays_
         assert server.asked["/v1/models/wide/versions/1/metadata"] == 2
 
 
+async def _guard_in_front_of(server: Upstream, rules: list[dict[str, Any]]) -> RunningGuard:
+    """A guard in this process, its REST upstream ``server``."""
+    config = {
+        "listen": "127.0.0.1:0",
+        "upstream": "127.0.0.1:9",
+        "rest_listen": "127.0.0.1:0",
+        "rest_upstream": server.base.removeprefix("http://"),
+        "models": rules,
+    }
+    return await start_in_process(parse_config(config, "test.yaml", Path.cwd()))
+
+
 async def test_the_guard_answers_others_while_a_client_walks_forty_versions(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with upstream(answering(lambda v: junk_metadata(v or 1, 80_000))) as server:
         rules = [{"name": "*", "outputs": [{"name": "*", "threshold": 0.5, "labels": ["n", "y"]}]}]
-        config = {
-            "listen": "127.0.0.1:0",
-            "upstream": "127.0.0.1:9",
-            "rest_listen": "127.0.0.1:0",
-            "rest_upstream": server.base.removeprefix("http://"),
-            "models": rules,
-        }
-        guard = await start_in_process(parse_config(config, "test.yaml", Path.cwd()))
+        guard = await _guard_in_front_of(server, rules)
         try:
             async with aiohttp.ClientSession() as session, loop_watch() as stall:
                 for v in range(1, 41):
@@ -285,14 +290,7 @@ async def test_an_infinite_dim_gets_the_client_the_reason_and_logs_no_traceback(
 ) -> None:
     async with upstream(answering(infinite_dim)) as server:
         rules = [{"name": "m", "outputs": [{"name": "*", "threshold": 0.5}]}]
-        config = {
-            "listen": "127.0.0.1:0",
-            "upstream": "127.0.0.1:9",
-            "rest_listen": "127.0.0.1:0",
-            "rest_upstream": server.base.removeprefix("http://"),
-            "models": rules,
-        }
-        guard = await start_in_process(parse_config(config, "test.yaml", Path.cwd()))
+        guard = await _guard_in_front_of(server, rules)
         try:
             async with aiohttp.ClientSession() as session:
                 answers = []
