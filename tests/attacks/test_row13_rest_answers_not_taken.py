@@ -92,6 +92,8 @@ async def _bounded_then_cut(guard: GuardProcess) -> None:
             return guard.sample("guard_refused_requests_total", reason="inflight_bytes")
 
         await _wait_for(lambda: refused() >= CLIENTS - HELD, 10)
+        # Answers are counted as they arrive: the last held ones may still be coming.
+        await _wait_for(lambda: guard.sample("guard_inflight_bytes") == HELD * len(ANSWER), 5)
         held = guard.sample("guard_inflight_bytes")
         # What the refused answers took is trimmed within a few seconds.
 
