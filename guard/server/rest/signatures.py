@@ -19,18 +19,21 @@ is kept and the reason is), and the whole cache (:data:`ENTRIES_MAX` entries,
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from guard.dataplane.errors import shown
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
 
 __all__ = [
     "CACHE_BYTES_MAX",
@@ -71,8 +74,6 @@ CACHE_BYTES_MAX = 8 * 1024 * 1024
 entries (a few KB each), or eight of the largest it keeps."""
 _KEY_BYTES_MAX = 1024
 _THREAD_BYTES_MIN = 64 * 1024  # less is read in about a millisecond
-# One thread: one large metadata read at a time, each taking up to ~10 times its text.
-_PARSER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-metadata")
 _RANK_MAX = 254  # TensorShape's kMaxDims
 _DTYPE_CHARS_MAX = 64  # DT_COMPLEX128_REF is the longest
 # An entry's key tuple, its _Entry, its Metadata and its slot in the OrderedDict.
@@ -237,7 +238,17 @@ async def _parsed(status: int, body: bytes) -> tuple[Metadata, int]:
     loop 72 ms read on it, 18 ms read there."""
     if status != 200 or len(body) < _THREAD_BYTES_MIN:
         return _parse(status, body)
-    return await asyncio.get_running_loop().run_in_executor(_PARSER, _parse, status, body)
+    return await asyncio.get_running_loop().run_in_executor(_parser(), _parse, status, body)
+
+
+@functools.cache
+def _parser() -> Executor:
+    """One thread: one large metadata read at a time, each taking up to ~10
+    times its text. Made when first needed: an idle guard does not hold it
+    (nor the 0.3 MB its import takes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-metadata")
 
 
 def _failure(exc: Exception) -> str:
