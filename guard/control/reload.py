@@ -42,7 +42,8 @@ class Reloader:
         self._count = count
         self.watcher = FileWatcher([path] if path else [], self._on_change)
         self._one_at_a_time = asyncio.Lock()
-        self._requested: set[asyncio.Task[bool]] = set()
+        self._waiting: asyncio.Task[bool] | None = None
+        self._tasks: set[asyncio.Task[bool]] = set()
 
     async def _on_change(self) -> bool:
         logger.info("config file %s changed", self._path)
@@ -50,10 +51,14 @@ class Reloader:
         return True
 
     def request(self) -> None:
-        """Reload soon (SIGHUP's handler, which cannot wait)."""
-        task = asyncio.create_task(self.reload(), name="guard-config-reload")
-        self._requested.add(task)
-        task.add_done_callback(self._requested.discard)
+        """Reload soon (SIGHUP's handler, which cannot wait). A request made
+        while another waits to start joins it: a burst of signals is one reload
+        after the one running, not one each."""
+        if self._waiting is not None and not self._waiting.done():
+            return
+        self._waiting = task = asyncio.create_task(self.reload(), name="guard-config-reload")
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
 
     async def reload(self) -> bool:
         """Load the file again and apply it. Returns whether it worked."""
@@ -61,6 +66,8 @@ class Reloader:
             logger.warning("reload requested but the guard runs without a config file")
             return False
         async with self._one_at_a_time:
+            if self._waiting is asyncio.current_task():
+                self._waiting = None  # started: a new request is a new reload
             self.watcher.mark_seen()
             return await self._reload(self._path)
 
