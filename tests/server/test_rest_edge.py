@@ -22,7 +22,7 @@ from guard.dataplane.kernels import default
 from guard.server.rest.peek import peek_request
 from tests.server.test_rest_limits import MakeGuard, fake, make_guard, raw_exchange, refused, split
 from tests.support.guard import RunningGuard, sample_sum
-from tests.support.rest_upstream import FakeRestUpstream, Reply
+from tests.support.rest_upstream import FakeRestUpstream, Reply, metadata_body
 
 __all__ = ["fake", "make_guard"]  # fixtures, used by name
 
@@ -344,3 +344,22 @@ async def test_bytes_an_idle_upstream_connection_receives_never_answer_a_request
         upstream.close()
     assert got == [{"path": f"/v1/models/m{i}"} for i in range(4)]
     assert writes.count(b'{"smuggled": true}') >= 3  # the upstream did lie each time
+
+
+async def test_the_answer_and_the_metadata_share_default_timeout_s(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """Found: the predict and the metadata fetch each had default_timeout_s,
+    so a call could take twice as long as the setting says."""
+    fake.predict("m", '{"predictions": [[0.5]]}', delay_s=0.7)
+    body = metadata_body("m", {"y": ("DT_FLOAT", [-1, 1])})
+    fake.reply("GET", "/v1/models/m/metadata", Reply(body=body, delay_s=0.7))
+    guard = await make_guard(models=REJECT_ABOVE_1, default_timeout_s=1.0)
+    start = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        url = f"{guard.rest_url}/v1/models/m:predict"
+        async with session.post(url, data=b'{"instances": [[1]]}') as response:
+            status, error = response.status, await response.json()
+    took = time.monotonic() - start
+    assert status == 504 and "default_timeout_s (1 s)" in error["error"], error
+    assert took < 1.25, f"answered after {took:.2f} s"

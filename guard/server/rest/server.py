@@ -45,7 +45,7 @@ from guard.server.rest.http import (
 )
 from guard.server.rest.peek import inflate, peek_request
 from guard.server.rest.routes import Route, http_status, route
-from guard.server.rest.signatures import METADATA_BYTES_MAX, SignatureCache
+from guard.server.rest.signatures import METADATA_BYTES_MAX, Metadata, SignatureCache
 
 __all__ = ["RestFrontEnd"]
 
@@ -377,7 +377,8 @@ class RestFrontEnd:
             )
         gate.inflight_bytes += len(data)  # held while it is guarded
         try:
-            guarded = await self._guard(target, fmt, signature, data, headers, book)
+            left_s = self._state.config.default_timeout_s - (time.perf_counter() - call.start)
+            guarded = await self._guard(target, fmt, signature, data, headers, book, left_s)
             guarded.set_status(status, reason)
         finally:
             gate.inflight_bytes -= len(data)
@@ -434,6 +435,22 @@ class RestFrontEnd:
         async with self._inflating:
             return await asyncio.to_thread(inflate, body, self._state.config.max_request_bytes)
 
+    async def _metadata(self, target: Route, left_s: float) -> Metadata:
+        """The model's metadata, within what is left of the call's
+        default_timeout_s: the answer and the metadata took one each."""
+        assert target.model is not None
+        get = self._signatures.get(target.model, target.version, target.label)
+        try:
+            return await self._deadlines.wait(get, max(left_s, 0.0))
+        except TimeoutError:
+            timeout = self._state.config.default_timeout_s
+            raise Answer(
+                504,
+                f"guard: the upstream's answer and its model metadata took more than "
+                f"default_timeout_s ({timeout:g} s) together; raise default_timeout_s in the "
+                "guard config",
+            ) from None
+
     async def _guard(
         self,
         target: Route,
@@ -442,6 +459,7 @@ class RestFrontEnd:
         data: bytes,
         headers: Any,
         book: RuleBook,
+        left_s: float,
     ) -> web.Response:
         assert target.model is not None
         out_headers = response_headers(headers)
@@ -453,7 +471,7 @@ class RestFrontEnd:
             )
         if book.for_signature(target.model, signature or SERVING_DEFAULT) is None:
             return web.Response(status=200, body=data, headers=out_headers)  # no rule: as it came
-        metadata = await self._signatures.get(target.model, target.version, target.label)
+        metadata = await self._metadata(target, left_s)
         request = RestRequest(target.model, signature, fmt or _format_of(data), metadata)
         metrics = self._state.metrics
         try:
