@@ -226,7 +226,8 @@ async def test_gzip_bodies_are_inflated_off_the_event_loop(
 
         answers = await asyncio.gather(*(send() for _ in range(6)))
     assert answers == [(200, {"predictions": [[0.5]]})] * 6
-    assert loop_lag[0] < 0.08, f"the loop stalled {loop_lag[0] * 1e3:.0f} ms"
+    # On the loop: 0.73 s; off it, 20-30 ms on an idle box (more on a busy one).
+    assert loop_lag[0] < 0.35, f"the loop stalled {loop_lag[0] * 1e3:.0f} ms"
     assert [s.body for s in fake.seen if s.method == "POST"] == [bomb] * 6  # as sent
     assert json.loads(gzip.decompress(bomb))["instances"] == [[1]]
 
@@ -363,3 +364,42 @@ async def test_the_answer_and_the_metadata_share_default_timeout_s(
     took = time.monotonic() - start
     assert status == 504 and "default_timeout_s (1 s)" in error["error"], error
     assert took < 1.25, f"answered after {took:.2f} s"
+
+
+async def _pipelined(guard: RunningGuard, second: bytes) -> tuple[bytes, float]:
+    """A slow request and, while it is handled, ``second`` on the same
+    connection; everything that comes back, and when the connection closed."""
+    assert guard.rest is not None
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", guard.rest.port)
+    try:
+        writer.write(b"GET /v1/models/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.2)
+        started = loop.time()
+        writer.write(second)
+        got = b""
+        while chunk := await asyncio.wait_for(reader.read(1 << 16), 15):
+            got += chunk
+            if second.endswith(b"\r\n\r\n") and got.count(b"HTTP/1.1 200") == 2:
+                break
+        return got, loop.time() - started
+    finally:
+        writer.close()
+
+
+async def test_a_pipelined_head_left_half_sent_gets_its_deadline(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """Found: a head begun while the request before it was handled had no
+    deadline: the connection was held 80 s (5 s answer, 75 s keep-alive),
+    not request_timeout_s. A whole pipelined request behind a slow answer
+    (past request_timeout_s) is answered, not timed out."""
+    fake.reply("GET", "/v1/models/slow", Reply(body=b'{"slow": 1}', delay_s=1.5))
+    fake.reply("GET", "/v1/models/m", Reply(body=b'{"ok": 1}'))
+    guard = await make_guard(request_timeout_s=1.0, max_connection_idle_s=60)
+    got, took = await _pipelined(guard, b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\n")
+    assert got.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in got, got[:300]
+    assert took < 4, f"closed after {took:.1f} s"
+    got, _ = await _pipelined(guard, b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert got.count(b"HTTP/1.1 200") == 2 and b'{"ok": 1}' in got, got[:400]
+    assert refused(guard, "request_timeout") == 1

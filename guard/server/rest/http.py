@@ -212,16 +212,26 @@ class _Handler(web.RequestHandler):
         transport.close()
 
     def data_received(self, data: bytes) -> None:
+        count = self._request_count
         super().data_received(data)
         if self._guard_timer is not None and self._guard_armed_at == self._request_count:
             return  # armed for the head in progress: the common case on a busy connection
         waiting = self._waiter is not None and not self._waiter.done()
-        if waiting and self.transport is not None:
+        if (waiting or self._next_head_begun(count, data)) and self.transport is not None:
             # A kept-alive connection's next head, maybe begun while the
             # deadline of the last one still ran: its own deadline from now.
             if self._guard_timer is not None:
                 self._guard_timer.cancel()
             self._arm_header_deadline(self.transport)
+
+    def _next_head_begun(self, count: int, data: bytes) -> bool:
+        """Bytes came while a request is handled, past its body, and no new
+        head is whole: the next one has begun, and its deadline runs (a
+        pipelined head left half-sent held its connection 80 s, not 10)."""
+        if not data or not self._request_in_progress or self._request_count != count:
+            return False
+        current = self._current_request  # None once its answer is being sent
+        return current is None or current.content.is_eof()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._guard_timer is not None:
@@ -241,6 +251,9 @@ class _Handler(web.RequestHandler):
     def _headers_late(self, transport: asyncio.BaseTransport) -> None:
         self._guard_timer = None  # a re-armed deadline cancels the one before: this is the last
         if self._request_count > self._guard_armed_at or transport.is_closing():
+            return
+        if self._request_in_progress:  # the head waits on the answer before it, not the client
+            self._arm_header_deadline(transport)
             return
         self._refuse_raw(
             transport, Refusal.REQUEST_TIMEOUT, 408, "Request Timeout",
