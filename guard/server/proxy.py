@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from guard.control.config import Config
 from guard.dataplane.book import RuleBook
@@ -28,6 +28,7 @@ from guard.server.arrivals import Arrivals
 from guard.server.ceiling import MemoryCeiling
 from guard.server.gate import Gate, Refusal
 from guard.server.handler import CallHandler
+from guard.server.health import Health
 from guard.server.methods import PREDICT, ProxyHandler
 from guard.server.relay import StreamRelay
 from guard.server.sockets import parse_peer, shut_client_sockets
@@ -96,7 +97,10 @@ class GuardServer:
         self.arrivals = Arrivals(self.gate)
         self._arrivals_watch: asyncio.Task[None] | None = None
         self._ceiling: asyncio.Task[None] | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = Health(
+            _HEALTH_SERVICES, config.max_connections, config.stream_idle_timeout_s,
+            self.cut_connection,
+        )  # fmt: skip
         self._servers: list[grpc.aio.Server] = []
         self._watch: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
@@ -149,7 +153,7 @@ class GuardServer:
     async def start(self) -> int:
         """Bind, start serving and start probing the upstream. Returns the bound port."""
         server, self.port = self._new_server(self.config.listen)
-        await self._set_health(False)
+        self._health.set(False)
         self.metrics.upstream_up.set(0)
         await server.start()
         self._servers = [server]
@@ -241,7 +245,7 @@ class GuardServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         self.upstream.stop_watching()
-        await self._set_health(False)
+        self._health.set(False)
         # gRPC's shutdown closes the listeners and sends GOAWAY, so clients open
         # a new connection (to another replica) for new calls; in-flight calls
         # go on.
@@ -268,19 +272,9 @@ class GuardServer:
 
     # ---------------------------------------------------------------- health
 
-    async def _set_health(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for service in _HEALTH_SERVICES:
-            await self._health.set(service, status)
-
     def _upstream_state(self, up: bool) -> None:
         self.metrics.upstream_up.set(1 if up else 0)
-        # HealthServicer.set only touches dicts and wakes watchers; it never blocks.
-        asyncio.ensure_future(self._set_health(up and not self._stopping))
+        self._health.set(up and not self._stopping)
 
 
 class _WakeOnError(logging.Handler):
@@ -308,7 +302,7 @@ class _GenericHandlers:
         pass  # the generic handler serves the same methods
 
 
-def _generic_only(servicer: health.aio.HealthServicer) -> tuple[grpc.GenericRpcHandler, ...]:
+def _generic_only(servicer: Health) -> tuple[grpc.GenericRpcHandler, ...]:
     """The health service as a generic handler only. For each registered
     method grpc.aio keeps a request pending in gRPC's core; when its accept
     loop raises, it cancels them and frees the memory the core still writes
