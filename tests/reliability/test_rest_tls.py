@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -100,3 +101,54 @@ async def test_a_renewed_certificate_is_used_by_new_connections(
         assert await _get(port, ca) == STATUS.decode()
     finally:
         await guard.stop()
+
+
+async def _closed_by_peer(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1024), 0.05) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+async def test_handshakes_count_in_max_connections_and_end_within_request_timeout(
+    fake: FakeRestUpstream, tmp_path: Path
+) -> None:
+    """Found (a red-team pass): connections still in their TLS handshake were
+    not counted in max_connections, held about 300 KB each and were given
+    asyncio's 60 s: 3,000 that sent half a ClientHello took the guard to
+    984 MB. 200 of them against a cap of 16 and request_timeout_s of 1 s."""
+    ca = CA()
+    cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
+    data = {
+        "listen": "127.0.0.1:0", "upstream": "127.0.0.1:9", "rest_listen": "127.0.0.1:0",
+        "rest_upstream": fake.address, "models": [], "max_connections": 16,
+        "request_timeout_s": 1.0, "tls": {"cert_file": str(cert), "key_file": str(key)},
+    }  # fmt: skip
+    guard = await start_in_process(parse_config(data, "test.yaml", Path.cwd()))
+    opened = []
+    tracemalloc.start()
+    try:
+        assert guard.rest is not None
+        for _ in range(200):
+            reader, writer = await asyncio.open_connection("127.0.0.1", guard.rest.port)
+            writer.write(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes, no more
+            opened.append((reader, writer))
+        await asyncio.sleep(0.3)
+        peak = tracemalloc.get_traced_memory()[1]
+        at_once = sum([await _closed_by_peer(r) for r, _ in opened])
+        await asyncio.sleep(1.5)
+        later = sum([await _closed_by_peer(r) for r, _ in opened])
+        answer = await _get(guard.rest.port, ca)
+        refused = guard.sample("guard_refused_requests_total", {"reason": "connections"})
+    finally:
+        tracemalloc.stop()
+        for _, writer in opened:
+            writer.close()
+        await guard.stop()
+    assert at_once >= 184, f"{at_once} of 200 closed at once"
+    assert later == 200, f"{later} of 200 closed after request_timeout_s"
+    assert refused is not None and refused >= 184
+    assert peak < 20e6, f"tracemalloc peak {peak / 1e6:.0f} MB"
+    assert answer == STATUS.decode()

@@ -368,17 +368,19 @@ class HttpServer(web.Server):
             max_headers=config.max_metadata_entries + _HEADERS_SLACK,
             **kwargs,
         )
-        self._guard_config = config
-        self._guard_metrics = metrics
+        self.config = config
+        self.metrics = metrics
         self._guard_gate = gate
         self._guard_deadlines = Deadlines()
         self.open_connections = 0
         """Client connections held (refused ones are not counted)."""
+        self.handshakes = 0
+        """Connections in their TLS handshake (:mod:`guard.server.rest.accept`)."""
 
     def __call__(self) -> web.RequestHandler:
         handler = _Handler(self, loop=self._loop, **self._kwargs)
-        handler.guard_metrics = self._guard_metrics
-        handler.guard_config = self._guard_config
+        handler.guard_metrics = self.metrics
+        handler.guard_config = self.config
         handler.guard_gate = self._guard_gate
         handler.guard_deadlines = self._guard_deadlines
         handler.guard_server = self

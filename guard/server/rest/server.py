@@ -31,6 +31,7 @@ from guard.metrics.guard_metrics import GuardMetrics
 from guard.server import tls
 from guard.server.deadlines import Deadlines
 from guard.server.gate import Gate, Held, Refusal
+from guard.server.rest.accept import TlsSite
 from guard.server.rest.call import Answer, RestCall
 from guard.server.rest.guarding import RestRequest, guard_rest_response
 from guard.server.rest.http import (
@@ -112,11 +113,12 @@ class RestFrontEnd:
         )
         await self._runner.setup()
         host, _, port = config.rest_listen.rpartition(":")
-        ssl_context = tls.server_ssl_context(config.tls) if config.tls is not None else None
-        self._site = web.TCPSite(
-            self._runner, host.strip("[]") or None, int(port), ssl_context=ssl_context,
-            reuse_port=True, backlog=1024,
-        )  # fmt: skip
+        where = (self._runner, host.strip("[]") or None, int(port))
+        if config.tls is not None:
+            context = tls.server_ssl_context(config.tls)
+            self._site = TlsSite(*where, context=context, reuse_port=True, backlog=1024)
+        else:
+            self._site = web.TCPSite(*where, reuse_port=True, backlog=1024)
         await self._site.start()
         self.port = int(self._runner.addresses[0][1])
         return self.port
