@@ -43,6 +43,7 @@ __all__ = [
     "ServerState",
     "forwardable",
     "sendable",
+    "upstream_timeout",
 ]
 
 logger = logging.getLogger("guard.proxy")
@@ -80,6 +81,17 @@ _GUARD_PREFIX = "x-guard-"
 _TIMED_OUT = object()
 _SHED = object()
 _MORE = object()
+
+
+# gRPC's deadlines are nanoseconds of int64 on its own clock: a grpc-timeout of
+# 2562047H (Go's largest Duration) passed on as it is overflows, and the
+# upstream call ended DEADLINE_EXCEEDED at once. Ten years is no deadline.
+_TIMEOUT_MAX_S = 10 * 365 * 24 * 3600.0
+
+
+def upstream_timeout(remaining: float | None) -> float | None:
+    """The client's time left, as a timeout gRPC can take on."""
+    return remaining if remaining is None else min(remaining, _TIMEOUT_MAX_S)
 
 
 class _Quota:
@@ -459,7 +471,9 @@ class CallHandler:
 
     def _timeout(self, context: Any) -> float:
         remaining: float | None = context.time_remaining()
-        return self._server.config.default_timeout_s if remaining is None else remaining
+        if remaining is None:
+            return self._server.config.default_timeout_s
+        return min(remaining, _TIMEOUT_MAX_S)
 
     async def _forward(
         self,

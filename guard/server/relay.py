@@ -24,7 +24,15 @@ from typing import Any
 import grpc
 
 from guard.server.gate import Held, Refusal
-from guard.server.handler import GRPC_COPIES, Call, Metadata, ServerState, forwardable, sendable
+from guard.server.handler import (
+    GRPC_COPIES,
+    Call,
+    Metadata,
+    ServerState,
+    forwardable,
+    sendable,
+    upstream_timeout,
+)
 from guard.server.methods import MethodInfo
 
 __all__ = ["StreamRelay"]
@@ -102,7 +110,7 @@ class StreamRelay:
 
     async def _run(self, info: MethodInfo, metadata: Metadata, context: Any, call: Call) -> None:
         upstream_call = self._server.upstream.stream_stream(info.name)(
-            timeout=context.time_remaining(), metadata=metadata
+            timeout=upstream_timeout(context.time_remaining()), metadata=metadata
         )
         stream = _Stream()
         held = Held(self._server.gate)

@@ -356,3 +356,18 @@ def test_client_metadata_grpc_cannot_send_on_is_dropped(guard: H.Proc) -> None:
     assert b"x-ctl" not in forwarded, forwarded
     assert counted == {"OK": 1}, counted
     _no_traceback(guard)
+
+
+def test_a_deadline_centuries_away_is_no_deadline(tmp_path: Path) -> None:
+    """Found: a grpc-timeout of 2562047H (Go's largest Duration) was passed on
+    as it came, overflowed gRPC's int64 nanoseconds, and the call ended
+    DEADLINE_EXCEEDED at once, never forwarded; the upstream answers it OK."""
+    with H.guarded(tmp_path) as (_up, guard):
+        codes = []
+        for timeout in (b"2562047H", b"5000000H", b"99999999H"):
+            with h2raw.H2Client("127.0.0.1", guard.port, timeout=5) as client:
+                sid = client.new_stream_id()
+                client.send_headers(sid, h2raw.grpc_request_headers(H.PREDICT, timeout=timeout))
+                client.send_data(sid, h2raw.grpc_message(H.LEGIT_REQUEST), end_stream=True)
+                codes.append(client.wait_stream(sid, 4).grpc_status)
+    assert codes == [0, 0, 0], codes
