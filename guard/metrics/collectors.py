@@ -74,6 +74,28 @@ class BoundedLabel:
         return value
 
 
+class BoundedCombinations:
+    """Admits the first ``cap`` distinct combinations of (already bounded)
+    label values: each label bounded alone still lets their product grow
+    (256 versions x 256 signatures x 1024 outputs). Past the cap a
+    combination keeps its first value (the model, from the config) and reads
+    ``__other__`` in the rest."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._seen: set[tuple[str, ...]] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, values: tuple[str, ...]) -> tuple[str, ...]:
+        if values in self._seen:
+            return values
+        with self._lock:
+            if len(self._seen) < self._cap:
+                self._seen.add(values)
+                return values
+        return (values[0], *(OTHER for _ in values[1:]))
+
+
 def _nothing() -> None:
     return None
 

@@ -10,6 +10,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from guard.control.config import Config
+from guard.dataplane.results import Action
 from guard.dataplane.rulespec import OutputRule
 from guard.metrics.collectors import PENDING_ARRAYS_MAX, PENDING_VALUES_MAX, OutputValueHistogram
 from guard.metrics.guard_metrics import LATENCY_BUCKETS, GuardMetrics
@@ -159,3 +160,39 @@ def test_a_scrape_while_the_loop_queues_loses_no_verdict() -> None:
     assert counts == {"0": 6667.0, "1": 6667.0, "2": 6666.0}
     every = 'guard_output_value_bucket{le="+Inf",model="m",output="p",signature="s"} 20000.0'
     assert every in text
+
+
+def test_label_combinations_are_bounded_whatever_the_upstream_names() -> None:
+    """Found (a red-team pass): versions, signatures and outputs were each
+    bounded, not their product: an echoing upstream's 66,049 (version,
+    signature) pairs made 380,000 samples in one worker. 150 x 150 pairs here,
+    each with two outputs."""
+    registry = CollectorRegistry()
+    metrics = GuardMetrics(registry, ["m"])
+    for v in range(150):
+        for s in range(150):
+            metrics.response_counter("m", str(v), f"sig{s}", Action.CLEAN).inc()
+            for output in ("a", "b"):
+                metrics.output_recorder("m", str(v), f"sig{s}", output)
+
+    def series(family: str) -> set[tuple[str, ...]]:
+        return {
+            (
+                s.labels["model"],
+                s.labels["version"],
+                s.labels["signature"],
+                s.labels.get("output", ""),
+            )
+            for f in registry.collect()
+            if f.name == family
+            for s in f.samples
+        }
+
+    responses, outputs = series("guard_responses"), series("guard_output_violations")
+    assert 1000 <= len(responses) <= 1025 and 1000 <= len(outputs) <= 1025
+    assert ("m", "__other__", "__other__", "") in responses
+    assert ("m", "__other__", "__other__", "__other__") in outputs
+    total = sum(s.value for f in registry.collect() if f.name == "guard_responses"
+                for s in f.samples if s.labels.get("action") == "clean")  # fmt: skip
+    assert total == 150 * 150  # every response still counted
+    assert len(generate_latest(registry)) < 4_000_000
