@@ -8,6 +8,7 @@ import gc
 import logging
 import signal
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -256,9 +257,43 @@ def run_serve(
 
 
 def configure_logging(level: str) -> None:
-    """One line per event, to stderr."""
+    """One line per event, to stderr; a warning or error that repeats, at most
+    once a minute (:class:`RepeatQuota`)."""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RepeatQuota())
+
+
+class RepeatQuota(logging.Filter):
+    """Lets a warning or error through once per ``every_s`` for each place that
+    logs it (logger and message template); the next one that passes says how
+    many were left out. Hostile traffic can make some lines repeat on every
+    call: 1,578 method names that were not UTF-8 a second wrote 333 KiB/s of
+    errors (27 GiB a day, a container's disk). On the handler, not the
+    logger: what listens on a logger still sees every record."""
+
+    def __init__(self, every_s: float = 60.0, places_max: int = 256) -> None:
+        super().__init__()
+        self._every_s = every_s
+        self._places_max = places_max
+        self._next: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        place = (record.name, str(record.msg)[:200])
+        now = time.monotonic()
+        due, left_out = self._next.get(place, (0.0, 0))
+        if now < due:
+            self._next[place] = (due, left_out + 1)
+            return False
+        if len(self._next) >= self._places_max:
+            self._next.clear()
+        self._next[place] = (now + self._every_s, 0)
+        if left_out:
+            record.msg = f"{record.msg} ({left_out} more like it in the last minute left out)"
+        return True

@@ -106,3 +106,20 @@ def test_connected_clients_survive_repeated_non_utf8_paths(tmp_path: Path) -> No
         _check_losses(health_codes, attacks_n)
         assert H.sample(guard.metrics(), "guard_server_restarts_total") == attacks_n
         assert H.answering_within(guard, 1.0) is not None
+
+
+def test_the_log_does_not_grow_with_the_attack(tmp_path: Path) -> None:
+    """Found (a red-team pass): each such call logged 2.4 lines, 1.6 of them
+    errors (gRPC's traceback, the guard's restart): 1,578 a second wrote
+    333 KiB/s. A warning or error now repeats at most once a minute, with
+    the count of those left out; every restart is still counted."""
+    with H.guarded(tmp_path) as (_up, guard):
+        assert H.legit_ok(guard.address).code == "OK"
+        before = len(guard.log())
+        for _ in range(60):
+            attacks.non_utf8_path(guard.port)
+            H.answering_within(guard, 1.0)
+        grown = len(guard.log()) - before
+        restarts = H.sample(guard.metrics(), "guard_server_restarts_total")
+    assert restarts >= 30, f"{restarts} restarts counted"
+    assert grown < 4000, f"the log grew {grown} bytes over 60 attacks"
