@@ -1,10 +1,21 @@
-"""Summing the samples of several guard processes into one /metrics."""
+"""Summing the samples of several guard processes into one /metrics.
+
+Counters and histograms must never go down in the sum, or Prometheus reads
+a counter reset and rate()/increase() invent requests. So the collector
+remembers each worker's last good scrape: a worker that does not answer
+(dead, stopped, slower than the timeout) adds its last counters and
+histograms, and a worker that is gone (its URL no longer listed, as when a
+dead one is replaced by a fresh one whose counters start at 0) has them
+moved into a retired total that stays in the sum for good.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from http.client import HTTPException
 
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,40 +32,135 @@ _GAUGE_MIN = frozenset({"guard_upstream_up"})
 # Classes per row are a property of the output, the same in every worker.
 _GAUGE_MAX = frozenset({"guard_output_drift_psi", "guard_output_classes"})
 
+_Key = tuple[str, tuple[tuple[str, str], ...]]
+
 
 class AggregatingCollector(Collector):
-    """Scrapes each worker's /metrics and yields the sums."""
+    """Scrapes each worker's /metrics and yields the sums.
+
+    A worker that fails to answer contributes its last counters and
+    histograms but no gauges: a gauge says how things are now, which nobody
+    knows for a worker that does not answer (a stopped worker's last
+    ``guard_upstream_up`` of 1 would hide it), and a gauge may go down.
+    """
 
     def __init__(self, urls: Callable[[], Sequence[str]], timeout_s: float = 2.0) -> None:
         self._urls = urls
         self._timeout = timeout_s
+        # Held across a whole collect: two concurrent scrapes applied out of
+        # order would look like a worker's counters going back.
+        self._lock = threading.Lock()
+        self._last: dict[str, list[Metric]] = {}  # per current worker URL
+        self._retired = _Sums()  # counters and histograms of workers gone
 
     def collect(self) -> Iterator[Metric]:
-        families: dict[str, Metric] = {}
-        values: dict[str, dict[_Key, float]] = {}
-        for url in self._urls():
-            text = self._scrape(url)
-            for family in text_string_to_metric_families(text) if text else ():
-                if family.name not in families:
-                    families[family.name] = Metric(family.name, family.documentation, family.type)
-                    values[family.name] = {}
-                _add(values[family.name], family)
-        for name, metric in families.items():
-            for (sample_name, labels), value in values[name].items():
-                metric.add_sample(sample_name, dict(labels), value)
-            yield metric
+        with self._lock:
+            sums = self._gather()
+        yield from sums.metrics()
 
-    def _scrape(self, url: str) -> str | None:
+    def _gather(self) -> _Sums:
+        urls = list(self._urls())
+        for url in self._last.keys() - set(urls):
+            self._retire(self._last.pop(url))
+        scraped = [list(self._families(url)) for url in urls]  # may retire some counts
+        sums = _Sums()
+        for families in [list(self._retired.metrics()), *scraped]:
+            for family in families:
+                sums.add(family)
+        return sums
+
+    def _families(self, url: str) -> Iterable[Metric]:
+        """What ``url`` adds to the sum now; remembered for the next time."""
+        last = self._last.get(url, [])
+        families = self._scrape(url)
+        if families is None:
+            return _monotonic(last)  # stale, but never less than before
+        if _went_back(last, families):
+            # Another process behind the same URL (a reused port): the old
+            # one's counts are gone from it, so they go to the retired total.
+            logger.warning("worker metrics at %s restarted from lower counts", url)
+            self._retire(last)
+        self._last[url] = families
+        return families
+
+    def _retire(self, families: Iterable[Metric]) -> None:
+        for family in _monotonic(families):
+            self._retired.add(family)
+
+    def _scrape(self, url: str) -> list[Metric] | None:
         try:
             with urllib.request.urlopen(url, timeout=self._timeout) as resp:  # noqa: S310
                 text: str = resp.read().decode("utf-8")
-                return text
-        except OSError as exc:
+            return list(text_string_to_metric_families(text))
+        except (OSError, HTTPException, ValueError) as exc:
             logger.warning("worker metrics at %s unreachable: %s", url, exc)
             return None
 
 
-_Key = tuple[str, tuple[tuple[str, str], ...]]
+class _Sums:
+    """Samples of several workers combined family by family (see ``_add``)."""
+
+    def __init__(self) -> None:
+        self._heads: dict[str, tuple[str, str]] = {}  # name: (documentation, type)
+        self._values: dict[str, dict[_Key, float]] = {}
+
+    def add(self, family: Metric) -> None:
+        if family.name not in self._heads:
+            self._heads[family.name] = (family.documentation, family.type)
+            self._values[family.name] = {}
+        _add(self._values[family.name], family)
+
+    def metrics(self) -> Iterator[Metric]:
+        for name, (documentation, kind) in self._heads.items():
+            metric = Metric(name, documentation, kind)
+            for (sample_name, labels), value in self._values[name].items():
+                metric.add_sample(sample_name, dict(labels), value)
+            yield metric
+
+
+def _key(sample_name: str, labels: dict[str, str]) -> _Key:
+    return sample_name, tuple(sorted(labels.items()))
+
+
+def _is_monotonic(family: Metric, sample_name: str) -> bool:
+    """Whether Prometheus reads a drop of this sample as a counter reset."""
+    if sample_name.endswith("_created"):
+        return False  # a timestamp per worker; a sum means nothing
+    if family.type == "counter":
+        return True
+    return family.type in ("histogram", "summary") and sample_name.endswith(
+        ("_bucket", "_count", "_sum")
+    )
+
+
+def _monotonic(families: Iterable[Metric]) -> Iterator[Metric]:
+    """The counter and histogram samples of ``families``, gauges left out."""
+    for family in families:
+        samples = [s for s in family.samples if _is_monotonic(family, s.name)]
+        if samples:
+            kept = Metric(family.name, family.documentation, family.type)
+            kept.samples = samples
+            yield kept
+
+
+def _counts(families: Iterable[Metric]) -> dict[_Key, float]:
+    """The samples that only ever grow in a live process: ``_sum`` aside,
+    which goes down with negative observations."""
+    return {
+        _key(s.name, s.labels): s.value
+        for family in _monotonic(families)
+        for s in family.samples
+        if not s.name.endswith("_sum")
+    }
+
+
+def _went_back(last: list[Metric], now: list[Metric]) -> bool:
+    """Whether a count in ``last`` is missing from ``now`` or larger: the
+    process answering is not the one that answered before."""
+    if not last:
+        return False
+    current = _counts(now)
+    return any(current.get(key, 0.0) < value for key, value in _counts(last).items())
 
 
 def _add(bucket: dict[_Key, float], family: Metric) -> None:
@@ -65,7 +171,7 @@ def _add(bucket: dict[_Key, float], family: Metric) -> None:
     for s in family.samples:
         if s.name.endswith("_created"):
             continue  # a timestamp per worker; a sum means nothing
-        key = (s.name, tuple(sorted(s.labels.items())))
+        key = _key(s.name, s.labels)
         if key not in bucket:
             bucket[key] = s.value
         elif pessimistic:

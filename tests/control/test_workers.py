@@ -17,7 +17,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from guard.control.process import Child
 from guard.control.workers import _Pool
-from tests.support.guard import scrape
+from tests.support.guard import sample_sum, scrape
 from tests.support.protos import predict_request, predict_response
 from tests.support.upstream import FakeUpstream
 
@@ -111,6 +111,14 @@ def _children(pid: int) -> set[int]:
     return {int(p) for p in text.split()}
 
 
+async def _predict_fresh(port: int, n: int) -> None:
+    """``n`` Predicts on fresh connections, which reach either worker."""
+    for _ in range(n):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+            await stub.Predict(predict_request("m"), timeout=10)
+
+
 async def test_a_worker_that_dies_is_replaced(upstream: FakeUpstream, tmp_path: Path) -> None:
     upstream.reply("m", predict_response("m", {"p": np.array([[0.5]], np.float32)}))
     port_file = tmp_path / "ports.json"
@@ -125,6 +133,9 @@ async def test_a_worker_that_dies_is_replaced(upstream: FakeUpstream, tmp_path: 
                 break
             await asyncio.sleep(0.1)
         ports = json.loads(port_file.read_text())
+        metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+        await _predict_fresh(ports["grpc"], 8)
+        assert sample_sum(metrics_url, "guard_requests_total", code="OK") == 8
         dead = ports["workers"][0]
         os.kill(dead, signal.SIGKILL)
         for _ in range(300):  # bounded: 30 s for the supervisor to start another
@@ -134,10 +145,10 @@ async def test_a_worker_that_dies_is_replaced(upstream: FakeUpstream, tmp_path: 
             await asyncio.sleep(0.1)
         assert len(alive) == 2 and dead not in alive, alive
         assert proc.returncode is None
-        for _ in range(8):  # fresh connections reach either worker
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['grpc']}") as ch:
-                stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
-                await stub.Predict(predict_request("m"), timeout=10)
+        # The dead worker's count stays in the sum: a drop would be a counter reset.
+        assert sample_sum(metrics_url, "guard_requests_total", code="OK") == 8
+        await _predict_fresh(ports["grpc"], 8)
+        assert sample_sum(metrics_url, "guard_requests_total", code="OK") == 16
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
     finally:
