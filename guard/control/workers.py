@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,6 +171,7 @@ class _Pool:
                 child.process.pid, child.process.returncode,
             )  # fmt: skip
             self.children.remove(child)
+            _forget(child)
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < _RESTART_WINDOW_S] + [now]
             if len(self._restarts) > _RESTARTS_MAX:
@@ -198,24 +200,38 @@ def _supervise(
         "%d workers serving gRPC on port %d; aggregated metrics on port %d",
         len(pool.children), port, httpd.server_port,
     )  # fmt: skip
-    if port_file is not None:
-        pids = [c.process.pid for c in pool.children]
-        ports: dict[str, Any] = {"grpc": port, "metrics": httpd.server_port, "workers": pids}
-        if rest is not None:
-            ports["rest"] = rest.getsockname()[1]
-        write_port_file(port_file, ports)
+    ports: dict[str, Any] = {"grpc": port, "metrics": httpd.server_port}
+    if rest is not None:
+        ports["rest"] = rest.getsockname()[1]
+    _announce(port_file, ports, pool)
     healthy = True
     try:
         while not pool.stopping and healthy:
             time.sleep(_POLL_S)
             if not pool.stopping:
                 healthy = _replace_dead(pool)
+                _announce(port_file, ports, pool)
         pool.signal(signal.SIGTERM)
         code = _wait(pool.children)
     finally:
         httpd.shutdown()
         httpd.server_close()
+        for child in pool.children:
+            _forget(child)
     return code or (0 if healthy else 1)
+
+
+def _announce(port_file: Path | None, ports: dict[str, Any], pool: _Pool) -> None:
+    """The port file, with the workers running now (written again when they change)."""
+    pids = [c.process.pid for c in pool.children]
+    if port_file is not None and ports.get("workers") != pids:
+        ports["workers"] = pids
+        write_port_file(port_file, ports)
+
+
+def _forget(child: Child) -> None:
+    """Remove a worker's directory (its port file): every replacement left one in /tmp."""
+    shutil.rmtree(child.workdir, ignore_errors=True)
 
 
 def _replace_dead(pool: _Pool) -> bool:

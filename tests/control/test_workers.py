@@ -122,10 +122,13 @@ async def _predict_fresh(port: int, n: int) -> None:
 async def test_a_worker_that_dies_is_replaced(upstream: FakeUpstream, tmp_path: Path) -> None:
     upstream.reply("m", predict_response("m", {"p": np.array([[0.5]], np.float32)}))
     port_file = tmp_path / "ports.json"
+    workdirs = tmp_path / "tmp"  # where the workers' port files go
+    workdirs.mkdir()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "guard", "serve", "--workers", "2",
         "--upstream", upstream.address, "--listen", "127.0.0.1:0",
         "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
+        env={**os.environ, "TMPDIR": str(workdirs)},
     )  # fmt: skip
     try:
         for _ in range(600):  # bounded
@@ -149,8 +152,17 @@ async def test_a_worker_that_dies_is_replaced(upstream: FakeUpstream, tmp_path: 
         assert sample_sum(metrics_url, "guard_requests_total", code="OK") == 8
         await _predict_fresh(ports["grpc"], 8)
         assert sample_sum(metrics_url, "guard_requests_total", code="OK") == 16
+        # The port file names the workers running (once the new one announced
+        # its ports); the dead one's directory is gone.
+        for _ in range(100):  # bounded
+            if sorted(json.loads(port_file.read_text())["workers"]) == sorted(alive):
+                break
+            await asyncio.sleep(0.1)
+        assert sorted(json.loads(port_file.read_text())["workers"]) == sorted(alive)
+        assert len(list(workdirs.glob("guard-child-*"))) == 2
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
+        assert list(workdirs.glob("guard-child-*")) == []
     finally:
         if proc.returncode is None:
             proc.kill()
