@@ -94,38 +94,18 @@ def upstream_timeout(remaining: float | None) -> float | None:
     return remaining if remaining is None else min(remaining, _TIMEOUT_MAX_S)
 
 
-class _Quota:
-    """At most one warning a minute about what may come with every call (a
-    hostile upstream's answers); the rest at debug level."""
-
-    def __init__(self, every_s: float = 60.0) -> None:
-        self._every_s = every_s
-        self._next = 0.0
-
-    def level(self) -> int:
-        now = time.monotonic()
-        if now < self._next:
-            return logging.DEBUG
-        self._next = now + self._every_s
-        return logging.WARNING
-
-
-_DROPPED = _Quota()
-_BAD_ENCODING = _Quota()
-
-
 class _QuietBadEncoding(logging.Filter):
     """gRPC logs a traceback for each metadata value it receives that is not
-    UTF-8 (it reads it as Latin-1; :func:`_sendable` then drops it): one line
-    at most once a minute instead."""
+    UTF-8 (it reads it as Latin-1; :func:`_sendable` then drops it): a warning
+    line instead, which the log handler's ``RepeatQuota`` lets through once a
+    minute, as every line a client can repeat (:mod:`guard.control.app`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Invalid encoding on"):
-            return True
-        record.exc_info = record.exc_text = None
-        record.levelno = logging.WARNING
-        record.levelname = "WARNING"
-        return _BAD_ENCODING.level() == logging.WARNING
+        if str(record.msg).startswith("Invalid encoding on"):
+            record.exc_info = record.exc_text = None
+            record.levelno = logging.WARNING
+            record.levelname = "WARNING"
+        return True
 
 
 logging.getLogger("grpc._cython.cygrpc").addFilter(_QuietBadEncoding())
@@ -165,8 +145,7 @@ def _sendable(
         else:
             dropped.append(ascii(key)[:64])
     if dropped:
-        logger.log(
-            _DROPPED.level(),
+        logger.warning(
             "dropped %d entries of %s that gRPC cannot send on (keys %s): keys must be "
             "lower-case header names, values printable ASCII unless the key ends in -bin",
             len(dropped), whose, ", ".join(dropped[:8]),
