@@ -242,20 +242,12 @@ class RestFrontEnd:
         31 MB arriving at once took the guard to 690 MB before any was
         counted. Refused as soon as the budget or max_request_mb would pass."""
         gate, config = self._state.gate, self._state.config
-        held = Held(gate)
-        chunks: list[bytes] = []
-        try:
-            async for chunk in request.content.iter_any():
-                held.take(len(chunk))
-                if held.size > config.max_request_bytes:
-                    raise _too_large(None, config)
-                refused = gate.arriving_problem(held.size)
-                if refused is not None:
-                    raise Answer(429, refused[1], refused[0])
-                chunks.append(chunk)
-            return b"".join(chunks)
-        finally:
-            held.release_all()
+        body = await _read_held(
+            request.content, gate, config.max_request_bytes, gate.arriving_problem
+        )
+        if body is None:
+            raise _too_large(None, config)
+        return body
 
     # ------------------------------------------------------------ forwarding
 
@@ -396,20 +388,11 @@ class RestFrontEnd:
         if (upstream.content_length or 0) > limit:
             return upstream, None
         gate = self._state.gate
-        held = Held(gate)
-        chunks: list[bytes] = []
-        try:
-            async for chunk in upstream.content.iter_any():
-                held.take(len(chunk))
-                if held.size > limit:
-                    return upstream, None
-                refused = gate.answer_problem(held.size, own + held.size, "the answer so far")
-                if refused is not None:
-                    raise Answer(429, refused[1], refused[0])
-                chunks.append(chunk)
-            return upstream, b"".join(chunks)
-        finally:
-            held.release_all()
+
+        def problem(size: int) -> tuple[Refusal, str] | None:
+            return gate.answer_problem(size, own + size, "the answer so far")
+
+        return upstream, await _read_held(upstream.content, gate, limit, problem)
 
     async def _peek(
         self, request: web.BaseRequest, body: bytes, book: RuleBook
@@ -511,6 +494,31 @@ class RestFrontEnd:
         except TimeoutError:
             timeout = self._state.config.default_timeout_s
             raise TimeoutError(f"no answer within default_timeout_s ({timeout:g} s)") from None
+
+
+async def _read_held(
+    stream: aiohttp.StreamReader,
+    gate: Gate,
+    limit: int,
+    problem: Callable[[int], tuple[Refusal, str] | None],
+) -> bytes | None:
+    """A body (a request's or an answer's) as it arrives, each chunk counted
+    in the gate's budget while it is read; ``None`` past ``limit`` bytes, 429
+    where ``problem`` of the bytes so far says why."""
+    held = Held(gate)
+    chunks: list[bytes] = []
+    try:
+        async for chunk in stream.iter_any():
+            held.take(len(chunk))
+            if held.size > limit:
+                return None
+            refused = problem(held.size)
+            if refused is not None:
+                raise Answer(429, refused[1], refused[0])
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        held.release_all()
 
 
 async def _continue(request: web.BaseRequest) -> None:
