@@ -447,13 +447,15 @@ def _protection_panels() -> list[Any]:
             _query("sum(guard_inflight_bytes)", "bytes in flight", "B"),
         ),
         stat.Panel()
-        .title("gRPC server restarts, memory resets")
+        .title("Server restarts, memory resets, worker restarts")
         .description(
             "Over the dashboard's range: times a guard's gRPC server stopped by itself and was "
             "started again on the same port, each a client sending malformed HTTP/2 (a method "
             "name that is not UTF-8, in grpcio 1.85; calls in flight were not lost, "
-            "GuardServerRestarted); and times a guard passed max_memory_mb and closed every "
-            "gRPC client connection (GuardMemoryCeiling)."
+            "GuardServerRestarted); times a guard passed max_memory_mb and closed every "
+            "gRPC client connection (GuardMemoryCeiling); and, under --workers, workers the "
+            "supervisor replaced because they exited or their event loop stalled "
+            "(GuardWorkerRestarted)."
         )
         .datasource(DATASOURCE)
         .span(6)
@@ -464,6 +466,13 @@ def _protection_panels() -> list[Any]:
         )
         .with_target(
             _query("sum(increase(guard_memory_resets_total[$__range]))", "resets", instant=True)
+        )
+        .with_target(
+            _query(
+                "sum(increase(guard_worker_restarts_total[$__range]))",
+                "worker restarts",
+                instant=True,
+            )
         ),
     ]
 

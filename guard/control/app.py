@@ -20,7 +20,7 @@ from guard._version import __version__
 from guard.control.config import Config
 from guard.control.memory import Trimmer, tune_malloc
 from guard.control.net import split_address
-from guard.control.process import write_port_file
+from guard.control.process import keep_fresh, write_port_file
 from guard.control.reload import Reloader
 from guard.dataplane import kernels
 from guard.dataplane.errors import ConfigError
@@ -202,6 +202,7 @@ async def _serve(
     trimmer.trim_now()
     if port_file is not None:
         write_port_file(port_file, running.ports())
+        tasks.append(asyncio.create_task(keep_fresh(port_file), name="guard-heartbeat"))
     try:
         await stop.event.wait()
         for task in tasks:

@@ -7,6 +7,8 @@ demo, the tests, the benchmarks) waits for that file with :func:`start`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -20,9 +22,21 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = ["Child", "ChildStartError", "guard_argv", "read_port_file", "start", "write_port_file"]
+__all__ = [
+    "HEARTBEAT_S",
+    "PORT_FILE_NAME",
+    "Child",
+    "ChildStartError",
+    "guard_argv",
+    "keep_fresh",
+    "read_port_file",
+    "start",
+    "write_port_file",
+]
 
 _POLL_S = 0.05
+PORT_FILE_NAME = "ports.json"
+HEARTBEAT_S = 1.0
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,6 +49,16 @@ def write_port_file(path: Path, ports: Mapping[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(dict(ports)), encoding="utf-8")
     tmp.replace(path)
+
+
+async def keep_fresh(path: Path, interval_s: float = HEARTBEAT_S) -> None:
+    """Touch ``path`` every ``interval_s`` from the event loop until cancelled:
+    to whoever started this process, a stale modification time means a loop
+    that stopped running (SIGSTOP, a deadlock, a call that never returns)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        with contextlib.suppress(OSError):  # removed by its owner: nobody is watching
+            os.utime(path)
 
 
 def read_port_file(path: Path) -> dict[str, Any]:
@@ -57,6 +81,12 @@ class Child:
     log_path: Path | None
     """Where its output goes (``None``: inherited)."""
     workdir: Path = field(repr=False)
+
+    @property
+    def port_file(self) -> Path:
+        """The file it announced its ports in; a serving guard keeps its
+        modification time fresh while its event loop runs (a heartbeat)."""
+        return self.workdir / PORT_FILE_NAME
 
     def endpoint(self, port: str = "grpc", host: str = "127.0.0.1") -> str:
         """``host:port`` of one announced port."""
@@ -108,7 +138,7 @@ def start(
     or has not written its port file within ``timeout_s``.
     """
     workdir = Path(tempfile.mkdtemp(prefix="guard-child-"))
-    port_file = workdir / "ports.json"
+    port_file = workdir / PORT_FILE_NAME
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(SOURCE_ROOT), child_env.get("PYTHONPATH", "")) if p

@@ -28,6 +28,7 @@ from guard.control.net import join_address, split_address
 from guard.control.process import Child, ChildStartError, guard_argv, start, write_port_file
 from guard.metrics.aggregate import AggregatingCollector
 from guard.metrics.endpoint import start_metrics_server
+from guard.metrics.guard_metrics import SupervisorMetrics
 
 __all__ = ["run_workers", "worker_argv"]
 
@@ -36,6 +37,13 @@ logger = logging.getLogger("guard.workers")
 _PR_SET_PDEATHSIG = 1
 _STARTUP_S = 60.0
 _POLL_S = 0.2
+# A worker whose event loop has not touched its port file for this long is
+# stuck (stopped, deadlocked) and is killed: the kernel keeps handing it its
+# share of new connections, which would wait for good.
+STALL_S = 10.0
+# A gap this long between two of the supervisor's own polls means the
+# supervisor itself was not running: it cannot tell how long workers stalled.
+_BLIND_S = 2.0
 # Each worker's own addresses, set by the supervisor.
 _SUPERVISED = ("listen", "metrics_listen", "rest_listen")
 
@@ -102,7 +110,8 @@ def run_workers(
     rest_host = split_address(config.rest_listen)[0]
     rest_listen = None if rest is None else join_address(rest_host, rest.getsockname()[1])
     listen = join_address(host, reserved.getsockname()[1])
-    pool = _Pool(worker_argv(config_path, overrides, listen, rest_listen))
+    registry = CollectorRegistry()
+    pool = _Pool(worker_argv(config_path, overrides, listen, rest_listen), registry)
 
     def forward(signum: int, _frame: object) -> None:
         pool.stopping = pool.stopping or signum != signal.SIGHUP
@@ -118,7 +127,7 @@ def run_workers(
         pool.signal(signal.SIGTERM)
         return _wait(pool.children) or 1
     try:
-        return _supervise(config, pool, reserved, port_file, rest)
+        return _supervise(config, pool, registry, reserved, port_file, rest)
     finally:
         reserved.close()
         if rest is not None:
@@ -135,12 +144,15 @@ def _reserve_rest(config: Config) -> socket.socket | None:
 class _Pool:
     """The workers, and the restarts of those that died."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], registry: CollectorRegistry | None = None) -> None:
         self.argv = argv
         self.children: list[Child] = []
         self.stopping = False
+        self.metrics = SupervisorMetrics(registry or CollectorRegistry())
         self._restarts: list[float] = []
         self._stopped: set[int] = set()
+        self._killed: set[int] = set()  # stalled, killed by us
+        self._heartbeats = _Heartbeats()
 
     def start_one(self) -> Child:
         child = _start_worker(self.argv)
@@ -163,13 +175,28 @@ class _Pool:
     def urls(self) -> list[str]:
         return [f"http://127.0.0.1:{c.ports['metrics']}/metrics" for c in self.children]
 
+    def kill_stalled(self) -> None:
+        """SIGKILL each worker whose event loop stopped beating (see :data:`STALL_S`);
+        :meth:`replace_dead` starts another."""
+        for child, silent_s in self._heartbeats.stalled(self.children):
+            logger.error(
+                "worker pid %d has not run its event loop for %.1f s (stopped or stuck); "
+                "killing it", child.process.pid, silent_s,
+            )  # fmt: skip
+            child.process.kill()
+            self._killed.add(child.process.pid)
+
     def replace_dead(self) -> bool:
         """Start a new worker for each that exited; False once they die too often."""
         for child in [c for c in self.children if c.process.poll() is not None]:
-            logger.error(
-                "worker pid %d exited with code %d; starting another",
-                child.process.pid, child.process.returncode,
-            )  # fmt: skip
+            stalled = child.process.pid in self._killed
+            self._killed.discard(child.process.pid)
+            self.metrics.worker_restarts.labels("stalled" if stalled else "exited").inc()
+            if not stalled:
+                logger.error(
+                    "worker pid %d exited with code %d; starting another",
+                    child.process.pid, child.process.returncode,
+                )  # fmt: skip
             self.children.remove(child)
             _forget(child)
             now = time.monotonic()
@@ -184,14 +211,46 @@ class _Pool:
         return True
 
 
+class _Heartbeats:
+    """When the supervisor last saw each worker's port file touched (see
+    :func:`~guard.control.process.keep_fresh`), on its own monotonic clock."""
+
+    def __init__(self, stall_s: float = STALL_S) -> None:
+        self.stall_s = stall_s
+        self._seen: dict[int, tuple[int, float]] = {}  # pid: (mtime_ns, when it changed)
+        self._polled = time.monotonic()
+
+    def stalled(self, children: Sequence[Child]) -> list[tuple[Child, float]]:
+        """The running workers silent for ``stall_s``, with how long."""
+        now = time.monotonic()
+        blind = now - self._polled > _BLIND_S
+        self._polled = now
+        seen, self._seen = self._seen, {}
+        found = []
+        for child in children:
+            pid = child.process.pid
+            try:
+                mtime = child.port_file.stat().st_mtime_ns
+            except OSError:
+                mtime = -1  # removed: it cannot beat any more
+            before = seen.get(pid)
+            if before is None or before[0] != mtime or blind:
+                self._seen[pid] = (mtime, now)
+                continue
+            self._seen[pid] = before
+            if now - before[1] > self.stall_s and child.process.poll() is None:
+                found.append((child, now - before[1]))
+        return found
+
+
 def _supervise(
     config: Config,
     pool: _Pool,
+    registry: CollectorRegistry,
     reserved: socket.socket,
     port_file: Path | None,
     rest: socket.socket | None = None,
 ) -> int:
-    registry = CollectorRegistry()
     registry.register(AggregatingCollector(pool.urls))
     m_host, m_port = split_address(config.metrics_listen)
     httpd, _ = start_metrics_server(m_host, m_port, registry)
@@ -209,6 +268,7 @@ def _supervise(
         while not pool.stopping and healthy:
             time.sleep(_POLL_S)
             if not pool.stopping:
+                pool.kill_stalled()
                 healthy = _replace_dead(pool)
                 _announce(port_file, ports, pool)
         pool.signal(signal.SIGTERM)

@@ -16,11 +16,12 @@ import numpy as np
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from guard.control.process import Child
-from guard.control.workers import _Pool
+from guard.control.workers import STALL_S, _Heartbeats, _Pool
 from tests.support.guard import sample_sum, scrape
 from tests.support.protos import predict_request, predict_response
 from tests.support.upstream import FakeUpstream
 
+FRESH_S = 1.1  # the supervisor's sums are at most 1 s old
 RULES = "models:\n  - name: m\n    outputs:\n      - {name: '*', on_violation: clamp}\n"
 
 
@@ -148,9 +149,11 @@ async def test_a_worker_that_dies_is_replaced(upstream: FakeUpstream, tmp_path: 
             await asyncio.sleep(0.1)
         assert len(alive) == 2 and dead not in alive, alive
         assert proc.returncode is None
+        await asyncio.sleep(FRESH_S)  # scrapes within FRESH_S share one gathering
         # The dead worker's count stays in the sum: a drop would be a counter reset.
         assert sample_sum(metrics_url, "guard_requests_total", code="OK") == 8
         await _predict_fresh(ports["grpc"], 8)
+        await asyncio.sleep(FRESH_S)
         assert sample_sum(metrics_url, "guard_requests_total", code="OK") == 16
         # The port file names the workers running (once the new one announced
         # its ports); the dead one's directory is gone.
@@ -251,3 +254,78 @@ def test_the_supervisor_tells_each_worker_to_stop_once(tmp_path: Path) -> None:
         for child in pool.children:
             child.process.kill()
             child.process.wait()
+
+
+async def test_a_stopped_worker_is_killed_and_replaced(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """SIGSTOP: the process exists, so poll() says nothing, and the kernel keeps
+    handing it a share of new connections that would wait for good. Its
+    event loop stops touching its port file; after STALL_S the supervisor
+    kills it, starts another, and counts it."""
+    upstream.reply("m", predict_response("m", {"p": np.array([[0.5]], np.float32)}))
+    port_file = tmp_path / "ports.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "guard", "serve", "--workers", "2",
+        "--upstream", upstream.address, "--listen", "127.0.0.1:0",
+        "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # bounded
+            if port_file.exists() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        ports = json.loads(port_file.read_text())
+        metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+        stopped = ports["workers"][0]
+        os.kill(stopped, signal.SIGSTOP)
+        began = time.monotonic()
+        for _ in range(400):  # bounded: 40 s
+            alive = {pid for pid in _children(proc.pid) if _running(pid)}
+            if len(alive) == 2 and stopped not in alive:
+                break
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - began
+        assert len(alive) == 2 and stopped not in alive, alive
+        assert STALL_S <= took < STALL_S + 8, took
+        # Every fresh connection reaches a worker that answers.
+        await asyncio.wait_for(_predict_fresh(ports["grpc"], 16), 30)
+        assert sample_sum(metrics_url, "guard_worker_restarts_total", reason="stalled") == 1
+        assert sample_sum(metrics_url, "guard_worker_restarts_total", reason="exited") == 0
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def test_heartbeats_see_a_silent_worker_not_a_silent_supervisor(tmp_path: Path) -> None:
+    """A worker is stalled once its port file has not changed for stall_s of
+    the supervisor's watching; a gap in the supervisor's own polls (it was
+    stopped itself) starts the watch again instead of killing everyone."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = Child(process, {}, None, tmp_path)
+    child.port_file.write_text("{}")
+    beats = _Heartbeats(stall_s=0.5)
+    try:
+        assert beats.stalled([child]) == []
+        for _ in range(4):  # beating: never stalled
+            time.sleep(0.2)
+            os.utime(child.port_file)
+            assert beats.stalled([child]) == []
+        for _ in range(2):  # silent for 0.4 s of polls: not yet
+            time.sleep(0.2)
+            assert beats.stalled([child]) == []
+        time.sleep(0.2)
+        [(found, silent_s)] = beats.stalled([child])
+        assert found is child and silent_s > 0.5
+        time.sleep(2.5)  # the supervisor did not poll for longer than it can see
+        assert beats.stalled([child]) == []
+        time.sleep(0.2)
+        assert beats.stalled([child]) == []
+        time.sleep(0.4)
+        assert [c for c, _ in beats.stalled([child])] == [child]
+    finally:
+        process.kill()
+        process.wait()

@@ -27,6 +27,7 @@ GUARD_METRICS = {
     "guard_pending_requests",
     "guard_inflight_bytes",
     "guard_server_restarts_total",
+    "guard_worker_restarts_total",
     "guard_memory_resets_total",
     "guard_near_uniform_rows_total",
     "guard_output_entropy_count",

@@ -15,9 +15,12 @@ metrics` must accept /metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -267,6 +270,13 @@ def _test_rules(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def prometheus_url(guard_ports: dict[str, int], tmp_path: Path) -> Iterator[str]:
+    with _prometheus(guard_ports["metrics"], tmp_path) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _prometheus(metrics_port: int, tmp_path: Path) -> Iterator[str]:
+    """Debian's prometheus scraping ``metrics_port`` every second, with the rules."""
     binary = shutil.which("prometheus")
     assert binary, "prometheus not found: install Debian's 'prometheus' package (make apt)"
     config = {
@@ -275,7 +285,7 @@ def prometheus_url(guard_ports: dict[str, int], tmp_path: Path) -> Iterator[str]
         "scrape_configs": [
             {
                 "job_name": "guard",
-                "static_configs": [{"targets": [f"127.0.0.1:{guard_ports['metrics']}"]}],
+                "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
             }
         ],
     }
@@ -372,6 +382,14 @@ PROTOCOL_QUERIES = [
 ]
 
 
+# Served by the --workers supervisor alone: queried in the workers test.
+SUPERVISOR_ONLY = ("guard_worker_restarts_total",)
+
+
+def _supervisor_only(query: tuple[str, str]) -> bool:
+    return any(name in query[1] for name in SUPERVISOR_ONLY)
+
+
 def _has_finite_value(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(sample["value"][1])) for sample in result)
 
@@ -379,7 +397,7 @@ def _has_finite_value(result: list[dict[str, Any]]) -> bool:
 async def test_dashboard_queries_and_alerts_on_real_prometheus(
     guard_ports: dict[str, int], prometheus_url: str
 ) -> None:
-    queries = _dashboard_queries() + PROTOCOL_QUERIES
+    queries = [q for q in _dashboard_queries() if not _supervisor_only(q)] + PROTOCOL_QUERIES
     assert len(queries) >= 15
     rest_base = f"http://127.0.0.1:{guard_ports['rest']}"
     async with (
@@ -446,3 +464,48 @@ def test_promtool_check_metrics(guard_ports: dict[str, int], promtool: str) -> N
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == b"" and result.stderr.strip() == b"", result
+
+
+async def test_worker_restarts_on_real_prometheus(
+    upstream: str, promtool: str, tmp_path: Path
+) -> None:
+    """`guard serve --workers 2` under Prometheus: a killed worker fires
+    GuardWorkerRestarted, the dashboard's supervisor queries have data, and
+    promtool accepts the supervisor's summed exposition."""
+    config = tmp_path / "guard.yaml"
+    config.write_text(yaml.safe_dump({"models": GUARD_CONFIG["models"]}))
+    supervised = start_guard(
+        config, "--workers", "2", upstream=upstream, log_path=tmp_path / "guard.log"
+    )
+    with supervised as guard, _prometheus(guard.ports["metrics"], tmp_path) as url:
+        seen = 'count_over_time(guard_worker_restarts_total{reason="exited"}[1m]) >= 2'
+        for _ in range(100):  # bounded: until two scrapes saw it at 0
+            if await _query(url, seen):
+                break
+            await asyncio.sleep(0.2)
+        os.kill(guard.ports["workers"][0], signal.SIGKILL)
+        queries = dict(q for q in _dashboard_queries() if _supervisor_only(q))
+        assert queries
+        alerts: list[dict[str, Any]] = []
+        for _ in range(150):  # bounded: 30 s
+            data = await asyncio.to_thread(_get, f"{url}/api/v1/alerts")
+            alerts = [
+                a for a in data["alerts"] if a["labels"]["alertname"] == "GuardWorkerRestarted"
+            ]
+            if alerts and all([await _positive(url, expr) for expr in queries.values()]):
+                break
+            await asyncio.sleep(0.2)
+        assert [(a["state"], a["labels"]["reason"]) for a in alerts] == [("firing", "exited")]
+        for title, expr in queries.items():
+            assert await _positive(url, expr), title
+        with urllib.request.urlopen(f"http://127.0.0.1:{guard.ports['metrics']}/metrics") as resp:
+            exposition = resp.read()
+    assert b"guard_requests_total" in exposition and b"guard_worker_restarts_total" in exposition
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=60
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+async def _positive(url: str, expr: str) -> bool:
+    return any(float(r["value"][1]) > 0 for r in await _query(url, expr))

@@ -23,6 +23,7 @@ ALERTS = {
     "GuardProtocolUnavailable",
     "GuardRefusingCalls",
     "GuardServerRestarted",
+    "GuardWorkerRestarted",
     "GuardMemoryCeiling",
     "GuardModelNearUniform",
     "GuardModelStuck",

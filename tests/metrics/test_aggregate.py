@@ -7,6 +7,7 @@ of its own prometheus_client registry, whose counters the test drives.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -32,6 +33,7 @@ class Worker:
         self.answering = threading.Event()
         self.answering.set()
         self.garbage = False
+        self.scrapes = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -54,6 +56,7 @@ class Worker:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                worker.scrapes += 1
                 worker.answering.wait(10)  # bounded: a stopped worker's hang
                 body = b"garbage{{{\n" if worker.garbage else generate_latest(worker.registry)
                 try:
@@ -135,7 +138,7 @@ def test_a_worker_that_stops_answering_keeps_its_counts(workers: list[Worker]) -
     a, b = spawn(workers), spawn(workers)
     a.serve(5, in_flight=2)
     b.serve(7, in_flight=3)
-    collector = AggregatingCollector(lambda: [a.url, b.url], timeout_s=0.3)
+    collector = AggregatingCollector(lambda: [a.url, b.url], timeout_s=0.3, fresh_s=0.0)
     before = collect(collector)
     b.answering.clear()  # as if SIGSTOPped: connects, never answers
     a.serve(1, in_flight=2)
@@ -154,7 +157,7 @@ def test_a_worker_that_stops_answering_keeps_its_counts(workers: list[Worker]) -
 def test_a_worker_that_answers_garbage_keeps_its_counts(workers: list[Worker]) -> None:
     a = spawn(workers)
     a.serve(5)
-    collector = AggregatingCollector(lambda: [a.url], timeout_s=1.0)
+    collector = AggregatingCollector(lambda: [a.url], timeout_s=1.0, fresh_s=0.0)
     before = collect(collector)
     a.garbage = True
     assert collect(collector) == monotonic(before)
@@ -165,7 +168,7 @@ def test_a_dead_and_replaced_worker_s_counts_stay_in_the_sum(workers: list[Worke
     a.serve(10, in_flight=4)
     b.serve(3, latency=0.5, in_flight=1)
     urls = [a.url, b.url]
-    collector = AggregatingCollector(lambda: list(urls), timeout_s=1.0)
+    collector = AggregatingCollector(lambda: list(urls), timeout_s=1.0, fresh_s=0.0)
     before = collect(collector)
     a.stop()  # SIGKILL: refused until the supervisor notices
     dead = collect(collector)
@@ -192,7 +195,7 @@ def test_a_new_process_behind_the_same_url(workers: list[Worker]) -> None:
     # restart lower under the same URL.
     a = spawn(workers)
     a.serve(10)
-    collector = AggregatingCollector(lambda: [a.url], timeout_s=1.0)
+    collector = AggregatingCollector(lambda: [a.url], timeout_s=1.0, fresh_s=0.0)
     before = collect(collector)
     a.registry.unregister(a.requests)
     a.requests = Counter("guard_requests", "r", ["code"], registry=a.registry)
@@ -205,7 +208,7 @@ def test_a_new_process_behind_the_same_url(workers: list[Worker]) -> None:
 def test_the_sum_never_goes_back_through_many_restarts(workers: list[Worker]) -> None:
     urls = [spawn(workers).url, spawn(workers).url]
     by_url = {w.url: w for w in workers}
-    collector = AggregatingCollector(lambda: list(urls), timeout_s=0.2)
+    collector = AggregatingCollector(lambda: list(urls), timeout_s=0.2, fresh_s=0.0)
     served = 0
     previous = collect(collector)
     for step in range(12):
@@ -232,3 +235,27 @@ def test_the_sum_never_goes_back_through_many_restarts(workers: list[Worker]) ->
         w.answering.set()
     assert collect(collector)[("guard_requests_total", OK)] == served
     assert set(collector._last) <= set(urls)  # no memory of workers gone
+
+
+def test_a_flood_of_scrapes_shares_one_gathering(workers: list[Worker]) -> None:
+    """32 scrapers at once, then again 1.2 s later: each wave costs the
+    workers one scrape, and every scraper sees the same counts."""
+    a, b = spawn(workers), spawn(workers)
+    a.serve(3)
+    b.serve(4)
+    collector = AggregatingCollector(lambda: [a.url, b.url], timeout_s=1.0, fresh_s=1.0)
+    seen: list[float] = []
+
+    def scrape() -> None:
+        seen.append(collect(collector)[("guard_requests_total", OK)])
+
+    for wave in (1, 2):
+        threads = [threading.Thread(target=scrape) for _ in range(32)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert (a.scrapes, b.scrapes) == (wave, wave)
+        a.serve(1)
+        time.sleep(1.2)
+    assert seen == [7.0] * 32 + [8.0] * 32
