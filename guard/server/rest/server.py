@@ -424,6 +424,9 @@ class RestFrontEnd:
         """The model's metadata, within what is left of the call's
         default_timeout_s: the answer and the metadata took one each."""
         assert target.model is not None
+        cached = self._signatures.fresh(target.model, target.version, target.label)
+        if cached is not None:
+            return cached
         get = self._signatures.get(target.model, target.version, target.label)
         try:
             return await self._deadlines.wait(get, max(left_s, 0.0))
@@ -508,7 +511,12 @@ async def _read_held(
     held = Held(gate)
     chunks: list[bytes] = []
     try:
-        async for chunk in stream.iter_any():
+        while True:
+            # A body that came whole with its head (most answers) is taken
+            # without a coroutine per chunk.
+            chunk = stream.read_nowait() if stream.is_eof() else await stream.readany()
+            if not chunk:
+                break
             held.take(len(chunk))
             if held.size > limit:
                 return None

@@ -186,12 +186,20 @@ class SignatureCache:
         """The bytes the cached entries take, as weighed."""
         return self._entries.weight
 
-    async def get(self, model: str, version: int | None, label: str | None) -> Metadata:
-        """The metadata, from the cache or the upstream."""
-        key = (model, version, label)
-        entry = self._entries.get(key)
+    def fresh(self, model: str, version: int | None, label: str | None) -> Metadata | None:
+        """The cached metadata while it may be used, else ``None`` (no await:
+        the common case costs no coroutine)."""
+        entry = self._entries.get((model, version, label))
         if entry is not None and entry.expires > time.monotonic():
             return entry.metadata
+        return None
+
+    async def get(self, model: str, version: int | None, label: str | None) -> Metadata:
+        """The metadata, from the cache or the upstream."""
+        cached = self.fresh(model, version, label)
+        if cached is not None:
+            return cached
+        key = (model, version, label)
         while (pending := self._pending.get(key)) is not None:
             try:
                 return await asyncio.shield(pending)
