@@ -1,9 +1,12 @@
-"""The one bounded cache: every cache keyed by client or upstream input uses it.
+"""The bounded cache of the data plane and the servers' lookups.
 
 Keys repeat in steady traffic (a few models, signatures, layouts), so a full
 cache is simply cleared: each key then costs one miss, and whatever a client
 sends, the cache holds at most ``max_entries`` entries whose keys each weigh
-at most ``max_key_bytes``.
+at most ``max_key_bytes``. A miss here costs microseconds. The REST model
+metadata cache (:mod:`guard.server.rest.signatures`) is the one other: its
+values weigh up to a megabyte and a miss costs a round trip to the
+upstream, so it weighs values and drops the least recently used.
 """
 
 from __future__ import annotations
