@@ -271,30 +271,55 @@ def configure_logging(level: str) -> None:
 
 class RepeatQuota(logging.Filter):
     """Lets a warning or error through once per ``every_s`` for each place that
-    logs it (logger and message template); the next one that passes says how
-    many were left out. Hostile traffic can make some lines repeat on every
-    call: 1,578 method names that were not UTF-8 a second wrote 333 KiB/s of
-    errors (27 GiB a day, a container's disk). On the handler, not the
-    logger: what listens on a logger still sees every record."""
+    logs it (logger and message template), plus up to ``distinct_max - 1``
+    lines of other text from that place in the same window (two different
+    reload failures a few seconds apart are both shown); the next one that
+    passes says how many were left out. Hostile traffic can make some lines
+    repeat on every call: 1,578 method names that were not UTF-8 a second
+    wrote 333 KiB/s of errors (27 GiB a day, a container's disk). On the
+    handler, not the logger: what listens on a logger still sees every record."""
 
-    def __init__(self, every_s: float = 60.0, places_max: int = 256) -> None:
+    def __init__(self, every_s: float = 60.0, places_max: int = 256, distinct_max: int = 4) -> None:
         super().__init__()
         self._every_s = every_s
         self._places_max = places_max
-        self._next: dict[tuple[str, str], tuple[float, int]] = {}
+        self._distinct_max = distinct_max
+        self._windows: dict[tuple[str, str], _Window] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
             return True
         place = (record.name, str(record.msg)[:200])
         now = time.monotonic()
-        due, left_out = self._next.get(place, (0.0, 0))
-        if now < due:
-            self._next[place] = (due, left_out + 1)
-            return False
-        if len(self._next) >= self._places_max:
-            self._next.clear()
-        self._next[place] = (now + self._every_s, 0)
-        if left_out:
-            record.msg = f"{record.msg} ({left_out} more like it in the last minute left out)"
+        window = self._windows.get(place)
+        if window is not None and now < window.due:
+            text = _text(record)
+            if text in window.seen or len(window.seen) >= self._distinct_max:
+                window.left_out += 1
+                return False
+            window.seen.add(text)
+            return True
+        if len(self._windows) >= self._places_max:
+            self._windows.clear()
+        self._windows[place] = _Window(now + self._every_s, {_text(record)})
+        if window is not None and window.left_out:
+            record.msg = (
+                f"{record.msg} ({window.left_out} more like it in the last minute left out)"
+            )
         return True
+
+
+@dataclass(slots=True)
+class _Window:
+    """One place's minute: when it ends, the texts shown, how many were not."""
+
+    due: float
+    seen: set[str]
+    left_out: int = 0
+
+
+def _text(record: logging.LogRecord) -> str:
+    try:
+        return record.getMessage()[:500]
+    except (TypeError, ValueError):  # arguments that do not fit: logging reports it later
+        return str(record.msg)[:500]
