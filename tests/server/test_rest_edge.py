@@ -403,3 +403,32 @@ async def test_a_pipelined_head_left_half_sent_gets_its_deadline(
     got, _ = await _pipelined(guard, b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\n\r\n")
     assert got.count(b"HTTP/1.1 200") == 2 and b'{"ok": 1}' in got, got[:400]
     assert refused(guard, "request_timeout") == 1
+
+
+async def test_a_client_that_half_closes_is_taken_to_have_gone(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """shutdown(SHUT_WR) after the request reads as 0 bytes, as a close does:
+    the guard (like nginx without proxy_ignore_client_abort) writes nothing
+    back and counts the call CANCELLED (its predict may or may not have
+    reached the upstream, as the EOF came). What the README promises."""
+    fake.predict("m", '{"predictions": [[0.7]]}', delay_s=0.3)
+    fake.metadata("m", {"y": ("DT_FLOAT", [-1, 1])})
+    guard = await make_guard(models=REJECT_ABOVE_1)
+    assert guard.rest is not None
+    body = b'{"instances": [[1]]}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", guard.rest.port)
+    writer.write(
+        b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + str(len(body)).encode() + b"\r\n\r\n" + body
+    )  # fmt: skip
+    writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer == b""
+    for _ in range(50):  # bounded: the upstream answers after 0.3 s
+        if _requests(guard, code="CANCELLED") == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert _requests(guard, code="CANCELLED") == 1
+    assert _requests(guard, code="OK") == 0
