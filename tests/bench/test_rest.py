@@ -116,6 +116,20 @@ def test_rest_section_quick_end_to_end(tmp_path: Path) -> None:
     assert "guard_rest_idle_rss_delta_mb" in proc.stdout
 
 
+def test_ab_rest_compares_a_checkout_with_the_passthrough() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ab_rest", "--size", "1x1", "--slices", "1", "here=."],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("CPU ms per request, 1x1")
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {"passthrough", "here"}
+    assert rows["passthrough"][4] == "1.000"
+    assert float(rows["here"][2]) > 0
+
+
 def test_restjson_times_the_guard_step(capsys: pytest.CaptureFixture[str]) -> None:
     """bench.restjson runs on this checkout (it imports the guard's modules by path)."""
     from bench import restjson
