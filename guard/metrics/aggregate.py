@@ -51,8 +51,8 @@ class AggregatingCollector(Collector):
         self._urls = urls
         self._timeout = timeout_s
         # Scrapes arriving within ``fresh_s`` of the last gathering share it:
-        # each gathering scrapes and parses every worker, and a flood of
-        # scrapers took the supervisor's whole core (7.5 s of CPU in 8 s).
+        # each gathering scrapes every worker, and 32 scrapers of the
+        # supervisor took 3.3 s of the workers' CPU in 8 s (now 0.06 s).
         self._fresh_s = fresh_s
         self._gathered: tuple[float, _Sums] | None = None  # (when it began, sums)
         # Held across a whole collect: two concurrent scrapes applied out of
