@@ -201,8 +201,9 @@ async def _serve(
     # (about 0.5 MB of an idle guard's RSS).
     trimmer.trim_now()
     if port_file is not None:
-        write_port_file(port_file, running.ports())
-        tasks.append(asyncio.create_task(keep_fresh(port_file), name="guard-heartbeat"))
+        ports = running.ports()
+        write_port_file(port_file, ports)
+        tasks.append(asyncio.create_task(keep_fresh(port_file, ports), name="guard-heartbeat"))
     try:
         await stop.event.wait()
         for task in tasks:

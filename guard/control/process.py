@@ -51,14 +51,21 @@ def write_port_file(path: Path, ports: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
-async def keep_fresh(path: Path, interval_s: float = HEARTBEAT_S) -> None:
-    """Touch ``path`` every ``interval_s`` from the event loop until cancelled:
-    to whoever started this process, a stale modification time means a loop
-    that stopped running (SIGSTOP, a deadlock, a call that never returns)."""
+async def keep_fresh(path: Path, ports: Mapping[str, Any], interval_s: float = HEARTBEAT_S) -> None:
+    """Touch the port file ``path`` every ``interval_s`` from the event loop
+    until cancelled: to whoever started this process, a stale modification
+    time means a loop that stopped running (SIGSTOP, a deadlock, a call that
+    never returns). A port file removed meanwhile (a temporary-file cleaner)
+    is written again, so that its silence is not taken for a stall."""
     while True:
         await asyncio.sleep(interval_s)
-        with contextlib.suppress(OSError):  # removed by its owner: nobody is watching
+        try:
             os.utime(path)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):  # its directory is gone: nobody is watching
+                write_port_file(path, ports)
+        except OSError:
+            pass
 
 
 def read_port_file(path: Path) -> dict[str, Any]:

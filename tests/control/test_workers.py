@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from guard.control.process import Child
+from guard.control.process import Child, keep_fresh
 from guard.control.workers import STALL_S, _Heartbeats, _Pool
 from tests.support.guard import sample_sum, scrape
 from tests.support.protos import predict_request, predict_response
@@ -329,3 +329,22 @@ def test_heartbeats_see_a_silent_worker_not_a_silent_supervisor(tmp_path: Path) 
     finally:
         process.kill()
         process.wait()
+
+
+async def test_a_removed_port_file_is_written_again(tmp_path: Path) -> None:
+    """A temporary-file cleaner that removes a worker's port file must not
+    make the supervisor take the worker for stalled: the heartbeat writes it
+    again, with the same ports."""
+    path = tmp_path / "ports.json"
+    ports = {"grpc": 1, "metrics": 2}
+    beating = asyncio.create_task(keep_fresh(path, ports, interval_s=0.05))
+    try:
+        path.write_text("{}")
+        before = path.stat().st_mtime_ns
+        await asyncio.sleep(0.2)
+        assert path.stat().st_mtime_ns > before
+        path.unlink()
+        await asyncio.sleep(0.2)
+        assert json.loads(path.read_text()) == ports
+    finally:
+        beating.cancel()
