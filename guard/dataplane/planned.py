@@ -42,8 +42,6 @@ class LaneOutput:
     """[rows, classes] when the rule tracks entropy, else ``None``."""
     derived: int
     """The reference's bound on what the derived outputs take (rules.derived_bytes)."""
-    abstain_slot: int
-    """Where the metrics count abstained predictions: an index past the classes."""
     plain: bool
     """A verdict with nothing out of range has only classes and scores to
     count: no abstention, entropy, drift or multi-label rule."""
@@ -94,7 +92,6 @@ class LaneOutput:
             self.rows(checked),
             multi_label=self.lane.multi_label > 0,
             violations=counts,
-            abstain_slot=self.abstain_slot,
         )
         return action, 0 if counts is None else counts.total
 
@@ -130,8 +127,7 @@ def lane_output(
         and not lane.multi_label
     )
     return LaneOutput(
-        name, lane, values.size, sink, compiled.labels, rule, entropy_shape, derived,
-        max(2, c), plain,
+        name, lane, values.size, sink, compiled.labels, rule, entropy_shape, derived, plain
     )  # fmt: skip
 
 

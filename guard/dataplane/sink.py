@@ -43,14 +43,13 @@ class OutputSink(Protocol):
         rows: Array | None = None,
         multi_label: bool = False,
         violations: Counts | None = None,
-        abstain_slot: int = 2,
     ) -> None:
         """Record an output the native route decided: ``size`` values, each
         row's best class (or, ``multi_label``, [rows, classes] of a threshold's
         0/1), -1 where it abstained, and largest value before repair, the
         values as [rows, classes] when the rule tracks entropy, and the values
-        it counted outside the range; abstentions count at ``abstain_slot``
-        (the same as :meth:`record` of the reference's result)."""
+        it counted outside the range (the same as :meth:`record` of the
+        reference's result)."""
 
     def record_lane(
         self,

@@ -357,20 +357,70 @@ class LatencyHistogram(Collector):
 NameOf = Callable[[int], str]
 
 
+#: Class indices below this get a dense index -> slot table per namer (2
+#: bytes each); larger ones, from wide outputs, are looked up by value.
+_DENSE_CLASSES = 4096
+#: Wide class indices remembered per namer (each with a name of its own).
+_SPARSE_MAX = 1024
+#: Label tables (namers) whose index -> slot lookups one output keeps: one
+#: per rule set in steady traffic, a few across reloads.
+_NAMERS_MAX = 8
+
+
+class _Slots:
+    """Which ``class`` slot each class index of one namer (label table) has."""
+
+    __slots__ = ("dense", "sparse")
+
+    def __init__(self) -> None:
+        self.dense = np.full(0, -1, dtype=np.int16)  # index -> slot, -1 = unseen
+        self.sparse: dict[int, int] = {}  # indices past _DENSE_CLASSES that got a name
+
+    def of(self, present: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """The slots of sorted class indices ``present``, -1 where unseen."""
+        slots = np.full(present.size, -1, dtype=np.int64)
+        dense = present < self.dense.size
+        slots[dense] = self.dense[present[dense]]
+        if self.sparse:
+            known = np.fromiter(self.sparse, dtype=np.int64, count=len(self.sparse))
+            at = np.searchsorted(present, known)
+            found = at < present.size
+            found[found] = present[at[found]] == known[found]
+            slots[at[found]] = np.fromiter(self.sparse.values(), np.int64)[found]
+        return slots
+
+    def keep(self, cls: int, slot: int) -> None:
+        if cls < _DENSE_CLASSES:
+            if cls >= self.dense.size:
+                grown = np.full(min(max(cls + 1, 2 * self.dense.size), _DENSE_CLASSES), -1,
+                                dtype=np.int16)  # fmt: skip
+                grown[: self.dense.size] = self.dense
+                self.dense = grown
+            self.dense[cls] = slot
+        elif len(self.sparse) < _SPARSE_MAX:
+            self.sparse[cls] = slot
+
+
 class _ClassCounts:
     """Per-class counts of one output, accumulated in numpy, with bounded names.
 
-    The first ``cap`` distinct classes, in the order they were first predicted,
-    get their own ``class`` label value; later ones share ``__other__``.
-    Predictions are queued and folded in batches: one ``bincount`` per batch,
-    not one counter increment per class, nor a numpy pass per response.
+    The first ``cap`` distinct class names, in the order they were first
+    predicted, get their own ``class`` label value; later ones share
+    ``__other__``. A class is known by its name, which its namer (the label
+    table of the rule that counted it) gives its index: two rule sets or two
+    models under one series (``__other__``) never mix their indices up.
+    Predictions are queued and folded in batches: one ``bincount`` (or, for
+    very wide outputs, one ``unique``) per batch, not one counter increment
+    per class; memory is bounded by ``cap`` and the namers kept, whatever
+    the class indices.
     """
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.names: list[str] = []
         self.counts = np.zeros(cap + 1, dtype=np.int64)  # the last slot is __other__
-        self.slot_of = np.full(0, -1, dtype=np.int64)  # class index -> slot, -1 = unseen
+        self._slot_of_name: dict[str, int] = {}
+        self._slots: dict[NameOf, _Slots] = {}
         self.pending: list[tuple[np.ndarray[Any, Any], NameOf]] = []
 
     def fold(self) -> None:
@@ -388,26 +438,60 @@ class _ClassCounts:
         self.pending.clear()
 
     def _add(self, classes: np.ndarray[Any, Any], name_of: NameOf) -> None:
-        per_class = np.bincount(classes)
-        if per_class.size > self.slot_of.size:
-            grown = np.full(per_class.size, -1, dtype=np.int64)
-            grown[: self.slot_of.size] = self.slot_of
-            self.slot_of = grown
-        present = np.flatnonzero(per_class)
-        slots = self.slot_of[present]
-        unseen = slots < 0
-        if unseen.any():
-            # Name new classes in the order they were first predicted.
-            first = np.unique(classes, return_index=True)[1]  # classes are sorted = present
-            for pos in np.flatnonzero(unseen)[np.argsort(first[unseen], kind="stable")]:
-                cls = int(present[pos])
+        if not classes.size:
+            return
+        first = None
+        if int(classes.max()) < _DENSE_CLASSES:
+            per_class = np.bincount(classes)
+            present = np.flatnonzero(per_class)
+            counted = per_class[present]
+        else:  # a bincount would be as long as the largest index
+            present, first, counted = np.unique(classes, return_index=True, return_counts=True)
+        table = self._slots.get(name_of)
+        if table is None:
+            if len(self._slots) >= _NAMERS_MAX:
+                self._slots.clear()
+            table = self._slots[name_of] = _Slots()
+        slots = table.of(present)
+        unseen = np.flatnonzero(slots < 0)
+        if unseen.size:
+            self._name(classes, first, present, unseen, slots, table, name_of)
+        np.add.at(self.counts, slots, counted)
+
+    def _name(
+        self,
+        classes: np.ndarray[Any, Any],
+        first: np.ndarray[Any, Any] | None,
+        present: np.ndarray[Any, Any],
+        unseen: np.ndarray[Any, Any],
+        slots: np.ndarray[Any, Any],
+        table: _Slots,
+        name_of: NameOf,
+    ) -> None:
+        """Give the unseen classes their slots, in the order first predicted.
+        A dense index is named once per namer; of the wide ones, at most
+        ``2 * cap`` a batch (the names are full after ``cap``), the rest
+        counting as ``__other__`` at numpy speed, remembered nowhere."""
+        order = unseen
+        if len(self.names) < self.cap:
+            if first is None:  # where each class was first predicted, by class
+                first = np.unique(classes, return_index=True)[1]
+            order = unseen[np.argsort(first[unseen], kind="stable")]
+        wide = present[order] >= _DENSE_CLASSES
+        order = order[~wide | (np.cumsum(wide) <= 2 * self.cap)]
+        for pos in order:
+            cls = int(present[pos])
+            name = name_of(cls)
+            slot = self._slot_of_name.get(name)
+            if slot is None:
+                slot = self.cap
                 if len(self.names) < self.cap:
-                    self.slot_of[cls] = len(self.names)
-                    self.names.append(name_of(cls))
-                else:
-                    self.slot_of[cls] = self.cap
-                slots[pos] = self.slot_of[cls]
-        np.add.at(self.counts, slots, per_class[present])
+                    slot = self._slot_of_name[name] = len(self.names)
+                    self.names.append(name)
+            slots[pos] = slot
+            if slot < self.cap or cls < _DENSE_CLASSES:
+                table.keep(cls, slot)
+        slots[slots < 0] = self.cap
 
     def samples(self) -> list[tuple[str, int]]:
         """(class label value, count) for every class seen (fold first)."""

@@ -315,26 +315,22 @@ class OutputRecorder:
         self._lanes = metrics.lanes
         self._abstained: Any = None  # made on the first abstention
         self._labels: np.ndarray[Any, Any] | None = None
-        self._abstain: tuple[int, str] | None = None
+        self._abstain: tuple[str, NameOf] | None = None
         self._name_of: NameOf = str
 
-    def _namer(
-        self, labels: np.ndarray[Any, Any] | None, abstain: tuple[int, str] | None = None
-    ) -> NameOf:
+    def _namer(self, labels: np.ndarray[Any, Any] | None) -> NameOf:
         # One resolver per label table, so queued predictions fold in one batch.
-        if labels is not self._labels or abstain != self._abstain:
-            self._labels, self._abstain = labels, abstain
+        if labels is not self._labels:
+            self._labels = labels
             table = labels
 
             def name_of(i: int) -> str:
-                if abstain is not None and i == abstain[0]:
-                    return abstain[1]
                 if table is not None and i < table.size:
                     label: bytes = table[i]
                     return label.decode("utf-8")
                 return str(i)
 
-            self._name_of = name_of if labels is not None or abstain is not None else str
+            self._name_of = name_of if labels is not None else str
         return self._name_of
 
     def _record_health(
@@ -363,14 +359,12 @@ class OutputRecorder:
         rows: np.ndarray[Any, Any] | None = None,
         multi_label: bool = False,
         violations: Counts | None = None,
-        abstain_slot: int = 2,
     ) -> None:
         """Record an output the native lane decided: ``size`` values checked,
         each row's best class (or, ``multi_label``, [rows, classes] of a
         threshold's 0/1), -1 where it abstained, and largest value before
         repair, the values as [rows, classes] when the rule tracks entropy,
-        and what the lane counted; abstentions count at ``abstain_slot``, past
-        the classes. The same as :meth:`record` of the reference's result
+        and what the lane counted. The same as :meth:`record` of the reference's result
         (tests/dataplane/test_rank.py compares the two)."""
         if self._lanes:
             self._lanes.flush()  # what came before is counted before
@@ -387,7 +381,7 @@ class OutputRecorder:
         if multi_label:
             self._add_fired(classes)
         else:
-            self._add_classes(classes, labels, abstained, abstain_slot, rule)
+            self._add_classes(classes, labels, abstained, rule)
 
     def record_lane(
         self,
@@ -465,21 +459,31 @@ class OutputRecorder:
         if result.multi_label:
             self._add_fired(classes)
             return
-        slot = max(2, class_axis_size(result.checked.shape))
-        self._add_classes(classes.ravel(), labels, result.abstained, slot, rule)
+        self._add_classes(classes.ravel(), labels, result.abstained, rule)
 
     def _add_classes(
         self,
         flat: np.ndarray[Any, Any],
         labels: np.ndarray[Any, Any] | None,
         abstained: int,
-        slot: int,
         rule: OutputRule,
     ) -> None:
-        """Count each prediction; abstained ones (-1) under abstain_label, at
-        ``slot``, an index past the classes."""
-        abstain = None
+        """Count each prediction; abstained ones (-1) by name, under
+        ``abstain_label``, never at an index a class could have."""
         if abstained:
-            flat = np.where(flat == ABSTAINED, slot, flat)
-            abstain = (slot, rule.abstain_label)
-        self.classes.add(self.series, flat, self._namer(labels, abstain))
+            self.classes.add(
+                self.series, np.zeros(abstained, np.int64), self._abstain_namer(rule.abstain_label)
+            )
+            flat = flat[flat != ABSTAINED]
+        if flat.size:
+            self.classes.add(self.series, flat, self._namer(labels))
+
+    def _abstain_namer(self, label: str) -> NameOf:
+        """One namer per abstain label, so queued abstentions fold together."""
+        if self._abstain is None or self._abstain[0] != label:
+
+            def name_of(_: int) -> str:
+                return label
+
+            self._abstain = (label, name_of)
+        return self._abstain[1]
