@@ -113,8 +113,12 @@ async def _start(
     rest = await _start_rest(server) if config.rest_upstream is not None else None
 
     def apply(new: Config) -> None:
-        server.swap_rules(new)
-        logger.info("config reloaded: %s", _summary(new))
+        # Only the rules reload: the running settings stay, and the summary
+        # says so (the book was built with the new file's max_message_mb,
+        # while the servers kept theirs).
+        effective = replace(server.config, models=new.models)
+        server.swap_rules(effective)
+        logger.info("config reloaded: %s", _summary(effective))
 
     reloader = Reloader(
         config_path,
@@ -172,6 +176,25 @@ def _on_signals(running: _Running, stop: _Stop, trimmer: Trimmer) -> list[asynci
     ]
 
 
+def _announce(port_file: Path | None, running: _Running) -> asyncio.Task[None] | None:
+    """Write the port file, and keep it fresh until the drain has ended: a
+    supervisor takes a worker whose file goes stale for stalled, and a
+    draining worker is not (it was killed 10 s into a 30 s drain)."""
+    if port_file is None:
+        return None
+    ports = running.ports()
+    write_port_file(port_file, ports)
+    return asyncio.create_task(keep_fresh(port_file, ports), name="guard-heartbeat")
+
+
+def _ignore_reloads() -> None:
+    """SIGHUP from the drain on: there is nothing left to reload, and once
+    asyncio's handlers are gone its default action would kill the process
+    mid-exit (a SIGHUP storm during a drain ended it by signal 6 times in 6)."""
+    asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 async def _serve(
     config: Config,
     config_path: Path | None,
@@ -200,12 +223,10 @@ async def _serve(
     # just collected) until a spike makes the trimmer act: return it now
     # (about 0.5 MB of an idle guard's RSS).
     trimmer.trim_now()
-    if port_file is not None:
-        ports = running.ports()
-        write_port_file(port_file, ports)
-        tasks.append(asyncio.create_task(keep_fresh(port_file, ports), name="guard-heartbeat"))
+    heartbeat = _announce(port_file, running)
     try:
         await stop.event.wait()
+        _ignore_reloads()
         for task in tasks:
             task.cancel()
         logger.info(
@@ -214,6 +235,8 @@ async def _serve(
         )
         await running.stop()
     finally:
+        if heartbeat is not None:
+            heartbeat.cancel()
         running.httpd.shutdown()
         running.httpd.server_close()
     if stop.fatal:

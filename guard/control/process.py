@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,14 +56,16 @@ async def keep_fresh(path: Path, ports: Mapping[str, Any], interval_s: float = H
     """Touch the port file ``path`` every ``interval_s`` from the event loop
     until cancelled: to whoever started this process, a stale modification
     time means a loop that stopped running (SIGSTOP, a deadlock, a call that
-    never returns). A port file removed meanwhile (a temporary-file cleaner)
-    is written again, so that its silence is not taken for a stall."""
+    never returns). A port file removed meanwhile, or its directory (a
+    temporary-file cleaner), is written again, so that its silence is not
+    taken for a stall."""
     while True:
         await asyncio.sleep(interval_s)
         try:
             os.utime(path)
         except FileNotFoundError:
-            with contextlib.suppress(OSError):  # its directory is gone: nobody is watching
+            with contextlib.suppress(OSError):  # a read-only or full disk: nothing to do
+                path.parent.mkdir(parents=True, exist_ok=True)
                 write_port_file(path, ports)
         except OSError:
             pass
@@ -159,6 +162,18 @@ def start(
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=child_env, **popen
             )
+    try:
+        _wait_for(port_file, process, log_path, timeout_s)
+    except ChildStartError:
+        # The message has the log's tail: a failed start leaves no directory.
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return Child(process, read_port_file(port_file), log_path, workdir)
+
+
+def _wait_for(
+    port_file: Path, process: subprocess.Popen[bytes], log_path: Path | None, timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not port_file.is_file():
         if process.poll() is not None:
@@ -168,7 +183,6 @@ def start(
             process.wait()
             raise ChildStartError(f"no port file after {timeout_s:.0f} s:\n{_tail(log_path)}")
         time.sleep(_POLL_S)
-    return Child(process, read_port_file(port_file), log_path, workdir)
 
 
 def _tail(path: Path | None, lines: int = 30) -> str:

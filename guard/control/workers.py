@@ -94,6 +94,10 @@ def _start_worker(argv: list[str]) -> Child:
 
 _RESTARTS_MAX = 5
 _RESTART_WINDOW_S = 60.0
+# A replacement that fails to start is tried again after this, doubling up
+# to the most.
+_RETRY_S = 1.0
+_RETRY_MAX_S = 30.0
 
 
 def run_workers(
@@ -114,7 +118,9 @@ def run_workers(
     pool = _Pool(worker_argv(config_path, overrides, listen, rest_listen), registry)
 
     def forward(signum: int, _frame: object) -> None:
-        pool.stopping = pool.stopping or signum != signal.SIGHUP
+        if signum != signal.SIGHUP:
+            pool.stopping = True
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload from here on
         pool.signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -153,6 +159,9 @@ class _Pool:
         self._stopped: set[int] = set()
         self._killed: set[int] = set()  # stalled, killed by us
         self._heartbeats = _Heartbeats()
+        self._missing = 0  # workers to start again
+        self._retry_at = 0.0
+        self._backoff_s = _RETRY_S
 
     def start_one(self) -> Child:
         child = _start_worker(self.argv)
@@ -207,7 +216,27 @@ class _Pool:
                     _RESTART_WINDOW_S,
                 )  # fmt: skip
                 return False
-            self.start_one()
+            self._missing += 1
+        return self._start_missing()
+
+    def _start_missing(self) -> bool:
+        """Start the workers missing; one that cannot start (the config on
+        disk was broken since, say) is tried again with backoff while the
+        others serve. False once none is left to serve."""
+        while self._missing and (not self.children or time.monotonic() >= self._retry_at):
+            try:
+                self.start_one()
+            except ChildStartError as exc:
+                self._retry_at = time.monotonic() + self._backoff_s
+                logger.error(
+                    "a replacement worker failed to start; %d of %d serving, trying again "
+                    "in %.0f s: %s", len(self.children), len(self.children) + self._missing,
+                    self._backoff_s, exc,
+                )  # fmt: skip
+                self._backoff_s = min(2 * self._backoff_s, _RETRY_MAX_S)
+                return bool(self.children)
+            self._missing -= 1
+            self._backoff_s = _RETRY_S
         return True
 
 
@@ -269,7 +298,7 @@ def _supervise(
             time.sleep(_POLL_S)
             if not pool.stopping:
                 pool.kill_stalled()
-                healthy = _replace_dead(pool)
+                healthy = pool.replace_dead()
                 _announce(port_file, ports, pool)
         pool.signal(signal.SIGTERM)
         code = _wait(pool.children)
@@ -292,14 +321,6 @@ def _announce(port_file: Path | None, ports: dict[str, Any], pool: _Pool) -> Non
 def _forget(child: Child) -> None:
     """Remove a worker's directory (its port file): every replacement left one in /tmp."""
     shutil.rmtree(child.workdir, ignore_errors=True)
-
-
-def _replace_dead(pool: _Pool) -> bool:
-    try:
-        return pool.replace_dead()
-    except ChildStartError as exc:
-        logger.error("a replacement worker failed to start; stopping: %s", exc)
-        return False
 
 
 def _wait(children: Sequence[Child], timeout_s: float = 120.0) -> int:

@@ -129,6 +129,7 @@ class GuardServer:
         # Names first: the new book's plans keep the model label they resolve.
         self.metrics.set_model_names(config.model_names())
         self._book = RuleBook(config.models, config.max_message_bytes)
+        self.config = config
 
     # ------------------------------------------------------------- lifecycle
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -335,7 +336,8 @@ async def test_a_removed_port_file_is_written_again(tmp_path: Path) -> None:
     """A temporary-file cleaner that removes a worker's port file must not
     make the supervisor take the worker for stalled: the heartbeat writes it
     again, with the same ports."""
-    path = tmp_path / "ports.json"
+    path = tmp_path / "run" / "ports.json"
+    path.parent.mkdir()
     ports = {"grpc": 1, "metrics": 2}
     beating = asyncio.create_task(keep_fresh(path, ports, interval_s=0.05))
     try:
@@ -346,5 +348,55 @@ async def test_a_removed_port_file_is_written_again(tmp_path: Path) -> None:
         path.unlink()
         await asyncio.sleep(0.2)
         assert json.loads(path.read_text()) == ports
+        shutil.rmtree(tmp_path / "run")  # a cleaner that takes the whole directory
+        await asyncio.sleep(0.2)
+        assert json.loads(path.read_text()) == ports
     finally:
         beating.cancel()
+
+
+async def test_a_replacement_that_cannot_start_leaves_the_others_serving(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """The config on disk broken since the start (the workers kept their
+    rules, as a failed reload does), then a worker dies: its replacement
+    exits 2. The supervisor stopped everything; now the other worker serves
+    and the replacement is tried again, with backoff, until the file is
+    fixed."""
+    upstream.reply("m", predict_response("m", {"p": np.array([[0.5]], np.float32)}))
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(RULES)
+    port_file = tmp_path / "ports.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "guard", "serve", "--config", str(cfg), "--workers", "2",
+        "--upstream", upstream.address, "--listen", "127.0.0.1:0",
+        "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(600):  # bounded
+            if port_file.exists() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        ports = json.loads(port_file.read_text())
+        cfg.write_text(RULES.replace("on_violation", "on_violaton"))
+        os.kill(ports["workers"][0], signal.SIGKILL)
+        await asyncio.sleep(4)  # the replacement fails (exit 2), and again after 1 s
+        assert proc.returncode is None
+        assert [pid for pid in _children(proc.pid) if _running(pid)] == [ports["workers"][1]]
+        await asyncio.wait_for(_predict_fresh(ports["grpc"], 8), 30)
+        cfg.write_text(RULES)
+        for _ in range(200):  # bounded: the next try comes within 4 s
+            if len([pid for pid in _children(proc.pid) if _running(pid)]) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len([pid for pid in _children(proc.pid) if _running(pid)]) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        assert proc.stderr is not None
+        log = (await proc.stderr.read()).decode()
+        assert "a replacement worker failed to start; 1 of 2 serving, trying again" in log
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
