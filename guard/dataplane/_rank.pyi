@@ -27,7 +27,7 @@ def clean_rank_encode(
     content: bool,
     score_key: int,
     entries: tuple[tuple[object, ...], ...],
-    thresholds: bytes | None = None,
+    thresholds: bytes | float | None = None,
     repair: int = 0,
     /,
 ) -> tuple[bytes, bytes, bytes] | tuple[bytes, bytes, bytes, Counted] | None:

@@ -28,6 +28,9 @@ __all__ = ["CompiledRule", "RuleBook", "SignatureRules"]
 _NAMES_MAX_BYTES = 1024
 _SIGNATURES_MAX = 4096
 _LANES_MAX = 256
+# Lanes per (model, signature) hold their encoded heads and any per-class
+# threshold table: the upstream declares the shapes, so the bytes are bounded too.
+_LANES_MAX_BYTES = 4 << 20
 _PLANS_MAX = 4096
 _TEXTS_MAX = 1024
 
@@ -72,7 +75,11 @@ class SignatureRules:
             self._levels.append((exact, wildcard))
         self._kernels = kernels
         self._lanes: BoundedCache[tuple[Any, ...], Lane | None] = BoundedCache(
-            _LANES_MAX, max_key_bytes=_NAMES_MAX_BYTES, weigh=lambda key: len(key[0])
+            _LANES_MAX,
+            max_key_bytes=_NAMES_MAX_BYTES,
+            weigh=lambda key: len(key[0]),
+            max_value_bytes=_LANES_MAX_BYTES,
+            weigh_value=_lane_bytes,
         )
 
     def rule_for(self, output: str) -> CompiledRule | None:
@@ -94,6 +101,14 @@ class SignatureRules:
             name, compiled.rule, compiled.labels, values.shape, values.dtype, encoding
         )
         return self._lanes.get_or_make(key, self._kernels.lane, spec)
+
+
+def _lane_bytes(lane: Lane | None) -> int:
+    """What a cached lane weighs (a ``None``, no lane, weighs its key's share)."""
+    return _NO_LANE_BYTES if lane is None else lane.held
+
+
+_NO_LANE_BYTES = 64
 
 
 class RuleBook:

@@ -26,6 +26,7 @@ the same bytes and metrics.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -87,6 +88,12 @@ class Lane:
     activation: OutputRule | None = None
     """The rule, when it has an activation (see :meth:`checked`)."""
     shape: tuple[int, ...] = ()
+    held: int = 0
+    """About the bytes this lane holds of its own, what a cache of lanes
+    weighs it by: a per-class threshold table, the encoded heads, the shape.
+    Never in proportion to the classes for one threshold (the kernel takes
+    it as a number), and not counting the label fields, which every lane of
+    one rule's labels shares."""
 
     def checked(self, raw: Buffer) -> Buffer:
         """What the rule checks and ranks: the output's values as they came, or
@@ -147,14 +154,16 @@ def make_lane(
     if rule.threshold is not None and thresholds is None:
         return None
     wanted = _wanted(rule, labels is not None, shape, dtype_enum)
+    args = _kernel_args(spec, size // c, c, dtype_enum, wanted, thresholds)
     return Lane(
         kernel=kernel,
-        args=_kernel_args(spec, size // c, c, dtype_enum, wanted, thresholds),
+        args=args,
         dtype=dtype,
         names=tuple(name + suffix for suffix, *_ in wanted),
         multi_label=c if thresholds is not None and c > 1 else 0,
         activation=rule if rule.activation != "none" else None,
         shape=shape,
+        held=_held(args, thresholds, shape),
     )
 
 
@@ -168,9 +177,14 @@ def _labels_fit(rule: OutputRule, labels: Array | None, c: int) -> bool:
     return not rule.k or labels.size == c
 
 
-def _thresholds(rule: OutputRule, shape: tuple[int, ...]) -> bytes | None:
-    """One float64 threshold per class, as the kernel reads them, or ``None``
-    (no threshold, or one the reference refuses or that rank 0 would need)."""
+def _thresholds(rule: OutputRule, shape: tuple[int, ...]) -> bytes | float | None:
+    """The thresholds as the kernel reads them: one float64 per class (the
+    rule's tuple), or one number for every class; ``None`` without a
+    threshold, or with one the reference refuses or that rank 0 would need.
+
+    One threshold stays one number: the classes are the upstream's to
+    declare, and TF's fill convention lets a 60-byte answer declare sixteen
+    million of them (a table of them took 128 MB, kept with the lane)."""
     if rule.threshold is None or not shape:
         return None
     c = class_axis_size(shape)
@@ -178,7 +192,48 @@ def _thresholds(rule: OutputRule, shape: tuple[int, ...]) -> bytes | None:
     if isinstance(rule.threshold, tuple):
         per_class = np.asarray(rule.threshold, dtype=np.float64)
         return per_class.tobytes() if per_class.size == c else None
-    return np.full(c, rule.threshold, dtype=np.float64).tobytes()
+    return float(rule.threshold)
+
+
+# What a lane holds besides what its fields count (the Lane, its tuples).
+_LANE_OVERHEAD = 1024
+
+
+def _held(args: tuple[Any, ...], thresholds: bytes | float | None, shape: tuple[int, ...]) -> int:
+    """:attr:`Lane.held` of a lane with these kernel arguments."""
+    entries: tuple[tuple[Any, ...], ...] = args[11]
+    heads = sum(len(entry[0]) + len(entry[1]) for entry in entries)
+    table = len(thresholds) if isinstance(thresholds, bytes) else 0
+    return _LANE_OVERHEAD + heads + table + 8 * len(shape)
+
+
+#: Each label table's encoded string_val fields, made once and shared by the
+#: lanes of its rule (a lane per batch shape would otherwise copy them all),
+#: by the table's id while it lives, with the abstain label they end with.
+_FIELDS: dict[int, tuple[weakref.ref[Any], str | None, tuple[bytes, ...]]] = {}
+
+
+def _label_fields(labels: np.ndarray[Any, Any], abstain: str | None) -> tuple[bytes, ...]:
+    """One encoded ``string_val`` field per label of ``labels``, then the
+    abstain label's (class -1's) unless ``abstain`` is ``None``."""
+    key = id(labels)
+    found = _FIELDS.get(key)
+    if found is not None and found[0]() is labels and found[1] == abstain:
+        return found[2]
+    fields = tuple(tensor.string_field(s) for s in labels.tolist())
+    if abstain is not None:
+        fields += (tensor.string_field(abstain.encode("utf-8")),)
+    _FIELDS[key] = (weakref.ref(labels, _forgetting(key)), abstain, fields)
+    return fields
+
+
+def _forgetting(key: int) -> Callable[[weakref.ref[Any]], None]:
+    """The callback that drops a label table's fields once the table is gone."""
+
+    def forget(_: weakref.ref[Any]) -> None:
+        _FIELDS.pop(key, None)
+
+    return forget
 
 
 _Wanted = list[tuple[str, int, int, tuple[int, ...]]]
@@ -213,14 +268,13 @@ def _kernel_args(
     cols: int,
     dtype_enum: int,
     wanted: _Wanted,
-    thresholds: bytes | None,
+    thresholds: bytes | float | None,
 ) -> tuple[Any, ...]:
     """The one place the kernel's arguments are packed (guard/dataplane/_rank.pyi)."""
     name, rule, labels, _, dtype, encoding = spec
-    fields = None if labels is None else tuple(tensor.string_field(s) for s in labels.tolist())
     floor = math.nan if rule.min_confidence is None else rule.min_confidence
-    if fields is not None and rule.min_confidence is not None:
-        fields += (tensor.string_field(rule.abstain_label.encode("utf-8")),)  # class -1's
+    abstain = None if rule.min_confidence is None else rule.abstain_label  # class -1's
+    fields = None if labels is None else _label_fields(labels, abstain)
     entries = []
     for suffix, what, entry_dtype, entry_shape in wanted:
         key_field, head = tensor.entry_head(name + suffix, entry_dtype, entry_shape)

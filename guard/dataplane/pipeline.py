@@ -26,7 +26,13 @@ from guard.dataplane.codec.response import (
     read_predict_response,
 )
 from guard.dataplane.codec.tensor import Encoding
-from guard.dataplane.errors import DecodeError, RejectedOutputError, ResponseTooLargeError, shown
+from guard.dataplane.errors import (
+    DecodeError,
+    GuardError,
+    RejectedOutputError,
+    ResponseTooLargeError,
+    shown,
+)
 from guard.dataplane.evaluate import (
     OutputVerdict,
     Target,
@@ -76,7 +82,15 @@ def guard_predict_response(
             guarded = plan.run(body)
             if guarded is not None:
                 return guarded
-    return _reference(body, walked, request_spec, book, metrics)
+    try:
+        return _reference(body, walked, request_spec, book, metrics)
+    except GuardError as exc:
+        # Raised on without the frames it came through: they hold the decoded
+        # outputs (TF's fill convention lets 60 bytes declare max_message_mb
+        # of them), and the server's handling keeps an error in a reference
+        # cycle until a full collection, which the guard holds off.
+        exc.with_traceback(None)
+        raise
 
 
 # ------------------------------------------------------------ the reference route
@@ -366,12 +380,14 @@ def _make_plan(
     if target is None or response.layout is None:
         return None
     budget = book.max_message_bytes
+    room = budget - len(response.data)  # what derived outputs may take, as the reference's
     outputs = []
     try:
         for out in sorted(response.layout):
-            planned = _plan_output(response, target, out, budget, metrics)
+            planned = _plan_output(response, target, out, budget, room, metrics)
             if planned is not None:
                 budget -= planned.end - planned.start
+                room -= planned.output.derived
                 outputs.append(planned)
     except _NoPlan:
         return None
@@ -381,10 +397,20 @@ def _make_plan(
 
 
 def _plan_output(
-    response: Response, target: Target, out: OutputLayout, budget: int, metrics: MetricsSink
+    response: Response,
+    target: Target,
+    out: OutputLayout,
+    budget: int,
+    room: int,
+    metrics: MetricsSink,
 ) -> _PlannedOutput | None:
     """One output's part of a plan; ``None`` when it has no rule or is not
-    floating point. Raises :class:`_NoPlan` when the layout cannot have one."""
+    floating point. Raises :class:`_NoPlan` when the layout cannot have one.
+
+    Checked before the lane is made (and kept in the rule book's cache): the
+    values lie in the bytes as they are (not filled in by TF's convention,
+    where a few bytes declare any shape), and the derived outputs fit the
+    ``room`` the response leaves (else the reference route refuses it)."""
     compiled = target.rules.rule_for(out.name)
     if compiled is None:
         return None
@@ -395,9 +421,11 @@ def _plan_output(
     if decoded is None:
         return None
     values, encoding = decoded
+    if out.length != values.nbytes:
+        raise _NoPlan  # values filled in by TF's convention: the reference route fills
+    if compiled.derived_bytes(values.shape, values.itemsize) > room:
+        raise _NoPlan  # the reference route refuses it, and says why
     output = lane_output(target, out.name, compiled, values, encoding, metrics)
     if output is None or any(n in response.names for n in output.lane.names):
         raise _NoPlan
-    if out.length != values.nbytes:
-        raise _NoPlan  # values filled in by TF's convention: the reference route fills
     return _PlannedOutput(out.offset, out.offset + out.length, output)
