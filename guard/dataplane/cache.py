@@ -5,10 +5,10 @@ cache is simply cleared: each key then costs one miss, and whatever a client
 sends, the cache holds at most ``max_entries`` entries whose keys each weigh
 at most ``max_key_bytes``, and, where values can be large (the lanes), values
 that weigh at most ``max_value_bytes`` together. A miss here costs
-microseconds. The REST model
-metadata cache (:mod:`guard.server.rest.signatures`) is the one other: its
-values weigh up to a megabyte and a miss costs a round trip to the
-upstream, so it weighs values and drops the least recently used.
+microseconds. The REST model metadata cache
+(:mod:`guard.server.rest.signatures`) is the one other: a miss there costs a
+round trip to the upstream, so it drops the least recently used entries
+rather than all of them.
 """
 
 from __future__ import annotations
