@@ -28,7 +28,7 @@ from guard.control.net import join_address, split_address
 from guard.control.process import Child, ChildStartError, guard_argv, start, write_port_file
 from guard.metrics.aggregate import AggregatingCollector
 from guard.metrics.endpoint import start_metrics_server
-from guard.metrics.guard_metrics import SupervisorMetrics
+from guard.metrics.supervisor import SupervisorMetrics
 
 __all__ = ["run_workers", "worker_argv"]
 
@@ -85,7 +85,9 @@ def worker_argv(
             argv += [setting.flag, str(value)]
     if rest_listen is not None:
         argv += ["--rest-listen", rest_listen]
-    return [*argv, "--listen", listen, "--metrics-listen", "127.0.0.1:0"]
+    # --workers 1 explicitly: a worker must never supervise workers of its
+    # own, whatever GUARD_WORKERS its environment holds.
+    return [*argv, "--listen", listen, "--metrics-listen", "127.0.0.1:0", "--workers", "1"]
 
 
 def _start_worker(argv: list[str]) -> Child:

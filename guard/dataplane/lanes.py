@@ -141,14 +141,7 @@ def make_lane(
     c = class_axis_size(shape)
     size = int(np.prod(shape, dtype=np.int64))
     dtype_enum = _DTYPES.get(dtype)
-    if (
-        dtype_enum is None
-        or not rule.derives
-        or c == 0
-        or size == 0
-        or rule.k > min(c, max_k)
-        or not _labels_fit(rule, labels, c)
-    ):
+    if dtype_enum is None or not _takes(rule, labels, c, size, max_k):
         return None
     thresholds = _thresholds(rule, shape)
     if rule.threshold is not None and thresholds is None:
@@ -164,6 +157,17 @@ def make_lane(
         activation=rule if rule.activation != "none" else None,
         shape=shape,
         held=_held(args, thresholds, shape),
+    )
+
+
+def _takes(rule: OutputRule, labels: Array | None, c: int, size: int, max_k: int) -> bool:
+    """Whether a lane can take this rule on ``size`` values of ``c`` classes."""
+    return (
+        rule.derives
+        and c > 0
+        and size > 0
+        and rule.k <= min(c, max_k)
+        and _labels_fit(rule, labels, c)
     )
 
 

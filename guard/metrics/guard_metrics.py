@@ -41,7 +41,6 @@ __all__ = [
     "OTHER",
     "OUTPUT_VALUE_BUCKETS",
     "GuardMetrics",
-    "SupervisorMetrics",
     "OutputRecorder",
 ]
 
@@ -56,20 +55,6 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
     0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
-
-
-class SupervisorMetrics:
-    """What ``--workers``' supervisor adds to the workers' sums."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.worker_restarts = Counter(
-            "guard_worker_restarts_total",
-            "Workers the supervisor replaced: exited (crashed, killed) or stalled (its event "
-            "loop stopped running, and the supervisor killed it).",
-            ["reason"], registry=registry,
-        )  # fmt: skip
-        for reason in ("exited", "stalled"):
-            self.worker_restarts.labels(reason)
 
 
 class _GateCounts(Protocol):
