@@ -11,11 +11,19 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from guard._version import __version__
 from guard.control.config import load_config, overrides_from, resolve, settings
+from guard.control.preflight import (
+    CannotStart,
+    backend_listeners,
+    check_tempdir,
+    serve_listeners,
+    start,
+)
 from guard.dataplane.errors import ConfigError
 
 __all__ = ["main"]
@@ -64,7 +72,9 @@ def _add_serve(sub: Any) -> None:
         help="dev mode: start the local backend with this model and proxy to it "
         "(repeatable; needs [tensorflow]; ignores 'upstream')",
     )
-    p.add_argument("--workers", type=int, default=int(os.environ.get("GUARD_WORKERS", "1")),
+    # GUARD_WORKERS is read by the serve command itself (_workers), not here:
+    # a bad value must be a config error of `guard serve`, not break every command.
+    p.add_argument("--workers", type=int, default=None,
                    help="run N guard processes on one port (SO_REUSEPORT) with one aggregated "
                         "/metrics endpoint (env GUARD_WORKERS; default 1)")  # fmt: skip
 
@@ -104,6 +114,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = overrides_from(os.environ, vars(args))
     cfg = resolve(args.config, overrides)
+    workers = _workers(args.workers)
     configure_logging(cfg.log_level)
     if args.model:
         from guard.dev.backend.cli import ModelArgumentError, parse_model_args
@@ -113,15 +124,44 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except ModelArgumentError as exc:
             raise ConfigError(str(exc)) from None
     config_path = Path(args.config) if args.config else None
-    if args.workers < 1:
-        raise ConfigError(f"--workers {args.workers}: give a whole number >= 1")
-    if args.workers > 1:
-        if args.model:
-            raise ConfigError("--workers cannot be combined with --model (dev mode)")
+    if workers > 1 and args.model:
+        raise ConfigError("--workers cannot be combined with --model (dev mode)")
+    if workers > 1 or args.model:
+        check_tempdir()  # the children's port files go there
+    listeners = serve_listeners(cfg, dev_mode=bool(args.model))
+    if workers > 1:
         from guard.control.workers import run_workers
 
-        return run_workers(cfg, args.config, overrides, args.workers, args.port_file)
-    return run_serve(cfg, config_path, overrides, args.port_file, args.model)
+        # The workers are `guard serve` too, with this environment: were it
+        # left, each would start workers of its own, and so on.
+        os.environ.pop(_WORKERS_ENV, None)
+        run = partial(run_workers, cfg, args.config, overrides, workers, args.port_file)
+    else:
+        run = partial(run_serve, cfg, config_path, overrides, args.port_file, args.model)
+    return start(listeners, cfg.tls is not None, run)
+
+
+_WORKERS_ENV = "GUARD_WORKERS"
+
+
+def _workers(flag: int | None) -> int:
+    """How many guard processes: ``--workers``, else ``GUARD_WORKERS``, else 1."""
+    origin, value = "--workers ", flag
+    if value is None:
+        raw = os.environ.get(_WORKERS_ENV, "").strip()
+        if not raw:
+            return 1  # unset or empty, as for the other GUARD_ variables
+        origin = f"{_WORKERS_ENV}="
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{_WORKERS_ENV}={raw[:40]!r}: not a whole number; give a whole number >= 1 "
+                "(guard processes sharing the port), or unset it for one"
+            ) from None
+    if value < 1:
+        raise ConfigError(f"{origin}{value}: give a whole number >= 1")
+    return value
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -175,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"guard: config error:\n{exc}", file=sys.stderr)
         return 2
+    except CannotStart as exc:
+        print(f"guard {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
@@ -190,7 +233,10 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if getattr(args, "plugin_missing", False):
         print(f"guard {args.command}: not available in this install", file=sys.stderr)
         return 2
-    code: int = importlib.import_module(args.plugin).run(args)
+    plugin = importlib.import_module(args.plugin)
+    if args.command == "backend":  # before it loads TensorFlow and the models
+        return start(backend_listeners(args), False, lambda: int(plugin.run(args)))
+    code: int = plugin.run(args)
     return code
 
 

@@ -11,6 +11,8 @@ allowed; unknown keys are errors, with a suggestion when one looks like a typo.
 
 from __future__ import annotations
 
+import re
+import ssl
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
@@ -327,12 +329,17 @@ _SETTINGS: dict[str, Setting] = {
 TLS_FILE_MAX_BYTES = 4 * 1024 * 1024
 
 
+_TLS_FILES = ("cert_file", "key_file", "ca_file")
+
+
 def _tls_path(
     problems: Problems, where: str, value: Mapping[str, Any], key: str, base_dir: Path
-) -> str | None:
+) -> tuple[str | None, str | None]:
+    """The path given for ``key``, twice: the second is ``None`` unless it is
+    a regular file within the size limit (only such a file is then read)."""
     raw = get(problems, where, value, key, None, as_str, "give a file path")
     if raw is None:
-        return None
+        return None, None
     path = (base_dir / raw) if not Path(raw).is_absolute() else Path(raw)
     try:
         check_bounded(path, TLS_FILE_MAX_BYTES)
@@ -340,7 +347,9 @@ def _tls_path(
         problems.add(where, f"field '{key}': file '{path}' does not exist")
     except OSError as exc:
         problems.add(where, f"field '{key}': {exc.strerror or exc}; give a PEM file")
-    return str(path)
+    else:
+        return str(path), str(path)
+    return str(path), None
 
 
 def _parse_tls(
@@ -351,17 +360,103 @@ def _parse_tls(
     if not isinstance(value, dict):
         problems.add(where, "must be a mapping with cert_file, key_file, ca_file")
         return None
-    allowed = ("cert_file", "key_file", "ca_file") + (("server_name",) if upstream else ())
+    allowed = _TLS_FILES + (("server_name",) if upstream else ())
     check_keys(problems, where, value, allowed)
-    cert, key, ca = (
-        _tls_path(problems, where, value, k, base_dir) for k in ("cert_file", "key_file", "ca_file")
-    )
+    found = {k: _tls_path(problems, where, value, k, base_dir) for k in _TLS_FILES}
+    cert, key, ca = (found[k][0] for k in _TLS_FILES)
     if (cert is None) != (key is None):
         problems.add(where, "cert_file and key_file must be given together")
     if not upstream and cert is None:
         problems.add(where, "the listening side needs cert_file and key_file")
     server_name = get(problems, where, value, "server_name", None, as_str, "give a host name")
+    _load_tls(problems, where, {k: usable for k, (_, usable) in found.items() if usable})
     return TLSConfig(cert, key, ca, server_name)
+
+
+# What a PEM file holds: the labels of its blocks ("CERTIFICATE", "PRIVATE KEY").
+_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
+
+
+class _EncryptedKeyError(Exception):
+    """The key needs a passphrase (gRPC takes none)."""
+
+
+def _no_passphrase() -> bytes:
+    raise _EncryptedKeyError  # asked instead of OpenSSL prompting on the terminal
+
+
+def _load_tls(problems: Problems, where: str, files: Mapping[str, str]) -> None:
+    """Load the PEM files as gRPC and ``ssl`` will, so that a wrong one is a
+    config error naming it, not a failed bind (or TLS failing on every call) later."""
+    if "ca_file" in files:
+        _check_certificates(problems, where, "ca_file", files["ca_file"])
+    cert_ok = "cert_file" in files and _check_certificates(
+        problems, where, "cert_file", files["cert_file"]
+    )
+    key_ok = "key_file" in files and _check_key_file(problems, where, files["key_file"])
+    if not (cert_ok and key_ok):
+        return
+    cert, key = files["cert_file"], files["key_file"]
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except _EncryptedKeyError:
+        problems.add(
+            where, f"field 'key_file': '{key}' is encrypted; give the key unencrypted "
+            "(the guard takes no passphrase)",
+        )  # fmt: skip
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            problems.add(
+                where, f"field 'key_file': the key in '{key}' does not match the certificate "
+                f"in '{cert}'; give the key the certificate was issued for",
+            )  # fmt: skip
+        else:
+            problems.add(where, f"field 'key_file': '{key}' is not a valid PEM private key")
+    except OSError as exc:  # replaced or removed since it was checked
+        problems.add(where, f"field 'key_file': cannot read '{key}': {exc.strerror or exc}")
+
+
+def _pem_labels(path: str) -> set[bytes]:
+    try:
+        return set(_PEM_LABEL.findall(read_bounded(path, TLS_FILE_MAX_BYTES)))
+    except OSError:
+        return set()  # the loaders report it
+
+
+def _check_certificates(problems: Problems, where: str, key: str, path: str) -> bool:
+    """Whether ``path`` holds PEM certificates that OpenSSL can load."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except ssl.SSLError as exc:
+        if exc.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+            what = "holds no PEM certificate"
+            swapped = key == "cert_file" and any(
+                label.endswith(b"PRIVATE KEY") for label in _pem_labels(path)
+            )
+            if swapped:
+                what += " (it holds a private key: are cert_file and key_file swapped?)"
+        else:
+            what = "holds a PEM certificate that cannot be read (damaged or cut short)"
+        give = "the CA's certificate" if key == "ca_file" else "the certificate"
+        problems.add(where, f"field '{key}': '{path}' {what}; give {give} in PEM")
+        return False
+    except OSError as exc:  # replaced or removed since it was checked
+        problems.add(where, f"field '{key}': cannot read '{path}': {exc.strerror or exc}")
+        return False
+    return True
+
+
+def _check_key_file(problems: Problems, where: str, path: str) -> bool:
+    """Whether ``path`` looks like a PEM private key (loaded with its certificate later)."""
+    labels = _pem_labels(path)
+    if any(label.endswith(b"PRIVATE KEY") for label in labels):
+        return True
+    what = "holds no PEM private key"
+    if b"CERTIFICATE" in labels:
+        what += " (it holds a certificate: are cert_file and key_file swapped?)"
+    problems.add(where, f"field 'key_file': '{path}' {what}; give the private key in PEM")
+    return False
 
 
 # ------------------------------------------------------------------------ YAML

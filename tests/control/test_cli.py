@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from guard import cli
+from guard.control import preflight
 from tests.support.guard import scrape
 from tests.support.protos import predict_request, predict_response
 from tests.support.upstream import FakeUpstream
@@ -164,3 +174,166 @@ def test_every_subcommand_has_help(flag: str) -> None:
         out = run(sub, flag)
         assert out.returncode == 0, (sub, out.stderr)
         assert "usage: guard " + sub in out.stdout
+
+
+# --------------------------------------------- start failures: one line, exit 2
+
+PROXY_ONLY = "upstream: 127.0.0.1:1\nrest_upstream: 127.0.0.1:2\nmodels: []\n"
+FREE = {"listen": "127.0.0.1:0", "rest_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
+
+
+def _serve(tmp_path: Path, *args: str, **addresses: str) -> subprocess.CompletedProcess[str]:
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(PROXY_ONLY)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in (FREE | addresses).items()]
+    return run("serve", "--config", str(cfg), *flags, *args)
+
+
+def _one_line_error(out: subprocess.CompletedProcess[str], *names: str) -> str:
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "Event loop is closed" not in out.stderr, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("guard serve: "), out.stderr[-2000:]
+    for name in names:
+        assert name in last, last
+    return last
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port held by a listening socket without SO_REUSEPORT: gRPC, which
+    binds with SO_REUSEPORT, cannot share it either."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("setting", ["listen", "rest_listen", "metrics_listen"])
+def test_a_port_in_use_is_one_line_naming_the_setting(
+    tmp_path: Path, busy_port: int, setting: str
+) -> None:
+    started = time.monotonic()
+    out = _serve(tmp_path, **{setting: f"127.0.0.1:{busy_port}"})
+    assert time.monotonic() - started < 10
+    flag = "--" + setting.replace("_", "-")
+    _one_line_error(out, f"{setting} 127.0.0.1:{busy_port}", "already in use", flag)
+
+
+@pytest.mark.parametrize("setting", ["listen", "metrics_listen"])
+@pytest.mark.parametrize("host", ["nohost.invalid", "...", "-"])
+def test_a_host_that_does_not_resolve_is_one_line_naming_the_setting(
+    tmp_path: Path, setting: str, host: str
+) -> None:
+    out = _serve(tmp_path, **{setting: f"{host}:0"})
+    _one_line_error(out, f"{setting} {host}:0", "cannot resolve host")
+
+
+def test_an_address_not_on_this_machine_is_one_line(tmp_path: Path) -> None:
+    out = _serve(tmp_path, listen="192.0.2.1:0")  # TEST-NET-1: never local
+    _one_line_error(out, "listen 192.0.2.1:0", "not an address of this machine")
+
+
+def test_the_workers_supervisor_checks_its_ports_too(tmp_path: Path, busy_port: int) -> None:
+    out = _serve(tmp_path, "--workers", "2", metrics_listen=f"127.0.0.1:{busy_port}")
+    _one_line_error(out, "metrics_listen", "already in use")
+
+
+@pytest.mark.parametrize("value", ["abc", "NaN", "1e309", "-1", "0", "99999999999999999999x"])
+def test_guard_workers_is_checked_by_serve_only(tmp_path: Path, value: str) -> None:
+    env = dict(os.environ, GUARD_WORKERS=value)
+    good = tmp_path / "good.yaml"
+    good.write_text(RULES)
+    out = run("check", "--config", str(good), env=env)
+    assert out.returncode == 0, out.stderr
+    out = run("serve", "--config", str(good), "--listen", "127.0.0.1:0", env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "GUARD_WORKERS" in out.stderr, out.stderr
+    assert "give a whole number >= 1" in out.stderr
+
+
+def test_guard_workers_starts_that_many_workers_and_no_more(tmp_path: Path) -> None:
+    """Found: the workers are `guard serve` with the supervisor's environment;
+    each read GUARD_WORKERS again and started workers of its own, endlessly."""
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(PROXY_ONLY.replace("rest_upstream: 127.0.0.1:2\n", ""))
+    port_file = tmp_path / "ports.json"
+    proc = subprocess.Popen(
+        [*GUARD, "serve", "--config", str(cfg), "--listen", "127.0.0.1:0",
+         "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file)],
+        env=dict(os.environ, GUARD_WORKERS="2"), stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own group: whatever it started is killed below
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert port_file.exists(), "no port file"
+        assert len(json.loads(port_file.read_text())["workers"]) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert err.count("worker started") == 2, err[-2000:]
+
+
+def test_no_usable_temporary_directory_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def none_usable() -> str:
+        raise FileNotFoundError(errno.ENOENT, "No usable temporary directory found in ['/tmp']")
+
+    monkeypatch.setattr(tempfile, "gettempdir", none_usable)
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(PROXY_ONLY)
+    code = cli.main(["serve", "--config", str(cfg), "--workers", "2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("guard serve: TMPDIR: ") and err.count("\n") == 1, err
+
+
+def _listener(address: str, setting: str = "listen") -> Any:
+    return preflight.Listener(setting, address, f"--{setting}")
+
+
+def test_a_bind_that_fails_after_the_check_is_reported_as_the_check_would(
+    busy_port: int,
+) -> None:
+    """A race (the port taken between the check and the bind): the start's own
+    failure is traced to the setting that cannot bind."""
+    listeners = [_listener("127.0.0.1:0"), _listener(f"127.0.0.1:{busy_port}", "metrics_listen")]
+    in_use = OSError(errno.EADDRINUSE, "Address already in use")
+    failure = preflight._start_failure(in_use, listeners, tls=False)
+    assert failure is not None and str(failure).startswith(f"metrics_listen 127.0.0.1:{busy_port}")
+    grpc_failed = RuntimeError("Failed to bind to address 127.0.0.1:0; set GRPC_VERBOSITY=debug")
+    failure = preflight._start_failure(grpc_failed, listeners[:1], tls=True)
+    assert failure is not None and "listen 127.0.0.1:0: gRPC could not listen" in str(failure)
+    assert "TLS" in str(failure)
+    lost = FileNotFoundError(errno.ENOENT, "No usable temporary directory found in ['/tmp']")
+    assert "TMPDIR" in str(preflight._start_failure(lost, listeners, tls=False))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("Event loop is closed"),
+        PermissionError(errno.EACCES, "Permission denied"),  # a port file, not a bind
+        OSError(errno.EADDRINUSE, "Address already in use"),  # nothing configured is busy
+        UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+    ],
+)
+def test_other_failures_are_not_swallowed(error: Exception) -> None:
+    listeners = [_listener("127.0.0.1:0")]
+    assert preflight._start_failure(error, listeners, tls=False) is None
+
+    def fail() -> int:
+        raise error
+
+    with pytest.raises(type(error)):
+        preflight.start(listeners, False, fail)

@@ -1,0 +1,131 @@
+"""Before a command starts serving: the addresses it will listen on and the
+temporary directory it needs, checked so that a user's mistake is one line
+naming the setting (exit 2), not a traceback from deep in gRPC, aiohttp or
+``tempfile``; and a failure to bind that gets past the check (a race)
+reported the same way."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import socket
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from guard.control.config import Config, settings
+from guard.control.net import bind_problem
+
+__all__ = [
+    "CannotStart",
+    "Listener",
+    "backend_listeners",
+    "check_tempdir",
+    "serve_listeners",
+    "start",
+]
+
+
+class CannotStart(Exception):
+    """A listening address or the temporary directory the command cannot use:
+    reported in one line, with what to change, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One address a command listens on, and how its bind is checked."""
+
+    setting: str
+    """What the message names: ``listen``, ``--rest-listen``."""
+    address: str
+    change: str
+    """Where to give another: ``--listen, GUARD_LISTEN or 'listen' in the config file``."""
+    reuse_port: bool = True
+    first_only: bool = False
+
+    def problem(self) -> str | None:
+        why = bind_problem(self.address, reuse_port=self.reuse_port, first_only=self.first_only)
+        return None if why is None else f"{self.setting} {self.address}: {why} ({self.change})"
+
+
+def serve_listeners(cfg: Config, dev_mode: bool) -> list[Listener]:
+    """What ``guard serve`` binds, with the options its servers bind with: gRPC
+    and REST share their port with SO_REUSEPORT; the metrics endpoint does not,
+    and binds the first address its host resolves to."""
+    served = {"listen", "metrics_listen"}
+    if cfg.rest_upstream is not None or dev_mode:  # dev mode serves REST against the backend
+        served.add("rest_listen")
+    found = []
+    for name, setting in settings():
+        if name in served:
+            change = f"{setting.flag}, {setting.env} or '{name}' in the config file"
+            metrics = name == "metrics_listen"
+            found.append(
+                Listener(name, getattr(cfg, name), change, not metrics, first_only=metrics)
+            )
+    return found
+
+
+def backend_listeners(args: argparse.Namespace) -> list[Listener]:
+    """What ``guard backend`` binds (neither of its servers sets SO_REUSEPORT)."""
+    found = [Listener("--listen", args.listen, "--listen", False)]
+    if getattr(args, "rest_listen", None):
+        found.append(Listener("--rest-listen", args.rest_listen, "--rest-listen", False))
+    return found
+
+
+_NO_TEMPDIR = (
+    "TMPDIR: no usable temporary directory (TMPDIR, /tmp, /var/tmp and the working "
+    "directory are all missing, read-only or full); set TMPDIR to a writable directory "
+    "(--workers and --model keep their children's port files there)"
+)
+
+
+def check_tempdir() -> None:
+    try:
+        tempfile.gettempdir()
+    except FileNotFoundError:
+        raise CannotStart(_NO_TEMPDIR) from None
+
+
+def start(listeners: Sequence[Listener], tls: bool, run: Callable[[], int]) -> int:
+    """Check that every listener can bind, then ``run``. A bind that fails
+    all the same (a race, or a case the check does not see) is reported as
+    the check would report it; any other failure propagates untouched."""
+    for listener in listeners:
+        if (problem := listener.problem()) is not None:
+            raise CannotStart(problem)
+    try:
+        return run()
+    except (OSError, RuntimeError, UnicodeError) as exc:
+        failure = _start_failure(exc, listeners, tls)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def _start_failure(
+    exc: BaseException, listeners: Sequence[Listener], tls: bool
+) -> CannotStart | None:
+    """The one line for a start that failed to bind a listener or to find a
+    temporary directory; ``None`` for anything else (a genuine error)."""
+    if isinstance(exc, FileNotFoundError) and "No usable temporary directory" in str(exc):
+        return CannotStart(_NO_TEMPDIR)
+    grpc_bind = isinstance(exc, RuntimeError) and str(exc).startswith("Failed to bind")
+    resolving = isinstance(exc, socket.gaierror | UnicodeError)
+    binding = isinstance(exc, OSError) and exc.errno in _BIND_ERRNOS
+    if not (grpc_bind or resolving or binding):
+        return None
+    for listener in listeners:
+        if (problem := listener.problem()) is not None:
+            return CannotStart(problem)
+    if grpc_bind and listeners:  # gRPC says no more than that, and binds the first
+        grpc = listeners[0]
+        files = ", or its TLS files (tls) could not be loaded" if tls else ""
+        return CannotStart(
+            f"{grpc.setting} {grpc.address}: gRPC could not listen on it{files} ({grpc.change})"
+        )
+    return None
