@@ -47,16 +47,31 @@ class FileTooLargeError(OSError):
     """A file the config points to is not a regular file, or is too large."""
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
 def read_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``.
 
-    Refuses devices, FIFOs and directories (``/dev/zero`` never ends) and files
-    over the limit, without reading more than ``max_bytes + 1`` bytes: a file
-    named in a config must not be able to exhaust the guard's memory.
+    Refuses devices, FIFOs, sockets and directories (``/dev/zero`` never ends;
+    opening a FIFO with no writer never returns) and files over the limit,
+    without reading more than ``max_bytes + 1`` bytes: a file named in a config
+    must not be able to exhaust the guard's memory or stop it.
+
+    The file is checked before it is opened, and opened without blocking: a
+    FIFO swapped in between the two is still refused, not waited on.
     """
-    with open(path, "rb") as f:
-        _check(path, os.fstat(f.fileno()), max_bytes)
-        data = f.read(max_bytes + 1)
+    _check(path, os.stat(path), max_bytes)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb", closefd=True) as f:
+        _check(path, os.fstat(fd), max_bytes)
+        data = f.read(max_bytes + 1)  # a regular file: O_NONBLOCK changes nothing
     if len(data) > max_bytes:
         raise FileTooLargeError(f"'{path}' is larger than the {max_bytes}-byte limit")
     return data
@@ -64,19 +79,30 @@ def read_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
 
 def check_bounded(path: str | os.PathLike[str], max_bytes: int) -> None:
     """Raise as :func:`read_bounded` would, for a file another library reads
-    by its path (``ssl``'s certificate loaders)."""
+    by its path (``ssl``'s certificate loaders). Only ``stat``: nothing is
+    opened, so a FIFO is refused without blocking."""
     _check(path, os.stat(path), max_bytes)
 
 
 def _check(path: str | os.PathLike[str], st: os.stat_result, max_bytes: int) -> None:
     if not stat.S_ISREG(st.st_mode):
-        raise FileTooLargeError(f"'{path}' is not a regular file")
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a special file")
+        raise FileTooLargeError(f"'{path}' is {kind}, not a regular file")
     if st.st_size > max_bytes:
         raise FileTooLargeError(f"'{path}' is larger than the {max_bytes}-byte limit")
 
 
 class FileWatcher:
-    """Polls a set of files and calls ``on_change`` when any of them changed.
+    """Polls a set of files and calls ``on_change`` when any of them changed
+    and then stayed the same for one more poll.
+
+    The wait is for a file rewritten in place (``cat new > guard.yaml``, a slow
+    copy): caught half-written, its beginning is often valid YAML of its own,
+    with a different meaning (``threshold: 0.`` is 0.0). A change is acted on
+    once the files' identity (inode, mtime, size) at one poll matches the one
+    at the poll before; a file that keeps changing is left alone until it stops.
+    Files replaced atomically (a rename, a ConfigMap's symlink swap) are
+    complete at once, and only wait the one extra interval.
 
     ``on_change`` returns whether it took the change; if not (a file caught
     mid-rotation), it is offered the same change again on the next poll.
@@ -92,10 +118,18 @@ class FileWatcher:
         self._on_change = on_change
         self._interval_s = interval_s
         self._seen = file_identity(self._paths)
+        self._settling: FileIdentity | None = None  # changed, not yet seen stable
 
-    def mark_seen(self) -> None:
-        """The files as they are now count as handled (after a reload by signal)."""
+    def mark_seen(self) -> FileIdentity | None:
+        """The files as they are now count as handled (after a reload by
+        signal); returns their identity, to compare with after reading them."""
         self._seen = file_identity(self._paths)
+        self._settling = None
+        return self._seen
+
+    def identity(self) -> FileIdentity | None:
+        """The files' identity now (``None`` while one is missing)."""
+        return file_identity(self._paths)
 
     async def run(self) -> None:
         """Poll until cancelled."""
@@ -107,6 +141,10 @@ class FileWatcher:
         """Check the files once."""
         now = file_identity(self._paths)
         if now is None or now == self._seen:
+            self._settling = None
+            return
+        if now != self._settling:  # changed since the last poll: may be mid-write
+            self._settling = now
             return
         try:
             taken = await self._on_change()
@@ -115,3 +153,4 @@ class FileWatcher:
             taken = True
         if taken:
             self._seen = now
+            self._settling = None

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from guard.control.config import Config, resolve, restart_only_changes
-from guard.control.files import FileWatcher
+from guard.control.files import FileIdentity, FileWatcher
 from guard.dataplane.errors import ConfigError
 
 __all__ = ["Reloader"]
@@ -68,22 +68,30 @@ class Reloader:
         async with self._one_at_a_time:
             if self._waiting is asyncio.current_task():
                 self._waiting = None  # started: a new request is a new reload
-            self.watcher.mark_seen()
-            return await self._reload(self._path)
+            before = self.watcher.mark_seen()
+            return await self._reload(self._path, before)
 
-    async def _reload(self, path: Path) -> bool:
+    async def _reload(self, path: Path, before: FileIdentity | None) -> bool:
+        new: Config | None = None
+        failure = ""
         try:
             new = await asyncio.to_thread(resolve, path, self._overrides)
         except ConfigError as exc:
-            self._count("failure")
-            logger.error("config reload failed, keeping the previous rules: %s", exc)
-            return False
+            failure = str(exc)
         except Exception as exc:  # e.g. a file that is not UTF-8: never kill the watcher
-            self._count("failure")
-            logger.error(
-                "config reload failed, keeping the previous rules: %s: cannot load: %s: %s",
-                self._path, type(exc).__name__, exc,
+            failure = f"{self._path}: cannot load: {type(exc).__name__}: {exc}"
+        if self.watcher.identity() != before:
+            # Rewritten in place while it was read: what was read may be half
+            # of it. The watcher sees the change and reads it once it settles.
+            logger.warning(
+                "config file %s changed while it was being read; not applying what was read, "
+                "it is read again once it stops changing (replace the file atomically: "
+                "write a temporary file, then rename it)", path,
             )  # fmt: skip
+            return False
+        if new is None:
+            self._count("failure")
+            logger.error("config reload failed, keeping the previous rules: %s", failure)
             return False
         if self._current().models and not new.models:
             logger.warning(

@@ -5,6 +5,8 @@ Every error names the file, the rule (model/signature/output) and the field.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -90,52 +92,101 @@ _OUTPUT_KEYS = ("name", *_OUTPUT_FIELDS, "labels_file")
 #: A labels file must be a regular file of at most this many bytes and labels.
 LABELS_FILE_MAX_BYTES = 4 * 1024 * 1024
 LABELS_MAX = 100_000
+#: All the labels files of one config together hold at most this many labels.
+#: Each distinct file counts once, however many rules name it: they share it.
+LABELS_FILES_TOTAL_MAX = 1_000_000
+
+# What a label may not hold: control characters other than tab (C0, DEL, C1;
+# line feeds end labels, a carriage return before one is dropped), the Unicode
+# line and paragraph separators, and a byte order mark past the file's start.
+_FORBIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ufeff]")
+_FORBIDDEN_SAYS = (
+    "labels may hold tabs, but no other control character (U+0000-U+001F, U+007F-U+009F), "
+    "line or paragraph separator (U+2028, U+2029) or byte order mark (U+FEFF)"
+)
 
 
-def _read_labels_file(
-    problems: Problems, where: str, raw: Any, base_dir: Path
-) -> tuple[str, ...] | None:
-    if not isinstance(raw, str):
-        problems.add(where, f"field 'labels_file': {raw!r} is not allowed; give a file path")
-        return None
-    path = base_dir / raw
+class _LabelsFiles:
+    """The labels files of one config: each distinct file (by its real path)
+    is read and checked once, and the rules naming it share its labels; all
+    of them together hold at most :data:`LABELS_FILES_TOTAL_MAX` labels."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self._base_dir = base_dir
+        self._read: dict[str, tuple[str, ...] | str] = {}  # real path: labels, or the problem
+        self._total = 0
+
+    def labels(self, problems: Problems, where: str, raw: Any) -> tuple[str, ...] | None:
+        """The labels of the file ``raw`` names; its problem recorded at ``where``."""
+        if not isinstance(raw, str):
+            problems.add(where, f"field 'labels_file': {raw!r} is not allowed; give a file path")
+            return None
+        path = self._base_dir / raw
+        key = os.path.realpath(path)
+        found = self._read.get(key)
+        if found is None:
+            found = self._read[key] = self._load(path)
+        if isinstance(found, str):
+            problems.add(where, found)
+            return None
+        return found
+
+    def _load(self, path: Path) -> tuple[str, ...] | str:
+        labels = _read_labels_file(path)
+        if isinstance(labels, str):
+            return labels
+        total = self._total + len(labels)
+        if total > LABELS_FILES_TOTAL_MAX:
+            return (
+                f"field 'labels_file': '{path}' has {len(labels)} labels, which would bring "
+                f"the labels read from files in this config to {total}, more than "
+                f"{LABELS_FILES_TOTAL_MAX}; rules that name the same file share it and count "
+                "it once"
+            )
+        self._total = total
+        return labels
+
+
+def _read_labels_file(path: Path) -> tuple[str, ...] | str:
+    """The labels in ``path``, or what is wrong with it."""
     try:
-        lines = read_bounded(path, LABELS_FILE_MAX_BYTES).decode("utf-8").splitlines()
+        text = read_bounded(path, LABELS_FILE_MAX_BYTES).decode("utf-8")
     except FileTooLargeError as exc:
-        problems.add(
-            where,
+        return (
             f"field 'labels_file': {exc}; give a regular file of at most "
-            f"{LABELS_FILE_MAX_BYTES // (1024 * 1024)} MiB, one label per line",
+            f"{LABELS_FILE_MAX_BYTES // (1024 * 1024)} MiB, one label per line"
         )
-        return None
     except OSError as exc:
-        problems.add(where, f"field 'labels_file': cannot read '{path}': {exc.strerror}")
-        return None
+        return f"field 'labels_file': cannot read '{path}': {exc.strerror}"
     except UnicodeDecodeError as exc:
-        problems.add(where, f"field 'labels_file': '{path}' is not UTF-8 (byte {exc.start})")
-        return None
-    return _labels_from_lines(problems, where, path, lines)
+        return f"field 'labels_file': '{path}' is not UTF-8 (byte {exc.start})"
+    return _labels_from_text(path, text)
 
 
-def _labels_from_lines(
-    problems: Problems, where: str, path: Path, lines: list[str]
-) -> tuple[str, ...] | None:
+def _labels_from_text(path: Path, text: str) -> tuple[str, ...] | str:
+    """One label per line, lines ended by LF or CRLF only: not by the other
+    characters :meth:`str.splitlines` splits on (NEL, form feed, U+2028...),
+    which would shift every label after them."""
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n")
+    if text.endswith("\r"):
+        text = text[:-1]
+    bad = _FORBIDDEN.search(text)
+    if bad is not None:
+        at = text.count("\n", 0, bad.start()) + 1
+        return (
+            f"field 'labels_file': '{path}' line {at} holds U+{ord(bad.group()):04X}; "
+            f"{_FORBIDDEN_SAYS}"
+        )
+    lines = text.split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) > LABELS_MAX:
-        problems.add(
-            where, f"field 'labels_file': '{path}' has {len(lines)} labels, more than {LABELS_MAX}"
-        )
-        return None
+        return f"field 'labels_file': '{path}' has {len(lines)} labels, more than {LABELS_MAX}"
     for i, line in enumerate(lines, 1):
         if not line.strip():
-            problems.add(
-                where, f"field 'labels_file': '{path}' line {i} is empty; one label per line"
-            )
-            return None
+            return f"field 'labels_file': '{path}' line {i} is empty; one label per line"
     if not lines:
-        problems.add(where, f"field 'labels_file': '{path}' has no labels")
-        return None
+        return f"field 'labels_file': '{path}' has no labels"
     return tuple(line.strip() for line in lines)
 
 
@@ -200,7 +251,7 @@ def _check_abstention(problems: Problems, where: str, v: dict[str, Any]) -> None
 
 
 def _parse_output(
-    problems: Problems, where: str, data: Any, base_dir: Path, source: str
+    problems: Problems, where: str, data: Any, files: _LabelsFiles, source: str
 ) -> OutputRule | None:
     if not isinstance(data, dict):
         problems.add(where, "must be a mapping (name, activation, valid_range, ...)")
@@ -216,7 +267,7 @@ def _parse_output(
         if "labels" in data:
             problems.add(where, "fields 'labels' and 'labels_file' exclude each other; give one")
         else:
-            v["labels"] = _read_labels_file(problems, where, data["labels_file"], base_dir)
+            v["labels"] = files.labels(problems, where, data["labels_file"])
     _check_combinations(problems, where, v)
     if v["baseline"] is not None:
         v["baseline"] = Baseline(*v["baseline"])
@@ -226,7 +277,7 @@ def _parse_output(
 
 
 def _parse_outputs(
-    problems: Problems, where: str, raw_outputs: Any, base_dir: Path, source: str
+    problems: Problems, where: str, raw_outputs: Any, files: _LabelsFiles, source: str
 ) -> tuple[OutputRule, ...]:
     if not isinstance(raw_outputs, list) or not raw_outputs:
         problems.add(where, "field 'outputs': give a non-empty list of output rules")
@@ -234,7 +285,7 @@ def _parse_outputs(
     outputs: list[OutputRule] = []
     seen: set[str] = set()
     for i, raw in enumerate(raw_outputs):
-        rule = _parse_output(problems, f"{where} outputs[{i}]", raw, base_dir, source)
+        rule = _parse_output(problems, f"{where} outputs[{i}]", raw, files, source)
         if rule is None:
             continue
         if rule.name in seen:
@@ -247,7 +298,7 @@ def _parse_outputs(
 
 
 def _parse_model(
-    problems: Problems, where: str, data: Any, base_dir: Path, source: str
+    problems: Problems, where: str, data: Any, files: _LabelsFiles, source: str
 ) -> ModelRule | None:
     if not isinstance(data, dict):
         problems.add(where, "must be a mapping with name, signature, outputs")
@@ -260,7 +311,7 @@ def _parse_model(
     where = f"{where} (model '{name}')"
     check_keys(problems, where, data, _MODEL_KEYS)
     signature = get(problems, where, data, "signature", ANY, as_str, "give a signature name or '*'")
-    outputs = _parse_outputs(problems, where, data.get("outputs", []), base_dir, source)
+    outputs = _parse_outputs(problems, where, data.get("outputs", []), files, source)
     return ModelRule(name=name, signature=signature or SERVING_DEFAULT, outputs=outputs)
 
 
@@ -273,8 +324,9 @@ def parse_models(
         return ()
     models: list[ModelRule] = []
     seen: set[tuple[str, str]] = set()
+    files = _LabelsFiles(base_dir)  # this load's: a reload reads the files again
     for i, raw in enumerate(raw_models):
-        model = _parse_model(problems, f"models[{i}]", raw, base_dir, source)
+        model = _parse_model(problems, f"models[{i}]", raw, files, source)
         if model is None:
             continue
         key = (model.name, model.signature)

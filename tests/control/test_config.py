@@ -184,7 +184,7 @@ def test_labels_file_must_be_a_small_regular_file(tmp_path: Path) -> None:
         "models:\n  - name: m\n    outputs:\n      - {{name: p, argmax: true, labels_file: {}}}\n"
     )
     (tmp_path / "dir").mkdir()
-    assert "Is a directory" in error_of(tmp_path, rule.format("dir"))
+    assert "is a directory, not a regular file" in error_of(tmp_path, rule.format("dir"))
     assert "not a regular file" in error_of(tmp_path, rule.format("/dev/zero"))
     (tmp_path / "many.txt").write_text("".join(f"c{i}\n" for i in range(LABELS_MAX + 1)))
     assert f"more than {LABELS_MAX}" in error_of(tmp_path, rule.format("many.txt"))

@@ -233,3 +233,41 @@ async def test_an_unreadable_config_counts_a_failure_and_the_watcher_survives(
     finally:
         assert up.server is not None
         await up.server.stop(0)
+
+
+async def test_a_reload_into_a_fifo_labels_file_fails_and_the_guard_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Found: opening a FIFO with no writer never returned. The reload's thread
+    blocked holding the reload lock, no later reload applied, and SIGTERM could
+    not end the process (the event loop waits for its threads)."""
+    up = await start_upstream(FakeUpstream())
+    up.reply("m", predict_response("m", {"y": VALUES}))
+    fifo = tmp_path / "labels.fifo"
+    os.mkfifo(fifo)
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(_config(up.address, RULE_A))
+    rule_fifo = f"{{name: y, on_violation: observe, threshold: 0.9, labels_file: '{fifo}'}}"
+    try:
+        async with guard_process(cfg, tmp_path) as guard:
+            async with grpc.aio.insecure_channel(guard.address) as channel:
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                assert await _guarded(stub) == "A"
+                write_atomic(cfg, _config(up.address, rule_fifo))
+                guard.signal(signal.SIGHUP)
+                await _wait_reloads(guard, "failure", 1)
+                assert await _guarded(stub) == "A"
+                write_atomic(cfg, _config(up.address, RULE_B))
+                guard.signal(signal.SIGHUP)
+                await _wait_reloads(guard, "success", 1)
+                assert await _guarded(stub) == "B"
+            guard.signal(signal.SIGTERM)
+            assert await guard.wait(20) == 0
+        assert f"'{fifo}' is a FIFO (named pipe), not a regular file" in guard.log()
+    finally:
+        try:  # a guard still blocked in open() (a regression) gets EOF
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        assert up.server is not None
+        await up.server.stop(0)

@@ -1,0 +1,396 @@
+"""Files a config points to (labels files, the config itself, TLS files) and
+the config file as it changes: special files are refused without blocking,
+labels files are read once and counted, their content is one label per line,
+and a file being rewritten is not applied half-written."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guard.control import rules_config
+from guard.control.config import Config, load_config, resolve
+from guard.control.files import FileTooLargeError, FileWatcher, check_bounded, read_bounded
+from guard.control.reload import Reloader
+from guard.dataplane.errors import ConfigError
+from tests.support.guard import start_in_process
+
+REPO = Path(__file__).resolve().parents[2]
+WHERE = "models[0] (model 'm') outputs[0] (output 'p')"
+
+
+def _rules(*labels_files: str, upstream: str = "127.0.0.1:1") -> str:
+    models = "".join(
+        f"  - {{name: m{i or ''}, outputs: [{{name: p, argmax: true, labels_file: '{f}'}}]}}\n"
+        for i, f in enumerate(labels_files)
+    )
+    return f"upstream: {upstream}\nlisten: 127.0.0.1:0\nmodels:\n{models}"
+
+
+def _release(path: Path) -> None:
+    """Open ``path`` for writing and close it: a reader blocked in open() gets EOF."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: no reader waits
+        pass
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Iterator[Path]:
+    """A FIFO with no writer. Every 15 s, and at the end, whatever waits to read
+    it is released, so that a regression fails its time bound instead of hanging."""
+    path = tmp_path / "fifo"
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def release_now_and_then() -> None:
+        while not done.wait(15):
+            _release(path)
+
+    releaser = threading.Thread(target=release_now_and_then, daemon=True)
+    releaser.start()
+    yield path
+    done.set()
+    releaser.join()
+    _release(path)
+
+
+# ----------------------------------------------------------- special files
+
+
+def test_special_files_are_refused_by_what_they_are(tmp_path: Path, fifo: Path) -> None:
+    (tmp_path / "dir").mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    try:
+        cases = {
+            fifo: "a FIFO (named pipe)",
+            tmp_path / "dir": "a directory",
+            Path("/dev/null"): "a character device",
+            tmp_path / "sock": "a socket",
+        }
+        for path, kind in cases.items():
+            for call in (read_bounded, check_bounded):
+                started = time.monotonic()
+                with pytest.raises(FileTooLargeError) as err:
+                    call(path, 1024)
+                assert str(err.value) == f"'{path}' is {kind}, not a regular file"
+                assert time.monotonic() - started < 5
+    finally:
+        sock.close()
+    (tmp_path / "ok").write_bytes(b"12345")
+    assert read_bounded(tmp_path / "ok", 5) == b"12345"
+    with pytest.raises(FileTooLargeError, match="larger than the 4-byte limit"):
+        read_bounded(tmp_path / "ok", 4)
+
+
+# Refusing takes a process start (~0.5 s); the bound leaves room for a loaded
+# machine, and stays below the FIFO fixture's release (15 s) and the timeout.
+CHECK_SECONDS = 10
+
+
+def _check(config: Path) -> tuple[int, str, float]:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "guard", "check", "--config", str(config)],
+        capture_output=True, text=True, timeout=20, cwd=REPO,
+    )  # fmt: skip
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+def test_check_refuses_a_fifo_labels_file_at_once(tmp_path: Path, fifo: Path) -> None:
+    """Found: open() of a FIFO with no writer never returned; `guard check` hung."""
+    config = tmp_path / "guard.yaml"
+    config.write_text(_rules(str(fifo)))
+    rc, output, seconds = _check(config)
+    assert rc == 2, output
+    assert f"{WHERE}: field 'labels_file': '{fifo}' is a FIFO (named pipe)" in output
+    assert "Traceback" not in output and seconds < CHECK_SECONDS, (seconds, output)
+
+
+def test_check_refuses_a_fifo_config_file_at_once(fifo: Path) -> None:
+    rc, output, seconds = _check(fifo)
+    assert rc == 2, output
+    assert f"{fifo}: cannot read the config file: '{fifo}' is a FIFO (named pipe)" in output
+    assert "Traceback" not in output and seconds < CHECK_SECONDS, (seconds, output)
+
+
+async def test_a_reload_into_a_fifo_labels_file_fails_and_the_next_one_applies(
+    tmp_path: Path, fifo: Path
+) -> None:
+    """Found: the reload's thread blocked in open() holding the reload lock:
+    no later reload ever applied, and SIGTERM could not end the process."""
+    (tmp_path / "a.txt").write_text("a\nb\n")
+    (tmp_path / "c.txt").write_text("c\nd\n")
+    config = tmp_path / "guard.yaml"
+    config.write_text(_rules("a.txt"))
+    guard = await start_in_process(load_config(config))
+    counted: list[str] = []
+    reloader = Reloader(
+        config, {}, lambda: guard.server.config, guard.server.swap_rules, counted.append
+    )
+    try:
+        config.write_text(_rules(str(fifo)))
+        assert await asyncio.wait_for(reloader.reload(), CHECK_SECONDS) is False
+        assert counted == ["failure"]
+        assert guard.server.config.models[0].outputs[0].labels == ("a", "b")
+        config.write_text(_rules("c.txt"))
+        assert await asyncio.wait_for(reloader.reload(), CHECK_SECONDS) is True
+        assert counted == ["failure", "success"]
+        assert guard.server.config.models[0].outputs[0].labels == ("c", "d")
+    finally:
+        await guard.stop()
+
+
+# ---------------------------------------------------- labels files: amount
+
+
+def _many_rules(tmp_path: Path, files: list[str]) -> Path:
+    config = tmp_path / "guard.yaml"
+    config.write_text(
+        "upstream: 127.0.0.1:1\nmodels:\n"
+        + "".join(
+            f"  - {{name: m{i}, outputs: [{{name: p, argmax: true, labels_file: {f}}}]}}\n"
+            for i, f in enumerate(files)
+        )
+    )
+    return config
+
+
+def test_rules_sharing_a_labels_file_share_one_copy(tmp_path: Path) -> None:
+    """Found: 80 rules naming one 100,000-label file read it 80 times: a
+    tracemalloc peak of 582 MiB here, 738 MB of RSS for `guard check`. Now 16 MiB."""
+    labels = "".join(f"label_number_{i:06d}\n" for i in range(rules_config.LABELS_MAX))
+    (tmp_path / "labels.txt").write_text(labels)
+    config = _many_rules(tmp_path, ["labels.txt"] * 80)
+    tracemalloc.start()
+    try:
+        cfg = load_config(config)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    first = cfg.models[0].outputs[0].labels
+    assert first is not None and len(first) == rules_config.LABELS_MAX
+    assert all(m.outputs[0].labels is first for m in cfg.models)
+
+
+def test_labels_files_of_one_config_are_counted_together(tmp_path: Path) -> None:
+    per_file = rules_config.LABELS_MAX
+    files = 1 + rules_config.LABELS_FILES_TOTAL_MAX // per_file
+    names = [f"l{n}.txt" for n in range(files)]
+    for n, name in enumerate(names):
+        (tmp_path / name).write_text("".join(f"f{n}_{i}\n" for i in range(per_file)))
+    config = _many_rules(tmp_path, [*names, names[0]])  # the first one again: counted once
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    message = str(err.value)
+    last = files - 1
+    assert message == (
+        f"{config}: models[{last}] (model 'm{last}') outputs[0] (output 'p'): "
+        f"field 'labels_file': '{tmp_path / names[last]}' has {per_file} labels, which would "
+        f"bring the labels read from files in this config to {files * per_file}, more than "
+        f"{rules_config.LABELS_FILES_TOTAL_MAX}; rules that name the same file share it and "
+        "count it once"
+    )
+    # Within the budget: the same files load.
+    assert len(load_config(_many_rules(tmp_path, [*names[:-1], names[0]])).models) == files
+
+
+def test_a_bad_labels_file_is_reported_for_every_rule_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "bad.txt").write_text("a\n\nb\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(_many_rules(tmp_path, ["bad.txt", "./bad.txt"]))
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and all("line 2 is empty" in line for line in lines)
+    assert "models[0] (model 'm0')" in lines[0] and "models[1] (model 'm1')" in lines[1]
+
+
+# --------------------------------------------------- labels files: content
+
+
+@pytest.mark.parametrize(
+    ("content", "labels"),
+    [
+        (b"\xef\xbb\xbfcat\ndog\n", ("cat", "dog")),  # a BOM, as Windows editors write
+        (b"cat\r\ndog\r\n", ("cat", "dog")),
+        (b"cat\r\ndog", ("cat", "dog")),
+        (b"cat\ndog\r", ("cat", "dog")),
+        (b"  cat \n dog\n\n\n", ("cat", "dog")),
+        (b"n01440764\ttench\nn01443537\tgoldfish\n", ("n01440764\ttench", "n01443537\tgoldfish")),
+        ("caf\u00e9\n\u732b\n".encode(), ("caf\u00e9", "\u732b")),
+    ],
+)
+def test_labels_file_lines(tmp_path: Path, content: bytes, labels: tuple[str, ...]) -> None:
+    (tmp_path / "labels.txt").write_bytes(content)
+    cfg = load_config(_many_rules(tmp_path, ["labels.txt"]))
+    assert cfg.models[0].outputs[0].labels == labels
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "char"),
+    [
+        (b"cat\nca\x00t\n", 2, "U+0000"),
+        ("cat\x85dog\n".encode(), 1, "U+0085"),  # NEL: str.splitlines split here
+        (b"cat\x0cdog\n", 1, "U+000C"),  # form feed: likewise
+        ("a\nb\ncat\u2028dog\n".encode(), 3, "U+2028"),
+        (b"cat\rdog\n", 1, "U+000D"),  # a lone carriage return
+        (b"cat\x1b[31m\n", 1, "U+001B"),
+        (b"cat\x7f\n", 1, "U+007F"),
+        (b"cat\n\xef\xbb\xbfdog\n", 2, "U+FEFF"),  # two files concatenated
+    ],
+)
+def test_labels_file_control_characters_are_refused(
+    tmp_path: Path, content: bytes, line: int, char: str
+) -> None:
+    path = tmp_path / "labels.txt"
+    path.write_bytes(content)
+    config = _many_rules(tmp_path, ["labels.txt"])
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value) == (
+        f"{config}: models[0] (model 'm0') outputs[0] (output 'p'): field 'labels_file': "
+        f"'{path}' line {line} holds {char}; labels may hold tabs, but no other control "
+        "character (U+0000-U+001F, U+007F-U+009F), line or paragraph separator "
+        "(U+2028, U+2029) or byte order mark (U+FEFF)"
+    )
+
+
+# ------------------------------------------------ a config being rewritten
+
+
+class _Calls:
+    def __init__(self, taken: bool = True) -> None:
+        self.count = 0
+        self.taken = taken
+
+    async def __call__(self) -> bool:
+        self.count += 1
+        return self.taken
+
+
+async def test_the_watcher_waits_until_a_file_stops_changing(tmp_path: Path) -> None:
+    path = tmp_path / "guard.yaml"
+    path.write_text("x")
+    calls = _Calls()
+    watcher = FileWatcher([path], calls)
+    await watcher.poll()
+    assert calls.count == 0  # unchanged
+    for n in range(5):  # written to on every poll: never acted on
+        with path.open("a") as f:
+            f.write("y" * (n + 1))
+        await watcher.poll()
+        assert calls.count == 0
+    await watcher.poll()  # the same as at the poll before: acted on, once
+    assert calls.count == 1
+    await watcher.poll()
+    await watcher.poll()
+    assert calls.count == 1
+
+
+async def test_the_watcher_offers_a_change_again_until_taken(tmp_path: Path) -> None:
+    path = tmp_path / "guard.yaml"
+    path.write_text("x")
+    calls = _Calls(taken=False)
+    watcher = FileWatcher([path], calls)
+    path.write_text("xy")
+    await watcher.poll()
+    assert calls.count == 0
+    await watcher.poll()
+    await watcher.poll()
+    assert calls.count == 2
+    calls.taken = True
+    await watcher.poll()
+    await watcher.poll()
+    assert calls.count == 3
+
+
+async def test_a_watcher_waiting_for_a_file_to_settle_forgets_it_after_a_signal_reload(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "guard.yaml"
+    path.write_text("x")
+    calls = _Calls()
+    watcher = FileWatcher([path], calls)
+    path.write_text("xy")
+    await watcher.poll()  # settling
+    watcher.mark_seen()  # SIGHUP read it
+    await watcher.poll()
+    await watcher.poll()
+    assert calls.count == 0
+
+
+class _Applied:
+    def __init__(self, first: Config) -> None:
+        self.config = first
+        self.counted: list[str] = []
+
+    def apply(self, new: Config) -> None:
+        self.config = new
+
+    def reloader(self, path: Path) -> Reloader:
+        return Reloader(path, {}, lambda: self.config, self.apply, self.counted.append)
+
+
+def _threshold(threshold: str) -> str:
+    return (
+        "upstream: 127.0.0.1:1\nmodels:\n  - name: fraud\n    outputs:\n      - name: p\n"
+        f"        labels: [ok, fraud]\n        threshold: {threshold}\n"
+    )
+
+
+def _applied_threshold(applied: _Applied) -> Any:
+    return applied.config.models[0].outputs[0].threshold
+
+
+async def test_a_config_changed_while_it_was_read_is_not_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found: a config truncated and rewritten in place was read half-written
+    (``threshold: 0.`` of ``threshold: 0.95``, 0.0) and applied."""
+    path = tmp_path / "guard.yaml"
+    path.write_text(_threshold("0.5"))
+    applied = _Applied(load_config(path))
+    reloader = applied.reloader(path)
+
+    def resolve_then_finish_writing(*args: Any) -> Config:
+        config = resolve(*args)  # reads "threshold: 0."
+        with path.open("a") as f:  # ... and the writer finishes meanwhile
+            f.write("95\n")
+        return config
+
+    path.write_text(_threshold("0.")[:-1])
+    monkeypatch.setattr("guard.control.reload.resolve", resolve_then_finish_writing)
+    assert await reloader.reload() is False
+    assert _applied_threshold(applied) == 0.5 and applied.counted == []
+    monkeypatch.undo()
+    await reloader.watcher.poll()  # the watcher saw the change: waits one poll
+    assert _applied_threshold(applied) == 0.5
+    await reloader.watcher.poll()
+    assert _applied_threshold(applied) == 0.95 and applied.counted == ["success"]
+
+
+async def test_a_signal_reload_reads_at_once_and_the_watcher_then_waits(tmp_path: Path) -> None:
+    path = tmp_path / "guard.yaml"
+    path.write_text(_threshold("0.5"))
+    applied = _Applied(load_config(path))
+    reloader = applied.reloader(path)
+    path.write_text(_threshold("0.7"))
+    await reloader.watcher.poll()
+    assert _applied_threshold(applied) == 0.5  # the watcher waits one poll
+    assert await reloader.reload() is True  # an operator's SIGHUP does not
+    assert _applied_threshold(applied) == 0.7
+    await reloader.watcher.poll()
+    await reloader.watcher.poll()
+    assert applied.counted == ["success"]  # and the watcher does not repeat it
