@@ -6,7 +6,7 @@ consistent rule set (Envoy's shared filter config, in spirit).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +45,10 @@ class CompiledRule:
     """The longest label's bytes, the abstain label's included (0: no labels)."""
 
     @classmethod
-    def of(cls, rule: OutputRule) -> CompiledRule:
-        """``rule`` with its labels encoded and measured."""
-        labels = label_table(rule.labels)
+    def of(cls, rule: OutputRule, labels: LabelTable | None = None) -> CompiledRule:
+        """``rule`` with its labels encoded (or ``labels``, encoded already) and measured."""
+        if labels is None:
+            labels = label_table(rule.labels)
         return cls(rule, labels, longest_label(rule, labels))
 
     def derived_bytes(self, shape: tuple[int, ...], itemsize: int) -> int:
@@ -58,7 +59,12 @@ class CompiledRule:
 class SignatureRules:
     """Rules resolved for one (model, signature): output name -> rule."""
 
-    def __init__(self, candidates: Sequence[ModelRule], kernels: Kernels) -> None:
+    def __init__(
+        self,
+        candidates: Sequence[ModelRule],
+        kernels: Kernels,
+        compile_rule: Callable[[OutputRule], CompiledRule] = CompiledRule.of,
+    ) -> None:
         # ``candidates`` are ordered most specific first (exact model, then exact
         # signature); the first one with any match for an output wins, and within
         # it an exact output name beats ``*``.
@@ -67,7 +73,7 @@ class SignatureRules:
             exact: dict[str, CompiledRule] = {}
             wildcard = None
             for rule in model_rule.outputs:
-                compiled = CompiledRule.of(rule)
+                compiled = compile_rule(rule)
                 if rule.name == ANY:
                     wildcard = compiled
                 else:
@@ -131,6 +137,9 @@ class RuleBook:
             max_key_bytes=_NAMES_MAX_BYTES,
             weigh=lambda key: len(key[0]) + len(key[1]),
         )
+        # By id: the rules and their labels live in ``models`` as long as the book.
+        self._compiled: dict[int, CompiledRule] = {}
+        self._tables: dict[int, LabelTable | None] = {}
         self.plans: BoundedCache[tuple[Any, ...], Any] = BoundedCache(_PLANS_MAX)
         """The protobuf pipeline's plans per response layout (see guard.dataplane.pipeline)."""
         self.texts: BoundedCache[tuple[Any, ...], str] = BoundedCache(_TEXTS_MAX)
@@ -151,4 +160,19 @@ class RuleBook:
             m for m in self.models if m.name in (model, ANY) and m.signature in (signature, ANY)
         ]
         candidates.sort(key=lambda m: (m.name != ANY, m.signature != ANY), reverse=True)
-        return SignatureRules(candidates, self.kernels) if candidates else None
+        return SignatureRules(candidates, self.kernels, self._compile) if candidates else None
+
+    def _compile(self, rule: OutputRule) -> CompiledRule:
+        """``rule`` compiled once per book, whatever signatures resolve to it,
+        its label table shared with the rules that share its labels (one file
+        named by many rules): each resolved signature made its own tables, 6 MB
+        per rule of a 100,000-label file."""
+        compiled = self._compiled.get(id(rule))
+        if compiled is None:
+            table = None
+            if rule.labels is not None:
+                table = self._tables.get(id(rule.labels))
+                if table is None:
+                    table = self._tables[id(rule.labels)] = label_table(rule.labels)
+            compiled = self._compiled[id(rule)] = CompiledRule.of(rule, table)
+        return compiled

@@ -275,3 +275,28 @@ def test_a_weighed_cache_wants_both_settings() -> None:
         BoundedCache(10, max_value_bytes=10)
     with pytest.raises(ValueError, match="together"):
         BoundedCache[str, bytes](10, weigh_value=len)
+
+
+def test_label_tables_are_made_once_per_book_not_per_signature() -> None:
+    """Each resolved signature compiled its rules again: a '*' signature rule
+    with 100,000 labels made a 5 MB table for every signature name answered,
+    up to 4,096 of them. Rules sharing one labels tuple (one labels_file named
+    twice) share one table too."""
+    import tracemalloc
+
+    from guard.dataplane.book import RuleBook
+    from guard.dataplane.rulespec import ModelRule, OutputRule
+
+    labels = tuple(f"class-{i}" for i in range(100_000))
+    rules = (OutputRule(name="p", argmax=True, labels=labels),
+             OutputRule(name="q", argmax=True, labels=labels))  # fmt: skip
+    book = RuleBook([ModelRule(name="m", signature="*", outputs=rules)], 64 << 20)
+    tracemalloc.start()
+    try:
+        found = [book.for_signature("m", f"sig-{i}") for i in range(40)]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 16 * 1024 * 1024, f"{held} bytes for 40 signatures"
+    tables = {id(s.rule_for(name).labels) for s in found if s for name in ("p", "q")}  # type: ignore[union-attr]
+    assert len(tables) == 1
