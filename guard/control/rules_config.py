@@ -6,13 +6,14 @@ Every error names the file, the rule (model/signature/output) and the field.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 from guard.control.files import FileTooLargeError, read_bounded
 from guard.control.validate import (
+    LABEL_FORBIDDEN,
+    LABEL_FORBIDDEN_SAYS,
     Problems,
     as_baseline,
     as_bool,
@@ -96,15 +97,6 @@ LABELS_MAX = 100_000
 #: Each distinct file counts once, however many rules name it: they share it.
 LABELS_FILES_TOTAL_MAX = 1_000_000
 
-# What a label may not hold: control characters other than tab (C0, DEL, C1;
-# line feeds end labels, a carriage return before one is dropped), the Unicode
-# line and paragraph separators, and a byte order mark past the file's start.
-_FORBIDDEN = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ufeff]")
-_FORBIDDEN_SAYS = (
-    "labels may hold tabs, but no other control character (U+0000-U+001F, U+007F-U+009F), "
-    "line or paragraph separator (U+2028, U+2029) or byte order mark (U+FEFF)"
-)
-
 
 class _LabelsFiles:
     """The labels files of one config: each distinct file (by its real path)
@@ -170,14 +162,13 @@ def _labels_from_text(path: Path, text: str) -> tuple[str, ...] | str:
     text = text.removeprefix("\ufeff").replace("\r\n", "\n")
     if text.endswith("\r"):
         text = text[:-1]
-    bad = _FORBIDDEN.search(text)
-    if bad is not None:
-        at = text.count("\n", 0, bad.start()) + 1
-        return (
-            f"field 'labels_file': '{path}' line {at} holds U+{ord(bad.group()):04X}; "
-            f"{_FORBIDDEN_SAYS}"
-        )
     lines = text.split("\n")
+    for at, line in enumerate(lines, 1):
+        if (bad := LABEL_FORBIDDEN.search(line)) is not None:
+            return (
+                f"field 'labels_file': '{path}' line {at} holds U+{ord(bad.group()):04X}; "
+                f"{LABEL_FORBIDDEN_SAYS}"
+            )
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) > LABELS_MAX:

@@ -178,6 +178,16 @@ def as_threshold(value: Any) -> float | tuple[float, ...]:
     raise TypeError("")
 
 
+#: What a label may not hold, given inline or in a labels file: control
+#: characters other than tab (C0 with the line feed, DEL, C1), the Unicode line
+#: and paragraph separators, and a byte order mark.
+LABEL_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ufeff]")
+LABEL_FORBIDDEN_SAYS = (
+    "labels may hold tabs, but no other control character (U+0000-U+001F, U+007F-U+009F), "
+    "line or paragraph separator (U+2028, U+2029) or byte order mark (U+FEFF)"
+)
+
+
 def as_labels(value: Any) -> tuple[str, ...]:
     """A non-empty list of strings (YAML numbers are read as their text)."""
     if not isinstance(value, list) or not value:
@@ -186,6 +196,11 @@ def as_labels(value: Any) -> tuple[str, ...]:
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (str, int)):
             raise TypeError(f"label {v!r} is not a string")
+        bad = LABEL_FORBIDDEN.search(str(v))
+        if bad is not None:
+            raise TypeError(
+                f"label {_shown(str(v))} holds U+{ord(bad.group()):04X}; {LABEL_FORBIDDEN_SAYS}"
+            )
         out.append(str(v))
     return tuple(out)
 

@@ -192,3 +192,23 @@ def test_labels_file_must_be_a_small_regular_file(tmp_path: Path) -> None:
     with big.open("wb") as f:
         f.truncate(64 * 1024 * 1024)  # sparse: 64 MiB of NULs, read no further than the limit
     assert "larger than" in error_of(tmp_path, rule.format("big.txt"))
+
+
+LABELLED = (
+    "models:\n  - name: m\n    outputs:\n      - {{name: p, argmax: true, labels: {labels}}}\n"
+)
+
+
+@pytest.mark.parametrize("label", ["a\\nb", "nul\\0", "sep\\u2028x", "\\ufeffbom", "del\\x7f"])
+def test_inline_labels_refuse_what_labels_files_refuse(tmp_path: Path, label: str) -> None:
+    """One rule for both: a label with a newline or a control character
+    breaks the lines of whatever prints it (logs, text expositions)."""
+    rule = LABELLED.format(labels=f'["{label}", "c"]')
+    message = error_of(tmp_path, rule)
+    assert "field 'labels'" in message and "labels may hold tabs" in message
+
+
+def test_inline_labels_may_hold_tabs(tmp_path: Path) -> None:
+    rule = LABELLED.format(labels='["a\\tb", "c"]')
+    (model,) = load_config(write(tmp_path, rule)).models
+    assert model.outputs[0].labels == ("a\tb", "c")
