@@ -163,17 +163,16 @@ def _labels_from_text(path: Path, text: str) -> tuple[str, ...] | str:
     if text.endswith("\r"):
         text = text[:-1]
     lines = text.split("\n")
-    for at, line in enumerate(lines, 1):
-        if (bad := LABEL_FORBIDDEN.search(line)) is not None:
-            return (
-                f"field 'labels_file': '{path}' line {at} holds U+{ord(bad.group()):04X}; "
-                f"{LABEL_FORBIDDEN_SAYS}"
-            )
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) > LABELS_MAX:
         return f"field 'labels_file': '{path}' has {len(lines)} labels, more than {LABELS_MAX}"
     for i, line in enumerate(lines, 1):
+        if (bad := LABEL_FORBIDDEN.search(line)) is not None:
+            return (
+                f"field 'labels_file': '{path}' line {i} holds U+{ord(bad.group()):04X}; "
+                f"{LABEL_FORBIDDEN_SAYS}"
+            )
         if not line.strip():
             return f"field 'labels_file': '{path}' line {i} is empty; one label per line"
     if not lines:
