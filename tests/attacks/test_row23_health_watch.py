@@ -100,6 +100,9 @@ def test_watches_past_max_connections_are_refused(tmp_path: Path) -> None:
             for watch in watches:
                 watch.cancel()
         answered = _check(guard.address)
-    assert firsts[:4] == ["SERVING"] * 4, firsts
-    assert firsts[4].startswith("RESOURCE_EXHAUSTED") and "max_connections" in firsts[4]
+    # Five watches sent at once reach the guard in any order: four are
+    # served, whichever came last is refused.
+    refused = [f for f in firsts if f != "SERVING"]
+    assert firsts.count("SERVING") == 4 and len(refused) == 1, firsts
+    assert refused[0].startswith("RESOURCE_EXHAUSTED") and "max_connections" in refused[0]
     assert answered == "SERVING"
