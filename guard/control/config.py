@@ -253,6 +253,11 @@ class Config:
         10.0, as_float(0.0, 3600.0), "give seconds, >= 0",
         "On SIGTERM, in-flight calls get this long to finish.",
     )  # fmt: skip
+    worker_stall_timeout_s: float = _setting(
+        10.0, as_float(1.0, 3600.0), "give seconds, >= 1",
+        "Under --workers: a worker whose event loop has not run for this long (stopped, "
+        "stuck) is killed and replaced.",
+    )  # fmt: skip
     health_check_interval_s: float = _setting(
         1.0, as_float(0.05, 3600.0), "give seconds, >= 0.05",
         "How often the upstream is probed (health service and guard_upstream_up).",

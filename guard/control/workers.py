@@ -37,10 +37,6 @@ logger = logging.getLogger("guard.workers")
 _PR_SET_PDEATHSIG = 1
 _STARTUP_S = 60.0
 _POLL_S = 0.2
-# A worker whose event loop has not touched its port file for this long is
-# stuck (stopped, deadlocked) and is killed: the kernel keeps handing it its
-# share of new connections, which would wait for good.
-STALL_S = 10.0
 # A gap this long between two of the supervisor's own polls means the
 # supervisor itself was not running: it cannot tell how long workers stalled.
 _BLIND_S = 2.0
@@ -117,7 +113,8 @@ def run_workers(
     rest_listen = None if rest is None else join_address(rest_host, rest.getsockname()[1])
     listen = join_address(host, reserved.getsockname()[1])
     registry = CollectorRegistry()
-    pool = _Pool(worker_argv(config_path, overrides, listen, rest_listen), registry)
+    argv = worker_argv(config_path, overrides, listen, rest_listen)
+    pool = _Pool(argv, registry, config.worker_stall_timeout_s)
 
     def forward(signum: int, _frame: object) -> None:
         if signum != signal.SIGHUP:
@@ -152,7 +149,9 @@ def _reserve_rest(config: Config) -> socket.socket | None:
 class _Pool:
     """The workers, and the restarts of those that died."""
 
-    def __init__(self, argv: list[str], registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, argv: list[str], registry: CollectorRegistry | None = None, stall_s: float = 10.0
+    ) -> None:
         self.argv = argv
         self.children: list[Child] = []
         self.stopping = False
@@ -160,7 +159,9 @@ class _Pool:
         self._restarts: list[float] = []
         self._stopped: set[int] = set()
         self._killed: set[int] = set()  # stalled, killed by us
-        self._heartbeats = _Heartbeats()
+        # A worker whose loop stops touching its port file (stopped, stuck) is
+        # killed: the kernel keeps handing it its share of new connections.
+        self._heartbeats = _Heartbeats(stall_s)
         self._missing = 0  # workers to start again
         self._retry_at = 0.0
         self._backoff_s = _RETRY_S
@@ -187,7 +188,7 @@ class _Pool:
         return [f"http://127.0.0.1:{c.ports['metrics']}/metrics" for c in self.children]
 
     def kill_stalled(self) -> None:
-        """SIGKILL each worker whose event loop stopped beating (see :data:`STALL_S`);
+        """SIGKILL each worker whose event loop stopped beating (``worker_stall_timeout_s``);
         :meth:`replace_dead` starts another."""
         for child, silent_s in self._heartbeats.stalled(self.children):
             logger.error(
@@ -246,7 +247,7 @@ class _Heartbeats:
     """When the supervisor last saw each worker's port file touched (see
     :func:`~guard.control.process.keep_fresh`), on its own monotonic clock."""
 
-    def __init__(self, stall_s: float = STALL_S) -> None:
+    def __init__(self, stall_s: float) -> None:
         self.stall_s = stall_s
         self._seen: dict[int, tuple[int, float]] = {}  # pid: (mtime_ns, when it changed)
         self._polled = time.monotonic()

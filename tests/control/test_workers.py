@@ -17,12 +17,13 @@ import numpy as np
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from guard.control.process import Child, keep_fresh
-from guard.control.workers import STALL_S, _Heartbeats, _Pool
+from guard.control.workers import _Heartbeats, _Pool
 from tests.support.guard import sample_sum, scrape
 from tests.support.protos import predict_request, predict_response
 from tests.support.upstream import FakeUpstream
 
 FRESH_S = 1.1  # the supervisor's sums are at most 1 s old
+STALL_S = 3.0  # worker_stall_timeout_s here (10 s by default)
 RULES = "models:\n  - name: m\n    outputs:\n      - {name: '*', on_violation: clamp}\n"
 
 
@@ -262,12 +263,14 @@ async def test_a_stopped_worker_is_killed_and_replaced(
 ) -> None:
     """SIGSTOP: the process exists, so poll() says nothing, and the kernel keeps
     handing it a share of new connections that would wait for good. Its
-    event loop stops touching its port file; after STALL_S the supervisor
-    kills it, starts another, and counts it."""
+    event loop stops touching its port file; after worker_stall_timeout_s
+    the supervisor kills it, starts another, and counts it."""
     upstream.reply("m", predict_response("m", {"p": np.array([[0.5]], np.float32)}))
     port_file = tmp_path / "ports.json"
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(f"worker_stall_timeout_s: {STALL_S}\n{RULES}")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "guard", "serve", "--workers", "2",
+        sys.executable, "-m", "guard", "serve", "--config", str(cfg), "--workers", "2",
         "--upstream", upstream.address, "--listen", "127.0.0.1:0",
         "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
     )  # fmt: skip
