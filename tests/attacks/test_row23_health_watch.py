@@ -99,10 +99,13 @@ def test_watches_past_max_connections_are_refused(tmp_path: Path) -> None:
                     firsts.append(f"{exc.code().name}: {exc.details()}")
             for watch in watches:
                 watch.cancel()
-        answered = _check(guard.address)
+        # A new connection: with max_connections 4, each of the port's four
+        # listeners takes one, and the one the watches used may not have
+        # seen its close yet (CI read UNAVAILABLE once), so allow it a moment.
+        answered = _serving_within(guard.address, 5)
     # Five watches sent at once reach the guard in any order: four are
     # served, whichever came last is refused.
     refused = [f for f in firsts if f != "SERVING"]
     assert firsts.count("SERVING") == 4 and len(refused) == 1, firsts
     assert refused[0].startswith("RESOURCE_EXHAUSTED") and "max_connections" in refused[0]
-    assert answered == "SERVING"
+    assert answered
