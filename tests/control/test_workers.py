@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -10,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -27,6 +30,26 @@ STALL_S = 3.0  # worker_stall_timeout_s here (10 s by default)
 RULES = "models:\n  - name: m\n    outputs:\n      - {name: '*', on_violation: clamp}\n"
 
 
+@contextlib.asynccontextmanager
+async def _supervisor(*args: str, **kwargs: Any) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``guard serve ARGS`` (ARGS with ``--port-file F``), once it wrote F or
+    exited; killed at the end if it still runs."""
+    port_file = Path(args[args.index("--port-file") + 1])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "guard", "serve", *args, **kwargs
+    )
+    try:
+        for _ in range(600):  # bounded: TF-free processes start well within this
+            if port_file.exists() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_two_workers_share_a_port_and_one_metrics_endpoint(
     upstream: FakeUpstream, tmp_path: Path
 ) -> None:
@@ -34,16 +57,11 @@ async def test_two_workers_share_a_port_and_one_metrics_endpoint(
     cfg = tmp_path / "guard.yaml"
     cfg.write_text(RULES)
     port_file = tmp_path / "ports.json"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "guard", "serve", "--config", str(cfg), "--workers", "2",
+    async with _supervisor(
+        "--config", str(cfg), "--workers", "2",
         "--upstream", upstream.address, "--listen", "127.0.0.1:0",
         "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
-    )  # fmt: skip
-    try:
-        for _ in range(600):  # bounded: two TF-free processes start well within this
-            if port_file.exists() or proc.returncode is not None:
-                break
-            await asyncio.sleep(0.1)
+    ) as proc:  # fmt: skip
         ports = json.loads(port_file.read_text())
         assert len(ports["workers"]) == 2
         sent = 0
@@ -67,10 +85,6 @@ async def test_two_workers_share_a_port_and_one_metrics_endpoint(
         assert samples[("guard_upstream_up", ())] == 1
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 def _running(pid: int) -> bool:
@@ -84,16 +98,11 @@ def _running(pid: int) -> bool:
 
 async def test_workers_die_with_a_killed_supervisor(upstream: FakeUpstream, tmp_path: Path) -> None:
     port_file = tmp_path / "ports.json"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "guard", "serve", "--workers", "2",
+    async with _supervisor(
+        "--workers", "2",
         "--upstream", upstream.address, "--listen", "127.0.0.1:0",
         "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
-    )  # fmt: skip
-    try:
-        for _ in range(600):  # bounded
-            if port_file.exists() or proc.returncode is not None:
-                break
-            await asyncio.sleep(0.1)
+    ) as proc:  # fmt: skip
         workers = json.loads(port_file.read_text())["workers"]
         proc.kill()  # SIGKILL: the supervisor gets no chance to forward anything
         await proc.wait()
@@ -103,10 +112,6 @@ async def test_workers_die_with_a_killed_supervisor(upstream: FakeUpstream, tmp_
                 break
             await asyncio.sleep(0.1)
         assert not alive, f"workers {alive} outlived their supervisor"
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 def _children(pid: int) -> set[int]:
@@ -127,17 +132,12 @@ async def test_a_worker_that_dies_is_replaced(upstream: FakeUpstream, tmp_path: 
     port_file = tmp_path / "ports.json"
     workdirs = tmp_path / "tmp"  # where the workers' port files go
     workdirs.mkdir()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "guard", "serve", "--workers", "2",
+    async with _supervisor(
+        "--workers", "2",
         "--upstream", upstream.address, "--listen", "127.0.0.1:0",
         "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
         env={**os.environ, "TMPDIR": str(workdirs)},
-    )  # fmt: skip
-    try:
-        for _ in range(600):  # bounded
-            if port_file.exists() or proc.returncode is not None:
-                break
-            await asyncio.sleep(0.1)
+    ) as proc:  # fmt: skip
         ports = json.loads(port_file.read_text())
         metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
         await _predict_fresh(ports["grpc"], 8)
@@ -168,10 +168,6 @@ async def test_a_worker_that_dies_is_replaced(upstream: FakeUpstream, tmp_path: 
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
         assert list(workdirs.glob("guard-child-*")) == []
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 async def test_workers_share_the_rest_port_too(tmp_path: Path) -> None:
@@ -185,35 +181,28 @@ async def test_workers_share_the_rest_port_too(tmp_path: Path) -> None:
     cfg = tmp_path / "guard.yaml"
     cfg.write_text("models: []\n")
     port_file = tmp_path / "ports.json"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "guard", "serve", "--config", str(cfg), "--workers", "2",
-        "--upstream", "127.0.0.1:9", "--listen", "127.0.0.1:0", "--rest-listen", "127.0.0.1:0",
-        "--rest-upstream", fake.address, "--metrics-listen", "127.0.0.1:0",
-        "--port-file", str(port_file),
-    )  # fmt: skip
     try:
-        for _ in range(600):
-            if port_file.exists() or proc.returncode is not None:
-                break
-            await asyncio.sleep(0.1)
-        ports = json.loads(port_file.read_text())
-        for _ in range(12):  # fresh connections: SO_REUSEPORT spreads them
-            async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://127.0.0.1:{ports['rest']}/v1/models/m") as r:
-                    assert (r.status, await r.read()) == (200, b'{"ok": 1}')
-        served = {
-            s.labels["protocol"]: s.value
-            for f in scrape(f"http://127.0.0.1:{ports['metrics']}/metrics")
-            for s in f.samples
-            if s.name == "guard_requests_total"
-        }
-        assert served == {"rest": 12}
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        async with _supervisor(
+            "--config", str(cfg), "--workers", "2",
+            "--upstream", "127.0.0.1:9", "--listen", "127.0.0.1:0", "--rest-listen", "127.0.0.1:0",
+            "--rest-upstream", fake.address, "--metrics-listen", "127.0.0.1:0",
+            "--port-file", str(port_file),
+        ) as proc:  # fmt: skip
+            ports = json.loads(port_file.read_text())
+            for _ in range(12):  # fresh connections: SO_REUSEPORT spreads them
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(f"http://127.0.0.1:{ports['rest']}/v1/models/m") as r:
+                        assert (r.status, await r.read()) == (200, b'{"ok": 1}')
+            served = {
+                s.labels["protocol"]: s.value
+                for f in scrape(f"http://127.0.0.1:{ports['metrics']}/metrics")
+                for s in f.samples
+                if s.name == "guard_requests_total"
+            }
+            assert served == {"rest": 12}
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 60) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
         await fake.stop()
 
 
@@ -269,16 +258,11 @@ async def test_a_stopped_worker_is_killed_and_replaced(
     port_file = tmp_path / "ports.json"
     cfg = tmp_path / "guard.yaml"
     cfg.write_text(f"worker_stall_timeout_s: {STALL_S}\n{RULES}")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "guard", "serve", "--config", str(cfg), "--workers", "2",
+    async with _supervisor(
+        "--config", str(cfg), "--workers", "2",
         "--upstream", upstream.address, "--listen", "127.0.0.1:0",
         "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
-    )  # fmt: skip
-    try:
-        for _ in range(600):  # bounded
-            if port_file.exists() or proc.returncode is not None:
-                break
-            await asyncio.sleep(0.1)
+    ) as proc:  # fmt: skip
         ports = json.loads(port_file.read_text())
         metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
         stopped = ports["workers"][0]
@@ -298,10 +282,6 @@ async def test_a_stopped_worker_is_killed_and_replaced(
         assert sample_sum(metrics_url, "guard_worker_restarts_total", reason="exited") == 0
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 60) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 def test_heartbeats_see_a_silent_worker_not_a_silent_supervisor(tmp_path: Path) -> None:
@@ -370,17 +350,12 @@ async def test_a_replacement_that_cannot_start_leaves_the_others_serving(
     cfg = tmp_path / "guard.yaml"
     cfg.write_text(RULES)
     port_file = tmp_path / "ports.json"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "guard", "serve", "--config", str(cfg), "--workers", "2",
+    async with _supervisor(
+        "--config", str(cfg), "--workers", "2",
         "--upstream", upstream.address, "--listen", "127.0.0.1:0",
         "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file),
         stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        for _ in range(600):  # bounded
-            if port_file.exists() or proc.returncode is not None:
-                break
-            await asyncio.sleep(0.1)
+    ) as proc:  # fmt: skip
         ports = json.loads(port_file.read_text())
         cfg.write_text(RULES.replace("on_violation", "on_violaton"))
         os.kill(ports["workers"][0], signal.SIGKILL)
@@ -401,7 +376,3 @@ async def test_a_replacement_that_cannot_start_leaves_the_others_serving(
         assert proc.stderr is not None
         log = (await proc.stderr.read()).decode()
         assert "a replacement worker failed to start; 1 of 2 serving, trying again" in log
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
