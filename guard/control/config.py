@@ -11,8 +11,6 @@ allowed; unknown keys are errors, with a suggestion when one looks like a typo.
 
 from __future__ import annotations
 
-import re
-import ssl
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
@@ -22,6 +20,7 @@ import yaml
 
 from guard.control.files import FileTooLargeError, check_bounded, read_bounded
 from guard.control.memory import young_collections_only
+from guard.control.pem import TLS_FILE_MAX_BYTES, PemFiles, pem_problems
 from guard.control.rules_config import parse_models
 from guard.control.validate import (
     Problems,
@@ -42,7 +41,6 @@ __all__ = [
     "Config",
     "ModelRule",
     "OutputRule",
-    "TLS_FILE_MAX_BYTES",
     "Setting",
     "TLSConfig",
     "load_config",
@@ -330,10 +328,6 @@ _SETTINGS: dict[str, Setting] = {
 # ------------------------------------------------------------------------- TLS
 
 
-# A PEM certificate is a few KB; Debian's whole CA bundle is about 220 KB.
-TLS_FILE_MAX_BYTES = 4 * 1024 * 1024
-
-
 _TLS_FILES = ("cert_file", "key_file", "ca_file")
 
 
@@ -378,90 +372,20 @@ def _parse_tls(
     return TLSConfig(cert, key, ca, server_name)
 
 
-# What a PEM file holds: the labels of its blocks ("CERTIFICATE", "PRIVATE KEY").
-_PEM_LABEL = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
-
-
-class _EncryptedKeyError(Exception):
-    """The key needs a passphrase (gRPC takes none)."""
-
-
-def _no_passphrase() -> bytes:
-    raise _EncryptedKeyError  # asked instead of OpenSSL prompting on the terminal
-
-
 def _load_tls(problems: Problems, where: str, files: Mapping[str, str]) -> None:
-    """Load the PEM files as gRPC and ``ssl`` will, so that a wrong one is a
-    config error naming it, not a failed bind (or TLS failing on every call) later."""
-    if "ca_file" in files:
-        _check_certificates(problems, where, "ca_file", files["ca_file"])
-    cert_ok = "cert_file" in files and _check_certificates(
-        problems, where, "cert_file", files["cert_file"]
-    )
-    key_ok = "key_file" in files and _check_key_file(problems, where, files["key_file"])
-    if not (cert_ok and key_ok):
-        return
-    cert, key = files["cert_file"], files["key_file"]
-    try:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key, password=_no_passphrase)
-    except _EncryptedKeyError:
-        problems.add(
-            where, f"field 'key_file': '{key}' is encrypted; give the key unencrypted "
-            "(the guard takes no passphrase)",
-        )  # fmt: skip
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            problems.add(
-                where, f"field 'key_file': the key in '{key}' does not match the certificate "
-                f"in '{cert}'; give the key the certificate was issued for",
-            )  # fmt: skip
-        else:
-            problems.add(where, f"field 'key_file': '{key}' is not a valid PEM private key")
-    except OSError as exc:  # replaced or removed since it was checked
-        problems.add(where, f"field 'key_file': cannot read '{key}': {exc.strerror or exc}")
-
-
-def _pem_labels(path: str) -> set[bytes]:
-    try:
-        return set(_PEM_LABEL.findall(read_bounded(path, TLS_FILE_MAX_BYTES)))
-    except OSError:
-        return set()  # the loaders report it
-
-
-def _check_certificates(problems: Problems, where: str, key: str, path: str) -> bool:
-    """Whether ``path`` holds PEM certificates that OpenSSL can load."""
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
-    except ssl.SSLError as exc:
-        if exc.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
-            what = "holds no PEM certificate"
-            swapped = key == "cert_file" and any(
-                label.endswith(b"PRIVATE KEY") for label in _pem_labels(path)
-            )
-            if swapped:
-                what += " (it holds a private key: are cert_file and key_file swapped?)"
-        else:
-            what = "holds a PEM certificate that cannot be read (damaged or cut short)"
-        give = "the CA's certificate" if key == "ca_file" else "the certificate"
-        problems.add(where, f"field '{key}': '{path}' {what}; give {give} in PEM")
-        return False
-    except OSError as exc:  # replaced or removed since it was checked
-        problems.add(where, f"field '{key}': cannot read '{path}': {exc.strerror or exc}")
-        return False
-    return True
-
-
-def _check_key_file(problems: Problems, where: str, path: str) -> bool:
-    """Whether ``path`` looks like a PEM private key (loaded with its certificate later)."""
-    labels = _pem_labels(path)
-    if any(label.endswith(b"PRIVATE KEY") for label in labels):
-        return True
-    what = "holds no PEM private key"
-    if b"CERTIFICATE" in labels:
-        what += " (it holds a certificate: are cert_file and key_file swapped?)"
-    problems.add(where, f"field 'key_file': '{path}' {what}; give the private key in PEM")
-    return False
+    """Read the PEM files and load them as gRPC and ``ssl`` will, so that a
+    wrong one is a config error naming it, not a failed bind (or TLS failing
+    on every call) later."""
+    read: dict[str, bytes] = {}
+    for key, path in files.items():
+        try:
+            read[key] = read_bounded(path, TLS_FILE_MAX_BYTES)
+        except OSError as exc:  # replaced or removed since it was checked
+            problems.add(where, f"field '{key}': cannot read '{path}': {exc.strerror or exc}")
+    pem = PemFiles(read.get("cert_file"), read.get("key_file"), read.get("ca_file"))
+    paths = (files.get("cert_file"), files.get("key_file"), files.get("ca_file"))
+    for problem in pem_problems(pem, *paths):
+        problems.add(where, str(problem))
 
 
 # ------------------------------------------------------------------------ YAML

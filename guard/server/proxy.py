@@ -102,6 +102,7 @@ class GuardServer:
             self.cut_connection,
         )  # fmt: skip
         self._servers: list[grpc.aio.Server] = []
+        self._certificates: tls.ServerCertificates | None = None  # made with the first server
         self._watch: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -142,9 +143,9 @@ class GuardServer:
         handler = ProxyHandler(CallHandler(self).unary, StreamRelay(self).relay)
         server.add_generic_rpc_handlers((handler,))
         if self.config.tls is not None:
-            # Credentials of their own: each server's certificate reloader keeps
-            # its own state.
-            port = server.add_secure_port(listen, tls.server_credentials(self.config.tls))
+            if self._certificates is None:
+                self._certificates = tls.ServerCertificates(self.config.tls)
+            port = server.add_secure_port(listen, self._certificates.credentials())
         else:
             port = server.add_insecure_port(listen)
         if not port:

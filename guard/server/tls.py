@@ -4,100 +4,121 @@ The listening side uses gRPC's dynamic server credentials: on each new
 handshake gRPC asks whether the certificate changed, and the files are read
 again only when their identity (inode, mtime, size, through symlinks) did. A
 renewed certificate, such as one rotated by cert-manager into a mounted
-Secret, takes effect without a restart.
+Secret, takes effect without a restart. Files that do not load (damaged, cut
+short, a key that does not match) are refused, once per change and with a
+message naming the field and the file, and the old certificate is kept until
+the files change again.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import grpc
 
-from guard.control.config import TLS_FILE_MAX_BYTES, TLSConfig
-from guard.control.files import check_bounded, file_identity, read_bounded
+from guard.control.config import TLSConfig
+from guard.control.files import file_identity
+from guard.control.pem import PemFiles, context_from, read_pem_files
 
-__all__ = ["channel_credentials", "server_credentials", "server_ssl_context"]
+__all__ = ["ServerCertificates", "channel_credentials", "server_ssl_context"]
 
 logger = logging.getLogger("guard.server.tls")
 
-
-def _read(path: str | None) -> bytes | None:
-    return read_bounded(path, TLS_FILE_MAX_BYTES) if path else None
+T = TypeVar("T")
 
 
-def _server_config(tls: TLSConfig) -> grpc.ServerCertificateConfiguration:
-    key, cert = _read(tls.key_file), _read(tls.cert_file)
-    assert key is not None and cert is not None  # the config requires both
-    return grpc.ssl_server_certificate_configuration([(key, cert)], _read(tls.ca_file))
+def _read(tls: TLSConfig) -> PemFiles:
+    return read_pem_files(tls.cert_file, tls.key_file, tls.ca_file)
 
 
-def server_credentials(tls: TLSConfig) -> grpc.ServerCredentials:
-    """TLS on the listening side; with ``ca_file``, clients must present a
-    certificate signed by that CA (mTLS)."""
-    paths = (tls.cert_file, tls.key_file, tls.ca_file)
-    state = {"identity": file_identity(paths)}
+def _grpc_config(pem: PemFiles) -> grpc.ServerCertificateConfiguration:
+    assert pem.key is not None and pem.cert is not None  # the config requires both
+    return grpc.ssl_server_certificate_configuration([(pem.key, pem.cert)], pem.ca)
 
-    def fetch() -> grpc.ServerCertificateConfiguration | None:
-        identity = file_identity(paths)
-        if identity == state["identity"]:
-            return None
+
+class _Rotation(Generic[T]):
+    """What was last made of the files (a gRPC certificate configuration, an
+    ``ssl`` context), made again when their identity changes. Shared by every
+    listener of one kind, so the files are read and checked, and a refusal
+    logged, once per change, however many servers and handshakes ask."""
+
+    def __init__(self, tls: TLSConfig, make: Callable[[PemFiles], T], side: str) -> None:
+        self._tls, self._make, self._side = tls, make, side
+        self._paths = (tls.cert_file, tls.key_file, tls.ca_file)
+        self._identity = file_identity(self._paths)
+        self.made = make(_read(tls))
+        self._lock = threading.Lock()  # gRPC asks from its own threads
+
+    def current(self) -> T:
+        """The latest files' product; the old one while they are missing or refused."""
+        identity = file_identity(self._paths)
+        with self._lock:
+            if identity is not None and identity != self._identity:
+                self._identity = identity  # a refusal is not tried again until they change
+                self._remake()
+            return self.made
+
+    def _remake(self) -> None:
         try:
-            config = _server_config(tls)
-        except OSError as exc:
-            logger.error("TLS certificate reload failed, keeping the old one: %s", exc)
-            return None
-        state["identity"] = identity
-        logger.info("TLS certificate reloaded from %s", tls.cert_file)
-        return config
+            self.made = self._make(_read(self._tls))
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            logger.error(
+                "TLS certificate reload failed (%s), keeping the old certificate: %s",
+                self._side, exc,
+            )  # fmt: skip
+            return
+        logger.info("TLS certificate reloaded from %s (%s)", self._tls.cert_file, self._side)
 
-    return grpc.dynamic_ssl_server_credentials(
-        _server_config(tls), fetch, require_client_authentication=tls.ca_file is not None
-    )
+
+class ServerCertificates:
+    """The listening side's certificate for gRPC, shared by the servers on
+    the port; each server's credentials ask it on every new handshake."""
+
+    def __init__(self, tls: TLSConfig) -> None:
+        self._tls = tls
+        self._rotation = _Rotation(tls, _grpc_config, "gRPC")
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Credentials for one server; with ``ca_file``, clients must present
+        a certificate signed by that CA (mTLS)."""
+        rotation = self._rotation
+        given = {"config": rotation.made}
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            config = rotation.current()
+            if config is given["config"]:
+                return None  # unchanged for this server
+            given["config"] = config
+            return config
+
+        return grpc.dynamic_ssl_server_credentials(
+            given["config"], fetch, require_client_authentication=self._tls.ca_file is not None
+        )
 
 
 def channel_credentials(tls: TLSConfig) -> grpc.ChannelCredentials:
     """TLS towards the upstream; with ``cert_file``/``key_file``, the guard
-    presents a client certificate (mTLS)."""
+    presents a client certificate (mTLS). Raises ``OSError`` or ``ValueError``
+    while a file cannot be read or does not load."""
+    pem = _read(tls)
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(tls.ca_file),
-        private_key=_read(tls.key_file),
-        certificate_chain=_read(tls.cert_file),
+        root_certificates=pem.ca, private_key=pem.key, certificate_chain=pem.cert
     )
-
-
-def _ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    assert tls.cert_file is not None and tls.key_file is not None  # the config requires both
-    for path in (tls.cert_file, tls.key_file, tls.ca_file):
-        if path is not None:
-            check_bounded(path, TLS_FILE_MAX_BYTES)
-    context.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.ca_file is not None:
-        context.load_verify_locations(tls.ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     """TLS for the REST listener, from the same files as the gRPC side's: with
     ``ca_file``, clients must present a certificate (mTLS). As on the gRPC side,
     a handshake after the files changed uses the new certificate."""
-    paths = (tls.cert_file, tls.key_file, tls.ca_file)
-    state = {"identity": file_identity(paths), "context": _ssl_context(tls)}
+    rotation = _Rotation(tls, lambda pem: context_from(pem, ssl.Purpose.CLIENT_AUTH), "REST")
 
     def current(sock: ssl.SSLObject, _name: str | None, _first: ssl.SSLContext) -> None:
-        identity = file_identity(paths)
-        if identity is not None and identity != state["identity"]:
-            try:
-                state["context"] = _ssl_context(tls)
-                logger.info("TLS certificate reloaded from %s (REST)", tls.cert_file)
-            except (OSError, ssl.SSLError) as exc:
-                logger.error("TLS certificate reload failed, keeping the old one: %s", exc)
-            state["identity"] = identity
-        sock.context = state["context"]  # type: ignore[assignment]
+        sock.context = rotation.current()
 
-    first = state["context"]
-    assert isinstance(first, ssl.SSLContext)
+    first = rotation.made
     first.sni_callback = current
     return first

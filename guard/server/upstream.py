@@ -60,7 +60,8 @@ def upstream_channel_args(
     config: Config,
 ) -> tuple[list[tuple[str, Any]], grpc.ChannelCredentials | None]:
     """The options and (with ``upstream_tls``) credentials of a channel to the
-    upstream; the files are read now (raises OSError while one is missing)."""
+    upstream; the files are read now (raises OSError while one is missing,
+    ValueError while one does not load)."""
     options = channel_options(config)
     upstream_tls = config.upstream_tls
     if upstream_tls is None:
@@ -160,8 +161,8 @@ class Upstream:
         """Rebuild the channel with the new certificates."""
         try:
             channels = self._new_channels()
-        except OSError as exc:  # a file mid-rotation: try again on the next tick
-            logger.warning("upstream TLS files changed but cannot be read yet: %s", exc)
+        except (OSError, ValueError) as exc:  # mid-rotation, or damaged: try again next tick
+            logger.warning("upstream TLS files changed but cannot be used yet: %s", exc)
             return False
         old, self._current = self._current, channels
         logger.info("upstream TLS files changed: reconnecting with the new certificates")

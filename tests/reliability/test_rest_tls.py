@@ -4,6 +4,7 @@ with ``ca_file``, and a renewed certificate used without a restart."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
 import tracemalloc
@@ -99,6 +100,57 @@ async def test_a_renewed_certificate_is_used_by_new_connections(
         second.write(tmp_path, "server")
         assert await asyncio.to_thread(_serial, port, ca) == second.serial
         assert await _get(port, ca) == STATUS.decode()
+    finally:
+        await guard.stop()
+
+
+def _grpc_serial(port: int, ca: CA) -> int:
+    context = ssl.create_default_context(cadata=ca.pem.decode())
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as conn:
+            der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    return serial_of(der)
+
+
+async def test_damaged_certificate_files_keep_the_old_certificate_on_both_listeners(
+    fake: FakeRestUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: after a damaged rotation, gRPC was handed the damaged files at
+    every handshake (its core refused them, logging two errors each time) and
+    the guard said nothing. Both sides now refuse them once per change, say
+    so, and keep the old certificate."""
+    caplog.set_level(logging.INFO, "guard.server.tls")
+    ca = CA()
+    first = ca.issue("guard", server=True)
+    cert, key = first.write(tmp_path, "server")
+    guard = await _guard(fake, {"cert_file": str(cert), "key_file": str(key)})
+
+    async def serials() -> tuple[int, int]:
+        assert guard.rest is not None
+        grpc_side = await asyncio.to_thread(_grpc_serial, guard.server.port, ca)
+        return grpc_side, await asyncio.to_thread(_serial, guard.rest.port, ca)
+
+    try:
+        assert await serials() == (first.serial, first.serial)
+        renewed = ca.issue("guard", server=True)
+        cut_short = Issued(renewed.cert_pem[:200], renewed.key_pem, renewed.serial)
+        wrong_key = Issued(renewed.cert_pem, ca.issue("other", server=True).key_pem, 0)
+        for damaged in (cut_short, wrong_key):
+            caplog.clear()
+            damaged.write(tmp_path, "server")
+            assert await serials() == (first.serial, first.serial)
+            assert await serials() == (first.serial, first.serial)
+            failed = [r.getMessage() for r in caplog.records if "reload failed" in r.getMessage()]
+            assert len(failed) == 2, failed  # once per listener, not once per handshake
+            assert all("keeping the old certificate" in m and "field '" in m for m in failed)
+            assert not [r for r in caplog.records if "certificate reloaded" in r.getMessage()]
+        caplog.clear()
+        renewed.write(tmp_path, "server")
+        assert await serials() == (renewed.serial, renewed.serial)
+        reloaded = [r for r in caplog.records if "certificate reloaded" in r.getMessage()]
+        assert len(reloaded) == 2
     finally:
         await guard.stop()
 

@@ -230,6 +230,39 @@ async def test_upstream_certificates_reload_on_change(
         await up.server.stop(0)
 
 
+async def test_damaged_upstream_certificate_files_keep_the_old_channel(
+    make_guard: GuardFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: a client certificate rotated in cut short replaced the working
+    channel with one that could not connect: every call UNAVAILABLE."""
+    ca = CA()
+    server = ca.issue("tf-serving", server=True)
+    up = FakeUpstream()
+    up.reply("m", predict_response("m", {"y": VALUES}))
+    creds = grpc.ssl_server_credentials(
+        [(server.key_pem, server.cert_pem)], root_certificates=ca.pem, require_client_auth=True
+    )
+    await start_upstream(up, creds)
+    client = ca.issue("guard", server=False)
+    cert, key = client.write(tmp_path, "guard-client")
+    files = {"ca_file": str(ca.write(tmp_path)), "cert_file": str(cert), "key_file": str(key)}
+    guard = await make_guard(
+        RULES, upstream=up.address, upstream_tls={**files, "server_name": "localhost"}
+    )
+    try:
+        assert await _predict(guard.address, None) == "OK"
+        Issued(client.cert_pem[:200], client.key_pem, client.serial).write(tmp_path, "guard-client")
+        codes = []
+        deadline = asyncio.get_running_loop().time() + 3  # past the watcher's poll and one more
+        while asyncio.get_running_loop().time() < deadline:
+            codes.append(await _predict(guard.address, None))
+        assert set(codes) == {"OK"}, codes
+        assert any("cannot be used yet" in r.getMessage() for r in caplog.records)
+    finally:
+        assert up.server is not None
+        await up.server.stop(0)
+
+
 async def test_guard_check_reaches_a_tls_upstream_with_upstream_tls(tmp_path: Path) -> None:
     ca = CA()
     server = ca.issue("tf-serving", server=True)
