@@ -116,7 +116,7 @@ async def _start(
         # Only the rules reload: the running settings stay, and the summary
         # says so (the book was built with the new file's max_message_mb,
         # while the servers kept theirs).
-        effective = replace(server.config, models=new.models)
+        effective = replace(server.config, models=new.models, labels_files=new.labels_files)
         server.swap_rules(effective)
         logger.info("config reloaded: %s", _summary(effective))
 

@@ -21,7 +21,7 @@ import yaml
 from guard.control.files import FileTooLargeError, check_bounded, read_bounded
 from guard.control.memory import young_collections_only
 from guard.control.pem import TLS_FILE_MAX_BYTES, PemFiles, pem_problems
-from guard.control.rules_config import parse_models
+from guard.control.rules_config import labels_file_paths, parse_models
 from guard.control.validate import (
     Problems,
     as_address,
@@ -280,6 +280,8 @@ class Config:
     )  # fmt: skip
     source: str = field(default="<defaults>", compare=False)
     """The file this came from."""
+    labels_files: tuple[Path, ...] = field(default=(), compare=False)
+    """The labels files the rules name, as written (watched for changes)."""
 
     @property
     def max_message_bytes(self) -> int:
@@ -418,7 +420,8 @@ def parse_config(
         )  # fmt: skip
     values = {name: s.read(problems, "", data, base_dir) for name, s in _SETTINGS.items()}
     problems.raise_if_any()
-    return Config(**values, source=source)
+    labels_files = labels_file_paths(data.get("models"), base_dir)
+    return Config(**values, source=source, labels_files=labels_files)
 
 
 _CONFIG_MAX_BYTES = 16 * 1024 * 1024

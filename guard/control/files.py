@@ -1,4 +1,4 @@
-"""Noticing that watched files changed (config file, certificates): one poller."""
+"""Noticing that watched files changed (config and labels files, certificates): one poller."""
 
 from __future__ import annotations
 
@@ -105,7 +105,8 @@ class FileWatcher:
     complete at once, and only wait the one extra interval.
 
     ``on_change`` returns whether it took the change; if not (a file caught
-    mid-rotation), it is offered the same change again on the next poll.
+    mid-rotation), it is offered the same change again on the next poll. The
+    set of files may change (:meth:`watch`), as a config's labels files do.
     """
 
     def __init__(
@@ -127,6 +128,12 @@ class FileWatcher:
         self._settling = None
         return self._seen
 
+    def watch(self, paths: Sequence[str | os.PathLike[str] | None]) -> None:
+        """Watch ``paths`` from now on, as they are now (a reload just read them)."""
+        if tuple(paths) != self._paths:
+            self._paths = tuple(paths)
+            self.mark_seen()
+
     def identity(self) -> FileIdentity | None:
         """The files' identity now (``None`` while one is missing)."""
         return file_identity(self._paths)
@@ -146,11 +153,12 @@ class FileWatcher:
         if now != self._settling:  # changed since the last poll: may be mid-write
             self._settling = now
             return
+        paths = self._paths
         try:
             taken = await self._on_change()
         except Exception:  # never let the watcher die
-            logger.exception("handling a change of %s failed", ", ".join(map(str, self._paths)))
+            logger.exception("handling a change of %s failed", ", ".join(map(str, paths)))
             taken = True
-        if taken:
+        if taken and self._paths == paths:  # new paths were marked seen by watch()
             self._seen = now
             self._settling = None

@@ -1,4 +1,5 @@
-"""Reloading the rules from the config file, on SIGHUP or when the file changes."""
+"""Reloading the rules from the config file, on SIGHUP or when the file, or a
+labels file it names, changes."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ class Reloader:
     file keeps the old rules. Flags, environment variables and dev mode keep
     overriding the file, as a restart with the same arguments would.
 
+    The watcher follows the config file and the labels files of the rules in
+    effect: the set changes with each reload that applies, and a failed one
+    keeps the old set, whose files the old rules were read from.
+
     The file is read and checked on a worker thread: a large config takes
     seconds to load, and the event loop keeps serving meanwhile. Reloads run
     one at a time; only applying the new rules happens on the loop.
@@ -40,13 +45,19 @@ class Reloader:
         self._current = current
         self._apply = apply
         self._count = count
-        self.watcher = FileWatcher([path] if path else [], self._on_change)
+        self.watcher = FileWatcher(self._files(current()), self._on_change)
         self._one_at_a_time = asyncio.Lock()
         self._waiting: asyncio.Task[bool] | None = None
         self._tasks: set[asyncio.Task[bool]] = set()
 
+    def _files(self, config: Config) -> list[Path]:
+        return [self._path, *config.labels_files] if self._path else []
+
     async def _on_change(self) -> bool:
-        logger.info("config file %s changed", self._path)
+        if self._current().labels_files:
+            logger.info("config file %s or a labels file it names changed", self._path)
+        else:
+            logger.info("config file %s changed", self._path)
         await self.reload()
         return True
 
@@ -105,5 +116,6 @@ class Reloader:
                 "the rules take effect now", ", ".join(restart_only),
             )  # fmt: skip
         self._apply(new)
+        self.watcher.watch(self._files(new))
         self._count("success")
         return True

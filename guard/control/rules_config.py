@@ -39,7 +39,7 @@ from guard.dataplane.rulespec import (
     Policy,
 )
 
-__all__ = ["parse_models"]
+__all__ = ["labels_file_paths", "parse_models"]
 
 _MODEL_KEYS = ("name", "signature", "outputs")
 
@@ -96,6 +96,26 @@ LABELS_MAX = 100_000
 #: All the labels files of one config together hold at most this many labels.
 #: Each distinct file counts once, however many rules name it: they share it.
 LABELS_FILES_TOTAL_MAX = 1_000_000
+#: One config names at most this many labels files (paths as written): the
+#: guard polls each for changes every second, on its event loop.
+LABELS_FILES_MAX = 100
+
+
+def _labels_path(base_dir: Path, raw: str) -> Path:
+    """A ``labels_file`` as written, relative to the config's directory; not
+    resolved, so that a watcher follows its symlinks as they change."""
+    return base_dir / raw
+
+
+def labels_file_paths(raw_models: Any, base_dir: Path) -> tuple[Path, ...]:
+    """The labels files a valid ``models:`` list names, each once, in order."""
+    found = dict.fromkeys(
+        _labels_path(base_dir, output["labels_file"])
+        for model in raw_models or ()
+        for output in model["outputs"]
+        if "labels_file" in output
+    )
+    return tuple(found)
 
 
 class _LabelsFiles:
@@ -106,6 +126,7 @@ class _LabelsFiles:
     def __init__(self, base_dir: Path) -> None:
         self._base_dir = base_dir
         self._read: dict[str, tuple[str, ...] | str] = {}  # real path: labels, or the problem
+        self._named: set[Path] = set()
         self._total = 0
 
     def labels(self, problems: Problems, where: str, raw: Any) -> tuple[str, ...] | None:
@@ -113,7 +134,15 @@ class _LabelsFiles:
         if not isinstance(raw, str):
             problems.add(where, f"field 'labels_file': {raw!r} is not allowed; give a file path")
             return None
-        path = self._base_dir / raw
+        path = _labels_path(self._base_dir, raw)
+        if path not in self._named and len(self._named) >= LABELS_FILES_MAX:
+            problems.add(
+                where, f"field 'labels_file': '{path}' would be labels file number "
+                f"{LABELS_FILES_MAX + 1} of this config, more than {LABELS_FILES_MAX}; rules with "
+                "the same labels can name the same file",
+            )  # fmt: skip
+            return None
+        self._named.add(path)
         key = os.path.realpath(path)
         found = self._read.get(key)
         if found is None:

@@ -24,7 +24,7 @@ from guard.control.config import Config, load_config, resolve
 from guard.control.files import FileTooLargeError, FileWatcher, check_bounded, read_bounded
 from guard.control.reload import Reloader
 from guard.dataplane.errors import ConfigError
-from tests.support.guard import start_in_process
+from tests.support.guard import start_in_process, write_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 WHERE = "models[0] (model 'm') outputs[0] (output 'p')"
@@ -217,6 +217,25 @@ def test_a_bad_labels_file_is_reported_for_every_rule_naming_it(tmp_path: Path) 
     assert "models[0] (model 'm0')" in lines[0] and "models[1] (model 'm1')" in lines[1]
 
 
+def test_a_config_names_at_most_labels_files_max_files(tmp_path: Path) -> None:
+    """Each labels file is polled every second: their number is bounded."""
+    most = rules_config.LABELS_FILES_MAX
+    names = [f"l{n}.txt" for n in range(most + 1)]
+    for name in names:
+        (tmp_path / name).write_text("a\n")
+    config = _many_rules(tmp_path, [*names[:most], "./l0.txt", names[most]])
+    with pytest.raises(ConfigError) as err:
+        load_config(config)
+    assert str(err.value) == (
+        f"{config}: models[{most + 1}] (model 'm{most + 1}') outputs[0] (output 'p'): "
+        f"field 'labels_file': '{tmp_path / names[most]}' would be labels file number "
+        f"{most + 1} of this config, more than {most}; rules with the same labels can name "
+        "the same file"
+    )
+    loaded = load_config(_many_rules(tmp_path, [*names[:most], "./l0.txt"]))
+    assert loaded.labels_files == tuple(tmp_path / name for name in names[:most])
+
+
 # --------------------------------------------------- labels files: content
 
 
@@ -394,3 +413,93 @@ async def test_a_signal_reload_reads_at_once_and_the_watcher_then_waits(tmp_path
     await reloader.watcher.poll()
     await reloader.watcher.poll()
     assert applied.counted == ["success"]  # and the watcher does not repeat it
+
+
+# -------------------------------------------- labels files as they change
+
+
+def _labels(applied: _Applied) -> tuple[str, ...] | None:
+    return applied.config.models[0].outputs[0].labels
+
+
+async def _two_polls(reloader: Reloader) -> None:
+    """A change is seen at one poll and acted on at the next."""
+    await reloader.watcher.poll()
+    await reloader.watcher.poll()
+
+
+async def test_the_watcher_follows_the_labels_files_of_the_rules_in_effect(tmp_path: Path) -> None:
+    """Found: a labels file replaced alone (its config unchanged) was never
+    reloaded; the old labels were served until an unrelated reload."""
+    config = tmp_path / "guard.yaml"
+    config.write_text(_rules("a.txt"))
+    (tmp_path / "a.txt").write_text("a\nb\n")
+    (tmp_path / "b.txt").write_text("x\ny\n")
+    applied = _Applied(load_config(config))
+    reloader = applied.reloader(config)
+    write_atomic(tmp_path / "a.txt", "a2\nb2\n")
+    await reloader.watcher.poll()
+    assert _labels(applied) == ("a", "b")  # the watcher waits one poll
+    await reloader.watcher.poll()
+    assert _labels(applied) == ("a2", "b2") and applied.counted == ["success"]
+    write_atomic(config, _rules("b.txt"))  # a new set: b.txt, not a.txt
+    await _two_polls(reloader)
+    assert _labels(applied) == ("x", "y") and applied.counted == ["success"] * 2
+    write_atomic(tmp_path / "a.txt", "a3\nb3\n")
+    await _two_polls(reloader)
+    await _two_polls(reloader)
+    assert applied.counted == ["success"] * 2  # neither a.txt nor the set's change repeats
+    write_atomic(tmp_path / "b.txt", "x2\ny2\n")
+    await _two_polls(reloader)
+    assert _labels(applied) == ("x2", "y2") and applied.counted == ["success"] * 3
+
+
+def _break(path: Path, how: str) -> str:
+    """Replace ``path`` with a broken labels file; what the failure says."""
+    tmp = path.with_name("broken")
+    if how == "fifo":
+        os.mkfifo(tmp)
+    elif how == "too large":
+        tmp.write_bytes(b"a\n" * (rules_config.LABELS_FILE_MAX_BYTES // 2 + 1))
+    else:
+        tmp.write_text("a\n\nb\n")
+    os.replace(tmp, path)
+    return {"fifo": "is a FIFO", "too large": "larger than the", "bad line": "line 2 is empty"}[how]
+
+
+@pytest.mark.parametrize("how", ["bad line", "too large", "fifo"])
+async def test_a_broken_labels_file_keeps_the_old_rules_and_is_still_watched(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "guard.yaml"
+    config.write_text(_rules("a.txt"))
+    (tmp_path / "a.txt").write_text("a\nb\n")
+    applied = _Applied(load_config(config))
+    reloader = applied.reloader(config)
+    says = _break(tmp_path / "a.txt", how)
+    await asyncio.wait_for(_two_polls(reloader), CHECK_SECONDS)
+    assert _labels(applied) == ("a", "b") and applied.counted == ["failure"]
+    assert says in caplog.text
+    await _two_polls(reloader)
+    assert applied.counted == ["failure"]  # counted once
+    write_atomic(tmp_path / "a.txt", "c\nd\n")  # repaired: the same file, still watched
+    await _two_polls(reloader)
+    assert _labels(applied) == ("c", "d") and applied.counted == ["failure", "success"]
+
+
+async def test_a_removed_labels_file_is_waited_for_and_a_signal_reload_fails(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "guard.yaml"
+    config.write_text(_rules("a.txt"))
+    (tmp_path / "a.txt").write_text("a\nb\n")
+    applied = _Applied(load_config(config))
+    reloader = applied.reloader(config)
+    (tmp_path / "a.txt").unlink()
+    await _two_polls(reloader)  # missing: mid-rotation, as a config file would be
+    assert applied.counted == []
+    assert await reloader.reload() is False  # SIGHUP reads it, and fails
+    assert _labels(applied) == ("a", "b") and applied.counted == ["failure"]
+    (tmp_path / "a.txt").write_text("c\nd\n")
+    await _two_polls(reloader)
+    assert _labels(applied) == ("c", "d") and applied.counted == ["failure", "success"]

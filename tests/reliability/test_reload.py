@@ -1,5 +1,5 @@
-"""Hot config reload: SIGHUP, file changes and ConfigMap symlink swaps, under
-traffic, good and bad (issue 6, section 3)."""
+"""Hot config reload: SIGHUP, file changes (the config's, its labels files')
+and ConfigMap symlink swaps, under traffic, good and bad (issue 6, section 3)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +79,19 @@ class ConfigMapDir:
         self.root = root
         self.generation = 0
         root.mkdir()
-        (root / "guard.yaml").symlink_to("..data/guard.yaml")
 
     def publish(self, text: str) -> None:
+        self.publish_files({"guard.yaml": text})
+
+    def publish_files(self, files: Mapping[str, str]) -> None:
+        """A new generation of the map: its files' names and texts."""
         self.generation += 1
         stamp = f"..2026_01_01_00_00_{self.generation:02d}.{os.getpid()}"
         (self.root / stamp).mkdir()
-        (self.root / stamp / "guard.yaml").write_text(text)
+        for name, content in files.items():
+            (self.root / stamp / name).write_text(content)
+            if not (self.root / name).is_symlink():
+                (self.root / name).symlink_to(f"..data/{name}")
         old = os.readlink(self.root / "..data") if (self.root / "..data").is_symlink() else None
         tmp = self.root / "..data_tmp"
         tmp.symlink_to(stamp)
@@ -156,6 +163,65 @@ async def test_configmap_symlink_swap_is_picked_up_by_the_watcher(tmp_path: Path
                 # Exactly one reload per change: the watcher does not repeat itself.
                 await asyncio.sleep(1.5)
                 assert _reloads(guard) == {"success": 1, "failure": 1}
+    finally:
+        assert up.server is not None
+        await up.server.stop(0)
+
+
+RULE_LABELS_FILE = "{name: y, on_violation: observe, threshold: 0.9, labels_file: labels.txt}"
+
+
+async def _labels(stub: Any) -> list[bytes]:
+    reply = await stub.Predict(predict_request("m"), timeout=10)
+    return list(reply.outputs["y_label"].string_val)
+
+
+async def test_a_labels_file_replaced_alone_reloads_the_rules(tmp_path: Path) -> None:
+    """Found: the watcher followed the config file only; a new labels file was
+    served only after some unrelated reload."""
+    up = await start_upstream(FakeUpstream())
+    up.reply("m", predict_response("m", {"y": VALUES}))
+    cfg, labels = tmp_path / "guard.yaml", tmp_path / "labels.txt"
+    cfg.write_text(_config(up.address, RULE_LABELS_FILE))
+    labels.write_text("LOW\nHIGH\n")
+    try:
+        async with guard_process(cfg, tmp_path) as guard:
+            async with grpc.aio.insecure_channel(guard.address) as channel:
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                assert await _labels(stub) == [b"LOW", b"HIGH"]
+                write_atomic(labels, "NO\nYES\n")
+                await _wait_reloads(guard, "success", 1)
+                assert await _labels(stub) == [b"NO", b"YES"]
+                write_atomic(labels, "NO\n\nYES\n")
+                await _wait_reloads(guard, "failure", 1)
+                assert await _labels(stub) == [b"NO", b"YES"]  # the old rules stay
+                await asyncio.sleep(1.5)
+                assert _reloads(guard) == {"success": 1, "failure": 1}
+        assert f"'{labels}' line 2 is empty" in guard.log()
+    finally:
+        assert up.server is not None
+        await up.server.stop(0)
+
+
+async def test_a_labels_configmap_swap_reloads_the_rules(tmp_path: Path) -> None:
+    """The labels in a ConfigMap of their own, mounted apart from the config's:
+    its ``..data`` swap changes nothing the config's mount holds. (In one
+    ConfigMap, every swap also gives the config file a new real path.)"""
+    up = await start_upstream(FakeUpstream())
+    up.reply("m", predict_response("m", {"y": VALUES}))
+    cm, labels_cm = ConfigMapDir(tmp_path / "config"), ConfigMapDir(tmp_path / "labels")
+    labels_cm.publish_files({"labels.txt": "LOW\nHIGH\n"})
+    cm.publish(_config(up.address, RULE_LABELS_FILE.replace("labels.txt", "../labels/labels.txt")))
+    try:
+        async with guard_process(cm.path, tmp_path) as guard:
+            async with grpc.aio.insecure_channel(guard.address) as channel:
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                assert await _labels(stub) == [b"LOW", b"HIGH"]
+                labels_cm.publish_files({"labels.txt": "NO\nYES\n"})
+                await _wait_reloads(guard, "success", 1)
+                assert await _labels(stub) == [b"NO", b"YES"]
+                await asyncio.sleep(1.5)
+                assert _reloads(guard) == {"success": 1, "failure": 0}
     finally:
         assert up.server is not None
         await up.server.stop(0)
