@@ -43,6 +43,13 @@ _PLUGINS = {
 }
 
 
+_WORKERS_ENV = "GUARD_WORKERS"
+# Each worker is a process of about 60 MB, and more of them than cores add no
+# throughput; the bound keeps a typo (--workers 100000) from forking until
+# memory runs out.
+_WORKERS_MAX = 64
+
+
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
@@ -76,7 +83,11 @@ def _add_serve(sub: Any) -> None:
     # a bad value must be a config error of `guard serve`, not break every command.
     p.add_argument("--workers", type=int, default=None,
                    help="run N guard processes on one port (SO_REUSEPORT) with one aggregated "
-                        "/metrics endpoint (env GUARD_WORKERS; default 1)")  # fmt: skip
+                        "/metrics endpoint (env GUARD_WORKERS; default 1, at most "
+                        f"{_WORKERS_MAX})")  # fmt: skip
+    # Set by the --workers supervisor on its workers: their siblings listen on
+    # the port, and it checked the port is no one else's before starting them.
+    p.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
 
 
 def _add_check(sub: Any) -> None:
@@ -128,7 +139,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--workers cannot be combined with --model (dev mode)")
     if workers > 1 or args.model:
         check_tempdir()  # the children's port files go there
-    listeners = serve_listeners(cfg, dev_mode=bool(args.model))
+    listeners = serve_listeners(cfg, dev_mode=bool(args.model), worker=args.as_worker)
     if workers > 1:
         from guard.control.workers import run_workers
 
@@ -139,9 +150,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     else:
         run = partial(run_serve, cfg, config_path, overrides, args.port_file, args.model)
     return start(listeners, cfg.tls is not None, run)
-
-
-_WORKERS_ENV = "GUARD_WORKERS"
 
 
 def _workers(flag: int | None) -> int:
@@ -156,11 +164,11 @@ def _workers(flag: int | None) -> int:
             value = int(raw)
         except ValueError:
             raise ConfigError(
-                f"{_WORKERS_ENV}={raw[:40]!r}: not a whole number; give a whole number >= 1 "
-                "(guard processes sharing the port), or unset it for one"
+                f"{_WORKERS_ENV}={raw[:40]!r}: not a whole number; give a whole number from 1 "
+                f"to {_WORKERS_MAX} (guard processes sharing the port), or unset it for one"
             ) from None
-    if value < 1:
-        raise ConfigError(f"{origin}{value}: give a whole number >= 1")
+    if not 1 <= value <= _WORKERS_MAX:
+        raise ConfigError(f"{origin}{value}: give a whole number from 1 to {_WORKERS_MAX}")
     return value
 
 

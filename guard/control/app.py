@@ -110,7 +110,15 @@ async def _start(
     httpd, _thread = start_metrics_server(host, port, registry)
     server = GuardServer(config, metrics)
     await server.start()
-    rest = await _start_rest(server) if config.rest_upstream is not None else None
+    try:
+        rest = await _start_rest(server) if config.rest_upstream is not None else None
+    except BaseException:
+        # REST could not bind (its port taken since the check): stop what
+        # started, or gRPC's servers outlive the loop and print tracebacks.
+        await server.stop(0)
+        httpd.shutdown()
+        httpd.server_close()
+        raise
 
     def apply(new: Config) -> None:
         # Only the rules reload: the running settings stay, and the summary

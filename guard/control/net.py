@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 
-__all__ = ["bind_problem", "join_address", "split_address"]
+__all__ = ["bind_problem", "join_address", "share_problem", "split_address"]
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -59,6 +59,60 @@ def _try_bind(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(sockaddr)
+
+
+def share_problem(address: str) -> str | None:
+    """Why a ``SO_REUSEPORT`` listener should not take ``address``: another
+    socket listens on its port, on an address that overlaps it. gRPC and
+    aiohttp would bind all the same, and the kernel would hand new
+    connections to either (a share to each socket, or all to an IPv4-only
+    one). ``None`` when no other socket listens there (or ``address`` is
+    port 0, unparsable or does not resolve: left to :func:`bind_problem`).
+    A wildcard host is also probed as ``[::]``, dual-stack, as gRPC binds
+    it; a socket in TIME_WAIT does not count."""
+    try:
+        host, port = split_address(address)
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError, ValueError):
+        return None
+    targets = [(family, sockaddr) for family, _, _, _, sockaddr in found if port]
+    if port and host in ("0.0.0.0", "::") and socket.has_ipv6:
+        targets.append((socket.AF_INET6, ("::", port)))
+    if not any(_shared(family, sockaddr) for family, sockaddr in targets):
+        return None
+    return (
+        f"another process already listens on port {port} (with SO_REUSEPORT both would "
+        "listen, and new connections would reach either); stop it, or give another port"
+    )
+
+
+def _shared(family: int, sockaddr: tuple[object, ...]) -> bool:
+    """A plain bind (with ``SO_REUSEADDR``, as the servers set, which a socket
+    in TIME_WAIT does not refuse) fails where one with ``SO_REUSEPORT`` too
+    succeeds: another socket listens there, and lets the port be shared."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return False
+    try:
+        _probe(family, sockaddr, reuse_port=False)
+        return False
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            return False
+    try:
+        _probe(family, sockaddr, reuse_port=True)
+    except OSError:
+        return False  # not shareable either: bind_problem's to report
+    return True
+
+
+def _probe(family: int, sockaddr: tuple[object, ...], reuse_port: bool) -> None:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(sockaddr)
 
 

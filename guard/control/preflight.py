@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from guard.control.config import Config, settings
-from guard.control.net import bind_problem
+from guard.control.net import bind_problem, share_problem
 
 __all__ = [
     "CannotStart",
@@ -42,16 +42,22 @@ class Listener:
     """Where to give another: ``--listen, GUARD_LISTEN or 'listen' in the config file``."""
     reuse_port: bool = True
     first_only: bool = False
+    alone: bool = False
+    """Refuse a port another process listens on, though SO_REUSEPORT would share it."""
 
     def problem(self) -> str | None:
         why = bind_problem(self.address, reuse_port=self.reuse_port, first_only=self.first_only)
+        if why is None and self.alone:
+            why = share_problem(self.address)
         return None if why is None else f"{self.setting} {self.address}: {why} ({self.change})"
 
 
-def serve_listeners(cfg: Config, dev_mode: bool) -> list[Listener]:
+def serve_listeners(cfg: Config, dev_mode: bool, worker: bool = False) -> list[Listener]:
     """What ``guard serve`` binds, with the options its servers bind with: gRPC
-    and REST share their port with SO_REUSEPORT; the metrics endpoint does not,
-    and binds the first address its host resolves to."""
+    and REST share their port with SO_REUSEPORT, but not with another process
+    (new connections would reach either), except a ``--workers`` worker with
+    its siblings; the metrics endpoint does not, and binds the first address
+    its host resolves to."""
     served = {"listen", "metrics_listen"}
     if cfg.rest_upstream is not None or dev_mode:  # dev mode serves REST against the backend
         served.add("rest_listen")
@@ -61,8 +67,11 @@ def serve_listeners(cfg: Config, dev_mode: bool) -> list[Listener]:
             change = f"{setting.flag}, {setting.env} or '{name}' in the config file"
             metrics = name == "metrics_listen"
             found.append(
-                Listener(name, getattr(cfg, name), change, not metrics, first_only=metrics)
-            )
+                Listener(
+                    name, getattr(cfg, name), change, reuse_port=not metrics,
+                    first_only=metrics, alone=not (metrics or worker),
+                )
+            )  # fmt: skip
     return found
 
 

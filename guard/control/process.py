@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +27,7 @@ __all__ = [
     "HEARTBEAT_S",
     "PORT_FILE_NAME",
     "Child",
+    "ChildStartCancelled",
     "ChildStartError",
     "guard_argv",
     "keep_fresh",
@@ -43,6 +44,15 @@ SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 class ChildStartError(RuntimeError):
     """The child exited, or did not write its port file in time."""
+
+
+class ChildStartCancelled(ChildStartError):
+    """Whoever waited for the child gave up (it is stopping): the child was stopped."""
+
+
+# A child told to stop while it starts gets this long before SIGKILL: one
+# that serves nothing yet drains at once.
+_CANCEL_GRACE_S = 5.0
 
 
 def write_port_file(path: Path, ports: Mapping[str, Any]) -> None:
@@ -137,6 +147,7 @@ def start(
     capture: bool = True,
     env: Mapping[str, str] | None = None,
     timeout_s: float = 60.0,
+    cancelled: Callable[[], bool] = lambda: False,
     **popen: Any,
 ) -> Child:
     """Start ``argv`` with ``port_flag PATH`` appended and wait for its port file.
@@ -145,7 +156,9 @@ def start(
     default), or is inherited with ``capture=False``. The child imports this
     checkout's ``guard`` package even when it is not installed. Raises
     :class:`ChildStartError`, with the tail of the child's log, when it exits
-    or has not written its port file within ``timeout_s``.
+    or has not written its port file within ``timeout_s``; and
+    :class:`ChildStartCancelled`, once the child is stopped, when
+    ``cancelled()`` turns true while it starts (a signal handler can set it).
     """
     workdir = Path(tempfile.mkdtemp(prefix="guard-child-"))
     port_file = workdir / PORT_FILE_NAME
@@ -163,7 +176,7 @@ def start(
                 command, stdout=log, stderr=subprocess.STDOUT, env=child_env, **popen
             )
     try:
-        _wait_for(port_file, process, log_path, timeout_s)
+        _wait_for(port_file, process, log_path, timeout_s, cancelled)
     except ChildStartError:
         # The message has the log's tail: a failed start leaves no directory.
         shutil.rmtree(workdir, ignore_errors=True)
@@ -172,10 +185,17 @@ def start(
 
 
 def _wait_for(
-    port_file: Path, process: subprocess.Popen[bytes], log_path: Path | None, timeout_s: float
+    port_file: Path,
+    process: subprocess.Popen[bytes],
+    log_path: Path | None,
+    timeout_s: float,
+    cancelled: Callable[[], bool],
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while not port_file.is_file():
+        if cancelled():
+            _end(process)
+            raise ChildStartCancelled(f"stopped while starting (exit code {process.returncode})")
         if process.poll() is not None:
             raise ChildStartError(f"exited with code {process.returncode}:\n{_tail(log_path)}")
         if time.monotonic() > deadline:
@@ -183,6 +203,15 @@ def _wait_for(
             process.wait()
             raise ChildStartError(f"no port file after {timeout_s:.0f} s:\n{_tail(log_path)}")
         time.sleep(_POLL_S)
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=_CANCEL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _tail(path: Path | None, lines: int = 30) -> str:

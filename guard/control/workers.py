@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +82,18 @@ def worker_argv(
     if rest_listen is not None:
         argv += ["--rest-listen", rest_listen]
     # --workers 1 explicitly: a worker must never supervise workers of its
-    # own, whatever GUARD_WORKERS its environment holds.
-    return [*argv, "--listen", listen, "--metrics-listen", "127.0.0.1:0", "--workers", "1"]
+    # own, whatever GUARD_WORKERS its environment holds. --as-worker: it
+    # shares the ports with its siblings, not with a stranger (checked here).
+    return [
+        *argv, "--listen", listen, "--metrics-listen", "127.0.0.1:0", "--workers", "1",
+        "--as-worker",
+    ]  # fmt: skip
 
 
-def _start_worker(argv: list[str]) -> Child:
-    return start(argv, timeout_s=_STARTUP_S, capture=False, preexec_fn=_die_with_parent)
+def _start_worker(argv: list[str], cancelled: Callable[[], bool]) -> Child:
+    return start(
+        argv, timeout_s=_STARTUP_S, capture=False, preexec_fn=_die_with_parent, cancelled=cancelled
+    )
 
 
 _RESTARTS_MAX = 5
@@ -124,13 +130,10 @@ def run_workers(
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    try:
-        for _ in range(workers):
-            pool.start_one()
-    except ChildStartError as exc:
-        logger.error("a worker failed to start; stopping: %s", exc)
+    started = pool.start_all(workers)
+    if not started or pool.stopping:
         pool.signal(signal.SIGTERM)
-        return _wait(pool.children) or 1
+        return _wait(pool.children) or int(not started)
     try:
         return _supervise(config, pool, registry, reserved, port_file, rest)
     finally:
@@ -166,8 +169,21 @@ class _Pool:
         self._retry_at = 0.0
         self._backoff_s = _RETRY_S
 
+    def start_all(self, workers: int) -> bool:
+        """Start the first ``workers``; False if one could not start (not if SIGTERM ended it)."""
+        try:
+            while len(self.children) < workers and not self.stopping:
+                self.start_one()
+        except ChildStartError as exc:
+            if self.stopping:
+                return True
+            logger.error("a worker failed to start; stopping: %s", exc)
+            return False
+        return True
+
     def start_one(self) -> Child:
-        child = _start_worker(self.argv)
+        """Start a worker; SIGTERM while it starts ends it (ChildStartCancelled)."""
+        child = _start_worker(self.argv, lambda: self.stopping)
         self.children.append(child)
         logger.info("worker started (pid %d)", child.process.pid)
         return child
@@ -226,10 +242,16 @@ class _Pool:
         """Start the workers missing; one that cannot start (the config on
         disk was broken since, say) is tried again with backoff while the
         others serve. False once none is left to serve."""
-        while self._missing and (not self.children or time.monotonic() >= self._retry_at):
+        while (
+            self._missing
+            and not self.stopping
+            and (not self.children or time.monotonic() >= self._retry_at)
+        ):
             try:
                 self.start_one()
             except ChildStartError as exc:
+                if self.stopping:
+                    return True  # SIGTERM ended its start: a drain, not a failure
                 self._retry_at = time.monotonic() + self._backoff_s
                 logger.error(
                     "a replacement worker failed to start; %d of %d serving, trying again "

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from guard import cli
 from guard.control import preflight
+from guard.control.process import start as start_process
 from tests.support.guard import scrape
 from tests.support.protos import predict_request, predict_response
 from tests.support.upstream import FakeUpstream
@@ -40,8 +41,8 @@ models:
 """
 
 
-def run(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*GUARD, *args], capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload, no-any-return]
+def run(*args: str, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*GUARD, *args], capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload, no-any-return]
 
 
 def test_version() -> None:
@@ -182,11 +183,15 @@ PROXY_ONLY = "upstream: 127.0.0.1:1\nrest_upstream: 127.0.0.1:2\nmodels: []\n"
 FREE = {"listen": "127.0.0.1:0", "rest_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
 
 
-def _serve(tmp_path: Path, *args: str, **addresses: str) -> subprocess.CompletedProcess[str]:
+def _serve_args(tmp_path: Path, addresses: dict[str, str]) -> list[str]:
     cfg = tmp_path / "guard.yaml"
     cfg.write_text(PROXY_ONLY)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in (FREE | addresses).items()]
-    return run("serve", "--config", str(cfg), *flags, *args)
+    return ["serve", "--config", str(cfg), *flags]
+
+
+def _serve(tmp_path: Path, *args: str, **addresses: str) -> subprocess.CompletedProcess[str]:
+    return run(*_serve_args(tmp_path, addresses), *args)
 
 
 def _one_line_error(out: subprocess.CompletedProcess[str], *names: str) -> str:
@@ -221,6 +226,95 @@ def test_a_port_in_use_is_one_line_naming_the_setting(
     _one_line_error(out, f"{setting} 127.0.0.1:{busy_port}", "already in use", flag)
 
 
+@pytest.fixture
+def shared_port(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
+    """A port another process would share: listened on with SO_REUSEPORT (as
+    TF Serving's gRPC, or another guard, does) on the host ``request.param``."""
+    host = request.param
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, 0))
+        except OSError as exc:
+            pytest.skip(f"cannot bind {host}: {exc}")
+        sock.listen()
+        yield host, sock.getsockname()[1]
+
+
+def _serve_briefly(
+    tmp_path: Path, *args: str, **addresses: str
+) -> subprocess.CompletedProcess[str]:
+    """:func:`_serve`, but a guard that starts serving is killed after 10 s
+    (exit code -9 then), not at the 60 s that fail the test."""
+    try:
+        return run(*_serve_args(tmp_path, addresses), *args, timeout=10)
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        return subprocess.CompletedProcess(exc.cmd, -9, "", err)
+
+
+@pytest.mark.parametrize(
+    ("setting", "workers", "shared_port"),
+    [("listen", "1", "127.0.0.1"), ("rest_listen", "1", "127.0.0.1"),
+     ("listen", "2", "127.0.0.1"), ("rest_listen", "2", "127.0.0.1"), ("listen", "1", "::1")],
+    indirect=["shared_port"],
+)  # fmt: skip
+def test_a_port_another_process_listens_on_is_refused(
+    tmp_path: Path, shared_port: tuple[str, int], setting: str, workers: str
+) -> None:
+    """gRPC and aiohttp bind with SO_REUSEPORT: the guard started on the
+    port TF Serving (or another guard) listened on, and new connections
+    reached either, those to the other around the rules (a stand-in
+    listening as gRPC does took 41 of 200, one on IPv4 alone all 200).
+    0.0.0.0 overlaps [::1] too: gRPC binds it as [::], dual-stack."""
+    host, port = shared_port
+    address = f"{'0.0.0.0' if host == '::1' else host}:{port}"
+    out = _serve_briefly(tmp_path, "--workers", workers, **{setting: address})
+    flag = "--" + setting.replace("_", "-")
+    _one_line_error(out, f"{setting} {address}: another process already listens on port {port}",
+                    "stop it, or give another port", flag)  # fmt: skip
+
+
+def _states(port: int) -> list[str]:
+    """The TCP states of the sockets on local port ``port`` (hex, as /proc has them)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}"):
+                found.append(fields[3])
+    return found
+
+
+_TIME_WAIT = "06"
+_EMPTY_SETTINGS = bytes.fromhex("000000040000000000")  # an HTTP/2 SETTINGS frame
+
+
+def test_a_second_guard_is_refused_and_a_restart_after_a_stop_is_not(tmp_path: Path) -> None:
+    """The guard's own port, and the TIME_WAIT its stop leaves: the check
+    must not take that for a listener, or a restart would fail."""
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(PROXY_ONLY)
+    first = [*GUARD, "serve", "--config", str(cfg), "--metrics-listen", "127.0.0.1:0"]
+    with start_process([*first, "--listen", "127.0.0.1:0"]) as guard:
+        port = guard.ports["grpc"]
+        out = _serve_briefly(tmp_path, listen=f"0.0.0.0:{port}")
+        _one_line_error(out, f"listen 0.0.0.0:{port}: another process already listens")
+        # A connection the guard closes first (it stops) leaves it a TIME_WAIT.
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _EMPTY_SETTINGS)
+        time.sleep(0.2)
+        assert guard.stop() == 0
+    with client:
+        client.settimeout(5)
+        while client.recv(1 << 16):
+            pass
+    assert _TIME_WAIT in _states(port), _states(port)
+    with start_process([*first, "--listen", f"127.0.0.1:{port}"]) as again:
+        assert again.ports["grpc"] == port
+
+
 @pytest.mark.parametrize("setting", ["listen", "metrics_listen"])
 @pytest.mark.parametrize("host", ["nohost.invalid", "...", "-"])
 def test_a_host_that_does_not_resolve_is_one_line_naming_the_setting(
@@ -250,7 +344,29 @@ def test_guard_workers_is_checked_by_serve_only(tmp_path: Path, value: str) -> N
     out = run("serve", "--config", str(good), "--listen", "127.0.0.1:0", env=env)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "GUARD_WORKERS" in out.stderr, out.stderr
-    assert "give a whole number >= 1" in out.stderr
+    assert "give a whole number from 1 to 64" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--workers", "65"], {}, "--workers 65"),
+        ([], {"GUARD_WORKERS": "100000"}, "GUARD_WORKERS=100000"),
+    ],
+)
+def test_workers_past_the_bound_are_refused(
+    tmp_path: Path, busy_port: int, args: list[str], env: dict[str, str], named: str
+) -> None:
+    """Each worker is a process of about 60 MB: --workers 100000 forked until
+    memory ran out. (The metrics port is busy: were the bound missed, the
+    start would end there, naming that port, before any worker.)"""
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(RULES)
+    busy = f"--metrics-listen=127.0.0.1:{busy_port}"
+    out = run("serve", "--config", str(cfg), busy, *args, env={**os.environ, **env})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert f"{named}: give a whole number from 1 to 64" in out.stderr, out.stderr
 
 
 def test_guard_workers_starts_that_many_workers_and_no_more(tmp_path: Path) -> None:

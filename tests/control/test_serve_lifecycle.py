@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,3 +82,42 @@ async def test_a_reload_keeps_the_running_max_message_mb(
         assert "config reloaded" in log and "max_message_mb=64" in log.split("config reloaded")[1]
         answer = await _predict(guard.address)
         assert len(answer.outputs["p_class"].int64_val) == 300_000  # type: ignore[attr-defined]
+
+
+# The REST port is taken between preflight's check and the REST bind: the
+# check is told to pass once, as it would have a moment before the race.
+_RACE = """
+import socket, sys
+from guard import cli
+from guard.control import preflight
+
+busy = socket.socket()
+busy.bind(("127.0.0.1", 0))
+busy.listen()
+checked = preflight.Listener.problem
+passed = set()
+
+def problem(self):
+    if self.setting not in passed:
+        passed.add(self.setting)
+        return None
+    return checked(self)
+
+preflight.Listener.problem = problem
+sys.exit(cli.main(["serve", "--config", sys.argv[1], "--listen", "127.0.0.1:0",
+    "--metrics-listen", "127.0.0.1:0", f"--rest-listen=127.0.0.1:{busy.getsockname()[1]}"]))
+"""
+
+
+def test_a_rest_port_lost_after_grpc_started_is_one_line(tmp_path: Path) -> None:
+    """Found: the one line came, then gRPC's servers, never stopped, printed
+    'Event loop is closed' tracebacks, and the REST session was left unclosed."""
+    config = tmp_path / "guard.yaml"
+    config.write_text("upstream: 127.0.0.1:1\nrest_upstream: 127.0.0.1:2\nmodels: []\n")
+    out = subprocess.run(
+        [sys.executable, "-c", _RACE, str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "rest_listen 127.0.0.1:" in out.stderr and "address already in use" in out.stderr
+    for noise in ("Traceback", "Event loop is closed", "Unclosed"):
+        assert noise not in out.stderr, out.stderr[-3000:]

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -376,3 +376,83 @@ async def test_a_replacement_that_cannot_start_leaves_the_others_serving(
         assert proc.stderr is not None
         log = (await proc.stderr.read()).decode()
         assert "a replacement worker failed to start; 1 of 2 serving, trying again" in log
+
+
+# In a process started with `--workers 1` (a worker), sitecustomize waits
+# while the file SLOW_START names exists: a start as slow as one that loads a
+# large config, but stuck for as long as the test wants.
+_SLOW_WORKERS = """
+import os, sys, time
+argv = sys.argv
+if "--workers" in argv and argv[argv.index("--workers") + 1] == "1":
+    while os.path.exists(os.environ["SLOW_START"]):
+        time.sleep(0.05)
+"""
+
+
+@contextlib.contextmanager
+def _slow_supervisor(tmp_path: Path, slow: bool) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """``guard serve --workers 2`` whose workers start only while the returned
+    file does not exist (created already with ``slow``); whatever is left of
+    its process group is killed at the end."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_SLOW_WORKERS)
+    flag = tmp_path / "slow"
+    if slow:
+        flag.touch()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "SLOW_START": str(flag)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "guard", "serve", "--workers", "2", "--upstream", "127.0.0.1:9",
+         "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+         "--port-file", str(tmp_path / "ports.json")],
+        env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield proc, flag
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _new_child(pid: int, known: set[int]) -> int:
+    """A child of ``pid`` not in ``known``, once there is one (bounded: 30 s)."""
+    for _ in range(600):
+        new = {p for p in _children(pid) if _running(p)} - known
+        if new:
+            return new.pop()
+        time.sleep(0.05)
+    raise AssertionError(f"no new child of {pid}")
+
+
+def _stops_at_once(proc: subprocess.Popen[bytes], pids: set[int]) -> None:
+    """SIGTERM ``proc``: it exits 0 within 5 s, and none of ``pids`` runs on."""
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert time.monotonic() - began < 5, time.monotonic() - began
+    assert not [pid for pid in pids if _running(pid)]
+
+
+def test_sigterm_while_the_workers_start_stops_at_once(tmp_path: Path) -> None:
+    """The supervisor went on waiting for a starting worker's port file (up
+    to 60 s), started the next, and only then drained."""
+    with _slow_supervisor(tmp_path, slow=True) as (proc, _):
+        starting = _new_child(proc.pid, set())
+        time.sleep(0.3)  # still starting
+        _stops_at_once(proc, {starting})
+
+
+def test_sigterm_while_a_replacement_starts_stops_at_once(tmp_path: Path) -> None:
+    with _slow_supervisor(tmp_path, slow=False) as (proc, flag):
+        port_file = tmp_path / "ports.json"
+        for _ in range(600):  # bounded: 30 s
+            if port_file.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        workers = set(json.loads(port_file.read_text())["workers"])
+        flag.touch()
+        os.kill(min(workers), signal.SIGKILL)
+        replacement = _new_child(proc.pid, workers)
+        time.sleep(0.3)
+        _stops_at_once(proc, workers | {replacement})

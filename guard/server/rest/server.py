@@ -119,7 +119,12 @@ class RestFrontEnd:
             self._site = TlsSite(*where, context=context, reuse_port=True, backlog=1024)
         else:
             self._site = web.TCPSite(*where, reuse_port=True, backlog=1024)
-        await self._site.start()
+        try:
+            await self._site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            await self._session.close()
+            raise
         self.port = int(self._runner.addresses[0][1])
         return self.port
 
