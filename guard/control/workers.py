@@ -120,7 +120,7 @@ def run_workers(
     listen = join_address(host, reserved.getsockname()[1])
     registry = CollectorRegistry()
     argv = worker_argv(config_path, overrides, listen, rest_listen)
-    pool = _Pool(argv, registry, config.worker_stall_timeout_s)
+    pool = _Pool(argv, config.worker_stall_timeout_s, registry)
 
     def forward(signum: int, _frame: object) -> None:
         if signum != signal.SIGHUP:
@@ -153,7 +153,7 @@ class _Pool:
     """The workers, and the restarts of those that died."""
 
     def __init__(
-        self, argv: list[str], registry: CollectorRegistry | None = None, stall_s: float = 10.0
+        self, argv: list[str], stall_s: float, registry: CollectorRegistry | None = None
     ) -> None:
         self.argv = argv
         self.children: list[Child] = []

@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from guard.control.config import Config
 from guard.control.process import Child, keep_fresh
 from guard.control.workers import _Heartbeats, _Pool
 from tests.support.guard import sample_sum, scrape
@@ -226,7 +227,7 @@ def test_the_supervisor_tells_each_worker_to_stop_once(tmp_path: Path) -> None:
     replacement was starting: the signal went to the running workers, and
     again to all once the replacement was up. Reloads (SIGHUP) still go to
     every worker each time."""
-    pool = _Pool([])
+    pool = _Pool([], stall_s=Config().worker_stall_timeout_s)
     for n in range(2):
         log = tmp_path / f"w{n}.log"
         process = subprocess.Popen([sys.executable, "-c", _COUNT_SIGNALS, str(log)])
