@@ -47,6 +47,7 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     block_on_close = False
     request_queue_size = 128
+    connection_timeout_s = CONNECTION_TIMEOUT_S
     open: dict[socket.socket, float]
 
     def server_activate(self) -> None:
@@ -62,7 +63,7 @@ class MetricsServer(ThreadingMixIn, WSGIServer):
                 del self.open[oldest]
             else:
                 oldest = None
-            self.open[request] = time.monotonic() + CONNECTION_TIMEOUT_S
+            self.open[request] = time.monotonic() + self.connection_timeout_s
         if oldest is not None:
             # A scrape takes milliseconds: the connection open longest is the
             # likeliest to be one that sends nothing, and a new scrape gets in.
@@ -100,14 +101,23 @@ def _cut(sock: socket.socket) -> None:
 
 
 def start_metrics_server(
-    host: str, port: int, registry: CollectorRegistry
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    connection_timeout_s: float = CONNECTION_TIMEOUT_S,
 ) -> tuple[MetricsServer, threading.Thread]:
-    """Serve ``registry`` on ``host:port`` from a daemon thread."""
+    """Serve ``registry`` on ``host:port`` from a daemon thread; no
+    connection lives past ``connection_timeout_s``."""
     family, *_, sockaddr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0]
-    server_class = type("MetricsServer", (MetricsServer,), {"address_family": family})
+    server_class = type(
+        "MetricsServer",
+        (MetricsServer,),
+        {"address_family": family, "connection_timeout_s": connection_timeout_s},
+    )
+    handler_class = type("Handler", (_Handler,), {"timeout": connection_timeout_s})
     app = make_wsgi_app(registry)
     httpd: MetricsServer = make_server(
-        str(sockaddr[0]), port, app, server_class, handler_class=_Handler
+        str(sockaddr[0]), port, app, server_class, handler_class=handler_class
     )
     thread = threading.Thread(target=httpd.serve_forever, name="guard-metrics", daemon=True)
     thread.start()
