@@ -12,35 +12,55 @@ __all__ = [
     "FileIdentity",
     "FileTooLargeError",
     "FileWatcher",
+    "changed",
     "check_bounded",
+    "complete",
     "file_identity",
     "read_bounded",
 ]
 
 logger = logging.getLogger("guard.files")
 
-FileIdentity = tuple[tuple[str, int, int, int], ...]
+#: Per path, as given: (path, device, inode, mtime, size), or (path,) while missing.
+FileIdentity = tuple[tuple[str, ...] | tuple[str, int, int, int, int], ...]
 
 
-def file_identity(paths: Iterable[str | os.PathLike[str] | None]) -> FileIdentity | None:
-    """(real path, inode, mtime, size) of each file, followed through symlinks.
+def file_identity(paths: Iterable[str | os.PathLike[str] | None]) -> FileIdentity:
+    """(path, device, inode, mtime, size) of each file, followed through symlinks.
 
     It changes when any file does, including a Kubernetes ConfigMap or Secret
-    update, which swaps a ``..data`` symlink rather than writing the file.
-    ``None`` entries are skipped; ``None`` is returned while any file is
-    missing (mid-rotation: try again later).
+    update, which swaps a ``..data`` symlink rather than writing the file (the
+    file it leads to is another inode). ``None`` entries are skipped; a file
+    that is missing, or behind more symlinks than the kernel follows (a loop),
+    is ``(path,)``. The kernel follows the links: one ``stat`` per file, its
+    cost bounded however the links are laid out.
     """
-    out = []
+    out: list[tuple[str, ...] | tuple[str, int, int, int, int]] = []
     for path in paths:
         if path is None:
             continue
+        name = os.fspath(path)
         try:
-            real = os.path.realpath(path)
-            st = os.stat(real)
-        except OSError:
-            return None
-        out.append((real, st.st_ino, st.st_mtime_ns, st.st_size))
+            st = os.stat(name)
+        except (OSError, ValueError):  # ValueError: a NUL in the name
+            out.append((name,))
+            continue
+        out.append((name, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(out)
+
+
+def complete(identity: FileIdentity) -> bool:
+    """Whether every file of ``identity`` was there."""
+    return all(len(entry) > 1 for entry in identity)
+
+
+def changed(before: FileIdentity, now: FileIdentity) -> bool:
+    """Whether a file that is there now differs from ``before`` (same paths).
+    A missing file alone is no change: it may be mid-rotation, and is waited
+    for; the others are still watched meanwhile."""
+    if len(before) != len(now):
+        return True
+    return any(len(new) > 1 and new != old for old, new in zip(before, now, strict=True))
 
 
 class FileTooLargeError(OSError):
@@ -121,7 +141,7 @@ class FileWatcher:
         self._seen = file_identity(self._paths)
         self._settling: FileIdentity | None = None  # changed, not yet seen stable
 
-    def mark_seen(self) -> FileIdentity | None:
+    def mark_seen(self) -> FileIdentity:
         """The files as they are now count as handled (after a reload by
         signal); returns their identity, to compare with after reading them."""
         self._seen = file_identity(self._paths)
@@ -134,20 +154,23 @@ class FileWatcher:
             self._paths = tuple(paths)
             self.mark_seen()
 
-    def identity(self) -> FileIdentity | None:
-        """The files' identity now (``None`` while one is missing)."""
+    def identity(self) -> FileIdentity:
+        """The files' identity now."""
         return file_identity(self._paths)
 
     async def run(self) -> None:
         """Poll until cancelled."""
         while True:
             await asyncio.sleep(self._interval_s)
-            await self.poll()
+            try:
+                await self.poll()
+            except Exception:  # never let the watcher die
+                logger.exception("watching %s failed", ", ".join(map(str, self._paths)))
 
     async def poll(self) -> None:
         """Check the files once."""
         now = file_identity(self._paths)
-        if now is None or now == self._seen:
+        if not changed(self._seen, now):
             self._settling = None
             return
         if now != self._settling:  # changed since the last poll: may be mid-write

@@ -82,7 +82,7 @@ class Reloader:
             before = self.watcher.mark_seen()
             return await self._reload(self._path, before)
 
-    async def _reload(self, path: Path, before: FileIdentity | None) -> bool:
+    async def _reload(self, path: Path, before: FileIdentity) -> bool:
         new: Config | None = None
         failure = ""
         try:

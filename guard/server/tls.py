@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 import grpc
 
 from guard.control.config import TLSConfig
-from guard.control.files import file_identity
+from guard.control.files import complete, file_identity
 from guard.control.pem import PemFiles, context_from, read_pem_files
 
 __all__ = ["ServerCertificates", "channel_credentials", "server_ssl_context"]
@@ -57,7 +57,7 @@ class _Rotation(Generic[T]):
         """The latest files' product; the old one while they are missing or refused."""
         identity = file_identity(self._paths)
         with self._lock:
-            if identity is not None and identity != self._identity:
+            if complete(identity) and identity != self._identity:
                 self._identity = identity  # a refusal is not tried again until they change
                 self._remake()
             return self.made
@@ -65,7 +65,7 @@ class _Rotation(Generic[T]):
     def _remake(self) -> None:
         try:
             self.made = self._make(_read(self._tls))
-        except (OSError, ValueError, ssl.SSLError) as exc:
+        except Exception as exc:  # a handshake must never fail on the files' account
             logger.error(
                 "TLS certificate reload failed (%s), keeping the old certificate: %s",
                 self._side, exc,
