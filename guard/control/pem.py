@@ -1,5 +1,7 @@
 """The PEM files that the TLS settings name: read once each, within a bound,
-and checked with OpenSSL from the bytes that were read.
+and checked from the bytes that were read, with OpenSSL (what ``ssl`` and so
+the REST listener use) and with gRPC's BoringSSL, which refuses some keys
+OpenSSL takes.
 
 Reading the bytes once and loading OpenSSL from them (not from the path again)
 means that what was checked is what is used: a file replaced between the check
@@ -17,6 +19,7 @@ import re
 import ssl
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from guard.control.files import read_bounded
@@ -80,7 +83,9 @@ def pem_problems(
         found.append(key := _key_problem(str(key_file), pem.key))
         key_ok = key is None
     if cert_ok and key_ok:
-        found.append(_pair_problem(str(cert_file), str(key_file), pem))
+        found.append(pair := _pair_problem(str(cert_file), str(key_file), pem))
+        if pair is None:
+            found.append(_grpc_problem(str(cert_file), pem))
     return [problem for problem in found if problem is not None]
 
 
@@ -178,3 +183,28 @@ def _pair_problem(cert_file: str, key_file: str, pem: PemFiles) -> PemError | No
             )  # fmt: skip
         return PemError("key_file", f"'{key_file}' is not a valid PEM private key")
     return None
+
+
+def _grpc_problem(cert_file: str, pem: PemFiles) -> PemError | None:
+    """gRPC's TLS is BoringSSL, not the OpenSSL that ``ssl`` loads with: it
+    refuses some keys OpenSSL takes (Ed448, RSA-PSS, curves other than P-256,
+    P-384 and P-521). A server that is never started is given the pair: gRPC
+    builds its TLS from them there, or refuses the port."""
+    import grpc  # here: most commands that read a config never need it
+
+    assert pem.key is not None and pem.cert is not None
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    try:
+        credentials = grpc.ssl_server_credentials([(pem.key, pem.cert)])
+        usable = server.add_secure_port("127.0.0.1:0", credentials) != 0
+    except RuntimeError:
+        usable = False
+    finally:
+        server.stop(None)
+    if usable:
+        return None
+    return PemError(
+        "cert_file", f"gRPC's TLS (BoringSSL) cannot use the certificate in '{cert_file}' "
+        "and its key (Ed448, RSA-PSS and curves other than P-256, P-384 and P-521 are "
+        "refused); give an RSA, ECDSA (P-256, P-384 or P-521) or Ed25519 certificate",
+    )  # fmt: skip

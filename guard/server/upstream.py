@@ -161,9 +161,14 @@ class Upstream:
         """Rebuild the channel with the new certificates."""
         try:
             channels = self._new_channels()
-        except (OSError, ValueError) as exc:  # mid-rotation, or damaged: try again next tick
-            logger.warning("upstream TLS files changed but cannot be used yet: %s", exc)
+        except OSError as exc:  # a file mid-rotation: try again on the next tick
+            logger.warning("upstream TLS files changed but cannot be read yet: %s", exc)
             return False
+        except ValueError as exc:  # damaged: read and checked again once they change
+            logger.error(
+                "upstream TLS files changed but do not load, keeping the current channel: %s", exc
+            )
+            return True
         old, self._current = self._current, channels
         logger.info("upstream TLS files changed: reconnecting with the new certificates")
         # Calls already on the old channel finish (their deadline bounds them).

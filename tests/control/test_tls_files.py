@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed448
 
 from guard.control.config import load_config
 from guard.dataplane.errors import ConfigError
@@ -23,7 +24,8 @@ GUARD = [sys.executable, "-m", "guard"]
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ca.crt; server.crt/.key and client.crt/.key it signed; other.key (of
-    no certificate here); junk, empty, a cut-short certificate, an encrypted key."""
+    no certificate here); junk, empty, a cut-short certificate, an encrypted
+    key; ed448.crt/.key."""
     d = tmp_path_factory.mktemp("pki")
     ca = CA()
     ca.write(d, "ca")
@@ -41,6 +43,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
         serialization.BestAvailableEncryption(b"secret"),
     )
     (d / "encrypted.key").write_bytes(encrypted)
+    # OpenSSL takes an Ed448 certificate; gRPC's BoringSSL does not.
+    ca.issue("localhost", server=True, key=ed448.Ed448PrivateKey.generate()).write(d, "ed448")
     return d
 
 
@@ -81,6 +85,7 @@ SERVER = {"cert_file": "server.crt", "key_file": "server.key"}
         ({"key_file": "encrypted.key"}, "key_file", "encrypted.key' is encrypted"),
         ({"ca_file": "junk.pem"}, "ca_file", "junk.pem' holds no PEM certificate"),
         ({"ca_file": "empty.pem"}, "ca_file", "empty.pem' holds no PEM certificate"),
+        ({"cert_file": "ed448.crt", "key_file": "ed448.key"}, "cert_file", "(BoringSSL) cannot"),
     ],
 )
 @pytest.mark.parametrize("section", ["tls", "upstream_tls"])

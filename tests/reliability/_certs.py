@@ -10,11 +10,13 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+PrivateKey = ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+
+def _pem_key(key: PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -83,9 +85,10 @@ class CA:
         path.write_bytes(self.pem)
         return path
 
-    def issue(self, common_name: str, *, server: bool) -> Issued:
-        """A leaf certificate; server ones name ``localhost`` and ``127.0.0.1``."""
-        key = ec.generate_private_key(ec.SECP256R1())
+    def issue(self, common_name: str, *, server: bool, key: PrivateKey | None = None) -> Issued:
+        """A leaf certificate (for an EC P-256 key unless ``key`` is given);
+        server ones name ``localhost`` and ``127.0.0.1``."""
+        key = key if key is not None else ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         serial = x509.random_serial_number()
         builder = (
