@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 
-__all__ = ["bind_problem", "join_address", "share_problem", "split_address"]
+__all__ = ["bind_problem", "join_address", "overlap", "share_problem", "split_address"]
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -60,6 +60,31 @@ def _try_bind(
         if reuse_port and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
+
+
+_WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether two ``host:port`` listen addresses would take the same port on
+    a common address: the same port (not 0) and hosts that share an address,
+    or either a wildcard (gRPC binds ``0.0.0.0`` as ``[::]``, both families)."""
+    try:
+        (host_a, port_a), (host_b, port_b) = split_address(a), split_address(b)
+    except ValueError:
+        return False
+    if port_a != port_b or port_a == 0:
+        return False
+    found_a, found_b = _addresses(host_a), _addresses(host_b)
+    return bool(found_a & found_b) or bool((found_a | found_b) & _WILDCARDS)
+
+
+def _addresses(host: str) -> set[str]:
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError, ValueError):
+        return {host}
+    return {str(sockaddr[0]) for *_, sockaddr in found}
 
 
 def share_problem(address: str) -> str | None:

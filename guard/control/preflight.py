@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from guard.control.config import Config, settings
-from guard.control.net import bind_problem, share_problem
+from guard.control.net import bind_problem, overlap, share_problem
 
 __all__ = [
     "CannotStart",
@@ -101,6 +101,7 @@ def start(listeners: Sequence[Listener], tls: bool, run: Callable[[], int]) -> i
     """Check that every listener can bind, then ``run``. A bind that fails
     all the same (a race, or a case the check does not see) is reported as
     the check would report it; any other failure propagates untouched."""
+    _check_distinct(listeners)
     for listener in listeners:
         if (problem := listener.problem()) is not None:
             raise CannotStart(problem)
@@ -111,6 +112,19 @@ def start(listeners: Sequence[Listener], tls: bool, run: Callable[[], int]) -> i
         if failure is None:
             raise
         raise failure from None
+
+
+def _check_distinct(listeners: Sequence[Listener]) -> None:
+    """Two of the command's own listeners on one port: with SO_REUSEPORT both
+    bind, and each takes a share of the other's connections (gRPC clients
+    reaching aiohttp fail every call)."""
+    for i, later in enumerate(listeners):
+        for earlier in listeners[:i]:
+            if overlap(earlier.address, later.address):
+                raise CannotStart(
+                    f"{later.setting} {later.address}: the same port as {earlier.setting} "
+                    f"{earlier.address}; give each its own port ({later.change})"
+                )
 
 
 _BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})

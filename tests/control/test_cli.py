@@ -453,3 +453,24 @@ def test_other_failures_are_not_swallowed(error: Exception) -> None:
 
     with pytest.raises(type(error)):
         preflight.start(listeners, False, fail)
+
+
+@pytest.mark.parametrize(
+    ("rest", "metrics"),
+    [("0.0.0.0:{p}", "127.0.0.1:0"), ("127.0.0.1:{p}", "127.0.0.1:0"),
+     ("127.0.0.1:0", "127.0.0.1:{p}")],
+)  # fmt: skip
+def test_the_guards_own_listeners_on_one_port_are_refused(
+    tmp_path: Path, rest: str, metrics: str
+) -> None:
+    """Found (red team): listen and rest_listen on one port both bound (SO_REUSEPORT);
+    REST took all 20 requests and all 10 gRPC calls failed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rest, metrics = rest.format(p=port), metrics.format(p=port)
+    out = _serve_briefly(
+        tmp_path, listen=f"127.0.0.1:{port}", rest_listen=rest, metrics_listen=metrics
+    )
+    later = "rest_listen" if str(port) in rest else "metrics_listen"
+    _one_line_error(out, f"{later} ", f"the same port as listen 127.0.0.1:{port}")
