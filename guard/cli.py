@@ -44,6 +44,8 @@ _PLUGINS = {
 
 
 _WORKERS_ENV = "GUARD_WORKERS"
+# Set by the --workers supervisor for its workers: its process id.
+_SUPERVISOR_ENV = "GUARD_SUPERVISOR_PID"
 # Each worker is a process of about 60 MB, and more of them than cores add no
 # throughput; the bound keeps a typo (--workers 100000) from forking until
 # memory runs out.
@@ -139,6 +141,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--workers cannot be combined with --model (dev mode)")
     if workers > 1 or args.model:
         check_tempdir()  # the children's port files go there
+    if args.as_worker and os.environ.get(_SUPERVISOR_ENV) != str(os.getppid()):
+        raise CannotStart(
+            "--as-worker is for the processes `guard serve --workers N` starts (it skips the "
+            "check that no other process listens on the port); leave it out"
+        )
     listeners = serve_listeners(cfg, dev_mode=bool(args.model), worker=args.as_worker)
     if workers > 1:
         from guard.control.workers import run_workers
@@ -146,6 +153,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # The workers are `guard serve` too, with this environment: were it
         # left, each would start workers of its own, and so on.
         os.environ.pop(_WORKERS_ENV, None)
+        os.environ[_SUPERVISOR_ENV] = str(os.getpid())  # their --as-worker is genuine
         run = partial(run_workers, cfg, args.config, overrides, workers, args.port_file)
     else:
         run = partial(run_serve, cfg, config_path, overrides, args.port_file, args.model)

@@ -474,3 +474,10 @@ def test_the_guards_own_listeners_on_one_port_are_refused(
     )
     later = "rest_listen" if str(port) in rest else "metrics_listen"
     _one_line_error(out, f"{later} ", f"the same port as listen 127.0.0.1:{port}")
+
+
+def test_as_worker_is_refused_outside_a_supervisor(tmp_path: Path) -> None:
+    """Found (red team): the hidden flag --as-worker, given by hand, skipped
+    the check that no other process listens on the port."""
+    out = _serve_briefly(tmp_path, "--as-worker")
+    _one_line_error(out, "--as-worker is for the processes `guard serve --workers N` starts")
