@@ -419,8 +419,12 @@ def parse_config(
             "the guard as a pure proxy",
         )  # fmt: skip
     values = {name: s.read(problems, "", data, base_dir) for name, s in _SETTINGS.items()}
-    problems.raise_if_any()
     labels_files = labels_file_paths(data.get("models"), base_dir)
+    try:
+        problems.raise_if_any()
+    except ConfigError as exc:
+        exc.labels_files = labels_files
+        raise
     return Config(**values, source=source, labels_files=labels_files)
 
 

@@ -85,10 +85,11 @@ class Reloader:
     async def _reload(self, path: Path, before: FileIdentity) -> bool:
         new: Config | None = None
         failure = ""
+        named: tuple[Path, ...] = ()
         try:
             new = await asyncio.to_thread(resolve, path, self._overrides)
         except ConfigError as exc:
-            failure = str(exc)
+            failure, named = str(exc), exc.labels_files
         except Exception as exc:  # e.g. a file that is not UTF-8: never kill the watcher
             failure = f"{self._path}: cannot load: {type(exc).__name__}: {exc}"
         if self.watcher.identity() != before:
@@ -103,6 +104,8 @@ class Reloader:
         if new is None:
             self._count("failure")
             logger.error("config reload failed, keeping the previous rules: %s", failure)
+            # The failed config's labels files too: fixing one is a change.
+            self.watcher.watch(list(dict.fromkeys([*self._files(self._current()), *named])))
             return False
         if self._current().models and not new.models:
             logger.warning(

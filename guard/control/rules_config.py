@@ -108,13 +108,17 @@ def _labels_path(base_dir: Path, raw: str) -> Path:
 
 
 def labels_file_paths(raw_models: Any, base_dir: Path) -> tuple[Path, ...]:
-    """The labels files a valid ``models:`` list names, each once, in order."""
-    found = dict.fromkeys(
-        _labels_path(base_dir, output["labels_file"])
-        for model in raw_models or ()
-        for output in model["outputs"]
-        if "labels_file" in output
-    )
+    """The labels files a ``models:`` list names, each once, in order, at most
+    :data:`LABELS_FILES_MAX`. The list need not be valid (what is not a list
+    of mappings is skipped): a reload that failed still watches the files its
+    config named, so that fixing one of them is seen."""
+    found: dict[Path, None] = {}
+    for model in raw_models if isinstance(raw_models, list) else ():
+        outputs = model.get("outputs") if isinstance(model, dict) else None
+        for output in outputs if isinstance(outputs, list) else ():
+            raw = output.get("labels_file") if isinstance(output, dict) else None
+            if isinstance(raw, str) and len(found) < LABELS_FILES_MAX:
+                found.setdefault(_labels_path(base_dir, raw), None)
     return tuple(found)
 
 

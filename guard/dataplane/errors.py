@@ -9,6 +9,7 @@ the CLI prints them and exits 2.
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 
 __all__ = [
     "ConfigError",
@@ -86,3 +87,7 @@ class ResponseTooLargeError(GuardError):
 class ConfigError(Exception):
     """The configuration file is invalid. ``str()`` names the file, the rule
     and the field, and says what is allowed."""
+
+    labels_files: tuple[Path, ...] = ()
+    """The labels files the invalid config names, as far as they could be
+    read: a reload watches them, so that fixing one is seen."""

@@ -575,3 +575,23 @@ async def test_a_poll_is_one_stat_per_file_however_deep_the_links(tmp_path: Path
         await watcher.poll()
     per_poll = (time.perf_counter() - start) / 5
     assert per_poll < 0.05, f"{per_poll * 1000:.0f} ms a poll"
+
+
+async def test_fixing_a_labels_file_that_only_the_failed_config_names_reloads(
+    tmp_path: Path,
+) -> None:
+    """Found: a config naming a new labels file with a bad line failed to
+    reload, as it should; fixing that labels file then did nothing (only the
+    old rules' files were watched) until a SIGHUP or an edit of the config."""
+    config = tmp_path / "guard.yaml"
+    config.write_text(_rules("a.txt"))
+    (tmp_path / "a.txt").write_text("a\nb\n")
+    (tmp_path / "b.txt").write_text("x\n\x01y\n")  # a control character: refused
+    applied = _Applied(load_config(config))
+    reloader = applied.reloader(config)
+    write_atomic(config, _rules("b.txt"))
+    await _two_polls(reloader)
+    assert applied.counted == ["failure"] and _labels(applied) == ("a", "b")
+    write_atomic(tmp_path / "b.txt", "x\ny\n")
+    await _two_polls(reloader)
+    assert applied.counted == ["failure", "success"] and _labels(applied) == ("x", "y")
