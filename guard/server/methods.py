@@ -18,7 +18,7 @@ import grpc
 from guard.dataplane.cache import BoundedCache
 from guard.metrics.guard_metrics import OTHER
 
-__all__ = ["PREDICT", "MethodInfo", "ProxyHandler", "method_label"]
+__all__ = ["PREDICT", "Handler", "MethodInfo", "ProxyHandler", "method_label"]
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"

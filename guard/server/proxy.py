@@ -29,7 +29,7 @@ from guard.server.ceiling import MemoryCeiling
 from guard.server.gate import Gate, Refusal
 from guard.server.handler import CallHandler
 from guard.server.health import Health
-from guard.server.methods import PREDICT, ProxyHandler
+from guard.server.methods import PREDICT, Handler, MethodInfo, ProxyHandler
 from guard.server.relay import StreamRelay
 from guard.server.sockets import parse_peer, shut_client_sockets
 from guard.server.upstream import Upstream, window_options
@@ -102,6 +102,7 @@ class GuardServer:
             self.cut_connection,
         )  # fmt: skip
         self._servers: list[grpc.aio.Server] = []
+        self._running: dict[grpc.aio.Server, _Running] = {}
         self._certificates: tls.ServerCertificates | None = None  # made with the first server
         self._watch: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
@@ -140,7 +141,10 @@ class GuardServer:
         # else; the guard's own limits (the gate) see every call.
         server = grpc.aio.server(options=server_options(self.config))
         server.add_generic_rpc_handlers(_generic_only(self._health))
-        handler = ProxyHandler(CallHandler(self).unary, StreamRelay(self).relay)
+        running = self._running[server] = _Running()
+        handler = ProxyHandler(
+            running.counted(CallHandler(self).unary), running.counted(StreamRelay(self).relay)
+        )
         server.add_generic_rpc_handlers((handler,))
         if self.config.tls is not None:
             if self._certificates is None:
@@ -232,9 +236,20 @@ class GuardServer:
 
     async def _retire(self, server: grpc.aio.Server) -> None:
         """Finish the stopped server's shutdown: gRPC's own stopped halfway (it
-        raised), before its calls were waited for and its core server freed."""
+        raised), before its calls were waited for and its core server freed.
+
+        The calls its handlers run finish, within ``shutdown_grace_s``; then
+        the rest are cancelled at once. The rest include a call its dead
+        accept loop had asked gRPC for and never ran: left to the grace
+        period, that call waited out its client's deadline (a health check's
+        2 s, in one run of about 40 of the non-UTF-8 attack)."""
+        running = self._running.pop(server, _Running())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_grace_s
+        while running.count and loop.time() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
         try:
-            await server.stop(self.config.shutdown_grace_s)
+            await server.stop(0)
         except Exception as exc:  # nothing more can be done for it
             logger.warning("a stopped gRPC server could not be shut down: %s", exc)
 
@@ -302,6 +317,24 @@ class _GenericHandlers:
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         pass  # the generic handler serves the same methods
+
+
+class _Running:
+    """How many of the guard's calls one gRPC server's handlers are running
+    (health checks aside)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def counted(self, handler: Handler) -> Handler:
+        async def run(info: MethodInfo, requests: Any, context: Any) -> Any:
+            self.count += 1
+            try:
+                return await handler(info, requests, context)
+            finally:
+                self.count -= 1
+
+        return run
 
 
 def _generic_only(servicer: Health) -> tuple[grpc.GenericRpcHandler, ...]:

@@ -303,3 +303,36 @@ async def test_a_forwarded_request_counts_twice_while_in_flight(
             break
         await asyncio.sleep(0.02)
     assert guard.sample("guard_inflight_bytes") == 0
+
+
+async def test_a_retired_server_ends_what_its_handlers_do_not_run_once_they_are_done(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    """A gRPC server that stopped by itself (a non-UTF-8 :path) is retired:
+    the calls its handlers run finish, then the rest end at once. Found (a
+    flake hunt): a call its dead accept loop had taken and never ran waited
+    out the grace period, or its client's deadline (a 2 s health check).
+    A health Watch stands in for that call here: the guard's handlers do
+    not run it either."""
+    upstream.reply("m", predict_response("m", {"y": VALUES}))
+    upstream.gate = asyncio.Event()
+    guard = await make_guard(RULES, shutdown_grace_s=8)
+    async with grpc.aio.insecure_channel(guard.address) as channel:  # one connection
+        stub = predict_stub(channel)
+        predict = asyncio.ensure_future(stub.Predict(predict_request("m"), timeout=20))
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        for _ in range(200):  # bounded: until the Predict runs on its server
+            busy = [s for s in guard.server._servers if guard.server._running[s].count]
+            if busy:
+                break
+            await asyncio.sleep(0.01)
+        assert len(busy) == 1
+        retire = asyncio.ensure_future(guard.server._retire(busy[0]))
+        await asyncio.sleep(0.3)
+        assert not retire.done()  # the Predict it runs is waited for
+        upstream.gate.set()
+        assert list((await predict).outputs) == ["y"]
+        await asyncio.wait_for(retire, 2)  # not the 8 s grace, for the Watch
+        with pytest.raises(grpc.aio.AioRpcError):
+            await asyncio.wait_for(watch.read(), 2)
