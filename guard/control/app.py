@@ -292,12 +292,15 @@ def run_serve(
 def configure_logging(level: str) -> None:
     """One line per event, to stderr; a warning or error that repeats, at most
     once a minute (:class:`RepeatQuota`)."""
+    before = set(logging.getLogger().handlers)
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for handler in logging.getLogger().handlers:
+    # Only the handler made here: one already there (pytest's capture, an
+    # embedding program's) keeps every record.
+    for handler in set(logging.getLogger().handlers) - before:
         handler.addFilter(RepeatQuota())
 
 

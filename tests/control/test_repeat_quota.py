@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from guard.control.app import RepeatQuota
+from guard.control.app import RepeatQuota, configure_logging
 
 
 @pytest.fixture
@@ -72,3 +72,22 @@ def test_arguments_that_do_not_fit_do_not_break_the_filter(
     record = logger.makeRecord("guard.x", logging.ERROR, __file__, 1, "%d apples", ("x",), None)
     assert quota.filter(record) is True
     assert quota.filter(record) is False
+
+
+def test_configure_logging_filters_only_the_handler_it_makes() -> None:
+    """Found: it added the quota to every handler on the root logger, pytest's
+    capture included, so in-process tests that ran `guard serve` made later
+    tests' caplog drop their fifth different error from one place."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    already = logging.StreamHandler(io.StringIO())
+    root.handlers = [already]
+    try:
+        configure_logging("info")  # basicConfig adds nothing: a handler is there
+        assert not [f for f in already.filters if isinstance(f, RepeatQuota)]
+        root.handlers = []
+        configure_logging("info")
+        (made,) = root.handlers
+        assert [f for f in made.filters if isinstance(f, RepeatQuota)]
+    finally:
+        root.handlers, root.level = saved_handlers, saved_level
