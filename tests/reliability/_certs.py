@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,20 @@ class CA:
             )
         cert = builder.sign(self.key, hashes.SHA256())
         return Issued(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key), serial)
+
+
+def presented_serial(port: int, ca: CA, *, h2: bool = False) -> int:
+    """The serial of the certificate a TLS server on ``127.0.0.1:port``
+    presents to a client trusting ``ca``; ``h2`` offers ALPN ``h2``, as a gRPC
+    client does (gRPC's TLS refuses a handshake without it)."""
+    context = ssl.create_default_context(cadata=ca.pem.decode())
+    if h2:
+        context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as conn:
+            der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    return serial_of(der)
 
 
 def serial_of(der: bytes) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -16,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed448
 
 from guard.control.config import parse_config
-from tests.reliability._certs import CA, Issued, serial_of
+from tests.reliability._certs import CA, Issued, presented_serial
 from tests.support.guard import RunningGuard, start_in_process
 from tests.support.rest_upstream import FakeRestUpstream, Reply
 
@@ -56,15 +55,6 @@ async def _get(port: int, ca: CA, client: Issued | None = None, where: Path | No
         return type(exc).__name__
 
 
-def _serial(port: int, ca: CA) -> int:
-    context = ssl.create_default_context(cadata=ca.pem.decode())
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname="localhost") as conn:
-            der = conn.getpeercert(binary_form=True)
-    assert der is not None
-    return serial_of(der)
-
-
 async def test_rest_over_tls_and_mtls(fake: FakeRestUpstream, tmp_path: Path) -> None:
     ca = CA()
     cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
@@ -96,23 +86,13 @@ async def test_a_renewed_certificate_is_used_by_new_connections(
     try:
         assert guard.rest is not None
         port = guard.rest.port
-        assert await asyncio.to_thread(_serial, port, ca) == first.serial
+        assert await asyncio.to_thread(presented_serial, port, ca) == first.serial
         second = ca.issue("guard", server=True)
         second.write(tmp_path, "server")
-        assert await asyncio.to_thread(_serial, port, ca) == second.serial
+        assert await asyncio.to_thread(presented_serial, port, ca) == second.serial
         assert await _get(port, ca) == STATUS.decode()
     finally:
         await guard.stop()
-
-
-def _grpc_serial(port: int, ca: CA) -> int:
-    context = ssl.create_default_context(cadata=ca.pem.decode())
-    context.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with context.wrap_socket(raw, server_hostname="localhost") as conn:
-            der = conn.getpeercert(binary_form=True)
-    assert der is not None
-    return serial_of(der)
 
 
 async def test_damaged_certificate_files_keep_the_old_certificate_on_both_listeners(
@@ -130,8 +110,8 @@ async def test_damaged_certificate_files_keep_the_old_certificate_on_both_listen
 
     async def serials() -> tuple[int, int]:
         assert guard.rest is not None
-        grpc_side = await asyncio.to_thread(_grpc_serial, guard.server.port, ca)
-        return grpc_side, await asyncio.to_thread(_serial, guard.rest.port, ca)
+        grpc_side = await asyncio.to_thread(presented_serial, guard.server.port, ca, h2=True)
+        return grpc_side, await asyncio.to_thread(presented_serial, guard.rest.port, ca)
 
     try:
         assert await serials() == (first.serial, first.serial)

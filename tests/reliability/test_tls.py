@@ -4,8 +4,6 @@ metrics port bound to loopback (issue 6, section 5)."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import ssl
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from tests.conftest import GuardFactory
-from tests.reliability._certs import CA, Issued, serial_of
+from tests.reliability._certs import CA, Issued, presented_serial
 from tests.support.guard import guard_process
 from tests.support.protos import predict_request, predict_response
 from tests.support.upstream import FakeUpstream, start_upstream
@@ -121,16 +119,6 @@ async def test_tls_to_the_upstream(make_guard: GuardFactory, tmp_path: Path, mut
         await up.server.stop(0)
 
 
-def _server_serial(port: int, ca_pem: bytes) -> int:
-    ctx = ssl.create_default_context(cadata=ca_pem.decode())
-    ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="localhost") as conn:
-            der = conn.getpeercert(binary_form=True)
-    assert der is not None
-    return serial_of(der)
-
-
 async def test_server_certificate_reloads_on_change(
     make_guard: GuardFactory, plain_upstream: FakeUpstream, tmp_path: Path
 ) -> None:
@@ -141,12 +129,12 @@ async def test_server_certificate_reloads_on_change(
         RULES, upstream=plain_upstream.address, tls={"cert_file": str(cert), "key_file": str(key)}
     )
     port = guard.server.port
-    assert await asyncio.to_thread(_server_serial, port, ca.pem) == first.serial
+    assert await asyncio.to_thread(presented_serial, port, ca, h2=True) == first.serial
 
     # Renewed by the same CA: a new connection sees the new serial.
     second = ca.issue("guard", server=True)
     second.write(tmp_path, "server")
-    assert await asyncio.to_thread(_server_serial, port, ca.pem) == second.serial
+    assert await asyncio.to_thread(presented_serial, port, ca, h2=True) == second.serial
 
     # Rotated to a new CA: a client trusting only the new CA gets through.
     new_ca = CA("rotated CA")
@@ -154,7 +142,7 @@ async def test_server_certificate_reloads_on_change(
     third.write(tmp_path, "server")
     assert await _predict(guard.address, grpc.ssl_channel_credentials(new_ca.pem)) == "OK"
     assert await _predict(guard.address, grpc.ssl_channel_credentials(ca.pem)) == "UNAVAILABLE"
-    assert await asyncio.to_thread(_server_serial, port, new_ca.pem) == third.serial
+    assert await asyncio.to_thread(presented_serial, port, new_ca, h2=True) == third.serial
 
 
 def _listen_address(port: int) -> set[str]:
