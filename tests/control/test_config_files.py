@@ -428,15 +428,20 @@ async def _two_polls(reloader: Reloader) -> None:
     await reloader.watcher.poll()
 
 
+def _watching(tmp_path: Path, labels: str = "a.txt") -> tuple[Path, _Applied, Reloader]:
+    """guard.yaml naming ``labels`` (which holds a, b), loaded, and its reloader."""
+    config = tmp_path / "guard.yaml"
+    config.write_text(_rules(labels))
+    (tmp_path / labels).write_text("a\nb\n")
+    applied = _Applied(load_config(config))
+    return config, applied, applied.reloader(config)
+
+
 async def test_the_watcher_follows_the_labels_files_of_the_rules_in_effect(tmp_path: Path) -> None:
     """Found: a labels file replaced alone (its config unchanged) was never
     reloaded; the old labels were served until an unrelated reload."""
-    config = tmp_path / "guard.yaml"
-    config.write_text(_rules("a.txt"))
-    (tmp_path / "a.txt").write_text("a\nb\n")
+    config, applied, reloader = _watching(tmp_path)
     (tmp_path / "b.txt").write_text("x\ny\n")
-    applied = _Applied(load_config(config))
-    reloader = applied.reloader(config)
     write_atomic(tmp_path / "a.txt", "a2\nb2\n")
     await reloader.watcher.poll()
     assert _labels(applied) == ("a", "b")  # the watcher waits one poll
@@ -471,11 +476,7 @@ def _break(path: Path, how: str) -> str:
 async def test_a_broken_labels_file_keeps_the_old_rules_and_is_still_watched(
     tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = tmp_path / "guard.yaml"
-    config.write_text(_rules("a.txt"))
-    (tmp_path / "a.txt").write_text("a\nb\n")
-    applied = _Applied(load_config(config))
-    reloader = applied.reloader(config)
+    _config, applied, reloader = _watching(tmp_path)
     says = _break(tmp_path / "a.txt", how)
     await asyncio.wait_for(_two_polls(reloader), CHECK_SECONDS)
     assert _labels(applied) == ("a", "b") and applied.counted == ["failure"]
@@ -490,11 +491,7 @@ async def test_a_broken_labels_file_keeps_the_old_rules_and_is_still_watched(
 async def test_a_removed_labels_file_is_waited_for_and_a_signal_reload_fails(
     tmp_path: Path,
 ) -> None:
-    config = tmp_path / "guard.yaml"
-    config.write_text(_rules("a.txt"))
-    (tmp_path / "a.txt").write_text("a\nb\n")
-    applied = _Applied(load_config(config))
-    reloader = applied.reloader(config)
+    _config, applied, reloader = _watching(tmp_path)
     (tmp_path / "a.txt").unlink()
     await _two_polls(reloader)  # missing: mid-rotation, as a config file would be
     assert applied.counted == []
@@ -510,11 +507,7 @@ async def test_a_config_renaming_a_missing_labels_file_is_reloaded(tmp_path: Pat
     'missing', so the watcher ignored every change, the config's included:
     `mv labels.txt labels-v2.txt`, then a config naming labels-v2.txt, was
     never reloaded, and nothing was logged."""
-    config = tmp_path / "guard.yaml"
-    config.write_text(_rules("labels.txt"))
-    (tmp_path / "labels.txt").write_text("a\nb\n")
-    applied = _Applied(load_config(config))
-    reloader = applied.reloader(config)
+    config, applied, reloader = _watching(tmp_path, "labels.txt")
     (tmp_path / "labels.txt").rename(tmp_path / "labels-v2.txt")
     await _two_polls(reloader)
     assert applied.counted == []  # the missing file alone is waited for
@@ -530,12 +523,8 @@ async def test_a_symlink_chain_past_the_kernels_limit_leaves_the_watcher_working
     recursion; its RecursionError killed the polling task, silently, and no
     change was reloaded until a restart. Each file is now one stat: the kernel
     stops at its link limit (ELOOP) and the file counts as missing."""
-    config = tmp_path / "guard.yaml"
-    config.write_text(_rules("labels.txt"))
+    _config, applied, reloader = _watching(tmp_path, "labels.txt")
     labels = tmp_path / "labels.txt"
-    labels.write_text("a\nb\n")
-    applied = _Applied(load_config(config))
-    reloader = applied.reloader(config)
     target = tmp_path / "real.txt"
     target.write_text("c\nd\n")
     previous = target
@@ -583,12 +572,8 @@ async def test_fixing_a_labels_file_that_only_the_failed_config_names_reloads(
     """Found: a config naming a new labels file with a bad line failed to
     reload, as it should; fixing that labels file then did nothing (only the
     old rules' files were watched) until a SIGHUP or an edit of the config."""
-    config = tmp_path / "guard.yaml"
-    config.write_text(_rules("a.txt"))
-    (tmp_path / "a.txt").write_text("a\nb\n")
+    config, applied, reloader = _watching(tmp_path)
     (tmp_path / "b.txt").write_text("x\n\x01y\n")  # a control character: refused
-    applied = _Applied(load_config(config))
-    reloader = applied.reloader(config)
     write_atomic(config, _rules("b.txt"))
     await _two_polls(reloader)
     assert applied.counted == ["failure"] and _labels(applied) == ("a", "b")
