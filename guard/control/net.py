@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from functools import partial
 
 __all__ = ["bind_problem", "join_address", "overlap", "share_problem", "split_address"]
 
@@ -53,12 +54,19 @@ def bind_problem(address: str, *, reuse_port: bool, first_only: bool = False) ->
 
 
 def _try_bind(
-    family: int, kind: int, proto: int, sockaddr: tuple[object, ...], reuse_port: bool
+    family: int,
+    kind: int,
+    proto: int,
+    sockaddr: tuple[object, ...],
+    reuse_port: bool,
+    dual_stack: bool = False,
 ) -> None:
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if dual_stack and family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(sockaddr)
 
 
@@ -118,27 +126,18 @@ def _shared(family: int, sockaddr: tuple[object, ...]) -> bool:
     succeeds: another socket listens there, and lets the port be shared."""
     if not hasattr(socket, "SO_REUSEPORT"):
         return False
+    probe = partial(_try_bind, family, socket.SOCK_STREAM, 0, sockaddr, dual_stack=True)
     try:
-        _probe(family, sockaddr, reuse_port=False)
+        probe(reuse_port=False)
         return False
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             return False
     try:
-        _probe(family, sockaddr, reuse_port=True)
+        probe(reuse_port=True)
     except OSError:
         return False  # not shareable either: bind_problem's to report
     return True
-
-
-def _probe(family: int, sockaddr: tuple[object, ...], reuse_port: bool) -> None:
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(sockaddr)
 
 
 def _why(exc: OSError, host: str, port: int) -> str:
