@@ -103,7 +103,9 @@ class GuardServer:
         )  # fmt: skip
         self._servers: list[grpc.aio.Server] = []
         self._running: dict[grpc.aio.Server, _Running] = {}
-        self._certificates: tls.ServerCertificates | None = None  # made with the first server
+        self.certificates: tls.ListenerCertificates | None = None
+        """The listening side's TLS certificate, for every listener; made at start."""
+        self._certificates_watch: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -146,10 +148,8 @@ class GuardServer:
             running.counted(CallHandler(self).unary), running.counted(StreamRelay(self).relay)
         )
         server.add_generic_rpc_handlers((handler,))
-        if self.config.tls is not None:
-            if self._certificates is None:
-                self._certificates = tls.ServerCertificates(self.config.tls)
-            port = server.add_secure_port(listen, self._certificates.credentials())
+        if self.certificates is not None:
+            port = server.add_secure_port(listen, self.certificates.credentials())
         else:
             port = server.add_insecure_port(listen)
         if not port:
@@ -158,6 +158,9 @@ class GuardServer:
 
     async def start(self) -> int:
         """Bind, start serving and start probing the upstream. Returns the bound port."""
+        if self.config.tls is not None:
+            rest = self.config.rest_upstream is not None
+            self.certificates = tls.ListenerCertificates(self.config.tls, rest=rest)
         server, self.port = self._new_server(self.config.listen)
         self._health.set(False)
         self.metrics.upstream_up.set(0)
@@ -168,6 +171,9 @@ class GuardServer:
         await self.upstream.start()
         self._watch = asyncio.create_task(self._watch_servers(), name="guard-server-watch")
         self._arrivals_watch = asyncio.create_task(self.arrivals.run(), name="guard-arrivals")
+        if self.certificates is not None:
+            watch = self.certificates.watcher.run()
+            self._certificates_watch = asyncio.create_task(watch, name="guard-tls-watch")
         if self.config.max_memory_mb:
             ceiling = MemoryCeiling(self.config.max_memory_mb * 2**20, self._close_connections)
             self._ceiling = asyncio.create_task(ceiling.run(), name="guard-memory-ceiling")
@@ -282,7 +288,7 @@ class GuardServer:
         await asyncio.gather(*(s.stop(_FINAL_GRACE_S) for s in self._servers))
         await asyncio.gather(*stopping, *self._retiring)
         await self.upstream.close()
-        for task in (self._arrivals_watch, self._ceiling):
+        for task in (self._arrivals_watch, self._ceiling, self._certificates_watch):
             if task is not None:
                 task.cancel()
         self.arrivals.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import os
@@ -137,3 +138,19 @@ def presented_serial(port: int, ca: CA, *, h2: bool = False) -> int:
 def serial_of(der: bytes) -> int:
     """The serial number of a DER certificate (as ``ssl`` hands it over)."""
     return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+async def await_serial(port: int, ca: CA, serial: int, *, h2: bool = False) -> int:
+    """Poll until the server on ``port`` presents ``serial`` (a rotation is
+    picked up within about two seconds), for at most 10 s; returns the serial
+    last presented (0 while no handshake with ``ca``'s trust succeeds)."""
+    seen = 0
+    for _ in range(100):
+        try:
+            seen = await asyncio.to_thread(presented_serial, port, ca, h2=h2)
+        except ssl.SSLError:
+            seen = 0  # the old certificate, from a CA the client does not trust
+        if seen == serial:
+            break
+        await asyncio.sleep(0.1)
+    return seen

@@ -14,7 +14,7 @@ import pytest
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from tests.conftest import GuardFactory
-from tests.reliability._certs import CA, Issued, presented_serial
+from tests.reliability._certs import CA, Issued, await_serial, presented_serial
 from tests.support.guard import guard_process
 from tests.support.protos import predict_request, predict_response
 from tests.support.upstream import FakeUpstream, start_upstream
@@ -134,15 +134,15 @@ async def test_server_certificate_reloads_on_change(
     # Renewed by the same CA: a new connection sees the new serial.
     second = ca.issue("guard", server=True)
     second.write(tmp_path, "server")
-    assert await asyncio.to_thread(presented_serial, port, ca, h2=True) == second.serial
+    assert await await_serial(port, ca, second.serial, h2=True) == second.serial
 
     # Rotated to a new CA: a client trusting only the new CA gets through.
     new_ca = CA("rotated CA")
     third = new_ca.issue("guard", server=True)
     third.write(tmp_path, "server")
+    assert await await_serial(port, new_ca, third.serial, h2=True) == third.serial
     assert await _predict(guard.address, grpc.ssl_channel_credentials(new_ca.pem)) == "OK"
     assert await _predict(guard.address, grpc.ssl_channel_credentials(ca.pem)) == "UNAVAILABLE"
-    assert await asyncio.to_thread(presented_serial, port, new_ca, h2=True) == third.serial
 
 
 def _listen_address(port: int) -> set[str]:

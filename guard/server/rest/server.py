@@ -28,7 +28,6 @@ from guard.dataplane.codec.restjson import Format
 from guard.dataplane.errors import GuardError, ResponseTooLargeError
 from guard.dataplane.rulespec import SERVING_DEFAULT
 from guard.metrics.guard_metrics import GuardMetrics
-from guard.server import tls
 from guard.server.deadlines import Deadlines
 from guard.server.gate import Gate, Held, Refusal
 from guard.server.rest.accept import TlsSite
@@ -47,6 +46,7 @@ from guard.server.rest.http import (
 from guard.server.rest.peek import inflate, peek_request
 from guard.server.rest.routes import Route, http_status, route
 from guard.server.rest.signatures import METADATA_BYTES_MAX, Metadata, SignatureCache
+from guard.server.tls import ListenerCertificates
 
 __all__ = ["RestFrontEnd"]
 
@@ -64,6 +64,7 @@ class RestState(Protocol):
     config: Config
     metrics: GuardMetrics
     gate: Gate
+    certificates: ListenerCertificates | None
 
     @property
     def rules(self) -> RuleBook: ...
@@ -114,8 +115,8 @@ class RestFrontEnd:
         await self._runner.setup()
         host, _, port = config.rest_listen.rpartition(":")
         where = (self._runner, host.strip("[]") or None, int(port))
-        if config.tls is not None:
-            context = tls.server_ssl_context(config.tls)
+        if self._state.certificates is not None:
+            context = self._state.certificates.ssl_context()
             self._site = TlsSite(*where, context=context, reuse_port=True, backlog=1024)
         else:
             self._site = web.TCPSite(*where, reuse_port=True, backlog=1024)
