@@ -20,6 +20,7 @@ from guard.control.config import load_config, overrides_from, resolve, settings
 from guard.control.preflight import (
     CannotStart,
     backend_listeners,
+    check_distinct,
     check_tempdir,
     serve_listeners,
     start,
@@ -185,6 +186,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print("guard check: give --config FILE (or set GUARD_CONFIG)", file=sys.stderr)
         return 2
     cfg = load_config(args.config)
+    check_distinct(serve_listeners(cfg, dev_mode=False))  # binds nothing: the guard may be up
     rules = sum(len(m.outputs) for m in cfg.models)
     print(f"{args.config}: valid ({len(cfg.models)} model rules, {rules} output rules)")
     if args.upstream:

@@ -101,7 +101,7 @@ def start(listeners: Sequence[Listener], tls: bool, run: Callable[[], int]) -> i
     """Check that every listener can bind, then ``run``. A bind that fails
     all the same (a race, or a case the check does not see) is reported as
     the check would report it; any other failure propagates untouched."""
-    _check_distinct(listeners)
+    check_distinct(listeners)
     for listener in listeners:
         if (problem := listener.problem()) is not None:
             raise CannotStart(problem)
@@ -114,10 +114,10 @@ def start(listeners: Sequence[Listener], tls: bool, run: Callable[[], int]) -> i
         raise failure from None
 
 
-def _check_distinct(listeners: Sequence[Listener]) -> None:
-    """Two of the command's own listeners on one port: with SO_REUSEPORT both
-    bind, and each takes a share of the other's connections (gRPC clients
-    reaching aiohttp fail every call)."""
+def check_distinct(listeners: Sequence[Listener]) -> None:
+    """Refuse two of the command's own listeners on one port: with
+    SO_REUSEPORT both bind, and each takes a share of the other's connections
+    (gRPC clients reaching aiohttp fail every call)."""
     for i, later in enumerate(listeners):
         for earlier in listeners[:i]:
             if overlap(earlier.address, later.address):

@@ -476,6 +476,21 @@ def test_the_guards_own_listeners_on_one_port_are_refused(
     _one_line_error(out, f"{later} ", f"the same port as listen 127.0.0.1:{port}")
 
 
+def test_guard_check_refuses_the_guards_own_listeners_on_one_port(tmp_path: Path) -> None:
+    """`guard check` saw the file's rules only: a config giving listen and
+    rest_listen one port passed it, and then `guard serve` refused to start."""
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(PROXY_ONLY + 'listen: "0.0.0.0:8500"\nrest_listen: "127.0.0.1:8500"\n')
+    out = run("check", "--config", str(cfg))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == (
+        "guard check: rest_listen 127.0.0.1:8500: the same port as listen 0.0.0.0:8500; give "
+        "each its own port (--rest-listen, GUARD_REST_LISTEN or 'rest_listen' in the config file)"
+    )
+    cfg.write_text(PROXY_ONLY + 'listen: "0.0.0.0:8500"\nrest_listen: "127.0.0.1:8501"\n')
+    assert run("check", "--config", str(cfg)).returncode == 0
+
+
 def test_as_worker_is_refused_outside_a_supervisor(tmp_path: Path) -> None:
     """Found (red team): the hidden flag --as-worker, given by hand, skipped
     the check that no other process listens on the port."""
