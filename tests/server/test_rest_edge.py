@@ -432,3 +432,48 @@ async def test_a_client_that_half_closes_is_taken_to_have_gone(
         await asyncio.sleep(0.05)
     assert _requests(guard, code="CANCELLED") == 1
     assert _requests(guard, code="OK") == 0
+
+
+async def test_a_body_in_one_byte_chunks_arrives_whole_and_the_loop_stays_free(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """Each HTTP chunk costs the parser about 1.4 µs of Python: 100 KB sent as
+    one-byte chunks (600 KB on the wire) must reach the upstream intact,
+    re-framed, while the event loop goes on serving."""
+    fake.predict("m", '{"predictions": [[0.5]]}')
+    guard = await make_guard()
+    assert guard.rest is not None
+    port = guard.rest.port
+    body = b'{"instances": [' + b"1," * 49_990 + b"1]}"
+    framed = b"".join(b"1\r\n" + body[i : i + 1] + b"\r\n" for i in range(len(body)))
+    head = (
+        b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+
+    def send() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head + framed + b"0\r\n\r\n")
+            answer = b""
+            while data := sock.recv(65536):
+                answer += data
+            return answer
+
+    loop = asyncio.get_running_loop()
+    lags = [0.0]
+
+    async def ticker() -> None:
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.005)
+            lags.append(loop.time() - before - 0.005)
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        answer = await asyncio.to_thread(send)
+    finally:
+        ticking.cancel()
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert fake.seen[-1].body == body
+    assert "chunked" not in fake.seen[-1].headers.get("Transfer-Encoding", "")
+    assert max(lags) < 0.25, f"the event loop stalled for {max(lags):.3f} s"
