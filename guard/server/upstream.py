@@ -103,7 +103,7 @@ class Upstream:
         self.config = config
         self._on_state = on_state
         self.up: bool | None = None
-        self._current = self._new_channels()
+        self._current = self._new_channels(*upstream_channel_args(config))
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -123,10 +123,11 @@ class Upstream:
         """The raw-bytes bidirectional callable for ``method``."""
         return self._current.callable("stream_stream", method)
 
-    def _new_channels(self) -> _Channel:
+    def _new_channels(
+        self, options: list[tuple[str, Any]], credentials: grpc.ChannelCredentials | None
+    ) -> _Channel:
         # Unary answers are read as they come: their channel keeps gRPC's
         # window sizing. A relayed stream's are read as its client takes them.
-        options, credentials = upstream_channel_args(self.config)
         relay_options = [*options, *window_options(self.config)]
         return _Channel(self._open(options, credentials), self._open(relay_options, credentials))
 
@@ -158,9 +159,10 @@ class Upstream:
         await self._current.close()
 
     async def _rotate(self) -> bool:
-        """Rebuild the channel with the new certificates."""
+        """Rebuild the channel with the new certificates, read and checked
+        on a worker thread: a large CA bundle would hold every call."""
         try:
-            channels = self._new_channels()
+            args = await asyncio.to_thread(upstream_channel_args, self.config)
         except OSError as exc:  # a file mid-rotation: try again on the next tick
             logger.warning("upstream TLS files changed but cannot be read yet: %s", exc)
             return False
@@ -169,7 +171,7 @@ class Upstream:
                 "upstream TLS files changed but do not load, keeping the current channel: %s", exc
             )
             return True
-        old, self._current = self._current, channels
+        old, self._current = self._current, self._new_channels(*args)
         logger.info("upstream TLS files changed: reconnecting with the new certificates")
         # Calls already on the old channel finish (their deadline bounds them).
         asyncio.create_task(old.close(grace=self.config.default_timeout_s))

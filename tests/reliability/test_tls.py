@@ -4,6 +4,7 @@ metrics port bound to loopback (issue 6, section 5)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tests.conftest import GuardFactory
 from tests.reliability._certs import CA, Issued, await_serial, presented_serial
 from tests.support.guard import guard_process
+from tests.support.looplag import loop_lag
 from tests.support.protos import predict_request, predict_response
 from tests.support.upstream import FakeUpstream, start_upstream
 
@@ -250,6 +252,37 @@ async def test_damaged_upstream_certificate_files_keep_the_old_channel(
         # Refused once per change, not read and checked again every second.
         refused = [r for r in caplog.records if "do not load" in r.getMessage()]
         assert len(refused) == 1 and "field 'cert_file'" in refused[0].getMessage()
+    finally:
+        assert up.server is not None
+        await up.server.stop(0)
+
+
+async def test_an_upstream_tls_rotation_never_stalls_the_event_loop(
+    make_guard: GuardFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found: changed upstream_tls files were read and checked on the event
+    loop: a 1 MB ca_file held every call for the time it took."""
+    caplog.set_level(logging.INFO, "guard.upstream")
+    ca = CA()
+    server = ca.issue("tf-serving", server=True)
+    up = FakeUpstream()
+    up.reply("m", predict_response("m", {"y": VALUES}))
+    await start_upstream(up, grpc.ssl_server_credentials([(server.key_pem, server.cert_pem)]))
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(ca.pem * (1_000_000 // len(ca.pem)))
+    upstream_tls = {"ca_file": str(bundle), "server_name": "localhost"}
+    guard = await make_guard(RULES, upstream=up.address, upstream_tls=upstream_tls)
+    try:
+        async with loop_lag(0.01) as lag:
+            bundle.write_bytes(bundle.read_bytes() + ca.pem)
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if [r for r in caplog.records if "reconnecting" in r.getMessage()]:
+                    break
+            else:
+                pytest.fail("the rotation was not picked up within 10 s")
+        assert await _predict(guard.address, None) == "OK"
+        assert lag.worst < 0.25, f"the event loop stalled for {lag.worst:.3f} s"
     finally:
         assert up.server is not None
         await up.server.stop(0)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -22,6 +22,7 @@ from guard.dataplane.kernels import default
 from guard.server.rest.peek import peek_request
 from tests.server.test_rest_limits import MakeGuard, fake, make_guard, raw_exchange, refused, split
 from tests.support.guard import RunningGuard, sample_sum
+from tests.support.looplag import loop_lag
 from tests.support.rest_upstream import FakeRestUpstream, Reply, metadata_body
 
 __all__ = ["fake", "make_guard"]  # fixtures, used by name
@@ -187,25 +188,8 @@ async def test_pass_through_answers_not_taken_are_cut_after_the_idle_limit(
     assert not [r.getMessage() for r in caplog.records if r.exc_info]
 
 
-@pytest.fixture
-async def loop_lag() -> AsyncIterator[list[float]]:
-    """The longest the event loop (the guard's: it runs in this process) went
-    without running a 5 ms timer, recorded while the test runs."""
-    worst = [0.0]
-
-    async def watch() -> None:
-        while True:
-            start = time.monotonic()
-            await asyncio.sleep(0.005)
-            worst[0] = max(worst[0], time.monotonic() - start - 0.005)
-
-    task = asyncio.create_task(watch())
-    yield worst
-    task.cancel()
-
-
 async def test_gzip_bodies_are_inflated_off_the_event_loop(
-    fake: FakeRestUpstream, make_guard: MakeGuard, loop_lag: list[float]
+    fake: FakeRestUpstream, make_guard: MakeGuard
 ) -> None:
     """Found: a 32 KB gzip body inflating to 32 MiB was inflated on the event
     loop for the signature peek (0.13 s each); two clients at 250 KB/s took
@@ -216,9 +200,7 @@ async def test_gzip_bodies_are_inflated_off_the_event_loop(
     bomb = gzip.compress(b'{"instances": [[1]], "pad": "' + b" " * (31 << 20) + b'"}')
     headers = {"Content-Encoding": "gzip"}
     url = f"{guard.rest_url}/v1/models/m:predict"
-    async with aiohttp.ClientSession() as session:
-        await asyncio.sleep(0.05)  # the watch's last sleep held compressing the bomb
-        loop_lag[0] = 0.0
+    async with aiohttp.ClientSession() as session, loop_lag() as lag:
 
         async def send() -> tuple[int, Any]:
             async with session.post(url, data=bomb, headers=headers) as response:
@@ -227,7 +209,7 @@ async def test_gzip_bodies_are_inflated_off_the_event_loop(
         answers = await asyncio.gather(*(send() for _ in range(6)))
     assert answers == [(200, {"predictions": [[0.5]]})] * 6
     # On the loop: 0.73 s; off it, 20-30 ms on an idle box (more on a busy one).
-    assert loop_lag[0] < 0.35, f"the loop stalled {loop_lag[0] * 1e3:.0f} ms"
+    assert lag.worst < 0.35, f"the loop stalled {lag.worst * 1e3:.0f} ms"
     assert [s.body for s in fake.seen if s.method == "POST"] == [bomb] * 6  # as sent
     assert json.loads(gzip.decompress(bomb))["instances"] == [[1]]
 
@@ -459,21 +441,9 @@ async def test_a_body_in_one_byte_chunks_arrives_whole_and_the_loop_stays_free(
                 answer += data
             return answer
 
-    loop = asyncio.get_running_loop()
-    lags = [0.0]
-
-    async def ticker() -> None:
-        while True:
-            before = loop.time()
-            await asyncio.sleep(0.005)
-            lags.append(loop.time() - before - 0.005)
-
-    ticking = asyncio.create_task(ticker())
-    try:
+    async with loop_lag() as lag:
         answer = await asyncio.to_thread(send)
-    finally:
-        ticking.cancel()
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert fake.seen[-1].body == body
     assert "chunked" not in fake.seen[-1].headers.get("Transfer-Encoding", "")
-    assert max(lags) < 0.25, f"the event loop stalled for {max(lags):.3f} s"
+    assert lag.worst < 0.25, f"the event loop stalled for {lag.worst:.3f} s"

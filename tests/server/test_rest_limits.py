@@ -18,6 +18,7 @@ import pytest
 
 from guard.control.config import parse_config
 from tests.support.guard import RunningGuard, start_in_process
+from tests.support.looplag import loop_lag
 from tests.support.rest_upstream import FakeRestUpstream, Reply, metadata_body
 
 MakeGuard = Callable[..., Awaitable[RunningGuard]]
@@ -319,23 +320,10 @@ _RULE_OF_M = {"name": "m", "outputs": [{"name": "p", "valid_range": [0.0, 1.0], 
 async def _predict_timing_the_loop(guard: RunningGuard) -> tuple[int, bytes, float]:
     """A predict, and the longest the event loop (the guard's: it runs in
     this process) was held meanwhile, from a task that ticks every 5 ms."""
-    loop = asyncio.get_running_loop()
-
-    async def lag(stop: asyncio.Event) -> float:
-        worst, last = 0.0, loop.time()
-        while not stop.is_set():
-            await asyncio.sleep(0.005)
-            now = loop.time()
-            worst, last = max(worst, now - last), now
-        return worst
-
-    stop = asyncio.Event()
-    ticking = asyncio.create_task(lag(stop))
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession() as session, loop_lag() as lag:
         async with session.post(f"{guard.rest_url}/v1/models/m:predict", data=b"{}") as response:
             status, body = response.status, await response.read()
-    stop.set()
-    return status, body, await ticking
+    return status, body, lag.worst
 
 
 @pytest.mark.parametrize(
