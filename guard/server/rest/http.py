@@ -19,6 +19,9 @@ is cut (counted as ``stream_idle``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from typing import Any
 
 import aiohttp
@@ -40,6 +43,7 @@ __all__ = [
     "forward_headers",
     "read_limited",
     "request_factory",
+    "reset",
     "response_headers",
 ]
 
@@ -87,8 +91,32 @@ def forward_headers(headers: Any) -> CIMultiDict[str]:
 
 
 def response_headers(headers: Any, keep_length: bool = False) -> CIMultiDict[str]:
-    """The upstream's headers that go back to the client."""
-    return _kept(headers, _HOP_BY_HOP if keep_length else _RESPONSE_DROP)
+    """The upstream's headers that go back to the client; never its own
+    ``x-guard-*``, which only the guard writes (an upstream's
+    ``x-guard-action: clean`` reached clients on answers no rule read)."""
+    kept = _kept(headers, _HOP_BY_HOP if keep_length else _RESPONSE_DROP)
+    for name in {n.lower() for n in kept if n[:8].lower() == "x-guard-"}:
+        del kept[name]
+    return kept
+
+
+# SO_LINGER on, with no time to linger: close() sends RST, not FIN.
+_NO_LINGER = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Break a connection off with a TCP reset, whatever its transport holds.
+    A FIN reads as the end of an answer without a length (HTTP/1.0, or one
+    delimited by the close): a client took the first bytes of a broken-off
+    answer for the whole of it."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+    assert isinstance(transport, asyncio.WriteTransport)
+    transport.abort()
 
 
 async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
@@ -284,8 +312,7 @@ class _Handler(web.RequestHandler):
             )
         except TimeoutError:
             self.guard_metrics.record_refusal(Refusal.STREAM_IDLE.value)
-            if self.transport is not None:
-                self.transport.abort()  # what it holds of the answer goes too
+            reset(self.transport)  # what it holds of the answer goes too
             return resp, True
 
     async def _send_in_chunks(
@@ -318,6 +345,7 @@ class _Handler(web.RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             if isinstance(exc, ConnectionResetError):  # the guard broke it off, counted
+                reset(self.transport)  # before force_close, which closes it cleanly
                 self.force_close()
                 raise ConnectionError("the answer was broken off") from None
             return super().handle_error(request, status, exc, message)

@@ -41,6 +41,7 @@ from guard.server.rest.http import (
     forward_headers,
     read_limited,
     request_factory,
+    reset,
     response_headers,
 )
 from guard.server.rest.peek import inflate, peek_request
@@ -215,6 +216,14 @@ class RestFrontEnd:
             raise Answer(429, problem, Refusal.PENDING)
         if (request.content_length or 0) > config.max_request_bytes:
             raise _too_large(request.content_length or 0, config)
+        codings = _codings(request.headers)
+        if codings and codings != ["chunked"]:  # aiohttp de-chunks, and decodes nothing else
+            raise Answer(
+                501,
+                f"guard: Transfer-Encoding {', '.join(codings)[:100]!r} is not supported; send "
+                "the body chunked alone or with a Content-Length (gzip it with "
+                "Content-Encoding: gzip)",
+            )
         await _continue(request)
         try:
             return await self._read_body(request)
@@ -275,6 +284,9 @@ class RestFrontEnd:
                 headers=forward_headers(request.headers),
                 allow_redirects=False, timeout=self._timeout,
             ) as response:  # fmt: skip
+                unusable = _unusable(response)
+                if unusable is not None:
+                    raise Answer(502, unusable)
                 return await consume(response)
         except TimeoutError:
             raise Answer(
@@ -288,6 +300,8 @@ class RestFrontEnd:
             call.upstream_s = time.perf_counter() - started
 
     def _unreachable(self, exc: BaseException) -> Answer:
+        """503 for an upstream that could not be reached; 502 for an answer
+        that came malformed or broke off (the upstream was reached)."""
         if self.cut_off is not None:
             return Answer(
                 503,
@@ -296,6 +310,16 @@ class RestFrontEnd:
                 "cancelled and may or may not have run. Retry it if it is idempotent",
             )
         upstream = self._state.config.rest_upstream
+        if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+            return Answer(
+                502, f"guard: the REST upstream {upstream} answered with a malformed or "
+                f"incomplete HTTP response: {exc}",
+            )  # fmt: skip
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            return Answer(
+                502, f"guard: the REST upstream {upstream} closed the connection before its "
+                "answer was complete",
+            )  # fmt: skip
         return Answer(503, f"guard: cannot reach the REST upstream {upstream}: {exc}")
 
     async def _pass_through(
@@ -344,8 +368,7 @@ class RestFrontEnd:
             except TimeoutError:
                 self._state.metrics.record_refusal(Refusal.STREAM_IDLE.value)
                 call.count("UNAVAILABLE")
-                if request.transport is not None:
-                    request.transport.abort()
+                reset(request.transport)
                 raise ConnectionResetError(
                     f"the client took nothing for stream_idle_timeout_s ({timeout:g} s)"
                 ) from None
@@ -547,6 +570,37 @@ async def _continue(request: web.BaseRequest) -> None:
         )
     if not request.content.is_eof():
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+def _unusable(response: aiohttp.ClientResponse) -> str | None:
+    """Why an upstream's answer cannot be passed on, or ``None``: a 101
+    (the guard never forwards Upgrade, so no switch was asked for), or a
+    transfer coding other than chunked, which aiohttp leaves undecoded (its
+    bytes went out as a plain body)."""
+    upstream = f"{response.url.host}:{response.url.port}"
+    if response.status == 101:
+        return (
+            f"guard: the REST upstream {upstream} answered 101 Switching Protocols to a "
+            "request that asked for no upgrade"
+        )
+    codings = _codings(response.headers)
+    if codings and codings != ["chunked"]:
+        return (
+            f"guard: the REST upstream {upstream} answered with Transfer-Encoding "
+            f"{', '.join(codings)[:100]!r}, which the guard cannot pass on; have it send "
+            "chunked alone (or Content-Encoding)"
+        )
+    return None
+
+
+def _codings(headers: Any) -> list[str]:
+    """The transfer codings a Transfer-Encoding header lists, in order."""
+    return [
+        coding.strip().lower()
+        for value in headers.getall("Transfer-Encoding", ())
+        for coding in value.split(",")
+        if coding.strip()
+    ]
 
 
 def _format_of(body: bytes) -> Format:

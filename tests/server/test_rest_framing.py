@@ -1,0 +1,191 @@
+"""HTTP framing between client, guard and upstream, from a red-team pass: an
+answer broken off must never look whole, and what cannot be passed on as
+it came gets a status that says so. The upstream here writes raw bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from guard.control.config import parse_config
+from tests.support.guard import RunningGuard, sample_sum, start_in_process
+from tests.support.rest_upstream import metadata_body
+
+REJECT_ABOVE_1 = {
+    "name": "m",
+    "outputs": [{"name": "*", "valid_range": [0, 1], "on_violation": "reject"}],
+}
+METADATA = metadata_body("m", {"y": ("DT_FLOAT", [-1, 1])})
+
+
+class ScriptedUpstream:
+    """Answers every request (head and Content-Length body read) with
+    :attr:`answer`, then closes the connection; model metadata as usual."""
+
+    def __init__(self) -> None:
+        self.answer = b""
+        self.requests: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.lower().split(b"\r\n"):
+                if line.startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            self.requests.append(head + await reader.readexactly(length))
+            if b"/metadata " in head.split(b"\r\n")[0]:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(METADATA))
+                writer.write(METADATA)
+            else:
+                writer.write(self.answer)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[ScriptedUpstream]:
+    scripted = ScriptedUpstream()
+    await scripted.start()
+    yield scripted
+    await scripted.stop()
+
+
+@pytest.fixture
+async def guard(upstream: ScriptedUpstream) -> AsyncIterator[RunningGuard]:
+    data = {
+        "listen": "127.0.0.1:0", "upstream": "127.0.0.1:9", "rest_listen": "127.0.0.1:0",
+        "rest_upstream": f"127.0.0.1:{upstream.port}", "health_check_interval_s": 5.0,
+        "models": [REJECT_ABOVE_1],
+    }  # fmt: skip
+    running = await start_in_process(parse_config(data, "test.yaml", Path.cwd()))
+    yield running
+    await running.stop()
+
+
+def _exchange(port: int, request: bytes) -> tuple[bytes, str]:
+    """Send ``request``; what came back, and how the connection ended."""
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        try:
+            while data := sock.recv(65536):
+                got += data
+        except ConnectionResetError:
+            return got, "reset"
+    return got, "closed"
+
+
+async def _send(guard: RunningGuard, request: bytes) -> tuple[bytes, str]:
+    assert guard.rest is not None
+    return await asyncio.to_thread(_exchange, guard.rest.port, request)
+
+
+def _error(answer: bytes) -> tuple[int, str]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body)["error"]
+
+
+def _requests(guard: RunningGuard, code: str) -> float:
+    return sample_sum(guard.metrics_url, "guard_requests_total", protocol="rest", code=code)
+
+
+GET_1_0 = b"GET /v1/models/n HTTP/1.0\r\nHost: x\r\n\r\n"
+GET = b"GET /v1/models/n HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+PREDICT = (
+    b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    b"Content-Length: 2\r\n\r\n{}"
+)
+
+
+async def test_an_answer_broken_off_is_reset_never_ended_cleanly(
+    upstream: ScriptedUpstream, guard: RunningGuard
+) -> None:
+    """Found: to an HTTP/1.0 client (no chunked framing, so the answer ends
+    where the connection does) an upstream answer that broke off was ended
+    with a clean close: 16 bytes of a 200 taken for the whole answer."""
+    upstream.answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n"
+        b'{"model_versio\r\n'  # and no last chunk: the upstream went away
+    )
+    for request in (GET_1_0, GET):
+        answer, ended = await _send(guard, request)
+        assert answer.split(b"\r\n")[0].endswith(b"200 OK")
+        assert ended == "reset", answer
+    assert _requests(guard, "UNAVAILABLE") == 2
+
+
+@pytest.mark.parametrize(
+    ("answer", "says", "requests"),
+    [(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+      "answered with Transfer-Encoding 'gzip, chunked'", [GET, PREDICT]),
+     (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+      "answered 101 Switching Protocols", [GET, PREDICT]),
+     # Streamed back, a short body breaks off as in the test above; read whole first, 502.
+     (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b'{"predictions": [[0.',
+      "malformed or incomplete HTTP response", [PREDICT]),
+     (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef",
+      "malformed or incomplete HTTP response", [GET, PREDICT])],
+    ids=["gzip-coding", "101", "short-body", "two-lengths"],
+)  # fmt: skip
+async def test_an_answer_that_cannot_be_passed_on_gets_502_saying_why(
+    upstream: ScriptedUpstream, guard: RunningGuard, answer: bytes, says: str, requests: list[bytes]
+) -> None:
+    """Found: a gzip transfer coding went out de-chunked and undecoded, a
+    plain 200 of gzip bytes; a 101 nobody asked for was forwarded; answers
+    the upstream sent malformed were 503 'cannot reach the REST upstream'."""
+    upstream.answer = answer
+    for request in requests:
+        status, error = _error((await _send(guard, request))[0])
+        assert status == 502 and says in error, (status, error)
+    assert _requests(guard, "UNAVAILABLE") == len(requests)
+
+
+async def test_a_request_in_a_transfer_coding_other_than_chunked_gets_501(
+    upstream: ScriptedUpstream, guard: RunningGuard
+) -> None:
+    """Found: `Transfer-Encoding: gzip, chunked` reached the upstream
+    de-chunked and still gzipped, as if it were the plain body."""
+    request = (
+        b"POST /v1/models/n:predict HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Transfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    status, error = _error((await _send(guard, request))[0])
+    assert status == 501 and "Transfer-Encoding 'gzip, chunked' is not supported" in error
+    assert upstream.requests == []
+    assert _requests(guard, "UNIMPLEMENTED") == 1
+
+
+async def test_the_upstreams_own_guard_headers_never_reach_the_client(
+    upstream: ScriptedUpstream, guard: RunningGuard
+) -> None:
+    """Found: an answer no rule read went out with the upstream's own
+    `x-guard-action: clean`, as if the guard had checked it."""
+    body = b'{"predictions": [[7.5]]}'
+    upstream.answer = (
+        b"HTTP/1.1 200 OK\r\nX-Guard-Action: clean\r\nx-guard-violations: 0\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+    answer, _ = await _send(guard, GET)
+    head, _, got = answer.partition(b"\r\n\r\n")
+    assert got == body and b"x-guard" not in head.lower()
+    status, error = _error((await _send(guard, PREDICT))[0])
+    assert status == 500 and "values above 1" in error  # guarded: the guard's own verdict
