@@ -37,6 +37,13 @@ from guard.server.methods import MethodInfo
 
 __all__ = ["StreamRelay"]
 
+# gRPC hands a stream's reader EOF when its client half-closes and also when
+# the call is cancelled (the client cancelled, its deadline passed, or a
+# message over max_request_mb); the handler's cancellation follows 0.3-0.5 ms
+# later. The half-close is passed on only once that has had time to come: an
+# upload cut short must reach the upstream as a reset, never as its end.
+_HALF_CLOSE_SETTLE_S = 0.02
+
 
 class _Stream:
     """What the two directions of one relayed call share: when a message last
@@ -164,6 +171,7 @@ class StreamRelay:
             if message is None:
                 return
             if message is grpc.aio.EOF:
+                await asyncio.sleep(_HALF_CLOSE_SETTLE_S)  # a cancelled call cancels this task
                 await upstream_call.done_writing()
                 return
             size = self._hold(message, stream, held, upstream_call, "the client's next message")
