@@ -172,7 +172,8 @@ class Config:
     )  # fmt: skip
     default_timeout_s: float = _setting(
         30.0, as_float(0.0, 86400.0, lo_open=True), "give seconds, > 0",
-        "Deadline for upstream calls when the client sets none.",
+        "Deadline for unary upstream calls and REST when the client sets none (a relayed "
+        "stream has none: stream_idle_timeout_s ends one on which nothing moves).",
     )  # fmt: skip
     max_message_mb: int = _setting(
         64, as_int(1, 2047), "give whole MiB between 1 and 2047",

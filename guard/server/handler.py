@@ -493,7 +493,7 @@ class CallHandler:
         """End the call as the upstream ended it: its code, details, initial
         and trailing metadata."""
         if exc.code() is grpc.StatusCode.UNAVAILABLE:
-            self._server.upstream.set_up(False)
+            self._server.upstream.suspect()
         initial = sendable(exc.initial_metadata(), "initial")
         if initial:
             await context.send_initial_metadata(initial)

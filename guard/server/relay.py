@@ -206,9 +206,11 @@ class StreamRelay:
         ended where the budget cannot take the next one. While the relay
         waits on its client it reads nothing, so the upstream's window fills
         too: that is counted with the message."""
-        initial = sendable(await upstream_call.initial_metadata(), "initial")
-        if initial:
-            await context.send_initial_metadata(initial)
+        # Sent even when empty: a client may wait for the upstream's headers
+        # before it sends (they were held until the first message, a deadlock).
+        await context.send_initial_metadata(
+            sendable(await upstream_call.initial_metadata(), "initial")
+        )
         while True:
             message = await upstream_call.read()
             if message is grpc.aio.EOF:
@@ -281,7 +283,7 @@ class StreamRelay:
         call: Call,
     ) -> None:
         if code is grpc.StatusCode.UNAVAILABLE:
-            self._server.upstream.set_up(False)
+            self._server.upstream.suspect()
         initial = sendable(await upstream_call.initial_metadata(), "initial")
         if initial:
             with contextlib.suppress(Exception):  # sent already with the first message

@@ -105,6 +105,7 @@ class Upstream:
         self.up: bool | None = None
         self._current = self._new_channels(*upstream_channel_args(config))
         self._tasks: list[asyncio.Task[None]] = []
+        self._suspected: asyncio.Task[None] | None = None
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -151,8 +152,9 @@ class Upstream:
 
     def stop_watching(self) -> None:
         """Stop the probe and the TLS watcher."""
-        for task in self._tasks:
-            task.cancel()
+        for task in (*self._tasks, self._suspected):
+            if task is not None:
+                task.cancel()
 
     async def close(self) -> None:
         """Close the channels: calls still on them end."""
@@ -190,6 +192,14 @@ class Upstream:
             up = exc.code() not in _UNAVAILABLE_CODES
         self.set_up(up)
 
+    def suspect(self) -> None:
+        """A call ended ``UNAVAILABLE``: probe now, not at the next interval.
+        Only the probe decides: an upstream's own ``UNAVAILABLE`` (a relayed
+        stream's, or a model's) marked an upstream that answers down, and
+        its pod unready, until the next probe."""
+        if self._suspected is None or self._suspected.done():
+            self._suspected = asyncio.create_task(self._probe_once(), name="guard-upstream-suspect")
+
     def set_up(self, up: bool) -> None:
         """Record whether the upstream answers (a failed call says it does not)."""
         if up == self.up:
@@ -201,9 +211,10 @@ class Upstream:
     async def _probe_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.health_check_interval_s)
-            try:
-                await self.probe()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # never let the probe die silently
-                logger.exception("upstream probe failed")
+            await self._probe_once()
+
+    async def _probe_once(self) -> None:
+        try:
+            await self.probe()
+        except Exception:  # never let the probe die silently
+            logger.exception("upstream probe failed")

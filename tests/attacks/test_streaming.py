@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import queue
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,6 +71,25 @@ def test_bidi_ping_pong(channel: grpc.Channel) -> None:
     finally:
         echoes.put(None)
     assert got == [b"echo:m0", b"echo:m1", b"echo:m2"], got
+
+
+def test_headers_sent_before_any_message_reach_a_client_waiting_for_them(
+    channel: grpc.Channel,
+) -> None:
+    """Found (red team): the relay held the upstream's headers back until its
+    first message when they carried no metadata; a client that waits for
+    them before it sends waited until stream_idle_timeout_s."""
+    go = threading.Event()
+
+    def requests() -> Iterator[bytes]:
+        go.wait(TIMEOUT)
+        yield b"hello"
+
+    call = channel.stream_stream(SVC + "Greet")(requests(), timeout=TIMEOUT)
+    call.initial_metadata()  # blocks until the headers come (or the deadline passes)
+    go.set()
+    assert list(call) == [b"echo:hello"]
+    assert call.code() == grpc.StatusCode.OK
 
 
 @pytest.mark.parametrize("method,request_body", [

@@ -22,6 +22,7 @@ The interop service ``/attack.Interop/...`` (raw bytes both ways):
 - ``Fanout`` (server streaming): request JSON {"n", "size"}; n messages, message
   i is ``b"%d:" % i`` padded with ``b"x"`` to ``size``; n = 0 sends none, OK;
 - ``Echo`` (bidi): one ``b"echo:" + m`` per message, sent as soon as m arrives;
+- ``Greet`` (bidi): empty initial metadata at once, then as ``Echo``;
 - ``Refuse`` (unary): initial metadata ``x-up-initial: yes``, then
   FAILED_PRECONDITION "upstream refuses" with trailer ``x-up-trailer: t``;
 - ``Nothing`` (unary request, zero responses): ends OK with no message.
@@ -158,6 +159,13 @@ async def echo(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[by
         yield b"echo:" + message
 
 
+async def greet(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+    STATE.note("Greet", context)
+    await context.send_initial_metadata(())
+    async for message in requests:
+        yield b"echo:" + message
+
+
 async def refuse(request: bytes, context: Any) -> bytes:
     STATE.note("Refuse", context)
     await context.send_initial_metadata((("x-up-initial", "yes"),))
@@ -181,6 +189,7 @@ HANDLERS: dict[str, grpc.RpcMethodHandler] = {
     INTEROP + "Collect": grpc.stream_unary_rpc_method_handler(collect),
     INTEROP + "Fanout": grpc.unary_stream_rpc_method_handler(fanout),
     INTEROP + "Echo": grpc.stream_stream_rpc_method_handler(echo),
+    INTEROP + "Greet": grpc.stream_stream_rpc_method_handler(greet),
     INTEROP + "Refuse": grpc.unary_unary_rpc_method_handler(refuse),
     INTEROP + "Nothing": grpc.unary_stream_rpc_method_handler(nothing),
 }

@@ -432,6 +432,33 @@ async def _health(channel: grpc.aio.Channel, service: str = "") -> int:
     return int(resp.status)
 
 
+async def test_an_upstreams_own_unavailable_does_not_mark_it_down(
+    make_guard: GuardFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found (red team): any call the upstream answered UNAVAILABLE marked it
+    down, and the guard NOT_SERVING (its pod unready), until the next probe,
+    though it answered. Such a call now makes the probe run at once."""
+    fake = await start_upstream(FakeUpstream())
+    fake.fail("wide_deep", grpc.StatusCode.UNAVAILABLE, "model warming up")
+    guard = await make_guard(WIDE_DEEP, upstream=fake.address, health_check_interval_s=60.0)
+    try:
+        for _ in range(5):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await guard.stub.Predict(predict_request("wide_deep"), timeout=5)
+            assert (err.value.code(), err.value.details()) == (
+                grpc.StatusCode.UNAVAILABLE,
+                "model warming up",
+            )
+            assert await _health(guard.channel) == health_pb2.HealthCheckResponse.SERVING
+        await asyncio.sleep(0.2)  # the probes the failures asked for have answered
+        assert await _health(guard.channel) == health_pb2.HealthCheckResponse.SERVING
+        assert guard.sample("guard_upstream_up") == 1
+        assert not [r for r in caplog.records if "is DOWN" in r.getMessage()]
+    finally:
+        assert fake.server is not None
+        await fake.server.stop(0)
+
+
 async def test_health_follows_upstream(make_guard: GuardFactory) -> None:
     fake = await start_upstream(FakeUpstream())
     server = fake.server
