@@ -498,7 +498,7 @@ class CallHandler:
         if initial:
             await context.send_initial_metadata(initial)
         await call.fail(
-            context, exc.code(), upstream_details(exc, self._server.config),
+            context, exc.code(), upstream_details(exc.code(), exc.details(), self._server.config),
             sendable(exc.trailing_metadata(), "trailing"),
         )  # fmt: skip
 
@@ -575,10 +575,10 @@ async def _no_messages() -> AsyncIterator[bytes]:
     yield  # an async generator that yields nothing
 
 
-def upstream_details(exc: grpc.aio.AioRpcError, config: Config) -> str:
+def upstream_details(code: grpc.StatusCode, details: str | None, config: Config) -> str:
     """The upstream's details, or the guard's own when its limit was the cause."""
-    details = exc.details() or ""
-    if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+    details = details or ""
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         return (
             f"guard: the upstream's response is larger than max_message_mb="
             f"{config.max_message_mb} ({details}); raise max_message_mb in the guard config"

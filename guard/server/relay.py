@@ -31,6 +31,7 @@ from guard.server.handler import (
     ServerState,
     forwardable,
     sendable,
+    upstream_details,
     upstream_timeout,
 )
 from guard.server.methods import MethodInfo
@@ -267,7 +268,7 @@ class StreamRelay:
         """End the client's call as the upstream ended it."""
         trailers = sendable(await upstream_call.trailing_metadata(), "trailing")
         if code is not grpc.StatusCode.OK:
-            details = await upstream_call.details()
+            details = upstream_details(code, await upstream_call.details(), self._server.config)
             await self._fail_with_initial(upstream_call, code, details, trailers, context, call)
         if trailers:
             context.set_trailing_metadata(trailers)

@@ -116,3 +116,16 @@ def test_error_keeps_upstream_initial_metadata(channel: grpc.Channel) -> None:
 
 def test_unary_still_relayed(channel: grpc.Channel) -> None:
     assert channel.unary_unary(SVC + "Unary")(b"hi", timeout=TIMEOUT) == b"echo:hi"
+
+
+def test_a_relayed_message_over_max_message_mb_names_the_setting(tmp_path: Path) -> None:
+    """Found (red team): the client got gRPC's own words, 'CLIENT: Received
+    message larger than max', where CLIENT is the guard's upstream channel."""
+    with H.guarded(tmp_path, "max_message_mb: 1\nmodels: []\n") as (_, guard):
+        with H.channel(guard.address) as channel:
+            request = json.dumps({"n": 2, "size": 2 << 20}).encode()
+            with pytest.raises(grpc.RpcError) as caught:
+                list(channel.unary_stream(SVC + "Fanout")(request, timeout=TIMEOUT))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = caught.value.details() or ""
+    assert "larger than max_message_mb=1" in details and "raise max_message_mb" in details
