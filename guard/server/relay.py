@@ -251,7 +251,8 @@ class StreamRelay:
         if stream.writing:
             self._server.cut_connection(
                 context,
-                f"its client took no message of a stream for stream_idle_timeout_s ({limit:g} s)",
+                f"its client did not take a message of a stream whole within "
+                f"stream_idle_timeout_s ({limit:g} s)",
             )
             return
         stream.end(
