@@ -74,6 +74,10 @@ class _Stream:
         upstream_call.cancel()
 
 
+class _ConnectionGone(Exception):
+    """A message could not be written: the client's connection is closed."""
+
+
 def _retrieve(task: asyncio.Future[Any]) -> None:
     """A side of the relay that failed (its call ended) has nothing more to say:
     the status the client gets comes from the upstream call."""
@@ -133,6 +137,11 @@ class StreamRelay:
             code = await upstream_call.code()
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
+        except _ConnectionGone:
+            # Closed under a message (a client that took none, or another
+            # stream's on its connection): its client sees the stream removed.
+            call.count("UNAVAILABLE")
+            return
         except asyncio.CancelledError:
             # gRPC raises it from a call cancelled here; only the guard's own
             # cancellations, which say why, are answered here.
@@ -220,7 +229,10 @@ class StreamRelay:
             if size is None:
                 return
             stream.writing = True
-            await context.write(message)
+            try:
+                await context.write(message)
+            except Exception:  # grpc's ExecuteBatchError: the connection is gone
+                raise _ConnectionGone from None
             stream.writing = False
             held.give_back(size)
 
