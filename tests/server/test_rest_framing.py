@@ -189,3 +189,25 @@ async def test_the_upstreams_own_guard_headers_never_reach_the_client(
     assert got == body and b"x-guard" not in head.lower()
     status, error = _error((await _send(guard, PREDICT))[0])
     assert status == 500 and "values above 1" in error  # guarded: the guard's own verdict
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["//v1/models/m:predict", "/v1/models/x/../m:predict", "/v1/./models/m:predict",
+     "/v1/models/%2e%2e/m:predict", "/v1%2Fmodels/m:predict", "/v1\\models/m:predict"],
+)  # fmt: skip
+async def test_a_path_not_in_normal_form_gets_400(
+    upstream: ScriptedUpstream, guard: RunningGuard, path: str
+) -> None:
+    """Found (red team): such a path was routed as sent, a pass-through no rule
+    saw. TF Serving refuses it too, but a hop between them that normalizes
+    paths (Envoy, nginx) would have made it a predict of model m."""
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{{}}"
+    ).encode()
+    status, error = _error((await _send(guard, request))[0])
+    assert status == 400 and "not in normal form" in error, (status, error)
+    assert upstream.requests == []
+    upstream.answer = b'HTTP/1.1 200 OK\r\nContent-Length: 24\r\n\r\n{"predictions": [[0.5]]}'
+    answer, _ = await _send(guard, PREDICT)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"predictions": [[0.5]]}')

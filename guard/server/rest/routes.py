@@ -17,7 +17,7 @@ from guard.dataplane.cache import BoundedCache
 from guard.dataplane.errors import Status
 from guard.metrics.guard_metrics import OTHER
 
-__all__ = ["Route", "code_of_status", "http_status", "route"]
+__all__ = ["Route", "code_of_status", "http_status", "not_normal", "route"]
 
 # http_rest_api_util.cc; RE2's \d is ASCII only, hence [0-9].
 _PREDICTION = re.compile(
@@ -80,6 +80,19 @@ class Route:
 def _decode(raw: str) -> str:
     """curl_easy_unescape, as TF Serving decodes URL parts: %XX only."""
     return unquote_to_bytes(raw).decode("utf-8", "surrogateescape")
+
+
+# Paths a hop that normalizes (Envoy, nginx) would read as another path: empty,
+# "." and ".." segments, an encoded "/", "." or "\\", a "\\".
+_NOT_NORMAL = re.compile(r"//|/\.\.?(?:/|$)|%2[ef]|%5c|\\", re.IGNORECASE)
+
+
+def not_normal(path: str) -> bool:
+    """Whether ``path`` (raw, without its query) is not in normal form. The
+    guard routes the path as sent; TF Serving matches it as sent too, and
+    refuses these, but a normalizing hop between them would turn
+    ``/v1/models/x/../m:predict`` into a predict no rule saw."""
+    return _NOT_NORMAL.search(path) is not None
 
 
 def route(http_method: str, path: str) -> Route:

@@ -45,7 +45,7 @@ from guard.server.rest.http import (
     response_headers,
 )
 from guard.server.rest.peek import inflate, peek_request
-from guard.server.rest.routes import Route, http_status, route
+from guard.server.rest.routes import Route, http_status, not_normal, route
 from guard.server.rest.signatures import METADATA_BYTES_MAX, Metadata, SignatureCache
 from guard.server.tls import ListenerCertificates
 
@@ -192,6 +192,13 @@ class RestFrontEnd:
                 400,
                 f"guard: the request target {request.path_qs[:100]!r} is not a path; "
                 "TF Serving's REST API takes /v1/models/...",
+            )
+        if not_normal(request.rel_url.raw_path):
+            raise Answer(
+                400,
+                f"guard: the request path {request.rel_url.raw_path[:100]!r} is not in normal "
+                "form (an empty, '.' or '..' segment, or an encoded '/', '.' or '\\'); send "
+                "the path as TF Serving's REST API names it: /v1/models/NAME...",
             )
         body = await self._receive(request)
         gate, size = self._state.gate, len(body)
