@@ -25,10 +25,12 @@ METADATA = metadata_body("m", {"y": ("DT_FLOAT", [-1, 1])})
 
 class ScriptedUpstream:
     """Answers every request (head and Content-Length body read) with
-    :attr:`answer`, then closes the connection; model metadata as usual."""
+    :attr:`answer`, then closes the connection (after :attr:`stall_s`);
+    model metadata as usual."""
 
     def __init__(self) -> None:
         self.answer = b""
+        self.stall_s = 0.0
         self.requests: list[bytes] = []
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
@@ -55,6 +57,7 @@ class ScriptedUpstream:
             else:
                 writer.write(self.answer)
             await writer.drain()
+            await asyncio.sleep(self.stall_s)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -74,6 +77,7 @@ async def guard(upstream: ScriptedUpstream) -> AsyncIterator[RunningGuard]:
     data = {
         "listen": "127.0.0.1:0", "upstream": "127.0.0.1:9", "rest_listen": "127.0.0.1:0",
         "rest_upstream": f"127.0.0.1:{upstream.port}", "health_check_interval_s": 5.0,
+        "default_timeout_s": 1.0,
         "models": [REJECT_ABOVE_1],
     }  # fmt: skip
     running = await start_in_process(parse_config(data, "test.yaml", Path.cwd()))
@@ -131,6 +135,16 @@ async def test_an_answer_broken_off_is_reset_never_ended_cleanly(
         assert answer.split(b"\r\n")[0].endswith(b"200 OK")
         assert ended == "reset", answer
     assert _requests(guard, "UNAVAILABLE") == 2
+
+
+async def test_an_answer_that_stalls_past_default_timeout_s_is_reset_and_counted_so(
+    upstream: ScriptedUpstream, guard: RunningGuard
+) -> None:
+    upstream.answer = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"mo\r\n'
+    upstream.stall_s = 3.0
+    answer, ended = await _send(guard, GET)
+    assert answer.endswith(b'{"mo\r\n') and ended == "reset", (answer, ended)
+    assert _requests(guard, "DEADLINE_EXCEEDED") == 1 and _requests(guard, "UNAVAILABLE") == 0
 
 
 @pytest.mark.parametrize(

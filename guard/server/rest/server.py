@@ -353,7 +353,7 @@ class RestFrontEnd:
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The status line is sent: all that is left is to break the
             # connection, so the client cannot take the body for whole.
-            call.count("UNAVAILABLE")
+            call.count("DEADLINE_EXCEEDED" if isinstance(exc, TimeoutError) else "UNAVAILABLE")
             raise ConnectionResetError(f"the upstream's answer broke off: {exc!r}") from None
         call.count_status(upstream.status)
         await sent(answer.write_eof())
