@@ -194,6 +194,10 @@ class ServerState(Protocol):
     def cut_connection(self, context: Any, why: str) -> None:
         """Close the connection of ``context``'s call (:mod:`guard.server.sockets`)."""
 
+    def was_cut(self, peer: str) -> bool:
+        """Whether the guard closed ``peer``'s connection a moment ago
+        (``context.peer()`` as the call began: it is empty once closed)."""
+
     @property
     def rules(self) -> RuleBook: ...
 
@@ -204,8 +208,13 @@ class Call(CallRecord):
     __slots__ = ()
     protocol = GRPC
 
-    def ended_by_client(self, context: Any) -> None:
-        """Count a call the client ended: past its deadline, or cancelled."""
+    def ended_by_client(self, context: Any, cut: bool = False) -> None:
+        """Count a call gRPC cancelled: its client went past its deadline or
+        cancelled it, or (``cut``) the guard closed its connection, and its
+        client sees the stream removed: UNAVAILABLE."""
+        if cut:
+            self.count("UNAVAILABLE")
+            return
         remaining = context.time_remaining()
         past = remaining is not None and remaining <= _DEADLINE_SLACK_S
         self.count("DEADLINE_EXCEEDED" if past else "CANCELLED")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,10 @@ _METADATA_SLACK = 8 * 1024
 # After closing the connections past max_memory_mb, gRPC frees what they held:
 # the next reading waits that long.
 _CEILING_SETTLE_S = 0.5
+# Connections the guard closed, remembered to count their calls as their
+# clients see them; bounded, and a port reused later is another connection.
+_CUT_PEERS_KEPT = 256
+_CUT_PEER_S = 5.0
 
 
 def server_options(config: Config) -> list[tuple[str, Any]]:
@@ -108,6 +113,7 @@ class GuardServer:
         self._certificates_watch: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self._cut_peers: dict[str, float] = {}  # peer -> when its connection was cut
         self._stopping = False
         self.cut_off: float | None = None
         """The grace period, once a shutdown's ran out (calls still waiting are cut off)."""
@@ -227,10 +233,20 @@ class GuardServer:
         """Shut down the connection that ``context``'s call came on: gRPC then
         ends its calls and frees what they hold. Counted as ``stream_idle``."""
         peer = context.peer()
+        self._cut_peers[peer] = time.monotonic()
+        while len(self._cut_peers) > _CUT_PEERS_KEPT:
+            del self._cut_peers[next(iter(self._cut_peers))]
         address = parse_peer(peer)
         self.metrics.record_refusal(Refusal.STREAM_IDLE.value)
         shut = shut_client_sockets(self.port, address) if address is not None else 0
         logger.warning("closed the connection of %s (%d sockets): %s", peer, shut, why)
+
+    def was_cut(self, peer: str) -> bool:
+        """Whether :meth:`cut_connection` closed ``peer``'s connection in the
+        last few seconds: the calls gRPC then cancels on it are counted as
+        their clients see them, UNAVAILABLE, not CANCELLED."""
+        at = self._cut_peers.get(peer)
+        return at is not None and time.monotonic() - at < _CUT_PEER_S
 
     async def _close_connections(self) -> None:
         """Past max_memory_mb: end every client connection of the gRPC port

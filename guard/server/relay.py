@@ -95,6 +95,7 @@ class StreamRelay:
         """Relay one call (grpc.aio's stream-stream handler signature)."""
         server = self._server
         call = Call(server.metrics, info.label)
+        peer = context.peer()  # empty once its connection is gone
         try:
             received = context.invocation_metadata()  # a new tuple on each call: read once
             problem = server.gate.metadata_problem(received)
@@ -109,7 +110,7 @@ class StreamRelay:
                 server.gate.release(0)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
-                call.ended_by_client(context)
+                call.ended_by_client(context, server.was_cut(peer))
             # gRPC keeps an ended call's exception, and with it every frame it
             # passed, until a cyclic collection: with them the pump's task and
             # the message it was passing on (a burst of 48 relayed 31 MB
