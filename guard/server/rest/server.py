@@ -584,20 +584,23 @@ def _unusable(response: aiohttp.ClientResponse) -> str | None:
     (the guard never forwards Upgrade, so no switch was asked for), or a
     transfer coding other than chunked, which aiohttp leaves undecoded (its
     bytes went out as a plain body)."""
-    upstream = f"{response.url.host}:{response.url.port}"
     if response.status == 101:
         return (
-            f"guard: the REST upstream {upstream} answered 101 Switching Protocols to a "
-            "request that asked for no upgrade"
+            f"guard: the REST upstream {_where(response)} answered 101 Switching Protocols "
+            "to a request that asked for no upgrade"
         )
     codings = _codings(response.headers)
     if codings and codings != ["chunked"]:
         return (
-            f"guard: the REST upstream {upstream} answered with Transfer-Encoding "
+            f"guard: the REST upstream {_where(response)} answered with Transfer-Encoding "
             f"{', '.join(codings)[:100]!r}, which the guard cannot pass on; have it send "
             "chunked alone (or Content-Encoding)"
         )
     return None
+
+
+def _where(response: aiohttp.ClientResponse) -> str:
+    return f"{response.url.host}:{response.url.port}"
 
 
 def _codings(headers: Any) -> list[str]:
