@@ -94,21 +94,34 @@ def upstream_timeout(remaining: float | None) -> float | None:
     return remaining if remaining is None else min(remaining, _TIMEOUT_MAX_S)
 
 
-class _QuietBadEncoding(logging.Filter):
-    """gRPC logs a traceback for each metadata value it receives that is not
-    UTF-8 (it reads it as Latin-1; :func:`_sendable` then drops it): a warning
-    line instead, which the log handler's ``RepeatQuota`` lets through once a
-    minute, as every line a client can repeat (:mod:`guard.control.app`)."""
+class _QuietClientNoise(logging.Filter):
+    """Warning lines, not tracebacks, for what gRPC logs of clients' doing,
+    which the log handler's ``RepeatQuota`` then lets through once a minute,
+    as every line a client can repeat (:mod:`guard.control.app`):
+
+    - each metadata value it receives that is not UTF-8 (it reads it as
+      Latin-1; :func:`_sendable` then drops it);
+    - each answer it could not send because the call had ended: its client
+      went away, or the guard closed a connection that took nothing."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith("Invalid encoding on"):
-            record.exc_info = record.exc_text = None
-            record.levelno = logging.WARNING
-            record.levelname = "WARNING"
+        message = str(record.msg)
+        if message.startswith("ExecuteBatchError raised in core"):
+            method = message.partition("[")[2].rstrip("]")[:200]  # formatted already
+            record.msg = (
+                f"could not send the answer to {method}: its call had ended "
+                "(the client's connection is gone)"
+            )
+            record.args = ()
+        elif not message.startswith("Invalid encoding on"):
+            return True
+        record.exc_info = record.exc_text = None
+        record.levelno = logging.WARNING
+        record.levelname = "WARNING"
         return True
 
 
-logging.getLogger("grpc._cython.cygrpc").addFilter(_QuietBadEncoding())
+logging.getLogger("grpc._cython.cygrpc").addFilter(_QuietClientNoise())
 
 
 @functools.lru_cache(maxsize=1024)  # keys repeat on every call; bounded: clients choose them
