@@ -422,6 +422,16 @@ def _labels(applied: _Applied) -> tuple[str, ...] | None:
     return applied.config.models[0].outputs[0].labels
 
 
+def _link_chain(target: Path, length: int, prefix: str) -> Path:
+    """``length`` symlinks beside ``target``, each to the one before; the last."""
+    previous = target
+    for i in range(length):
+        link = target.parent / f"{prefix}{i}"
+        link.symlink_to(previous)
+        previous = link
+    return previous
+
+
 async def _two_polls(reloader: Reloader) -> None:
     """A change is seen at one poll and acted on at the next."""
     await reloader.watcher.poll()
@@ -527,13 +537,8 @@ async def test_a_symlink_chain_past_the_kernels_limit_leaves_the_watcher_working
     labels = tmp_path / "labels.txt"
     target = tmp_path / "real.txt"
     target.write_text("c\nd\n")
-    previous = target
-    for i in range(1200):
-        link = tmp_path / f"link{i}"
-        link.symlink_to(previous)
-        previous = link
     labels.unlink()
-    labels.symlink_to(previous)
+    labels.symlink_to(_link_chain(target, 1200, "link"))
     await _two_polls(reloader)  # no exception: the chain counts as missing
     assert applied.counted == []
     write_atomic(labels, "e\nf\n")  # the chain gone, a good file back
@@ -552,12 +557,7 @@ async def test_a_poll_is_one_stat_per_file_however_deep_the_links(tmp_path: Path
     for n in range(100):
         target = deep / f"t{n}.txt"
         target.write_text("a\n")
-        previous = target
-        for i in range(38):
-            link = deep / f"l{n}_{i}"
-            link.symlink_to(previous)
-            previous = link
-        files.append(previous)
+        files.append(_link_chain(target, 38, f"l{n}_"))
     watcher = FileWatcher(files, _Calls())
     start = time.perf_counter()
     for _ in range(5):

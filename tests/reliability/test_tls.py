@@ -25,6 +25,17 @@ VALUES = np.array([[0.2], [1.3]], dtype=np.float32)
 RULES = {"models": [{"name": "m", "outputs": [{"name": "*", "on_violation": "clamp"}]}]}
 
 
+def _upstream_credentials(ca: CA, *, mutual: bool = False) -> grpc.ServerCredentials:
+    """A TLS upstream's credentials: a ``tf-serving`` certificate from ``ca``;
+    ``mutual`` demands client certificates signed by ``ca`` too."""
+    server = ca.issue("tf-serving", server=True)
+    return grpc.ssl_server_credentials(
+        [(server.key_pem, server.cert_pem)],
+        root_certificates=ca.pem if mutual else None,
+        require_client_auth=mutual,
+    )
+
+
 @pytest.fixture
 async def plain_upstream() -> AsyncIterator[FakeUpstream]:
     up = await start_upstream(FakeUpstream())
@@ -89,15 +100,9 @@ async def test_mtls_listening_side_requires_a_client_certificate(
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
 async def test_tls_to_the_upstream(make_guard: GuardFactory, tmp_path: Path, mutual: bool) -> None:
     ca = CA()
-    server = ca.issue("tf-serving", server=True)
     up = FakeUpstream()
     up.reply("m", predict_response("m", {"y": VALUES}))
-    creds = grpc.ssl_server_credentials(
-        [(server.key_pem, server.cert_pem)],
-        root_certificates=ca.pem if mutual else None,
-        require_client_auth=mutual,
-    )
-    await start_upstream(up, creds)
+    await start_upstream(up, _upstream_credentials(ca, mutual=mutual))
     try:
         upstream_tls: dict[str, str] = {
             "ca_file": str(ca.write(tmp_path)),
@@ -178,12 +183,6 @@ async def test_upstream_certificates_reload_on_change(
     """The upstream moves to certificates from a new CA and demands client
     certificates from that CA too; rotating the guard's files is enough."""
 
-    def mtls_upstream(ca: CA) -> grpc.ServerCredentials:
-        server = ca.issue("tf-serving", server=True)
-        return grpc.ssl_server_credentials(
-            [(server.key_pem, server.cert_pem)], root_certificates=ca.pem, require_client_auth=True
-        )
-
     def rotate_guard_files(ca: CA) -> dict[str, str]:
         tmp = ca.write(tmp_path / "staging")
         ca_file = tmp_path / "upstream-ca.crt"
@@ -194,7 +193,7 @@ async def test_upstream_certificates_reload_on_change(
     old_ca, new_ca = CA("old CA"), CA("new CA")
     up = FakeUpstream()
     up.reply("m", predict_response("m", {"y": VALUES}))
-    await start_upstream(up, mtls_upstream(old_ca))
+    await start_upstream(up, _upstream_credentials(old_ca, mutual=True))
     files = rotate_guard_files(old_ca)
     guard = await make_guard(
         RULES, upstream=up.address, upstream_tls={**files, "server_name": "localhost"}
@@ -204,7 +203,7 @@ async def test_upstream_certificates_reload_on_change(
         # The upstream restarts on the same port with the new CA's certificates.
         assert up.server is not None
         await up.server.stop(0)
-        await start_upstream(up, mtls_upstream(new_ca), address=up.address)
+        await start_upstream(up, _upstream_credentials(new_ca, mutual=True), address=up.address)
         assert await _predict(guard.address, None) == "UNAVAILABLE"  # old trust fails
         rotate_guard_files(new_ca)
         codes = []
@@ -228,13 +227,9 @@ async def test_damaged_upstream_certificate_files_keep_the_old_channel(
     (red team): refused files were read and checked again every second, on
     the event loop (a 4 MiB CA: 7 s of CPU in 20 s)."""
     ca = CA()
-    server = ca.issue("tf-serving", server=True)
     up = FakeUpstream()
     up.reply("m", predict_response("m", {"y": VALUES}))
-    creds = grpc.ssl_server_credentials(
-        [(server.key_pem, server.cert_pem)], root_certificates=ca.pem, require_client_auth=True
-    )
-    await start_upstream(up, creds)
+    await start_upstream(up, _upstream_credentials(ca, mutual=True))
     client = ca.issue("guard", server=False)
     cert, key = client.write(tmp_path, "guard-client")
     files = {"ca_file": str(ca.write(tmp_path)), "cert_file": str(cert), "key_file": str(key)}
@@ -264,10 +259,9 @@ async def test_an_upstream_tls_rotation_never_stalls_the_event_loop(
     loop: a 1 MB ca_file held every call for the time it took."""
     caplog.set_level(logging.INFO, "guard.upstream")
     ca = CA()
-    server = ca.issue("tf-serving", server=True)
     up = FakeUpstream()
     up.reply("m", predict_response("m", {"y": VALUES}))
-    await start_upstream(up, grpc.ssl_server_credentials([(server.key_pem, server.cert_pem)]))
+    await start_upstream(up, _upstream_credentials(ca))
     bundle = tmp_path / "bundle.crt"
     bundle.write_bytes(ca.pem * (1_000_000 // len(ca.pem)))
     upstream_tls = {"ca_file": str(bundle), "server_name": "localhost"}
@@ -290,9 +284,7 @@ async def test_an_upstream_tls_rotation_never_stalls_the_event_loop(
 
 async def test_guard_check_reaches_a_tls_upstream_with_upstream_tls(tmp_path: Path) -> None:
     ca = CA()
-    server = ca.issue("tf-serving", server=True)
-    creds = grpc.ssl_server_credentials([(server.key_pem, server.cert_pem)])
-    up = await start_upstream(FakeUpstream(), creds)
+    up = await start_upstream(FakeUpstream(), _upstream_credentials(ca))
     ca_file = ca.write(tmp_path)
     rules = "models:\n  - name: m\n    outputs:\n      - {name: probs}\n"
     try:
