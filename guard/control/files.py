@@ -14,7 +14,6 @@ __all__ = [
     "FileWatcher",
     "changed",
     "check_bounded",
-    "complete",
     "file_identity",
     "read_bounded",
 ]
@@ -47,11 +46,6 @@ def file_identity(paths: Iterable[str | os.PathLike[str] | None]) -> FileIdentit
             continue
         out.append((name, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(out)
-
-
-def complete(identity: FileIdentity) -> bool:
-    """Whether every file of ``identity`` was there."""
-    return all(len(entry) > 1 for entry in identity)
 
 
 def changed(before: FileIdentity, now: FileIdentity) -> bool:

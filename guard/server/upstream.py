@@ -190,7 +190,7 @@ class Upstream:
         except grpc.aio.AioRpcError as exc:
             # Any answer, even an error about the empty request, means it is up.
             up = exc.code() not in _UNAVAILABLE_CODES
-        self.set_up(up)
+        self._set_up(up)
 
     def suspect(self) -> None:
         """A call ended ``UNAVAILABLE``: probe now, not at the next interval.
@@ -200,8 +200,8 @@ class Upstream:
         if self._suspected is None or self._suspected.done():
             self._suspected = asyncio.create_task(self._probe_once(), name="guard-upstream-suspect")
 
-    def set_up(self, up: bool) -> None:
-        """Record whether the upstream answers (a failed call says it does not)."""
+    def _set_up(self, up: bool) -> None:
+        """Record the probe's verdict: whether the upstream answers."""
         if up == self.up:
             return
         self.up = up
