@@ -225,3 +225,31 @@ async def test_a_path_not_in_normal_form_gets_400(
     upstream.answer = b'HTTP/1.1 200 OK\r\nContent-Length: 24\r\n\r\n{"predictions": [[0.5]]}'
     answer, _ = await _send(guard, PREDICT)
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"predictions": [[0.5]]}')
+
+
+def _names(answer: bytes) -> set[str]:
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+    return {line.split(":")[0].lower() for line in head.split("\r\n")[1:]}
+
+
+async def test_the_guard_adds_no_header_of_its_own_but_its_verdict(
+    upstream: ScriptedUpstream, guard: RunningGuard
+) -> None:
+    """Found: aiohttp gave every answer that lacked them `Server:
+    Python/3.11 aiohttp/3.x` (TF Serving sends none: every client learned the
+    guard's language and library versions) and `Content-Type:
+    application/octet-stream` (a body the upstream left untyped, typed)."""
+    body = b'{"predictions": [[0.5]]}'
+    sent = {"content-length", "date", "x-up"}
+    upstream.answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nDate: Thu, 03 Dec 2026 22:00:00 GMT\r\n"
+        b"X-Up: 1\r\n\r\n" % len(body) + body
+    )
+    passed, _ = await _send(guard, GET)
+    guarded, _ = await _send(guard, PREDICT)
+    refused, _ = await _send(guard, PREDICT.replace(b"POST /", b"POST //"))
+    connection = {"connection"}  # the client's Connection: close, answered
+    assert _names(passed) - connection == sent, passed
+    assert _names(guarded) - connection == sent | {"x-guard-action", "x-guard-violations"}
+    assert passed.endswith(body) and guarded.endswith(body)
+    assert refused.startswith(b"HTTP/1.1 400 ") and "server" not in _names(refused), refused

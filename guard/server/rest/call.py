@@ -9,17 +9,41 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from guard.dataplane.codec.restjson import INDENT, json_string
 from guard.server.accounting import CallRecord
 from guard.server.gate import Refusal
 from guard.server.rest.routes import code_of_status
 
-__all__ = ["REST", "Answer", "RestCall", "error_body", "error_response"]
+__all__ = ["REST", "Answer", "AsGiven", "AsGivenStream", "RestCall", "error_body", "error_response"]
 
 REST = "rest"
 """The ``protocol`` label of calls made over REST."""
+
+
+# What aiohttp gives an answer that lacks them: its own name and version, and
+# a type for an untyped body. Date it may add (RFC 9110 6.6.1 asks a hop to).
+_ADDED_BY_AIOHTTP = (hdrs.SERVER, hdrs.CONTENT_TYPE)
+
+
+class AsGivenStream(web.StreamResponse):
+    """An answer with only the headers it was given (and ``Date``). aiohttp
+    gave every answer without them ``Server: Python/3.11 aiohttp/3.14.5``,
+    telling every client the guard's language and library versions (TF
+    Serving sends no ``Server``), and ``Content-Type:
+    application/octet-stream`` to a body the upstream left untyped."""
+
+    async def _prepare_headers(self) -> None:
+        given = [name in self.headers for name in _ADDED_BY_AIOHTTP]
+        await super()._prepare_headers()
+        for name, was_given in zip(_ADDED_BY_AIOHTTP, given, strict=True):
+            if not was_given:
+                self.headers.popall(name, None)
+
+
+class AsGiven(AsGivenStream, web.Response):
+    """:class:`AsGivenStream` with its body at hand."""
 
 
 def error_body(message: str) -> bytes:
@@ -36,9 +60,7 @@ def error_response(
     status: int, message: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     """The guard's own answer: TF Serving's error body, with ``status``."""
-    response = web.Response(
-        status=status, body=error_body(message), content_type="application/json"
-    )
+    response = AsGiven(status=status, body=error_body(message), content_type="application/json")
     response.headers.update(headers or {})
     return response
 

@@ -33,7 +33,7 @@ from guard.control.config import Config
 from guard.metrics.guard_metrics import OTHER, GuardMetrics
 from guard.server.deadlines import Deadlines
 from guard.server.gate import Gate, Held, Refusal
-from guard.server.rest.call import REST, error_body, error_response
+from guard.server.rest.call import REST, AsGivenStream, error_body, error_response
 from guard.server.rest.routes import code_of_status
 
 __all__ = [
@@ -319,7 +319,7 @@ class _Handler(web.RequestHandler):
         self, request: web.BaseRequest, resp: web.StreamResponse, body: bytes, timeout: float
     ) -> web.StreamResponse:
         """``resp`` with ``body`` written a chunk at a time, each within ``timeout``."""
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=resp.headers)
+        out = AsGivenStream(status=resp.status, reason=resp.reason, headers=resp.headers)
         out.content_length = len(body)
         if not resp.keep_alive:
             out.force_close()

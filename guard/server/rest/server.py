@@ -31,7 +31,7 @@ from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.deadlines import Deadlines
 from guard.server.gate import Gate, Held, Refusal
 from guard.server.rest.accept import TlsSite
-from guard.server.rest.call import Answer, RestCall
+from guard.server.rest.call import Answer, AsGiven, AsGivenStream, RestCall
 from guard.server.rest.guarding import RestRequest, guard_rest_response
 from guard.server.rest.http import (
     CHUNK,
@@ -341,7 +341,7 @@ class RestFrontEnd:
         limit = self._state.config.max_message_bytes
         if (upstream.content_length or 0) > limit:
             raise _response_too_large(upstream.content_length, limit)
-        answer = web.StreamResponse(
+        answer = AsGivenStream(
             status=upstream.status, reason=upstream.reason,
             headers=response_headers(upstream.headers, keep_length=True),
         )  # fmt: skip
@@ -402,7 +402,7 @@ class RestFrontEnd:
             raise Answer(429, refused[1], refused[0])
         if not 200 <= status < 300:  # a 203 carries predictions as well as a 200
             call.count_status(status)  # the upstream's error, unchanged
-            return web.Response(
+            return AsGiven(
                 status=status, reason=reason, body=data, headers=response_headers(headers)
             )
         gate.inflight_bytes += len(data)  # held while it is guarded
@@ -494,7 +494,7 @@ class RestFrontEnd:
                 f"(Content-Encoding: {headers['Content-Encoding']}); the guard reads plain JSON",
             )
         if book.for_signature(target.model, signature or SERVING_DEFAULT) is None:
-            return web.Response(status=200, body=data, headers=out_headers)  # no rule: as it came
+            return AsGiven(status=200, body=data, headers=out_headers)  # no rule: as it came
         metadata = await self._metadata(target, left_s)
         request = RestRequest(target.model, signature, fmt or _format_of(data), metadata)
         metrics = self._state.metrics
@@ -512,9 +512,9 @@ class RestFrontEnd:
                 500, "guard: internal error while guarding the response; see the guard's log"
             ) from None
         if guarded is None:
-            return web.Response(status=200, body=data, headers=out_headers)
+            return AsGiven(status=200, body=data, headers=out_headers)
         out_headers.update(guarded.headers())
-        return web.Response(status=200, body=guarded.body, headers=out_headers)
+        return AsGiven(status=200, body=guarded.body, headers=out_headers)
 
     async def _get(self, path: str) -> tuple[int, bytes]:
         """GET ``path`` on the upstream (model metadata), bounded: at most
