@@ -207,9 +207,10 @@ class ServerState(Protocol):
     def cut_connection(self, context: Any, why: str) -> None:
         """Close the connection of ``context``'s call (:mod:`guard.server.sockets`)."""
 
-    def was_cut(self, peer: str) -> bool:
-        """Whether the guard closed ``peer``'s connection a moment ago
-        (``context.peer()`` as the call began: it is empty once closed)."""
+    def was_cut(self, peer: str, began: float) -> bool:
+        """Whether the guard closed the connection of a call from ``peer``
+        (``context.peer()`` as the call began: it is empty once closed) that
+        ``began`` before, a moment ago."""
 
     @property
     def rules(self) -> RuleBook: ...
@@ -263,6 +264,7 @@ class CallHandler:
         """Forward one unary call (grpc.aio's stream-unary handler signature)."""
         server = self._server
         call = Call(server.metrics, info.label)
+        peer = context.peer()  # empty once its connection is gone; 0.2 us
         try:
             # invocation_metadata() builds a new tuple on each call: read it once.
             received = context.invocation_metadata()
@@ -275,7 +277,7 @@ class CallHandler:
             call.model_label = server.metrics.model_label(spec.name if spec else None)
             return await self._in_flight(info, request, metadata, spec, book, context, call)
         except asyncio.CancelledError:
-            call.ended_by_client(context)
+            call.ended_by_client(context, server.was_cut(peer, call.start))
             raise
         except BaseException as exc:
             # gRPC keeps an ended call's exception, and with it every frame it

@@ -114,6 +114,7 @@ class GuardServer:
         self._watch: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._cut_peers: dict[str, float] = {}  # peer -> when its connection was cut
+        self._all_cut_at = -_CUT_PEER_S  # when every client connection was last cut
         self._stopping = False
         self.cut_off: float | None = None
         """The grace period, once a shutdown's ran out (calls still waiting are cut off)."""
@@ -233,7 +234,7 @@ class GuardServer:
         """Shut down the connection that ``context``'s call came on: gRPC then
         ends its calls and frees what they hold. Counted as ``stream_idle``."""
         peer = context.peer()
-        self._cut_peers[peer] = time.monotonic()
+        self._cut_peers[peer] = time.perf_counter()
         while len(self._cut_peers) > _CUT_PEERS_KEPT:
             del self._cut_peers[next(iter(self._cut_peers))]
         address = parse_peer(peer)
@@ -241,17 +242,23 @@ class GuardServer:
         shut = shut_client_sockets(self.port, address) if address is not None else 0
         logger.warning("closed the connection of %s (%d sockets): %s", peer, shut, why)
 
-    def was_cut(self, peer: str) -> bool:
-        """Whether :meth:`cut_connection` closed ``peer``'s connection in the
-        last few seconds: the calls gRPC then cancels on it are counted as
-        their clients see them, UNAVAILABLE, not CANCELLED."""
+    def was_cut(self, peer: str, began: float) -> bool:
+        """Whether the guard closed the connection of a call from ``peer`` that
+        ``began`` (``time.perf_counter()``) before, in the last few seconds:
+        the calls gRPC then cancels on it are counted as their clients see
+        them, UNAVAILABLE, not CANCELLED. A call that began before every
+        connection was closed (``max_memory_mb``) had its own closed."""
+        now = time.perf_counter()
+        if began < self._all_cut_at and now - self._all_cut_at < _CUT_PEER_S:
+            return True
         at = self._cut_peers.get(peer)
-        return at is not None and time.monotonic() - at < _CUT_PEER_S
+        return at is not None and began < at and now - at < _CUT_PEER_S
 
     async def _close_connections(self) -> None:
         """Past max_memory_mb: end every client connection of the gRPC port
         (the listeners stay), so that gRPC frees what they hold."""
         self.metrics.memory_resets.inc()  # first: a client that sees its end may scrape
+        self._all_cut_at = time.perf_counter()
         shut = shut_client_sockets(self.port)
         logger.error("closed %d gRPC client connections (max_memory_mb)", shut)
         await asyncio.sleep(_CEILING_SETTLE_S)

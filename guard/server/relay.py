@@ -110,7 +110,7 @@ class StreamRelay:
                 server.gate.release(0)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
-                call.ended_by_client(context, server.was_cut(peer))
+                call.ended_by_client(context, server.was_cut(peer, call.start))
             # gRPC keeps an ended call's exception, and with it every frame it
             # passed, until a cyclic collection: with them the pump's task and
             # the message it was passing on (a burst of 48 relayed 31 MB

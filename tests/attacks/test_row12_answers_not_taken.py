@@ -122,6 +122,12 @@ def test_answers_not_taken_within_the_idle_limit_have_their_connection_closed(
     path, request, _count, _each = CALLS[kind]
     with H.guarded(tmp_path, f"stream_idle_timeout_s: {idle_s}\n" + RULES) as (_up, guard):
         client, streams = _open_without_window(guard.port, path, request, 3)
+        # And a call still waiting on the upstream when the connection goes.
+        waiting = client.new_stream_id()
+        client.send_headers(waiting, h2raw.grpc_request_headers(H.PREDICT))
+        client.send_data(
+            waiting, h2raw.grpc_message(protos.predict_request("slow:30")), end_stream=True
+        )
         began = time.monotonic()
         try:
             everything = 3 * 2 * VALUES * 4
@@ -150,7 +156,10 @@ def test_answers_not_taken_within_the_idle_limit_have_their_connection_closed(
         # An answer the closed connection could not take is a warning line,
         # not gRPC's traceback (of the guard's write, or its own send).
         assert "Traceback" not in guard.log(), guard.log()[-3000:]
-        if kind == "stream":
-            # Every stream on the closed connection is counted as its client
-            # saw it (the stream removed; they were UNKNOWN and CANCELLED).
-            assert H.sample(metrics, "guard_requests_total", code="UNAVAILABLE") == 3
+        # Every call on the closed connection is counted as its client saw it
+        # (the stream removed): the call waiting on the upstream, and the
+        # relayed streams (they were CANCELLED, and UNKNOWN). Unary answers
+        # handed to gRPC were counted OK as they went.
+        unavailable = 1 + (3 if kind == "stream" else 0)
+        assert H.sample(metrics, "guard_requests_total", code="UNAVAILABLE") == unavailable
+        assert H.sample(metrics, "guard_requests_total", code="CANCELLED") == 0
