@@ -54,8 +54,10 @@ def http_status(status: Status) -> int:
 
 
 def code_of_status(status: int) -> str:
-    """The gRPC code name for an HTTP status (TF Serving's mapping), else ``UNKNOWN``."""
-    if 200 <= status < 300:
+    """The gRPC code name for an HTTP status (TF Serving's mapping), else
+    ``UNKNOWN``. TF Serving answers no 1xx or 3xx; one from a hop in between
+    (a 304, a redirect) is an answer passed on, not an error: ``OK``."""
+    if 100 <= status < 400:
         return "OK"
     return _CODE_OF.get(status, "UNKNOWN")
 
