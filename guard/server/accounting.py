@@ -35,6 +35,9 @@ class CallRecord:
     def finish(self) -> None:
         """Count the call if nothing did (an exception of ours: UNKNOWN), and time it."""
         self.count("UNKNOWN")
+        self._time()
+
+    def _time(self) -> None:
         total = time.perf_counter() - self.start
         self._metrics.record_timing(
             self.protocol, self.method_label, self.upstream_s, max(total - self.upstream_s, 0.0)

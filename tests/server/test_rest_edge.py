@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import json
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -186,6 +187,44 @@ async def test_pass_through_answers_not_taken_are_cut_after_the_idle_limit(
     assert refused(guard, "stream_idle") == 2
     assert _requests(guard, method="GetModelStatus", code="UNAVAILABLE") == 2
     assert not [r.getMessage() for r in caplog.records if r.exc_info]
+
+
+def _stuck_predict(port: int, model: str) -> socket.socket:
+    """A client that asks for a predict of ``model`` and reads nothing."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    head = f"POST /v1/models/{model}:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n"
+    sock.sendall(head.encode() + b"{}")
+    return sock
+
+
+async def test_guarded_answers_not_taken_are_counted_as_their_clients_saw_them(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """Found (red team): a guarded answer, which aiohttp writes after the
+    handler, was counted OK as the handler returned: an 8 MB answer cut at
+    the idle limit, or reset by its client after the head, was OK, where
+    the same answer passed through is UNAVAILABLE or CANCELLED."""
+    fake.predict("m", b'{"predictions": [' + b"[0.5], " * 1_200_000 + b"[0.5]]}")
+    fake.metadata("m", {"y": ("DT_FLOAT", [-1, 1])})
+    guard = await make_guard(models=REJECT_ABOVE_1, stream_idle_timeout_s=1.0)
+    assert guard.rest is not None
+    stuck = _stuck_predict(guard.rest.port, "m")
+    reset = _stuck_predict(guard.rest.port, "m")
+    try:
+        assert (await asyncio.to_thread(reset.recv, 16)).startswith(b"HTTP/1.1 200")
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset.close()  # a reset, with most of the answer unread
+        deadline = time.monotonic() + 10
+        while _requests(guard, method="Predict") < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    finally:
+        stuck.close()
+    assert _requests(guard, method="Predict", code="UNAVAILABLE") == 1
+    assert _requests(guard, method="Predict", code="CANCELLED") == 1
+    assert _requests(guard, method="Predict", code="OK") == 0
+    assert refused(guard, "stream_idle") == 1
 
 
 async def test_gzip_bodies_are_inflated_off_the_event_loop(

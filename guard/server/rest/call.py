@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from aiohttp import hdrs, web
 
 from guard.dataplane.codec.restjson import INDENT, json_string
+from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.accounting import CallRecord
 from guard.server.gate import Refusal
 from guard.server.rest.routes import code_of_status
@@ -33,6 +34,9 @@ class AsGivenStream(web.StreamResponse):
     telling every client the guard's language and library versions (TF
     Serving sends no ``Server``), and ``Content-Type:
     application/octet-stream`` to a body the upstream left untyped."""
+
+    guard_call: RestCall | None = None
+    """The call whose count waits for this answer to be sent (:meth:`RestCall.hand_to`)."""
 
     async def _prepare_headers(self) -> None:
         given = [name in self.headers for name in _ADDED_BY_AIOHTTP]
@@ -85,8 +89,45 @@ class Answer(Exception):
 class RestCall(CallRecord):
     """One REST call's bookkeeping, and the guard's own answers to it."""
 
-    __slots__ = ()
+    __slots__ = ("_unsent",)
     protocol = REST
+
+    def __init__(self, metrics: GuardMetrics, method_label: str) -> None:
+        super().__init__(metrics, method_label)
+        self._unsent: str | None = None
+
+    def count_when_sent(self, code: str) -> None:
+        """Count the call with ``code`` once its answer, which aiohttp writes
+        after the handler returns, is handed to the client (:meth:`sent`).
+        Counted at once, a guarded answer of 8 MB that the client reset
+        half-way, or never read, was OK, while the same answer passed
+        through was CANCELLED or UNAVAILABLE."""
+        if self.code is None and self._unsent is None:
+            self._unsent = code
+
+    def hand_to(self, response: web.StreamResponse | None) -> None:
+        """Leave a count kept by :meth:`count_when_sent` to the writer of
+        ``response``; count it now where there is none to write."""
+        if self._unsent is None:
+            return
+        if isinstance(response, AsGivenStream):
+            response.guard_call = self
+        else:
+            self.sent()
+
+    def sent(self, code: str | None = None) -> None:
+        """Count the call kept by :meth:`count_when_sent`: with ``code``
+        instead where its answer did not reach the client whole."""
+        unsent, self._unsent = self._unsent, None
+        if unsent is not None:
+            self.count(code or unsent)
+
+    def finish(self) -> None:
+        """Time the call; count it UNKNOWN unless it is counted, or will be once sent."""
+        if self._unsent is None:
+            super().finish()
+        else:
+            self._time()
 
     def count_status(self, status: int) -> None:
         """Count the call with the code TF Serving maps to HTTP ``status``."""

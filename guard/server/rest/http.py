@@ -33,7 +33,7 @@ from guard.control.config import Config
 from guard.metrics.guard_metrics import OTHER, GuardMetrics
 from guard.server.deadlines import Deadlines
 from guard.server.gate import Gate, Held, Refusal
-from guard.server.rest.call import REST, AsGivenStream, error_body, error_response
+from guard.server.rest.call import REST, AsGivenStream, RestCall, error_body, error_response
 from guard.server.rest.routes import code_of_status
 
 __all__ = [
@@ -297,28 +297,45 @@ class _Handler(web.RequestHandler):
         cutting the connection where the client takes nothing of it for
         ``stream_idle_timeout_s``. An answer that leaves the transport under
         its high-water mark is never waited on, and goes as aiohttp sends it."""
+        call = resp.guard_call if isinstance(resp, AsGivenStream) else None
         body = resp.body if isinstance(resp, web.Response) else None
         size = len(body) if isinstance(body, bytes) else 0
         transport = self.transport
         if transport is not None and transport.get_write_buffer_size() + size <= _CANNOT_BLOCK:
             # Below the transport's high-water mark aiohttp never waits: no deadline to keep.
+            if call is not None:
+                call.sent()
             return await super().finish_response(request, resp, start_time)
         timeout = self.guard_config.stream_idle_timeout_s
         try:
             if isinstance(body, bytes) and size > CHUNK and request.method != "HEAD":
-                resp = await self._send_in_chunks(request, resp, body, timeout)
+                resp = await self._send_in_chunks(request, resp, body, timeout, call)
+            elif call is not None:
+                call.sent()  # handed to the transport whole
             return await self.guard_deadlines.wait(
                 super().finish_response(request, resp, start_time), timeout
             )
         except TimeoutError:
             self.guard_metrics.record_refusal(Refusal.STREAM_IDLE.value)
+            if call is not None:
+                call.sent("UNAVAILABLE")  # as a streamed answer cut so is counted
             reset(self.transport)  # what it holds of the answer goes too
             return resp, True
+        except BaseException:
+            if call is not None:
+                call.sent("CANCELLED")  # the client went away before it had the answer
+            raise
 
     async def _send_in_chunks(
-        self, request: web.BaseRequest, resp: web.StreamResponse, body: bytes, timeout: float
+        self,
+        request: web.BaseRequest,
+        resp: web.StreamResponse,
+        body: bytes,
+        timeout: float,
+        call: RestCall | None,
     ) -> web.StreamResponse:
-        """``resp`` with ``body`` written a chunk at a time, each within ``timeout``."""
+        """``resp`` with ``body`` written a chunk at a time, each within
+        ``timeout``; ``call`` counted as the last chunk is taken."""
         out = AsGivenStream(status=resp.status, reason=resp.reason, headers=resp.headers)
         out.content_length = len(body)
         if not resp.keep_alive:
@@ -331,6 +348,8 @@ class _Handler(web.RequestHandler):
             view = memoryview(body)
             for start in range(0, len(body), CHUNK):
                 await wait(out.write(view[start : start + CHUNK]), timeout)
+            if call is not None:
+                call.sent()  # before the end: a client that has it all may scrape at once
             await wait(out.write_eof(), timeout)
         finally:
             held.release_all()

@@ -45,7 +45,7 @@ from guard.server.rest.http import (
     response_headers,
 )
 from guard.server.rest.peek import inflate, peek_request
-from guard.server.rest.routes import Route, http_status, not_normal, route
+from guard.server.rest.routes import Route, code_of_status, http_status, not_normal, route
 from guard.server.rest.signatures import METADATA_BYTES_MAX, Metadata, SignatureCache
 from guard.server.tls import ListenerCertificates
 
@@ -162,8 +162,10 @@ class RestFrontEnd:
         call = RestCall(self._state.metrics, target.method)
         call.model_label = self._state.metrics.model_label(target.model)
         self._active += 1
+        response: web.StreamResponse | None = None
         try:
-            return await self._serve(request, target, call)
+            response = await self._serve(request, target, call)
+            return response
         except Answer as answer:
             return call.answer(answer)
         except asyncio.CancelledError:
@@ -179,6 +181,7 @@ class RestFrontEnd:
             )
         finally:
             self._active -= 1
+            call.hand_to(response)
             call.finish()
 
     async def _serve(
@@ -401,7 +404,7 @@ class RestFrontEnd:
         if refused is not None:
             raise Answer(429, refused[1], refused[0])
         if not 200 <= status < 300:  # a 203 carries predictions as well as a 200
-            call.count_status(status)  # the upstream's error, unchanged
+            call.count_when_sent(code_of_status(status))  # the upstream's error, unchanged
             return AsGiven(
                 status=status, reason=reason, body=data, headers=response_headers(headers)
             )
@@ -412,7 +415,7 @@ class RestFrontEnd:
             guarded.set_status(status, reason)
         finally:
             gate.inflight_bytes -= len(data)
-        call.count("OK")
+        call.count_when_sent("OK")
         return guarded
 
     async def _read_answer(
