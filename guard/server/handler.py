@@ -229,9 +229,7 @@ class Call(CallRecord):
         if cut:
             self.count("UNAVAILABLE")
             return
-        remaining = context.time_remaining()
-        past = remaining is not None and remaining <= _DEADLINE_SLACK_S
-        self.count("DEADLINE_EXCEEDED" if past else "CANCELLED")
+        self.count("DEADLINE_EXCEEDED" if _past_deadline(context) else "CANCELLED")
 
     async def fail(
         self, context: Any, status: grpc.StatusCode, details: str, trailers: Metadata = ()
@@ -250,6 +248,12 @@ class Call(CallRecord):
         """Count a refusal by reason, then end the call (RESOURCE_EXHAUSTED by default)."""
         self._metrics.record_refusal(reason.value)
         await self.fail(context, status or grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+
+
+def _past_deadline(context: Any) -> bool:
+    """Whether the call's deadline has passed (give or take a client's early cancel)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= _DEADLINE_SLACK_S
 
 
 class CallHandler:
@@ -394,7 +398,7 @@ class CallHandler:
                 grpc.StatusCode.DEADLINE_EXCEEDED,
             )
         if message is grpc.aio.EOF:
-            await self._settle_after_eof(call)
+            await self._settle_after_eof(context, call)
             return None
         assert isinstance(message, bytes)
         return message
@@ -414,17 +418,22 @@ class CallHandler:
                 return _SHED
             raise
 
-    async def _settle_after_eof(self, call: Call) -> None:
+    async def _settle_after_eof(self, context: Any, call: Call) -> None:
         """A request that ended with no message: either the client sent none,
         or gRPC refused it (over max_request_mb, or cancelled) and is about to
         cancel this call. Give gRPC a moment to say which."""
         try:
             await asyncio.sleep(_EOF_SETTLE_S)
         except asyncio.CancelledError:
-            # gRPC ended the call: its client has RESOURCE_EXHAUSTED ('message
-            # larger than max'), or cancelled the call itself.
-            self._server.metrics.record_refusal(Refusal.REQUEST_TOO_LARGE.value)
-            call.count("RESOURCE_EXHAUSTED")
+            # gRPC ended the call: its deadline passed as the request arrived,
+            # or its client has RESOURCE_EXHAUSTED ('message larger than
+            # max'). Or the client cancelled the call mid-request: gRPC shows
+            # the handler nothing that tells that from the refusal.
+            if _past_deadline(context):
+                call.count("DEADLINE_EXCEEDED")
+            else:
+                self._server.metrics.record_refusal(Refusal.REQUEST_TOO_LARGE.value)
+                call.count("RESOURCE_EXHAUSTED")
             raise
 
     async def _relay_empty(

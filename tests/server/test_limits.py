@@ -41,12 +41,13 @@ async def _status(call: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def _half_sent_request(port: int, wait_s: float) -> h2raw.StreamState:
-    """HEADERS and half of a request's bytes, then nothing: what the server says."""
+def _half_sent_request(port: int, wait_s: float, timeout: bytes | None = None) -> h2raw.StreamState:
+    """HEADERS (with ``grpc-timeout``) and half of a request's bytes, then
+    nothing: what the server says."""
     body = h2raw.grpc_message(predict_request("m").SerializeToString())
     with h2raw.H2Client("127.0.0.1", port, timeout=wait_s + 5) as client:
         sid = client.new_stream_id()
-        client.send_headers(sid, h2raw.grpc_request_headers(PREDICT))
+        client.send_headers(sid, h2raw.grpc_request_headers(PREDICT, timeout=timeout))
         client.send_data(sid, body[: len(body) // 2])
         return client.wait_stream(sid, wait_s + 3)
 
@@ -170,6 +171,25 @@ async def test_an_expired_client_deadline_is_counted_as_deadline_exceeded(
     finally:
         assert slow.server is not None
         await slow.server.stop(0)
+
+
+async def test_a_deadline_that_passes_while_the_request_arrives_is_not_a_refusal(
+    make_guard: GuardFactory,
+) -> None:
+    """Found (red team): gRPC ends such a call with EOF, then cancels it, as
+    it refuses a request over max_request_mb: it was counted
+    RESOURCE_EXHAUSTED and as a request_too_large refusal."""
+    guard = await make_guard(RULES)
+    state = await asyncio.to_thread(_half_sent_request, _port(guard), 0.5, b"200m")
+    assert state.grpc_status == DEADLINE_EXCEEDED
+    labels = {"protocol": "grpc", "model": "__other__", "method": "Predict"}
+    expired = labels | {"code": "DEADLINE_EXCEEDED"}
+    for _ in range(100):
+        if guard.sample("guard_requests_total", expired):
+            break
+        await asyncio.sleep(0.02)
+    assert guard.sample("guard_requests_total", expired) == 1
+    assert _refused(guard, "request_too_large") == 0
 
 
 async def test_other_services_are_relayed_and_labelled_other(
