@@ -19,18 +19,19 @@
  * scan_tensor() does the same for REST: a tensor's JSON text, its numbers and
  * its shape read in one pass, each value rounded once (as float() rounds);
  * anything it does not read (an odd token, a ragged or empty list) makes it
- * return None, and guard/dataplane/codec/restjson.py's numpy scan, the
- * reference, judges the text.
+ * return None, and guard/dataplane/codec/restjson/numbers.py's numpy scan,
+ * the reference, judges the text.
  *
  * peek_request() finds a REST predict request's signature_name and format
  * without reading its numbers, as guard/server/rest/peek.py's reference does.
  *
  * skip_value() finds where a REST output's non-numeric value ends, as
- * restjson's _skip_value does; numbers_at_most() bounds how many numbers a
- * REST body may hold, as restjson's numbers_at_most does.
+ * restjson/structure.py's _skip_value does; numbers_at_most() bounds how many
+ * numbers a REST body may hold, as restjson/read.py's numbers_at_most does.
  *
  * reuse_texts() and row_members() are the two loops of writing a REST body's
- * derived outputs, as restjson's Python loops do them.
+ * derived outputs, as restjson's Python loops do them (restjson/members.py,
+ * restjson/response.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1093,9 +1094,9 @@ peek_request(PyObject *Py_UNUSED(self), PyObject *args)
  * restjson's reader needs the end of an output's value that is not a dense
  * numeric tensor (strings, b64 objects, booleans) without visiting its
  * elements one by one in Python: a hostile upstream's millions of short
- * strings cost seconds there. The same walk as restjson's _skip_value, the
- * reference: strings skipped as the regex "(?:[^"\\]|\\.)*" reads them,
- * brackets matched by kind, at most SKIP_DEPTH deep. */
+ * strings cost seconds there. The same walk as restjson/structure.py's
+ * _skip_value, the reference: strings skipped as the regex "(?:[^"\\]|\\.)*"
+ * reads them, brackets matched by kind, at most SKIP_DEPTH deep. */
 
 #define SKIP_DEPTH 512
 
@@ -1239,9 +1240,10 @@ numbers_at_most(PyObject *Py_UNUSED(self), PyObject *args)
 
 /* ---- reuse_texts, row_members: the text of derived outputs in a REST body ----
  *
- * guard/dataplane/codec/restjson.py writes derived outputs as text; these two
+ * guard/dataplane/codec/restjson/ writes derived outputs as text; these two
  * do its two loops over every element of a large batch, as its Python
- * reference does them (tests/dataplane/test_restjson_native.py holds the
+ * reference does them (response.py's _reused_texts, members.py's
+ * _row_members; tests/dataplane/test_restjson_native.py holds the
  * two together): a derived float reuses the text of the first value in its
  * instance with the same bits, and each instance's members are joined. */
 

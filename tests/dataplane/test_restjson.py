@@ -28,6 +28,8 @@ from guard.dataplane.codec.restjson import (
     decimal_texts,
     read_predict_response,
 )
+from guard.dataplane.codec.restjson import members as restjson_members
+from guard.dataplane.codec.restjson import text as restjson_text
 from guard.dev.backend.json_tensor import predict_response
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -281,7 +283,7 @@ def test_integers_are_written_as_str_writes_them(values: np.ndarray) -> None:
     non-negative ints); every other integer from ``str``. The table stays
     below its bound whatever the values."""
     assert restjson.value_texts(values) == [str(v) for v in values.ravel().tolist()]
-    assert len(restjson._INT_TEXTS) <= restjson._INT_TABLE_MAX
+    assert len(restjson_text._INT_TEXTS) <= restjson_text._INT_TABLE_MAX
 
 
 @pytest.mark.parametrize(
@@ -444,12 +446,13 @@ def test_small_and_large_batches_write_instance_members_alike(
     batch, scores, classes = case
     labels = np.array([f"c%{i}\n".encode() for i in range(batch)], dtype=object)
     items = [("s%_score", scores), ("s_class", classes), ("s_label", labels)]
-    direct = restjson._row_members(items, batch, restjson._plain_texts, restjson._MEMBER)
-    small, restjson._SMALL_BATCH = restjson._SMALL_BATCH, -1  # hypothesis: no monkeypatch
+    members = restjson_members  # where _row_members reads _SMALL_BATCH
+    direct = members._row_members(items, batch, members._plain_texts, members._MEMBER)
+    small, members._SMALL_BATCH = members._SMALL_BATCH, -1  # hypothesis: no monkeypatch
     try:
-        templated = restjson._row_members(items, batch, restjson._plain_texts, restjson._MEMBER)
+        templated = members._row_members(items, batch, members._plain_texts, members._MEMBER)
     finally:
-        restjson._SMALL_BATCH = small
+        members._SMALL_BATCH = small
     assert direct == templated
     assert len(direct) == batch
 
@@ -457,13 +460,13 @@ def test_small_and_large_batches_write_instance_members_alike(
 def test_only_short_strings_are_kept_in_the_json_string_cache() -> None:
     """Names and labels repeat; error messages and model strings must not
     fill the cache with long keys."""
-    cache = restjson._cached_json_string
+    cache = restjson_text._cached_json_string
     long = "guard: " + "x" * 200 + '"\\\x01'
     before = cache.cache_info().currsize
     assert json.loads(restjson.json_string(long)) == long
     assert cache.cache_info().currsize == before
     assert json.loads(restjson.json_string('a "label"')) == 'a "label"'
-    assert restjson.json_string('a "label"') == restjson._json_string('a "label"')
+    assert restjson.json_string('a "label"') == restjson_text._json_string('a "label"')
     info = cache.cache_info()
     assert info.maxsize == 1024 and info.currsize <= 1024
 

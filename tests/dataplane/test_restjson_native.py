@@ -19,6 +19,8 @@ from hypothesis.extra import numpy as hnp
 
 from guard.dataplane.codec import restjson
 from guard.dataplane.codec.restjson import NumberScan, RestJsonError, read_predict_response
+from guard.dataplane.codec.restjson import outputs as restjson_outputs
+from guard.dataplane.codec.restjson import structure as restjson_structure
 from guard.dev.backend.json_tensor import predict_response
 from tests.dataplane.test_restjson import (
     DT_DOUBLE,
@@ -56,14 +58,14 @@ def _outcome(text: bytes, scan: NumberScan | None, *, native_only: bool = False)
     """What restjson makes of ``text`` as one output's value: the values' bits
     (every NaN alike), kind, shape and token offsets, a refusal, or None (not
     numeric). ``native_only``: what the native route alone makes of it."""
-    span = restjson._Span(0, len(text), "numeric")
+    span = restjson_structure._Span(0, len(text), "numeric")
     try:
         if native_only:
             assert scan is not None
-            found = restjson._native_output(text, [span], False, scan)
+            found = restjson_outputs._native_output(text, [span], False, scan)
             assert found is not None, "the native route reads it"
         else:
-            found = restjson._numeric_output(text, [span], False, scan)
+            found = restjson_outputs._numeric_output(text, [span], False, scan)
     except RestJsonError as exc:
         return f"refused: {exc}"
     if found is None:
@@ -385,7 +387,7 @@ def _skip() -> restjson.ValueSkip:
 @given(_JSONISH, st.sampled_from(["[", "{"]))
 def test_the_native_skip_ends_values_where_the_reference_does(text: str, head: str) -> None:
     data = (head + text).encode()
-    assert _skip()(data, 0) == restjson._skip_value(data, 0)
+    assert _skip()(data, 0) == restjson_structure._skip_value(data, 0)
 
 
 @pytest.mark.parametrize(
@@ -398,7 +400,7 @@ def test_skip_matches_brackets_by_kind_and_bounds_the_depth(text: str, end: int)
     data = text.encode()
     assert _skip()(data, 0) == end
     if data:
-        assert restjson._skip_value(data, 0) == end
+        assert restjson_structure._skip_value(data, 0) == end
 
 
 def _hostile(instance: bytes, count: int) -> bytes:
