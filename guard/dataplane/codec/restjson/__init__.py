@@ -81,14 +81,20 @@ from guard.dataplane.codec.restjson.read import (
     scan_single_output,
 )
 from guard.dataplane.codec.restjson.response import RestPredictResponse
-from guard.dataplane.codec.restjson.shared import GUARD_OUTPUTS_KEY, Format, RestJsonError
-from guard.dataplane.codec.restjson.shared import INDENT as INDENT
-from guard.dataplane.codec.restjson.shared import OutputKey as OutputKey
+from guard.dataplane.codec.restjson.shared import (
+    GUARD_OUTPUTS_KEY,
+    INDENT,
+    Format,
+    OutputKey,
+    RestJsonError,
+)
 from guard.dataplane.codec.restjson.text import decimal_texts, json_string, nest_text, value_texts
 
 __all__ = [
     "GUARD_OUTPUTS_KEY",
+    "INDENT",
     "Format",
+    "OutputKey",
     "NumberScan",
     "RequestPeekScan",
     "RestJsonError",
