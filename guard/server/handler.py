@@ -531,7 +531,7 @@ class CallHandler:
         if initial:
             await context.send_initial_metadata(initial)
         await call.fail(
-            context, exc.code(), upstream_details(exc.code(), exc.details(), self._server.config),
+            context, exc.code(), upstream_details(exc.code(), exc.details(), self._server),
             sendable(exc.trailing_metadata(), "trailing"),
         )  # fmt: skip
 
@@ -608,12 +608,21 @@ async def _no_messages() -> AsyncIterator[bytes]:
     yield  # an async generator that yields nothing
 
 
-def upstream_details(code: grpc.StatusCode, details: str | None, config: Config) -> str:
-    """The upstream's details, or the guard's own when its limit was the cause."""
+def upstream_details(code: grpc.StatusCode, details: str | None, server: ServerState) -> str:
+    """The upstream's details, or the guard's own where its channel refused
+    the upstream's answer as over max_message_mb (counted as a refusal). The
+    upstream's own refusal of what the guard sent it ('SERVER: Received
+    message larger than max') is passed on as it came: it was once told to
+    raise max_message_mb, the wrong limit on the wrong side."""
     details = details or ""
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+    if (
+        code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "larger than max" in details
+        and not details.startswith("SERVER:")
+    ):
+        server.metrics.record_refusal(Refusal.RESPONSE_TOO_LARGE.value)
         return (
             f"guard: the upstream's response is larger than max_message_mb="
-            f"{config.max_message_mb} ({details}); raise max_message_mb in the guard config"
+            f"{server.config.max_message_mb} ({details}); raise max_message_mb in the guard config"
         )
     return details

@@ -282,7 +282,7 @@ class StreamRelay:
         """End the client's call as the upstream ended it."""
         trailers = sendable(await upstream_call.trailing_metadata(), "trailing")
         if code is not grpc.StatusCode.OK:
-            details = upstream_details(code, await upstream_call.details(), self._server.config)
+            details = upstream_details(code, await upstream_call.details(), self._server)
             await self._fail_with_initial(upstream_call, code, details, trailers, context, call)
         if trailers:
             context.set_trailing_metadata(trailers)

@@ -265,6 +265,21 @@ async def test_garbage_and_truncated_responses_are_internal_and_counted(
         await up.server.stop(0)
 
 
+async def test_an_upstreams_own_size_refusal_is_passed_on_as_it_came(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    """Found (red team): the upstream refusing what the guard sent it was
+    answered 'the upstream's response is larger than max_message_mb; raise
+    max_message_mb': the wrong limit, on the wrong side."""
+    said = "SERVER: Received message larger than max (5000000 vs. 4194304)"
+    upstream.fail("m", grpc.StatusCode.RESOURCE_EXHAUSTED, said)
+    guard = await make_guard(RULES)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await guard.stub.Predict(predict_request("m"), timeout=10)
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, said)
+    assert not guard.sample("guard_refused_requests_total", {"reason": "response_too_large"})
+
+
 async def test_size_limits_name_the_config_key_and_stop_big_requests_early(
     make_guard: GuardFactory,
 ) -> None:
@@ -285,6 +300,8 @@ async def test_size_limits_name_the_config_key_and_stop_big_requests_early(
             await guard.stub.Predict(predict_request("m", x=np.zeros(256 * 1024)), timeout=30)
         assert "max_message_mb=1" in err.value.details()  # the same 8 MiB answer
         assert up.started == started + 1
+        refused = guard.sample("guard_refused_requests_total", {"reason": "response_too_large"})
+        assert refused == 2  # as REST counts them (it was none)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await guard.stub.Predict(predict_request("m", x=np.zeros(512 * 1024)), timeout=30)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
