@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from guard.control.config import parse_config
-from tests.support.guard import RunningGuard, start_in_process
+from tests.support.guard import RunningGuard, sample_sum, start_in_process
 from tests.support.looplag import loop_lag
 from tests.support.rest_upstream import FakeRestUpstream, Reply, metadata_body
 
@@ -163,6 +163,20 @@ async def test_headers_that_do_not_arrive_get_408_and_the_connection_closes(
     assert "headers did not arrive within request_timeout_s (0.3 s)" in body["error"]
     assert asyncio.get_running_loop().time() - started < 5
     assert refused(guard, "request_timeout") == 1
+
+
+async def test_a_connection_that_sends_nothing_is_closed_and_is_not_a_request(
+    make_guard: MakeGuard,
+) -> None:
+    """Found (red team): it was answered 408 and counted as a request timed
+    out, so a load balancer that opens connections ahead of use raised the
+    error ratio. gRPC counts no such connection either."""
+    guard = await make_guard(request_timeout_s=0.3)
+    started = asyncio.get_running_loop().time()
+    assert await raw_exchange(guard, b"", []) == b""  # closed, nothing said
+    assert asyncio.get_running_loop().time() - started < 5
+    assert sample_sum(guard.metrics_url, "guard_requests_total", protocol="rest") == 0
+    assert refused(guard, "request_timeout") == 0
 
 
 async def test_a_kept_alive_connection_gets_the_same_header_deadline(

@@ -201,6 +201,8 @@ class _Handler(web.RequestHandler):
 
     _guard_counted = False
     """Whether this connection holds one of ``max_connections``."""
+    _guard_silent = True
+    """Whether the client has sent nothing yet on this connection."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -240,6 +242,7 @@ class _Handler(web.RequestHandler):
         transport.close()
 
     def data_received(self, data: bytes) -> None:
+        self._guard_silent = False
         count = self._request_count
         super().data_received(data)
         if self._guard_timer is not None and self._guard_armed_at == self._request_count:
@@ -282,6 +285,12 @@ class _Handler(web.RequestHandler):
             return
         if self._request_in_progress:  # the head waits on the answer before it, not the client
             self._arm_header_deadline(transport)
+            return
+        if self._guard_silent:
+            # A connection opened ahead of use (load balancers, HTTP clients'
+            # preconnect), as a gRPC one that sends nothing: closed, and not
+            # a request timed out (it counted a 408 in the error ratio).
+            transport.close()
             return
         self._refuse_raw(
             transport, Refusal.REQUEST_TIMEOUT, 408, "Request Timeout",
