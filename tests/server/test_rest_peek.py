@@ -135,7 +135,7 @@ def test_status_codes_follow_tf_servings_mapping() -> None:
                 500: "INTERNAL", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE",
                 504: "DEADLINE_EXCEEDED", 408: "DEADLINE_EXCEEDED", 413: "RESOURCE_EXHAUSTED",
                 502: "UNAVAILABLE", 418: "UNKNOWN", 304: "OK", 307: "OK",
-                999: "UNKNOWN"}  # fmt: skip
+                999: "UNKNOWN", 417: "INVALID_ARGUMENT"}  # fmt: skip
     for status, code in statuses.items():
         assert code_of_status(status) == code
 

@@ -45,6 +45,7 @@ _CODE_OF = {status: code for code, status in reversed(_HTTP_STATUS.items())}
 _CODE_OF.update({400: "INVALID_ARGUMENT", 500: "INTERNAL", 409: "ABORTED"})
 # Statuses only the guard or an HTTP layer answers (never TF Serving's handler).
 _CODE_OF.update({408: "DEADLINE_EXCEEDED", 413: "RESOURCE_EXHAUSTED", 431: "RESOURCE_EXHAUSTED"})
+_CODE_OF[417] = "INVALID_ARGUMENT"  # the guard's answer to an Expect it does not know
 _CODE_OF[502] = "UNAVAILABLE"  # an upstream answer malformed or broken off
 
 
