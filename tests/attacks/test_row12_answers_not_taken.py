@@ -96,7 +96,8 @@ def test_answers_a_client_never_takes_are_bounded_by_the_budget(tmp_path: Path, 
         finally:
             client.close()
         held = H.sample(metrics, "guard_inflight_bytes")
-        assert fit * each <= held <= fit * (each + 2048), (fit, held)  # 2048: a unary's framing
+        # 2048: a unary's framing; 32 KiB: its call's state, held with its answer.
+        assert fit * each <= held <= fit * (each + 2048 + 32 * 1024), (fit, held)
         assert statuses.count(8) == count - fit, statuses
         assert any(d and "max_inflight_mb (100 MiB)" in d for d in details), details
         refusals = H.sample(metrics, "guard_refused_requests_total", reason="inflight_bytes")
@@ -108,6 +109,31 @@ def test_answers_a_client_never_takes_are_bounded_by_the_budget(tmp_path: Path, 
         while H.sample(guard.metrics(), "guard_inflight_bytes") and time.monotonic() < deadline:
             time.sleep(0.1)
         assert H.sample(guard.metrics(), "guard_inflight_bytes") == 0
+
+
+def test_small_answers_never_taken_are_bounded_by_what_their_calls_hold(tmp_path: Path) -> None:
+    """Found (red team): gRPC holds about 26 KB for each call whose answer is
+    not taken, and the budget counted only the answer: 2,000 small answers
+    held 52 MB against 0.45 MB counted. Each now counts 32 KiB as well: with
+    1 MiB of budget, some 30 of 100 are held, the rest refused."""
+    with H.guarded(tmp_path, "max_inflight_mb: 1\n" + H.BASE_RULES) as (_up, guard):
+        client, streams = _open_without_window(guard.port, H.PREDICT, H.LEGIT_REQUEST, 100)
+        try:
+
+            def ended() -> int:
+                return sum(1 for s in streams if client.streams.get(s, h2raw.StreamState()).done)
+
+            client.wait(lambda: ended() >= 60, timeout=20)
+            client.drain(1.0)  # the last refusals as they come
+            metrics = guard.metrics()
+            statuses = [client.streams[s].grpc_status for s in streams if s in client.streams]
+        finally:
+            client.close()
+    held = H.sample(metrics, "guard_inflight_bytes")
+    refusals = H.sample(metrics, "guard_refused_requests_total", reason="inflight_bytes")
+    assert statuses.count(8) == refusals >= 60, (statuses, refusals)
+    assert 100 - refusals <= (1 << 20) // (32 * 1024), refusals
+    assert held <= (1 << 20) + 33 * 1024, held  # the last one admitted may pass the budget
 
 
 @pytest.mark.parametrize("kind", ["unary", "stream"])
