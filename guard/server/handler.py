@@ -37,6 +37,7 @@ from guard.server.upstream import Upstream
 
 __all__ = [
     "GRPC_COPIES",
+    "late_request",
     "Call",
     "CallHandler",
     "Metadata",
@@ -391,13 +392,10 @@ class CallHandler:
                 "before ending its stream",
             )
         if message is _TIMED_OUT:
-            timeout_s = self._server.config.request_timeout_s
             await call.refuse(
                 context,
                 Refusal.REQUEST_TIMEOUT,
-                f"guard: the request message did not arrive within request_timeout_s "
-                f"({timeout_s:g} s) of its headers; send it at once, or raise request_timeout_s "
-                "in the guard config",
+                late_request(self._server.config.request_timeout_s),
                 grpc.StatusCode.DEADLINE_EXCEEDED,
             )
         if message is grpc.aio.EOF:
@@ -582,6 +580,14 @@ class CallHandler:
         if guarded is None:
             return response, trailers
         return guarded.body, trailers + guarded.trailers()
+
+
+def late_request(timeout_s: float) -> str:
+    """The details of a call whose request did not arrive in time."""
+    return (
+        f"guard: the request message did not arrive within request_timeout_s ({timeout_s:g} s) "
+        "of its headers; send it at once, or raise request_timeout_s in the guard config"
+    )
 
 
 async def _whole_request(context: Any) -> Any:

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
 
 from guard.control.config import Config
 from guard.dataplane.book import RuleBook
@@ -28,8 +27,8 @@ from guard.server import tls
 from guard.server.arrivals import Arrivals
 from guard.server.ceiling import MemoryCeiling
 from guard.server.gate import Gate, Refusal
-from guard.server.handler import CallHandler
-from guard.server.health import Health
+from guard.server.handler import CallHandler, late_request
+from guard.server.health import Health, health_handler
 from guard.server.methods import PREDICT, Handler, MethodInfo, ProxyHandler
 from guard.server.relay import StreamRelay
 from guard.server.sockets import parse_peer, shut_client_sockets
@@ -149,7 +148,7 @@ class GuardServer:
         # sees (streams that never send their request) and refuse everyone
         # else; the guard's own limits (the gate) see every call.
         server = grpc.aio.server(options=server_options(self.config))
-        server.add_generic_rpc_handlers(_generic_only(self._health))
+        server.add_generic_rpc_handlers((health_handler(self._health, self._health_request),))
         running = self._running[server] = _Running()
         handler = ProxyHandler(
             running.counted(CallHandler(self).unary), running.counted(StreamRelay(self).relay)
@@ -229,6 +228,33 @@ class GuardServer:
         retire = asyncio.create_task(self._retire(old), name="guard-server-retire")
         self._retiring.add(retire)
         retire.add_done_callback(self._retiring.discard)
+
+    async def _health_request(self, context: Any) -> bytes:
+        """A health call's request, within ``max_pending_requests`` and
+        ``request_timeout_s``, as a proxied call's (:class:`CallHandler`)."""
+        gate = self.gate
+        problem = gate.pending_problem()
+        if problem is not None:
+            self.metrics.record_refusal(Refusal.PENDING.value)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
+        gate.pending += 1
+        try:
+            message = await asyncio.wait_for(context.read(), self.config.request_timeout_s)
+        except TimeoutError:
+            message = None
+        finally:
+            gate.pending -= 1
+        if message is None:
+            self.metrics.record_refusal(Refusal.REQUEST_TIMEOUT.value)
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, late_request(self.config.request_timeout_s)
+            )
+        if message is grpc.aio.EOF:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "guard: a health call takes one request message"
+            )
+        assert isinstance(message, bytes)
+        return message
 
     def cut_connection(self, context: Any, why: str) -> None:
         """Shut down the connection that ``context``'s call came on: gRPC then
@@ -334,20 +360,6 @@ class _WakeOnError(logging.Handler):
         self._event.set()
 
 
-class _GenericHandlers:
-    """Collects what a generated ``add_*Servicer_to_server`` installs, without
-    its registered methods."""
-
-    def __init__(self) -> None:
-        self.handlers: list[grpc.GenericRpcHandler] = []
-
-    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
-        self.handlers.extend(handlers)
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        pass  # the generic handler serves the same methods
-
-
 class _Running:
     """How many of the guard's calls one gRPC server's handlers are running
     (health checks aside)."""
@@ -364,17 +376,6 @@ class _Running:
                 self.count -= 1
 
         return run
-
-
-def _generic_only(servicer: Health) -> tuple[grpc.GenericRpcHandler, ...]:
-    """The health service as a generic handler only. For each registered
-    method grpc.aio keeps a request pending in gRPC's core; when its accept
-    loop raises, it cancels them and frees the memory the core still writes
-    the next call into (grpcio 1.85: the process died with SIGSEGV in 1 of 4
-    soaks with hostile traffic)."""
-    collector = _GenericHandlers()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, collector)
-    return tuple(collector.handlers)
 
 
 def _is_serving(server: grpc.aio.Server) -> bool:

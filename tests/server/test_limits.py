@@ -192,6 +192,38 @@ async def test_a_deadline_that_passes_while_the_request_arrives_is_not_a_refusal
     assert _refused(guard, "request_too_large") == 0
 
 
+def _health_headers_only(port: int, streams: int, wait_s: float) -> list[int | None]:
+    """``streams`` health Checks that send their headers and nothing more;
+    the status each got within ``wait_s``."""
+    with h2raw.H2Client("127.0.0.1", port, timeout=wait_s + 5) as client:
+        ids = [client.new_stream_id() for _ in range(streams)]
+        for sid in ids:
+            client.send_headers(sid, h2raw.grpc_request_headers("/grpc.health.v1.Health/Check"))
+        client.wait(
+            lambda: all(client.streams.get(s, h2raw.StreamState()).done for s in ids), wait_s
+        )
+        return [client.streams[s].grpc_status if s in client.streams else None for s in ids]
+
+
+async def test_health_requests_that_never_arrive_are_bounded_as_other_calls(
+    make_guard: GuardFactory,
+) -> None:
+    """Found (red team): grpc.aio read a health call's request itself, with
+    no time limit and outside max_pending_requests: 2,000 streams that sent
+    only their headers held 43 MB for as long as their connections lived."""
+    guard = await make_guard(RULES, request_timeout_s=0.5, max_pending_requests=16)
+    statuses = await asyncio.to_thread(_health_headers_only, _port(guard), 40, 5.0)
+    assert statuses.count(RESOURCE_EXHAUSTED) == 24, statuses
+    assert statuses.count(DEADLINE_EXCEEDED) == 16, statuses
+    assert _refused(guard, "pending_requests") == 24
+    assert _refused(guard, "request_timeout") == 16
+    assert guard.sample("guard_pending_requests") == 0
+    channel = grpc.aio.insecure_channel(guard.address)
+    async with channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
 async def test_other_services_are_relayed_and_labelled_other(
     upstream: FakeUpstream, make_guard: GuardFactory
 ) -> None:
