@@ -112,11 +112,13 @@ class _QuietClientNoise(logging.Filter):
         message = str(record.msg)
         if message.startswith("ExecuteBatchError raised in core"):
             method = message.partition("[")[2].rstrip("]")[:200]  # formatted already
+            # The method as an argument: the quota keys on the template, and a
+            # client chooses the method's name.
             record.msg = (
-                f"could not send the answer to {method}: its call had ended "
+                "could not send the answer to %s: its call had ended "
                 "(the client's connection is gone)"
             )
-            record.args = ()
+            record.args = (method,)
         elif not message.startswith("Invalid encoding on"):
             return True
         record.exc_info = record.exc_text = None

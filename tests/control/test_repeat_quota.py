@@ -91,3 +91,21 @@ def test_configure_logging_filters_only_the_handler_it_makes() -> None:
         assert [f for f in made.filters if isinstance(f, RepeatQuota)]
     finally:
         root.handlers, root.level = saved_handlers, saved_level
+
+
+def test_grpcs_unsent_answers_share_one_quota_whatever_the_method() -> None:
+    """Found (red team): the guard's rewrite of gRPC's ExecuteBatchError
+    line put the method, which a client names, into the template the quota
+    keys on: each new method name was a new line."""
+    from guard.server.handler import _QuietClientNoise
+
+    quota, quiet = RepeatQuota(every_s=60, distinct_max=3), _QuietClientNoise()
+    passed = 0
+    for i in range(500):
+        record = logging.LogRecord(
+            "grpc._cython.cygrpc", logging.ERROR, __file__, 1,
+            f"ExecuteBatchError raised in core by servicer method [/x.Y/M{i}]", (), None,
+        )  # fmt: skip
+        passed += quiet.filter(record) and quota.filter(record)
+    assert passed == 3
+    assert record.getMessage().startswith("could not send the answer to /x.Y/M499")
