@@ -32,6 +32,9 @@ _LANES_MAX = 256
 # threshold table: the upstream declares the shapes, so the bytes are bounded too.
 _LANES_MAX_BYTES = 4 << 20
 _PLANS_MAX = 4096
+# A plan keeps its lanes alive after the lane cache lets them go: their bytes
+# are bounded here too (400 shapes of a 20,000-class threshold: 61.5 MiB).
+_PLANS_MAX_BYTES = 16 << 20
 _TEXTS_MAX = 1024
 
 
@@ -117,6 +120,11 @@ def _lane_bytes(lane: Lane | None) -> int:
 _NO_LANE_BYTES = 64
 
 
+def _plan_bytes(plan: Any) -> int:
+    """What a cached plan keeps alive: its lanes (``held``; no plan, ``None``, none)."""
+    return _NO_LANE_BYTES + int(getattr(plan, "held", 0))
+
+
 class RuleBook:
     """The compiled, immutable rule set of one config."""
 
@@ -140,8 +148,11 @@ class RuleBook:
         # By id: the rules and their labels live in ``models`` as long as the book.
         self._compiled: dict[int, CompiledRule] = {}
         self._tables: dict[int, LabelTable | None] = {}
-        self.plans: BoundedCache[tuple[Any, ...], Any] = BoundedCache(_PLANS_MAX)
-        """The protobuf pipeline's plans per response layout (see guard.dataplane.pipeline)."""
+        self.plans: BoundedCache[tuple[Any, ...], Any] = BoundedCache(
+            _PLANS_MAX, max_value_bytes=_PLANS_MAX_BYTES, weigh_value=_plan_bytes
+        )
+        """The plans per response layout (guard.dataplane.pipeline,
+        guard.server.rest.plan): each weighs what its lanes hold (``held``)."""
         self.texts: BoundedCache[tuple[Any, ...], str] = BoundedCache(_TEXTS_MAX)
         """Text a plan wrote for what it decided, to write again (see
         guard.server.rest.plan); each plan keeps only small keys and texts."""

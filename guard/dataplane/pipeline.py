@@ -282,6 +282,11 @@ class _Plan:
         self._limit = limit
         self._derived = sum(out.output.derived for out in outputs)
 
+    @property
+    def held(self) -> int:
+        """What its lanes hold (the book's plan cache weighs it)."""
+        return sum(out.output.lane.held for out in self.outputs)
+
     def run(self, body: bytes) -> GuardedResponse | None:
         """The guarded response, or ``None`` when a lane leaves it to the reference."""
         if len(body) + self._derived > self._limit:

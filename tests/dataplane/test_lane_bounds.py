@@ -28,7 +28,7 @@ from guard.dataplane.errors import GuardError
 from guard.dataplane.lanes import OutputSpec
 from guard.dataplane.rules import label_table
 from guard.dataplane.rulespec import OutputRule
-from tests.dataplane.test_pipeline import Guard, response, tensor
+from tests.dataplane.test_pipeline import CONTENT, Guard, response, tensor
 from tests.native import REFERENCE, native
 
 MB = 1 << 20
@@ -89,6 +89,24 @@ def test_fill_convention_answers_under_one_threshold_leave_little_held() -> None
     assert found == expected
     assert all(len(o) == 3 for o in found)  # guarded, not refused, at this width
     assert held < 16 * MB, f"{held / MB:.1f} MB held after 20 answers"
+
+
+def test_plans_keep_no_more_lanes_than_their_byte_bound() -> None:
+    # Found (red team): the lane cache let its lanes go at 4 MiB, but the
+    # plans kept each one: 210 shapes of one 20,000-class per-class
+    # threshold (an upstream's, or a client's batch sizes) held 31 MB, and
+    # 4096 would have held 640 MB. Plans are weighed by their lanes now.
+    classes = 20_000
+    models = [{"name": "m", "outputs": [{"name": "p", "threshold": [0.5] * classes}]}]
+    guard = Guard(models, native())
+    values = np.full(2 * classes, 0.25, np.float32)
+
+    # 210 ways to lay out [2, classes] among up to 19 dimensions of 1.
+    shapes = [[1] * i + [2] + [1] * (r - i) + [classes] for r in range(20) for i in range(r + 1)]
+    bodies = (response({"p": tensor(values.reshape(s), CONTENT)}, model="m") for s in shapes)
+    held = held_after(lambda: [outcome(guard, body)[1] for body in bodies])
+    assert held < 24 * MB, f"{held / MB:.1f} MB held after 210 shapes"
+    assert guard.book.plans.value_bytes <= 16 * MB
 
 
 def test_fill_convention_answers_refused_as_too_large_make_no_lane() -> None:

@@ -28,7 +28,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -71,6 +71,11 @@ class RestPlan:
     on a one-value response."""
     serial: int
     """This plan's part of its texts' keys."""
+
+    @property
+    def held(self) -> int:
+        """What its lane holds (the book's plan cache weighs it)."""
+        return self.output.lane.held
 
     def run(self, response: RestPredictResponse) -> tuple[bytes, Action, int, bool] | None:
         """The guarded body, its action and violations, and whether its
@@ -207,9 +212,9 @@ def express_plan(
     shape, to this target, read with this ``metadata`` (the output's name and
     signature come from it), for :meth:`RestPlan.express`."""
     found = book.plans.get(_express_key(metrics, target, shape))
-    if found is None or found[0] is not metadata:
+    if found is None or found.metadata is not metadata:
         return None
-    plan: RestPlan = found[1]
+    plan: RestPlan = found.plan
     return plan
 
 
@@ -224,7 +229,18 @@ def remember_express(
     """Keep ``plan``, which decided a float32 response of ``shape``, for
     :func:`express_plan`."""
     if len(target.model) + len(target.signature) + len(shape) <= _KEY_SIZE_MAX:
-        book.plans.put(_express_key(metrics, target, shape), (metadata, plan))
+        book.plans.put(_express_key(metrics, target, shape), _Express(metadata, plan))
+
+
+class _Express(NamedTuple):
+    """An express plan, and the metadata it was made with."""
+
+    metadata: object
+    plan: RestPlan
+
+    @property
+    def held(self) -> int:
+        return self.plan.held
 
 
 def _express_key(metrics: MetricsSink, target: Target, shape: tuple[int, ...]) -> tuple[Any, ...]:
