@@ -110,6 +110,9 @@ def test_inflate_is_bounded() -> None:
         ("GET", "/v1/models/m:predict", Route("__other__")),
         ("PUT", "/v1/models/m:predict", Route("__other__")),
         ("POST", "/v1/models/m/versions/99999999999999999999:predict", Route("__other__")),
+        # Past Python's 4,300-digit int(): a ValueError and a 500, found by a red-team pass.
+        ("POST", "/v1/models/m/versions/" + "1" * 5000 + ":predict", Route("__other__")),
+        ("POST", "/v1/models/m/versions/" + "0" * 5000 + "7:predict", Route("Predict", "m", 7)),
     ],
 )
 def test_routes_follow_tf_servings_url_grammar(method: str, path: str, expected: Route) -> None:

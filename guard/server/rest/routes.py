@@ -110,13 +110,22 @@ _ROUTES: BoundedCache[tuple[str, str], Route] = BoundedCache(
 )
 
 
+def _version_number(text: str | None) -> int | None:
+    """A URL's version as a number; past 19 digits, one past int64's range
+    (int() refuses 4,300 digits and more: a 500, found by a red-team pass)."""
+    if not text:
+        return None
+    digits = text.lstrip("0") or "0"
+    return _VERSION_MAX + 1 if len(digits) > 19 else int(digits)
+
+
 def _route(http_method: str, path: str) -> Route:
     if http_method == "POST":
         match = _PREDICTION.fullmatch(path)
         if match is None:
             return Route(OTHER)
         name, version, label, verb = match.groups()
-        number = int(version) if version else None
+        number = _version_number(version)
         if number is not None and number > _VERSION_MAX:
             return Route(OTHER)  # TF Serving refuses it before any model work
         return Route(verb.capitalize(), _decode(name), number, _decode(label) if label else None)
