@@ -37,12 +37,12 @@ from guard.server.upstream import Upstream
 
 __all__ = [
     "GRPC_COPIES",
-    "late_request",
     "Call",
     "CallHandler",
     "Metadata",
     "ServerState",
     "forwardable",
+    "late_request",
     "sendable",
     "upstream_timeout",
 ]
