@@ -8,13 +8,14 @@ import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from guard.control.config import parse_config
-from tests.support.guard import RunningGuard, sample_sum, start_in_process
+from tests.server.test_rest_limits import MakeGuard, fake, make_guard
+from tests.support.guard import RunningGuard, sample_sum
 from tests.support.rest_upstream import metadata_body
+
+__all__ = ["fake", "make_guard"]  # fixtures, used by name
 
 REJECT_ABOVE_1 = {
     "name": "m",
@@ -73,16 +74,10 @@ async def upstream() -> AsyncIterator[ScriptedUpstream]:
 
 
 @pytest.fixture
-async def guard(upstream: ScriptedUpstream) -> AsyncIterator[RunningGuard]:
-    data = {
-        "listen": "127.0.0.1:0", "upstream": "127.0.0.1:9", "rest_listen": "127.0.0.1:0",
-        "rest_upstream": f"127.0.0.1:{upstream.port}", "health_check_interval_s": 5.0,
-        "default_timeout_s": 1.0,
-        "models": [REJECT_ABOVE_1],
-    }  # fmt: skip
-    running = await start_in_process(parse_config(data, "test.yaml", Path.cwd()))
-    yield running
-    await running.stop()
+async def guard(upstream: ScriptedUpstream, make_guard: MakeGuard) -> RunningGuard:
+    return await make_guard(
+        rest_upstream=f"127.0.0.1:{upstream.port}", default_timeout_s=1.0, models=[REJECT_ABOVE_1]
+    )
 
 
 def _exchange(port: int, request: bytes) -> tuple[bytes, str]:
