@@ -1,10 +1,11 @@
 """A memory ceiling: the overload action of last resort.
 
 Some floods grow the process where the guard cannot see them. grpcio 1.85
-grows by about 150 MB a second while one connection sends PRIORITY frames,
-and frees it only when that connection closes; gRPC's Python API shows no
-connections, so the guard cannot close that one, and a server's shutdown
-reaches a connection that floods only after seconds. Past the container's
+grows by 150 MB a second or more, in some runs, while one connection sends
+PRIORITY or WINDOW_UPDATE frames, and frees it when that connection
+closes; gRPC's Python API shows no connections, so the guard cannot close
+that one, and a server's shutdown reaches a connection that floods only
+after seconds. Past the container's
 memory limit the kernel would kill the process, closing every connection
 and losing every call and counter. :class:`MemoryCeiling` reads RSS every
 0.1 s and, once it is past ``max_memory_mb`` after a trim, calls

@@ -3,13 +3,14 @@ kin), from a client that never reads what comes back: PING and SETTINGS
 frames (each owes an acknowledgement, which queues up in a server that
 keeps answering), empty DATA frames, PRIORITY frames and one-byte
 WINDOW_UPDATEs. gRPC's core (grpcio 1.85) closes the connection on the
-first three and reads WINDOW_UPDATEs at line rate at about the CPU it
-takes to receive as many bytes of requests. PRIORITY frames it reads too,
-but grows by about 150 MB a second while they come, until the connection
-closes; the guard cannot see that connection, so ``max_memory_mb`` closes
-them all (clients reconnect) before a memory limit would kill the process.
-In every case the peak stays bounded and a client on another connection
-is served."""
+first three. PRIORITY and WINDOW_UPDATE frames it reads at line rate, at
+about the CPU it takes to receive as many bytes of requests, and in some
+runs grows by 150 MB a second or more while they come, until the
+connection closes (a plain grpc.aio server does too: 4 runs of 10 with
+WINDOW_UPDATEs, up to +316 MB in 6 s); the guard cannot see that
+connection, so ``max_memory_mb`` closes them all (clients reconnect)
+before a memory limit would kill the process. In every case the peak
+stays bounded and a client on another connection is served."""
 
 from __future__ import annotations
 
@@ -23,14 +24,14 @@ from tests.attacks import attacks, h2raw
 
 T_PRIORITY = 2
 # kind: (the frame, whether the connection gets closed (None: when the guard
-# grows past the ceiling, which a PRIORITY flood does in some runs and not in
-# others), for how long to send)
+# grows past the ceiling, which PRIORITY and WINDOW_UPDATE floods do in some
+# runs and not in others), for how long to send)
 FLOODS: dict[str, tuple[bytes, bool | None, float]] = {
     "ping": (h2raw.frame(h2raw.T_PING, 0, 0, b"floodin!"), False, 3.0),  # closed, mostly
     "settings": (h2raw.frame(h2raw.T_SETTINGS, 0, 0, struct.pack(">HI", 4, 65535)), True, 3.0),
     "empty-data": (h2raw.frame(h2raw.T_DATA, 0, 1, b""), True, 3.0),
     "priority": (h2raw.frame(T_PRIORITY, 0, 1, struct.pack(">IB", 0, 16)), None, 8.0),
-    "window-update": (h2raw.frame(h2raw.T_WINDOW, 0, 0, struct.pack(">I", 1)), False, 3.0),
+    "window-update": (h2raw.frame(h2raw.T_WINDOW, 0, 0, struct.pack(">I", 1)), None, 3.0),
 }
 CEILING_MB = 128  # MiB; a fresh guard takes about 60
 
@@ -47,8 +48,8 @@ def test_a_control_frame_flood_leaves_the_guard_serving(tmp_path: Path, kind: st
         peak_mb = guard.hwm_kb() / 1024
         after = H.legit_ok(guard.address)
         resets = H.sample(guard.metrics(), "guard_memory_resets_total")
-    if closes is None:  # closed exactly when the ceiling acted
-        assert flood.closed == (resets > 0), (flood, resets)
+    if closes is None:  # closed by the ceiling only (which may also act just after)
+        assert resets > 0 or not flood.closed, (flood, resets)
     elif closes:
         assert flood.closed and flood.seconds < flood_s, f"{kind}: open after {flood.seconds:.1f} s"
     # The prober's connection is closed with the others when the ceiling acts
@@ -58,4 +59,4 @@ def test_a_control_frame_flood_leaves_the_guard_serving(tmp_path: Path, kind: st
     assert prober.max_latency_s < 1.0, prober.summary()
     assert after.code == "OK", after
     assert peak_mb < CEILING_MB + 128, f"{kind}: the guard peaked at {peak_mb:.0f} MB"
-    assert resets == 0 or kind == "priority", resets
+    assert resets == 0 or closes is None, resets
