@@ -6,7 +6,9 @@ remembers each worker's last good scrape: a worker that does not answer
 (dead, stopped, slower than the timeout) adds its last counters and
 histograms, and a worker that is gone (its URL no longer listed, as when a
 dead one is replaced by a fresh one whose counters start at 0) has them
-moved into a retired total that stays in the sum for good.
+moved into a retired total that stays in the sum for good. A series a
+live worker stops reporting (a model a reload retired) leaves the sum, the
+retired total's part of it included.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class AggregatingCollector(Collector):
             # one's counts are gone from it, so they go to the retired total.
             logger.warning("worker metrics at %s restarted from lower counts", url)
             self._retire(last)
+        else:
+            self._retired.drop(_counts(last).keys() - _counts(families).keys())
         self._last[url] = families
         return families
 
@@ -120,6 +124,12 @@ class _Sums:
             self._heads[family.name] = (family.documentation, family.type)
             self._values[family.name] = {}
         _add(self._values[family.name], family)
+
+    def drop(self, keys: Iterable[_Key]) -> None:
+        """Forget the samples ``keys``, in whichever family holds them."""
+        for key in keys:
+            for values in self._values.values():
+                values.pop(key, None)
 
     def metrics(self) -> Iterator[Metric]:
         for name, (documentation, kind) in self._heads.items():
@@ -165,13 +175,30 @@ def _counts(families: Iterable[Metric]) -> dict[_Key, float]:
     }
 
 
+def _started(families: Iterable[Metric]) -> float | None:
+    """When the process made its first unlabelled counter (prometheus_client's
+    ``_created``), if it says."""
+    created = [
+        s.value
+        for family in families
+        for s in family.samples
+        if s.name.endswith("_created") and not s.labels
+    ]
+    return min(created) if created else None
+
+
 def _went_back(last: list[Metric], now: list[Metric]) -> bool:
-    """Whether a count in ``last`` is missing from ``now`` or larger: the
-    process answering is not the one that answered before."""
+    """Whether the process answering is not the one that answered before:
+    it started later, or a count both report is lower. A count missing
+    from ``now`` says nothing: a process forgets the series of the models
+    a reload retired."""
     if not last:
         return False
+    before, since = _started(last), _started(now)
+    if before is not None and since is not None and since != before:
+        return True
     current = _counts(now)
-    return any(current.get(key, 0.0) < value for key, value in _counts(last).items())
+    return any(current.get(key, value) < value for key, value in _counts(last).items())
 
 
 def _add(bucket: dict[_Key, float], family: Metric) -> None:

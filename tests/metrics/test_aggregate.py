@@ -205,6 +205,45 @@ def test_a_new_process_behind_the_same_url(workers: list[Worker]) -> None:
     assert after[("guard_requests_total", OK)] == 13  # the old 10 retired, plus 3
 
 
+def test_a_new_process_with_higher_counts_behind_the_same_url(workers: list[Worker]) -> None:
+    # No count of the new process is lower: its later start says it is another.
+    a = spawn(workers)
+    a.serve(3)
+    collector = AggregatingCollector(lambda: [a.url], timeout_s=1.0, fresh_s=0.0)
+    before = collect(collector)
+    time.sleep(0.01)  # prometheus_client's _created: the time each metric was made
+    fresh = Worker()  # another process's metrics, served from a's port
+    fresh.stop()
+    a.registry, a.requests, a.latency = fresh.registry, fresh.requests, fresh.latency
+    a.serve(5)
+    after = collect(collector)
+    assert_grew(before, after)
+    assert after[("guard_requests_total", OK)] == 8
+
+
+def test_a_series_the_workers_forget_leaves_the_sum(workers: list[Worker]) -> None:
+    """A reload that retires a model drops its series in every worker: the
+    sum drops them too, the retired total's part included, and counts
+    nothing twice."""
+    a, b, gone = spawn(workers), spawn(workers), spawn(workers)
+    retired = (("code", "RETIRED"),)
+    for worker, n in ((a, 3), (b, 2), (gone, 4)):
+        worker.serve(n)
+        worker.requests.labels("RETIRED").inc(n)
+    urls = [a.url, b.url, gone.url]
+    collector = AggregatingCollector(lambda: list(urls), timeout_s=1.0, fresh_s=0.0)
+    assert collect(collector)[("guard_requests_total", retired)] == 9
+    gone.stop()
+    urls.pop()  # its counts go to the retired total
+    assert collect(collector)[("guard_requests_total", retired)] == 9
+    for worker in (a, b):
+        worker.requests.remove("RETIRED")
+    after = collect(collector)
+    assert ("guard_requests_total", retired) not in after
+    assert after[("guard_requests_total", OK)] == 9
+    assert after[("guard_latency_seconds_count", ())] == 9
+
+
 def test_the_sum_never_goes_back_through_many_restarts(workers: list[Worker]) -> None:
     urls = [spawn(workers).url, spawn(workers).url]
     by_url = {w.url: w for w in workers}
