@@ -34,6 +34,7 @@ __all__ = [
     "OTHER",
     "PENDING_ARRAYS_MAX",
     "PENDING_VALUES_MAX",
+    "BoundedCombinations",
     "BoundedLabel",
     "DriftGauge",
     "EntropyHistogram",
@@ -76,6 +77,11 @@ class BoundedLabel:
             self._seen.add(value)
         return value
 
+    def keep_only(self, values: set[str]) -> None:
+        """Forget every admitted value not in ``values``, freeing its slot."""
+        with self._lock:
+            self._seen &= values
+
 
 class BoundedCombinations:
     """Admits the first ``cap`` distinct combinations of (already bounded)
@@ -98,9 +104,22 @@ class BoundedCombinations:
                 return values
         return (values[0], *(OTHER for _ in values[1:]))
 
+    def forget(self, models: frozenset[str]) -> set[tuple[str, ...]]:
+        """Free the combinations of ``models`` (first value); the ones kept."""
+        with self._lock:
+            self._seen = {v for v in self._seen if v[0] not in models}
+            return set(self._seen)
+
 
 def _nothing() -> None:
     return None
+
+
+def _drop_models(series: dict[Any, Any], models: frozenset[str], at: int = 0) -> list[Any]:
+    """Remove the entries of ``series`` whose label values name one of
+    ``models`` at position ``at``; the values removed."""
+    gone = [key for key in series if key[at] in models]
+    return [series.pop(key) for key in gone]
 
 
 #: Values and arrays queued by the numpy-fed collectors before they are folded
@@ -248,6 +267,12 @@ class OutputValueHistogram(Collector):
         self._pending.clear()
         self._queued.reset()
 
+    def forget(self, models: frozenset[str]) -> None:
+        """Drop the series of ``models`` (retired by a reload)."""
+        with self._lock:
+            _drop_models(self._pending, models)
+            _drop_models(self._data, models)
+
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(
             "guard_output_value",
@@ -296,6 +321,13 @@ class LoopCounter(Collector):
         self._documentation = documentation
         self._labelnames = labelnames
         self._children: dict[tuple[str, ...], LoopValue] = {}
+        self._model_at = labelnames.index("model") if "model" in labelnames else -1
+
+    def forget(self, models: frozenset[str]) -> None:
+        """Drop the series of ``models`` (retired by a reload): a child still
+        held counts into nothing."""
+        if self._model_at >= 0:
+            _drop_models(self._children, models, self._model_at)
 
     def labels(self, *values: str) -> LoopValue:
         """The child for ``values`` (created at 0, so the series exists before counts)."""
@@ -536,6 +568,11 @@ class PredictedClassCounter(Collector):
             entry.fold()
         self._queued.reset()
 
+    def forget(self, models: frozenset[str]) -> None:
+        """Drop the series of ``models`` (retired by a reload)."""
+        with self._lock:
+            _drop_models(self._data, models)
+
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "guard_predicted_class",
@@ -626,6 +663,11 @@ class EntropyHistogram(Collector):
             series.total += float(h.sum())
             series.near_uniform += int(np.count_nonzero(h >= series.threshold))
         self._queued.reset()
+
+    def forget(self, models: frozenset[str]) -> None:
+        """Drop the series of ``models`` (retired by a reload)."""
+        with self._lock:
+            _drop_models(self._data, models)
 
     def collect(self) -> Iterator[Metric]:
         labelnames = ["model", "signature", "output"]
@@ -786,6 +828,12 @@ class DriftGauge(Collector):
         self._rows += size
         window = self._windows[labels] = _Window(size, baseline)
         return window
+
+    def forget(self, models: frozenset[str]) -> None:
+        """Drop the windows of ``models`` (retired by a reload), and their rows."""
+        with self._lock:
+            for window in _drop_models(self._windows, models):
+                self._rows -= window.ring.size
 
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(

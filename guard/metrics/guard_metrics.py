@@ -205,8 +205,32 @@ class GuardMetrics:
     # ----------------------------------------------------------------- labels
 
     def set_model_names(self, names: Iterable[str]) -> None:
-        """Replace the configured model names (on config reload)."""
-        self._models = frozenset(names)
+        """Replace the configured model names (on config reload); the series
+        of the models no longer named go (see :meth:`_forget`)."""
+        before, self._models = self._models, frozenset(names)
+        if before - self._models:
+            self._forget(before - self._models)
+
+    def _forget(self, models: frozenset[str]) -> None:
+        """Drop every series of ``models``, retired by a reload, and free the
+        label slots they held: reloads that rename models would otherwise
+        pile up series nobody updates, until the caps turned the new
+        models' series into ``__other__``. Prometheus marks the dropped
+        series stale, as it does a removed target's."""
+        self.lanes.flush()  # verdicts queued before the reload are counted first
+        for family in (
+            self.requests, self.output_values, self.output_violations, self.sum_violations,
+            self.responses, self.abstentions, self.output_value, self.predicted_class,
+            self.entropy, self.drift,
+        ):  # fmt: skip
+            family.forget(models)
+        for model in models:
+            self.decode_errors.remove(model)  # nothing if never counted
+        kept = self._response_series.forget(models) | self._output_series.forget(models)
+        self._versions.keep_only({k[1] for k in kept})
+        self._signatures.keep_only({k[2] for k in kept})
+        self._outputs.keep_only({k[3] for k in kept if len(k) > 3})
+        self._recorders.clear()  # a recorder holds its series' children
 
     def model_label(self, name: str | None) -> str:
         """The configured name, or ``__other__`` for anything a client made up."""

@@ -196,3 +196,57 @@ def test_label_combinations_are_bounded_whatever_the_upstream_names() -> None:
                 for s in f.samples if s.labels.get("action") == "clean")  # fmt: skip
     assert total == 150 * 150  # every response still counted
     assert len(generate_latest(registry)) < 4_000_000
+
+
+def _models_in(registry: CollectorRegistry) -> set[str]:
+    return {s.labels["model"] for f in registry.collect() for s in f.samples if "model" in s.labels}
+
+
+def test_a_reload_forgets_the_series_of_the_models_it_retires() -> None:
+    """Found (a red-team pass): series outlived the models a reload removed.
+    Eight reloads of 200 new model names grew a scrape from 11,000 to 90,000
+    samples, and once 1,024 output series were taken, new models' outputs
+    read ``__other__``. A model kept by every reload keeps counting."""
+    registry = CollectorRegistry()
+    metrics = GuardMetrics(registry, ["kept"])
+    rule = OutputRule(name="p")
+    baseline = ((0.5,), (0.5, 0.5))
+    for reload in range(8):
+        names = [f"m{reload}-{i}" for i in range(200)]
+        metrics.set_model_names(["kept", *names])
+        for model in ["kept", *names]:
+            metrics.record_request("grpc", model, "Predict", "OK")
+            metrics.response_counter(model, str(reload), "s", Action.CLEAN).inc()
+            recorder = metrics.output_recorder(model, str(reload), "s", "p")
+            recorder.record_clean(1, np.array([reload]), np.array([0.75]), None, rule)
+            metrics.entropy.observe((model, "s", "p"), np.array([0.5]), 3, 0.99)
+            metrics.drift.observe((model, "s", "p"), np.array([0.75]), baseline, 100)
+            metrics.count_decode_error(model)
+        assert _models_in(registry) == {"kept", *names}
+    outputs = {
+        s.labels["output"] for f in registry.collect() if f.name == "guard_output_values"
+        for s in f.samples
+    }  # fmt: skip
+    assert outputs == {"p"}  # no __other__: the retired models' slots were freed
+    versions = {
+        s.labels["version"] for f in registry.collect() if f.name == "guard_responses"
+        for s in f.samples if s.labels["model"] == "m7-0"
+    }  # fmt: skip
+    assert versions == {"7"}
+    assert registry.get_sample_value(
+        "guard_requests_total", {"protocol": "grpc", "model": "kept", "method": "Predict",
+                                 "code": "OK"}
+    ) == 8  # fmt: skip
+    samples = sum(len(f.samples) for f in registry.collect())
+    assert samples < 201 * 60, samples
+    assert metrics.drift._rows == 201 * 100  # the retired windows' rows freed
+
+
+def test_a_reload_that_retires_no_model_forgets_nothing() -> None:
+    registry = CollectorRegistry()
+    metrics = GuardMetrics(registry, ["a"])
+    metrics.record_request("rest", "a", "Predict", "OK")
+    metrics.set_model_names(["a", "b"])
+    metrics.record_request("rest", "b", "Predict", "OK")
+    metrics.set_model_names(["b", "a"])
+    assert _models_in(registry) == {"a", "b"}

@@ -135,6 +135,10 @@ async def test_sighup_reloads_and_a_bad_config_keeps_the_old_rules(tmp_path: Pat
                         break
                     await asyncio.sleep(0.05)
                 assert "y_class" not in reply.outputs
+                # The retired model's series went with it.
+                models = {s.labels.get("model") for f in scrape(guard.metrics_url)
+                          for s in f.samples}  # fmt: skip
+                assert "m" not in models and "__other__" in models, models
         log = guard.log()
         assert "config reload failed, keeping the previous rules" in log
         assert "field 'on_violation': 'clampp' is not allowed" in log
