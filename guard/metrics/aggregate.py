@@ -7,8 +7,9 @@ remembers each worker's last good scrape: a worker that does not answer
 histograms, and a worker that is gone (its URL no longer listed, as when a
 dead one is replaced by a fresh one whose counters start at 0) has them
 moved into a retired total that stays in the sum for good. A series a
-live worker stops reporting (a model a reload retired) leaves the sum, the
-retired total's part of it included.
+live worker stops reporting (a model a reload retired) joins the retired
+total too, and leaves the sum once no worker reports it: workers reload one
+after another, and the sum must not go down in between.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class AggregatingCollector(Collector):
         self._lock = threading.Lock()
         self._last: dict[str, list[Metric]] = {}  # per current worker URL
         self._retired = _Sums()  # counters and histograms of workers gone
+        self._fading: set[_Key] = set()  # retired samples a live worker forgot
 
     def collect(self) -> Iterator[Metric]:
         asked = time.monotonic()
@@ -76,6 +78,10 @@ class AggregatingCollector(Collector):
         for url in self._last.keys() - set(urls):
             self._retire(self._last.pop(url))
         scraped = [list(self._families(url)) for url in urls]  # may retire some counts
+        if self._fading:
+            done = self._fading - {key for families in scraped for key in _keys(families)}
+            self._retired.drop(done)
+            self._fading -= done
         sums = _Sums()
         for families in [list(self._retired.metrics()), *scraped]:
             for family in families:
@@ -94,7 +100,10 @@ class AggregatingCollector(Collector):
             logger.warning("worker metrics at %s restarted from lower counts", url)
             self._retire(last)
         else:
-            self._retired.drop(_counts(last).keys() - _counts(families).keys())
+            forgotten = _keys(last) - _keys(families)
+            if forgotten:
+                self._retire(_only(last, forgotten))
+                self._fading |= forgotten
         self._last[url] = families
         return families
 
@@ -161,6 +170,20 @@ def _monotonic(families: Iterable[Metric]) -> Iterator[Metric]:
         if samples:
             kept = Metric(family.name, family.documentation, family.type)
             kept.samples = samples
+            yield kept
+
+
+def _keys(families: Iterable[Metric]) -> set[_Key]:
+    """The keys of the counter and histogram samples of ``families``."""
+    return {_key(s.name, s.labels) for family in _monotonic(families) for s in family.samples}
+
+
+def _only(families: Iterable[Metric], keys: set[_Key]) -> Iterator[Metric]:
+    """``families`` with only the samples ``keys``."""
+    for family in families:
+        kept = Metric(family.name, family.documentation, family.type)
+        kept.samples = [s for s in family.samples if _key(s.name, s.labels) in keys]
+        if kept.samples:
             yield kept
 
 

@@ -222,9 +222,10 @@ def test_a_new_process_with_higher_counts_behind_the_same_url(workers: list[Work
 
 
 def test_a_series_the_workers_forget_leaves_the_sum(workers: list[Worker]) -> None:
-    """A reload that retires a model drops its series in every worker: the
-    sum drops them too, the retired total's part included, and counts
-    nothing twice."""
+    """A reload that retires a model drops its series in every worker, one
+    after another: the sum holds them until the last worker has dropped
+    them, then drops them too, the retired total's part included, and
+    counts nothing twice."""
     a, b, gone = spawn(workers), spawn(workers), spawn(workers)
     retired = (("code", "RETIRED"),)
     for worker, n in ((a, 3), (b, 2), (gone, 4)):
@@ -236,12 +237,17 @@ def test_a_series_the_workers_forget_leaves_the_sum(workers: list[Worker]) -> No
     gone.stop()
     urls.pop()  # its counts go to the retired total
     assert collect(collector)[("guard_requests_total", retired)] == 9
-    for worker in (a, b):
-        worker.requests.remove("RETIRED")
+    a.requests.remove("RETIRED")
+    a.serve(1)
+    between = collect(collector)  # b has not reloaded yet
+    assert between[("guard_requests_total", retired)] == 9
+    assert_grew(between, collect(collector))
+    b.requests.remove("RETIRED")
     after = collect(collector)
+    assert_grew({k: v for k, v in between.items() if k[1] != retired}, after)
     assert ("guard_requests_total", retired) not in after
-    assert after[("guard_requests_total", OK)] == 9
-    assert after[("guard_latency_seconds_count", ())] == 9
+    assert after[("guard_requests_total", OK)] == 10
+    assert after[("guard_latency_seconds_count", ())] == 10
 
 
 def test_the_sum_never_goes_back_through_many_restarts(workers: list[Worker]) -> None:
