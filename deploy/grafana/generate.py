@@ -426,7 +426,8 @@ def _protection_panels() -> list[Any]:
             "Calls the guard refused to protect itself, per second, by the limit that refused "
             "them: metadata (max_metadata_kb/entries), pending_requests, request_timeout "
             "(a request that never completed), request_too_large (max_request_mb), "
-            "inflight_calls / inflight_bytes (max_concurrent_rpcs, max_inflight_mb), "
+            "inflight_calls / inflight_bytes (max_concurrent_rpcs or max_relayed_streams, "
+            "max_inflight_mb), "
             "response_too_large (max_message_mb), stream_idle (stream_idle_timeout_s), "
             "connections (max_connections, REST). Clients got the limit's name in the error "
             "details (GuardRefusingCalls).",

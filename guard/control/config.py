@@ -198,6 +198,11 @@ class Config:
         1024, as_int(1, 1_000_000), "give a whole number >= 1",
         "Calls forwarded to the upstream at once; calls beyond it get RESOURCE_EXHAUSTED at once.",
     )  # fmt: skip
+    max_relayed_streams: int = _setting(
+        256, as_int(1, 1_000_000), "give a whole number >= 1",
+        "Of max_concurrent_rpcs, how many streaming calls may hold at once (a stream rightly "
+        "holds its slot while it sends nothing); beyond it, RESOURCE_EXHAUSTED.",
+    )  # fmt: skip
     max_pending_requests: int = _setting(
         4096, as_int(1, 1_000_000), "give a whole number >= 1",
         "Calls whose request message has not fully arrived yet; beyond it, RESOURCE_EXHAUSTED.",

@@ -44,6 +44,8 @@ class Gate:
         self.inflight_bytes = 0
         """Bytes of requests and responses that calls in flight hold, and of
         answers handed to the transport that their clients have not taken yet."""
+        self.relayed = 0
+        """Streaming calls in flight (counted in :attr:`inflight` too)."""
         self._max_metadata = config.max_metadata_kb * 1024
 
     def metadata_problem(self, metadata: Sequence[tuple[str | bytes, Any]] | None) -> str | None:
@@ -118,6 +120,28 @@ class Gate:
             f"({self.config.max_inflight_mb} MiB); retry with backoff, or raise max_inflight_mb "
             "in the guard config"
         )
+
+    def admit_stream(self) -> tuple[Refusal, str] | None:
+        """:meth:`admit` a streaming call, within ``max_relayed_streams`` too:
+        a stream may hold its slot for as long as it sends nothing (a
+        bidirectional client may wait on the upstream), and streams that
+        did so took every slot from the unary calls.
+        :meth:`release_stream` gives it back."""
+        if self.relayed >= self.config.max_relayed_streams:
+            return (
+                Refusal.INFLIGHT_CALLS,
+                f"guard: {self.relayed} streaming calls already relayed, the max_relayed_streams "
+                "limit; retry with backoff, or raise max_relayed_streams in the guard config",
+            )
+        refused = self.admit(0)
+        if refused is None:
+            self.relayed += 1
+        return refused
+
+    def release_stream(self) -> None:
+        """Give back what :meth:`admit_stream` took."""
+        self.relayed -= 1
+        self.release(0)
 
     def release(self, size: int) -> None:
         """Give back what :meth:`admit` took for a call of ``size`` bytes."""

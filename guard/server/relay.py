@@ -101,13 +101,13 @@ class StreamRelay:
             problem = server.gate.metadata_problem(received)
             if problem is not None:
                 await call.refuse(context, Refusal.METADATA, problem)
-            refused = server.gate.admit(0)
+            refused = server.gate.admit_stream()
             if refused is not None:
                 await call.refuse(context, *refused)
             try:
                 await self._run(info, forwardable(received), context, call)
             finally:
-                server.gate.release(0)
+                server.gate.release_stream()
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 call.ended_by_client(context, server.was_cut(peer, call.start))

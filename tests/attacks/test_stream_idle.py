@@ -61,3 +61,44 @@ def test_a_stream_that_keeps_moving_outlives_the_idle_limit(tmp_path: Path) -> N
         assert got == [b"echo:m%d" % i for i in range(6)]
         assert list(call) == [] and call.code() == grpc.StatusCode.OK
         assert H.sample(guard.metrics(), "guard_refused_requests_total", reason="stream_idle") == 0
+
+
+def _inflight(guard: H.Proc, n: int) -> None:
+    for _ in range(100):  # bounded: 5 s
+        if H.sample(guard.metrics(), "guard_inflight_requests") == n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"in flight: {H.sample(guard.metrics(), 'guard_inflight_requests')}")
+
+
+def test_streams_that_send_nothing_leave_the_unary_calls_their_share(tmp_path: Path) -> None:
+    """Found (a red-team pass): a stream holds an in-flight slot from its
+    headers on, and 1,100 streams that sent only headers held every one of
+    max_concurrent_rpcs, every Predict refused, until stream_idle_timeout_s."""
+    config = "max_concurrent_rpcs: 4\nmax_relayed_streams: 3\n" + H.BASE_RULES
+    with H.guarded(tmp_path, config) as (_up, guard), H.channel(guard.address) as ch:
+        feeds = [queue.Queue[bytes | None]() for _ in range(5)]
+        calls = []
+        for i, feed in enumerate(feeds):
+            calls.append(_echo(ch, feed))
+            if i < 3:
+                _inflight(guard, i + 1)
+        refused = []
+        for call in calls[3:]:
+            try:
+                next(call)
+                raise AssertionError("a stream past max_relayed_streams was relayed")
+            except grpc.RpcError as exc:
+                refused.append((exc.code(), exc.details()))
+        assert H.legit_ok(guard.address).code == "OK"
+        for code, details in refused:
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+            assert "max_relayed_streams" in details, details
+        for feed in feeds[:3]:
+            feed.put(b"late")
+            feed.put(None)
+        for call in calls[:3]:
+            assert list(call) == [b"echo:late"] and call.code() == grpc.StatusCode.OK
+        metrics = guard.metrics()
+        assert H.sample(metrics, "guard_refused_requests_total", reason="inflight_calls") == 2
+        assert H.sample(metrics, "guard_inflight_requests") == 0
