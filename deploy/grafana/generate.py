@@ -426,8 +426,8 @@ def _protection_panels() -> list[Any]:
             "Calls the guard refused to protect itself, per second, by the limit that refused "
             "them: metadata (max_metadata_kb/entries), pending_requests, request_timeout "
             "(a request that never completed), request_too_large (max_request_mb), "
-            "inflight_calls / inflight_bytes (max_concurrent_rpcs or max_relayed_streams, "
-            "max_inflight_mb), "
+            "inflight_calls / inflight_bytes (max_concurrent_rpcs, max_inflight_mb), "
+            "relayed_streams (max_relayed_streams), "
             "response_too_large (max_message_mb), stream_idle (stream_idle_timeout_s), "
             "connections (max_connections, REST). Clients got the limit's name in the error "
             "details (GuardRefusingCalls).",
@@ -440,11 +440,13 @@ def _protection_panels() -> list[Any]:
         _timeseries(
             "Calls receiving and bytes in flight",
             "Calls whose request has not fully arrived (bounded by max_pending_requests and "
-            "request_timeout_s), and the bytes of requests and responses that calls in flight "
-            "hold, answers their clients have not taken yet included (bounded by "
-            "max_inflight_mb). A plateau at a limit means refusals.",
+            "request_timeout_s), streaming calls relayed (bounded by max_relayed_streams), and "
+            "the bytes of requests and responses that calls in flight hold, answers their "
+            "clients have not taken yet included (bounded by max_inflight_mb). A plateau at a "
+            "limit means refusals.",
             "short",
             _query("sum(guard_pending_requests)", "receiving"),
+            _query("sum(guard_relayed_streams)", "streams relayed", "C"),
             _query("sum(guard_inflight_bytes)", "bytes in flight", "B"),
         ),
         stat.Panel()

@@ -201,8 +201,8 @@ class Config:
     max_relayed_streams: int = _setting(
         256, as_int(1, 1_000_000), "give a whole number >= 1",
         "Of max_concurrent_rpcs, how many streaming calls may hold at once (a stream rightly "
-        "holds its slot while it sends nothing); beyond it, RESOURCE_EXHAUSTED. Keep it below "
-        "max_concurrent_rpcs, or streams may take every slot.",
+        "holds its slot while it sends nothing); beyond it, RESOURCE_EXHAUSTED. At most three "
+        "quarters of max_concurrent_rpcs (from 4 on), whatever it says here.",
     )  # fmt: skip
     max_pending_requests: int = _setting(
         4096, as_int(1, 1_000_000), "give a whole number >= 1",

@@ -61,6 +61,7 @@ class _GateCounts(Protocol):
     inflight: int
     pending: int
     inflight_bytes: int
+    relayed: int
 
 
 class GuardMetrics:
@@ -106,7 +107,7 @@ class GuardMetrics:
             "guard_refused_requests_total",
             "Calls the guard refused to protect itself, by the limit that refused them "
             "(metadata, pending_requests, request_timeout, request_too_large, inflight_calls, "
-            "inflight_bytes, response_too_large, stream_idle, connections).",
+            "relayed_streams, inflight_bytes, response_too_large, stream_idle, connections).",
             ["reason"],
         )
         self.upstream_duration = LatencyHistogram(
@@ -185,6 +186,11 @@ class GuardMetrics:
             "Calls whose request message has not fully arrived yet.",
             registry=registry,
         )
+        self.relayed_streams = Gauge(
+            "guard_relayed_streams",
+            "Streaming calls relayed now (counted in guard_inflight_requests too).",
+            registry=registry,
+        )
         self.inflight_bytes = Gauge(
             "guard_inflight_bytes",
             "Bytes of requests and responses held by calls in flight, and of answers their "
@@ -243,6 +249,7 @@ class GuardMetrics:
         self.inflight.set_function(lambda: gate.inflight)
         self.pending.set_function(lambda: gate.pending)
         self.inflight_bytes.set_function(lambda: gate.inflight_bytes)
+        self.relayed_streams.set_function(lambda: gate.relayed)
 
     def record_refusal(self, reason: str) -> None:
         """Count one call refused by a limit."""

@@ -26,10 +26,19 @@ class Refusal(Enum):
     REQUEST_TIMEOUT = "request_timeout"
     REQUEST_TOO_LARGE = "request_too_large"
     INFLIGHT_CALLS = "inflight_calls"
+    RELAYED_STREAMS = "relayed_streams"
     INFLIGHT_BYTES = "inflight_bytes"
     RESPONSE_TOO_LARGE = "response_too_large"
     STREAM_IDLE = "stream_idle"
     CONNECTIONS = "connections"
+
+
+def relayed_cap(config: Config) -> int:
+    """How many streaming calls may be relayed at once: ``max_relayed_streams``,
+    but never more than three quarters of ``max_concurrent_rpcs`` (from 4 on),
+    so that lowering that alone keeps the unary calls a share."""
+    rpcs = config.max_concurrent_rpcs
+    return max(1, min(config.max_relayed_streams, rpcs - rpcs // 4))
 
 
 class Gate:
@@ -46,6 +55,7 @@ class Gate:
         answers handed to the transport that their clients have not taken yet."""
         self.relayed = 0
         """Streaming calls in flight (counted in :attr:`inflight` too)."""
+        self.max_relayed = relayed_cap(config)
         self._max_metadata = config.max_metadata_kb * 1024
 
     def metadata_problem(self, metadata: Sequence[tuple[str | bytes, Any]] | None) -> str | None:
@@ -127,9 +137,9 @@ class Gate:
         bidirectional client may wait on the upstream), and streams that
         did so took every slot from the unary calls.
         :meth:`release_stream` gives it back."""
-        if self.relayed >= self.config.max_relayed_streams:
+        if self.relayed >= self.max_relayed:
             return (
-                Refusal.INFLIGHT_CALLS,
+                Refusal.RELAYED_STREAMS,
                 f"guard: {self.relayed} streaming calls already relayed, the max_relayed_streams "
                 "limit; retry with backoff, or raise max_relayed_streams in the guard config",
             )

@@ -98,6 +98,12 @@ class GuardServer:
         self._book = RuleBook(config.models, config.max_message_bytes)
         self.upstream = Upstream(config, self._upstream_state)
         self.gate = Gate(config)
+        if self.gate.max_relayed < config.max_relayed_streams:
+            logger.warning(
+                "streaming calls may hold %d of max_concurrent_rpcs (%d), not max_relayed_streams "
+                "(%d): the unary calls keep a quarter", self.gate.max_relayed,
+                config.max_concurrent_rpcs, config.max_relayed_streams,
+            )  # fmt: skip
         self.arrivals = Arrivals(self.gate)
         self._arrivals_watch: asyncio.Task[None] | None = None
         self._ceiling: asyncio.Task[None] | None = None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from tests.attacks import _harness as H
 
@@ -71,12 +72,19 @@ def _inflight(guard: H.Proc, n: int) -> None:
     raise AssertionError(f"in flight: {H.sample(guard.metrics(), 'guard_inflight_requests')}")
 
 
-def test_streams_that_send_nothing_leave_the_unary_calls_their_share(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "limits", ["max_concurrent_rpcs: 4\nmax_relayed_streams: 3\n", "max_concurrent_rpcs: 4\n"]
+)
+def test_streams_that_send_nothing_leave_the_unary_calls_their_share(
+    tmp_path: Path, limits: str
+) -> None:
     """Found (a red-team pass): a stream holds an in-flight slot from its
     headers on, and 1,100 streams that sent only headers held every one of
-    max_concurrent_rpcs, every Predict refused, until stream_idle_timeout_s."""
-    config = "max_concurrent_rpcs: 4\nmax_relayed_streams: 3\n" + H.BASE_RULES
-    with H.guarded(tmp_path, config) as (_up, guard), H.channel(guard.address) as ch:
+    max_concurrent_rpcs, every Predict refused, until stream_idle_timeout_s.
+    Streams hold at most max_relayed_streams, and never more than three
+    quarters of max_concurrent_rpcs (a lowered one, with max_relayed_streams
+    left at 256)."""
+    with H.guarded(tmp_path, limits + H.BASE_RULES) as (_up, guard), H.channel(guard.address) as ch:
         feeds = [queue.Queue[bytes | None]() for _ in range(5)]
         calls = []
         for i, feed in enumerate(feeds):
@@ -91,6 +99,7 @@ def test_streams_that_send_nothing_leave_the_unary_calls_their_share(tmp_path: P
             except grpc.RpcError as exc:
                 refused.append((exc.code(), exc.details()))
         assert H.legit_ok(guard.address).code == "OK"
+        assert H.sample(guard.metrics(), "guard_relayed_streams") == 3
         for code, details in refused:
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
             assert "max_relayed_streams" in details, details
@@ -100,5 +109,9 @@ def test_streams_that_send_nothing_leave_the_unary_calls_their_share(tmp_path: P
         for call in calls[:3]:
             assert list(call) == [b"echo:late"] and call.code() == grpc.StatusCode.OK
         metrics = guard.metrics()
-        assert H.sample(metrics, "guard_refused_requests_total", reason="inflight_calls") == 2
+        assert H.sample(metrics, "guard_refused_requests_total", reason="relayed_streams") == 2
+        assert H.sample(metrics, "guard_refused_requests_total", reason="inflight_calls") == 0
         assert H.sample(metrics, "guard_inflight_requests") == 0
+        assert H.sample(metrics, "guard_relayed_streams") == 0
+    clamped = "streaming calls may hold 3 of max_concurrent_rpcs (4), not max_relayed_streams (256)"
+    assert (clamped in guard.log()) == ("max_relayed_streams" not in limits)

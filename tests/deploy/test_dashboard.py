@@ -26,6 +26,7 @@ GUARD_METRICS = {
     "guard_refused_requests_total",
     "guard_pending_requests",
     "guard_inflight_bytes",
+    "guard_relayed_streams",
     "guard_server_restarts_total",
     "guard_worker_restarts_total",
     "guard_memory_resets_total",

@@ -58,10 +58,11 @@ def test_gate_gauges_read_the_servers_counts() -> None:
     metrics = GuardMetrics(registry)
     gate = Gate(Config())
     metrics.track_gate(gate)
-    gate.inflight, gate.pending, gate.inflight_bytes = 7, 3, 4096
+    gate.inflight, gate.pending, gate.inflight_bytes, gate.relayed = 7, 3, 4096, 2
     assert registry.get_sample_value("guard_inflight_requests") == 7.0
     assert registry.get_sample_value("guard_pending_requests") == 3.0
     assert registry.get_sample_value("guard_inflight_bytes") == 4096.0
+    assert registry.get_sample_value("guard_relayed_streams") == 2.0
     gate.inflight = 0
     assert registry.get_sample_value("guard_inflight_requests") == 0.0
 
