@@ -94,15 +94,18 @@ class AggregatingCollector(Collector):
         families = self._scrape(url)
         if families is None:
             return _monotonic(last)  # stale, but never less than before
-        if _went_back(last, families):
+        if _restarted(last, families):
             # Another process behind the same URL (a reused port): the old
             # one's counts are gone from it, so they go to the retired total.
             logger.warning("worker metrics at %s restarted from lower counts", url)
             self._retire(last)
-        else:
+        elif last:
+            # The same process: a series it forgot (a model a reload retired),
+            # or forgot and made again from 0, leaves its last counts here.
             forgotten = _keys(last) - _keys(families)
-            if forgotten:
-                self._retire(_only(last, forgotten))
+            moved = forgotten | _remade(last, families)
+            if moved:
+                self._retire(_only(last, moved))
                 self._fading |= forgotten
         self._last[url] = families
         return families
@@ -210,18 +213,36 @@ def _started(families: Iterable[Metric]) -> float | None:
     return min(created) if created else None
 
 
-def _went_back(last: list[Metric], now: list[Metric]) -> bool:
+def _restarted(last: list[Metric], now: list[Metric]) -> bool:
     """Whether the process answering is not the one that answered before:
-    it started later, or a count both report is lower. A count missing
-    from ``now`` says nothing: a process forgets the series of the models
-    a reload retired."""
+    it made its metrics at another time, or, where it does not say when, a
+    count both report is lower. Within one process a count may be lower,
+    or missing: a reload forgets the series of the models it retired, and
+    a call in flight across it may make one again from 0."""
     if not last:
         return False
     before, since = _started(last), _started(now)
-    if before is not None and since is not None and since != before:
-        return True
+    if before is not None and since is not None:
+        return since != before
+    return bool(_remade(last, now))
+
+
+def _series(key: _Key) -> _Key:
+    """The series a sample belongs to: its histogram's name and labels, ``le`` aside."""
+    name, labels = key
+    for suffix in ("_bucket", "_count", "_sum"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], tuple(kv for kv in labels if kv[0] != "le")
+    return key
+
+
+def _remade(last: list[Metric], now: list[Metric]) -> set[_Key]:
+    """The samples of ``last`` whose series reads lower in ``now``: made again."""
     current = _counts(now)
-    return any(current.get(key, value) < value for key, value in _counts(last).items())
+    lower = {
+        _series(key) for key, value in _counts(last).items() if current.get(key, value) < value
+    }
+    return {key for key in _keys(last) if _series(key) in lower} if lower else set()
 
 
 def _add(bucket: dict[_Key, float], family: Metric) -> None:

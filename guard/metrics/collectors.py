@@ -104,10 +104,10 @@ class BoundedCombinations:
                 return values
         return (values[0], *(OTHER for _ in values[1:]))
 
-    def forget(self, models: frozenset[str]) -> set[tuple[str, ...]]:
-        """Free the combinations of ``models`` (first value); the ones kept."""
+    def forget(self, keep: frozenset[str]) -> set[tuple[str, ...]]:
+        """Free the combinations of models (first value) not in ``keep``; the ones kept."""
         with self._lock:
-            self._seen = {v for v in self._seen if v[0] not in models}
+            self._seen = {v for v in self._seen if v[0] in keep or v[0] == OTHER}
             return set(self._seen)
 
 
@@ -115,10 +115,11 @@ def _nothing() -> None:
     return None
 
 
-def _drop_models(series: dict[Any, Any], models: frozenset[str], at: int = 0) -> list[Any]:
-    """Remove the entries of ``series`` whose label values name one of
-    ``models`` at position ``at``; the values removed."""
-    gone = [key for key in series if key[at] in models]
+def _drop_models(series: dict[Any, Any], keep: frozenset[str], at: int = 0) -> list[Any]:
+    """Remove the entries of ``series`` whose model label, at position ``at``
+    of their label values, is neither in ``keep`` nor ``__other__``; the
+    values removed."""
+    gone = [key for key in series if key[at] not in keep and key[at] != OTHER]
     return [series.pop(key) for key in gone]
 
 
@@ -191,10 +192,11 @@ class LaneQueue:
             self.flush()
 
     def flush(self) -> None:
-        """Fold everything queued (from any thread)."""
-        if not self._items:
-            return
+        """Fold everything queued (from any thread); returns once a fold
+        another thread began is done too."""
         with self._lock:
+            if not self._items:
+                return
             runs: dict[tuple[LaneFold, np.dtype[Any], NameOf], tuple[list[bytes], list[bytes]]]
             runs = {}
             items = self._items
@@ -267,11 +269,11 @@ class OutputValueHistogram(Collector):
         self._pending.clear()
         self._queued.reset()
 
-    def forget(self, models: frozenset[str]) -> None:
-        """Drop the series of ``models`` (retired by a reload)."""
+    def forget(self, keep: frozenset[str]) -> None:
+        """Drop the series of models not in ``keep`` (retired by a reload)."""
         with self._lock:
-            _drop_models(self._pending, models)
-            _drop_models(self._data, models)
+            _drop_models(self._pending, keep)
+            _drop_models(self._data, keep)
 
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(
@@ -323,11 +325,11 @@ class LoopCounter(Collector):
         self._children: dict[tuple[str, ...], LoopValue] = {}
         self._model_at = labelnames.index("model") if "model" in labelnames else -1
 
-    def forget(self, models: frozenset[str]) -> None:
-        """Drop the series of ``models`` (retired by a reload): a child still
-        held counts into nothing."""
+    def forget(self, keep: frozenset[str]) -> None:
+        """Drop the series of models not in ``keep`` (retired by a reload): a
+        child still held counts into nothing."""
         if self._model_at >= 0:
-            _drop_models(self._children, models, self._model_at)
+            _drop_models(self._children, keep, self._model_at)
 
     def labels(self, *values: str) -> LoopValue:
         """The child for ``values`` (created at 0, so the series exists before counts)."""
@@ -568,10 +570,10 @@ class PredictedClassCounter(Collector):
             entry.fold()
         self._queued.reset()
 
-    def forget(self, models: frozenset[str]) -> None:
-        """Drop the series of ``models`` (retired by a reload)."""
+    def forget(self, keep: frozenset[str]) -> None:
+        """Drop the series of models not in ``keep`` (retired by a reload)."""
         with self._lock:
-            _drop_models(self._data, models)
+            _drop_models(self._data, keep)
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
@@ -664,10 +666,10 @@ class EntropyHistogram(Collector):
             series.near_uniform += int(np.count_nonzero(h >= series.threshold))
         self._queued.reset()
 
-    def forget(self, models: frozenset[str]) -> None:
-        """Drop the series of ``models`` (retired by a reload)."""
+    def forget(self, keep: frozenset[str]) -> None:
+        """Drop the series of models not in ``keep`` (retired by a reload)."""
         with self._lock:
-            _drop_models(self._data, models)
+            _drop_models(self._data, keep)
 
     def collect(self) -> Iterator[Metric]:
         labelnames = ["model", "signature", "output"]
@@ -829,10 +831,11 @@ class DriftGauge(Collector):
         window = self._windows[labels] = _Window(size, baseline)
         return window
 
-    def forget(self, models: frozenset[str]) -> None:
-        """Drop the windows of ``models`` (retired by a reload), and their rows."""
+    def forget(self, keep: frozenset[str]) -> None:
+        """Drop the windows of models not in ``keep`` (retired by a reload),
+        and their rows."""
         with self._lock:
-            for window in _drop_models(self._windows, models):
+            for window in _drop_models(self._windows, keep):
                 self._rows -= window.ring.size
 
     def collect(self) -> Iterator[Metric]:

@@ -212,27 +212,28 @@ class GuardMetrics:
 
     def set_model_names(self, names: Iterable[str]) -> None:
         """Replace the configured model names (on config reload); the series
-        of the models no longer named go (see :meth:`_forget`)."""
+        of any other model go (see :meth:`_forget`)."""
         before, self._models = self._models, frozenset(names)
-        if before - self._models:
-            self._forget(before - self._models)
+        self._forget(before - self._models)
 
-    def _forget(self, models: frozenset[str]) -> None:
-        """Drop every series of ``models``, retired by a reload, and free the
-        label slots they held: reloads that rename models would otherwise
-        pile up series nobody updates, until the caps turned the new
-        models' series into ``__other__``. Prometheus marks the dropped
+    def _forget(self, retired: frozenset[str]) -> None:
+        """Drop every series of a model not configured (those ``retired`` now,
+        and any a call in flight across an earlier reload brought back), and
+        free the label slots they held: reloads that rename models would
+        otherwise pile up series nobody updates, until the caps turned the
+        new models' series into ``__other__``. Prometheus marks the dropped
         series stale, as it does a removed target's."""
+        keep = self._models
         self.lanes.flush()  # verdicts queued before the reload are counted first
         for family in (
             self.requests, self.output_values, self.output_violations, self.sum_violations,
             self.responses, self.abstentions, self.output_value, self.predicted_class,
             self.entropy, self.drift,
         ):  # fmt: skip
-            family.forget(models)
-        for model in models:
+            family.forget(keep)
+        for model in retired:
             self.decode_errors.remove(model)  # nothing if never counted
-        kept = self._response_series.forget(models) | self._output_series.forget(models)
+        kept = self._response_series.forget(keep) | self._output_series.forget(keep)
         self._versions.keep_only({k[1] for k in kept})
         self._signatures.keep_only({k[2] for k in kept})
         self._outputs.keep_only({k[3] for k in kept if len(k) > 3})
@@ -258,7 +259,10 @@ class GuardMetrics:
     # -------------------------------------------------------------- recording
 
     def record_request(self, protocol: str, model: str, method: str, code: str) -> None:
-        """Count one finished call (labels already bounded; ``protocol``: grpc or rest)."""
+        """Count one finished call (labels already bounded; ``protocol``: grpc or rest).
+        A model a reload retired while the call ran counts as ``__other__``."""
+        if model not in self._models:
+            model = OTHER
         self.requests.labels(protocol, model, method, code).inc()
 
     def record_timing(
@@ -280,7 +284,7 @@ class GuardMetrics:
 
     def count_decode_error(self, model: str) -> None:
         """Count one response that could not be decoded (``model`` already bounded)."""
-        self.decode_errors.labels(model).inc()
+        self.decode_errors.labels(model if model in self._models else OTHER).inc()
 
     def output_recorder(
         self, model: str, version: str, signature: str, output: str

@@ -304,3 +304,21 @@ def test_a_flood_of_scrapes_shares_one_gathering(workers: list[Worker]) -> None:
         a.serve(1)
         time.sleep(1.2)
     assert seen == [7.0] * 32 + [8.0] * 32
+
+
+def test_a_series_the_same_worker_makes_again_counts_nothing_twice(workers: list[Worker]) -> None:
+    """Found (a red-team pass): a series a worker forgot and made again from
+    0 (a call in flight across the reload that retired its model, or the
+    model added back) read as a restart, and the worker's whole history
+    joined the retired total: 2,000 calls read 3,000."""
+    a, b = spawn(workers), spawn(workers)
+    a.serve(1000)
+    b.serve(1000)
+    collector = AggregatingCollector(lambda: [a.url, b.url], timeout_s=1.0, fresh_s=0.0)
+    before = collect(collector)
+    a.requests.remove("OK")
+    a.serve(3)  # the same process: its histogram goes on, its OK series starts again
+    after = collect(collector)
+    assert_grew(before, after)
+    assert after[("guard_requests_total", OK)] == 2003
+    assert after[("guard_latency_seconds_count", ())] == 2003

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -251,3 +252,46 @@ def test_a_reload_that_retires_no_model_forgets_nothing() -> None:
     metrics.record_request("rest", "b", "Predict", "OK")
     metrics.set_model_names(["b", "a"])
     assert _models_in(registry) == {"a", "b"}
+
+
+def test_series_a_call_in_flight_brings_back_go_at_the_next_reload() -> None:
+    """Found (a red-team pass): a call that began before its model was
+    retired, and ends after, counted its request under the retired name,
+    and no later reload removed that series, ``models: []`` included."""
+    registry = CollectorRegistry()
+    metrics = GuardMetrics(registry, ["m", "kept"])
+    recorder = metrics.output_recorder("m", "1", "s", "p")  # held by a plan in flight
+    metrics.set_model_names(["kept"])
+    metrics.record_request("grpc", "m", "Predict", "OK")  # the call ends after the reload
+    recorder.record_clean(1, np.array([0]), np.array([0.5]), None, OutputRule(name="p"))
+    assert registry.get_sample_value(
+        "guard_requests_total", {"protocol": "grpc", "model": "__other__", "method": "Predict",
+                                 "code": "OK"}
+    ) == 1  # fmt: skip
+    assert "m" in _models_in(registry)  # the old recorder's value histogram
+    metrics.set_model_names(["kept"])  # any later reload
+    assert _models_in(registry) <= {"__other__", "kept"}
+
+
+def test_a_reload_waits_for_a_scrape_folding_the_lanes() -> None:
+    """Found (a red-team pass): a reload whose lane queue looked empty while
+    a scrape was still folding what it had taken from it dropped the
+    retired model's series before the fold put them back (41 of 60 tries)."""
+    registry = CollectorRegistry()
+    metrics = GuardMetrics(registry, ["gone"])
+    recorder = metrics.output_recorder("gone", "1", "s", "p")
+    folding = threading.Event()
+
+    def scrape_folding() -> None:
+        with metrics.lanes._lock:  # a scrape's flush, between taking and folding
+            folding.set()
+            time.sleep(0.2)
+            one = np.zeros(1, np.int64).tobytes()
+            recorder.fold_lane(np.dtype(np.float32), str, one, np.float32(0.5).tobytes())
+
+    scraper = threading.Thread(target=scrape_folding)
+    scraper.start()
+    folding.wait(5)
+    metrics.set_model_names([])
+    scraper.join()
+    assert _models_in(registry) == set()
