@@ -75,7 +75,8 @@ class _Stream:
 
 
 class _ConnectionGone(Exception):
-    """A message could not be written: the client's connection is closed."""
+    """Something could not be sent: the call had ended (its deadline passed,
+    or its connection is closed)."""
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
@@ -139,9 +140,7 @@ class StreamRelay:
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
         except _ConnectionGone:
-            # Closed under a message (a client that took none, or another
-            # stream's on its connection): its client sees the stream removed.
-            call.count("UNAVAILABLE")
+            call.ended_under_send(context)
             return
         except asyncio.CancelledError:
             # gRPC raises it from a call cancelled here; only the guard's own
@@ -219,9 +218,11 @@ class StreamRelay:
         too: that is counted with the message."""
         # Sent even when empty: a client may wait for the upstream's headers
         # before it sends (they were held until the first message, a deadlock).
-        await context.send_initial_metadata(
-            sendable(await upstream_call.initial_metadata(), "initial")
-        )
+        initial = sendable(await upstream_call.initial_metadata(), "initial")
+        try:
+            await context.send_initial_metadata(initial)
+        except Exception:  # grpc's ExecuteBatchError: the call ended as they came
+            raise _ConnectionGone from None
         while True:
             message = await upstream_call.read()
             if message is grpc.aio.EOF:
