@@ -272,7 +272,7 @@ class _Plan:
     little else. Anything else sends the response down the reference route.
     """
 
-    __slots__ = ("outputs", "_counters", "_limit", "_derived")
+    __slots__ = ("outputs", "_counters", "_limit", "_derived", "_sink")
 
     def __init__(
         self, outputs: tuple[_PlannedOutput, ...], counters: ActionCounters, limit: int
@@ -281,6 +281,12 @@ class _Plan:
         self._counters = counters
         self._limit = limit
         self._derived = sum(out.output.derived for out in outputs)
+        self._sink = outputs[0].output.sink  # all of one model version
+
+    @property
+    def stale(self) -> bool:
+        """Whether the series it counts into were dropped: it is made again."""
+        return self._sink.stale
 
     @property
     def held(self) -> int:
@@ -351,8 +357,8 @@ def _plan(
     spec_bytes, layout, _ = walked
     key = (metrics, request_spec, spec_bytes, layout)
     found: _Plan | None | object = book.plans.get(key, _MISSING)
-    if found is not _MISSING:
-        return found  # type: ignore[return-value]
+    if found is None or (isinstance(found, _Plan) and not found.stale):
+        return found
     if len(layout) > _PLAN_OUTPUTS_MAX:
         return None
     plan = _make_plan(read_predict_response(body, walked), request_spec, book, metrics)

@@ -29,6 +29,11 @@ class Counter(Protocol):
 class OutputSink(Protocol):
     """The metric series of one (model, version, signature, output)."""
 
+    @property
+    def stale(self) -> bool:
+        """Whether its series were dropped (an old version of its model): a
+        plan that holds it is made again, with series of its own."""
+
     def record(self, result: OutputResult, labels: LabelTable | None, rule: OutputRule) -> None:
         """Record the counts, histograms, classes, abstentions and drift of one
         checked output."""

@@ -36,6 +36,7 @@ __all__ = [
     "PENDING_VALUES_MAX",
     "BoundedCombinations",
     "BoundedLabel",
+    "LABEL_VALUE_MAX",
     "DriftGauge",
     "EntropyHistogram",
     "LaneFold",
@@ -106,8 +107,12 @@ class BoundedCombinations:
 
     def forget(self, keep: frozenset[str]) -> set[tuple[str, ...]]:
         """Free the combinations of models (first value) not in ``keep``; the ones kept."""
+        return self.drop(lambda v: v[0] not in keep and v[0] != OTHER)
+
+    def drop(self, match: Callable[[tuple[str, ...]], bool]) -> set[tuple[str, ...]]:
+        """Free the combinations ``match`` takes; the ones kept."""
         with self._lock:
-            self._seen = {v for v in self._seen if v[0] in keep or v[0] == OTHER}
+            self._seen = {v for v in self._seen if not match(v)}
             return set(self._seen)
 
 
@@ -330,6 +335,11 @@ class LoopCounter(Collector):
         child still held counts into nothing."""
         if self._model_at >= 0:
             _drop_models(self._children, keep, self._model_at)
+
+    def drop(self, match: Callable[[tuple[str, ...]], bool]) -> None:
+        """Drop the series whose label values ``match`` takes."""
+        for key in [key for key in self._children if match(key)]:
+            del self._children[key]
 
     def labels(self, *values: str) -> LoopValue:
         """The child for ``values`` (created at 0, so the series exists before counts)."""

@@ -22,6 +22,7 @@ from guard.dataplane.results import Action, Counts, OutputResult
 from guard.dataplane.rules import ABSTAINED, class_axis_size
 from guard.dataplane.rulespec import OutputRule
 from guard.metrics.collectors import (
+    LABEL_VALUE_MAX,
     OTHER,
     BoundedCombinations,
     BoundedLabel,
@@ -76,6 +77,11 @@ class GuardMetrics:
         self.registry = registry
         self._models = frozenset(model_names)
         self._versions = BoundedLabel(256)
+        self._model_versions: dict[str, list[str]] = {}  # per model label, oldest first
+        # What the recorders of each (model label, version) kept share: marked
+        # stale when its series are dropped, so the plans that hold them are
+        # made again.
+        self._tokens: dict[tuple[str, str], _Token] = {}
         self._signatures = BoundedLabel(256)
         self._outputs = BoundedLabel(1024)
         self._response_series = BoundedCombinations(_RESPONSE_SERIES_MAX)
@@ -233,11 +239,53 @@ class GuardMetrics:
             family.forget(keep)
         for model in retired:
             self.decode_errors.remove(model)  # nothing if never counted
-        kept = self._response_series.forget(keep) | self._output_series.forget(keep)
+        self._model_versions = {
+            m: v for m, v in self._model_versions.items() if m in keep or m == OTHER
+        }
+        for model, version in [k for k in self._tokens if k[0] not in keep and k[0] != OTHER]:
+            self._stale(model, version)
+        self._after_drop(self._response_series.forget(keep) | self._output_series.forget(keep))
+
+    def _forget_version(self, model: str, version: str) -> None:
+        """Drop the series of one version of ``model`` and free its label slots."""
+        self.lanes.flush()
+
+        def match(labels: tuple[str, ...]) -> bool:
+            return labels[0] == model and labels[1] == version
+
+        for family in (self.responses, self.output_values, self.output_violations,
+                       self.sum_violations):  # fmt: skip
+            family.drop(match)
+        self._stale(model, version)
+        self._after_drop(self._response_series.drop(match) | self._output_series.drop(match))
+
+    def _stale(self, model: str, version: str) -> None:
+        token = self._tokens.pop((model, version), None)
+        if token is not None:
+            token.stale = True
+
+    def _after_drop(self, kept: set[tuple[str, ...]]) -> None:
+        """Free the label values only dropped series held, and the recorders
+        that hold the dropped series' children."""
         self._versions.keep_only({k[1] for k in kept})
         self._signatures.keep_only({k[2] for k in kept})
         self._outputs.keep_only({k[3] for k in kept if len(k) > 3})
-        self._recorders.clear()  # a recorder holds its series' children
+        self._recorders.clear()
+
+    def _version(self, model: str, version: str) -> str:
+        """The ``version`` label of ``model``'s responses of ``version``. A
+        model keeps the series of its last :data:`_VERSIONS_PER_MODEL`
+        versions: TF Serving loads new versions without a restart, and the
+        256 values of the label, shared by every model, filled up."""
+        if len(version) > LABEL_VALUE_MAX:
+            return OTHER
+        seen = self._model_versions.setdefault(model, [])
+        if version not in seen:
+            if len(seen) >= _VERSIONS_PER_MODEL:
+                self._forget_version(model, seen.pop(0))
+            seen.append(version)
+            self._tokens[(model, version)] = _Token()
+        return self._versions(version)
 
     def model_label(self, name: str | None) -> str:
         """The configured name, or ``__other__`` for anything a client made up."""
@@ -278,7 +326,7 @@ class GuardMetrics:
     ) -> LoopValue:
         """The ``guard_responses_total`` child of one action."""
         labels = self._response_series(
-            (model, self._versions(version), self._signatures(signature))
+            (model, self._version(model, version), self._signatures(signature))
         )
         return self.responses.labels(*labels, action.label)
 
@@ -293,20 +341,31 @@ class GuardMetrics:
         key = (model, version, signature, output)
         recorder: OutputRecorder | None = self._recorders.get(key)
         if recorder is None:
-            bounded = (model, self._versions(version), self._signatures(signature))
+            bounded = (model, self._version(model, version), self._signatures(signature))
             m, v, s, o = self._output_series((*bounded, self._outputs(output)))
-            recorder = OutputRecorder(self, m, v, s, o)
+            recorder = OutputRecorder(self, m, v, s, o, self._tokens.get((model, version)))
             self._recorders.put(key, recorder)
         return recorder
 
 
 _RECORDERS_MAX = 4096
+_VERSIONS_PER_MODEL = 8
 # Series per metric family, whatever the upstream or the clients name: an
 # echoing upstream's 66,049 (version, signature) pairs made 380,000 samples
 # in one worker, 7 s to scrape, and the aggregated /metrics came back empty.
 _RESPONSE_SERIES_MAX = 1024
 _OUTPUT_SERIES_MAX = 1024
 _RECORDER_KEY_BYTES = 2048
+
+
+class _Token:
+    """Shared by the recorders of one (model, version): ``stale`` once its
+    series were dropped."""
+
+    __slots__ = ("stale",)
+
+    def __init__(self) -> None:
+        self.stale = False
 
 
 class OutputRecorder:
@@ -317,7 +376,13 @@ class OutputRecorder:
     """
 
     def __init__(
-        self, metrics: GuardMetrics, model: str, version: str, signature: str, output: str
+        self,
+        metrics: GuardMetrics,
+        model: str,
+        version: str,
+        signature: str,
+        output: str,
+        token: _Token | None = None,
     ) -> None:
         labels = (model, version, signature, output)
         self.values = metrics.output_values.labels(*labels)
@@ -333,10 +398,16 @@ class OutputRecorder:
         self.drift = metrics.drift
         self._abstentions = metrics.abstentions
         self._lanes = metrics.lanes
+        self._token = token
         self._abstained: Any = None  # made on the first abstention
         self._labels: np.ndarray[Any, Any] | None = None
         self._abstain: tuple[str, NameOf] | None = None
         self._name_of: NameOf = str
+
+    @property
+    def stale(self) -> bool:
+        """Whether its series were dropped (see :class:`~guard.dataplane.sink.OutputSink`)."""
+        return self._token is not None and self._token.stale
 
     def _namer(self, labels: np.ndarray[Any, Any] | None) -> NameOf:
         # One resolver per label table, so queued predictions fold in one batch.

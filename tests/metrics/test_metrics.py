@@ -167,12 +167,12 @@ def test_a_scrape_while_the_loop_queues_loses_no_verdict() -> None:
 def test_label_combinations_are_bounded_whatever_the_upstream_names() -> None:
     """Found (a red-team pass): versions, signatures and outputs were each
     bounded, not their product: an echoing upstream's 66,049 (version,
-    signature) pairs made 380,000 samples in one worker. 150 x 150 pairs here,
-    each with two outputs."""
+    signature) pairs made 380,000 samples in one worker. 8 versions (as many
+    as a model keeps) x 300 signatures here, each with two outputs."""
     registry = CollectorRegistry()
     metrics = GuardMetrics(registry, ["m"])
-    for v in range(150):
-        for s in range(150):
+    for v in range(8):
+        for s in range(300):
             metrics.response_counter("m", str(v), f"sig{s}", Action.CLEAN).inc()
             for output in ("a", "b"):
                 metrics.output_recorder("m", str(v), f"sig{s}", output)
@@ -196,7 +196,7 @@ def test_label_combinations_are_bounded_whatever_the_upstream_names() -> None:
     assert ("m", "__other__", "__other__", "__other__") in outputs
     total = sum(s.value for f in registry.collect() if f.name == "guard_responses"
                 for s in f.samples if s.labels.get("action") == "clean")  # fmt: skip
-    assert total == 150 * 150  # every response still counted
+    assert total == 8 * 300  # every response still counted
     assert len(generate_latest(registry)) < 4_000_000
 
 
@@ -295,3 +295,25 @@ def test_a_reload_waits_for_a_scrape_folding_the_lanes() -> None:
     metrics.set_model_names([])
     scraper.join()
     assert _models_in(registry) == set()
+
+
+def test_a_model_keeps_the_series_of_its_last_eight_versions() -> None:
+    registry = CollectorRegistry()
+    metrics = GuardMetrics(registry, ["m", "n"])
+    metrics.response_counter("n", "1", "s", Action.CLEAN).inc()
+    first = metrics.output_recorder("m", "0", "s", "p")
+    for v in range(300):  # past the 256 values the version label may take
+        metrics.response_counter("m", str(v), "s", Action.CLEAN).inc()
+        metrics.output_recorder("m", str(v), "s", "p").values.inc(2)
+
+    def versions(family: str, model: str) -> dict[str, float]:
+        return {
+            s.labels["version"]: s.value for f in registry.collect() if f.name == family
+            for s in f.samples if s.labels["model"] == model
+        }  # fmt: skip
+
+    assert versions("guard_responses", "m") == {str(v): 1.0 for v in range(292, 300)}
+    assert versions("guard_output_values", "m") == {str(v): 2.0 for v in range(292, 300)}
+    assert versions("guard_responses", "n") == {"1": 1.0}
+    assert first.stale  # the plans that hold it let go
+    assert not metrics.output_recorder("m", "299", "s", "p").stale

@@ -492,3 +492,25 @@ async def test_health_follows_upstream(make_guard: GuardFactory) -> None:
         assert "y_class" in resp.outputs
     finally:
         await server.stop(0)
+
+
+async def test_a_model_s_new_versions_keep_their_own_series(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    """TF Serving loads a model's new versions without a restart, and the
+    256 ``version`` values, shared by every model, filled up: a new version
+    then read ``__other__``. A model keeps its last 8 versions' series; a
+    version that comes back after its series went gets them again (its
+    plan, made before, let go of the old ones)."""
+    guard = await make_guard(WIDE_DEEP)
+    for version in [*range(1, 11), 1]:
+        upstream.reply("wide_deep", predict_response("wide_deep", {"y": SEED_VALUES},
+                                                     version=version))  # fmt: skip
+        await _predict(guard, predict_request("wide_deep", x=[1.0]))
+    counted = {
+        s.labels["version"]: s.value
+        for family in scrape(guard.metrics_url)
+        for s in family.samples
+        if s.name == "guard_output_values_total" and s.labels["model"] == "wide_deep"
+    }
+    assert counted == {**{str(v): 8.0 for v in range(4, 11)}, "1": 8.0}

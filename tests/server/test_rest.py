@@ -25,8 +25,8 @@ from yarl import URL
 from guard.control.config import parse_config
 from guard.dev.backend.json_tensor import predict_response
 from guard.server.rest.http import forward_headers, response_headers
-from tests.support.guard import RunningGuard, start_in_process
-from tests.support.rest_upstream import FakeRestUpstream, Reply
+from tests.support.guard import RunningGuard, scrape, start_in_process
+from tests.support.rest_upstream import FakeRestUpstream, Reply, metadata_body
 
 DT_FLOAT, DT_DOUBLE, DT_STRING, DT_INT64 = 1, 2, 7, 9
 
@@ -554,3 +554,29 @@ async def test_row_format_several_outputs_activation_and_multi_label_threshold(
     assert list(rows[0]) == ["extra", "logits", "logits_class"]
     assert headers["x-guard-action"] == "clamped"
     assert headers["x-guard-violations"] == "1"
+
+
+async def test_a_model_s_new_versions_keep_their_own_series_over_rest(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """As over gRPC (test_proxy.py): a model keeps its last 8 versions'
+    series, and a version that comes back is counted under its own label
+    again, through the plans made before."""
+    body = predict_response([("output_1", WIDE, DT_FLOAT)], "row")
+    for version in range(1, 11):  # the version a REST answer is counted under: its metadata's
+        path = f"/v1/models/wide_deep/versions/{version}"
+        meta = metadata_body("wide_deep", {"output_1": ("DT_FLOAT", [-1, 1])}, version)
+        fake.reply("POST", f"{path}:predict", Reply(body=body))
+        fake.reply("GET", f"{path}/metadata", Reply(body=meta))
+    guard = await make_guard([SIGMOID_RULE])
+    request = '{"instances": [[1.0], [2.0], [3.0], [4.0]]}'
+    for version in [*range(1, 11), 1]:
+        url = f"{guard.rest_url}/v1/models/wide_deep/versions/{version}:predict"
+        assert (await post(url, request))[0] == 200
+    counted = {
+        s.labels["version"]: s.value
+        for family in scrape(guard.metrics_url)
+        for s in family.samples
+        if s.name == "guard_output_values_total" and s.labels["model"] == "wide_deep"
+    }
+    assert counted == {**{str(v): 4.0 for v in range(4, 11)}, "1": 4.0}

@@ -77,6 +77,11 @@ class RestPlan:
         """What its lane holds (the book's plan cache weighs it)."""
         return self.output.lane.held
 
+    @property
+    def stale(self) -> bool:
+        """Whether the series it counts into were dropped: it is made again."""
+        return self.output.sink.stale
+
     def run(self, response: RestPredictResponse) -> tuple[bytes, Action, int, bool] | None:
         """The guarded body, its action and violations, and whether its
         ``guard_outputs`` text is remembered (then :meth:`express` can answer
@@ -196,7 +201,7 @@ def rest_plan(
     key = (_REST, metrics, target.model, target.signature, target.version, name, info,
            out.kind, out.values.shape)  # fmt: skip
     found = book.plans.get(key, _MISSING)
-    if found is _MISSING:
+    if found is _MISSING or (found is not None and found.stale):
         found = _make(out, name, info, target, book, metrics)
         dims = 0 if info is None or info.dims is None else len(info.dims)
         if len(name) + len(target.model) + len(target.signature) + dims <= _KEY_SIZE_MAX:
@@ -212,7 +217,7 @@ def express_plan(
     shape, to this target, read with this ``metadata`` (the output's name and
     signature come from it), for :meth:`RestPlan.express`."""
     found = book.plans.get(_express_key(metrics, target, shape))
-    if found is None or found.metadata is not metadata:
+    if found is None or found.metadata is not metadata or found.plan.stale:
         return None
     plan: RestPlan = found.plan
     return plan
