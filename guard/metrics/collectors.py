@@ -31,12 +31,12 @@ logger = logging.getLogger("guard.metrics")
 
 __all__ = [
     "ENTROPY_BUCKETS",
+    "LABEL_VALUE_MAX",
     "OTHER",
     "PENDING_ARRAYS_MAX",
     "PENDING_VALUES_MAX",
     "BoundedCombinations",
     "BoundedLabel",
-    "LABEL_VALUE_MAX",
     "DriftGauge",
     "EntropyHistogram",
     "LaneFold",
