@@ -33,8 +33,10 @@ logger = logging.getLogger("guard.workers")
 # pessimistic worker speaks for the pod.
 _GAUGE_MIN = frozenset({"guard_upstream_up"})
 # Each worker keeps its own drift window: the largest PSI speaks for the pod.
-# Classes per row are a property of the output, the same in every worker.
-_GAUGE_MAX = frozenset({"guard_output_drift_psi", "guard_output_classes"})
+# Classes per row are a property of the output, the same in every worker, as
+# is a model's being configured.
+_GAUGE_MAX = frozenset({"guard_output_drift_psi", "guard_output_classes", "guard_model_info"})
+_MODELS = "guard_model_info"
 
 _Key = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -82,6 +84,9 @@ class AggregatingCollector(Collector):
             done = self._fading - {key for families in scraped for key in _keys(families)}
             self._retired.drop(done)
             self._fading -= done
+        configured = _configured(scraped)
+        if configured is not None:
+            self._retired.drop_models(configured)
         sums = _Sums()
         for families in [list(self._retired.metrics()), *scraped]:
             for family in families:
@@ -143,12 +148,31 @@ class _Sums:
             for values in self._values.values():
                 values.pop(key, None)
 
+    def drop_models(self, keep: set[str]) -> None:
+        """Forget the samples of models neither in ``keep`` nor ``__other__``."""
+        for values in self._values.values():
+            for key in [k for k in values if _model_gone(k, keep)]:
+                del values[key]
+
     def metrics(self) -> Iterator[Metric]:
         for name, (documentation, kind) in self._heads.items():
             metric = Metric(name, documentation, kind)
             for (sample_name, labels), value in self._values[name].items():
                 metric.add_sample(sample_name, dict(labels), value)
             yield metric
+
+
+def _configured(scraped: list[list[Metric]]) -> set[str] | None:
+    """The models the answering workers' configs name, or ``None`` where none says."""
+    found = [family for families in scraped for family in families if family.name == _MODELS]
+    if not found:
+        return None
+    return {s.labels.get("model", "") for family in found for s in family.samples}
+
+
+def _model_gone(key: _Key, keep: set[str]) -> bool:
+    model = dict(key[1]).get("model")
+    return model is not None and model != "__other__" and model not in keep
 
 
 def _key(sample_name: str, labels: dict[str, str]) -> _Key:

@@ -95,6 +95,7 @@ class GuardMetrics:
         self._declare_output_metrics(max_class_label_values)
         self._declare_process_metrics()
         self._declare_health_metrics()
+        self._show_models(frozenset())
 
     def _loop_counter(self, name: str, doc: str, labels: list[str]) -> LoopCounter:
         family = LoopCounter(name, doc, labels)
@@ -183,6 +184,11 @@ class GuardMetrics:
         self.upstream_up = Gauge(
             "guard_upstream_up", "1 while the upstream answers, else 0.", registry=registry
         )
+        self.model_info = Gauge(
+            "guard_model_info",
+            "1 for each model the config in effect names (wildcard rules aside).",
+            ["model"], registry=registry,
+        )  # fmt: skip
         self.inflight = Gauge(
             "guard_inflight_requests", "RPCs in flight through the guard.", registry=registry
         )
@@ -221,6 +227,13 @@ class GuardMetrics:
         of any other model go (see :meth:`_forget`)."""
         before, self._models = self._models, frozenset(names)
         self._forget(before - self._models)
+        self._show_models(before)
+
+    def _show_models(self, before: frozenset[str]) -> None:
+        for model in before - self._models:
+            self.model_info.remove(model)
+        for model in self._models:
+            self.model_info.labels(model).set(1)
 
     def _forget(self, retired: frozenset[str]) -> None:
         """Drop every series of a model not configured (those ``retired`` now,

@@ -322,3 +322,32 @@ def test_a_series_the_same_worker_makes_again_counts_nothing_twice(workers: list
     assert_grew(before, after)
     assert after[("guard_requests_total", OK)] == 2003
     assert after[("guard_latency_seconds_count", ())] == 2003
+
+
+def test_counts_of_a_dead_worker_leave_the_sum_with_their_model(workers: list[Worker]) -> None:
+    """Found (a red-team pass): the counts of a worker that died before the
+    reload that retired their model stayed in the sum for good, as no live
+    worker had them to forget. Workers say which models their config names
+    (``guard_model_info``); the retired total keeps no other."""
+    a, gone = spawn(workers), spawn(workers)
+    calls, info = {}, {}
+    for worker in (a, gone):
+        calls[worker] = Counter("guard_model_calls", "c", ["model"], registry=worker.registry)
+        info[worker] = Gauge("guard_model_info", "i", ["model"], registry=worker.registry)
+        for model in ("m", "kept"):
+            info[worker].labels(model).set(1)
+    calls[gone].labels("m").inc(50)
+    calls[gone].labels("kept").inc(5)
+    calls[a].labels("kept").inc(7)
+    urls = [a.url, gone.url]
+    collector = AggregatingCollector(lambda: list(urls), timeout_s=1.0, fresh_s=0.0)
+    m = ("guard_model_calls_total", (("model", "m"),))
+    kept = ("guard_model_calls_total", (("model", "kept"),))
+    assert collect(collector)[m] == 50
+    gone.stop()
+    urls.pop()  # its counts go to the retired total, m's too: m is still configured
+    assert collect(collector)[m] == 50
+    info[a].remove("m")  # the reload that retires m
+    after = collect(collector)
+    assert m not in after and after[kept] == 12
+    assert after[("guard_model_info", (("model", "kept"),))] == 1

@@ -241,6 +241,8 @@ def test_a_reload_forgets_the_series_of_the_models_it_retires() -> None:
     ) == 8  # fmt: skip
     samples = sum(len(f.samples) for f in registry.collect())
     assert samples < 201 * 60, samples
+    assert registry.get_sample_value("guard_model_info", {"model": "m7-0"}) == 1
+    assert registry.get_sample_value("guard_model_info", {"model": "m6-0"}) is None
     assert metrics.drift._rows == 201 * 100  # the retired windows' rows freed
 
 
