@@ -44,12 +44,18 @@ def test_a_header_block_without_end_has_its_connection_closed(tmp_path: Path, ki
         while sent < MAX_FRAMES and time.monotonic() - start < 10 and client.send_raw(flood):
             sent += BATCH
             client.drain(0)
+        # On a busy box the kernel's buffers can take every frame before gRPC
+        # reads them (200,000 empty ones are 1.8 MB): what counts is that it
+        # closes the connection once it reads them.
+        while not client.closed and client.goaway is None and time.monotonic() - start < 10:
+            client.pump(0.1)
+        closed = client.closed or client.goaway is not None
         closed_after_s = time.monotonic() - start
         client.close()
         legit = H.legit_ok(guard.address)
         cpu_s = guard.cpu_s() - cpu_before
         grown_mb = (guard.rss_kb() - rss_before) / 1024
-    assert sent < MAX_FRAMES, f"the guard took {sent} CONTINUATION frames and kept reading"
+    assert closed, f"the guard took {sent} CONTINUATION frames and kept the connection open"
     assert closed_after_s < 5, closed_after_s
     assert legit.code == "OK", legit
     assert cpu_s < 1.0, f"the flood cost the guard {cpu_s:.2f} s of CPU"
