@@ -18,7 +18,7 @@ from tensorflow_serving.apis import (
 )
 
 from tests.conftest import GuardFactory
-from tests.support.guard import scrape
+from tests.support.guard import samples_by, scrape
 from tests.support.protos import predict_request, predict_response
 from tests.support.upstream import ECHO_METHOD, FakeUpstream, start_upstream
 
@@ -507,10 +507,7 @@ async def test_a_model_s_new_versions_keep_their_own_series(
         upstream.reply("wide_deep", predict_response("wide_deep", {"y": SEED_VALUES},
                                                      version=version))  # fmt: skip
         await _predict(guard, predict_request("wide_deep", x=[1.0]))
-    counted = {
-        s.labels["version"]: s.value
-        for family in scrape(guard.metrics_url)
-        for s in family.samples
-        if s.name == "guard_output_values_total" and s.labels["model"] == "wide_deep"
-    }
+    counted = samples_by(
+        guard.metrics_url, "guard_output_values_total", "version", model="wide_deep"
+    )
     assert counted == {**{str(v): 8.0 for v in range(4, 11)}, "1": 8.0}

@@ -25,7 +25,7 @@ from yarl import URL
 from guard.control.config import parse_config
 from guard.dev.backend.json_tensor import predict_response
 from guard.server.rest.http import forward_headers, response_headers
-from tests.support.guard import RunningGuard, scrape, start_in_process
+from tests.support.guard import RunningGuard, samples_by, start_in_process
 from tests.support.rest_upstream import FakeRestUpstream, Reply, metadata_body
 
 DT_FLOAT, DT_DOUBLE, DT_STRING, DT_INT64 = 1, 2, 7, 9
@@ -573,10 +573,7 @@ async def test_a_model_s_new_versions_keep_their_own_series_over_rest(
     for version in [*range(1, 11), 1]:
         url = f"{guard.rest_url}/v1/models/wide_deep/versions/{version}:predict"
         assert (await post(url, request))[0] == 200
-    counted = {
-        s.labels["version"]: s.value
-        for family in scrape(guard.metrics_url)
-        for s in family.samples
-        if s.name == "guard_output_values_total" and s.labels["model"] == "wide_deep"
-    }
+    counted = samples_by(
+        guard.metrics_url, "guard_output_values_total", "version", model="wide_deep"
+    )
     assert counted == {**{str(v): 4.0 for v in range(4, 11)}, "1": 4.0}

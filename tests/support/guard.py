@@ -49,6 +49,16 @@ def scrape(url: str) -> list[Any]:
         return list(text_string_to_metric_families(r.read().decode()))
 
 
+def samples_by(url: str, name: str, key: str, **labels: str) -> dict[str, float]:
+    """The samples called ``name`` whose labels include ``labels``, by their ``key`` label."""
+    return {
+        s.labels[key]: float(s.value)
+        for family in scrape(url)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    }
+
+
 def sample_sum(url: str, name: str, **labels: str) -> float:
     """The sum of the samples called ``name`` whose labels include ``labels`` (0 if none)."""
     total = 0.0
