@@ -19,7 +19,8 @@ import asyncio
 import contextlib
 import time
 import traceback
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import grpc
 
@@ -74,6 +75,55 @@ class _Stream:
         upstream_call.cancel()
 
 
+_T = TypeVar("_T")
+_Status = tuple[grpc.StatusCode, str, Any]
+"""A call's code, details and trailing metadata (``grpc.aio.Metadata``)."""
+
+
+def _at_once(coroutine: Coroutine[Any, Any, _T]) -> _T | None:
+    """What ``coroutine`` returns where it does not wait (a done call's
+    status), else ``None``."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    except Exception:  # run inside gRPC's status handling: nothing may escape
+        return None
+    coroutine.close()
+    return None
+
+
+class _Ended:
+    """The status the upstream ended a call with, as first set.
+
+    Where a write fails because the call has just ended, grpc.aio sets
+    INTERNAL "Internal error from Core" over the status it had set a moment
+    before (grpc/grpc#36066): a relayed call to a method the upstream does
+    not serve got it one time in three instead of UNIMPLEMENTED. Done
+    callbacks run as each status is set, so the first one sees the real one."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, upstream_call: Any) -> None:
+        self.status: _Status | None = None
+        upstream_call.add_done_callback(self._first)
+
+    def _first(self, upstream_call: Any) -> None:
+        if self.status is not None:
+            return
+        code = _at_once(upstream_call.code())
+        details = _at_once(upstream_call.details())
+        trailers = _at_once(upstream_call.trailing_metadata())
+        if code is not None and details is not None and trailers is not None:
+            self.status = (code, details, trailers)
+
+    async def read(self, upstream_call: Any, code: grpc.StatusCode) -> _Status:
+        """The call's status: as first set, else as it reads now."""
+        if self.status is not None:
+            return self.status
+        return code, await upstream_call.details(), await upstream_call.trailing_metadata()
+
+
 class _ConnectionGone(Exception):
     """Something could not be sent: the call had ended (its deadline passed,
     or its connection is closed)."""
@@ -126,6 +176,7 @@ class StreamRelay:
         upstream_call = self._server.upstream.stream_stream(info.name)(
             timeout=upstream_timeout(context.time_remaining()), metadata=metadata
         )
+        ended = _Ended(upstream_call)
         stream = _Stream()
         held = Held(self._server.gate)
         context.add_done_callback(held.release_all)
@@ -156,7 +207,7 @@ class StreamRelay:
             upstream_call.cancel()
         if stream.ended is not None:
             await call.refuse(context, *stream.ended)
-        await self._finish(upstream_call, code, context, call)
+        await self._finish(upstream_call, await ended.read(upstream_call, code), context, call)
 
     async def _requests(
         self, context: Any, upstream_call: Any, stream: _Stream, held: Held
@@ -278,12 +329,17 @@ class StreamRelay:
         )
 
     async def _finish(
-        self, upstream_call: Any, code: grpc.StatusCode, context: Any, call: Call
+        self,
+        upstream_call: Any,
+        status: _Status,
+        context: Any,
+        call: Call,
     ) -> None:
         """End the client's call as the upstream ended it."""
-        trailers = sendable(await upstream_call.trailing_metadata(), "trailing")
+        code, details, received = status
+        trailers = sendable(received, "trailing")
         if code is not grpc.StatusCode.OK:
-            details = upstream_details(code, await upstream_call.details(), self._server)
+            details = upstream_details(code, details, self._server)
             await self._fail_with_initial(upstream_call, code, details, trailers, context, call)
         if trailers:
             context.set_trailing_metadata(trailers)

@@ -11,7 +11,8 @@ import json
 import queue
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -112,6 +113,32 @@ def test_error_keeps_upstream_initial_metadata(channel: grpc.Channel) -> None:
     trailing = dict(err.trailing_metadata())
     assert initial.get("x-up-initial") == "yes", f"initial metadata {initial}"
     assert trailing.get("x-up-trailer") == "t", f"trailing metadata {trailing}"
+
+
+def _code(call: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("kind", ["unary_unary", "unary_stream", "stream_stream"])
+def test_a_method_the_upstream_does_not_serve_is_unimplemented_every_time(
+    channel: grpc.Channel, kind: str
+) -> None:
+    """Found (red team): where the relay's write of the request failed because
+    the upstream had just answered UNIMPLEMENTED, grpc.aio set INTERNAL
+    'Internal error from Core' over that status: 15 of 50 such calls through
+    the guard got it (grpcurl asking for reflection among them)."""
+    method = getattr(channel, kind)(SVC + "NoSuchMethod")
+    if kind == "unary_unary":
+        codes = [_code(lambda: method(b"q", timeout=TIMEOUT)) for _ in range(60)]
+    elif kind == "unary_stream":
+        codes = [_code(lambda: list(method(b"q", timeout=TIMEOUT))) for _ in range(60)]
+    else:
+        codes = [_code(lambda: list(method(iter([b"q"]), timeout=TIMEOUT))) for _ in range(60)]
+    assert Counter(codes) == {grpc.StatusCode.UNIMPLEMENTED: 60}
 
 
 def test_unary_still_relayed(channel: grpc.Channel) -> None:
