@@ -847,6 +847,7 @@ class DriftGauge(Collector):
         with self._lock:
             for window in _drop_models(self._windows, keep):
                 self._rows -= window.ring.size
+                self._refused = False  # the next window refused is news again
 
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(

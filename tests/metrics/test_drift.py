@@ -110,3 +110,17 @@ def test_logging_names_the_setting(caplog: pytest.LogCaptureFixture) -> None:
     gauge.observe(("m", "s", "o"), np.full(5, 0.5), BASELINE, 100)
     (record,) = caplog.records
     assert "lower drift_window" in record.message and "'o'" in record.message
+
+
+def test_a_window_refused_after_a_reload_freed_rows_is_logged_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    gauge = DriftGauge(rows_max=100)
+    gauge.observe(("old", "s", "o"), np.full(5, 0.5), BASELINE, 100)
+    gauge.observe(("m", "s", "o"), np.full(5, 0.5), BASELINE, 100)
+    gauge.forget(frozenset({"m"}))  # a reload retires 'old'
+    gauge.observe(("m", "s", "o"), np.full(5, 0.5), BASELINE, 100)  # takes the rows
+    gauge.observe(("n", "s", "o"), np.full(5, 0.5), BASELINE, 100)
+    refused = [r.message for r in caplog.records if "no drift window" in r.message]
+    assert len(refused) == 2 and "'m'" in refused[0] and "'n'" in refused[1], refused
