@@ -19,12 +19,12 @@ IDLE_S = 1.0
 RULES = f"stream_idle_timeout_s: {IDLE_S}\n" + H.BASE_RULES
 
 
-def _echo(channel: grpc.Channel, messages: queue.Queue[bytes | None]) -> Any:
+def _echo(channel: grpc.Channel, messages: queue.Queue[bytes | None], method: str = "Echo") -> Any:
     def requests() -> Iterator[bytes]:
         while (m := messages.get()) is not None:
             yield m
 
-    return channel.stream_stream(H.INTEROP + "Echo")(requests(), timeout=30)
+    return channel.stream_stream(H.INTEROP + method)(requests(), timeout=30)
 
 
 def test_a_stream_on_which_nothing_moves_is_ended_naming_the_setting(tmp_path: Path) -> None:
@@ -115,3 +115,26 @@ def test_streams_that_send_nothing_leave_the_unary_calls_their_share(
         assert H.sample(metrics, "guard_relayed_streams") == 0
     clamped = "streaming calls may hold 3 of max_concurrent_rpcs (4), not max_relayed_streams (256)"
     assert (clamped in guard.log()) == ("max_relayed_streams" not in limits)
+
+
+def test_silent_streams_to_a_method_the_upstream_does_not_serve_end_at_once(
+    tmp_path: Path,
+) -> None:
+    """TF Serving serves no streaming method: a stream that sends nothing
+    ends with the upstream's UNIMPLEMENTED, and its slot is free at once."""
+    limits = "max_concurrent_rpcs: 4\nmax_relayed_streams: 3\n"
+    with H.guarded(tmp_path, limits + H.BASE_RULES) as (_up, guard), H.channel(guard.address) as ch:
+        feeds = [queue.Queue[bytes | None]() for _ in range(10)]
+        try:
+            for feed in feeds:  # one after another, each silent to the end
+                call = _echo(ch, feed, "NoSuchStream")
+                with pytest.raises(grpc.RpcError) as caught:
+                    next(call)
+                assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        finally:
+            for feed in feeds:
+                feed.put(None)
+        metrics = guard.metrics()
+        assert H.sample(metrics, "guard_relayed_streams") == 0
+        assert H.sample(metrics, "guard_refused_requests_total", reason="relayed_streams") == 0
+        assert H.legit_ok(guard.address).code == "OK"
