@@ -15,7 +15,10 @@ how many pages each step faults in.
 ``python -m bench.restjson [--rows 1024] [--classes 201] [--repeat 15] [--body FILE]``
 
 Prints, for each, the median and the best wall time of ``--repeat`` runs and the
-best thread CPU time, in milliseconds. Other load on the box moves the wall
+best thread CPU time, in milliseconds. Where ``pysimdjson`` is installed (it is
+not a dependency: ``pip install pysimdjson``), it also times simdjson's DOM
+parse of the body, which reads every number and makes no Python object: a
+floor for any step that must read them all. Other load on the box moves the wall
 times (and, through the shared caches, the CPU times): run it idle, twice.
 """
 
@@ -79,6 +82,17 @@ def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float, float]:
     return statistics.median(wall), min(wall), min(cpu)
 
 
+def _parse_floor(body: bytes) -> Callable[[], object] | None:
+    """simdjson's DOM parse of ``body``, where pysimdjson is installed."""
+    try:
+        import simdjson  # type: ignore[import-not-found]
+    except ImportError:
+        print("(pip install pysimdjson to time simdjson's parse of the body as a floor)")
+        return None
+    parser = simdjson.Parser()
+    return lambda: parser.parse(body)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1024)
@@ -95,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     assert guarded == by_numpy(body), "both routes write the same body"
     assert json.loads(guarded)["guard_outputs"][0]["probabilities_top_k_label"]
     print(f"body: {len(body) / 1e6:.2f} MB, guarded: {len(guarded) / 1e6:.2f} MB")
+    floor = _parse_floor(body)
     for name, fn in (
+        *((("simdjson DOM parse (floor)", floor),) if floor else ()),
         ("json.loads(body)", lambda: json.loads(body)),
         ("restjson read, numpy scan", lambda: read_predict_response(body, "row")),
         ("restjson read, native scan", lambda: read_predict_response(body, "row", scan)),
