@@ -1247,22 +1247,40 @@ numbers_at_most(PyObject *Py_UNUSED(self), PyObject *args)
  * two together): a derived float reuses the text of the first value in its
  * instance with the same bits, and each instance's members are joined. */
 
-/* The index of the first of n values (width bytes each) at pool equal bit for
- * bit to the one at want, or -1. Inlined with a constant width, memcmp is
- * one load and one compare. */
-static inline Py_ssize_t
-first_of_width(const unsigned char *pool, Py_ssize_t n, const unsigned char *want, size_t width)
-{
-    for (Py_ssize_t c = 0; c < n; c++)
-        if (memcmp(pool + width * (size_t)c, want, width) == 0)
-            return c;
-    return -1;
-}
+/* The index of the first of n values at pool equal bit for bit to want, or
+ * -1. Blocks of eight are compared without an early exit, which the compiler
+ * turns into vector compares (a top-k score is found 100 values into a row
+ * of 201 on average); the block that holds it is then searched one by one. */
+#define FIRST_EQUAL(name, type)                                                   \
+    static inline Py_ssize_t name(const unsigned char *pool, Py_ssize_t n,       \
+                                  const unsigned char *want)                     \
+    {                                                                             \
+        type w, v[8];                                                             \
+        memcpy(&w, want, sizeof w);                                               \
+        Py_ssize_t c = 0;                                                         \
+        for (; c + 8 <= n; c += 8) {                                              \
+            memcpy(v, pool + sizeof w * (size_t)c, sizeof v);                     \
+            int any = 0;                                                          \
+            for (int k = 0; k < 8; k++)                                           \
+                any |= v[k] == w;                                                 \
+            if (any)                                                              \
+                break;                                                            \
+        }                                                                         \
+        for (; c < n; c++) {                                                      \
+            memcpy(v, pool + sizeof w * (size_t)c, sizeof w);                     \
+            if (v[0] == w)                                                        \
+                return c;                                                         \
+        }                                                                         \
+        return -1;                                                                \
+    }
+
+FIRST_EQUAL(first_equal4, uint32_t)
+FIRST_EQUAL(first_equal8, uint64_t)
 
 static Py_ssize_t
 first_equal(const unsigned char *pool, Py_ssize_t n, const unsigned char *want, Py_ssize_t width)
 {
-    return width == 4 ? first_of_width(pool, n, want, 4) : first_of_width(pool, n, want, 8);
+    return width == 4 ? first_equal4(pool, n, want) : first_equal8(pool, n, want);
 }
 
 typedef struct {

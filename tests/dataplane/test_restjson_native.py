@@ -368,6 +368,37 @@ def test_reuse_texts_finds_the_first_equal_value_and_checks_its_inputs() -> None
         reuse(body, starts, beyond, pool, derived, 2, 4)
 
 
+@given(
+    width=st.sampled_from([4, 8]),
+    batch=st.integers(1, 3),
+    n=st.integers(1, 41),
+    m=st.integers(1, 6),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_reuse_texts_agrees_with_a_first_match_search_across_its_blocks(
+    width: int, batch: int, n: int, m: int, seed: int
+) -> None:
+    """Rows shorter and longer than the search's blocks of eight, with values
+    repeated (the first is taken), absent, or -0.0 beside 0.0 (other bits)."""
+    rng = np.random.default_rng(seed)
+    dtype = np.float32 if width == 4 else np.float64
+    choices = np.array([0.0, -0.0, 0.25, 1.5, -3.0, 7.0], dtype)
+    pool = rng.choice(choices[:4], size=(batch, n)).astype(dtype)
+    derived = rng.choice(choices, size=(batch, m)).astype(dtype)
+    tokens = [f"t{t}" for t in range(batch * n)]
+    body = ",".join(tokens).encode()
+    starts = np.cumsum([0] + [len(t) + 1 for t in tokens[:-1]]).astype(np.int64)
+    ends = starts + np.array([len(t) for t in tokens], np.int64)
+    bits = np.dtype(f"u{width}")
+    want = []
+    for row in range(batch):
+        for value in derived[row].view(bits):
+            hits = np.flatnonzero(pool[row].view(bits) == value)
+            want.append(tokens[row * n + int(hits[0])] if hits.size else None)
+    got = _writer().reuse_texts(body, starts, ends, pool, derived, batch, width)
+    assert got == (want, want.count(None))
+
+
 # ---------------------------------------------------------------------------
 # Skipping what is not a numeric tensor.
 
