@@ -72,43 +72,105 @@ def _check_model(
         return [Finding(where, f"GetModelMetadata failed: {code}: {details}")]
     if sigmap is None:
         return [Finding(where, "the upstream returned no signature_def metadata")]
-    names = (
-        list(sigmap.signature_def.keys())
-        if model.signature == ANY
-        else [model.signature or SERVING_DEFAULT]
-    )
+    if model.signature == ANY:
+        return _check_any_signature(where, model, sigmap.signature_def)
+    sig_name = model.signature or SERVING_DEFAULT
+    if sig_name not in sigmap.signature_def:
+        known = ", ".join(sorted(sigmap.signature_def.keys()))
+        return [Finding(where, f"signature '{sig_name}' does not exist; it has: {known}")]
+    outputs = sigmap.signature_def[sig_name].outputs
+    return [
+        found for rule in model.outputs for found in _check_output(where, sig_name, rule, outputs)
+    ]
+
+
+def _check_any_signature(where: str, model: ModelRule, signatures: Any) -> list[Finding]:
+    """A rule for any signature needs its output in one of them, not in each:
+    a response that lacks it is left as it is. TF2 SavedModels also list
+    ``__saved_model_init_op`` (TF Serving reports it; it serves nothing),
+    which every rule failed against."""
+    names = sorted(name for name in signatures if not name.startswith("__"))
+    if not names:
+        return [Finding(where, "the model has no signature a request can name")]
     findings = []
-    for sig_name in names:
-        if sig_name not in sigmap.signature_def:
-            known = ", ".join(sorted(sigmap.signature_def.keys()))
-            findings.append(
-                Finding(where, f"signature '{sig_name}' does not exist; it has: {known}")
-            )
+    for rule in model.outputs:
+        if rule.name == ANY:
+            if not any(_floats(signatures[name].outputs) for name in names):
+                findings.append(
+                    Finding(f"{where} output '*'", "no signature has a floating-point output")
+                )
             continue
-        outputs = sigmap.signature_def[sig_name].outputs
-        findings += [
-            found
-            for rule in model.outputs
-            if (found := _check_output(where, sig_name, rule, outputs)) is not None
-        ]
+        having = [name for name in names if rule.name in signatures[name].outputs]
+        if not having:
+            known = "; ".join(f"{n}: {', '.join(sorted(signatures[n].outputs))}" for n in names)
+            findings.append(
+                Finding(f"{where} output '{rule.name}'", f"no signature has it; they have {known}")
+            )
+        for name in having:
+            findings += _check_output(where, name, rule, signatures[name].outputs)
     return findings
 
 
-def _check_output(where: str, sig_name: str, rule: OutputRule, outputs: Any) -> Finding | None:
+def _floats(outputs: Any) -> bool:
+    return any(info.dtype in FLOAT_DTYPES for info in outputs.values())
+
+
+def _check_output(where: str, sig_name: str, rule: OutputRule, outputs: Any) -> list[Finding]:
     if rule.name == ANY:
-        if any(info.dtype in FLOAT_DTYPES for info in outputs.values()):
-            return None
-        return Finding(
-            f"{where} output '*'", f"signature '{sig_name}' has no floating-point output"
-        )
+        if _floats(outputs):
+            return []
+        return [
+            Finding(f"{where} output '*'", f"signature '{sig_name}' has no floating-point output")
+        ]
     here = f"{where} output '{rule.name}'"
     if rule.name not in outputs:
         known = ", ".join(sorted(outputs.keys()))
-        return Finding(here, f"signature '{sig_name}' has no such output; it has: {known}")
-    if outputs[rule.name].dtype not in FLOAT_DTYPES:
-        return Finding(
-            here,
-            f"output is not floating point (dtype enum {outputs[rule.name].dtype}); "
-            "the guard leaves it untouched",
+        return [Finding(here, f"signature '{sig_name}' has no such output; it has: {known}")]
+    info = outputs[rule.name]
+    if info.dtype not in FLOAT_DTYPES:
+        return [
+            Finding(
+                here,
+                f"output is not floating point (dtype enum {info.dtype}); "
+                "the guard leaves it untouched",
+            )
+        ]
+    classes = _classes(info)
+    if classes is None:
+        return []
+    return [
+        Finding(here, f"in signature '{sig_name}': {p}") for p in _shape_problems(rule, classes)
+    ]
+
+
+def _classes(info: Any) -> int | None:
+    """Classes per row, as the rules count them (the last axis from rank 2
+    on, else 1), where the signature says; ``None`` where it does not."""
+    shape = info.tensor_shape
+    if not info.HasField("tensor_shape") or shape.unknown_rank:
+        return None
+    if len(shape.dim) < 2:
+        return 1
+    size = int(shape.dim[-1].size)
+    return size if size >= 0 else None
+
+
+def _shape_problems(rule: OutputRule, classes: int) -> list[str]:
+    """What every call would fail on, or get wrong, with ``classes`` per row."""
+    problems = []
+    if rule.activation == "softmax" and classes == 1:
+        problems.append(
+            "activation: softmax over one class makes every value 1.0; use activation: sigmoid"
         )
-    return None
+    if rule.top_k > classes:
+        problems.append(f"top_k is {rule.top_k} but the output has {classes} classes")
+    if rule.k and rule.labels is not None and len(rule.labels) != classes:
+        problems.append(
+            f"{len(rule.labels)} labels configured but the output has {classes} classes; "
+            "give one label per class"
+        )
+    if isinstance(rule.threshold, tuple) and len(rule.threshold) != classes:
+        problems.append(
+            f"{len(rule.threshold)} thresholds configured but the output has {classes} classes"
+        )
+    return problems

@@ -90,7 +90,7 @@ async def test_check_against_upstream_reports_missing_outputs(
     text = stdout.decode()
     assert proc.returncode == 2
     assert "output 'ids'" in text and "not floating point" in text
-    assert "output 'logits'" in text and "has no such output; it has: ids, probs" in text
+    assert "output 'logits': no signature has it; they have serving_default: ids, probs" in text
     assert "output 'probs'" not in text
 
 

@@ -163,9 +163,18 @@ def metadata_classes() -> dict[str, Any]:
     resp = fdp.message_type.add(name="GetModelMetadataResponse")
     add_map_field(resp, f".{pkg}.GetModelMetadataResponse", "metadata", 2, f".{pkg}.Any")
 
+    shape = fdp.message_type.add(name="TensorShapeProto")
+    dim = shape.nested_type.add(name="Dim")
+    add_field(dim, "size", 1, _F.TYPE_INT64)
+    add_field(
+        shape, "dim", 2, _F.TYPE_MESSAGE, repeated=True, type_name=f".{pkg}.TensorShapeProto.Dim"
+    )
+    add_field(shape, "unknown_rank", 3, _F.TYPE_BOOL)
+
     info = fdp.message_type.add(name="TensorInfo")
     add_field(info, "name", 1, _F.TYPE_STRING)
     add_field(info, "dtype", 2, _F.TYPE_INT32)
+    add_field(info, "tensor_shape", 3, _F.TYPE_MESSAGE, type_name=f".{pkg}.TensorShapeProto")
 
     sig = fdp.message_type.add(name="SignatureDef")
     add_map_field(sig, f".{pkg}.SignatureDef", "inputs", 1, f".{pkg}.TensorInfo")
