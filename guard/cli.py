@@ -21,6 +21,7 @@ from guard.control.preflight import (
     CannotStart,
     backend_listeners,
     check_distinct,
+    check_port_file,
     check_tempdir,
     serve_listeners,
     start,
@@ -147,6 +148,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "--as-worker is for the processes `guard serve --workers N` starts (it skips the "
             "check that no other process listens on the port); leave it out"
         )
+    check_port_file(args.port_file)
     listeners = serve_listeners(cfg, dev_mode=bool(args.model), worker=args.as_worker)
     if workers > 1:
         from guard.control.workers import run_workers
@@ -253,6 +255,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 2
     plugin = importlib.import_module(args.plugin)
     if args.command == "backend":  # before it loads TensorFlow and the models
+        check_port_file(args.port_file)
         return start(backend_listeners(args), False, lambda: int(plugin.run(args)))
     code: int = plugin.run(args)
     return code

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from guard.control.config import Config, settings
 from guard.control.net import bind_problem, overlap, share_problem
@@ -20,6 +22,7 @@ __all__ = [
     "CannotStart",
     "Listener",
     "backend_listeners",
+    "check_port_file",
     "check_tempdir",
     "serve_listeners",
     "start",
@@ -95,6 +98,27 @@ def check_tempdir() -> None:
         tempfile.gettempdir()
     except FileNotFoundError:
         raise CannotStart(_NO_TEMPDIR) from None
+
+
+def check_port_file(path: str | os.PathLike[str] | None) -> None:
+    """Refuse a ``--port-file`` that cannot be written, before anything binds:
+    it is written once serving has started, where a failure was a traceback
+    (and a directory given as the path left a stray ``PATH.tmp`` beside it)."""
+    if path is None:
+        return
+    target = Path(path)
+    where = target.parent if str(target.parent) else Path(".")
+    problem = None
+    if target.is_dir():
+        problem = "is a directory"
+    elif not where.is_dir():
+        problem = f"is in {str(where)!r}, which is not a directory that exists"
+    elif not os.access(where, os.W_OK | os.X_OK):
+        problem = f"is in {str(where)!r}, which this process cannot write to"
+    if problem is not None:
+        raise CannotStart(
+            f"--port-file {str(path)!r} {problem}; give a file path in a writable directory"
+        )
 
 
 def start(listeners: Sequence[Listener], tls: bool, run: Callable[[], int]) -> int:

@@ -74,6 +74,28 @@ def test_serve_with_bad_config_exits_2_without_traceback(tmp_path: Path) -> None
     assert out.returncode == 2 and "cannot read the config file" in out.stderr
 
 
+@pytest.mark.parametrize("where", ["missing-dir/ports.json", "."])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_file_that_cannot_be_written_is_refused_before_serving(
+    tmp_path: Path, where: str, workers: str
+) -> None:
+    """Found (a red-team pass): the port file was first written once serving
+    had started, and a path that could not take it was a traceback, exit 1
+    (a directory given as the path left a stray file beside it)."""
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(RULES)
+    port_file = tmp_path / where
+    out = run(
+        "serve", "--config", str(cfg), "--upstream", "127.0.0.1:1", "--listen", "127.0.0.1:0",
+        "--metrics-listen", "127.0.0.1:0", "--port-file", str(port_file), "--workers", workers,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "serving gRPC" not in out.stderr, out.stderr
+    assert f"--port-file {str(port_file)!r}" in out.stderr, out.stderr
+    assert "give a file path in a writable directory" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guard.yaml"]
+
+
 async def test_check_against_upstream_reports_missing_outputs(
     upstream: FakeUpstream, tmp_path: Path
 ) -> None:
