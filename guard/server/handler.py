@@ -629,13 +629,22 @@ async def _no_messages() -> AsyncIterator[bytes]:
     yield  # an async generator that yields nothing
 
 
+# How gRPC's client words a channel that cannot reach its target.
+_CHANNEL_FAILURES = ("failed to connect to all addresses", "DNS resolution failed")
+
+
 def upstream_details(code: grpc.StatusCode, details: str | None, server: ServerState) -> str:
-    """The upstream's details, or the guard's own where its channel refused
-    the upstream's answer as over max_message_mb (counted as a refusal). The
-    upstream's own refusal of what the guard sent it ('SERVER: Received
-    message larger than max') is passed on as it came: it was once told to
-    raise max_message_mb, the wrong limit on the wrong side."""
+    """The upstream's details, or the guard's own where its channel could
+    not reach the upstream, or refused the upstream's answer as over
+    max_message_mb (counted as a refusal). The upstream's own refusal of what
+    the guard sent it ('SERVER: Received message larger than max') is passed
+    on as it came: it was once told to raise max_message_mb, the wrong limit
+    on the wrong side."""
     details = details or ""
+    if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_CHANNEL_FAILURES):
+        # gRPC's words about the guard's own channel read, to the client, as
+        # though its own connection had failed.
+        return f"guard: cannot reach the upstream {server.config.upstream}: {details}"
     if (
         code is grpc.StatusCode.RESOURCE_EXHAUSTED
         and "larger than max" in details

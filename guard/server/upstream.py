@@ -206,7 +206,8 @@ class Upstream:
             return
         self.up = up
         self._on_state(up)
-        logger.info("upstream %s is %s", self.config.upstream, "up" if up else "DOWN")
+        level = logging.INFO if up else logging.WARNING
+        logger.log(level, "upstream %s is %s", self.config.upstream, "up" if up else "DOWN")
 
     async def _probe_loop(self) -> None:
         while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import grpc
@@ -457,6 +458,30 @@ async def test_an_upstreams_own_unavailable_does_not_mark_it_down(
     finally:
         assert fake.server is not None
         await fake.server.stop(0)
+
+
+async def test_an_upstream_the_guard_cannot_reach_is_named_as_the_guard_s(
+    make_guard: GuardFactory,
+) -> None:
+    """Found (a red-team pass): the client got gRPC's words about the guard's
+    own channel ('failed to connect to all addresses'), which read as though
+    its own connection, to the guard, had failed."""
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+    guard = await make_guard(WIDE_DEEP, upstream=address)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await guard.stub.Predict(predict_request("wide_deep"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = err.value.details() or ""
+    assert details.startswith(f"guard: cannot reach the upstream {address}: "), details
+    assert (
+        guard.sample(
+            "guard_requests_total",
+            {"protocol": "grpc", "model": "wide_deep", "method": "Predict", "code": "UNAVAILABLE"},
+        )
+        == 1
+    )
 
 
 async def test_health_follows_upstream(make_guard: GuardFactory) -> None:

@@ -330,6 +330,10 @@ class RestFrontEnd:
                 502, f"guard: the REST upstream {upstream} closed the connection before its "
                 "answer was complete",
             )  # fmt: skip
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            # Its own text names the host again and adds 'ssl:default', even over http.
+            reason = exc.os_error.strerror or str(exc.os_error)
+            return Answer(503, f"guard: cannot reach the REST upstream {upstream}: {reason}")
         return Answer(503, f"guard: cannot reach the REST upstream {upstream}: {exc}")
 
     async def _pass_through(
