@@ -51,6 +51,7 @@ class MemoryCeiling:
 
     async def run(self) -> None:
         """Watch until cancelled."""
+        self._warn_if_past_at_start()
         try:
             while True:
                 await asyncio.sleep(POLL_S)
@@ -58,6 +59,18 @@ class MemoryCeiling:
         finally:
             if self._statm is not None:
                 self._statm.close()
+
+    def _warn_if_past_at_start(self) -> None:
+        """A ceiling under what the guard holds idle (a unit slip: 1 meant as
+        1 GiB) closes every connection at every reading, to no end."""
+        rss = self._rss()
+        if rss > self._limit:
+            logger.error(
+                "max_memory_mb (%.0f MB) is below what this guard holds at start (RSS %.0f MB): "
+                "every gRPC client connection will be closed as soon as it opens; set it a "
+                "little under the container's memory limit",
+                self._limit / 2**20, rss / 2**20,
+            )  # fmt: skip
 
     async def check(self) -> bool:
         """Act if RSS is past the limit once freed heap is handed back;
