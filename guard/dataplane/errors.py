@@ -54,6 +54,8 @@ class GuardError(Exception):
     """
 
     status = Status.INTERNAL
+    violations = 0
+    """The response's violating values (the ``x-guard-violations`` figure of a rejection)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -67,6 +69,10 @@ class DecodeError(GuardError):
 class RejectedOutputError(GuardError):
     """An output violated its rule and the rule's policy is ``reject``
     (or ``clamp`` met a value that cannot be repaired, such as NaN)."""
+
+    def __init__(self, message: str, violations: int = 0) -> None:
+        super().__init__(message)
+        self.violations = violations
 
 
 class LabelMismatchError(GuardError):

@@ -168,7 +168,7 @@ def _reference(
     verdict = evaluate(target, [(name, values) for name, values, _ in decoded], room)
     if verdict.rejection is not None:
         record(verdict, target, metrics)
-        raise RejectedOutputError(verdict.rejection)
+        raise RejectedOutputError(verdict.rejection, verdict.violations)
     if not verdict.outputs:
         record(verdict, target, metrics)
         return GuardedResponse(body, CLEAN, 0)

@@ -26,6 +26,7 @@ from guard.dataplane.codec.request import peek_model_spec
 from guard.dataplane.codec.response import ModelSpecInfo
 from guard.dataplane.errors import GuardError, ResponseTooLargeError
 from guard.dataplane.pipeline import guard_predict_response
+from guard.dataplane.results import REJECTED, verdict_headers
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.accounting import CallRecord
 from guard.server.arrivals import Arrivals
@@ -576,9 +577,8 @@ class CallHandler:
             self._server.metrics.record_refusal(Refusal.RESPONSE_TOO_LARGE.value)
             await call.fail(context, grpc_code(exc), exc.details, trailers)
         except GuardError as exc:
-            await call.fail(
-                context, grpc_code(exc), exc.details, trailers + (("x-guard-action", "rejected"),)
-            )
+            verdict = verdict_headers(REJECTED, exc.violations)
+            await call.fail(context, grpc_code(exc), exc.details, trailers + verdict)
         except Exception:
             # A bug of ours: log it here, and tell the client no internals.
             logger.exception("guarding a %s response failed", call.method_label)

@@ -247,7 +247,9 @@ async def test_reject_fails_with_internal_and_details(
         await guard.stub.Predict(predict_request("wide_deep"))
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert err.value.details() == "guard: model 'wide_deep' output 'output_1': 5 values above 1.0"
-    assert ("x-guard-action", "rejected") in tuple(err.value.trailing_metadata())
+    trailers = tuple(err.value.trailing_metadata())
+    assert ("x-guard-action", "rejected") in trailers
+    assert ("x-guard-violations", "5") in trailers  # as on every guarded answer (red team)
     lbl = {"model": "wide_deep", "version": "1", "signature": "serving_default"}
     assert guard.sample("guard_responses_total", {**lbl, "action": "rejected"}) == 1
     assert (

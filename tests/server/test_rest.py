@@ -203,6 +203,7 @@ async def test_reject_answers_as_tf_serving_answers_internal_with_the_grpc_text(
     }
     assert out.startswith(b'{\n    "error": ')  # TF Serving's layout
     assert headers["x-guard-action"] == "rejected"
+    assert headers["x-guard-violations"] == "2"  # as on every guarded answer (red team)
     assert rest_requests(guard, model="wide_deep", method="Predict", code="INTERNAL") == 1
     labels = {"model": "wide_deep", "version": "1", "signature": "serving_default"}
     assert guard.sample("guard_responses_total", {**labels, "action": "rejected"}) == 1

@@ -99,7 +99,7 @@ def guard_rest_response(
     verdict = evaluate(target, [(names[key], values) for key, values in decoded], limit - len(body))
     if verdict.rejection is not None:
         record(verdict, target, metrics)
-        raise RejectedOutputError(verdict.rejection)
+        raise RejectedOutputError(verdict.rejection, verdict.violations)
     if not verdict.outputs:
         record(verdict, target, metrics)
         return RestGuarded(body, CLEAN, 0)

@@ -26,6 +26,7 @@ from guard.control.config import Config
 from guard.dataplane.book import RuleBook
 from guard.dataplane.codec.restjson import Format
 from guard.dataplane.errors import GuardError, ResponseTooLargeError
+from guard.dataplane.results import REJECTED, verdict_headers
 from guard.dataplane.rulespec import SERVING_DEFAULT
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.deadlines import Deadlines
@@ -510,9 +511,8 @@ class RestFrontEnd:
         except ResponseTooLargeError as exc:
             raise Answer(http_status(exc.status), exc.details, Refusal.RESPONSE_TOO_LARGE) from None
         except GuardError as exc:
-            raise Answer(
-                http_status(exc.status), exc.details, headers={"x-guard-action": "rejected"}
-            ) from None
+            verdict = dict(verdict_headers(REJECTED, exc.violations))
+            raise Answer(http_status(exc.status), exc.details, headers=verdict) from None
         except Exception:
             logger.exception("guarding a REST predict response failed")
             raise Answer(
