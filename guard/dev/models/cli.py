@@ -16,8 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = commands.add_parser(
         "build",
         help="build the seed SavedModels into DIR (cached: a second run is instant)",
-        description="Write wide_deep, binary_mlp and softmax_201 as SavedModels in TF "
-        "Serving's layout DIR/<name>/1/saved_model.pb, deterministically.",
+        description="Write the seed models (wide_deep, binary_mlp, softmax_201 and "
+        "softmax_201_untrained) as SavedModels in TF Serving's layout "
+        "DIR/<name>/1/saved_model.pb, deterministically.",
     )
     build.add_argument("dir", metavar="DIR", type=Path, help="output directory")
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
