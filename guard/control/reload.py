@@ -103,7 +103,9 @@ class Reloader:
             return False
         if new is None:
             self._count("failure")
-            logger.error("config reload failed, keeping the previous rules: %s", failure)
+            # One line, its problems joined: log collectors take each line for a record.
+            problems = "; ".join(str(failure).splitlines())
+            logger.error("config reload failed, keeping the previous rules: %s", problems)
             # The failed config's labels files too: fixing one is a change.
             self.watcher.watch(list(dict.fromkeys([*self._files(self._current()), *named])))
             return False

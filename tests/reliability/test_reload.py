@@ -22,7 +22,7 @@ from tests.support.upstream import FakeUpstream, start_upstream
 VALUES = np.array([[0.7], [1.2]], dtype=np.float32)
 RULE_A = "{name: y, on_violation: clamp, threshold: 0.5, labels: [NO, YES]}"
 RULE_B = "{name: y, on_violation: observe, threshold: 0.9, labels: [LOW, HIGH]}"
-RULE_BAD = "{name: y, on_violation: clampp, threshold: 0.9}"
+RULE_BAD = "{name: y, on_violation: clampp, threshold: 0.9, top_k: -1}"  # two problems
 F32 = np.float32
 # What each rule set makes of VALUES, in full: values, classes, labels, action.
 EXPECTED = {
@@ -142,6 +142,9 @@ async def test_sighup_reloads_and_a_bad_config_keeps_the_old_rules(tmp_path: Pat
         log = guard.log()
         assert "config reload failed, keeping the previous rules" in log
         assert "field 'on_violation': 'clampp' is not allowed" in log
+        # Both problems on the one line (a red-team pass: the second had a line of its own).
+        (failed,) = [line for line in log.splitlines() if "config reload failed" in line]
+        assert "'clampp' is not allowed" in failed and "field 'top_k'" in failed, failed
         assert "the new config has no model rules" in log
     finally:
         assert up.server is not None
