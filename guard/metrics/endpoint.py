@@ -100,6 +100,20 @@ def _cut(sock: socket.socket) -> None:
         pass
 
 
+def _at_metrics_only(app: Any) -> Any:
+    """``app`` at ``/metrics``, and 404 elsewhere: prometheus_client's app
+    answers every path with the whole exposition, so a probe or a typo of
+    any path read as a scrape."""
+
+    def serve(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") == "/metrics":
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"guard: the metrics are at /metrics\n"]
+
+    return serve
+
+
 def start_metrics_server(
     host: str,
     port: int,
@@ -115,7 +129,7 @@ def start_metrics_server(
         {"address_family": family, "connection_timeout_s": connection_timeout_s},
     )
     handler_class = type("Handler", (_Handler,), {"timeout": connection_timeout_s})
-    app = make_wsgi_app(registry)
+    app = _at_metrics_only(make_wsgi_app(registry))
     httpd: MetricsServer = make_server(
         str(sockaddr[0]), port, app, server_class, handler_class=handler_class
     )

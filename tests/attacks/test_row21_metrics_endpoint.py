@@ -13,10 +13,12 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+import pytest
+from prometheus_client import CollectorRegistry, Gauge
 
 from guard.metrics.endpoint import CONNECTION_TIMEOUT_S, MAX_CONNECTIONS, start_metrics_server
 from tests.attacks import _harness as H
@@ -89,6 +91,29 @@ def test_no_connection_lives_past_the_connection_timeout() -> None:
         assert not still_open, f"{len(still_open)} connections open past the timeout"
         assert threading.active_count() <= threads_before + 2  # serve_forever and the reaper
         assert _scrape(port)[0] is not None
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)
+
+
+def test_only_the_metrics_path_answers_with_the_metrics() -> None:
+    """Found (a red-team pass): every path, '/' and '/metric' included, got
+    the whole exposition."""
+    registry = CollectorRegistry()
+    Gauge("probe_gauge", "A sample to find.", registry=registry).set(1)
+    httpd, thread = start_metrics_server("127.0.0.1", 0, registry)
+    port = httpd.server_address[1]
+    try:
+        for path in ("/", "/metric", "/metrics/", "/favicon.ico"):
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+            body = caught.value.read()
+            assert caught.value.code == 404 and b"/metrics" in body, path
+            assert b"probe_gauge" not in body, path
+        assert b"probe_gauge 1.0" in _scrape(port)[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?x=1", timeout=5) as ok:
+            assert b"probe_gauge 1.0" in ok.read()
     finally:
         httpd.shutdown()
         httpd.server_close()
