@@ -110,6 +110,13 @@ async def test_expect_100_continue_is_answered_and_others_get_417(
         (b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n", 400, "malformed"),
         (b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nX-A : 1\r\n\r\n", 400, "malformed"),
         (b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400, "malformed"),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "send gRPC to its gRPC port (listen)"),
+        (
+            b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"
+            b'{"secret": 1}',
+            400,
+            "malformed",
+        ),
     ],
 )
 async def test_bad_requests_get_400_counted_once(
@@ -126,6 +133,8 @@ async def test_bad_requests_get_400_counted_once(
     guard = await make_guard()
     got, error = split(await raw_exchange(guard, head, []))
     assert got == status and words in error["error"], error
+    # The parser's reason, never the client's bytes quoted back (a red-team pass).
+    assert "\n" not in error["error"] and "secret" not in error["error"], error
     assert _requests(guard) == 1
     assert refused(guard, "metadata") == 0
     assert fake.seen == []

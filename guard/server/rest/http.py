@@ -386,11 +386,22 @@ class _Handler(web.RequestHandler):
             self.log_exception("REST request failed", exc_info=exc)
             text = "guard: internal error while handling the request; see the guard's log"
         else:
-            text = f"guard: malformed HTTP request: {message or exc or status}"
+            text = _malformed(str(message or exc or status))
         metrics.record_request(REST, OTHER, OTHER, code_of_status(status))
         response = error_response(status, text)
         response.force_close()
         return response
+
+
+def _malformed(said: str) -> str:
+    """The parser's reason, its first line: the lines after it quote the
+    client's bytes back (its body's among them) with a caret under them."""
+    reason = said.strip().splitlines()[0] if said.strip() else "unreadable"
+    if "PRI" in reason:  # HTTP/2's preface: a gRPC client at the REST port
+        return (
+            "guard: this is the guard's REST port (HTTP/1.1); send gRPC to its gRPC port (listen)"
+        )
+    return f"guard: malformed HTTP request: {reason}"
 
 
 # What the parsers (aiohttp's and llhttp) say of headers past their limits; a
