@@ -20,7 +20,8 @@ from guard._version import __version__
 from guard.control.config import Config
 from guard.control.memory import Trimmer, tune_malloc
 from guard.control.net import split_address
-from guard.control.process import keep_fresh, write_port_file
+from guard.control.preflight import CannotStart
+from guard.control.process import ChildStartError, keep_fresh, write_port_file
 from guard.control.reload import Reloader
 from guard.dataplane import kernels
 from guard.dataplane.errors import ConfigError
@@ -56,6 +57,14 @@ def _summary(config: Config) -> str:
     )
 
 
+def _why(exc: ChildStartError) -> str:
+    """The backend's own error line from the log tail ``exc`` carries
+    (TensorFlow's start-up lines come before it), else its last line."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    errors = [line.split(": ", 1)[-1] for line in lines if " ERROR " in line]
+    return (errors or lines or ["no output"])[-1]
+
+
 @contextlib.contextmanager
 def _dev_backend(models: Sequence[str], max_message_mb: int) -> Iterator[tuple[str, str]]:
     """Start ``guard backend`` as a child process and yield its gRPC and REST addresses."""
@@ -63,9 +72,17 @@ def _dev_backend(models: Sequence[str], max_message_mb: int) -> Iterator[tuple[s
     from guard.dev.backend.cli import parse_model_args
 
     logger.info("dev mode: starting the local backend for %s", ", ".join(models))
-    with start_backend(
-        parse_model_args(list(models)), max_message_mb=max_message_mb, rest_listen="127.0.0.1:0"
-    ) as backend:
+    with contextlib.ExitStack() as stack:
+        try:
+            backend = stack.enter_context(
+                start_backend(
+                    parse_model_args(list(models)),
+                    max_message_mb=max_message_mb,
+                    rest_listen="127.0.0.1:0",
+                )
+            )
+        except ChildStartError as exc:
+            raise CannotStart(f"--model: the local backend did not start: {_why(exc)}") from None
         assert backend.rest_address is not None
         logger.info(
             "dev mode: local backend serving gRPC on %s, REST on %s",

@@ -96,6 +96,24 @@ def test_a_port_file_that_cannot_be_written_is_refused_before_serving(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["guard.yaml"]
 
 
+def test_dev_mode_with_a_damaged_model_says_why_in_one_line(tmp_path: Path) -> None:
+    """Found (a red-team pass): the backend's failure reached the user as
+    a traceback of the guard's, with the backend's own one inside it."""
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "saved_model.pb").write_bytes(b"junk\n")
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text("models: []\n")
+    out = run(
+        "serve", "--config", str(cfg), "--model", f"m={tmp_path / 'm'}",
+        "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    (last,) = out.stderr.splitlines()[-1:]
+    assert last.startswith("guard serve: --model: the local backend did not start: "), last
+    assert "saved_model.pb: not a SavedModel" in last, last
+
+
 async def test_check_against_upstream_reports_missing_outputs(
     upstream: FakeUpstream, tmp_path: Path
 ) -> None:

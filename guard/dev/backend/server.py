@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import (
@@ -110,7 +111,12 @@ def _version_dirs(base_path: Path) -> list[tuple[int, Path]]:
 
 def _serving_meta_graph(version_dir: Path) -> meta_graph_pb2.MetaGraphDef:
     saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((version_dir / "saved_model.pb").read_bytes())
+    try:
+        saved_model.ParseFromString((version_dir / "saved_model.pb").read_bytes())
+    except (OSError, DecodeError) as exc:
+        raise ModelLoadError(
+            f"{version_dir / 'saved_model.pb'}: not a SavedModel ({exc})"
+        ) from None
     for meta_graph in saved_model.meta_graphs:
         if set(meta_graph.meta_info_def.tags) == {"serve"}:
             return meta_graph

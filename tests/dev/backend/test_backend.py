@@ -437,6 +437,22 @@ def test_cli_rejects_bad_model_arguments(args: list[str], message: str) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_cli_rejects_a_damaged_saved_model_in_one_line(tmp_path: Path) -> None:
+    """Found (a red-team pass): a saved_model.pb that is not one was a traceback."""
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "saved_model.pb").write_bytes(b"junk\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "guard.dev.backend", "--model", f"m={tmp_path / 'm'}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "saved_model.pb: not a SavedModel" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_cli_rejects_a_base_path_without_versions(tmp_path: Path) -> None:
     (tmp_path / "empty" / "not-a-version").mkdir(parents=True)
     result = subprocess.run(
