@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from guard._version import __version__
-from guard.control.config import load_config, overrides_from, resolve, settings
+from guard.control.config import overrides_from, resolve, settings
 from guard.control.preflight import (
     CannotStart,
     backend_listeners,
@@ -187,14 +187,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if not args.config:
         print("guard check: give --config FILE (or set GUARD_CONFIG)", file=sys.stderr)
         return 2
-    cfg = load_config(args.config)
+    # What serve would run: the file, then the GUARD_* environment; --upstream
+    # is read as the setting is (HOST:PORT).
+    cfg = resolve(args.config, overrides_from(os.environ, {"upstream": args.upstream}))
     check_distinct(serve_listeners(cfg, dev_mode=False))  # binds nothing: the guard may be up
     rules = sum(len(m.outputs) for m in cfg.models)
     print(f"{args.config}: valid ({len(cfg.models)} model rules, {rules} output rules)")
-    if args.upstream:
+    if args.upstream and cfg.upstream:
         from guard.control.check import check_against_upstream
 
-        findings = check_against_upstream(cfg, args.upstream)
+        findings = check_against_upstream(cfg, cfg.upstream)
         for finding in findings:
             print(finding)
         if findings:

@@ -64,6 +64,20 @@ def test_check_valid_and_invalid(tmp_path: Path) -> None:
     assert str(bad) in out.stderr and "field 'on_violation': 'clampp'" in out.stderr
 
 
+def test_check_reads_the_environment_and_upstream_as_serve_does(tmp_path: Path) -> None:
+    """Found (a red-team pass): check ignored GUARD_*, so it passed what serve
+    refused (its own hint named GUARD_METRICS_LISTEN), and took any
+    --upstream text, four DNS errors later."""
+    good = tmp_path / "good.yaml"
+    good.write_text(RULES)
+    env = {**os.environ, "GUARD_LISTEN": "127.0.0.1:9102", "GUARD_METRICS_LISTEN": "127.0.0.1:9102"}
+    out = run("check", "--config", str(good), env=env)
+    assert out.returncode == 2 and "the same port as listen" in out.stderr, out.stderr
+    out = run("check", "--config", str(good), "--upstream", "garbage")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--upstream: field 'upstream': 'garbage' is not allowed; give HOST:PORT" in out.stderr
+
+
 def test_serve_with_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("listen: 1\n")
