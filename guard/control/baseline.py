@@ -137,8 +137,9 @@ def _series(text: str, model: str, output: str, signature: str | None) -> _Serie
                     raise ConfigError(f'bucket le="{le_text}" appears twice in one series')
                 buckets[le] = (str(le_text), float(s.value))
     except (ValueError, IndexError) as exc:
+        why = f" ({_reason(exc)})" if str(exc).strip() else ""
         raise ConfigError(
-            f"not a Prometheus text exposition ({_reason(exc)}); give a guard's /metrics"
+            f"not a Prometheus text exposition{why}; give a guard's /metrics"
         ) from None
     return series
 

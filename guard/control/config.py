@@ -348,6 +348,9 @@ def _tls_path(
     raw = get(problems, where, value, key, None, as_str, "give a file path")
     if raw is None:
         return None, None
+    if not raw.strip():  # else the config's own directory, "not a regular file"
+        problems.add(where, f"field '{key}': the path is empty; give a file path")
+        return None, None
     path = (base_dir / raw) if not Path(raw).is_absolute() else Path(raw)
     try:
         check_bounded(path, TLS_FILE_MAX_BYTES)

@@ -97,6 +97,19 @@ def test_a_bad_file_is_a_config_error_naming_it(
     assert expected in error, error
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_path_is_named_as_empty(tmp_path: Path, value: str) -> None:
+    """Found (a red-team pass): ca_file: '' read as the config's directory,
+    "'.' is a directory, not a regular file"."""
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(f"upstream: 127.0.0.1:1\nupstream_tls: {{ca_file: '{value}'}}\nmodels: []\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    error = str(info.value)
+    assert "upstream_tls: field 'ca_file': the path is empty; give a file path" in error, error
+    assert "directory" not in error, error
+
+
 def test_swapped_cert_and_key_are_both_named(tmp_path: Path, pki: Path) -> None:
     error = _error(tmp_path, pki, cert_file="server.key", key_file="server.crt")
     assert "field 'cert_file': " in error and "it holds a private key" in error, error
