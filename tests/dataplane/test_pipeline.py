@@ -8,6 +8,7 @@ Each test gets a fresh ``CollectorRegistry`` and asserts with
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from guard.dataplane.book import RuleBook
 from guard.dataplane.codec.response import ModelSpecInfo
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.errors import DecodeError, OutputShapeError, RejectedOutputError
-from guard.dataplane.kernels import Kernels
+from guard.dataplane.kernels import REFERENCE, Kernels, default
 from guard.dataplane.pipeline import GuardedResponse, guard_predict_response
 from guard.dataplane.results import Action
 from guard.metrics.guard_metrics import GuardMetrics
@@ -399,6 +400,29 @@ def test_adversarial_shape_is_a_decode_error() -> None:
     guard = Guard(wide_deep({"name": "*"}))
     with pytest.raises(DecodeError, match="output 'p'"):
         guard(response({"p": huge}))
+
+
+@pytest.mark.parametrize("dims", [[2**27, 0], [0, 2**62], [3, 0, 2**40]], ids=str)
+@pytest.mark.parametrize("kernels", [REFERENCE, default()], ids=lambda k: k.name)
+def test_an_empty_tensor_may_not_span_more_than_the_message_holds(
+    dims: list[int], kernels: Kernels
+) -> None:
+    """Found (a red-team pass): 25 bytes of shape [2**27, 0] had a check_sum
+    rule build per-row arrays, 3 GB of RSS in one call; [0, 2**62] was
+    numpy's ValueError, a logged traceback per response."""
+    empty = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT)
+    for size in dims:
+        empty.tensor_shape.dim.add(size=size)
+    guard = Guard(wide_deep({"name": "*", "check_sum": True}), kernels)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError, match="holds no values, but its other dimensions span"):
+            guard(response({"p": empty}))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000, f"{peak} bytes"
+    assert guard.sample("guard_decode_errors_total", model="wide_deep") == 1.0
 
 
 def test_derived_name_colliding_with_a_model_output_is_refused() -> None:

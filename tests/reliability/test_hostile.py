@@ -210,6 +210,9 @@ ADVERSARIAL = {
     "content_ragged": _tensor([2, 3], tensor_content=b"\0" * 23),
     "half_overflow": _tensor([2**62, 4], dtype=types_pb2.DT_HALF, half_val=[1, 2]),
     "double_ragged": _tensor([3], dtype=types_pb2.DT_DOUBLE, tensor_content=b"\0" * 17),
+    # No values, and dimensions past the message: 3 GB of row arrays, a numpy ValueError.
+    "empty_many_rows": _tensor([2**27, 0]),
+    "empty_huge_classes": _tensor([0, 2**62]),
 }
 
 

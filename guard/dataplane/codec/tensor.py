@@ -88,15 +88,24 @@ _MAX_RANK = 32  # numpy handles 64; no real model output comes near either
 def _numel(shape: Sequence[int], itemsize: int, limit_bytes: int) -> int:
     if len(shape) > _MAX_RANK:
         raise DecodeError(f"tensor has rank {len(shape)}; the guard handles up to {_MAX_RANK}")
-    n = 1
+    n, span = 1, 1
     for d in shape:
         if d < 0:
             raise DecodeError(f"tensor shape {list(shape)} has a negative dimension")
-        n *= d  # Python ints: no int64 overflow, so the check below is exact
+        n *= d  # Python ints: no int64 overflow, so the checks below are exact
+        span *= max(d, 1)
     if n * itemsize > limit_bytes:
         raise DecodeError(
             f"tensor shape {list(shape)} needs {n * itemsize} bytes, more than the "
             f"{limit_bytes}-byte message limit allows"
+        )
+    if span * itemsize > limit_bytes:
+        # An empty tensor's other dimensions still size the work done per row
+        # or class: 25 bytes of [2**27, 0] had a check_sum rule build 3 GB of
+        # row arrays, and [0, 2**62] failed in numpy's reshape.
+        raise DecodeError(
+            f"tensor shape {list(shape)} holds no values, but its other dimensions span "
+            f"{span * itemsize} bytes, more than the {limit_bytes}-byte message limit allows"
         )
     return n
 
