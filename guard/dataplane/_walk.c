@@ -178,6 +178,24 @@ values_field(int32_t dtype)
     }
 }
 
+/* Whether a tensor of a dtype the rules read carries no values but its own:
+ * no other type's value field, no empty tensor_content. A rewrite writes the
+ * values alone over their place and kept any such field as it came, where
+ * the reference route writes the tensor anew without it (a red-team pass: a
+ * DT_FLOAT output's stray double_val reached the client unguarded). */
+static int
+own_values_only(int32_t dtype, uint32_t seen, const Cur *where)
+{
+    unsigned own = values_field(dtype);
+    if (own == 0)
+        return 1;
+    static const unsigned value_fields[] = {5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 17, 18};
+    for (size_t i = 0; i < sizeof value_fields / sizeof value_fields[0]; i++)
+        if (value_fields[i] != own && (seen & (1u << value_fields[i])))
+            return 0;
+    return !(seen & (1u << 4)) || where[4].end > where[4].p;
+}
+
 /* An output's layout: a named tuple (a struct sequence), made in C. */
 static PyStructSequence_Field layout_fields[] = {
     {"name", "the output's name (its map key)"},
@@ -260,6 +278,8 @@ walk_tensor(PyObject *name, Cur t, const unsigned char *base)
             break;
         }
     }
+    if (!own_values_only(dtype, seen, where))
+        return NULL;
     int from_content = where[4].p != NULL && where[4].end > where[4].p;
     Cur values = from_content ? where[4] : where[values_field(dtype)];
     Py_ssize_t offset = values.p ? values.p - base : 0;
@@ -647,7 +667,8 @@ quick_token(const unsigned char *p, Py_ssize_t i, Py_ssize_t end, Numbers *out)
             eneg = p[i++] == '-';
         Py_ssize_t first = i;
         for (; i < end && p[i] >= '0' && p[i] <= '9'; i++)
-            exponent = exponent * 10 + (p[i] - '0');
+            if (i - first < 5) /* past 4 digits it is refused below: no overflow */
+                exponent = exponent * 10 + (p[i] - '0');
         if (i == first || i - first > 4)
             return -1;
         exponent = eneg ? -exponent : exponent;

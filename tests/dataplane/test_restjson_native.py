@@ -344,6 +344,20 @@ def test_row_members_refuses_columns_that_do_not_fill_the_batch(
         _writer().row_members(columns, 2)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("sign", ["", "-", "+"])
+def test_exponents_of_any_length_read_as_float_reads_them(sign: str) -> None:
+    """Found (a red-team pass, UBSan): the fast path summed every exponent
+    digit before refusing more than four, and 19 or more overflowed a long
+    (undefined behaviour, on text from the upstream); it now stops at five."""
+    for digits in range(1, 41):
+        text = f"[1e{sign}{'9' * digits}, 2.5e{sign}{'0' * digits}1]".encode()
+        scanned = _scan()(text, 0, len(text))
+        assert scanned is not None, text
+        got = np.frombuffer(scanned[0], np.float64).tolist()
+        want = [float(f"1e{sign}{'9' * digits}"), float(f"2.5e{sign}{'0' * digits}1")]
+        assert got == want, (text, got, want)
+
+
 def test_reuse_texts_finds_the_first_equal_value_and_checks_its_inputs() -> None:
     body = b"[[0.50, 5e-1, 1], [2, 2.0, 0.5]]"
     scanned = _scan()(body, 0, len(body))

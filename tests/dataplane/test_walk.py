@@ -207,6 +207,11 @@ def test_a_tensor_like_tf_serving_writes_is_taken() -> None:
         ("an 11-byte varint", _entry(b"out", b"\x08" + b"\xff" * 10 + b"\x01")),
         ("a varint's 10th byte above 1", _entry(b"out", b"\x08" + b"\xff" * 9 + b"\x02")),
         ("a length past the end", _entry(b"out", FLOATS)[:-1]),
+        # Found (a red-team pass): a rewrite kept these as they came, where the
+        # reference writes the tensor anew without them.
+        ("a float tensor's double_val", _entry(b"out", FLOATS + b"\x32\x08" + bytes(8))),
+        ("a float tensor's int_val", _entry(b"out", FLOATS + b"\x3a\x01\x01")),
+        ("a float tensor's empty tensor_content", _entry(b"out", FLOATS + b"\x22\x00")),
     ],
 )
 def test_the_walker_declines_what_it_does_not_read(what: str, body: bytes) -> None:
