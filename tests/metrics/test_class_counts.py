@@ -120,7 +120,9 @@ def test_a_wide_multi_label_answer_is_counted_at_numpy_speed() -> None:
         counter.add(("m", "s", f"p{i}"), fired, str)
         list(counter.collect())
     took = time.process_time() - started
-    assert took < 2.0, f"{took:.2f} s of CPU for three answers"
+    # 0.15-0.8 s here (the first allocations fault their pages in); 2.04 s once
+    # while the box was short of memory; a Python step per class took 5.4 s.
+    assert took < 3.0, f"{took:.2f} s of CPU for three answers"
     samples = [s for s in next(iter(counter.collect())).samples if s.labels["output"] == "p2"]
     by_class = {s.labels["class"]: s.value for s in samples}
     assert len(by_class) == 101
