@@ -458,16 +458,25 @@ def load_config(path: str | Path) -> Config:
         return _parse_file(path, text)
 
 
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """Where in ``text`` and what: ' at line L, column C: problem'."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML refuses: no mark
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        # The lines after the first name PyYAML's own input, "<unicode string>".
+        return f" at line {line}, column {column}: {str(exc).splitlines()[0]}"
+    mark = getattr(exc, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{at}: {getattr(exc, 'problem', None) or exc}"
+
+
 def _parse_file(path: Path, text: str) -> Config:
     try:
         data = load_yaml(text)
     except YamlBoundError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(exc, text)}") from None
     if data is None:
         raise ConfigError(
             f"{path}: the config file is empty; give the model rules, or write 'models: []' "

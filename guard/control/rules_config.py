@@ -327,7 +327,7 @@ def _parse_model(
         problems.add(where, "must be a mapping with name, signature, outputs")
         return None
     name = get(problems, where, data, "name", "", as_str, "give the model name or '*'")
-    if not name:
+    if not name and data.get("name") in (None, ""):  # else refused above already
         problems.add(
             where, "field 'name' is required; give the model name (model_spec.name) or '*'"
         )

@@ -106,6 +106,9 @@ def _is_number(value: Any) -> bool:
 
 
 def as_str(value: Any) -> str:
+    if isinstance(value, bool | int | float):  # name: 5, a model named 5
+        kind = "true or false" if isinstance(value, bool) else "a number"
+        raise TypeError(f"YAML reads it as {kind}; quote it for text: '{value}'")
     if not isinstance(value, str):
         raise TypeError("")
     return value

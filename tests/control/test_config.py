@@ -155,6 +155,28 @@ def test_all_errors_are_reported_at_once(tmp_path: Path) -> None:
     assert len(message.splitlines()) == 3
 
 
+def test_a_number_where_text_belongs_is_one_problem_that_says_to_quote_it(
+    tmp_path: Path,
+) -> None:
+    """Found (a red-team pass): name: 5 was two problems ('5 is not allowed'
+    and 'name is required'), neither saying that YAML read it as a number."""
+    message = error_of(tmp_path, "models:\n  - name: 5\n    outputs: [{name: 7}]\n")
+    assert len(message.splitlines()) == 2, message
+    assert (
+        "field 'name': 5 is not allowed (YAML reads it as a number; quote it for text: '5')"
+        in message
+    ), message
+    assert "'7')" in message and "is required" not in message, message
+
+
+def test_a_character_yaml_refuses_is_placed_by_line_and_column(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "models: []\nlisten: a\x00b\n")
+    assert message.endswith(
+        "not valid YAML at line 2, column 10: unacceptable character #x0000: "
+        "control characters are not allowed"
+    ), message
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load_config(tmp_path / "absent.yaml")
