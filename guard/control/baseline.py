@@ -363,6 +363,9 @@ def _mib(n: int) -> str:
 
 def _take(args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[float, ...], int, str]:
     if args.values is not None:
+        given = [f"--{n}" for n in ("model", "output", "signature") if getattr(args, n)]
+        if given:  # they select a series of /metrics; values are one output's already
+            raise ConfigError(f"{', '.join(given)} apply to --metrics-url/--metrics-file only")
         edges, fractions, rows = from_values(_read_values(args.values))
         return edges, fractions, rows, f"{args.values}"
     if not (args.model and args.output):

@@ -208,6 +208,19 @@ def test_a_directory_or_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFix
     _refused(*_cli(capsys, "--metrics-file", missing, "--model", "m", "--output", "p"), missing)
 
 
+def test_series_options_with_values_are_refused_not_ignored(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Found (a red-team pass): --values F --model a took F and dropped --model."""
+    path = tmp_path / "values.txt"
+    path.write_text("0.5\n0.9\n")
+    _refused(
+        *_cli(capsys, "--values", str(path), "--model", "a", "--output", "p"),
+        "--model, --output apply to --metrics-url/--metrics-file only",
+    )
+    assert _cli(capsys, "--values", str(path))[0] == 0
+
+
 def test_a_malformed_exposition(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = _metrics(tmp_path, 'guard_output_value_bucket{model="m" output="p",le="0.5"} 10\n')
     _refused(*_cli(capsys, *argv), "--metrics-file", "not a Prometheus text exposition")
