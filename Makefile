@@ -12,7 +12,7 @@ APT_STAMP := $(VENV)/.apt-installed
 APT_PACKAGES := prometheus nginx nghttp2-client curl
 DURATION ?= 300
 
-.PHONY: venv apt demo test lint typecheck pytest bench bench-check bench-window fuzz soak attack clean
+.PHONY: venv apt demo test lint typecheck pytest bench bench-check bench-window fuzz fuzz-asan soak attack clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,12 @@ fuzz: $(STAMP)
 	$(PIP) install -q atheris
 	$(PY) -m tests.fuzz.fuzz_wire -max_total_time=60
 	$(PY) -m tests.fuzz.fuzz_rest -max_total_time=60
+
+# The same targets against the native modules built with AddressSanitizer and
+# UBSan (tests/fuzz/asan.py); crash files land in .cache/fuzz-asan/.
+fuzz-asan: $(STAMP)
+	$(PIP) install -q atheris
+	$(PY) -m tests.fuzz.asan -max_total_time=300 -rss_limit_mb=4096
 
 # Soak with hostile traffic in the background (bench/hostile.py).
 soak: $(STAMP)
