@@ -630,7 +630,9 @@ async def _no_messages() -> AsyncIterator[bytes]:
 
 
 # How gRPC's client words a channel that cannot reach its target.
-_CHANNEL_FAILURES = ("failed to connect to all addresses", "DNS resolution failed")
+_CHANNEL_FAILURES = (
+    "failed to connect to all addresses", "DNS resolution failed", "errors resolving",
+)  # fmt: skip
 
 
 def upstream_details(code: grpc.StatusCode, details: str | None, server: ServerState) -> str:
@@ -641,7 +643,11 @@ def upstream_details(code: grpc.StatusCode, details: str | None, server: ServerS
     on as it came: it was once told to raise max_message_mb, the wrong limit
     on the wrong side."""
     details = details or ""
-    if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_CHANNEL_FAILURES):
+    if (
+        code is grpc.StatusCode.UNAVAILABLE
+        and details.startswith(_CHANNEL_FAILURES)
+        and not server.upstream.reachable()
+    ):
         # gRPC's words about the guard's own channel read, to the client, as
         # though its own connection had failed.
         return f"guard: cannot reach the upstream {server.config.upstream}: {details}"

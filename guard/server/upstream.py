@@ -112,6 +112,15 @@ class Upstream:
         """The channel new calls go on."""
         return self._current.channel
 
+    def reachable(self) -> bool:
+        """Whether a channel to the upstream is connected now. gRPC's words for
+        a channel that cannot connect may also be the upstream's own details
+        (a proxy behind it): while a channel is connected, they are."""
+        ready = grpc.ChannelConnectivity.READY
+        return any(
+            channel.get_state() is ready for channel in (self._current.channel, self._current.relay)
+        )
+
     def unary(self, method: str) -> Any:
         """The raw-bytes unary callable for ``method`` on the current channel."""
         return self._current.callable("unary_unary", method)

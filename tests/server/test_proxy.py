@@ -471,19 +471,35 @@ async def test_an_upstream_the_guard_cannot_reach_is_named_as_the_guard_s(
     with socket.socket() as closed:  # a port nothing listens on
         closed.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{closed.getsockname()[1]}"
-    guard = await make_guard(WIDE_DEEP, upstream=address)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await guard.stub.Predict(predict_request("wide_deep"), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    details = err.value.details() or ""
-    assert details.startswith(f"guard: cannot reach the upstream {address}: "), details
-    assert (
-        guard.sample(
-            "guard_requests_total",
-            {"protocol": "grpc", "model": "wide_deep", "method": "Predict", "code": "UNAVAILABLE"},
-        )
-        == 1
-    )
+    # A name that does not resolve is worded otherwise by gRPC (the same red team).
+    for upstream in (address, "nonexistent-tf-serving.invalid:8500"):
+        guard = await make_guard(WIDE_DEEP, upstream=upstream)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await guard.stub.Predict(predict_request("wide_deep"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = err.value.details() or ""
+        assert details.startswith(f"guard: cannot reach the upstream {upstream}: "), details
+        labels = {"protocol": "grpc", "model": "wide_deep", "method": "Predict"}
+        assert guard.sample("guard_requests_total", {**labels, "code": "UNAVAILABLE"}) == 1
+
+
+async def test_an_upstream_s_own_words_for_a_channel_failure_are_passed_on(
+    make_guard: GuardFactory,
+) -> None:
+    """Found (a red-team pass): an upstream that answered UNAVAILABLE in gRPC's
+    words for a channel failure (a proxy behind it that could not reach its
+    own upstream) was taken for the guard's channel failing."""
+    fake = await start_upstream(FakeUpstream())
+    words = "failed to connect to all addresses; last error: ipv4:10.9.9.9:8500: refused"
+    fake.fail("wide_deep", grpc.StatusCode.UNAVAILABLE, words)
+    guard = await make_guard(WIDE_DEEP, upstream=fake.address)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await guard.stub.Predict(predict_request("wide_deep"), timeout=5)
+        assert (err.value.code(), err.value.details()) == (grpc.StatusCode.UNAVAILABLE, words)
+    finally:
+        assert fake.server is not None
+        await fake.server.stop(0)
 
 
 async def test_health_follows_upstream(make_guard: GuardFactory) -> None:
