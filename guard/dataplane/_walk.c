@@ -193,7 +193,11 @@ own_values_only(int32_t dtype, uint32_t seen, const Cur *where)
     for (size_t i = 0; i < sizeof value_fields / sizeof value_fields[0]; i++)
         if (value_fields[i] != own && (seen & (1u << value_fields[i])))
             return 0;
-    return !(seen & (1u << 4)) || where[4].end > where[4].p;
+    if (!(seen & (1u << 4)))
+        return 1;
+    /* tensor_content: not empty, and alone (the reference refuses values in
+     * both, which TensorFlow and a float_val reader read differently) */
+    return where[4].end > where[4].p && !(seen & (1u << own));
 }
 
 /* An output's layout: a named tuple (a struct sequence), made in C. */

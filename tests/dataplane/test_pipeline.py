@@ -425,6 +425,19 @@ def test_an_empty_tensor_may_not_span_more_than_the_message_holds(
     assert guard.sample("guard_decode_errors_total", model="wide_deep") == 1.0
 
 
+@pytest.mark.parametrize("kernels", [REFERENCE, default()], ids=lambda k: k.name)
+def test_values_in_both_tensor_content_and_the_typed_field_are_refused(kernels: Kernels) -> None:
+    """Found (a red-team pass): the guard clamped tensor_content, which
+    TensorFlow reads, and passed float_val on unread, which a client reading
+    resp.outputs['p'].float_val would take for the answer."""
+    both = tensor([[1.5, 0.2]], CONTENT)
+    both.float_val.extend([9.0, 9.0])
+    guard = Guard(wide_deep({"name": "*", "on_violation": "clamp"}), kernels)
+    with pytest.raises(DecodeError, match="both tensor_content and float_val"):
+        guard(response({"p": both}))
+    assert guard.sample("guard_decode_errors_total", model="wide_deep") == 1.0
+
+
 def test_derived_name_colliding_with_a_model_output_is_refused() -> None:
     guard = Guard(wide_deep({"name": "p", "argmax": True}))
     body = response({"p": tensor([[0.1, 0.9]]), "p_class": tensor([1.0])})

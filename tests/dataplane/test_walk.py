@@ -212,6 +212,7 @@ def test_a_tensor_like_tf_serving_writes_is_taken() -> None:
         ("a float tensor's double_val", _entry(b"out", FLOATS + b"\x32\x08" + bytes(8))),
         ("a float tensor's int_val", _entry(b"out", FLOATS + b"\x3a\x01\x01")),
         ("a float tensor's empty tensor_content", _entry(b"out", FLOATS + b"\x22\x00")),
+        ("float_val and tensor_content both", _entry(b"out", FLOATS + b"\x22\x08" + bytes(8))),
     ],
 )
 def test_the_walker_declines_what_it_does_not_read(what: str, body: bytes) -> None:

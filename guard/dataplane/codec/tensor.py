@@ -173,6 +173,13 @@ def tensor_values(
     its packed value field, shared by the view and the walked layout."""
     numel = _numel(shape, dt.numpy.itemsize, limit_bytes)
     if len(content):
+        if len(data) or unpacked is not None:
+            # TensorFlow reads tensor_content; a client reading float_val
+            # would read the other values, which no rule would have seen.
+            raise DecodeError(
+                f"the tensor holds values in both tensor_content and {dt.field}; "
+                "readers differ on which they read"
+            )
         if len(content) != numel * dt.numpy.itemsize:
             raise DecodeError(
                 f"tensor_content has {len(content)} bytes but shape {list(shape)} of "
