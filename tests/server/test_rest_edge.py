@@ -111,6 +111,9 @@ async def test_expect_100_continue_is_answered_and_others_get_417(
         (b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nX-A : 1\r\n\r\n", 400, "malformed"),
         (b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400, "malformed"),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "send gRPC to its gRPC port (listen)"),
+        # The target quoted back, and a hint read off the client's own bytes.
+        (b"GET http://[secret/x HTTP/1.1\r\nHost: x\r\n\r\n", 400, "not a valid URL"),
+        (b"GET http://[PRI/x HTTP/1.1\r\nHost: x\r\n\r\n", 400, "not a valid URL"),
         (
             b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"
             b'{"secret": 1}',

@@ -26,7 +26,15 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    ContentLengthError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    TransferEncodingError,
+)
 from multidict import CIMultiDict
 
 from guard.control.config import Config
@@ -386,18 +394,35 @@ class _Handler(web.RequestHandler):
             self.log_exception("REST request failed", exc_info=exc)
             text = "guard: internal error while handling the request; see the guard's log"
         else:
-            text = _malformed(str(message or exc or status))
+            text = _malformed(exc, str(message or exc or status))
         metrics.record_request(REST, OTHER, OTHER, code_of_status(status))
         response = error_response(status, text)
         response.force_close()
         return response
 
 
-def _malformed(said: str) -> str:
-    """The parser's reason, its first line: the lines after it quote the
-    client's bytes back (its body's among them) with a caret under them."""
+# The parser's errors that carry the client's own bytes (the target, a method,
+# a header), in words that do not: aiohttp's Python parser words most of its
+# errors so, and both parsers a target that is not a URL.
+_MALFORMED_WORDS: tuple[tuple[type[Exception], str], ...] = (
+    (InvalidURLError, "the request target is not a valid URL"),
+    (BadHttpMethod, "the method is not a valid HTTP method"),
+    (InvalidHeader, "a header is malformed"),
+    (BadStatusLine, "the request line is malformed"),
+    (TransferEncodingError, "the chunked body is malformed"),
+    (ContentLengthError, "the Content-Length is malformed"),
+)
+
+
+def _malformed(exc: BaseException | None, said: str) -> str:
+    """What is wrong with a request, never the client's bytes quoted back:
+    llhttp's first line is its reason, and the lines after it quote the
+    request (its body among them) with a caret under them."""
+    for kind, words in _MALFORMED_WORDS:
+        if isinstance(exc, kind):
+            return f"guard: malformed HTTP request: {words}"
     reason = said.strip().splitlines()[0] if said.strip() else "unreadable"
-    if "PRI" in reason:  # HTTP/2's preface: a gRPC client at the REST port
+    if reason.startswith("Pause on PRI"):  # llhttp at HTTP/2's preface: a gRPC client
         return (
             "guard: this is the guard's REST port (HTTP/1.1); send gRPC to its gRPC port (listen)"
         )
