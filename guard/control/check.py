@@ -3,10 +3,12 @@ signatures a live upstream reports through GetModelMetadata."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from guard.control.config import ANY, SERVING_DEFAULT, Config, ModelRule, OutputRule
 from guard.dataplane.codec.tensor import FLOAT_DTYPES
@@ -37,10 +39,20 @@ def _signatures(channel: grpc.Channel, model: str, timeout: float) -> Any:
     req.metadata_field.append("signature_def")
     call = channel.unary_unary(_METHOD)
     raw = call(req.SerializeToString(), timeout=timeout)
-    resp = classes["GetModelMetadataResponse"].FromString(raw)
-    if "signature_def" not in resp.metadata:
-        return None
-    return classes["SignatureDefMap"].FromString(resp.metadata["signature_def"].value)
+    try:
+        resp = classes["GetModelMetadataResponse"].FromString(raw)
+        if "signature_def" not in resp.metadata:
+            return None
+        packed = resp.metadata["signature_def"]
+        if packed.type_url != _SIGNATURE_DEF_MAP_URL:
+            raise _Unreadable(f"its signature_def metadata is a {packed.type_url!r}")
+        return classes["SignatureDefMap"].FromString(packed.value)
+    except DecodeError as exc:
+        raise _Unreadable(f"its GetModelMetadata answer does not parse: {exc}") from None
+
+
+class _Unreadable(Exception):
+    """The upstream's metadata answer is not what TF Serving sends."""
 
 
 def check_against_upstream(config: Config, upstream: str, timeout: float = 10.0) -> list[Finding]:
@@ -70,14 +82,16 @@ def _check_model(
         code = exc.code().name if hasattr(exc, "code") else "ERROR"
         details = exc.details() if hasattr(exc, "details") else str(exc)
         return [Finding(where, f"GetModelMetadata failed: {code}: {details}")]
+    except _Unreadable as exc:
+        return [Finding(where, f"the upstream is not TF Serving as the guard reads it: {exc}")]
     if sigmap is None:
         return [Finding(where, "the upstream returned no signature_def metadata")]
     if model.signature == ANY:
         return _check_any_signature(where, model, sigmap.signature_def)
     sig_name = model.signature or SERVING_DEFAULT
     if sig_name not in sigmap.signature_def:
-        known = ", ".join(sorted(sigmap.signature_def.keys()))
-        return [Finding(where, f"signature '{sig_name}' does not exist; it has: {known}")]
+        known = _listed(sorted(sigmap.signature_def.keys()))
+        return [Finding(where, f"signature {sig_name!r} does not exist; it has: {known}")]
     outputs = sigmap.signature_def[sig_name].outputs
     return [
         found for rule in model.outputs for found in _check_output(where, sig_name, rule, outputs)
@@ -102,13 +116,24 @@ def _check_any_signature(where: str, model: ModelRule, signatures: Any) -> list[
             continue
         having = [name for name in names if rule.name in signatures[name].outputs]
         if not having:
-            known = "; ".join(f"{n}: {', '.join(sorted(signatures[n].outputs))}" for n in names)
+            known = _listed(names, lambda n: f"{n!r}: {_listed(sorted(signatures[n].outputs))}")
             findings.append(
                 Finding(f"{where} output '{rule.name}'", f"no signature has it; they have {known}")
             )
         for name in having:
             findings += _check_output(where, name, rule, signatures[name].outputs)
     return findings
+
+
+_LISTED_MAX = 8
+
+
+def _listed(names: Sequence[str], show: Callable[[str], str] = repr) -> str:
+    """The first few of the upstream's names, each shown as a repr (a name
+    may hold a line break): 20,000 signatures made one line of 1.4 MB."""
+    more = len(names) - _LISTED_MAX
+    shown = ", ".join(show(name) for name in names[:_LISTED_MAX])
+    return shown + (f" and {more} more" if more > 0 else "")
 
 
 def _floats(outputs: Any) -> bool:
@@ -124,8 +149,8 @@ def _check_output(where: str, sig_name: str, rule: OutputRule, outputs: Any) -> 
         ]
     here = f"{where} output '{rule.name}'"
     if rule.name not in outputs:
-        known = ", ".join(sorted(outputs.keys()))
-        return [Finding(here, f"signature '{sig_name}' has no such output; it has: {known}")]
+        known = _listed(sorted(outputs.keys()))
+        return [Finding(here, f"signature {sig_name!r} has no such output; it has: {known}")]
     info = outputs[rule.name]
     if info.dtype not in FLOAT_DTYPES:
         return [

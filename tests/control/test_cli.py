@@ -21,6 +21,8 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
 
 from guard import cli
 from guard.control import preflight
@@ -144,8 +146,64 @@ async def test_check_against_upstream_reports_missing_outputs(
     text = stdout.decode()
     assert proc.returncode == 2
     assert "output 'ids'" in text and "not floating point" in text
-    assert "output 'logits': no signature has it; they have serving_default: ids, probs" in text
+    assert (
+        "output 'logits': no signature has it; they have 'serving_default': 'ids', 'probs'" in text
+    )
     assert "output 'probs'" not in text
+
+
+def _metadata_answer(kind: str) -> bytes:
+    """A GetModelMetadataResponse as a hostile upstream might write it."""
+    gmm = get_model_metadata_pb2
+    resp = gmm.GetModelMetadataResponse()
+    sigmap = gmm.SignatureDefMap()
+    if kind == "garbage":
+        return b"\xff\xff\xff"
+    if kind == "many":
+        for i in range(20_000):
+            sigmap.signature_def[f"sig{i:06d}"].outputs["o"].dtype = types_pb2.DT_FLOAT
+    if kind == "forged":
+        sigmap.signature_def["s"].outputs["p\nFAKE: all configured outputs exist"].dtype = 1
+    resp.metadata["signature_def"].Pack(sigmap)
+    if kind == "wrong-type":
+        resp.metadata["signature_def"].type_url = "type.googleapis.com/x.Y"
+    return resp.SerializeToString()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "wrong-type", "many", "forged"])
+async def test_check_against_a_hostile_upstream_s_metadata(tmp_path: Path, kind: str) -> None:
+    """Found (a red-team pass): a metadata answer that did not parse was a
+    traceback, exit 1; 20,000 signatures made one finding 1.4 MB long; an
+    output name holding a line break printed a line of its own."""
+
+    async def answer(request: bytes, context: Any) -> bytes:
+        return _metadata_answer(kind)
+
+    handler = grpc.method_handlers_generic_handler(
+        "tensorflow.serving.PredictionService",
+        {"GetModelMetadata": grpc.unary_unary_rpc_method_handler(answer)},
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        cfg = tmp_path / "guard.yaml"
+        cfg.write_text("models:\n  - name: m\n    outputs: [{name: zz}]\n")
+        proc = await asyncio.create_subprocess_exec(
+            *GUARD, "check", "--config", str(cfg), "--upstream", f"127.0.0.1:{port}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await server.stop(0)
+    out, err = stdout.decode(), stderr.decode()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    findings = out.splitlines()[1:]  # after "valid (...)"
+    assert len(findings) == 1 and len(findings[0]) < 1000, findings
+    assert not [line for line in out.splitlines() if line.startswith("FAKE")], out
+    if kind in ("garbage", "wrong-type"):
+        assert "the upstream is not TF Serving as the guard reads it" in out, out
 
 
 def _status_kb(pid: int, key: str) -> int:

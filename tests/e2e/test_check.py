@@ -57,7 +57,7 @@ def test_what_every_call_would_fail_on_is_reported(
         "output 'probabilities': in signature 'serving_default': 2 labels configured "
         "but the output has 201 classes" in text
     ), text
-    assert "output 'missing': no signature has it; they have serving_default: " in text, text
+    assert "output 'missing': no signature has it; they have 'serving_default': " in text, text
     assert (
         "output 'probability': in signature 'serving_default': activation: softmax over "
         "one class" in text
