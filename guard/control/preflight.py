@@ -103,22 +103,35 @@ def check_tempdir() -> None:
 def check_port_file(path: str | os.PathLike[str] | None) -> None:
     """Refuse a ``--port-file`` that cannot be written, before anything binds:
     it is written once serving has started, where a failure was a traceback
-    (and a directory given as the path left a stray ``PATH.tmp`` beside it)."""
+    (and a directory given as the path left a stray ``PATH.tmp`` beside it).
+    Written as it will be, through ``PATH.tmp``: a writable-looking directory
+    (root's view of /proc) or a name one suffix too long is found too."""
     if path is None:
         return
     target = Path(path)
-    where = target.parent if str(target.parent) else Path(".")
     problem = None
-    if target.is_dir():
-        problem = "is a directory"
-    elif not where.is_dir():
-        problem = f"is in {str(where)!r}, which is not a directory that exists"
-    elif not os.access(where, os.W_OK | os.X_OK):
-        problem = f"is in {str(where)!r}, which this process cannot write to"
+    try:
+        if target.is_dir():
+            problem = "is a directory"
+        else:
+            problem = _probe(target.with_name(target.name + ".tmp"))
+    except OSError as exc:
+        problem = f"cannot be written: {exc.strerror or exc}"
     if problem is not None:
         raise CannotStart(
             f"--port-file {str(path)!r} {problem}; give a file path in a writable directory"
         )
+
+
+def _probe(tmp: Path) -> str | None:
+    """Create and remove ``tmp`` (raises OSError); what stops it, else ``None``."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # a file left by an earlier run is written over
+        return f"needs {str(tmp)!r} for a moment, which is a directory" if tmp.is_dir() else None
+    os.close(fd)
+    tmp.unlink()
+    return None
 
 
 def start(listeners: Sequence[Listener], tls: bool, run: Callable[[], int]) -> int:

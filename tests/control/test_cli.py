@@ -90,16 +90,29 @@ def test_serve_with_bad_config_exits_2_without_traceback(tmp_path: Path) -> None
     assert out.returncode == 2 and "cannot read the config file" in out.stderr
 
 
-@pytest.mark.parametrize("where", ["missing-dir/ports.json", "."])
+# (where, a directory to make first): the last three from a second red-team
+# pass (root may write anywhere os.access asks about, /proc included).
+PORT_FILES = [
+    ("missing-dir/ports.json", None),
+    (".", None),
+    ("/proc/guard-ports.json", None),
+    ("p" * 253, None),  # its .tmp passes NAME_MAX
+    ("ports.json", "ports.json.tmp"),
+]
+
+
+@pytest.mark.parametrize(("where", "in_the_way"), PORT_FILES)
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_port_file_that_cannot_be_written_is_refused_before_serving(
-    tmp_path: Path, where: str, workers: str
+    tmp_path: Path, where: str, in_the_way: str | None, workers: str
 ) -> None:
     """Found (a red-team pass): the port file was first written once serving
     had started, and a path that could not take it was a traceback, exit 1
     (a directory given as the path left a stray file beside it)."""
     cfg = tmp_path / "guard.yaml"
     cfg.write_text(RULES)
+    if in_the_way is not None:
+        (tmp_path / in_the_way).mkdir()
     port_file = tmp_path / where
     out = run(
         "serve", "--config", str(cfg), "--upstream", "127.0.0.1:1", "--listen", "127.0.0.1:0",
@@ -109,7 +122,8 @@ def test_a_port_file_that_cannot_be_written_is_refused_before_serving(
     assert "Traceback" not in out.stderr and "serving gRPC" not in out.stderr, out.stderr
     assert f"--port-file {str(port_file)!r}" in out.stderr, out.stderr
     assert "give a file path in a writable directory" in out.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["guard.yaml"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["guard.yaml", *([in_the_way] if in_the_way else [])]), left
 
 
 def test_dev_mode_with_a_damaged_model_says_why_in_one_line(tmp_path: Path) -> None:
