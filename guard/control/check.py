@@ -145,7 +145,7 @@ def _check_output(where: str, sig_name: str, rule: OutputRule, outputs: Any) -> 
         if _floats(outputs):
             return []
         return [
-            Finding(f"{where} output '*'", f"signature '{sig_name}' has no floating-point output")
+            Finding(f"{where} output '*'", f"signature {sig_name!r} has no floating-point output")
         ]
     here = f"{where} output '{rule.name}'"
     if rule.name not in outputs:
@@ -164,7 +164,7 @@ def _check_output(where: str, sig_name: str, rule: OutputRule, outputs: Any) -> 
     if classes is None:
         return []
     return [
-        Finding(here, f"in signature '{sig_name}': {p}") for p in _shape_problems(rule, classes)
+        Finding(here, f"in signature {sig_name!r}: {p}") for p in _shape_problems(rule, classes)
     ]
 
 
