@@ -178,8 +178,9 @@ values_field(int32_t dtype)
     }
 }
 
-/* Whether a tensor of a dtype the rules read carries no values but its own:
- * no other type's value field, no empty tensor_content. A rewrite writes the
+/* Whether a tensor of a dtype the rules read carries its own values only, in
+ * one place: no other type's value field, and tensor_content (if sent) not
+ * empty and not beside its typed field. A rewrite writes the
  * values alone over their place and kept any such field as it came, where
  * the reference route writes the tensor anew without it (a red-team pass: a
  * DT_FLOAT output's stray double_val reached the client unguarded). */
