@@ -86,7 +86,9 @@ def test_unary_calls_that_go_on_sending_after_their_request_are_refused(
             assert any("max_inflight_mb" in d for d in details), details
         else:
             assert statuses[3] == 100, statuses
-        assert peak_mb < 300 and grown_mb < 100, (peak_mb, grown_mb)
+        # one_large_message peaked at 161-262 MB in six runs here, 398 MB once
+        # in CI; unread, the same calls took +4.8 GB in 15 s.
+        assert peak_mb < 512 and grown_mb < 100, (peak_mb, grown_mb)
         assert legit.code == "OK", legit
 
 
