@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 
 
@@ -22,9 +23,16 @@ class LoopLag:
 
 @contextlib.asynccontextmanager
 async def loop_lag(tick_s: float = 0.005) -> AsyncIterator[LoopLag]:
-    """Measure the running loop's lag for the duration of the block."""
+    """Measure the running loop's lag for the duration of the block.
+
+    The objects alive before it (the whole test session's, TensorFlow's
+    among them where a test imported it) are kept out of the collector's
+    reach meanwhile: a full collection over them is the test process's
+    cost, not the guard's (0.12 s with TensorFlow and two test modules
+    imported; a rotation measured 0.313 s once in CI, 0.002 s alone)."""
     loop = asyncio.get_running_loop()
     lag = LoopLag()
+    gc.freeze()
 
     async def ticker() -> None:
         while True:
@@ -37,3 +45,4 @@ async def loop_lag(tick_s: float = 0.005) -> AsyncIterator[LoopLag]:
         yield lag
     finally:
         task.cancel()
+        gc.unfreeze()
