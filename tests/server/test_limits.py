@@ -294,9 +294,12 @@ def predict_stub(channel: grpc.aio.Channel) -> Any:
 async def test_a_server_stopping_by_itself_costs_a_connected_client_little(
     upstream: FakeUpstream, make_guard: GuardFactory
 ) -> None:
-    """While a server is replaced the others take the reconnecting client: no
-    call is refused (UNAVAILABLE); the only ones lost are those the stopping
-    server had taken but not handed over (CANCELLED, before the guard)."""
+    """While a server is replaced the others take the reconnecting client;
+    the only calls lost are those the stopping server had taken but not
+    handed over (CANCELLED, before the guard), and, where the client's
+    reconnection reached the stopping server's listener, those its channel
+    refuses for one reconnect backoff (UNAVAILABLE, about 1 s: once in CI,
+    10,921 calls of a tight loop; never in the runs here)."""
     upstream.reply("m", predict_response("m", {"y": VALUES}))
     guard = await make_guard(RULES)
     attacks = 6
@@ -310,19 +313,27 @@ async def test_a_server_stopping_by_itself_costs_a_connected_client_little(
     stub = predict_stub(guard.channel)
     hostile = asyncio.ensure_future(asyncio.to_thread(bad_paths))
     codes: list[grpc.StatusCode] = []
+    refused_at: list[float] = []
+    loop = asyncio.get_running_loop()
     while not hostile.done() or len(codes) < 50:
         codes.append(await _status(stub.Predict(predict_request("m"), timeout=5)))
+        if codes[-1] == grpc.StatusCode.UNAVAILABLE:
+            refused_at.append(loop.time())
     await hostile
+    # gRPC's first reconnect backoff is 1 s (+-20 %); one per attack at most.
+    assert not refused_at or refused_at[-1] - refused_at[0] < 1.3 * attacks, refused_at[-1]
+    assert await _status(stub.Predict(predict_request("m"), timeout=5)) == grpc.StatusCode.OK
     for _ in range(100):
         if guard.sample("guard_server_restarts_total") == attacks:
             break
         await asyncio.sleep(0.05)
     assert guard.sample("guard_server_restarts_total") == attacks
     lost = [c for c in codes if c != grpc.StatusCode.OK]
-    assert set(lost) <= {grpc.StatusCode.CANCELLED}, f"{len(codes)} calls, lost: {lost}"
-    assert len(lost) <= attacks, f"{len(codes)} calls, lost: {lost}"
+    cancelled = lost.count(grpc.StatusCode.CANCELLED)
+    assert set(lost) <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}, set(lost)
+    assert cancelled <= attacks, f"{len(codes)} calls, {cancelled} cancelled"
     guarded = sample_sum(guard.metrics_url, "guard_requests_total", model="m")
-    assert guarded == len(codes) - len(lost)  # the lost ones never reached the guard
+    assert guarded == len(codes) + 1 - len(lost)  # the lost ones never reached the guard
 
 
 async def test_a_forwarded_request_counts_twice_while_in_flight(
