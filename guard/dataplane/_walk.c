@@ -190,10 +190,10 @@ own_values_only(int32_t dtype, uint32_t seen, const Cur *where)
     unsigned own = values_field(dtype);
     if (own == 0)
         return 1;
-    static const unsigned value_fields[] = {5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 17, 18};
-    for (size_t i = 0; i < sizeof value_fields / sizeof value_fields[0]; i++)
-        if (value_fields[i] != own && (seen & (1u << value_fields[i])))
-            return 0;
+    /* the value fields: 5 to 13 but tensor_content's 4, and 16 to 18 */
+    const uint32_t value_fields = (0x3FEu << 4) | (0x7u << 16);
+    if (seen & value_fields & ~(1u << own))
+        return 0;
     if (!(seen & (1u << 4)))
         return 1;
     /* tensor_content: not empty, and alone (the reference refuses values in
