@@ -226,8 +226,26 @@ class ServerState(Protocol):
 class Call(CallRecord):
     """One gRPC call's bookkeeping, and how the guard ends one itself."""
 
-    __slots__ = ()
+    __slots__ = ("_held",)
     protocol = GRPC
+
+    def __init__(self, metrics: GuardMetrics, method_label: str) -> None:
+        super().__init__(metrics, method_label)
+        self._held: list[Callable[[], None]] = []
+
+    def hold(self, release: Callable[[], None]) -> None:
+        """Have ``release`` (what gives back a slot the call holds) run once,
+        before the client can have its answer."""
+        self._held.append(release)
+
+    def release(self) -> None:
+        """Give back what the call holds (:meth:`hold`)."""
+        while self._held:
+            self._held.pop()()
+
+    def finish(self) -> None:
+        self.release()
+        super().finish()
 
     def ended_by_client(self, context: Any, cut: bool = False) -> None:
         """Count a call gRPC cancelled: its client went past its deadline or
@@ -252,9 +270,12 @@ class Call(CallRecord):
     ) -> NoReturn:
         """Count the call, then end it with ``status``.
 
-        Counted first: once the client has its answer, a scrape must see it.
+        Counted, and its slots given back, first: grpc.aio sends the status
+        from within ``abort``, and once the client has its answer a scrape
+        must see it.
         """
         self.count(status.name)
+        self.release()
         await context.abort(status, details, trailers)
         raise AssertionError("context.abort() returned")  # it raises; for type checkers
 
@@ -327,10 +348,8 @@ class CallHandler:
         refused = gate.admit(size)
         if refused is not None:
             await call.refuse(context, *refused)
-        try:
-            return await self._answer(info, request, metadata, spec, book, context, call)
-        finally:
-            gate.release(size)
+        call.hold(functools.partial(gate.release, size))
+        return await self._answer(info, request, metadata, spec, book, context, call)
 
     async def _answer(
         self,
@@ -352,14 +371,12 @@ class CallHandler:
             # a cyclic collection: not the answer too.
             del response
             await call.refuse(context, *refused)
-        gate.inflight_bytes += held  # the budget counts the response while it is guarded
-        try:
-            if guards:
-                response, trailers = await self._guard(
-                    response, trailers, spec, book, context, call
-                )
-        finally:
-            gate.inflight_bytes -= held
+        guarded = Held(gate)  # the budget counts the response while it is guarded
+        guarded.take(held)
+        call.hold(guarded.release_all)
+        if guards:
+            response, trailers = await self._guard(response, trailers, spec, book, context, call)
+        guarded.release_all()
         if trailers:
             context.set_trailing_metadata(trailers)
         self._hold_until_taken(context, response)

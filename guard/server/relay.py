@@ -158,10 +158,8 @@ class StreamRelay:
             refused = server.gate.admit_stream()
             if refused is not None:
                 await call.refuse(context, *refused)
-            try:
-                await self._run(info, forwardable(received), context, call)
-            finally:
-                server.gate.release_stream()
+            call.hold(server.gate.release_stream)
+            await self._run(info, forwardable(received), context, call)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 call.ended_by_client(context, server.was_cut(peer, call.start))
