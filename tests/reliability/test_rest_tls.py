@@ -4,8 +4,12 @@ with ``ca_file``, and a renewed certificate used without a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import shutil
 import ssl
+import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed448
 
 from guard.control.config import parse_config
 from tests.reliability._certs import CA, Issued, await_serial, presented_serial
-from tests.support.guard import RunningGuard, start_in_process
+from tests.support.guard import RunningGuard, sample_sum, start_in_process
 from tests.support.looplag import loop_lag
 from tests.support.rest_upstream import FakeRestUpstream, Reply
 
@@ -236,3 +240,88 @@ async def test_a_rotation_never_stalls_the_event_loop(
     finally:
         await guard.stop()
     assert lag.worst < 0.25, f"the event loop stalled for {lag.worst:.3f} s"
+
+
+async def _curl(*args: str) -> tuple[int, str, str]:
+    curl = shutil.which("curl")
+    assert curl is not None, "curl is not installed: make apt installs it"
+    process = await asyncio.create_subprocess_exec(
+        curl, "-sS", "--max-time", "10", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_plain_http_to_the_tls_port_gets_a_400_that_says_so(
+    fake: FakeRestUpstream, tmp_path: Path
+) -> None:
+    """Found: a plain-HTTP request to the TLS port was met with a closed
+    connection (curl: "Empty reply from server"). nginx answers it 400."""
+    ca = CA()
+    cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
+    guard = await _guard(fake, {"cert_file": str(cert), "key_file": str(key)})
+    try:
+        assert guard.rest is not None
+        port = guard.rest.port
+        before = sample_sum(guard.metrics_url, "guard_requests_total", protocol="rest")
+        rc, out, err = await _curl("-w", "\n%{http_code}", f"http://127.0.0.1:{port}/v1/models/m")
+        body, _, status = out.rpartition("\n")
+        after = sample_sum(
+            guard.metrics_url, "guard_requests_total", protocol="rest", code="INVALID_ARGUMENT"
+        )
+        assert await _get(port, ca) == STATUS.decode()  # TLS clients as before
+    finally:
+        await guard.stop()
+    assert (rc, status) == (0, "400"), (rc, out, err)
+    assert "https://" in json.loads(body)["error"], body
+    assert before == 0 and after == 1
+
+
+async def test_plain_http_with_a_body_that_never_ends_is_answered_then_cut(
+    fake: FakeRestUpstream, tmp_path: Path
+) -> None:
+    """The 400 reaches a client still sending (its input is read and dropped,
+    not left to reset the connection), and the connection is closed a
+    moment later however much it sends; silent connections end within
+    request_timeout_s."""
+    ca = CA()
+    cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
+    data = {
+        "listen": "127.0.0.1:0", "upstream": "127.0.0.1:9", "rest_listen": "127.0.0.1:0",
+        "rest_upstream": fake.address, "models": [], "max_connections": 4,
+        "request_timeout_s": 1.0, "tls": {"cert_file": str(cert), "key_file": str(key)},
+    }  # fmt: skip
+    guard = await start_in_process(parse_config(data, "test.yaml", Path.cwd()))
+    opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        assert guard.rest is not None
+        port = guard.rest.port
+        for _ in range(3):
+            opened.append(await asyncio.open_connection("127.0.0.1", port))
+        reader, writer = opened[0]
+        writer.write(b"POST /v1/models/m:predict HTTP/1.1\r\nContent-Length: 1000000000\r\n\r\n")
+        started = time.monotonic()
+        sent = 0
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            while time.monotonic() - started < 10:
+                writer.write(b"x" * 65536)
+                sent += 65536
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    answer += await asyncio.wait_for(reader.read(4096), 0.001)
+        cut_after = time.monotonic() - started
+        with contextlib.suppress(ConnectionError):
+            answer += await reader.read()
+        held = await asyncio.wait_for(asyncio.gather(*(r.read() for r, _ in opened[1:])), 3)
+        assert await _get(port, ca) == STATUS.decode()
+    finally:
+        for _, each in opened:
+            each.close()
+        await guard.stop()
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:200]
+    assert b"https://" in answer
+    assert cut_after < 4, f"still sending {sent} bytes after {cut_after:.1f} s"
+    assert held == [b"", b""]  # closed without a word: nothing came to say what it is
