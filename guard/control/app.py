@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from guard._version import __version__
 from guard.control.config import Config
+from guard.control.descriptors import raise_descriptor_limit
 from guard.control.memory import Trimmer, tune_malloc
 from guard.control.net import split_address
 from guard.control.preflight import CannotStart
@@ -303,6 +304,7 @@ def run_serve(
                 f"{config.source}: field 'upstream' is not set; give the TF Serving address, "
                 "or --model NAME=BASE_PATH to start the local backend"
             )
+        raise_descriptor_limit(config)
         return asyncio.run(_serve(config, config_path, overrides, port_file))
 
 
