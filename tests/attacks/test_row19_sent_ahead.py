@@ -123,8 +123,9 @@ def test_relayed_streams_whose_client_reads_nothing_are_bounded_by_the_budget(
         assert ended and all(s.grpc_status == 8 for s in ended), [s.grpc_status for s in ended]
         assert any("max_inflight_mb (100 MiB)" in (s.grpc_message or "") for s in ended)
         # A call's own bytes are not held against it: the budget may be passed
-        # by what one call holds, both ways.
-        assert held <= budget_mb * MB + 2 * (2 * 1_000_000 + WINDOW), held
+        # by what one call holds, both ways, and streams that pass their own
+        # check together may each do so (94-102 MiB measured under load).
+        assert held <= budget_mb * MB + 4 * (2 * 1_000_000 + WINDOW), held
         assert grown_mb < 2 * budget_mb, f"RSS grew {grown_mb:.0f} MB"
         assert closed, "the guard kept the connection"
         deadline = time.monotonic() + 10

@@ -123,9 +123,10 @@ def test_a_large_config_loads_while_the_guard_answers(tmp_path: Path) -> None:
     assert list(labels_now) and labels_now[0] in (b"l0", b"l1"), labels_now
     assert not prober.failures, prober.summary()
     # Worst call 0.28-0.43 s in eight runs here (the code before and after
-    # 2026-12-04), 0.51 s once in CI; full collections on the loading thread
-    # made it 0.9 s, the load on the loop 16 s.
-    assert len(prober.results) > 20 and prober.max_latency_s < 0.75, prober.summary()
+    # 2026-12-04), 0.51 s once in CI, 0.26-0.60 s with two CPU hogs on the
+    # two cores; full collections on the loading thread made it 0.9 s, the
+    # load on the loop 16 s.
+    assert len(prober.results) > 20 and prober.max_latency_s < 0.85, prober.summary()
 
 
 def test_a_burst_of_signals_is_one_more_reload(tmp_path: Path) -> None:

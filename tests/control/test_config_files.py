@@ -563,7 +563,7 @@ async def test_a_poll_is_one_stat_per_file_however_deep_the_links(tmp_path: Path
     for _ in range(5):
         await watcher.poll()
     per_poll = (time.perf_counter() - start) / 5
-    assert per_poll < 0.05, f"{per_poll * 1000:.0f} ms a poll"
+    assert per_poll < 0.25, f"{per_poll * 1000:.0f} ms a poll"  # 5.4 s a poll before
 
 
 async def test_fixing_a_labels_file_that_only_the_failed_config_names_reloads(
