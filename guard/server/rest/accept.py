@@ -51,7 +51,7 @@ connection would be reset, the answer with it)."""
 def _looks_like_http(first: bytes) -> bool:
     """Whether a connection's first bytes are an HTTP request line (a method
     is upper-case letters), not a TLS record (0x16, a handshake)."""
-    return first[:1].isalpha() and first[:1].isupper()
+    return first[:1].isupper()
 
 
 async def _peek(transport: asyncio.Transport, timeout: float) -> bytes:
@@ -84,8 +84,8 @@ class _Handshake(asyncio.Protocol):
         self._context = context
         self._early: list[bytes] = []  # data that came before the handler took over
         self._task: asyncio.Task[None] | None = None
-        self._discard = False  # input read only to be dropped (plain HTTP, answered)
         self._closed: asyncio.Future[None] | None = None
+        """Set once plain HTTP is answered: input is then read only to be dropped."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         http = self._http
@@ -133,7 +133,6 @@ class _Handshake(asyncio.Protocol):
     async def _answer_plain_http(self, transport: Any) -> None:
         self._http.metrics.record_request(REST, OTHER, OTHER, code_of_status(_PLAIN_HTTP_STATUS))
         self._closed = asyncio.get_running_loop().create_future()
-        self._discard = True
         transport.resume_reading()
         transport.write(_PLAIN_HTTP_ANSWER)
         transport.write_eof()
@@ -142,7 +141,7 @@ class _Handshake(asyncio.Protocol):
         transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if not self._discard:
+        if self._closed is None:
             self._early.append(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
