@@ -226,26 +226,8 @@ class ServerState(Protocol):
 class Call(CallRecord):
     """One gRPC call's bookkeeping, and how the guard ends one itself."""
 
-    __slots__ = ("_held",)
+    __slots__ = ()
     protocol = GRPC
-
-    def __init__(self, metrics: GuardMetrics, method_label: str) -> None:
-        super().__init__(metrics, method_label)
-        self._held: list[Callable[[], None]] = []
-
-    def hold(self, release: Callable[[], None]) -> None:
-        """Have ``release`` (what gives back a slot the call holds) run once,
-        before the client can have its answer."""
-        self._held.append(release)
-
-    def release(self) -> None:
-        """Give back what the call holds (:meth:`hold`)."""
-        while self._held:
-            self._held.pop()()
-
-    def finish(self) -> None:
-        self.release()
-        super().finish()
 
     def ended_by_client(self, context: Any, cut: bool = False) -> None:
         """Count a call gRPC cancelled: its client went past its deadline or
@@ -270,12 +252,12 @@ class Call(CallRecord):
     ) -> NoReturn:
         """Count the call, then end it with ``status``.
 
-        Counted, and its slots given back, first: grpc.aio sends the status
-        from within ``abort``, and once the client has its answer a scrape
-        must see it.
+        Counted, timed, and its slots given back, first: grpc.aio sends the
+        status from within ``abort``, and once the client has its answer a
+        scrape must see it.
         """
         self.count(status.name)
-        self.release()
+        self.answered()
         await context.abort(status, details, trailers)
         raise AssertionError("context.abort() returned")  # it raises; for type checkers
 

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from guard.control.config import parse_config
+from guard.server.rest.call import AsGivenStream
 from tests.support.guard import RunningGuard, sample_sum, start_in_process
 from tests.support.looplag import loop_lag
 from tests.support.rest_upstream import FakeRestUpstream, Reply, metadata_body
@@ -440,3 +441,83 @@ async def test_connections_past_max_connections_get_503_and_a_freed_one_is_taken
     finally:
         for _, held_writer in held:
             held_writer.close()
+
+
+def _call_state(guard: RunningGuard) -> tuple[float, float, float, float]:
+    """What a scrape would say of REST calls: counted, timed, in flight, bytes held."""
+    counted = timed = 0.0
+    for family in guard.registry.collect():
+        for s in family.samples:
+            if s.labels.get("protocol") == "rest":
+                if s.name == "guard_requests_total":
+                    counted += s.value
+                elif s.name == "guard_overhead_seconds_count":
+                    timed += s.value
+    inflight = guard.registry.get_sample_value("guard_inflight_requests") or 0.0
+    held = guard.registry.get_sample_value("guard_inflight_bytes") or 0.0
+    return counted, timed, inflight, held
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> Callable[[RunningGuard], list[tuple[str, Any]]]:
+    """Each write of an answer by the guard, with what a scrape would have
+    said as it was handed over (the client may have it all at once)."""
+
+    def watch(guard: RunningGuard) -> list[tuple[str, Any]]:
+        seen: list[tuple[str, Any]] = []
+        write, write_eof = AsGivenStream.write, AsGivenStream.write_eof
+
+        async def watched_write(self: AsGivenStream, data: Any) -> None:
+            seen.append((f"write {len(data)}", _call_state(guard)))
+            await write(self, data)
+
+        async def watched_eof(self: AsGivenStream, data: bytes = b"") -> None:
+            seen.append(("eof", _call_state(guard)))
+            await write_eof(self, data)
+
+        monkeypatch.setattr(AsGivenStream, "write", watched_write)
+        monkeypatch.setattr(AsGivenStream, "write_eof", watched_eof)
+        return seen
+
+    return watch
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_streamed_answer_is_counted_timed_and_given_back_before_its_last_bytes_go(
+    fake: FakeRestUpstream, make_guard: MakeGuard, writes: Any, chunked: bool
+) -> None:
+    """A client that has a whole answer may scrape at once: the request's
+    slot and bytes were given back, and the call timed, a drain or a loop
+    turn after the last bytes went (a scrape could see a call its client
+    had seen end)."""
+    body = b"[" + b"0.25," * 60_000 + b"0.5]"
+    fake.reply("GET", "/v1/models/m/metadata", Reply(body=body, chunked=chunked))
+    guard = await make_guard()
+    seen = writes(guard)
+    async with aiohttp.ClientSession() as session:
+        assert await _get_body(session, f"{guard.rest_url}/v1/models/m/metadata") == (200, body)
+    # The guard's own end of the answer (aiohttp ends it again after the handler).
+    ours = [(what, state) for what, state in seen if what != "write 0"]
+    end = [what for what, _ in ours].index("eof")
+    # The last bytes: a chunked answer's end, or the last of its length.
+    last = ours[end if chunked else end - 1]
+    assert last[1] == (1.0, 1.0, 0.0, 0.0), seen[-3:]
+
+
+async def test_a_guarded_answer_sent_in_chunks_is_counted_and_given_back_before_its_last_chunk(
+    fake: FakeRestUpstream, make_guard: MakeGuard, writes: Any
+) -> None:
+    rows = 20_000
+    fake.metadata("m", {"p": ("DT_FLOAT", [-1, 2])})
+    fake.predict("m", '{"predictions": [' + ", ".join(["[0.25, 0.75]"] * rows) + "]}")
+    guard = await make_guard(models=[_RULE_OF_M])
+    seen = writes(guard)
+    async with aiohttp.ClientSession() as session:
+        url = f"{guard.rest_url}/v1/models/m:predict"
+        async with session.post(url, data=b'{"instances": [1]}') as response:
+            assert response.status == 200
+            assert len((await response.json())["guard_outputs"]) == rows
+    chunks = [state for what, state in seen if what.startswith("write")]
+    assert len(chunks) > 2
+    assert chunks[0][0] == 0.0 and chunks[0][3] > 0  # the answer is held while it goes
+    assert chunks[-1] == (1.0, 1.0, 0.0, 0.0), seen[-3:]

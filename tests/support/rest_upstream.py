@@ -23,6 +23,8 @@ class Reply:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
     delay_s: float = 0.0
+    chunked: bool = False
+    """Sent with ``Transfer-Encoding: chunked``, no length."""
 
 
 @dataclass
@@ -102,4 +104,11 @@ class FakeRestUpstream:
             )  # fmt: skip
         if reply.delay_s:
             await asyncio.sleep(reply.delay_s)
-        return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+        if not reply.chunked:
+            return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+        response = web.StreamResponse(status=reply.status, headers=reply.headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(reply.body)
+        await response.write_eof()
+        return response

@@ -123,11 +123,10 @@ class RestCall(CallRecord):
             self.count(code or unsent)
 
     def finish(self) -> None:
-        """Time the call; count it UNKNOWN unless it is counted, or will be once sent."""
+        """End the call; count it UNKNOWN unless it is counted, or will be once sent."""
         if self._unsent is None:
-            super().finish()
-        else:
-            self._time()
+            self.count("UNKNOWN")
+        self.answered()
 
     def count_status(self, status: int) -> None:
         """Count the call with the code TF Serving maps to HTTP ``status``."""

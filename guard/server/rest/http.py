@@ -352,7 +352,7 @@ class _Handler(web.RequestHandler):
         call: RestCall | None,
     ) -> web.StreamResponse:
         """``resp`` with ``body`` written a chunk at a time, each within
-        ``timeout``; ``call`` counted as the last chunk is taken."""
+        ``timeout``; ``call`` counted as the last chunk is handed over."""
         out = AsGivenStream(status=resp.status, reason=resp.reason, headers=resp.headers)
         out.content_length = len(body)
         if not resp.keep_alive:
@@ -364,9 +364,13 @@ class _Handler(web.RequestHandler):
             await wait(out.prepare(request), timeout)
             view = memoryview(body)
             for start in range(0, len(body), CHUNK):
+                if start + CHUNK >= len(body):
+                    # The client may have it all before this write returns,
+                    # and scrape at once: counted, and the budget given back.
+                    held.release_all()
+                    if call is not None:
+                        call.sent()
                 await wait(out.write(view[start : start + CHUNK]), timeout)
-            if call is not None:
-                call.sent()  # before the end: a client that has it all may scrape at once
             await wait(out.write_eof(), timeout)
         finally:
             held.release_all()

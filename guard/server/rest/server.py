@@ -209,12 +209,10 @@ class RestFrontEnd:
         refused = gate.admit(size)
         if refused is not None:
             raise Answer(429, refused[1], refused[0])
-        try:
-            if target.predict and target.model is not None and book.may_apply(target.model):
-                return await self._predict(request, target, body, book, call)
-            return await self._pass_through(request, body, call)
-        finally:
-            gate.release(size)
+        call.hold(partial(gate.release, size))
+        if target.predict and target.model is not None and book.may_apply(target.model):
+            return await self._predict(request, target, body, book, call)
+        return await self._pass_through(request, body, call)
 
     async def _receive(self, request: web.BaseRequest) -> bytes:
         """The request body, read within the limits, or a refusal."""
@@ -355,15 +353,18 @@ class RestFrontEnd:
         )  # fmt: skip
         sent = self._sent_within_idle_timeout(request, call)
         await sent(answer.prepare(request))
+        left = upstream.content_length
         try:
             async for chunk in upstream.content.iter_chunked(CHUNK):
+                if left is not None and (left := left - len(chunk)) <= 0:
+                    _answered(call, upstream.status)  # the client may have it all at once
                 await sent(answer.write(chunk))
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The status line is sent: all that is left is to break the
             # connection, so the client cannot take the body for whole.
             call.count("DEADLINE_EXCEEDED" if isinstance(exc, TimeoutError) else "UNAVAILABLE")
             raise ConnectionResetError(f"the upstream's answer broke off: {exc!r}") from None
-        call.count_status(upstream.status)
+        _answered(call, upstream.status)  # a chunked answer's end goes with write_eof
         await sent(answer.write_eof())
         return answer
 
@@ -570,6 +571,14 @@ async def _read_held(
         return b"".join(chunks)
     finally:
         held.release_all()
+
+
+def _answered(call: RestCall, status: int) -> None:
+    """End a streamed call as its last bytes go: a client that has them all
+    may scrape at once, and must see the call counted, timed and its request
+    bytes given back (they were, a loop turn or a drain later)."""
+    call.count_status(status)
+    call.answered()
 
 
 async def _continue(request: web.BaseRequest) -> None:
