@@ -13,6 +13,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -36,10 +37,10 @@ async def fake() -> AsyncIterator[FakeRestUpstream]:
     await upstream.stop()
 
 
-async def _guard(fake: FakeRestUpstream, tls: dict[str, str]) -> RunningGuard:
+async def _guard(fake: FakeRestUpstream, tls: dict[str, str], **settings: Any) -> RunningGuard:
     data = {
         "listen": "127.0.0.1:0", "upstream": "127.0.0.1:9", "rest_listen": "127.0.0.1:0",
-        "rest_upstream": fake.address, "models": [], "tls": tls,
+        "rest_upstream": fake.address, "models": [], "tls": tls, **settings,
     }  # fmt: skip
     return await start_in_process(parse_config(data, "test.yaml", Path.cwd()))
 
@@ -170,12 +171,8 @@ async def test_handshakes_count_in_max_connections_and_end_within_request_timeou
     984 MB. 200 of them against a cap of 16 and request_timeout_s of 1 s."""
     ca = CA()
     cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
-    data = {
-        "listen": "127.0.0.1:0", "upstream": "127.0.0.1:9", "rest_listen": "127.0.0.1:0",
-        "rest_upstream": fake.address, "models": [], "max_connections": 16,
-        "request_timeout_s": 1.0, "tls": {"cert_file": str(cert), "key_file": str(key)},
-    }  # fmt: skip
-    guard = await start_in_process(parse_config(data, "test.yaml", Path.cwd()))
+    tls = {"cert_file": str(cert), "key_file": str(key)}
+    guard = await _guard(fake, tls, max_connections=16, request_timeout_s=1.0)
     opened = []
     tracemalloc.start()
     try:
@@ -288,12 +285,8 @@ async def test_plain_http_with_a_body_that_never_ends_is_answered_then_cut(
     request_timeout_s."""
     ca = CA()
     cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
-    data = {
-        "listen": "127.0.0.1:0", "upstream": "127.0.0.1:9", "rest_listen": "127.0.0.1:0",
-        "rest_upstream": fake.address, "models": [], "max_connections": 4,
-        "request_timeout_s": 1.0, "tls": {"cert_file": str(cert), "key_file": str(key)},
-    }  # fmt: skip
-    guard = await start_in_process(parse_config(data, "test.yaml", Path.cwd()))
+    tls = {"cert_file": str(cert), "key_file": str(key)}
+    guard = await _guard(fake, tls, max_connections=4, request_timeout_s=1.0)
     opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         assert guard.rest is not None
