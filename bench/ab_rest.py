@@ -12,6 +12,13 @@ the slices, and their ratio to the passthrough's, are printed.
 
     git worktree add /tmp/before HEAD~3
     python -m bench.ab_rest --size 1x1 --slices 16 before=/tmp/before after=.
+
+A variant may name other rules than the demo's after its checkout, to see
+where a guard's CPU goes: ``:none`` (no rule for either model: answers are
+streamed through as they come) or ``:range`` (an observe-only ``valid_range``
+on each output: every number is read, nothing is written):
+
+    python -m bench.ab_rest --size 1024x201 none=.:none range=.:range demo=.
 """
 
 from __future__ import annotations
@@ -30,6 +37,23 @@ from bench.rest_upstream import SOFTMAX, TINY, RestModel
 from guard.control.process import read_port_file
 
 _REQUESTS = {"1x1": 4000, "1024x201": 200}
+_RULES = ("demo", "range", "none")
+
+
+def _config(workdir: Path, name: str, rules: str) -> Path:
+    """The config of a variant whose ``rules`` are not the demo's."""
+    config = workdir / f"{name}.yaml"
+    outputs = {TINY.name: TINY.output, SOFTMAX.name: SOFTMAX.output}
+    models = "".join(
+        f"  - name: {model}\n    outputs:\n      - name: {output}\n"
+        "        valid_range: [0.0, 1.0]\n        on_violation: observe\n"
+        for model, output in outputs.items()
+    )
+    config.write_text(
+        "health_check_interval_s: 60\n"
+        + (f"models:\n{models}" if rules == "range" else "models: []\n")
+    )
+    return config
 
 
 def _cpu_s(pid: int) -> float:
@@ -38,11 +62,13 @@ def _cpu_s(pid: int) -> float:
 
 
 def _start_guard(
-    checkout: Path, upstream: int, workdir: Path, name: str
+    checkout: Path, upstream: int, workdir: Path, name: str, rules: str = "demo"
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """``guard serve`` from ``checkout``, REST on, the demo rules."""
+    """``guard serve`` from ``checkout``, REST on, the demo rules (or ``rules``)."""
     port_file = workdir / f"{name}.ports.json"
     argv = rest._guard_argv(workdir, f"127.0.0.1:{upstream}")  # noqa: SLF001 - same rules
+    if rules != "demo":
+        argv[argv.index("--config") + 1] = str(_config(workdir, name, rules))
     cmd = [sys.executable, "-m", *argv, "--port-file", str(port_file)]
     proc = subprocess.Popen(cmd, cwd=checkout, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
@@ -57,10 +83,17 @@ def _start_guard(
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("variants", nargs="+", help="NAME=CHECKOUT")
+    p.add_argument("variants", nargs="+", help=f"NAME=CHECKOUT[:RULES], RULES one of {_RULES}")
     p.add_argument("--size", choices=tuple(_REQUESTS), default="1x1")
     p.add_argument("--slices", type=int, default=16)
     args = p.parse_args(argv)
+    variants = []
+    for spec in args.variants:
+        name, _, where = spec.partition("=")
+        where, _, rules = where.partition(":")
+        if rules not in ("", *_RULES):
+            p.error(f"{spec}: rules {rules!r} is not one of {_RULES}")
+        variants.append((name, Path(where).resolve(), rules or "demo"))
     model = TINY if args.size == "1x1" else SOFTMAX
     requests = _REQUESTS[args.size]
     workdir = Path(tempfile.mkdtemp(prefix="bench-ab-rest-"))
@@ -71,9 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         passthrough = rest.start_path("passthrough", up_port, workdir, "ab")
         assert passthrough.proc is not None
         hops["passthrough"] = (passthrough.proc, passthrough.port)
-        for spec in args.variants:
-            name, _, where = spec.partition("=")
-            hops[name] = _start_guard(Path(where).resolve(), up_port, workdir, name)
+        for name, where, rules in variants:
+            hops[name] = _start_guard(where, up_port, workdir, name, rules)
         per = _measure(hops, model, requests, args.slices, workdir)
     finally:
         for proc, _ in hops.values():

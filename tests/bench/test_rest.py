@@ -118,16 +118,26 @@ def test_rest_section_quick_end_to_end(tmp_path: Path) -> None:
 
 def test_ab_rest_compares_a_checkout_with_the_passthrough() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.ab_rest", "--size", "1x1", "--slices", "1", "here=."],
+        [sys.executable, "-m", "bench.ab_rest", "--size", "1x1", "--slices", "1", "here=.",
+         "bare=.:none"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("CPU ms per request, 1x1")
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert set(rows) == {"passthrough", "here"}
+    assert set(rows) == {"passthrough", "here", "bare"}
     assert rows["passthrough"][4] == "1.000"
-    assert float(rows["here"][2]) > 0
+    assert float(rows["here"][2]) > 0 and float(rows["bare"][2]) > 0
+
+
+def test_ab_rest_refuses_rules_it_does_not_know() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ab_rest", "--slices", "1", "x=.:strict"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "'strict' is not one of" in proc.stderr
 
 
 def test_restjson_times_the_guard_step(capsys: pytest.CaptureFixture[str]) -> None:
