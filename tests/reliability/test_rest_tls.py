@@ -7,7 +7,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import resource
 import shutil
+import socket
 import ssl
 import time
 import tracemalloc
@@ -198,6 +201,84 @@ async def test_handshakes_count_in_max_connections_and_end_within_request_timeou
     assert refused is not None and refused >= 184
     assert peak < 20e6, f"tracemalloc peak {peak / 1e6:.0f} MB"
     assert answer == STATUS.decode()
+
+
+async def test_a_connection_in_its_handshake_holds_little_memory(
+    fake: FakeRestUpstream, tmp_path: Path
+) -> None:
+    """Found (a red-team pass): asyncio's TLS layer made and zeroed a 256 KiB
+    read buffer for each connection as its handshake began: 500 that sent
+    one byte took +151 MB, and 2,048 (max_connections) would take 600 MB.
+    Now 32 KiB: what Python allocates per connection stays under 64 KB."""
+    ca = CA()
+    cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
+    tls = {"cert_file": str(cert), "key_file": str(key)}
+    guard = await _guard(fake, tls, max_connections=256, request_timeout_s=10.0)
+    opened = []
+    tracemalloc.start()
+    try:
+        assert guard.rest is not None
+        await asyncio.sleep(0.2)
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(100):
+            reader, writer = await asyncio.open_connection("127.0.0.1", guard.rest.port)
+            writer.write(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes, no more
+            opened.append((reader, writer))
+        await asyncio.sleep(0.5)
+        held = tracemalloc.get_traced_memory()[0] - before
+        answer = await _get(guard.rest.port, ca)
+    finally:
+        tracemalloc.stop()
+        for _, writer in opened:
+            writer.close()
+        await guard.stop()
+    assert held / 100 < 64e3, f"{held / 100 / 1e3:.0f} KB per connection in its handshake"
+    assert answer == STATUS.decode()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _one_descriptor_left() -> int:
+    """A soft descriptor limit that leaves exactly one number free below it."""
+    listed = [int(fd) for fd in os.listdir("/proc/self/fd")]  # one of them was the listing's
+    open_now = {fd for fd in listed if _is_open(fd)}
+    free = [n for n in range(max(open_now) + 3) if n not in open_now]
+    return free[1]  # the first free number lies below it, the second does not
+
+
+async def test_a_connection_is_served_when_no_descriptor_is_left_to_peek_with(
+    fake: FakeRestUpstream, tmp_path: Path
+) -> None:
+    """Found (a red-team pass): the first-byte peek dups the socket; where
+    that failed (descriptors run out), the connection was reset, uncounted
+    and unlogged. With one descriptor left (the accept takes it), the
+    handshake now goes on without the peek."""
+    ca = CA()
+    cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
+    guard = await _guard(fake, {"cert_file": str(cert), "key_file": str(key)})
+    assert guard.rest is not None
+    context = ssl.create_default_context(cadata=ca.pem.decode())
+    client = socket.create_connection(("127.0.0.1", guard.rest.port))
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_one_descriptor_left(), limits[1]))
+        # The guard's loop accepts while this thread waits for the handshake.
+        tls = await asyncio.to_thread(context.wrap_socket, client, server_hostname="localhost")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    try:
+        tls.sendall(b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.to_thread(tls.makefile("rb").read)
+    finally:
+        tls.close()
+        await guard.stop()
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(STATUS), answer[:200]
 
 
 async def test_a_rotation_never_stalls_the_event_loop(

@@ -1,9 +1,9 @@
 """Accepting REST connections over TLS: counted before the handshake, and timed.
 
 With ``ssl=`` on the listening socket, asyncio makes each connection's TLS
-state (a 256 KiB buffer, about 300 KB in all) when it accepts it, gives the
-handshake 60 s, and tells the HTTP layer of the connection only once the
-handshake is done: 3,000 connections that sent half a ClientHello took the
+state (then about 300 KB; see :data:`_TLS_READ_BYTES`) when it accepts it,
+gives the handshake 60 s, and tells the HTTP layer of the connection only
+once the handshake is done: 3,000 connections that sent half a ClientHello took the
 guard to 984 MB, unseen by ``max_connections``. Here the listener is plain
 TCP; a connection is counted at once, and only one under ``max_connections``
 gets a handshake (``loop.start_tls``), which must end within
@@ -17,6 +17,7 @@ from server"): the connection's first byte is peeked at before the handshake.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import os
 import socket
@@ -42,6 +43,12 @@ _PLAIN_HTTP_ANSWER = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY)
 )
+_TLS_READ_BYTES = 32 * 1024
+"""What asyncio's TLS layer reads from a socket at once. Its buffer, of
+``SSLProtocol.max_size`` bytes (256 KiB), is made and zeroed for each
+connection as its handshake begins, and kept: 500 connections that sent one
+byte took +151 MB, 2,048 (``max_connections``) would take 600 MB. A TLS
+record holds at most 16 KiB."""
 _LINGER_S = 2.0
 """How long the connection stays open after the 400, its input read and
 dropped, for the client to read the answer (closed on unread input, the
@@ -54,13 +61,18 @@ def _looks_like_http(first: bytes) -> bool:
     return first[:1].isupper()
 
 
-async def _peek(transport: asyncio.Transport, timeout: float) -> bytes:
+async def _peek(transport: asyncio.Transport, timeout: float) -> bytes | None:
     """The connection's first bytes, left for the handshake to read; ``b""``
-    where the client closed it first. The transport reads nothing meanwhile:
-    a twin of its socket waits for them."""
+    where the client closed it first; ``None`` where no descriptor was left
+    to peek with (the handshake goes on without the peek). The transport
+    reads nothing meanwhile: a twin of its socket waits for them."""
+    try:
+        fileno = os.dup(transport.get_extra_info("socket").fileno())
+    except OSError:
+        return None  # out of descriptors: such connections were reset, unseen
     transport.pause_reading()
     loop = asyncio.get_running_loop()
-    with socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno())) as twin:
+    with socket.socket(fileno=fileno) as twin:
         twin.setblocking(False)
         readable = loop.create_future()
         loop.add_reader(twin.fileno(), _settle, readable)
@@ -104,9 +116,9 @@ class _Handshake(asyncio.Protocol):
                 first = await _peek(transport, deadline - loop.time())
             except (OSError, TimeoutError):
                 first = b""
-            if not first:
+            if first is not None and not first:
                 transport.abort()
-            elif _looks_like_http(first):
+            elif first is not None and _looks_like_http(first):
                 await self._answer_plain_http(transport)
             else:
                 await self._handshake(transport, max(deadline - loop.time(), 0.001))
@@ -167,6 +179,8 @@ class TlsSite(web.TCPSite):
         self._tls_context = context
 
     async def start(self) -> None:
+        # The one knob there is: a class attribute, read for every read.
+        asyncio.sslproto.SSLProtocol.max_size = _TLS_READ_BYTES
         await web.BaseSite.start(self)  # registers the site with its runner
         http = self._runner.server
         assert isinstance(http, HttpServer)
