@@ -18,7 +18,7 @@ import resource
 
 from guard.control.config import Config
 
-__all__ = ["descriptors_needed", "raise_descriptor_limit"]
+__all__ = ["descriptors_needed", "limit_warning", "raise_descriptor_limit"]
 
 logger = logging.getLogger("guard")
 
@@ -50,18 +50,23 @@ def raise_descriptor_limit(config: Config) -> int:
         except (ValueError, OSError) as exc:  # a kernel cap under the hard limit (nr_open)
             logger.info("could not raise the file-descriptor limit to %d: %s", target, exc)
     if soft != resource.RLIM_INFINITY and soft < needed:
-        logger.warning(
-            "this process may open %d file descriptors (%d connections per listener, "
-            "max_connections), but its limit is %d: past it, connections are refused on every "
-            "port, metrics included, and the upstream cannot be reached; raise the limit "
-            "(ulimit -n, LimitNOFILE, the container runtime's nofile) or lower max_connections "
-            "to %d",
-            needed, config.max_connections, soft, _fitting(config, soft),
-        )  # fmt: skip
+        logger.warning("%s", limit_warning(config, int(soft)))
     return int(soft)
 
 
-def _fitting(config: Config, limit: int) -> int:
-    """The largest ``max_connections`` that :func:`descriptors_needed` fits in ``limit``."""
-    per_connection = (descriptors_needed(config) - _RESERVE) // config.max_connections
-    return max(1, (limit - _RESERVE) // per_connection)
+def limit_warning(config: Config, limit: int) -> str:
+    """What to say of a descriptor ``limit`` under :func:`descriptors_needed`."""
+    needed = descriptors_needed(config)
+    per_connection = (needed - _RESERVE) // config.max_connections
+    fitting = (limit - _RESERVE) // per_connection
+    raise_it = "raise the limit (ulimit -n, LimitNOFILE, the container runtime's nofile)"
+    if fitting >= 1:
+        advice = f"{raise_it} or lower max_connections to {fitting}"
+    else:  # the guard's own descriptors take it all
+        advice = f"{raise_it} to at least {needed}: no max_connections fits under {limit}"
+    return (
+        f"this process may open {needed} file descriptors ({config.max_connections} "
+        f"connections per listener, max_connections), but its limit is {limit}: past it, "
+        "connections are refused on every port, metrics included, and the upstream cannot "
+        f"be reached; {advice}"
+    )

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from guard.control.config import parse_config
-from guard.control.descriptors import descriptors_needed
+from guard.control.descriptors import descriptors_needed, limit_warning
 from guard.control.process import Child, guard_argv, start
 from tests.reliability._certs import CA
 
@@ -91,3 +91,18 @@ def test_what_each_listener_needs(tmp_path: Path) -> None:
     assert descriptors_needed(grpc_only) == 100 + 256
     assert descriptors_needed(parse_config(rest, "g.yaml", Path.cwd())) == 200 + 256
     assert descriptors_needed(parse_config(tls, "g.yaml", Path.cwd())) == 300 + 256
+
+
+def test_a_limit_no_max_connections_fits_under_is_named_as_such() -> None:
+    """Found (a red-team pass): at a limit of 64 or 256 the warning said to
+    lower max_connections to 1, which needs 257 descriptors or more."""
+    config = parse_config(
+        {"upstream": "127.0.0.1:9", "models": [], "rest_upstream": "127.0.0.1:9"},
+        "g.yaml", Path.cwd(),
+    )  # fmt: skip
+    for limit in (64, 256, 257):
+        warning = limit_warning(config, limit)
+        assert "lower max_connections" not in warning, warning
+        assert f"to at least 4352: no max_connections fits under {limit}" in warning
+    assert "or lower max_connections to 1" in limit_warning(config, 258)
+    assert "or lower max_connections to 422" in limit_warning(config, 1100)
