@@ -452,7 +452,13 @@ class CallHandler:
         self, info: MethodInfo, metadata: Metadata, context: Any, call: Call
     ) -> bytes | None:
         """A unary call that carried no request: the upstream decides, as if
-        the client had called it directly."""
+        the client had called it directly. It holds an in-flight slot as
+        any call does (without one, such calls passed max_concurrent_rpcs)."""
+        gate = self._server.gate
+        refused = gate.admit(0)
+        if refused is not None:
+            await call.refuse(context, *refused)
+        call.hold(functools.partial(gate.release, 0))
         upstream_call = self._server.upstream.stream_unary(info.name)(
             _no_messages(), timeout=self._timeout(context), metadata=metadata
         )

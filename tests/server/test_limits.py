@@ -259,6 +259,47 @@ async def test_a_unary_call_without_a_request_is_answered_as_the_upstream_answer
         await direct.close()
 
 
+async def test_unary_calls_without_a_request_hold_in_flight_slots(
+    make_guard: GuardFactory,
+) -> None:
+    """Found (a red-team pass): a call with no request went to the upstream
+    before any slot was taken: 60 such calls waited there while
+    guard_inflight_requests read 0, and max_concurrent_rpcs let others in."""
+    release = asyncio.Event()
+
+    async def held(requests: Any, _context: Any) -> bytes:
+        async for _ in requests:
+            pass
+        await release.wait()
+        return b""
+
+    async def nothing() -> Any:
+        return
+        yield
+
+    upstream = grpc.aio.server()
+    methods = {"Predict": grpc.stream_unary_rpc_method_handler(held)}
+    service = grpc.method_handlers_generic_handler("tensorflow.serving.PredictionService", methods)
+    upstream.add_generic_rpc_handlers((service,))
+    port = upstream.add_insecure_port("127.0.0.1:0")
+    await upstream.start()
+    try:
+        guard = await make_guard(RULES, upstream=f"127.0.0.1:{port}", max_concurrent_rpcs=2)
+        calls = [guard.channel.stream_unary(PREDICT)(nothing(), timeout=10) for _ in range(2)]
+        for _ in range(200):  # bounded: until both wait at the upstream
+            if guard.sample("guard_inflight_requests") == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert guard.sample("guard_inflight_requests") == 2
+        third = await _status(guard.channel.stream_unary(PREDICT)(nothing(), timeout=5))
+        release.set()
+        assert [await _status(call) for call in calls] == [grpc.StatusCode.OK] * 2
+        assert third == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert guard.sample("guard_inflight_requests") == 0
+    finally:
+        await upstream.stop(None)
+
+
 async def test_the_server_comes_back_after_a_method_name_that_is_not_utf8(
     upstream: FakeUpstream, make_guard: GuardFactory
 ) -> None:
