@@ -3,8 +3,8 @@
 With ``ssl=`` on the listening socket, asyncio makes each connection's TLS
 state (then about 300 KB; see :data:`_TLS_READ_BYTES`) when it accepts it,
 gives the handshake 60 s, and tells the HTTP layer of the connection only
-once the handshake is done: 3,000 connections that sent half a ClientHello took the
-guard to 984 MB, unseen by ``max_connections``. Here the listener is plain
+once the handshake is done: 3,000 connections that sent half a ClientHello
+took the guard to 984 MB, unseen by ``max_connections``. Here the listener is plain
 TCP; a connection is counted at once, and only one under ``max_connections``
 gets a handshake (``loop.start_tls``), which must end within
 ``request_timeout_s``. The HTTP handler then takes the TLS transport.
@@ -120,7 +120,7 @@ class _Handshake(asyncio.Protocol):
                 transport.abort()
             elif first is not None and _looks_like_http(first):
                 await self._answer_plain_http(transport)
-            else:
+            else:  # a TLS record, or no descriptor to peek with (None)
                 await self._handshake(transport, max(deadline - loop.time(), 0.001))
         finally:
             self._http.handshakes -= 1
