@@ -486,10 +486,10 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Callable[[RunningGuard], list[tup
 async def test_a_streamed_answer_is_counted_timed_and_given_back_before_its_last_bytes_go(
     fake: FakeRestUpstream, make_guard: MakeGuard, writes: Any, chunked: bool
 ) -> None:
-    """A client that has a whole answer may scrape at once: the request's
-    slot and bytes were given back, and the call timed, a drain or a loop
-    turn after the last bytes went (a scrape could see a call its client
-    had seen end)."""
+    """A client that has a whole answer may scrape at once. Found: the
+    request's slot and bytes were given back, and the call timed, a drain or
+    a loop turn after the last bytes went, so a scrape could see a call its
+    client had seen end."""
     body = b"[" + b"0.25," * 60_000 + b"0.5]"
     fake.reply("GET", "/v1/models/m/metadata", Reply(body=body, chunked=chunked))
     guard = await make_guard()
