@@ -46,6 +46,28 @@ async def _guard(fake: FakeRestUpstream, tls: dict[str, str], **settings: Any) -
     return await start_in_process(parse_config(data, "test.yaml", Path.cwd()))
 
 
+async def _tls_guard(
+    fake: FakeRestUpstream, where: Path, **settings: Any
+) -> tuple[RunningGuard, CA]:
+    """A guard with a server certificate of a new CA (no client certificates
+    asked for), and that CA."""
+    ca = CA()
+    cert, key = ca.issue("guard", server=True).write(where, "server")
+    return await _guard(fake, {"cert_file": str(cert), "key_file": str(key)}, **settings), ca
+
+
+async def _half_hellos(
+    port: int, count: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``count`` connections that each sent a ClientHello's first bytes, no more."""
+    opened = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x16\x03\x01\x02\x00\x01")
+        opened.append((reader, writer))
+    return opened
+
+
 async def _get(port: int, ca: CA, client: Issued | None = None, where: Path | None = None) -> str:
     """GET over TLS; the body, or the error's class name."""
     context = ssl.create_default_context(cadata=ca.pem.decode())
@@ -170,18 +192,12 @@ async def test_handshakes_count_in_max_connections_and_end_within_request_timeou
     not counted in max_connections, held about 300 KB each and were given
     asyncio's 60 s: 3,000 that sent half a ClientHello took the guard to
     984 MB. 200 of them against a cap of 16 and request_timeout_s of 1 s."""
-    ca = CA()
-    cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
-    tls = {"cert_file": str(cert), "key_file": str(key)}
-    guard = await _guard(fake, tls, max_connections=16, request_timeout_s=1.0)
+    guard, ca = await _tls_guard(fake, tmp_path, max_connections=16, request_timeout_s=1.0)
     opened = []
     tracemalloc.start()
     try:
         assert guard.rest is not None
-        for _ in range(200):
-            reader, writer = await asyncio.open_connection("127.0.0.1", guard.rest.port)
-            writer.write(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes, no more
-            opened.append((reader, writer))
+        opened = await _half_hellos(guard.rest.port, 200)
         await asyncio.sleep(0.3)
         peak = tracemalloc.get_traced_memory()[1]
         at_once = sum([await _closed_by_peer(r) for r, _ in opened])
@@ -208,20 +224,14 @@ async def test_a_connection_in_its_handshake_holds_little_memory(
     read buffer for each connection as its handshake began: 500 that sent
     one byte took +151 MB, and 2,048 (max_connections) would take 600 MB.
     Now 32 KiB: what Python allocates per connection stays under 64 KB."""
-    ca = CA()
-    cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
-    tls = {"cert_file": str(cert), "key_file": str(key)}
-    guard = await _guard(fake, tls, max_connections=256, request_timeout_s=10.0)
+    guard, ca = await _tls_guard(fake, tmp_path, max_connections=256, request_timeout_s=10.0)
     opened = []
     tracemalloc.start()
     try:
         assert guard.rest is not None
         await asyncio.sleep(0.2)
         before = tracemalloc.get_traced_memory()[0]
-        for _ in range(100):
-            reader, writer = await asyncio.open_connection("127.0.0.1", guard.rest.port)
-            writer.write(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes, no more
-            opened.append((reader, writer))
+        opened = await _half_hellos(guard.rest.port, 100)
         await asyncio.sleep(0.5)
         held = tracemalloc.get_traced_memory()[0] - before
         answer = await _get(guard.rest.port, ca)
@@ -246,9 +256,7 @@ async def test_a_connection_is_served_when_no_descriptor_is_left_to_peek_with(
     def no_descriptor_left(_fd: int) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
 
-    ca = CA()
-    cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
-    guard = await _guard(fake, {"cert_file": str(cert), "key_file": str(key)})
+    guard, ca = await _tls_guard(fake, tmp_path)
     monkeypatch.setattr("guard.server.rest.accept.os.dup", no_descriptor_left)
     try:
         assert guard.rest is not None
@@ -314,9 +322,7 @@ async def test_plain_http_to_the_tls_port_gets_a_400_that_says_so(
 ) -> None:
     """Found: a plain-HTTP request to the TLS port was met with a closed
     connection (curl: "Empty reply from server"). nginx answers it 400."""
-    ca = CA()
-    cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
-    guard = await _guard(fake, {"cert_file": str(cert), "key_file": str(key)})
+    guard, ca = await _tls_guard(fake, tmp_path)
     try:
         assert guard.rest is not None
         port = guard.rest.port
@@ -341,10 +347,7 @@ async def test_plain_http_with_a_body_that_never_ends_is_answered_then_cut(
     not left to reset the connection), and the connection is closed a
     moment later however much it sends; silent connections end within
     request_timeout_s."""
-    ca = CA()
-    cert, key = ca.issue("guard", server=True).write(tmp_path, "server")
-    tls = {"cert_file": str(cert), "key_file": str(key)}
-    guard = await _guard(fake, tls, max_connections=4, request_timeout_s=1.0)
+    guard, ca = await _tls_guard(fake, tmp_path, max_connections=4, request_timeout_s=1.0)
     opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         assert guard.rest is not None
