@@ -14,11 +14,12 @@ the slices, and their ratio to the passthrough's, are printed.
     python -m bench.ab_rest --size 1x1 --slices 16 before=/tmp/before after=.
 
 A variant may name other rules than the demo's after its checkout, to see
-where a guard's CPU goes: ``:none`` (no rule for either model: answers are
-streamed through as they come) or ``:range`` (an observe-only ``valid_range``
-on each output: every number is read, nothing is written):
+where a guard's CPU goes: ``:norules`` (no rule for either model, as
+:mod:`bench.ab` names it: answers are streamed through as they come) or
+``:range`` (an observe-only ``valid_range`` on each output: every number is
+read, nothing is written):
 
-    python -m bench.ab_rest --size 1024x201 none=.:none range=.:range demo=.
+    python -m bench.ab_rest --size 1024x201 bare=.:norules range=.:range demo=.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from bench.rest_upstream import SOFTMAX, TINY, RestModel
 from guard.control.process import read_port_file
 
 _REQUESTS = {"1x1": 4000, "1024x201": 200}
-_RULES = ("demo", "range", "none")
+_RULES = ("demo", "range", "norules")
 
 
 def _config(workdir: Path, name: str, rules: str) -> Path:

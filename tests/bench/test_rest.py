@@ -119,7 +119,7 @@ def test_rest_section_quick_end_to_end(tmp_path: Path) -> None:
 def test_ab_rest_compares_a_checkout_with_the_passthrough() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.ab_rest", "--size", "1x1", "--slices", "1", "here=.",
-         "bare=.:none"],
+         "bare=.:norules"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
