@@ -294,11 +294,13 @@ class CallHandler:
             request = await self._receive(received, context, call)
             metadata = forwardable(received)
             if request is None:
+                await self._hold_slot(call, context, 0)
                 return await self._relay_empty(info, metadata, context, call)
             book = server.rules  # one consistent rule set for the whole call
             spec = peek_model_spec(request, info.spec_path) if info.spec_path else None
             call.model_label = server.metrics.model_label(spec.name if spec else None)
-            return await self._in_flight(info, request, metadata, spec, book, context, call)
+            await self._hold_slot(call, context, GRPC_COPIES * len(request))
+            return await self._answer(info, request, metadata, spec, book, context, call)
         except asyncio.CancelledError:
             call.ended_by_client(context, server.was_cut(peer, call.start))
             raise
@@ -313,25 +315,14 @@ class CallHandler:
         finally:
             call.finish()
 
-    async def _in_flight(
-        self,
-        info: MethodInfo,
-        request: bytes,
-        metadata: Metadata,
-        spec: ModelSpecInfo | None,
-        book: RuleBook,
-        context: Any,
-        call: Call,
-    ) -> bytes:
-        """Hold an in-flight slot and the request's bytes of the budget while
-        the call is answered, or refuse it."""
+    async def _hold_slot(self, call: Call, context: Any, size: int) -> None:
+        """Hold an in-flight slot and ``size`` bytes of the budget while the
+        call is answered, or refuse it."""
         gate = self._server.gate
-        size = GRPC_COPIES * len(request)
         refused = gate.admit(size)
         if refused is not None:
             await call.refuse(context, *refused)
         call.hold(functools.partial(gate.release, size))
-        return await self._answer(info, request, metadata, spec, book, context, call)
 
     async def _answer(
         self,
@@ -452,13 +443,9 @@ class CallHandler:
         self, info: MethodInfo, metadata: Metadata, context: Any, call: Call
     ) -> bytes | None:
         """A unary call that carried no request: the upstream decides, as if
-        the client had called it directly. It holds an in-flight slot as
-        any call does (without one, such calls passed max_concurrent_rpcs)."""
-        gate = self._server.gate
-        refused = gate.admit(0)
-        if refused is not None:
-            await call.refuse(context, *refused)
-        call.hold(functools.partial(gate.release, 0))
+        the client had called it directly. It holds an in-flight slot, taken
+        by :meth:`unary`, as any call does (without one, such calls passed
+        max_concurrent_rpcs)."""
         upstream_call = self._server.upstream.stream_unary(info.name)(
             _no_messages(), timeout=self._timeout(context), metadata=metadata
         )
