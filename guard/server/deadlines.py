@@ -34,7 +34,10 @@ class Deadlines:
     def __init__(self, tick_s: float = TICK_S) -> None:
         self._tick_s = tick_s
         self._buckets: dict[int, set[asyncio.Task[Any]]] = {}
-        self._expired: set[asyncio.Task[Any]] = set()
+        # The task a deadline cancelled, and that deadline's key: a wait
+        # nested in another on the same task must not take the outer's
+        # cancellation for its own.
+        self._expired: dict[asyncio.Task[Any], int] = {}
 
     async def wait(self, awaitable: Awaitable[T], timeout_s: float) -> T:
         """``await awaitable``, or raise :class:`TimeoutError` once
@@ -71,15 +74,15 @@ class Deadlines:
         bucket = self._buckets.get(key)
         if bucket is not None:
             bucket.discard(task)
-        if task not in self._expired:
+        if self._expired.get(task) != key:
             return False
-        self._expired.discard(task)
+        del self._expired[task]
         return task.uncancel() == 0
 
     def _fire(self, key: int) -> None:
         for task in self._buckets.pop(key, ()):
             if not task.done():
-                self._expired.add(task)
+                self._expired[task] = key
                 task.cancel()
 
 

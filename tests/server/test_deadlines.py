@@ -42,6 +42,32 @@ async def test_many_waits_share_a_timer_and_each_times_out() -> None:
     assert results == ["timed out"] * 20
 
 
+async def test_a_nested_wait_leaves_the_outer_deadline_to_the_outer_wait() -> None:
+    """A wait inside another on the same task (a metadata fetch, with the
+    upstream client's own limit, within what is left of the call's): the
+    shorter outer deadline is the outer wait's timeout, never the inner's."""
+    deadlines = Deadlines(TICK_S)
+    inner_saw: list[str] = []
+
+    async def inner() -> None:
+        try:
+            await deadlines.wait(asyncio.sleep(10), 5.0)
+        except TimeoutError:
+            inner_saw.append("timed out")
+            raise
+        except asyncio.CancelledError:
+            inner_saw.append("cancelled")
+            raise
+
+    with pytest.raises(TimeoutError):
+        await deadlines.wait(inner(), 0.03)
+    assert inner_saw == ["cancelled"]
+    # The inner's own, shorter, deadline is the inner's.
+    with pytest.raises(TimeoutError):
+        await deadlines.wait(deadlines.wait(asyncio.sleep(10), 0.03), 5.0)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
 async def test_a_cancellation_from_elsewhere_still_propagates() -> None:
     deadlines = Deadlines(TICK_S)
     task = asyncio.ensure_future(_wait(deadlines, 10, 10))
