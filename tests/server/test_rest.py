@@ -289,8 +289,9 @@ async def test_hop_by_hop_headers_stay_on_their_hop(
 
 def test_forwarded_headers_keep_order_and_repeats_less_those_of_one_hop() -> None:
     """Against a plain filter: repeated end-to-end headers stay, in order; the
-    hop-by-hop ones, those a Connection header names (any case), and Host and
-    Content-Length going upstream (Content-Length kept coming back) do not."""
+    hop-by-hop ones, those a Connection header names (any case), and the
+    client's Host and Content-Length going upstream (Content-Length kept coming
+    back) do not."""
     pairs = [("Host", "x"), ("X-A", "1"), ("connection", "keep-alive, X-Private"),
              ("x-PRIVATE", "2"), ("X-A", "3"), ("Content-Length", "4"), ("TE", "trailers"),
              ("Transfer-Encoding", "chunked"), ("Keep-Alive", "5"), ("X-B", "6"),
@@ -303,9 +304,13 @@ def test_forwarded_headers_keep_order_and_repeats_less_those_of_one_hop() -> Non
     def plain(drop: set[str]) -> list[tuple[str, str]]:
         return [(k, v) for k, v in pairs if k.lower() not in drop]
 
-    assert list(forward_headers(headers).items()) == plain(
-        one_hop | {"host", "content-length", "expect"}
-    )
+    # The upstream's Host takes the client's place; the length goes last.
+    forwarded = [("Host", "up:1")] + plain(one_hop | {"host", "content-length", "expect"})
+    assert list(forward_headers(headers, "up:1", 7).items()) == [
+        *forwarded,
+        ("Content-Length", "7"),
+    ]
+    assert list(forward_headers(headers, "up:1", None).items()) == forwarded
     assert list(response_headers(headers).items()) == plain(one_hop | {"content-length"})
     assert list(response_headers(headers, keep_length=True).items()) == plain(one_hop)
 

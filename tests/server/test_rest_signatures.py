@@ -1,6 +1,6 @@
 """The REST front-end's metadata cache against a hostile upstream: a real
 aiohttp upstream on an ephemeral port, fetched from the way the REST
-front-end fetches (bounded by ``read_limited``), and the guard itself in
+front-end fetches (its upstream client, bounded by ``read_limited``), and the guard itself in
 process, in this event loop, so that its stalls are this loop's."""
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guard.control.config import parse_config
+from guard.server.deadlines import Deadlines
 from guard.server.rest import signatures
-from guard.server.rest.http import read_limited
+from guard.server.rest.client import UpstreamClient, read_limited
+from guard.server.rest.http import forward_headers
 from guard.server.rest.signatures import (
     CACHE_BYTES_MAX,
     ENTRIES_MAX,
@@ -103,17 +105,23 @@ async def upstream(answer: Answer) -> AsyncIterator[Upstream]:
 @asynccontextmanager
 async def cache_on(server: Upstream, timeout_s: float = 10.0) -> AsyncIterator[SignatureCache]:
     """A cache that fetches as the REST front-end's ``_get`` does."""
-    async with aiohttp.ClientSession() as session:
+    address = server.base.removeprefix("http://")
+    client = UpstreamClient(address, Deadlines(), timeout_s, max_idle=4)
 
-        async def fetch(path: str) -> tuple[int, bytes]:
-            timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with session.get(server.base + path, timeout=timeout) as response:
-                data = await read_limited(response, METADATA_BYTES_MAX)
-                if data is None:
-                    raise ValueError(f"the metadata is larger than {METADATA_BYTES_MAX} bytes")
-                return response.status, data
+    async def fetch(path: str) -> tuple[int, bytes]:
+        answer = await client.request("GET", path, forward_headers({}, address, None), None)
+        try:
+            data = await read_limited(answer, METADATA_BYTES_MAX)
+        finally:
+            answer.release()
+        if data is None:
+            raise ValueError(f"the metadata is larger than {METADATA_BYTES_MAX} bytes")
+        return answer.status, data
 
+    try:
         yield SignatureCache(fetch)
+    finally:
+        client.close()
 
 
 def answering(body: Callable[[int | None], bytes], status: int = 200) -> Answer:

@@ -24,7 +24,6 @@ import socket
 import struct
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import (
     BadHttpMethod,
@@ -45,11 +44,8 @@ from guard.server.rest.call import REST, AsGivenStream, RestCall, error_body, er
 from guard.server.rest.routes import code_of_status
 
 __all__ = [
-    "AsSent",
     "HttpServer",
-    "UpstreamConnector",
     "forward_headers",
-    "read_limited",
     "request_factory",
     "reset",
     "response_headers",
@@ -75,8 +71,8 @@ _HOP_BY_HOP = frozenset(
 
 
 # Expect: the guard already took the whole body (and answered 100-continue); the
-# client's Host and length are set again for the upstream.
-_REQUEST_DROP = _HOP_BY_HOP | {"host", "content-length", "expect"}
+# client's length is set again for the upstream, and its Host (in its place).
+_REQUEST_DROP = _HOP_BY_HOP | {"content-length", "expect"}
 _RESPONSE_DROP = _HOP_BY_HOP | {"content-length"}
 
 
@@ -93,9 +89,14 @@ def _kept(headers: Any, drop: frozenset[str]) -> CIMultiDict[str]:
     return kept
 
 
-def forward_headers(headers: Any) -> CIMultiDict[str]:
-    """The client's headers that go on to the upstream."""
-    return _kept(headers, _REQUEST_DROP)
+def forward_headers(headers: Any, host: str, length: int | None) -> CIMultiDict[str]:
+    """The client's headers that go on to the upstream, with its ``Host``
+    and the body's ``length`` (none when ``None``)."""
+    kept = _kept(headers, _REQUEST_DROP)
+    kept["Host"] = host  # where the client's was, if it sent one
+    if length is not None:
+        kept["Content-Length"] = str(length)
+    return kept
 
 
 def response_headers(headers: Any, keep_length: bool = False) -> CIMultiDict[str]:
@@ -125,58 +126,6 @@ def reset(transport: asyncio.BaseTransport | None) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
     assert isinstance(transport, asyncio.WriteTransport)
     transport.abort()
-
-
-async def read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The whole body, or ``None`` as soon as it is known to pass ``limit`` bytes."""
-    length = response.content_length
-    if length is not None:
-        # The parser reads no more than the length it declared: read it at once.
-        return None if length > limit else await response.read()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class UpstreamConnector(aiohttp.TCPConnector):
-    """aiohttp's connector, less the kept-alive connections that received bytes
-    while idle: aiohttp parses them and hands them to the next request as its
-    answer. An upstream that wrote a second response 0.1 s after the first made
-    every later client on that connection get the answer meant for the one
-    before it."""
-
-    async def _get(self, key: Any, *args: Any, **kwargs: Any) -> Any:
-        idle = self._conns.get(key)
-        while idle and idle[0][0].should_close:  # what super()._get takes next
-            proto, _ = idle.popleft()
-            proto.close()
-        if idle is not None and not idle:
-            del self._conns[key]
-        return await super()._get(key, *args, **kwargs)
-
-
-# aiohttp's defaults for a request that lacks them (Accept, Accept-Encoding,
-# User-Agent; Content-Type for a body): a proxy adds none.
-_NO_AUTO_HEADERS: CIMultiDict[None] = CIMultiDict(
-    (h, None) for h in ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
-)
-
-
-class AsSent(aiohttp.ClientRequest):
-    """The upstream request, with only the headers the client sent (and Host,
-    Content-Length). The same as ``skip_auto_headers`` on the session, which
-    aiohttp turns into two new header dicts per request. It sets the private
-    attribute that ``ClientRequest.skip_auto_headers`` reads (aiohttp 3.11.9
-    and later; the version is capped in pyproject.toml, and
-    tests/server/test_rest.py checks the headers the upstream sees)."""
-
-    def update_auto_headers(self, skip_auto_headers: Any) -> None:
-        self._skip_auto_headers = _NO_AUTO_HEADERS
 
 
 def request_factory(client_max_size: int) -> Any:

@@ -3,10 +3,11 @@
 An aiohttp server takes each request, admits it through the same
 :class:`~guard.server.gate.Gate` as gRPC calls (headers, calls receiving,
 calls and bytes in flight), reads its body within ``request_timeout_s`` and
-``max_request_mb``, and forwards it unchanged on one keep-alive client
-session to ``rest_upstream``. A ``:predict`` response whose model has rules is
-guarded (:mod:`guard.server.rest.guarding`); every other answer goes back as
-the upstream gave it: status, headers and body, streamed.
+``max_request_mb``, and forwards it unchanged over kept-alive connections
+to ``rest_upstream`` (:mod:`guard.server.rest.client`). A ``:predict``
+response whose model has rules is guarded (:mod:`guard.server.rest.guarding`);
+every other answer goes back as the upstream gave it: status, headers and
+body, streamed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
+from aiohttp.http_exceptions import HttpProcessingError
 
 from guard.control.config import Config
 from guard.dataplane.book import RuleBook
@@ -33,14 +34,17 @@ from guard.server.deadlines import Deadlines
 from guard.server.gate import Gate, Held, Refusal
 from guard.server.rest.accept import TlsSite
 from guard.server.rest.call import Answer, AsGiven, AsGivenStream, RestCall
+from guard.server.rest.client import (
+    UpstreamAnswer,
+    UpstreamClient,
+    UpstreamUnreachable,
+    read_limited,
+)
 from guard.server.rest.guarding import RestRequest, guard_rest_response
 from guard.server.rest.http import (
     CHUNK,
-    AsSent,
     HttpServer,
-    UpstreamConnector,
     forward_headers,
-    read_limited,
     request_factory,
     reset,
     response_headers,
@@ -57,6 +61,9 @@ logger = logging.getLogger("guard.rest")
 T = TypeVar("T")
 
 _DRAIN_POLL_S = 0.02
+# Methods that carry no body unless the client sent one: no Content-Length
+# goes with them then (as aiohttp's client, and curl, send them).
+_BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _FINAL_GRACE_S = 0.5
 
 
@@ -73,21 +80,23 @@ class RestState(Protocol):
 
 
 class RestFrontEnd:
-    """The REST listener and its upstream session. ``await start()``, then ``await stop()``."""
+    """The REST listener and its upstream client. ``await start()``, then ``await stop()``."""
 
     def __init__(self, state: RestState) -> None:
         self._state = state
         config = state.config
         assert config.rest_upstream is not None
-        self._base = f"http://{config.rest_upstream}"
-        self._session: aiohttp.ClientSession | None = None
         self._signatures = SignatureCache(self._get)
         self._runner: web.ServerRunner | None = None
         self._site: web.TCPSite | None = None
         self._http: HttpServer | None = None
-        self._timeout = aiohttp.ClientTimeout(total=config.default_timeout_s)
-        # request_timeout_s on every body read, one loop timer per 10 ms tick (as gRPC's).
+        # request_timeout_s on every body read, default_timeout_s on every
+        # upstream call: one loop timer per 10 ms tick (as gRPC's).
         self._deadlines = Deadlines()
+        self._client = UpstreamClient(
+            config.rest_upstream, self._deadlines, config.default_timeout_s,
+            max_idle=config.max_concurrent_rpcs,
+        )  # fmt: skip
         self._active = 0
         self._inflating = asyncio.Semaphore(1)
         self._stopping = False
@@ -99,14 +108,6 @@ class RestFrontEnd:
     async def start(self) -> int:
         """Bind and serve. Returns the bound port."""
         config = self._state.config
-        self._session = aiohttp.ClientSession(
-            connector=UpstreamConnector(limit=config.max_concurrent_rpcs),
-            auto_decompress=False,
-            request_class=AsSent,
-            # One session for every client: a cookie the upstream sets is that
-            # client's (it gets the Set-Cookie), never the session's to send on.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
         self._http = HttpServer(
             self._handle, config, self._state.metrics, self._state.gate,
             request_factory=request_factory(config.max_request_bytes),
@@ -126,7 +127,7 @@ class RestFrontEnd:
             await self._site.start()
         except BaseException:
             await self._runner.cleanup()
-            await self._session.close()
+            self._client.close()
             raise
         self.port = int(self._runner.addresses[0][1])
         return self.port
@@ -147,14 +148,12 @@ class RestFrontEnd:
             await asyncio.sleep(_DRAIN_POLL_S)
         if self._active:
             self.cut_off = grace  # handlers waiting on the upstream answer 503
-            if self._session is not None:
-                await self._session.close()
+            self._client.close()
             while self._active and loop.time() < deadline + _FINAL_GRACE_S:
                 await asyncio.sleep(_DRAIN_POLL_S)
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+        self._client.close()
 
     # -------------------------------------------------------------- handling
 
@@ -280,30 +279,33 @@ class RestFrontEnd:
         request: web.BaseRequest,
         body: bytes,
         call: RestCall,
-        consume: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+        consume: Callable[[UpstreamAnswer], Awaitable[T]],
     ) -> T:
-        """Send the request on unchanged; ``consume`` takes the upstream's response."""
+        """Send the request on unchanged; ``consume`` takes the upstream's
+        answer, within what is left of default_timeout_s for its reads."""
         config = self._state.config
-        assert self._session is not None
-        url = URL(self._base + request.rel_url.raw_path_qs, encoded=True)
+        method = request.method
+        with_length = body or request.body_exists or method not in _BODILESS_METHODS
+        headers = forward_headers(
+            request.headers, self._client.address, len(body) if with_length else None
+        )
         started = time.perf_counter()
         try:
-            async with self._session.request(
-                request.method, url, data=body if body or request.body_exists else None,
-                headers=forward_headers(request.headers),
-                allow_redirects=False, timeout=self._timeout,
-            ) as response:  # fmt: skip
-                unusable = _unusable(response)
+            answer = await self._client.request(method, request.rel_url.raw_path_qs, headers, body)
+            try:
+                unusable = _unusable(answer, self._client.address)
                 if unusable is not None:
                     raise Answer(502, unusable)
-                return await consume(response)
+                return await consume(answer)
+            finally:
+                answer.release()
         except TimeoutError:
             raise Answer(
                 504,
                 f"guard: the upstream did not answer within default_timeout_s "
                 f"({config.default_timeout_s:g} s); raise default_timeout_s in the guard config",
             ) from None
-        except (aiohttp.ClientError, RuntimeError) as exc:
+        except (aiohttp.ClientError, HttpProcessingError, UpstreamUnreachable) as exc:
             raise self._unreachable(exc) from None
         finally:
             call.upstream_s = time.perf_counter() - started
@@ -319,7 +321,14 @@ class RestFrontEnd:
                 "cancelled and may or may not have run. Retry it if it is idempotent",
             )
         upstream = self._state.config.rest_upstream
-        if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        if isinstance(exc, HttpProcessingError):
+            # Its first line names the fault; the lines below quote the bytes.
+            fault = (exc.message.splitlines() or ["unreadable"])[0].rstrip(": ")
+            return Answer(
+                502, f"guard: the REST upstream {upstream} answered with a malformed or "
+                f"incomplete HTTP response: {fault}",
+            )  # fmt: skip
+        if isinstance(exc, aiohttp.ClientPayloadError):
             return Answer(
                 502, f"guard: the REST upstream {upstream} answered with a malformed or "
                 f"incomplete HTTP response: {exc}",
@@ -329,10 +338,8 @@ class RestFrontEnd:
                 502, f"guard: the REST upstream {upstream} closed the connection before its "
                 "answer was complete",
             )  # fmt: skip
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            # Its own text names the host again and adds 'ssl:default', even over http.
-            reason = exc.os_error.strerror or str(exc.os_error)
-            return Answer(503, f"guard: cannot reach the REST upstream {upstream}: {reason}")
+        if isinstance(exc, UpstreamUnreachable):
+            return Answer(503, f"guard: cannot reach the REST upstream {upstream}: {exc.reason}")
         return Answer(503, f"guard: cannot reach the REST upstream {upstream}: {exc}")
 
     async def _pass_through(
@@ -342,7 +349,7 @@ class RestFrontEnd:
         return await self._forward(request, body, call, partial(self._stream, request, call))
 
     async def _stream(
-        self, request: web.BaseRequest, call: RestCall, upstream: aiohttp.ClientResponse
+        self, request: web.BaseRequest, call: RestCall, upstream: UpstreamAnswer
     ) -> web.StreamResponse:
         limit = self._state.config.max_message_bytes
         if (upstream.content_length or 0) > limit:
@@ -355,7 +362,7 @@ class RestFrontEnd:
         await sent(answer.prepare(request))
         left = upstream.content_length
         try:
-            async for chunk in upstream.content.iter_chunked(CHUNK):
+            while chunk := await upstream.read(CHUNK):
                 if left is not None and (left := left - len(chunk)) <= 0:
                     _answered(call, upstream.status)  # the client may have it all at once
                 await sent(answer.write(chunk))
@@ -425,8 +432,8 @@ class RestFrontEnd:
         return guarded
 
     async def _read_answer(
-        self, upstream: aiohttp.ClientResponse, limit: int, own: int
-    ) -> tuple[aiohttp.ClientResponse, bytes | None]:
+        self, upstream: UpstreamAnswer, limit: int, own: int
+    ) -> tuple[UpstreamAnswer, bytes | None]:
         """The upstream's answer (``None`` past ``limit``), counted in the budget
         as it arrives, as request bodies are: sixteen answers of 60 MB read
         whole before any was counted took the guard to 1 GB against 128 MiB."""
@@ -437,7 +444,10 @@ class RestFrontEnd:
         def problem(size: int) -> tuple[Refusal, str] | None:
             return gate.answer_problem(size, own + size, "the answer so far")
 
-        return upstream, await _read_held(upstream.content, gate, limit, problem)
+        read = _read_held(upstream.content, gate, limit, problem)
+        if upstream.content.is_eof():  # it came whole with its head: nothing to wait for
+            return upstream, await read
+        return upstream, await upstream.timed(read)
 
     async def _peek(
         self, request: web.BaseRequest, body: bytes, book: RuleBook
@@ -528,16 +538,17 @@ class RestFrontEnd:
         """GET ``path`` on the upstream (model metadata), bounded: at most
         METADATA_BYTES_MAX is read (TF Serving's metadata is a few kilobytes),
         within default_timeout_s; SignatureCache bounds what it keeps of it."""
-        assert self._session is not None
         limit = min(self._state.config.max_message_bytes, METADATA_BYTES_MAX)
+        headers = forward_headers({}, self._client.address, None)
         try:
-            async with self._session.get(
-                URL(self._base + path, encoded=True), timeout=self._timeout
-            ) as response:
-                data = await read_limited(response, limit)
-                if data is None:
-                    raise ValueError(f"the metadata is larger than {limit} bytes")
-                return response.status, data
+            answer = await self._client.request("GET", path, headers, None)
+            try:
+                data = await read_limited(answer, limit)
+            finally:
+                answer.release()
+            if data is None:
+                raise ValueError(f"the metadata is larger than {limit} bytes")
+            return answer.status, data
         except TimeoutError:
             timeout = self._state.config.default_timeout_s
             raise TimeoutError(f"no answer within default_timeout_s ({timeout:g} s)") from None
@@ -595,28 +606,24 @@ async def _continue(request: web.BaseRequest) -> None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
-def _unusable(response: aiohttp.ClientResponse) -> str | None:
+def _unusable(answer: UpstreamAnswer, upstream: str) -> str | None:
     """Why an upstream's answer cannot be passed on, or ``None``: a 101
     (the guard never forwards Upgrade, so no switch was asked for), or a
     transfer coding other than chunked, which aiohttp leaves undecoded (its
     bytes went out as a plain body)."""
-    if response.status == 101:
+    if answer.status == 101:
         return (
-            f"guard: the REST upstream {_where(response)} answered 101 Switching Protocols "
+            f"guard: the REST upstream {upstream} answered 101 Switching Protocols "
             "to a request that asked for no upgrade"
         )
-    codings = _codings(response.headers)
+    codings = _codings(answer.headers)
     if codings and codings != ["chunked"]:
         return (
-            f"guard: the REST upstream {_where(response)} answered with Transfer-Encoding "
+            f"guard: the REST upstream {upstream} answered with Transfer-Encoding "
             f"{', '.join(codings)[:100]!r}, which the guard cannot pass on; have it send "
             "chunked alone (or Content-Encoding)"
         )
     return None
-
-
-def _where(response: aiohttp.ClientResponse) -> str:
-    return f"{response.url.host}:{response.url.port}"
 
 
 def _codings(headers: Any) -> list[str]:

@@ -1,0 +1,234 @@
+"""guard.server.rest.client: the REST front-end's client to its upstream,
+against a real TCP server on an ephemeral port that answers as it is
+scripted, byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+from aiohttp.client_exceptions import ServerDisconnectedError
+from aiohttp.http_exceptions import HttpProcessingError
+
+from guard.server.deadlines import Deadlines
+from guard.server.rest.client import UpstreamClient, UpstreamUnreachable, read_limited
+from guard.server.rest.http import forward_headers
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+# What the upstream does with each request it reads: the bytes to answer
+# (None: close without answering).
+Script = Callable[[int, bytes], Awaitable[bytes | None]]
+
+
+class Upstream:
+    """Reads each request (head and Content-Length body) and answers as
+    ``script`` says; counts connections and keeps what it read."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.port = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.lower().split(b"\r\n"):
+                    if line.startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                answer = await self.script(len(self.requests), request)
+                if answer is None:
+                    break
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # cancelled: the test is over, and its loop closing
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def upstream(script: Script) -> AsyncIterator[Upstream]:
+    up = Upstream(script)
+    server = await asyncio.start_server(up.serve, "127.0.0.1", 0)
+    up.port = server.sockets[0].getsockname()[1]
+    try:
+        yield up
+    finally:
+        server.close()
+
+
+def client_of(
+    up: Upstream, timeout_s: float = 5.0, max_idle: int = 4, keepalive_s: float = 15.0
+) -> UpstreamClient:
+    return UpstreamClient(f"127.0.0.1:{up.port}", Deadlines(), timeout_s, max_idle, keepalive_s)
+
+
+async def fetch(client: UpstreamClient, method: str = "GET", body: bytes | None = None) -> bytes:
+    headers = forward_headers({}, client.address, None if body is None else len(body))
+    answer = await client.request(method, "/v1/models/m", headers, body)
+    try:
+        data = await read_limited(answer, 1 << 20)
+    finally:
+        answer.release()
+    assert data is not None
+    return data
+
+
+async def answer_ok(n: int, request: bytes) -> bytes:
+    return OK
+
+
+async def test_requests_go_as_given_on_one_kept_alive_connection() -> None:
+    async with upstream(answer_ok) as up:
+        client = client_of(up, max_idle=4)
+        assert [await fetch(client), await fetch(client, "POST", b"{}")] == [b"ok", b"ok"]
+        assert up.connections == 1 and client.open_connections == 1
+        host = f"127.0.0.1:{up.port}".encode()
+        assert up.requests == [
+            b"GET /v1/models/m HTTP/1.1\r\nHost: " + host + b"\r\n\r\n",
+            b"POST /v1/models/m HTTP/1.1\r\nHost: " + host + b"\r\nContent-Length: 2\r\n\r\n{}",
+        ]
+        client.close()
+
+
+async def test_an_idempotent_request_goes_again_once_where_a_kept_connection_was_closed() -> None:
+    """The upstream reads the second request and closes without a word (an
+    idle timeout racing the request): a GET goes again on a new connection,
+    a POST (it may have run) does not."""
+
+    async def close_the_second(n: int, request: bytes) -> bytes | None:
+        return None if n == 2 else OK
+
+    async with upstream(close_the_second) as up:
+        client = client_of(up, max_idle=4)
+        assert await fetch(client) == b"ok"
+        assert await fetch(client) == b"ok"  # read once, closed, sent again
+        assert len(up.requests) == 3 and up.connections == 2
+        client.close()
+
+    async def close_every_second(n: int, request: bytes) -> bytes | None:
+        return None if n % 2 == 0 else OK
+
+    async with upstream(close_every_second) as up:
+        client = client_of(up, max_idle=4)
+        await fetch(client)
+        with pytest.raises(ServerDisconnectedError):
+            await fetch(client, "POST", b"{}")
+        assert len(up.requests) == 2, "a POST is never sent twice"
+        client.close()
+
+
+async def test_a_new_connection_closed_before_its_answer_is_not_retried() -> None:
+    async def close(n: int, request: bytes) -> bytes | None:
+        return None
+
+    async with upstream(close) as up:
+        client = client_of(up, max_idle=4)
+        with pytest.raises(ServerDisconnectedError):
+            await fetch(client)
+        assert len(up.requests) == 1 and client.open_connections == 0
+
+
+async def test_idle_connections_expire_and_at_most_max_idle_are_kept() -> None:
+    async def slow(n: int, request: bytes) -> bytes:
+        await asyncio.sleep(0.05)
+        return OK
+
+    async with upstream(slow) as up:
+        client = client_of(up, max_idle=2, keepalive_s=0.2)
+        await asyncio.gather(*(fetch(client) for _ in range(5)))
+        assert up.connections == 5 and client.open_connections == 2
+        await asyncio.sleep(0.5)
+        assert client.open_connections == 0
+        await fetch(client)
+        assert up.connections == 6
+        client.close()
+
+
+async def test_informational_answers_are_skipped() -> None:
+    async def hints(n: int, request: bytes) -> bytes:
+        return b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK
+
+    async with upstream(hints) as up:
+        client = client_of(up, max_idle=4)
+        assert await fetch(client) == b"ok"
+        client.close()
+
+
+async def test_an_answer_that_is_not_http_is_the_parsers_error() -> None:
+    async def garbage(n: int, request: bytes) -> bytes:
+        return b"SSH-2.0-OpenSSH\r\n\r\n"
+
+    async with upstream(garbage) as up:
+        client = client_of(up, max_idle=4)
+        with pytest.raises(HttpProcessingError):
+            await fetch(client)
+        assert client.open_connections == 0
+
+
+async def test_an_upstream_that_does_not_answer_times_out_within_the_limit() -> None:
+    async def never(n: int, request: bytes) -> bytes:
+        await asyncio.sleep(30)
+        return OK
+
+    async with upstream(never) as up:
+        client = client_of(up, timeout_s=0.2, max_idle=4)
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await fetch(client)
+        assert 0.2 <= time.monotonic() - start < 1.0
+        assert client.open_connections == 0
+        client.close()
+
+
+async def test_a_body_that_stops_coming_times_out_within_the_calls_limit() -> None:
+    async def half(n: int, request: bytes) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf"
+
+    async with upstream(half) as up:
+        client = client_of(up, timeout_s=0.3, max_idle=4)
+        headers = forward_headers({}, client.address, None)
+        answer = await client.request("GET", "/", headers, None)
+        assert await answer.read(100) == b"half"
+        with pytest.raises(TimeoutError):
+            await answer.read(100)
+        answer.release()
+        assert client.open_connections == 0  # not read to the end: closed
+        client.close()
+
+
+async def test_an_address_nobody_listens_on_is_unreachable() -> None:
+    with socket.socket() as bound:  # bound, never listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        client = UpstreamClient(f"127.0.0.1:{bound.getsockname()[1]}", Deadlines(), 5.0, max_idle=4)
+        with pytest.raises(UpstreamUnreachable) as caught:
+            await fetch(client)
+    assert "refused" in caught.value.reason.lower()
+
+
+async def test_close_ends_calls_waiting_and_refuses_new_ones() -> None:
+    async def slow(n: int, request: bytes) -> bytes:
+        await asyncio.sleep(30)
+        return OK
+
+    async with upstream(slow) as up:
+        client = client_of(up, max_idle=4)
+        waiting = asyncio.ensure_future(fetch(client))
+        await asyncio.sleep(0.1)
+        client.close()
+        with pytest.raises(ServerDisconnectedError):
+            await asyncio.wait_for(waiting, 2)
+        with pytest.raises(UpstreamUnreachable):
+            await fetch(client)
+        assert client.open_connections == 0
