@@ -44,6 +44,20 @@ def _serving_within(address: str, seconds: float) -> bool:
     return False
 
 
+def _checked_on(stub: health_pb2_grpc.HealthStub, seconds: float) -> bool:
+    """A Check answered SERVING on ``stub``'s channel within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    request = health_pb2.HealthCheckRequest(service="")
+    while time.monotonic() < deadline:
+        try:
+            if stub.Check(request, timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                return True
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def _stuck_watch(port: int) -> h2raw.H2Client:
     """A Watch on "" from a client whose stream windows are 0: it takes nothing."""
     client = h2raw.H2Client(
@@ -89,6 +103,11 @@ def test_watches_past_max_connections_are_refused(tmp_path: Path) -> None:
         with H.channel(guard.address) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             request = health_pb2.HealthCheckRequest(service="")
+            # The probe's connections may still hold max_connections until
+            # the guard sees them close (CI: this channel's connection was
+            # refused, and all five watches read "Socket closed"): the
+            # watches go once this channel's connection is in.
+            assert _checked_on(stub, 5), "the channel's connection was never let in"
             watches = [stub.Watch(request, timeout=10) for _ in range(5)]
             firsts = []
             for watch in watches:
