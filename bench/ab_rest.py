@@ -20,6 +20,10 @@ where a guard's CPU goes: ``:norules`` (no rule for either model, as
 read, nothing is written):
 
     python -m bench.ab_rest --size 1024x201 bare=.:norules range=.:range demo=.
+
+``--lean`` adds the passthrough on the guard's own upstream client
+(``bench.rest_passthrough --client guard``), printed as ``lean-passthrough``:
+the guard's own work is what it costs over that one.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("variants", nargs="+", help=f"NAME=CHECKOUT[:RULES], RULES one of {_RULES}")
     p.add_argument("--size", choices=tuple(_REQUESTS), default="1x1")
     p.add_argument("--slices", type=int, default=16)
+    p.add_argument("--lean", action="store_true", help="add the passthrough on the guard's client")
     args = p.parse_args(argv)
     variants = []
     for spec in args.variants:
@@ -105,6 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         passthrough = rest.start_path("passthrough", up_port, workdir, "ab")
         assert passthrough.proc is not None
         hops["passthrough"] = (passthrough.proc, passthrough.port)
+        if args.lean:
+            argv = ["bench.rest_passthrough", "--upstream", f"127.0.0.1:{up_port}",
+                    "--listen", "127.0.0.1:0", "--client", "guard"]  # fmt: skip
+            proc, port, _ = rest._spawn(argv, workdir, "lean", "http")  # noqa: SLF001
+            hops["lean-passthrough"] = (proc, port)
         for name, where, rules in variants:
             hops[name] = _start_guard(where, up_port, workdir, name, rules)
         per = _measure(hops, model, requests, args.slices, workdir)

@@ -6,6 +6,11 @@ upstream with its method, path, query, headers and body, and the upstream's stat
 headers and body come back unchanged. Whatever the guard costs above this is its own.
 
     python -m bench.rest_passthrough --upstream 127.0.0.1:8511 --listen 127.0.0.1:0 --port-file F
+
+``--client guard`` sends on the guard's own upstream client
+(:mod:`guard.server.rest.client`: aiohttp's protocol and parser without
+``ClientSession``) instead: the floor of a hop built as the guard's is, to
+tell the guard's own work from what its client saves.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from bench._common import serve_until_signal, write_port_file
+from guard.server.deadlines import Deadlines
+from guard.server.rest.client import UpstreamClient, read_limited
 
 # Connection-level headers (RFC 9110, 7.6.1) and those aiohttp sets itself.
 _HOP_HEADERS = frozenset(
@@ -72,8 +79,35 @@ class Passthrough:
             )
 
 
-async def _serve(upstream: str, listen: str, port_file: str) -> None:
-    proxy = Passthrough(upstream)
+class GuardClientPassthrough(Passthrough):
+    """The same, sending on the guard's upstream client."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self._client = UpstreamClient(upstream, Deadlines(), 600.0, max_idle=1024)
+        self._address = upstream
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self._client.close()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = forwardable(request.headers)
+        headers["Host"] = self._address
+        headers["Content-Length"] = str(len(body))
+        answer = await self._client.request(request.method, request.raw_path, headers, body)
+        try:
+            payload = await read_limited(answer, 1 << 30)
+        finally:
+            answer.release()
+        return web.Response(status=answer.status, headers=forwardable(answer.headers), body=payload)
+
+
+async def _serve(upstream: str, listen: str, port_file: str, client: str) -> None:
+    proxy = GuardClientPassthrough(upstream) if client == "guard" else Passthrough(upstream)
     await proxy.start()
     app = web.Application(client_max_size=1 << 30)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
@@ -96,8 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--port-file", required=True)
+    parser.add_argument("--client", choices=("session", "guard"), default="session")
     args = parser.parse_args(argv)
-    asyncio.run(_serve(args.upstream, args.listen, args.port_file))
+    asyncio.run(_serve(args.upstream, args.listen, args.port_file, args.client))
 
 
 if __name__ == "__main__":

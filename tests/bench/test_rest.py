@@ -72,6 +72,24 @@ def test_hops_forward_status_and_body_unchanged(
     assert running.proc is not None and running.proc.poll() is not None
 
 
+def test_the_passthrough_on_the_guards_client_forwards_unchanged(
+    upstream_port: int, tmp_path: Path
+) -> None:
+    argv = ["bench.rest_passthrough", "--upstream", f"127.0.0.1:{upstream_port}",
+            "--listen", "127.0.0.1:0", "--client", "guard"]  # fmt: skip
+    proc, port, _ = rest._spawn(argv, tmp_path, "lean", "http")  # noqa: SLF001
+    try:
+        for model in MODELS:
+            path = f"/v1/models/{model.name}:predict"
+            status, body = _request(port, "POST", path, rest.request_body(model))
+            assert (status, body) == (200, predict_body(model))
+        missing = "/v1/models/nosuch/metadata"
+        assert _request(port, "GET", missing) == _request(upstream_port, "GET", missing)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def test_a_path_that_fails_under_load_is_reported_not_fatal(
     upstream_port: int, tmp_path: Path
 ) -> None:
@@ -118,15 +136,15 @@ def test_rest_section_quick_end_to_end(tmp_path: Path) -> None:
 
 def test_ab_rest_compares_a_checkout_with_the_passthrough() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.ab_rest", "--size", "1x1", "--slices", "1", "here=.",
-         "bare=.:norules"],
+        [sys.executable, "-m", "bench.ab_rest", "--size", "1x1", "--slices", "1", "--lean",
+         "here=.", "bare=.:norules"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("CPU ms per request, 1x1")
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert set(rows) == {"passthrough", "here", "bare"}
+    assert set(rows) == {"passthrough", "lean-passthrough", "here", "bare"}
     assert rows["passthrough"][4] == "1.000"
     assert float(rows["here"][2]) > 0 and float(rows["bare"][2]) > 0
 
