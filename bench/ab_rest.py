@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, values in per.items():
         median = statistics.median(values)
         print(
-            f"{name:14s} median {median:.4f}  ratio {median / base:.3f}  "
+            f"{name:16s} median {median:.4f}  ratio {median / base:.3f}  "
             f"slices {min(values):.4f}-{max(values):.4f}"
         )
 

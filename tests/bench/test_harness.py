@@ -174,3 +174,15 @@ def test_bench_run_quick_end_to_end(tmp_path: Path) -> None:
     assert {"probabilities_class", "probabilities_top_k_label"} <= derived
     assert round_["passthrough"]["outputs"] == round_["direct"]["outputs"]
     assert "| (d) guard, demo rules |" in doc.read_text()
+
+
+def test_the_written_part_of_the_benchmarks_doc_is_findings_md() -> None:
+    """docs/benchmarks.md is rendered by bench.report, which appends
+    bench/findings.md as it is: a section written into the doc itself was
+    lost at the next ``make bench`` (2026-12-04)."""
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "benchmarks.md").read_text()
+    findings = (root / "bench" / "findings.md").read_text().rstrip()
+    assert findings in doc, "write prose in bench/findings.md, then re-render the doc"
+    written = doc[doc.index(findings) + len(findings) :]
+    assert written.lstrip().startswith("## Guard config used") or not written.strip()
