@@ -119,13 +119,15 @@ def make_lane(
     """The lane for one output, or ``None`` where only the reference applies.
 
     Taken natively: rules that rank (argmax, top-k) and/or threshold the
-    values (one threshold, or one per class), with or without labels, after
-    the rule's activation if any (:meth:`Lane.checked`). The kernel answers
-    the classes the metrics count (each row's best, or every value's 0/1),
-    and counts values out of range and rows off their sum when the rule
-    observes them (finite values) or clamps them (±Inf too; it derives from
-    the repaired values: clamped, and renormalised where a row stays off its
-    sum).
+    values (one threshold, or one per class), with or without labels, and
+    rules that only check them (range, sums: no derived output, as seed
+    001's clamp), after the rule's activation if any (:meth:`Lane.checked`).
+    The kernel answers the classes the metrics count (each row's best, or
+    every value's 0/1; a rule that derives nothing counts none) and each
+    row's largest value (the histogram's), and counts values out of range
+    and rows off their sum when the rule observes them (finite values) or
+    clamps them (±Inf too; it derives from the repaired values: clamped,
+    and renormalised where a row stays off its sum).
 
     With ``min_confidence``, the predictions below it abstain (class -1 and
     the abstain label, as the reference writes them).
@@ -162,13 +164,7 @@ def make_lane(
 
 def _takes(rule: OutputRule, labels: Array | None, c: int, size: int, max_k: int) -> bool:
     """Whether a lane can take this rule on ``size`` values of ``c`` classes."""
-    return (
-        rule.derives
-        and c > 0
-        and size > 0
-        and rule.k <= min(c, max_k)
-        and _labels_fit(rule, labels, c)
-    )
+    return c > 0 and size > 0 and rule.k <= min(c, max_k) and _labels_fit(rule, labels, c)
 
 
 def _labels_fit(rule: OutputRule, labels: Array | None, c: int) -> bool:
@@ -276,8 +272,10 @@ def _kernel_args(
 ) -> tuple[Any, ...]:
     """The one place the kernel's arguments are packed (guard/dataplane/_rank.pyi)."""
     name, rule, labels, _, dtype, encoding = spec
-    floor = math.nan if rule.min_confidence is None else rule.min_confidence
-    abstain = None if rule.min_confidence is None else rule.abstain_label  # class -1's
+    # Only a prediction abstains: a rule that derives nothing has none.
+    abstains = rule.min_confidence is not None and rule.derives
+    floor = rule.min_confidence if abstains else math.nan
+    abstain = rule.abstain_label if abstains else None  # class -1's
     fields = None if labels is None else _label_fields(labels, abstain)
     entries = []
     for suffix, what, entry_dtype, entry_shape in wanted:
@@ -285,8 +283,8 @@ def _kernel_args(
         label_fields = (fields,) if what in _LABELS else ()
         entries.append((key_field, head, what, *label_fields))
     lo, hi = rule_bounds(dtype, rule)
-    # A threshold alone still ranks one class: each row's best score is what
-    # the metrics' histogram reads.
+    # A threshold alone, or a rule that only checks, still ranks one class:
+    # each row's best score is what the metrics' histogram reads.
     k = max(rule.k, 1)
     return (
         dtype.itemsize, rows, cols, k, float(lo), float(hi),

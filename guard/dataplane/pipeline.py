@@ -313,7 +313,9 @@ class _Plan:
             rewrites = rewrites or checked is not raw or len(found) == 4
             done.append((found, checked))
         entries = b"".join([found[2] for found, _ in done])
-        guarded = _patched(body, self._patches(done), entries) if rewrites else body + entries
+        patches = self._patches(done) if rewrites else []
+        # Nothing to write over nor add (a rule that only observes): the body as it came.
+        guarded = _patched(body, patches, entries) if patches else body + entries
         if len(guarded) > self._limit:
             return None  # the reference route refuses it, and says why
         # Recorded only once every lane decided: otherwise the reference

@@ -45,10 +45,14 @@ class LaneOutput:
     plain: bool
     """A verdict with nothing out of range has only classes and scores to
     count: no abstention, entropy, drift or multi-label rule."""
+    predicts: bool
+    """Whether the rule derives outputs, and so predicts classes the metrics
+    count; one that only checks the values counts none (as the reference)."""
 
     def classes(self, found: bytes) -> Array:
-        """The lane's classes: a row's best, or [rows, classes] of a threshold's 0/1."""
-        classes = np.frombuffer(found, INT64)
+        """The lane's classes: a row's best, or [rows, classes] of a threshold's
+        0/1; none where the rule predicts nothing."""
+        classes = np.frombuffer(found if self.predicts else b"", INT64)
         if self.lane.multi_label:
             return classes.reshape(-1, self.lane.multi_label)
         return classes
@@ -76,7 +80,8 @@ class LaneOutput:
     def record(self, found: LaneResult, checked: Buffer) -> tuple[Action, int]:
         """Count the lane's verdict on this output; its action and violations."""
         if self.plain and len(found) == 3:
-            self.sink.record_lane(self.size, found[0], found[1], self.lane.dtype, self.labels)
+            classes = found[0] if self.predicts else b""
+            self.sink.record_lane(self.size, classes, found[1], self.lane.dtype, self.labels)
             return CLEAN, 0
         counts = None
         action = CLEAN
@@ -127,7 +132,8 @@ def lane_output(
         and not lane.multi_label
     )
     return LaneOutput(
-        name, lane, values.size, sink, compiled.labels, rule, entropy_shape, derived, plain
+        name, lane, values.size, sink, compiled.labels, rule, entropy_shape, derived, plain,
+        rule.derives,
     )  # fmt: skip
 
 

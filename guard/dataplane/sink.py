@@ -66,8 +66,8 @@ class OutputSink(Protocol):
     ) -> None:
         """:meth:`record_clean` of a verdict with only classes and scores to
         count (no violation, abstention, entropy, drift or multi-label rule),
-        as the lane wrote them: each row's best class (int64) and largest
-        value (``dtype``)."""
+        as the lane wrote them: each row's best class (int64; empty where the
+        rule predicts none) and largest value (``dtype``)."""
 
 
 class MetricsSink(Protocol):

@@ -191,7 +191,7 @@ class LaneQueue:
     ) -> None:
         """Queue one verdict (called from the event loop only)."""
         self._items.append((sink, dtype, name_of, classes, scores))
-        self._values += len(classes) >> 3  # one int64 class per row
+        self._values += len(scores) // dtype.itemsize  # one score per row (a class too, or none)
         if self._values > PENDING_VALUES_MAX or len(self._items) > PENDING_ARRAYS_MAX:
             self._values = 0
             self.flush()

@@ -498,7 +498,8 @@ class OutputRecorder:
         """:meth:`record_clean` of a verdict with nothing but classes and
         scores to count (``size`` values in range, no abstention, entropy,
         drift or multi-label rule), given as the lane wrote them: each row's
-        best class (int64) and largest value (``dtype``). Queued
+        best class (int64; empty where the rule predicts none) and largest
+        value (``dtype``). Queued
         (:class:`~guard.metrics.collectors.LaneQueue`); folded by
         :meth:`fold_lane`."""
         self.values.inc(size)
@@ -507,9 +508,11 @@ class OutputRecorder:
     def fold_lane(
         self, dtype: np.dtype[Any], name_of: NameOf, classes: bytes, scores: bytes
     ) -> None:
-        """Count queued lane verdicts, joined: their classes and scores."""
+        """Count queued lane verdicts, joined: their classes (none from a
+        rule that predicts nothing) and scores."""
         self.histogram.observe(self.series, np.frombuffer(scores, dtype))
-        self.classes.add(self.series, np.frombuffer(classes, INT64), name_of)
+        if classes:
+            self.classes.add(self.series, np.frombuffer(classes, INT64), name_of)
 
     def _add_fired(self, classes: np.ndarray[Any, Any]) -> None:
         """Threshold on a multi-label output: count each class index that fired."""

@@ -173,3 +173,15 @@ def test_restjson_times_the_guard_step(capsys: pytest.CaptureFixture[str]) -> No
     )
     for step in steps:
         assert step in out
+
+
+def test_steps_times_each_rule_on_both_protocols() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.steps", "--calls", "20", "--value", "1.0028"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
+    assert set(rows) == {"clamp", "observe", "threshold"}
+    for row in rows.values():
+        assert row[1] == "grpc" and float(row[2]) > 0 and row[3] == "rest" and float(row[4]) > 0

@@ -67,7 +67,7 @@ def assert_kernel_agrees(
         # in must be declined.
         return found
     assert expected is not None, "the kernel took an output the reference refuses"
-    assert expected.classes is not None
+    assert (expected.classes is not None) == rule.derives
     assert_counted_alike(found, expected)
     if rule.activation != "none" and (len(found) == 3 or found[3][0] is None):
         # The tensor is rewritten with the activated values, the reference's bytes.
@@ -79,8 +79,10 @@ def assert_kernel_agrees(
             expected.values.ravel().view(np.uint8),
         )
     classes, scores, entries = found[:3]
-    # A threshold's classes are every value's 0/1, a ranking's each row's best.
-    np.testing.assert_array_equal(np.frombuffer(classes, np.int64), expected.classes.ravel())
+    # A threshold's classes are every value's 0/1, a ranking's each row's best;
+    # a rule that only checks predicts none (the lane's ranking is not counted).
+    if expected.classes is not None:
+        np.testing.assert_array_equal(np.frombuffer(classes, np.int64), expected.classes.ravel())
     # The histogram reads each row's best score before repair; with a threshold
     # the reference leaves it to the metrics, which take the row maximum. Equal
     # as values (NaN alike): np.max of 0.0 and -0.0 may give either zero, and
@@ -136,6 +138,29 @@ def test_clean_softmax_rows_take_the_native_path() -> None:
     assert found not in ("no lane", None)
     expected = np.argsort(-x, axis=1, kind="stable")[:, 0]
     np.testing.assert_array_equal(np.frombuffer(found[0], np.int64), expected)
+
+
+@pytest.mark.parametrize("policy", ["observe", "clamp"])
+@pytest.mark.parametrize(
+    "x",
+    [
+        np.array([[0.2], [1.0028], [0.5]], dtype=np.float32),  # seed 001: a sigmoid past 1
+        np.random.default_rng(3).dirichlet(np.ones(6), size=4),  # float64 rows, one off its sum
+    ],
+)
+def test_a_rule_that_only_checks_takes_the_native_path(x: Array, policy: str) -> None:
+    """No argmax, top-k or threshold: the lane counts and repairs as the
+    reference does, writes no derived output, and its scores are the rows'
+    largest values (the histogram's); it predicts no class to count."""
+    x = x.copy()
+    if x.shape[1] > 1:
+        x[1] *= 1.01
+    rule = OutputRule(valid_range=(0.0, 1.0), check_sum=x.shape[1] > 1, on_violation=policy)  # type: ignore[arg-type]
+    found = assert_kernel_agrees(x, rule)
+    assert found not in ("no lane", None) and len(found) == 4, "counted by the lane"
+    assert found[2] == b""
+    result = reference(x, rule)
+    assert result is not None and result.classes is None and result.counts.total > 0
 
 
 #: What the kernel does with one bad value, by on_violation: "counts" (and,
@@ -582,6 +607,34 @@ def test_the_native_route_writes_the_bytes_and_metrics_of_the_reference(
     general, general_metrics = run_pipeline(output, body, REFERENCE)
     assert same_outcome(_outcome(fast), _outcome(general))
     assert fast_metrics == general_metrics
+
+
+@pytest.mark.parametrize("policy", ["observe", "clamp"])
+def test_a_rule_that_only_checks_is_decided_natively_as_the_reference_decides(
+    policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seed 001's WideDeep output at 1.0028 under a range rule alone: the
+    native route's bytes and metrics are the reference's, and after the
+    first response (which plans the layout) numpy decides nothing."""
+    output = {"name": "probs", "valid_range": [0.0, 1.0], "on_violation": policy}
+    body = response({"probs": tensor(np.array([[0.2], [1.0028], [0.5]], np.float32))})
+    fast, fast_metrics = run_pipeline(output, body, native())
+    general, general_metrics = run_pipeline(output, body, REFERENCE)
+    assert same_outcome(_outcome(fast), _outcome(general))
+    assert fast_metrics == general_metrics
+    assert b"\nguard_predicted_class_total{" not in fast_metrics
+
+    guard = Guard([{"name": "wide_deep", "outputs": [output]}], native())
+    guard(body)  # plans the layout
+    decided: list[str] = []
+
+    def counted(*args: Any) -> OutputResult:
+        decided.append("numpy")
+        return apply_rule(*args)
+
+    monkeypatch.setattr("guard.dataplane.evaluate.apply_rule", counted)
+    assert _outcome(guard(body)) == _outcome(fast)
+    assert decided == [], "numpy decided a response the lane takes"
 
 
 def _outcome(guarded: Any) -> Any:

@@ -163,6 +163,25 @@ def test_the_lane_answers_a_second_response_from_the_plan_of_the_first() -> None
     assert json.loads(found[0])["guard_outputs"] == [{"probs_class": [0]}]
 
 
+@pytest.mark.parametrize("fmt", ["row", "columnar"])
+@pytest.mark.parametrize("policy", ["observe", "clamp"])
+def test_a_rule_that_only_checks_is_decided_by_the_lane(fmt: Format, policy: str) -> None:
+    """Seed 001's case: a one-value sigmoid output at 1.0028 under a range
+    rule alone. Clean or not, the lane decides it: the body as the
+    reference writes it (as it came where nothing is repaired: no
+    ``guard_outputs``), the same metrics, and no class counted."""
+    rule = {"name": "probs", "valid_range": [0.0, 1.0], "on_violation": policy}
+    for values in ([[0.25], [0.75]], [[0.25], [1.0028]]):
+        x = np.array(values, dtype=np.float32)
+        body = _decided_by_lane(rule, x, fmt)
+        assert b"guard_outputs" not in body
+        if policy == "observe" or x.max() <= 1.0:
+            assert body == _body(x, fmt)
+    rest = _Rest(rule, x, fmt, native())
+    rest.guard(_body(x, fmt))
+    assert not [line for line in rest.exposition() if line.startswith(b"guard_predicted_class")]
+
+
 def test_a_shape_the_signature_does_not_declare_is_refused_on_both_routes() -> None:
     x = np.array([[0.25, 0.75], [0.5, 0.5]], np.float32)
     refused = []

@@ -103,7 +103,7 @@ class RestPlan:
         text, remembered = made
         changed = self.output.rewritten(found, checked)
         new: dict[OutputKey, Array] = {} if changed is None else {None: _as(values, changed)}
-        body = response.rewrite(new, guard_outputs=text)
+        body = response.rewrite(new, guard_outputs=text or None)
         if len(body) > self.limit:
             return None
         action, violations = self.output.record(found, checked)
@@ -140,10 +140,11 @@ class RestPlan:
         text = self.texts.get(key)
         if text is not None:
             return text, True
-        derived = self._derived(entries)
+        derived = self._derived(entries) if entries else []
         if derived is None:
             return None
-        text = response.guard_outputs_text(derived)
+        # A rule that derives nothing writes no member (as the reference).
+        text = response.guard_outputs_text(derived) if derived else ""
         floats = any(array.dtype.kind == "f" for _, array in derived)
         kept = not floats and len(entries) <= _ENTRIES_KEPT_MAX and len(text) <= _TEXT_KEPT_MAX
         if kept:
