@@ -232,3 +232,27 @@ async def test_close_ends_calls_waiting_and_refuses_new_ones() -> None:
         with pytest.raises(UpstreamUnreachable):
             await fetch(client)
         assert client.open_connections == 0
+
+
+async def test_a_connection_whose_request_was_not_all_sent_is_not_kept() -> None:
+    """The upstream answers on the head alone and reads none of a 32 MiB
+    body: what is still unsent would go ahead of the next request's head."""
+    stalled: list[asyncio.StreamWriter] = []
+
+    async def answer_early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK)
+        stalled.append(writer)  # kept open, never read again
+
+    server = await asyncio.start_server(answer_early, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client = UpstreamClient(address, Deadlines(), 5.0, max_idle=4)
+    body = b"x" * (32 << 20)
+    answer = await client.request("POST", "/", forward_headers({}, address, len(body)), body)
+    assert await read_limited(answer, 100) == b"ok"
+    answer.release()
+    assert client.open_connections == 0
+    client.close()
+    server.close()
+    for writer in stalled:
+        writer.close()

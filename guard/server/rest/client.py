@@ -225,11 +225,16 @@ class UpstreamClient:
     def put_back(self, proto: ResponseHandler, reusable: bool) -> None:
         """End a request's use of ``proto``; keep it if it can take another."""
         self._busy.discard(proto)
+        transport = proto.transport
         keep = (
             reusable
             and not self._closed
             and len(self._idle) < self._max_idle
-            and proto.is_connected()
+            and transport is not None
+            and not transport.is_closing()
+            # An answer that came before all of its request was sent: the
+            # rest would go ahead of the next request's head.
+            and not transport.get_write_buffer_size()
             and not proto.should_close
         )
         if not keep:
