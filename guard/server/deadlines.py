@@ -12,6 +12,7 @@ is still waiting when it fires.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable
@@ -27,17 +28,21 @@ TICK_S = 0.01
 
 T = TypeVar("T")
 
+#: One wait: its deadline (loop time), then the order it began in.
+Token = tuple[float, int]
+
 
 class Deadlines:
     """Cancels tasks still waiting when their deadline passes (event loop only)."""
 
     def __init__(self, tick_s: float = TICK_S) -> None:
         self._tick_s = tick_s
-        self._buckets: dict[int, set[asyncio.Task[Any]]] = {}
-        # The task a deadline cancelled, and that deadline's key: a wait
-        # nested in another on the same task must not take the outer's
-        # cancellation for its own.
-        self._expired: dict[asyncio.Task[Any], int] = {}
+        self._buckets: dict[int, dict[Token, asyncio.Task[Any]]] = {}
+        # The task a deadline cancelled, and that wait's token: a wait nested
+        # in another on the same task must not take the outer's cancellation
+        # for its own, even where both deadlines fall in one tick.
+        self._expired: dict[asyncio.Task[Any], Token] = {}
+        self._order = itertools.count()
 
     async def wait(self, awaitable: Awaitable[T], timeout_s: float) -> T:
         """``await awaitable``, or raise :class:`TimeoutError` once
@@ -45,44 +50,53 @@ class Deadlines:
         cancellation from elsewhere still propagates)."""
         task = asyncio.current_task()
         assert task is not None
-        key = self.start(task, timeout_s)
+        handle = self.start(task, timeout_s)
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if self.stop(key, task):
+            if self.stop(handle, task):
                 raise TimeoutError from None
             raise
         finally:
-            self.stop(key, task)
+            self.stop(handle, task)
 
-    def start(self, task: asyncio.Task[Any], timeout_s: float) -> int:
+    def start(self, task: asyncio.Task[Any], timeout_s: float) -> tuple[int, Token]:
         """Cancel ``task`` once ``timeout_s`` seconds have passed, unless
-        :meth:`stop` comes first; returns the key that :meth:`stop` takes."""
+        :meth:`stop` comes first; returns what :meth:`stop` takes."""
         loop = task.get_loop()
-        key = math.ceil((loop.time() + timeout_s) / self._tick_s)
+        due = loop.time() + timeout_s
+        key = math.ceil(due / self._tick_s)
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = set()
+            bucket = self._buckets[key] = {}
             loop.call_at(key * self._tick_s, self._fire, key)
-        bucket.add(task)
-        return key
+        token = (due, next(self._order))
+        bucket[token] = task
+        return key, token
 
-    def stop(self, key: int, task: asyncio.Task[Any]) -> bool:
+    def stop(self, handle: tuple[int, Token], task: asyncio.Task[Any]) -> bool:
         """Stop timing ``task``; True if its deadline cancelled it. As with
         ``asyncio.timeout``, a cancellation from elsewhere as well still
         propagates: True only when this was the one cancellation pending."""
+        key, token = handle
         bucket = self._buckets.get(key)
         if bucket is not None:
-            bucket.discard(task)
-        if self._expired.get(task) != key:
+            bucket.pop(token, None)
+        if self._expired.get(task) != token:
             return False
         del self._expired[task]
         return task.uncancel() == 0
 
     def _fire(self, key: int) -> None:
-        for task in self._buckets.pop(key, ()):
-            if not task.done():
-                self._expired[task] = key
+        bucket = self._buckets.pop(key, None)
+        if not bucket:
+            return
+        # A task waiting twice here (nested waits) is cancelled once, for the
+        # deadline that came first: on a tie, the wait that began first (the outer).
+        for token in sorted(bucket):
+            task = bucket[token]
+            if not task.done() and task not in self._expired:
+                self._expired[task] = token
                 task.cancel()
 
 

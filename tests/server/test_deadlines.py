@@ -68,6 +68,30 @@ async def test_a_nested_wait_leaves_the_outer_deadline_to_the_outer_wait() -> No
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
 
+async def test_nested_waits_due_in_one_tick_leave_the_timeout_to_the_outer() -> None:
+    """Red team: a predict answered at once, then a metadata fetch that
+    hangs: the call's deadline (outer) and the fetch's own (inner) fell in
+    one 10 ms tick, and the inner took the outer's timeout (a 500 "metadata
+    request timed out" where the call's 504 was due) 99 times in 100."""
+    deadlines = Deadlines(TICK_S)
+
+    async def inner(saw: list[str]) -> None:
+        try:
+            await deadlines.wait(asyncio.sleep(10), 0.0301)
+        except TimeoutError:
+            saw.append("timed out")
+            raise
+        except asyncio.CancelledError:
+            saw.append("cancelled")
+            raise
+
+    for _ in range(50):
+        inner_saw: list[str] = []
+        with pytest.raises(TimeoutError):
+            await deadlines.wait(inner(inner_saw), 0.03)
+        assert inner_saw == ["cancelled"]
+
+
 async def test_a_cancellation_from_elsewhere_still_propagates() -> None:
     deadlines = Deadlines(TICK_S)
     task = asyncio.ensure_future(_wait(deadlines, 10, 10))
@@ -84,12 +108,13 @@ async def test_a_cancellation_racing_the_deadline_propagates() -> None:
     async def waiter() -> None:
         task = asyncio.current_task()
         assert task is not None
-        key = deadlines.start(task, 0.02)
+        handle = deadlines.start(task, 0.02)
+        key, _ = handle
         loop.call_at(key * TICK_S, task.cancel)  # due with the deadline's own timer
         try:
             await asyncio.sleep(10)
         except asyncio.CancelledError:
-            assert not deadlines.stop(key, task)  # two cancellations: not only a timeout
+            assert not deadlines.stop(handle, task)  # two cancellations: not only a timeout
             raise
 
     with pytest.raises(asyncio.CancelledError):

@@ -5,6 +5,7 @@ scripted, byte for byte."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -256,3 +257,31 @@ async def test_a_connection_whose_request_was_not_all_sent_is_not_kept() -> None
     server.close()
     for writer in stalled:
         writer.close()
+
+
+async def test_a_body_that_keeps_coming_is_cut_at_the_calls_limit() -> None:
+    """Red team: with a read to give each time, every read past the limit
+    took a new tick as more time; a 1.5 s limit let 12 s of answer (5 GB)
+    through. Now the first read past it times out."""
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % (64 << 10) + b" " * (64 << 10) + b"\r\n"
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(chunk)
+                await writer.drain()
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client = UpstreamClient(address, Deadlines(), 0.5, max_idle=4)
+    start = time.monotonic()
+    answer = await client.request("GET", "/", forward_headers({}, address, None), None)
+    with pytest.raises(TimeoutError):
+        while await answer.read(64 << 10):
+            assert time.monotonic() - start < 3, "read past the limit"
+    assert 0.5 <= time.monotonic() - start < 1.0
+    answer.release()
+    client.close()
+    server.close()
