@@ -248,3 +248,35 @@ async def test_the_guard_adds_no_header_of_its_own_but_its_verdict(
     assert _names(guarded) - connection == sent | {"x-guard-action", "x-guard-violations"}
     assert passed.endswith(body) and guarded.endswith(body)
     assert refused.startswith(b"HTTP/1.1 400 ") and "server" not in _names(refused), refused
+
+
+async def test_an_answer_of_no_declared_length_past_max_message_mb_is_cut(
+    upstream: ScriptedUpstream, make_guard: MakeGuard
+) -> None:
+    """Red team: a pass-through answer was held to max_message_mb only by its
+    Content-Length; chunked answers of 55-84 MB went through a 64 MB limit.
+    Its head is sent, so past the limit the connection is reset."""
+    chunk = b"%x\r\n" % (256 << 10) + b" " * (256 << 10) + b"\r\n"
+    upstream.answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 12 + b"0\r\n\r\n"
+    )
+    guard = await make_guard(rest_upstream=f"127.0.0.1:{upstream.port}", max_message_mb=1)
+    answer, ended = await _send(guard, GET)
+    assert answer.split(b"\r\n")[0].endswith(b"200 OK")
+    assert ended == "reset" and len(answer) < 2 << 20
+    assert _requests(guard, "RESOURCE_EXHAUSTED") == 1
+    assert guard.sample("guard_refused_requests_total", {"reason": "response_too_large"}) == 1
+
+
+async def test_a_head_answer_declaring_a_large_length_passes(
+    upstream: ScriptedUpstream, make_guard: MakeGuard
+) -> None:
+    """Red team: the length of a HEAD's answer (or a 304's) describes a body
+    that is not sent; it was refused as too large."""
+    upstream.answer = b"HTTP/1.1 200 OK\r\nContent-Length: 104857600\r\n\r\n"
+    guard = await make_guard(rest_upstream=f"127.0.0.1:{upstream.port}", max_message_mb=1)
+    head = b"HEAD /v1/models/n HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer, _ = await _send(guard, head)
+    assert answer.split(b"\r\n")[0].endswith(b"200 OK"), answer
+    assert b"content-length: 104857600" in answer.lower()
+    assert _requests(guard, "OK") == 1

@@ -352,7 +352,7 @@ class RestFrontEnd:
         self, request: web.BaseRequest, call: RestCall, upstream: UpstreamAnswer
     ) -> web.StreamResponse:
         limit = self._state.config.max_message_bytes
-        if (upstream.content_length or 0) > limit:
+        if _has_body(request.method, upstream.status) and (upstream.content_length or 0) > limit:
             raise _response_too_large(upstream.content_length, limit)
         answer = AsGivenStream(
             status=upstream.status, reason=upstream.reason,
@@ -361,10 +361,18 @@ class RestFrontEnd:
         sent = self._sent_within_idle_timeout(request, call)
         await sent(answer.prepare(request))
         left = upstream.content_length
+        taken = 0
         try:
             while chunk := await upstream.read(CHUNK):
                 if left is not None and (left := left - len(chunk)) <= 0:
                     _answered(call, upstream.status)  # the client may have it all at once
+                taken += len(chunk)
+                if taken > limit:  # no length was declared (chunked, or to the close)
+                    self._state.metrics.record_refusal(Refusal.RESPONSE_TOO_LARGE.value)
+                    call.count("RESOURCE_EXHAUSTED")
+                    raise ConnectionResetError(
+                        f"the upstream's answer passed max_message_mb ({limit} bytes)"
+                    )
                 await sent(answer.write(chunk))
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The status line is sent: all that is left is to break the
@@ -604,6 +612,12 @@ async def _continue(request: web.BaseRequest) -> None:
         )
     if not request.content.is_eof():
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+def _has_body(method: str, status: int) -> bool:
+    """Whether an answer to ``method`` with ``status`` carries a body: a
+    HEAD's, a 204's, a 304's or a 1xx's length describes none (RFC 9110 6.4.1)."""
+    return method != "HEAD" and status not in (204, 304) and status >= 200
 
 
 def _unusable(answer: UpstreamAnswer, upstream: str) -> str | None:
