@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -280,3 +281,25 @@ async def test_a_head_answer_declaring_a_large_length_passes(
     assert answer.split(b"\r\n")[0].endswith(b"200 OK"), answer
     assert b"content-length: 104857600" in answer.lower()
     assert _requests(guard, "OK") == 1
+
+
+async def test_calls_mid_answer_at_shutdown_get_503_or_a_reset_within_the_grace(
+    upstream: ScriptedUpstream, guard: RunningGuard
+) -> None:
+    """Red team: the upstream client let go of a body being read as it
+    closed, so its reader waited until the drain's end cancelled it: the
+    predict's client got no answer at all, the streamed one a clean close
+    of an answer cut short, and stop() took its grace plus a second."""
+    upstream.answer = b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"pred'
+    upstream.stall_s = 10.0
+    predict = asyncio.ensure_future(_send(guard, PREDICT))
+    passed = asyncio.ensure_future(_send(guard, GET))
+    await asyncio.sleep(0.3)
+    assert guard.rest is not None
+    start = time.monotonic()
+    await guard.rest.stop(0.3)
+    assert time.monotonic() - start < 0.8
+    status, error = _error((await predict)[0])
+    assert status == 503 and "shutdown_grace_s (0.3 s) ran out" in error
+    answer, ended = await passed
+    assert answer.split(b"\r\n")[0].endswith(b"200 OK") and ended == "reset"

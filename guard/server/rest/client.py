@@ -264,7 +264,8 @@ class UpstreamClient:
 
     def close(self) -> None:
         """Close every connection, idle or in use: a call still waiting on
-        one gets a lost connection (``ServerDisconnectedError``)."""
+        one gets a lost connection (``ServerDisconnectedError``), or a body
+        broken off (``ClientPayloadError``) where its answer had begun."""
         self._closed = True
         if self._expiry is not None:
             self._expiry.cancel()
@@ -273,7 +274,12 @@ class UpstreamClient:
             proto.close()
         self._idle.clear()
         for proto in list(self._busy):
-            proto.close()
+            # The transport, not the protocol: ResponseHandler.close() lets go
+            # of the body being read first, and its reader then waited until
+            # the drain's end was cancelled (no 503, and a streamed answer
+            # ended cleanly, cut short).
+            if proto.transport is not None:
+                proto.transport.close()
         self._busy.clear()
 
 
