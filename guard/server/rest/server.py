@@ -61,10 +61,10 @@ logger = logging.getLogger("guard.rest")
 T = TypeVar("T")
 
 _DRAIN_POLL_S = 0.02
+_FINAL_GRACE_S = 0.5
 # Methods that carry no body unless the client sent one: no Content-Length
 # goes with them then (as aiohttp's client, and curl, send them).
 _BODILESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-_FINAL_GRACE_S = 0.5
 
 
 class RestState(Protocol):
