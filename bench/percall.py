@@ -18,7 +18,7 @@ import argparse
 import asyncio
 import tempfile
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from bench.upstream import model_from_args, parse_args
 from guard.control.config import Config, load_config
 from guard.dataplane.book import RuleBook
 from guard.metrics.guard_metrics import GuardMetrics
+from guard.server.arrivals import Arrivals
 from guard.server.gate import Gate
 from guard.server.handler import CallHandler
 from guard.server.methods import ProxyHandler
@@ -61,7 +62,29 @@ class _Context:
     def time_remaining(self) -> float:
         return 10.0
 
-    async def read(self) -> bytes:
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:50000"
+
+    def __init__(self) -> None:
+        self._read = False
+        self._callbacks: list[Callable[[Any], None]] = []
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._callbacks.append(callback)
+
+    def done(self) -> bool:
+        return False
+
+    def end(self) -> None:
+        """The call is over (its answer taken): what grpc.aio then calls back."""
+        for callback in self._callbacks:
+            callback(self)
+
+    async def read(self) -> Any:
+        """The request, after a loop turn; then the end of the stream."""
+        if self._read:
+            return grpc.aio.EOF
+        self._read = True
         await asyncio.sleep(0)
         return _REQUEST
 
@@ -102,12 +125,26 @@ class _Server:
         self.metrics = GuardMetrics(CollectorRegistry(), config.model_names())
         self.upstream = _Upstream()
         self.gate = Gate(config)
+        self.arrivals = Arrivals(self.gate)
         self.cut_off = None
         self.rules = RuleBook(config.models, config.max_message_bytes)
+
+    def cut_connection(self, context: Any, why: str) -> None:
+        raise RuntimeError(f"a connection was cut: {why}")
+
+    def was_cut(self, peer: str, began: float) -> bool:
+        return False
 
 
 class _Details:
     method = payloads.PREDICT_METHOD
+
+
+async def _call(unary: Callable[..., Awaitable[Any]]) -> Any:
+    context = _Context()
+    response = await unary(None, context)
+    context.end()
+    return response
 
 
 async def _best_us(calls: int) -> float:
@@ -119,14 +156,13 @@ async def _best_us(calls: int) -> float:
     method = ProxyHandler(handler.unary, handler.unary).service(_Details())
     assert method is not None
     unary = method.stream_unary
-    context = _Context()
-    if not await unary(None, context):
+    if not await _call(unary):
         raise RuntimeError("the handler returned no response")
     best = float("inf")
     for _ in range(7):
         start = time.process_time()
         for _ in range(calls):
-            await unary(None, context)
+            await _call(unary)
         best = min(best, (time.process_time() - start) / calls * 1e6)
     return best
 

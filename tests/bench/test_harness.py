@@ -180,9 +180,22 @@ def test_the_written_part_of_the_benchmarks_doc_is_findings_md() -> None:
     """docs/benchmarks.md is rendered by bench.report, which appends
     bench/findings.md as it is: a section written into the doc itself was
     lost at the next ``make bench`` (2026-12-04)."""
-    root = Path(__file__).resolve().parents[2]
-    doc = (root / "docs" / "benchmarks.md").read_text()
-    findings = (root / "bench" / "findings.md").read_text().rstrip()
+    doc = (ROOT / "docs" / "benchmarks.md").read_text()
+    findings = (ROOT / "bench" / "findings.md").read_text().rstrip()
     assert findings in doc, "write prose in bench/findings.md, then re-render the doc"
     written = doc[doc.index(findings) + len(findings) :]
     assert written.lstrip().startswith("## Guard config used") or not written.strip()
+
+
+def test_percall_times_the_handler_against_its_fakes() -> None:
+    """bench/percall.py drives CallHandler with fake gRPC objects; each
+    change to what the handler asks of its context or server broke it
+    unnoticed (peer(), arrivals, a second read for the end of the stream)."""
+    proc = subprocess.run(
+        [sys.executable, "bench/percall.py", "--calls", "50"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figure, unit = proc.stdout.split()[:2]
+    assert float(figure) > 0 and unit == "µs"
