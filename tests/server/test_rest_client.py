@@ -285,3 +285,24 @@ async def test_a_body_that_keeps_coming_is_cut_at_the_calls_limit() -> None:
     answer.release()
     client.close()
     server.close()
+
+
+async def test_a_header_value_reaches_the_upstream_byte_for_byte() -> None:
+    """Red team: a value's bytes that are not UTF-8 (obs-text, RFC 9110 5.5)
+    were dropped on their way (``a\\xffb`` arrived as ``ab``): aiohttp's
+    parser decodes them with surrogateescape, and its serializer skipped the
+    surrogates. A control character is refused, never written."""
+    async with upstream(answer_ok) as up:
+        client = client_of(up)
+        address = f"127.0.0.1:{up.port}"
+        raw = b"a\xffb\xc3\xa9c\tz"
+        sent = {"X-A": raw.decode("utf-8", "surrogateescape")}
+        answer = await client.request("GET", "/m", forward_headers(sent, address, None), None)
+        answer.release()
+        assert b"\r\nX-A: " + raw + b"\r\n" in up.requests[0]
+        for bad in ("a\r\nX-Smuggled: 1", "a\nb", "a\x00b", "a\x7fb"):
+            headers = forward_headers({"X-A": bad}, address, None)
+            with pytest.raises(ValueError):
+                await client.request("GET", "/m", headers, None)
+        assert len(up.requests) == 1
+        client.close()

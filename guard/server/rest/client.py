@@ -8,8 +8,8 @@ traces, middlewares, merging headers into new dicts): the raw aiohttp
 passthrough took 116 us of CPU per 1x1 predict with it, 66 us with its
 protocol and parser driven directly (``docs/benchmarks.md``). What this keeps
 of aiohttp: :class:`~aiohttp.client_proto.ResponseHandler` (the parser, the
-body's stream, the errors of a connection lost), the header serializer (which
-refuses control characters), and its exceptions.
+body's stream, the errors of a connection lost) and its exceptions. Request
+heads are written here (:func:`request_head`), with the bytes the client sent.
 
 Each request is sent whole, with ``Content-Length``, on the most recently
 used idle connection or a new one. A connection goes back to the idle pool
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import socket
 from collections import deque
 from collections.abc import Awaitable
@@ -33,7 +34,6 @@ from typing import Any, TypeVar
 
 from aiohttp.client_exceptions import ClientOSError, ServerDisconnectedError
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -41,6 +41,7 @@ from guard.server.deadlines import Deadlines
 
 __all__ = [
     "KEEPALIVE_S", "UpstreamAnswer", "UpstreamClient", "UpstreamUnreachable", "read_limited",
+    "request_head",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -53,6 +54,22 @@ KEEPALIVE_S = 15.0
 _JOIN_BELOW = 64 * 1024
 _INFORMATIONAL = range(100, 200)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Control characters no head may carry (aiohttp's serializer refuses the same;
+# the tab is a value's own).
+_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
+    """A request's head, with the bytes the client sent: aiohttp's parser
+    decodes a header as UTF-8 with ``surrogateescape``, which this reverses;
+    aiohttp's own serializer dropped each byte that is not UTF-8 (``a\\xffb``
+    reached the upstream as ``ab``). ``ValueError`` for a control character
+    (CR, LF, NUL: a second header or request smuggled in)."""
+    lines = [f"{method} {target} HTTP/1.1"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    if _FORBIDDEN.search("\t".join(lines)):
+        raise ValueError("a control character in the request's head")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
 class UpstreamUnreachable(Exception):
@@ -164,7 +181,7 @@ class UpstreamClient:
         malformed or broken off (``HttpProcessingError``, ``ClientError``)."""
         if self._closed:
             raise UpstreamUnreachable(ConnectionAbortedError("the guard is shutting down"))
-        head = _serialize_headers(f"{method} {target} HTTP/1.1", headers)
+        head = request_head(method, target, headers)
         until = asyncio.get_running_loop().time() + self._timeout_s
         send = self._exchange(method, head, body, until)
         return await self.deadlines.wait(send, self._timeout_s)
