@@ -42,25 +42,27 @@ async def test_many_waits_share_a_timer_and_each_times_out() -> None:
     assert results == ["timed out"] * 20
 
 
+async def _inner_wait(deadlines: Deadlines, timeout_s: float, saw: list[str]) -> None:
+    """A wait of ``timeout_s`` on a sleep that outlasts it, nested in the
+    caller's; ``saw`` gets how it ended: "timed out" or "cancelled"."""
+    try:
+        await deadlines.wait(asyncio.sleep(10), timeout_s)
+    except TimeoutError:
+        saw.append("timed out")
+        raise
+    except asyncio.CancelledError:
+        saw.append("cancelled")
+        raise
+
+
 async def test_a_nested_wait_leaves_the_outer_deadline_to_the_outer_wait() -> None:
     """A wait inside another on the same task (a metadata fetch, with the
     upstream client's own limit, within what is left of the call's): the
     shorter outer deadline is the outer wait's timeout, never the inner's."""
     deadlines = Deadlines(TICK_S)
     inner_saw: list[str] = []
-
-    async def inner() -> None:
-        try:
-            await deadlines.wait(asyncio.sleep(10), 5.0)
-        except TimeoutError:
-            inner_saw.append("timed out")
-            raise
-        except asyncio.CancelledError:
-            inner_saw.append("cancelled")
-            raise
-
     with pytest.raises(TimeoutError):
-        await deadlines.wait(inner(), 0.03)
+        await deadlines.wait(_inner_wait(deadlines, 5.0, inner_saw), 0.03)
     assert inner_saw == ["cancelled"]
     # The inner's own, shorter, deadline is the inner's.
     with pytest.raises(TimeoutError):
@@ -74,21 +76,10 @@ async def test_nested_waits_due_in_one_tick_leave_the_timeout_to_the_outer() -> 
     one 10 ms tick, and the inner took the outer's timeout (a 500 "metadata
     request timed out" where the call's 504 was due) 99 times in 100."""
     deadlines = Deadlines(TICK_S)
-
-    async def inner(saw: list[str]) -> None:
-        try:
-            await deadlines.wait(asyncio.sleep(10), 0.0301)
-        except TimeoutError:
-            saw.append("timed out")
-            raise
-        except asyncio.CancelledError:
-            saw.append("cancelled")
-            raise
-
     for _ in range(50):
         inner_saw: list[str] = []
         with pytest.raises(TimeoutError):
-            await deadlines.wait(inner(inner_saw), 0.03)
+            await deadlines.wait(_inner_wait(deadlines, 0.0301, inner_saw), 0.03)
         assert inner_saw == ["cancelled"]
 
 

@@ -27,8 +27,7 @@ from hypothesis import strategies as st
 from guard.control.config import parse_config
 from guard.server.deadlines import Deadlines
 from guard.server.rest import signatures
-from guard.server.rest.client import UpstreamClient, read_limited
-from guard.server.rest.http import forward_headers
+from guard.server.rest.client import UpstreamClient, get_limited
 from guard.server.rest.signatures import (
     CACHE_BYTES_MAX,
     ENTRIES_MAX,
@@ -109,14 +108,7 @@ async def cache_on(server: Upstream, timeout_s: float = 10.0) -> AsyncIterator[S
     client = UpstreamClient(address, Deadlines(), timeout_s, max_idle=4)
 
     async def fetch(path: str) -> tuple[int, bytes]:
-        answer = await client.request("GET", path, forward_headers({}, address, None), None)
-        try:
-            data = await read_limited(answer, METADATA_BYTES_MAX)
-        finally:
-            answer.release()
-        if data is None:
-            raise ValueError(f"the metadata is larger than {METADATA_BYTES_MAX} bytes")
-        return answer.status, data
+        return await get_limited(client, path, METADATA_BYTES_MAX, "metadata")
 
     try:
         yield SignatureCache(fetch)

@@ -40,8 +40,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from guard.server.deadlines import Deadlines
 
 __all__ = [
-    "KEEPALIVE_S", "UpstreamAnswer", "UpstreamClient", "UpstreamUnreachable", "read_limited",
-    "request_head",
+    "KEEPALIVE_S", "UpstreamAnswer", "UpstreamClient", "UpstreamUnreachable", "get_limited",
+    "read_limited", "request_head",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -312,3 +312,20 @@ async def read_limited(answer: UpstreamAnswer, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def get_limited(
+    client: UpstreamClient, path: str, limit: int, what: str = "answer"
+) -> tuple[int, bytes]:
+    """GET ``path``: the answer's status and body, with ``Host`` only, read
+    within the client's time; ``ValueError`` for a body past ``limit`` bytes
+    (``what`` names it there)."""
+    headers = CIMultiDict(Host=client.address)
+    answer = await client.request("GET", path, headers, None)
+    try:
+        data = await read_limited(answer, limit)
+    finally:
+        answer.release()
+    if data is None:
+        raise ValueError(f"the {what} is larger than {limit} bytes")
+    return answer.status, data

@@ -38,7 +38,7 @@ from guard.server.rest.client import (
     UpstreamAnswer,
     UpstreamClient,
     UpstreamUnreachable,
-    read_limited,
+    get_limited,
 )
 from guard.server.rest.guarding import RestRequest, guard_rest_response
 from guard.server.rest.http import (
@@ -547,16 +547,8 @@ class RestFrontEnd:
         METADATA_BYTES_MAX is read (TF Serving's metadata is a few kilobytes),
         within default_timeout_s; SignatureCache bounds what it keeps of it."""
         limit = min(self._state.config.max_message_bytes, METADATA_BYTES_MAX)
-        headers = forward_headers({}, self._client.address, None)
         try:
-            answer = await self._client.request("GET", path, headers, None)
-            try:
-                data = await read_limited(answer, limit)
-            finally:
-                answer.release()
-            if data is None:
-                raise ValueError(f"the metadata is larger than {limit} bytes")
-            return answer.status, data
+            return await get_limited(self._client, path, limit, "metadata")
         except TimeoutError:
             timeout = self._state.config.default_timeout_s
             raise TimeoutError(f"no answer within default_timeout_s ({timeout:g} s)") from None
