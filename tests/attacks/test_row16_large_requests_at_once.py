@@ -51,7 +51,11 @@ def test_requests_arriving_together_are_bounded_by_what_the_guard_holds(tmp_path
     assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
     refused = [r.details for r in results if r.code == "RESOURCE_EXHAUSTED"]
     assert all(f"max_inflight_mb ({BUDGET_MB} MiB)" in d for d in refused), refused
-    assert any("requests still arriving" in d for d in refused), refused
+    # Which bound refuses first depends on how the 16 arrivals interleave:
+    # the watch ("requests still arriving") or the counted budget. Each
+    # refusal is one of the two; without the watch the peak below fails.
+    bounds = ("guard: requests still arriving", "guard: calls in flight")
+    assert all(d.startswith(bounds) for d in refused), refused
     assert H.sample(metrics, "guard_refused_requests_total", reason="inflight_bytes") == len(
         refused
     )
