@@ -303,3 +303,26 @@ async def test_calls_mid_answer_at_shutdown_get_503_or_a_reset_within_the_grace(
     assert status == 503 and "shutdown_grace_s (0.3 s) ran out" in error
     answer, ended = await passed
     assert answer.split(b"\r\n")[0].endswith(b"200 OK") and ended == "reset"
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_the_upstreams_header_values_reach_the_client_byte_for_byte(
+    upstream: ScriptedUpstream, guard: RunningGuard, framing: str
+) -> None:
+    """A value's bytes that are not UTF-8 (obs-text, RFC 9110 5.5) were
+    dropped on their way back (``a\\xffb`` reached the client as ``ab``):
+    aiohttp's parser decodes them with surrogateescape and its serializer
+    skipped the surrogates. Passed on, guarded and streamed alike."""
+    raw = b"a\xffb\xc3\xa9c\tz"
+    body = b'{"predictions": [[0.5]]}'
+    framed = (
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+        if framing == "length"
+        else b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"
+    )
+    upstream.answer = b"HTTP/1.1 200 \xc0K\r\nX-A: " + raw + b"\r\nX-B: plain\r\n" + framed
+    for request in (GET, PREDICT):
+        answer, _ = await _send(guard, request)
+        head = answer.partition(b"\r\n\r\n")[0]
+        assert answer.startswith(b"HTTP/1.1 200 \xc0K\r\n"), answer
+        assert b"\r\nX-A: " + raw + b"\r\n" in head and b"\r\nX-B: plain\r\n" in head, head

@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from aiohttp import hdrs, web
+from aiohttp.http_writer import StreamWriter
 
 from guard.dataplane.codec.restjson import INDENT, json_string
 from guard.metrics.guard_metrics import GuardMetrics
 from guard.server.accounting import CallRecord
 from guard.server.gate import Refusal
+from guard.server.rest.heads import head_bytes
 from guard.server.rest.routes import code_of_status
 
 __all__ = ["REST", "Answer", "AsGiven", "AsGivenStream", "RestCall", "error_body", "error_response"]
@@ -44,6 +46,23 @@ class AsGivenStream(web.StreamResponse):
         for name, was_given in zip(_ADDED_BY_AIOHTTP, given, strict=True):
             if not was_given:
                 self.headers.popall(name, None)
+
+    async def _write_headers(self) -> None:
+        """aiohttp's, unless the reason or a value holds more than ASCII: then
+        the head is written with the upstream's bytes (:mod:`.heads`), in
+        place of what aiohttp's serializer made of it."""
+        writer = self._payload_writer
+        ascii_only = self.reason.isascii() and all(v.isascii() for v in self.headers.values())
+        if ascii_only or not isinstance(writer, StreamWriter):
+            await super()._write_headers()
+            return
+        assert self._req is not None
+        version = self._req.version
+        first = f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}"
+        await writer.write_headers(first, self.headers)
+        writer._headers_buf = head_bytes(first, self.headers.items())
+        if self._send_headers_immediately:  # a body at hand goes with its head
+            writer.send_headers()
 
 
 class AsGiven(AsGivenStream, web.Response):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import re
 import socket
 from collections import deque
 from collections.abc import Awaitable
@@ -38,6 +37,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from guard.server.deadlines import Deadlines
+from guard.server.rest.heads import head_bytes
 
 __all__ = [
     "KEEPALIVE_S", "UpstreamAnswer", "UpstreamClient", "UpstreamUnreachable", "get_limited",
@@ -54,22 +54,12 @@ KEEPALIVE_S = 15.0
 _JOIN_BELOW = 64 * 1024
 _INFORMATIONAL = range(100, 200)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# Control characters no head may carry (aiohttp's serializer refuses the same;
-# the tab is a value's own).
-_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
-    """A request's head, with the bytes the client sent: aiohttp's parser
-    decodes a header as UTF-8 with ``surrogateescape``, which this reverses;
-    aiohttp's own serializer dropped each byte that is not UTF-8 (``a\\xffb``
-    reached the upstream as ``ab``). ``ValueError`` for a control character
-    (CR, LF, NUL: a second header or request smuggled in)."""
-    lines = [f"{method} {target} HTTP/1.1"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    if _FORBIDDEN.search("\t".join(lines)):
-        raise ValueError("a control character in the request's head")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    """A request's head, with the bytes the client sent (:mod:`.heads`);
+    ``ValueError`` for a control character."""
+    return head_bytes(f"{method} {target} HTTP/1.1", headers.items())
 
 
 class UpstreamUnreachable(Exception):
