@@ -119,6 +119,26 @@ def test_float32_text_reads_back_as_the_same_float32(values: list[float]) -> Non
         assert read.outputs[None].values.tobytes() == np.float32(value).tobytes()
 
 
+# 1.00016e+10 lies halfway between these two float32s: each one's %.6g text.
+_HALFWAY_PAIR = [10001599488.0, 10001600512.0]
+
+
+@SETTINGS
+@given(st.lists(float32s, min_size=1, max_size=8), st.sampled_from([np.float32, np.float64]))
+def test_a_few_values_are_written_as_many_are(values: list[float], dtype: Any) -> None:
+    """Up to eight values are read back one by one, more by numpy: the same texts."""
+    for few in (np.array(values, dtype), np.array(_HALFWAY_PAIR, np.float32)):
+        many = np.concatenate([few, np.zeros(9, few.dtype)])
+        assert decimal_texts(few) == decimal_texts(many)[: len(few)]
+
+
+def test_a_text_halfway_between_two_float32s_reads_back_as_one_of_them() -> None:
+    """SimpleAtof rounds a tie to the even float32 (10001600512): its text
+    stays the six digits' and the odd one's takes nine."""
+    texts = decimal_texts(np.array(_HALFWAY_PAIR, np.float32))
+    assert texts == ["1.00015995e+10", "1.00016e+10"]
+
+
 # --- reading --------------------------------------------------------------
 
 

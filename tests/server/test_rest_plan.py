@@ -266,9 +266,10 @@ def test_a_response_like_one_the_lane_decided_is_answered_from_its_scan(
 
 
 def test_what_the_scan_alone_cannot_answer_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An activation or a clamp changes values (their text is rewritten from a
-    read response); a new shape or new metadata has no plan yet; a NaN leaves
-    the lane. Each is read, and answered as the reference answers it."""
+    """An activation changes every value (their text is rewritten from a read
+    response); a new shape or new metadata has no plan yet; a NaN leaves the
+    lane. Each is read, and answered as the reference answers it. A clamp's
+    repaired values are written where the scan found them: read once only."""
     x, high = np.array([[0.7], [0.2]], np.float32), np.array([[0.7], [0.9]], np.float32)
     threshold = {"name": "probs", "threshold": 0.5}
     # Classes as the raw values would give them: only the values differ.
@@ -276,7 +277,7 @@ def test_what_the_scan_alone_cannot_answer_is_read(monkeypatch: pytest.MonkeyPat
     clamped = {**threshold, "valid_range": [0.0, 0.5], "on_violation": "clamp"}
     cases: list[tuple[dict[str, Any], list[np.ndarray], int]] = [
         (activated, [high, high], 2),
-        (clamped, [x, x], 2),
+        (clamped, [x, x, high], 1),
         (threshold, [x, np.array([[0.7]], np.float32)], 2),
         (threshold, [x, np.array([[np.nan], [0.2]], np.float32)], 2),
         (threshold, [x, x, x], 1),

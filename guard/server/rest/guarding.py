@@ -23,7 +23,6 @@ from guard.dataplane.codec.restjson import (
     RestJsonError,
     RestPredictResponse,
     Scanned,
-    float32_values,
     numbers_at_most,
     read_predict_response,
     scan_single_output,
@@ -149,11 +148,8 @@ def _express(
 ) -> RestGuarded | None:
     """The answer of a one-output float32 response that a plan already made
     decides from its scan alone (:meth:`~guard.server.rest.plan.RestPlan.express`)."""
-    values = float32_values(single)
-    if values is None:
-        return None
     plan = express_plan(book, metrics, target, request.metadata, single[5])
-    found = None if plan is None else plan.express(body, request.format, values, single[6])
+    found = None if plan is None else plan.express(body, request.format, single)
     return None if found is None else RestGuarded(*found)
 
 

@@ -36,7 +36,16 @@ from guard.dataplane.book import RuleBook
 from guard.dataplane.cache import BoundedCache
 from guard.dataplane.codec import tensor
 from guard.dataplane.codec.response import Walked
-from guard.dataplane.codec.restjson import Format, OutputKey, RestOutput, RestPredictResponse
+from guard.dataplane.codec.restjson import (
+    Format,
+    OutputKey,
+    RestOutput,
+    RestPredictResponse,
+    Scanned,
+    apply_edits,
+    float32_values,
+    value_edits,
+)
 from guard.dataplane.codec.tensor import Encoding
 from guard.dataplane.dtypes import INT64
 from guard.dataplane.evaluate import Target
@@ -110,23 +119,30 @@ class RestPlan:
         self.counters.inc(action)
         return body, action, violations, remembered
 
-    def express(
-        self, body: bytes, fmt: Format, values: bytearray, end: int
-    ) -> tuple[bytes, Action, int] | None:
-        """:meth:`run`'s answer where the lane keeps the values as they came
-        and the ``guard_outputs`` text is remembered: made from the scan alone
-        (``values``, float32; ``end``, where the root's value ends), with no
-        response read. ``None`` where :meth:`run` must decide."""
+    def express(self, body: bytes, fmt: Format, scan: Scanned) -> tuple[bytes, Action, int] | None:
+        """:meth:`run`'s answer where the ``guard_outputs`` text is remembered,
+        made from the native ``scan`` alone, with no response read: its
+        float32 values go to the lane, the values the lane repaired (clamped)
+        are written over their text where the scan found it, and the text is
+        spliced in where the root's value ends. ``None`` where :meth:`run`
+        must decide (an activation rewrites every value)."""
         lane = self.output.lane
-        if lane.activation is not None or len(body) + self.output.derived > self.limit:
+        values = float32_values(scan)
+        if values is None or lane.activation is not None:
+            return None
+        if len(body) + self.output.derived > self.limit:
             return None
         found = lane.encode(values)
-        if found is None or (len(found) == 4 and found[3][0] is not None):
+        if found is None:
             return None
         text = self.texts.get((self.serial, fmt, found[2]))
         if text is None:
             return None
-        guarded = b"".join((body[:end], text.encode("latin-1"), body[end:]))
+        edits = [(scan[6], scan[6], text)]
+        repaired = self.output.rewritten(found, values)
+        if repaired is not None:
+            edits += _repaired_edits(scan, values, repaired)
+        guarded = apply_edits(body, edits)
         if len(guarded) > self.limit:
             return None
         action, violations = self.output.record(found, values)
@@ -180,6 +196,15 @@ class RestPlan:
 # small batch's classes and labels), and at most this long.
 _ENTRIES_KEPT_MAX = 512
 _TEXT_KEPT_MAX = 4096
+
+
+def _repaired_edits(
+    scan: Scanned, values: bytearray, repaired: bytes | memoryview
+) -> list[tuple[int, int, str]]:
+    """The edits writing the lane's repaired float32 values over the text the scan read."""
+    old, new = np.frombuffer(values, np.float32), np.frombuffer(repaired, np.float32)
+    starts, ends = np.frombuffer(scan[1], INT64), np.frombuffer(scan[2], INT64)
+    return value_edits(old, new, starts, ends)
 
 
 def _as(values: Array, changed: bytes | memoryview) -> Array:

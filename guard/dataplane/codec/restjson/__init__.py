@@ -80,7 +80,7 @@ from guard.dataplane.codec.restjson.read import (
     read_predict_response,
     scan_single_output,
 )
-from guard.dataplane.codec.restjson.response import RestPredictResponse
+from guard.dataplane.codec.restjson.response import RestPredictResponse, apply_edits, value_edits
 from guard.dataplane.codec.restjson.shared import (
     GUARD_OUTPUTS_KEY,
     INDENT,
@@ -104,6 +104,7 @@ __all__ = [
     "Scanned",
     "TextWriter",
     "ValueSkip",
+    "apply_edits",
     "decimal_texts",
     "float32_values",
     "json_string",
@@ -111,5 +112,6 @@ __all__ = [
     "nest_text",
     "read_predict_response",
     "scan_single_output",
+    "value_edits",
     "value_texts",
 ]

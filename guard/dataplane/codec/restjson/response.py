@@ -96,7 +96,7 @@ class RestPredictResponse:
                     "threshold, argmax, top_k or labels)"
                 )
             edits.append((self._root_after, self._root_after, guard_outputs))
-        return _apply(self.body, edits)
+        return apply_edits(self.body, edits)
 
     def _output(self, key: OutputKey) -> RestOutput:
         try:
@@ -111,11 +111,7 @@ class RestPredictResponse:
         new = np.asarray(new)
         if new.shape != out.values.shape:
             raise RestJsonError(f"output {key!r}: new shape {new.shape} != {out.values.shape}")
-        new = new.astype(out.values.dtype, copy=False)
-        index = np.flatnonzero(_differs(out.values, new))
-        texts = value_texts(new.ravel()[index])
-        starts, ends = where.starts[index].tolist(), where.ends[index].tolist()
-        return list(zip(starts, ends, texts, strict=True))
+        return value_edits(out.values, new, where.starts, where.ends)
 
     def _derived_edits(
         self, key: str, items: Sequence[tuple[str, Array]]
@@ -244,6 +240,16 @@ def _check_unique(items: Sequence[tuple[str, Array]]) -> None:
         raise RestJsonError(f"derived outputs named twice: {sorted(names)}")
 
 
+def value_edits(old: Array, new: Array, starts: Array, ends: Array) -> list[tuple[int, int, str]]:
+    """The edits that write each value of ``new`` that differs from ``old``
+    (bit for bit) over its text, at the ``starts``/``ends`` the reader found
+    (flat, row-major), as TF Serving writes ``old``'s dtype."""
+    new = new.astype(old.dtype, copy=False)
+    index = np.flatnonzero(_differs(old, new))
+    texts = value_texts(new.ravel()[index])
+    return list(zip(starts[index].tolist(), ends[index].tolist(), texts, strict=True))
+
+
 def _differs(old: Array, new: Array) -> Array:
     if old.dtype.kind == "f":
         bits = np.dtype(f"u{old.dtype.itemsize}")
@@ -253,7 +259,8 @@ def _differs(old: Array, new: Array) -> Array:
     return out
 
 
-def _apply(body: bytes, edits: list[tuple[int, int, str]]) -> bytes:
+def apply_edits(body: bytes, edits: list[tuple[int, int, str]]) -> bytes:
+    """``body`` with each ``(start, end, text)`` edit's text in place of its span."""
     if not edits:
         return body
     edits.sort(key=lambda e: (e[0], e[1]))
