@@ -486,6 +486,25 @@ def test_huge_non_numeric_outputs_are_read_in_bounded_time_and_memory(
     assert peak < 2.5 * len(body), f"{peak / 1e6:.0f} MB allocated for {len(body) / 1e6:.0f} MB"
 
 
+@pytest.mark.parametrize("native_route", [False, True])
+@pytest.mark.parametrize("filler", [b"a" * 2_000_000, b'\\"' * 1_000_000])
+def test_a_long_string_is_read_in_memory_of_its_own_size(native_route: bool, filler: bytes) -> None:
+    """Red team: the string pattern kept state for every byte of a string,
+    120-150 bytes each: this 2 MB string took 120-290 MB on either route (an
+    upstream answer of one 16 MB string, 2 GB). Now what is left is the
+    string itself, decoded."""
+    body = b'{"predictions": [{"y": [0.5], "s": "' + filler + b'"}]}'
+    args = (_scan(), None, None, _skip()) if native_route else ()
+    tracemalloc.start()
+    try:
+        read = read_predict_response(body, "row", *args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert read.outputs["y"].values.tolist() == [[0.5]]
+    assert peak < 5 * len(body), f"{peak / 1e6:.0f} MB allocated for {len(body) / 1e6:.0f} MB"
+
+
 @pytest.mark.parametrize("instance", [b'"a"', b'{"b64": "YQ=="}', b"{}", b"[]", b"true"])
 def test_both_routes_read_large_non_numeric_outputs_alike(instance: bytes) -> None:
     body = _hostile(instance, 300_000)

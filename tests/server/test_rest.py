@@ -10,6 +10,7 @@ Expected values are computed with numpy from the arrays the bodies were made of.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -229,6 +230,40 @@ async def test_signature_name_in_the_body_picks_the_rules_even_after_the_inputs(
     assert json.loads(other[2])["error"] == "guard: model 'm' output 'q': 1 values above 1.0"
     assert default[0] == 200
     assert default[1]["x-guard-action"] == "observed"
+
+
+async def test_a_gzip_body_not_read_whole_is_refused_never_guarded_as_the_default(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """Red team: a gzip body that inflated past max_request_mb (40 KB on the
+    wire), or did not inflate, was peeked as empty: guarded by
+    serving_default's rules, where TF Serving (which inflates up to 100 MB)
+    answers with "other"'s, and sent on past the limit. It is refused now,
+    and never goes upstream."""
+    values = np.array([[2.0]], dtype=np.float32)
+    fake.predict("m", predict_response([("p", values, DT_FLOAT)], "row"))
+    fake.reply("GET", "/v1/models/m/metadata", Reply(body=_two_signatures()))
+    rules = [
+        {"name": "m", "signature": "other", "outputs": [{"name": "*", "on_violation": "reject"}]},
+        {"name": "m", "outputs": [{"name": "*", "on_violation": "observe"}]},
+    ]
+    guard = await make_guard(rules, max_request_mb=1)
+    url, gz = f"{guard.rest_url}/v1/models/m:predict", {"Content-Encoding": "gzip"}
+    doc = b'{"signature_name": "other", "instances": [[1]]}'
+    small = await post(url, gzip.compress(doc), gz)
+    assert small[0] == 500 and b"1 values above 1.0" in small[2]  # read: other's rules
+    whole = gzip.compress(doc + b" " * (1 << 20))
+    cases = {
+        "inflated request body is larger than max_request_mb (1 MiB)": (413, whole),
+        "does not decompress": (400, b"\x1f\x8b not gzip"),
+        "ends before its compressed stream does": (400, whole[: len(whole) // 2]),
+        "bytes after its compressed stream": (400, gzip.compress(doc) + gzip.compress(doc)),
+    }
+    for words, (status, body) in cases.items():
+        got = await post(url, body, gz)
+        assert got[0] == status and words in json.loads(got[2])["error"], (words, got)
+    assert len([s for s in fake.seen if s.method == "POST"]) == 1  # only the small one
+    assert guard.sample("guard_refused_requests_total", {"reason": "request_too_large"}) == 1
 
 
 def _two_signatures() -> bytes:

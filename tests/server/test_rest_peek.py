@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import time
+import tracemalloc
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 from guard.dataplane.errors import Status
 from guard.server.rest import peek as peek_module
 from guard.server.rest import signatures
-from guard.server.rest.peek import RequestPeek, inflate, peek_request
+from guard.server.rest.peek import NotInflated, RequestPeek, inflate, peek_request
 from guard.server.rest.routes import Route, code_of_status, http_status, route
 from guard.server.rest.signatures import SignatureCache, metadata_path, parse_metadata
 from tests.native import native
@@ -90,11 +92,35 @@ def test_the_peek_agrees_with_json_loads(doc: dict[str, object]) -> None:
     assert found.format == {"instances": "row", "inputs": "columnar", None: None}[first]
 
 
-def test_inflate_is_bounded() -> None:
-    body = gzip.compress(b'{"signature_name": "z"}' + b" " * 1000)
-    assert inflate(body, 2000) is not None
-    assert inflate(body, 100) is None
-    assert inflate(b"not gzip", 100) is None
+@ROUTES
+def test_a_long_string_after_an_escaped_key_is_passed_in_bounded_memory(route_name: str) -> None:
+    """Red team: an escaped top-level key sends the native peek back to the
+    Python walk, whose string pattern kept state for every byte of a string:
+    8 MB took the guard to 1 GB, and 4 KB of gzip to 561 MB. Both routes now
+    pass a 2 MB string (plain or escapes) in a few KB."""
+    for filler in (b"a" * 2_000_000, b'\\"' * 1_000_000):
+        body = b'{"a\\u0062": 1, "instances": [["' + filler + b'"]], "signature_name": "s"}'
+        tracemalloc.start()
+        try:
+            found = peek_on(route_name, body)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (found.signature, found.format, found.complete) == ("s", "row", True)
+        assert peak < 256 * 1024, f"the peek held {peak} bytes"
+
+
+def test_inflate_is_bounded_and_takes_one_whole_stream() -> None:
+    doc = b'{"signature_name": "z"}' + b" " * 1000
+    body = gzip.compress(doc)
+    assert inflate(body, 2000) == doc == inflate(zlib.compress(doc), 2000)
+    with pytest.raises(NotInflated) as large:
+        inflate(body, 100)
+    assert large.value.too_large
+    for bad in (b"not gzip", body[:-9], body + b"\0", body + body):
+        with pytest.raises(NotInflated) as broken:
+            inflate(bad, 2000)
+        assert not broken.value.too_large
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,12 @@ import re
 import zlib
 from dataclasses import dataclass, field
 
-from guard.dataplane.codec.restjson import Format, RequestPeekScan
+from guard.dataplane.codec.restjson import STRING_TOKEN, Format, RequestPeekScan
 
-__all__ = ["PEEK_KEY_BYTES_MAX", "PEEK_STRINGS_MAX", "RequestPeek", "inflate", "peek_request"]
+__all__ = [
+    "PEEK_KEY_BYTES_MAX", "PEEK_STRINGS_MAX", "NotInflated", "RequestPeek", "inflate",
+    "peek_request",
+]  # fmt: skip
 
 #: Strings (keys and string values, at any depth) looked at before the peek gives up.
 PEEK_STRINGS_MAX = 100_000
@@ -32,7 +35,7 @@ _SIGNATURE_MAX = 1024
 
 _WS = re.compile(rb"[ \t\n\r]*")
 _COLON = re.compile(rb"[ \t\n\r]*:[ \t\n\r]*")
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_STRING = re.compile(STRING_TOKEN, re.S)
 _FORMATS: dict[str, Format] = {"instances": "row", "inputs": "columnar"}
 _SIGNATURE = "signature_name"
 _FORMAT_CODES: tuple[Format | None, ...] = (None, "row", "columnar")  # the native peek's codes
@@ -139,12 +142,28 @@ def _walk(body: bytes) -> RequestPeek:
     return found
 
 
-def inflate(body: bytes, limit: int) -> bytes | None:
-    """A gzip or zlib body decompressed up to ``limit`` bytes; ``None`` when
-    it will not decompress or is larger."""
+class NotInflated(ValueError):
+    """A gzip body the peek cannot read whole: its signature is unknown."""
+
+    def __init__(self, why: str, too_large: bool = False) -> None:
+        super().__init__(why)
+        self.too_large = too_large
+
+
+def inflate(body: bytes, limit: int) -> bytes:
+    """A gzip or zlib body decompressed, up to ``limit`` bytes.
+    :class:`NotInflated` where it is larger, or is not one whole stream
+    (corrupt, cut short, or followed by more bytes): its signature could be
+    anywhere, and TF Serving inflates bodies of up to 100 MB."""
     inflater = zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib, by its header
     try:
         out = inflater.decompress(body, limit + 1)
-    except zlib.error:
-        return None
-    return out if len(out) <= limit else None
+    except zlib.error as exc:
+        raise NotInflated(f"does not decompress ({exc})") from None
+    if len(out) > limit:
+        raise NotInflated(f"inflates to more than {limit} bytes", too_large=True)
+    if not inflater.eof:
+        raise NotInflated("ends before its compressed stream does")
+    if inflater.unused_data:
+        raise NotInflated(f"has {len(inflater.unused_data)} bytes after its compressed stream")
+    return out

@@ -49,7 +49,7 @@ from guard.server.rest.http import (
     reset,
     response_headers,
 )
-from guard.server.rest.peek import inflate, peek_request
+from guard.server.rest.peek import NotInflated, inflate, peek_request
 from guard.server.rest.routes import Route, code_of_status, http_status, not_normal, route
 from guard.server.rest.signatures import METADATA_BYTES_MAX, Metadata, SignatureCache
 from guard.server.tls import ListenerCertificates
@@ -461,10 +461,10 @@ class RestFrontEnd:
         self, request: web.BaseRequest, body: bytes, book: RuleBook
     ) -> tuple[Format | None, str]:
         """The request's format and signature name, from a bounded peek at its body."""
-        plain: bytes | None = body
+        plain = body
         if "gzip" in request.headers.get("Content-Encoding", ""):
             plain = await self._inflate(body)
-        found = peek_request(plain or b"", book.kernels.request_peek)
+        found = peek_request(plain, book.kernels.request_peek)
         if found.exceeded and found.signature is None:
             raise Answer(
                 400,
@@ -474,14 +474,25 @@ class RestFrontEnd:
             )
         return found.format, found.signature or ""
 
-    async def _inflate(self, body: bytes) -> bytes | None:
+    async def _inflate(self, body: bytes) -> bytes:
         """A gzip body inflated for the peek on a worker thread (zlib lets go
         of the GIL), one body at a time, so at most one inflated copy of up to
         max_request_mb exists at once: 32 KB bodies inflating to 32 MiB, 250 KB
         a second of them, took the event loop's whole core and every other
         call waited 0.3 s."""
+        config = self._state.config
         async with self._inflating:
-            return await asyncio.to_thread(inflate, body, self._state.config.max_request_bytes)
+            try:
+                return await asyncio.to_thread(inflate, body, config.max_request_bytes)
+            except NotInflated as exc:
+                if exc.too_large:  # as gRPC: max_request_mb is the size after decompression
+                    raise _too_large(None, config, "inflated ") from None
+                raise Answer(
+                    400,
+                    f"guard: the request body is gzip-encoded (Content-Encoding) but {exc}; the "
+                    "guard reads signature_name from it: send one whole gzip stream, or send "
+                    "the body uncompressed",
+                ) from None
 
     async def _metadata(self, target: Route, left_s: float) -> Metadata:
         """The model's metadata, within what is left of the call's
@@ -648,11 +659,11 @@ def _format_of(body: bytes) -> Format:
     return "columnar" if b'"outputs"' in head and b'"predictions"' not in head else "row"
 
 
-def _too_large(size: int | None, config: Config) -> Answer:
+def _too_large(size: int | None, config: Config, what: str = "") -> Answer:
     sized = "" if size is None else f" ({size} bytes)"
     return Answer(
         413,
-        f"guard: the request body{sized} is larger than max_request_mb "
+        f"guard: the {what}request body{sized} is larger than max_request_mb "
         f"({config.max_request_mb} MiB); send less, or raise max_request_mb in the guard config",
         Refusal.REQUEST_TOO_LARGE,
     )

@@ -84,6 +84,7 @@ from guard.dataplane.codec.restjson.response import RestPredictResponse, apply_e
 from guard.dataplane.codec.restjson.shared import (
     GUARD_OUTPUTS_KEY,
     INDENT,
+    STRING_TOKEN,
     Format,
     OutputKey,
     RestJsonError,
@@ -93,6 +94,7 @@ from guard.dataplane.codec.restjson.text import decimal_texts, json_string, nest
 __all__ = [
     "GUARD_OUTPUTS_KEY",
     "INDENT",
+    "STRING_TOKEN",
     "Format",
     "OutputKey",
     "NumberScan",

@@ -19,7 +19,13 @@ from guard.dataplane.codec.restjson.outputs import (
     _Where,
 )
 from guard.dataplane.codec.restjson.response import RestPredictResponse
-from guard.dataplane.codec.restjson.shared import Array, Format, OutputKey, RestJsonError
+from guard.dataplane.codec.restjson.shared import (
+    STRING_TOKEN,
+    Array,
+    Format,
+    OutputKey,
+    RestJsonError,
+)
 from guard.dataplane.codec.restjson.structure import _Member, _Scanner, _Span
 from guard.dataplane.dtypes import FLOAT32 as _FLOAT32
 from guard.dataplane.dtypes import INT64 as _INT64
@@ -124,7 +130,7 @@ def numbers_at_most(body: bytes, enough: int) -> int:
     return sum(1 for m in _NUMBER_START_RE.finditer(body) if m.group()[0] != 0x22)
 
 
-_NUMBER_START_RE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[,:][ \t\n\r]*[-0-9NI]', re.S)
+_NUMBER_START_RE = re.compile(STRING_TOKEN + rb"|[\[,:][ \t\n\r]*[-0-9NI]", re.S)
 
 
 def scan_single_output(body: bytes, fmt: Format, native: NumberScan) -> Scanned | None:

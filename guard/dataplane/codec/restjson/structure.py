@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from guard.dataplane.codec.restjson.native import NumberScan, Scanned, ValueSkip
-from guard.dataplane.codec.restjson.shared import RestJsonError
+from guard.dataplane.codec.restjson.shared import STRING_TOKEN, RestJsonError
 
 _WS_RE = re.compile(rb"[ \t\n\r]*")
 _WS_BYTES = frozenset(b" \t\n\r")
-_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_STRING_RE = re.compile(STRING_TOKEN, re.S)
 _PLAIN_KEY_RE = re.compile(rb'"[\x20-\x21\x23-\x5b\x5d-\x7e]*"')
 _SCALAR_RE = re.compile(rb"[^ \t\n\r,\]}]+")
-_SKIP_TOKEN_RE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}"]', re.S)
+_SKIP_TOKEN_RE = re.compile(STRING_TOKEN + rb'|[\[\]{}"]', re.S)
 _CLOSES = {ord("]"): ord("["), ord("}"): ord("{")}
 _SKIP_DEPTH = 512  # guard/dataplane/_walk.c's SKIP_DEPTH
 
