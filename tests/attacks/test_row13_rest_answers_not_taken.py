@@ -43,10 +43,10 @@ async def fake() -> AsyncIterator[FakeRestUpstream]:
     upstream = FakeRestUpstream()
     await upstream.start()
     upstream.predict("m", ANSWER)
-    upstream.metadata("m", {"p": ("DT_FLOAT", [-1, 3])})
+    upstream.metadata("m", {"p": ("DT_STRING", [-1])})  # as DT_FLOAT: refused
     upstream.predict("x", b'{"predictions": [[0.5]]}')
     upstream.predict("s", SLOW_ANSWER)
-    upstream.metadata("s", {"p": ("DT_FLOAT", [-1, 3])})
+    upstream.metadata("s", {"p": ("DT_STRING", [-1])})
     yield upstream
     await upstream.stop()
 

@@ -31,6 +31,7 @@ from guard.dataplane.codec.restjson import (
 from guard.dataplane.codec.restjson import members as restjson_members
 from guard.dataplane.codec.restjson import text as restjson_text
 from guard.dev.backend.json_tensor import predict_response
+from tests.native import native
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DT_FLOAT, DT_DOUBLE, DT_INT64, DT_BOOL, DT_STRING = 1, 2, 9, 10, 7
@@ -524,6 +525,48 @@ def test_an_output_written_twice_is_refused(body: bytes, fmt: str, held: str) ->
     first_wins = json.loads(body, object_pairs_hook=lambda pairs: dict(reversed(pairs)))
     last_wins = json.loads(body)
     assert first_wins != last_wins or set(last_wins) == {"predictions", "outputs"}
+
+
+@pytest.mark.parametrize(
+    "body, fmt",
+    [(b'{"predictions": [[0.5]], "Predictions": [[1.9]]}', "row"),
+     (b'{"PREDICTIONS": [[1.9]], "predictions": [[0.5]]}', "row"),
+     (b'{"predictions": [[0.5]], "prediction\\u017f": [[1.9]]}', "row"),  # long s folds to s
+     (b'{"outputs": [[0.5]], "\\u212aoutputs": [], "OUTPUTS": [[1.9]]}', "columnar")],
+)  # fmt: skip
+def test_an_output_member_in_other_case_is_refused(body: bytes, fmt: str) -> None:
+    """Red team: Go's encoding/json matches member names without regard to
+    case (Unicode folding) and keeps the last, so a Go client read 1.9 where
+    the guard checked 0.5. Each body here reads otherwise to a folding reader."""
+    exact = json.loads(body)[_ROOT[fmt]]
+    for order in (1, -1):  # folding readers that keep the last member, or the first
+
+        def fold(pairs: list[tuple[str, Any]], order: int = order) -> dict[str, Any]:
+            return {k.casefold(): v for k, v in pairs[::order]}
+
+        if json.loads(body, object_pairs_hook=fold)[_ROOT[fmt]] != exact:
+            break
+    else:
+        raise AssertionError("every folding reader reads what the guard reads")
+    with pytest.raises(RestJsonError, match="both '"):
+        read_predict_response(body, fmt)  # type: ignore[arg-type]
+
+
+_ROOT = {"row": "predictions", "columnar": "outputs"}
+
+
+@pytest.mark.parametrize("tail", [b' {"predictions": [[1.9]]}', b"\0", b"\n\n[1.9]", b"x"])
+@pytest.mark.parametrize("single", [False, True])
+def test_anything_but_whitespace_after_the_root_is_refused(tail: bytes, single: bool) -> None:
+    """Red team: a second document after the first passed as checked; stream
+    readers (jq, raw_decode loops) read it, and json.loads refuses the body."""
+    body = b'{"predictions": [[0.5], [0.25]]}' + tail
+    with pytest.raises(json.JSONDecodeError, match="Extra data"):
+        json.loads(body)
+    scan = native().number_scan if single else None
+    with pytest.raises(RestJsonError, match="goes on after its JSON object"):
+        read_predict_response(body, "row", scan)
+    assert read_predict_response(body[: -len(tail)] + b" \r\n", "row", scan).outputs
 
 
 def test_other_keys_twice_leave_the_output_as_json_loads_reads_it() -> None:

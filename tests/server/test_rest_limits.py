@@ -356,7 +356,7 @@ async def test_a_huge_non_numeric_upstream_answer_holds_the_loop_for_under_a_sec
     for 16 MB before)."""
     body = b'{"predictions": [' + b",".join([instance] * count) + b"]}"
     fake.predict("m", body)
-    fake.metadata("m", {"p": ("DT_FLOAT", [-1, 3])})
+    fake.metadata("m", {"p": ("DT_STRING", [-1])})  # declared DT_FLOAT, each is refused
     guard = await make_guard(models=[_RULE_OF_M])
     status, answer, worst_wait = await _predict_timing_the_loop(guard)
     if outcome == "unchanged":
@@ -378,7 +378,7 @@ async def test_an_answer_that_may_hold_more_numbers_than_max_message_mb_reads_is
     same kind of answer is read and goes back as it came."""
     ones = b'{"predictions": [[' + b",".join([b"1"] * 8_000_000) + b"]]}"
     fake.predict("m", ones)
-    fake.metadata("m", {"p": ("DT_FLOAT", [-1, 3])})
+    fake.metadata("m", {"p": ("DT_INT64", [-1, -1])})
     guard = await make_guard(models=[_RULE_OF_M])
     status, answer, worst_wait = await _predict_timing_the_loop(guard)
     assert status == 429

@@ -388,3 +388,24 @@ def test_an_upstream_guard_outputs_member_passes_where_nothing_is_derived() -> N
     expected["predictions"] = [[0.5], [0.2]]
     assert json.loads(guarded) == expected
     assert (action, violations) == (Action.CLAMPED, 1)
+
+
+@pytest.mark.parametrize(
+    "body, held",
+    [(b'{"predictions": ["2.0", "0.5"]}', "values that are not numbers"),
+     (b'{"predictions": [[2], [0]]}', "integers"),
+     (b'{"predictions": [[true], [false]]}', "values that are not numbers")],
+)  # fmt: skip
+def test_an_output_declared_float_that_comes_as_other_json_is_refused(
+    body: bytes, held: str
+) -> None:
+    """Red team: strings for a DT_FLOAT output passed as clean (no rule reads
+    strings), and lenient readers (JavaScript's Number, Go's ",string") take
+    "2.0" for 2. TF Serving writes a float as a number with a decimal point."""
+    error, details = _on_both_routes(_REJECT, body)
+    assert error is OutputShapeError
+    assert details == (
+        f"guard: model 'm' output 'probs': the signature declares DT_FLOAT, but the response "
+        f"holds {held}, which TF Serving never writes for it; the guard cannot check them: "
+        "fix the upstream"
+    )

@@ -44,6 +44,7 @@ from guard.server.rest.signatures import Metadata, OutputInfo
 __all__ = ["RestGuarded", "RestRequest", "guard_rest_response"]
 
 _FLOAT_KINDS = ("float32", "float64")
+_FLOAT_DTYPES = frozenset({"DT_FLOAT", "DT_DOUBLE", "DT_HALF", "DT_BFLOAT16"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,13 +242,30 @@ def _decoded(
     for key in sorted(response.outputs, key=lambda k: names[k]):
         out = response.outputs[key]
         name = names[key]
-        if target.rules.rule_for(name) is None or out.kind not in _FLOAT_KINDS:
+        if target.rules.rule_for(name) is None:
             continue
         info = signature.get(name)
+        if out.kind not in _FLOAT_KINDS:
+            _check_not_declared_float(out.kind, info, target.model, name)
+            continue
         if info is not None:
             _check_shape(out.values, info, target.model, name)
         found.append((key, out.values))
     return found
+
+
+def _check_not_declared_float(kind: str, info: OutputInfo | None, model: str, name: str) -> None:
+    """An output its signature declares floating-point must come as JSON
+    numbers that read as such: strings (``"2.0"``) or bare integers, which
+    TF Serving never writes for a float (``2.0``), would pass unchecked, and
+    lenient readers take them for numbers."""
+    if info is not None and info.dtype in _FLOAT_DTYPES:
+        held = "integers" if kind == "int" else "values that are not numbers"
+        raise OutputShapeError(
+            f"guard: model '{shown(model)}' output '{shown(name)}': the signature declares "
+            f"{info.dtype}, but the response holds {held}, which TF Serving never writes for "
+            "it; the guard cannot check them: fix the upstream"
+        )
 
 
 def _check_shape(values: Array, info: OutputInfo, model: str, name: str) -> None:

@@ -52,6 +52,7 @@ def read_predict_response(
     scanner = _Scanner(body, native, skip)
     start = scanner.ws(0)
     root = scanner.members(start)
+    _check_nothing_after(scanner, root)
     member = _root_member(root, _ROOT_KEYS[fmt])
     reader = _Reader(body, scanner, native)
     if fmt == "row":
@@ -77,10 +78,28 @@ _UNTOLD = (
 )
 
 
+def _check_nothing_after(scanner: _Scanner, root: list[_Member]) -> None:
+    """Only whitespace after the root object: a second document after it
+    (``{...} {...}``) is read by stream readers (jq, ``raw_decode`` loops)
+    and would pass unchecked."""
+    if not root:
+        return  # {}: no output member, refused as such
+    after = scanner.ws(scanner.ws(root[-1].value.end) + 1)
+    if after < len(scanner.body):
+        raise RestJsonError(
+            f"it goes on after its JSON object (at offset {after}); JSON readers differ on "
+            "what they make of that (json.loads refuses it, a stream reader reads a second "
+            "document), so the guard cannot tell what the client reads; TF Serving writes one "
+            "object: fix the upstream"
+        )
+
+
 def _root_member(root: list[_Member], key: str) -> _Member:
     """The root's ``key`` member, the only output member: TF Serving writes
-    ``predictions`` or ``outputs``, once. A second one would pass unchecked."""
-    found = [m for m in root if m.key in _OUTPUT_MEMBERS]
+    ``predictions`` or ``outputs``, once. A second one would pass unchecked,
+    also one spelled in other case (``Predictions``): Go's encoding/json
+    matches member names without regard to case, and keeps the last."""
+    found = [m for m in root if m.key.casefold() in _OUTPUT_MEMBERS]
     if len(found) > 1:
         first, second = found[0].key, found[1].key
         held = f"'{first}' twice" if first == second else f"both '{first}' and '{second}'"
