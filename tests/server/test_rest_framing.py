@@ -326,3 +326,16 @@ async def test_the_upstreams_header_values_reach_the_client_byte_for_byte(
         head = answer.partition(b"\r\n\r\n")[0]
         assert answer.startswith(b"HTTP/1.1 200 \xc0K\r\n"), answer
         assert b"\r\nX-A: " + raw + b"\r\n" in head and b"\r\nX-B: plain\r\n" in head, head
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9"])  # llhttp refuses the rest
+async def test_a_request_line_not_http_1_gets_505_in_http_1_1(
+    upstream: ScriptedUpstream, guard: RunningGuard, version: bytes
+) -> None:
+    """Red team: aiohttp's parser takes these, and a `POST ... HTTP/2.0`
+    was forwarded and answered `HTTP/2.0 200`; nginx answers 505."""
+    answer, _ = await _send(guard, PREDICT.replace(b"HTTP/1.1", version, 1))
+    status, error = _error(answer)
+    assert answer.startswith(b"HTTP/1.1 505 ") and status == 505, answer
+    assert error.startswith(f"guard: {version.decode()} is not spoken here")
+    assert upstream.requests == []

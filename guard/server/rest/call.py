@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from aiohttp import hdrs, web
-from aiohttp.http_writer import StreamWriter
+from aiohttp.http_writer import HttpVersion11, StreamWriter
 
 from guard.dataplane.codec.restjson import INDENT, json_string
 from guard.metrics.guard_metrics import GuardMetrics
@@ -50,14 +50,18 @@ class AsGivenStream(web.StreamResponse):
     async def _write_headers(self) -> None:
         """aiohttp's, unless the reason or a value holds more than ASCII: then
         the head is written with the upstream's bytes (:mod:`.heads`), in
-        place of what aiohttp's serializer made of it."""
+        place of what aiohttp's serializer made of it. aiohttp answers in the
+        request's version, any version: an answer to one not HTTP/1 (a 505)
+        goes as HTTP/1.1."""
         writer = self._payload_writer
-        ascii_only = self.reason.isascii() and all(v.isascii() for v in self.headers.values())
-        if ascii_only or not isinstance(writer, StreamWriter):
-            await super()._write_headers()
-            return
         assert self._req is not None
         version = self._req.version
+        ascii_only = self.reason.isascii() and all(v.isascii() for v in self.headers.values())
+        if (ascii_only and version.major == 1) or not isinstance(writer, StreamWriter):
+            await super()._write_headers()
+            return
+        if version.major != 1:
+            version = HttpVersion11
         first = f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}"
         await writer.write_headers(first, self.headers)
         writer._headers_buf = head_bytes(first, self.headers.items())

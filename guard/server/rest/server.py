@@ -190,6 +190,12 @@ class RestFrontEnd:
         book = self._state.rules  # one consistent rule set for the whole call
         if self._stopping:
             raise Answer(503, "guard: shutting down; retry on another replica")
+        if request.version.major != 1:  # aiohttp's parser takes HTTP/2.0 and HTTP/0.9
+            raise Answer(
+                505,
+                f"guard: HTTP/{request.version.major}.{request.version.minor} is not spoken "
+                "here: send HTTP/1.1 (gRPC, over HTTP/2, has its own port)",
+            )
         if not request.rel_url.raw_path.startswith("/"):
             raise Answer(
                 400,
