@@ -63,8 +63,13 @@ class AsGivenStream(web.StreamResponse):
         if version.major != 1:
             version = HttpVersion11
         first = f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}"
+        try:
+            head = head_bytes(first, self.headers.items())
+        except ValueError:  # a control character: aiohttp's serializer judges it
+            await super()._write_headers()
+            return
         await writer.write_headers(first, self.headers)
-        writer._headers_buf = head_bytes(first, self.headers.items())
+        writer._headers_buf = head
         if self._send_headers_immediately:  # a body at hand goes with its head
             writer.send_headers()
 
