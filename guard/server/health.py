@@ -21,6 +21,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from guard.dataplane.errors import shown
+
 __all__ = ["Health", "health_handler"]
 
 Receive = Callable[[Any], Awaitable[bytes]]
@@ -59,7 +61,9 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's name
         status = self._status.get(request.service)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"unknown service {shown(request.service)!r}"
+            )
         return health_pb2.HealthCheckResponse(status=status)
 
     async def List(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's name

@@ -34,11 +34,14 @@ from guard.server.relay import StreamRelay
 from guard.server.sockets import parse_peer, shut_client_sockets
 from guard.server.upstream import Upstream, window_options
 
-__all__ = ["PREDICT", "GuardServer", "server_options"]
+__all__ = ["HEALTH_REQUEST_MAX", "PREDICT", "GuardServer", "server_options"]
 
 logger = logging.getLogger("guard.proxy")
 
 _HEALTH_SERVICES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+HEALTH_REQUEST_MAX = 4096
+"""The largest health request taken: a service name, and room to spare."""
+_SHED = object()  # a health request refused by the arrivals watch as it arrived
 _DRAIN_POLL_S = 0.02
 _FINAL_GRACE_S = 0.5
 # The watch wakes on grpc.aio's error log at once; polling is only the
@@ -236,20 +239,35 @@ class GuardServer:
         retire.add_done_callback(self._retiring.discard)
 
     async def _health_request(self, context: Any) -> bytes:
-        """A health call's request, within ``max_pending_requests`` and
-        ``request_timeout_s``, as a proxied call's (:class:`CallHandler`)."""
-        gate = self.gate
+        """A health call's request, within ``max_pending_requests``,
+        ``request_timeout_s`` and the arrivals watch, as a proxied call's
+        (:class:`CallHandler`), and at most :data:`HEALTH_REQUEST_MAX` bytes:
+        gRPC takes any up to ``max_request_mb``, and one Check naming a 31 MiB
+        service took the guard from 58 to 727 MB (its error echoed the name)."""
+        gate, arrivals = self.gate, self.arrivals
         problem = gate.pending_problem()
         if problem is not None:
             self.metrics.record_refusal(Refusal.PENDING.value)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
+        if not arrivals.admit():
+            await self._refuse_health(context, Refusal.INFLIGHT_BYTES, arrivals.problem())
+        task = asyncio.current_task()
+        assert task is not None
         gate.pending += 1
+        arrivals.begin(task)
         try:
             message = await asyncio.wait_for(context.read(), self.config.request_timeout_s)
         except TimeoutError:
             message = None
+        except asyncio.CancelledError:
+            if not arrivals.was_shed(task):
+                raise
+            message = _SHED
         finally:
             gate.pending -= 1
+            arrivals.end(task)
+        if message is _SHED:
+            await self._refuse_health(context, Refusal.INFLIGHT_BYTES, arrivals.problem())
         if message is None:
             self.metrics.record_refusal(Refusal.REQUEST_TIMEOUT.value)
             await context.abort(
@@ -260,7 +278,18 @@ class GuardServer:
                 grpc.StatusCode.INVALID_ARGUMENT, "guard: a health call takes one request message"
             )
         assert isinstance(message, bytes)
+        if len(message) > HEALTH_REQUEST_MAX:
+            await self._refuse_health(
+                context,
+                Refusal.REQUEST_TOO_LARGE,
+                f"guard: a health request of {len(message)} bytes; grpc.health.v1 requests name "
+                f"a service, in at most {HEALTH_REQUEST_MAX} bytes here",
+            )
         return message
+
+    async def _refuse_health(self, context: Any, refusal: Refusal, details: str) -> None:
+        self.metrics.record_refusal(refusal.value)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
 
     def cut_connection(self, context: Any, why: str) -> None:
         """Shut down the connection that ``context``'s call came on: gRPC then
