@@ -45,6 +45,7 @@ from guard.dataplane.evaluate import (
 from guard.dataplane.lanes import Buffer, LaneResult
 from guard.dataplane.planned import ActionCounters, LaneOutput, lane_output
 from guard.dataplane.results import CLEAN, Action, Array, verdict_headers
+from guard.dataplane.rulespec import SERVING_DEFAULT
 from guard.dataplane.sink import MetricsSink
 
 __all__ = ["GuardedResponse", "guard_predict_response"]
@@ -101,12 +102,34 @@ def _target(
 ) -> Target | None:
     """The upstream's spec decides; the request's fills in what it lacks."""
     spec = response.spec
+    if spec is not None and request_spec is not None:
+        _check_answered_as_asked(spec, request_spec, metrics)
     model = (spec.name if spec and spec.name else request_spec.name if request_spec else "") or ""
     signature = (spec.signature_name if spec else "") or (
         request_spec.signature_name if request_spec else ""
     )
     version = spec.version if spec else None
     return resolve(book, model, signature, version, metrics)
+
+
+def _check_answered_as_asked(
+    spec: ModelSpecInfo, asked: ModelSpecInfo, metrics: MetricsSink
+) -> None:
+    """TF Serving answers with the request's model name, and its signature
+    (``serving_default`` where it names none): an answer naming another would
+    choose another model's rules (a reject rule failed open that way)."""
+    signature = asked.signature_name or SERVING_DEFAULT
+    if (not spec.name or spec.name == asked.name) and (
+        not spec.signature_name or spec.signature_name == signature
+    ):
+        return
+    metrics.count_decode_error(metrics.model_label(asked.name))
+    raise DecodeError(
+        f"guard: the upstream answered for model '{shown(spec.name)}' signature "
+        f"'{shown(spec.signature_name)}', and the request asked for model "
+        f"'{shown(asked.name)}' signature '{shown(signature)}'; TF Serving answers for the "
+        "model and signature asked: fix the upstream, or the hop that changed the answer"
+    )
 
 
 def _read(

@@ -363,6 +363,40 @@ def test_request_spec_names_the_model_when_the_response_does_not() -> None:
     )
 
 
+@pytest.mark.parametrize("kernels", [REFERENCE, default()], ids=["reference", "native"])
+@pytest.mark.parametrize(
+    ("model", "signature", "asked"),
+    [("lenient", "serving_default", ""), ("unruled", "serving_default", ""),
+     ("strict", "other", ""), ("strict", "serving_default", "other")],
+)  # fmt: skip
+def test_an_answer_for_another_model_or_signature_than_asked_is_refused(
+    kernels: Kernels, model: str, signature: str, asked: str
+) -> None:
+    """Red team: the response's model_spec chose the rules, so a request for
+    'strict' (reject) answered as 'unruled' passed unchecked, and as
+    'lenient' was observed and counted under 'lenient'. TF Serving answers
+    for the model and signature asked (serving_default where none is)."""
+    rules = [
+        {"name": "strict", "signature": "*", "outputs": [{"name": "*", "on_violation": "reject"}]},
+        {"name": "lenient", "outputs": [{"name": "*", "on_violation": "observe"}]},
+    ]
+    guard = Guard(rules, kernels)
+    body = response({"p": tensor(LEAKY)}, model=model, signature=signature)
+    for _ in range(2):  # the second through a plan, where the route makes one
+        with pytest.raises(DecodeError) as info:
+            guard(body, ModelSpecInfo("strict", asked, None))
+        assert info.value.details == (
+            f"guard: the upstream answered for model '{model}' signature '{signature}', and "
+            f"the request asked for model 'strict' signature '{asked or 'serving_default'}'; "
+            "TF Serving answers for the model and signature asked: fix the upstream, or the "
+            "hop that changed the answer"
+        )
+    assert guard.sample("guard_decode_errors_total", model="strict") == 2.0
+    as_asked = response({"p": tensor(LEAKY)}, model="strict", signature=asked or "serving_default")
+    with pytest.raises(RejectedOutputError):
+        guard(as_asked, ModelSpecInfo("strict", asked, None))
+
+
 # ------------------------------------------------------- errors and policies
 
 
