@@ -125,6 +125,11 @@ def _load_numpy_single_threaded() -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # gRPC core writes its own error lines to stderr, one per malformed
+    # stream (a bad grpc-timeout, an unknown grpc-encoding), outside the
+    # guard's log quota: one client wrote 2.7 MiB of log a second. The client
+    # gets the error; set GRPC_VERBOSITY=ERROR to see them here too.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from guard.control.app import configure_logging, run_serve
 
     overrides = overrides_from(os.environ, vars(args))
