@@ -69,8 +69,14 @@ _OUTPUT_FIELDS: dict[str, tuple[Any, Callable[[Any], Any], str]] = {
     "argmax": (False, as_bool, "use true or false"),
     "top_k": (0, as_int(0, 1_000_000), "give a whole number >= 0"),
     "labels": (None, as_labels, "give a list of strings"),
-    "temperature": (None, as_float(0.0, 1e6, lo_open=True), "give a number > 0"),
-    "platt": (None, as_pair, "give [a, b], two numbers: sigmoid(a * z + b)"),
+    # Bounded so that ordinary logits stay finite in float32 once scaled (a
+    # temperature of 1e-45 made softmax([2, 1, 0.1]) all NaN).
+    "temperature": (None, as_float(1e-3, 1e6), "give a number from 0.001 to 1e6"),
+    "platt": (
+        None,
+        as_pair(1e6),
+        "give [a, b], two numbers from -1e6 to 1e6: sigmoid(a * z + b)",
+    ),
     "min_confidence": (None, as_float(0.0, 1.0, lo_open=True), "give a number in (0, 1]"),
     "abstain_label": (_D.abstain_label, as_str, "give a string"),
     "entropy": (_D.entropy, as_bool, "use true or false"),

@@ -208,13 +208,19 @@ def as_labels(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def as_pair(value: Any) -> tuple[float, float]:
-    """Two finite numbers ``[a, b]``."""
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise TypeError("")
-    if not all(_is_number(v) and math.isfinite(v) for v in value):
-        raise TypeError("")
-    return float(value[0]), float(value[1])
+def as_pair(limit: float) -> Convert[tuple[float, float]]:
+    """Two numbers ``[a, b]``, each within ``[-limit, limit]``."""
+
+    def convert(value: Any) -> tuple[float, float]:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise TypeError("")
+        if not all(_is_number(v) and math.isfinite(v) for v in value):
+            raise TypeError("")
+        if not all(abs(v) <= limit for v in value):
+            raise ValueError("")
+        return float(value[0]), float(value[1])
+
+    return convert
 
 
 #: The most bins a drift baseline may have.

@@ -99,6 +99,16 @@ def test_defaults_match_the_documented_ones() -> None:
         ("threshold: 0.5\n        labels: [a, b, c]", "a threshold needs exactly 2 labels"),
         ("labels: [a, b]", "field 'labels' needs 'threshold', 'argmax' or 'top_k'"),
         ("argmax: true\n        labels_file: missing.txt", "field 'labels_file': cannot read"),
+        # Red team: 1e-45 made softmax([2, 1, 0.1]) all NaN in float32, and
+        # platt [1e39, 0] turned the logit 0 into NaN.
+        (
+            "activation: softmax\n        temperature: 1.0e-45",
+            "field 'temperature': 1e-45 is not allowed; give a number from 0.001 to 1e6",
+        ),
+        (
+            "activation: sigmoid\n        platt: [1.0e+39, 0]",
+            "field 'platt': [1e+39, 0] is not allowed; give [a, b], two numbers from -1e6 to 1e6",
+        ),
     ],
 )
 def test_output_errors_name_file_rule_and_field(
