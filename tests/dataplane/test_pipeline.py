@@ -397,6 +397,26 @@ def test_an_answer_for_another_model_or_signature_than_asked_is_refused(
         guard(as_asked, ModelSpecInfo("strict", asked, None))
 
 
+@pytest.mark.parametrize("kernels", [REFERENCE, default()], ids=["reference", "native"])
+def test_values_the_guard_cannot_read_under_a_reject_rule_are_refused(kernels: Kernels) -> None:
+    """Red team: 2.0 and -1.0 in a DT_HALF tensor's float_val, or in a
+    DT_BFLOAT16 tensor, were answered clean under a reject rule."""
+    guard = Guard(wide_deep({"name": "p", "on_violation": "reject"}), kernels)
+    stray = tensor_pb2.TensorProto(dtype=types_pb2.DT_HALF)
+    stray.tensor_shape.dim.add(size=2)
+    stray.float_val.extend([2.0, -1.0])
+    bf16 = tensor_pb2.TensorProto(dtype=types_pb2.DT_BFLOAT16, tensor_content=b"\x00\x40\x80\xbf")
+    bf16.tensor_shape.dim.add(size=2)
+    for bad, words in ((stray, "values in float_val"), (bf16, "DT_BFLOAT16")):
+        with pytest.raises(DecodeError, match=words):
+            guard(response({"p": bad}))
+    assert guard.sample("guard_decode_errors_total", model="wide_deep") == 2.0
+    assert guard.sample(
+        "guard_responses_total", model="wide_deep", version="3", signature="serving_default",
+        action="clean",
+    ) is None  # fmt: skip
+
+
 # ------------------------------------------------------- errors and policies
 
 

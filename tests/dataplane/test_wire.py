@@ -266,7 +266,6 @@ def test_multiple_packed_chunks_concatenate(dtype: Any) -> None:
         types_pb2.DT_INT64,
         types_pb2.DT_STRING,
         types_pb2.DT_BOOL,
-        types_pb2.DT_BFLOAT16,
         types_pb2.DT_UINT8,
     ],
 )
@@ -277,6 +276,29 @@ def test_non_float_dtypes_are_not_decoded(dtype: int) -> None:
     else:
         t.tensor_content = b"\x01" * 16
     assert decode_tensor(view_of(t.SerializeToString()), LIMIT) is None
+
+
+def test_a_bfloat16_tensor_under_a_rule_is_refused_not_passed_as_clean() -> None:
+    """Red team: a DT_BFLOAT16 output holding 2.0 and -1.0 under a reject rule
+    was answered clean, no value read; TF reads its values as floats."""
+    t = tensor_pb2.TensorProto(dtype=types_pb2.DT_BFLOAT16, tensor_shape=shape_proto((2,)))
+    t.tensor_content = b"\x00\x40\x80\xbf"  # 2.0 and -1.0: bfloat16's bits, little-endian
+    with pytest.raises(DecodeError, match="DT_BFLOAT16, which the guard does not read"):
+        decode_tensor(view_of(t.SerializeToString()), LIMIT)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "field"),
+    [(types_pb2.DT_HALF, "float_val"), (types_pb2.DT_FLOAT, "double_val"),
+     (types_pb2.DT_DOUBLE, "half_val")],
+)  # fmt: skip
+def test_values_in_another_dtypes_field_are_refused(dtype: int, field: str) -> None:
+    """Red team: a DT_HALF tensor's values in float_val were read as none
+    (zeros) and passed as clean; a client reading float_val read 2.0."""
+    t = tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape_proto((2,)))
+    getattr(t, field).extend([2, 1])
+    with pytest.raises(DecodeError, match=f"values in {field}, which its dtype does not use"):
+        decode_tensor(view_of(t.SerializeToString()), LIMIT)
 
 
 # ------------------------------------------------------------------ encoding

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from google.protobuf import message as pb_message
 
 from guard.dataplane.cache import BoundedCache
-from guard.dataplane.codec.tensor import FLOAT_DTYPES, Array, Encoding, decode_tensor, tensor_values
+from guard.dataplane.codec.tensor import (
+    FLOAT_DTYPES,
+    Array,
+    Encoding,
+    decode_tensor,
+    float_dtype,
+    tensor_values,
+)
 from guard.dataplane.codec.views import ModelSpecView, PredictResponseView, TypedPredictResponse
 from guard.dataplane.errors import DecodeError
 
@@ -112,7 +119,7 @@ class Response:
         if self._by_name is None:
             return decode_tensor(self._view.outputs[name], limit_bytes, self._typed_fallback(name))
         out = self._by_name[name]
-        dt = FLOAT_DTYPES.get(out.dtype)
+        dt = float_dtype(out.dtype)
         if dt is None:
             return None
         values = memoryview(self.data)[out.offset : out.offset + out.length]

@@ -25,6 +25,7 @@ from guard.dataplane.dtypes import FLOAT32, FLOAT64, INT64
 from guard.dataplane.errors import DecodeError
 
 __all__ = [
+    "DT_BFLOAT16",
     "DT_DOUBLE",
     "DT_FLOAT",
     "DT_HALF",
@@ -34,6 +35,7 @@ __all__ = [
     "Encoding",
     "decode_tensor",
     "encode_output",
+    "float_dtype",
     "entry_head",
     "packed_key",
     "set_tensor",
@@ -50,6 +52,7 @@ DT_DOUBLE = 2
 DT_STRING = 7
 DT_INT64 = 9
 DT_HALF = 19
+DT_BFLOAT16 = 14
 
 
 class Encoding(Enum):
@@ -124,6 +127,36 @@ def _typed_values(typed: Any, dt: _DType) -> Array:
     return np.asarray(values, dtype=dt.numpy)
 
 
+def float_dtype(dtype: int) -> _DType | None:
+    """The floating-point dtype the guard reads, or ``None`` for a dtype it
+    leaves alone (integers, strings, booleans). ``DecodeError`` for
+    DT_BFLOAT16, a float it does not read: its values had passed as clean
+    under a reject rule."""
+    dt = FLOAT_DTYPES.get(dtype)
+    if dt is None and dtype == DT_BFLOAT16:
+        raise DecodeError(
+            "the tensor is DT_BFLOAT16, which the guard does not read, and a rule applies "
+            "to it; serve the output as DT_FLOAT (tf.cast in the signature), or give "
+            "rules to the other outputs by name"
+        )
+    return dt
+
+
+def _check_own_field(tensor: Any, dt: _DType) -> None:
+    """The values only in the dtype's own field: a DT_HALF tensor's values in
+    float_val were read as no values (zeros, by the fill convention) and
+    passed as clean, while a client reading float_val read them."""
+    for field in _FLOAT_FIELDS:
+        if field != dt.field and len(getattr(tensor, field)):
+            raise DecodeError(
+                f"the tensor holds values in {field}, which its dtype does not use "
+                f"({dt.field}); readers differ on which they read"
+            )
+
+
+_FLOAT_FIELDS = ("float_val", "double_val", "half_val")
+
+
 def decode_tensor(
     tensor: Any, limit_bytes: int, typed_fallback: Callable[[], Any] | None = None
 ) -> tuple[Array, Encoding] | None:
@@ -136,9 +169,10 @@ def decode_tensor(
     ``typed_fallback`` returns the same tensor parsed with the fully typed view,
     from the original bytes; it is called only when values were sent unpacked.
     """
-    dt = FLOAT_DTYPES.get(tensor.dtype)
+    dt = float_dtype(tensor.dtype)
     if dt is None:
         return None
+    _check_own_field(tensor, dt)
     shape = tuple([d.size for d in tensor.tensor_shape.dim])
     runs = getattr(tensor, dt.field)
     unpacked = None
