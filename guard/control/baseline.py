@@ -105,7 +105,13 @@ def from_metrics(
                 f"the series {dict(key)} has other buckets than {dict(first_key)}; "
                 "give --signature to take one signature"
             )
-        total = total + _checked_cumulative(buckets, bounds)
+        with np.errstate(over="ignore"):
+            total = total + _checked_cumulative(buckets, bounds)
+    if not np.isfinite(total).all():
+        raise ConfigError(
+            "the bucket counts summed over the signatures pass what a float holds; "
+            "give --signature to take one signature"
+        )
     counts = np.diff(np.concatenate(([0.0], total)))
     return tuple(bounds[:-1]), _fractions(counts), int(round(float(counts.sum())))
 

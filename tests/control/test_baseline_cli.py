@@ -254,6 +254,20 @@ def test_signatures_with_other_buckets(tmp_path: Path, capsys: pytest.CaptureFix
     assert rc == 0 and "edges: [0.6]" in out
 
 
+def test_counts_that_overflow_once_summed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Red team: two signatures of 1.7e308 rows each summed to Inf, and the
+    CLI printed a ValueError traceback; each alone is read."""
+    big = [("0.5", 1e308), ("1.0", 1.5e308), ("+Inf", 1.7e308)]
+    text = _exposition(big) + _exposition(big, 'model="m",output="p",signature="t"').replace(
+        "# TYPE guard_output_value histogram\n", ""
+    )
+    _refused(*_cli(capsys, *_metrics(tmp_path, text)), "pass what a float holds", "--signature")
+    rc, out, _ = _cli(capsys, *_metrics(tmp_path, text), "--signature", "t")
+    assert rc == 0 and "edges: [0.5, 1.0]" in out
+
+
 def test_too_many_edges_for_a_baseline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     buckets = [(repr(i / 2000), i) for i in range(1, 1200)] + [("+Inf", 1200)]
     _refused(*_cli(capsys, *_metrics(tmp_path, _exposition(buckets))), "1199 bucket edges", "1000")
