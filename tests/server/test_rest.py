@@ -213,14 +213,7 @@ async def test_reject_answers_as_tf_serving_answers_internal_with_the_grpc_text(
 async def test_signature_name_in_the_body_picks_the_rules_even_after_the_inputs(
     fake: FakeRestUpstream, make_guard: MakeGuard
 ) -> None:
-    values = np.array([[2.0]], dtype=np.float32)
-    fake.predict("m", predict_response([("p", values, DT_FLOAT)], "row"))
-    fake.reply("GET", "/v1/models/m/metadata", Reply(body=_two_signatures()))
-    rules = [
-        {"name": "m", "signature": "other", "outputs": [{"name": "*", "on_violation": "reject"}]},
-        {"name": "m", "outputs": [{"name": "*", "on_violation": "observe"}]},
-    ]
-    guard = await make_guard(rules)
+    guard = await _other_rejects(fake, make_guard)
     url = f"{guard.rest_url}/v1/models/m:predict"
 
     other = await post(url, '{"instances": [["a", {"b": "}"}]], "signature_name": "other"}')
@@ -240,14 +233,7 @@ async def test_a_gzip_body_not_read_whole_is_refused_never_guarded_as_the_defaul
     serving_default's rules, where TF Serving (which inflates up to 100 MB)
     answers with "other"'s, and sent on past the limit. It is refused now,
     and never goes upstream."""
-    values = np.array([[2.0]], dtype=np.float32)
-    fake.predict("m", predict_response([("p", values, DT_FLOAT)], "row"))
-    fake.reply("GET", "/v1/models/m/metadata", Reply(body=_two_signatures()))
-    rules = [
-        {"name": "m", "signature": "other", "outputs": [{"name": "*", "on_violation": "reject"}]},
-        {"name": "m", "outputs": [{"name": "*", "on_violation": "observe"}]},
-    ]
-    guard = await make_guard(rules, max_request_mb=1)
+    guard = await _other_rejects(fake, make_guard, max_request_mb=1)
     url, gz = f"{guard.rest_url}/v1/models/m:predict", {"Content-Encoding": "gzip"}
     doc = b'{"signature_name": "other", "instances": [[1]]}'
     small = await post(url, gzip.compress(doc), gz)
@@ -264,6 +250,21 @@ async def test_a_gzip_body_not_read_whole_is_refused_never_guarded_as_the_defaul
         assert got[0] == status and words in json.loads(got[2])["error"], (words, got)
     assert len([s for s in fake.seen if s.method == "POST"]) == 1  # only the small one
     assert guard.sample("guard_refused_requests_total", {"reason": "request_too_large"}) == 1
+
+
+async def _other_rejects(
+    fake: FakeRestUpstream, make_guard: MakeGuard, **settings: Any
+) -> RunningGuard:
+    """A guard whose rules reject for signature "other" and observe for the
+    default, in front of model m answering 2.0 (above 1.0) for either."""
+    values = np.array([[2.0]], dtype=np.float32)
+    fake.predict("m", predict_response([("p", values, DT_FLOAT)], "row"))
+    fake.reply("GET", "/v1/models/m/metadata", Reply(body=_two_signatures()))
+    rules = [
+        {"name": "m", "signature": "other", "outputs": [{"name": "*", "on_violation": "reject"}]},
+        {"name": "m", "outputs": [{"name": "*", "on_violation": "observe"}]},
+    ]
+    return await make_guard(rules, **settings)
 
 
 def _two_signatures() -> bytes:
