@@ -252,6 +252,29 @@ async def test_a_gzip_body_not_read_whole_is_refused_never_guarded_as_the_defaul
     assert guard.sample("guard_refused_requests_total", {"reason": "request_too_large"}) == 1
 
 
+async def test_a_gzip_body_waits_for_the_inflater_at_most_request_timeout_s(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """Red team: gzip bodies are inflated for the peek one at a time, and a
+    body waited for every one queued ahead of it (eight clients of 31 KB
+    bodies inflating to 32 MiB held a gzip predict 0.48 s; more, longer).
+    A body whose turn does not come within request_timeout_s gets 503 saying
+    so, counted as a request_timeout refusal; the rest are guarded."""
+    guard = await _other_rejects(fake, make_guard, request_timeout_s=0.2)
+    url, gz = f"{guard.rest_url}/v1/models/m:predict", {"Content-Encoding": "gzip"}
+    body = gzip.compress(b'{"instances": [[1]], "pad": "' + b" " * (24 << 20) + b'"}', 1)
+
+    answers = await asyncio.gather(*(post(url, body, gz) for _ in range(32)))
+
+    statuses = [status for status, _, _ in answers]
+    late = [json.loads(out)["error"] for status, _, out in answers if status == 503]
+    assert set(statuses) == {200, 503}, statuses  # the first in line is never late
+    assert all("took more than request_timeout_s (0.2 s) to inflate" in e for e in late), late
+    assert len([s for s in fake.seen if s.method == "POST"]) == statuses.count(200)
+    assert guard.sample("guard_refused_requests_total", {"reason": "request_timeout"}) == len(late)
+    assert rest_requests(guard, model="m", method="Predict", code="UNAVAILABLE") == len(late)
+
+
 async def _other_rejects(
     fake: FakeRestUpstream, make_guard: MakeGuard, **settings: Any
 ) -> RunningGuard:

@@ -487,7 +487,8 @@ class RestFrontEnd:
         a second of them, took the event loop's whole core and every other
         call waited 0.3 s."""
         config = self._state.config
-        async with self._inflating:
+        await self._inflater_turn()
+        try:
             try:
                 return await asyncio.to_thread(inflate, body, config.max_request_bytes)
             except NotInflated as exc:
@@ -499,6 +500,26 @@ class RestFrontEnd:
                     "guard reads signature_name from it: send one whole gzip stream, or send "
                     "the body uncompressed",
                 ) from None
+        finally:
+            self._inflating.release()
+
+    async def _inflater_turn(self) -> None:
+        """Wait for the inflater, at most request_timeout_s: a body waits for
+        those ahead of it, and clients sending 31 KB bodies that inflate to
+        32 MiB would otherwise hold a gzip predict for as long as they kept
+        max_concurrent_rpcs of them queued."""
+        timeout = self._state.config.request_timeout_s
+        try:
+            await self._deadlines.wait(self._inflating.acquire(), timeout)
+        except TimeoutError:
+            raise Answer(
+                503,
+                f"guard: the gzip-encoded request bodies ahead of this one took more than "
+                f"request_timeout_s ({timeout:g} s) to inflate (the guard inflates one at a "
+                "time to read signature_name); retry with backoff, or send the body "
+                "uncompressed",
+                Refusal.REQUEST_TIMEOUT,
+            ) from None
 
     async def _metadata(self, target: Route, left_s: float) -> Metadata:
         """The model's metadata, within what is left of the call's
