@@ -53,7 +53,7 @@ typedef struct {
 #define MAX_DIMS 64
 
 /* TensorFlow's DataType values the guard reads, and the packed field of each. */
-enum { DT_FLOAT = 1, DT_DOUBLE = 2, DT_HALF = 19 };
+enum { DT_FLOAT = 1, DT_DOUBLE = 2, DT_BFLOAT16 = 14, DT_HALF = 19 };
 
 /* A varint as encoders write it: at most 10 bytes, no redundant trailing
  * zero byte, and a 10th byte of 0 or 1. */
@@ -188,8 +188,13 @@ static int
 own_values_only(int32_t dtype, uint32_t seen, const Cur *where)
 {
     unsigned own = values_field(dtype);
-    if (own == 0)
-        return 1;
+    if (own == 0) {
+        /* a dtype the rules leave alone: no float values (float_val,
+         * double_val, or half_val but DT_BFLOAT16's own), which a client
+         * reading those fields would read; the reference refuses them */
+        uint32_t floats = (1u << 5) | (1u << 6) | (dtype == DT_BFLOAT16 ? 0 : (1u << 13));
+        return !(seen & floats);
+    }
     /* the value fields: 5 to 13 but tensor_content's 4, and 16 to 18 */
     const uint32_t value_fields = (0x3FEu << 4) | (0x7u << 16);
     if (seen & value_fields & ~(1u << own))

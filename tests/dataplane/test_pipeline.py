@@ -8,6 +8,7 @@ Each test gets a fresh ``CollectorRegistry`` and asserts with
 
 from __future__ import annotations
 
+import math
 import tracemalloc
 from typing import Any
 
@@ -415,6 +416,28 @@ def test_values_the_guard_cannot_read_under_a_reject_rule_are_refused(kernels: K
         "guard_responses_total", model="wide_deep", version="3", signature="serving_default",
         action="clean",
     ) is None  # fmt: skip
+
+
+@pytest.mark.parametrize("kernels", [REFERENCE, default()], ids=["reference", "native"])
+def test_float_values_under_another_dtype_are_refused(kernels: Kernels) -> None:
+    """Red team: 2.0 and NaN in float_val under DT_FLOAT_REF (101), or under
+    DT_INT64 (or a dtype sent twice, protobuf keeping the last), passed a
+    reject rule as clean, while tf.make_ndarray and float_val readers read
+    them."""
+    guard = Guard(wide_deep({"name": "p", "on_violation": "reject"}), kernels)
+    cases = []
+    for dtype in (101, types_pb2.DT_INT64, types_pb2.DT_STRING, types_pb2.DT_INVALID):
+        t = tensor_pb2.TensorProto(dtype=dtype)
+        t.tensor_shape.dim.add(size=2)
+        t.float_val.extend([2.0, math.nan])
+        cases.append(t.SerializeToString())
+    # DT_FLOAT, then the DT_INT64 tensor's fields: protobuf keeps the last dtype
+    cases.append(tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT).SerializeToString() + cases[1])
+    for raw in cases:
+        bad = tensor_pb2.TensorProto.FromString(raw)
+        with pytest.raises(DecodeError, match="reference type|not a floating-point type"):
+            guard(response({"p": bad}))
+    assert guard.sample("guard_decode_errors_total", model="wide_deep") == len(cases)
 
 
 # ------------------------------------------------------- errors and policies

@@ -301,6 +301,33 @@ def test_values_in_another_dtypes_field_are_refused(dtype: int, field: str) -> N
         decode_tensor(view_of(t.SerializeToString()), LIMIT)
 
 
+@pytest.mark.parametrize("dtype", [101, 102, 114, 119])
+def test_the_float_reference_types_are_refused(dtype: int) -> None:
+    """Red team: DT_FLOAT_REF (101) and its kin are read by tf.make_ndarray as
+    their base type, and were passed as clean, no value read."""
+    t = tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape_proto((1,)))
+    t.tensor_content = b"\x00\x00\xc0\x3f\x00\x00\x00\x00"[: 2 if dtype in (114, 119) else 4]
+    with pytest.raises(DecodeError, match=f"dtype is {dtype}, a reference type"):
+        decode_tensor(view_of(t.SerializeToString()), LIMIT)
+
+
+@pytest.mark.parametrize("field", ["float_val", "double_val", "half_val"])
+def test_float_values_in_a_tensor_of_another_dtype_are_refused(field: str) -> None:
+    """Red team: a DT_INT64 tensor with 1.5 in float_val passed as clean."""
+    t = tensor_pb2.TensorProto(dtype=types_pb2.DT_INT64, tensor_shape=shape_proto((1,)))
+    getattr(t, field).append(1 if field == "half_val" else 1.5)
+    with pytest.raises(DecodeError, match=f"dtype is 9, not a floating-point type.*{field}"):
+        decode_tensor(view_of(t.SerializeToString()), LIMIT)
+
+
+def test_a_bfloat16_tensor_with_its_own_half_val_is_refused_as_bfloat16() -> None:
+    """half_val is DT_BFLOAT16's own field: refused for the dtype, not the field."""
+    t = tensor_pb2.TensorProto(dtype=types_pb2.DT_BFLOAT16, tensor_shape=shape_proto((1,)))
+    t.half_val.append(0x4000)
+    with pytest.raises(DecodeError, match="DT_BFLOAT16, which the guard does not read"):
+        decode_tensor(view_of(t.SerializeToString()), LIMIT)
+
+
 # ------------------------------------------------------------------ encoding
 
 

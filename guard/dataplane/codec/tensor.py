@@ -130,16 +130,28 @@ def _typed_values(typed: Any, dt: _DType) -> Array:
 def float_dtype(dtype: int) -> _DType | None:
     """The floating-point dtype the guard reads, or ``None`` for a dtype it
     leaves alone (integers, strings, booleans). ``DecodeError`` for
-    DT_BFLOAT16, a float it does not read: its values had passed as clean
-    under a reject rule."""
+    DT_BFLOAT16, a float it does not read, and for the reference types of
+    the floats (DT_FLOAT_REF is DT_FLOAT + 100), which TF Serving never
+    answers with and TensorFlow reads as their base type: the values of
+    either had passed as clean under a reject rule."""
     dt = FLOAT_DTYPES.get(dtype)
-    if dt is None and dtype == DT_BFLOAT16:
+    if dt is not None:
+        return dt
+    if dtype == DT_BFLOAT16:
         raise DecodeError(
             "the tensor is DT_BFLOAT16, which the guard does not read, and a rule applies "
             "to it; serve the output as DT_FLOAT (tf.cast in the signature), or give "
             "rules to the other outputs by name"
         )
-    return dt
+    if dtype - _REF in FLOAT_DTYPES or dtype - _REF == DT_BFLOAT16:
+        raise DecodeError(
+            f"the tensor's dtype is {dtype}, a reference type (DT_FLOAT_REF and its kin), "
+            "which TF Serving never answers with; fix the upstream"
+        )
+    return None
+
+
+_REF = 100  # types.proto: each DT_*_REF is its DT_* + 100
 
 
 def _check_own_field(tensor: Any, dt: _DType) -> None:
@@ -151,6 +163,20 @@ def _check_own_field(tensor: Any, dt: _DType) -> None:
             raise DecodeError(
                 f"the tensor holds values in {field}, which its dtype does not use "
                 f"({dt.field}); readers differ on which they read"
+            )
+
+
+def _check_no_float_values(tensor: Any) -> None:
+    """No floating-point values in a tensor whose dtype the guard leaves
+    alone: a DT_INT64 (or DT_STRING, or DT_INVALID) tensor with values in
+    float_val passed as clean, and a client reading float_val read them."""
+    for field in _FLOAT_FIELDS:
+        if field == "half_val" and tensor.dtype == DT_BFLOAT16:
+            continue  # its own field, refused above under a rule
+        if len(getattr(tensor, field)):
+            raise DecodeError(
+                f"the tensor's dtype is {tensor.dtype}, not a floating-point type, and it holds "
+                f"values in {field}; readers differ on which they read: fix the upstream"
             )
 
 
@@ -171,6 +197,7 @@ def decode_tensor(
     """
     dt = float_dtype(tensor.dtype)
     if dt is None:
+        _check_no_float_values(tensor)
         return None
     _check_own_field(tensor, dt)
     shape = tuple([d.size for d in tensor.tensor_shape.dim])
