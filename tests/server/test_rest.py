@@ -275,6 +275,59 @@ async def test_a_gzip_body_waits_for_the_inflater_at_most_request_timeout_s(
     assert rest_requests(guard, model="m", method="Predict", code="UNAVAILABLE") == len(late)
 
 
+async def test_a_ruled_output_of_no_declared_dtype_that_is_not_decimals_is_refused(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """Red team: with the metadata answered 404, integers ([[2]]), strings or
+    booleans for an output under a reject rule passed as clean (a client
+    reading 2 read a value above 1.0). The guard cannot tell a float written
+    as integers from an integer output without the metadata: refused."""
+    rules = [{"name": "m", "outputs": [{"name": "p", "on_violation": "reject"}]}]
+    guard = await make_guard(rules)  # the fake answers the metadata 404
+    not_numbers = "values that are not numbers"
+    url = f"{guard.rest_url}/v1/models/m:predict"
+    bodies = {
+        '{"outputs": {"p": [[2], [0]], "q": [[0.5], [0.5]]}}': "integers",
+        '{"outputs": {"p": [["2.0"], ["NaN"]], "q": [[0.5], [0.5]]}}': not_numbers,
+        '{"outputs": {"p": [[true], [false]], "q": [[0.5], [0.5]]}}': not_numbers,
+        '{"predictions": [{"p": [7], "q": [0.5]}, {"p": [0], "q": [0.5]}]}': "integers",
+    }
+    for body, held in bodies.items():
+        fake.predict("m", body)
+        request = '{"instances": [1, 2]}' if "predictions" in body else '{"inputs": [1, 2]}'
+        status, headers, out = await post(url, request)
+        error = json.loads(out)["error"]
+        assert status == 500 and headers["x-guard-action"] == "rejected", (body, status)
+        assert f"output 'p': the response holds {held}" in error, error
+        assert "cannot learn the output's dtype" in error and "HTTP 404" in error, error
+    fake.metadata("m", {"p": ("DT_INT64", [-1, 1]), "q": ("DT_FLOAT", [-1, 1])})
+    fake.predict("m", '{"outputs": {"p": [[2], [0]], "q": [[0.5], [0.5]]}}')
+    declared = await make_guard(rules)  # a fresh guard: the 404 is remembered for a second
+    answer = await post(f"{declared.rest_url}/v1/models/m:predict", '{"inputs": [1, 2]}')
+    assert answer[0] == 200 and answer[1]["x-guard-action"] == "clean"  # integers, as declared
+
+
+async def test_an_undeclared_output_named_as_a_ruled_one_but_for_case_is_refused(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """Red team: the signature declares p (under a reject rule) and q, and the
+    answer names 'P': it passed as clean, no rule on 'P', while a Go client,
+    whose reader ignores case, read its 1.5 as p."""
+    fake.metadata("m", {"p": ("DT_FLOAT", [-1, 1]), "q": ("DT_FLOAT", [-1, 1])})
+    guard = await make_guard([{"name": "m", "outputs": [{"name": "p", "on_violation": "reject"}]}])
+    url = f"{guard.rest_url}/v1/models/m:predict"
+    for body, request in (
+        ('{"outputs": {"P": [[1.5]], "q": [[0.5]]}}', '{"inputs": [1]}'),
+        ('{"predictions": [{"P": [1.5], "q": [0.5]}]}', '{"instances": [1]}'),
+    ):
+        fake.predict("m", body)
+        status, _, out = await post(url, request)
+        assert status == 500, body
+        assert "output 'P': the signature does not declare it, and declares 'p'" in out.decode()
+    fake.predict("m", '{"outputs": {"p": [[0.5]], "Q": [[1.5]]}}')  # no rule on q: as it came
+    assert (await post(url, '{"inputs": [1]}'))[0] == 200
+
+
 async def _other_rejects(
     fake: FakeRestUpstream, make_guard: MakeGuard, **settings: Any
 ) -> RunningGuard:

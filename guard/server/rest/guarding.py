@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from guard.dataplane.book import RuleBook
 from guard.dataplane.codec.restjson import (
@@ -243,9 +243,12 @@ def _decoded(
         out = response.outputs[key]
         name = names[key]
         if target.rules.rule_for(name) is None:
+            _check_not_a_ruled_name(name, signature, target)
             continue
         info = signature.get(name)
         if out.kind not in _FLOAT_KINDS:
+            if info is None:
+                _refuse_undeclared(out.kind, request, target, name)
             _check_not_declared_float(out.kind, info, target.model, name)
             continue
         if info is not None:
@@ -254,17 +257,53 @@ def _decoded(
     return found
 
 
+def _check_not_a_ruled_name(name: str, signature: Mapping[str, OutputInfo], target: Target) -> None:
+    """An output the signature does not declare, named as one it does that a
+    rule applies to but for case (``P`` for ``p``): Go's encoding/json reads
+    it as that output, which would pass unchecked."""
+    if not signature or name in signature:
+        return
+    for declared in signature:
+        if declared.casefold() == name.casefold() and target.rules.rule_for(declared):
+            raise OutputShapeError(
+                f"guard: model '{shown(target.model)}' output '{shown(name)}': the signature "
+                f"does not declare it, and declares '{shown(declared)}', which a rule applies "
+                "to; readers that ignore case (Go's encoding/json) read one for the other, so "
+                "the guard cannot check it: fix the upstream"
+            )
+
+
+def _refuse_undeclared(kind: str, request: RestRequest, target: Target, name: str) -> NoReturn:
+    """A ruled output that is not floating-point numbers, whose dtype the
+    metadata does not tell: integers for a float (``2`` for ``2.0``) or
+    strings would pass unchecked, as they did when the metadata was 404."""
+    problem = request.metadata.problem
+    if problem is None:
+        sig = shown(target.signature)
+        has = _signature_outputs(request, target)
+        problem = f"no signature '{sig}'" if has is None else f"'{sig}' has no such output"
+    raise OutputShapeError(
+        f"guard: model '{shown(target.model)}' output '{shown(name)}': the response holds "
+        f"{_held(kind)}, and the guard cannot learn the output's dtype from the upstream's "
+        f"metadata ({problem}); a rule applies to it: fix the upstream or its metadata, or "
+        "give the rule to the floating-point outputs by name"
+    )
+
+
+def _held(kind: str) -> str:
+    return "integers" if kind == "int" else "values that are not numbers"
+
+
 def _check_not_declared_float(kind: str, info: OutputInfo | None, model: str, name: str) -> None:
     """An output its signature declares floating-point must come as JSON
     numbers that read as such: strings (``"2.0"``) or bare integers, which
     TF Serving never writes for a float (``2.0``), would pass unchecked, and
     lenient readers take them for numbers."""
     if info is not None and info.dtype in _FLOAT_DTYPES:
-        held = "integers" if kind == "int" else "values that are not numbers"
         raise OutputShapeError(
             f"guard: model '{shown(model)}' output '{shown(name)}': the signature declares "
-            f"{info.dtype}, but the response holds {held}, which TF Serving never writes for "
-            "it; the guard cannot check them: fix the upstream"
+            f"{info.dtype}, but the response holds {_held(kind)}, which TF Serving never "
+            "writes for it; the guard cannot check them: fix the upstream"
         )
 
 
