@@ -555,6 +555,31 @@ def test_an_output_member_in_other_case_is_refused(body: bytes, fmt: str) -> Non
 _ROOT = {"row": "predictions", "columnar": "outputs"}
 
 
+@pytest.mark.parametrize(
+    "body, fmt",
+    [(b'{"outputs": {"p": [[0.5]], "P": [[1.9]]}}', "columnar"),
+     (b'{"predictions": [{"P": [1.9], "p": [0.5]}]}', "row")],
+)  # fmt: skip
+def test_output_names_that_differ_only_in_case_are_refused(body: bytes, fmt: str) -> None:
+    """Red team: 'p' and 'P' passed as two outputs, the guard checking p's
+    0.5, while a reader that folds case (Go's encoding/json, keeping the
+    last member) read 1.9 as p."""
+
+    def p_read(body: bytes, order: int) -> Any:
+        def fold(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            return {k.casefold(): v for k, v in pairs[::order]}
+
+        outputs = json.loads(body, object_pairs_hook=fold)[_ROOT[fmt]]
+        return (outputs if fmt == "columnar" else outputs[0])["p"]
+
+    exact = json.loads(body)[_ROOT[fmt]]
+    assert {str(p_read(body, 1)), str(p_read(body, -1))} != {
+        str((exact if fmt == "columnar" else exact[0])["p"])
+    }
+    with pytest.raises(RestJsonError, match="differ only in case"):
+        read_predict_response(body, fmt)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("tail", [b' {"predictions": [[1.9]]}', b"\0", b"\n\n[1.9]", b"x"])
 @pytest.mark.parametrize("single", [False, True])
 def test_anything_but_whitespace_after_the_root_is_refused(tail: bytes, single: bool) -> None:

@@ -115,15 +115,25 @@ _OUTPUT_MEMBERS = frozenset(_ROOT_KEYS.values())
 
 
 def _check_names_once(names: Sequence[str], where: str) -> None:
-    """An output named twice: a reader may take either value (:data:`_UNTOLD`)."""
-    seen: set[str] = set()
+    """An output named twice: a reader may take either value (:data:`_UNTOLD`);
+    also in other case (``p`` and ``P``), which Go's encoding/json reads as one
+    name, keeping the last."""
+    seen: dict[str, str] = {}
     for name in names:
-        if name in seen:
+        other = seen.get(name.casefold())
+        if other is not None:
+            held = f"is named twice {where}; {_UNTOLD}"
+            if other != name:
+                held = (
+                    f"and output '{shown(other)}' differ only in case {where}; readers that "
+                    "ignore case (Go's encoding/json) read them as one, so the guard cannot "
+                    "tell which the client reads"
+                )
             raise RestJsonError(
-                f"output '{shown(name)}' is named twice {where}; {_UNTOLD}; "
-                "TF Serving names each output once: fix the upstream"
+                f"output '{shown(name)}' {held}; TF Serving names each output once: fix the "
+                "upstream"
             )
-        seen.add(name)
+        seen[name.casefold()] = name
 
 
 _SINGLE_HEAD = {
