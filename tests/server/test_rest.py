@@ -252,6 +252,21 @@ async def test_a_gzip_body_not_read_whole_is_refused_never_guarded_as_the_defaul
     assert guard.sample("guard_refused_requests_total", {"reason": "request_too_large"}) == 1
 
 
+async def test_a_body_behind_a_byte_order_mark_is_guarded_by_its_signature(
+    fake: FakeRestUpstream, make_guard: MakeGuard
+) -> None:
+    """Red team: TF Serving's rapidjson skips a leading UTF-8 BOM and served
+    signature 'other'; the guard's peek read no object, and the answer went
+    back under serving_default's observe rule, past other's reject."""
+    guard = await _other_rejects(fake, make_guard)
+    url = f"{guard.rest_url}/v1/models/m:predict"
+    doc = b'\xef\xbb\xbf{"signature_name": "other", "instances": [[1]]}'
+    for body, headers in ((doc, {}), (gzip.compress(doc), {"Content-Encoding": "gzip"})):
+        status, answer_headers, out = await post(url, body, headers)
+        assert status == 500 and answer_headers["x-guard-action"] == "rejected"
+        assert json.loads(out)["error"] == "guard: model 'm' output 'q': 1 values above 1.0"
+
+
 async def test_a_gzip_body_waits_for_the_inflater_at_most_request_timeout_s(
     fake: FakeRestUpstream, make_guard: MakeGuard
 ) -> None:

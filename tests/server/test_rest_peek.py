@@ -40,6 +40,10 @@ def peek_on(route_name: str, body: bytes) -> RequestPeek:
         (b'{"instances": [{"b64": "AAA="}], "signature\\u005fname": "esc"}', "esc", "row"),
         (b' \n{"instances": [], "signature_name": "x\\"y"}', 'x"y', "row"),
         (b'{"signature_name": 5, "instances": []}', None, "row"),  # the upstream judges it
+        # A UTF-8 byte order mark: rapidjson (TF Serving) and json.loads skip it;
+        # the peek read no object there, and serving_default's rules applied.
+        (b'\xef\xbb\xbf{"signature_name": "strict", "instances": []}', "strict", "row"),
+        (b'\xef\xbb\xbf \n{"inputs": [], "signature_name": "s"}', "s", "columnar"),
     ],
 )
 @ROUTES

@@ -38,6 +38,7 @@ _COLON = re.compile(rb"[ \t\n\r]*:[ \t\n\r]*")
 _STRING = re.compile(STRING_TOKEN, re.S)
 _FORMATS: dict[str, Format] = {"instances": "row", "inputs": "columnar"}
 _SIGNATURE = "signature_name"
+_BOM = b"\xef\xbb\xbf"
 _FORMAT_CODES: tuple[Format | None, ...] = (None, "row", "columnar")  # the native peek's codes
 # The keys the peek looks for, as plain tokens: no need to decode those.
 _PLAIN_KEYS = {f'"{name}"'.encode(): name for name in (*_FORMATS, _SIGNATURE)}
@@ -102,7 +103,11 @@ def _depth_change(body: bytes, start: int, end: int) -> int:
 def peek_request(body: bytes, native: RequestPeekScan | None = None) -> RequestPeek:
     """The signature name and format of a predict request body (see the module
     doc); ``native`` peeks first (:data:`~guard.dataplane.codec.restjson.RequestPeekScan`),
-    this walk is its reference."""
+    this walk is its reference. A leading UTF-8 byte order mark is skipped,
+    as TF Serving's rapidjson skips it: a body behind one was peeked as not
+    an object, and guarded by serving_default's rules."""
+    if body.startswith(_BOM):
+        body = body[len(_BOM) :]
     if native is not None:
         peeked = native(body, PEEK_STRINGS_MAX, PEEK_KEY_BYTES_MAX, _SIGNATURE_MAX)
         if peeked is not None:
