@@ -26,7 +26,7 @@ from tensorflow_serving.apis import (
 )
 
 from guard.dataplane.codec import varint
-from guard.dataplane.codec.request import peek_model_spec
+from guard.dataplane.codec.request import PEEK_FIELDS_MAX, peek_model_spec
 from guard.dataplane.codec.response import (
     ModelSpecInfo,
     parse_predict_response,
@@ -639,6 +639,44 @@ def test_peek_model_spec_on_official_requests() -> None:
     no_spec.inputs["x"].CopyFrom(tf.make_tensor_proto(1.0))
     assert peek_model_spec(no_spec.SerializeToString()) is None
     assert peek_model_spec(b"") is None
+
+
+SPEC_PARTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.sampled_from(["a", "wide_deep", ""]),
+        "signature_name": st.sampled_from(["s", "serving_default"]),
+        "version": st.builds(lambda v: {"value": v}, st.integers(0, 9)),
+    },
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(SPEC_PARTS, min_size=1, max_size=4), st.integers(0, 3))
+def test_copies_of_model_spec_merge_as_protobuf_merges_them(
+    specs: list[dict[str, Any]], inputs_at: int
+) -> None:
+    """Red team: a second model_spec (after the inputs, or not) chose the model
+    TF Serving served, while the peek read the first."""
+    parts = [predict_pb2.PredictRequest(model_spec=s).SerializeToString() for s in specs]
+    inputs = predict_pb2.PredictRequest()
+    inputs.inputs["x"].CopyFrom(tf.make_tensor_proto(np.ones(1, np.float32)))
+    parts.insert(min(inputs_at, len(parts)), inputs.SerializeToString())
+    data = b"".join(parts)
+    merged = predict_pb2.PredictRequest.FromString(data).model_spec
+    version = merged.version.value if merged.HasField("version") else None
+    expected = ModelSpecInfo(merged.name, merged.signature_name, version)
+    assert peek_model_spec(data) == expected
+
+
+def test_a_model_spec_past_the_peeks_bound_leaves_the_request_without_one() -> None:
+    """Fields the peek does not read could hold another model_spec: no spec,
+    and the answer's own decides, rather than the first copy's."""
+    first = predict_pb2.PredictRequest(model_spec={"name": "a"}).SerializeToString()
+    filter_p = predict_pb2.PredictRequest(output_filter=["p"]).SerializeToString()
+    seen = first + filter_p * (PEEK_FIELDS_MAX - 1)
+    assert peek_model_spec(seen) == ModelSpecInfo("a", "", None)  # every field read
+    assert peek_model_spec(seen + filter_p) is None
 
 
 @pytest.mark.parametrize(

@@ -261,6 +261,37 @@ async def test_reject_fails_with_internal_and_details(
     )
 
 
+async def test_a_model_spec_sent_twice_is_judged_as_tf_serving_merges_it(
+    upstream: FakeUpstream, make_guard: GuardFactory
+) -> None:
+    """Red team: protobuf merges every copy of model_spec, and TF Serving
+    served the merged one (wide_deep), while the guard read the first ('x',
+    or none at all) and relayed wide_deep's answer unguarded past its reject
+    rule."""
+    upstream.reply("wide_deep", predict_response("wide_deep", {"output_1": SEED_VALUES}))
+    guard = await make_guard(
+        {"models": [{"name": "wide_deep", "outputs": [{"name": "*", "on_violation": "reject"}]}]}
+    )
+    inputs = predict_request("unused", x=[1.0])
+    inputs.ClearField("model_spec")
+
+    def spec(name: str) -> bytes:
+        return predict_pb2.PredictRequest(model_spec={"name": name}).SerializeToString()
+
+    raw = guard.channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+    for request in (
+        spec("x") + inputs.SerializeToString() + spec("wide_deep"),
+        b"\x0a\x00" + inputs.SerializeToString() + spec("wide_deep"),  # an empty spec first
+    ):
+        assert predict_pb2.PredictRequest.FromString(request).model_spec.name == "wide_deep"
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(request)
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert "output 'output_1': 5 values above 1.0" in (err.value.details() or "")
+    lbl = {"model": "wide_deep", "version": "1", "signature": "serving_default"}
+    assert guard.sample("guard_responses_total", {**lbl, "action": "rejected"}) == 2
+
+
 async def test_observe_returns_upstream_bytes_and_counts(
     upstream: FakeUpstream, make_guard: GuardFactory
 ) -> None:

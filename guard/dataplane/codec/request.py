@@ -3,9 +3,11 @@
 The peek is bounded: it looks at no more than :data:`PEEK_FIELDS_MAX` fields
 at each level, so its cost does not grow with what a client sends (a
 gzipped request can hold millions of tiny fields). Encoders write
-``model_spec`` (field 1) first; a request that hides it elsewhere, or that is
-not well-formed protobuf on the way to it, gets no spec here, and the
-response's own ``model_spec`` decides which rules apply.
+``model_spec`` (field 1) once, first. Protobuf merges every copy of a
+message field, and TF Serving serves the merged spec, so the peek merges
+the copies it finds; a request whose fields it cannot all see within its
+bound, or that is not well-formed protobuf on the way, gets no spec here,
+and the response's own ``model_spec`` decides which rules apply.
 """
 
 from __future__ import annotations
@@ -27,13 +29,18 @@ PEEK_FIELDS_MAX = 64
 _SKIP = {1: 8, 5: 4}
 
 
-def _find_field(data: bytes, number: int) -> bytes | None:
-    """The payload of the first length-delimited field ``number`` among the
-    first :data:`PEEK_FIELDS_MAX` top-level fields of ``data``."""
+def _find_fields(data: bytes, number: int, first: bool) -> list[bytes]:
+    """The payloads of the length-delimited fields ``number`` among the top-level
+    fields of ``data``: the first alone (``first``), or every one, which
+    protobuf merges. ``ValueError`` where every one is asked for and the
+    fields run past :data:`PEEK_FIELDS_MAX`: a copy further on would go unseen
+    (a second model_spec chose the model TF Serving served, and the guard
+    judged the answer by the first one's)."""
     pos, end = 0, len(data)
+    found: list[bytes] = []
     for _ in range(PEEK_FIELDS_MAX):
         if pos >= end:
-            return None
+            return found
         key, pos = varint.decode(data, pos)
         field, wire = key >> 3, key & 7
         if field == 0:
@@ -43,15 +50,24 @@ def _find_field(data: bytes, number: int) -> bytes | None:
             if pos + length > end:
                 raise ValueError("truncated")
             if field == number:
-                return data[pos : pos + length]
+                found.append(data[pos : pos + length])
+                if first:
+                    return found
             pos += length
-        elif wire == 0:
-            _, pos = varint.decode(data, pos)
-        elif wire in _SKIP:
-            pos += _SKIP[wire]
         else:
-            raise ValueError(f"wire type {wire}")
-    return None
+            pos = _skip_scalar(data, pos, wire)
+    if first or pos >= end:
+        return found
+    raise ValueError("more fields than the peek reads")
+
+
+def _skip_scalar(data: bytes, pos: int, wire: int) -> int:
+    """Where the value of a field that is not length-delimited ends."""
+    if wire == 0:
+        return varint.decode(data, pos)[1]
+    if wire in _SKIP:
+        return pos + _SKIP[wire]
+    raise ValueError(f"wire type {wire}")
 
 
 def peek_model_spec(request: bytes, path: Sequence[int] = (1,)) -> ModelSpecInfo | None:
@@ -59,17 +75,17 @@ def peek_model_spec(request: bytes, path: Sequence[int] = (1,)) -> ModelSpecInfo
 
     ``path`` is the chain of field numbers leading to the spec: ``(1,)`` for
     Predict/Classify/Regress/GetModelMetadata/GetModelStatus requests, ``(1, 1)``
-    for MultiInference (its first task). Returns ``None`` when absent,
-    malformed or beyond the peek's bound; the upstream judges the request.
+    for MultiInference (its first task). The spec's copies are merged, as
+    protobuf merges them. Returns ``None`` when absent, malformed or beyond
+    the peek's bound; the upstream judges the request.
     """
-    payload: bytes | None = request
+    payload = request
     try:
-        for number in path:
-            assert payload is not None
-            payload = _find_field(payload, number)
-            if payload is None:
+        for depth, number in enumerate(path):
+            found = _find_fields(payload, number, first=depth < len(path) - 1)
+            if not found:
                 return None
-        assert payload is not None
+            payload = found[0] if len(found) == 1 else b"".join(found)
         return spec_from_bytes(payload)
     except (ValueError, pb_message.DecodeError):
         return None
