@@ -26,7 +26,7 @@ from tensorflow_serving.apis import (
 )
 
 from guard.dataplane.codec import varint
-from guard.dataplane.codec.request import PEEK_FIELDS_MAX, peek_model_spec
+from guard.dataplane.codec.request import SPEC_FIELDS_MAX, peek_model_spec
 from guard.dataplane.codec.response import (
     ModelSpecInfo,
     parse_predict_response,
@@ -674,7 +674,7 @@ def test_a_model_spec_past_the_peeks_bound_leaves_the_request_without_one() -> N
     and the answer's own decides, rather than the first copy's."""
     first = predict_pb2.PredictRequest(model_spec={"name": "a"}).SerializeToString()
     filter_p = predict_pb2.PredictRequest(output_filter=["p"]).SerializeToString()
-    seen = first + filter_p * (PEEK_FIELDS_MAX - 1)
+    seen = first + filter_p * (SPEC_FIELDS_MAX - 1)
     assert peek_model_spec(seen) == ModelSpecInfo("a", "", None)  # every field read
     assert peek_model_spec(seen + filter_p) is None
 

@@ -1,7 +1,8 @@
 """Peeking at a request's ModelSpec without parsing (or copying) the rest.
 
 The peek is bounded: it looks at no more than :data:`PEEK_FIELDS_MAX` fields
-at each level, so its cost does not grow with what a client sends (a
+at each level on its way, and :data:`SPEC_FIELDS_MAX` where it gathers the
+spec's copies, so its cost does not grow with what a client sends (a
 gzipped request can hold millions of tiny fields). Encoders write
 ``model_spec`` (field 1) once, first. Protobuf merges every copy of a
 message field, and TF Serving serves the merged spec, so the peek merges
@@ -19,10 +20,13 @@ from google.protobuf import message as pb_message
 from guard.dataplane.codec import varint
 from guard.dataplane.codec.response import ModelSpecInfo, spec_from_bytes
 
-__all__ = ["PEEK_FIELDS_MAX", "peek_model_spec"]
+__all__ = ["PEEK_FIELDS_MAX", "SPEC_FIELDS_MAX", "peek_model_spec"]
 
 #: Fields looked at per level before the peek gives up.
 PEEK_FIELDS_MAX = 64
+#: Fields looked at for every copy of the spec: a PredictRequest holds one
+#: field per input, and models with hundreds of inputs exist (0.6 us a field).
+SPEC_FIELDS_MAX = 1024
 
 # Wire types: 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32. Groups (3,
 # 4) are not in TF Serving's messages; 6 and 7 do not exist.
@@ -33,12 +37,12 @@ def _find_fields(data: bytes, number: int, first: bool) -> list[bytes]:
     """The payloads of the length-delimited fields ``number`` among the top-level
     fields of ``data``: the first alone (``first``), or every one, which
     protobuf merges. ``ValueError`` where every one is asked for and the
-    fields run past :data:`PEEK_FIELDS_MAX`: a copy further on would go unseen
-    (a second model_spec chose the model TF Serving served, and the guard
-    judged the answer by the first one's)."""
+    fields run past :data:`SPEC_FIELDS_MAX`: a copy further on would go
+    unseen (a second model_spec chose the model TF Serving served, and the
+    guard judged the answer by the first one's)."""
     pos, end = 0, len(data)
     found: list[bytes] = []
-    for _ in range(PEEK_FIELDS_MAX):
+    for _ in range(PEEK_FIELDS_MAX if first else SPEC_FIELDS_MAX):
         if pos >= end:
             return found
         key, pos = varint.decode(data, pos)
