@@ -154,30 +154,25 @@ def float_dtype(dtype: int) -> _DType | None:
 _REF = 100  # types.proto: each DT_*_REF is its DT_* + 100
 
 
-def _check_own_field(tensor: Any, dt: _DType) -> None:
-    """The values only in the dtype's own field: a DT_HALF tensor's values in
-    float_val were read as no values (zeros, by the fill convention) and
-    passed as clean, while a client reading float_val read them."""
+def _check_own_field(tensor: Any, dt: _DType | None) -> None:
+    """Float values only in the dtype's own field, and none in a tensor of a
+    dtype the guard leaves alone (``dt`` is ``None``): a DT_HALF tensor's
+    values in float_val were read as no values (zeros, by the fill
+    convention), and a DT_INT64 tensor's were not read at all; both passed
+    as clean, while a client reading float_val read them."""
+    own = dt.field if dt is not None else None
     for field in _FLOAT_FIELDS:
-        if field != dt.field and len(getattr(tensor, field)):
-            raise DecodeError(
-                f"the tensor holds values in {field}, which its dtype does not use "
-                f"({dt.field}); readers differ on which they read"
-            )
-
-
-def _check_no_float_values(tensor: Any) -> None:
-    """No floating-point values in a tensor whose dtype the guard leaves
-    alone: a DT_INT64 (or DT_STRING, or DT_INVALID) tensor with values in
-    float_val passed as clean, and a client reading float_val read them."""
-    for field in _FLOAT_FIELDS:
-        if field == "half_val" and tensor.dtype == DT_BFLOAT16:
-            continue  # its own field, refused above under a rule
-        if len(getattr(tensor, field)):
+        if field == own or not len(getattr(tensor, field)):
+            continue
+        if own is None:
             raise DecodeError(
                 f"the tensor's dtype is {tensor.dtype}, not a floating-point type, and it holds "
                 f"values in {field}; readers differ on which they read: fix the upstream"
             )
+        raise DecodeError(
+            f"the tensor holds values in {field}, which its dtype does not use "
+            f"({own}); readers differ on which they read"
+        )
 
 
 _FLOAT_FIELDS = ("float_val", "double_val", "half_val")
@@ -195,11 +190,10 @@ def decode_tensor(
     ``typed_fallback`` returns the same tensor parsed with the fully typed view,
     from the original bytes; it is called only when values were sent unpacked.
     """
-    dt = float_dtype(tensor.dtype)
-    if dt is None:
-        _check_no_float_values(tensor)
-        return None
+    dt = float_dtype(tensor.dtype)  # raises for DT_BFLOAT16, whose own field is half_val
     _check_own_field(tensor, dt)
+    if dt is None:
+        return None
     shape = tuple([d.size for d in tensor.tensor_shape.dim])
     runs = getattr(tensor, dt.field)
     unpacked = None

@@ -294,12 +294,12 @@ def _held(kind: str) -> str:
     return "integers" if kind == "int" else "values that are not numbers"
 
 
-def _check_not_declared_float(kind: str, info: OutputInfo | None, model: str, name: str) -> None:
+def _check_not_declared_float(kind: str, info: OutputInfo, model: str, name: str) -> None:
     """An output its signature declares floating-point must come as JSON
     numbers that read as such: strings (``"2.0"``) or bare integers, which
     TF Serving never writes for a float (``2.0``), would pass unchecked, and
     lenient readers take them for numbers."""
-    if info is not None and info.dtype in _FLOAT_DTYPES:
+    if info.dtype in _FLOAT_DTYPES:
         raise OutputShapeError(
             f"guard: model '{shown(model)}' output '{shown(name)}': the signature declares "
             f"{info.dtype}, but the response holds {_held(kind)}, which TF Serving never "
